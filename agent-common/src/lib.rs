@@ -1,0 +1,199 @@
+//! Map keys, values and constants shared by the kernel programs (`agent-ebpf`)
+//! and their user-space owner (`agent::capture`). Everything here is
+//! `#[repr(C)]` with explicit padding so both sides agree on every byte.
+#![no_std]
+
+/// Pod-local port the agent listens on for captured outbound connections.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Pod-local port for captured inbound plaintext connections.
+pub const INBOUND_PORT: u16 = 15006;
+/// HBONE (mTLS tunnel) port: never diverted by capture.
+pub const HBONE_PORT: u16 = 15008;
+/// SO_MARK on every socket the agent opens itself; capture skips it (Istio uses 1337 too).
+pub const AGENT_MARK: u32 = 1337;
+/// Version of the pinned bpffs layout (map shapes and names). Bump on any
+/// incompatible change so a newer agent refuses to reuse an older layout.
+pub const PIN_LAYOUT_VERSION: u32 = 1;
+
+/// Map names (at most 15 characters: the kernel keeps 16 bytes with the NUL).
+pub mod maps {
+    pub const ENROLLED_NETNS: &str = "ENROLLED_NETNS";
+    pub const ORIG_DST: &str = "ORIG_DST";
+    pub const CONN_ORIG: &str = "CONN_ORIG";
+    pub const POD_IPS: &str = "POD_IPS";
+    pub const INBOUND: &str = "INBOUND";
+    pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    pub const EXCL_PORTS: &str = "EXCL_PORTS";
+    pub const EXCL_CIDRS: &str = "EXCL_CIDRS";
+    pub const STATS: &str = "STATS";
+}
+
+/// Program names (the Rust function names in agent-ebpf).
+pub mod programs {
+    pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const GETPEERNAME4: &str = "mesh_getpeer4";
+    pub const GETPEERNAME6: &str = "mesh_getpeer6";
+    pub const SOCKOPS: &str = "mesh_sockops";
+    pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+}
+
+/// An IP address in IPv6 form (IPv4 as `::ffff:a.b.c.d`), stored as the kernel
+/// hands it over: four 32-bit words whose in-memory bytes are the address
+/// bytes in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ip6 {
+    pub words: [u32; 4],
+}
+
+impl Ip6 {
+    /// Word 2 of an IPv4-mapped address (`0000:ffff`) in memory order.
+    pub const MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+    /// From an IPv4 address as the kernel stores it (network order in memory).
+    pub const fn from_v4_raw(ip4: u32) -> Self {
+        Self {
+            words: [0, 0, Self::MAPPED_PREFIX, ip4],
+        }
+    }
+
+    pub const fn from_octets(o: [u8; 16]) -> Self {
+        Self {
+            words: [
+                u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+                u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+                u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+                u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+            ],
+        }
+    }
+
+    pub fn octets(&self) -> [u8; 16] {
+        let mut o = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = self.words[i].to_ne_bytes();
+            o[i * 4] = b[0];
+            o[i * 4 + 1] = b[1];
+            o[i * 4 + 2] = b[2];
+            o[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        o
+    }
+
+    pub const fn is_v4_mapped(&self) -> bool {
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == Self::MAPPED_PREFIX
+    }
+
+    /// 127.0.0.0/8 (also as ::ffff:127.x) or ::1.
+    pub const fn is_loopback(&self) -> bool {
+        if self.is_v4_mapped() {
+            return self.words[3].to_ne_bytes()[0] == 127;
+        }
+        self.words[0] == 0
+            && self.words[1] == 0
+            && self.words[2] == 0
+            && self.words[3] == u32::from_ne_bytes([0, 0, 0, 1])
+    }
+}
+
+/// Per enrolled pod netns (key: netns cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodEntry {
+    /// Stable small id of the pod inside this agent's pin directory (for logs).
+    pub pod_id: u32,
+    pub flags: u32,
+}
+
+/// The destination an application dialled, before capture rewrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    pub addr: Ip6,
+    /// Port in host byte order.
+    pub port: u16,
+    /// 4 when dialled through an AF_INET socket, 6 for AF_INET6 (incl. mapped).
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Key of a redirected connection as the agent sees it after accept():
+/// the pod netns plus the client's (loopback) address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub netns_cookie: u64,
+    pub addr: Ip6,
+    /// Client port in host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Indexes of the per-CPU counters in the STATS map.
+pub mod stats {
+    /// Outbound connects redirected to the agent.
+    pub const OUTBOUND_REDIRECTED: u32 = 0;
+    /// Outbound connects of enrolled pods let through (loopback, excluded, agent's own).
+    pub const OUTBOUND_SKIPPED: u32 = 1;
+    /// Redirected connects whose original destination could not be recorded:
+    /// the connect is refused (fail closed).
+    pub const OUTBOUND_REFUSED: u32 = 2;
+    /// Inbound connections handed to the agent's 15006 listener.
+    pub const INBOUND_REDIRECTED: u32 = 3;
+    /// Inbound connections to an enrolled pod refused because no agent listener exists.
+    pub const INBOUND_REFUSED: u32 = 4;
+    /// Inbound connections of enrolled pods let through (HBONE port, loopback, node probes).
+    pub const INBOUND_SKIPPED: u32 = 5;
+    pub const COUNT: u32 = 6;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "outbound_redirected",
+        "outbound_skipped",
+        "outbound_refused",
+        "inbound_redirected",
+        "inbound_refused",
+        "inbound_skipped",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    // SAFETY: all are #[repr(C)], Copy, contain only integers, and have
+    // explicit padding fields, so every byte pattern is valid.
+    unsafe impl aya::Pod for super::Ip6 {}
+    unsafe impl aya::Pod for super::PodEntry {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::ConnKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(core::mem::size_of::<Ip6>(), 16);
+        assert_eq!(core::mem::size_of::<OrigDst>(), 24);
+        assert_eq!(core::mem::size_of::<ConnKey>(), 32);
+        assert_eq!(core::mem::size_of::<PodEntry>(), 8);
+    }
+
+    #[test]
+    fn v4_mapped_and_loopback() {
+        let lo4 = Ip6::from_v4_raw(u32::from_ne_bytes([127, 0, 0, 9]));
+        assert!(lo4.is_v4_mapped() && lo4.is_loopback());
+        let pod = Ip6::from_v4_raw(u32::from_ne_bytes([10, 1, 1, 11]));
+        assert!(pod.is_v4_mapped() && !pod.is_loopback());
+        let mut six = [0u8; 16];
+        six[15] = 1;
+        assert!(Ip6::from_octets(six).is_loopback());
+        assert_eq!(Ip6::from_octets(six).octets(), six);
+        let mut mapped = [0u8; 16];
+        mapped[10] = 0xff;
+        mapped[11] = 0xff;
+        mapped[12..].copy_from_slice(&[10, 1, 1, 11]);
+        assert_eq!(Ip6::from_octets(mapped), pod);
+    }
+}

@@ -1,0 +1,333 @@
+//! Kernel programs of the mesh agent: transparent in-pod capture.
+//!
+//! * `cgroup/connect4|6` send an enrolled pod's TCP connects to the agent's
+//!   pod-local outbound listener and remember where they were going
+//!   (ORIG_DST, keyed by socket cookie).
+//! * `sockops` copies that destination to CONN_ORIG, keyed by what the agent
+//!   sees after accept() (pod netns cookie + client address and port), and
+//!   forgets ORIG_DST when the socket closes.
+//! * `cgroup/getpeername4|6` show the application the address it dialled.
+//! * `sk_lookup` (one link per pod netns) hands new inbound connections to
+//!   the agent's 15006 listener; with no listener it refuses them (fail
+//!   closed) instead of delivering them around the agent.
+//!
+//! The user-space owner of every program and map is `agent::capture`.
+#![no_std]
+#![no_main]
+
+use core::ptr::read_volatile;
+
+use agent_common::{stats, ConnKey, Ip6, OrigDst, PodEntry, AGENT_MARK, HBONE_PORT, OUTBOUND_PORT};
+use aya_ebpf::{
+    bindings::{
+        sk_action::{SK_DROP, SK_PASS},
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    EbpfContext,
+};
+
+const AF_INET: u32 = 2;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+/// `lo` has ifindex 1 in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+// Every map is pinned by name under the agent's pin directory so capture
+// (and the fail-closed behaviour) survives agent restarts.
+
+/// Enrolled pods: netns cookie -> pod entry.
+#[map]
+static ENROLLED_NETNS: HashMap<u64, PodEntry> = HashMap::pinned(4096, 0);
+/// Original destination of a redirected socket, keyed by its socket cookie.
+#[map]
+static ORIG_DST: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
+/// Original destination keyed by what the agent sees after accept().
+#[map]
+static CONN_ORIG: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(65536, 0);
+/// IPs of enrolled pods (sk_lookup cannot see the netns cookie).
+#[map]
+static POD_IPS: HashMap<Ip6, u32> = HashMap::pinned(8192, 0);
+/// The agent's inbound (15006) listener of each enrolled pod, keyed by pod IP.
+#[map]
+static INBOUND: SockHash<Ip6> = SockHash::pinned(8192, 0);
+/// Node addresses: their connections (kubelet probes) reach the app directly.
+#[map]
+static NODE_ADDRS: HashMap<Ip6, u32> = HashMap::pinned(64, 0);
+/// Destination ports never redirected (host byte order).
+#[map]
+static EXCL_PORTS: HashMap<u16, u32> = HashMap::pinned(256, 0);
+/// Destination CIDRs never redirected (IPv4 as ::ffff:0:0/96 + prefix).
+#[map]
+static EXCL_CIDRS: LpmTrie<Ip6, u32> = LpmTrie::pinned(256, 0);
+/// Counters, see `agent_common::stats`.
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+#[inline(always)]
+fn count(idx: u32) {
+    if let Some(c) = STATS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+enum Outbound {
+    /// Not ours or explicitly excluded: leave the connect alone.
+    Pass,
+    /// Send to the agent's pod-local listener.
+    Redirect,
+    /// Enrolled but the destination could not be recorded: refuse.
+    Refuse,
+}
+
+/// The decision shared by connect4 and connect6.
+#[inline(always)]
+fn outbound_verdict(ctx: &SockAddrContext, dst: Ip6, port: u16, family: u16) -> Outbound {
+    // SAFETY: the kernel hands a valid bpf_sock_addr to sock_addr programs.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
+        return Outbound::Pass;
+    }
+    // SAFETY: helper only reads the context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup, value is Copy-checked below only for presence.
+    if unsafe { ENROLLED_NETNS.get(&netns) }.is_none() {
+        return Outbound::Pass;
+    }
+    // SAFETY: ctx->sk is always a valid socket in sock_addr programs.
+    let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
+    if mark == AGENT_MARK || dst.is_loopback() || dst.words == [0; 4] || is_v4_unspecified(&dst) {
+        count(stats::OUTBOUND_SKIPPED);
+        return Outbound::Pass;
+    }
+    // SAFETY: read-only lookups.
+    let excluded = unsafe { EXCL_PORTS.get(&port) }.is_some() || EXCL_CIDRS.get(&Key::new(128, dst)).is_some();
+    if excluded {
+        count(stats::OUTBOUND_SKIPPED);
+        return Outbound::Pass;
+    }
+    // SAFETY: helper only reads the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        addr: dst,
+        port,
+        family,
+        _pad: 0,
+    };
+    if ORIG_DST.insert(&cookie, &orig, 0).is_err() {
+        count(stats::OUTBOUND_REFUSED);
+        return Outbound::Refuse;
+    }
+    count(stats::OUTBOUND_REDIRECTED);
+    Outbound::Redirect
+}
+
+/// Reads a 4-word context field word by word with constant offsets.
+#[inline(always)]
+unsafe fn read_ctx4(f: &[u32; 4]) -> [u32; 4] {
+    // SAFETY: caller passes a field of a valid context.
+    unsafe {
+        [
+            read_volatile(&f[0]),
+            read_volatile(&f[1]),
+            read_volatile(&f[2]),
+            read_volatile(&f[3]),
+        ]
+    }
+}
+
+#[inline(always)]
+fn is_v4_unspecified(dst: &Ip6) -> bool {
+    dst.is_v4_mapped() && dst.words[3] == 0
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: valid context for the whole program run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let dst = Ip6::from_v4_raw(sa.user_ip4);
+    let port = u16::from_be(sa.user_port as u16);
+    match outbound_verdict(&ctx, dst, port, 4) {
+        Outbound::Pass => ALLOW,
+        Outbound::Refuse => DENY,
+        Outbound::Redirect => {
+            sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+            sa.user_port = u32::from(OUTBOUND_PORT.to_be());
+            ALLOW
+        }
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: valid context for the whole program run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let dst = Ip6 {
+        words: [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]],
+    };
+    let port = u16::from_be(sa.user_port as u16);
+    match outbound_verdict(&ctx, dst, port, 6) {
+        Outbound::Pass => ALLOW,
+        Outbound::Refuse => DENY,
+        Outbound::Redirect => {
+            // An IPv4-mapped destination is really an IPv4 connection: send it
+            // to the IPv4 listener (::ffff:127.0.0.1), everything else to ::1.
+            let to = if dst.is_v4_mapped() {
+                Ip6::from_v4_raw(u32::from_ne_bytes([127, 0, 0, 1]))
+            } else {
+                Ip6::from_octets([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])
+            };
+            sa.user_ip6[0] = to.words[0];
+            sa.user_ip6[1] = to.words[1];
+            sa.user_ip6[2] = to.words[2];
+            sa.user_ip6[3] = to.words[3];
+            sa.user_port = u32::from(OUTBOUND_PORT.to_be());
+            ALLOW
+        }
+    }
+}
+
+#[inline(always)]
+fn dialled(ctx: &SockAddrContext) -> Option<OrigDst> {
+    // SAFETY: helper only reads the context; map value is plain data.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    unsafe { ORIG_DST.get(&cookie) }.copied()
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_getpeer4(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = dialled(&ctx) {
+        // SAFETY: valid context for the whole program run.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip4 = orig.addr.words[3];
+        sa.user_port = u32::from(orig.port.to_be());
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn mesh_getpeer6(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = dialled(&ctx) {
+        // SAFETY: valid context for the whole program run.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip6[0] = orig.addr.words[0];
+        sa.user_ip6[1] = orig.addr.words[1];
+        sa.user_ip6[2] = orig.addr.words[2];
+        sa.user_ip6[3] = orig.addr.words[3];
+        sa.user_port = u32::from(orig.port.to_be());
+    }
+    ALLOW
+}
+
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => publish_conn(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            // SAFETY: helper only reads the context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = ORIG_DST.remove(&cookie);
+        }
+        _ => {}
+    }
+    0
+}
+
+/// Once a redirected connect is established its local port is known: key the
+/// original destination by (netns, client addr, client port) for the agent.
+#[inline(always)]
+fn publish_conn(ctx: &SockOpsContext) {
+    // SAFETY: helpers only read the context; map value is plain data.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(orig) = (unsafe { ORIG_DST.get(&cookie) }).copied() else {
+        return;
+    };
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let ops = ctx.ops;
+    // SAFETY: valid context; volatile keeps each field a constant-offset
+    // load (the verifier rejects ctx + variable offset, which LLVM would
+    // otherwise produce by merging the IPv4 and IPv6 branches).
+    // Both are read unconditionally and the values (not pointers) selected.
+    let (ip4, ip6) = unsafe { (read_volatile(&(*ops).local_ip4), read_ctx4(&(*ops).local_ip6)) };
+    let addr = if ctx.family() == AF_INET {
+        Ip6::from_v4_raw(ip4)
+    } else {
+        Ip6 { words: ip6 }
+    };
+    let key = ConnKey {
+        netns_cookie,
+        addr,
+        port: ctx.local_port() as u16,
+        _pad: [0; 6],
+    };
+    let _ = CONN_ORIG.insert(&key, &orig, 0);
+    // Ask for the close callback so ORIG_DST is freed with the socket.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: valid context for the whole program run.
+    let l = unsafe { &*ctx.lookup };
+    if l.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    // SAFETY: valid context; constant-offset loads (see publish_conn).
+    let (l4, r4, l6, r6) = unsafe {
+        (
+            read_volatile(&l.local_ip4),
+            read_volatile(&l.remote_ip4),
+            read_ctx4(&l.local_ip6),
+            read_ctx4(&l.remote_ip6),
+        )
+    };
+    let (local, remote) = if l.family == AF_INET {
+        (Ip6::from_v4_raw(l4), Ip6::from_v4_raw(r4))
+    } else {
+        (Ip6 { words: l6 }, Ip6 { words: r6 })
+    };
+    // SAFETY: read-only lookups.
+    if unsafe { POD_IPS.get(&local) }.is_none() {
+        return SK_PASS;
+    }
+    // Not captured: the HBONE port; loopback; the pod talking to itself
+    // (this includes the agent's own forward to the app, which the kernel
+    // routes locally but does not report as arriving on `lo`); and the node
+    // itself (kubelet probes).
+    if l.local_port == u32::from(HBONE_PORT)
+        || l.ingress_ifindex == LOOPBACK_IFINDEX
+        || local == remote
+        || unsafe { NODE_ADDRS.get(&remote) }.is_some()
+    {
+        count(stats::INBOUND_SKIPPED);
+        return SK_PASS;
+    }
+    match INBOUND.redirect_sk_lookup(&ctx, local, 0) {
+        Ok(()) => {
+            count(stats::INBOUND_REDIRECTED);
+            SK_PASS
+        }
+        Err(_) => {
+            // Enrolled pod without a live agent listener: refuse (RST), never
+            // deliver around the mesh.
+            count(stats::INBOUND_REFUSED);
+            SK_DROP
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,141 @@
+//! Wires the agent together: join the node netns, start capture, enroll the
+//! configured pods, hot-reload the configuration, drain on SIGTERM.
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::watch,
+};
+
+use crate::{
+    capture::Capture,
+    config::{AgentConfig, LocalConfig},
+    inpod::InPod,
+    netns::Netns,
+    proxy::Tracker,
+};
+
+/// The kernel programs, embedded by build.rs (empty when not built).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
+
+/// Runs the agent until SIGTERM/SIGINT and a drain.
+pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    // setns affects only the calling thread: do it before any thread exists
+    // so every runtime thread lives in the node's netns.
+    if let Some(ns) = &cfg.node_netns {
+        Netns::open(ns)?.enter_for_good()?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve(cfg))
+}
+
+async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
+    tracing::info!(config = %serde_json::to_string(&cfg)?, "agent starting");
+    let object = match &cfg.bpf_object {
+        Some(p) => std::fs::read(p).map_err(|source| crate::capture::CaptureError::ReadObject {
+            path: p.clone(),
+            source,
+        })?,
+        None => EBPF_OBJECT.to_vec(),
+    };
+    let mut good = LocalConfig::load(&cfg.config_path)?;
+    let mut seen = std::fs::read_to_string(&cfg.config_path).unwrap_or_default();
+    let (capture, orig) = Capture::start(&object, &cfg.bpffs, &cfg.pin_name, &cfg.cgroup_parent)?;
+
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let tracker = Arc::new(Tracker::default());
+    let mut inpod = InPod::new(
+        cfg.node.clone(),
+        &cfg.cgroup_parent,
+        capture,
+        orig,
+        tracker.clone(),
+        shutdown,
+    );
+    inpod.apply(&good)?;
+    tracing::info!(node = %cfg.node, enrolled = ?inpod.enrolled().collect::<Vec<_>>(), "agent ready");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(cfg.reload_interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => reload(&cfg, &mut seen, &mut good, &mut inpod),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+
+    // Stop accepting (queued connections migrate to a successor agent, if
+    // any), let open connections finish, leave every pin in place so capture
+    // and fail-closed stay in force.
+    let _ = shutdown_tx.send(true);
+    tracing::info!(open = tracker.open(), stats = ?inpod.capture().stats(), "draining");
+    drop(inpod);
+    let left = tracker.drain(cfg.drain_timeout).await;
+    tracing::info!(left_open = left, "agent stopped");
+    Ok(())
+}
+
+/// Re-reads the config file; a bad file is reported and the last good
+/// configuration stays in force. Unchanged files still retry failed pods.
+fn reload(cfg: &AgentConfig, seen: &mut String, good: &mut LocalConfig, inpod: &mut InPod) {
+    let text = match std::fs::read_to_string(&cfg.config_path) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(path = %cfg.config_path.display(), error = %e, "cannot read config; keeping the last good configuration");
+            return;
+        }
+    };
+    if text != *seen {
+        *seen = text;
+        match LocalConfig::parse(&cfg.config_path, seen) {
+            Ok(new) => {
+                tracing::info!(path = %cfg.config_path.display(), "configuration reloaded");
+                *good = new;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "invalid configuration; keeping the last good configuration");
+                return;
+            }
+        }
+    }
+    if let Err(e) = inpod.apply(good) {
+        tracing::error!(error = %e, "cannot apply configuration");
+    }
+}
+
+/// Parses `500ms`, `30s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration: write e.g. 500ms, 30s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("`{s}`: unknown unit `{unit}`; use ms, s or m")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("3h").unwrap_err().contains("unknown unit"));
+    }
+}

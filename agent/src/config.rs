@@ -1,0 +1,373 @@
+//! Configuration: the agent's own settings (flags / environment, one typed
+//! struct logged at start) and the local YAML enrolment source (pods and
+//! capture settings), parsed and validated into the model the rest of the
+//! agent uses. The Kubernetes source will later feed the same model.
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Settings of one agent process. Defaults are documented in `agent run --help`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentConfig {
+    /// Name of the node this agent serves; only pods with this `node` are enrolled.
+    pub node: String,
+    /// Local YAML enrolment file (schema: README "Local configuration").
+    pub config_path: PathBuf,
+    /// Network namespace of the node (joined with setns at start); `None` = current.
+    pub node_netns: Option<PathBuf>,
+    /// cgroup v2 directory the cgroup programs attach to (all pods must be below it).
+    pub cgroup_parent: PathBuf,
+    /// A bpffs mount; pins live in `<bpffs>/<pin_name>/v<layout>`.
+    pub bpffs: PathBuf,
+    pub pin_name: String,
+    /// Load the kernel programs from this file instead of the embedded object.
+    pub bpf_object: Option<PathBuf>,
+    /// How long open connections may finish after SIGTERM.
+    pub drain_timeout: Duration,
+    /// How often the enrolment file is checked for changes.
+    pub reload_interval: Duration,
+}
+
+/// Errors in the local enrolment file: each says where and what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+/// The local enrolment file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalConfig {
+    #[serde(default)]
+    pub capture: CaptureSettings,
+    #[serde(default)]
+    pub pods: Vec<PodSpec>,
+}
+
+/// Node-wide capture settings.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CaptureSettings {
+    /// Destination ports an enrolled pod reaches directly (never redirected).
+    #[serde(default)]
+    pub exclude_ports: Vec<u16>,
+    /// Destination CIDRs an enrolled pod reaches directly.
+    #[serde(default)]
+    pub exclude_cidrs: Vec<Cidr>,
+    /// Addresses of the node itself: their connections into a pod (kubelet
+    /// health probes) reach the application directly, so probes keep working.
+    #[serde(default)]
+    pub node_addresses: Vec<IpAddr>,
+}
+
+/// One pod (workload) as the local source describes it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PodSpec {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    pub node: String,
+    /// Path of the pod's network namespace (e.g. /run/netns/<name>).
+    pub netns: PathBuf,
+    /// The pod's cgroup v2 directory (must be below the agent's cgroup parent).
+    pub cgroup: PathBuf,
+    pub ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_service_account() -> String {
+    "default".to_string()
+}
+
+impl PodSpec {
+    /// `namespace/name`, the pod's key everywhere in the agent.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An IP prefix such as `10.96.0.0/12` or `fd00::/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not a CIDR: write it as <ip>/<prefix length>, e.g. 10.96.0.0/12"))?;
+        let addr: IpAddr = a.parse().map_err(|_| format!("`{a}` in `{s}` is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("prefix length `{p}` in `{s}` must be a number from 0 to {max}"))?;
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl LocalConfig {
+    /// Reads, parses and validates the file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates `text` (the contents of `path`, used in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let cfg: LocalConfig = if text.trim().is_empty() {
+            LocalConfig::default()
+        } else {
+            // serde_yaml's messages carry the field path and the line/column.
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?
+        };
+        cfg.validate().map_err(|(field, message)| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Semantic checks the types cannot express; returns (field path, message).
+    fn validate(&self) -> Result<(), (String, String)> {
+        let mut keys = HashSet::new();
+        let mut ips: BTreeMap<IpAddr, String> = BTreeMap::new();
+        for (i, pod) in self.pods.iter().enumerate() {
+            let at = |f: &str| format!("pods[{i}].{f}");
+            check_name(&pod.name).map_err(|m| (at("name"), m))?;
+            check_name(&pod.namespace).map_err(|m| (at("namespace"), m))?;
+            check_name(&pod.service_account).map_err(|m| (at("serviceAccount"), m))?;
+            check_name(&pod.node).map_err(|m| (at("node"), m))?;
+            if !keys.insert(pod.key()) {
+                return Err((at("name"), format!("pod {} is listed twice", pod.key())));
+            }
+            if !pod.netns.is_absolute() {
+                return Err((
+                    at("netns"),
+                    "must be an absolute path to a network namespace file, e.g. /run/netns/<name>".into(),
+                ));
+            }
+            if !pod.cgroup.is_absolute() {
+                return Err((
+                    at("cgroup"),
+                    "must be an absolute path to the pod's cgroup v2 directory".into(),
+                ));
+            }
+            if pod.ips.is_empty() {
+                return Err((at("ips"), "a pod needs at least one IP address".into()));
+            }
+            for (j, ip) in pod.ips.iter().enumerate() {
+                if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+                    return Err((format!("pods[{i}].ips[{j}]"), format!("{ip} cannot be a pod address")));
+                }
+                if let Some(other) = ips.insert(*ip, pod.key()) {
+                    return Err((
+                        format!("pods[{i}].ips[{j}]"),
+                        format!("{ip} is already the address of pod {other}"),
+                    ));
+                }
+            }
+        }
+        for (i, c) in self.capture.exclude_cidrs.iter().enumerate() {
+            if mask(c.addr, c.prefix) != c.addr {
+                return Err((
+                    format!("capture.excludeCidrs[{i}]"),
+                    format!(
+                        "{c} has host bits set; did you mean {}/{}?",
+                        mask(c.addr, c.prefix),
+                        c.prefix
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Pods this agent enrolls.
+    pub fn pods_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a PodSpec> + 'a {
+        let node = node.to_owned();
+        self.pods.iter().filter(move |p| p.node == node)
+    }
+}
+
+/// Lower-case DNS-1123 label rules, as Kubernetes names.
+fn check_name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !s.starts_with(['-', '.'])
+        && !s.ends_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{s}` is not a valid name: use lower-case letters, digits, '-' and '.', starting and ending with a letter or digit"))
+    }
+}
+
+fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let m = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(prefix))
+            };
+            IpAddr::V4((u32::from(a) & m).into())
+        }
+        IpAddr::V6(a) => {
+            let m = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(prefix))
+            };
+            IpAddr::V6((u128::from(a) & m).into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+capture:
+  excludePorts: [22]
+  excludeCidrs: ["192.0.2.0/24", "fd00:dead::/32"]
+  nodeAddresses: ["10.1.1.1"]
+pods:
+  - name: client
+    namespace: default
+    node: node1
+    netns: /run/netns/client
+    cgroup: /sys/fs/cgroup/pods/client
+    ips: ["10.1.1.11", "fd00:1:1::11"]
+    labels: {app: client}
+"#;
+
+    fn parse(text: &str) -> Result<LocalConfig, ConfigError> {
+        LocalConfig::parse(Path::new("mesh.yaml"), text)
+    }
+
+    #[test]
+    fn parses_the_documented_schema() {
+        let cfg = parse(GOOD).unwrap();
+        assert_eq!(cfg.pods[0].key(), "default/client");
+        assert_eq!(cfg.pods[0].service_account, "default");
+        assert_eq!(cfg.capture.exclude_cidrs[1].prefix, 32);
+        assert_eq!(cfg.pods_on("node1").count(), 1);
+        assert_eq!(cfg.pods_on("node2").count(), 0);
+    }
+
+    #[test]
+    fn empty_file_is_an_empty_config() {
+        assert_eq!(parse("  \n").unwrap(), LocalConfig::default());
+    }
+
+    #[test]
+    fn type_errors_name_field_and_line() {
+        let bad = GOOD.replace("\"10.1.1.11\"", "\"10.1.1.999\"");
+        let msg = parse(&bad).unwrap_err().to_string();
+        assert!(
+            msg.contains("mesh.yaml") && msg.contains("pods[0].ips[0]") && msg.contains("line 12"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_line() {
+        let bad = GOOD.replace("labels:", "lables:");
+        let msg = parse(&bad).unwrap_err().to_string();
+        assert!(
+            msg.contains("unknown field `lables`") && msg.contains("line 13"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let dup = format!(
+            "{GOOD}{}",
+            GOOD.split("pods:\n").nth(1).unwrap().replace("client", "other")
+        );
+        let msg = parse(&dup).unwrap_err().to_string();
+        assert!(
+            msg.contains("pods[1].ips[0]") && msg.contains("already the address of pod default/client"),
+            "{msg}"
+        );
+
+        let msg = parse(&GOOD.replace("192.0.2.0/24", "192.0.2.1/24"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("capture.excludeCidrs[0]") && msg.contains("192.0.2.0/24"),
+            "{msg}"
+        );
+
+        let msg = parse(&GOOD.replace("name: client", "name: Client_1"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("pods[0].name"), "{msg}");
+
+        let msg = parse(&GOOD.replace("/run/netns/client", "run/netns/client"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("pods[0].netns") && msg.contains("absolute"), "{msg}");
+    }
+
+    #[test]
+    fn cidr_errors_say_what_to_write() {
+        assert!("10.0.0.0".parse::<Cidr>().unwrap_err().contains("<ip>/<prefix length>"));
+        assert!("10.0.0.0/33".parse::<Cidr>().unwrap_err().contains("0 to 32"));
+        assert_eq!("fd00::/8".parse::<Cidr>().unwrap().to_string(), "fd00::/8");
+    }
+}

@@ -1,0 +1,155 @@
+//! In-pod enrolment: turns the desired set of pods into listeners inside each
+//! pod's netns plus capture map entries, and applies changes as diffs.
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    path::Path,
+    sync::Arc,
+};
+
+use tokio::sync::watch;
+
+use crate::{
+    capture::{Capture, CaptureError, OrigDstTable},
+    config::{LocalConfig, PodSpec},
+    netns::Netns,
+    proxy::{PodCtx, PodProxy, Tracker},
+};
+
+struct Enrolled {
+    spec: PodSpec,
+    netns_cookie: u64,
+    _proxy: PodProxy,
+}
+
+/// The pods this agent currently captures.
+pub struct InPod {
+    node: String,
+    cgroup_parent: std::path::PathBuf,
+    capture: Capture,
+    orig: Arc<OrigDstTable>,
+    tracker: Arc<Tracker>,
+    shutdown: watch::Receiver<bool>,
+    pods: BTreeMap<String, Enrolled>,
+    next_id: u32,
+    /// Last error per pod that could not be enrolled, to log changes only.
+    failures: BTreeMap<String, String>,
+}
+
+impl InPod {
+    pub fn new(
+        node: String,
+        cgroup_parent: &Path,
+        capture: Capture,
+        orig: OrigDstTable,
+        tracker: Arc<Tracker>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            node,
+            cgroup_parent: cgroup_parent.to_owned(),
+            capture,
+            orig: Arc::new(orig),
+            tracker,
+            shutdown,
+            pods: BTreeMap::new(),
+            next_id: 1,
+            failures: BTreeMap::new(),
+        }
+    }
+
+    pub fn enrolled(&self) -> impl Iterator<Item = &str> {
+        self.pods.keys().map(String::as_str)
+    }
+
+    pub fn capture(&self) -> &Capture {
+        &self.capture
+    }
+
+    /// Makes the captured pods and settings match `cfg`: unenrolls pods that
+    /// left (or changed), enrolls new ones, and drops stale pinned state a
+    /// previous agent left behind. Pods that cannot be enrolled are retried on
+    /// the next call.
+    pub fn apply(&mut self, cfg: &LocalConfig) -> Result<(), CaptureError> {
+        self.capture.apply_settings(&cfg.capture)?;
+        let desired: BTreeMap<String, &PodSpec> = cfg.pods_on(&self.node).map(|p| (p.key(), p)).collect();
+
+        let gone: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(k, e)| desired.get(*k).is_none_or(|d| !same_capture(d, &e.spec)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            let e = self.pods.remove(&key).expect("listed above");
+            self.capture.unenroll(e.netns_cookie, &e.spec.ips);
+            tracing::info!(pod = %key, "pod unenrolled");
+        }
+        for (key, spec) in &desired {
+            if let Some(e) = self.pods.get_mut(key) {
+                e.spec = (*spec).clone();
+                continue;
+            }
+            match self.enroll(spec) {
+                Ok(e) => {
+                    tracing::info!(pod = %key, netns = %spec.netns.display(), ips = ?spec.ips, "pod enrolled");
+                    self.failures.remove(key);
+                    self.pods.insert(key.clone(), e);
+                }
+                Err(err) => {
+                    let msg = err.to_string();
+                    if self.failures.get(key) != Some(&msg) {
+                        tracing::error!(pod = %key, error = %msg, "cannot enroll pod; will retry");
+                        self.failures.insert(key.clone(), msg);
+                    }
+                }
+            }
+        }
+        self.failures.retain(|k, _| desired.contains_key(k));
+
+        let cookies: HashSet<u64> = self.pods.values().map(|e| e.netns_cookie).collect();
+        let ips: Vec<IpAddr> = self.pods.values().flat_map(|e| e.spec.ips.iter().copied()).collect();
+        self.capture.retain(&cookies, &ips);
+        Ok(())
+    }
+
+    fn enroll(&mut self, spec: &PodSpec) -> Result<Enrolled, CaptureError> {
+        let pod_err = |message: String| CaptureError::Pod {
+            pod: spec.key(),
+            message,
+        };
+        if !spec.cgroup.starts_with(&self.cgroup_parent) {
+            return Err(pod_err(format!(
+                "its cgroup {} is not below the agent's --cgroup-parent {}, so capture would not see its sockets",
+                spec.cgroup.display(),
+                self.cgroup_parent.display()
+            )));
+        }
+        if !spec.cgroup.is_dir() {
+            return Err(pod_err(format!("its cgroup {} does not exist", spec.cgroup.display())));
+        }
+        let netns = Netns::open(&spec.netns)?;
+        let netns_cookie = netns.cookie()?;
+        let ctx = Arc::new(PodCtx {
+            key: spec.key(),
+            netns,
+            netns_cookie,
+            orig: self.orig.clone(),
+            tracker: self.tracker.clone(),
+        });
+        let proxy = PodProxy::start(ctx.clone(), &self.shutdown).map_err(|e| pod_err(e.to_string()))?;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.capture.enroll(id, &ctx.netns, netns_cookie, &spec.ips, &proxy)?;
+        Ok(Enrolled {
+            spec: spec.clone(),
+            netns_cookie,
+            _proxy: proxy,
+        })
+    }
+}
+
+/// Whether two specs capture the same way (labels and the like may change in place).
+fn same_capture(a: &PodSpec, b: &PodSpec) -> bool {
+    a.netns == b.netns && a.cgroup == b.cgroup && a.ips == b.ips
+}

@@ -1,0 +1,8 @@
+//! The per-node mesh agent (our ztunnel): eBPF in-pod capture today, HBONE
+//! mTLS next. `main.rs` is the command line; `app` wires the pieces.
+pub mod app;
+pub mod capture;
+pub mod config;
+pub mod inpod;
+pub mod netns;
+pub mod proxy;

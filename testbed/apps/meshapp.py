@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""An ordinary, mesh-unaware TCP application for tests and the demo.
+
+server: listens on [::]:PORT (IPv4 too) for each PORT; for every connection it
+        first sends one JSON line saying what it sees (its local address, the
+        peer address), then echoes every byte back until the peer closes.
+client: connects, reports getpeername()/getsockname() and the server's line.
+        modes: once (send a message, half-close, read the echo), loop (COUNT
+        sequential connects, report failures), hold (one connection, a ping
+        every INTERVAL for COUNT times).
+Every loop is bounded; output is one JSON object on stdout.
+"""
+import argparse
+import json
+import socket
+import sys
+import threading
+import time
+
+
+def addr(a):
+    return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+
+
+def canon(a):
+    """IPv4 clients of the dual-stack listener, written as IPv4."""
+    host = a[0][7:] if a[0].startswith("::ffff:") else a[0]
+    return addr((host, a[1]))
+
+
+def serve_conn(conn):
+    with conn:
+        hello = {"server_local": canon(conn.getsockname()), "server_peer": canon(conn.getpeername())}
+        conn.sendall((json.dumps(hello) + "\n").encode())
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            conn.sendall(data)
+
+
+def server(ports):
+    socks = []
+    for port in ports:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("::", port))
+        s.listen(1024)
+        socks.append(s)
+
+    def accept(s):
+        while True:
+            conn, _ = s.accept()
+            threading.Thread(target=serve_conn, args=(conn,), daemon=True).start()
+
+    for s in socks[1:]:
+        threading.Thread(target=accept, args=(s,), daemon=True).start()
+    print(json.dumps({"listening": ports}), flush=True)
+    accept(socks[0])
+
+
+def connect(host, port, family, timeout):
+    if family == "mapped":
+        fam, host = socket.AF_INET6, "::ffff:" + host
+    elif ":" in host:
+        fam = socket.AF_INET6
+    else:
+        fam = socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect((host, port))
+    return s
+
+
+def read_line(s):
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            raise ConnectionError("closed before the server's first line")
+        buf += chunk
+    return json.loads(buf)
+
+
+def once(a):
+    s = connect(a.host, a.port, a.family, a.timeout)
+    out = {"peername": addr(s.getpeername()), "sockname": addr(s.getsockname())}
+    out["server"] = read_line(s)
+    msg = a.message.encode()
+    s.sendall(msg)
+    s.shutdown(socket.SHUT_WR)
+    echo = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        echo += chunk
+    out["echo_ok"] = echo == msg
+    s.close()
+    return out
+
+
+def loop(a):
+    ok, errors = 0, []
+    for i in range(a.count):
+        try:
+            a.message = f"ping {i}"
+            r = once(a)
+            if r["echo_ok"]:
+                ok += 1
+            else:
+                errors.append(f"{i}: bad echo")
+        except OSError as e:
+            errors.append(f"{i}: {e}")
+        time.sleep(a.interval)
+    return {"ok": ok, "failed": len(errors), "errors": errors[:20]}
+
+
+def hold(a):
+    s = connect(a.host, a.port, a.family, a.timeout)
+    read_line(s)
+    print(json.dumps({"connected": True}), flush=True)
+    ok = 0
+    try:
+        for i in range(a.count):
+            msg = f"ping {i}\n".encode()
+            s.sendall(msg)
+            got = b""
+            while len(got) < len(msg):
+                chunk = s.recv(len(msg) - len(got))
+                if not chunk:
+                    raise ConnectionError("connection closed")
+                got += chunk
+            if got != msg:
+                raise ConnectionError("bad echo")
+            ok += 1
+            time.sleep(a.interval)
+        return {"ok": ok, "error": None}
+    except OSError as e:
+        return {"ok": ok, "error": str(e)}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["server", "once", "loop", "hold"])
+    p.add_argument("--ports", type=int, nargs="*", default=[8080])
+    p.add_argument("--host")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--family", choices=["auto", "mapped"], default="auto")
+    p.add_argument("--message", default="hello mesh")
+    p.add_argument("--count", type=int, default=10)
+    p.add_argument("--interval", type=float, default=0.05)
+    p.add_argument("--timeout", type=float, default=5.0)
+    a = p.parse_args()
+    if a.mode == "server":
+        server(a.ports)
+        return
+    try:
+        out = {"once": once, "loop": loop, "hold": hold}[a.mode](a)
+    except OSError as e:
+        out = {"error": f"{type(e).__name__}: {e}", "errno": getattr(e, "errno", None)}
+    print(json.dumps(out), flush=True)
+    sys.exit(0 if "error" not in out or a.mode == "hold" else 1)
+
+
+if __name__ == "__main__":
+    main()

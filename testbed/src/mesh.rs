@@ -1,0 +1,358 @@
+//! A mesh on a [`Cluster`]: the enrolment file, real `agent` processes (one
+//! per node, in the node's netns and its `agent` cgroup, host mount
+//! namespace) and the ordinary test application `apps/meshapp.py`.
+//! Shared by the end-to-end tests, the demo and the benchmark.
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::{Cluster, Pod};
+
+/// The bpffs the agents pin under.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Where the built binaries are: the directory of the running executable
+/// (`target/<profile>/` for bins) or its parent (`target/<profile>/deps/` for tests).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("executable has no directory")?;
+    for d in [dir, dir.parent().unwrap_or(dir)] {
+        let p = d.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "`{name}` is not built next to {}: run `cargo build -p agent` (cargo xtask test does)",
+        exe.display()
+    )
+}
+
+/// The test application.
+pub fn meshapp() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("apps/meshapp.py")
+}
+
+/// Capture settings written into the enrolment file.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<String>,
+}
+
+/// Writes the enrolment file listing `enrolled` pods (by name) of the cluster;
+/// node addresses are the nodes' pod gateways (what kubelet probes come from).
+pub fn write_config(cluster: &Cluster, path: &Path, enrolled: &[&str], settings: &Settings) -> Result<()> {
+    let mut y = String::from("capture:\n");
+    let _ = writeln!(y, "  excludePorts: {:?}", settings.exclude_ports);
+    let _ = writeln!(y, "  excludeCidrs: {:?}", settings.exclude_cidrs);
+    y.push_str("  nodeAddresses:\n");
+    for n in cluster.nodes() {
+        let _ = writeln!(y, "    - \"{}\"\n    - \"{}\"", n.gw_ip4, n.gw_ip6);
+    }
+    y.push_str("pods:\n");
+    for name in enrolled {
+        let p = cluster.pod(name);
+        let _ = write!(
+            y,
+            "  - name: {}\n    namespace: default\n    serviceAccount: {}\n    node: {}\n    netns: {}\n    cgroup: {}\n    ips: [\"{}\", \"{}\"]\n    labels: {{app: {}}}\n",
+            p.name, p.name, p.node, p.netns_path.display(), p.cgroup.display(), p.ip4, p.ip6, p.name
+        );
+    }
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, y)?;
+    // Rename so a reloading agent never reads a half-written file.
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// One running `agent run` process.
+pub struct Agent {
+    pub node: String,
+    pub pin_name: String,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts the agent of `node` with the enrolment file `config`, logging
+    /// JSON to `<log_dir>/agent-<node>-<n>.log`.
+    pub fn start(cluster: &Cluster, node: &str, config: &Path, log_dir: &Path, extra: &[&str]) -> Result<Agent> {
+        let n = cluster.node(node);
+        let pin_name = format!("{}-{}", cluster.prefix(), node);
+        cluster.own_bpffs_path(Path::new(BPFFS).join(&pin_name));
+        fs::create_dir_all(log_dir)?;
+        let log = (0..)
+            .map(|i| log_dir.join(format!("agent-{node}-{i}.log")))
+            .find(|p| !p.exists())
+            .expect("unbounded");
+        let file = fs::File::create(&log)?;
+        let mut cmd = n.try_command(binary("agent")?)?;
+        cmd.args(["--log-format", "json", "run", "--node", node])
+            .arg("--config")
+            .arg(config)
+            .arg("--netns")
+            .arg(&n.netns_path)
+            .arg("--cgroup-parent")
+            .arg(&n.cgroup)
+            .args([
+                "--bpffs",
+                BPFFS,
+                "--pin-name",
+                &pin_name,
+                "--reload-interval",
+                "200ms",
+                "--drain-timeout",
+                "10s",
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        let child = cmd.spawn().context("cannot start the agent")?;
+        Ok(Agent {
+            node: node.to_string(),
+            pin_name,
+            log,
+            child: Some(child),
+        })
+    }
+
+    /// Starts and waits until it logs "agent ready".
+    pub fn start_ready(cluster: &Cluster, node: &str, config: &Path, log_dir: &Path) -> Result<Agent> {
+        let mut a = Agent::start(cluster, node, config, log_dir, &[])?;
+        a.wait_for("agent ready", Duration::from_secs(20))?;
+        Ok(a)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Every JSON log line so far.
+    pub fn logs(&self) -> Vec<Value> {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The access-log lines (one per closed connection).
+    pub fn access_logs(&self) -> Vec<Value> {
+        self.logs().into_iter().filter(|l| l["target"] == "access").collect()
+    }
+
+    /// Waits (bounded) for a log line whose message is `message`; fails early if the agent exits.
+    pub fn wait_for(&mut self, message: &str, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.logs().into_iter().find(|l| l["message"] == message) {
+                return Ok(l);
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!(
+                    "agent on {} exited ({status}) before `{message}`:\n{}",
+                    self.node,
+                    self.raw_log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent on {} did not log `{message}` within {timeout:?}:\n{}",
+                    self.node,
+                    self.raw_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits (bounded) until `pred` holds for the access log.
+    pub fn wait_access(&self, timeout: Duration, pred: impl Fn(&[Value]) -> bool) -> Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let logs = self.access_logs();
+            if pred(&logs) {
+                return Ok(logs);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "access log of {} did not reach the expected state:\n{}",
+                    self.node,
+                    self.raw_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn raw_log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits for the drain to finish (bounded).
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("agent already stopped")
+        };
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        wait_bounded(&mut child, Duration::from_secs(20))
+    }
+
+    /// SIGTERM without waiting (for handover tests).
+    pub fn signal_term(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+    }
+
+    /// Waits for an agent that was signalled to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("agent already stopped")
+        };
+        wait_bounded(&mut child, timeout)
+    }
+
+    /// kill -9: no drain, no cleanup.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `agent status` for this agent's pins.
+    pub fn status(&self) -> Result<Value> {
+        status(&self.pin_name)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// `agent status --pin-name <pin_name>` as JSON.
+pub fn status(pin_name: &str) -> Result<Value> {
+    let out = agent_cli(&["status", "--bpffs", BPFFS, "--pin-name", pin_name])?;
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Runs the `agent` binary in the host namespaces (for status, cleanup, unenroll).
+pub fn agent_cli(args: &[&str]) -> Result<Output> {
+    let out = Command::new(binary("agent")?).args(args).output()?;
+    if !out.status.success() {
+        bail!("agent {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out)
+}
+
+fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("process did not exit within {timeout:?}; killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `meshapp.py server` in a pod; killed on drop.
+pub struct Server {
+    child: Child,
+}
+
+impl Server {
+    pub fn start(pod: &Pod, ports: &[u16]) -> Result<Server> {
+        let mut cmd = pod.try_command("python3")?;
+        cmd.arg(meshapp()).arg("server").arg("--ports");
+        for p in ports {
+            cmd.arg(p.to_string());
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        // The first line says it is listening.
+        let mut line = String::new();
+        let stdout = child.stdout.as_mut().context("no stdout")?;
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        if !line.contains("listening") {
+            let _ = child.kill();
+            bail!("server in {} did not start: {line}", pod.name);
+        }
+        Ok(Server { child })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `meshapp.py <mode> --host <host> --port <port> [args]` in `pod` and
+/// returns its JSON report (bounded by the app's own timeouts and counts).
+pub fn client(pod: &Pod, mode: &str, host: &str, port: u16, args: &[&str]) -> Result<Value> {
+    let out = pod
+        .try_command("python3")?
+        .arg(meshapp())
+        .args([mode, "--host", host, "--port", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).with_context(|| {
+        format!(
+            "client in {} printed no report: {stdout}{}",
+            pod.name,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Starts a client without waiting (for clients that run during other steps).
+pub fn spawn_client(pod: &Pod, mode: &str, host: &str, port: u16, args: &[&str]) -> Result<Child> {
+    Ok(pod
+        .try_command("python3")?
+        .arg(meshapp())
+        .args([mode, "--host", host, "--port", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?)
+}
+
+/// The JSON report of a finished client started with [`spawn_client`].
+pub fn client_report(child: Child) -> Result<Value> {
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).with_context(|| {
+        format!(
+            "client printed no report: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}

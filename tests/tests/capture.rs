@@ -1,0 +1,516 @@
+//! End-to-end tests of transparent capture: real agents, real eBPF programs,
+//! real sockets in throwaway network namespaces and cgroups (root needed).
+//!
+//! Every test builds its own cluster:
+//!   node1: client (enrolled), outsider (not enrolled)
+//!   node2: server (enrolled), backend (not enrolled)
+//! and tears it down (namespaces, cgroups, pins, processes) even on failure.
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Result;
+use serde_json::Value;
+use testbed::{
+    mesh::{self, Agent, Server, Settings},
+    Cluster, ClusterSpec, NodeSpec,
+};
+
+const ENROLLED: &[&str] = &["client", "server"];
+const APP_PORT: u16 = 8080;
+const WAIT: Duration = Duration::from_secs(10);
+
+struct World {
+    cluster: Cluster,
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl World {
+    fn new(label: &str) -> Result<World> {
+        let spec = ClusterSpec::new(vec![
+            NodeSpec::new("node1", &["client", "outsider"]),
+            NodeSpec::new("node2", &["server", "backend"]),
+        ]);
+        let cluster = Cluster::create(label, &spec)?;
+        let dir = std::env::temp_dir().join(cluster.prefix());
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("mesh.yaml");
+        mesh::write_config(&cluster, &config, ENROLLED, &Settings::default())?;
+        Ok(World { cluster, dir, config })
+    }
+
+    fn agent(&self, node: &str) -> Result<Agent> {
+        Agent::start_ready(&self.cluster, node, &self.config, &self.dir)
+    }
+
+    fn ip4(&self, pod: &str) -> String {
+        self.cluster.pod(pod).ip4.to_string()
+    }
+
+    fn ip6(&self, pod: &str) -> String {
+        self.cluster.pod(pod).ip6.to_string()
+    }
+
+    fn once(&self, from: &str, host: &str, port: u16) -> Result<Value> {
+        mesh::client(self.cluster.pod(from), "once", host, port, &[])
+    }
+}
+
+impl Drop for World {
+    // Keep logs of failed runs for inspection when MESH_KEEP_LOGS is set.
+    fn drop(&mut self) {
+        if std::env::var_os("MESH_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn succeeded(r: &Value) -> bool {
+    r["echo_ok"] == true
+}
+
+fn access_to(logs: &[Value], dst: &str) -> Vec<Value> {
+    logs.iter().filter(|l| l["dst"] == dst).cloned().collect()
+}
+
+fn stat(status: &Value, name: &str) -> u64 {
+    status["stats"][name].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn outbound_is_captured_transparently_for_ipv4_ipv6_and_mapped() -> Result<()> {
+    let w = World::new("outbound")?;
+    let _backend = Server::start(w.cluster.pod("backend"), &[APP_PORT])?;
+    let a1 = w.agent("node1")?;
+
+    let cases = [
+        (w.ip4("backend"), None, format!("{}:{APP_PORT}", w.ip4("backend"))),
+        (w.ip6("backend"), None, format!("[{}]:{APP_PORT}", w.ip6("backend"))),
+        (
+            w.ip4("backend"),
+            Some("mapped"),
+            format!("[::ffff:{}]:{APP_PORT}", w.ip4("backend")),
+        ),
+    ];
+    for (host, family, dialled) in &cases {
+        let args: Vec<&str> = family.iter().flat_map(|f| ["--family", *f]).collect();
+        let r = mesh::client(w.cluster.pod("client"), "once", host, APP_PORT, &args)?;
+        assert!(succeeded(&r), "{dialled}: {r}");
+        // getpeername in the unmodified client shows what it dialled, not 127.0.0.1:15001.
+        assert_eq!(r["peername"], *dialled, "{r}");
+        // The agent forwarded from inside the pod netns: the server sees the pod's address.
+        let expect_peer = if host.contains(':') {
+            w.ip6("client")
+        } else {
+            w.ip4("client")
+        };
+        assert!(
+            r["server"]["server_peer"].as_str().unwrap().contains(&expect_peer),
+            "{r}"
+        );
+    }
+
+    // The agent saw each connection exactly once, with the right original
+    // destination: its own upstream connects were not captured again (no loop).
+    let logs = a1.wait_access(WAIT, |l| l.len() >= 3)?;
+    for (host, _, _) in &cases {
+        let dst = if host.contains(':') {
+            format!("[{host}]:{APP_PORT}")
+        } else {
+            format!("{host}:{APP_PORT}")
+        };
+        let seen = access_to(&logs, &dst);
+        let expected = if host.contains(':') { 1 } else { 2 }; // plain IPv4 + mapped
+        assert_eq!(seen.len(), expected, "{dst}: {logs:?}");
+        for l in seen {
+            assert_eq!(l["direction"], "outbound");
+            assert_eq!(l["pod"], "default/client");
+            assert_eq!(l["result"], "ok");
+            assert_eq!(l["bytes_sent"], "hello mesh".len());
+        }
+    }
+    assert_eq!(logs.len(), 3, "no other connection was captured: {logs:?}");
+
+    // A client in a pod that is not enrolled is not captured.
+    let r = w.once("outsider", &w.ip4("backend"), APP_PORT)?;
+    assert!(succeeded(&r), "{r}");
+    assert!(
+        r["server"]["server_peer"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}:", w.ip4("outsider"))),
+        "{r}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(a1.access_logs().len(), 3, "outsider's connection must not be captured");
+
+    // Loopback destinations inside an enrolled pod are never redirected.
+    let _local = Server::start(w.cluster.pod("client"), &[9000])?;
+    let r = w.once("client", "127.0.0.1", 9000)?;
+    assert!(succeeded(&r) && r["peername"] == "127.0.0.1:9000", "{r}");
+    assert_eq!(stat(&a1.status()?, "outbound_redirected"), 3);
+    Ok(())
+}
+
+#[test]
+fn inbound_goes_through_15006_except_hbone_port_loopback_and_node_probes() -> Result<()> {
+    let w = World::new("inbound")?;
+    let _server = Server::start(w.cluster.pod("server"), &[7777, 15008])?;
+    let a2 = w.agent("node2")?;
+    let server4 = w.ip4("server");
+
+    // Arbitrary port from a pod that is not enrolled: captured by sk_lookup,
+    // original destination port intact.
+    let r = w.once("outsider", &server4, 7777)?;
+    assert!(succeeded(&r), "{r}");
+    assert_eq!(r["server"]["server_local"], format!("{server4}:7777"));
+    let logs = a2.wait_access(WAIT, |l| !l.is_empty())?;
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert_eq!(logs[0]["direction"], "inbound");
+    assert_eq!(logs[0]["dst"], format!("{server4}:7777"));
+    assert!(
+        logs[0]["src"].as_str().unwrap().starts_with(&w.ip4("outsider")),
+        "{logs:?}"
+    );
+
+    // IPv6 inbound too.
+    let r = w.once("outsider", &w.ip6("server"), 7777)?;
+    assert!(succeeded(&r), "{r}");
+    a2.wait_access(WAIT, |l| l.len() == 2)?;
+
+    // 15008 (HBONE) is not diverted: the app itself answers, seeing the real client.
+    let r = w.once("outsider", &server4, 15008)?;
+    assert!(succeeded(&r), "{r}");
+    assert!(
+        r["server"]["server_peer"]
+            .as_str()
+            .unwrap()
+            .starts_with(&w.ip4("outsider")),
+        "{r}"
+    );
+
+    // Connections from the node itself (kubelet probes) reach the app directly.
+    let node2 = w.cluster.node("node2");
+    let out = node2
+        .try_command("python3")?
+        .arg(mesh::meshapp())
+        .args(["once", "--host", &server4, "--port", "7777"])
+        .output()?;
+    let r: Value = serde_json::from_slice(&out.stdout)?;
+    assert!(succeeded(&r), "{r}");
+    assert!(
+        r["server"]["server_peer"]
+            .as_str()
+            .unwrap()
+            .starts_with(&node2.gw_ip4.to_string()),
+        "{r}"
+    );
+
+    // Loopback inside the pod is never diverted.
+    let r = w.once("server", "127.0.0.1", 7777)?;
+    assert!(
+        succeeded(&r) && r["server"]["server_peer"].as_str().unwrap().starts_with("127.0.0.1"),
+        "{r}"
+    );
+
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        a2.access_logs().len(),
+        2,
+        "only the two captured connections: {:?}",
+        a2.access_logs()
+    );
+    let s = a2.status()?;
+    assert_eq!(stat(&s, "inbound_redirected"), 2, "{s}");
+    assert!(stat(&s, "inbound_skipped") >= 2, "{s}");
+    Ok(())
+}
+
+#[test]
+fn cross_node_both_enrolled_is_captured_on_both_sides() -> Result<()> {
+    let w = World::new("both")?;
+    let _server = Server::start(w.cluster.pod("server"), &[APP_PORT])?;
+    let (a1, a2) = (w.agent("node1")?, w.agent("node2")?);
+    let dst = format!("{}:{APP_PORT}", w.ip4("server"));
+    let r = w.once("client", &w.ip4("server"), APP_PORT)?;
+    assert!(succeeded(&r) && r["peername"] == dst, "{r}");
+    let out = a1.wait_access(WAIT, |l| !l.is_empty())?;
+    let inb = a2.wait_access(WAIT, |l| !l.is_empty())?;
+    assert_eq!(
+        (out[0]["direction"].as_str(), out[0]["dst"].as_str()),
+        (Some("outbound"), Some(dst.as_str()))
+    );
+    assert_eq!(
+        (inb[0]["direction"].as_str(), inb[0]["dst"].as_str()),
+        (Some("inbound"), Some(dst.as_str()))
+    );
+    // The destination agent saw the client pod's address as the source.
+    assert!(inb[0]["src"].as_str().unwrap().starts_with(&w.ip4("client")), "{inb:?}");
+    Ok(())
+}
+
+#[test]
+fn restart_fails_closed_then_resumes_from_pins() -> Result<()> {
+    let w = World::new("restart")?;
+    let _backend = Server::start(w.cluster.pod("backend"), &[APP_PORT])?;
+    let _server = Server::start(w.cluster.pod("server"), &[7777])?;
+    let mut a1 = w.agent("node1")?;
+    let mut a2 = w.agent("node2")?;
+    assert!(succeeded(&w.once("client", &w.ip4("backend"), APP_PORT)?));
+
+    a1.kill9();
+    a2.kill9();
+    // Enrolled pods fail closed: outbound connects are refused, never sent around the agent.
+    let r = w.once("client", &w.ip4("backend"), APP_PORT)?;
+    assert_eq!(r["errno"], libc::ECONNREFUSED, "{r}");
+    let r = w.once("client", &w.ip6("backend"), APP_PORT)?;
+    assert_eq!(r["errno"], libc::ECONNREFUSED, "{r}");
+    // Inbound connections to a captured port are refused, not delivered to the app.
+    let r = w.once("outsider", &w.ip4("server"), 7777)?;
+    assert_eq!(r["errno"], libc::ECONNREFUSED, "{r}");
+    // The pins are in the host's bpffs and still say so.
+    let s = mesh::status(&a2.pin_name)?;
+    assert!(stat(&s, "inbound_refused") >= 1, "{s}");
+    assert_eq!(s["enrolled_netns"].as_array().map(Vec::len), Some(1), "{s}");
+    assert!(Path::new(mesh::BPFFS)
+        .join(&a1.pin_name)
+        .join("v1/links/cg_mesh_connect4")
+        .exists());
+
+    // Restarted agents reuse the pins and capture again.
+    let a1b = w.agent("node1")?;
+    let a2b = w.agent("node2")?;
+    assert!(succeeded(&w.once("client", &w.ip4("backend"), APP_PORT)?));
+    assert!(succeeded(&w.once("outsider", &w.ip4("server"), 7777)?));
+    a1b.wait_access(WAIT, |l| l.len() == 1)?;
+    a2b.wait_access(WAIT, |l| l.len() == 1)?;
+    Ok(())
+}
+
+#[test]
+fn graceful_handover_refuses_no_connection_and_keeps_open_ones() -> Result<()> {
+    let w = World::new("handover")?;
+    let _backend = Server::start(w.cluster.pod("backend"), &[APP_PORT])?;
+    let mut old = w.agent("node1")?;
+    let client = w.cluster.pod("client");
+    let backend = w.ip4("backend");
+
+    // A long-lived connection through the old agent, and a stream of new connects.
+    let held = mesh::spawn_client(
+        client,
+        "hold",
+        &backend,
+        APP_PORT,
+        &["--count", "40", "--interval", "0.1"],
+    )?;
+    let stream = mesh::spawn_client(
+        client,
+        "loop",
+        &backend,
+        APP_PORT,
+        &["--count", "150", "--interval", "0.02"],
+    )?;
+    std::thread::sleep(Duration::from_millis(700));
+
+    let mut new = Agent::start(&w.cluster, "node1", &w.config, &w.dir, &[])?;
+    new.wait_for("agent ready", WAIT)?;
+    old.signal_term();
+    old.wait_for("draining", WAIT)?;
+
+    let r = mesh::client_report(stream)?;
+    assert_eq!(r["failed"], 0, "no connect may fail during a handover: {r}");
+    assert_eq!(r["ok"], 150, "{r}");
+    // The open connection stays on the old agent, which drains it before exiting.
+    let h = mesh::client_report(held)?;
+    assert_eq!((h["ok"].as_u64(), &h["error"]), (Some(40), &Value::Null), "{h}");
+    assert!(old.wait_exit(WAIT)?.success());
+    assert!(!new.access_logs().is_empty(), "the new agent took over new connections");
+
+    // kill -9 instead: connections open through the killed agent break (the
+    // agent held both halves); new ones are refused until an agent is back.
+    let held = mesh::spawn_client(
+        client,
+        "hold",
+        &backend,
+        APP_PORT,
+        &["--count", "30", "--interval", "0.1"],
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    new.kill9();
+    let h = mesh::client_report(held)?;
+    assert!(h["error"].is_string() && h["ok"].as_u64().unwrap() < 30, "{h}");
+    Ok(())
+}
+
+#[test]
+fn config_reload_unenroll_and_cleanup_restore_direct_traffic() -> Result<()> {
+    let w = World::new("unenroll")?;
+    let _backend = Server::start(w.cluster.pod("backend"), &[APP_PORT, 9090])?;
+    let mut a1 = w.agent("node1")?;
+    let backend = w.ip4("backend");
+    assert!(succeeded(&w.once("client", &backend, APP_PORT)?));
+    a1.wait_access(WAIT, |l| l.len() == 1)?;
+
+    // Excluded port and CIDR go direct once the reloaded config says so.
+    let settings = Settings {
+        exclude_ports: vec![9090],
+        exclude_cidrs: vec!["fd00:1:2::/64".into()],
+    };
+    mesh::write_config(&w.cluster, &w.config, ENROLLED, &settings)?;
+    a1.wait_for("configuration reloaded", WAIT)?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(succeeded(&w.once("client", &backend, 9090)?));
+    assert!(succeeded(&w.once("client", &w.ip6("backend"), APP_PORT)?));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(a1.access_logs().len(), 1, "excluded traffic must not be captured");
+
+    // A broken file is reported with its line and the last good config stays.
+    std::fs::write(&w.config, "pods:\n  - name: client\n    ips: [\"10.1.1.999\"]\n")?;
+    let err = a1.wait_for("invalid configuration; keeping the last good configuration", WAIT)?;
+    assert!(err["error"].as_str().unwrap().contains("line 3"), "{err}");
+    assert!(succeeded(&w.once("client", &backend, APP_PORT)?));
+    a1.wait_access(WAIT, |l| l.len() == 2)?;
+
+    // Removing the pod from the config unenrolls it: direct at once.
+    mesh::write_config(&w.cluster, &w.config, &["server"], &settings)?;
+    a1.wait_for("pod unenrolled", WAIT)?;
+    assert!(succeeded(&w.once("client", &backend, APP_PORT)?));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(a1.access_logs().len(), 2);
+
+    // Back in, then the agent stops: fail closed; `agent unenroll` restores direct traffic.
+    mesh::write_config(&w.cluster, &w.config, ENROLLED, &settings)?;
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(succeeded(&w.once("client", &backend, APP_PORT)?));
+    a1.wait_access(WAIT, |l| l.len() == 3)?;
+    a1.terminate()?;
+    assert_eq!(w.once("client", &backend, APP_PORT)?["errno"], libc::ECONNREFUSED);
+    let cfg = w.config.to_str().unwrap();
+    mesh::agent_cli(&[
+        "unenroll",
+        "--bpffs",
+        mesh::BPFFS,
+        "--pin-name",
+        &a1.pin_name,
+        "--config",
+        cfg,
+        "--pod",
+        "default/client",
+    ])?;
+    assert!(succeeded(&w.once("client", &backend, APP_PORT)?));
+
+    // Node cleanup removes every pin, link and cgroup attachment.
+    mesh::agent_cli(&["cleanup", "--bpffs", mesh::BPFFS, "--pin-name", &a1.pin_name])?;
+    assert!(!Path::new(mesh::BPFFS).join(&a1.pin_name).exists());
+    assert!(mesh::status(&a1.pin_name).is_err());
+    let cg = w.cluster.node("node1").cgroup.clone();
+    let attached = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(&cg)
+        .output()?;
+    assert!(
+        attached.status.success(),
+        "{}",
+        String::from_utf8_lossy(&attached.stderr)
+    );
+    let attached: Value = serde_json::from_slice(&attached.stdout).unwrap_or(Value::Array(vec![]));
+    assert_eq!(
+        attached,
+        Value::Array(vec![]),
+        "cgroup programs still attached at {}",
+        cg.display()
+    );
+    let netns_ino =
+        std::fs::metadata(&w.cluster.pod("client").netns_path).map(|m| std::os::unix::fs::MetadataExt::ino(&m))?;
+    let links = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()?;
+    let links: Value = serde_json::from_slice(&links.stdout)?;
+    let left: Vec<&Value> = links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["netns_ino"] == netns_ino)
+        .collect();
+    assert!(left.is_empty(), "sk_lookup links left in the pod netns: {left:?}");
+    Ok(())
+}
+
+#[test]
+fn bad_input_and_missing_kernel_features_give_the_documented_errors() -> Result<()> {
+    let spec = ClusterSpec::new(vec![NodeSpec::new("node1", &[])]);
+    let cluster = Cluster::create("errors", &spec)?;
+    let dir = std::env::temp_dir().join(cluster.prefix());
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("mesh.yaml");
+    mesh::write_config(&cluster, &config, &[], &Settings::default())?;
+    let node = cluster.node("node1");
+    let run = |extra: &[&str], cfg: &Path| -> Result<String> {
+        let pin = format!("{}-err", cluster.prefix());
+        cluster.own_bpffs_path(Path::new(mesh::BPFFS).join(&pin));
+        let mut cmd = std::process::Command::new(mesh::binary("agent")?);
+        cmd.args([
+            "run",
+            "--node",
+            "node1",
+            "--pin-name",
+            &pin,
+            "--reload-interval",
+            "100ms",
+        ])
+        .arg("--config")
+        .arg(cfg);
+        if !extra.contains(&"--cgroup-parent") {
+            cmd.arg("--cgroup-parent").arg(&node.cgroup);
+        }
+        let out = cmd.args(extra).output()?;
+        assert!(!out.status.success(), "agent must refuse to start");
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    // A tmpfs where bpffs should be.
+    let fake = dir.join("notbpf");
+    std::fs::create_dir_all(&fake)?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        &fake,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )?;
+    let err = run(&["--bpffs", fake.to_str().unwrap()], &config);
+    nix::mount::umount(&fake)?;
+    let err = err?;
+    assert!(
+        err.contains("tmpfs, not bpffs") && err.contains("mount -t bpf bpf"),
+        "{err}"
+    );
+
+    // A cgroup v1 directory (or any non-cgroup2 one) as the attach point.
+    let v1 = ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/memory", "/proc"]
+        .into_iter()
+        .find(|p| Path::new(p).is_dir())
+        .unwrap();
+    let err = run(&["--cgroup-parent", v1], &config)?;
+    assert!(
+        err.contains("is not cgroup v2") && err.contains("--cgroup-parent"),
+        "{err}"
+    );
+
+    // A missing eBPF object names the command that builds it.
+    let err = run(&["--bpf-object", "/nonexistent/agent-ebpf"], &config)?;
+    assert!(err.contains("cargo xtask build-ebpf"), "{err}");
+
+    // A bad enrolment file names file, field and line.
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "capture:\n  excludePorts: [22]\npods:\n  - name: a\n    namespace: default\n    node: node1\n    netns: /run/netns/a\n    cgroup: /x\n    ips: [\"10.0.0.1/24\"]\n")?;
+    let err = run(&[], &bad)?;
+    assert!(
+        err.contains("bad.yaml") && err.contains("pods[0].ips[0]") && err.contains("line 9"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! `cargo xtask <command>`: every set-up and build step the project needs,
+//! idempotent, so a fresh Debian machine (as root) needs nothing by hand.
+//!
+//! * `setup`       install what is missing (apt packages, nightly rust-src, bpf-linker)
+//! * `build-ebpf`  build the kernel programs (setup first)
+//! * `demo`        build everything and run the local mesh demo
+//! * `test`        fmt, clippy, unit and end-to-end tests (the CI command)
+//! * `bench`       direct vs captured latency and throughput (README numbers)
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Debian packages: LLVM 22 for bpf-linker (it must match rustc's LLVM), the
+/// tools the tests, demo and benchmark drive.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "iproute2",
+    "python3",
+    "procps",
+    "curl",
+    "tcpdump",
+    "bpftool",
+    "iperf3",
+    "sockperf",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const EBPF_TARGET: &str = "bpfel-unknown-none";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let cmd = args.first().map(String::as_str).unwrap_or("help");
+    let rest = &args[args.len().min(1)..];
+    match cmd {
+        "setup" => setup(),
+        "build-ebpf" => build_ebpf(),
+        "demo" => demo(rest),
+        "test" => test(rest),
+        "bench" => bench(rest),
+        _ => {
+            eprintln!("usage: cargo xtask <setup|build-ebpf|demo|test|bench> [args]");
+            if cmd == "help" {
+                Ok(())
+            } else {
+                bail!("unknown command `{cmd}`")
+            }
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(c: &mut Command) -> Result<()> {
+    eprintln!("+ {c:?}");
+    let status = c.status().with_context(|| format!("cannot run {c:?}"))?;
+    if !status.success() {
+        bail!("{c:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(c: &mut Command) -> bool {
+    c.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Installs whatever is missing; does nothing when all is there.
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        bail!("the `nightly` toolchain is missing: the image ships one; `rustup toolchain install nightly` where a download is possible");
+    }
+    let components = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()?;
+    if !String::from_utf8_lossy(&components.stdout).contains("rust-src") {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let linker = Command::new("bpf-linker").arg("--version").output();
+    if !linker.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)) {
+        // The default feature wants LLVM 23; without LLVM_PREFIX it looks in /usr.
+        run(cargo()
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    Ok(())
+}
+
+/// The kernel object, where build.rs of the agent looks for it.
+fn ebpf_object() -> PathBuf {
+    root().join("target").join(EBPF_TARGET).join("release/agent-ebpf")
+}
+
+fn build_ebpf() -> Result<()> {
+    setup()?;
+    let dir = root().join("agent-ebpf");
+    let mut c = Command::new("cargo");
+    c.current_dir(&dir)
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--target",
+            EBPF_TARGET,
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+        ])
+        .arg(root().join("target"))
+        // Flags meant for the host build must not leak into the BPF build.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO");
+    run(&mut c)?;
+    let obj = ebpf_object();
+    if !obj.is_file() {
+        bail!("the eBPF build finished but {} is missing", obj.display());
+    }
+    eprintln!("eBPF object: {}", obj.display());
+    Ok(())
+}
+
+fn build_release() -> Result<()> {
+    build_ebpf()?;
+    run(cargo().args(["build", "--release", "-p", "agent", "-p", "testbed", "--bins"]))
+}
+
+fn demo(args: &[String]) -> Result<()> {
+    build_release()?;
+    run(Command::new(root().join("target/release/mesh-demo"))
+        .args(args)
+        .current_dir(root()))
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    build_release()?;
+    run(Command::new(root().join("target/release/mesh-bench"))
+        .args(args)
+        .current_dir(root()))
+}
+
+/// The CI command: formatting, lints, then every test (unit and end-to-end).
+fn test(args: &[String]) -> Result<()> {
+    build_ebpf()?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // The end-to-end tests start the agent binary from the shared target dir.
+    run(cargo().args(["build", "-p", "agent", "-p", "testbed", "--bins"]))?;
+    run(cargo().args(["test", "--workspace"]).args(args))
+}
