@@ -1,0 +1,223 @@
+//! `cargo xtask demo`: a local mesh on this machine.
+//!
+//! Builds two "nodes" joined by a link and four "pods" (network namespaces
+//! with their own cgroup v2 directories), starts one real agent per node,
+//! enrolls `client` and `web` but not `legacy` and `db`, sends real traffic
+//! between them with ordinary tools (curl, Python sockets), prints what each
+//! agent captured, and tears everything down (also on Ctrl-C or failure).
+use std::{
+    process::Stdio,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use serde_json::Value;
+use testbed::{
+    mesh::{self, Agent, Server, Settings},
+    Cluster, ClusterSpec, NodeSpec,
+};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn main() {
+    install_signal_handlers();
+    let code = match demo() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("demo failed: {e:#}");
+            1
+        }
+    };
+    // Everything the demo made is gone by now (Drop); make sure of it.
+    if let Err(e) = testbed::teardown_all() {
+        eprintln!("teardown: {e:#}");
+    }
+    std::process::exit(code);
+}
+
+/// Ctrl-C/SIGTERM only set a flag; a watcher thread tears the cluster down.
+fn install_signal_handlers() {
+    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { sigaction(sig, &action) }.expect("install signal handler");
+    }
+    std::thread::spawn(|| loop {
+        if STOP.load(Ordering::SeqCst) {
+            eprintln!("\ninterrupted: tearing the local mesh down");
+            let _ = testbed::teardown_all();
+            std::process::exit(130);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    });
+}
+
+struct Flow {
+    what: &'static str,
+    from: &'static str,
+    to: &'static str,
+    ipv6: bool,
+    tool: Tool,
+}
+
+#[derive(Clone, Copy)]
+enum Tool {
+    Curl,
+    Python,
+}
+
+const FLOWS: &[Flow] = &[
+    Flow { what: "enrolled -> enrolled (cross-node)", from: "client", to: "web", ipv6: false, tool: Tool::Curl },
+    Flow { what: "enrolled -> enrolled over IPv6", from: "client", to: "web", ipv6: true, tool: Tool::Curl },
+    Flow { what: "enrolled -> not enrolled", from: "client", to: "db", ipv6: false, tool: Tool::Python },
+    Flow { what: "not enrolled -> enrolled", from: "legacy", to: "web", ipv6: false, tool: Tool::Curl },
+    Flow { what: "not enrolled -> not enrolled", from: "legacy", to: "db", ipv6: false, tool: Tool::Python },
+];
+
+fn demo() -> Result<()> {
+    testbed::sweep_stale()?;
+    println!("== building a local cluster: node1 {{client, legacy}}, node2 {{web, db}}");
+    let spec = ClusterSpec::new(vec![
+        NodeSpec::new("node1", &["client", "legacy"]),
+        NodeSpec::new("node2", &["web", "db"]),
+    ]);
+    let cluster = Cluster::create("demo", &spec)?;
+    let dir = std::env::temp_dir().join(cluster.prefix());
+    std::fs::create_dir_all(&dir)?;
+    let result = run(&cluster, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run(cluster: &Cluster, dir: &std::path::Path) -> Result<()> {
+    for p in cluster.pods() {
+        println!("   pod {:<7} on {}  {} / {}", p.name, p.node, p.ip4, p.ip6);
+    }
+    let config = dir.join("mesh.yaml");
+    mesh::write_config(cluster, &config, &["client", "web"], &Settings::default())?;
+    println!("== enrolling client and web (config {}), starting one agent per node", config.display());
+    let agents = [
+        Agent::start_ready(cluster, "node1", &config, dir)?,
+        Agent::start_ready(cluster, "node2", &config, dir)?,
+    ];
+
+    // An HTTP server (python's http.server) in web, an echo server in db.
+    let web = cluster.pod("web");
+    let mut http = web
+        .try_command("python3")?
+        .args(["-m", "http.server", "8080", "--bind", "::", "--directory"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let _db = Server::start(cluster.pod("db"), &[5432])?;
+    wait_http(cluster, web.ip4.to_string())?;
+
+    println!("== sending traffic");
+    let mut failures = 0;
+    for f in FLOWS {
+        let before: Vec<usize> = agents.iter().map(|a| a.access_logs().len()).collect();
+        let (ok, detail, dst) = send(cluster, f)?;
+        let captured = wait_captured(&agents, &before, &dst);
+        println!("\n-- {} : {} -> {} ({})", f.what, f.from, f.to, dst);
+        println!("   result: {} {}", if ok { "OK" } else { "FAILED" }, detail);
+        if captured.is_empty() {
+            println!("   captured by: nobody (direct)");
+        }
+        for (node, l) in &captured {
+            println!(
+                "   captured by {node} agent: {} {} -> {}  sent {} B, received {} B, {}",
+                l["direction"].as_str().unwrap_or("?"),
+                l["src"].as_str().unwrap_or("?"),
+                l["dst"].as_str().unwrap_or("?"),
+                l["bytes_sent"],
+                l["bytes_received"],
+                l["result"].as_str().unwrap_or("?"),
+            );
+        }
+        failures += usize::from(!ok);
+    }
+    let _ = http.kill();
+    let _ = http.wait();
+
+    println!("\n== what the kernel programs counted (agent status, from the pinned maps)");
+    for a in &agents {
+        let s = a.status()?;
+        println!("   {}: {}", a.node, s["stats"]);
+    }
+    println!("\n== tearing down (namespaces, cgroups, pins, processes)");
+    if failures > 0 {
+        bail!("{failures} flow(s) failed");
+    }
+    Ok(())
+}
+
+/// Sends one flow with an ordinary tool; returns (ok, detail, destination).
+fn send(cluster: &Cluster, f: &Flow) -> Result<(bool, String, String)> {
+    let (from, to) = (cluster.pod(f.from), cluster.pod(f.to));
+    let host = if f.ipv6 { to.ip6.to_string() } else { to.ip4.to_string() };
+    match f.tool {
+        Tool::Curl => {
+            let url = if f.ipv6 { format!("http://[{host}]:8080/") } else { format!("http://{host}:8080/") };
+            let out = from
+                .try_command("curl")?
+                .args(["-sS", "-g", "-o", "/dev/null", "-w", "HTTP %{http_code} in %{time_total}s", "--max-time", "5"])
+                .arg(&url)
+                .output()?;
+            let detail = format!("curl {url}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr).trim());
+            let dst = if f.ipv6 { format!("[{host}]:8080") } else { format!("{host}:8080") };
+            Ok((out.status.success(), detail, dst))
+        }
+        Tool::Python => {
+            let r: Value = mesh::client(from, "once", &host, 5432, &[])?;
+            let detail = format!(
+                "python socket: getpeername()={} ; the server saw the client as {}",
+                r["peername"].as_str().unwrap_or("?"),
+                r["server"]["server_peer"].as_str().unwrap_or("?")
+            );
+            Ok((r["echo_ok"] == true, detail, format!("{host}:5432")))
+        }
+    }
+}
+
+/// Access-log lines for `dst` that appeared after `before` (bounded wait).
+fn wait_captured(agents: &[Agent], before: &[usize], dst: &str) -> Vec<(String, Value)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let new: Vec<(String, Value)> = agents
+            .iter()
+            .zip(before)
+            .flat_map(|(a, n)| a.access_logs().into_iter().skip(*n).map(|l| (a.node.clone(), l)))
+            .filter(|(_, l)| l["dst"] == dst)
+            .collect();
+        if !new.is_empty() || std::time::Instant::now() > deadline {
+            return new;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits (bounded) until web answers HTTP, from the node itself.
+fn wait_http(cluster: &Cluster, ip: String) -> Result<()> {
+    for _ in 0..100 {
+        let ok = cluster
+            .node("node2")
+            .try_command("curl")?
+            .args(["-s", "-o", "/dev/null", "--max-time", "1"])
+            .arg(format!("http://{ip}:8080/"))
+            .status()
+            .context("curl")?
+            .success();
+        if ok {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("the web pod's HTTP server did not start")
+}
