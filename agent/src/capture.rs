@@ -232,46 +232,34 @@ impl Maps {
 
     /// Makes the settings maps equal to `s`.
     fn apply_settings(&mut self, s: &CaptureSettings) -> Result<(), CaptureError> {
-        let want_ports: HashSet<u16> = s.exclude_ports.iter().copied().collect();
-        let have: Vec<u16> = self.excl_ports.keys().filter_map(Result::ok).collect();
-        for p in have.iter().filter(|p| !want_ports.contains(p)) {
-            let _ = self.excl_ports.remove(p);
-        }
-        for p in &want_ports {
+        let ports: HashSet<u16> = s.exclude_ports.iter().copied().collect();
+        prune(&mut self.excl_ports, |p| ports.contains(p));
+        for p in &ports {
             bpf!("EXCL_PORTS insert", self.excl_ports.insert(p, 1, 0))?;
         }
 
-        let want_addrs: HashSet<Ip6> = s.node_addresses.iter().map(|a| to_ip6(*a)).collect();
-        let have: Vec<Ip6> = self.node_addrs.keys().filter_map(Result::ok).collect();
-        for a in have.iter().filter(|a| !want_addrs.contains(a)) {
-            let _ = self.node_addrs.remove(a);
-        }
-        for a in &want_addrs {
+        let addrs: HashSet<Ip6> = s.node_addresses.iter().map(|a| to_ip6(*a)).collect();
+        prune(&mut self.node_addrs, |a| addrs.contains(a));
+        for a in &addrs {
             bpf!("NODE_ADDRS insert", self.node_addrs.insert(a, 1, 0))?;
         }
 
-        let want_cidrs: Vec<(u32, Ip6)> = s
+        // IPv4 prefixes live in the ::ffff:0:0/96 part of the trie.
+        let cidrs: Vec<(u32, Ip6)> = s
             .exclude_cidrs
             .iter()
             .map(|c| {
                 (
-                    if c.addr.is_ipv4() {
-                        96 + u32::from(c.prefix)
-                    } else {
-                        u32::from(c.prefix)
-                    },
+                    u32::from(c.prefix) + if c.addr.is_ipv4() { 96 } else { 0 },
                     to_ip6(c.addr),
                 )
             })
             .collect();
         let have: Vec<Key<Ip6>> = self.excl_cidrs.keys().filter_map(Result::ok).collect();
-        for k in have {
-            let (len, data) = (k.prefix_len(), k.data());
-            if !want_cidrs.contains(&(len, data)) {
-                let _ = self.excl_cidrs.remove(&k);
-            }
+        for k in have.iter().filter(|k| !cidrs.contains(&(k.prefix_len(), k.data()))) {
+            let _ = self.excl_cidrs.remove(k);
         }
-        for (len, data) in want_cidrs {
+        for (len, data) in cidrs {
             bpf!("EXCL_CIDRS insert", self.excl_cidrs.insert(&Key::new(len, data), 1, 0))?;
         }
         Ok(())
@@ -279,24 +267,9 @@ impl Maps {
 
     /// Drops enrolment of every netns and IP not in the desired sets.
     fn retain(&mut self, cookies: &HashSet<u64>, ips: &HashSet<Ip6>) {
-        let stale: Vec<u64> = self
-            .enrolled
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|c| !cookies.contains(c))
-            .collect();
-        for c in stale {
-            let _ = self.enrolled.remove(&c);
-        }
-        let stale: Vec<Ip6> = self
-            .pod_ips
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|i| !ips.contains(i))
-            .collect();
-        for i in stale {
-            let _ = self.pod_ips.remove(&i);
-            let _ = self.inbound.remove(&i);
+        prune(&mut self.enrolled, |c| cookies.contains(c));
+        for ip in prune(&mut self.pod_ips, |i| ips.contains(i)) {
+            let _ = self.inbound.remove(&ip);
         }
     }
 
@@ -308,6 +281,15 @@ impl Maps {
             })
             .collect()
     }
+}
+
+/// Removes every key `keep` rejects; returns the removed keys.
+fn prune<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, keep: impl Fn(&K) -> bool) -> Vec<K> {
+    let stale: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| !keep(k)).collect();
+    for k in &stale {
+        let _ = map.remove(k);
+    }
+    stale
 }
 
 /// The loaded and attached capture programs of one agent.

@@ -218,6 +218,8 @@ struct Resources {
     /// Netns names in creation order.
     netns: Vec<String>,
     bpffs: Vec<PathBuf>,
+    /// `<tmp>/<prefix>`: logs and configs of the cluster's users.
+    scratch: Option<PathBuf>,
     /// Set by teardown: creation steps that run afterwards fail.
     closed: bool,
 }
@@ -261,7 +263,18 @@ fn teardown_resources(res: &mut Resources) -> Result<()> {
     }
     kept.reverse();
     res.netns = kept;
-    // 3. bpffs pins.
+    // 3. scratch files (kept for debugging with MESH_KEEP_LOGS=1).
+    if let Some(dir) = res.scratch.take() {
+        if std::env::var_os("MESH_KEEP_LOGS").is_some() {
+            eprintln!("testbed: MESH_KEEP_LOGS is set: keeping {}", dir.display());
+        } else if let Err(e) = fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                errors.push(format!("removing {}: {e}", dir.display()));
+                res.scratch = Some(dir);
+            }
+        }
+    }
+    // 4. bpffs pins.
     res.bpffs.retain(|p| match sys::remove_bpffs_path(p) {
         Ok(()) => false,
         Err(e) => {
@@ -274,6 +287,10 @@ fn teardown_resources(res: &mut Resources) -> Result<()> {
     } else {
         bail!("teardown of cluster {} failed: {}", res.prefix, errors.join("; "))
     }
+}
+
+fn scratch_path(prefix: &str) -> PathBuf {
+    std::env::temp_dir().join(prefix)
 }
 
 /// Tear down every live cluster of this process (e.g. from a Ctrl-C/SIGTERM
@@ -334,6 +351,7 @@ pub fn sweep_stale() -> Result<()> {
         }
     }
     for prefix in &stale {
+        let _ = fs::remove_dir_all(scratch_path(prefix));
         let root = cg2.join(prefix);
         if sys::exists(&root) {
             tracing::info!(target: "testbed", "sweeping stale cgroup {}", root.display());
@@ -486,6 +504,16 @@ impl Cluster {
         if !r.bpffs.contains(&p) {
             r.bpffs.push(p);
         }
+    }
+
+    /// A directory for this cluster's logs and configuration files
+    /// (`<tmp>/<prefix>`), created on first use and removed on teardown
+    /// (and by `sweep_stale` after a crash); kept when MESH_KEEP_LOGS is set.
+    pub fn scratch_dir(&self) -> Result<PathBuf> {
+        let dir = scratch_path(&self.prefix);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        lock(&self.res).scratch = Some(dir.clone());
+        Ok(dir)
     }
 
     /// Explicit teardown returning errors; `Drop` calls it and logs errors to

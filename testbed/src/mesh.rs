@@ -152,10 +152,9 @@ impl Agent {
 
     /// Waits (bounded) for a log line whose message is `message`; fails early if the agent exits.
     pub fn wait_for(&mut self, message: &str, timeout: Duration) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        poll(timeout, || {
             if let Some(l) = self.logs().into_iter().find(|l| l["message"] == message) {
-                return Ok(l);
+                return Ok(Some(l));
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!(
@@ -164,34 +163,24 @@ impl Agent {
                     self.raw_log()
                 );
             }
-            if Instant::now() > deadline {
-                bail!(
-                    "agent on {} did not log `{message}` within {timeout:?}:\n{}",
-                    self.node,
-                    self.raw_log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            Ok(None)
+        })
+        .with_context(|| format!("agent on {} did not log `{message}`:\n{}", self.node, self.raw_log()))
     }
 
     /// Waits (bounded) until `pred` holds for the access log.
     pub fn wait_access(&self, timeout: Duration, pred: impl Fn(&[Value]) -> bool) -> Result<Vec<Value>> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        poll(timeout, || {
             let logs = self.access_logs();
-            if pred(&logs) {
-                return Ok(logs);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "access log of {} did not reach the expected state:\n{}",
-                    self.node,
-                    self.raw_log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            Ok(pred(&logs).then_some(logs))
+        })
+        .with_context(|| {
+            format!(
+                "access log of {} did not reach the expected state:\n{}",
+                self.node,
+                self.raw_log()
+            )
+        })
     }
 
     pub fn raw_log(&self) -> String {
@@ -259,19 +248,27 @@ pub fn agent_cli(args: &[&str]) -> Result<Output> {
     Ok(out)
 }
 
-fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
+/// Calls `f` every 20 ms until it yields a value, fails, or `timeout` passes.
+pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(s) = child.try_wait()? {
-            return Ok(s);
+        if let Some(v) = f()? {
+            return Ok(v);
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("process did not exit within {timeout:?}; killed");
+            bail!("timed out after {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
+    let status = poll(timeout, || Ok(child.try_wait()?));
+    if status.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    status.context("process did not exit in time; killed")
 }
 
 /// A `meshapp.py server` in a pod; killed on drop.
@@ -313,22 +310,7 @@ impl Drop for Server {
 /// Runs `meshapp.py <mode> --host <host> --port <port> [args]` in `pod` and
 /// returns its JSON report (bounded by the app's own timeouts and counts).
 pub fn client(pod: &Pod, mode: &str, host: &str, port: u16, args: &[&str]) -> Result<Value> {
-    let out = pod
-        .try_command("python3")?
-        .arg(meshapp())
-        .args([mode, "--host", host, "--port", &port.to_string()])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(last).with_context(|| {
-        format!(
-            "client in {} printed no report: {stdout}{}",
-            pod.name,
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    client_report(spawn_client(pod, mode, host, port, args)?).with_context(|| format!("client in {}", pod.name))
 }
 
 /// Starts a client without waiting (for clients that run during other steps).

@@ -34,8 +34,7 @@ impl World {
             NodeSpec::new("node2", &["server", "backend"]),
         ]);
         let cluster = Cluster::create(label, &spec)?;
-        let dir = std::env::temp_dir().join(cluster.prefix());
-        std::fs::create_dir_all(&dir)?;
+        let dir = cluster.scratch_dir()?;
         let config = dir.join("mesh.yaml");
         mesh::write_config(&cluster, &config, ENROLLED, &Settings::default())?;
         Ok(World { cluster, dir, config })
@@ -55,15 +54,6 @@ impl World {
 
     fn once(&self, from: &str, host: &str, port: u16) -> Result<Value> {
         mesh::client(self.cluster.pod(from), "once", host, port, &[])
-    }
-}
-
-impl Drop for World {
-    // Keep logs of failed runs for inspection when MESH_KEEP_LOGS is set.
-    fn drop(&mut self) {
-        if std::env::var_os("MESH_KEEP_LOGS").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
     }
 }
 
@@ -442,8 +432,7 @@ fn config_reload_unenroll_and_cleanup_restore_direct_traffic() -> Result<()> {
 fn bad_input_and_missing_kernel_features_give_the_documented_errors() -> Result<()> {
     let spec = ClusterSpec::new(vec![NodeSpec::new("node1", &[])]);
     let cluster = Cluster::create("errors", &spec)?;
-    let dir = std::env::temp_dir().join(cluster.prefix());
-    std::fs::create_dir_all(&dir)?;
+    let dir = cluster.scratch_dir()?;
     let config = dir.join("mesh.yaml");
     mesh::write_config(&cluster, &config, &[], &Settings::default())?;
     let node = cluster.node("node1");
@@ -511,6 +500,5 @@ fn bad_input_and_missing_kernel_features_give_the_documented_errors() -> Result<
         err.contains("bad.yaml") && err.contains("pods[0].ips[0]") && err.contains("line 9"),
         "{err}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

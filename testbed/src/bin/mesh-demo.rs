@@ -73,11 +73,41 @@ enum Tool {
 }
 
 const FLOWS: &[Flow] = &[
-    Flow { what: "enrolled -> enrolled (cross-node)", from: "client", to: "web", ipv6: false, tool: Tool::Curl },
-    Flow { what: "enrolled -> enrolled over IPv6", from: "client", to: "web", ipv6: true, tool: Tool::Curl },
-    Flow { what: "enrolled -> not enrolled", from: "client", to: "db", ipv6: false, tool: Tool::Python },
-    Flow { what: "not enrolled -> enrolled", from: "legacy", to: "web", ipv6: false, tool: Tool::Curl },
-    Flow { what: "not enrolled -> not enrolled", from: "legacy", to: "db", ipv6: false, tool: Tool::Python },
+    Flow {
+        what: "enrolled -> enrolled (cross-node)",
+        from: "client",
+        to: "web",
+        ipv6: false,
+        tool: Tool::Curl,
+    },
+    Flow {
+        what: "enrolled -> enrolled over IPv6",
+        from: "client",
+        to: "web",
+        ipv6: true,
+        tool: Tool::Curl,
+    },
+    Flow {
+        what: "enrolled -> not enrolled",
+        from: "client",
+        to: "db",
+        ipv6: false,
+        tool: Tool::Python,
+    },
+    Flow {
+        what: "not enrolled -> enrolled",
+        from: "legacy",
+        to: "web",
+        ipv6: false,
+        tool: Tool::Curl,
+    },
+    Flow {
+        what: "not enrolled -> not enrolled",
+        from: "legacy",
+        to: "db",
+        ipv6: false,
+        tool: Tool::Python,
+    },
 ];
 
 fn demo() -> Result<()> {
@@ -88,11 +118,7 @@ fn demo() -> Result<()> {
         NodeSpec::new("node2", &["web", "db"]),
     ]);
     let cluster = Cluster::create("demo", &spec)?;
-    let dir = std::env::temp_dir().join(cluster.prefix());
-    std::fs::create_dir_all(&dir)?;
-    let result = run(&cluster, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    run(&cluster, &cluster.scratch_dir()?)
 }
 
 fn run(cluster: &Cluster, dir: &std::path::Path) -> Result<()> {
@@ -101,7 +127,10 @@ fn run(cluster: &Cluster, dir: &std::path::Path) -> Result<()> {
     }
     let config = dir.join("mesh.yaml");
     mesh::write_config(cluster, &config, &["client", "web"], &Settings::default())?;
-    println!("== enrolling client and web (config {}), starting one agent per node", config.display());
+    println!(
+        "== enrolling client and web (config {}), starting one agent per node",
+        config.display()
+    );
     let agents = [
         Agent::start_ready(cluster, "node1", &config, dir)?,
         Agent::start_ready(cluster, "node2", &config, dir)?,
@@ -164,14 +193,35 @@ fn send(cluster: &Cluster, f: &Flow) -> Result<(bool, String, String)> {
     let host = if f.ipv6 { to.ip6.to_string() } else { to.ip4.to_string() };
     match f.tool {
         Tool::Curl => {
-            let url = if f.ipv6 { format!("http://[{host}]:8080/") } else { format!("http://{host}:8080/") };
+            let url = if f.ipv6 {
+                format!("http://[{host}]:8080/")
+            } else {
+                format!("http://{host}:8080/")
+            };
             let out = from
                 .try_command("curl")?
-                .args(["-sS", "-g", "-o", "/dev/null", "-w", "HTTP %{http_code} in %{time_total}s", "--max-time", "5"])
+                .args([
+                    "-sS",
+                    "-g",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "HTTP %{http_code} in %{time_total}s",
+                    "--max-time",
+                    "5",
+                ])
                 .arg(&url)
                 .output()?;
-            let detail = format!("curl {url}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr).trim());
-            let dst = if f.ipv6 { format!("[{host}]:8080") } else { format!("{host}:8080") };
+            let detail = format!(
+                "curl {url}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            let dst = if f.ipv6 {
+                format!("[{host}]:8080")
+            } else {
+                format!("{host}:8080")
+            };
             Ok((out.status.success(), detail, dst))
         }
         Tool::Python => {
