@@ -26,11 +26,16 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if let Some(ns) = &cfg.node_netns {
         Netns::open(ns)?.enter_for_good()?;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = match cfg.worker_threads {
+        // One thread that polls epoll and runs the ready task itself: no
+        // cross-thread wake-ups on the forwarding path.
+        0 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+    .context("cannot start the async runtime")?;
     rt.block_on(serve(cfg))
 }
 

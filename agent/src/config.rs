@@ -33,6 +33,8 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     /// How often the enrolment file is checked for changes.
     pub reload_interval: Duration,
+    /// Data-plane threads; 0 runs everything on the main thread.
+    pub worker_threads: usize,
 }
 
 /// Errors in the local enrolment file: each says where and what to fix.

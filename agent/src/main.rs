@@ -87,6 +87,9 @@ struct RunArgs {
     /// How often the enrolment file is re-read.
     #[arg(long, default_value = "1s", value_parser = app::parse_duration)]
     reload_interval: Duration,
+    /// Data-plane threads; 0 = one thread that polls and forwards itself.
+    #[arg(long, env = "AGENT_WORKER_THREADS", default_value_t = 0)]
+    worker_threads: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -136,6 +139,7 @@ fn agent_config(a: RunArgs) -> anyhow::Result<config::AgentConfig> {
         bpf_object: a.bpf_object,
         drain_timeout: a.drain_timeout,
         reload_interval: a.reload_interval,
+        worker_threads: a.worker_threads,
     })
 }
 

@@ -11,6 +11,8 @@ client: connects, reports getpeername()/getsockname() and the server's line.
 Every loop is bounded; output is one JSON object on stdout.
 """
 import argparse
+import hashlib
+import os
 import json
 import socket
 import sys
@@ -87,16 +89,27 @@ def once(a):
     s = connect(a.host, a.port, a.family, a.timeout)
     out = {"peername": addr(s.getpeername()), "sockname": addr(s.getsockname())}
     out["server"] = read_line(s)
-    msg = a.message.encode()
-    s.sendall(msg)
-    s.shutdown(socket.SHUT_WR)
-    echo = b""
+    msg = os.urandom(a.size) if a.size else a.message.encode()
+
+    def send():
+        # Send everything, then half-close: the echo must still come back.
+        s.sendall(msg)
+        s.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    echo = hashlib.sha256()
+    received = 0
     while True:
-        chunk = s.recv(65536)
+        chunk = s.recv(1 << 20)
         if not chunk:
             break
-        echo += chunk
-    out["echo_ok"] = echo == msg
+        echo.update(chunk)
+        received += len(chunk)
+    sender.join()
+    out["sent"] = len(msg)
+    out["echoed"] = received
+    out["echo_ok"] = received == len(msg) and echo.digest() == hashlib.sha256(msg).digest()
     s.close()
     return out
 
@@ -149,6 +162,7 @@ def main():
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--family", choices=["auto", "mapped"], default="auto")
     p.add_argument("--message", default="hello mesh")
+    p.add_argument("--size", type=int, default=0, help="send SIZE random bytes instead of --message")
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--interval", type=float, default=0.05)
     p.add_argument("--timeout", type=float, default=5.0)

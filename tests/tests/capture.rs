@@ -238,6 +238,32 @@ fn cross_node_both_enrolled_is_captured_on_both_sides() -> Result<()> {
     );
     // The destination agent saw the client pod's address as the source.
     assert!(inb[0]["src"].as_str().unwrap().starts_with(&w.ip4("client")), "{inb:?}");
+
+    // A large transfer through both agents, echoed back while the client is
+    // still sending, then a half-close: every byte arrives, in order, once.
+    const SIZE: u64 = 64 << 20;
+    let big = mesh::client(
+        w.cluster.pod("client"),
+        "once",
+        &w.ip6("server"),
+        APP_PORT,
+        &["--size", &SIZE.to_string()],
+    )?;
+    assert!(succeeded(&big) && big["echoed"] == SIZE, "{big}");
+    let dst6 = format!("[{}]:{APP_PORT}", w.ip6("server"));
+    for agent in [&a1, &a2] {
+        let logs = agent.wait_access(WAIT, |l| l.iter().any(|l| l["dst"] == dst6))?;
+        let l = access_to(&logs, &dst6).pop().unwrap();
+        assert_eq!(
+            (l["bytes_sent"].as_u64(), l["result"].as_str()),
+            (Some(SIZE), Some("ok")),
+            "{l}"
+        );
+        assert!(
+            l["bytes_received"].as_u64().unwrap() > SIZE,
+            "echo plus the server's first line: {l}"
+        );
+    }
     Ok(())
 }
 

@@ -1,30 +1,13 @@
 //! One captured connection: find where it was going, connect there from
-//! inside the pod's netns (marked so capture lets it pass), copy both ways,
-//! and write one access-log line when it closes.
-use std::{
-    io::ErrorKind,
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::Instant,
-};
+//! inside the pod's netns (marked so capture lets it pass), forward both ways
+//! (zero-copy, see `splice`), and write one access-log line when it closes.
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use agent_common::AGENT_MARK;
 use socket2::{Domain, Socket, Type};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-        TcpSocket, TcpStream,
-    },
-};
+use tokio::net::{TcpSocket, TcpStream};
 
-use super::{Direction, PodCtx, TrackGuard};
-
-/// Per-direction copy buffer.
-const COPY_BUF: usize = 64 * 1024;
+use super::{splice, Direction, PodCtx, TrackGuard};
 
 pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: SocketAddr, _guard: TrackGuard) {
     let start = Instant::now();
@@ -43,7 +26,8 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: S
     let (result, sent, received) = match connect_from_pod(&ctx, dst).await {
         Ok(upstream) => {
             let _ = upstream.set_nodelay(true);
-            copy(client, upstream).await
+            let c = splice::forward(&client, &upstream).await;
+            (c.result, c.sent, c.received)
         }
         Err(e) => (format!("connect_failed: {e}"), 0, 0),
     };
@@ -85,39 +69,4 @@ async fn connect_from_pod(ctx: &PodCtx, dst: SocketAddr) -> std::io::Result<TcpS
     });
     let sock = sock.map_err(std::io::Error::other)??;
     TcpSocket::from_std_stream(sock.into()).connect(dst).await
-}
-
-/// Copies both ways, passing half-closes on. Returns (result, client->server
-/// bytes, server->client bytes); the counts are right even when a side resets.
-async fn copy(client: TcpStream, upstream: TcpStream) -> (String, u64, u64) {
-    let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (cr, cw) = client.into_split();
-    let (ur, uw) = upstream.into_split();
-    let up = pump(cr, uw, &sent);
-    let down = pump(ur, cw, &received);
-    tokio::pin!(up, down);
-    // When one direction fails the connection is over: stop the other too.
-    let r = tokio::select! {
-        r = &mut up => match r { Ok(()) => down.await, e => e },
-        r = &mut down => match r { Ok(()) => up.await, e => e },
-    };
-    let result = match r {
-        Ok(()) => "ok".to_string(),
-        Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => "reset".to_string(),
-        Err(e) => format!("error: {e}"),
-    };
-    (result, sent.load(Ordering::Relaxed), received.load(Ordering::Relaxed))
-}
-
-/// One direction: read until EOF, write everything, then half-close.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, count: &AtomicU64) -> std::io::Result<()> {
-    let mut buf = vec![0u8; COPY_BUF];
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            return to.shutdown().await;
-        }
-        to.write_all(&buf[..n]).await?;
-        count.fetch_add(n as u64, Ordering::Relaxed);
-    }
 }

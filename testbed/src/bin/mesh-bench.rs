@@ -220,6 +220,11 @@ fn run(cluster: &Cluster, dir: &Path, opts: &Opts, started: Instant) -> Result<(
         )?);
     }
 
+    // Idle: enrolled, listening, no traffic yet.
+    let idle_kb = pids
+        .iter()
+        .map(|p| proc_status_kb(*p, "VmRSS"))
+        .collect::<Result<Vec<u64>>>()?;
     let ticks = clock_ticks()?;
     let mut raw: Vec<Value> = Vec::new();
     eprintln!(
@@ -266,7 +271,12 @@ fn run(cluster: &Cluster, dir: &Path, opts: &Opts, started: Instant) -> Result<(
         }
         raw.push(rec);
     }
-    let capture = verify_capture(&agents, &routes, opts.rounds)?;
+    let peak_kb = pids
+        .iter()
+        .map(|p| proc_status_kb(*p, "VmHWM"))
+        .collect::<Result<Vec<u64>>>()?;
+    let mut capture = verify_capture(&agents, &routes, opts.rounds)?;
+    capture["agent_rss_kb"] = json!({ "idle": idle_kb, "peak": peak_kb });
     drop(servers);
     for a in &mut agents {
         if let Err(e) = a.terminate() {
@@ -327,6 +337,20 @@ fn report(opts: &Opts, raw: &[Value], capture: Value, started: Instant) -> Resul
         table.push_str(&format!("| {label} | {d:.decimals$} | {m:.decimals$} | {ratio} |\n"));
         summary[key.replace('/', "_")] = json!({ "direct": d, "mesh": m });
     }
+    let mb = |k: &str| {
+        let v: Vec<String> = capture["agent_rss_kb"][k]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|kb| format!("{:.1}", kb.as_f64().unwrap_or(0.0) / 1024.0))
+            .collect();
+        v.join(" / ")
+    };
+    table.push_str(&format!(
+        "| agent RSS idle / peak (MB, node1 / node2) | | {} ; {} | |\n",
+        mb("idle"),
+        mb("peak")
+    ));
     let busy_d = median_of(raw, "/direct/bulk/host_busy_pct");
     let busy_m = median_of(raw, "/mesh/bulk/host_busy_pct");
     let elapsed = started.elapsed().as_secs_f64();
@@ -391,10 +415,13 @@ fn verify_capture(agents: &[Agent], routes: &[Route], rounds: usize) -> Result<V
             .collect();
         // A connection the agent could not forward (connect_failed, no original
         // destination) or saw the wrong way round means the path was broken.
-        // `error: ...` (reset, broken pipe) at the end is normal: sockperf and
-        // iperf3 close with data in flight.
-        let forwarded =
-            |l: &Value| l["result"] == "ok" || l["result"].as_str().is_some_and(|r| r.starts_with("error:"));
+        // `reset` or `error: ...` at the end is normal: sockperf and iperf3
+        // close with data in flight.
+        let forwarded = |l: &Value| {
+            l["result"]
+                .as_str()
+                .is_some_and(|r| !r.starts_with("connect_failed") && r != "no_original_destination")
+        };
         let bad: Vec<&&Value> = mesh_logs
             .iter()
             .filter(|l| !forwarded(l) || l["direction"] != direction)
@@ -673,6 +700,22 @@ fn listening(pid: u32, port: u16) -> bool {
                         == Some(port)
             })
     })
+}
+
+/// A `kB` line of /proc/<pid>/status (VmRSS, VmHWM).
+fn proc_status_kb(pid: u32, field: &str) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .strip_prefix(':')?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 fn clock_ticks() -> Result<f64> {

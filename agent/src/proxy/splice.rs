@@ -1,0 +1,125 @@
+//! Zero-copy forwarding between two TCP sockets: splice(2) moves payload
+//! pages socket -> pipe -> socket inside the kernel, so plain (non-TLS)
+//! traffic never enters user space. Used for the plain forward and, later,
+//! for passthrough to destinations outside the mesh.
+use std::{
+    io::{self, ErrorKind},
+    net::Shutdown,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use tokio::{io::Interest, net::TcpStream};
+
+/// Bytes moved per splice call; the pipe is sized to hold it.
+const CHUNK: usize = 256 * 1024;
+
+/// How a bidirectional forward ended.
+pub struct Copied {
+    /// `ok`, `reset`, or `error: ...`.
+    pub result: String,
+    /// Client -> upstream bytes.
+    pub sent: u64,
+    /// Upstream -> client bytes.
+    pub received: u64,
+}
+
+/// Forwards both ways until both sides have closed, passing half-closes on.
+/// When one direction fails the connection is over and the other stops too.
+pub async fn forward(client: &TcpStream, upstream: &TcpStream) -> Copied {
+    let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+    let up = pump(client, upstream, &sent);
+    let down = pump(upstream, client, &received);
+    tokio::pin!(up, down);
+    let r = tokio::select! {
+        r = &mut up => match r { Ok(()) => down.await, e => e },
+        r = &mut down => match r { Ok(()) => up.await, e => e },
+    };
+    let result = match r {
+        Ok(()) => "ok".to_string(),
+        Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => "reset".to_string(),
+        Err(e) => format!("error: {e}"),
+    };
+    Copied {
+        result,
+        sent: sent.load(Ordering::Relaxed),
+        received: received.load(Ordering::Relaxed),
+    }
+}
+
+/// One direction: splice until EOF, then half-close the destination.
+async fn pump(from: &TcpStream, to: &TcpStream, count: &AtomicU64) -> io::Result<()> {
+    let pipe = Pipe::new()?;
+    loop {
+        let mut queued = retry(from, Interest::READABLE, || {
+            splice(from.as_raw_fd(), pipe.write(), CHUNK)
+        })
+        .await?;
+        if queued == 0 {
+            return socket2::SockRef::from(to).shutdown(Shutdown::Write);
+        }
+        while queued > 0 {
+            let n = retry(to, Interest::WRITABLE, || splice(pipe.read(), to.as_raw_fd(), queued)).await?;
+            queued -= n;
+            count.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs a non-blocking syscall on `sock` whenever it is ready for `interest`.
+async fn retry(sock: &TcpStream, interest: Interest, mut op: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
+    loop {
+        sock.ready(interest).await?;
+        match sock.try_io(interest, &mut op) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: valid fds, no offsets (both ends are a socket or a pipe).
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// A non-blocking pipe between the two splices of one direction.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let mut fds = [0; 2];
+        // SAFETY: fds is a valid out-array of two ints.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 returned two fresh descriptors we now own.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // A bigger pipe moves more per syscall; the default (64 KiB) still works.
+        // SAFETY: fcntl on a pipe we own.
+        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+        Ok(Self { read, write })
+    }
+    fn read(&self) -> RawFd {
+        self.read.as_raw_fd()
+    }
+    fn write(&self) -> RawFd {
+        self.write.as_raw_fd()
+    }
+}
