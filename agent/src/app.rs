@@ -11,6 +11,7 @@ use tokio::{
 use crate::{
     capture::Capture,
     config::{AgentConfig, LocalConfig},
+    identity::SecretManager,
     inpod::InPod,
     netns::Netns,
     proxy::Tracker,
@@ -63,6 +64,14 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
         shutdown,
     );
     inpod.apply(&good)?;
+    let mut secrets = match &cfg.ca {
+        Some(ca) => Some(SecretManager::new(mesh::ca::CaClient::new(ca)?, cfg.cert_lifetime)),
+        None => {
+            tracing::warn!("no --ca-address: capture only, without workload identities");
+            None
+        }
+    };
+    sync_identities(&cfg, &inpod, &mut secrets);
     tracing::info!(node = %cfg.node, enrolled = ?inpod.enrolled().collect::<Vec<_>>(), "agent ready");
 
     let mut term = signal(SignalKind::terminate())?;
@@ -70,7 +79,10 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(cfg.reload_interval);
     loop {
         tokio::select! {
-            _ = tick.tick() => reload(&cfg, &mut seen, &mut good, &mut inpod),
+            _ = tick.tick() => {
+                reload(&cfg, &mut seen, &mut good, &mut inpod);
+                sync_identities(&cfg, &inpod, &mut secrets);
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -85,6 +97,13 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     let left = tracker.drain(cfg.drain_timeout).await;
     tracing::info!(left_open = left, "agent stopped");
     Ok(())
+}
+
+/// Certificates for exactly the service accounts of the enrolled pods.
+fn sync_identities(cfg: &AgentConfig, inpod: &InPod, secrets: &mut Option<SecretManager>) {
+    if let Some(s) = secrets {
+        s.set_wanted(&inpod.identities(&cfg.trust_domain));
+    }
 }
 
 /// Re-reads the config file; a bad file is reported and the last good
@@ -115,7 +134,7 @@ fn reload(cfg: &AgentConfig, seen: &mut String, good: &mut LocalConfig, inpod: &
     }
 }
 
-/// Parses `500ms`, `30s`, `2m`.
+/// Parses `500ms`, `30s`, `2m`, `24h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit())
@@ -128,7 +147,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("`{s}`: unknown unit `{unit}`; use ms, s or m")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("`{s}`: unknown unit `{unit}`; use ms, s, m or h")),
     }
 }
 
@@ -141,6 +161,7 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("3h").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert!(parse_duration("3d").unwrap_err().contains("unknown unit"));
     }
 }

@@ -35,6 +35,12 @@ pub struct AgentConfig {
     pub reload_interval: Duration,
     /// Data-plane threads; 0 runs everything on the main thread.
     pub worker_threads: usize,
+    /// Trust domain of workload identities (`spiffe://<td>/ns/<ns>/sa/<sa>`).
+    pub trust_domain: String,
+    /// The CA and this node's credential; `None` runs capture without identities.
+    pub ca: Option<mesh::ca::CaClientConfig>,
+    /// Requested lifetime of workload certificates (the CA may cap it).
+    pub cert_lifetime: Duration,
 }
 
 /// Errors in the local enrolment file: each says where and what to fix.

@@ -62,6 +62,14 @@ impl InPod {
         self.pods.keys().map(String::as_str)
     }
 
+    /// The identities of the enrolled pods.
+    pub fn identities(&self, trust_domain: &str) -> std::collections::BTreeSet<mesh::identity::SpiffeId> {
+        self.pods
+            .values()
+            .map(|e| mesh::identity::SpiffeId::new(trust_domain, &e.spec.namespace, &e.spec.service_account))
+            .collect()
+    }
+
     pub fn capture(&self) -> &Capture {
         &self.capture
     }

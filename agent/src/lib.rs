@@ -1,8 +1,10 @@
 //! The per-node mesh agent (our ztunnel): eBPF in-pod capture today, HBONE
 //! mTLS next. `main.rs` is the command line; `app` wires the pieces.
 pub mod app;
+pub mod ca;
 pub mod capture;
 pub mod config;
+pub mod identity;
 pub mod inpod;
 pub mod netns;
 pub mod proxy;

@@ -28,7 +28,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Cmd {
     /// Capture the enrolled pods of this node and carry their traffic.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Stop capturing one pod at once, with or without a running agent.
     Unenroll {
         #[command(flatten)]
@@ -50,6 +50,77 @@ enum Cmd {
         #[command(flatten)]
         pins: PinArgs,
     },
+    /// The mesh certificate authority (Istio's certificate API over mTLS).
+    #[command(subcommand)]
+    Ca(CaCmd),
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create a root, the CA's serving certificate and a credential per node (keys 0600).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = mesh::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// A node to create a credential for (repeat).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+    },
+    /// Serve certificates to node agents for the pods on their node.
+    Serve {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The pod list (enrolment file) that says which pods run on which node.
+        #[arg(long, env = "AGENT_CONFIG")]
+        config: PathBuf,
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        listen: std::net::SocketAddr,
+        /// Network namespace to serve in (default: the current one).
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        #[arg(long, default_value = "24h", value_parser = app::parse_duration)]
+        max_cert_lifetime: Duration,
+    },
+    /// Ask the CA for one certificate as a node would and print it (never the key).
+    Request {
+        #[command(flatten)]
+        ca: CaArgs,
+        /// The workload identity, spiffe://<td>/ns/<ns>/sa/<sa>.
+        #[arg(long)]
+        id: String,
+        #[arg(long, default_value = "1h", value_parser = app::parse_duration)]
+        lifetime: Duration,
+    },
+}
+
+/// How a node agent reaches the CA.
+#[derive(Args)]
+struct CaArgs {
+    /// The CA, e.g. https://10.0.0.1:15012.
+    #[arg(long = "ca-address", env = "AGENT_CA_ADDRESS")]
+    address: Option<String>,
+    /// The mesh root certificate.
+    #[arg(long = "ca-root", env = "AGENT_CA_ROOT")]
+    root: Option<PathBuf>,
+    /// This node's credential (certificate and key), from `agent ca init`.
+    #[arg(long, env = "AGENT_NODE_CERT")]
+    node_cert: Option<PathBuf>,
+    #[arg(long, env = "AGENT_NODE_KEY")]
+    node_key: Option<PathBuf>,
+}
+
+impl CaArgs {
+    fn resolve(self) -> anyhow::Result<Option<mesh::ca::CaClientConfig>> {
+        let Some(address) = self.address else { return Ok(None) };
+        let need = |v: Option<PathBuf>, flag: &str| v.with_context(|| format!("--ca-address needs {flag}"));
+        Ok(Some(mesh::ca::CaClientConfig {
+            address,
+            root_cert: need(self.root, "--ca-root")?,
+            node_cert: need(self.node_cert, "--node-cert")?,
+            node_key: need(self.node_key, "--node-key")?,
+        }))
+    }
 }
 
 #[derive(Args)]
@@ -90,13 +161,20 @@ struct RunArgs {
     /// Data-plane threads; 0 = one thread that polls and forwards itself.
     #[arg(long, env = "AGENT_WORKER_THREADS", default_value_t = 0)]
     worker_threads: usize,
+    #[arg(long, env = "AGENT_TRUST_DOMAIN", default_value = mesh::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    #[command(flatten)]
+    ca: CaArgs,
+    /// Requested lifetime of workload certificates (renewed at half-life).
+    #[arg(long, default_value = "24h", value_parser = app::parse_duration)]
+    cert_lifetime: Duration,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.cmd {
-        Cmd::Run(a) => app::run(agent_config(a)?),
+        Cmd::Run(a) => app::run(agent_config(*a)?),
         Cmd::Unenroll { pins, config, pod } => {
             let cfg = config::LocalConfig::load(&config)?;
             let spec = cfg
@@ -114,9 +192,44 @@ fn main() -> anyhow::Result<()> {
             tracing::info!(removed, "capture removed from this node");
             Ok(())
         }
+        Cmd::Ca(cmd) => ca_command(cmd),
         Cmd::Status { pins } => {
             let s = capture::status(&pins.bpffs, &pins.pin_name)?;
             println!("{}", serde_json::to_string_pretty(&s)?);
+            Ok(())
+        }
+    }
+}
+
+fn ca_command(cmd: CaCmd) -> anyhow::Result<()> {
+    match cmd {
+        CaCmd::Init {
+            dir,
+            trust_domain,
+            nodes,
+        } => {
+            mesh::ca::CaFiles::new(&dir).init(&trust_domain, &nodes)?;
+            tracing::info!(dir = %dir.display(), trust_domain = %trust_domain, nodes = ?nodes, "CA created");
+            Ok(())
+        }
+        CaCmd::Serve {
+            dir,
+            config,
+            listen,
+            netns,
+            max_cert_lifetime,
+        } => {
+            if let Some(ns) = netns {
+                Netns::open(&ns)?.enter_for_good()?;
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(agent::ca::serve(&dir, config, listen, max_cert_lifetime))
+        }
+        CaCmd::Request { ca, id, lifetime } => {
+            let cfg = ca.resolve()?.context("--ca-address is required")?;
+            let id: mesh::identity::SpiffeId = id.parse()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            print!("{}", rt.block_on(agent::ca::request(&cfg, &id, lifetime))?);
             Ok(())
         }
     }
@@ -140,6 +253,9 @@ fn agent_config(a: RunArgs) -> anyhow::Result<config::AgentConfig> {
         drain_timeout: a.drain_timeout,
         reload_interval: a.reload_interval,
         worker_threads: a.worker_threads,
+        trust_domain: a.trust_domain,
+        ca: a.ca.resolve()?,
+        cert_lifetime: a.cert_lifetime,
     })
 }
 

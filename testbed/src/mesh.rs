@@ -338,3 +338,73 @@ pub fn client_report(child: Child) -> Result<Value> {
         )
     })
 }
+
+/// A running `agent ca serve` on a node, with its CA directory made by `agent ca init`.
+pub struct MeshCa {
+    pub dir: PathBuf,
+    /// `https://<node link IP>:15012`.
+    pub address: String,
+    child: Child,
+}
+
+impl MeshCa {
+    /// Creates the CA (root, server certificate, a credential per node) in
+    /// `dir` and serves it in `node`'s netns, deciding from `config`.
+    pub fn start(cluster: &Cluster, node: &str, dir: &Path, config: &Path) -> Result<MeshCa> {
+        let mut init = vec![
+            "ca".to_string(),
+            "init".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+        ];
+        for n in cluster.nodes() {
+            init.extend(["--node".to_string(), n.name.clone()]);
+        }
+        agent_cli(&init.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let n = cluster.node(node);
+        let listen = format!("{}:15012", n.link_ip4);
+        let log = fs::File::create(dir.join("ca.log"))?;
+        let child = n
+            .try_command(binary("agent")?)?
+            .args(["--log-format", "json", "ca", "serve", "--listen", &listen])
+            .arg("--dir")
+            .arg(dir)
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        Ok(MeshCa {
+            dir: dir.to_owned(),
+            address: format!("https://{listen}"),
+            child,
+        })
+    }
+
+    /// The `agent run`/`agent ca request` flags for `node`'s credential.
+    pub fn client_args(&self, node: &str) -> Vec<String> {
+        let creds = self.dir.join("nodes").join(node);
+        vec![
+            "--ca-address".into(),
+            self.address.clone(),
+            "--ca-root".into(),
+            self.dir.join("root-cert.pem").display().to_string(),
+            "--node-cert".into(),
+            creds.join("cert.pem").display().to_string(),
+            "--node-key".into(),
+            creds.join("key.pem").display().to_string(),
+        ]
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("ca.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for MeshCa {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -25,6 +25,9 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "tcpdump",
     "bpftool",
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    "openssl",
     "iperf3",
     "sockperf",
 ];

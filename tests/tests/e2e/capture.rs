@@ -1,14 +1,5 @@
-//! End-to-end tests of transparent capture: real agents, real eBPF programs,
-//! real sockets in throwaway network namespaces and cgroups (root needed).
-//!
-//! Every test builds its own cluster:
-//!   node1: client (enrolled), outsider (not enrolled)
-//!   node2: server (enrolled), backend (not enrolled)
-//! and tears it down (namespaces, cgroups, pins, processes) even on failure.
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+//! Transparent capture (issue #2).
+use std::{path::Path, time::Duration};
 
 use anyhow::Result;
 use serde_json::Value;
@@ -17,57 +8,7 @@ use testbed::{
     Cluster, ClusterSpec, NodeSpec,
 };
 
-const ENROLLED: &[&str] = &["client", "server"];
-const APP_PORT: u16 = 8080;
-const WAIT: Duration = Duration::from_secs(10);
-
-struct World {
-    cluster: Cluster,
-    dir: PathBuf,
-    config: PathBuf,
-}
-
-impl World {
-    fn new(label: &str) -> Result<World> {
-        let spec = ClusterSpec::new(vec![
-            NodeSpec::new("node1", &["client", "outsider"]),
-            NodeSpec::new("node2", &["server", "backend"]),
-        ]);
-        let cluster = Cluster::create(label, &spec)?;
-        let dir = cluster.scratch_dir()?;
-        let config = dir.join("mesh.yaml");
-        mesh::write_config(&cluster, &config, ENROLLED, &Settings::default())?;
-        Ok(World { cluster, dir, config })
-    }
-
-    fn agent(&self, node: &str) -> Result<Agent> {
-        Agent::start_ready(&self.cluster, node, &self.config, &self.dir)
-    }
-
-    fn ip4(&self, pod: &str) -> String {
-        self.cluster.pod(pod).ip4.to_string()
-    }
-
-    fn ip6(&self, pod: &str) -> String {
-        self.cluster.pod(pod).ip6.to_string()
-    }
-
-    fn once(&self, from: &str, host: &str, port: u16) -> Result<Value> {
-        mesh::client(self.cluster.pod(from), "once", host, port, &[])
-    }
-}
-
-fn succeeded(r: &Value) -> bool {
-    r["echo_ok"] == true
-}
-
-fn access_to(logs: &[Value], dst: &str) -> Vec<Value> {
-    logs.iter().filter(|l| l["dst"] == dst).cloned().collect()
-}
-
-fn stat(status: &Value, name: &str) -> u64 {
-    status["stats"][name].as_u64().unwrap_or(0)
-}
+use crate::{access_to, stat, succeeded, World, APP_PORT, ENROLLED, WAIT};
 
 #[test]
 fn outbound_is_captured_transparently_for_ipv4_ipv6_and_mapped() -> Result<()> {

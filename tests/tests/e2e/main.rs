@@ -1,0 +1,70 @@
+//! End-to-end tests: real agents, real eBPF programs, real TLS, real sockets
+//! in throwaway network namespaces and cgroups (root needed). One binary so
+//! the slow tests share one build and one harness.
+//!
+//! Every test builds its own cluster:
+//!   node1: client (enrolled), outsider (not enrolled)
+//!   node2: server (enrolled), backend (not enrolled)
+//! and tears it down (namespaces, cgroups, pins, processes) even on failure.
+mod capture;
+mod identity;
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Result;
+use serde_json::Value;
+use testbed::{
+    mesh::{self, Agent, Settings},
+    Cluster, ClusterSpec, NodeSpec,
+};
+
+pub const ENROLLED: &[&str] = &["client", "server"];
+pub const APP_PORT: u16 = 8080;
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct World {
+    pub cluster: Cluster,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+}
+
+impl World {
+    pub fn new(label: &str) -> Result<World> {
+        let spec = ClusterSpec::new(vec![
+            NodeSpec::new("node1", &["client", "outsider"]),
+            NodeSpec::new("node2", &["server", "backend"]),
+        ]);
+        let cluster = Cluster::create(label, &spec)?;
+        let dir = cluster.scratch_dir()?;
+        let config = dir.join("mesh.yaml");
+        mesh::write_config(&cluster, &config, ENROLLED, &Settings::default())?;
+        Ok(World { cluster, dir, config })
+    }
+
+    pub fn agent(&self, node: &str) -> Result<Agent> {
+        Agent::start_ready(&self.cluster, node, &self.config, &self.dir)
+    }
+
+    pub fn ip4(&self, pod: &str) -> String {
+        self.cluster.pod(pod).ip4.to_string()
+    }
+
+    pub fn ip6(&self, pod: &str) -> String {
+        self.cluster.pod(pod).ip6.to_string()
+    }
+
+    pub fn once(&self, from: &str, host: &str, port: u16) -> Result<Value> {
+        mesh::client(self.cluster.pod(from), "once", host, port, &[])
+    }
+}
+
+pub fn succeeded(r: &Value) -> bool {
+    r["echo_ok"] == true
+}
+
+pub fn access_to(logs: &[Value], dst: &str) -> Vec<Value> {
+    logs.iter().filter(|l| l["dst"] == dst).cloned().collect()
+}
+
+pub fn stat(status: &Value, name: &str) -> u64 {
+    status["stats"][name].as_u64().unwrap_or(0)
+}
