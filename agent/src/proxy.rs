@@ -11,7 +11,6 @@
 //! connections still queued on a closing listener to its successor.
 //! The HBONE issue replaces `forward` with the mTLS tunnel.
 pub mod conn;
-pub mod splice;
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},

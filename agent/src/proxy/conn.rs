@@ -7,7 +7,9 @@ use agent_common::AGENT_MARK;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::{splice, Direction, PodCtx, TrackGuard};
+use mesh::splice;
+
+use super::{Direction, PodCtx, TrackGuard};
 
 pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: SocketAddr, _guard: TrackGuard) {
     let start = Instant::now();

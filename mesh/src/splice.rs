@@ -1,7 +1,8 @@
 //! Zero-copy forwarding between two TCP sockets: splice(2) moves payload
 //! pages socket -> pipe -> socket inside the kernel, so plain (non-TLS)
-//! traffic never enters user space. Used for the plain forward and, later,
-//! for passthrough to destinations outside the mesh.
+//! traffic never enters user space. Used for passthrough to destinations
+//! outside the mesh. Also the shared vocabulary of how a forwarded
+//! connection ended ([`Copied`], [`both`]).
 use std::{
     io::{self, ErrorKind},
     net::Shutdown,
@@ -28,22 +29,34 @@ pub struct Copied {
 /// When one direction fails the connection is over and the other stops too.
 pub async fn forward(client: &TcpStream, upstream: &TcpStream) -> Copied {
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
-    let up = pump(client, upstream, &sent);
-    let down = pump(upstream, client, &received);
+    let r = both(pump(client, upstream, &sent), pump(upstream, client, &received)).await;
+    Copied::new(r, &sent, &received)
+}
+
+/// Runs two directions of one connection; the first failure ends both.
+pub async fn both(
+    up: impl std::future::Future<Output = io::Result<()>>,
+    down: impl std::future::Future<Output = io::Result<()>>,
+) -> io::Result<()> {
     tokio::pin!(up, down);
-    let r = tokio::select! {
+    tokio::select! {
         r = &mut up => match r { Ok(()) => down.await, e => e },
         r = &mut down => match r { Ok(()) => up.await, e => e },
-    };
-    let result = match r {
-        Ok(()) => "ok".to_string(),
-        Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => "reset".to_string(),
-        Err(e) => format!("error: {e}"),
-    };
-    Copied {
-        result,
-        sent: sent.load(Ordering::Relaxed),
-        received: received.load(Ordering::Relaxed),
+    }
+}
+
+impl Copied {
+    pub fn new(r: io::Result<()>, sent: &AtomicU64, received: &AtomicU64) -> Self {
+        let result = match r {
+            Ok(()) => "ok".to_string(),
+            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => "reset".to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        Copied {
+            result,
+            sent: sent.load(Ordering::Relaxed),
+            received: received.load(Ordering::Relaxed),
+        }
     }
 }
 

@@ -1,0 +1,334 @@
+//! HBONE: one HTTP/2 `CONNECT` stream per proxied TCP connection, inside
+//! mutual TLS to port 15008, wire-compatible with Istio's ztunnel.
+//!
+//! `:authority` is the final destination `ip:port`; the response is 200 only
+//! after the destination side authorized the peer and reached the
+//! application (400 malformed or not for this pod, 401 denied, 503 upstream
+//! unreachable); then bytes flow as DATA frames, END_STREAM is a half-close.
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
+use rustls::{pki_types::ServerName, ClientConfig, ServerConfig};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpStream,
+    },
+};
+
+use crate::{
+    identity::SpiffeId,
+    splice::{both, Copied},
+    tls,
+};
+
+pub const HBONE_PORT: u16 = 15008;
+
+// Flow-control windows and frame size, as ztunnel uses.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+const MAX_FRAME: u32 = 1 << 20;
+/// Read buffers start small and grow with the stream (ztunnel's steps).
+const BUF_STEPS: [(u64, usize); 3] = [(0, 1 << 10), (128 << 10, 16 << 10), (10 << 20, 256 << 10)];
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("TLS handshake with {peer} failed: {source}")]
+    Tls { peer: SocketAddr, source: io::Error },
+    #[error("HTTP/2 with {peer}: {source}")]
+    H2 { peer: SocketAddr, source: h2::Error },
+    #[error("{peer} answered CONNECT {authority} with {status}")]
+    Status {
+        peer: SocketAddr,
+        authority: SocketAddr,
+        status: StatusCode,
+    },
+    #[error("{0}")]
+    Tls2(#[from] tls::TlsError),
+}
+
+/// What the source side puts on a CONNECT.
+#[derive(Debug, Clone)]
+pub struct ConnectHeaders {
+    /// Final destination (`:authority`).
+    pub authority: SocketAddr,
+    /// The original client, for `forwarded: for="..."`.
+    pub client: SocketAddr,
+    /// `baggage` (k8s.namespace.name=..., etc.).
+    pub baggage: String,
+}
+
+/// An open tunnel stream.
+pub struct Tunnel {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// The server's verified identity.
+    pub peer: Option<SpiffeId>,
+}
+
+/// Opens a TLS connection over `tcp` and a CONNECT stream on it.
+pub async fn connect(tcp: TcpStream, tls: Arc<ClientConfig>, headers: &ConnectHeaders) -> Result<Tunnel, HboneError> {
+    let peer = tcp.peer_addr().map_err(|source| HboneError::Tls {
+        peer: headers.authority,
+        source,
+    })?;
+    // No SNI is sent (enable_sni = false); the name only satisfies the API.
+    let name = ServerName::IpAddress(peer.ip().into());
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|source| HboneError::Tls { peer, source })?;
+    let identity = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| tls::peer_identity(c));
+    let h2err = |source| HboneError::H2 { peer, source };
+    let (send_request, conn) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .map_err(h2err)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "HBONE connection ended");
+        }
+    });
+    let mut send_request = send_request.ready().await.map_err(h2err)?;
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(headers.authority.to_string())
+        .header("forwarded", format!("for=\"{}\"", headers.client))
+        .header("baggage", &headers.baggage)
+        .header("traceparent", traceparent())
+        .body(())
+        .expect("valid request");
+    let (response, send) = send_request.send_request(req, false).map_err(h2err)?;
+    let response = response.await.map_err(h2err)?;
+    if response.status() != StatusCode::OK {
+        return Err(HboneError::Status {
+            peer,
+            authority: headers.authority,
+            status: response.status(),
+        });
+    }
+    Ok(Tunnel {
+        send,
+        recv: response.into_body(),
+        peer: identity,
+    })
+}
+
+/// `00-<trace id>-<span id>-00`, fresh per connection.
+fn traceparent() -> String {
+    let (t, s): (u128, u64) = (rand::random(), rand::random());
+    format!("00-{t:032x}-{s:016x}-00")
+}
+
+impl Tunnel {
+    /// Copies between the tunnel and `tcp` until both directions are done.
+    /// `sent` counts tcp -> tunnel bytes.
+    pub async fn bridge(self, tcp: TcpStream) -> Copied {
+        bridge(self.send, self.recv, tcp).await
+    }
+}
+
+async fn bridge(send: SendStream<Bytes>, recv: RecvStream, tcp: TcpStream) -> Copied {
+    let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (rd, wr) = tcp.into_split();
+    let r = both(tcp_to_h2(rd, send, &sent), h2_to_tcp(recv, wr, &received)).await;
+    Copied::new(r, &sent, &received)
+}
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io().unwrap_or_else(|| io::Error::other("h2"))
+    } else if e.reason() == Some(h2::Reason::CANCEL) || e.reason() == Some(h2::Reason::CONNECT_ERROR) {
+        io::Error::new(io::ErrorKind::ConnectionReset, e)
+    } else {
+        io::Error::other(e)
+    }
+}
+
+/// TCP -> DATA frames; the read buffer is handed to h2 without a copy.
+async fn tcp_to_h2(mut rd: OwnedReadHalf, mut send: SendStream<Bytes>, count: &AtomicU64) -> io::Result<()> {
+    let mut buf = BytesMut::new();
+    loop {
+        let total = count.load(Ordering::Relaxed);
+        let size = BUF_STEPS
+            .iter()
+            .rev()
+            .find(|(after, _)| total >= *after)
+            .map_or(1 << 10, |s| s.1);
+        buf.reserve(size);
+        let n = rd.read_buf(&mut buf).await?;
+        if n == 0 {
+            return send.send_data(Bytes::new(), true).map_err(h2_io);
+        }
+        let mut chunk = buf.split().freeze();
+        while !chunk.is_empty() {
+            send.reserve_capacity(chunk.len());
+            let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
+                .await
+                .ok_or_else(|| io::Error::new(io::ErrorKind::ConnectionReset, "tunnel stream closed"))?
+                .map_err(h2_io)?;
+            let part = chunk.split_to(granted.min(chunk.len()));
+            let len = part.len() as u64;
+            send.send_data(part, false).map_err(h2_io)?;
+            count.fetch_add(len, Ordering::Relaxed);
+        }
+    }
+}
+
+/// DATA frames -> TCP; END_STREAM becomes a half-close.
+async fn h2_to_tcp(mut recv: RecvStream, mut wr: OwnedWriteHalf, count: &AtomicU64) -> io::Result<()> {
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(h2_io)?;
+        wr.write_all(&chunk).await?;
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        count.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
+    wr.shutdown().await
+}
+
+/// What the destination side learns about an incoming CONNECT.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub authority: SocketAddr,
+    /// The client's verified SPIFFE ID.
+    pub peer: SpiffeId,
+    /// The TCP peer (the source node/pod address).
+    pub remote: SocketAddr,
+    /// `forwarded: for=` if given.
+    pub forwarded_for: Option<String>,
+}
+
+/// Why a CONNECT was refused: the status to answer and a reason to log.
+pub struct Refusal {
+    pub status: StatusCode,
+    pub reason: String,
+}
+
+/// Terminates TLS on an accepted 15008 connection and serves its CONNECT
+/// streams. For each, `open` authorizes and connects to the application;
+/// `done` gets the outcome when the stream ends.
+pub async fn serve<O, F, D>(tcp: TcpStream, tls: Arc<ServerConfig>, open: O, done: D) -> Result<(), HboneError>
+where
+    O: Fn(Inbound) -> F + Clone + Send + 'static,
+    F: Future<Output = Result<TcpStream, Refusal>> + Send,
+    D: Fn(Inbound, Result<Copied, Refusal>) + Clone + Send + Sync + 'static,
+{
+    let remote = tcp.peer_addr().map_err(|source| HboneError::Tls {
+        peer: "0.0.0.0:0".parse().expect("addr"),
+        source,
+    })?;
+    let stream = tokio_rustls::TlsAcceptor::from(tls)
+        .accept(tcp)
+        .await
+        .map_err(|source| HboneError::Tls { peer: remote, source })?;
+    let peer = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| tls::peer_identity(c))
+        .ok_or_else(|| HboneError::Tls {
+            peer: remote,
+            source: io::Error::other("client has no SPIFFE identity"),
+        })?;
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .map_err(|source| HboneError::H2 { peer: remote, source })?;
+    while let Some(next) = conn.accept().await {
+        let (req, mut respond) = match next {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(HboneError::H2 {
+                    peer: remote,
+                    source: e,
+                })
+            }
+        };
+        let (open, done, peer) = (open.clone(), done.clone(), peer.clone());
+        tokio::spawn(async move {
+            let parsed = parse_connect(&req);
+            let inbound = match parsed {
+                Ok(authority) => Inbound {
+                    authority,
+                    peer,
+                    remote,
+                    forwarded_for: req
+                        .headers()
+                        .get("forwarded")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string),
+                },
+                Err(refusal) => {
+                    let _ = respond.send_response(status(refusal.status), true);
+                    tracing::warn!(remote = %remote, reason = %refusal.reason, "bad HBONE request");
+                    return;
+                }
+            };
+            match open(inbound.clone()).await {
+                Ok(upstream) => match respond.send_response(status(StatusCode::OK), false) {
+                    Ok(send) => {
+                        let copied = bridge(send, req.into_body(), upstream).await;
+                        done(inbound, Ok(copied));
+                    }
+                    Err(e) => done(
+                        inbound,
+                        Err(Refusal {
+                            status: StatusCode::OK,
+                            reason: format!("stream reset: {e}"),
+                        }),
+                    ),
+                },
+                Err(refusal) => {
+                    let _ = respond.send_response(status(refusal.status), true);
+                    done(inbound, Err(refusal));
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn status(code: StatusCode) -> Response<()> {
+    Response::builder().status(code).body(()).expect("valid response")
+}
+
+fn parse_connect(req: &Request<RecvStream>) -> Result<SocketAddr, Refusal> {
+    let bad = |reason: String| Refusal {
+        status: StatusCode::BAD_REQUEST,
+        reason,
+    };
+    if req.method() != Method::CONNECT {
+        return Err(bad(format!("method {} is not CONNECT", req.method())));
+    }
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .unwrap_or_default();
+    authority
+        .parse()
+        .map_err(|_| bad(format!("authority `{authority}` is not ip:port")))
+}
