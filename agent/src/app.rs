@@ -14,8 +14,10 @@ use crate::{
     identity::SecretManager,
     inpod::InPod,
     netns::Netns,
-    proxy::Tracker,
+    proxy::{MeshCtx, Tracker},
+    state::Workloads,
 };
+use mesh::tls::Roots;
 
 /// The kernel programs, embedded by build.rs (empty when not built).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
@@ -55,23 +57,28 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let tracker = Arc::new(Tracker::default());
-    let mut inpod = InPod::new(
-        cfg.node.clone(),
-        &cfg.cgroup_parent,
-        capture,
-        orig,
-        tracker.clone(),
-        shutdown,
-    );
-    inpod.apply(&good)?;
-    let mut secrets = match &cfg.ca {
-        Some(ca) => Some(SecretManager::new(mesh::ca::CaClient::new(ca)?, cfg.cert_lifetime)),
+    let workloads = Workloads::default();
+    workloads.update(&good, &cfg.trust_domain);
+    let (mut secrets, mesh_ctx) = match &cfg.ca {
+        Some(ca) => {
+            let secrets = SecretManager::new(mesh::ca::CaClient::new(ca)?, cfg.cert_lifetime);
+            let roots = std::fs::read_to_string(&ca.root_cert)
+                .with_context(|| format!("cannot read --ca-root {}", ca.root_cert.display()))?;
+            let mesh_ctx = MeshCtx {
+                certs: secrets.store(),
+                roots: Roots::from_pem(&roots)?,
+                workloads: workloads.clone(),
+            };
+            (Some(secrets), Some(Arc::new(mesh_ctx)))
+        }
         None => {
-            tracing::warn!("no --ca-address: capture only, without workload identities");
-            None
+            tracing::warn!("no --ca-address: capture only; connections are forwarded as plain TCP without mTLS");
+            (None, None)
         }
     };
-    sync_identities(&cfg, &inpod, &mut secrets);
+    let mut inpod = InPod::new(&cfg, capture, orig, tracker.clone(), shutdown, mesh_ctx);
+    inpod.apply(&good)?;
+    sync_identities(&inpod, &mut secrets);
     tracing::info!(node = %cfg.node, enrolled = ?inpod.enrolled().collect::<Vec<_>>(), "agent ready");
 
     let mut term = signal(SignalKind::terminate())?;
@@ -80,8 +87,8 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                reload(&cfg, &mut seen, &mut good, &mut inpod);
-                sync_identities(&cfg, &inpod, &mut secrets);
+                reload(&cfg, &mut seen, &mut good, &mut inpod, &workloads);
+                sync_identities(&inpod, &mut secrets);
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -100,15 +107,15 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
 }
 
 /// Certificates for exactly the service accounts of the enrolled pods.
-fn sync_identities(cfg: &AgentConfig, inpod: &InPod, secrets: &mut Option<SecretManager>) {
+fn sync_identities(inpod: &InPod, secrets: &mut Option<SecretManager>) {
     if let Some(s) = secrets {
-        s.set_wanted(&inpod.identities(&cfg.trust_domain));
+        s.set_wanted(&inpod.identities());
     }
 }
 
 /// Re-reads the config file; a bad file is reported and the last good
 /// configuration stays in force. Unchanged files still retry failed pods.
-fn reload(cfg: &AgentConfig, seen: &mut String, good: &mut LocalConfig, inpod: &mut InPod) {
+fn reload(cfg: &AgentConfig, seen: &mut String, good: &mut LocalConfig, inpod: &mut InPod, workloads: &Workloads) {
     let text = match std::fs::read_to_string(&cfg.config_path) {
         Ok(t) => t,
         Err(e) => {
@@ -121,6 +128,7 @@ fn reload(cfg: &AgentConfig, seen: &mut String, good: &mut LocalConfig, inpod: &
         match LocalConfig::parse(&cfg.config_path, seen) {
             Ok(new) => {
                 tracing::info!(path = %cfg.config_path.display(), "configuration reloaded");
+                workloads.update(&new, &cfg.trust_domain);
                 *good = new;
             }
             Err(e) => {

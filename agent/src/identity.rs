@@ -19,6 +19,16 @@ const BACKOFF_MAX: Duration = Duration::from_secs(150);
 
 type Store = Arc<RwLock<HashMap<SpiffeId, Arc<WorkloadCert>>>>;
 
+/// Read access to the current certificates, for the data path.
+#[derive(Clone, Default)]
+pub struct CertStore(Store);
+
+impl CertStore {
+    pub fn get(&self, id: &SpiffeId) -> Option<Arc<WorkloadCert>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+}
+
 /// What the config dump shows of a certificate (never the key).
 #[derive(Debug, serde::Serialize)]
 pub struct CertInfo {
@@ -68,9 +78,9 @@ impl SecretManager {
         }
     }
 
-    /// The current certificate of `id`, if one was issued.
-    pub fn get(&self, id: &SpiffeId) -> Option<Arc<WorkloadCert>> {
-        self.certs.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    /// A handle on the certificates for the data path.
+    pub fn store(&self) -> CertStore {
+        CertStore(self.certs.clone())
     }
 
     pub fn dump(&self) -> Vec<CertInfo> {

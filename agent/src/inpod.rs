@@ -3,7 +3,6 @@
 use std::{
     collections::{BTreeMap, HashSet},
     net::IpAddr,
-    path::Path,
     sync::Arc,
 };
 
@@ -11,9 +10,9 @@ use tokio::sync::watch;
 
 use crate::{
     capture::{Capture, CaptureError, OrigDstTable},
-    config::{LocalConfig, PodSpec},
+    config::{AgentConfig, LocalConfig, PodSpec},
     netns::Netns,
-    proxy::{PodCtx, PodProxy, Tracker},
+    proxy::{MeshCtx, PodCtx, PodProxy, Tracker},
 };
 
 struct Enrolled {
@@ -30,6 +29,8 @@ pub struct InPod {
     orig: Arc<OrigDstTable>,
     tracker: Arc<Tracker>,
     shutdown: watch::Receiver<bool>,
+    mesh: Option<Arc<MeshCtx>>,
+    trust_domain: String,
     pods: BTreeMap<String, Enrolled>,
     next_id: u32,
     /// Last error per pod that could not be enrolled, to log changes only.
@@ -38,20 +39,22 @@ pub struct InPod {
 
 impl InPod {
     pub fn new(
-        node: String,
-        cgroup_parent: &Path,
+        cfg: &AgentConfig,
         capture: Capture,
         orig: OrigDstTable,
         tracker: Arc<Tracker>,
         shutdown: watch::Receiver<bool>,
+        mesh: Option<Arc<MeshCtx>>,
     ) -> Self {
         Self {
-            node,
-            cgroup_parent: cgroup_parent.to_owned(),
+            node: cfg.node.clone(),
+            cgroup_parent: cfg.cgroup_parent.clone(),
             capture,
             orig: Arc::new(orig),
             tracker,
             shutdown,
+            mesh,
+            trust_domain: cfg.trust_domain.clone(),
             pods: BTreeMap::new(),
             next_id: 1,
             failures: BTreeMap::new(),
@@ -63,10 +66,10 @@ impl InPod {
     }
 
     /// The identities of the enrolled pods.
-    pub fn identities(&self, trust_domain: &str) -> std::collections::BTreeSet<mesh::identity::SpiffeId> {
+    pub fn identities(&self) -> std::collections::BTreeSet<mesh::identity::SpiffeId> {
         self.pods
             .values()
-            .map(|e| mesh::identity::SpiffeId::new(trust_domain, &e.spec.namespace, &e.spec.service_account))
+            .map(|e| mesh::identity::SpiffeId::new(&self.trust_domain, &e.spec.namespace, &e.spec.service_account))
             .collect()
     }
 
@@ -140,6 +143,9 @@ impl InPod {
         let netns_cookie = netns.cookie()?;
         let ctx = Arc::new(PodCtx {
             key: spec.key(),
+            identity: mesh::identity::SpiffeId::new(&self.trust_domain, &spec.namespace, &spec.service_account),
+            ips: spec.ips.clone(),
+            mesh: self.mesh.clone(),
             netns,
             netns_cookie,
             orig: self.orig.clone(),
@@ -157,7 +163,8 @@ impl InPod {
     }
 }
 
-/// Whether two specs capture the same way (labels and the like may change in place).
+/// Whether two specs capture the same way (labels and the like may change
+/// in place; a new service account means a new identity, so re-enroll).
 fn same_capture(a: &PodSpec, b: &PodSpec) -> bool {
-    a.netns == b.netns && a.cgroup == b.cgroup && a.ips == b.ips
+    a.netns == b.netns && a.cgroup == b.cgroup && a.ips == b.ips && a.service_account == b.service_account
 }

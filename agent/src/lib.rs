@@ -8,3 +8,4 @@ pub mod identity;
 pub mod inpod;
 pub mod netns;
 pub mod proxy;
+pub mod state;

@@ -22,11 +22,12 @@ use std::{
     time::Duration,
 };
 
-use agent_common::{INBOUND_PORT, OUTBOUND_PORT};
+use agent_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use mesh::{identity::SpiffeId, tls::Roots};
 use socket2::{Domain, Socket, Type};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
-use crate::{capture::OrigDstTable, netns::Netns};
+use crate::{capture::OrigDstTable, identity::CertStore, netns::Netns, state::Workloads};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -77,9 +78,20 @@ impl Drop for TrackGuard {
     }
 }
 
+/// Mesh identity for the data path: present when the agent has a CA.
+pub struct MeshCtx {
+    pub certs: CertStore,
+    pub roots: Roots,
+    pub workloads: Workloads,
+}
+
 /// What a connection handler needs to know about its pod.
 pub struct PodCtx {
     pub key: String,
+    pub identity: SpiffeId,
+    pub ips: Vec<std::net::IpAddr>,
+    /// `None`: capture only (no --ca-address), connections are forwarded as plain TCP.
+    pub mesh: Option<Arc<MeshCtx>>,
     pub netns: Netns,
     pub netns_cookie: u64,
     pub orig: Arc<OrigDstTable>,
@@ -101,13 +113,18 @@ impl PodProxy {
         let out6 = listen(&ctx.netns, SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)))?;
         let inbound = listen(&ctx.netns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_PORT)))?;
         let inbound_fd = inbound.as_raw_fd();
-        let (stop, stopped) = watch::channel(false);
-        let mut tasks = Vec::new();
-        for (l, dir) in [
+        let mut listeners = vec![
             (out4, Direction::Outbound),
             (out6, Direction::Outbound),
             (inbound, Direction::Inbound),
-        ] {
+        ];
+        if ctx.mesh.is_some() {
+            let hbone = listen(&ctx.netns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, HBONE_PORT)))?;
+            listeners.push((hbone, Direction::Hbone));
+        }
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for (l, dir) in listeners {
             tasks.push(tokio::spawn(accept_loop(
                 l,
                 dir,
@@ -141,14 +158,17 @@ impl Drop for PodProxy {
 #[derive(Clone, Copy, Debug)]
 pub enum Direction {
     Outbound,
+    /// Plaintext inbound (15006).
     Inbound,
+    /// HBONE inbound (15008).
+    Hbone,
 }
 
 impl Direction {
     pub fn as_str(self) -> &'static str {
         match self {
             Direction::Outbound => "outbound",
-            Direction::Inbound => "inbound",
+            Direction::Inbound | Direction::Hbone => "inbound",
         }
     }
 }
@@ -165,7 +185,10 @@ async fn accept_loop(
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let guard = ctx.tracker.track();
-                    tokio::spawn(conn::handle(ctx.clone(), dir, stream, peer, guard));
+                    match dir {
+                        Direction::Hbone => tokio::spawn(conn::hbone_inbound(ctx.clone(), stream, guard)),
+                        _ => tokio::spawn(conn::handle(ctx.clone(), dir, stream, peer, guard)),
+                    };
                 }
                 Err(e) => {
                     tracing::warn!(pod = %ctx.key, direction = dir.as_str(), error = %e, "accept failed");

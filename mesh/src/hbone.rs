@@ -215,6 +215,8 @@ pub struct Inbound {
     pub remote: SocketAddr,
     /// `forwarded: for=` if given.
     pub forwarded_for: Option<String>,
+    /// When the CONNECT arrived.
+    pub started: std::time::Instant,
 }
 
 /// Why a CONNECT was refused: the status to answer and a reason to log.
@@ -280,6 +282,7 @@ where
                         .get("forwarded")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_string),
+                    started: std::time::Instant::now(),
                 },
                 Err(refusal) => {
                     let _ = respond.send_response(status(refusal.status), true);

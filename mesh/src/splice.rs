@@ -46,6 +46,15 @@ pub async fn both(
 }
 
 impl Copied {
+    /// A connection that never got to carry bytes.
+    pub fn failed(result: String) -> Self {
+        Copied {
+            result,
+            sent: 0,
+            received: 0,
+        }
+    }
+
     pub fn new(r: io::Result<()>, sent: &AtomicU64, received: &AtomicU64) -> Self {
         let result = match r {
             Ok(()) => "ok".to_string(),

@@ -1,15 +1,47 @@
-//! One captured connection: find where it was going, connect there from
-//! inside the pod's netns (marked so capture lets it pass), forward both ways
-//! (zero-copy, see `splice`), and write one access-log line when it closes.
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+//! One captured connection: find where it was going, carry it there from
+//! inside the pod's netns (marked so capture lets it pass), and write one
+//! access-log line when it closes.
+//!
+//! * Outbound to a mesh pod: HBONE to `<pod IP>:15008` with the source pod's
+//!   identity, accepting only the destination pod's identity.
+//! * Outbound elsewhere, plaintext inbound (15006), or no CA configured:
+//!   plain TCP, forwarded zero-copy (splice).
+//! * HBONE inbound (15008): TLS with the destination pod's identity, CONNECT
+//!   checked, then the application is dialled inside the pod.
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Instant,
+};
 
-use agent_common::AGENT_MARK;
+use agent_common::{AGENT_MARK, HBONE_PORT};
+use http::StatusCode;
+use mesh::{
+    hbone::{self, ConnectHeaders, Inbound, Refusal},
+    splice::{self, Copied},
+    tls,
+};
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
-use mesh::splice;
+use super::{Direction, MeshCtx, PodCtx, TrackGuard};
 
-use super::{Direction, PodCtx, TrackGuard};
+/// How a connection was carried, for the access log.
+struct Outcome {
+    protocol: &'static str,
+    peer_identity: Option<String>,
+    copied: Copied,
+}
+
+impl Outcome {
+    fn failed(protocol: &'static str, result: String) -> Self {
+        Outcome {
+            protocol,
+            peer_identity: None,
+            copied: Copied::failed(result),
+        }
+    }
+}
 
 pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: SocketAddr, _guard: TrackGuard) {
     let start = Instant::now();
@@ -25,26 +57,184 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: S
         return;
     };
     let _ = client.set_nodelay(true);
-    let (result, sent, received) = match connect_from_pod(&ctx, dst).await {
-        Ok(upstream) => {
-            let _ = upstream.set_nodelay(true);
-            let c = splice::forward(&client, &upstream).await;
-            (c.result, c.sent, c.received)
-        }
-        Err(e) => (format!("connect_failed: {e}"), 0, 0),
+    let outcome = match (dir, &ctx.mesh) {
+        (Direction::Outbound, Some(mesh)) => match mesh.workloads.by_ip(dst.ip()) {
+            Some(w) => tunnel(&ctx, mesh, client, peer, dst, w.identity).await,
+            None => plain(&ctx, client, dst).await,
+        },
+        _ => plain(&ctx, client, dst).await,
+    };
+    log_access(&ctx, dir, peer, dst, &outcome, start);
+}
+
+fn log_access(ctx: &PodCtx, dir: Direction, src: SocketAddr, dst: SocketAddr, o: &Outcome, start: Instant) {
+    // Outbound: the peer is the destination; inbound: the source.
+    let (src_identity, dst_identity) = match dir {
+        Direction::Outbound => (Some(ctx.identity.to_string()), o.peer_identity.clone()),
+        _ => (o.peer_identity.clone(), Some(ctx.identity.to_string())),
     };
     tracing::info!(
         target: "access",
         pod = %ctx.key,
         direction = dir.as_str(),
-        src = %peer,
+        protocol = o.protocol,
+        src = %src,
         dst = %dst,
-        bytes_sent = sent,
-        bytes_received = received,
+        src_identity = src_identity.as_deref().unwrap_or(""),
+        dst_identity = dst_identity.as_deref().unwrap_or(""),
+        mtls = o.protocol == "hbone",
+        bytes_sent = o.copied.sent,
+        bytes_received = o.copied.received,
         duration_ms = start.elapsed().as_millis() as u64,
-        result = %result,
+        result = %o.copied.result,
         "connection closed"
     );
+}
+
+async fn plain(ctx: &PodCtx, client: TcpStream, dst: SocketAddr) -> Outcome {
+    match connect_from_pod(ctx, dst).await {
+        Ok(upstream) => {
+            let _ = upstream.set_nodelay(true);
+            Outcome {
+                protocol: "tcp",
+                peer_identity: None,
+                copied: splice::forward(&client, &upstream).await,
+            }
+        }
+        Err(e) => Outcome::failed("tcp", format!("connect_failed: {e}")),
+    }
+}
+
+/// HBONE to the destination pod, as this pod's identity.
+async fn tunnel(
+    ctx: &PodCtx,
+    mesh: &MeshCtx,
+    client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    expected: mesh::identity::SpiffeId,
+) -> Outcome {
+    let Some(cert) = mesh.certs.get(&ctx.identity) else {
+        // Fail closed: no identity yet means no mTLS, and no plaintext either.
+        return Outcome::failed(
+            "hbone",
+            format!("no_certificate: {} has no certificate yet (fail closed)", ctx.identity),
+        );
+    };
+    let cfg = match tls::client_config(&cert, &mesh.roots, vec![expected.clone()]) {
+        Ok(c) => c,
+        Err(e) => return Outcome::failed("hbone", format!("tls_config: {e}")),
+    };
+    let tcp = match connect_from_pod(ctx, SocketAddr::new(dst.ip(), HBONE_PORT)).await {
+        Ok(t) => t,
+        Err(e) => {
+            return Outcome::failed(
+                "hbone",
+                format!("connect_failed: {e} (is port {HBONE_PORT} reachable, e.g. not blocked by a NetworkPolicy?)"),
+            )
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let headers = ConnectHeaders {
+        authority: dst,
+        client: SocketAddr::new(pod_ip_like(ctx, dst.ip()), peer.port()),
+        baggage: format!(
+            "k8s.namespace.name={},k8s.pod.name={}",
+            ctx.identity.namespace,
+            pod_name(&ctx.key)
+        ),
+    };
+    match hbone::connect(tcp, cfg, &headers).await {
+        Ok(t) => {
+            let peer_identity = t.peer.as_ref().map(ToString::to_string);
+            Outcome {
+                protocol: "hbone",
+                peer_identity,
+                copied: t.bridge(client).await,
+            }
+        }
+        Err(e) => Outcome::failed("hbone", format!("tunnel_failed: {e}")),
+    }
+}
+
+fn pod_name(key: &str) -> &str {
+    key.split_once('/').map_or(key, |(_, n)| n)
+}
+
+/// The pod's own address of the same family as `like` (for `forwarded`).
+fn pod_ip_like(ctx: &PodCtx, like: IpAddr) -> IpAddr {
+    ctx.ips
+        .iter()
+        .copied()
+        .find(|i| i.is_ipv4() == like.is_ipv4())
+        .unwrap_or(like)
+}
+
+/// Terminates HBONE on this pod's 15008 listener.
+pub async fn hbone_inbound(ctx: Arc<PodCtx>, tcp: TcpStream, _guard: TrackGuard) {
+    let Some(mesh) = ctx.mesh.clone() else { return };
+    let Some(cert) = mesh.certs.get(&ctx.identity) else {
+        tracing::error!(pod = %ctx.key, identity = %ctx.identity, "HBONE connection refused: no certificate yet (fail closed)");
+        return;
+    };
+    let cfg = match tls::server_config(&cert, &mesh.roots) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(pod = %ctx.key, error = %e, "HBONE connection refused");
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let open = {
+        let ctx = ctx.clone();
+        move |i: Inbound| {
+            let ctx = ctx.clone();
+            async move {
+                // Only connections for this pod: never a relay to elsewhere.
+                if !ctx.ips.contains(&i.authority.ip().to_canonical()) {
+                    return Err(Refusal {
+                        status: StatusCode::BAD_REQUEST,
+                        reason: format!("{} is not an address of pod {}", i.authority, ctx.key),
+                    });
+                }
+                connect_from_pod(&ctx, i.authority).await.map_err(|e| Refusal {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    reason: format!("connect_failed: {e}"),
+                })
+            }
+        }
+    };
+    let done = {
+        let ctx = ctx.clone();
+        move |i: Inbound, r: Result<Copied, Refusal>| {
+            let copied = match r {
+                // The bridge counts app -> tunnel as sent; the access log
+                // counts client -> server, as for every other connection.
+                Ok(c) => Copied {
+                    result: c.result,
+                    sent: c.received,
+                    received: c.sent,
+                },
+                Err(refusal) => Copied::failed(format!("{}: {}", refusal.status.as_u16(), refusal.reason)),
+            };
+            let outcome = Outcome {
+                protocol: "hbone",
+                peer_identity: Some(i.peer.to_string()),
+                copied,
+            };
+            log_access(
+                &ctx,
+                Direction::Hbone,
+                canonical(i.remote),
+                i.authority,
+                &outcome,
+                i.started,
+            );
+        }
+    };
+    if let Err(e) = hbone::serve(tcp, cfg, open, done).await {
+        tracing::warn!(pod = %ctx.key, error = %e, "HBONE connection failed");
+    }
 }
 
 /// Outbound: CONN_ORIG, keyed by the client's address in the pod netns.
@@ -52,7 +242,7 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: S
 fn original_destination(ctx: &PodCtx, dir: Direction, client: &TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
     match dir {
         Direction::Outbound => ctx.orig.lookup(ctx.netns_cookie, peer),
-        Direction::Inbound => client.local_addr().ok().map(canonical),
+        Direction::Inbound | Direction::Hbone => client.local_addr().ok().map(canonical),
     }
 }
 

@@ -7,6 +7,7 @@
 //!   node2: server (enrolled), backend (not enrolled)
 //! and tears it down (namespaces, cgroups, pins, processes) even on failure.
 mod capture;
+mod hbone;
 mod identity;
 use std::{path::PathBuf, time::Duration};
 

@@ -1,0 +1,182 @@
+//! HBONE between two agents (issue #3): pod -> pod across nodes is mutual
+//! TLS with SPIFFE identities; the wire between the nodes never carries the
+//! application's plaintext.
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+use testbed::mesh::{self, Agent, MeshCa, Server};
+
+use crate::{access_to, succeeded, World, APP_PORT, WAIT};
+
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
+const MARKER: &str = "PLAINTEXT-MARKER-7f3a9c";
+
+/// Agents with the CA, each waiting until its pod's certificate is ready.
+fn agents(w: &World, ca: &MeshCa) -> Result<(Agent, Agent)> {
+    let start = |node: &str, id: &str| -> Result<Agent> {
+        let args = ca.client_args(node);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut a = Agent::start(&w.cluster, node, &w.config, &w.dir, &args)?;
+        a.wait_for("agent ready", WAIT)?;
+        a.wait_access(WAIT, |_| {
+            a.logs()
+                .iter()
+                .any(|l| l["message"] == "workload certificate ready" && l["identity"] == id)
+        })?;
+        Ok(a)
+    };
+    Ok((start("node1", CLIENT_ID)?, start("node2", SERVER_ID)?))
+}
+
+/// tcpdump on the wire between the nodes; stopped (SIGINT) on `stop`.
+struct Capture {
+    child: std::process::Child,
+    file: std::path::PathBuf,
+}
+
+impl Capture {
+    fn start(w: &World) -> Result<Capture> {
+        let file = w.dir.join("wire.pcap");
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                w.cluster.wire_netns(),
+                "tcpdump",
+                "-i",
+                "br0",
+                "-U",
+                "-n",
+                "-w",
+            ])
+            .arg(&file)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        // tcpdump says "listening on br0" once it captures.
+        let mut line = String::new();
+        let deadline = Instant::now() + WAIT;
+        let mut err = BufReader::new(child.stderr.take().expect("piped"));
+        while !line.contains("listening on") {
+            line.clear();
+            if err.read_line(&mut line)? == 0 || Instant::now() > deadline {
+                bail!("tcpdump did not start: {line}");
+            }
+        }
+        Ok(Capture { child, file })
+    }
+
+    fn stop(mut self) -> Result<Vec<u8>> {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.child.wait()?;
+        Ok(std::fs::read(&self.file)?)
+    }
+
+    /// Packets of the capture file matching a tcpdump filter.
+    fn count(file: &std::path::Path, filter: &str) -> Result<usize> {
+        let out = Command::new("tcpdump")
+            .args(["-n", "-r"])
+            .arg(file)
+            .arg(filter)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire() -> Result<()> {
+    let w = World::new("hbone")?;
+    let ca = MeshCa::start(&w.cluster, "node1", &w.dir.join("ca"), &w.config)?;
+    let _server = Server::start(w.cluster.pod("server"), &[APP_PORT])?;
+    let _backend = Server::start(w.cluster.pod("backend"), &[APP_PORT])?;
+    let (a1, a2) = agents(&w, &ca)?;
+    let capture = Capture::start(&w)?;
+
+    // An unmodified client talks to the server pod on the other node.
+    let server4 = w.ip4("server");
+    let r = mesh::client(
+        w.cluster.pod("client"),
+        "once",
+        &server4,
+        APP_PORT,
+        &["--message", MARKER],
+    )?;
+    assert!(succeeded(&r) && r["peername"] == format!("{server4}:{APP_PORT}"), "{r}");
+    // Large transfer with half-close, over IPv6.
+    const SIZE: u64 = 32 << 20;
+    let big = mesh::client(
+        w.cluster.pod("client"),
+        "once",
+        &w.ip6("server"),
+        APP_PORT,
+        &["--size", &SIZE.to_string()],
+    )?;
+    assert!(succeeded(&big) && big["echoed"] == SIZE, "{big}");
+    // A destination outside the mesh is passed through as plain TCP.
+    assert!(succeeded(&w.once("client", &w.ip4("backend"), APP_PORT)?));
+    std::thread::sleep(Duration::from_millis(300));
+    let wire = capture.stop()?;
+
+    // The wire: the payload never appears; pod-to-pod mesh traffic uses only
+    // 15008, and the server chose TLS 1.3 (supported_versions = 0x0304).
+    assert!(!contains(&wire, MARKER.as_bytes()), "plaintext marker seen on the wire");
+    let pcap = w.dir.join("wire.pcap");
+    assert!(
+        Capture::count(&pcap, "tcp port 15008")? > 0,
+        "no HBONE traffic captured"
+    );
+    assert_eq!(
+        Capture::count(&pcap, &format!("host {server4} and tcp port {APP_PORT}"))?,
+        0
+    );
+    assert!(
+        contains(&wire, &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]),
+        "no TLS 1.3 ServerHello on the wire"
+    );
+
+    // Both agents saw mTLS with the right identities.
+    let dst = format!("{server4}:{APP_PORT}");
+    let out = a1.wait_access(WAIT, |l| !access_to(l, &dst).is_empty())?;
+    let o = &access_to(&out, &dst)[0];
+    assert_eq!(
+        (o["protocol"].as_str(), o["dst_identity"].as_str()),
+        (Some("hbone"), Some(SERVER_ID)),
+        "{o}"
+    );
+    assert_eq!(o["src_identity"], CLIENT_ID);
+    let inb = a2.wait_access(WAIT, |l| !access_to(l, &dst).is_empty())?;
+    let i: &Value = &access_to(&inb, &dst)[0];
+    assert_eq!(
+        (i["protocol"].as_str(), i["src_identity"].as_str()),
+        (Some("hbone"), Some(CLIENT_ID)),
+        "{i}"
+    );
+    assert_eq!(
+        (i["direction"].as_str(), i["mtls"].as_bool()),
+        (Some("inbound"), Some(true)),
+        "{i}"
+    );
+    assert!(
+        i["src"].as_str().unwrap().starts_with(&w.ip4("client")),
+        "the source pod dialled: {i}"
+    );
+    let dst6 = format!("[{}]:{APP_PORT}", w.ip6("server"));
+    let big_in = a2.wait_access(WAIT, |l| !access_to(l, &dst6).is_empty())?;
+    assert_eq!(access_to(&big_in, &dst6)[0]["bytes_sent"], SIZE, "{big_in:?}");
+    let backend = format!("{}:{APP_PORT}", w.ip4("backend"));
+    let pass = a1.wait_access(WAIT, |l| !access_to(l, &backend).is_empty())?;
+    assert_eq!(access_to(&pass, &backend)[0]["protocol"], "tcp");
+    Ok(())
+}
