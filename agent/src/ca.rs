@@ -9,7 +9,7 @@ use std::{
 
 use mesh::{
     ca::{self, Authorizer, CaClient, CaClientConfig, CaFiles},
-    identity::SpiffeId,
+    identity::{SpiffeId, WorkloadCert},
 };
 
 use crate::config::LocalConfig;
@@ -57,8 +57,7 @@ pub async fn serve(dir: &Path, config: PathBuf, listen: SocketAddr, max_lifetime
     Ok(())
 }
 
-/// `agent ca request`: one certificate, printed as PEM (the key is never shown).
-pub async fn request(cfg: &CaClientConfig, id: &SpiffeId, lifetime: Duration) -> anyhow::Result<String> {
-    let cert = CaClient::new(cfg)?.fetch(id, lifetime).await?;
-    Ok(cert.chain.concat())
+/// `agent ca request`: one certificate, as a node agent would get it.
+pub async fn request(cfg: &CaClientConfig, id: &SpiffeId, lifetime: Duration) -> anyhow::Result<WorkloadCert> {
+    Ok(CaClient::new(cfg)?.fetch(id, lifetime).await?)
 }
