@@ -229,14 +229,23 @@ fn ca_command(cmd: CaCmd) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(agent::ca::serve(&dir, config, listen, max_cert_lifetime))
         }
-        CaCmd::Request { ca, id, lifetime, key_out } => {
+        CaCmd::Request {
+            ca,
+            id,
+            lifetime,
+            key_out,
+        } => {
             let cfg = ca.resolve()?.context("--ca-address is required")?;
             let id: mesh::identity::SpiffeId = id.parse()?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let cert = rt.block_on(agent::ca::request(&cfg, &id, lifetime))?;
             if let Some(path) = key_out {
                 use std::{io::Write, os::unix::fs::OpenOptionsExt};
-                let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)?;
                 f.write_all(cert.key.serialize_pem().as_bytes())?;
             }
             print!("{}", cert.chain.concat());

@@ -126,6 +126,10 @@ fn setup() -> Result<()> {
             ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
+    // The independent HBONE peer of the interop test (testbed/apps/hbone_peer.py).
+    if !succeeds(Command::new("python3").args(["-c", "import h2"])) {
+        run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "h2"]))?;
+    }
     Ok(())
 }
 

@@ -1,10 +1,12 @@
 //! `cargo xtask demo`: a local mesh on this machine.
 //!
 //! Builds two "nodes" joined by a link and four "pods" (network namespaces
-//! with their own cgroup v2 directories), starts one real agent per node,
-//! enrolls `client` and `web` but not `legacy` and `db`, sends real traffic
-//! between them with ordinary tools (curl, Python sockets), prints what each
-//! agent captured, and tears everything down (also on Ctrl-C or failure).
+//! with their own cgroup v2 directories), starts the mesh CA and one real
+//! agent per node, enrolls `client` and `web` but not `legacy` and `db`,
+//! sends real traffic between them with ordinary tools (curl, Python
+//! sockets), prints how each agent carried each flow (HBONE mTLS with the
+//! identities both sides saw, or plain TCP), and tears everything down (also
+//! on Ctrl-C or failure).
 use std::{
     process::Stdio,
     sync::atomic::{AtomicBool, Ordering},
@@ -15,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use serde_json::Value;
 use testbed::{
-    mesh::{self, Agent, Server, Settings},
+    mesh::{self, Agent, MeshCa, Server, Settings},
     Cluster, ClusterSpec, NodeSpec,
 };
 
@@ -127,13 +129,19 @@ fn run(cluster: &Cluster, dir: &std::path::Path) -> Result<()> {
     }
     let config = dir.join("mesh.yaml");
     mesh::write_config(cluster, &config, &["client", "web"], &Settings::default())?;
+    println!("== starting the mesh CA on node1 (agent ca init + agent ca serve)");
+    let ca = MeshCa::start(cluster, "node1", &dir.join("ca"), &config)?;
+    println!(
+        "   root, CA serving certificate and one credential per node in {}",
+        ca.dir.display()
+    );
     println!(
         "== enrolling client and web (config {}), starting one agent per node",
         config.display()
     );
     let agents = [
-        Agent::start_ready(cluster, "node1", &config, dir)?,
-        Agent::start_ready(cluster, "node2", &config, dir)?,
+        start_agent(cluster, &ca, "node1", "client", &config, dir)?,
+        start_agent(cluster, &ca, "node2", "web", &config, dir)?,
     ];
 
     // An HTTP server (python's http.server) in web, an echo server in db.
@@ -160,8 +168,13 @@ fn run(cluster: &Cluster, dir: &std::path::Path) -> Result<()> {
             println!("   captured by: nobody (direct)");
         }
         for (node, l) in &captured {
+            let how = if l["protocol"] == "hbone" {
+                "HBONE, mutual TLS"
+            } else {
+                "plain TCP"
+            };
             println!(
-                "   captured by {node} agent: {} {} -> {}  sent {} B, received {} B, {}",
+                "   captured by {node} agent: {} {} -> {}  via {how}; sent {} B, received {} B, {}",
                 l["direction"].as_str().unwrap_or("?"),
                 l["src"].as_str().unwrap_or("?"),
                 l["dst"].as_str().unwrap_or("?"),
@@ -169,6 +182,11 @@ fn run(cluster: &Cluster, dir: &std::path::Path) -> Result<()> {
                 l["bytes_received"],
                 l["result"].as_str().unwrap_or("?"),
             );
+            for (side, key) in [("source", "src_identity"), ("destination", "dst_identity")] {
+                if let Some(id) = l[key].as_str().filter(|s| !s.is_empty()) {
+                    println!("      {side} identity: {id}");
+                }
+            }
         }
         failures += usize::from(!ok);
     }
@@ -185,6 +203,30 @@ fn run(cluster: &Cluster, dir: &std::path::Path) -> Result<()> {
         bail!("{failures} flow(s) failed");
     }
     Ok(())
+}
+
+/// An agent with the CA, waiting until its pod's certificate is issued.
+fn start_agent(
+    cluster: &Cluster,
+    ca: &MeshCa,
+    node: &str,
+    pod: &str,
+    config: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<Agent> {
+    let args = ca.client_args(node);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut a = Agent::start(cluster, node, config, dir, &args)?;
+    a.wait_for("agent ready", Duration::from_secs(20))?;
+    let id = format!("spiffe://cluster.local/ns/default/sa/{pod}");
+    let ready = a.wait_access(Duration::from_secs(20), |_| {
+        a.logs()
+            .iter()
+            .any(|l| l["message"] == "workload certificate ready" && l["identity"] == id.as_str())
+    });
+    ready.with_context(|| format!("no certificate for {id}; CA log:\n{}", ca.log()))?;
+    println!("   {node}: agent ready, certificate issued for {id}");
+    Ok(a)
 }
 
 /// Sends one flow with an ordinary tool; returns (ok, detail, destination).
