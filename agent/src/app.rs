@@ -15,7 +15,7 @@ use crate::{
     inpod::InPod,
     netns::Netns,
     proxy::{MeshCtx, Tracker},
-    state::Workloads,
+    state::State,
 };
 use mesh::tls::Roots;
 
@@ -57,8 +57,8 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let tracker = Arc::new(Tracker::default());
-    let workloads = Workloads::default();
-    workloads.update(&good, &cfg.trust_domain);
+    let state = State::default();
+    state.update(&good, &cfg.trust_domain);
     let (mut secrets, mesh_ctx) = match &cfg.ca {
         Some(ca) => {
             let secrets = SecretManager::new(mesh::ca::CaClient::new(ca)?, cfg.cert_lifetime);
@@ -67,7 +67,6 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
             let mesh_ctx = MeshCtx {
                 certs: secrets.store(),
                 roots: Roots::from_pem(&roots)?,
-                workloads: workloads.clone(),
             };
             (Some(secrets), Some(Arc::new(mesh_ctx)))
         }
@@ -76,7 +75,7 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
             (None, None)
         }
     };
-    let mut inpod = InPod::new(&cfg, capture, orig, tracker.clone(), shutdown, mesh_ctx);
+    let mut inpod = InPod::new(&cfg, capture, orig, tracker.clone(), shutdown, mesh_ctx, state.clone());
     inpod.apply(&good)?;
     sync_identities(&inpod, &mut secrets);
     tracing::info!(node = %cfg.node, enrolled = ?inpod.enrolled().collect::<Vec<_>>(), "agent ready");
@@ -87,7 +86,7 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                reload(&cfg, &mut seen, &mut good, &mut inpod, &workloads);
+                reload(&cfg, &mut seen, &mut good, &mut inpod, &state);
                 sync_identities(&inpod, &mut secrets);
             }
             _ = term.recv() => break,
@@ -115,7 +114,7 @@ fn sync_identities(inpod: &InPod, secrets: &mut Option<SecretManager>) {
 
 /// Re-reads the config file; a bad file is reported and the last good
 /// configuration stays in force. Unchanged files still retry failed pods.
-fn reload(cfg: &AgentConfig, seen: &mut String, good: &mut LocalConfig, inpod: &mut InPod, workloads: &Workloads) {
+fn reload(cfg: &AgentConfig, seen: &mut String, good: &mut LocalConfig, inpod: &mut InPod, state: &State) {
     let text = match std::fs::read_to_string(&cfg.config_path) {
         Ok(t) => t,
         Err(e) => {
@@ -128,8 +127,9 @@ fn reload(cfg: &AgentConfig, seen: &mut String, good: &mut LocalConfig, inpod: &
         match LocalConfig::parse(&cfg.config_path, seen) {
             Ok(new) => {
                 tracing::info!(path = %cfg.config_path.display(), "configuration reloaded");
-                workloads.update(&new, &cfg.trust_domain);
+                state.update(&new, &cfg.trust_domain);
                 *good = new;
+                inpod.recheck_open_connections();
             }
             Err(e) => {
                 tracing::error!(error = %e, "invalid configuration; keeping the last good configuration");

@@ -66,6 +66,12 @@ pub struct LocalConfig {
     pub capture: CaptureSettings,
     #[serde(default)]
     pub pods: Vec<PodSpec>,
+    /// Istio `security.istio.io` AuthorizationPolicy (L4 parts), see `rbac`.
+    #[serde(default)]
+    pub authorization_policies: Vec<crate::rbac::AuthorizationPolicy>,
+    /// Istio PeerAuthentication: STRICT or PERMISSIVE mTLS per scope.
+    #[serde(default)]
+    pub peer_authentications: Vec<crate::rbac::PeerAuthentication>,
 }
 
 /// Node-wide capture settings.
@@ -134,6 +140,13 @@ impl FromStr for Cidr {
             .filter(|p| *p <= max)
             .ok_or_else(|| format!("prefix length `{p}` in `{s}` must be a number from 0 to {max}"))?;
         Ok(Cidr { addr, prefix })
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
     }
 }
 
@@ -224,6 +237,20 @@ impl LocalConfig {
                     ));
                 }
             }
+        }
+        let mut policy_names = HashSet::new();
+        for (i, p) in self.authorization_policies.iter().enumerate() {
+            let at = |f: &str| format!("authorizationPolicies[{i}].{f}");
+            check_name(&p.name).map_err(|m| (at("name"), m))?;
+            check_name(&p.namespace).map_err(|m| (at("namespace"), m))?;
+            if !policy_names.insert((p.namespace.clone(), p.name.clone())) {
+                return Err((at("name"), format!("policy {}/{} is listed twice", p.namespace, p.name)));
+            }
+        }
+        for (i, p) in self.peer_authentications.iter().enumerate() {
+            let at = |f: &str| format!("peerAuthentications[{i}].{f}");
+            check_name(&p.name).map_err(|m| (at("name"), m))?;
+            check_name(&p.namespace).map_err(|m| (at("namespace"), m))?;
         }
         for (i, c) in self.capture.exclude_cidrs.iter().enumerate() {
             if mask(c.addr, c.prefix) != c.addr {
@@ -370,6 +397,34 @@ pods:
             .unwrap_err()
             .to_string();
         assert!(msg.contains("pods[0].netns") && msg.contains("absolute"), "{msg}");
+    }
+
+    #[test]
+    fn policies_parse_and_are_checked() {
+        let text = format!(
+            "{GOOD}authorizationPolicies:\n  - name: allow-client\n    namespace: default\n    action: ALLOW\n    rules:\n      - from: [{{source: {{principals: [cluster.local/ns/default/sa/client]}}}}]\npeerAuthentications:\n  - {{name: strict, namespace: default, mode: STRICT}}\n"
+        );
+        let cfg = parse(&text).unwrap();
+        assert_eq!(cfg.authorization_policies.len(), 1);
+        assert_eq!(cfg.peer_authentications[0].mode, crate::rbac::MtlsMode::Strict);
+        let msg = parse(&text.replace("action: ALLOW", "action: PERMIT"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("authorizationPolicies[0].action") && msg.contains("ALLOW"),
+            "{msg}"
+        );
+        let msg = parse(&text.replace("mode: STRICT", "mode: strict"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("peerAuthentications[0].mode"), "{msg}");
+    }
+
+    #[test]
+    fn cidrs_contain_addresses_of_their_family() {
+        let c: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()) && c.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()) && !c.contains("fd00::1".parse().unwrap()));
     }
 
     #[test]

@@ -12,7 +12,8 @@ use crate::{
     capture::{Capture, CaptureError, OrigDstTable},
     config::{AgentConfig, LocalConfig, PodSpec},
     netns::Netns,
-    proxy::{MeshCtx, PodCtx, PodProxy, Tracker},
+    proxy::{policed::OpenConns, MeshCtx, PodCtx, PodProxy, Tracker},
+    state::State,
 };
 
 struct Enrolled {
@@ -30,6 +31,8 @@ pub struct InPod {
     tracker: Arc<Tracker>,
     shutdown: watch::Receiver<bool>,
     mesh: Option<Arc<MeshCtx>>,
+    state: State,
+    open: Arc<OpenConns>,
     trust_domain: String,
     pods: BTreeMap<String, Enrolled>,
     next_id: u32,
@@ -45,6 +48,7 @@ impl InPod {
         tracker: Arc<Tracker>,
         shutdown: watch::Receiver<bool>,
         mesh: Option<Arc<MeshCtx>>,
+        state: State,
     ) -> Self {
         Self {
             node: cfg.node.clone(),
@@ -54,6 +58,8 @@ impl InPod {
             tracker,
             shutdown,
             mesh,
+            state,
+            open: Arc::default(),
             trust_domain: cfg.trust_domain.clone(),
             pods: BTreeMap::new(),
             next_id: 1,
@@ -71,6 +77,14 @@ impl InPod {
             .values()
             .map(|e| mesh::identity::SpiffeId::new(&self.trust_domain, &e.spec.namespace, &e.spec.service_account))
             .collect()
+    }
+
+    /// Closes open connections the current policy no longer allows.
+    pub fn recheck_open_connections(&self) {
+        let closed = self.open.recheck(&self.state.snapshot());
+        if closed > 0 {
+            tracing::info!(closed, "policy change closed open connections");
+        }
     }
 
     pub fn capture(&self) -> &Capture {
@@ -146,6 +160,8 @@ impl InPod {
             identity: mesh::identity::SpiffeId::new(&self.trust_domain, &spec.namespace, &spec.service_account),
             ips: spec.ips.clone(),
             mesh: self.mesh.clone(),
+            state: self.state.clone(),
+            open: self.open.clone(),
             netns,
             netns_cookie,
             orig: self.orig.clone(),

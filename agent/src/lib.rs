@@ -8,4 +8,5 @@ pub mod identity;
 pub mod inpod;
 pub mod netns;
 pub mod proxy;
+pub mod rbac;
 pub mod state;

@@ -11,6 +11,7 @@
 //! connections still queued on a closing listener to its successor.
 //! The HBONE issue replaces `forward` with the mTLS tunnel.
 pub mod conn;
+pub mod policed;
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -27,7 +28,7 @@ use mesh::{identity::SpiffeId, tls::Roots};
 use socket2::{Domain, Socket, Type};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
-use crate::{capture::OrigDstTable, identity::CertStore, netns::Netns, state::Workloads};
+use crate::{capture::OrigDstTable, identity::CertStore, netns::Netns, state::State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -82,7 +83,6 @@ impl Drop for TrackGuard {
 pub struct MeshCtx {
     pub certs: CertStore,
     pub roots: Roots,
-    pub workloads: Workloads,
 }
 
 /// What a connection handler needs to know about its pod.
@@ -92,6 +92,10 @@ pub struct PodCtx {
     pub ips: Vec<std::net::IpAddr>,
     /// `None`: capture only (no --ca-address), connections are forwarded as plain TCP.
     pub mesh: Option<Arc<MeshCtx>>,
+    /// Workloads and policies.
+    pub state: State,
+    /// Open inbound connections, re-checked when policy changes.
+    pub open: Arc<policed::OpenConns>,
     pub netns: Netns,
     pub netns_cookie: u64,
     pub orig: Arc<OrigDstTable>,

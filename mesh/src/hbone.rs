@@ -226,12 +226,14 @@ pub struct Refusal {
 }
 
 /// Terminates TLS on an accepted 15008 connection and serves its CONNECT
-/// streams. For each, `open` authorizes and connects to the application;
+/// streams. For each, `open` authorizes and connects to the application,
+/// returning the upstream socket and a guard kept until the stream ends;
 /// `done` gets the outcome when the stream ends.
-pub async fn serve<O, F, D>(tcp: TcpStream, tls: Arc<ServerConfig>, open: O, done: D) -> Result<(), HboneError>
+pub async fn serve<O, F, G, D>(tcp: TcpStream, tls: Arc<ServerConfig>, open: O, done: D) -> Result<(), HboneError>
 where
     O: Fn(Inbound) -> F + Clone + Send + 'static,
-    F: Future<Output = Result<TcpStream, Refusal>> + Send,
+    F: Future<Output = Result<(TcpStream, G), Refusal>> + Send,
+    G: Send + 'static,
     D: Fn(Inbound, Result<Copied, Refusal>) + Clone + Send + Sync + 'static,
 {
     let remote = tcp.peer_addr().map_err(|source| HboneError::Tls {
@@ -291,9 +293,10 @@ where
                 }
             };
             match open(inbound.clone()).await {
-                Ok(upstream) => match respond.send_response(status(StatusCode::OK), false) {
+                Ok((upstream, guard)) => match respond.send_response(status(StatusCode::OK), false) {
                     Ok(send) => {
                         let copied = bridge(send, req.into_body(), upstream).await;
+                        drop(guard);
                         done(inbound, Ok(copied));
                     }
                     Err(e) => done(

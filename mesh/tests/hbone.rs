@@ -83,10 +83,13 @@ async fn hbone_server(pki: &Pki, cert: &str, refuse: Option<u16>) -> (SocketAddr
                                 status: http::StatusCode::from_u16(code).unwrap(),
                                 reason: "test".into(),
                             }),
-                            None => TcpStream::connect(i.authority).await.map_err(|e| Refusal {
-                                status: http::StatusCode::SERVICE_UNAVAILABLE,
-                                reason: e.to_string(),
-                            }),
+                            None => TcpStream::connect(i.authority)
+                                .await
+                                .map(|s| (s, ()))
+                                .map_err(|e| Refusal {
+                                    status: http::StatusCode::SERVICE_UNAVAILABLE,
+                                    reason: e.to_string(),
+                                }),
                         }
                     }
                 };

@@ -7,7 +7,8 @@ client: TCP to --connect, TLS 1.3 only, ALPN h2, client certificate, no SNI;
         is --expect-id; one CONNECT stream to --authority with `forwarded`,
         `baggage` and `traceparent`; requires 200, sends the message as DATA,
         half-closes (END_STREAM) and reads the echo until the server ends the
-        stream. Prints one JSON line. Exit 0 on 200, 1 on another status,
+        stream (--streams N: N such streams at once on the one connection).
+        Prints one JSON line. Exit 0 on 200, 1 on another status,
         2 when the connection failed (TLS refused, reset, timeout).
 server: listens on --listen (dual stack), TLS 1.3, ALPN h2, requires a client
         certificate chained to --ca whose URI SAN is in --trust-domain (else
@@ -205,6 +206,24 @@ async def client(a):
     peer = Peer(reader, writer, client_side=True)
     await peer.start()
     reading = asyncio.get_running_loop().create_task(peer.run())
+    try:
+        # --streams N: N concurrent CONNECTs sharing this one TLS connection.
+        results = await asyncio.gather(*(one_stream(peer, a) for _ in range(a.streams)))
+    finally:
+        reading.cancel()
+        writer.close()
+    first = results[0]
+    out.update(first)
+    out["server_settings"] = peer.remote_settings()
+    bad = [r["status"] for r in results if r["status"] != 200]
+    out["status"] = bad[0] if bad else 200
+    if a.streams > 1:
+        out["streams"] = len(results)
+        out["streams_ok"] = sum(1 for r in results if r.get("echo_ok"))
+    return out
+
+
+async def one_stream(peer, a):
     sid = peer.conn.get_next_available_stream_id()
     s = peer.streams[sid] = Stream(sid)
     headers = [
@@ -218,11 +237,8 @@ async def client(a):
     peer.conn.send_headers(sid, [(k.encode(), v.encode()) for k, v in headers])
     await peer.flush()
     resp = await asyncio.wait_for(s.response, a.timeout)
-    out["status"] = int(resp.get(":status", "0"))
-    out["response_headers"] = resp
-    out["server_settings"] = peer.remote_settings()
+    out = {"status": int(resp.get(":status", "0")), "response_headers": resp}
     if out["status"] != 200:
-        reading.cancel()
         return out
 
     msg = (a.message.encode() * a.repeat) if a.message is not None else os.urandom(a.size)
@@ -248,7 +264,7 @@ async def client(a):
     await asyncio.wait_for(receiving, a.timeout)
     body = bytes(echo)
     if a.skip_line:
-        line, sep, body = body.partition(b"\n")
+        line, _, body = body.partition(b"\n")
         out["first_line"] = line.decode(errors="replace")
     out["sent"] = len(msg)
     out["echoed"] = len(body)
@@ -257,8 +273,6 @@ async def client(a):
         out["echo"] = body.decode(errors="replace")
     else:
         out["echo_sha256"] = hashlib.sha256(body).hexdigest()
-    reading.cancel()
-    writer.close()
     return out
 
 
@@ -335,6 +349,8 @@ async def server(a):
         sslobj = writer.get_extra_info("ssl_object")
         facts = tls_facts(sslobj)
         facts["sni"] = sni.pop(id(sslobj), None)
+        # The TLS 1.3 suites the client offered (that OpenSSL also knows).
+        facts["offered"] = [c[0] for c in sslobj.shared_ciphers() or [] if c[1] == "TLSv1.3"]
         ids = uri_sans(sslobj.getpeercert())
         facts["peer_id"] = ids[0] if len(ids) == 1 else ids
         facts["remote"] = "%s:%s" % writer.get_extra_info("peername")[:2]
@@ -368,6 +384,7 @@ def main():
     c.add_argument("--message", help="the payload (repeated --repeat times)")
     c.add_argument("--repeat", type=int, default=1)
     c.add_argument("--size", type=int, default=0, help="random payload of this size instead")
+    c.add_argument("--streams", type=int, default=1, help="concurrent CONNECTs on one connection")
     c.add_argument("--skip-line", action="store_true", help="the server sends one line before echoing")
     c.add_argument("--forwarded-for", default="192.0.2.1:40000")
     c.add_argument("--timeout", type=float, default=20)

@@ -45,6 +45,8 @@ pub fn meshapp() -> PathBuf {
 pub struct Settings {
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<String>,
+    /// Appended verbatim (top-level keys such as `authorizationPolicies:`).
+    pub extra: String,
 }
 
 /// Writes the enrolment file listing `enrolled` pods (by name) of the cluster;
@@ -66,6 +68,7 @@ pub fn write_config(cluster: &Cluster, path: &Path, enrolled: &[&str], settings:
             p.name, p.name, p.node, p.netns_path.display(), p.cgroup.display(), p.ip4, p.ip6, p.name
         );
     }
+    y.push_str(&settings.extra);
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, y)?;
     // Rename so a reloading agent never reads a half-written file.

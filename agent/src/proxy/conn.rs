@@ -25,6 +25,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::{Direction, MeshCtx, PodCtx, TrackGuard};
+use crate::rbac;
 
 /// How a connection was carried, for the access log.
 struct Outcome {
@@ -58,11 +59,24 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: S
     };
     let _ = client.set_nodelay(true);
     let outcome = match (dir, &ctx.mesh) {
-        (Direction::Outbound, Some(mesh)) => match mesh.workloads.by_ip(dst.ip()) {
+        (Direction::Outbound, Some(mesh)) => match ctx.state.by_ip(dst.ip()) {
             Some(w) => tunnel(&ctx, mesh, client, peer, dst, w.identity).await,
-            None => plain(&ctx, client, dst).await,
+            None => plain(&ctx, client, dst, None).await,
         },
-        _ => plain(&ctx, client, dst).await,
+        (Direction::Outbound, None) => plain(&ctx, client, dst, None).await,
+        _ => {
+            // Plaintext inbound: no identity, so PeerAuthentication and
+            // authorization decide with principal = none.
+            let conn = rbac::Conn {
+                principal: None,
+                src_ip: peer.ip(),
+                dst_port: dst.port(),
+            };
+            match ctx.state.snapshot().authorize(dst.ip(), &conn) {
+                Ok(()) => plain(&ctx, client, dst, Some(conn)).await,
+                Err(denied) => Outcome::failed("tcp", format!("denied: {}", denied.0)),
+            }
+        }
     };
     log_access(&ctx, dir, peer, dst, &outcome, start);
 }
@@ -91,10 +105,13 @@ fn log_access(ctx: &PodCtx, dir: Direction, src: SocketAddr, dst: SocketAddr, o:
     );
 }
 
-async fn plain(ctx: &PodCtx, client: TcpStream, dst: SocketAddr) -> Outcome {
+/// Plain TCP; an authorized inbound connection (`policed`) stays registered
+/// for policy re-checks while open.
+async fn plain(ctx: &PodCtx, client: TcpStream, dst: SocketAddr, policed: Option<rbac::Conn>) -> Outcome {
     match connect_from_pod(ctx, dst).await {
         Ok(upstream) => {
             let _ = upstream.set_nodelay(true);
+            let _registration = policed.map(|c| ctx.open.register(&ctx.key, dst.ip(), c, &[&client, &upstream]));
             Outcome {
                 protocol: "tcp",
                 peer_identity: None,
@@ -197,10 +214,24 @@ pub async fn hbone_inbound(ctx: Arc<PodCtx>, tcp: TcpStream, _guard: TrackGuard)
                         reason: format!("{} is not an address of pod {}", i.authority, ctx.key),
                     });
                 }
-                connect_from_pod(&ctx, i.authority).await.map_err(|e| Refusal {
+                let conn = rbac::Conn {
+                    principal: Some(i.peer.clone()),
+                    src_ip: i.remote.ip().to_canonical(),
+                    dst_port: i.authority.port(),
+                };
+                if let Err(denied) = ctx.state.snapshot().authorize(i.authority.ip(), &conn) {
+                    return Err(Refusal {
+                        status: StatusCode::UNAUTHORIZED,
+                        reason: format!("denied: {}", denied.0),
+                    });
+                }
+                let upstream = connect_from_pod(&ctx, i.authority).await.map_err(|e| Refusal {
                     status: StatusCode::SERVICE_UNAVAILABLE,
                     reason: format!("connect_failed: {e}"),
-                })
+                })?;
+                // Registered while the stream lasts, for policy re-checks.
+                let registration = ctx.open.register(&ctx.key, i.authority.ip(), conn, &[&upstream]);
+                Ok((upstream, registration))
             }
         }
     };

@@ -314,6 +314,7 @@ fn config_reload_unenroll_and_cleanup_restore_direct_traffic() -> Result<()> {
     let settings = Settings {
         exclude_ports: vec![9090],
         exclude_cidrs: vec!["fd00:1:2::/64".into()],
+        ..Settings::default()
     };
     mesh::write_config(&w.cluster, &w.config, ENROLLED, &settings)?;
     a1.wait_for("configuration reloaded", WAIT)?;

@@ -9,30 +9,13 @@ use std::{
 
 use anyhow::{bail, Result};
 use serde_json::Value;
-use testbed::mesh::{self, Agent, MeshCa, Server};
+use testbed::mesh::{self, MeshCa, Server};
 
-use crate::{access_to, succeeded, World, APP_PORT, WAIT};
+use crate::{access_to, agents, succeeded, World, APP_PORT, WAIT};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
 const MARKER: &str = "PLAINTEXT-MARKER-7f3a9c";
-
-/// Agents with the CA, each waiting until its pod's certificate is ready.
-fn agents(w: &World, ca: &MeshCa) -> Result<(Agent, Agent)> {
-    let start = |node: &str, id: &str| -> Result<Agent> {
-        let args = ca.client_args(node);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut a = Agent::start(&w.cluster, node, &w.config, &w.dir, &args)?;
-        a.wait_for("agent ready", WAIT)?;
-        a.wait_access(WAIT, |_| {
-            a.logs()
-                .iter()
-                .any(|l| l["message"] == "workload certificate ready" && l["identity"] == id)
-        })?;
-        Ok(a)
-    };
-    Ok((start("node1", CLIENT_ID)?, start("node2", SERVER_ID)?))
-}
 
 /// tcpdump on the wire between the nodes; stopped (SIGINT) on `stop`.
 struct Capture {

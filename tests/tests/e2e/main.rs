@@ -6,9 +6,11 @@
 //!   node1: client (enrolled), outsider (not enrolled)
 //!   node2: server (enrolled), backend (not enrolled)
 //! and tears it down (namespaces, cgroups, pins, processes) even on failure.
+mod authz;
 mod capture;
 mod hbone;
 mod identity;
+mod interop;
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;
@@ -56,6 +58,25 @@ impl World {
     pub fn once(&self, from: &str, host: &str, port: u16) -> Result<Value> {
         mesh::client(self.cluster.pod(from), "once", host, port, &[])
     }
+}
+
+/// Agents on node1 and node2 with the CA, each waiting until its pod's
+/// certificate (client's, server's) is ready.
+pub fn agents(w: &World, ca: &mesh::MeshCa) -> Result<(Agent, Agent)> {
+    let start = |node: &str, sa: &str| -> Result<Agent> {
+        let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
+        let args = ca.client_args(node);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut a = Agent::start(&w.cluster, node, &w.config, &w.dir, &args)?;
+        a.wait_for("agent ready", WAIT)?;
+        a.wait_access(WAIT, |_| {
+            a.logs()
+                .iter()
+                .any(|l| l["message"] == "workload certificate ready" && l["identity"] == id)
+        })?;
+        Ok(a)
+    };
+    Ok((start("node1", "client")?, start("node2", "server")?))
 }
 
 pub fn succeeded(r: &Value) -> bool {
