@@ -8,11 +8,18 @@ use tokio::{
     sync::watch,
 };
 
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    RwLock,
+};
+
 use crate::{
+    admin::{Addrs, Admin, DumpFn},
     capture::Capture,
     config::{AgentConfig, LocalConfig},
-    identity::SecretManager,
-    inpod::InPod,
+    identity::{CertStore, SecretManager},
+    inpod::{DataPlane, InPod},
+    metrics::TcpMetrics,
     netns::Netns,
     proxy::{MeshCtx, Tracker},
     state::State,
@@ -75,9 +82,33 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
             (None, None)
         }
     };
-    let mut inpod = InPod::new(&cfg, capture, orig, tracker.clone(), shutdown, mesh_ctx, state.clone());
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = TcpMetrics::register(&mut registry);
+    let certs = secrets.as_ref().map(SecretManager::store);
+    let ready = Arc::new(AtomicBool::new(false));
+    let enrolled = Arc::new(RwLock::new(Vec::<String>::new()));
+    let dump = config_dump(cfg.node.clone(), state.clone(), certs, enrolled.clone());
+    Admin {
+        registry: Arc::new(registry),
+        ready: ready.clone(),
+        dump,
+    }
+    .start(Addrs {
+        metrics: cfg.metrics_addr,
+        readiness: cfg.readiness_addr,
+        admin: cfg.admin_addr,
+    })?;
+
+    let dp = DataPlane {
+        mesh: mesh_ctx,
+        state: state.clone(),
+        metrics,
+    };
+    let mut inpod = InPod::new(&cfg, capture, orig, tracker.clone(), shutdown, dp);
     inpod.apply(&good)?;
     sync_identities(&inpod, &mut secrets);
+    *enrolled.write().unwrap_or_else(|e| e.into_inner()) = inpod.enrolled().map(str::to_string).collect();
+    ready.store(true, Ordering::SeqCst);
     tracing::info!(node = %cfg.node, enrolled = ?inpod.enrolled().collect::<Vec<_>>(), "agent ready");
 
     let mut term = signal(SignalKind::terminate())?;
@@ -88,12 +119,14 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 reload(&cfg, &mut seen, &mut good, &mut inpod, &state);
                 sync_identities(&inpod, &mut secrets);
+                *enrolled.write().unwrap_or_else(|e| e.into_inner()) = inpod.enrolled().map(str::to_string).collect();
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
 
+    ready.store(false, Ordering::SeqCst);
     // Stop accepting (queued connections migrate to a successor agent, if
     // any), let open connections finish, leave every pin in place so capture
     // and fail-closed stay in force.
@@ -103,6 +136,28 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     let left = tracker.drain(cfg.drain_timeout).await;
     tracing::info!(left_open = left, "agent stopped");
     Ok(())
+}
+
+/// The admin `/config_dump`: workloads, policies, enrolled pods and
+/// certificates with their expiry (never keys).
+fn config_dump(node: String, state: State, certs: Option<CertStore>, enrolled: Arc<RwLock<Vec<String>>>) -> DumpFn {
+    Arc::new(move || {
+        let snap = state.snapshot();
+        let mut workloads: Vec<serde_json::Value> = snap
+            .workloads
+            .iter()
+            .map(|(ip, w)| serde_json::json!({"ip": ip, "pod": w.key, "identity": w.identity.to_string(), "labels": w.labels}))
+            .collect();
+        workloads.sort_by_key(|w| w["ip"].to_string());
+        serde_json::json!({
+            "node": node,
+            "enrolled": *enrolled.read().unwrap_or_else(|e| e.into_inner()),
+            "workloads": workloads,
+            "authorizationPolicies": snap.policies,
+            "peerAuthentications": snap.peer_auths,
+            "certificates": certs.as_ref().map(CertStore::dump).unwrap_or_default(),
+        })
+    })
 }
 
 /// Certificates for exactly the service accounts of the enrolled pods.

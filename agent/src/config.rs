@@ -41,6 +41,10 @@ pub struct AgentConfig {
     pub ca: Option<mesh::ca::CaClientConfig>,
     /// Requested lifetime of workload certificates (the CA may cap it).
     pub cert_lifetime: Duration,
+    /// Prometheus (`/metrics`), readiness (`/healthz/ready`), admin (`/config_dump`).
+    pub metrics_addr: std::net::SocketAddr,
+    pub readiness_addr: std::net::SocketAddr,
+    pub admin_addr: std::net::SocketAddr,
 }
 
 /// Errors in the local enrolment file: each says where and what to fix.

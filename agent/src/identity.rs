@@ -27,6 +27,21 @@ impl CertStore {
     pub fn get(&self, id: &SpiffeId) -> Option<Arc<WorkloadCert>> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
     }
+
+    /// What the config dump shows: identity, serial, expiry; never keys.
+    pub fn dump(&self) -> Vec<CertInfo> {
+        let certs = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<CertInfo> = certs
+            .values()
+            .map(|c| CertInfo {
+                identity: c.id.to_string(),
+                serial: c.serial.clone(),
+                expires_in_s: until(c.not_after).as_secs(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
 }
 
 /// What the config dump shows of a certificate (never the key).
@@ -81,20 +96,6 @@ impl SecretManager {
     /// A handle on the certificates for the data path.
     pub fn store(&self) -> CertStore {
         CertStore(self.certs.clone())
-    }
-
-    pub fn dump(&self) -> Vec<CertInfo> {
-        let certs = self.certs.read().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<CertInfo> = certs
-            .values()
-            .map(|c| CertInfo {
-                identity: c.id.to_string(),
-                serial: c.serial.clone(),
-                expires_in_s: until(c.not_after).as_secs(),
-            })
-            .collect();
-        out.sort_by(|a, b| a.identity.cmp(&b.identity));
-        out
     }
 }
 

@@ -22,6 +22,14 @@ struct Enrolled {
     _proxy: PodProxy,
 }
 
+/// What every pod's data path shares.
+pub struct DataPlane {
+    /// `None`: capture only, no identities.
+    pub mesh: Option<Arc<MeshCtx>>,
+    pub state: State,
+    pub metrics: crate::metrics::TcpMetrics,
+}
+
 /// The pods this agent currently captures.
 pub struct InPod {
     node: String,
@@ -32,6 +40,7 @@ pub struct InPod {
     shutdown: watch::Receiver<bool>,
     mesh: Option<Arc<MeshCtx>>,
     state: State,
+    metrics: crate::metrics::TcpMetrics,
     open: Arc<OpenConns>,
     trust_domain: String,
     pods: BTreeMap<String, Enrolled>,
@@ -47,8 +56,7 @@ impl InPod {
         orig: OrigDstTable,
         tracker: Arc<Tracker>,
         shutdown: watch::Receiver<bool>,
-        mesh: Option<Arc<MeshCtx>>,
-        state: State,
+        dp: DataPlane,
     ) -> Self {
         Self {
             node: cfg.node.clone(),
@@ -57,8 +65,9 @@ impl InPod {
             orig: Arc::new(orig),
             tracker,
             shutdown,
-            mesh,
-            state,
+            mesh: dp.mesh,
+            state: dp.state,
+            metrics: dp.metrics,
             open: Arc::default(),
             trust_domain: cfg.trust_domain.clone(),
             pods: BTreeMap::new(),
@@ -162,6 +171,7 @@ impl InPod {
             mesh: self.mesh.clone(),
             state: self.state.clone(),
             open: self.open.clone(),
+            metrics: self.metrics.clone(),
             netns,
             netns_cookie,
             orig: self.orig.clone(),

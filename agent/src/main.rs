@@ -172,6 +172,15 @@ struct RunArgs {
     /// Requested lifetime of workload certificates (renewed at half-life).
     #[arg(long, default_value = "24h", value_parser = app::parse_duration)]
     cert_lifetime: Duration,
+    /// Prometheus metrics (/metrics, /stats/prometheus).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: std::net::SocketAddr,
+    /// Readiness (/healthz/ready).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: std::net::SocketAddr,
+    /// Admin (/config_dump); keep it on localhost.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: std::net::SocketAddr,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -275,6 +284,9 @@ fn agent_config(a: RunArgs) -> anyhow::Result<config::AgentConfig> {
         trust_domain: a.trust_domain,
         ca: a.ca.resolve()?,
         cert_lifetime: a.cert_lifetime,
+        metrics_addr: a.metrics_addr,
+        readiness_addr: a.readiness_addr,
+        admin_addr: a.admin_addr,
     })
 }
 

@@ -96,6 +96,7 @@ pub struct PodCtx {
     pub state: State,
     /// Open inbound connections, re-checked when policy changes.
     pub open: Arc<policed::OpenConns>,
+    pub metrics: crate::metrics::TcpMetrics,
     pub netns: Netns,
     pub netns_cookie: u64,
     pub orig: Arc<OrigDstTable>,

@@ -25,7 +25,10 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::{Direction, MeshCtx, PodCtx, TrackGuard};
-use crate::rbac;
+use crate::{
+    metrics::{Side, TcpLabels},
+    rbac,
+};
 
 /// How a connection was carried, for the access log.
 struct Outcome {
@@ -58,6 +61,8 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: S
         return;
     };
     let _ = client.set_nodelay(true);
+    let labels = labels(&ctx, dir, peer.ip(), dst.ip(), None);
+    ctx.metrics.opened(&labels);
     let outcome = match (dir, &ctx.mesh) {
         (Direction::Outbound, Some(mesh)) => match ctx.state.by_ip(dst.ip()) {
             Some(w) => tunnel(&ctx, mesh, client, peer, dst, w.identity).await,
@@ -78,7 +83,49 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: S
             }
         }
     };
+    ctx.metrics
+        .closed(&labels, outcome.copied.sent, outcome.copied.received);
     log_access(&ctx, dir, peer, dst, &outcome, start);
+}
+
+/// Istio's metric labels for a connection this agent carries: as the source
+/// (outbound) or as the destination (inbound; `mtls_peer` for HBONE).
+fn labels(ctx: &PodCtx, dir: Direction, src_ip: IpAddr, dst_ip: IpAddr, mtls_peer: Option<String>) -> TcpLabels {
+    let snap = ctx.state.snapshot();
+    let by_ip = |ip: IpAddr| snap.workloads.get(&ip.to_canonical());
+    let own = ctx.ips.first().and_then(|ip| by_ip(*ip));
+    let own_principal = ctx.mesh.as_ref().map(|_| ctx.identity.to_string());
+    match dir {
+        Direction::Outbound => {
+            let peer = by_ip(dst_ip);
+            let mtls = ctx.mesh.is_some() && peer.is_some();
+            let peer_principal = peer.filter(|_| mtls).map(|w| w.identity.to_string());
+            TcpLabels::new(
+                "source",
+                Side {
+                    workload: own,
+                    principal: own_principal,
+                },
+                Side {
+                    workload: peer,
+                    principal: peer_principal,
+                },
+                mtls,
+            )
+        }
+        Direction::Inbound | Direction::Hbone => TcpLabels::new(
+            "destination",
+            Side {
+                workload: by_ip(src_ip),
+                principal: mtls_peer.clone(),
+            },
+            Side {
+                workload: own,
+                principal: own_principal,
+            },
+            mtls_peer.is_some(),
+        ),
+    }
 }
 
 fn log_access(ctx: &PodCtx, dir: Direction, src: SocketAddr, dst: SocketAddr, o: &Outcome, start: Instant) {
@@ -231,6 +278,13 @@ pub async fn hbone_inbound(ctx: Arc<PodCtx>, tcp: TcpStream, _guard: TrackGuard)
                 })?;
                 // Registered while the stream lasts, for policy re-checks.
                 let registration = ctx.open.register(&ctx.key, i.authority.ip(), conn, &[&upstream]);
+                ctx.metrics.opened(&labels(
+                    &ctx,
+                    Direction::Hbone,
+                    i.remote.ip(),
+                    i.authority.ip(),
+                    Some(i.peer.to_string()),
+                ));
                 Ok((upstream, registration))
             }
         }
@@ -241,11 +295,21 @@ pub async fn hbone_inbound(ctx: Arc<PodCtx>, tcp: TcpStream, _guard: TrackGuard)
             let copied = match r {
                 // The bridge counts app -> tunnel as sent; the access log
                 // counts client -> server, as for every other connection.
-                Ok(c) => Copied {
-                    result: c.result,
-                    sent: c.received,
-                    received: c.sent,
-                },
+                Ok(c) => {
+                    let l = labels(
+                        &ctx,
+                        Direction::Hbone,
+                        i.remote.ip(),
+                        i.authority.ip(),
+                        Some(i.peer.to_string()),
+                    );
+                    ctx.metrics.closed(&l, c.received, c.sent);
+                    Copied {
+                        result: c.result,
+                        sent: c.received,
+                        received: c.sent,
+                    }
+                }
                 Err(refusal) => Copied::failed(format!("{}: {}", refusal.status.as_u16(), refusal.reason)),
             };
             let outcome = Outcome {

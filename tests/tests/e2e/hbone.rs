@@ -161,5 +161,54 @@ fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire()
     let backend = format!("{}:{APP_PORT}", w.ip4("backend"));
     let pass = a1.wait_access(WAIT, |l| !access_to(l, &backend).is_empty())?;
     assert_eq!(access_to(&pass, &backend)[0]["protocol"], "tcp");
+
+    // Istio-standard metrics, readiness and the admin dump, from inside node2.
+    let get = |url: &str| -> Result<(String, String)> {
+        let out = w
+            .cluster
+            .node("node2")
+            .try_command("curl")?
+            .args(["-s", "-w", "\n%{http_code}", url])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+        Ok((body.to_string(), code.to_string()))
+    };
+    let (metrics, code) = get("http://127.0.0.1:15020/metrics")?;
+    assert_eq!(code, "200");
+    let opened = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{reporter=\"destination\"")
+                && l.contains(&format!("source_principal=\"{CLIENT_ID}\""))
+        })
+        .unwrap_or_else(|| panic!("no destination-reported connection from the client:\n{metrics}"));
+    for label in [
+        "source_workload=\"client\"",
+        "source_workload_namespace=\"default\"",
+        &format!("destination_principal=\"{SERVER_ID}\""),
+        "destination_app=\"server\"",
+        "connection_security_policy=\"mutual_tls\"",
+        "request_protocol=\"tcp\"",
+    ] {
+        assert!(opened.contains(label), "{label} missing in {opened}");
+    }
+    let received = metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_received_bytes_total{reporter=\"destination\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum::<u64>();
+    assert!(received >= SIZE, "request bytes counted: {received}");
+    assert_eq!(get("http://127.0.0.1:15021/healthz/ready")?.1, "200");
+    let (dump, code) = get("http://127.0.0.1:15000/config_dump")?;
+    assert_eq!(code, "200");
+    let dump: Value = serde_json::from_str(&dump)?;
+    assert_eq!(dump["certificates"][0]["identity"], SERVER_ID, "{dump}");
+    assert!(
+        dump["certificates"][0]["expires_in_s"].as_u64().unwrap() > 3600,
+        "{dump}"
+    );
+    assert!(!dump.to_string().contains("PRIVATE KEY"), "never keys in the dump");
+    assert_eq!(dump["enrolled"][0], "default/server");
     Ok(())
 }
