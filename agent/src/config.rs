@@ -76,6 +76,50 @@ pub struct LocalConfig {
     /// Istio PeerAuthentication: STRICT or PERMISSIVE mTLS per scope.
     #[serde(default)]
     pub peer_authentications: Vec<crate::rbac::PeerAuthentication>,
+    /// Services: VIPs load-balanced over the healthy pods their selector picks.
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+}
+
+/// A service (Kubernetes Service + its endpoints).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    /// Default `<name>.<namespace>.svc.cluster.local`.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Pods of the namespace with these labels back the service.
+    pub selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub load_balancing: LoadBalancing,
+}
+
+impl ServiceSpec {
+    pub fn hostname(&self) -> String {
+        self.hostname
+            .clone()
+            .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", self.name, self.namespace))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LoadBalancing {
+    #[default]
+    RoundRobin,
+    Random,
+    LeastConnections,
 }
 
 /// Node-wide capture settings.
@@ -110,6 +154,13 @@ pub struct PodSpec {
     pub ips: Vec<IpAddr>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Unhealthy pods are no service endpoint (default: healthy).
+    #[serde(default = "default_true")]
+    pub healthy: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_service_account() -> String {
@@ -240,6 +291,32 @@ impl LocalConfig {
                         format!("{ip} is already the address of pod {other}"),
                     ));
                 }
+            }
+        }
+        let mut vips: BTreeMap<IpAddr, String> = BTreeMap::new();
+        for (i, svc) in self.services.iter().enumerate() {
+            let at = |f: &str| format!("services[{i}].{f}");
+            check_name(&svc.name).map_err(|m| (at("name"), m))?;
+            check_name(&svc.namespace).map_err(|m| (at("namespace"), m))?;
+            if svc.vips.is_empty() || svc.ports.is_empty() {
+                return Err((at("vips"), "a service needs at least one VIP and one port".into()));
+            }
+            for (j, vip) in svc.vips.iter().enumerate() {
+                if let Some(pod) = ips.get(vip) {
+                    return Err((
+                        format!("services[{i}].vips[{j}]"),
+                        format!("{vip} is the address of pod {pod}"),
+                    ));
+                }
+                if let Some(other) = vips.insert(*vip, format!("{}/{}", svc.namespace, svc.name)) {
+                    return Err((
+                        format!("services[{i}].vips[{j}]"),
+                        format!("{vip} is already a VIP of service {other}"),
+                    ));
+                }
+            }
+            if svc.selector.is_empty() {
+                return Err((at("selector"), "a selector picks the pods that back the service".into()));
             }
         }
         let mut policy_names = HashSet::new();

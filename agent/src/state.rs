@@ -3,14 +3,17 @@
 //! configuration on every change; readers take a cheap snapshot.
 use std::{
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
-    sync::{Arc, RwLock},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, RwLock,
+    },
 };
 
 use mesh::identity::SpiffeId;
 
 use crate::{
-    config::LocalConfig,
+    config::{LoadBalancing, LocalConfig, ServiceSpec},
     rbac::{self, AuthorizationPolicy, PeerAuthentication},
 };
 
@@ -22,10 +25,30 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
 }
 
-/// One consistent view of workloads and policies.
+/// A service and the pods that back it.
+pub struct Service {
+    pub spec: ServiceSpec,
+    /// Healthy endpoints' addresses (each pod once per family).
+    pub endpoints: Vec<IpAddr>,
+    next: AtomicUsize,
+}
+
+/// Where a connection to a service VIP goes.
+pub struct Resolved {
+    pub endpoint: SocketAddr,
+    pub hostname: String,
+    pub name: String,
+    pub namespace: String,
+    /// Counts the connection for least-connections until dropped.
+    pub _active: ActiveGuard,
+}
+
+/// One consistent view of workloads, services and policies.
 #[derive(Default)]
 pub struct Snapshot {
     pub workloads: HashMap<IpAddr, Workload>,
+    pub services: Vec<Service>,
+    pub vips: HashMap<IpAddr, usize>,
     pub policies: Vec<AuthorizationPolicy>,
     pub peer_auths: Vec<PeerAuthentication>,
 }
@@ -50,8 +73,87 @@ impl Snapshot {
     }
 }
 
+/// Active connections per endpoint (for least-connections).
 #[derive(Clone, Default)]
-pub struct State(Arc<RwLock<Arc<Snapshot>>>);
+pub struct Active(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+pub struct ActiveGuard(Active, IpAddr);
+
+impl Active {
+    fn count(&self, ip: IpAddr) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ip)
+            .copied()
+            .unwrap_or(0)
+    }
+    fn track(&self, ip: IpAddr) -> ActiveGuard {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(ip).or_default() += 1;
+        ActiveGuard(self.clone(), ip)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        let mut m = (self.0).0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+impl Snapshot {
+    /// Picks an endpoint for a connection to a service VIP (port mapped to
+    /// the target port), or `None` when `dst` is no VIP. A VIP without a
+    /// healthy endpoint yields `Some(Err)`.
+    pub fn resolve(&self, dst: SocketAddr, active: &Active) -> Option<Result<Resolved, String>> {
+        let svc = &self.services[*self.vips.get(&dst.ip().to_canonical())?];
+        let name = format!("{}/{}", svc.spec.namespace, svc.spec.name);
+        let Some(port) = svc.spec.ports.iter().find(|p| p.port == dst.port()) else {
+            return Some(Err(format!("service {name} has no port {}", dst.port())));
+        };
+        let family: Vec<IpAddr> = svc
+            .endpoints
+            .iter()
+            .copied()
+            .filter(|e| e.is_ipv4() == dst.ip().to_canonical().is_ipv4())
+            .collect();
+        if family.is_empty() {
+            return Some(Err(format!("service {name} has no healthy endpoint")));
+        }
+        let ip = match svc.spec.load_balancing {
+            LoadBalancing::RoundRobin => family[svc.next.fetch_add(1, Ordering::Relaxed) % family.len()],
+            LoadBalancing::Random => family[rand_index(family.len())],
+            LoadBalancing::LeastConnections => *family.iter().min_by_key(|ip| active.count(**ip)).expect("not empty"),
+        };
+        Some(Ok(Resolved {
+            endpoint: SocketAddr::new(ip, port.target_port),
+            hostname: svc.spec.hostname(),
+            name: svc.spec.name.clone(),
+            namespace: svc.spec.namespace.clone(),
+            _active: active.track(ip),
+        }))
+    }
+}
+
+fn rand_index(n: usize) -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    (h.finish() % n as u64) as usize
+}
+
+#[derive(Clone, Default)]
+pub struct State(Arc<RwLock<Arc<Snapshot>>>, Active);
 
 impl State {
     /// Every pod in the configuration is in the mesh (HBONE), on any node.
@@ -68,8 +170,33 @@ impl State {
                 p.ips.iter().map(move |ip| (*ip, w.clone()))
             })
             .collect();
+        let services: Vec<Service> = cfg
+            .services
+            .iter()
+            .map(|spec| {
+                let endpoints = cfg
+                    .pods
+                    .iter()
+                    .filter(|p| p.healthy && p.namespace == spec.namespace)
+                    .filter(|p| spec.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+                    .flat_map(|p| p.ips.iter().copied())
+                    .collect();
+                Service {
+                    spec: spec.clone(),
+                    endpoints,
+                    next: AtomicUsize::new(0),
+                }
+            })
+            .collect();
+        let vips = services
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.spec.vips.iter().map(move |v| (*v, i)))
+            .collect();
         let snap = Snapshot {
             workloads,
+            services,
+            vips,
             policies: cfg.authorization_policies.clone(),
             peer_auths: cfg.peer_authentications.clone(),
         };
@@ -82,6 +209,11 @@ impl State {
 
     pub fn by_ip(&self, ip: IpAddr) -> Option<Workload> {
         self.snapshot().workloads.get(&ip.to_canonical()).cloned()
+    }
+
+    /// See [`Snapshot::resolve`].
+    pub fn resolve(&self, dst: SocketAddr) -> Option<Result<Resolved, String>> {
+        self.snapshot().resolve(dst, &self.1)
     }
 }
 
@@ -101,6 +233,56 @@ mod tests {
         assert_eq!(s.by_ip("::ffff:10.0.0.1".parse().unwrap()).unwrap().identity, id);
         assert_eq!(s.by_ip("fd00::1".parse().unwrap()).unwrap().key, "ns1/a");
         assert!(s.by_ip("10.0.0.2".parse().unwrap()).is_none());
+    }
+
+    fn with_service(lb: &str) -> State {
+        let text = format!(
+            "pods:\n  - {{name: a, namespace: ns1, node: n1, netns: /x, cgroup: /y, ips: [\"10.0.0.1\", \"fd00::1\"], labels: {{app: web}}}}\n  - {{name: b, namespace: ns1, node: n2, netns: /x, cgroup: /y, ips: [\"10.0.0.2\"], labels: {{app: web}}}}\n  - {{name: c, namespace: ns1, node: n2, netns: /x, cgroup: /y, ips: [\"10.0.0.3\"], labels: {{app: web}}, healthy: false}}\n  - {{name: d, namespace: ns2, node: n2, netns: /x, cgroup: /y, ips: [\"10.0.0.4\"], labels: {{app: web}}}}\nservices:\n  - {{name: web, namespace: ns1, vips: [\"10.96.0.1\", \"fd96::1\"], ports: [{{port: 80, targetPort: 8080}}], selector: {{app: web}}, loadBalancing: {lb}}}\n"
+        );
+        let cfg = LocalConfig::parse(std::path::Path::new("m.yaml"), &text).unwrap();
+        let s = State::default();
+        s.update(&cfg, "td");
+        s
+    }
+
+    #[test]
+    fn round_robin_over_healthy_endpoints_of_the_namespace_with_port_mapping() {
+        let s = with_service("ROUND_ROBIN");
+        let picks: Vec<SocketAddr> = (0..4)
+            .map(|_| s.resolve("10.96.0.1:80".parse().unwrap()).unwrap().unwrap().endpoint)
+            .collect();
+        let a: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        assert_eq!(
+            picks,
+            vec![a, b, a, b],
+            "unhealthy c and other-namespace d are no endpoints"
+        );
+        let v6 = s.resolve("[fd96::1]:80".parse().unwrap()).unwrap().unwrap();
+        assert_eq!(v6.endpoint, "[fd00::1]:8080".parse().unwrap(), "same family as the VIP");
+        assert_eq!(v6.hostname, "web.ns1.svc.cluster.local");
+        assert!(
+            s.resolve("10.96.0.1:81".parse().unwrap()).unwrap().is_err(),
+            "no such port"
+        );
+        assert!(s.resolve("10.0.0.1:80".parse().unwrap()).is_none(), "not a VIP");
+    }
+
+    #[test]
+    fn least_connections_prefers_the_idle_endpoint() {
+        let s = with_service("LEAST_CONNECTIONS");
+        let first = s.resolve("10.96.0.1:80".parse().unwrap()).unwrap().unwrap();
+        for _ in 0..3 {
+            let next = s.resolve("10.96.0.1:80".parse().unwrap()).unwrap().unwrap();
+            assert_ne!(
+                next.endpoint, first.endpoint,
+                "the busy endpoint is avoided while its connection is open"
+            );
+        }
+        drop(first);
+        let s2 = with_service("RANDOM");
+        let r = s2.resolve("10.96.0.1:80".parse().unwrap()).unwrap().unwrap();
+        assert!(["10.0.0.1:8080", "10.0.0.2:8080"].contains(&r.endpoint.to_string().as_str()));
     }
 
     #[test]

@@ -61,14 +61,33 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: S
         return;
     };
     let _ = client.set_nodelay(true);
-    let labels = labels(&ctx, dir, peer.ip(), dst.ip(), None);
+    // A service VIP becomes one of its endpoints (and the target port).
+    let (target, service) = match dir {
+        Direction::Outbound => match ctx.state.resolve(dst) {
+            None => (dst, None),
+            Some(Ok(r)) => (r.endpoint, Some(r)),
+            Some(Err(e)) => {
+                // Fail closed: a VIP is no address to connect to by itself.
+                let o = Outcome::failed("tcp", format!("no_endpoint: {e}"));
+                log_access(&ctx, dir, peer, dst, None, &o, start);
+                return;
+            }
+        },
+        _ => (dst, None),
+    };
+    let mut labels = labels(&ctx, dir, peer.ip(), target.ip(), None);
+    if let Some(r) = &service {
+        labels.destination_service = r.hostname.clone();
+        labels.destination_service_name = r.name.clone();
+        labels.destination_service_namespace = r.namespace.clone();
+    }
     ctx.metrics.opened(&labels);
     let outcome = match (dir, &ctx.mesh) {
-        (Direction::Outbound, Some(mesh)) => match ctx.state.by_ip(dst.ip()) {
-            Some(w) => tunnel(&ctx, mesh, client, peer, dst, w.identity).await,
-            None => plain(&ctx, client, dst, None).await,
+        (Direction::Outbound, Some(mesh)) => match ctx.state.by_ip(target.ip()) {
+            Some(w) => tunnel(&ctx, mesh, client, peer, target, w.identity).await,
+            None => plain(&ctx, client, target, None).await,
         },
-        (Direction::Outbound, None) => plain(&ctx, client, dst, None).await,
+        (Direction::Outbound, None) => plain(&ctx, client, target, None).await,
         _ => {
             // Plaintext inbound: no identity, so PeerAuthentication and
             // authorization decide with principal = none.
@@ -85,7 +104,8 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: S
     };
     ctx.metrics
         .closed(&labels, outcome.copied.sent, outcome.copied.received);
-    log_access(&ctx, dir, peer, dst, &outcome, start);
+    let via = service.as_ref().map(|r| (r.hostname.as_str(), target));
+    log_access(&ctx, dir, peer, dst, via, &outcome, start);
 }
 
 /// Istio's metric labels for a connection this agent carries: as the source
@@ -128,7 +148,17 @@ fn labels(ctx: &PodCtx, dir: Direction, src_ip: IpAddr, dst_ip: IpAddr, mtls_pee
     }
 }
 
-fn log_access(ctx: &PodCtx, dir: Direction, src: SocketAddr, dst: SocketAddr, o: &Outcome, start: Instant) {
+/// One line per connection. `dst` is what the client dialled; `via` the
+/// service and the endpoint it was sent to, when `dst` was a service VIP.
+fn log_access(
+    ctx: &PodCtx,
+    dir: Direction,
+    src: SocketAddr,
+    dst: SocketAddr,
+    via: Option<(&str, SocketAddr)>,
+    o: &Outcome,
+    start: Instant,
+) {
     // Outbound: the peer is the destination; inbound: the source.
     let (src_identity, dst_identity) = match dir {
         Direction::Outbound => (Some(ctx.identity.to_string()), o.peer_identity.clone()),
@@ -141,6 +171,8 @@ fn log_access(ctx: &PodCtx, dir: Direction, src: SocketAddr, dst: SocketAddr, o:
         protocol = o.protocol,
         src = %src,
         dst = %dst,
+        service = via.map_or("", |v| v.0),
+        endpoint = %via.map_or(dst, |v| v.1),
         src_identity = src_identity.as_deref().unwrap_or(""),
         dst_identity = dst_identity.as_deref().unwrap_or(""),
         mtls = o.protocol == "hbone",
@@ -322,6 +354,7 @@ pub async fn hbone_inbound(ctx: Arc<PodCtx>, tcp: TcpStream, _guard: TrackGuard)
                 Direction::Hbone,
                 canonical(i.remote),
                 i.authority,
+                None,
                 &outcome,
                 i.started,
             );

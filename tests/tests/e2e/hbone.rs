@@ -212,3 +212,76 @@ fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire()
     assert_eq!(dump["enrolled"][0], "default/server");
     Ok(())
 }
+
+const SERVICE: &str = "services:
+  - name: web
+    namespace: default
+    vips: [\"10.96.0.10\", \"fd00:96::10\"]
+    ports: [{port: 80, targetPort: 8080}]
+    selector: {app: server}
+";
+
+#[test]
+fn pod_to_service_vip_to_pod_is_load_balanced_over_hbone() -> Result<()> {
+    let w = World::new("svc")?;
+    let settings = testbed::mesh::Settings {
+        extra: SERVICE.into(),
+        ..Default::default()
+    };
+    mesh::write_config(&w.cluster, &w.config, crate::ENROLLED, &settings)?;
+    let ca = MeshCa::start(&w.cluster, "node1", &w.dir.join("ca"), &w.config)?;
+    let _server = Server::start(w.cluster.pod("server"), &[APP_PORT])?;
+    let (a1, a2) = agents(&w, &ca)?;
+
+    // The client dials the VIP; it is sent to the server pod's target port.
+    for (vip, shown) in [("10.96.0.10", "10.96.0.10:80"), ("fd00:96::10", "[fd00:96::10]:80")] {
+        let r = mesh::client(w.cluster.pod("client"), "once", vip, 80, &[])?;
+        assert!(
+            succeeded(&r) && r["peername"] == shown,
+            "getpeername shows the VIP: {r}"
+        );
+        let logs = a1.wait_access(WAIT, |l| !access_to(l, shown).is_empty())?;
+        let l = &access_to(&logs, shown)[0];
+        assert_eq!(l["service"], "web.default.svc.cluster.local", "{l}");
+        assert_eq!(
+            (l["protocol"].as_str(), l["dst_identity"].as_str()),
+            (Some("hbone"), Some(SERVER_ID)),
+            "{l}"
+        );
+        let endpoint = l["endpoint"].as_str().unwrap();
+        assert!(
+            endpoint.ends_with(":8080")
+                && endpoint.contains(if vip.contains(':') { "fd00:1:2::11" } else { "10.1.2.11" }),
+            "{l}"
+        );
+    }
+    let dst = format!("{}:{APP_PORT}", w.ip4("server"));
+    let inb = a2.wait_access(WAIT, |l| !access_to(l, &dst).is_empty())?;
+    assert_eq!(access_to(&inb, &dst)[0]["src_identity"], CLIENT_ID);
+
+    // A port the service does not have fails closed.
+    let r = mesh::client(w.cluster.pod("client"), "once", "10.96.0.10", 81, &[])?;
+    assert!(!succeeded(&r), "{r}");
+    a1.wait_access(WAIT, |l| {
+        l.iter()
+            .any(|l| l["result"].as_str().unwrap_or("").starts_with("no_endpoint"))
+    })?;
+
+    // The source agent reports the service in Istio's labels.
+    let out = w
+        .cluster
+        .node("node1")
+        .try_command("curl")?
+        .args(["-s", "http://127.0.0.1:15020/metrics"])
+        .output()?;
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("istio_tcp_connections_opened_total{reporter=\"source\"")
+                && l.contains("destination_service=\"web.default.svc.cluster.local\"")
+                && l.contains("destination_service_name=\"web\"")
+        ),
+        "{metrics}"
+    );
+    Ok(())
+}

@@ -469,8 +469,16 @@ fn an_independent_hbone_peer_interoperates_with_the_agent_in_both_directions() -
     // half-close: multiplexing and flow control with a foreign h2 stack.
     let size = MIB.to_string();
     let (big, _) = connect(&dst, as_client, &["--size", &size, "--streams", "4", "--skip-line"])?;
-    assert_eq!((big["status"].as_u64(), big["streams_ok"].as_u64()), (Some(200), Some(4)), "{big}");
-    assert_eq!((big["echo_ok"].as_bool(), big["echoed"].as_u64()), (Some(true), Some(MIB)), "{big}");
+    assert_eq!(
+        (big["status"].as_u64(), big["streams_ok"].as_u64()),
+        (Some(200), Some(4)),
+        "{big}"
+    );
+    assert_eq!(
+        (big["echo_ok"].as_bool(), big["echoed"].as_u64()),
+        (Some(true), Some(MIB)),
+        "{big}"
+    );
 
     let inb = a2.wait_access(WAIT, |l| access_to(l, &dst).len() >= 5)?;
     let outsider4 = w.ip4("outsider");
@@ -493,7 +501,10 @@ fn an_independent_hbone_peer_interoperates_with_the_agent_in_both_directions() -
         .filter(|i| i["bytes_sent"] == MIB && i["bytes_received"].as_u64() > Some(MIB))
         .map(|i| i["src"].clone())
         .collect();
-    assert!(big_srcs.len() == 4 && big_srcs.iter().all(|s| *s == big_srcs[0]), "{inb:?}");
+    assert!(
+        big_srcs.len() == 4 && big_srcs.iter().all(|s| *s == big_srcs[0]),
+        "{inb:?}"
+    );
 
     // Status codes: an :authority that is not this pod's -> 400; nothing
     // listening at the :authority -> 503.
