@@ -39,6 +39,8 @@ pub const HBONE_PORT: u16 = 15008;
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
 const MAX_FRAME: u32 = 1 << 20;
+/// Streams one connection carries at most (ztunnel's default).
+const MAX_STREAMS: u32 = 100;
 /// Read buffers start small and grow with the stream (ztunnel's steps).
 const BUF_STEPS: [(u64, usize); 3] = [(0, 1 << 10), (128 << 10, 16 << 10), (10 << 20, 256 << 10)];
 
@@ -65,7 +67,7 @@ pub struct ConnectHeaders {
     pub authority: SocketAddr,
     /// The original client, for `forwarded: for="..."`.
     pub client: SocketAddr,
-    /// `baggage` (k8s.namespace.name=..., etc.).
+    /// `baggage`: see [`baggage`].
     pub baggage: String,
 }
 
@@ -131,6 +133,13 @@ pub async fn connect(tcp: TcpStream, tls: Arc<ClientConfig>, headers: &ConnectHe
         recv: response.into_body(),
         peer: identity,
     })
+}
+
+/// Istio's `baggage` header describing the source workload.
+pub fn baggage(cluster: &str, namespace: &str, workload: &str, service: &str, version: &str) -> String {
+    format!(
+        "k8s.cluster.name={cluster},k8s.namespace.name={namespace},k8s.deployment.name={workload},service.name={service},service.version={version}"
+    )
 }
 
 /// `00-<trace id>-<span id>-00`, fresh per connection.
@@ -255,6 +264,7 @@ where
             source: io::Error::other("client has no SPIFFE identity"),
         })?;
     let mut conn = h2::server::Builder::new()
+        .max_concurrent_streams(MAX_STREAMS)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)

@@ -29,8 +29,12 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
+/// The mesh's suites: TLS 1.3 AES-256-GCM and AES-128-GCM only, as Istio.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![TLS13_AES_256_GCM_SHA384, TLS13_AES_128_GCM_SHA256];
+    Arc::new(p)
 }
 
 /// The mesh's trust anchors.

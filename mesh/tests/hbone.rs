@@ -220,6 +220,19 @@ async fn refusals_are_answered_with_their_status() {
 }
 
 #[test]
+fn only_istio_cipher_suites_are_offered() {
+    let pki = Pki::new("suites", "cluster.local");
+    let c = tls::client_config(&pki.cert(CLIENT), &pki.roots, vec![]).unwrap();
+    let names: Vec<String> = c
+        .crypto_provider()
+        .cipher_suites
+        .iter()
+        .map(|s| format!("{:?}", s.suite()))
+        .collect();
+    assert_eq!(names, vec!["TLS13_AES_256_GCM_SHA384", "TLS13_AES_128_GCM_SHA256"]);
+}
+
+#[test]
 fn keys_and_configs_are_tls13_only_with_h2() {
     let pki = Pki::new("cfg", "cluster.local");
     let c = tls::client_config(&pki.cert(CLIENT), &pki.roots, vec![]).unwrap();

@@ -30,6 +30,9 @@ use crate::{
     rbac,
 };
 
+/// Istio's default cluster name (`k8s.cluster.name` in `baggage`).
+const CLUSTER_NAME: &str = "Kubernetes";
+
 /// How a connection was carried, for the access log.
 struct Outcome {
     protocol: &'static str,
@@ -234,11 +237,13 @@ async fn tunnel(
     let headers = ConnectHeaders {
         authority: dst,
         client: SocketAddr::new(pod_ip_like(ctx, dst.ip()), peer.port()),
-        baggage: format!(
-            "k8s.namespace.name={},k8s.pod.name={}",
-            ctx.identity.namespace,
-            pod_name(&ctx.key)
-        ),
+        baggage: {
+            let own = ctx.ips.first().and_then(|ip| ctx.state.by_ip(*ip));
+            let label = |k: &str| own.as_ref().and_then(|w| w.labels.get(k).cloned());
+            let app = label("app").unwrap_or_else(|| pod_name(&ctx.key).to_string());
+            let version = label("version").unwrap_or_else(|| "unknown".into());
+            hbone::baggage(CLUSTER_NAME, &ctx.identity.namespace, &app, &app, &version)
+        },
     };
     match hbone::connect(tcp, cfg, &headers).await {
         Ok(t) => {
