@@ -74,6 +74,7 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
             let mesh_ctx = MeshCtx {
                 certs: secrets.store(),
                 roots: Roots::from_pem(&roots)?,
+                pool: mesh::pool::Pool::default(),
             };
             (Some(secrets), Some(Arc::new(mesh_ctx)))
         }

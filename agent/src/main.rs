@@ -186,6 +186,7 @@ struct RunArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    raise_fd_limit();
     match cli.cmd {
         Cmd::Run(a) => app::run(agent_config(*a)?),
         Cmd::Unenroll { pins, config, pod } => {
@@ -288,6 +289,18 @@ fn agent_config(a: RunArgs) -> anyhow::Result<config::AgentConfig> {
         readiness_addr: a.readiness_addr,
         admin_addr: a.admin_addr,
     })
+}
+
+/// Every proxied connection holds several descriptors: use all we may.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, "cannot raise the open-file limit");
+            }
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {

@@ -83,6 +83,8 @@ impl Drop for TrackGuard {
 pub struct MeshCtx {
     pub certs: CertStore,
     pub roots: Roots,
+    /// Outbound HBONE connections, shared by all pods of the node.
+    pub pool: mesh::pool::Pool,
 }
 
 /// What a connection handler needs to know about its pod.

@@ -16,7 +16,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use h2::{RecvStream, SendStream};
+use h2::{client::SendRequest, RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use rustls::{pki_types::ServerName, ClientConfig, ServerConfig};
 use tokio::{
@@ -46,6 +46,8 @@ const BUF_STEPS: [(u64, usize); 3] = [(0, 1 << 10), (128 << 10, 16 << 10), (10 <
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
+    #[error("cannot connect to {peer}: {source} (is port 15008 reachable, e.g. not blocked by a NetworkPolicy?)")]
+    Connect { peer: SocketAddr, source: io::Error },
     #[error("TLS handshake with {peer} failed: {source}")]
     Tls { peer: SocketAddr, source: io::Error },
     #[error("HTTP/2 with {peer}: {source}")]
@@ -79,10 +81,35 @@ pub struct Tunnel {
     pub peer: Option<SpiffeId>,
 }
 
-/// Opens a TLS connection over `tcp` and a CONNECT stream on it.
-pub async fn connect(tcp: TcpStream, tls: Arc<ClientConfig>, headers: &ConnectHeaders) -> Result<Tunnel, HboneError> {
+/// A TCP connection to a peer's 15008 and the TLS config to use on it.
+pub struct Dialed {
+    pub tcp: TcpStream,
+    pub tls: Arc<ClientConfig>,
+}
+
+type ClientConn = h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>;
+
+/// The future that drives an HTTP/2 client connection (poll it until done).
+pub struct Driver {
+    pub conn: ClientConn,
+}
+
+impl Driver {
+    pub fn ping_pong(&mut self) -> Option<h2::PingPong> {
+        self.conn.ping_pong()
+    }
+}
+
+/// A fresh client connection: its verified peer and its driver.
+pub struct Handshaken {
+    pub identity: Option<SpiffeId>,
+    pub driver: Driver,
+}
+
+/// TLS and HTTP/2 handshakes over `tcp`; streams are opened with [`open_stream`].
+pub async fn handshake(tcp: TcpStream, tls: Arc<ClientConfig>) -> Result<(SendRequest<Bytes>, Handshaken), HboneError> {
     let peer = tcp.peer_addr().map_err(|source| HboneError::Tls {
-        peer: headers.authority,
+        peer: "0.0.0.0:0".parse().expect("addr"),
         source,
     })?;
     // No SNI is sent (enable_sni = false); the name only satisfies the API.
@@ -97,20 +124,27 @@ pub async fn connect(tcp: TcpStream, tls: Arc<ClientConfig>, headers: &ConnectHe
         .peer_certificates()
         .and_then(|c| c.first())
         .and_then(|c| tls::peer_identity(c));
-    let h2err = |source| HboneError::H2 { peer, source };
-    let (send_request, conn) = h2::client::Builder::new()
+    let (send, conn) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .handshake::<_, Bytes>(stream)
         .await
-        .map_err(h2err)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "HBONE connection ended");
-        }
-    });
-    let mut send_request = send_request.ready().await.map_err(h2err)?;
+        .map_err(|source| HboneError::H2 { peer, source })?;
+    Ok((
+        send,
+        Handshaken {
+            identity,
+            driver: Driver { conn },
+        },
+    ))
+}
+
+/// One CONNECT stream on an established connection; Ok once answered 200.
+pub async fn open_stream(send: SendRequest<Bytes>, headers: &ConnectHeaders) -> Result<Tunnel, HboneError> {
+    let peer = headers.authority;
+    let h2err = |source| HboneError::H2 { peer, source };
+    let mut send = send.ready().await.map_err(h2err)?;
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(headers.authority.to_string())
@@ -119,7 +153,7 @@ pub async fn connect(tcp: TcpStream, tls: Arc<ClientConfig>, headers: &ConnectHe
         .header("traceparent", traceparent())
         .body(())
         .expect("valid request");
-    let (response, send) = send_request.send_request(req, false).map_err(h2err)?;
+    let (response, stream) = send.send_request(req, false).map_err(h2err)?;
     let response = response.await.map_err(h2err)?;
     if response.status() != StatusCode::OK {
         return Err(HboneError::Status {
@@ -129,10 +163,24 @@ pub async fn connect(tcp: TcpStream, tls: Arc<ClientConfig>, headers: &ConnectHe
         });
     }
     Ok(Tunnel {
-        send,
+        send: stream,
         recv: response.into_body(),
-        peer: identity,
+        peer: None,
     })
+}
+
+/// A dedicated connection with one CONNECT stream (no pooling).
+pub async fn connect(tcp: TcpStream, tls: Arc<ClientConfig>, headers: &ConnectHeaders) -> Result<Tunnel, HboneError> {
+    let (send, shaken) = handshake(tcp, tls).await?;
+    let conn = shaken.driver.conn;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "HBONE connection ended");
+        }
+    });
+    let mut tunnel = open_stream(send, headers).await?;
+    tunnel.peer = shaken.identity;
+    Ok(tunnel)
 }
 
 /// Istio's `baggage` header describing the source workload.

@@ -5,5 +5,6 @@
 pub mod ca;
 pub mod hbone;
 pub mod identity;
+pub mod pool;
 pub mod splice;
 pub mod tls;

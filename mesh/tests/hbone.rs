@@ -1,6 +1,13 @@
 //! HBONE over real TLS on loopback sockets: identities verified both ways,
 //! CONNECT answered only after the destination side accepts, bytes intact.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use mesh::{
     ca::{CaFiles, Signer},
@@ -66,12 +73,25 @@ async fn echo_app() -> SocketAddr {
 
 /// A 15008-like server that answers with `refuse` or connects to the app.
 async fn hbone_server(pki: &Pki, cert: &str, refuse: Option<u16>) -> (SocketAddr, mpsc::UnboundedReceiver<Inbound>) {
+    let (addr, rx, _) = counting_server(pki, cert, refuse).await;
+    (addr, rx)
+}
+
+/// Also counts the TCP connections it accepted.
+async fn counting_server(
+    pki: &Pki,
+    cert: &str,
+    refuse: Option<u16>,
+) -> (SocketAddr, mpsc::UnboundedReceiver<Inbound>, Arc<AtomicUsize>) {
     let cfg = tls::server_config(&pki.cert(cert), &pki.roots).unwrap();
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
             let (cfg, tx) = (cfg.clone(), tx.clone());
             tokio::spawn(async move {
                 let open = move |i: Inbound| {
@@ -97,7 +117,7 @@ async fn hbone_server(pki: &Pki, cert: &str, refuse: Option<u16>) -> (SocketAddr
             });
         }
     });
-    (addr, rx)
+    (addr, rx, accepted)
 }
 
 /// A local TCP pair: (the side the tunnel bridges, the "application client").
@@ -241,4 +261,89 @@ fn keys_and_configs_are_tls13_only_with_h2() {
     let s = tls::server_config(&pki.cert(SERVER), &pki.roots).unwrap();
     assert_eq!(s.alpn_protocols, vec![b"h2".to_vec()]);
     let _ = Arc::clone(&s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_multiplexes_streams_dials_once_and_respects_rotation() {
+    use mesh::pool::{Pool, PoolKey};
+    let pki = Pki::new("pool", "cluster.local");
+    let app = echo_app().await;
+    let (server, _seen, accepted) = counting_server(&pki, SERVER, None).await;
+    let pool = Pool::default();
+    let key = PoolKey {
+        src_identity: CLIENT.parse().unwrap(),
+        dst_identity: SERVER.parse().unwrap(),
+        dst: server,
+        src_ip: "127.0.0.1".parse().unwrap(),
+    };
+    let cert = Arc::new(pki.cert(CLIENT));
+    let headers = ConnectHeaders {
+        authority: app,
+        client: "10.0.0.1:1".parse().unwrap(),
+        baggage: String::new(),
+    };
+    let open = |serial: String, cert: Arc<WorkloadCert>| {
+        let (pool, key, headers, roots) = (pool.clone(), key.clone(), headers.clone(), pki.roots.clone());
+        async move {
+            pool.connect(&key, &serial, &headers, || async move {
+                let tls = tls::client_config(&cert, &roots, vec![SERVER.parse().unwrap()])?;
+                Ok(hbone::Dialed {
+                    tcp: TcpStream::connect(server).await.unwrap(),
+                    tls,
+                })
+            })
+            .await
+        }
+    };
+    // 50 concurrent first connects: one handshake, 50 streams.
+    let tunnels = futures_join_all((0..50).map(|_| open(cert.serial.clone(), cert.clone()))).await;
+    assert!(tunnels.iter().all(Result::is_ok));
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "concurrent first dials share one handshake"
+    );
+    assert_eq!(
+        tunnels[0]
+            .as_ref()
+            .unwrap()
+            .0
+            .peer
+            .as_ref()
+            .map(ToString::to_string)
+            .as_deref(),
+        Some(SERVER)
+    );
+    // 150 open streams need a second connection (100 per connection).
+    let more = futures_join_all((0..100).map(|_| open(cert.serial.clone(), cert.clone()))).await;
+    assert!(more.iter().all(Result::is_ok));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "100 streams per connection");
+    // A rotated certificate takes a new connection; old ones keep their streams.
+    let rotated = Arc::new(pki.cert(CLIENT));
+    let (t, _g) = open(rotated.serial.clone(), rotated.clone()).await.unwrap();
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    // The streams still carry bytes.
+    let (ours, mut app_client) = tcp_pair().await;
+    let bridge = tokio::spawn(t.bridge(ours));
+    app_client.write_all(b"pooled").await.unwrap();
+    app_client.shutdown().await.unwrap();
+    let mut echo = Vec::new();
+    app_client.read_to_end(&mut echo).await.unwrap();
+    assert_eq!(echo, b"pooled");
+    drop(app_client);
+    assert_eq!(bridge.await.unwrap().result, "ok");
+    assert_eq!(pool.connections(), 3);
+}
+
+/// Runs futures concurrently (no extra dependency for join_all).
+async fn futures_join_all<F: std::future::Future + Send + 'static>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
 }

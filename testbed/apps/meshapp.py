@@ -42,6 +42,10 @@ def serve_conn(conn):
 
 
 def server(ports):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     socks = []
     for port in ports:
         s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -154,9 +158,52 @@ def hold(a):
         return {"ok": ok, "error": str(e)}
 
 
+def burst(a):
+    """COUNT connections open at the same time, each echoing its message."""
+    import asyncio
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    async def one(i, opened, release):
+        r, w = await asyncio.wait_for(asyncio.open_connection(a.host, a.port), a.timeout)
+        try:
+            await asyncio.wait_for(r.readline(), a.timeout)
+            opened.append(i)
+            await release.wait()  # all connections are open at once
+            msg = f"conn {i}".encode()
+            w.write(msg)
+            await w.drain()
+            w.write_eof()
+            echo = await asyncio.wait_for(r.read(), a.timeout)
+            return echo == msg
+        finally:
+            w.close()
+
+    async def run():
+        opened, release = [], asyncio.Event()
+        tasks = [asyncio.ensure_future(one(i, opened, release)) for i in range(a.count)]
+        deadline = asyncio.get_event_loop().time() + a.timeout * 4
+        while len(opened) < a.count and asyncio.get_event_loop().time() < deadline:
+            if all(t.done() for t in tasks):
+                break
+            await asyncio.sleep(0.05)
+        peak = len(opened)
+        if a.hold:
+            await asyncio.sleep(a.hold)
+        release.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        ok = sum(1 for x in results if x is True)
+        errors = [repr(x) for x in results if x is not True][:5]
+        return {"ok": ok, "failed": a.count - ok, "open_at_once": peak, "errors": errors}
+
+    return asyncio.run(run())
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["server", "once", "loop", "hold"])
+    p.add_argument("mode", choices=["server", "once", "loop", "hold", "burst"])
     p.add_argument("--ports", type=int, nargs="*", default=[8080])
     p.add_argument("--host")
     p.add_argument("--port", type=int, default=8080)
@@ -166,12 +213,13 @@ def main():
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--interval", type=float, default=0.05)
     p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--hold", type=float, default=0.0, help="burst: seconds to keep all connections open")
     a = p.parse_args()
     if a.mode == "server":
         server(a.ports)
         return
     try:
-        out = {"once": once, "loop": loop, "hold": hold}[a.mode](a)
+        out = {"once": once, "loop": loop, "hold": hold, "burst": burst}[a.mode](a)
     except OSError as e:
         out = {"error": f"{type(e).__name__}: {e}", "errno": getattr(e, "errno", None)}
     print(json.dumps(out), flush=True)

@@ -17,7 +17,8 @@ use std::{
 use agent_common::{AGENT_MARK, HBONE_PORT};
 use http::StatusCode;
 use mesh::{
-    hbone::{self, ConnectHeaders, Inbound, Refusal},
+    hbone::{self, ConnectHeaders, HboneError, Inbound, Refusal},
+    pool::PoolKey,
     splice::{self, Copied},
     tls,
 };
@@ -220,20 +221,6 @@ async fn tunnel(
             format!("no_certificate: {} has no certificate yet (fail closed)", ctx.identity),
         );
     };
-    let cfg = match tls::client_config(&cert, &mesh.roots, vec![expected.clone()]) {
-        Ok(c) => c,
-        Err(e) => return Outcome::failed("hbone", format!("tls_config: {e}")),
-    };
-    let tcp = match connect_from_pod(ctx, SocketAddr::new(dst.ip(), HBONE_PORT)).await {
-        Ok(t) => t,
-        Err(e) => {
-            return Outcome::failed(
-                "hbone",
-                format!("connect_failed: {e} (is port {HBONE_PORT} reachable, e.g. not blocked by a NetworkPolicy?)"),
-            )
-        }
-    };
-    let _ = tcp.set_nodelay(true);
     let headers = ConnectHeaders {
         authority: dst,
         client: SocketAddr::new(pod_ip_like(ctx, dst.ip()), peer.port()),
@@ -245,8 +232,26 @@ async fn tunnel(
             hbone::baggage(CLUSTER_NAME, &ctx.identity.namespace, &app, &app, &version)
         },
     };
-    match hbone::connect(tcp, cfg, &headers).await {
-        Ok(t) => {
+    let hbone_dst = SocketAddr::new(dst.ip(), HBONE_PORT);
+    let key = PoolKey {
+        src_identity: ctx.identity.clone(),
+        dst_identity: expected.clone(),
+        dst: hbone_dst,
+        src_ip: pod_ip_like(ctx, dst.ip()),
+    };
+    let dial = || async {
+        let tls = tls::client_config(&cert, &mesh.roots, vec![expected.clone()])?;
+        let tcp = connect_from_pod(ctx, hbone_dst)
+            .await
+            .map_err(|source| HboneError::Connect {
+                peer: hbone_dst,
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        Ok(hbone::Dialed { tcp, tls })
+    };
+    match mesh.pool.connect(&key, &cert.serial, &headers, dial).await {
+        Ok((t, _stream)) => {
             let peer_identity = t.peer.as_ref().map(ToString::to_string);
             Outcome {
                 protocol: "hbone",

@@ -285,3 +285,61 @@ fn pod_to_service_vip_to_pod_is_load_balanced_over_hbone() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn concurrent_connections_share_few_tls_connections_and_thousands_complete() -> Result<()> {
+    let w = World::new("pool")?;
+    let ca = MeshCa::start(&w.cluster, "node1", &w.dir.join("ca"), &w.config)?;
+    let _server = Server::start(w.cluster.pod("server"), &[APP_PORT])?;
+    let (a1, _a2) = agents(&w, &ca)?;
+    let server4 = w.ip4("server");
+
+    // 60 connections open at once between the same two pods ...
+    let burst = mesh::spawn_client(
+        w.cluster.pod("client"),
+        "burst",
+        &server4,
+        APP_PORT,
+        &["--count", "60", "--hold", "1.5", "--timeout", "10"],
+    )?;
+    std::thread::sleep(Duration::from_millis(1200));
+    // ... are carried by few TLS connections, counted in the client pod's
+    // netns (the sockets the agent made there), not by the agent itself.
+    let ss = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &w.cluster.pod("client").netns,
+            "ss",
+            "-Htn",
+            "state",
+            "established",
+        ])
+        .arg(format!("dst {server4}:15008"))
+        .output()?;
+    let tls_conns = String::from_utf8_lossy(&ss.stdout).lines().count();
+    let r = mesh::client_report(burst)?;
+    assert_eq!(
+        (r["ok"].as_u64(), r["open_at_once"].as_u64()),
+        (Some(60), Some(60)),
+        "{r}"
+    );
+    assert!(
+        (1..=2).contains(&tls_conns),
+        "60 streams over {tls_conns} TLS connections"
+    );
+
+    // Thousands at once complete without loss.
+    let r = mesh::client(
+        w.cluster.pod("client"),
+        "burst",
+        &server4,
+        APP_PORT,
+        &["--count", "2000", "--timeout", "30"],
+    )?;
+    assert_eq!((r["ok"].as_u64(), r["failed"].as_u64()), (Some(2000), Some(0)), "{r}");
+    a1.wait_access(Duration::from_secs(30), |l| {
+        l.iter().filter(|l| l["protocol"] == "hbone").count() >= 2060
+    })?;
+    Ok(())
+}
