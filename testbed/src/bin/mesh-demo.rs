@@ -70,11 +70,30 @@ struct Flow {
 
 #[derive(Clone, Copy)]
 enum Tool {
+    /// curl to the `web` service's VIP (10.96.0.10:80), not to the pod.
+    CurlService,
     Curl,
     Python,
 }
 
+/// The `web` service: a VIP in front of the web pod's port 8080.
+const SERVICE_VIP: &str = "10.96.0.10";
+const SERVICE: &str = "services:
+  - name: web
+    namespace: default
+    vips: [\"10.96.0.10\"]
+    ports: [{port: 80, targetPort: 8080}]
+    selector: {app: web}
+";
+
 const FLOWS: &[Flow] = &[
+    Flow {
+        what: "enrolled -> service VIP -> enrolled pod (cross-node)",
+        from: "client",
+        to: "web",
+        ipv6: false,
+        tool: Tool::CurlService,
+    },
     Flow {
         what: "enrolled -> enrolled (cross-node)",
         from: "client",
@@ -128,7 +147,12 @@ fn run(cluster: &Cluster, dir: &std::path::Path) -> Result<()> {
         println!("   pod {:<7} on {}  {} / {}", p.name, p.node, p.ip4, p.ip6);
     }
     let config = dir.join("mesh.yaml");
-    mesh::write_config(cluster, &config, &["client", "web"], &Settings::default())?;
+    let settings = Settings {
+        extra: SERVICE.into(),
+        ..Settings::default()
+    };
+    mesh::write_config(cluster, &config, &["client", "web"], &settings)?;
+    println!("   service web: VIP {SERVICE_VIP}:80 -> pods with app=web, port 8080");
     println!("== starting the mesh CA on node1 (agent ca init + agent ca serve)");
     let ca = MeshCa::start(cluster, "node1", &dir.join("ca"), &config)?;
     println!(
@@ -173,6 +197,12 @@ fn run(cluster: &Cluster, dir: &std::path::Path) -> Result<()> {
             } else {
                 "plain TCP"
             };
+            if let Some(svc) = l["service"].as_str().filter(|s| !s.is_empty()) {
+                println!(
+                    "   {node} agent: service {svc} -> endpoint {}",
+                    l["endpoint"].as_str().unwrap_or("?")
+                );
+            }
             println!(
                 "   captured by {node} agent: {} {} -> {}  via {how}; sent {} B, received {} B, {}",
                 l["direction"].as_str().unwrap_or("?"),
@@ -193,6 +223,11 @@ fn run(cluster: &Cluster, dir: &std::path::Path) -> Result<()> {
     let _ = http.kill();
     let _ = http.wait();
 
+    println!("\n== Istio metrics each agent exports (curl http://127.0.0.1:15020/metrics in the node)");
+    for a in &agents {
+        print_metrics(cluster, &a.node)?;
+    }
+
     println!("\n== what the kernel programs counted (agent status, from the pinned maps)");
     for a in &agents {
         let s = a.status()?;
@@ -201,6 +236,38 @@ fn run(cluster: &Cluster, dir: &std::path::Path) -> Result<()> {
     println!("\n== tearing down (namespaces, cgroups, pins, processes)");
     if failures > 0 {
         bail!("{failures} flow(s) failed");
+    }
+    Ok(())
+}
+
+/// The `istio_tcp_connections_opened_total` series of a node's agent, short.
+fn print_metrics(cluster: &Cluster, node: &str) -> Result<()> {
+    let out = cluster
+        .node(node)
+        .try_command("curl")?
+        .args(["-s", "http://127.0.0.1:15020/metrics"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+    {
+        let label = |k: &str| {
+            line.split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("?")
+                .to_string()
+        };
+        let count = line.rsplit(' ').next().unwrap_or("?");
+        println!(
+            "   {node}: {} connections opened, reporter={}, {} -> {}, security={}",
+            count,
+            label("reporter"),
+            label("source_workload"),
+            label("destination_workload"),
+            label("connection_security_policy"),
+        );
     }
     Ok(())
 }
@@ -234,8 +301,11 @@ fn send(cluster: &Cluster, f: &Flow) -> Result<(bool, String, String)> {
     let (from, to) = (cluster.pod(f.from), cluster.pod(f.to));
     let host = if f.ipv6 { to.ip6.to_string() } else { to.ip4.to_string() };
     match f.tool {
-        Tool::Curl => {
-            let url = if f.ipv6 {
+        Tool::Curl | Tool::CurlService => {
+            let service = matches!(f.tool, Tool::CurlService);
+            let url = if service {
+                format!("http://{SERVICE_VIP}/")
+            } else if f.ipv6 {
                 format!("http://[{host}]:8080/")
             } else {
                 format!("http://{host}:8080/")
@@ -259,7 +329,9 @@ fn send(cluster: &Cluster, f: &Flow) -> Result<(bool, String, String)> {
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr).trim()
             );
-            let dst = if f.ipv6 {
+            let dst = if service {
+                format!("{SERVICE_VIP}:80")
+            } else if f.ipv6 {
                 format!("[{host}]:8080")
             } else {
                 format!("{host}:8080")
@@ -282,13 +354,23 @@ fn send(cluster: &Cluster, f: &Flow) -> Result<(bool, String, String)> {
 fn wait_captured(agents: &[Agent], before: &[usize], dst: &str) -> Vec<(String, Value)> {
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     loop {
-        let new: Vec<(String, Value)> = agents
+        let all: Vec<(String, Value)> = agents
             .iter()
             .zip(before)
             .flat_map(|(a, n)| a.access_logs().into_iter().skip(*n).map(|l| (a.node.clone(), l)))
-            .filter(|(_, l)| l["dst"] == dst)
             .collect();
-        if !new.is_empty() || std::time::Instant::now() > deadline {
+        // A service VIP reaches the destination agent as its endpoint.
+        let endpoints: Vec<Value> = all
+            .iter()
+            .filter(|(_, l)| l["dst"] == dst)
+            .map(|(_, l)| l["endpoint"].clone())
+            .collect();
+        let new: Vec<(String, Value)> = all
+            .into_iter()
+            .filter(|(_, l)| l["dst"] == dst || endpoints.contains(&l["dst"]))
+            .collect();
+        let both_sides = new.len() >= 2 || std::time::Instant::now() > deadline;
+        if both_sides || (!new.is_empty() && std::time::Instant::now() + Duration::from_millis(1500) > deadline) {
             return new;
         }
         std::thread::sleep(Duration::from_millis(50));
