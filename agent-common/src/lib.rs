@@ -11,6 +11,12 @@ pub const INBOUND_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = 15008;
 /// SO_MARK on every socket the agent opens itself; capture skips it (Istio uses 1337 too).
 pub const AGENT_MARK: u32 = 1337;
+/// SO_MARK of the agent's connections to an application inside its pod that
+/// carry the real client's address (IP_TRANSPARENT). The app's replies
+/// inherit it (tcp_fwmark_accept) and a policy route keeps them local.
+pub const FORWARD_MARK: u32 = 1338;
+/// Routing table of that policy route, in each enrolled pod netns.
+pub const FORWARD_TABLE: u32 = 133;
 /// Version of the pinned bpffs layout (map shapes and names). Bump on any
 /// incompatible change so a newer agent refuses to reuse an older layout.
 pub const PIN_LAYOUT_VERSION: u32 = 1;
@@ -26,6 +32,7 @@ pub mod maps {
     pub const EXCL_PORTS: &str = "EXCL_PORTS";
     pub const EXCL_CIDRS: &str = "EXCL_CIDRS";
     pub const STATS: &str = "STATS";
+    pub const LOCAL_FWD: &str = "LOCAL_FWD";
 }
 
 /// Program names (the Rust function names in agent-ebpf).
@@ -132,6 +139,15 @@ pub struct ConnKey {
     pub _pad: [u8; 6],
 }
 
+/// A socket address as sk_lookup sees the remote end (port in host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub addr: Ip6,
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
 /// Indexes of the per-CPU counters in the STATS map.
 pub mod stats {
     /// Outbound connects redirected to the agent.
@@ -166,6 +182,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::PodEntry {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::SockKey {}
 }
 
 #[cfg(test)]
@@ -178,6 +195,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<OrigDst>(), 24);
         assert_eq!(core::mem::size_of::<ConnKey>(), 32);
         assert_eq!(core::mem::size_of::<PodEntry>(), 8);
+        assert_eq!(core::mem::size_of::<SockKey>(), 24);
     }
 
     #[test]

@@ -17,7 +17,9 @@
 
 use core::ptr::read_volatile;
 
-use agent_common::{stats, ConnKey, Ip6, OrigDst, PodEntry, AGENT_MARK, HBONE_PORT, OUTBOUND_PORT};
+use agent_common::{
+    stats, ConnKey, Ip6, OrigDst, PodEntry, SockKey, AGENT_MARK, FORWARD_MARK, HBONE_PORT, OUTBOUND_PORT,
+};
 use aya_ebpf::{
     bindings::{
         sk_action::{SK_DROP, SK_PASS},
@@ -65,6 +67,10 @@ static EXCL_PORTS: HashMap<u16, u32> = HashMap::pinned(256, 0);
 /// Destination CIDRs never redirected (IPv4 as ::ffff:0:0/96 + prefix).
 #[map]
 static EXCL_CIDRS: LpmTrie<Ip6, u32> = LpmTrie::pinned(256, 0);
+/// The agent's own connections to an app carrying the client's source
+/// address: sk_lookup lets them through (key: their source address).
+#[map]
+static LOCAL_FWD: LruHashMap<SockKey, u32> = LruHashMap::pinned(65536, 0);
 /// Counters, see `agent_common::stats`.
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
@@ -102,7 +108,7 @@ fn outbound_verdict(ctx: &SockAddrContext, dst: Ip6, port: u16, family: u16) -> 
     }
     // SAFETY: ctx->sk is always a valid socket in sock_addr programs.
     let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
-    if mark == AGENT_MARK || dst.is_loopback() || dst.words == [0; 4] || is_v4_unspecified(&dst) {
+    if mark == AGENT_MARK || mark == FORWARD_MARK || dst.is_loopback() || dst.words == [0; 4] || is_v4_unspecified(&dst) {
         count(stats::OUTBOUND_SKIPPED);
         return Outbound::Pass;
     }
@@ -297,13 +303,15 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     // Not captured: the HBONE port; loopback; the pod talking to itself
-    // (this includes the agent's own forward to the app, which the kernel
-    // routes locally but does not report as arriving on `lo`); and the node
-    // itself (kubelet probes).
+    // (the kernel routes it locally but does not report it as arriving on
+    // `lo`); the node itself (kubelet probes); and the agent's own forwards
+    // to the app that carry the client's address (LOCAL_FWD).
+    let fwd = SockKey { addr: remote, port: u16::from_be(l.remote_port), _pad: [0; 6] };
     if l.local_port == u32::from(HBONE_PORT)
         || l.ingress_ifindex == LOOPBACK_IFINDEX
         || local == remote
         || unsafe { NODE_ADDRS.get(&remote) }.is_some()
+        || unsafe { LOCAL_FWD.get(&fwd) }.is_some()
     {
         count(stats::INBOUND_SKIPPED);
         return SK_PASS;

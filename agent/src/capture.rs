@@ -18,7 +18,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{maps as names, programs as progs, stats, ConnKey, Ip6, OrigDst, PodEntry, PIN_LAYOUT_VERSION};
+use agent_common::{
+    maps as names, programs as progs, stats, ConnKey, Ip6, OrigDst, PodEntry, SockKey, PIN_LAYOUT_VERSION,
+};
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, SockHash},
     programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps},
@@ -147,10 +149,36 @@ pub struct Maps {
     stats: PerCpuArray<MapData, u64>,
 }
 
-/// Read side of CONN_ORIG, shared by every accept loop.
-pub struct OrigDstTable(HashMap<MapData, ConnKey, OrigDst>);
+/// The maps the proxy uses per connection: CONN_ORIG (read) and LOCAL_FWD.
+pub struct ProxyMaps(
+    HashMap<MapData, ConnKey, OrigDst>,
+    std::sync::Mutex<HashMap<MapData, SockKey, u32>>,
+);
 
-impl OrigDstTable {
+impl ProxyMaps {
+    /// Lets the agent's connection from `src` (the client's address) past
+    /// sk_lookup; call before connecting, then [`ProxyMaps::forget_forward`].
+    pub fn allow_forward(&self, src: std::net::SocketAddr) -> Result<(), CaptureError> {
+        let key = SockKey {
+            addr: to_ip6(src.ip()),
+            port: src.port(),
+            _pad: [0; 6],
+        };
+        bpf!(
+            "LOCAL_FWD insert",
+            self.1.lock().unwrap_or_else(|e| e.into_inner()).insert(key, 1, 0)
+        )
+    }
+
+    pub fn forget_forward(&self, src: std::net::SocketAddr) {
+        let key = SockKey {
+            addr: to_ip6(src.ip()),
+            port: src.port(),
+            _pad: [0; 6],
+        };
+        let _ = self.1.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+    }
+
     /// Where the application behind the accepted connection from `peer` (in
     /// the pod netns with `netns_cookie`) wanted to go.
     pub fn lookup(&self, netns_cookie: u64, peer: std::net::SocketAddr) -> Option<std::net::SocketAddr> {
@@ -167,7 +195,7 @@ impl OrigDstTable {
 
 impl Maps {
     /// Opens every map through `open` (from a loaded object or from pins).
-    fn open(mut open: impl FnMut(&str) -> Result<Map, CaptureError>) -> Result<(Self, OrigDstTable), CaptureError> {
+    fn open(mut open: impl FnMut(&str) -> Result<Map, CaptureError>) -> Result<(Self, ProxyMaps), CaptureError> {
         macro_rules! typed {
             ($name:expr) => {
                 bpf!(
@@ -185,11 +213,17 @@ impl Maps {
             excl_cidrs: typed!(names::EXCL_CIDRS),
             stats: typed!(names::STATS),
         };
-        Ok((maps, OrigDstTable(typed!(names::CONN_ORIG))))
+        Ok((
+            maps,
+            ProxyMaps(
+                typed!(names::CONN_ORIG),
+                std::sync::Mutex::new(typed!(names::LOCAL_FWD)),
+            ),
+        ))
     }
 
     /// Opens the maps an agent pinned, without loading any program.
-    pub fn from_pins(pins: &Pins) -> Result<(Self, OrigDstTable), CaptureError> {
+    pub fn from_pins(pins: &Pins) -> Result<(Self, ProxyMaps), CaptureError> {
         if !pins.maps().is_dir() {
             return Err(CaptureError::NoPins(pins.dir.display().to_string()));
         }
@@ -321,7 +355,7 @@ impl Capture {
         bpffs: &Path,
         pin_name: &str,
         cgroup_parent: &Path,
-    ) -> Result<(Self, OrigDstTable), CaptureError> {
+    ) -> Result<(Self, ProxyMaps), CaptureError> {
         probe::ensure_bpffs(bpffs)?;
         probe::check_cgroup2(cgroup_parent)?;
         probe::check_program_types()?;

@@ -9,7 +9,7 @@ use std::{
 use tokio::sync::watch;
 
 use crate::{
-    capture::{Capture, CaptureError, OrigDstTable},
+    capture::{Capture, CaptureError, ProxyMaps},
     config::{AgentConfig, LocalConfig, PodSpec},
     netns::Netns,
     proxy::{policed::OpenConns, MeshCtx, PodCtx, PodProxy, Tracker},
@@ -35,7 +35,7 @@ pub struct InPod {
     node: String,
     cgroup_parent: std::path::PathBuf,
     capture: Capture,
-    orig: Arc<OrigDstTable>,
+    orig: Arc<ProxyMaps>,
     tracker: Arc<Tracker>,
     shutdown: watch::Receiver<bool>,
     mesh: Option<Arc<MeshCtx>>,
@@ -53,7 +53,7 @@ impl InPod {
     pub fn new(
         cfg: &AgentConfig,
         capture: Capture,
-        orig: OrigDstTable,
+        orig: ProxyMaps,
         tracker: Arc<Tracker>,
         shutdown: watch::Receiver<bool>,
         dp: DataPlane,
@@ -164,12 +164,20 @@ impl InPod {
         }
         let netns = Netns::open(&spec.netns)?;
         let netns_cookie = netns.cookie()?;
+        let transparent = match netns.run(prepare_transparent_forwarding)? {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(pod = %spec.key(), error = %e, "cannot set up transparent forwarding; the app will see the agent's address as the client");
+                false
+            }
+        };
         let ctx = Arc::new(PodCtx {
             key: spec.key(),
             identity: mesh::identity::SpiffeId::new(&self.trust_domain, &spec.namespace, &spec.service_account),
             ips: spec.ips.clone(),
             mesh: self.mesh.clone(),
             state: self.state.clone(),
+            transparent,
             open: self.open.clone(),
             metrics: self.metrics.clone(),
             netns,
@@ -187,6 +195,21 @@ impl InPod {
             _proxy: proxy,
         })
     }
+}
+
+/// In the pod netns: replies to the agent's transparent forwards inherit
+/// their mark (tcp_fwmark_accept for the app's packets, fwmark_reflect for
+/// the kernel's own RSTs and ICMP, e.g. when the port is closed) and are
+/// routed back locally (rtnl).
+fn prepare_transparent_forwarding() -> std::io::Result<()> {
+    for (path, value) in [
+        ("/proc/sys/net/ipv4/tcp_fwmark_accept", "1"),
+        ("/proc/sys/net/ipv4/fwmark_reflect", "1"),
+        ("/proc/sys/net/ipv6/fwmark_reflect", "1"),
+    ] {
+        std::fs::write(path, value)?;
+    }
+    crate::rtnl::add_forward_routing()
 }
 
 /// Whether two specs capture the same way (labels and the like may change

@@ -11,4 +11,5 @@ pub mod metrics;
 pub mod netns;
 pub mod proxy;
 pub mod rbac;
+pub mod rtnl;
 pub mod state;

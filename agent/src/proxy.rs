@@ -28,7 +28,7 @@ use mesh::{identity::SpiffeId, tls::Roots};
 use socket2::{Domain, Socket, Type};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
-use crate::{capture::OrigDstTable, identity::CertStore, netns::Netns, state::State};
+use crate::{capture::ProxyMaps, identity::CertStore, netns::Netns, state::State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -96,12 +96,15 @@ pub struct PodCtx {
     pub mesh: Option<Arc<MeshCtx>>,
     /// Workloads and policies.
     pub state: State,
+    /// Whether the pod netns routes replies of transparent forwards back to
+    /// the agent (then the app sees the real client address).
+    pub transparent: bool,
     /// Open inbound connections, re-checked when policy changes.
     pub open: Arc<policed::OpenConns>,
     pub metrics: crate::metrics::TcpMetrics,
     pub netns: Netns,
     pub netns_cookie: u64,
-    pub orig: Arc<OrigDstTable>,
+    pub orig: Arc<ProxyMaps>,
     pub tracker: Arc<Tracker>,
 }
 

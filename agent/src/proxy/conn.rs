@@ -14,7 +14,7 @@ use std::{
     time::Instant,
 };
 
-use agent_common::{AGENT_MARK, HBONE_PORT};
+use agent_common::{AGENT_MARK, FORWARD_MARK, HBONE_PORT};
 use http::StatusCode;
 use mesh::{
     hbone::{self, ConnectHeaders, HboneError, Inbound, Refusal},
@@ -188,10 +188,15 @@ fn log_access(
     );
 }
 
-/// Plain TCP; an authorized inbound connection (`policed`) stays registered
-/// for policy re-checks while open.
+/// Plain TCP; an authorized inbound connection (`policed`) is made with the
+/// client's source address and stays registered for policy re-checks.
 async fn plain(ctx: &PodCtx, client: TcpStream, dst: SocketAddr, policed: Option<rbac::Conn>) -> Outcome {
-    match connect_from_pod(ctx, dst).await {
+    // Inbound (policed) connections reach the app with the client's address.
+    let upstream = match &policed {
+        Some(c) => connect_to_app(ctx, c.src_ip, dst).await,
+        None => connect_from_pod(ctx, dst).await,
+    };
+    match upstream {
         Ok(upstream) => {
             let _ = upstream.set_nodelay(true);
             let _registration = policed.map(|c| ctx.open.register(&ctx.key, dst.ip(), c, &[&client, &upstream]));
@@ -314,10 +319,12 @@ pub async fn hbone_inbound(ctx: Arc<PodCtx>, tcp: TcpStream, _guard: TrackGuard)
                         reason: format!("denied: {}", denied.0),
                     });
                 }
-                let upstream = connect_from_pod(&ctx, i.authority).await.map_err(|e| Refusal {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    reason: format!("connect_failed: {e}"),
-                })?;
+                let upstream = connect_to_app(&ctx, i.remote.ip(), i.authority)
+                    .await
+                    .map_err(|e| Refusal {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        reason: format!("connect_failed: {e}"),
+                    })?;
                 // Registered while the stream lasts, for policy re-checks.
                 let registration = ctx.open.register(&ctx.key, i.authority.ip(), conn, &[&upstream]);
                 ctx.metrics.opened(&labels(
@@ -387,6 +394,38 @@ fn original_destination(ctx: &PodCtx, dir: Direction, client: &TcpStream, peer: 
 /// IPv4 peers of dual-stack listeners as plain IPv4.
 fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// A connection to the application at `dst` inside the pod that carries the
+/// client's address `client` as its source, so the app sees who is calling.
+/// Falls back to an ordinary connection when the pod netns is not prepared
+/// or the families differ.
+async fn connect_to_app(ctx: &PodCtx, client: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let client = client.to_canonical();
+    if !ctx.transparent || client.is_ipv4() != dst.is_ipv4() || ctx.ips.contains(&client) {
+        return connect_from_pod(ctx, dst).await;
+    }
+    let sock = ctx.netns.run(|| -> std::io::Result<Socket> {
+        let s = Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking().cloexec(), None)?;
+        s.set_mark(FORWARD_MARK)?;
+        if client.is_ipv4() {
+            s.set_ip_transparent_v4(true)?;
+        } else {
+            s.set_ip_transparent_v6(true)?;
+        }
+        s.bind(&SocketAddr::new(client, 0).into())?;
+        Ok(s)
+    });
+    let sock = sock.map_err(std::io::Error::other)??;
+    let src = sock
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("no local address"))?;
+    // sk_lookup must not take this connection for a new inbound one.
+    ctx.orig.allow_forward(src).map_err(std::io::Error::other)?;
+    let r = TcpSocket::from_std_stream(sock.into()).connect(dst).await;
+    ctx.orig.forget_forward(src);
+    r
 }
 
 /// A connection to `dst` made from inside the pod's network namespace, with

@@ -97,6 +97,14 @@ fn inbound_goes_through_15006_except_hbone_port_loopback_and_node_probes() -> Re
     let r = w.once("outsider", &server4, 7777)?;
     assert!(succeeded(&r), "{r}");
     assert_eq!(r["server"]["server_local"], format!("{server4}:7777"));
+    // ... and the app sees the real client (transparent source), not the agent.
+    assert!(
+        r["server"]["server_peer"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}:", w.ip4("outsider"))),
+        "{r}"
+    );
     let logs = a2.wait_access(WAIT, |l| !l.is_empty())?;
     assert_eq!(logs.len(), 1, "{logs:?}");
     assert_eq!(logs[0]["direction"], "inbound");

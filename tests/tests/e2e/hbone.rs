@@ -97,6 +97,14 @@ fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire()
         &["--message", MARKER],
     )?;
     assert!(succeeded(&r) && r["peername"] == format!("{server4}:{APP_PORT}"), "{r}");
+    // The application sees the client's pod address (transparent source).
+    assert!(
+        r["server"]["server_peer"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}:", w.ip4("client"))),
+        "{r}"
+    );
     // Large transfer with half-close, over IPv6.
     const SIZE: u64 = 32 << 20;
     let big = mesh::client(
@@ -107,6 +115,13 @@ fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire()
         &["--size", &SIZE.to_string()],
     )?;
     assert!(succeeded(&big) && big["echoed"] == SIZE, "{big}");
+    assert!(
+        big["server"]["server_peer"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("[{}]:", w.ip6("client"))),
+        "{big}"
+    );
     // A destination outside the mesh is passed through as plain TCP.
     assert!(succeeded(&w.once("client", &w.ip4("backend"), APP_PORT)?));
     std::thread::sleep(Duration::from_millis(300));
