@@ -106,7 +106,7 @@ fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire()
         "{r}"
     );
     // Large transfer with half-close, over IPv6.
-    const SIZE: u64 = 32 << 20;
+    const SIZE: u64 = 256 << 20;
     let big = mesh::client(
         w.cluster.pod("client"),
         "once",
@@ -356,5 +356,78 @@ fn concurrent_connections_share_few_tls_connections_and_thousands_complete() -> 
     a1.wait_access(Duration::from_secs(30), |l| {
         l.iter().filter(|l| l["protocol"] == "hbone").count() >= 2060
     })?;
+    Ok(())
+}
+
+#[test]
+fn certificate_rotation_keeps_open_connections_and_new_ones_use_the_new_certificate() -> Result<()> {
+    let w = World::new("rotate")?;
+    let ca = MeshCa::start(&w.cluster, "node1", &w.dir.join("ca"), &w.config)?;
+    let _server = Server::start(w.cluster.pod("server"), &[APP_PORT])?;
+    // Certificates of 6 s, renewed after 3 s.
+    let start = |node: &str, sa: &str| -> Result<testbed::mesh::Agent> {
+        let mut args = ca.client_args(node);
+        args.extend(["--cert-lifetime".into(), "6s".into()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut a = testbed::mesh::Agent::start(&w.cluster, node, &w.config, &w.dir, &args)?;
+        a.wait_for("agent ready", WAIT)?;
+        let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
+        a.wait_access(WAIT, |_| {
+            a.logs()
+                .iter()
+                .any(|l| l["message"] == "workload certificate ready" && l["identity"] == id)
+        })?;
+        Ok(a)
+    };
+    let a1 = start("node1", "client")?;
+    let _a2 = start("node2", "server")?;
+    let server4 = w.ip4("server");
+    let tls_conns = || -> Result<usize> {
+        let ss = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &w.cluster.pod("client").netns,
+                "ss",
+                "-Htn",
+                "state",
+                "established",
+            ])
+            .arg(format!("dst {server4}:15008"))
+            .output()?;
+        Ok(String::from_utf8_lossy(&ss.stdout).lines().count())
+    };
+    // A long-lived connection streams across two renewals (8 s).
+    let held = mesh::spawn_client(
+        w.cluster.pod("client"),
+        "hold",
+        &server4,
+        APP_PORT,
+        &["--count", "80", "--interval", "0.1"],
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(tls_conns()?, 1);
+    let renewed = |n: usize| {
+        a1.logs()
+            .iter()
+            .filter(|l| l["message"] == "workload certificate ready" && l["identity"] == CLIENT_ID)
+            .count()
+            >= n
+    };
+    a1.wait_access(Duration::from_secs(10), |_| renewed(2))?;
+    // A new connection after the rotation takes a new TLS connection (the
+    // pooled one was made with the old certificate), beside the old one.
+    assert!(succeeded(&w.once("client", &server4, APP_PORT)?));
+    assert_eq!(
+        tls_conns()?,
+        2,
+        "the old connection stays for its stream; the new one uses the new certificate"
+    );
+    let h = mesh::client_report(held)?;
+    assert_eq!(
+        (h["ok"].as_u64(), &h["error"]),
+        (Some(80), &Value::Null),
+        "the open connection survives rotation: {h}"
+    );
     Ok(())
 }
