@@ -147,13 +147,22 @@ fn config_dump(node: String, state: State, certs: Option<CertStore>, enrolled: A
         let mut workloads: Vec<serde_json::Value> = snap
             .workloads
             .iter()
-            .map(|(ip, w)| serde_json::json!({"ip": ip, "pod": w.key, "identity": w.identity.to_string(), "labels": w.labels}))
+            .map(|(ip, w)| {
+                serde_json::json!({
+                    "ip": ip, "pod": w.key, "identity": w.identity.to_string(), "labels": w.labels,
+                    "tunnel": if w.hbone { "HBONE" } else { "NONE" }, "waypoint": w.waypoint,
+                })
+            })
             .collect();
         workloads.sort_by_key(|w| w["ip"].to_string());
         serde_json::json!({
             "node": node,
             "enrolled": *enrolled.read().unwrap_or_else(|e| e.into_inner()),
             "workloads": workloads,
+            "services": snap.services.iter().map(|s| serde_json::json!({
+                "hostname": s.spec.hostname(), "vips": s.spec.vips, "ports": s.spec.ports,
+                "endpoints": s.endpoints, "loadBalancing": s.spec.load_balancing, "waypoint": s.spec.waypoint,
+            })).collect::<Vec<_>>(),
             "authorizationPolicies": snap.policies,
             "peerAuthentications": snap.peer_auths,
             "certificates": certs.as_ref().map(CertStore::dump).unwrap_or_default(),

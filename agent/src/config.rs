@@ -96,6 +96,10 @@ pub struct ServiceSpec {
     pub selector: BTreeMap<String, String>,
     #[serde(default)]
     pub load_balancing: LoadBalancing,
+    /// The waypoint for traffic to this service (carried; steering comes
+    /// with the waypoint).
+    #[serde(default)]
+    pub waypoint: Option<WaypointRef>,
 }
 
 impl ServiceSpec {
@@ -157,6 +161,34 @@ pub struct PodSpec {
     /// Unhealthy pods are no service endpoint (default: healthy).
     #[serde(default = "default_true")]
     pub healthy: bool,
+    /// How peers reach it: HBONE (in the mesh, default) or NONE (plain TCP).
+    #[serde(default)]
+    pub tunnel: TunnelProtocol,
+    /// The waypoint its traffic must go through (carried; steering comes
+    /// with the waypoint).
+    #[serde(default)]
+    pub waypoint: Option<WaypointRef>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum TunnelProtocol {
+    #[default]
+    Hbone,
+    None,
+}
+
+/// A waypoint binding: the waypoint's address (and HBONE port).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WaypointRef {
+    pub address: IpAddr,
+    #[serde(default = "default_hbone_port")]
+    pub port: u16,
+}
+
+fn default_hbone_port() -> u16 {
+    agent_common::HBONE_PORT
 }
 
 fn default_true() -> bool {

@@ -134,6 +134,8 @@ mod tests {
             key: "default/client-abc".into(),
             identity: mesh::identity::SpiffeId::new("cluster.local", "default", "client"),
             labels: BTreeMap::from([("app".into(), "client".into()), ("version".into(), "v1".into())]),
+            hbone: true,
+            waypoint: None,
         };
         let l = TcpLabels::new(
             "destination",

@@ -23,6 +23,9 @@ pub struct Workload {
     pub key: String,
     pub identity: SpiffeId,
     pub labels: BTreeMap<String, String>,
+    /// Reached over HBONE (else plain TCP).
+    pub hbone: bool,
+    pub waypoint: Option<crate::config::WaypointRef>,
 }
 
 /// A service and the pods that back it.
@@ -166,6 +169,8 @@ impl State {
                     key: p.key(),
                     identity: SpiffeId::new(trust_domain, &p.namespace, &p.service_account),
                     labels: p.labels.clone(),
+                    hbone: p.tunnel == crate::config::TunnelProtocol::Hbone,
+                    waypoint: p.waypoint.clone(),
                 };
                 p.ips.iter().map(move |ip| (*ip, w.clone()))
             })
@@ -283,6 +288,21 @@ mod tests {
         let s2 = with_service("RANDOM");
         let r = s2.resolve("10.96.0.1:80".parse().unwrap()).unwrap().unwrap();
         assert!(["10.0.0.1:8080", "10.0.0.2:8080"].contains(&r.endpoint.to_string().as_str()));
+    }
+
+    #[test]
+    fn tunnel_protocol_and_waypoints_are_carried() {
+        let text = CFG.replace("labels: {app: a}}", "labels: {app: a}, tunnel: NONE, waypoint: {address: 10.0.9.9}}");
+        let cfg = LocalConfig::parse(std::path::Path::new("m.yaml"), &text).unwrap();
+        let s = State::default();
+        s.update(&cfg, "td");
+        let w = s.by_ip("10.0.0.1".parse().unwrap()).unwrap();
+        assert!(!w.hbone, "NONE: reached with plain TCP");
+        let wp = w.waypoint.unwrap();
+        assert_eq!((wp.address, wp.port), ("10.0.9.9".parse().unwrap(), 15008));
+        let bad = CFG.replace("labels: {app: a}}", "labels: {app: a}, tunnel: IPSEC}");
+        let e = LocalConfig::parse(std::path::Path::new("m.yaml"), &bad).unwrap_err().to_string();
+        assert!(e.contains("pods[0].tunnel") && e.contains("HBONE"), "{e}");
     }
 
     #[test]

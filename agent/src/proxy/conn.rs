@@ -87,7 +87,7 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: S
     }
     ctx.metrics.opened(&labels);
     let outcome = match (dir, &ctx.mesh) {
-        (Direction::Outbound, Some(mesh)) => match ctx.state.by_ip(target.ip()) {
+        (Direction::Outbound, Some(mesh)) => match ctx.state.by_ip(target.ip()).filter(|w| w.hbone) {
             Some(w) => tunnel(&ctx, mesh, client, peer, target, w.identity).await,
             None => plain(&ctx, client, target, None).await,
         },
