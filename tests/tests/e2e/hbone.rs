@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use serde_json::Value;
 use testbed::mesh::{self, MeshCa, Server};
 
-use crate::{access_to, agents, succeeded, World, APP_PORT, WAIT};
+use crate::{access_to, agent_with_ca, agents, hbone_connections, succeeded, World, APP_PORT, WAIT};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
@@ -320,19 +320,7 @@ fn concurrent_connections_share_few_tls_connections_and_thousands_complete() -> 
     std::thread::sleep(Duration::from_millis(1200));
     // ... are carried by few TLS connections, counted in the client pod's
     // netns (the sockets the agent made there), not by the agent itself.
-    let ss = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &w.cluster.pod("client").netns,
-            "ss",
-            "-Htn",
-            "state",
-            "established",
-        ])
-        .arg(format!("dst {server4}:15008"))
-        .output()?;
-    let tls_conns = String::from_utf8_lossy(&ss.stdout).lines().count();
+    let tls_conns = hbone_connections(&w, "client", &server4)?;
     let r = mesh::client_report(burst)?;
     assert_eq!(
         (r["ok"].as_u64(), r["open_at_once"].as_u64()),
@@ -365,38 +353,11 @@ fn certificate_rotation_keeps_open_connections_and_new_ones_use_the_new_certific
     let ca = MeshCa::start(&w.cluster, "node1", &w.dir.join("ca"), &w.config)?;
     let _server = Server::start(w.cluster.pod("server"), &[APP_PORT])?;
     // Certificates of 6 s, renewed after 3 s.
-    let start = |node: &str, sa: &str| -> Result<testbed::mesh::Agent> {
-        let mut args = ca.client_args(node);
-        args.extend(["--cert-lifetime".into(), "6s".into()]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut a = testbed::mesh::Agent::start(&w.cluster, node, &w.config, &w.dir, &args)?;
-        a.wait_for("agent ready", WAIT)?;
-        let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
-        a.wait_access(WAIT, |_| {
-            a.logs()
-                .iter()
-                .any(|l| l["message"] == "workload certificate ready" && l["identity"] == id)
-        })?;
-        Ok(a)
-    };
-    let a1 = start("node1", "client")?;
-    let _a2 = start("node2", "server")?;
+    let lifetime = ["--cert-lifetime", "6s"];
+    let a1 = agent_with_ca(&w, "node1", "client", &ca.client_args("node1"), &lifetime)?;
+    let _a2 = agent_with_ca(&w, "node2", "server", &ca.client_args("node2"), &lifetime)?;
     let server4 = w.ip4("server");
-    let tls_conns = || -> Result<usize> {
-        let ss = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &w.cluster.pod("client").netns,
-                "ss",
-                "-Htn",
-                "state",
-                "established",
-            ])
-            .arg(format!("dst {server4}:15008"))
-            .output()?;
-        Ok(String::from_utf8_lossy(&ss.stdout).lines().count())
-    };
+    let tls_conns = || hbone_connections(&w, "client", &server4);
     // A long-lived connection streams across two renewals (8 s).
     let held = mesh::spawn_client(
         w.cluster.pod("client"),

@@ -192,19 +192,10 @@ impl Drop for Ca {
 
 /// Agents with the CA, each waiting until its pod's certificate is ready.
 fn agents(w: &World, ca: &Ca) -> Result<(Agent, Agent)> {
-    let start = |node: &str, id: &str| -> Result<Agent> {
-        let args = ca.client_args(node);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut a = Agent::start(&w.cluster, node, &w.config, &w.dir, &args)?;
-        a.wait_for("agent ready", WAIT)?;
-        a.wait_access(WAIT, |_| {
-            a.logs()
-                .iter()
-                .any(|l| l["message"] == "workload certificate ready" && l["identity"] == id)
-        })?;
-        Ok(a)
-    };
-    Ok((start("node1", CLIENT_ID)?, start("node2", SERVER_ID)?))
+    Ok((
+        crate::agent_with_ca(w, "node1", "client", &ca.client_args("node1"), &[])?,
+        crate::agent_with_ca(w, "node2", "server", &ca.client_args("node2"), &[])?,
+    ))
 }
 
 /// `hbone_peer.py client` in `pod`; its report and exit code.

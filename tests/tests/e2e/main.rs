@@ -60,23 +60,46 @@ impl World {
     }
 }
 
-/// Agents on node1 and node2 with the CA, each waiting until its pod's
-/// certificate (client's, server's) is ready.
+/// An agent on `node` with CA flags `ca_args` (plus `extra`), once ready and
+/// holding the certificate of service account `sa`.
+pub fn agent_with_ca(w: &World, node: &str, sa: &str, ca_args: &[String], extra: &[&str]) -> Result<Agent> {
+    let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
+    let mut args: Vec<&str> = ca_args.iter().map(String::as_str).collect();
+    args.extend_from_slice(extra);
+    let mut a = Agent::start(&w.cluster, node, &w.config, &w.dir, &args)?;
+    a.wait_for("agent ready", WAIT)?;
+    a.wait_access(WAIT, |_| {
+        a.logs()
+            .iter()
+            .any(|l| l["message"] == "workload certificate ready" && l["identity"] == id)
+    })?;
+    Ok(a)
+}
+
+/// Agents on node1 (client's certificate) and node2 (server's) with the CA.
 pub fn agents(w: &World, ca: &mesh::MeshCa) -> Result<(Agent, Agent)> {
-    let start = |node: &str, sa: &str| -> Result<Agent> {
-        let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
-        let args = ca.client_args(node);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut a = Agent::start(&w.cluster, node, &w.config, &w.dir, &args)?;
-        a.wait_for("agent ready", WAIT)?;
-        a.wait_access(WAIT, |_| {
-            a.logs()
-                .iter()
-                .any(|l| l["message"] == "workload certificate ready" && l["identity"] == id)
-        })?;
-        Ok(a)
-    };
-    Ok((start("node1", "client")?, start("node2", "server")?))
+    Ok((
+        agent_with_ca(w, "node1", "client", &ca.client_args("node1"), &[])?,
+        agent_with_ca(w, "node2", "server", &ca.client_args("node2"), &[])?,
+    ))
+}
+
+/// Established TCP connections from `pod` to `dst_ip`:15008, counted in the
+/// pod's netns (the tunnel sockets the agent made there).
+pub fn hbone_connections(w: &World, pod: &str, dst_ip: &str) -> Result<usize> {
+    let ss = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &w.cluster.pod(pod).netns,
+            "ss",
+            "-Htn",
+            "state",
+            "established",
+        ])
+        .arg(format!("dst {dst_ip}:15008"))
+        .output()?;
+    Ok(String::from_utf8_lossy(&ss.stdout).lines().count())
 }
 
 pub fn succeeded(r: &Value) -> bool {
