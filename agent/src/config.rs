@@ -96,6 +96,10 @@ pub struct ServiceSpec {
     pub selector: BTreeMap<String, String>,
     #[serde(default)]
     pub load_balancing: LoadBalancing,
+    /// Extra identities an endpoint of this service may present, besides its
+    /// own (SPIFFE IDs, e.g. for a service backed by another service account).
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
     /// The waypoint for traffic to this service (carried; steering comes
     /// with the waypoint).
     #[serde(default)]
@@ -146,6 +150,9 @@ pub struct CaptureSettings {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PodSpec {
+    /// Kubernetes UID, when known (informational: logs and the config dump).
+    #[serde(default)]
+    pub uid: Option<String>,
     pub name: String,
     pub namespace: String,
     #[serde(default = "default_service_account")]
@@ -347,6 +354,11 @@ impl LocalConfig {
                     ));
                 }
             }
+            for (j, san) in svc.subject_alt_names.iter().enumerate() {
+                if let Err(e) = san.parse::<mesh::identity::SpiffeId>() {
+                    return Err((format!("services[{i}].subjectAltNames[{j}]"), e.to_string()));
+                }
+            }
             if svc.selector.is_empty() {
                 return Err((at("selector"), "a selector picks the pods that back the service".into()));
             }
@@ -531,6 +543,17 @@ pods:
             .unwrap_err()
             .to_string();
         assert!(msg.contains("peerAuthentications[0].mode"), "{msg}");
+    }
+
+    #[test]
+    fn services_are_checked() {
+        let svc = "services:\n  - {name: web, namespace: default, vips: [\"10.96.0.1\"], ports: [{port: 80, targetPort: 8080}], selector: {app: web}, subjectAltNames: [\"spiffe://cluster.local/ns/default/sa/web-v2\"]}\n";
+        let cfg = parse(&format!("{GOOD}{svc}")).unwrap();
+        assert_eq!(cfg.services[0].hostname(), "web.default.svc.cluster.local");
+        let msg = parse(&format!("{GOOD}{}", svc.replace("spiffe://cluster.local/ns/default/sa/web-v2", "web-v2"))).unwrap_err().to_string();
+        assert!(msg.contains("services[0].subjectAltNames[0]") && msg.contains("spiffe://"), "{msg}");
+        let msg = parse(&format!("{GOOD}{}", svc.replace("10.96.0.1", "10.1.1.11"))).unwrap_err().to_string();
+        assert!(msg.contains("services[0].vips[0]") && msg.contains("address of pod default/client"), "{msg}");
     }
 
     #[test]

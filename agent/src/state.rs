@@ -39,6 +39,8 @@ pub struct Service {
 /// Where a connection to a service VIP goes.
 pub struct Resolved {
     pub endpoint: SocketAddr,
+    /// Identities the endpoint may present besides its own.
+    pub extra_sans: Vec<SpiffeId>,
     pub hostname: String,
     pub name: String,
     pub namespace: String,
@@ -135,6 +137,12 @@ impl Snapshot {
         };
         Some(Ok(Resolved {
             endpoint: SocketAddr::new(ip, port.target_port),
+            extra_sans: svc
+                .spec
+                .subject_alt_names
+                .iter()
+                .filter_map(|s| s.parse().ok())
+                .collect(),
             hostname: svc.spec.hostname(),
             name: svc.spec.name.clone(),
             namespace: svc.spec.namespace.clone(),
@@ -266,6 +274,7 @@ mod tests {
         let v6 = s.resolve("[fd96::1]:80".parse().unwrap()).unwrap().unwrap();
         assert_eq!(v6.endpoint, "[fd00::1]:8080".parse().unwrap(), "same family as the VIP");
         assert_eq!(v6.hostname, "web.ns1.svc.cluster.local");
+        assert!(v6.extra_sans.is_empty());
         assert!(
             s.resolve("10.96.0.1:81".parse().unwrap()).unwrap().is_err(),
             "no such port"
@@ -292,7 +301,10 @@ mod tests {
 
     #[test]
     fn tunnel_protocol_and_waypoints_are_carried() {
-        let text = CFG.replace("labels: {app: a}}", "labels: {app: a}, tunnel: NONE, waypoint: {address: 10.0.9.9}}");
+        let text = CFG.replace(
+            "labels: {app: a}}",
+            "labels: {app: a}, tunnel: NONE, waypoint: {address: 10.0.9.9}}",
+        );
         let cfg = LocalConfig::parse(std::path::Path::new("m.yaml"), &text).unwrap();
         let s = State::default();
         s.update(&cfg, "td");
@@ -301,7 +313,9 @@ mod tests {
         let wp = w.waypoint.unwrap();
         assert_eq!((wp.address, wp.port), ("10.0.9.9".parse().unwrap(), 15008));
         let bad = CFG.replace("labels: {app: a}}", "labels: {app: a}, tunnel: IPSEC}");
-        let e = LocalConfig::parse(std::path::Path::new("m.yaml"), &bad).unwrap_err().to_string();
+        let e = LocalConfig::parse(std::path::Path::new("m.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("pods[0].tunnel") && e.contains("HBONE"), "{e}");
     }
 

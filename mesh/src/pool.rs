@@ -1,7 +1,7 @@
 //! HBONE connection pool: one TLS + HTTP/2 connection per key carries many
 //! CONNECT streams (ztunnel's design).
 //!
-//! * Key: (source identity, expected destination identity, destination
+//! * Key: (source identity, acceptable destination identities, destination
 //!   address, source IP). Concurrent first dials to one key make one
 //!   handshake: the others wait for it.
 //! * A connection takes new streams while it is alive, below its stream cap,
@@ -36,7 +36,8 @@ const IDLE_RELEASE: Duration = Duration::from_secs(300);
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub src_identity: SpiffeId,
-    pub dst_identity: SpiffeId,
+    /// Identities the server may present (the key is the whole set).
+    pub dst_identities: Vec<SpiffeId>,
     pub dst: SocketAddr,
     pub src_ip: IpAddr,
 }

@@ -272,7 +272,7 @@ async fn pool_multiplexes_streams_dials_once_and_respects_rotation() {
     let pool = Pool::default();
     let key = PoolKey {
         src_identity: CLIENT.parse().unwrap(),
-        dst_identity: SERVER.parse().unwrap(),
+        dst_identities: vec![SERVER.parse().unwrap()],
         dst: server,
         src_ip: "127.0.0.1".parse().unwrap(),
     };

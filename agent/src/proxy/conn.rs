@@ -64,7 +64,7 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: S
         );
         return;
     };
-    let _ = client.set_nodelay(true);
+    tune(&client);
     // A service VIP becomes one of its endpoints (and the target port).
     let (target, service) = match dir {
         Direction::Outbound => match ctx.state.resolve(dst) {
@@ -88,7 +88,12 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: S
     ctx.metrics.opened(&labels);
     let outcome = match (dir, &ctx.mesh) {
         (Direction::Outbound, Some(mesh)) => match ctx.state.by_ip(target.ip()).filter(|w| w.hbone) {
-            Some(w) => tunnel(&ctx, mesh, client, peer, target, w.identity).await,
+            Some(w) => {
+                // The endpoint's own identity, or one the service vouches for.
+                let mut expected = vec![w.identity];
+                expected.extend(service.iter().flat_map(|r| r.extra_sans.iter().cloned()));
+                tunnel(&ctx, mesh, client, peer, target, expected).await
+            }
             None => plain(&ctx, client, target, None).await,
         },
         (Direction::Outbound, None) => plain(&ctx, client, target, None).await,
@@ -198,7 +203,7 @@ async fn plain(ctx: &PodCtx, client: TcpStream, dst: SocketAddr, policed: Option
     };
     match upstream {
         Ok(upstream) => {
-            let _ = upstream.set_nodelay(true);
+            tune(&upstream);
             let _registration = policed.map(|c| ctx.open.register(&ctx.key, dst.ip(), c, &[&client, &upstream]));
             Outcome {
                 protocol: "tcp",
@@ -217,7 +222,7 @@ async fn tunnel(
     client: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
-    expected: mesh::identity::SpiffeId,
+    expected: Vec<mesh::identity::SpiffeId>,
 ) -> Outcome {
     let Some(cert) = mesh.certs.get(&ctx.identity) else {
         // Fail closed: no identity yet means no mTLS, and no plaintext either.
@@ -240,19 +245,19 @@ async fn tunnel(
     let hbone_dst = SocketAddr::new(dst.ip(), HBONE_PORT);
     let key = PoolKey {
         src_identity: ctx.identity.clone(),
-        dst_identity: expected.clone(),
+        dst_identities: expected.clone(),
         dst: hbone_dst,
         src_ip: pod_ip_like(ctx, dst.ip()),
     };
     let dial = || async {
-        let tls = tls::client_config(&cert, &mesh.roots, vec![expected.clone()])?;
+        let tls = tls::client_config(&cert, &mesh.roots, expected.clone())?;
         let tcp = connect_from_pod(ctx, hbone_dst)
             .await
             .map_err(|source| HboneError::Connect {
                 peer: hbone_dst,
                 source,
             })?;
-        let _ = tcp.set_nodelay(true);
+        tune(&tcp);
         Ok(hbone::Dialed { tcp, tls })
     };
     match mesh.pool.connect(&key, &cert.serial, &headers, dial).await {
@@ -295,7 +300,7 @@ pub async fn hbone_inbound(ctx: Arc<PodCtx>, tcp: TcpStream, _guard: TrackGuard)
             return;
         }
     };
-    let _ = tcp.set_nodelay(true);
+    tune(&tcp);
     let open = {
         let ctx = ctx.clone();
         move |i: Inbound| {
@@ -325,6 +330,7 @@ pub async fn hbone_inbound(ctx: Arc<PodCtx>, tcp: TcpStream, _guard: TrackGuard)
                         status: StatusCode::SERVICE_UNAVAILABLE,
                         reason: format!("connect_failed: {e}"),
                     })?;
+                tune(&upstream);
                 // Registered while the stream lasts, for policy re-checks.
                 let registration = ctx.open.register(&ctx.key, i.authority.ip(), conn, &[&upstream]);
                 ctx.metrics.opened(&labels(
@@ -426,6 +432,12 @@ async fn connect_to_app(ctx: &PodCtx, client: IpAddr, dst: SocketAddr) -> std::i
     let r = TcpSocket::from_std_stream(sock.into()).connect(dst).await;
     ctx.orig.forget_forward(src);
     r
+}
+
+/// TCP_NODELAY (latency) and keepalive (dead peers) on a data-path socket.
+fn tune(s: &TcpStream) {
+    let _ = s.set_nodelay(true);
+    let _ = socket2::SockRef::from(s).set_keepalive(true);
 }
 
 /// A connection to `dst` made from inside the pod's network namespace, with
