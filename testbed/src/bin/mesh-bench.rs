@@ -1,17 +1,49 @@
-//! `cargo xtask bench [--rounds N] [--seconds S] [--json PATH]`: pod to pod
-//! across two nodes, the direct path against the captured path (both agents
-//! in the way), interleaved in one run.
+//! `cargo xtask bench [--mode plain|hbone|all] [--rounds N] [--seconds S] [--json PATH]`:
+//! pod to pod across two nodes, the direct path against the captured paths
+//! (both agents in the way), interleaved in one run.
 //!
-//! Cluster: node1 {cdirect, cmesh}, node2 {sdirect, smesh}; cmesh and smesh
-//! are enrolled. Direct = cdirect -> sdirect; mesh = cmesh -> smesh (captured
-//! outbound by node1's agent, inbound by node2's agent). Each measurement runs
-//! as R rounds, direct then mesh within a round; the table shows medians.
+//! Columns:
+//! * direct: cdirect -> sdirect, neither pod enrolled, no agent in the way;
+//! * plain:  cplain -> splain, both enrolled, agents WITHOUT a CA: captured
+//!   outbound by node1's agent and inbound by node2's, plain TCP forwarded
+//!   with splice in between;
+//! * hbone:  chbone -> shbone, both enrolled, agents WITH the CA: HTTP/2
+//!   CONNECT over mutual TLS 1.3 from node1's agent to shbone:15008,
+//!   terminated by node2's agent (since d9321c5 the agent pools the TLS
+//!   connections: one per identity pair carries many CONNECT streams, so the
+//!   connection test measures stream setup, not handshakes).
+//!
+//! Layout. An agent either has a CA or not, and with one every connection
+//! between two enrolled pods goes HBONE, so the plain and HBONE paths need
+//! different agents. Rather than restarting agents inside every round (new
+//! pids for the CPU and RSS figures, a certificate fetch and eBPF load in
+//! each round), `--mode all` builds two independent clusters side by side
+//! (each with its own namespaces, cgroups and bpffs pins):
+//!   cluster "plain": node1 {cdirect, cplain}, node2 {sdirect, splain}, agents without a CA;
+//!   cluster "hbone": node1 {chbone}, node2 {shbone}, agents with the CA (served on its node1).
+//! Both sets of agents run for the whole run and the three columns are still
+//! measured back to back within every round (direct, plain, hbone). The
+//! agents of the other cluster only idle meanwhile (a config poll every
+//! 200 ms). With `--mode plain` or `--mode hbone` only that cluster is
+//! built and it holds the direct pair. The identity of pod P is
+//! spiffe://cluster.local/ns/default/sa/P (write_config uses the pod name as
+//! service account).
+//!
+//! Each measurement runs as R rounds; the table shows medians.
 //! 1. 16-byte TCP request/response round trip (sockperf ping-pong --full-rtt), p50/p99;
-//! 2. bulk TCP throughput, one stream (iperf3);
-//! 3. CPU of both agents (utime+stime from /proc/<pid>/stat) per GB carried in 2.
+//! 2. bulk TCP throughput, one stream (iperf3), and the CPU of both agents of
+//!    the column's cluster (utime+stime from /proc/<pid>/stat) per GB carried;
+//! 3. new connections per second: a sequential Python loop in the client pod
+//!    (connect, 1 byte there and back, the server closes, close) against a
+//!    Python echo server, S seconds; agent CPU per 1000 connections, and the
+//!    loop's own CPU (it bounds the direct column);
+//! 4. agent RSS idle (ready, certificates fetched, no traffic), after the run
+//!    and peak (VmHWM).
 //!
-//! Afterwards the agents' access logs must show that they carried the mesh
-//! connections (and none of the direct ones), or the run fails.
+//! Afterwards the agents' access logs must show that they carried every
+//! column's connections with the right protocol ("tcp" for plain, "hbone"
+//! with the expected SPIFFE identities for hbone), and none of the direct
+//! ones, or the run fails.
 use std::{
     fs::{self, File},
     io::Read,
@@ -25,18 +57,81 @@ use anyhow::{bail, ensure, Context, Result};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use serde_json::{json, Value};
 use testbed::{
-    mesh::{self, Agent, Settings},
+    mesh::{self, Agent, MeshCa, Settings},
     Cluster, ClusterSpec, NodeSpec, Pod,
 };
 
 const SOCKPERF_PORT: u16 = 11111;
 const IPERF_PORT: u16 = 5201;
+/// The Python echo server of the connection test.
+const ECHO_PORT: u16 = 9007;
 /// sockperf's smallest message is 14 bytes.
 const MSG_SIZE: u32 = 16;
 /// How long a client may run beyond its nominal duration before it is killed.
 const CLIENT_SLACK: Duration = Duration::from_secs(20);
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCESS_TIMEOUT: Duration = Duration::from_secs(10);
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const TRUST_DOMAIN_NS: &str = "spiffe://cluster.local/ns/default/sa";
+
+/// Echo server for the connection test: one connection at a time (the client
+/// is sequential), echoes what the first read returns, then closes first so
+/// TIME_WAIT stays on the accepting sides and the client's ports never run out.
+const ECHO_SERVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(4096)
+while True:
+    c, _ = s.accept()
+    try:
+        c.settimeout(5)
+        d = c.recv(16)
+        if d:
+            c.sendall(d)
+    except OSError:
+        pass
+    finally:
+        c.close()
+"#;
+
+/// Connection-rate client: for SECONDS, sequentially connect, send 1 byte,
+/// read the echo up to EOF (the server closes first), close. Prints one JSON
+/// line; `cpu_s` is the loop's own CPU time (process_time), not the start-up.
+const CONN_CLIENT: &str = r#"
+import json, socket, sys, time
+host, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+ok = errors = 0
+first = None
+cpu0 = time.process_time()
+start = time.monotonic()
+end = start + secs
+while time.monotonic() < end:
+    try:
+        s = socket.create_connection((host, port), timeout=5)
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(b"x")
+            got = b""
+            while True:
+                b = s.recv(16)
+                if not b:
+                    break
+                got += b
+        finally:
+            s.close()
+        if got != b"x":
+            raise ConnectionError("echo was %r" % got)
+        ok += 1
+    except Exception as e:
+        errors += 1
+        first = first or repr(e)
+        if errors >= 100:
+            break
+print(json.dumps({"connections": ok, "errors": errors, "seconds": time.monotonic() - start,
+                  "cpu_s": time.process_time() - cpu0, "first_error": first}))
+"#;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -69,7 +164,7 @@ fn main() {
     std::process::exit(if STOP.load(Ordering::SeqCst) { 130 } else { code });
 }
 
-/// Ctrl-C/SIGTERM only set a flag; a watcher thread tears the cluster down.
+/// Ctrl-C/SIGTERM only set a flag; a watcher thread tears the clusters down.
 fn install_signal_handlers() {
     let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
@@ -78,7 +173,7 @@ fn install_signal_handlers() {
     }
     std::thread::spawn(|| loop {
         if STOP.load(Ordering::SeqCst) {
-            eprintln!("\ninterrupted: tearing the benchmark cluster down");
+            eprintln!("\ninterrupted: tearing the benchmark clusters down");
             if let Err(e) = testbed::teardown_all() {
                 eprintln!("teardown: {e:#}");
             }
@@ -88,14 +183,53 @@ fn install_signal_handlers() {
     });
 }
 
-const USAGE: &str = "usage: mesh-bench [--] [--rounds N] [--seconds S] [--json PATH]
-  --rounds N    rounds of direct-then-mesh per measurement, median reported (default 5)
+const USAGE: &str = "usage: mesh-bench [--] [--mode plain|hbone|all] [--rounds N] [--seconds S] [--json PATH]
+  --mode M      captured paths to measure against direct (default all):
+                plain = agents without a CA (splice forward), hbone = agents with
+                the CA (HTTP/2 CONNECT over mTLS to :15008), all = both
+  --rounds N    rounds of direct-then-captured per measurement, median reported (default 5)
   --seconds S   duration of each measurement in whole seconds (default 3)
   --json PATH   raw per-round numbers (default <workspace>/target/bench/capture.json)
 Set MESH_KEEP_LOGS=1 to keep the agents' logs.";
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Plain,
+    Hbone,
+    All,
+}
+
+impl Mode {
+    fn parse(s: &str) -> Result<Mode> {
+        Ok(match s {
+            "plain" => Mode::Plain,
+            "hbone" => Mode::Hbone,
+            "all" => Mode::All,
+            other => bail!("--mode {other:?}: expected plain, hbone or all"),
+        })
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Plain => "plain",
+            Mode::Hbone => "hbone",
+            Mode::All => "all",
+        }
+    }
+
+    /// The captured columns, in measuring order: (name, agents with the CA).
+    fn meshes(self) -> &'static [(&'static str, bool)] {
+        match self {
+            Mode::Plain => &[("plain", false)],
+            Mode::Hbone => &[("hbone", true)],
+            Mode::All => &[("plain", false), ("hbone", true)],
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Opts {
+    mode: Mode,
     rounds: usize,
     seconds: u32,
     json: PathBuf,
@@ -104,6 +238,7 @@ struct Opts {
 /// Accepts `--rounds 3`, `--rounds=3` and a `--` anywhere (cargo passes it on).
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
     let mut opts = Opts {
+        mode: Mode::All,
         rounds: 5,
         seconds: 3,
         json: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/capture.json"),
@@ -127,6 +262,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
             }
         };
         match key.as_str() {
+            "--mode" => opts.mode = Mode::parse(&value()?)?,
             "--rounds" => {
                 let v = value()?;
                 opts.rounds = v.parse().with_context(|| format!("--rounds {v:?}"))?;
@@ -145,7 +281,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
 }
 
 fn bench(opts: &Opts) -> Result<()> {
-    for tool in ["sockperf", "iperf3"] {
+    for tool in ["sockperf", "iperf3", "python3"] {
         Command::new(tool)
             .arg("--version")
             .stdout(Stdio::null())
@@ -156,107 +292,221 @@ fn bench(opts: &Opts) -> Result<()> {
     mesh::binary("agent")?;
     testbed::sweep_stale()?;
     let started = Instant::now();
-    let spec = ClusterSpec::new(vec![
-        NodeSpec::new("node1", &["cdirect", "cmesh"]),
-        NodeSpec::new("node2", &["sdirect", "smesh"]),
-    ]);
-    let cluster = Cluster::create("bench", &spec)?;
-    // Agents and servers live inside `run` and are gone before the cluster,
-    // whose teardown also removes the log directory.
-    run(&cluster, &cluster.scratch_dir()?, opts, started)
+    let mut meshes = Vec::new();
+    for (i, &(name, with_ca)) in opts.mode.meshes().iter().enumerate() {
+        // The direct pair lives in the first cluster.
+        meshes.push(Mesh::start(name, with_ca, i == 0)?);
+    }
+    let columns: Vec<&str> = std::iter::once("direct").chain(meshes.iter().map(|m| m.name)).collect();
+    // Servers live inside `run`; agents (stopped here, so they drain and
+    // unpin) and CAs are gone before their clusters, whose teardown also
+    // removes the log directories.
+    let (raw, capture) = run(&meshes, opts)?;
+    for m in &mut meshes {
+        for a in &mut m.agents {
+            if let Err(e) = a.terminate() {
+                eprintln!("warning: stopping the {} agent on {}: {e:#}", m.name, a.node);
+            }
+        }
+    }
+    report(opts, &columns, &raw, capture, started)
 }
 
-/// One way from a client pod to a server pod.
-struct Route<'a> {
+/// One cluster with its two agents (and its CA for HBONE); carries the
+/// captured column `name` (pods c<name> on node1 -> s<name> on node2).
+/// Fields drop in order: agents, CA, then the cluster.
+struct Mesh {
+    /// "plain" or "hbone".
+    name: &'static str,
+    agents: Vec<Agent>,
+    ca: Option<MeshCa>,
+    pids: Vec<u32>,
+    agent_cgroups: Vec<PathBuf>,
+    client: String,
+    server: String,
+    dir: PathBuf,
+    cluster: Cluster,
+}
+
+impl Mesh {
+    /// Builds the cluster, enrols c<name> and s<name>, and starts both agents
+    /// (with the CA if `with_ca`), waiting until they are ready and, with the
+    /// CA, until each holds its pod's workload certificate.
+    fn start(name: &'static str, with_ca: bool, with_direct: bool) -> Result<Mesh> {
+        let (client, server) = (format!("c{name}"), format!("s{name}"));
+        let pods = |direct: &'static str, mesh: &str| -> Vec<String> {
+            let mut v = Vec::new();
+            if with_direct {
+                v.push(direct.to_string());
+            }
+            v.push(mesh.to_string());
+            v
+        };
+        let spec = ClusterSpec::new(vec![
+            NodeSpec {
+                name: "node1".into(),
+                pods: pods("cdirect", &client),
+            },
+            NodeSpec {
+                name: "node2".into(),
+                pods: pods("sdirect", &server),
+            },
+        ]);
+        let cluster = Cluster::create(name, &spec)?;
+        let dir = cluster.scratch_dir()?;
+        let config = dir.join("mesh.yaml");
+        mesh::write_config(&cluster, &config, &[&client, &server], &Settings::default())?;
+        let ca = with_ca
+            .then(|| MeshCa::start(&cluster, "node1", &dir.join("ca"), &config))
+            .transpose()?;
+        let mut agents = Vec::new();
+        for (node, pod) in [("node1", &client), ("node2", &server)] {
+            let args = ca.as_ref().map(|c| c.client_args(node)).unwrap_or_default();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut a = Agent::start(&cluster, node, &config, &dir, &args)?;
+            a.wait_for("agent ready", READY_TIMEOUT)?;
+            if let Some(ca) = &ca {
+                let id = format!("{TRUST_DOMAIN_NS}/{pod}");
+                mesh::poll(READY_TIMEOUT, || {
+                    Ok(a.logs()
+                        .iter()
+                        .any(|l| l["message"] == "workload certificate ready" && l["identity"] == id.as_str())
+                        .then_some(()))
+                })
+                .with_context(|| {
+                    format!(
+                        "the {name} agent on {node} got no certificate for {id}:\n{}\nCA log:\n{}",
+                        a.raw_log(),
+                        ca.log()
+                    )
+                })?;
+            }
+            agents.push(a);
+        }
+        let pids = agents
+            .iter()
+            .map(|a| a.pid().context("agent has no pid"))
+            .collect::<Result<Vec<u32>>>()?;
+        let agent_cgroups = ["node1", "node2"]
+            .iter()
+            .map(|n| cluster.node(n).agent_cgroup.clone())
+            .collect();
+        Ok(Mesh {
+            name,
+            agents,
+            ca,
+            pids,
+            agent_cgroups,
+            client,
+            server,
+            dir,
+            cluster,
+        })
+    }
+
+    /// A `kB` field of both agents' /proc/<pid>/status.
+    fn rss_kb(&self, field: &str) -> Result<Vec<u64>> {
+        self.pids.iter().map(|p| proc_status_kb(*p, field)).collect()
+    }
+}
+
+/// One way from a client pod to a server pod, and the agents measured for it
+/// (for direct: those of the cluster it runs in, idle).
+struct Column<'a> {
     name: &'static str,
     client: &'a Pod,
     server: &'a Pod,
+    mesh: &'a Mesh,
 }
 
-fn run(cluster: &Cluster, dir: &Path, opts: &Opts, started: Instant) -> Result<()> {
-    let config = dir.join("mesh.yaml");
-    mesh::write_config(cluster, &config, &["cmesh", "smesh"], &Settings::default())?;
-    let mut agents = [
-        Agent::start_ready(cluster, "node1", &config, dir)?,
-        Agent::start_ready(cluster, "node2", &config, dir)?,
-    ];
-    let pids = agents
-        .iter()
-        .map(|a| a.pid().context("agent has no pid"))
-        .collect::<Result<Vec<u32>>>()?;
-    let agent_cgroups: Vec<PathBuf> = ["node1", "node2"]
-        .iter()
-        .map(|n| cluster.node(n).agent_cgroup.clone())
-        .collect();
-
-    let routes = [
-        Route {
-            name: "direct",
-            client: cluster.pod("cdirect"),
-            server: cluster.pod("sdirect"),
-        },
-        Route {
-            name: "mesh",
-            client: cluster.pod("cmesh"),
-            server: cluster.pod("smesh"),
-        },
-    ];
+fn run(meshes: &[Mesh], opts: &Opts) -> Result<(Vec<Value>, Value)> {
+    let first = &meshes[0];
+    let mut cols = vec![Column {
+        name: "direct",
+        client: first.cluster.pod("cdirect"),
+        server: first.cluster.pod("sdirect"),
+        mesh: first,
+    }];
+    for m in meshes {
+        cols.push(Column {
+            name: m.name,
+            client: m.cluster.pod(&m.client),
+            server: m.cluster.pod(&m.server),
+            mesh: m,
+        });
+    }
     let port = |p: u16| p.to_string();
     let mut servers = Vec::new();
-    for r in &routes {
+    for c in &cols {
+        let dir = &c.mesh.dir;
         servers.push(Background::start(
-            r.server,
+            c.server,
             "sockperf",
             &["server", "--tcp", "-i", "0.0.0.0", "-p", &port(SOCKPERF_PORT)],
             SOCKPERF_PORT,
             dir,
         )?);
         servers.push(Background::start(
-            r.server,
+            c.server,
             "iperf3",
             &["-s", "-p", &port(IPERF_PORT)],
             IPERF_PORT,
             dir,
         )?);
+        servers.push(Background::start(
+            c.server,
+            "python3",
+            &["-c", ECHO_SERVER, &port(ECHO_PORT)],
+            ECHO_PORT,
+            dir,
+        )?);
     }
 
-    // Idle: enrolled, listening, no traffic yet.
-    let idle_kb = pids
-        .iter()
-        .map(|p| proc_status_kb(*p, "VmRSS"))
-        .collect::<Result<Vec<u64>>>()?;
+    // Idle: enrolled, certificates fetched, listening, no traffic yet.
+    let idle_kb = meshes.iter().map(|m| m.rss_kb("VmRSS")).collect::<Result<Vec<_>>>()?;
     let ticks = clock_ticks()?;
     let mut raw: Vec<Value> = Vec::new();
     eprintln!(
-        "mesh-bench: {} rounds x {} s; direct {} -> {}, mesh {} -> {}",
+        "mesh-bench: mode {}, {} rounds x {} s",
+        opts.mode.as_str(),
         opts.rounds,
-        opts.seconds,
-        routes[0].client.ip4,
-        routes[0].server.ip4,
-        routes[1].client.ip4,
-        routes[1].server.ip4
+        opts.seconds
     );
-    for round in 1..=opts.rounds {
+    for c in &cols {
+        eprintln!(
+            "  {:<6} {} -> {} in cluster {} (agents {})",
+            c.name,
+            c.client.ip4,
+            c.server.ip4,
+            c.mesh.cluster.prefix(),
+            if c.mesh.ca.is_some() {
+                "with the CA"
+            } else {
+                "without a CA"
+            }
+        );
+    }
+    let n = opts.rounds;
+    for round in 1..=n {
         let mut rec = json!({ "round": round });
-        for r in &routes {
-            let rtt = sockperf(r, opts.seconds).with_context(|| format!("round {round}: {} latency", r.name))?;
+        for c in &cols {
+            let rtt = sockperf(c, opts.seconds).with_context(|| format!("round {round}: {} latency", c.name))?;
             eprintln!(
-                "  round {round}/{}: {:<6} rtt p50 {:>8.1} us  p99 {:>8.1} us",
-                opts.rounds, r.name, rtt.p50, rtt.p99
+                "  round {round}/{n}: {:<6} rtt p50 {:>8.1} us  p99 {:>8.1} us",
+                c.name, rtt.p50, rtt.p99
             );
-            rec[r.name]["rtt"] = rtt.to_json();
+            rec[c.name]["rtt"] = rtt.to_json();
         }
-        for r in &routes {
-            let before = CpuSnapshot::take(&pids, &agent_cgroups, r)?;
-            let bulk = iperf3(r, opts.seconds).with_context(|| format!("round {round}: {} throughput", r.name))?;
-            let after = CpuSnapshot::take(&pids, &agent_cgroups, r)?;
-            let cpu = after.since(&before, ticks);
+        for c in &cols {
+            let before = CpuSnapshot::take(c)?;
+            let bulk = iperf3(c, opts.seconds).with_context(|| format!("round {round}: {} throughput", c.name))?;
+            let cpu = CpuSnapshot::take(c)?.since(&before, ticks);
             let per_gb = cpu.agent_s / (bulk.bytes as f64 / 1e9);
             eprintln!(
-                "  round {round}/{}: {:<6} bulk {:>7.2} Gb/s  agents {:.2} CPU-s ({:.3}/GB)  host busy {:.0}%",
-                opts.rounds, r.name, bulk.gbps, cpu.agent_s, per_gb, cpu.host_busy_pct
+                "  round {round}/{n}: {:<6} bulk {:>7.2} Gb/s  agents {:.2} CPU-s ({:.3}/GB)  host busy {:.0}%",
+                c.name, bulk.gbps, cpu.agent_s, per_gb, cpu.host_busy_pct
             );
-            rec[r.name]["bulk"] = json!({
+            rec[c.name]["bulk"] = json!({
                 "gbps": bulk.gbps,
                 "bytes_received": bulk.bytes,
                 "seconds": bulk.seconds,
@@ -269,22 +519,61 @@ fn run(cluster: &Cluster, dir: &Path, opts: &Opts, started: Instant) -> Result<(
                 "host_busy_pct": cpu.host_busy_pct,
             });
         }
+        for c in &cols {
+            let before = CpuSnapshot::take(c)?;
+            let conns = conn_rate(c, opts.seconds).with_context(|| format!("round {round}: {} connections", c.name))?;
+            let cpu = CpuSnapshot::take(c)?.since(&before, ticks);
+            let k = conns.count as f64 / 1000.0;
+            let rate = conns.count as f64 / conns.seconds;
+            eprintln!(
+                "  round {round}/{n}: {:<6} conns {:>7.0} /s  agents {:.2} CPU-s ({:.3}/1000)  \
+                 client loop {:.3} CPU-s/1000  host busy {:.0}%{}",
+                c.name,
+                rate,
+                cpu.agent_s,
+                cpu.agent_s / k,
+                conns.cpu_s / k,
+                cpu.host_busy_pct,
+                match (&conns.first_error, conns.errors) {
+                    (Some(e), n) if n > 0 => format!("  {n} FAILED, first: {e}"),
+                    _ => String::new(),
+                }
+            );
+            rec[c.name]["conn"] = json!({
+                "per_s": rate,
+                "connections": conns.count,
+                "errors": conns.errors,
+                "first_error": conns.first_error,
+                "seconds": conns.seconds,
+                "agent_cpu_s": cpu.agent_s,
+                "agent_cpu_s_per_1000": cpu.agent_s / k,
+                "client_loop_cpu_s": conns.cpu_s,
+                "client_cpu_s_per_1000": conns.cpu_s / k,
+                "agent_cgroup_cpu_s": cpu.agent_cgroup_s,
+                "client_pod_cpu_s": cpu.client_s,
+                "server_pod_cpu_s": cpu.server_s,
+                "host_busy_pct": cpu.host_busy_pct,
+            });
+        }
         raw.push(rec);
     }
-    let peak_kb = pids
-        .iter()
-        .map(|p| proc_status_kb(*p, "VmHWM"))
-        .collect::<Result<Vec<u64>>>()?;
-    let mut capture = verify_capture(&agents, &routes, opts.rounds)?;
-    capture["agent_rss_kb"] = json!({ "idle": idle_kb, "peak": peak_kb });
-    drop(servers);
-    for a in &mut agents {
-        if let Err(e) = a.terminate() {
-            eprintln!("warning: stopping the agent on {}: {e:#}", a.node);
-        }
+    let mut capture = json!({});
+    for (i, (m, c)) in meshes.iter().zip(&cols[1..]).enumerate() {
+        let conns: u64 = raw
+            .iter()
+            .filter_map(|r| r[c.name]["conn"]["connections"].as_u64())
+            .sum();
+        let direct = std::ptr::eq(m, first).then_some(cols[0].server);
+        let mut v = verify_capture(c, direct, opts.rounds, conns)?;
+        v["agent_rss_kb"] = json!({
+            "idle": idle_kb[i],
+            "after": m.rss_kb("VmRSS")?,
+            "peak": m.rss_kb("VmHWM")?,
+        });
+        capture[m.name] = v;
     }
-
-    report(opts, &raw, capture, started)
+    drop(servers);
+    Ok((raw, capture))
 }
 
 /// The median of the values of `key` (a JSON pointer) over rounds.
@@ -306,75 +595,130 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-fn report(opts: &Opts, raw: &[Value], capture: Value, started: Instant) -> Result<()> {
+/// `a / b` with two decimals, or "n/a".
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 && b.is_finite() && a.is_finite() {
+        format!("{:.2}", a / b)
+    } else {
+        "n/a".to_string()
+    }
+}
+
+fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started: Instant) -> Result<()> {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let kernel = kernel.trim();
     let date = utc_now();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    // (label, key, decimals, whether mesh/direct means something): the agents
-    // are not on the direct path, their CPU there is idle housekeeping.
-    let rows: [(&str, &str, usize, bool); 4] = [
+    let meshes = &columns[1..];
+    // Ratio columns: each captured path to direct, and hbone to plain.
+    let mut ratios: Vec<(&str, &str)> = meshes.iter().map(|m| (*m, "direct")).collect();
+    if meshes.contains(&"plain") && meshes.contains(&"hbone") {
+        ratios.push(("hbone", "plain"));
+    }
+    // (label, key, decimals, whether <captured>/direct means something): the
+    // agents are not on the direct path, their CPU there is idle housekeeping.
+    let rows: [(&str, &str, usize, bool); 7] = [
         ("RTT p50 (us)", "rtt/p50_us", 1, true),
         ("RTT p99 (us)", "rtt/p99_us", 1, true),
         ("bulk (Gb/s)", "bulk/gbps", 2, true),
         ("agent CPU-s/GB", "bulk/agent_cpu_s_per_gb", 3, false),
+        ("new connections/s", "conn/per_s", 0, true),
+        (
+            "agent CPU-s per 1000 connections",
+            "conn/agent_cpu_s_per_1000",
+            3,
+            false,
+        ),
+        (
+            "client loop (Python) CPU-s per 1000 conn.",
+            "conn/client_cpu_s_per_1000",
+            3,
+            true,
+        ),
     ];
     let mut summary = json!({});
     let mut table = format!(
         "Pod to pod across two nodes, {date}, kernel {kernel}, {cores} cores, median of {} rounds x {} s \
-         (direct and mesh interleaved)\n\n\
-         | metric | direct | mesh | ratio mesh/direct |\n|---|---:|---:|---:|\n",
-        opts.rounds, opts.seconds
+         ({} interleaved)\n\n| metric | {} | {} |\n|---|{}\n",
+        opts.rounds,
+        opts.seconds,
+        columns.join(", "),
+        columns.join(" | "),
+        ratios
+            .iter()
+            .map(|(a, b)| format!("{a}/{b}"))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---:|".repeat(columns.len() + ratios.len()),
     );
     for (label, key, decimals, comparable) in rows {
-        let d = median_of(raw, &format!("/direct/{key}"));
-        let m = median_of(raw, &format!("/mesh/{key}"));
-        let ratio = if comparable && d > 0.0 && d.is_finite() && m.is_finite() {
-            format!("{:.2}", m / d)
-        } else {
-            "n/a".to_string()
-        };
-        table.push_str(&format!("| {label} | {d:.decimals$} | {m:.decimals$} | {ratio} |\n"));
-        summary[key.replace('/', "_")] = json!({ "direct": d, "mesh": m });
+        let med = |col: &str| median_of(raw, &format!("/{col}/{key}"));
+        let mut cells: Vec<String> = columns.iter().map(|c| format!("{:.decimals$}", med(c))).collect();
+        for (a, b) in &ratios {
+            cells.push(if comparable || *b != "direct" {
+                ratio(med(a), med(b))
+            } else {
+                "n/a".to_string()
+            });
+        }
+        table.push_str(&format!("| {label} | {} |\n", cells.join(" | ")));
+        summary[key.replace('/', "_")] = columns.iter().map(|c| (c.to_string(), json!(med(c)))).collect();
     }
-    let mb = |k: &str| {
-        let v: Vec<String> = capture["agent_rss_kb"][k]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|kb| format!("{:.1}", kb.as_f64().unwrap_or(0.0) / 1024.0))
-            .collect();
-        v.join(" / ")
+    for (what, label) in [("idle", "idle"), ("after", "after the run"), ("peak", "peak (VmHWM)")] {
+        let mut cells = vec![String::new()];
+        for m in meshes {
+            let v: Vec<String> = capture[m]["agent_rss_kb"][what]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|kb| format!("{:.1}", kb.as_f64().unwrap_or(0.0) / 1024.0))
+                .collect();
+            cells.push(v.join(" / "));
+        }
+        cells.extend(ratios.iter().map(|_| String::new()));
+        table.push_str(&format!(
+            "| agent RSS {label} (MB, node1 / node2) | {} |\n",
+            cells.join(" | ")
+        ));
+    }
+    let busy = |test: &str| {
+        columns
+            .iter()
+            .map(|c| format!("{c} {:.0}%", median_of(raw, &format!("/{c}/{test}/host_busy_pct"))))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
-    table.push_str(&format!(
-        "| agent RSS idle / peak (MB, node1 / node2) | | {} ; {} | |\n",
-        mb("idle"),
-        mb("peak")
-    ));
-    let busy_d = median_of(raw, "/direct/bulk/host_busy_pct");
-    let busy_m = median_of(raw, "/mesh/bulk/host_busy_pct");
     let elapsed = started.elapsed().as_secs_f64();
     println!("{table}");
     println!(
-        "Host CPU busy during bulk (of {cores} cores): direct {busy_d:.0}%, mesh {busy_m:.0}%. \
-         16-byte messages (sockperf ping-pong --tcp --full-rtt), one iperf3 stream; \
-         agent CPU = utime+stime of both agents \
-         (in the direct column: their idle housekeeping, they are not on that path)."
+        "Host CPU busy (of {cores} cores) during bulk: {}; during new connections: {}.\n\
+         16-byte messages (sockperf ping-pong --tcp --full-rtt); one iperf3 stream; new connections = \
+         one Python loop in the client pod, sequential connect + 1 byte each way + close against a \
+         Python echo server (its own CPU is the last row: it bounds the direct column, and client, \
+         server and agents share the {cores} cores). Agent CPU = utime+stime of both agents of the \
+         column's cluster (in the direct column: their idle housekeeping, they are not on that path).",
+        busy("bulk"),
+        busy("conn")
     );
-    println!(
-        "Reproduce: cargo xtask bench -- --rounds {} --seconds {}",
-        opts.rounds, opts.seconds
+    let command = format!(
+        "cargo xtask bench -- --mode {} --rounds {} --seconds {}",
+        opts.mode.as_str(),
+        opts.rounds,
+        opts.seconds
     );
+    println!("Reproduce: {command}");
 
     let doc = json!({
         "date": date,
         "kernel": kernel,
         "cores": cores,
+        "mode": opts.mode.as_str(),
+        "columns": columns,
         "rounds": opts.rounds,
         "seconds": opts.seconds,
         "message_bytes": MSG_SIZE,
         "elapsed_s": elapsed,
-        "command": format!("cargo xtask bench -- --rounds {} --seconds {}", opts.rounds, opts.seconds),
+        "command": command,
         "median": summary,
         "capture_check": capture,
         "per_round": raw,
@@ -389,77 +733,141 @@ fn report(opts: &Opts, raw: &[Value], capture: Value, started: Instant) -> Resul
     Ok(())
 }
 
-/// The agents must have carried every mesh connection and none of the direct
-/// ones; otherwise the mesh numbers describe an uncaptured path.
-fn verify_capture(agents: &[Agent], routes: &[Route], rounds: usize) -> Result<Value> {
-    let smesh = routes[1].server.ip4.to_string();
-    let sdirect = format!("{}:", routes[0].server.ip4);
-    let want = |port: u16| format!("{smesh}:{port}");
+/// The agents of `c`'s cluster must have carried every connection of the
+/// column, the right way round and with the column's protocol, and none of
+/// the direct ones (`direct`: the direct server if it is in that cluster);
+/// otherwise the numbers describe another path than the column says.
+fn verify_capture(c: &Column, direct: Option<&Pod>, rounds: usize, conns: u64) -> Result<Value> {
+    let hbone = c.mesh.ca.is_some();
+    let protocol = if hbone { "hbone" } else { "tcp" };
+    let client_id = format!("{TRUST_DOMAIN_NS}/{}", c.client.name);
+    let server_id = format!("{TRUST_DOMAIN_NS}/{}", c.server.name);
+    let server = c.server.ip4.to_string();
+    let prefix = format!("{server}:");
+    let want = |port: u16| format!("{server}:{port}");
     let carried = |logs: &[Value], dst: &str| logs.iter().filter(|l| l["dst"] == dst).count();
-    // Each sockperf run is one connection, each iperf3 run at least two.
+    // Each sockperf run is one connection, each iperf3 run at least two, and
+    // every completed connection of the connection test one.
     let enough = |logs: &[Value]| {
-        carried(logs, &want(SOCKPERF_PORT)) >= rounds && carried(logs, &want(IPERF_PORT)) >= 2 * rounds
+        carried(logs, &want(SOCKPERF_PORT)) >= rounds
+            && carried(logs, &want(IPERF_PORT)) >= 2 * rounds
+            && carried(logs, &want(ECHO_PORT)) as u64 >= conns
     };
-    let mut out = json!({});
-    for (a, direction) in agents.iter().zip(["outbound", "inbound"]) {
+    // A connection the agent could not carry (connect_failed, tunnel_failed,
+    // no_certificate, a refused CONNECT, no original destination) means the
+    // path was broken. `reset` or `error: ...` at the end is normal: sockperf
+    // and iperf3 close with data in flight.
+    let problem = |l: &Value, direction: &str| -> Option<String> {
+        let result = l["result"].as_str().unwrap_or_default();
+        let (src_id, dst_id) = (l["src_identity"].as_str(), l["dst_identity"].as_str());
+        if !(result == "ok" || result == "reset" || result.starts_with("error: ")) {
+            Some(format!("not carried: {result}"))
+        } else if l["direction"] != direction {
+            Some(format!("direction {}", l["direction"]))
+        } else if l["protocol"] != protocol {
+            Some(format!("protocol {} (expected {protocol})", l["protocol"]))
+        } else if hbone && (src_id != Some(&client_id) || dst_id != Some(&server_id) || l["mtls"] != true) {
+            Some(format!("identities {src_id:?} -> {dst_id:?}, mtls {}", l["mtls"]))
+        } else {
+            None
+        }
+    };
+    let mut out = json!({ "protocol": protocol });
+    for (a, direction) in c.mesh.agents.iter().zip(["outbound", "inbound"]) {
+        let node = &a.node;
         let logs = a.wait_access(ACCESS_TIMEOUT, enough).with_context(|| {
             format!(
-                "the {} agent did not carry the mesh connections to {smesh}: \
-                 the mesh path was not captured, its numbers would be worthless",
-                a.node
+                "the {node} agent of the {} column did not carry all its connections to {server} \
+                 ({rounds} sockperf, {} iperf3, {conns} new connections): \
+                 the path was not captured, its numbers would be worthless",
+                c.name,
+                2 * rounds
             )
         })?;
-        let mesh_logs: Vec<&Value> = logs
+        let mine: Vec<&Value> = logs
             .iter()
-            .filter(|l| l["dst"].as_str().is_some_and(|d| d.starts_with(&format!("{smesh}:"))))
+            .filter(|l| l["dst"].as_str().is_some_and(|d| d.starts_with(&prefix)))
             .collect();
-        // A connection the agent could not forward (connect_failed, no original
-        // destination) or saw the wrong way round means the path was broken.
-        // `reset` or `error: ...` at the end is normal: sockperf and iperf3
-        // close with data in flight.
-        let forwarded = |l: &Value| {
-            l["result"]
-                .as_str()
-                .is_some_and(|r| !r.starts_with("connect_failed") && r != "no_original_destination")
-        };
-        let bad: Vec<&&Value> = mesh_logs
+        let bad: Vec<(String, &Value)> = mine
             .iter()
-            .filter(|l| !forwarded(l) || l["direction"] != direction)
+            .filter_map(|l| problem(l, direction).map(|p| (p, *l)))
             .collect();
         ensure!(
             bad.is_empty(),
-            "the {} agent failed to forward mesh connections: {bad:?}",
-            a.node
+            "the {node} agent of the {} column failed {} of {} connections, e.g. {:?}",
+            c.name,
+            bad.len(),
+            mine.len(),
+            &bad[..bad.len().min(3)]
         );
-        let resets = mesh_logs.iter().filter(|l| l["result"] != "ok").count();
-        let leaked: Vec<&Value> = logs
-            .iter()
-            .filter(|l| l["dst"].as_str().is_some_and(|d| d.starts_with(&sdirect)))
-            .collect();
-        ensure!(
-            leaked.is_empty(),
-            "the {} agent captured direct-path connections: {leaked:?}",
-            a.node
-        );
-        let bytes: u64 = mesh_logs
+        if let Some(d) = direct {
+            let sdirect = format!("{}:", d.ip4);
+            let leaked: Vec<&Value> = logs
+                .iter()
+                .filter(|l| l["dst"].as_str().is_some_and(|d| d.starts_with(&sdirect)))
+                .collect();
+            ensure!(
+                leaked.is_empty(),
+                "the {node} agent captured {} direct-path connections, e.g. {:?}",
+                leaked.len(),
+                &leaked[..leaked.len().min(3)]
+            );
+        }
+        let resets = mine.iter().filter(|l| l["result"] != "ok").count();
+        let bytes: u64 = mine
             .iter()
             .map(|l| l["bytes_sent"].as_u64().unwrap_or(0) + l["bytes_received"].as_u64().unwrap_or(0))
             .sum();
         eprintln!(
-            "capture check: {} agent carried {} {direction} connections to {smesh} \
-             ({resets} ended in an error such as a reset; the others logged {:.2} GB)",
-            a.node,
-            mesh_logs.len(),
+            "capture check: {:<5} {node} agent carried {} {direction} {protocol} connections to {server} \
+             ({resets} ended in an error such as a reset; together {:.2} GB logged)",
+            c.name,
+            mine.len(),
             bytes as f64 / 1e9
         );
-        out[&a.node] = json!({
+        out[node] = json!({
             "direction": direction,
-            "connections": mesh_logs.len(),
+            "connections": mine.len(),
+            "new_connections_measured": conns,
             "ended_in_error": resets,
             "bytes_logged": bytes,
         });
     }
     Ok(out)
+}
+
+struct Conns {
+    count: u64,
+    errors: u64,
+    seconds: f64,
+    cpu_s: f64,
+    first_error: Option<String>,
+}
+
+fn conn_rate(c: &Column, seconds: u32) -> Result<Conns> {
+    let mut cmd = c.client.try_command("python3")?;
+    cmd.args(["-c", CONN_CLIENT])
+        .arg(c.server.ip4.to_string())
+        .arg(ECHO_PORT.to_string())
+        .arg(seconds.to_string());
+    let out = run_bounded(cmd, Duration::from_secs(seconds.into()) + CLIENT_SLACK)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let doc: Value = serde_json::from_str(text.lines().last().unwrap_or_default()).with_context(|| {
+        format!(
+            "the connection loop printed no report ({}): {text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let count = doc["connections"].as_u64().context("no connection count")?;
+    ensure!(count > 0, "no connection completed: {doc}");
+    Ok(Conns {
+        count,
+        errors: doc["errors"].as_u64().unwrap_or(0),
+        seconds: doc["seconds"].as_f64().context("no duration")?,
+        cpu_s: doc["cpu_s"].as_f64().unwrap_or(f64::NAN),
+        first_error: doc["first_error"].as_str().map(str::to_string),
+    })
 }
 
 struct Rtt {
@@ -475,7 +883,7 @@ impl Rtt {
     }
 }
 
-fn sockperf(r: &Route, seconds: u32) -> Result<Rtt> {
+fn sockperf(r: &Column, seconds: u32) -> Result<Rtt> {
     let mut cmd = r.client.try_command("sockperf")?;
     cmd.args(["ping-pong", "--tcp", "--full-rtt", "-i"])
         .arg(r.server.ip4.to_string())
@@ -555,7 +963,7 @@ struct Bulk {
     retransmits: u64,
 }
 
-fn iperf3(r: &Route, seconds: u32) -> Result<Bulk> {
+fn iperf3(r: &Column, seconds: u32) -> Result<Bulk> {
     let mut cmd = r.client.try_command("iperf3")?;
     cmd.arg("-c")
         .arg(r.server.ip4.to_string())
@@ -779,10 +1187,11 @@ struct CpuUse {
 }
 
 impl CpuSnapshot {
-    fn take(pids: &[u32], agent_cgroups: &[PathBuf], r: &Route) -> Result<CpuSnapshot> {
+    /// The agents of `r`'s cluster (their cgroups also hold its CA, if any), its pods, the host.
+    fn take(r: &Column) -> Result<CpuSnapshot> {
         Ok(CpuSnapshot {
-            agent_ticks: pids.iter().map(|p| proc_ticks(*p)).sum::<Result<u64>>()?,
-            agent_cg_usec: agent_cgroups.iter().map(|c| cgroup_usec(c)).sum(),
+            agent_ticks: r.mesh.pids.iter().map(|p| proc_ticks(*p)).sum::<Result<u64>>()?,
+            agent_cg_usec: r.mesh.agent_cgroups.iter().map(|c| cgroup_usec(c)).sum(),
             client_usec: cgroup_usec(&r.client.cgroup),
             server_usec: cgroup_usec(&r.server.cgroup),
             host: host_jiffies(),
