@@ -550,10 +550,23 @@ pods:
         let svc = "services:\n  - {name: web, namespace: default, vips: [\"10.96.0.1\"], ports: [{port: 80, targetPort: 8080}], selector: {app: web}, subjectAltNames: [\"spiffe://cluster.local/ns/default/sa/web-v2\"]}\n";
         let cfg = parse(&format!("{GOOD}{svc}")).unwrap();
         assert_eq!(cfg.services[0].hostname(), "web.default.svc.cluster.local");
-        let msg = parse(&format!("{GOOD}{}", svc.replace("spiffe://cluster.local/ns/default/sa/web-v2", "web-v2"))).unwrap_err().to_string();
-        assert!(msg.contains("services[0].subjectAltNames[0]") && msg.contains("spiffe://"), "{msg}");
-        let msg = parse(&format!("{GOOD}{}", svc.replace("10.96.0.1", "10.1.1.11"))).unwrap_err().to_string();
-        assert!(msg.contains("services[0].vips[0]") && msg.contains("address of pod default/client"), "{msg}");
+        let msg = parse(&format!(
+            "{GOOD}{}",
+            svc.replace("spiffe://cluster.local/ns/default/sa/web-v2", "web-v2")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("services[0].subjectAltNames[0]") && msg.contains("spiffe://"),
+            "{msg}"
+        );
+        let msg = parse(&format!("{GOOD}{}", svc.replace("10.96.0.1", "10.1.1.11")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("services[0].vips[0]") && msg.contains("address of pod default/client"),
+            "{msg}"
+        );
     }
 
     #[test]
