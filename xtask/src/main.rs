@@ -5,7 +5,8 @@
 //! * `build-ebpf`  build the kernel programs (setup first)
 //! * `demo`        build everything and run the local mesh demo
 //! * `test`        fmt, clippy, unit and end-to-end tests (the CI command)
-//! * `bench`       direct vs captured latency and throughput (README numbers)
+//! * `bench`       direct vs plain capture vs HBONE: latency, throughput,
+//!   connections/s, CPU, memory (README numbers); `--mode plain|hbone|all`
 use std::{
     env,
     path::{Path, PathBuf},
