@@ -23,6 +23,7 @@
 
 pub mod mesh;
 mod names;
+pub mod signals;
 mod sys;
 
 use anyhow::{anyhow, bail, Context, Result};

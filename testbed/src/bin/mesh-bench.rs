@@ -49,12 +49,10 @@ use std::{
     io::Read,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use serde_json::{json, Value};
 use testbed::{
     mesh::{self, Agent, MeshCa, Settings},
@@ -133,14 +131,8 @@ print(json.dumps({"connections": ok, "errors": errors, "seconds": time.monotonic
                   "cpu_s": time.process_time() - cpu0, "first_error": first}))
 "#;
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
 fn main() {
-    install_signal_handlers();
+    testbed::signals::teardown_on_signal("the benchmark clusters");
     let code = match parse_args(std::env::args().skip(1)) {
         Ok(None) => 0,
         Ok(Some(opts)) => match bench(&opts) {
@@ -161,26 +153,7 @@ fn main() {
     }
     // An interrupted run fails in the main thread too (its clients get the
     // signal); let the exit code say it was interrupted.
-    std::process::exit(if STOP.load(Ordering::SeqCst) { 130 } else { code });
-}
-
-/// Ctrl-C/SIGTERM only set a flag; a watcher thread tears the clusters down.
-fn install_signal_handlers() {
-    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe { sigaction(sig, &action) }.expect("install signal handler");
-    }
-    std::thread::spawn(|| loop {
-        if STOP.load(Ordering::SeqCst) {
-            eprintln!("\ninterrupted: tearing the benchmark clusters down");
-            if let Err(e) = testbed::teardown_all() {
-                eprintln!("teardown: {e:#}");
-            }
-            std::process::exit(130);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    });
+    std::process::exit(if testbed::signals::interrupted() { 130 } else { code });
 }
 
 const USAGE: &str = "usage: mesh-bench [--] [--mode plain|hbone|all] [--rounds N] [--seconds S] [--json PATH]

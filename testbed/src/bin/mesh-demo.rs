@@ -7,28 +7,17 @@
 //! sockets), prints how each agent carried each flow (HBONE mTLS with the
 //! identities both sides saw, or plain TCP), and tears everything down (also
 //! on Ctrl-C or failure).
-use std::{
-    process::Stdio,
-    sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
-};
+use std::{process::Stdio, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use serde_json::Value;
 use testbed::{
     mesh::{self, Agent, MeshCa, Server, Settings},
     Cluster, ClusterSpec, NodeSpec,
 };
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
 fn main() {
-    install_signal_handlers();
+    testbed::signals::teardown_on_signal("the local mesh");
     let code = match demo() {
         Ok(()) => 0,
         Err(e) => {
@@ -41,23 +30,6 @@ fn main() {
         eprintln!("teardown: {e:#}");
     }
     std::process::exit(code);
-}
-
-/// Ctrl-C/SIGTERM only set a flag; a watcher thread tears the cluster down.
-fn install_signal_handlers() {
-    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe { sigaction(sig, &action) }.expect("install signal handler");
-    }
-    std::thread::spawn(|| loop {
-        if STOP.load(Ordering::SeqCst) {
-            eprintln!("\ninterrupted: tearing the local mesh down");
-            let _ = testbed::teardown_all();
-            std::process::exit(130);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    });
 }
 
 struct Flow {
