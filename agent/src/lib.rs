@@ -5,6 +5,7 @@ pub mod app;
 pub mod ca;
 pub mod capture;
 pub mod config;
+pub mod discover;
 pub mod identity;
 pub mod inpod;
 pub mod metrics;

@@ -8,6 +8,7 @@
 //! and tears it down (namespaces, cgroups, pins, processes) even on failure.
 mod authz;
 mod capture;
+mod discover;
 mod hbone;
 mod identity;
 mod interop;

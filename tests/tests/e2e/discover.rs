@@ -1,0 +1,94 @@
+//! Pod discovery on a node (issue #4, first slice): a pod laid out like a
+//! kubelet + containerd (systemd-free cgroupfs naming, burstable QoS) in a
+//! real netns and cgroup is found by its UID and enrolled by what was found.
+use std::{
+    fs,
+    os::{fd::AsRawFd, unix::fs::MetadataExt, unix::process::CommandExt},
+    process::{Command, Stdio},
+};
+
+use agent::discover::Discoverer;
+use anyhow::Result;
+use testbed::{
+    mesh::{self, Agent},
+    Cluster, ClusterSpec, NodeSpec,
+};
+
+use crate::{access_to, succeeded, WAIT};
+
+const UID: &str = "0d6b1f3a-5c7e-4f21-9a0b-1c2d3e4f5a6b";
+
+#[test]
+fn a_pod_is_found_by_uid_and_enrolled_from_what_was_found() -> Result<()> {
+    let spec = ClusterSpec::new(vec![
+        NodeSpec::new("node1", &["kpod"]),
+        NodeSpec::new("node2", &["peer"]),
+    ]);
+    let cluster = Cluster::create("discover", &spec)?;
+    let dir = cluster.scratch_dir()?;
+    let node = cluster.node("node1");
+    let kpod = cluster.pod("kpod");
+
+    // kubepods/burstable/pod<uid>/<container>, below the node's cgroup parent.
+    let pod_cgroup = node.cgroup.join(format!("kubepods/burstable/pod{UID}"));
+    let container = pod_cgroup.join("cri-containerd-4b1d0c0ffee.scope");
+    fs::create_dir_all(&container)?;
+    // The "container": the test app in the pod's netns and that cgroup.
+    let netns = fs::File::open(&kpod.netns_path)?;
+    let procs = fs::OpenOptions::new()
+        .write(true)
+        .open(container.join("cgroup.procs"))?;
+    let (ns_fd, procs_fd) = (netns.as_raw_fd(), procs.as_raw_fd());
+    let mut cmd = Command::new("python3");
+    cmd.arg(mesh::meshapp())
+        .args(["server", "--ports", "8080"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    // SAFETY: only async-signal-safe calls (write, setns) on fds opened before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 || libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut app = cmd.spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(app.stdout.as_mut().unwrap()), &mut line)?;
+    assert!(line.contains("listening"), "{line}");
+
+    // Found by UID: the pod-level cgroup and a process in the pod's netns.
+    let discoverer = Discoverer {
+        host_netns: node.netns_path.clone(),
+        ..Discoverer::new(&node.cgroup)
+    };
+    let loc = discoverer.find(UID)?;
+    assert_eq!(loc.cgroup, pod_cgroup);
+    assert_eq!(
+        fs::metadata(&loc.netns)?.ino(),
+        fs::metadata(&kpod.netns_path)?.ino(),
+        "the pod's netns"
+    );
+
+    // Enrolled by the discovered paths, the pod's inbound traffic is captured.
+    let config = dir.join("mesh.yaml");
+    fs::write(
+        &config,
+        format!(
+            "pods:\n  - {{name: kpod, namespace: default, uid: {UID}, node: node1, netns: {}, cgroup: {}, ips: [\"{}\"]}}\n",
+            loc.netns.display(),
+            loc.cgroup.display(),
+            kpod.ip4
+        ),
+    )?;
+    let agent = Agent::start_ready(&cluster, "node1", &config, &dir)?;
+    let r = mesh::client(cluster.pod("peer"), "once", &kpod.ip4.to_string(), 8080, &[])?;
+    assert!(succeeded(&r), "{r}");
+    let dst = format!("{}:8080", kpod.ip4);
+    let logs = agent.wait_access(WAIT, |l| !access_to(l, &dst).is_empty())?;
+    assert_eq!(access_to(&logs, &dst)[0]["direction"], "inbound");
+    let _ = app.kill();
+    let _ = app.wait();
+    Ok(())
+}
