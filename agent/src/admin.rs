@@ -11,7 +11,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
 };
 
@@ -26,10 +26,47 @@ use tokio::net::TcpListener;
 /// Produces the config dump (JSON) on request.
 pub type DumpFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
+/// What `/healthz/ready` answers: ready once capture is in place; a ready
+/// agent whose source of truth is unreachable stays ready (it serves its
+/// last good state) and says so in the body.
+#[derive(Default)]
+pub struct Readiness {
+    ready: AtomicBool,
+    degraded: Mutex<Option<String>>,
+}
+
+impl Readiness {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn set_degraded(&self, why: Option<String>) {
+        *self.degraded.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    pub fn degraded(&self) -> Option<String> {
+        self.degraded.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn answer(&self) -> (StatusCode, String) {
+        match (self.ready.load(Ordering::SeqCst), self.degraded()) {
+            (true, None) => (StatusCode::OK, "ready\n".into()),
+            (true, Some(why)) => (
+                StatusCode::OK,
+                format!("ready (degraded: serving the last good state): {why}\n"),
+            ),
+            (false, Some(why)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            (false, None) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: capture is not in place yet\n".into(),
+            ),
+        }
+    }
+}
 #[derive(Clone)]
 pub struct Admin {
     pub registry: Arc<Registry>,
-    pub ready: Arc<AtomicBool>,
+    pub ready: Arc<Readiness>,
     pub dump: DumpFn,
 }
 
@@ -108,15 +145,8 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         "/healthz/ready" => {
-            if admin.ready.load(Ordering::SeqCst) {
-                reply(StatusCode::OK, "text/plain", "ready\n".into())
-            } else {
-                reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "not ready: capture is not in place yet\n".into(),
-                )
-            }
+            let (status, body) = admin.ready.answer();
+            reply(status, "text/plain", body)
         }
         "/config_dump" => {
             let body = serde_json::to_string_pretty(&(admin.dump)()).unwrap_or_default();

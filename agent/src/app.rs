@@ -8,17 +8,18 @@ use tokio::{
     sync::watch,
 };
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    RwLock,
-};
+use std::{collections::HashSet, sync::RwLock};
+
+use tokio::sync::mpsc;
 
 use crate::{
-    admin::{Addrs, Admin, DumpFn},
+    admin::{Addrs, Admin, DumpFn, Readiness},
     capture::Capture,
-    config::{AgentConfig, LocalConfig},
+    config::{AgentConfig, KubeSettings, LocalConfig, Source},
+    discover::Discoverer,
     identity::{CertStore, SecretManager},
     inpod::{DataPlane, InPod},
+    k8s::{self, cni::CniEvent, Kube, Locator},
     metrics::TcpMetrics,
     netns::Netns,
     proxy::{MeshCtx, Tracker},
@@ -58,15 +59,17 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
         })?,
         None => EBPF_OBJECT.to_vec(),
     };
-    let mut good = LocalConfig::load(&cfg.config_path)?;
-    let mut seen = std::fs::read_to_string(&cfg.config_path).unwrap_or_default();
+    // Read the source before touching the kernel, so a bad file fails fast.
+    let mut source = match &cfg.source {
+        Source::File(path) => Watched::File(Box::new(FileSource::open(path)?)),
+        Source::Kubernetes(k) => Watched::Kube(KubeSource::start(&cfg.node, k).await?),
+    };
     let (capture, orig) = Capture::start(&object, &cfg.bpffs, &cfg.pin_name, &cfg.cgroup_parent)?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let tracker = Arc::new(Tracker::default());
     let state = State::default();
-    state.update(&good, &cfg.trust_domain);
-    let (mut secrets, mesh_ctx) = match &cfg.ca {
+    let (secrets, mesh_ctx) = match &cfg.ca {
         Some(ca) => {
             let secrets = SecretManager::new(mesh::ca::CaClient::new(ca)?, cfg.cert_lifetime);
             let roots = std::fs::read_to_string(&ca.root_cert)
@@ -86,9 +89,9 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = TcpMetrics::register(&mut registry);
     let certs = secrets.as_ref().map(SecretManager::store);
-    let ready = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(Readiness::default());
     let enrolled = Arc::new(RwLock::new(Vec::<String>::new()));
-    let dump = config_dump(cfg.node.clone(), state.clone(), certs, enrolled.clone());
+    let dump = config_dump(cfg.node.clone(), state.clone(), certs, enrolled.clone(), ready.clone());
     Admin {
         registry: Arc::new(registry),
         ready: ready.clone(),
@@ -105,43 +108,354 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
         state: state.clone(),
         metrics,
     };
-    let mut inpod = InPod::new(&cfg, capture, orig, tracker.clone(), shutdown, dp);
-    inpod.apply(&good)?;
-    sync_identities(&inpod, &mut secrets);
-    *enrolled.write().unwrap_or_else(|e| e.into_inner()) = inpod.enrolled().map(str::to_string).collect();
-    ready.store(true, Ordering::SeqCst);
-    tracing::info!(node = %cfg.node, enrolled = ?inpod.enrolled().collect::<Vec<_>>(), "agent ready");
+    let inpod = InPod::new(&cfg, capture, orig, tracker.clone(), shutdown, dp);
+    let mut node = NodeState {
+        inpod,
+        state,
+        secrets,
+        enrolled,
+        trust_domain: cfg.trust_domain.clone(),
+        current: LocalConfig::default(),
+    };
+    // The first model must be complete (a partial one would unenroll pods a
+    // previous agent captured): the Kubernetes source waits for its lists.
+    let first = source.first(&ready).await?;
+    node.apply(first, true);
+    ready.set_ready(true);
+    tracing::info!(node = %cfg.node, enrolled = ?node.inpod.enrolled().collect::<Vec<_>>(), "agent ready");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(cfg.reload_interval);
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                reload(&cfg, &mut seen, &mut good, &mut inpod, &state);
-                sync_identities(&inpod, &mut secrets);
-                *enrolled.write().unwrap_or_else(|e| e.into_inner()) = inpod.enrolled().map(str::to_string).collect();
-            }
+            _ = tick.tick() => source.tick(&mut node, &ready),
+            ev = source.event() => source.handle(ev, &mut node),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
 
-    ready.store(false, Ordering::SeqCst);
+    ready.set_ready(false);
     // Stop accepting (queued connections migrate to a successor agent, if
     // any), let open connections finish, leave every pin in place so capture
     // and fail-closed stay in force.
     let _ = shutdown_tx.send(true);
-    tracing::info!(open = tracker.open(), stats = ?inpod.capture().stats(), "draining");
-    drop(inpod);
+    tracing::info!(open = tracker.open(), stats = ?node.inpod.capture().stats(), "draining");
+    drop(node);
     let left = tracker.drain(cfg.drain_timeout).await;
     tracing::info!(left_open = left, "agent stopped");
     Ok(())
 }
 
+/// The pods, workloads and identities this node serves.
+struct NodeState {
+    inpod: InPod,
+    state: State,
+    secrets: Option<SecretManager>,
+    enrolled: Arc<RwLock<Vec<String>>>,
+    trust_domain: String,
+    current: LocalConfig,
+}
+
+impl NodeState {
+    /// Makes the data plane match `model`; pods that fail are retried by
+    /// the next call (`changed` false: same model, retry only).
+    fn apply(&mut self, model: LocalConfig, changed: bool) {
+        if changed {
+            self.state.update(&model, &self.trust_domain);
+            let policy_changed = model.authorization_policies != self.current.authorization_policies
+                || model.peer_authentications != self.current.peer_authentications;
+            self.current = model;
+            if policy_changed {
+                self.inpod.recheck_open_connections();
+            }
+        }
+        if let Err(e) = self.inpod.apply(&self.current) {
+            tracing::error!(error = %e, "cannot apply configuration");
+        }
+        if let Some(s) = &mut self.secrets {
+            s.set_wanted(&self.inpod.identities());
+        }
+        *self.enrolled.write().unwrap_or_else(|e| e.into_inner()) = self.inpod.enrolled().map(str::to_string).collect();
+    }
+}
+
+enum Watched {
+    File(Box<FileSource>),
+    Kube(Box<KubeSource>),
+}
+
+/// Something the source needs handled in the main loop.
+enum Event {
+    Changed,
+    Cni(CniEvent),
+}
+
+impl Watched {
+    async fn first(&mut self, ready: &Readiness) -> anyhow::Result<LocalConfig> {
+        match self {
+            Watched::File(f) => Ok(f.good.clone()),
+            Watched::Kube(k) => Ok(k.first(ready).await),
+        }
+    }
+
+    async fn event(&mut self) -> Event {
+        match self {
+            Watched::File(_) => std::future::pending().await,
+            Watched::Kube(k) => k.event().await,
+        }
+    }
+
+    fn handle(&mut self, ev: Event, node: &mut NodeState) {
+        if let Watched::Kube(k) = self {
+            k.handle(ev, node);
+        }
+    }
+
+    fn tick(&mut self, node: &mut NodeState, ready: &Readiness) {
+        match self {
+            Watched::File(f) => f.reload(node),
+            Watched::Kube(k) => {
+                ready.set_degraded(k.kube.health.problem());
+                // Retry pods not located or not enrolled yet.
+                let model = k.model();
+                let changed = model != node.current;
+                node.apply(model, changed);
+            }
+        }
+    }
+}
+
+/// The local enrolment file.
+struct FileSource {
+    path: std::path::PathBuf,
+    seen: String,
+    good: LocalConfig,
+}
+
+impl FileSource {
+    fn open(path: &std::path::Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            path: path.to_owned(),
+            good: LocalConfig::load(path)?,
+            seen: std::fs::read_to_string(path).unwrap_or_default(),
+        })
+    }
+
+    /// Re-reads the file; a bad file is reported and the last good
+    /// configuration stays in force. Unchanged files still retry failed pods.
+    fn reload(&mut self, node: &mut NodeState) {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot read config; keeping the last good configuration");
+                return;
+            }
+        };
+        if text == self.seen {
+            return node.apply(self.good.clone(), false);
+        }
+        self.seen = text;
+        match LocalConfig::parse(&self.path, &self.seen) {
+            Ok(new) => {
+                tracing::info!(path = %self.path.display(), "configuration reloaded");
+                self.good = new.clone();
+                node.apply(new, true);
+            }
+            Err(e) => tracing::error!(error = %e, "invalid configuration; keeping the last good configuration"),
+        }
+    }
+}
+
+/// The Kubernetes API (plus the node-local locator and the CNI socket).
+struct KubeSource {
+    kube: Kube,
+    node: String,
+    own_uid: Option<String>,
+    locator: Locator,
+    cni: Option<mpsc::Receiver<CniEvent>>,
+    /// Last translation warnings, to log each once.
+    warned: HashSet<String>,
+    /// `ambient-namespaces` beside the CNI socket, and what it holds.
+    ambient_file: Option<(std::path::PathBuf, String)>,
+}
+
+impl KubeSource {
+    async fn start(node: &str, k: &KubeSettings) -> anyhow::Result<Box<Self>> {
+        let client = k8s::client(k.kubeconfig.as_deref()).await?;
+        let kube = Kube::start(client, node);
+        let cni = match &k.cni_socket {
+            Some(path) => {
+                let listener = k8s::cni::bind(path)
+                    .with_context(|| format!("cannot listen on the CNI socket {}", path.display()))?;
+                let (tx, rx) = mpsc::channel(64);
+                tokio::spawn(k8s::cni::serve(listener, kube.clone(), k.own_pod_uid.clone(), tx));
+                tracing::info!(socket = %path.display(), "CNI socket listening");
+                Some(rx)
+            }
+            None => None,
+        };
+        let discoverer = Discoverer {
+            cgroup_root: k.cgroup_root.clone(),
+            proc_root: k.proc_root.clone(),
+            host_netns: k.host_netns.clone(),
+        };
+        Ok(Box::new(Self {
+            kube,
+            node: node.to_string(),
+            own_uid: k.own_pod_uid.clone(),
+            locator: Locator::new(discoverer),
+            cni,
+            warned: HashSet::new(),
+            ambient_file: k.cni_socket.as_ref().map(|p| {
+                (
+                    p.with_file_name(mesh_cni::proto::AMBIENT_NAMESPACES_FILE),
+                    String::new(),
+                )
+            }),
+        }))
+    }
+
+    async fn first(&mut self, ready: &Readiness) -> LocalConfig {
+        let mut last_log = std::time::Instant::now();
+        while !self.kube.health.synced() {
+            let problem = self.kube.health.problem();
+            if last_log.elapsed() > Duration::from_secs(10) {
+                tracing::warn!(problem = ?problem, "still waiting for the first complete list from the Kubernetes API; capture state of a previous agent stays in force");
+                last_log = std::time::Instant::now();
+            }
+            ready.set_degraded(problem);
+            let _ = tokio::time::timeout(Duration::from_millis(200), self.kube.changed()).await;
+        }
+        ready.set_degraded(None);
+        tracing::info!("Kubernetes state listed");
+        self.model()
+    }
+
+    async fn event(&mut self) -> Event {
+        let cni = async {
+            match &mut self.cni {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.kube.changed() => Event::Changed,
+            Some(ev) = cni => Event::Cni(ev),
+        }
+    }
+
+    /// The model from the stores (and the locator for pods of this node).
+    fn model(&mut self) -> LocalConfig {
+        let input = self.kube.inputs();
+        let cni_ips = self.locator.cni_ips.clone();
+        let locator = &mut self.locator;
+        let mut locate = |uid: &str| locator.locate(uid);
+        let t = k8s::model::translate(
+            &input,
+            &mut k8s::model::Local {
+                node: &self.node,
+                own_uid: self.own_uid.as_deref(),
+                cni_ips: &cni_ips,
+                locate: &mut locate,
+            },
+        );
+        let uids: HashSet<&str> = input.pods.iter().filter_map(|p| p.metadata.uid.as_deref()).collect();
+        self.locator.retain(&uids);
+        self.write_ambient_namespaces(&input);
+        let now: HashSet<String> = t.warnings.into_iter().collect();
+        for w in now.difference(&self.warned) {
+            tracing::warn!(warning = %w, "Kubernetes object not (fully) applied");
+        }
+        self.warned = now;
+        t.model
+    }
+
+    /// Tells the CNI plugin which namespaces are ambient, for when this agent
+    /// is down (it then lets pods of other namespaces start).
+    fn write_ambient_namespaces(&mut self, input: &k8s::model::Inputs) {
+        let Some((path, written)) = &mut self.ambient_file else {
+            return;
+        };
+        let mut names: Vec<&str> = input
+            .namespaces
+            .iter()
+            .filter(|n| {
+                n.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(k8s::model::DATAPLANE_MODE))
+                    .map(String::as_str)
+                    == Some("ambient")
+            })
+            .filter_map(|n| n.metadata.name.as_deref())
+            .collect();
+        names.sort_unstable();
+        let text: String = names.iter().map(|n| format!("{n}\n")).collect();
+        if text == *written {
+            return;
+        }
+        let tmp = path.with_extension("tmp");
+        match std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &*path)) {
+            Ok(()) => *written = text,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the ambient namespaces for the CNI plugin")
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Event, node: &mut NodeState) {
+        match ev {
+            Event::Changed => {
+                let model = self.model();
+                let changed = model != node.current;
+                node.apply(model, changed);
+            }
+            Event::Cni(CniEvent::TornDown { uid }) => {
+                self.locator.remove(&uid);
+                let model = self.model();
+                node.apply(model, true);
+            }
+            Event::Cni(CniEvent::Enroll {
+                key,
+                uid,
+                netns,
+                ips,
+                reply,
+            }) => {
+                let r = match self.locator.add(&uid, netns, ips) {
+                    Err(e) => k8s::cni::failure(format!("cannot enroll {key}: {e}")),
+                    Ok(()) => {
+                        let model = self.model();
+                        node.apply(model, true);
+                        match node.inpod.enrolled().any(|k| k == key) {
+                            true => {
+                                tracing::info!(pod = %key, "pod enrolled before start (CNI)");
+                                k8s::cni::ok(true, "captured")
+                            }
+                            false => k8s::cni::failure(format!(
+                                "cannot enroll {key}: {}",
+                                node.inpod.failure(&key).unwrap_or("it is not in this node's model")
+                            )),
+                        }
+                    }
+                };
+                let _ = reply.send(r);
+            }
+        }
+    }
+}
+
 /// The admin `/config_dump`: workloads, policies, enrolled pods and
 /// certificates with their expiry (never keys).
-fn config_dump(node: String, state: State, certs: Option<CertStore>, enrolled: Arc<RwLock<Vec<String>>>) -> DumpFn {
+fn config_dump(
+    node: String,
+    state: State,
+    certs: Option<CertStore>,
+    enrolled: Arc<RwLock<Vec<String>>>,
+    ready: Arc<Readiness>,
+) -> DumpFn {
     Arc::new(move || {
         let snap = state.snapshot();
         let mut workloads: Vec<serde_json::Value> = snap
@@ -157,6 +471,7 @@ fn config_dump(node: String, state: State, certs: Option<CertStore>, enrolled: A
         workloads.sort_by_key(|w| w["ip"].to_string());
         serde_json::json!({
             "node": node,
+            "degraded": ready.degraded(),
             "enrolled": *enrolled.read().unwrap_or_else(|e| e.into_inner()),
             "workloads": workloads,
             "services": snap.services.iter().map(|s| serde_json::json!({
@@ -168,43 +483,6 @@ fn config_dump(node: String, state: State, certs: Option<CertStore>, enrolled: A
             "certificates": certs.as_ref().map(CertStore::dump).unwrap_or_default(),
         })
     })
-}
-
-/// Certificates for exactly the service accounts of the enrolled pods.
-fn sync_identities(inpod: &InPod, secrets: &mut Option<SecretManager>) {
-    if let Some(s) = secrets {
-        s.set_wanted(&inpod.identities());
-    }
-}
-
-/// Re-reads the config file; a bad file is reported and the last good
-/// configuration stays in force. Unchanged files still retry failed pods.
-fn reload(cfg: &AgentConfig, seen: &mut String, good: &mut LocalConfig, inpod: &mut InPod, state: &State) {
-    let text = match std::fs::read_to_string(&cfg.config_path) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!(path = %cfg.config_path.display(), error = %e, "cannot read config; keeping the last good configuration");
-            return;
-        }
-    };
-    if text != *seen {
-        *seen = text;
-        match LocalConfig::parse(&cfg.config_path, seen) {
-            Ok(new) => {
-                tracing::info!(path = %cfg.config_path.display(), "configuration reloaded");
-                state.update(&new, &cfg.trust_domain);
-                *good = new;
-                inpod.recheck_open_connections();
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "invalid configuration; keeping the last good configuration");
-                return;
-            }
-        }
-    }
-    if let Err(e) = inpod.apply(good) {
-        tracing::error!(error = %e, "cannot apply configuration");
-    }
 }
 
 /// Parses `500ms`, `30s`, `2m`, `24h`.

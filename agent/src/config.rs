@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 pub struct AgentConfig {
     /// Name of the node this agent serves; only pods with this `node` are enrolled.
     pub node: String,
-    /// Local YAML enrolment file (schema: README "Local configuration").
-    pub config_path: PathBuf,
+    /// Where pods, services and policies come from.
+    pub source: Source,
     /// Network namespace of the node (joined with setns at start); `None` = current.
     pub node_netns: Option<PathBuf>,
     /// cgroup v2 directory the cgroup programs attach to (all pods must be below it).
@@ -45,6 +45,33 @@ pub struct AgentConfig {
     pub metrics_addr: std::net::SocketAddr,
     pub readiness_addr: std::net::SocketAddr,
     pub admin_addr: std::net::SocketAddr,
+}
+
+/// The agent's source of truth.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Source {
+    /// A local YAML enrolment file (schema: README "Local configuration"), re-read every `reload_interval`.
+    File(PathBuf),
+    Kubernetes(KubeSettings),
+}
+
+/// The Kubernetes source (README "Install on a cluster").
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeSettings {
+    /// `None`: $KUBECONFIG, ~/.kube/config, else the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// The agent's own pod (never enrolled).
+    pub own_pod_uid: Option<String>,
+    /// The chained CNI plugin's socket; `None` = no CNI plugin (new pods are
+    /// captured once discovered, after they started).
+    pub cni_socket: Option<PathBuf>,
+    /// The host's /proc (the agent pod needs hostPID) and cgroup v2 mount.
+    pub proc_root: PathBuf,
+    pub cgroup_root: PathBuf,
+    /// The host's network namespace (host-network pods share it).
+    pub host_netns: PathBuf,
 }
 
 /// Errors in the local enrolment file: each says where and what to fix.
@@ -93,7 +120,12 @@ pub struct ServiceSpec {
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     /// Pods of the namespace with these labels back the service.
+    #[serde(default)]
     pub selector: BTreeMap<String, String>,
+    /// Explicit endpoint addresses (as EndpointSlices give them); when set,
+    /// they back the service instead of the selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<IpAddr>>,
     #[serde(default)]
     pub load_balancing: LoadBalancing,
     /// Extra identities an endpoint of this service may present, besides its
@@ -158,10 +190,14 @@ pub struct PodSpec {
     #[serde(default = "default_service_account")]
     pub service_account: String,
     pub node: String,
-    /// Path of the pod's network namespace (e.g. /run/netns/<name>).
-    pub netns: PathBuf,
-    /// The pod's cgroup v2 directory (must be below the agent's cgroup parent).
-    pub cgroup: PathBuf,
+    /// Path of the pod's network namespace (e.g. /run/netns/<name>); needed
+    /// for pods of this node only (pods elsewhere are peers, not captured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    /// The pod's cgroup v2 directory (must be below the agent's cgroup
+    /// parent); needed with `netns`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
     pub ips: Vec<IpAddr>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -305,16 +341,22 @@ impl LocalConfig {
             if !keys.insert(pod.key()) {
                 return Err((at("name"), format!("pod {} is listed twice", pod.key())));
             }
-            if !pod.netns.is_absolute() {
+            if pod.netns.as_ref().is_some_and(|p| !p.is_absolute()) {
                 return Err((
                     at("netns"),
                     "must be an absolute path to a network namespace file, e.g. /run/netns/<name>".into(),
                 ));
             }
-            if !pod.cgroup.is_absolute() {
+            if pod.cgroup.as_ref().is_some_and(|p| !p.is_absolute()) {
                 return Err((
                     at("cgroup"),
                     "must be an absolute path to the pod's cgroup v2 directory".into(),
+                ));
+            }
+            if pod.netns.is_some() != pod.cgroup.is_some() {
+                return Err((
+                    at("netns"),
+                    "set both netns and cgroup (a pod of this node) or neither (a peer on another node)".into(),
                 ));
             }
             if pod.ips.is_empty() {
@@ -359,8 +401,11 @@ impl LocalConfig {
                     return Err((format!("services[{i}].subjectAltNames[{j}]"), e.to_string()));
                 }
             }
-            if svc.selector.is_empty() {
-                return Err((at("selector"), "a selector picks the pods that back the service".into()));
+            if svc.selector.is_empty() && svc.endpoints.is_none() {
+                return Err((
+                    at("selector"),
+                    "a selector (or an explicit endpoints list) picks the pods that back the service".into(),
+                ));
             }
         }
         let mut policy_names = HashSet::new();
@@ -392,10 +437,18 @@ impl LocalConfig {
         Ok(())
     }
 
-    /// Pods this agent enrolls.
-    pub fn pods_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a PodSpec> + 'a {
+    /// Pods in the mesh (HBONE) scheduled on `node`.
+    pub fn mesh_pods_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a PodSpec> + 'a {
         let node = node.to_owned();
-        self.pods.iter().filter(move |p| p.node == node)
+        self.pods
+            .iter()
+            .filter(move |p| p.node == node && p.tunnel == TunnelProtocol::Hbone)
+    }
+
+    /// Pods this agent captures: in the mesh on this node, with a known
+    /// network namespace and cgroup.
+    pub fn pods_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a PodSpec> + 'a {
+        self.mesh_pods_on(node).filter(|p| p.netns.is_some())
     }
 }
 

@@ -76,6 +76,11 @@ impl InPod {
         }
     }
 
+    /// Why the pod could not be enrolled at the last attempt.
+    pub fn failure(&self, key: &str) -> Option<&str> {
+        self.failures.get(key).map(String::as_str)
+    }
+
     pub fn enrolled(&self) -> impl Iterator<Item = &str> {
         self.pods.keys().map(String::as_str)
     }
@@ -126,7 +131,7 @@ impl InPod {
             }
             match self.enroll(spec) {
                 Ok(e) => {
-                    tracing::info!(pod = %key, netns = %spec.netns.display(), ips = ?spec.ips, "pod enrolled");
+                    tracing::info!(pod = %key, netns = ?spec.netns, ips = ?spec.ips, "pod enrolled");
                     self.failures.remove(key);
                     self.pods.insert(key.clone(), e);
                 }
@@ -152,17 +157,23 @@ impl InPod {
             pod: spec.key(),
             message,
         };
-        if !spec.cgroup.starts_with(&self.cgroup_parent) {
+        let (Some(netns), Some(cgroup)) = (&spec.netns, &spec.cgroup) else {
+            return Err(pod_err(
+                "its network namespace and cgroup are not known (yet): set netns and cgroup, or wait for discovery"
+                    .into(),
+            ));
+        };
+        if !cgroup.starts_with(&self.cgroup_parent) {
             return Err(pod_err(format!(
                 "its cgroup {} is not below the agent's --cgroup-parent {}, so capture would not see its sockets",
-                spec.cgroup.display(),
+                cgroup.display(),
                 self.cgroup_parent.display()
             )));
         }
-        if !spec.cgroup.is_dir() {
-            return Err(pod_err(format!("its cgroup {} does not exist", spec.cgroup.display())));
+        if !cgroup.is_dir() {
+            return Err(pod_err(format!("its cgroup {} does not exist", cgroup.display())));
         }
-        let netns = Netns::open(&spec.netns)?;
+        let netns = Netns::open(netns)?;
         let netns_cookie = netns.cookie()?;
         let transparent = match netns.run(prepare_transparent_forwarding)? {
             Ok(()) => true,

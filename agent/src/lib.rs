@@ -8,6 +8,7 @@ pub mod config;
 pub mod discover;
 pub mod identity;
 pub mod inpod;
+pub mod k8s;
 pub mod metrics;
 pub mod netns;
 pub mod proxy;

@@ -72,8 +72,22 @@ enum CaCmd {
         #[arg(long)]
         dir: PathBuf,
         /// The pod list (enrolment file) that says which pods run on which node.
-        #[arg(long, env = "AGENT_CONFIG")]
-        config: PathBuf,
+        #[arg(
+            long,
+            env = "AGENT_CONFIG",
+            required_unless_present = "kubernetes",
+            conflicts_with = "kubernetes"
+        )]
+        config: Option<PathBuf>,
+        /// Authenticate agents by their service-account token (TokenReview)
+        /// and check pods' nodes against the Kubernetes API.
+        #[arg(long)]
+        kubernetes: bool,
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        /// The agents' service account, namespace/name: only its tokens are accepted.
+        #[arg(long, default_value = "mesh-system/mesh-agent")]
+        agent_service_account: String,
         #[arg(long, default_value = "0.0.0.0:15012")]
         listen: std::net::SocketAddr,
         /// Network namespace to serve in (default: the current one).
@@ -112,19 +126,52 @@ struct CaArgs {
     node_cert: Option<PathBuf>,
     #[arg(long, env = "AGENT_NODE_KEY")]
     node_key: Option<PathBuf>,
+    /// Authenticate with this (projected service-account) token instead of
+    /// a node credential; re-read for every request (Kubernetes).
+    #[arg(long, env = "AGENT_CA_TOKEN", conflicts_with_all = ["node_cert", "node_key"])]
+    ca_token: Option<PathBuf>,
 }
 
 impl CaArgs {
     fn resolve(self) -> anyhow::Result<Option<mesh::ca::CaClientConfig>> {
         let Some(address) = self.address else { return Ok(None) };
         let need = |v: Option<PathBuf>, flag: &str| v.with_context(|| format!("--ca-address needs {flag}"));
+        let auth = match self.ca_token {
+            Some(token) => mesh::ca::CaAuth::Token(token),
+            None => mesh::ca::CaAuth::NodeCert {
+                cert: need(self.node_cert, "--node-cert (or --ca-token)")?,
+                key: need(self.node_key, "--node-key")?,
+            },
+        };
         Ok(Some(mesh::ca::CaClientConfig {
             address,
             root_cert: need(self.root, "--ca-root")?,
-            node_cert: need(self.node_cert, "--node-cert")?,
-            node_key: need(self.node_key, "--node-key")?,
+            auth,
         }))
     }
+}
+
+/// The Kubernetes source.
+#[derive(Args)]
+struct KubeArgs {
+    /// Learn pods, services and policies from the Kubernetes API.
+    #[arg(long, env = "AGENT_KUBERNETES")]
+    kubernetes: bool,
+    /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, else in-cluster).
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// UID of the agent's own pod (downward API), never enrolled.
+    #[arg(long, env = "AGENT_POD_UID")]
+    pod_uid: Option<String>,
+    /// Socket the chained CNI plugin (mesh-cni) calls to enroll new pods.
+    #[arg(long, env = "AGENT_CNI_SOCKET", requires = "kubernetes")]
+    cni_socket: Option<PathBuf>,
+    /// The host's /proc (run the agent pod with hostPID).
+    #[arg(long, env = "AGENT_PROC_ROOT", default_value = "/proc")]
+    proc_root: PathBuf,
+    /// The host's network namespace (pods sharing it use the host network).
+    #[arg(long, env = "AGENT_HOST_NETNS", default_value = "/proc/1/ns/net")]
+    host_netns: PathBuf,
 }
 
 #[derive(Args)]
@@ -142,9 +189,16 @@ struct RunArgs {
     /// This node's name; pods whose `node` matches are enrolled.
     #[arg(long, env = "AGENT_NODE")]
     node: String,
-    /// Local enrolment file (YAML; see README).
-    #[arg(long, env = "AGENT_CONFIG")]
-    config: PathBuf,
+    /// Local enrolment file (YAML; see README). Either this or --kubernetes.
+    #[arg(
+        long,
+        env = "AGENT_CONFIG",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    kube: KubeArgs,
     /// Network namespace of the node to join (default: the current one).
     #[arg(long, env = "AGENT_NETNS")]
     netns: Option<PathBuf>,
@@ -197,7 +251,13 @@ fn main() -> anyhow::Result<()> {
                 .find(|p| p.key() == pod)
                 .with_context(|| format!("pod {pod} is not listed in {}", config.display()))?;
             let ips: Vec<IpAddr> = spec.ips.clone();
-            capture::unenroll_with_pins(&pins.bpffs, &pins.pin_name, &Netns::open(&spec.netns)?, &ips)?;
+            let netns = spec.netns.as_ref().with_context(|| {
+                format!(
+                    "pod {pod} has no netns in {}: it is not captured here",
+                    config.display()
+                )
+            })?;
+            capture::unenroll_with_pins(&pins.bpffs, &pins.pin_name, &Netns::open(netns)?, &ips)?;
             tracing::info!(pod = %pod, "pod unenrolled; its traffic goes direct");
             Ok(())
         }
@@ -229,6 +289,9 @@ fn ca_command(cmd: CaCmd) -> anyhow::Result<()> {
         CaCmd::Serve {
             dir,
             config,
+            kubernetes,
+            kubeconfig,
+            agent_service_account,
             listen,
             netns,
             max_cert_lifetime,
@@ -236,8 +299,16 @@ fn ca_command(cmd: CaCmd) -> anyhow::Result<()> {
             if let Some(ns) = netns {
                 Netns::open(&ns)?.enter_for_good()?;
             }
+            let source = match config {
+                Some(path) => agent::ca::PodSource::File(path),
+                None if kubernetes => agent::ca::PodSource::Kubernetes {
+                    kubeconfig,
+                    agent_service_account,
+                },
+                None => anyhow::bail!("pass --config or --kubernetes"),
+            };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(agent::ca::serve(&dir, config, listen, max_cert_lifetime))
+            rt.block_on(agent::ca::serve(&dir, source, listen, max_cert_lifetime))
         }
         CaCmd::Request {
             ca,
@@ -271,9 +342,22 @@ fn agent_config(a: RunArgs) -> anyhow::Result<config::AgentConfig> {
             capture::probe::cgroup2_mount().context("cgroup v2 is not mounted: mount it or pass --cgroup-parent")?
         }
     };
+    let source = match a.config {
+        Some(path) => config::Source::File(path),
+        None => config::Source::Kubernetes(config::KubeSettings {
+            kubeconfig: a.kube.kubeconfig,
+            own_pod_uid: a.kube.pod_uid,
+            cni_socket: a.kube.cni_socket,
+            proc_root: a.kube.proc_root,
+            // Pods are found below the capture's cgroup parent (they must be
+            // there to be captured at all).
+            cgroup_root: cgroup_parent.clone(),
+            host_netns: a.kube.host_netns,
+        }),
+    };
     Ok(config::AgentConfig {
         node: a.node,
-        config_path: a.config,
+        source,
         node_netns: a.netns,
         cgroup_parent,
         bpffs: a.pins.bpffs,

@@ -187,13 +187,14 @@ impl State {
             .services
             .iter()
             .map(|spec| {
-                let endpoints = cfg
-                    .pods
-                    .iter()
-                    .filter(|p| p.healthy && p.namespace == spec.namespace)
-                    .filter(|p| spec.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
-                    .flat_map(|p| p.ips.iter().copied())
-                    .collect();
+                let endpoints = spec.endpoints.clone().unwrap_or_else(|| {
+                    cfg.pods
+                        .iter()
+                        .filter(|p| p.healthy && p.namespace == spec.namespace)
+                        .filter(|p| spec.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+                        .flat_map(|p| p.ips.iter().copied())
+                        .collect()
+                });
                 Service {
                     spec: spec.clone(),
                     endpoints,

@@ -4,8 +4,10 @@
 //!
 //! Nodes never hold a CA key. A node agent authenticates with its node
 //! credential (a client certificate naming `spiffe://<td>/mesh-node/<node>`)
-//! and may only obtain certificates, by impersonation, for service accounts
-//! of pods on its node; the [`Authorizer`] decides.
+//! or, on Kubernetes, with a bearer token (its projected service-account
+//! token, validated by the [`Authorizer`] through TokenReview), and may only
+//! obtain certificates, by impersonation, for service accounts of pods on
+//! its node; the [`Authorizer`] decides.
 use std::{
     fs,
     net::SocketAddr,
@@ -237,9 +239,16 @@ impl Signer {
 }
 
 /// Who may have which identity: the CA's link to the cluster's state.
+#[tonic::async_trait]
 pub trait Authorizer: Send + Sync + 'static {
+    /// The node of the agent presenting `token` (e.g. by TokenReview); Err
+    /// says why not. By default tokens are not accepted.
+    async fn node_of_token(&self, _token: &str) -> Result<String, String> {
+        Err("this CA accepts node certificates only".into())
+    }
+
     /// Ok when a pod with identity `id` is scheduled on `node`; else the reason.
-    fn may_impersonate(&self, node: &str, id: &SpiffeId) -> Result<(), String>;
+    async fn may_impersonate(&self, node: &str, id: &SpiffeId) -> Result<(), String>;
 }
 
 /// The gRPC service.
@@ -255,7 +264,13 @@ impl<A: Authorizer> IstioCertificateService for CaService<A> {
         &self,
         req: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let node = self.node_of(&req)?;
+        let node = match bearer(&req) {
+            Some(token) => self.authz.node_of_token(&token).await.map_err(|e| {
+                tracing::warn!(reason = %e, "token refused");
+                Status::unauthenticated(format!("bearer token refused: {e}"))
+            })?,
+            None => self.node_of(&req)?,
+        };
         let body = req.into_inner();
         let id = impersonated(&body)?;
         if id.trust_domain != self.signer.trust_domain {
@@ -264,7 +279,7 @@ impl<A: Authorizer> IstioCertificateService for CaService<A> {
                 self.signer.trust_domain
             )));
         }
-        if let Err(reason) = self.authz.may_impersonate(&node, &id) {
+        if let Err(reason) = self.authz.may_impersonate(&node, &id).await {
             tracing::warn!(node = %node, id = %id, reason = %reason, "certificate refused");
             return Err(Status::permission_denied(format!(
                 "node {node} may not have {id}: {reason}"
@@ -303,6 +318,15 @@ impl<A> CaService<A> {
     }
 }
 
+/// `authorization: Bearer <token>` (how Istio's agents send their token).
+fn bearer<T>(req: &Request<T>) -> Option<String> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string)
+}
+
 fn impersonated(body: &IstioCertificateRequest) -> Result<SpiffeId, Status> {
     let value = body
         .metadata
@@ -330,9 +354,11 @@ pub async fn serve<A: Authorizer>(
 ) -> Result<(), CaError> {
     let signer = Signer::load(files, max_lifetime)?;
     let identity = Identity::from_pem(read(&files.server_cert())?, read(&files.server_key())?);
+    // Client certificates are optional: agents on Kubernetes send a token.
     let tls = ServerTlsConfig::new()
         .identity(identity)
-        .client_ca_root(Certificate::from_pem(read(&files.root_cert())?));
+        .client_ca_root(Certificate::from_pem(read(&files.root_cert())?))
+        .client_auth_optional(true);
     let svc = CaService {
         signer,
         authz,
@@ -356,6 +382,7 @@ pub async fn serve<A: Authorizer>(
 pub struct CaClient {
     addr: String,
     inner: IstioCertificateServiceClient<Channel>,
+    token: Option<PathBuf>,
 }
 
 /// Where a node agent finds the CA and its own credential.
@@ -364,17 +391,33 @@ pub struct CaClientConfig {
     /// `https://host:port`.
     pub address: String,
     pub root_cert: PathBuf,
-    pub node_cert: PathBuf,
-    pub node_key: PathBuf,
+    pub auth: CaAuth,
+}
+
+/// How a node agent proves which node it serves.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CaAuth {
+    /// A node credential from `agent ca init`.
+    NodeCert { cert: PathBuf, key: PathBuf },
+    /// A (projected, rotating) service-account token, re-read per request.
+    Token(PathBuf),
 }
 
 impl CaClient {
     /// Prepares a lazily connecting client (the CA may start after the agent).
     pub fn new(cfg: &CaClientConfig) -> Result<Self, CaError> {
-        let tls = ClientTlsConfig::new()
+        let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(&cfg.root_cert)?))
-            .identity(Identity::from_pem(read(&cfg.node_cert)?, read(&cfg.node_key)?))
             .domain_name(CA_SERVER_NAME);
+        let mut token = None;
+        match &cfg.auth {
+            CaAuth::NodeCert { cert, key } => tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?)),
+            CaAuth::Token(path) => {
+                read(path)?; // fail at start when it is missing
+                token = Some(path.clone());
+            }
+        }
         let connect = |e: &dyn std::fmt::Display| CaError::Connect {
             addr: cfg.address.clone(),
             message: e.to_string(),
@@ -389,6 +432,7 @@ impl CaClient {
         Ok(Self {
             addr: cfg.address.clone(),
             inner: IstioCertificateServiceClient::new(channel),
+            token,
         })
     }
 
@@ -407,6 +451,17 @@ impl CaClient {
             validity_duration: lifetime.as_secs() as i64,
             metadata: Some(prost_types::Struct { fields }),
         };
+        let mut req = Request::new(req);
+        if let Some(path) = &self.token {
+            let token = read(path)?;
+            let value = format!("Bearer {}", token.trim())
+                .parse()
+                .map_err(|_| CaError::Refused {
+                    id: id.to_string(),
+                    message: format!("the token in {} is not a valid header value", path.display()),
+                })?;
+            req.metadata_mut().insert("authorization", value);
+        }
         let resp = self
             .inner
             .clone()

@@ -21,6 +21,7 @@
 //! by [`teardown_all`] (for signal handlers of demos), and leftovers of killed
 //! processes by [`sweep_stale`].
 
+pub mod apiserver;
 pub mod mesh;
 mod names;
 pub mod signals;
@@ -490,6 +491,25 @@ impl Cluster {
     /// Netns name of the wire (its `br0` connects all nodes; tcpdump there).
     pub fn wire_netns(&self) -> &str {
         &self.wire_netns
+    }
+
+    /// The control plane's address on the wire (reachable from every node):
+    /// 10.99.0.254. Added to the wire's bridge on first use.
+    pub fn control_plane_ip(&self) -> Result<Ipv4Addr> {
+        let ip = Ipv4Addr::new(10, 99, 0, 254);
+        let shown = sys::ip(&["-n", &self.wire_netns, "-4", "addr", "show", "dev", BRIDGE])?;
+        if !shown.contains(&format!("{ip}/")) {
+            sys::ip(&[
+                "-n",
+                &self.wire_netns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                BRIDGE,
+            ])?;
+        }
+        Ok(ip)
     }
 
     /// `<cg2>/<prefix>`.

@@ -88,6 +88,37 @@ impl Agent {
     /// Starts the agent of `node` with the enrolment file `config`, logging
     /// JSON to `<log_dir>/agent-<node>-<n>.log`.
     pub fn start(cluster: &Cluster, node: &str, config: &Path, log_dir: &Path, extra: &[&str]) -> Result<Agent> {
+        let source = [std::ffi::OsStr::new("--config"), config.as_os_str()];
+        Agent::start_with(cluster, node, &source, log_dir, extra)
+    }
+
+    /// Starts the agent of `node` with the Kubernetes source: `kubeconfig`
+    /// points at a stand-in API server; the node's netns plays the host's.
+    pub fn start_kube(
+        cluster: &Cluster,
+        node: &str,
+        kubeconfig: &Path,
+        log_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let n = cluster.node(node);
+        let source = [
+            std::ffi::OsStr::new("--kubernetes"),
+            "--kubeconfig".as_ref(),
+            kubeconfig.as_os_str(),
+            "--host-netns".as_ref(),
+            n.netns_path.as_os_str(),
+        ];
+        Agent::start_with(cluster, node, &source, log_dir, extra)
+    }
+
+    fn start_with(
+        cluster: &Cluster,
+        node: &str,
+        source: &[&std::ffi::OsStr],
+        log_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
         let n = cluster.node(node);
         let pin_name = format!("{}-{}", cluster.prefix(), node);
         cluster.own_bpffs_path(Path::new(BPFFS).join(&pin_name));
@@ -99,8 +130,7 @@ impl Agent {
         let file = fs::File::create(&log)?;
         let mut cmd = n.try_command(binary("agent")?)?;
         cmd.args(["--log-format", "json", "run", "--node", node])
-            .arg("--config")
-            .arg(config)
+            .args(source)
             .arg("--netns")
             .arg(&n.netns_path)
             .arg("--cgroup-parent")
@@ -354,6 +384,22 @@ impl MeshCa {
     /// Creates the CA (root, server certificate, a credential per node) in
     /// `dir` and serves it in `node`'s netns, deciding from `config`.
     pub fn start(cluster: &Cluster, node: &str, dir: &Path, config: &Path) -> Result<MeshCa> {
+        let source = [std::ffi::OsStr::new("--config"), config.as_os_str()];
+        MeshCa::start_with(cluster, node, dir, &source)
+    }
+
+    /// The same, deciding from the Kubernetes API behind `kubeconfig`
+    /// (agents authenticate with tokens, checked by TokenReview).
+    pub fn start_kube(cluster: &Cluster, node: &str, dir: &Path, kubeconfig: &Path) -> Result<MeshCa> {
+        let source = [
+            std::ffi::OsStr::new("--kubernetes"),
+            "--kubeconfig".as_ref(),
+            kubeconfig.as_os_str(),
+        ];
+        MeshCa::start_with(cluster, node, dir, &source)
+    }
+
+    fn start_with(cluster: &Cluster, node: &str, dir: &Path, source: &[&std::ffi::OsStr]) -> Result<MeshCa> {
         let mut init = vec![
             "ca".to_string(),
             "init".into(),
@@ -372,8 +418,7 @@ impl MeshCa {
             .args(["--log-format", "json", "ca", "serve", "--listen", &listen])
             .arg("--dir")
             .arg(dir)
-            .arg("--config")
-            .arg(config)
+            .args(source)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -196,6 +196,6 @@ fn test(args: &[String]) -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // The end-to-end tests start the agent binary from the shared target dir.
-    run(cargo().args(["build", "-p", "agent", "-p", "testbed", "--bins"]))?;
+    run(cargo().args(["build", "-p", "agent", "-p", "mesh-cni", "-p", "testbed", "--bins"]))?;
     run(cargo().args(["test", "--workspace"]).args(args))
 }

@@ -12,6 +12,7 @@ mod discover;
 mod hbone;
 mod identity;
 mod interop;
+mod kube;
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;

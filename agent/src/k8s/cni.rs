@@ -1,0 +1,166 @@
+//! The agent's side of the chained CNI plugin (`mesh-cni`): a Unix socket
+//! that enrolls a pod during sandbox creation, before any of its containers
+//! runs, so a new pod's first connection is already captured. An error
+//! reply fails the sandbox (the kubelet retries), so an ambient pod never
+//! starts outside the mesh.
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use mesh_cni::proto::{Command, Reply, Request};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
+};
+
+use super::{model, Kube};
+
+/// How long ADD waits for the pod to reach the agent's store: the pod object
+/// exists before its sandbox, so this only covers watch latency.
+const POD_WAIT: Duration = Duration::from_secs(5);
+/// The plugin gives up after its own timeout (10 s by default).
+const REPLY_WAIT: Duration = Duration::from_secs(8);
+
+/// What the main loop must do for the plugin.
+pub enum CniEvent {
+    /// Enroll this pod of this node now and reply when it is captured.
+    Enroll {
+        key: String,
+        uid: String,
+        netns: PathBuf,
+        ips: Vec<std::net::IpAddr>,
+        reply: oneshot::Sender<Reply>,
+    },
+    /// The sandbox is gone.
+    TornDown { uid: String },
+}
+
+/// Binds the socket (replacing a stale one of a previous agent: new
+/// requests then reach this agent).
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+pub async fn serve(listener: UnixListener, kube: Kube, own_uid: Option<String>, tx: mpsc::Sender<CniEvent>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (kube, own_uid, tx) = (kube.clone(), own_uid.clone(), tx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, &kube, own_uid.as_deref(), &tx).await {
+                tracing::warn!(error = %e, "CNI request failed");
+            }
+        });
+    }
+}
+
+async fn connection(
+    stream: UnixStream,
+    kube: &Kube,
+    own_uid: Option<&str>,
+    tx: &mpsc::Sender<CniEvent>,
+) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(r.take(64 * 1024)).read_line(&mut line).await?;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => handle(req, kube, own_uid, tx).await,
+        Err(e) => failure(format!(
+            "bad request from the CNI plugin: {e} (plugin and agent versions differ?)"
+        )),
+    };
+    let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    w.shutdown().await
+}
+
+use tokio::io::AsyncReadExt;
+
+async fn handle(req: Request, kube: &Kube, own_uid: Option<&str>, tx: &mpsc::Sender<CniEvent>) -> Reply {
+    let key = format!("{}/{}", req.pod_namespace, req.pod_name);
+    match req.command {
+        Command::Del => {
+            if !req.pod_uid.is_empty() {
+                let _ = tx.send(CniEvent::TornDown { uid: req.pod_uid }).await;
+            }
+            tracing::info!(pod = %key, "CNI DEL");
+            ok(false, "torn down")
+        }
+        Command::Check => ok(true, "agent running"),
+        Command::Add => add(req, key, kube, own_uid, tx).await,
+    }
+}
+
+async fn add(req: Request, key: String, kube: &Kube, own_uid: Option<&str>, tx: &mpsc::Sender<CniEvent>) -> Reply {
+    let deadline = tokio::time::Instant::now() + POD_WAIT;
+    let pod = loop {
+        match kube.pod(&req.pod_namespace, &req.pod_name) {
+            Some(p) if req.pod_uid.is_empty() || p.metadata.uid.as_deref() == Some(&req.pod_uid) => break p,
+            _ if tokio::time::Instant::now() >= deadline => {
+                return failure(format!(
+                    "pod {key} ({}) is not known to the mesh agent yet: check the agent's logs for Kubernetes API errors; the kubelet will retry the sandbox",
+                    req.pod_uid
+                ))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let ns_labels = kube.namespace_labels(&req.pod_namespace);
+    let member = model::membership(&pod, ns_labels.as_ref());
+    if member != model::Membership::Ambient || own_uid == Some(uid.as_str()) {
+        tracing::debug!(pod = %key, membership = ?member, "CNI ADD: not in the mesh");
+        return ok(false, &format!("not in the mesh ({member:?})"));
+    }
+    if req.netns.is_empty() || req.ips.is_empty() {
+        return failure(format!(
+            "CNI ADD for {key} has no netns or no IPs: mesh-cni must be chained after the plugin that sets up the pod network"
+        ));
+    }
+    let (reply, rx) = oneshot::channel();
+    let ev = CniEvent::Enroll {
+        key: key.clone(),
+        uid,
+        netns: PathBuf::from(&req.netns),
+        ips: req.ips.clone(),
+        reply,
+    };
+    if tx.send(ev).await.is_err() {
+        return failure("the mesh agent is shutting down".into());
+    }
+    match tokio::time::timeout(REPLY_WAIT, rx).await {
+        Ok(Ok(r)) => r,
+        _ => failure(format!("enrolling {key} timed out in the mesh agent; see its logs")),
+    }
+}
+
+pub fn ok(enrolled: bool, message: &str) -> Reply {
+    Reply {
+        ok: true,
+        enrolled,
+        message: message.to_string(),
+    }
+}
+
+pub fn failure(message: String) -> Reply {
+    tracing::error!(error = %message, "CNI request refused");
+    Reply {
+        ok: false,
+        enrolled: false,
+        message,
+    }
+}

@@ -1,0 +1,31 @@
+//! `mesh-cni`: a chained CNI plugin when run by a container runtime (`CNI_COMMAND` set), and
+//! its own installer otherwise (`mesh-cni install|uninstall ...`).
+
+mod install;
+mod plugin;
+
+use std::io::{Read, Write};
+
+fn main() {
+    if std::env::var_os("CNI_COMMAND").is_some() {
+        let env = plugin::CniEnv::from_process();
+        let mut stdin = Vec::new();
+        // VERSION may come without stdin; a read error is reported as undecodable config.
+        if env.command != "VERSION" {
+            let _ = std::io::stdin().read_to_end(&mut stdin);
+        }
+        let outcome = plugin::run(&env, &stdin);
+        if let Some(out) = outcome.stdout {
+            let mut stdout = std::io::stdout().lock();
+            let _ = writeln!(stdout, "{out}");
+            let _ = stdout.flush();
+        }
+        std::process::exit(outcome.status);
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.is_empty() || args.iter().any(|a| a == "-h" || a == "--help") {
+        eprintln!("{}", install::USAGE);
+        std::process::exit(if args.is_empty() { 2 } else { 0 });
+    }
+    std::process::exit(install::main(&args));
+}

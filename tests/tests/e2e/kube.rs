@@ -1,0 +1,673 @@
+//! The Kubernetes source end to end: a real agent watches a stand-in API
+//! server (objects built with k8s-openapi), enrolls pods of ambient
+//! namespaces found on the node by UID, follows label changes, resolves
+//! services through EndpointSlices, translates Istio policies, survives the
+//! API going away (ready on its last good state, re-list after 410), and
+//! enrolls new pods through the real CNI plugin before they start.
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::Write,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use agent::k8s::crd;
+use anyhow::{Context, Result};
+use k8s_openapi::{
+    api::{
+        core::v1::{
+            Namespace, Node, NodeAddress, NodeStatus, Pod, PodCondition, PodIP, PodSpec, PodStatus, Service,
+            ServicePort, ServiceSpec,
+        },
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+use serde_json::Value;
+use testbed::{
+    apiserver::ApiServer,
+    mesh::{self, poll, Agent},
+    Cluster, ClusterSpec, NodeSpec,
+};
+
+use crate::{access_to, succeeded, WAIT};
+
+fn meta(ns: Option<&str>, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        namespace: ns.map(str::to_string),
+        name: Some(name.into()),
+        labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        ..Default::default()
+    }
+}
+
+fn namespace(name: &str, ambient: bool) -> Namespace {
+    let labels: &[(&str, &str)] = if ambient {
+        &[("istio.io/dataplane-mode", "ambient")]
+    } else {
+        &[]
+    };
+    Namespace {
+        metadata: meta(None, name, labels),
+        ..Default::default()
+    }
+}
+
+fn uid_of(name: &str) -> String {
+    let n: u64 = name.bytes().map(u64::from).sum();
+    format!("7e57{n:04x}-0000-4000-8000-{:012x}", name.len())
+}
+
+/// A pod of the test cluster as the API shows it (IPs only once running).
+fn pod(cluster: &Cluster, name: &str, ns: &str, labels: &[(&str, &str)], running: bool) -> Pod {
+    let p = cluster.pod(name);
+    let mut m = meta(Some(ns), name, labels);
+    m.uid = Some(uid_of(name));
+    Pod {
+        metadata: m,
+        spec: Some(PodSpec {
+            node_name: Some(p.node.clone()),
+            service_account_name: Some(name.into()),
+            containers: vec![k8s_openapi::api::core::v1::Container {
+                name: "app".into(),
+                image: Some("meshapp".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some(if running { "Running" } else { "Pending" }.into()),
+            pod_ip: running.then(|| p.ip4.to_string()),
+            pod_ips: running.then(|| vec![PodIP { ip: p.ip4.to_string() }, PodIP { ip: p.ip6.to_string() }]),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: if running { "True" } else { "False" }.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
+fn node(cluster: &Cluster, name: &str) -> Node {
+    Node {
+        metadata: meta(None, name, &[]),
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress {
+                type_: "InternalIP".into(),
+                address: cluster.node(name).link_ip4.to_string(),
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Lays the pod out as a kubelet would (kubepods/burstable/pod<uid>/<ctr>)
+/// and runs its app there, in the pod's netns.
+fn run_pod_app(cluster: &Cluster, name: &str) -> Result<Child> {
+    let p = cluster.pod(name);
+    let cg = pod_cgroup(cluster, name).join("cri-containerd-0a1b2c.scope");
+    fs::create_dir_all(&cg)?;
+    let netns = fs::File::open(&p.netns_path)?;
+    let procs = fs::OpenOptions::new().write(true).open(cg.join("cgroup.procs"))?;
+    let (ns_fd, procs_fd) = (netns.as_raw_fd(), procs.as_raw_fd());
+    let mut cmd = Command::new("python3");
+    cmd.arg(mesh::meshapp())
+        .args(["server", "--ports", "8080"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    // SAFETY: only async-signal-safe calls (write, setns) on fds opened before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 || libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut app = cmd.spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(app.stdout.as_mut().unwrap()), &mut line)?;
+    anyhow::ensure!(line.contains("listening"), "{line}");
+    Ok(app)
+}
+
+fn pod_cgroup(cluster: &Cluster, name: &str) -> PathBuf {
+    let p = cluster.pod(name);
+    cluster
+        .node(&p.node)
+        .cgroup
+        .join(format!("kubepods/burstable/pod{}", uid_of(name)))
+}
+
+struct Apps(Vec<Child>);
+impl Drop for Apps {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// GET from inside the node (admin endpoints listen in its netns).
+fn get(cluster: &Cluster, node: &str, url: &str) -> Result<(String, String)> {
+    let out = cluster
+        .node(node)
+        .try_command("curl")?
+        .args(["-s", "-w", "\n%{http_code}", url])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    Ok((body.to_string(), code.to_string()))
+}
+
+fn dump(cluster: &Cluster) -> Result<Value> {
+    Ok(serde_json::from_str(
+        &get(cluster, "node1", "http://127.0.0.1:15000/config_dump")?.0,
+    )?)
+}
+
+fn enrolled(cluster: &Cluster) -> Result<Vec<String>> {
+    let d = dump(cluster)?;
+    Ok(serde_json::from_value(d["enrolled"].clone())?)
+}
+
+fn wait_enrolled(cluster: &Cluster, want: &[&str]) -> Result<()> {
+    poll(WAIT, || Ok((enrolled(cluster)? == want).then_some(())))
+        .with_context(|| format!("enrolled never became {want:?}: {:?}", enrolled(cluster)))
+}
+
+fn web_service() -> (Service, EndpointSlice) {
+    let svc = Service {
+        metadata: meta(Some("apps"), "web", &[]),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("10.96.0.10".into()),
+            cluster_ips: Some(vec!["10.96.0.10".into()]),
+            selector: Some(BTreeMap::from([("app".to_string(), "web".to_string())])),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let slice = EndpointSlice {
+        metadata: meta(Some("apps"), "web-abc12", &[("kubernetes.io/service-name", "web")]),
+        address_type: "IPv4".into(),
+        endpoints: vec![Endpoint {
+            addresses: vec!["10.1.2.11".into()],
+            conditions: Some(EndpointConditions {
+                ready: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(8080),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+    };
+    (svc, slice)
+}
+
+fn policies() -> (
+    crd::AuthorizationPolicy,
+    crd::AuthorizationPolicy,
+    crd::PeerAuthentication,
+) {
+    let deny = crd::AuthorizationPolicy::new(
+        "apps",
+        "deny-legacy",
+        crd::AuthorizationPolicySpec {
+            action: Some("DENY".into()),
+            rules: Some(vec![crd::Rule {
+                from: vec![crd::From {
+                    source: crd::Source {
+                        namespaces: vec!["legacy".into()],
+                        ..Default::default()
+                    },
+                }],
+                to: vec![crd::To {
+                    operation: crd::Operation {
+                        ports: vec!["8080".into()],
+                        methods: vec!["POST".into()],
+                        ..Default::default()
+                    },
+                }],
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+    );
+    let allow_l7 = crd::AuthorizationPolicy::new(
+        "apps",
+        "allow-get",
+        crd::AuthorizationPolicySpec {
+            selector: Some(crd::WorkloadSelector {
+                match_labels: BTreeMap::from([("app".into(), "db".into())]),
+            }),
+            rules: Some(vec![crd::Rule {
+                to: vec![crd::To {
+                    operation: crd::Operation {
+                        paths: vec!["/api".into()],
+                        ..Default::default()
+                    },
+                }],
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+    );
+    let strict = crd::PeerAuthentication::new(
+        "apps",
+        "strict",
+        crd::PeerAuthenticationSpec {
+            mtls: Some(crd::Mtls {
+                mode: Some("STRICT".into()),
+            }),
+            ..Default::default()
+        },
+    );
+    (deny, allow_l7, strict)
+}
+
+#[test]
+fn kubernetes_source_drives_enrolment_services_policies_and_survives_the_api_going_away() -> Result<()> {
+    let spec = ClusterSpec::new(vec![
+        NodeSpec::new("node1", &["client", "opted", "oldapp"]),
+        NodeSpec::new("node2", &["web"]),
+    ]);
+    let cluster = Cluster::create("kube", &spec)?;
+    let dir = cluster.scratch_dir()?;
+    let mut api = ApiServer::in_cluster(&cluster)?;
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, "agent-token")?;
+
+    // client: ambient namespace; opted: same namespace, label `none`;
+    // oldapp: a namespace without the label; web: on the other node.
+    api.apply(&namespace("apps", true))?;
+    api.apply(&namespace("legacy", false))?;
+    api.apply(&node(&cluster, "node1"))?;
+    api.apply(&pod(&cluster, "client", "apps", &[("app", "client")], true))?;
+    api.apply(&pod(
+        &cluster,
+        "opted",
+        "apps",
+        &[("istio.io/dataplane-mode", "none")],
+        true,
+    ))?;
+    api.apply(&pod(&cluster, "oldapp", "legacy", &[("app", "old")], true))?;
+    api.apply(&pod(&cluster, "web", "apps", &[("app", "web")], true))?;
+    let (svc, slice) = web_service();
+    api.apply(&svc)?;
+    api.apply(&slice)?;
+    let (deny, allow_l7, strict) = policies();
+    api.apply(&deny)?;
+    api.apply(&allow_l7)?;
+    api.apply(&strict)?;
+    let _apps = Apps(vec![
+        run_pod_app(&cluster, "client")?,
+        run_pod_app(&cluster, "opted")?,
+        run_pod_app(&cluster, "oldapp")?,
+        run_pod_app(&cluster, "web")?,
+    ]);
+
+    let mut agent = Agent::start_kube(&cluster, "node1", &kubeconfig, &dir, &[])?;
+    agent.wait_for("agent ready", WAIT)?;
+
+    // Enrolled: only the ambient pod of this node, found by UID.
+    wait_enrolled(&cluster, &["apps/client"])?;
+    let d = dump(&cluster)?;
+    let by_pod = |key: &str| {
+        d["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["pod"] == key)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(by_pod("apps/web")["tunnel"], "HBONE", "a mesh pod of another node: {d}");
+    assert_eq!(by_pod("apps/web")["identity"], "spiffe://cluster.local/ns/apps/sa/web");
+    assert_eq!(by_pod("legacy/oldapp")["tunnel"], "NONE", "{d}");
+    assert_eq!(by_pod("apps/opted")["tunnel"], "NONE", "opted out: {d}");
+    // The service: VIP, named target port resolved through the slice.
+    let svc = &d["services"][0];
+    assert_eq!(svc["hostname"], "web.apps.svc.cluster.local");
+    assert_eq!(svc["vips"], serde_json::json!(["10.96.0.10"]));
+    assert_eq!(svc["ports"], serde_json::json!([{"port": 80, "targetPort": 8080}]));
+    assert_eq!(svc["endpoints"], serde_json::json!(["10.1.2.11"]));
+    // Policies: the DENY keeps its L4 part, the L7-only ALLOW rule is dropped
+    // (so it denies, as in ztunnel), STRICT is carried.
+    let pols = d["authorizationPolicies"].as_array().unwrap();
+    let pol = |name: &str| pols.iter().find(|p| p["name"] == name).cloned().unwrap();
+    assert_eq!(pol("deny-legacy")["action"], "DENY");
+    assert_eq!(
+        pol("deny-legacy")["rules"][0]["from"][0]["source"]["namespaces"][0],
+        "legacy"
+    );
+    assert_eq!(pol("deny-legacy")["rules"][0]["to"][0]["operation"]["ports"][0], 8080);
+    assert_eq!(pol("allow-get")["rules"], serde_json::json!([]));
+    assert_eq!(d["peerAuthentications"][0]["mode"], "STRICT");
+    assert!(agent.raw_log().contains("never matches at L4"), "{}", agent.raw_log());
+    assert!(d["degraded"].is_null(), "{d}");
+
+    // Traffic of the enrolled pod is captured, to the VIP and direct.
+    let r = mesh::client(cluster.pod("client"), "once", "10.96.0.10", 80, &[])?;
+    assert!(succeeded(&r), "{r}");
+    let logs = agent.wait_access(WAIT, |l| !access_to(l, "10.96.0.10:80").is_empty())?;
+    assert_eq!(access_to(&logs, "10.96.0.10:80")[0]["direction"], "outbound");
+
+    // Label changes: the namespace loses the label -> unenrolled; the pod
+    // label `ambient` on a pod of a plain namespace enrolls it.
+    api.apply(&namespace("apps", false))?;
+    wait_enrolled(&cluster, &[])?;
+    api.apply(&pod(
+        &cluster,
+        "oldapp",
+        "legacy",
+        &[("istio.io/dataplane-mode", "ambient")],
+        true,
+    ))?;
+    wait_enrolled(&cluster, &["legacy/oldapp"])?;
+    api.apply(&namespace("apps", true))?;
+    wait_enrolled(&cluster, &["apps/client", "legacy/oldapp"])?;
+
+    // The API goes away: the agent keeps its state and stays ready, saying why.
+    api.stop();
+    let (body, code) = poll(WAIT, || {
+        let (body, code) = get(&cluster, "node1", "http://127.0.0.1:15021/healthz/ready")?;
+        Ok(body.contains("degraded").then_some((body, code)))
+    })?;
+    assert_eq!(code, "200", "{body}");
+    assert_eq!(enrolled(&cluster)?, ["apps/client", "legacy/oldapp"]);
+    let r = mesh::client(cluster.pod("client"), "once", "10.96.0.10", 80, &[])?;
+    assert!(succeeded(&r), "the last good state still serves: {r}");
+
+    // Changes made meanwhile, then a restart with a compacted history: the
+    // watches get 410 Gone, re-list, and catch up.
+    api.apply(&pod(&cluster, "oldapp", "legacy", &[("app", "old")], true))?;
+    api.delete("v1", "Pod", "apps", "opted")?;
+    api.compact();
+    api.start_again()?;
+    wait_enrolled(&cluster, &["apps/client"])?;
+    poll(WAIT, || {
+        let (body, _) = get(&cluster, "node1", "http://127.0.0.1:15021/healthz/ready")?;
+        Ok((body == "ready\n").then_some(()))
+    })?;
+    let gone_seen = api
+        .requests()
+        .iter()
+        .filter(|r| r.verb == "list" && r.resource == "pods")
+        .count();
+    assert!(gone_seen >= 2, "pods were re-listed after 410");
+    assert!(dump(&cluster)?["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|w| w["pod"] != "apps/opted"));
+
+    // Every request carried the kubeconfig's token, and RBAC covers exactly
+    // what the agent asked for (deploy/rbac.yaml).
+    assert!(api
+        .requests()
+        .iter()
+        .all(|r| r.bearer.as_deref() == Some("agent-token")));
+    let granted = rbac_rules(&repo().join("deploy/rbac.yaml"), "mesh-agent")?;
+    assert_eq!(
+        api.verbs_seen(),
+        granted,
+        "the mesh-agent ClusterRole must match the requests"
+    );
+    agent.terminate()?;
+    Ok(())
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// (apiGroup, resource, verb) a ClusterRole grants.
+fn rbac_rules(path: &Path, role: &str) -> Result<std::collections::BTreeSet<(String, String, String)>> {
+    use serde::Deserialize;
+    let text = fs::read_to_string(path)?;
+    let mut out = std::collections::BTreeSet::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_yaml::Value::deserialize(doc)?;
+        if v["kind"] != "ClusterRole" || v["metadata"]["name"] != role {
+            continue;
+        }
+        let r: k8s_openapi::api::rbac::v1::ClusterRole = serde_yaml::from_value(v)?;
+        for rule in r.rules.unwrap_or_default() {
+            for g in rule.api_groups.iter().flatten() {
+                for res in rule.resources.iter().flatten() {
+                    for verb in &rule.verbs {
+                        out.insert((g.clone(), res.clone(), verb.clone()));
+                    }
+                }
+            }
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "no ClusterRole {role} in {}", path.display());
+    Ok(out)
+}
+
+/// Runs the real mesh-cni binary as a container runtime would.
+fn cni(command: &str, socket: &Path, netns: &Path, ns: &str, name: &str, ips: &[String]) -> Result<(i32, Value)> {
+    let prev = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "eth0", "sandbox": netns}],
+        "ips": ips.iter().map(|ip| serde_json::json!({"address": format!("{ip}/24"), "interface": 0})).collect::<Vec<_>>(),
+    });
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "mesh-cni",
+        "socket": socket, "timeoutSeconds": 3, "prevResult": prev,
+    });
+    let mut child = Command::new(mesh::binary("mesh-cni")?)
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", format!("sandbox-{name}"))
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_UID={}",
+                uid_of(name)
+            ),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    let stdout: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    Ok((out.status.code().unwrap_or(-1), stdout))
+}
+
+#[test]
+fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_agent() -> Result<()> {
+    let spec = ClusterSpec::new(vec![
+        NodeSpec::new("node1", &["fresh", "plain"]),
+        NodeSpec::new("node2", &["peer"]),
+    ]);
+    let cluster = Cluster::create("kcni", &spec)?;
+    let dir = cluster.scratch_dir()?;
+    let api = ApiServer::in_cluster(&cluster)?;
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, "agent-token")?;
+    api.apply(&namespace("apps", true))?;
+    api.apply(&namespace("legacy", false))?;
+    api.apply(&node(&cluster, "node1"))?;
+    api.apply(&pod(&cluster, "peer", "legacy", &[], true))?;
+    let socket = dir.join("run/cni.sock");
+    let sock = socket.to_str().unwrap();
+    let mut agent = Agent::start_kube(&cluster, "node1", &kubeconfig, &dir, &["--cni-socket", sock])?;
+    agent.wait_for("agent ready", WAIT)?;
+
+    // The kubelet made the pod's cgroup; the pod is scheduled, not running.
+    let fresh = cluster.pod("fresh");
+    fs::create_dir_all(pod_cgroup(&cluster, "fresh"))?;
+    api.apply(&pod(&cluster, "fresh", "apps", &[], false))?;
+    let ips = vec![fresh.ip4.to_string(), fresh.ip6.to_string()];
+    let (code, out) = cni("ADD", &socket, &fresh.netns_path, "apps", "fresh", &ips)?;
+    assert_eq!(code, 0, "{out}\n{}", agent.raw_log());
+    assert_eq!(
+        out["ips"][0]["address"],
+        format!("{}/24", fresh.ip4),
+        "prevResult passed through"
+    );
+    wait_enrolled(&cluster, &["apps/fresh"])?;
+    // Its very first connection is captured.
+    let _apps = Apps(vec![run_pod_app(&cluster, "peer")?]);
+    let dst = format!("{}:8080", cluster.pod("peer").ip4);
+    let r = mesh::client(fresh, "once", &cluster.pod("peer").ip4.to_string(), 8080, &[])?;
+    assert!(succeeded(&r), "{r}");
+    agent.wait_access(WAIT, |l| !access_to(l, &dst).is_empty())?;
+
+    // A pod of a plain namespace passes through, not enrolled.
+    let plain = cluster.pod("plain");
+    api.apply(&pod(&cluster, "plain", "legacy", &[], false))?;
+    let (code, _) = cni(
+        "ADD",
+        &socket,
+        &plain.netns_path,
+        "legacy",
+        "plain",
+        &[plain.ip4.to_string()],
+    )?;
+    assert_eq!(code, 0);
+    assert_eq!(enrolled(&cluster)?, ["apps/fresh"]);
+
+    // DEL: the sandbox is gone, capture with it.
+    let (code, _) = cni("DEL", &socket, &fresh.netns_path, "apps", "fresh", &ips)?;
+    assert_eq!(code, 0);
+    wait_enrolled(&cluster, &[])?;
+
+    // No agent: an ambient pod cannot start (CNI error 11), a plain one can
+    // (the agent's last list of ambient namespaces), and DEL never blocks.
+    agent.terminate()?;
+    let (code, out) = cni("ADD", &socket, &fresh.netns_path, "apps", "fresh", &ips)?;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(out["code"], 11, "{out}");
+    assert!(out["msg"].as_str().unwrap_or("").contains("not reachable"), "{out}");
+    let (code, _) = cni(
+        "ADD",
+        &socket,
+        &plain.netns_path,
+        "legacy",
+        "plain",
+        &[plain.ip4.to_string()],
+    )?;
+    assert_eq!(code, 0, "plain namespaces start without the agent");
+    let (code, _) = cni("DEL", &socket, &fresh.netns_path, "apps", "fresh", &ips)?;
+    assert_eq!(code, 0);
+    Ok(())
+}
+
+/// `agent ca request` with a token, run in a node's netns.
+fn request_cert(cluster: &Cluster, ca: &mesh::MeshCa, token_file: &Path, id: &str) -> Result<(bool, String)> {
+    let out = cluster
+        .node("node1")
+        .try_command(mesh::binary("agent")?)?
+        .args(["ca", "request", "--ca-address", &ca.address, "--id", id, "--ca-root"])
+        .arg(ca.dir.join("root-cert.pem"))
+        .arg("--ca-token")
+        .arg(token_file)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(if out.status.success() { &out.stdout } else { &out.stderr }).to_string(),
+    ))
+}
+
+#[test]
+fn ca_on_kubernetes_authenticates_agents_by_token_review_and_checks_pods_nodes() -> Result<()> {
+    let spec = ClusterSpec::new(vec![
+        NodeSpec::new("node1", &["client"]),
+        NodeSpec::new("node2", &["web"]),
+    ]);
+    let cluster = Cluster::create("kca", &spec)?;
+    let dir = cluster.scratch_dir()?;
+    let api = ApiServer::in_cluster(&cluster)?;
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, "ca-token")?;
+    api.apply(&namespace("apps", true))?;
+    api.apply(&pod(&cluster, "client", "apps", &[], true))?;
+    api.apply(&pod(&cluster, "web", "apps", &[], true))?;
+    // The agent of node1 (a pod-bound token: node name in the extras), an
+    // agent token without a node, and a token of some other service account.
+    let user = |name: &str, extra: serde_json::Value| serde_json::json!({"username": name, "uid": "u-1", "groups": ["system:serviceaccounts"], "extra": extra});
+    api.add_token(
+        "tok-node1",
+        user(
+            "system:serviceaccount:mesh-system:mesh-agent",
+            serde_json::json!({"authentication.kubernetes.io/node-name": ["node1"],
+                               "authentication.kubernetes.io/pod-name": ["mesh-agent-x1"]}),
+        ),
+    );
+    api.add_token(
+        "tok-unbound",
+        user("system:serviceaccount:mesh-system:mesh-agent", serde_json::json!({})),
+    );
+    api.add_token(
+        "tok-other",
+        user(
+            "system:serviceaccount:apps:client",
+            serde_json::json!({"authentication.kubernetes.io/node-name": ["node1"]}),
+        ),
+    );
+    let ca_dir = dir.join("ca");
+    let ca = mesh::MeshCa::start_kube(&cluster, "node1", &ca_dir, &kubeconfig)?;
+    let token = |name: &str| -> Result<PathBuf> {
+        let p = dir.join(name);
+        fs::write(&p, format!("{name}\n"))?;
+        Ok(p)
+    };
+
+    // node1's agent gets the identity of a pod on node1 ...
+    let client_id = "spiffe://cluster.local/ns/apps/sa/client";
+    let (ok, out) = poll(WAIT, || {
+        let r = request_cert(&cluster, &ca, &token("tok-node1")?, client_id)?;
+        // The CA may still be starting (connection refused).
+        Ok((!r.1.contains("connect")).then_some(r))
+    })?;
+    assert!(ok, "{out}\n{}", ca.log());
+    assert!(out.contains("BEGIN CERTIFICATE"), "{out}");
+    // ... but not of a pod on node2, and other tokens get nothing.
+    let (ok, out) = request_cert(
+        &cluster,
+        &ca,
+        &token("tok-node1")?,
+        "spiffe://cluster.local/ns/apps/sa/web",
+    )?;
+    assert!(!ok && out.contains("runs on node node1"), "{out}");
+    let (ok, out) = request_cert(&cluster, &ca, &token("tok-other")?, client_id)?;
+    assert!(!ok && out.contains("not the agents' service account"), "{out}");
+    let (ok, out) = request_cert(&cluster, &ca, &token("tok-unbound")?, client_id)?;
+    assert!(!ok && out.contains("not bound to a pod"), "{out}");
+    let (ok, out) = request_cert(&cluster, &ca, &token("tok-forged")?, client_id)?;
+    assert!(!ok && out.contains("invalid bearer token"), "{out}");
+
+    // RBAC grants exactly what the CA used: TokenReview create and the pod
+    // watch (deploy/rbac.yaml, ClusterRole mesh-ca).
+    let granted = rbac_rules(&repo().join("deploy/rbac.yaml"), "mesh-ca")?;
+    assert_eq!(
+        api.verbs_seen(),
+        granted,
+        "the mesh-ca ClusterRole must match the requests"
+    );
+    Ok(())
+}
