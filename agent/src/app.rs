@@ -120,7 +120,9 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     // The first model must be complete (a partial one would unenroll pods a
     // previous agent captured): the Kubernetes source waits for its lists.
     let first = source.first(&ready).await?;
-    node.apply(first, true);
+    node.state.update(&first, &node.trust_domain);
+    node.current = first;
+    node.retry();
     ready.set_ready(true);
     tracing::info!(node = %cfg.node, enrolled = ?node.inpod.enrolled().collect::<Vec<_>>(), "agent ready");
 
@@ -159,18 +161,20 @@ struct NodeState {
 }
 
 impl NodeState {
-    /// Makes the data plane match `model`; pods that fail are retried by
-    /// the next call (`changed` false: same model, retry only).
-    fn apply(&mut self, model: LocalConfig, changed: bool) {
-        if changed {
+    /// Makes the data plane match `model`.
+    fn apply(&mut self, model: LocalConfig) {
+        if model != self.current {
             self.state.update(&model, &self.trust_domain);
-            let policy_changed = model.authorization_policies != self.current.authorization_policies
-                || model.peer_authentications != self.current.peer_authentications;
             self.current = model;
-            if policy_changed {
-                self.inpod.recheck_open_connections();
-            }
+            // Policies, labels or identities may have changed what is allowed.
+            self.inpod.recheck_open_connections();
         }
+        self.retry();
+    }
+
+    /// Enrolls what the current model wants (pods that failed before are
+    /// retried) and fetches the identities of the enrolled pods.
+    fn retry(&mut self) {
         if let Err(e) = self.inpod.apply(&self.current) {
             tracing::error!(error = %e, "cannot apply configuration");
         }
@@ -218,10 +222,14 @@ impl Watched {
             Watched::File(f) => f.reload(node),
             Watched::Kube(k) => {
                 ready.set_degraded(k.kube.health.problem());
-                // Retry pods not located or not enrolled yet.
-                let model = k.model();
-                let changed = model != node.current;
-                node.apply(model, changed);
+                // Retry pods not enrolled yet; translate again only while a
+                // pod of this node is still to be located (translation is
+                // O(cluster), not something to do every second at 10k pods).
+                if k.unlocated > 0 {
+                    node.apply(k.model());
+                } else {
+                    node.retry();
+                }
             }
         }
     }
@@ -254,14 +262,14 @@ impl FileSource {
             }
         };
         if text == self.seen {
-            return node.apply(self.good.clone(), false);
+            return node.retry();
         }
         self.seen = text;
         match LocalConfig::parse(&self.path, &self.seen) {
             Ok(new) => {
                 tracing::info!(path = %self.path.display(), "configuration reloaded");
                 self.good = new.clone();
-                node.apply(new, true);
+                node.apply(new);
             }
             Err(e) => tracing::error!(error = %e, "invalid configuration; keeping the last good configuration"),
         }
@@ -277,6 +285,10 @@ struct KubeSource {
     cni: Option<mpsc::Receiver<CniEvent>>,
     /// Last translation warnings, to log each once.
     warned: HashSet<String>,
+    /// In-mesh pods of this node the last translation could not locate.
+    unlocated: usize,
+    /// When a change was first seen that is not translated yet.
+    dirty_since: Option<tokio::time::Instant>,
     /// `ambient-namespaces` beside the CNI socket, and what it holds.
     ambient_file: Option<(std::path::PathBuf, String)>,
 }
@@ -308,6 +320,8 @@ impl KubeSource {
             locator: Locator::new(discoverer),
             cni,
             warned: HashSet::new(),
+            unlocated: 0,
+            dirty_since: None,
             ambient_file: k.cni_socket.as_ref().map(|p| {
                 (
                     p.with_file_name(mesh_cni::proto::AMBIENT_NAMESPACES_FILE),
@@ -333,16 +347,30 @@ impl KubeSource {
         self.model()
     }
 
+    /// Cancel-safe (the main loop drops it when another branch wins): a
+    /// seen change is kept in `dirty_since` until it is delivered.
     async fn event(&mut self) -> Event {
-        let cni = async {
-            match &mut self.cni {
-                Some(rx) => rx.recv().await,
-                None => std::future::pending().await,
+        loop {
+            let cni = async {
+                match &mut self.cni {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            match self.dirty_since {
+                None => tokio::select! {
+                    _ = self.kube.changed() => self.dirty_since = Some(tokio::time::Instant::now()),
+                    Some(ev) = cni => return Event::Cni(ev),
+                },
+                // A re-list delivers many events at once: let them land.
+                Some(t) => tokio::select! {
+                    _ = tokio::time::sleep_until(t + Duration::from_millis(50)) => {
+                        self.dirty_since = None;
+                        return Event::Changed;
+                    }
+                    Some(ev) = cni => return Event::Cni(ev),
+                },
             }
-        };
-        tokio::select! {
-            _ = self.kube.changed() => Event::Changed,
-            Some(ev) = cni => Event::Cni(ev),
         }
     }
 
@@ -351,7 +379,12 @@ impl KubeSource {
         let input = self.kube.inputs();
         let cni_ips = self.locator.cni_ips.clone();
         let locator = &mut self.locator;
-        let mut locate = |uid: &str| locator.locate(uid);
+        let mut unlocated = 0;
+        let mut locate = |uid: &str| {
+            let found = locator.locate(uid);
+            unlocated += usize::from(found.is_none());
+            found
+        };
         let t = k8s::model::translate(
             &input,
             &mut k8s::model::Local {
@@ -361,6 +394,7 @@ impl KubeSource {
                 locate: &mut locate,
             },
         );
+        self.unlocated = unlocated;
         let uids: HashSet<&str> = input.pods.iter().filter_map(|p| p.metadata.uid.as_deref()).collect();
         self.locator.retain(&uids);
         self.write_ambient_namespaces(&input);
@@ -407,15 +441,10 @@ impl KubeSource {
 
     fn handle(&mut self, ev: Event, node: &mut NodeState) {
         match ev {
-            Event::Changed => {
-                let model = self.model();
-                let changed = model != node.current;
-                node.apply(model, changed);
-            }
+            Event::Changed => node.apply(self.model()),
             Event::Cni(CniEvent::TornDown { uid }) => {
                 self.locator.remove(&uid);
-                let model = self.model();
-                node.apply(model, true);
+                node.apply(self.model());
             }
             Event::Cni(CniEvent::Enroll {
                 key,
@@ -427,8 +456,7 @@ impl KubeSource {
                 let r = match self.locator.add(&uid, netns, ips) {
                     Err(e) => k8s::cni::failure(format!("cannot enroll {key}: {e}")),
                     Ok(()) => {
-                        let model = self.model();
-                        node.apply(model, true);
+                        node.apply(self.model());
                         match node.inpod.enrolled().any(|k| k == key) {
                             true => {
                                 tracing::info!(pod = %key, "pod enrolled before start (CNI)");

@@ -35,6 +35,20 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// Object metadata for test objects: namespace (None: cluster-scoped), name, labels.
+pub fn meta(
+    ns: Option<&str>,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        namespace: ns.map(str::to_string),
+        name: Some(name.to_string()),
+        labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        ..Default::default()
+    }
+}
+
 /// A resource the stand-in serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Res {

@@ -76,6 +76,39 @@ pub fn write_config(cluster: &Cluster, path: &Path, enrolled: &[&str], settings:
     Ok(())
 }
 
+/// Runs `meshapp.py <args>` in `pod`'s netns but in `cgroup` (created if
+/// missing): a pod laid out as a kubelet would, e.g.
+/// `kubepods/burstable/pod<uid>/<container>`. Returns once it prints its
+/// first line (servers: "listening").
+pub fn app_in_cgroup(pod: &Pod, cgroup: &Path, args: &[&str]) -> Result<(Child, String)> {
+    use std::os::{fd::AsRawFd, unix::process::CommandExt};
+    fs::create_dir_all(cgroup)?;
+    let netns = fs::File::open(&pod.netns_path)?;
+    let procs = fs::OpenOptions::new().write(true).open(cgroup.join("cgroup.procs"))?;
+    let (ns_fd, procs_fd) = (netns.as_raw_fd(), procs.as_raw_fd());
+    let mut cmd = Command::new("python3");
+    cmd.arg(meshapp())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    // SAFETY: only async-signal-safe calls (write, setns) on fds opened before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 || libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut app = cmd.spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(app.stdout.as_mut().expect("piped")),
+        &mut line,
+    )?;
+    Ok((app, line))
+}
+
 /// One running `agent run` process.
 pub struct Agent {
     pub node: String,

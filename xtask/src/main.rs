@@ -45,8 +45,9 @@ fn main() -> Result<()> {
         "demo" => demo(rest),
         "test" => test(rest),
         "bench" => bench(rest),
+        "bench-kube" => bench_kube(rest),
         _ => {
-            eprintln!("usage: cargo xtask <setup|build-ebpf|demo|test|bench> [args]");
+            eprintln!("usage: cargo xtask <setup|build-ebpf|demo|test|bench|bench-kube> [args]");
             if cmd == "help" {
                 Ok(())
             } else {
@@ -186,6 +187,14 @@ fn demo(args: &[String]) -> Result<()> {
 fn bench(args: &[String]) -> Result<()> {
     build_release()?;
     run(Command::new(root().join("target/release/mesh-bench"))
+        .args(args)
+        .current_dir(root()))
+}
+
+/// The Kubernetes source at scale: agent memory per 1,000 pods.
+fn bench_kube(args: &[String]) -> Result<()> {
+    build_release()?;
+    run(Command::new(root().join("target/release/kube-scale"))
         .args(args)
         .current_dir(root()))
 }

@@ -210,11 +210,10 @@ impl Kube {
         kube
     }
 
-    /// Resolves after something changed (coalesces bursts).
+    /// Resolves when something changed since the last call (cancel-safe:
+    /// a change stays pending until a call completes).
     pub async fn changed(&self) {
         self.changed.notified().await;
-        // A re-list delivers many events at once: let them land.
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     pub fn inputs(&self) -> Inputs {

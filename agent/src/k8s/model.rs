@@ -40,6 +40,8 @@ pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// On a waypoint's own pods and Service: they never use a waypoint.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
 /// Everything the reflectors hold, at one moment.
 #[derive(Default, Clone)]
@@ -305,6 +307,9 @@ impl WaypointIndex {
         } else {
             ns_labels?
         };
+        if labels.contains_key(GATEWAY_NAME_LABEL) {
+            return None;
+        }
         let name = from.get(USE_WAYPOINT)?;
         if name == "none" {
             return None;
@@ -367,7 +372,10 @@ fn service_spec(
             Some(IntOrString::String(port_name)) => mine
                 .iter()
                 .flat_map(|s| s.ports.iter().flatten())
-                .find(|sp| sp.name.as_deref() == p.name.as_deref().or(Some(port_name)))
+                // The slice names its ports after the Service's ports ("" when
+                // unnamed), not after the target port name.
+                .find(|sp| sp.name.as_deref().unwrap_or("") == p.name.as_deref().unwrap_or(""))
+                .filter(|_| !port_name.is_empty())
                 .and_then(|sp| sp.port),
         };
         match (u16::try_from(p.port), target.map(u16::try_from)) {
@@ -543,4 +551,1078 @@ fn node_addresses(node: Option<&Node>) -> Vec<IpAddr> {
     out.sort();
     out.dedup();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{
+        api::{
+            core::v1::{
+                Container, ContainerStatus, NodeAddress, NodeStatus, PodCondition, PodIP, PodSpec as K8sPodSpec,
+                PodStatus, ServicePort as SvcPort, ServiceSpec as K8sServiceSpec,
+            },
+            discovery::v1::{Endpoint, EndpointConditions, EndpointPort},
+        },
+        apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta},
+    };
+    use kube::Resource;
+    use mesh::identity::SpiffeId;
+
+    use super::*;
+
+    const NODE: &str = "node1";
+
+    fn map(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn meta(ns: Option<&str>, name: &str) -> ObjectMeta {
+        ObjectMeta {
+            namespace: ns.map(Into::into),
+            name: Some(name.into()),
+            ..Default::default()
+        }
+    }
+
+    fn labelled<T: Resource>(mut o: T, kv: &[(&str, &str)]) -> T {
+        o.meta_mut().labels.get_or_insert_with(Default::default).extend(map(kv));
+        o
+    }
+
+    fn namespace(name: &str, kv: &[(&str, &str)]) -> Namespace {
+        labelled(
+            Namespace {
+                metadata: meta(None, name),
+                ..Default::default()
+            },
+            kv,
+        )
+    }
+
+    fn cond(type_: &str, status: &str) -> PodCondition {
+        PodCondition {
+            type_: type_.into(),
+            status: status.into(),
+            ..Default::default()
+        }
+    }
+
+    /// A running, ready pod with UID `uid-<name>` and service account `sa-<name>`.
+    fn pod(ns: &str, name: &str, node: &str, ips: &[&str]) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                uid: Some(format!("uid-{name}")),
+                ..meta(Some(ns), name)
+            },
+            spec: Some(K8sPodSpec {
+                node_name: Some(node.into()),
+                service_account_name: Some(format!("sa-{name}")),
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                pod_ip: ips.first().map(|s| s.to_string()),
+                pod_ips: Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect()),
+                conditions: Some(vec![cond("Ready", "True")]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn arcs<T>(v: Vec<T>) -> Vec<Arc<T>> {
+        v.into_iter().map(Arc::new).collect()
+    }
+
+    fn inputs(namespaces: Vec<Namespace>, pods: Vec<Pod>) -> Inputs {
+        Inputs {
+            namespaces: arcs(namespaces),
+            pods: arcs(pods),
+            ..Default::default()
+        }
+    }
+
+    fn location(uid: &str) -> Location {
+        Location {
+            netns: format!("/run/netns/{uid}").into(),
+            cgroup: format!("/sys/fs/cgroup/pods/{uid}").into(),
+        }
+    }
+
+    /// Translates for NODE; pods whose UID starts with `uid-lost` cannot be
+    /// located. Returns the result and the UIDs `locate` was asked about.
+    fn run_local(
+        input: &Inputs,
+        own_uid: Option<&str>,
+        cni_ips: &HashMap<String, Vec<IpAddr>>,
+    ) -> (Translated, Vec<String>) {
+        let mut asked = Vec::new();
+        let mut locate = |uid: &str| {
+            asked.push(uid.to_string());
+            (!uid.starts_with("uid-lost")).then(|| location(uid))
+        };
+        let t = translate(
+            input,
+            &mut Local {
+                node: NODE,
+                own_uid,
+                cni_ips,
+                locate: &mut locate,
+            },
+        );
+        (t, asked)
+    }
+
+    fn run(input: &Inputs) -> Translated {
+        run_local(input, None, &HashMap::new()).0
+    }
+
+    fn find<'a>(t: &'a Translated, name: &str) -> Option<&'a PodSpec> {
+        t.model.pods.iter().find(|p| p.name == name)
+    }
+
+    fn tunnel(t: &Translated, name: &str) -> TunnelProtocol {
+        find(t, name).unwrap_or_else(|| panic!("pod {name} missing")).tunnel
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    // ---- membership ----
+
+    #[test]
+    fn ambient_namespace_label_puts_pods_in_mesh_with_hbone() {
+        let t = run(&inputs(
+            vec![namespace("apps", &[(DATAPLANE_MODE, "ambient")])],
+            vec![pod("apps", "web", NODE, &["10.1.0.1"])],
+        ));
+        let p = find(&t, "web").unwrap();
+        assert_eq!(p.tunnel, TunnelProtocol::Hbone);
+        assert_eq!((p.namespace.as_str(), p.service_account.as_str()), ("apps", "sa-web"));
+        assert_eq!(p.uid.as_deref(), Some("uid-web"));
+        assert_eq!(p.netns, Some(location("uid-web").netns));
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+    }
+
+    #[test]
+    fn pod_label_none_opts_out_of_ambient_namespace() {
+        let t = run(&inputs(
+            vec![namespace("apps", &[(DATAPLANE_MODE, "ambient")])],
+            vec![labelled(
+                pod("apps", "web", NODE, &["10.1.0.1"]),
+                &[(DATAPLANE_MODE, "none")],
+            )],
+        ));
+        assert_eq!(tunnel(&t, "web"), TunnelProtocol::None);
+        assert_eq!(find(&t, "web").unwrap().netns, None);
+    }
+
+    #[test]
+    fn pod_label_ambient_in_unlabelled_namespace_is_hbone_unlabelled_pod_is_none() {
+        let t = run(&inputs(
+            vec![namespace("apps", &[])],
+            vec![
+                labelled(pod("apps", "web", NODE, &["10.1.0.1"]), &[(DATAPLANE_MODE, "ambient")]),
+                pod("apps", "plain", NODE, &["10.1.0.2"]),
+            ],
+        ));
+        assert_eq!(tunnel(&t, "web"), TunnelProtocol::Hbone);
+        assert_eq!(tunnel(&t, "plain"), TunnelProtocol::None);
+    }
+
+    #[test]
+    fn host_network_and_finished_pods_are_absent() {
+        let mut host = pod("apps", "host", NODE, &["10.0.0.2"]);
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        let finished = |name: &str, phase: &str, ip: &str| {
+            let mut p = pod("apps", name, NODE, &[ip]);
+            p.status.as_mut().unwrap().phase = Some(phase.into());
+            p
+        };
+        let t = run(&inputs(
+            vec![namespace("apps", &[(DATAPLANE_MODE, "ambient")])],
+            vec![
+                host,
+                finished("done", "Succeeded", "10.1.0.2"),
+                finished("crashed", "Failed", "10.1.0.3"),
+                pod("apps", "live", NODE, &["10.1.0.4"]),
+            ],
+        ));
+        let names: Vec<&str> = t.model.pods.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["live"]);
+    }
+
+    #[test]
+    fn own_pod_is_never_in_mesh() {
+        let input = inputs(
+            vec![namespace("mesh", &[(DATAPLANE_MODE, "ambient")])],
+            vec![pod("mesh", "agent", NODE, &["10.1.0.9"])],
+        );
+        let (t, asked) = run_local(&input, Some("uid-agent"), &HashMap::new());
+        assert_eq!(tunnel(&t, "agent"), TunnelProtocol::None);
+        assert!(asked.is_empty(), "{asked:?}");
+    }
+
+    #[test]
+    fn pods_without_ips_are_absent_unless_the_cni_gave_ips_on_this_node() {
+        let input = inputs(
+            vec![namespace("apps", &[(DATAPLANE_MODE, "ambient")])],
+            vec![
+                pod("apps", "new", NODE, &[]),
+                pod("apps", "unknown", NODE, &[]),
+                pod("apps", "elsewhere", "node2", &[]),
+            ],
+        );
+        let cni = HashMap::from([
+            ("uid-new".to_string(), ips(&["10.1.0.5"])),
+            ("uid-elsewhere".to_string(), ips(&["10.2.0.5"])),
+        ]);
+        let (t, _) = run_local(&input, None, &cni);
+        let names: Vec<&str> = t.model.pods.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["new"]);
+        assert_eq!(t.model.pods[0].ips, ips(&["10.1.0.5"]));
+        assert_eq!(t.model.pods[0].tunnel, TunnelProtocol::Hbone);
+    }
+
+    // ---- location ----
+
+    #[test]
+    fn locate_is_asked_only_for_in_mesh_pods_of_this_node() {
+        let input = inputs(
+            vec![
+                namespace("apps", &[(DATAPLANE_MODE, "ambient")]),
+                namespace("plain", &[]),
+            ],
+            vec![
+                pod("apps", "local", NODE, &["10.1.0.1"]),
+                pod("apps", "remote", "node2", &["10.2.0.1"]),
+                labelled(pod("apps", "out", NODE, &["10.1.0.2"]), &[(DATAPLANE_MODE, "none")]),
+                pod("plain", "unlabelled", NODE, &["10.1.0.3"]),
+            ],
+        );
+        let (t, asked) = run_local(&input, None, &HashMap::new());
+        assert_eq!(asked, ["uid-local"]);
+        assert_eq!(t.model.pods.len(), 4);
+        let remote = find(&t, "remote").unwrap();
+        assert_eq!((remote.tunnel, remote.netns.as_ref()), (TunnelProtocol::Hbone, None));
+    }
+
+    #[test]
+    fn unlocated_pod_warns_and_is_not_captured() {
+        let t = run(&inputs(
+            vec![namespace("apps", &[(DATAPLANE_MODE, "ambient")])],
+            vec![
+                pod("apps", "lost", NODE, &["10.1.0.1"]),
+                pod("apps", "found", NODE, &["10.1.0.2"]),
+            ],
+        ));
+        let lost = find(&t, "lost").unwrap();
+        assert_eq!((lost.netns.as_ref(), lost.cgroup.as_ref()), (None, None));
+        assert_eq!(t.warnings.len(), 1);
+        assert!(
+            t.warnings[0].contains("apps/lost") && t.warnings[0].contains("uid-lost"),
+            "{:?}",
+            t.warnings
+        );
+        let captured: Vec<&str> = t.model.pods_on(NODE).map(|p| p.name.as_str()).collect();
+        assert_eq!(captured, ["found"]);
+        assert_eq!(t.model.mesh_pods_on(NODE).count(), 2);
+    }
+
+    #[test]
+    fn duplicate_ip_skips_the_second_pod_with_warning() {
+        let t = run(&inputs(
+            vec![namespace("apps", &[])],
+            vec![
+                pod("apps", "first", NODE, &["10.1.0.1"]),
+                pod("apps", "second", "node2", &["fd00::2", "10.1.0.1"]),
+            ],
+        ));
+        let names: Vec<&str> = t.model.pods.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["first"]);
+        assert_eq!(t.warnings.len(), 1);
+        let w = &t.warnings[0];
+        assert!(
+            w.contains("apps/second") && w.contains("10.1.0.1") && w.contains("apps/first"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn ready_condition_true_is_healthy_anything_else_unhealthy() {
+        let with_conditions = |name: &str, ip: &str, conditions: Option<Vec<PodCondition>>| {
+            let mut p = pod("apps", name, NODE, &[ip]);
+            p.status.as_mut().unwrap().conditions = conditions;
+            p
+        };
+        let t = run(&inputs(
+            vec![namespace("apps", &[])],
+            vec![
+                with_conditions(
+                    "ready",
+                    "10.1.0.1",
+                    Some(vec![cond("PodScheduled", "False"), cond("Ready", "True")]),
+                ),
+                with_conditions("not-ready", "10.1.0.2", Some(vec![cond("Ready", "False")])),
+                with_conditions("unknown", "10.1.0.3", Some(vec![cond("Ready", "Unknown")])),
+                with_conditions("other-only", "10.1.0.4", Some(vec![cond("ContainersReady", "True")])),
+                with_conditions("none", "10.1.0.5", None),
+            ],
+        ));
+        let health: Vec<(&str, bool)> = t.model.pods.iter().map(|p| (p.name.as_str(), p.healthy)).collect();
+        assert_eq!(
+            health,
+            [
+                ("ready", true),
+                ("not-ready", false),
+                ("unknown", false),
+                ("other-only", false),
+                ("none", false)
+            ]
+        );
+    }
+
+    // ---- services ----
+
+    fn port(name: Option<&str>, port: i32, target: Option<IntOrString>) -> SvcPort {
+        SvcPort {
+            name: name.map(Into::into),
+            port,
+            target_port: target,
+            ..Default::default()
+        }
+    }
+
+    /// A ClusterIP service selecting `app: <name>`.
+    fn service(ns: &str, name: &str, vip: &str, ports: Vec<SvcPort>) -> Service {
+        Service {
+            metadata: meta(Some(ns), name),
+            spec: Some(K8sServiceSpec {
+                cluster_ip: Some(vip.into()),
+                cluster_ips: Some(vec![vip.into()]),
+                ports: Some(ports),
+                selector: Some(map(&[("app", name)])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A slice of `svc` with (port name, number) and (address, ready) entries.
+    fn slice(ns: &str, svc: &str, ports: &[(&str, i32)], endpoints: &[(&str, Option<bool>)]) -> EndpointSlice {
+        let slice = EndpointSlice {
+            metadata: meta(Some(ns), &format!("{svc}-x1")),
+            address_type: "IPv4".into(),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(name, port)| EndpointPort {
+                        name: Some(name.to_string()),
+                        port: Some(*port),
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            endpoints: endpoints
+                .iter()
+                .map(|(ip, ready)| Endpoint {
+                    addresses: vec![ip.to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: *ready,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        labelled(slice, &[(SERVICE_NAME_LABEL, svc)])
+    }
+
+    fn services(svcs: Vec<Service>, slices: Vec<EndpointSlice>) -> Translated {
+        run(&Inputs {
+            services: arcs(svcs),
+            slices: arcs(slices),
+            ..Default::default()
+        })
+    }
+
+    fn svc_ports(t: &Translated, name: &str) -> Vec<(u16, u16)> {
+        let s = t.model.services.iter().find(|s| s.name == name);
+        let s = s.unwrap_or_else(|| panic!("service {name} missing; warnings: {:?}", t.warnings));
+        s.ports.iter().map(|p| (p.port, p.target_port)).collect()
+    }
+
+    #[test]
+    fn named_target_port_resolves_through_the_slice_port_of_the_service_port_name() {
+        let named = |s: &str| Some(IntOrString::String(s.into()));
+        let t = services(
+            vec![service(
+                "apps",
+                "web",
+                "10.96.0.10",
+                vec![
+                    port(Some("http"), 80, named("web")),
+                    port(Some("admin"), 9000, named("adm")),
+                ],
+            )],
+            vec![slice("apps", "web", &[("http", 8080)], &[("10.1.0.1", Some(true))])],
+        );
+        assert_eq!(svc_ports(&t, "web"), [(80, 8080)]);
+        assert_eq!(t.model.services[0].vips, ips(&["10.96.0.10"]));
+        assert_eq!(t.warnings.len(), 1, "unresolved admin port: {:?}", t.warnings);
+        assert!(t.warnings[0].contains("apps/web") && t.warnings[0].contains("9000"));
+    }
+
+    #[test]
+    fn named_target_port_of_an_unnamed_service_port_resolves() {
+        let t = services(
+            vec![service(
+                "apps",
+                "web",
+                "10.96.0.10",
+                vec![port(None, 80, Some(IntOrString::String("web".into())))],
+            )],
+            vec![slice("apps", "web", &[("", 8080)], &[("10.1.0.1", Some(true))])],
+        );
+        assert_eq!(svc_ports(&t, "web"), [(80, 8080)], "{:?}", t.warnings);
+    }
+
+    #[test]
+    fn numeric_target_port_is_used_and_missing_target_port_is_the_port() {
+        let t = services(
+            vec![service(
+                "apps",
+                "web",
+                "10.96.0.10",
+                vec![
+                    port(Some("a"), 80, Some(IntOrString::Int(8080))),
+                    port(Some("b"), 443, None),
+                ],
+            )],
+            vec![],
+        );
+        assert_eq!(svc_ports(&t, "web"), [(80, 8080), (443, 443)]);
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+    }
+
+    #[test]
+    fn udp_ports_are_skipped() {
+        let udp = |name: &str, n: i32| SvcPort {
+            protocol: Some("UDP".into()),
+            ..port(Some(name), n, None)
+        };
+        let tcp = SvcPort {
+            protocol: Some("TCP".into()),
+            ..port(Some("tcp"), 53, None)
+        };
+        let t = services(
+            vec![
+                service("apps", "dns", "10.96.0.10", vec![udp("udp", 53), tcp]),
+                service("apps", "syslog", "10.96.0.11", vec![udp("syslog", 514)]),
+            ],
+            vec![],
+        );
+        assert_eq!(svc_ports(&t, "dns"), [(53, 53)]);
+        assert_eq!(t.model.services.len(), 1, "a UDP-only service is absent");
+    }
+
+    #[test]
+    fn headless_and_external_name_services_are_absent() {
+        let headless = service("apps", "headless", "None", vec![port(None, 80, None)]);
+        let mut external = service("apps", "ext", "", vec![port(None, 80, None)]);
+        let spec = external.spec.as_mut().unwrap();
+        (spec.type_, spec.external_name) = (Some("ExternalName".into()), Some("example.com".into()));
+        (spec.cluster_ip, spec.cluster_ips, spec.selector) = (None, None, None);
+        let t = services(
+            vec![headless, external],
+            vec![slice("apps", "headless", &[("", 80)], &[("10.1.0.1", Some(true))])],
+        );
+        assert!(t.model.services.is_empty());
+    }
+
+    #[test]
+    fn endpoints_are_the_ready_addresses_of_the_slices() {
+        let mut second = slice("apps", "web", &[("", 80)], &[("10.1.0.4", Some(true))]);
+        second.metadata.name = Some("web-x2".into());
+        let t = services(
+            vec![service("apps", "web", "10.96.0.10", vec![port(None, 80, None)])],
+            vec![
+                slice(
+                    "apps",
+                    "web",
+                    &[("", 80)],
+                    &[("10.1.0.1", Some(true)), ("10.1.0.2", None), ("10.1.0.3", Some(false))],
+                ),
+                second,
+            ],
+        );
+        assert_eq!(
+            t.model.services[0].endpoints,
+            Some(ips(&["10.1.0.1", "10.1.0.2", "10.1.0.4"]))
+        );
+    }
+
+    #[test]
+    fn slices_of_other_services_or_namespaces_are_ignored() {
+        let t = services(
+            vec![service("apps", "web", "10.96.0.10", vec![port(None, 80, None)])],
+            vec![
+                slice("apps", "web", &[("", 80)], &[("10.1.0.1", Some(true))]),
+                slice("apps", "api", &[("", 80)], &[("10.1.0.2", Some(true))]),
+                slice("other", "web", &[("", 80)], &[("10.1.0.3", Some(true))]),
+            ],
+        );
+        assert_eq!(t.model.services[0].endpoints, Some(ips(&["10.1.0.1"])));
+    }
+
+    #[test]
+    fn selectorless_service_without_slices_has_no_endpoints() {
+        let mut svc = service("apps", "manual", "10.96.0.10", vec![port(None, 80, None)]);
+        svc.spec.as_mut().unwrap().selector = None;
+        let t = services(vec![svc], vec![]);
+        assert_eq!(t.model.services[0].endpoints, Some(vec![]));
+        assert!(t.model.services[0].selector.is_empty());
+    }
+
+    #[test]
+    fn service_with_selector_but_no_slices_falls_back_to_the_selector() {
+        let t = services(
+            vec![service("apps", "web", "10.96.0.10", vec![port(None, 80, None)])],
+            vec![],
+        );
+        assert_eq!(t.model.services[0].endpoints, None);
+        assert_eq!(t.model.services[0].selector, map(&[("app", "web")]));
+    }
+
+    // ---- waypoints ----
+
+    fn waypoint_run(namespaces: Vec<Namespace>, pods: Vec<Pod>) -> Translated {
+        run(&Inputs {
+            services: arcs(vec![
+                service("apps", "wp", "10.96.0.50", vec![port(None, 15008, None)]),
+                service("apps", "wp2", "10.96.0.51", vec![port(None, 15008, None)]),
+                service("infra", "shared", "10.96.0.60", vec![port(None, 15008, None)]),
+            ]),
+            ..inputs(namespaces, pods)
+        })
+    }
+
+    fn waypoint_of(t: &Translated, name: &str) -> Option<WaypointRef> {
+        find(t, name).unwrap().waypoint.clone()
+    }
+
+    fn wp(ip: &str) -> Option<WaypointRef> {
+        Some(WaypointRef {
+            address: ip.parse().unwrap(),
+            port: 15008,
+        })
+    }
+
+    #[test]
+    fn namespace_use_waypoint_resolves_to_the_waypoint_service_vip() {
+        let t = waypoint_run(
+            vec![namespace("apps", &[(USE_WAYPOINT, "wp")])],
+            vec![pod("apps", "web", NODE, &["10.1.0.1"])],
+        );
+        assert_eq!(waypoint_of(&t, "web"), wp("10.96.0.50"));
+        let svc = t.model.services.iter().find(|s| s.name == "wp2").unwrap();
+        assert_eq!(svc.waypoint, wp("10.96.0.50"), "services of the namespace too");
+    }
+
+    #[test]
+    fn a_waypoint_never_uses_a_waypoint_itself() {
+        let t = waypoint_run(
+            vec![namespace("apps", &[(USE_WAYPOINT, "wp")])],
+            vec![labelled(
+                pod("apps", "wp-pod", NODE, &["10.1.0.9"]),
+                &[(GATEWAY_NAME_LABEL, "wp")],
+            )],
+        );
+        assert_eq!(waypoint_of(&t, "wp-pod"), None, "the waypoint's own pod");
+    }
+
+    #[test]
+    fn pod_use_waypoint_wins_over_the_namespace() {
+        let t = waypoint_run(
+            vec![namespace("apps", &[(USE_WAYPOINT, "wp")])],
+            vec![labelled(
+                pod("apps", "web", NODE, &["10.1.0.1"]),
+                &[(USE_WAYPOINT, "wp2")],
+            )],
+        );
+        assert_eq!(waypoint_of(&t, "web"), wp("10.96.0.51"));
+    }
+
+    #[test]
+    fn use_waypoint_none_opts_out() {
+        let t = waypoint_run(
+            vec![namespace("apps", &[(USE_WAYPOINT, "wp")])],
+            vec![labelled(
+                pod("apps", "web", NODE, &["10.1.0.1"]),
+                &[(USE_WAYPOINT, "none")],
+            )],
+        );
+        assert_eq!(waypoint_of(&t, "web"), None);
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+    }
+
+    #[test]
+    fn use_waypoint_namespace_points_to_another_namespace() {
+        let t = waypoint_run(
+            vec![namespace(
+                "apps",
+                &[(USE_WAYPOINT, "shared"), (USE_WAYPOINT_NAMESPACE, "infra")],
+            )],
+            vec![pod("apps", "web", NODE, &["10.1.0.1"])],
+        );
+        assert_eq!(waypoint_of(&t, "web"), wp("10.96.0.60"));
+    }
+
+    #[test]
+    fn missing_waypoint_service_warns_and_gives_none() {
+        let t = waypoint_run(
+            vec![namespace("apps", &[])],
+            vec![labelled(
+                pod("apps", "web", NODE, &["10.1.0.1"]),
+                &[(USE_WAYPOINT, "gone")],
+            )],
+        );
+        assert_eq!(waypoint_of(&t, "web"), None);
+        assert_eq!(t.warnings.len(), 1);
+        assert!(t.warnings[0].contains("apps/gone"), "{:?}", t.warnings);
+    }
+
+    // ---- AuthorizationPolicy ----
+
+    fn ap(action: Option<&str>, rules: Vec<crd::Rule>) -> crd::AuthorizationPolicy {
+        crd::AuthorizationPolicy::new(
+            "apps",
+            "pol",
+            crd::AuthorizationPolicySpec {
+                action: action.map(Into::into),
+                rules: Some(rules),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn from(source: crd::Source) -> Vec<crd::From> {
+        vec![crd::From { source }]
+    }
+
+    fn to(operation: crd::Operation) -> Vec<crd::To> {
+        vec![crd::To { operation }]
+    }
+
+    fn strings(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn policies(ps: Vec<crd::AuthorizationPolicy>) -> Translated {
+        run(&Inputs {
+            authorization_policies: arcs(ps),
+            ..Default::default()
+        })
+    }
+
+    fn principals(list: &[&str]) -> crd::Rule {
+        crd::Rule {
+            from: from(crd::Source {
+                principals: strings(list),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn authorization_policy_action_defaults_to_allow() {
+        let t = policies(vec![ap(None, vec![principals(&["cluster.local/ns/apps/sa/client"])])]);
+        let p = &t.model.authorization_policies[0];
+        assert_eq!((p.namespace.as_str(), p.name.as_str()), ("apps", "pol"));
+        assert_eq!(p.action, rbac::Action::Allow);
+        assert_eq!(p.selector, None);
+        assert_eq!(
+            p.rules[0].from[0].source.principals,
+            ["cluster.local/ns/apps/sa/client"]
+        );
+    }
+
+    #[test]
+    fn deny_policy_is_kept() {
+        let rule = crd::Rule {
+            from: from(crd::Source {
+                namespaces: strings(&["evil"]),
+                ..Default::default()
+            }),
+            to: to(crd::Operation {
+                ports: strings(&["8080"]),
+                not_ports: strings(&["22"]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let t = policies(vec![ap(Some("DENY"), vec![rule])]);
+        let p = &t.model.authorization_policies[0];
+        assert_eq!(p.action, rbac::Action::Deny);
+        assert_eq!(p.rules[0].from[0].source.namespaces, ["evil"]);
+        assert_eq!(p.rules[0].to[0].operation.ports, [rbac::Port(8080)]);
+        assert_eq!(p.rules[0].to[0].operation.not_ports, [rbac::Port(22)]);
+    }
+
+    #[test]
+    fn audit_and_custom_policies_are_skipped_with_warning() {
+        let t = policies(vec![ap(Some("AUDIT"), vec![]), ap(Some("CUSTOM"), vec![])]);
+        assert!(t.model.authorization_policies.is_empty());
+        assert_eq!(t.warnings.len(), 2);
+        assert!(t.warnings[0].contains("apps/pol") && t.warnings[0].contains("AUDIT"));
+        assert!(t.warnings[1].contains("CUSTOM"));
+    }
+
+    #[test]
+    fn policies_with_target_refs_are_skipped() {
+        let gateway = serde_json::json!({"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "wp"});
+        let mut one = ap(Some("DENY"), vec![]);
+        one.spec.target_ref = Some(gateway.clone());
+        let mut many = ap(Some("DENY"), vec![]);
+        many.spec.target_refs = vec![gateway];
+        let t = policies(vec![one, many]);
+        assert!(t.model.authorization_policies.is_empty());
+    }
+
+    /// One rule per HTTP-only attribute, each next to an otherwise-matching L4 part.
+    fn l7_rules() -> Vec<crd::Rule> {
+        let any = strings(&["cluster.local/ns/apps/sa/client"]);
+        let op = |f: fn(&mut crd::Operation)| {
+            let mut o = crd::Operation::default();
+            f(&mut o);
+            crd::Rule {
+                to: to(o),
+                ..principals(&["cluster.local/ns/apps/sa/client"])
+            }
+        };
+        vec![
+            op(|o| o.methods = strings(&["GET"])),
+            op(|o| o.paths = strings(&["/admin"])),
+            op(|o| o.hosts = strings(&["web.apps"])),
+            crd::Rule {
+                when: vec![serde_json::json!({"key": "request.headers[x-user]", "values": ["me"]})],
+                ..principals(&["cluster.local/ns/apps/sa/client"])
+            },
+            crd::Rule {
+                from: from(crd::Source {
+                    principals: any,
+                    request_principals: strings(&["issuer/subject"]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn allow_rules_needing_l7_are_dropped_so_the_policy_denies() {
+        let t = policies(vec![ap(Some("ALLOW"), l7_rules())]);
+        let p = &t.model.authorization_policies[0];
+        assert_eq!(p.action, rbac::Action::Allow);
+        assert!(p.rules.is_empty());
+        assert_eq!(t.warnings.len(), 5, "{:?}", t.warnings);
+        assert!(t.warnings[3].contains("apps/pol") && t.warnings[3].contains("rules[3]"));
+        let labels = BTreeMap::new();
+        let target = rbac::Target {
+            namespace: "apps",
+            labels: &labels,
+        };
+        let conn = rbac::Conn {
+            principal: Some(SpiffeId::new("cluster.local", "apps", "client")),
+            src_ip: "10.1.0.1".parse().unwrap(),
+            dst_port: 80,
+        };
+        assert!(rbac::authorize(&t.model.authorization_policies, &target, &conn).is_err());
+        // The same rules without their HTTP parts would have allowed it.
+        let l4 = policies(vec![ap(None, vec![principals(&["cluster.local/ns/apps/sa/client"])])]);
+        assert!(rbac::authorize(&l4.model.authorization_policies, &target, &conn).is_ok());
+    }
+
+    #[test]
+    fn deny_rules_with_l7_fields_keep_their_l4_parts() {
+        let rule = crd::Rule {
+            from: from(crd::Source {
+                namespaces: strings(&["evil"]),
+                request_principals: strings(&["*"]),
+                ..Default::default()
+            }),
+            to: to(crd::Operation {
+                ports: strings(&["80"]),
+                methods: strings(&["POST"]),
+                ..Default::default()
+            }),
+            when: vec![serde_json::json!({"key": "request.auth.claims[group]", "values": ["x"]})],
+        };
+        let t = policies(vec![ap(Some("DENY"), vec![rule])]);
+        let expected = rbac::Rule {
+            from: vec![rbac::From {
+                source: rbac::Source {
+                    namespaces: strings(&["evil"]),
+                    ..Default::default()
+                },
+            }],
+            to: vec![rbac::To {
+                operation: rbac::Operation {
+                    ports: vec![rbac::Port(80)],
+                    ..Default::default()
+                },
+            }],
+        };
+        assert_eq!(t.model.authorization_policies[0].rules, [expected]);
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+    }
+
+    #[test]
+    fn bare_ips_in_ip_blocks_become_host_prefixes() {
+        let rule = crd::Rule {
+            from: from(crd::Source {
+                ip_blocks: strings(&["10.1.2.3", "10.2.0.0/16", "fd00::1"]),
+                not_ip_blocks: strings(&["192.0.2.7"]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let t = policies(vec![ap(None, vec![rule])]);
+        let src = &t.model.authorization_policies[0].rules[0].from[0].source;
+        let shown = |c: &[crate::config::Cidr]| c.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(shown(&src.ip_blocks), ["10.1.2.3/32", "10.2.0.0/16", "fd00::1/128"]);
+        assert_eq!(shown(&src.not_ip_blocks), ["192.0.2.7/32"]);
+    }
+
+    #[test]
+    fn bad_port_string_skips_the_policy_with_warning() {
+        let rule = crd::Rule {
+            to: to(crd::Operation {
+                ports: strings(&["80", "http"]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let t = policies(vec![ap(Some("DENY"), vec![rule])]);
+        assert!(t.model.authorization_policies.is_empty());
+        assert_eq!(t.warnings.len(), 1);
+        let w = &t.warnings[0];
+        assert!(
+            w.contains("apps/pol") && w.contains("`http` is not a port number") && w.contains("skipped"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn selector_match_labels_are_carried() {
+        let mut p = ap(None, vec![]);
+        p.spec.selector = Some(crd::WorkloadSelector {
+            match_labels: map(&[("app", "web")]),
+        });
+        let t = policies(vec![p]);
+        assert_eq!(t.model.authorization_policies[0].selector, Some(map(&[("app", "web")])));
+    }
+
+    // ---- PeerAuthentication ----
+
+    fn pa(name: &str, mode: Option<Option<&str>>) -> crd::PeerAuthentication {
+        crd::PeerAuthentication::new(
+            "apps",
+            name,
+            crd::PeerAuthenticationSpec {
+                mtls: mode.map(|m| crd::Mtls {
+                    mode: m.map(Into::into),
+                }),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn peer_auths(ps: Vec<crd::PeerAuthentication>) -> Translated {
+        run(&Inputs {
+            peer_authentications: arcs(ps),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn peer_authentication_modes_disable_is_permissive_unset_is_skipped() {
+        let t = peer_auths(vec![
+            pa("strict", Some(Some("STRICT"))),
+            pa("permissive", Some(Some("PERMISSIVE"))),
+            pa("disable", Some(Some("DISABLE"))),
+            pa("unset", Some(Some("UNSET"))),
+            pa("no-mode", Some(None)),
+            pa("no-mtls", None),
+        ]);
+        let modes: Vec<(&str, rbac::MtlsMode)> = t
+            .model
+            .peer_authentications
+            .iter()
+            .map(|p| (p.name.as_str(), p.mode.clone()))
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                ("strict", rbac::MtlsMode::Strict),
+                ("permissive", rbac::MtlsMode::Permissive),
+                ("disable", rbac::MtlsMode::Permissive)
+            ]
+        );
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+    }
+
+    #[test]
+    fn port_level_mtls_warns_and_the_workload_mode_applies() {
+        let mut p = pa("strict", Some(Some("STRICT")));
+        p.spec.port_level_mtls = Some(BTreeMap::from([(
+            "8080".to_string(),
+            crd::Mtls {
+                mode: Some("DISABLE".into()),
+            },
+        )]));
+        p.spec.selector = Some(crd::WorkloadSelector {
+            match_labels: map(&[("app", "web")]),
+        });
+        let t = peer_auths(vec![p]);
+        let got = &t.model.peer_authentications[0];
+        assert_eq!(got.mode, rbac::MtlsMode::Strict);
+        assert_eq!(got.selector, Some(map(&[("app", "web")])));
+        assert_eq!(t.warnings.len(), 1);
+        assert!(
+            t.warnings[0].contains("apps/strict") && t.warnings[0].contains("portLevelMtls"),
+            "{:?}",
+            t.warnings
+        );
+    }
+
+    // ---- node addresses ----
+
+    #[test]
+    fn node_addresses_are_internal_and_external_ips_sorted_and_deduplicated() {
+        let addr = |type_: &str, address: &str| NodeAddress {
+            type_: type_.into(),
+            address: address.into(),
+        };
+        let node = Node {
+            metadata: meta(None, NODE),
+            status: Some(NodeStatus {
+                addresses: Some(vec![
+                    addr("Hostname", NODE),
+                    addr("InternalIP", "fd00::2"),
+                    addr("ExternalIP", "203.0.113.5"),
+                    addr("InternalIP", "10.0.0.2"),
+                    addr("InternalDNS", "node1.internal"),
+                    addr("ExternalIP", "10.0.0.2"),
+                    addr("InternalIP", "10.0.0.1"),
+                ]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let t = run(&Inputs {
+            node: Some(Arc::new(node)),
+            ..Default::default()
+        });
+        assert_eq!(
+            t.model.capture.node_addresses,
+            ips(&["10.0.0.1", "10.0.0.2", "203.0.113.5", "fd00::2"])
+        );
+        assert!(run(&Inputs::default()).model.capture.node_addresses.is_empty());
+    }
+
+    // ---- project_pod ----
+
+    fn full_pod() -> Pod {
+        let mut p = labelled(
+            pod("apps", "web", NODE, &["10.1.0.1", "fd00::1"]),
+            &[("app", "web"), (USE_WAYPOINT, "wp")],
+        );
+        let m = &mut p.metadata;
+        m.annotations = Some(map(&[("kubectl.kubernetes.io/last-applied-configuration", "{}")]));
+        m.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some("kubelet".into()),
+            ..Default::default()
+        }]);
+        m.finalizers = Some(strings(&["example.com/keep"]));
+        m.generate_name = Some("web-".into());
+        let spec = p.spec.as_mut().unwrap();
+        spec.containers = vec![Container {
+            name: "app".into(),
+            image: Some("web:1".into()),
+            ..Default::default()
+        }];
+        spec.host_network = Some(false);
+        spec.restart_policy = Some("Always".into());
+        let st = p.status.as_mut().unwrap();
+        st.host_ip = Some("10.0.0.2".into());
+        st.container_statuses = Some(vec![ContainerStatus {
+            name: "app".into(),
+            ready: true,
+            ..Default::default()
+        }]);
+        st.conditions = Some(vec![
+            cond("PodScheduled", "True"),
+            cond("Ready", "True"),
+            cond("ContainersReady", "True"),
+        ]);
+        p
+    }
+
+    #[test]
+    fn project_pod_keeps_only_what_the_model_reads() {
+        let full = full_pod();
+        let mut p = full.clone();
+        project_pod(&mut p);
+        let m = &p.metadata;
+        assert_eq!((m.annotations.as_ref(), m.managed_fields.as_ref()), (None, None));
+        assert_eq!((m.finalizers.as_ref(), m.generate_name.as_ref()), (None, None));
+        assert_eq!(
+            (&m.name, &m.namespace, &m.uid),
+            (&full.metadata.name, &full.metadata.namespace, &full.metadata.uid)
+        );
+        assert_eq!(m.labels, full.metadata.labels);
+        let spec = p.spec.as_ref().unwrap();
+        assert!(spec.containers.is_empty() && spec.restart_policy.is_none());
+        assert_eq!(spec.node_name.as_deref(), Some(NODE));
+        assert_eq!(spec.service_account_name.as_deref(), Some("sa-web"));
+        assert_eq!(spec.host_network, Some(false));
+        let st = p.status.as_ref().unwrap();
+        let full_st = full.status.as_ref().unwrap();
+        assert_eq!((st.host_ip.as_ref(), st.container_statuses.as_ref()), (None, None));
+        assert_eq!(
+            (&st.phase, &st.pod_ip, &st.pod_ips),
+            (&full_st.phase, &full_st.pod_ip, &full_st.pod_ips)
+        );
+        assert_eq!(st.conditions, Some(vec![cond("Ready", "True")]));
+    }
+
+    #[test]
+    fn translate_of_a_projected_pod_equals_the_full_pod() {
+        let mut projected = full_pod();
+        project_pod(&mut projected);
+        let mut not_ready = full_pod();
+        not_ready.metadata.name = Some("slow".into());
+        not_ready.metadata.uid = Some("uid-slow".into());
+        not_ready.status.as_mut().unwrap().pod_ips = None;
+        not_ready.status.as_mut().unwrap().pod_ip = Some("10.1.0.2".into());
+        not_ready.status.as_mut().unwrap().conditions = Some(vec![cond("Ready", "False")]);
+        let mut not_ready_projected = not_ready.clone();
+        project_pod(&mut not_ready_projected);
+        let model = |pods: Vec<Pod>| {
+            let ns = namespace("apps", &[(DATAPLANE_MODE, "ambient")]);
+            let input = Inputs {
+                services: arcs(vec![service("apps", "wp", "10.96.0.50", vec![port(None, 15008, None)])]),
+                ..inputs(vec![ns], pods)
+            };
+            run(&input).model
+        };
+        let full = model(vec![full_pod(), not_ready]);
+        assert_eq!(model(vec![projected, not_ready_projected]), full);
+        assert_eq!(full.pods.len(), 2);
+        assert_eq!(full.pods[0].waypoint, wp("10.96.0.50"));
+        assert!(full.pods[0].healthy && !full.pods[1].healthy);
+    }
 }

@@ -1,11 +1,7 @@
 //! Pod discovery on a node (issue #4, first slice): a pod laid out like a
 //! kubelet + containerd (systemd-free cgroupfs naming, burstable QoS) in a
 //! real netns and cgroup is found by its UID and enrolled by what was found.
-use std::{
-    fs,
-    os::{fd::AsRawFd, unix::fs::MetadataExt, unix::process::CommandExt},
-    process::{Command, Stdio},
-};
+use std::{fs, os::unix::fs::MetadataExt};
 
 use agent::discover::Discoverer;
 use anyhow::Result;
@@ -34,28 +30,7 @@ fn a_pod_is_found_by_uid_and_enrolled_from_what_was_found() -> Result<()> {
     let container = pod_cgroup.join("cri-containerd-4b1d0c0ffee.scope");
     fs::create_dir_all(&container)?;
     // The "container": the test app in the pod's netns and that cgroup.
-    let netns = fs::File::open(&kpod.netns_path)?;
-    let procs = fs::OpenOptions::new()
-        .write(true)
-        .open(container.join("cgroup.procs"))?;
-    let (ns_fd, procs_fd) = (netns.as_raw_fd(), procs.as_raw_fd());
-    let mut cmd = Command::new("python3");
-    cmd.arg(mesh::meshapp())
-        .args(["server", "--ports", "8080"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
-    // SAFETY: only async-signal-safe calls (write, setns) on fds opened before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 || libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut app = cmd.spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(app.stdout.as_mut().unwrap()), &mut line)?;
+    let (mut app, line) = mesh::app_in_cgroup(kpod, &container, &["server", "--ports", "8080"])?;
     assert!(line.contains("listening"), "{line}");
 
     // Found by UID: the pod-level cgroup and a process in the pod's netns.

@@ -178,17 +178,7 @@ fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire()
     assert_eq!(access_to(&pass, &backend)[0]["protocol"], "tcp");
 
     // Istio-standard metrics, readiness and the admin dump, from inside node2.
-    let get = |url: &str| -> Result<(String, String)> {
-        let out = w
-            .cluster
-            .node("node2")
-            .try_command("curl")?
-            .args(["-s", "-w", "\n%{http_code}", url])
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
-        Ok((body.to_string(), code.to_string()))
-    };
+    let get = |url: &str| crate::node_get(&w.cluster, "node2", url);
     let (metrics, code) = get("http://127.0.0.1:15020/metrics")?;
     assert_eq!(code, "200");
     let opened = metrics

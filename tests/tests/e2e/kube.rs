@@ -8,7 +8,6 @@ use std::{
     collections::BTreeMap,
     fs,
     io::Write,
-    os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
@@ -23,25 +22,16 @@ use k8s_openapi::{
         },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    apimachinery::pkg::util::intstr::IntOrString,
 };
 use serde_json::Value;
 use testbed::{
-    apiserver::ApiServer,
+    apiserver::{meta, ApiServer},
     mesh::{self, poll, Agent},
     Cluster, ClusterSpec, NodeSpec,
 };
 
-use crate::{access_to, succeeded, WAIT};
-
-fn meta(ns: Option<&str>, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
-    ObjectMeta {
-        namespace: ns.map(str::to_string),
-        name: Some(name.into()),
-        labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
-        ..Default::default()
-    }
-}
+use crate::{access_to, node_get as get, succeeded, WAIT};
 
 fn namespace(name: &str, ambient: bool) -> Namespace {
     let labels: &[(&str, &str)] = if ambient {
@@ -108,29 +98,8 @@ fn node(cluster: &Cluster, name: &str) -> Node {
 /// Lays the pod out as a kubelet would (kubepods/burstable/pod<uid>/<ctr>)
 /// and runs its app there, in the pod's netns.
 fn run_pod_app(cluster: &Cluster, name: &str) -> Result<Child> {
-    let p = cluster.pod(name);
     let cg = pod_cgroup(cluster, name).join("cri-containerd-0a1b2c.scope");
-    fs::create_dir_all(&cg)?;
-    let netns = fs::File::open(&p.netns_path)?;
-    let procs = fs::OpenOptions::new().write(true).open(cg.join("cgroup.procs"))?;
-    let (ns_fd, procs_fd) = (netns.as_raw_fd(), procs.as_raw_fd());
-    let mut cmd = Command::new("python3");
-    cmd.arg(mesh::meshapp())
-        .args(["server", "--ports", "8080"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
-    // SAFETY: only async-signal-safe calls (write, setns) on fds opened before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 || libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut app = cmd.spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(app.stdout.as_mut().unwrap()), &mut line)?;
+    let (app, line) = mesh::app_in_cgroup(cluster.pod(name), &cg, &["server", "--ports", "8080"])?;
     anyhow::ensure!(line.contains("listening"), "{line}");
     Ok(app)
 }
@@ -151,18 +120,6 @@ impl Drop for Apps {
             let _ = c.wait();
         }
     }
-}
-
-/// GET from inside the node (admin endpoints listen in its netns).
-fn get(cluster: &Cluster, node: &str, url: &str) -> Result<(String, String)> {
-    let out = cluster
-        .node(node)
-        .try_command("curl")?
-        .args(["-s", "-w", "\n%{http_code}", url])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
-    Ok((body.to_string(), code.to_string()))
 }
 
 fn dump(cluster: &Cluster) -> Result<Value> {
@@ -594,7 +551,7 @@ fn request_cert(cluster: &Cluster, ca: &mesh::MeshCa, token_file: &Path, id: &st
 }
 
 #[test]
-fn ca_on_kubernetes_authenticates_agents_by_token_review_and_checks_pods_nodes() -> Result<()> {
+fn ca_on_kubernetes_checks_tokens_and_nodes_and_agents_tunnel_hbone_with_its_certificates() -> Result<()> {
     let spec = ClusterSpec::new(vec![
         NodeSpec::new("node1", &["client"]),
         NodeSpec::new("node2", &["web"]),
