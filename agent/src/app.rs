@@ -395,6 +395,18 @@ impl KubeSource {
             },
         );
         self.unlocated = unlocated;
+        let mut t = t;
+        match k8s::host_addresses(&self.locator.discoverer.host_netns) {
+            Ok(addrs) => {
+                let node = &mut t.model.capture.node_addresses;
+                node.extend(addrs);
+                node.sort_unstable();
+                node.dedup();
+            }
+            Err(e) => t.warnings.push(format!(
+                "cannot read the host's addresses ({e}): kubelet probes from them may be captured"
+            )),
+        }
         let uids: HashSet<&str> = input.pods.iter().filter_map(|p| p.metadata.uid.as_deref()).collect();
         self.locator.retain(&uids);
         self.write_ambient_namespaces(&input);

@@ -317,6 +317,29 @@ async fn probe_while_failing(client: Client, health: Arc<Health>) {
     }
 }
 
+/// Every non-loopback address of the host's network namespace: kubelet
+/// probes (and anything else from the host) come from one of them. With a
+/// bridge CNI that is the bridge's address, which the Node object does not
+/// list, so the Node's addresses alone would capture (and, under STRICT,
+/// refuse) the probes.
+pub fn host_addresses(host_netns: &Path) -> Result<Vec<IpAddr>, String> {
+    let read = || -> Result<Vec<IpAddr>, String> {
+        let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("getifaddrs: {e}"))?;
+        Ok(addrs
+            .filter_map(|i| {
+                let a = i.address?;
+                a.as_sockaddr_in()
+                    .map(|s| IpAddr::V4(s.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+            })
+            .filter(|ip| !ip.is_loopback())
+            .collect())
+    };
+    crate::netns::Netns::open(host_netns)
+        .and_then(|ns| ns.run(read))
+        .map_err(|e| e.to_string())?
+}
+
 /// Finds pods of this node: the CNI plugin's netns (new pods), else
 /// discovery through the cgroup tree and /proc (pods that predate the agent).
 /// Found locations stick for the pod's lifetime, so capture is never

@@ -319,6 +319,22 @@ fn kubernetes_source_drives_enrolment_services_policies_and_survives_the_api_goi
     assert!(agent.raw_log().contains("never matches at L4"), "{}", agent.raw_log());
     assert!(d["degraded"].is_null(), "{d}");
 
+    // A kubelet-style probe from the node (source: the pod bridge's address,
+    // not the Node's InternalIP) reaches the app directly despite STRICT.
+    let client_ip = cluster.pod("client").ip4.to_string();
+    let out = cluster
+        .node("node1")
+        .try_command("python3")?
+        .arg(mesh::meshapp())
+        .args(["once", "--host", &client_ip, "--port", "8080"])
+        .output()?;
+    let r: Value = serde_json::from_slice(&out.stdout)?;
+    assert!(succeeded(&r), "probe: {r}\n{}", agent.raw_log());
+    assert!(
+        access_to(&agent.access_logs(), &format!("{client_ip}:8080")).is_empty(),
+        "the probe bypasses the agent"
+    );
+
     // Traffic of the enrolled pod is captured, to the VIP and direct.
     let r = mesh::client(cluster.pod("client"), "once", "10.96.0.10", 80, &[])?;
     assert!(succeeded(&r), "{r}");
@@ -373,6 +389,10 @@ fn kubernetes_source_drives_enrolment_services_policies_and_survives_the_api_goi
         .unwrap()
         .iter()
         .all(|w| w["pod"] != "apps/opted"));
+
+    // The pod goes away: so does its capture.
+    api.delete("v1", "Pod", "apps", "client")?;
+    wait_enrolled(&cluster, &[])?;
 
     // Every request carried the kubeconfig's token, and RBAC covers exactly
     // what the agent asked for (deploy/rbac.yaml).
