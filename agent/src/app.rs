@@ -1,16 +1,16 @@
 //! Wires the agent together: join the node netns, start capture, enroll the
 //! configured pods, hot-reload the configuration, drain on SIGTERM.
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use anyhow::Context;
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::watch,
+    sync::{mpsc, watch},
 };
-
-use std::{collections::HashSet, sync::RwLock};
-
-use tokio::sync::mpsc;
 
 use crate::{
     admin::{Addrs, Admin, DumpFn, Readiness},
@@ -119,10 +119,7 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     // The first model must be complete (a partial one would unenroll pods a
     // previous agent captured): the Kubernetes source waits for its lists.
-    let first = source.first(&ready).await?;
-    node.state.update(&first, &node.trust_domain);
-    node.current = first;
-    node.retry();
+    node.apply(source.first(&ready).await);
     ready.set_ready(true);
     tracing::info!(node = %cfg.node, enrolled = ?node.inpod.enrolled().collect::<Vec<_>>(), "agent ready");
 
@@ -197,10 +194,10 @@ enum Event {
 }
 
 impl Watched {
-    async fn first(&mut self, ready: &Readiness) -> anyhow::Result<LocalConfig> {
+    async fn first(&mut self, ready: &Readiness) -> LocalConfig {
         match self {
-            Watched::File(f) => Ok(f.good.clone()),
-            Watched::Kube(k) => Ok(k.first(ready).await),
+            Watched::File(f) => std::mem::take(&mut f.initial),
+            Watched::Kube(k) => k.first(ready).await,
         }
     }
 
@@ -238,16 +235,22 @@ impl Watched {
 /// The local enrolment file.
 struct FileSource {
     path: std::path::PathBuf,
+    /// The text last parsed (the last good configuration is the node's).
     seen: String,
-    good: LocalConfig,
+    /// The configuration read at start, until the main loop takes it.
+    initial: LocalConfig,
 }
 
 impl FileSource {
     fn open(path: &std::path::Path) -> anyhow::Result<Self> {
+        let seen = std::fs::read_to_string(path).map_err(|source| crate::config::ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(Self {
             path: path.to_owned(),
-            good: LocalConfig::load(path)?,
-            seen: std::fs::read_to_string(path).unwrap_or_default(),
+            initial: LocalConfig::parse(path, &seen)?,
+            seen,
         })
     }
 
@@ -268,7 +271,6 @@ impl FileSource {
         match LocalConfig::parse(&self.path, &self.seen) {
             Ok(new) => {
                 tracing::info!(path = %self.path.display(), "configuration reloaded");
-                self.good = new.clone();
                 node.apply(new);
             }
             Err(e) => tracing::error!(error = %e, "invalid configuration; keeping the last good configuration"),
@@ -378,6 +380,13 @@ impl KubeSource {
     fn model(&mut self) -> LocalConfig {
         let input = self.kube.inputs();
         let cni_ips = self.locator.cni_ips.clone();
+        let mut warnings = Vec::new();
+        let host_addresses = k8s::host_addresses(&self.locator.discoverer.host_netns).unwrap_or_else(|e| {
+            warnings.push(format!(
+                "cannot read the host's addresses ({e}): kubelet probes from them may be captured"
+            ));
+            Vec::new()
+        });
         let locator = &mut self.locator;
         let mut unlocated = 0;
         let mut locate = |uid: &str| {
@@ -392,25 +401,14 @@ impl KubeSource {
                 own_uid: self.own_uid.as_deref(),
                 cni_ips: &cni_ips,
                 locate: &mut locate,
+                host_addresses: &host_addresses,
             },
         );
         self.unlocated = unlocated;
-        let mut t = t;
-        match k8s::host_addresses(&self.locator.discoverer.host_netns) {
-            Ok(addrs) => {
-                let node = &mut t.model.capture.node_addresses;
-                node.extend(addrs);
-                node.sort_unstable();
-                node.dedup();
-            }
-            Err(e) => t.warnings.push(format!(
-                "cannot read the host's addresses ({e}): kubelet probes from them may be captured"
-            )),
-        }
         let uids: HashSet<&str> = input.pods.iter().filter_map(|p| p.metadata.uid.as_deref()).collect();
         self.locator.retain(&uids);
         self.write_ambient_namespaces(&input);
-        let now: HashSet<String> = t.warnings.into_iter().collect();
+        let now: HashSet<String> = t.warnings.into_iter().chain(warnings).collect();
         for w in now.difference(&self.warned) {
             tracing::warn!(warning = %w, "Kubernetes object not (fully) applied");
         }

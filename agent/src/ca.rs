@@ -69,6 +69,8 @@ pub struct KubeAuthorizer {
     pods: reflector::Store<Pod>,
     /// `system:serviceaccount:<ns>:<name>` of the agents.
     agent_user: String,
+    /// The agents' namespace (their pods are there).
+    agent_namespace: String,
 }
 
 impl KubeAuthorizer {
@@ -95,6 +97,7 @@ impl KubeAuthorizer {
             client,
             pods,
             agent_user: format!("system:serviceaccount:{ns}:{name}"),
+            agent_namespace: ns.to_string(),
         })
     }
 
@@ -138,11 +141,8 @@ impl Authorizer for KubeAuthorizer {
             return Ok(node);
         }
         // Older API servers: the pod the token is bound to tells the node.
-        let (ns, _) = self.agent_user["system:serviceaccount:".len()..]
-            .split_once(':')
-            .unwrap_or_default();
         first(POD_NAME_EXTRA)
-            .and_then(|pod| self.node_of_pod(ns, &pod))
+            .and_then(|pod| self.node_of_pod(&self.agent_namespace, &pod))
             .ok_or_else(|| "the token is not bound to a pod on a node (use a projected service-account token)".into())
     }
 

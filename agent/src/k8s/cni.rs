@@ -11,7 +11,7 @@ use std::{
 
 use mesh_cni::proto::{Command, Reply, Request};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
     sync::{mpsc, oneshot},
 };
@@ -87,8 +87,6 @@ async fn connection(
     w.write_all(&out).await?;
     w.shutdown().await
 }
-
-use tokio::io::AsyncReadExt;
 
 async fn handle(req: Request, kube: &Kube, own_uid: Option<&str>, tx: &mpsc::Sender<CniEvent>) -> Reply {
     let key = format!("{}/{}", req.pod_namespace, req.pod_name);

@@ -126,7 +126,8 @@ impl Health {
     /// Whether every watch has listed once (the model is complete).
     pub fn synced(&self) -> bool {
         let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        m.len() == WATCHES
+        // Every watch registers itself (Listing) when it is spawned.
+        !m.is_empty()
             && m.values()
                 .all(|s| matches!(s, WatchState::Synced | WatchState::Failing { .. }))
     }
@@ -163,8 +164,6 @@ impl Health {
         }
     }
 }
-
-const WATCHES: usize = 7;
 
 /// The reflectors' stores.
 #[derive(Clone)]
@@ -347,8 +346,6 @@ pub fn host_addresses(host_netns: &Path) -> Result<Vec<IpAddr>, String> {
 pub struct Locator {
     pub discoverer: Discoverer,
     found: HashMap<String, Location>,
-    /// Netns paths the CNI plugin gave, by pod UID.
-    cni_netns: HashMap<String, PathBuf>,
     /// IPs the CNI plugin gave (the API has them only later).
     pub cni_ips: HashMap<String, Vec<IpAddr>>,
     /// Pods whose sandbox is gone (CNI DEL): never located again.
@@ -360,7 +357,6 @@ impl Locator {
         Self {
             discoverer,
             found: HashMap::new(),
-            cni_netns: HashMap::new(),
             cni_ips: HashMap::new(),
             torn_down: HashSet::new(),
         }
@@ -372,7 +368,6 @@ impl Locator {
         let cgroup = self.discoverer.pod_cgroup(uid)?;
         self.torn_down.remove(uid);
         self.cni_ips.insert(uid.to_string(), ips);
-        self.cni_netns.insert(uid.to_string(), netns.clone());
         self.found.insert(uid.to_string(), Location { netns, cgroup });
         Ok(())
     }
@@ -380,7 +375,6 @@ impl Locator {
     /// From CNI DEL.
     pub fn remove(&mut self, uid: &str) {
         self.found.remove(uid);
-        self.cni_netns.remove(uid);
         self.cni_ips.remove(uid);
         self.torn_down.insert(uid.to_string());
     }
@@ -411,7 +405,6 @@ impl Locator {
     /// Forgets pods that left the API.
     pub fn retain(&mut self, uids: &HashSet<&str>) {
         self.found.retain(|u, _| uids.contains(u.as_str()));
-        self.cni_netns.retain(|u, _| uids.contains(u.as_str()));
         self.torn_down.retain(|u| uids.contains(u.as_str()));
         self.cni_ips.retain(|u, _| uids.contains(u.as_str()));
     }

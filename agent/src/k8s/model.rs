@@ -71,6 +71,9 @@ pub struct Local<'a> {
     pub cni_ips: &'a HashMap<String, Vec<IpAddr>>,
     /// Finds the netns and cgroup of an in-mesh pod of this node by UID.
     pub locate: &'a mut dyn FnMut(&str) -> Option<Location>,
+    /// Addresses of the host's network namespace (kubelet probes come from
+    /// one of them), added to the Node's own.
+    pub host_addresses: &'a [IpAddr],
 }
 
 /// The model plus what could not be translated (for logs).
@@ -93,23 +96,41 @@ fn labels_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) 
     meta.labels.clone().unwrap_or_default()
 }
 
+/// Whether a namespace with these labels is enrolled.
+pub fn namespace_is_ambient(labels: &BTreeMap<String, String>) -> bool {
+    labels.get(DATAPLANE_MODE).map(String::as_str) == Some("ambient")
+}
+
+/// A pod whose containers all ended (its IP may already be reused).
+pub fn pod_finished(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+/// The pod's service account (Kubernetes' default when unset).
+pub fn service_account_of(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref())
+        .unwrap_or("default")
+}
+
 /// Whether `pod` belongs in the mesh (its namespace's labels given).
 pub fn membership(pod: &Pod, ns_labels: Option<&BTreeMap<String, String>>) -> Membership {
     let spec = pod.spec.as_ref();
     if spec.and_then(|s| s.host_network).unwrap_or(false) {
         return Membership::HostNetwork;
     }
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    if matches!(phase, Some("Succeeded" | "Failed")) {
+    if pod_finished(pod) {
         return Membership::Finished;
     }
     let pod_mode = pod.metadata.labels.as_ref().and_then(|l| l.get(DATAPLANE_MODE));
     match pod_mode.map(String::as_str) {
         Some("none") => Membership::OptedOut,
         Some("ambient") => Membership::Ambient,
-        _ if ns_labels.and_then(|l| l.get(DATAPLANE_MODE)).map(String::as_str) == Some("ambient") => {
-            Membership::Ambient
-        }
+        _ if ns_labels.is_some_and(namespace_is_ambient) => Membership::Ambient,
         _ => Membership::NotLabelled,
     }
 }
@@ -192,7 +213,7 @@ pub fn translate(input: &Inputs, local: &mut Local) -> Translated {
         .collect();
     let model = LocalConfig {
         capture: CaptureSettings {
-            node_addresses: node_addresses(input.node.as_deref()),
+            node_addresses: node_addresses(input.node.as_deref(), local.host_addresses),
             ..Default::default()
         },
         pods,
@@ -243,7 +264,7 @@ fn pod_spec(
     let waypoint = waypoints.lookup(&namespace, &labels, ns, warnings);
     Some(PodSpec {
         uid: Some(uid),
-        service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+        service_account: service_account_of(pod).to_string(),
         node,
         netns,
         cgroup,
@@ -539,7 +560,7 @@ fn peer_authentication(p: &crd::PeerAuthentication, warnings: &mut Vec<String>) 
 }
 
 /// The node's own addresses: kubelet probes come from them.
-fn node_addresses(node: Option<&Node>) -> Vec<IpAddr> {
+fn node_addresses(node: Option<&Node>, host: &[IpAddr]) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = node
         .and_then(|n| n.status.as_ref())
         .and_then(|s| s.addresses.as_ref())
@@ -547,6 +568,7 @@ fn node_addresses(node: Option<&Node>) -> Vec<IpAddr> {
         .flatten()
         .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
         .filter_map(|a| a.address.parse().ok())
+        .chain(host.iter().copied())
         .collect();
     out.sort();
     out.dedup();
@@ -667,6 +689,7 @@ mod tests {
                 own_uid,
                 cni_ips,
                 locate: &mut locate,
+                host_addresses: &[],
             },
         );
         (t, asked)
