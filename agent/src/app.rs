@@ -1,5 +1,16 @@
-//! Wires the agent together: join the node netns, start capture, enroll the
-//! configured pods, hot-reload the configuration, drain on SIGTERM.
+//! Wires the agent together. Two runtimes, as ztunnel has them:
+//!
+//! * the **data plane** (accept loops, forwarding, HBONE) on the main thread's
+//!   runtime (`--worker-threads`; 0 = one thread that polls and forwards);
+//! * the **control path** (enrolment source, Kubernetes watches and
+//!   translation, CNI socket, CA client, applying changes) on its own thread
+//!   and current-thread runtime, so a whole-cluster translation or a slow CA
+//!   never delays a packet. It creates pod listeners inside the data plane's
+//!   runtime through its handle.
+//!
+//! Metrics, readiness and admin run on a third thread (`admin`). On SIGTERM
+//! the control path stops the listeners and hands the data plane the open
+//! connections to drain.
 use std::{
     collections::HashSet,
     sync::{Arc, RwLock},
@@ -8,8 +19,9 @@ use std::{
 
 use anyhow::Context;
 use tokio::{
+    runtime::Handle,
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, watch},
+    sync::{mpsc, oneshot, watch},
 };
 
 use crate::{
@@ -20,7 +32,7 @@ use crate::{
     identity::{CertStore, SecretManager},
     inpod::{DataPlane, InPod},
     k8s::{self, cni::CniEvent, Kube, Locator},
-    metrics::TcpMetrics,
+    metrics::{Refusals, TcpMetrics},
     netns::Netns,
     proxy::{MeshCtx, Tracker},
     state::State,
@@ -30,27 +42,61 @@ use mesh::tls::Roots;
 /// The kernel programs, embedded by build.rs (empty when not built).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
 
+/// What the control path hands the data plane when it stops.
+struct Drain {
+    tracker: Arc<Tracker>,
+    timeout: Duration,
+}
+
 /// Runs the agent until SIGTERM/SIGINT and a drain.
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    raise_fd_limit();
     // setns affects only the calling thread: do it before any thread exists
-    // so every runtime thread lives in the node's netns.
+    // so every thread (data plane, control, admin) lives in the node's netns.
     if let Some(ns) = &cfg.node_netns {
         Netns::open(ns)?.enter_for_good()?;
     }
-    let rt = match cfg.worker_threads {
+    let data_plane = match cfg.worker_threads {
         // One thread that polls epoll and runs the ready task itself: no
         // cross-thread wake-ups on the forwarding path.
         0 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         n => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(n)
+            .thread_name("data-plane")
             .enable_all()
             .build(),
     }
-    .context("cannot start the async runtime")?;
-    rt.block_on(serve(cfg))
+    .context("cannot start the data-plane runtime")?;
+    let (stopped, drain) = oneshot::channel();
+    let dp = data_plane.handle().clone();
+    let control = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || -> anyhow::Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the control runtime")?;
+            rt.block_on(control(cfg, dp, stopped))
+        })
+        .context("cannot start the control thread")?;
+    // The data plane runs here until the control path hands over the drain
+    // (or fails before it could start anything).
+    let left = data_plane.block_on(async move {
+        let d: Drain = drain.await.ok()?;
+        Some(d.tracker.drain(d.timeout).await)
+    });
+    let result = control
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the control thread panicked")));
+    if let Some(left) = left {
+        tracing::info!(left_open = left, "agent stopped");
+    }
+    result
 }
 
-async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
+/// The control path: source, capture, identities, admin; applies changes
+/// until a signal, then stops the listeners and hands over the drain.
+async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(&cfg)?, "agent starting");
     let object = match &cfg.bpf_object {
         Some(p) => std::fs::read(p).map_err(|source| crate::capture::CaptureError::ReadObject {
@@ -77,7 +123,8 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
             let mesh_ctx = MeshCtx {
                 certs: secrets.store(),
                 roots: Roots::from_pem(&roots)?,
-                pool: mesh::pool::Pool::default(),
+                pool: mesh::pool::Pool::new(mesh::hbone::Timeouts::from_connect(cfg.connect_timeout)),
+                cert_wait: cfg.cert_wait,
             };
             (Some(secrets), Some(Arc::new(mesh_ctx)))
         }
@@ -88,8 +135,9 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = TcpMetrics::register(&mut registry);
+    let refusals = Refusals::register(&mut registry);
     let certs = secrets.as_ref().map(SecretManager::store);
-    let ready = Arc::new(Readiness::default());
+    let ready = Arc::new(Readiness::new(certs.clone(), cfg.cert_ready_timeout));
     let enrolled = Arc::new(RwLock::new(Vec::<String>::new()));
     let dump = config_dump(cfg.node.clone(), state.clone(), certs, enrolled.clone(), ready.clone());
     Admin {
@@ -103,12 +151,14 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
         admin: cfg.admin_addr,
     })?;
 
-    let dp = DataPlane {
+    let data_plane = DataPlane {
+        runtime: dp,
         mesh: mesh_ctx,
         state: state.clone(),
         metrics,
+        refusals,
     };
-    let inpod = InPod::new(&cfg, capture, orig, tracker.clone(), shutdown, dp);
+    let inpod = InPod::new(&cfg, capture, orig, tracker.clone(), shutdown, data_plane);
     let mut node = NodeState {
         inpod,
         state,
@@ -137,14 +187,29 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
 
     ready.set_ready(false);
     // Stop accepting (queued connections migrate to a successor agent, if
-    // any), let open connections finish, leave every pin in place so capture
-    // and fail-closed stay in force.
+    // any; HBONE peers get GOAWAY), let open connections finish, leave every
+    // pin in place so capture and fail-closed stay in force.
     let _ = shutdown_tx.send(true);
     tracing::info!(open = tracker.open(), stats = ?node.inpod.capture().stats(), "draining");
     drop(node);
-    let left = tracker.drain(cfg.drain_timeout).await;
-    tracing::info!(left_open = left, "agent stopped");
+    let _ = stopped.send(Drain {
+        tracker,
+        timeout: cfg.drain_timeout,
+    });
     Ok(())
+}
+
+/// Every proxied connection holds several descriptors: use all we may.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "open-file limit raised"),
+            Err(e) => tracing::warn!(error = %e, soft, "cannot raise the open-file limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
 }
 
 /// The pods, workloads and identities this node serves.
@@ -270,8 +335,9 @@ impl FileSource {
         self.seen = text;
         match LocalConfig::parse(&self.path, &self.seen) {
             Ok(new) => {
-                tracing::info!(path = %self.path.display(), "configuration reloaded");
                 node.apply(new);
+                // Logged once applied: tests and operators wait on it.
+                tracing::info!(path = %self.path.display(), "configuration reloaded");
             }
             Err(e) => tracing::error!(error = %e, "invalid configuration; keeping the last good configuration"),
         }
@@ -519,38 +585,7 @@ fn config_dump(
             "authorizationPolicies": snap.policies,
             "peerAuthentications": snap.peer_auths,
             "certificates": certs.as_ref().map(CertStore::dump).unwrap_or_default(),
+            "certificatesMissing": certs.as_ref().map(CertStore::missing).unwrap_or_default(),
         })
     })
-}
-
-/// Parses `500ms`, `30s`, `2m`, `24h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration: write e.g. 500ms, 30s or 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("`{s}`: unknown unit `{unit}`; use ms, s, m or h")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
-        assert!(parse_duration("3d").unwrap_err().contains("unknown unit"));
-    }
 }

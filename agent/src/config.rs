@@ -1,20 +1,24 @@
 //! Configuration: the agent's own settings (flags / environment, one typed
-//! struct logged at start) and the local YAML enrolment source (pods and
-//! capture settings), parsed and validated into the model the rest of the
-//! agent uses. The Kubernetes source will later feed the same model.
+//! struct logged at start, built by `cli`) and the local YAML enrolment
+//! source (pods and capture settings), parsed and validated into the model
+//! the rest of the agent uses. The Kubernetes source (`k8s::model`) produces
+//! the same model.
 use std::{
     collections::{BTreeMap, HashSet},
-    fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    str::FromStr,
     time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
 
-/// Settings of one agent process. Defaults are documented in `agent run --help`.
+pub use crate::cidr::Cidr;
+
+/// Settings of one agent process. Every field is a flag of `agent run`
+/// (`cli::RunArgs`, which documents the defaults); the whole struct is
+/// logged at start.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct AgentConfig {
     /// Name of the node this agent serves; only pods with this `node` are enrolled.
     pub node: String,
@@ -30,21 +34,44 @@ pub struct AgentConfig {
     /// Load the kernel programs from this file instead of the embedded object.
     pub bpf_object: Option<PathBuf>,
     /// How long open connections may finish after SIGTERM.
+    #[serde(serialize_with = "human")]
     pub drain_timeout: Duration,
     /// How often the enrolment file is checked for changes.
+    #[serde(serialize_with = "human")]
     pub reload_interval: Duration,
-    /// Data-plane threads; 0 runs everything on the main thread.
+    /// Data-plane threads; 0 runs the data plane on the main thread.
     pub worker_threads: usize,
     /// Trust domain of workload identities (`spiffe://<td>/ns/<ns>/sa/<sa>`).
     pub trust_domain: String,
     /// The CA and this node's credential; `None` runs capture without identities.
     pub ca: Option<mesh::ca::CaClientConfig>,
     /// Requested lifetime of workload certificates (the CA may cap it).
+    #[serde(serialize_with = "human")]
     pub cert_lifetime: Duration,
-    /// Prometheus (`/metrics`), readiness (`/healthz/ready`), admin (`/config_dump`).
-    pub metrics_addr: std::net::SocketAddr,
-    pub readiness_addr: std::net::SocketAddr,
-    pub admin_addr: std::net::SocketAddr,
+    /// How long a connection of a pod whose certificate is still on the way
+    /// waits for it before it is refused (fail closed).
+    #[serde(serialize_with = "human")]
+    pub cert_wait: Duration,
+    /// Readiness waits this long for every enrolled pod's certificate; past
+    /// it the agent reports ready (degraded) so a rollout is not stuck.
+    #[serde(serialize_with = "human")]
+    pub cert_ready_timeout: Duration,
+    /// Bound on each TCP connect (to an app or a peer's 15008) and each
+    /// TLS + HTTP/2 handshake; a CONNECT answer may take twice as long.
+    #[serde(serialize_with = "human")]
+    pub connect_timeout: Duration,
+    /// Connections (accepted sockets and HBONE streams) one pod may have
+    /// open through the agent at once; more are refused, so no single pod
+    /// can starve the others of file descriptors.
+    pub max_connections_per_pod: usize,
+    /// Prometheus (`/metrics`), readiness (`/healthz/ready`), admin (`/config_dump`, loopback only).
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+fn human<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
 }
 
 /// The agent's source of truth.
@@ -247,55 +274,10 @@ impl PodSpec {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
-}
 
-/// An IP prefix such as `10.96.0.0/12` or `fd00::/8`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = s
-            .split_once('/')
-            .ok_or_else(|| format!("`{s}` is not a CIDR: write it as <ip>/<prefix length>, e.g. 10.96.0.0/12"))?;
-        let addr: IpAddr = a.parse().map_err(|_| format!("`{a}` in `{s}` is not an IP address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix: u8 = p
-            .parse()
-            .ok()
-            .filter(|p| *p <= max)
-            .ok_or_else(|| format!("prefix length `{p}` in `{s}` must be a number from 0 to {max}"))?;
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-impl Cidr {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-impl Serialize for Cidr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+    /// The pod's workload identity: one per service account.
+    pub fn identity(&self, trust_domain: &str) -> mesh::identity::SpiffeId {
+        mesh::identity::SpiffeId::new(trust_domain, &self.namespace, &self.service_account)
     }
 }
 
@@ -423,14 +405,10 @@ impl LocalConfig {
             check_name(&p.namespace).map_err(|m| (at("namespace"), m))?;
         }
         for (i, c) in self.capture.exclude_cidrs.iter().enumerate() {
-            if mask(c.addr, c.prefix) != c.addr {
+            if let Some(network) = c.has_host_bits() {
                 return Err((
                     format!("capture.excludeCidrs[{i}]"),
-                    format!(
-                        "{c} has host bits set; did you mean {}/{}?",
-                        mask(c.addr, c.prefix),
-                        c.prefix
-                    ),
+                    format!("{c} has host bits set; did you mean {network}?"),
                 ));
             }
         }
@@ -464,27 +442,6 @@ fn check_name(s: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("`{s}` is not a valid name: use lower-case letters, digits, '-' and '.', starting and ending with a letter or digit"))
-    }
-}
-
-fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => {
-            let m = if prefix == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(prefix))
-            };
-            IpAddr::V4((u32::from(a) & m).into())
-        }
-        IpAddr::V6(a) => {
-            let m = if prefix == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(prefix))
-            };
-            IpAddr::V6((u128::from(a) & m).into())
-        }
     }
 }
 
@@ -620,19 +577,5 @@ pods:
             msg.contains("services[0].vips[0]") && msg.contains("address of pod default/client"),
             "{msg}"
         );
-    }
-
-    #[test]
-    fn cidrs_contain_addresses_of_their_family() {
-        let c: Cidr = "10.1.0.0/16".parse().unwrap();
-        assert!(c.contains("10.1.2.3".parse().unwrap()) && c.contains("::ffff:10.1.2.3".parse().unwrap()));
-        assert!(!c.contains("10.2.0.1".parse().unwrap()) && !c.contains("fd00::1".parse().unwrap()));
-    }
-
-    #[test]
-    fn cidr_errors_say_what_to_write() {
-        assert!("10.0.0.0".parse::<Cidr>().unwrap_err().contains("<ip>/<prefix length>"));
-        assert!("10.0.0.0/33".parse::<Cidr>().unwrap_err().contains("0 to 32"));
-        assert_eq!("fd00::/8".parse::<Cidr>().unwrap().to_string(), "fd00::/8");
     }
 }

@@ -24,10 +24,13 @@ struct Enrolled {
 
 /// What every pod's data path shares.
 pub struct DataPlane {
+    /// The data plane's runtime: pod listeners are created and served there.
+    pub runtime: tokio::runtime::Handle,
     /// `None`: capture only, no identities.
     pub mesh: Option<Arc<MeshCtx>>,
     pub state: State,
     pub metrics: crate::metrics::TcpMetrics,
+    pub refusals: crate::metrics::Refusals,
 }
 
 /// The pods this agent currently captures.
@@ -38,11 +41,11 @@ pub struct InPod {
     orig: Arc<ProxyMaps>,
     tracker: Arc<Tracker>,
     shutdown: watch::Receiver<bool>,
-    mesh: Option<Arc<MeshCtx>>,
-    state: State,
-    metrics: crate::metrics::TcpMetrics,
+    dp: DataPlane,
     open: Arc<OpenConns>,
     trust_domain: String,
+    connect_timeout: std::time::Duration,
+    max_conns: usize,
     pods: BTreeMap<String, Enrolled>,
     next_id: u32,
     /// Last error per pod that could not be enrolled, to log changes only.
@@ -65,11 +68,11 @@ impl InPod {
             orig: Arc::new(orig),
             tracker,
             shutdown,
-            mesh: dp.mesh,
-            state: dp.state,
-            metrics: dp.metrics,
+            dp,
             open: Arc::default(),
             trust_domain: cfg.trust_domain.clone(),
+            connect_timeout: cfg.connect_timeout,
+            max_conns: cfg.max_connections_per_pod,
             pods: BTreeMap::new(),
             next_id: 1,
             failures: BTreeMap::new(),
@@ -89,13 +92,13 @@ impl InPod {
     pub fn identities(&self) -> std::collections::BTreeSet<mesh::identity::SpiffeId> {
         self.pods
             .values()
-            .map(|e| mesh::identity::SpiffeId::new(&self.trust_domain, &e.spec.namespace, &e.spec.service_account))
+            .map(|e| e.spec.identity(&self.trust_domain))
             .collect()
     }
 
     /// Closes open connections the current policy no longer allows.
     pub fn recheck_open_connections(&self) {
-        let closed = self.open.recheck(&self.state.snapshot());
+        let closed = self.open.recheck(&self.dp.state.snapshot());
         if closed > 0 {
             tracing::info!(closed, "policy change closed open connections");
         }
@@ -184,19 +187,26 @@ impl InPod {
         };
         let ctx = Arc::new(PodCtx {
             key: spec.key(),
-            identity: mesh::identity::SpiffeId::new(&self.trust_domain, &spec.namespace, &spec.service_account),
-            ips: spec.ips.clone(),
-            mesh: self.mesh.clone(),
-            state: self.state.clone(),
+            identity: spec.identity(&self.trust_domain),
+            ips: spec.ips.iter().map(|ip| ip.to_canonical()).collect(),
+            mesh: self.dp.mesh.clone(),
+            state: self.dp.state.clone(),
             transparent,
             open: self.open.clone(),
-            metrics: self.metrics.clone(),
+            metrics: self.dp.metrics.clone(),
+            refusals: self.dp.refusals.clone(),
             netns,
             netns_cookie,
             orig: self.orig.clone(),
             tracker: self.tracker.clone(),
+            connect_timeout: self.connect_timeout,
+            open_conns: Default::default(),
+            max_conns: self.max_conns,
+            cap_logged_ms: Default::default(),
+            started: std::time::Instant::now(),
         });
-        let proxy = PodProxy::start(ctx.clone(), &self.shutdown).map_err(|e| pod_err(e.to_string()))?;
+        let proxy =
+            PodProxy::start(ctx.clone(), &self.shutdown, &self.dp.runtime).map_err(|e| pod_err(e.to_string()))?;
         let id = self.next_id;
         self.next_id += 1;
         self.capture.enroll(id, &ctx.netns, netns_cookie, &spec.ips, &proxy)?;

@@ -1,9 +1,12 @@
-//! The per-node mesh agent (our ztunnel): eBPF in-pod capture today, HBONE
-//! mTLS next. `main.rs` is the command line; `app` wires the pieces.
+//! The per-node mesh agent (our ztunnel): eBPF in-pod capture, HBONE mTLS
+//! with SPIFFE identities, L4 policy and Istio metrics. `main.rs` parses the
+//! command line (`cli`); `app` wires the pieces.
 pub mod admin;
 pub mod app;
 pub mod ca;
 pub mod capture;
+pub mod cidr;
+pub mod cli;
 pub mod config;
 pub mod discover;
 pub mod identity;

@@ -1,9 +1,13 @@
-//! Istio-standard TCP metrics, so existing dashboards work unchanged:
-//! `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
-//! `istio_tcp_sent_bytes_total` (response direction, server -> client) and
-//! `istio_tcp_received_bytes_total` (request direction, client -> server),
-//! with Istio's label set. Services come with the service model; until then
-//! `destination_service*` is `unknown`.
+//! The data path's metrics.
+//!
+//! * Istio-standard TCP metrics, so existing dashboards work unchanged:
+//!   `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
+//!   `istio_tcp_sent_bytes_total` (response direction, server -> client) and
+//!   `istio_tcp_received_bytes_total` (request direction, client -> server),
+//!   with Istio's label set (`destination_service*` is `unknown` when the
+//!   destination was not a service).
+//! * `mesh_agent_connections_refused_total{direction, reason}`: connections
+//!   of enrolled pods the agent did not carry (fail closed), by reason.
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
@@ -121,10 +125,97 @@ impl TcpMetrics {
     }
 }
 
+/// Why the agent did not carry a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// To one of the agent's own ports at the pod's own address.
+    SelfLoop,
+    /// The pod is at `--max-connections-per-pod`.
+    PodLimit,
+    /// Capture recorded no original destination.
+    NoOriginalDestination,
+    /// The pod has no workload certificate (yet).
+    NoCertificate,
+    /// A service VIP (port) without a healthy endpoint.
+    NoEndpoint,
+    /// Authorization policy or STRICT mTLS.
+    Denied,
+    /// A malformed HBONE request, or one for another destination.
+    BadRequest,
+    /// The application or the peer could not be reached.
+    Unreachable,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::SelfLoop => "self_loop",
+            Reason::PodLimit => "pod_limit",
+            Reason::NoOriginalDestination => "no_original_destination",
+            Reason::NoCertificate => "no_certificate",
+            Reason::NoEndpoint => "no_endpoint",
+            Reason::Denied => "denied",
+            Reason::BadRequest => "bad_request",
+            Reason::Unreachable => "unreachable",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    direction: &'static str,
+    reason: &'static str,
+}
+
+/// Connections refused (not carried), by direction and reason.
+#[derive(Default, Clone)]
+pub struct Refusals(Family<RefusalLabels, Counter>);
+
+impl Refusals {
+    /// Registers `mesh_agent_connections_refused_total`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.sub_registry_with_prefix("mesh_agent").register(
+            "connections_refused",
+            "Connections of enrolled pods the agent refused to carry (fail closed), by reason",
+            m.0.clone(),
+        );
+        m
+    }
+
+    pub fn count(&self, direction: &'static str, reason: Reason) {
+        self.0
+            .get_or_create(&RefusalLabels {
+                direction,
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn refusals_are_counted_by_direction_and_reason() {
+        let mut reg = Registry::default();
+        let r = Refusals::register(&mut reg);
+        r.count("inbound", Reason::SelfLoop);
+        r.count("inbound", Reason::SelfLoop);
+        r.count("outbound", Reason::PodLimit);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        assert!(
+            out.contains("mesh_agent_connections_refused_total{direction=\"inbound\",reason=\"self_loop\"} 2"),
+            "{out}"
+        );
+        assert!(
+            out.contains("mesh_agent_connections_refused_total{direction=\"outbound\",reason=\"pod_limit\"} 1"),
+            "{out}"
+        );
+    }
 
     #[test]
     fn encodes_istio_names_and_labels() {

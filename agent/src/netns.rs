@@ -1,6 +1,11 @@
 //! Network namespaces: the agent stays in the host mount namespace and only
 //! switches the *calling thread's* network namespace for as long as it takes
 //! to create a socket there (a socket keeps the namespace it was made in).
+//!
+//! A thread that stayed in a pod's namespace would make every later socket
+//! of the agent there (a runtime thread listening in the wrong pod, or
+//! forwarding another pod's traffic with its address): if switching back
+//! fails, the process aborts with a message rather than run on like that.
 use std::{
     cell::RefCell,
     fs::File,
@@ -63,7 +68,9 @@ impl Netns {
         })
     }
 
-    /// Runs `f` with the calling thread inside this namespace, then switches back.
+    /// Runs `f` with the calling thread inside this namespace, then switches
+    /// back (also when `f` panics). Aborts the process if it cannot switch
+    /// back.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
         HOME.with(|home| {
             let mut home = home.borrow_mut();
@@ -74,14 +81,13 @@ impl Netns {
                 })?;
                 *home = Some(own);
             }
+            let home = home.as_ref().expect("set above");
             setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
                 path: self.path.clone(),
                 source,
             })?;
-            let out = f();
-            let home = home.as_ref().expect("set above");
-            setns(home.as_fd(), CloneFlags::CLONE_NEWNET).map_err(NetnsError::Return)?;
-            Ok(out)
+            let _back = Return { home, from: &self.path };
+            Ok(f())
         })
     }
 
@@ -96,6 +102,33 @@ impl Netns {
             .map_err(err)?;
         socket_netns_cookie(&sock).map_err(err)
     }
+}
+
+/// Switches the thread back to its home namespace when dropped.
+struct Return<'a> {
+    home: &'a File,
+    from: &'a Path,
+}
+
+impl Drop for Return<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = setns(self.home.as_fd(), CloneFlags::CLONE_NEWNET) {
+            stranded(self.from, &NetnsError::Return(e));
+        }
+    }
+}
+
+/// The thread is stuck in another namespace: nothing it does from now on
+/// can be trusted, so stop the whole process (a supervisor restarts it;
+/// capture stays in force and fails closed meanwhile).
+fn stranded(ns: &Path, e: &NetnsError) -> ! {
+    let msg = format!(
+        "fatal: {e}; this thread is stranded in network namespace {} and the agent must not run on: aborting",
+        ns.display()
+    );
+    tracing::error!("{msg}");
+    eprintln!("{msg}");
+    std::process::abort()
 }
 
 /// SO_NETNS_COOKIE (Linux 5.14+).
@@ -130,6 +163,67 @@ mod tests {
         let a = ns.cookie().unwrap();
         assert_ne!(a, 0);
         assert_eq!(a, ns.cookie().unwrap());
+    }
+
+    /// A fresh network namespace, kept alive by the returned file.
+    fn scratch_netns() -> (File, PathBuf) {
+        let file = std::thread::spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run the tests as root");
+            File::open("/proc/thread-self/ns/net").unwrap()
+        })
+        .join()
+        .unwrap();
+        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        (file, path)
+    }
+
+    fn own_ino() -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
+    }
+
+    #[test]
+    fn a_panic_inside_still_returns_home() {
+        let (_keep, path) = scratch_netns();
+        let ns = Netns::open(&path).unwrap();
+        let home = own_ino();
+        let inside = ns.run(own_ino).unwrap();
+        assert_ne!(inside, home, "run() enters the namespace");
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ns.run(|| panic!("boom"))));
+        assert!(r.is_err());
+        assert_eq!(own_ino(), home, "the thread is back home after a panic");
+    }
+
+    /// Run as a child process by `a_stranded_thread_aborts_the_process`.
+    #[test]
+    #[ignore = "child of a_stranded_thread_aborts_the_process"]
+    fn stranded_child() {
+        if std::env::var_os("NETNS_STRANDED_CHILD").is_none() {
+            return;
+        }
+        let (_keep, path) = scratch_netns();
+        let ns = Netns::open(&path).unwrap();
+        ns.run(|| ()).unwrap();
+        let home = HOME.with(|h| h.borrow().as_ref().map(AsRawFd::as_raw_fd)).unwrap();
+        // Make the way back impossible: the home namespace's fd is gone.
+        let _ = ns.run(|| unsafe { libc::close(home) });
+        unreachable!("the process must have aborted");
+    }
+
+    #[test]
+    fn a_stranded_thread_aborts_the_process() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "netns::tests::stranded_child", "--ignored", "--nocapture"])
+            .env("NETNS_STRANDED_CHILD", "1")
+            .output()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{:?}\n{stderr}", out.status);
+        assert!(
+            stderr.contains("stranded in network namespace") && stderr.contains("aborting"),
+            "{stderr}"
+        );
     }
 
     #[test]

@@ -1,34 +1,61 @@
-//! The agent's pod-local listeners and the (for now plain TCP) forward.
+//! The agent's pod-local listeners and what every connection shares.
 //!
 //! Per enrolled pod, inside its network namespace:
 //! * 127.0.0.1:15001 and [::1]:15001 receive the pod's redirected outbound
 //!   connects; the original destination comes from CONN_ORIG.
 //! * [::]:15006 receives inbound connections handed over by sk_lookup; the
 //!   accepted socket's local address *is* the original destination.
+//! * [::]:15008 terminates HBONE (with a CA).
 //!
 //! Every listener uses SO_REUSEPORT so a new agent can bind next to a running
 //! one (graceful handover); `net.ipv4.tcp_migrate_req=1` in the pod netns moves
 //! connections still queued on a closing listener to its successor.
-//! The HBONE issue replaces `forward` with the mTLS tunnel.
+//!
+//! Each pod may have at most `max_connections_per_pod` connections (accepted
+//! sockets and HBONE streams) open through the agent; more are reset and
+//! counted, so one pod cannot starve the others of file descriptors.
 pub mod conn;
 pub mod policed;
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd, RawFd},
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use agent_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use mesh::{identity::SpiffeId, tls::Roots};
 use socket2::{Domain, Socket, Type};
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    runtime::Handle,
+    sync::watch,
+    task::JoinHandle,
+};
 
-use crate::{capture::ProxyMaps, identity::CertStore, netns::Netns, state::State};
+use crate::{
+    capture::ProxyMaps,
+    identity::CertStore,
+    metrics::{Reason, Refusals},
+    netns::Netns,
+    state::State,
+};
+
+/// The ports the agent listens on inside every enrolled pod. A connection to
+/// one of them at the pod's own address (or loopback) would reach the
+/// agent's own listener again: an endless loop that exhausts the agent.
+pub const AGENT_POD_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT];
+
+/// Whether forwarding to `dst` from inside the pod with `pod_ips` would loop
+/// back into the agent.
+pub fn is_self_loop(pod_ips: &[IpAddr], dst: SocketAddr) -> bool {
+    let ip = dst.ip().to_canonical();
+    AGENT_POD_PORTS.contains(&dst.port()) && (ip.is_loopback() || ip.is_unspecified() || pod_ips.contains(&ip))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -85,6 +112,8 @@ pub struct MeshCtx {
     pub roots: Roots,
     /// Outbound HBONE connections, shared by all pods of the node.
     pub pool: mesh::pool::Pool,
+    /// How long a connection waits for its pod's certificate.
+    pub cert_wait: Duration,
 }
 
 /// What a connection handler needs to know about its pod.
@@ -102,10 +131,93 @@ pub struct PodCtx {
     /// Open inbound connections, re-checked when policy changes.
     pub open: Arc<policed::OpenConns>,
     pub metrics: crate::metrics::TcpMetrics,
+    pub refusals: Refusals,
     pub netns: Netns,
     pub netns_cookie: u64,
     pub orig: Arc<ProxyMaps>,
     pub tracker: Arc<Tracker>,
+    /// Bound on TCP connects (to apps and peers).
+    pub connect_timeout: Duration,
+    /// Connections open through the agent for this pod, and the cap.
+    pub open_conns: AtomicUsize,
+    pub max_conns: usize,
+    /// When the cap was last logged (ms since `started`), to log once a second.
+    pub cap_logged_ms: AtomicU64,
+    pub started: Instant,
+}
+
+/// One admitted connection (or HBONE stream) of a pod: counted against the
+/// pod's cap and in the node's drain tracker until dropped.
+pub struct Admitted {
+    ctx: Arc<PodCtx>,
+    _track: TrackGuard,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.ctx.open_conns.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl PodCtx {
+    /// Admits one more connection, or `None` (counted, logged at most once a
+    /// second) when the pod is at its cap.
+    pub fn admit(self: &Arc<Self>, dir: Direction) -> Option<Admitted> {
+        let under = self.open_conns.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < self.max_conns).then_some(n + 1)
+        });
+        if under.is_ok() {
+            return Some(Admitted {
+                ctx: self.clone(),
+                _track: self.tracker.track(),
+            });
+        }
+        self.refusals.count(dir.as_str(), Reason::PodLimit);
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.cap_logged_ms.load(Ordering::Relaxed);
+        if (now >= last + 1000 || last == 0)
+            && self
+                .cap_logged_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                pod = %self.key, direction = dir.as_str(), limit = self.max_conns,
+                "connection refused: the pod has reached --max-connections-per-pod"
+            );
+        }
+        None
+    }
+}
+
+/// Closes `s` with a RST (SO_LINGER 0): the client sees "connection reset"
+/// at once instead of a clean end of stream it could mistake for success.
+pub fn reset(s: TcpStream) {
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+}
+
+/// Exponential back-off for accept loops: an error such as EMFILE repeats
+/// at once, and a loop that retries at once only burns the CPU.
+pub struct AcceptBackoff(Duration);
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff(Self::FIRST)
+    }
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(5);
+    const MAX: Duration = Duration::from_secs(1);
+
+    pub fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Self::MAX);
+    }
 }
 
 /// The running listeners of one pod; dropping it stops accepting.
@@ -116,8 +228,11 @@ pub struct PodProxy {
 }
 
 impl PodProxy {
-    /// Creates the pod's listeners inside its netns and starts accepting.
-    pub fn start(ctx: Arc<PodCtx>, shutdown: &watch::Receiver<bool>) -> Result<Self, ProxyError> {
+    /// Creates the pod's listeners inside its netns and starts accepting on
+    /// the data plane's runtime (`dp`).
+    pub fn start(ctx: Arc<PodCtx>, shutdown: &watch::Receiver<bool>, dp: &Handle) -> Result<Self, ProxyError> {
+        // Listeners register with the data plane's reactor, not the caller's.
+        let _in_dp = dp.enter();
         enable_listener_migration(&ctx.netns);
         let out4 = listen(&ctx.netns, SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?;
         let out6 = listen(&ctx.netns, SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)))?;
@@ -187,30 +302,47 @@ async fn accept_loop(
     listener: TcpListener,
     dir: Direction,
     ctx: Arc<PodCtx>,
-    mut stopped: watch::Receiver<bool>,
-    mut shutdown: watch::Receiver<bool>,
+    stopped: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    let mut backoff = AcceptBackoff::default();
+    let stop = stop_signal(stopped.clone(), shutdown.clone());
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
-                    let guard = ctx.tracker.track();
+                    backoff.reset();
+                    let Some(admitted) = ctx.admit(dir) else {
+                        reset(stream);
+                        continue;
+                    };
                     match dir {
-                        Direction::Hbone => tokio::spawn(conn::hbone_inbound(ctx.clone(), stream, guard)),
-                        _ => tokio::spawn(conn::handle(ctx.clone(), dir, stream, peer, guard)),
+                        Direction::Hbone => {
+                            let drain = stop_signal(stopped.clone(), shutdown.clone());
+                            tokio::spawn(conn::hbone_inbound(ctx.clone(), stream, admitted, drain))
+                        }
+                        _ => tokio::spawn(conn::handle(ctx.clone(), dir, stream, peer, admitted)),
                     };
                 }
                 Err(e) => {
                     tracing::warn!(pod = %ctx.key, direction = dir.as_str(), error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    backoff.wait().await;
                 }
             },
-            _ = stopped.changed() => break,
-            _ = shutdown.changed() => break,
+            () = &mut stop => break,
         }
     }
     // Dropping the listener closes it; queued connections migrate to a
     // successor's listener (tcp_migrate_req) or are refused.
+}
+
+/// Resolves once the pod is unenrolled (`stopped`) or the agent shuts down.
+pub async fn stop_signal(mut stopped: watch::Receiver<bool>, mut shutdown: watch::Receiver<bool>) {
+    tokio::select! {
+        _ = stopped.wait_for(|s| *s) => {}
+        _ = shutdown.wait_for(|s| *s) => {}
+    }
 }
 
 /// A listening socket created inside `netns`.
@@ -243,5 +375,31 @@ fn enable_listener_migration(netns: &Netns) {
     let r = netns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"));
     if let Err(e) = r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
         tracing::warn!(netns = %netns.path().display(), error = %e, "cannot enable tcp_migrate_req; connections queued during an agent handover may be reset");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_loops_are_the_agents_ports_at_the_pods_own_addresses() {
+        let pod: Vec<IpAddr> = vec!["10.1.2.11".parse().unwrap(), "fd00:1:2::11".parse().unwrap()];
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        for looping in [
+            "10.1.2.11:15006",
+            "10.1.2.11:15001",
+            "10.1.2.11:15008",
+            "[fd00:1:2::11]:15006",
+            "[::ffff:10.1.2.11]:15006",
+            "127.0.0.1:15006",
+            "[::1]:15001",
+            "0.0.0.0:15008",
+        ] {
+            assert!(is_self_loop(&pod, at(looping)), "{looping}");
+        }
+        for fine in ["10.1.2.11:8080", "10.1.2.12:15008", "10.1.2.12:15006", "127.0.0.1:9000"] {
+            assert!(!is_self_loop(&pod, at(fine)), "{fine}");
+        }
     }
 }

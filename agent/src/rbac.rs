@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Cidr;
+use crate::cidr::Cidr;
 
 /// Policies in this namespace without a selector apply to the whole mesh.
 pub const ROOT_NAMESPACE: &str = "istio-system";

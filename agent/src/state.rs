@@ -132,7 +132,7 @@ impl Snapshot {
         }
         let ip = match svc.spec.load_balancing {
             LoadBalancing::RoundRobin => family[svc.next.fetch_add(1, Ordering::Relaxed) % family.len()],
-            LoadBalancing::Random => family[rand_index(family.len())],
+            LoadBalancing::Random => family[rand::random_range(0..family.len())],
             LoadBalancing::LeastConnections => *family.iter().min_by_key(|ip| active.count(**ip)).expect("not empty"),
         };
         Some(Ok(Resolved {
@@ -151,18 +151,6 @@ impl Snapshot {
     }
 }
 
-fn rand_index(n: usize) -> usize {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    (h.finish() % n as u64) as usize
-}
-
 #[derive(Clone, Default)]
 pub struct State(Arc<RwLock<Arc<Snapshot>>>, Active);
 
@@ -175,7 +163,7 @@ impl State {
             .flat_map(|p| {
                 let w = Workload {
                     key: p.key(),
-                    identity: SpiffeId::new(trust_domain, &p.namespace, &p.service_account),
+                    identity: p.identity(trust_domain),
                     labels: p.labels.clone(),
                     hbone: p.tunnel == crate::config::TunnelProtocol::Hbone,
                     waypoint: p.waypoint.clone(),
@@ -295,9 +283,27 @@ mod tests {
             );
         }
         drop(first);
-        let s2 = with_service("RANDOM");
-        let r = s2.resolve("10.96.0.1:80".parse().unwrap()).unwrap().unwrap();
-        assert!(["10.0.0.1:8080", "10.0.0.2:8080"].contains(&r.endpoint.to_string().as_str()));
+    }
+
+    #[test]
+    fn random_spreads_over_every_healthy_endpoint_and_nothing_else() {
+        let s = with_service("RANDOM");
+        let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+        const PICKS: usize = 400;
+        for _ in 0..PICKS {
+            let r = s.resolve("10.96.0.1:80".parse().unwrap()).unwrap().unwrap();
+            *seen.entry(r.endpoint).or_default() += 1;
+        }
+        let a: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        assert_eq!(
+            seen.keys().copied().collect::<std::collections::BTreeSet<_>>(),
+            [a, b].into()
+        );
+        // Fair coin, 400 flips: outside 120..=280 has probability ~1e-15.
+        for n in seen.values() {
+            assert!((120..=280).contains(n), "{seen:?}");
+        }
     }
 
     #[test]

@@ -5,6 +5,15 @@
 //! after the destination side authorized the peer and reached the
 //! application (400 malformed or not for this pod, 401 denied, 503 upstream
 //! unreachable); then bytes flow as DATA frames, END_STREAM is a half-close.
+//!
+//! Bounds (a peer is anyone who can reach 15008): TLS and HTTP/2 handshakes
+//! and the wait for a CONNECT answer are timed out ([`Timeouts`]); a header
+//! list may be at most 64 KiB and a connection carries at most 100 streams
+//! at once (the server refuses more with REFUSED_STREAM); h2's own limits
+//! bound resets. A draining server sends GOAWAY, so peers move new streams
+//! to a new connection (a successor agent) while open ones finish. An idle
+//! stream is never timed out (as in ztunnel): idle database and long-poll
+//! connections stay up; pooled *connections* are released by the pool.
 use std::{
     future::Future,
     io,
@@ -13,6 +22,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
+    time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
@@ -22,7 +32,7 @@ use rustls::{pki_types::ServerName, ClientConfig, ServerConfig};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        tcp::{ReadHalf, WriteHalf},
         TcpStream,
     },
 };
@@ -39,8 +49,11 @@ pub const HBONE_PORT: u16 = 15008;
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
 const MAX_FRAME: u32 = 1 << 20;
-/// Streams one connection carries at most (ztunnel's default).
-const MAX_STREAMS: u32 = 100;
+/// Streams one connection carries at most at once (ztunnel's default),
+/// announced in SETTINGS and enforced by the server.
+pub const MAX_STREAMS: u32 = 100;
+/// Largest header list accepted (ztunnel's limit), both directions.
+pub const MAX_HEADER_LIST: u32 = 64 << 10;
 /// Read buffers start small and grow with the stream (ztunnel's steps).
 const BUF_STEPS: [(u64, usize); 3] = [(0, 1 << 10), (128 << 10, 16 << 10), (10 << 20, 256 << 10)];
 
@@ -58,8 +71,62 @@ pub enum HboneError {
         authority: SocketAddr,
         status: StatusCode,
     },
+    #[error("{peer}: no {what} within {after:?}")]
+    Timeout {
+        peer: SocketAddr,
+        what: &'static str,
+        after: Duration,
+    },
     #[error("{0}")]
     Tls2(#[from] tls::TlsError),
+}
+
+impl HboneError {
+    /// The peer did not process the stream (GOAWAY, or REFUSED_STREAM at its
+    /// stream limit): it is safe to open it again on another connection.
+    pub fn unprocessed(&self) -> bool {
+        matches!(self, HboneError::H2 { source, .. }
+            if source.is_go_away() || source.reason() == Some(h2::Reason::REFUSED_STREAM))
+    }
+}
+
+/// How long the tunnel's setup may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// The TLS handshake, and the HTTP/2 handshake after it (each).
+    pub handshake: Duration,
+    /// From asking for a stream to the CONNECT answer (the destination side
+    /// authorizes and connects to the application in between).
+    pub response: Duration,
+}
+
+impl Timeouts {
+    /// Handshakes bounded by `connect`, CONNECT answers by twice that (the
+    /// destination's own connect to the app must fit in it).
+    pub fn from_connect(connect: Duration) -> Self {
+        Self {
+            handshake: connect,
+            response: connect * 2,
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self::from_connect(Duration::from_secs(10))
+    }
+}
+
+/// `f`, or a [`HboneError::Timeout`] after `after`.
+async fn bounded<T>(
+    peer: SocketAddr,
+    what: &'static str,
+    after: Duration,
+    f: impl Future<Output = Result<T, HboneError>>,
+) -> Result<T, HboneError> {
+    tokio::time::timeout(after, f)
+        .await
+        .unwrap_or(Err(HboneError::Timeout { peer, what, after }))
 }
 
 /// What the source side puts on a CONNECT.
@@ -106,31 +173,43 @@ pub struct Handshaken {
     pub driver: Driver,
 }
 
-/// TLS and HTTP/2 handshakes over `tcp`; streams are opened with [`open_stream`].
-pub async fn handshake(tcp: TcpStream, tls: Arc<ClientConfig>) -> Result<(SendRequest<Bytes>, Handshaken), HboneError> {
+/// TLS and HTTP/2 handshakes over `tcp` (each bounded by
+/// `t.handshake`); streams are opened with [`open_stream`].
+pub async fn handshake(
+    tcp: TcpStream,
+    tls: Arc<ClientConfig>,
+    t: &Timeouts,
+) -> Result<(SendRequest<Bytes>, Handshaken), HboneError> {
     let peer = tcp.peer_addr().map_err(|source| HboneError::Tls {
         peer: "0.0.0.0:0".parse().expect("addr"),
         source,
     })?;
     // No SNI is sent (enable_sni = false); the name only satisfies the API.
     let name = ServerName::IpAddress(peer.ip().into());
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .map_err(|source| HboneError::Tls { peer, source })?;
+    let stream = bounded(peer, "TLS handshake", t.handshake, async {
+        tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|source| HboneError::Tls { peer, source })
+    })
+    .await?;
     let identity = stream
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
         .and_then(|c| tls::peer_identity(c));
-    let (send, conn) = h2::client::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .handshake::<_, Bytes>(stream)
-        .await
-        .map_err(|source| HboneError::H2 { peer, source })?;
+    let (send, conn) = bounded(peer, "HTTP/2 handshake", t.handshake, async {
+        h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .handshake::<_, Bytes>(stream)
+            .await
+            .map_err(|source| HboneError::H2 { peer, source })
+    })
+    .await?;
     Ok((
         send,
         Handshaken {
@@ -140,8 +219,17 @@ pub async fn handshake(tcp: TcpStream, tls: Arc<ClientConfig>) -> Result<(SendRe
     ))
 }
 
-/// One CONNECT stream on an established connection; Ok once answered 200.
-pub async fn open_stream(send: SendRequest<Bytes>, headers: &ConnectHeaders) -> Result<Tunnel, HboneError> {
+/// One CONNECT stream on an established connection; Ok once answered 200,
+/// within `t.response`.
+pub async fn open_stream(
+    send: SendRequest<Bytes>,
+    headers: &ConnectHeaders,
+    t: &Timeouts,
+) -> Result<Tunnel, HboneError> {
+    bounded(headers.authority, "CONNECT answer", t.response, request(send, headers)).await
+}
+
+async fn request(send: SendRequest<Bytes>, headers: &ConnectHeaders) -> Result<Tunnel, HboneError> {
     let peer = headers.authority;
     let h2err = |source| HboneError::H2 { peer, source };
     let mut send = send.ready().await.map_err(h2err)?;
@@ -171,14 +259,15 @@ pub async fn open_stream(send: SendRequest<Bytes>, headers: &ConnectHeaders) -> 
 
 /// A dedicated connection with one CONNECT stream (no pooling).
 pub async fn connect(tcp: TcpStream, tls: Arc<ClientConfig>, headers: &ConnectHeaders) -> Result<Tunnel, HboneError> {
-    let (send, shaken) = handshake(tcp, tls).await?;
+    let t = Timeouts::default();
+    let (send, shaken) = handshake(tcp, tls, &t).await?;
     let conn = shaken.driver.conn;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "HBONE connection ended");
         }
     });
-    let mut tunnel = open_stream(send, headers).await?;
+    let mut tunnel = open_stream(send, headers, &t).await?;
     tunnel.peer = shaken.identity;
     Ok(tunnel)
 }
@@ -199,14 +288,14 @@ fn traceparent() -> String {
 impl Tunnel {
     /// Copies between the tunnel and `tcp` until both directions are done.
     /// `sent` counts tcp -> tunnel bytes.
-    pub async fn bridge(self, tcp: TcpStream) -> Copied {
+    pub async fn bridge(self, tcp: &mut TcpStream) -> Copied {
         bridge(self.send, self.recv, tcp).await
     }
 }
 
-async fn bridge(send: SendStream<Bytes>, recv: RecvStream, tcp: TcpStream) -> Copied {
+async fn bridge(send: SendStream<Bytes>, recv: RecvStream, tcp: &mut TcpStream) -> Copied {
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (rd, wr) = tcp.into_split();
+    let (rd, wr) = tcp.split();
     let r = both(tcp_to_h2(rd, send, &sent), h2_to_tcp(recv, wr, &received)).await;
     Copied::new(r, &sent, &received)
 }
@@ -222,7 +311,7 @@ fn h2_io(e: h2::Error) -> io::Error {
 }
 
 /// TCP -> DATA frames; the read buffer is handed to h2 without a copy.
-async fn tcp_to_h2(mut rd: OwnedReadHalf, mut send: SendStream<Bytes>, count: &AtomicU64) -> io::Result<()> {
+async fn tcp_to_h2(mut rd: ReadHalf<'_>, mut send: SendStream<Bytes>, count: &AtomicU64) -> io::Result<()> {
     let mut buf = BytesMut::new();
     loop {
         let total = count.load(Ordering::Relaxed);
@@ -252,7 +341,7 @@ async fn tcp_to_h2(mut rd: OwnedReadHalf, mut send: SendStream<Bytes>, count: &A
 }
 
 /// DATA frames -> TCP; END_STREAM becomes a half-close.
-async fn h2_to_tcp(mut recv: RecvStream, mut wr: OwnedWriteHalf, count: &AtomicU64) -> io::Result<()> {
+async fn h2_to_tcp(mut recv: RecvStream, mut wr: WriteHalf<'_>, count: &AtomicU64) -> io::Result<()> {
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(h2_io)?;
         wr.write_all(&chunk).await?;
@@ -285,11 +374,20 @@ pub struct Refusal {
 /// Terminates TLS on an accepted 15008 connection and serves its CONNECT
 /// streams. For each, `open` authorizes and connects to the application,
 /// returning the upstream socket and a guard kept until the stream ends;
-/// `done` gets the outcome when the stream ends.
-pub async fn serve<O, F, G, D>(tcp: TcpStream, tls: Arc<ServerConfig>, open: O, done: D) -> Result<(), HboneError>
+/// `done` gets the outcome when the stream ends. The handshakes are bounded
+/// by `handshake_timeout`. When `drain` resolves the connection is shut down
+/// gracefully: GOAWAY, open streams finish, then it closes.
+pub async fn serve<O, F, G, D>(
+    tcp: TcpStream,
+    tls: Arc<ServerConfig>,
+    handshake_timeout: Duration,
+    drain: impl Future<Output = ()>,
+    open: O,
+    done: D,
+) -> Result<(), HboneError>
 where
     O: Fn(Inbound) -> F + Clone + Send + 'static,
-    F: Future<Output = Result<(TcpStream, G), Refusal>> + Send,
+    F: Future<Output = Result<(TcpStream, G), Refusal>> + Send + 'static,
     G: Send + 'static,
     D: Fn(Inbound, Result<Copied, Refusal>) + Clone + Send + Sync + 'static,
 {
@@ -297,10 +395,13 @@ where
         peer: "0.0.0.0:0".parse().expect("addr"),
         source,
     })?;
-    let stream = tokio_rustls::TlsAcceptor::from(tls)
-        .accept(tcp)
-        .await
-        .map_err(|source| HboneError::Tls { peer: remote, source })?;
+    let stream = bounded(remote, "TLS handshake", handshake_timeout, async {
+        tokio_rustls::TlsAcceptor::from(tls)
+            .accept(tcp)
+            .await
+            .map_err(|source| HboneError::Tls { peer: remote, source })
+    })
+    .await?;
     let peer = stream
         .get_ref()
         .1
@@ -311,68 +412,103 @@ where
             peer: remote,
             source: io::Error::other("client has no SPIFFE identity"),
         })?;
-    let mut conn = h2::server::Builder::new()
-        .max_concurrent_streams(MAX_STREAMS)
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .handshake::<_, Bytes>(stream)
-        .await
-        .map_err(|source| HboneError::H2 { peer: remote, source })?;
-    while let Some(next) = conn.accept().await {
-        let (req, mut respond) = match next {
-            Ok(r) => r,
-            Err(e) => {
+    let mut conn = bounded(remote, "HTTP/2 handshake", handshake_timeout, async {
+        h2::server::Builder::new()
+            .max_concurrent_streams(MAX_STREAMS)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .handshake::<_, Bytes>(stream)
+            .await
+            .map_err(|source| HboneError::H2 { peer: remote, source })
+    })
+    .await?;
+    tokio::pin!(drain);
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            () = &mut drain, if !draining => {
+                // GOAWAY now; accept() keeps driving the open streams and
+                // ends once they are done.
+                conn.graceful_shutdown();
+                draining = true;
+                continue;
+            }
+        };
+        let (req, respond) = match next {
+            None => return Ok(()),
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
                 return Err(HboneError::H2 {
                     peer: remote,
                     source: e,
                 })
             }
         };
-        let (open, done, peer) = (open.clone(), done.clone(), peer.clone());
-        tokio::spawn(async move {
-            let parsed = parse_connect(&req);
-            let inbound = match parsed {
-                Ok(authority) => Inbound {
-                    authority,
-                    peer,
-                    remote,
-                    forwarded_for: req
-                        .headers()
-                        .get("forwarded")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string),
-                    started: std::time::Instant::now(),
-                },
-                Err(refusal) => {
-                    let _ = respond.send_response(status(refusal.status), true);
-                    tracing::warn!(remote = %remote, reason = %refusal.reason, "bad HBONE request");
-                    return;
-                }
-            };
-            match open(inbound.clone()).await {
-                Ok((upstream, guard)) => match respond.send_response(status(StatusCode::OK), false) {
-                    Ok(send) => {
-                        let copied = bridge(send, req.into_body(), upstream).await;
-                        drop(guard);
-                        done(inbound, Ok(copied));
-                    }
-                    Err(e) => done(
-                        inbound,
-                        Err(Refusal {
-                            status: StatusCode::OK,
-                            reason: format!("stream reset: {e}"),
-                        }),
-                    ),
-                },
-                Err(refusal) => {
-                    let _ = respond.send_response(status(refusal.status), true);
-                    done(inbound, Err(refusal));
-                }
-            }
-        });
+        tokio::spawn(stream_task(
+            req,
+            respond,
+            remote,
+            peer.clone(),
+            open.clone(),
+            done.clone(),
+        ));
     }
-    Ok(())
+}
+
+/// One CONNECT stream: parse, `open`, answer, bridge, report to `done`.
+async fn stream_task<O, F, G, D>(
+    req: Request<RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    remote: SocketAddr,
+    peer: SpiffeId,
+    open: O,
+    done: D,
+) where
+    O: Fn(Inbound) -> F,
+    F: Future<Output = Result<(TcpStream, G), Refusal>>,
+    D: Fn(Inbound, Result<Copied, Refusal>),
+{
+    let inbound = match parse_connect(&req) {
+        Ok(authority) => Inbound {
+            authority,
+            peer,
+            remote,
+            forwarded_for: req
+                .headers()
+                .get("forwarded")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            started: std::time::Instant::now(),
+        },
+        Err(refusal) => {
+            let _ = respond.send_response(status(refusal.status), true);
+            tracing::warn!(remote = %remote, reason = %refusal.reason, "bad HBONE request");
+            return;
+        }
+    };
+    match open(inbound.clone()).await {
+        Ok((mut upstream, guard)) => match respond.send_response(status(StatusCode::OK), false) {
+            Ok(send) => {
+                let copied = bridge(send, req.into_body(), &mut upstream).await;
+                drop(guard);
+                done(inbound, Ok(copied));
+            }
+            Err(e) => done(
+                inbound,
+                Err(Refusal {
+                    status: StatusCode::OK,
+                    reason: format!("stream reset: {e}"),
+                }),
+            ),
+        },
+        Err(refusal) => {
+            let _ = respond.send_response(status(refusal.status), true);
+            done(inbound, Err(refusal));
+        }
+    }
 }
 
 fn status(code: StatusCode) -> Response<()> {

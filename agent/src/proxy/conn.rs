@@ -8,7 +8,13 @@
 //!   plain TCP, forwarded zero-copy (splice).
 //! * HBONE inbound (15008): TLS with the destination pod's identity, CONNECT
 //!   checked, then the application is dialled inside the pod.
+//!
+//! Never forwarded: a destination that is one of the agent's own ports at
+//! the pod's own address or loopback (a self-loop); such a connection is
+//! reset (HBONE: 400). Every connection that is not carried is counted in
+//! `mesh_agent_connections_refused_total` and logged with its reason.
 use std::{
+    future::Future,
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Instant,
@@ -25,9 +31,9 @@ use mesh::{
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::{Direction, MeshCtx, PodCtx, TrackGuard};
+use super::{is_self_loop, reset, Admitted, Direction, MeshCtx, PodCtx};
 use crate::{
-    metrics::{Side, TcpLabels},
+    metrics::{Reason, Side, TcpLabels},
     rbac,
 };
 
@@ -39,30 +45,39 @@ struct Outcome {
     protocol: &'static str,
     peer_identity: Option<String>,
     copied: Copied,
+    /// Set when the connection was not carried.
+    refused: Option<Reason>,
 }
 
 impl Outcome {
-    fn failed(protocol: &'static str, result: String) -> Self {
+    /// Not carried: `result` is `<reason>: <detail>` in the access log.
+    fn refused(protocol: &'static str, reason: Reason, detail: impl std::fmt::Display) -> Self {
         Outcome {
             protocol,
             peer_identity: None,
-            copied: Copied::failed(result),
+            copied: Copied::failed(format!("{}: {detail}", reason.as_str())),
+            refused: Some(reason),
+        }
+    }
+
+    fn carried(protocol: &'static str, peer_identity: Option<String>, copied: Copied) -> Self {
+        Outcome {
+            protocol,
+            peer_identity,
+            copied,
+            refused: None,
         }
     }
 }
 
-pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: SocketAddr, _guard: TrackGuard) {
+pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, mut client: TcpStream, peer: SocketAddr, _admitted: Admitted) {
     let start = Instant::now();
     let peer = canonical(peer);
     let Some(dst) = original_destination(&ctx, dir, &client, peer) else {
         // Fail closed: without the original destination the connection
         // cannot be carried, and it must never go anywhere else.
-        tracing::error!(
-            target: "access", pod = %ctx.key, direction = dir.as_str(), src = %peer,
-            result = "no_original_destination",
-            "captured connection has no recorded original destination; closing it (fail closed)"
-        );
-        return;
+        let o = Outcome::refused("tcp", Reason::NoOriginalDestination, "capture recorded none");
+        return finish(&ctx, dir, client, peer, peer, None, &o, start);
     };
     tune(&client);
     // A service VIP becomes one of its endpoints (and the target port).
@@ -72,13 +87,20 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: S
             Some(Ok(r)) => (r.endpoint, Some(r)),
             Some(Err(e)) => {
                 // Fail closed: a VIP is no address to connect to by itself.
-                let o = Outcome::failed("tcp", format!("no_endpoint: {e}"));
-                log_access(&ctx, dir, peer, dst, None, &o, start);
-                return;
+                let o = Outcome::refused("tcp", Reason::NoEndpoint, e);
+                return finish(&ctx, dir, client, peer, dst, None, &o, start);
             }
         },
         _ => (dst, None),
     };
+    if is_self_loop(&ctx.ips, target) {
+        let o = Outcome::refused(
+            "tcp",
+            Reason::SelfLoop,
+            format!("{target} is the agent's own listener in this pod"),
+        );
+        return finish(&ctx, dir, client, peer, dst, None, &o, start);
+    }
     let mut labels = labels(&ctx, dir, peer.ip(), target.ip(), None);
     if let Some(r) = &service {
         labels.destination_service = r.hostname.clone();
@@ -92,11 +114,11 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: S
                 // The endpoint's own identity, or one the service vouches for.
                 let mut expected = vec![w.identity];
                 expected.extend(service.iter().flat_map(|r| r.extra_sans.iter().cloned()));
-                tunnel(&ctx, mesh, client, peer, target, expected).await
+                tunnel(&ctx, mesh, &mut client, peer, target, expected).await
             }
-            None => plain(&ctx, client, target, None).await,
+            None => plain(&ctx, &client, target, None).await,
         },
-        (Direction::Outbound, None) => plain(&ctx, client, target, None).await,
+        (Direction::Outbound, None) => plain(&ctx, &client, target, None).await,
         _ => {
             // Plaintext inbound: no identity, so PeerAuthentication and
             // authorization decide with principal = none.
@@ -106,15 +128,36 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, client: TcpStream, peer: S
                 dst_port: dst.port(),
             };
             match ctx.state.snapshot().authorize(dst.ip(), &conn) {
-                Ok(()) => plain(&ctx, client, dst, Some(conn)).await,
-                Err(denied) => Outcome::failed("tcp", format!("denied: {}", denied.0)),
+                Ok(()) => plain(&ctx, &client, dst, Some(conn)).await,
+                Err(denied) => Outcome::refused("tcp", Reason::Denied, denied.0),
             }
         }
     };
     ctx.metrics
         .closed(&labels, outcome.copied.sent, outcome.copied.received);
     let via = service.as_ref().map(|r| (r.hostname.as_str(), target));
-    log_access(&ctx, dir, peer, dst, via, &outcome, start);
+    finish(&ctx, dir, client, peer, dst, via, &outcome, start);
+}
+
+/// Ends a connection: a refused one is reset (so the client sees an error,
+/// never a clean end it could take for success) and counted; every one is
+/// logged.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    ctx: &PodCtx,
+    dir: Direction,
+    client: TcpStream,
+    src: SocketAddr,
+    dst: SocketAddr,
+    via: Option<(&str, SocketAddr)>,
+    o: &Outcome,
+    start: Instant,
+) {
+    if let Some(reason) = o.refused {
+        ctx.refusals.count(dir.as_str(), reason);
+        reset(client);
+    }
+    log_access(ctx, dir, src, dst, via, o, start);
 }
 
 /// Istio's metric labels for a connection this agent carries: as the source
@@ -195,7 +238,7 @@ fn log_access(
 
 /// Plain TCP; an authorized inbound connection (`policed`) is made with the
 /// client's source address and stays registered for policy re-checks.
-async fn plain(ctx: &PodCtx, client: TcpStream, dst: SocketAddr, policed: Option<rbac::Conn>) -> Outcome {
+async fn plain(ctx: &PodCtx, client: &TcpStream, dst: SocketAddr, policed: Option<rbac::Conn>) -> Outcome {
     // Inbound (policed) connections reach the app with the client's address.
     let upstream = match &policed {
         Some(c) => connect_to_app(ctx, c.src_ip, dst).await,
@@ -204,14 +247,10 @@ async fn plain(ctx: &PodCtx, client: TcpStream, dst: SocketAddr, policed: Option
     match upstream {
         Ok(upstream) => {
             tune(&upstream);
-            let _registration = policed.map(|c| ctx.open.register(&ctx.key, dst.ip(), c, &[&client, &upstream]));
-            Outcome {
-                protocol: "tcp",
-                peer_identity: None,
-                copied: splice::forward(&client, &upstream).await,
-            }
+            let _registration = policed.map(|c| ctx.open.register(&ctx.key, dst.ip(), c, &[client, &upstream]));
+            Outcome::carried("tcp", None, splice::forward(client, &upstream).await)
         }
-        Err(e) => Outcome::failed("tcp", format!("connect_failed: {e}")),
+        Err(e) => Outcome::refused("tcp", Reason::Unreachable, format!("connect failed: {e}")),
     }
 }
 
@@ -219,16 +258,22 @@ async fn plain(ctx: &PodCtx, client: TcpStream, dst: SocketAddr, policed: Option
 async fn tunnel(
     ctx: &PodCtx,
     mesh: &MeshCtx,
-    client: TcpStream,
+    client: &mut TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
     expected: Vec<mesh::identity::SpiffeId>,
 ) -> Outcome {
-    let Some(cert) = mesh.certs.get(&ctx.identity) else {
-        // Fail closed: no identity yet means no mTLS, and no plaintext either.
-        return Outcome::failed(
+    // A new pod's first connections may come before its certificate: wait
+    // for it, bounded, then fail closed (no identity means no mTLS, and no
+    // plaintext either).
+    let Some(cert) = mesh.certs.wait(&ctx.identity, mesh.cert_wait).await else {
+        return Outcome::refused(
             "hbone",
-            format!("no_certificate: {} has no certificate yet (fail closed)", ctx.identity),
+            Reason::NoCertificate,
+            format!(
+                "{} has no certificate after {:?} (fail closed)",
+                ctx.identity, mesh.cert_wait
+            ),
         );
     };
     let headers = ConnectHeaders {
@@ -263,13 +308,17 @@ async fn tunnel(
     match mesh.pool.connect(&key, &cert.serial, &headers, dial).await {
         Ok((t, _stream)) => {
             let peer_identity = t.peer.as_ref().map(ToString::to_string);
-            Outcome {
-                protocol: "hbone",
-                peer_identity,
-                copied: t.bridge(client).await,
-            }
+            Outcome::carried("hbone", peer_identity, t.bridge(client).await)
         }
-        Err(e) => Outcome::failed("hbone", format!("tunnel_failed: {e}")),
+        Err(HboneError::Status { status, .. }) if status == StatusCode::BAD_REQUEST => {
+            Outcome::refused("hbone", Reason::BadRequest, format!("{hbone_dst} answered 400"))
+        }
+        Err(HboneError::Status { status, .. }) if status == StatusCode::UNAUTHORIZED => Outcome::refused(
+            "hbone",
+            Reason::Denied,
+            format!("{hbone_dst} answered 401 (denied by its policy)"),
+        ),
+        Err(e) => Outcome::refused("hbone", Reason::Unreachable, format!("tunnel failed: {e}")),
     }
 }
 
@@ -286,18 +335,26 @@ fn pod_ip_like(ctx: &PodCtx, like: IpAddr) -> IpAddr {
         .unwrap_or(like)
 }
 
-/// Terminates HBONE on this pod's 15008 listener.
-pub async fn hbone_inbound(ctx: Arc<PodCtx>, tcp: TcpStream, _guard: TrackGuard) {
+/// Terminates HBONE on this pod's 15008 listener; `drain` starts a graceful
+/// shutdown (GOAWAY) of the connection.
+pub async fn hbone_inbound(
+    ctx: Arc<PodCtx>,
+    tcp: TcpStream,
+    _admitted: Admitted,
+    drain: impl Future<Output = ()> + Send + 'static,
+) {
     let Some(mesh) = ctx.mesh.clone() else { return };
-    let Some(cert) = mesh.certs.get(&ctx.identity) else {
-        tracing::error!(pod = %ctx.key, identity = %ctx.identity, "HBONE connection refused: no certificate yet (fail closed)");
-        return;
+    // The peer's handshake waits while a new pod's certificate is on the way.
+    let Some(cert) = mesh.certs.wait(&ctx.identity, mesh.cert_wait).await else {
+        ctx.refusals.count(Direction::Hbone.as_str(), Reason::NoCertificate);
+        tracing::error!(pod = %ctx.key, identity = %ctx.identity, "HBONE connection refused: no certificate (fail closed)");
+        return reset(tcp);
     };
     let cfg = match tls::server_config(&cert, &mesh.roots) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(pod = %ctx.key, error = %e, "HBONE connection refused");
-            return;
+            return reset(tcp);
         }
     };
     tune(&tcp);
@@ -305,87 +362,104 @@ pub async fn hbone_inbound(ctx: Arc<PodCtx>, tcp: TcpStream, _guard: TrackGuard)
         let ctx = ctx.clone();
         move |i: Inbound| {
             let ctx = ctx.clone();
-            async move {
-                // Only connections for this pod: never a relay to elsewhere.
-                if !ctx.ips.contains(&i.authority.ip().to_canonical()) {
-                    return Err(Refusal {
-                        status: StatusCode::BAD_REQUEST,
-                        reason: format!("{} is not an address of pod {}", i.authority, ctx.key),
-                    });
-                }
-                let conn = rbac::Conn {
-                    principal: Some(i.peer.clone()),
-                    src_ip: i.remote.ip().to_canonical(),
-                    dst_port: i.authority.port(),
-                };
-                if let Err(denied) = ctx.state.snapshot().authorize(i.authority.ip(), &conn) {
-                    return Err(Refusal {
-                        status: StatusCode::UNAUTHORIZED,
-                        reason: format!("denied: {}", denied.0),
-                    });
-                }
-                let upstream = connect_to_app(&ctx, i.remote.ip(), i.authority)
-                    .await
-                    .map_err(|e| Refusal {
-                        status: StatusCode::SERVICE_UNAVAILABLE,
-                        reason: format!("connect_failed: {e}"),
-                    })?;
-                tune(&upstream);
-                // Registered while the stream lasts, for policy re-checks.
-                let registration = ctx.open.register(&ctx.key, i.authority.ip(), conn, &[&upstream]);
-                ctx.metrics.opened(&labels(
-                    &ctx,
-                    Direction::Hbone,
-                    i.remote.ip(),
-                    i.authority.ip(),
-                    Some(i.peer.to_string()),
-                ));
-                Ok((upstream, registration))
-            }
+            async move { open_stream(&ctx, &i).await }
         }
     };
     let done = {
         let ctx = ctx.clone();
-        move |i: Inbound, r: Result<Copied, Refusal>| {
-            let copied = match r {
-                // The bridge counts app -> tunnel as sent; the access log
-                // counts client -> server, as for every other connection.
-                Ok(c) => {
-                    let l = labels(
-                        &ctx,
-                        Direction::Hbone,
-                        i.remote.ip(),
-                        i.authority.ip(),
-                        Some(i.peer.to_string()),
-                    );
-                    ctx.metrics.closed(&l, c.received, c.sent);
-                    Copied {
-                        result: c.result,
-                        sent: c.received,
-                        received: c.sent,
-                    }
-                }
-                Err(refusal) => Copied::failed(format!("{}: {}", refusal.status.as_u16(), refusal.reason)),
-            };
-            let outcome = Outcome {
-                protocol: "hbone",
-                peer_identity: Some(i.peer.to_string()),
-                copied,
-            };
-            log_access(
-                &ctx,
-                Direction::Hbone,
-                canonical(i.remote),
-                i.authority,
-                None,
-                &outcome,
-                i.started,
-            );
-        }
+        move |i: Inbound, r: Result<Copied, Refusal>| stream_done(&ctx, i, r)
     };
-    if let Err(e) = hbone::serve(tcp, cfg, open, done).await {
+    if let Err(e) = hbone::serve(tcp, cfg, ctx.connect_timeout, drain, open, done).await {
         tracing::warn!(pod = %ctx.key, error = %e, "HBONE connection failed");
     }
+}
+
+/// Refuses a CONNECT: counted here, answered with `status` by the server.
+fn refuse(ctx: &PodCtx, reason: Reason, status: StatusCode, detail: impl std::fmt::Display) -> Refusal {
+    ctx.refusals.count(Direction::Hbone.as_str(), reason);
+    Refusal {
+        status,
+        reason: format!("{}: {detail}", reason.as_str()),
+    }
+}
+
+/// One CONNECT: checks, then the connection to the application. The guard
+/// keeps the stream in the policy registry and under the pod's cap.
+async fn open_stream(
+    ctx: &Arc<PodCtx>,
+    i: &Inbound,
+) -> Result<(TcpStream, (crate::proxy::policed::Registration, Admitted)), Refusal> {
+    // Only connections for this pod: never a relay to elsewhere.
+    if !ctx.ips.contains(&i.authority.ip().to_canonical()) {
+        let detail = format!("{} is not an address of pod {}", i.authority, ctx.key);
+        return Err(refuse(ctx, Reason::BadRequest, StatusCode::BAD_REQUEST, detail));
+    }
+    if is_self_loop(&ctx.ips, i.authority) {
+        let detail = format!("{} is the agent's own listener in this pod", i.authority);
+        return Err(refuse(ctx, Reason::SelfLoop, StatusCode::BAD_REQUEST, detail));
+    }
+    let Some(admitted) = ctx.admit(Direction::Hbone) else {
+        return Err(Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            reason: format!("{}: the pod is at its connection limit", Reason::PodLimit.as_str()),
+        });
+    };
+    let conn = rbac::Conn {
+        principal: Some(i.peer.clone()),
+        src_ip: i.remote.ip().to_canonical(),
+        dst_port: i.authority.port(),
+    };
+    if let Err(denied) = ctx.state.snapshot().authorize(i.authority.ip(), &conn) {
+        return Err(refuse(ctx, Reason::Denied, StatusCode::UNAUTHORIZED, denied.0));
+    }
+    let upstream = connect_to_app(ctx, i.remote.ip(), i.authority)
+        .await
+        .map_err(|e| refuse(ctx, Reason::Unreachable, StatusCode::SERVICE_UNAVAILABLE, e))?;
+    tune(&upstream);
+    // Registered while the stream lasts, for policy re-checks.
+    let registration = ctx.open.register(&ctx.key, i.authority.ip(), conn, &[&upstream]);
+    ctx.metrics.opened(&labels(
+        ctx,
+        Direction::Hbone,
+        i.remote.ip(),
+        i.authority.ip(),
+        Some(i.peer.to_string()),
+    ));
+    Ok((upstream, (registration, admitted)))
+}
+
+/// Metrics and the access-log line of a finished (or refused) stream.
+fn stream_done(ctx: &PodCtx, i: Inbound, r: Result<Copied, Refusal>) {
+    let copied = match r {
+        // The bridge counts app -> tunnel as sent; the access log
+        // counts client -> server, as for every other connection.
+        Ok(c) => {
+            let l = labels(
+                ctx,
+                Direction::Hbone,
+                i.remote.ip(),
+                i.authority.ip(),
+                Some(i.peer.to_string()),
+            );
+            ctx.metrics.closed(&l, c.received, c.sent);
+            Copied {
+                result: c.result,
+                sent: c.received,
+                received: c.sent,
+            }
+        }
+        Err(refusal) => Copied::failed(format!("{}: {}", refusal.status.as_u16(), refusal.reason)),
+    };
+    let outcome = Outcome::carried("hbone", Some(i.peer.to_string()), copied);
+    log_access(
+        ctx,
+        Direction::Hbone,
+        canonical(i.remote),
+        i.authority,
+        None,
+        &outcome,
+        i.started,
+    );
 }
 
 /// Outbound: CONN_ORIG, keyed by the client's address in the pod netns.
@@ -429,9 +503,22 @@ async fn connect_to_app(ctx: &PodCtx, client: IpAddr, dst: SocketAddr) -> std::i
         .ok_or_else(|| std::io::Error::other("no local address"))?;
     // sk_lookup must not take this connection for a new inbound one.
     ctx.orig.allow_forward(src).map_err(std::io::Error::other)?;
-    let r = TcpSocket::from_std_stream(sock.into()).connect(dst).await;
+    let r = bounded_connect(ctx, sock, dst).await;
     ctx.orig.forget_forward(src);
     r
+}
+
+/// connect(2) bounded by `--connect-timeout`.
+async fn bounded_connect(ctx: &PodCtx, sock: Socket, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let connect = TcpSocket::from_std_stream(sock.into()).connect(dst);
+    tokio::time::timeout(ctx.connect_timeout, connect)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer from {dst} within {:?}", ctx.connect_timeout),
+            ))
+        })
 }
 
 /// TCP_NODELAY (latency) and keepalive (dead peers) on a data-path socket.
@@ -449,5 +536,5 @@ async fn connect_from_pod(ctx: &PodCtx, dst: SocketAddr) -> std::io::Result<TcpS
         Ok(s)
     });
     let sock = sock.map_err(std::io::Error::other)??;
-    TcpSocket::from_std_stream(sock.into()).connect(dst).await
+    bounded_connect(ctx, sock, dst).await
 }
