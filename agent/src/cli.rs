@@ -261,9 +261,10 @@ pub struct RunArgs {
     /// Bound on TCP connects and TLS/HTTP2 handshakes (a CONNECT answer: twice this).
     #[arg(long, env = "AGENT_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
-    /// Connections one pod may have open through the agent at once.
-    #[arg(long, env = "AGENT_MAX_CONNECTIONS_PER_POD", default_value_t = 16384)]
-    pub max_connections_per_pod: usize,
+    /// Connections one pod may have open through the agent at once
+    /// (default: what a quarter of the open-file limit can carry, at most 16384).
+    #[arg(long, env = "AGENT_MAX_CONNECTIONS_PER_POD")]
+    pub max_connections_per_pod: Option<usize>,
     /// Prometheus metrics (/metrics, /stats/prometheus).
     #[arg(long, default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
@@ -313,7 +314,7 @@ impl RunArgs {
             cert_wait: self.cert_wait,
             cert_ready_timeout: self.cert_ready_timeout,
             connect_timeout: self.connect_timeout,
-            max_connections_per_pod: self.max_connections_per_pod,
+            max_connections_per_pod: self.max_connections_per_pod.unwrap_or_else(default_per_pod_cap),
             metrics_addr: self.metrics_addr,
             readiness_addr: self.readiness_addr,
             admin_addr: self.admin_addr,
@@ -327,7 +328,7 @@ impl RunArgs {
         for (flag, zero) in [
             ("--reload-interval", self.reload_interval.is_zero()),
             ("--connect-timeout", self.connect_timeout.is_zero()),
-            ("--max-connections-per-pod", self.max_connections_per_pod == 0),
+            ("--max-connections-per-pod", self.max_connections_per_pod == Some(0)),
         ] {
             if zero {
                 return Err(CliError::Zero { flag });
@@ -335,6 +336,22 @@ impl RunArgs {
         }
         Ok(())
     }
+}
+
+/// Descriptors a carried connection holds: its socket and the upstream one
+/// (an HBONE stream needs one, a spliced plain-TCP forward also holds two
+/// pipes, six in all).
+const FDS_PER_CONNECTION: u64 = 2;
+
+/// The connections a quarter of the open-file limit (hard limit: the agent
+/// raises its soft limit to it) can carry, between 64 and 16384: one pod
+/// cannot take the descriptors the other pods need (a pod of spliced
+/// connections at most three quarters of them).
+fn default_per_pod_cap() -> usize {
+    let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(_, hard)| hard)
+        .unwrap_or(1024);
+    (hard / FDS_PER_CONNECTION / 4).clamp(64, 16384) as usize
 }
 
 /// `agent unenroll`: the pod's netns and IPs from the enrolment file, then
@@ -386,7 +403,13 @@ mod tests {
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
         assert_eq!(c.cert_wait, Duration::from_secs(5));
         assert_eq!(c.connect_timeout, Duration::from_secs(10));
-        assert_eq!(c.max_connections_per_pod, 16384);
+        let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        assert!(
+            c.max_connections_per_pod as u64 * 2 * 4 <= hard.max(64 * 8),
+            "{}",
+            c.max_connections_per_pod
+        );
+        assert!((64..=16384).contains(&c.max_connections_per_pod));
         assert_eq!(c.admin_addr, "127.0.0.1:15000".parse().unwrap());
         assert!(c.ca.is_none());
         let logged = serde_json::to_value(&c).unwrap();

@@ -62,7 +62,8 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// Connections (accepted sockets and HBONE streams) one pod may have
     /// open through the agent at once; more are refused, so no single pod
-    /// can starve the others of file descriptors.
+    /// can starve the others of file descriptors (default derived from the
+    /// open-file limit, see `cli`).
     pub max_connections_per_pod: usize,
     /// Prometheus (`/metrics`), readiness (`/healthz/ready`), admin (`/config_dump`, loopback only).
     pub metrics_addr: SocketAddr,

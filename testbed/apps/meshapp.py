@@ -190,6 +190,8 @@ def burst(a):
                 break
             await asyncio.sleep(0.05)
         peak = len(opened)
+        # An event for tests: this many are open now (the report comes last).
+        print(json.dumps({"open_at_once": peak}), flush=True)
         if a.hold:
             await asyncio.sleep(a.hold)
         release.set()

@@ -223,6 +223,10 @@ impl Agent {
                 return Ok(Some(l));
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                // It may have logged the line and exited since the read above.
+                if let Some(l) = self.logs().into_iter().find(|l| l["message"] == message) {
+                    return Ok(Some(l));
+                }
                 bail!(
                     "agent on {} exited ({status}) before `{message}`:\n{}",
                     self.node,
@@ -392,6 +396,21 @@ pub fn spawn_client(pod: &Pod, mode: &str, host: &str, port: u16, args: &[&str])
         .spawn()?)
 }
 
+/// The first JSON line a client started with [`spawn_client`] prints (an
+/// event: `hold` prints `{"connected": true}` once connected, `burst`
+/// `{"open_at_once": N}` once all are open). Read byte by byte, so the rest
+/// stays for [`client_report`]; bounded by the client's own timeouts.
+pub fn first_line(child: &mut Child) -> Result<Value> {
+    use std::io::Read;
+    let out = child.stdout.as_mut().context("the client's stdout is not piped")?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while out.read(&mut byte)? == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    serde_json::from_slice(&line).with_context(|| format!("client printed {:?}", String::from_utf8_lossy(&line)))
+}
+
 /// The JSON report of a finished client started with [`spawn_client`].
 pub fn client_report(child: Child) -> Result<Value> {
     let out = child.wait_with_output()?;
@@ -410,7 +429,10 @@ pub struct MeshCa {
     pub dir: PathBuf,
     /// `https://<node link IP>:15012`.
     pub address: String,
-    child: Child,
+    /// How to serve again after [`MeshCa::stop`]: the node's netns command.
+    serve: Vec<std::ffi::OsString>,
+    netns: PathBuf,
+    child: Option<Child>,
 }
 
 impl MeshCa {
@@ -445,22 +467,50 @@ impl MeshCa {
         agent_cli(&init.iter().map(String::as_str).collect::<Vec<_>>())?;
         let n = cluster.node(node);
         let listen = format!("{}:15012", n.link_ip4);
-        let log = fs::File::create(dir.join("ca.log"))?;
-        let child = n
+        let mut serve: Vec<std::ffi::OsString> = ["--log-format", "json", "ca", "serve", "--listen", &listen, "--dir"]
+            .iter()
+            .map(Into::into)
+            .collect();
+        serve.push(dir.into());
+        serve.extend(source.iter().map(|s| s.to_os_string()));
+        let mut ca = MeshCa {
+            dir: dir.to_owned(),
+            address: format!("https://{listen}"),
+            serve,
+            netns: n.netns_path.clone(),
+            child: None,
+        };
+        ca.restart(cluster, node)?;
+        Ok(ca)
+    }
+
+    /// Stops the CA (its directory stays): agents keep their certificates
+    /// and retry.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Serves again (after [`MeshCa::stop`]) from the same directory.
+    pub fn restart(&mut self, cluster: &Cluster, node: &str) -> Result<()> {
+        self.stop();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("ca.log"))?;
+        debug_assert_eq!(cluster.node(node).netns_path, self.netns);
+        let child = cluster
+            .node(node)
             .try_command(binary("agent")?)?
-            .args(["--log-format", "json", "ca", "serve", "--listen", &listen])
-            .arg("--dir")
-            .arg(dir)
-            .args(source)
+            .args(&self.serve)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        Ok(MeshCa {
-            dir: dir.to_owned(),
-            address: format!("https://{listen}"),
-            child,
-        })
+        self.child = Some(child);
+        Ok(())
     }
 
     /// The `agent run`/`agent ca request` flags for `node`'s credential.
@@ -485,7 +535,6 @@ impl MeshCa {
 
 impl Drop for MeshCa {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }

@@ -227,7 +227,8 @@ fn log_access(
         endpoint = %via.map_or(dst, |v| v.1),
         src_identity = src_identity.as_deref().unwrap_or(""),
         dst_identity = dst_identity.as_deref().unwrap_or(""),
-        mtls = o.protocol == "hbone",
+        // Mutual TLS with a verified peer (a refused tunnel had none).
+        mtls = o.protocol == "hbone" && o.peer_identity.is_some(),
         bytes_sent = o.copied.sent,
         bytes_received = o.copied.received,
         duration_ms = start.elapsed().as_millis() as u64,

@@ -1,8 +1,6 @@
 //! L4 authorization and PeerAuthentication (issue #3), enforced by the
 //! destination agent: on HBONE with the client's SPIFFE ID (denied streams
 //! are answered 401), on plaintext inbound (15006) with no identity.
-use std::time::Duration;
-
 use anyhow::Result;
 use testbed::mesh::{self, Agent, MeshCa, Server, Settings};
 
@@ -98,14 +96,14 @@ fn l4_policies_and_peer_authentication_are_enforced_and_rechecked() -> Result<()
 
     // A policy change closes open connections it no longer allows.
     set_policy(&w, &mut [&mut a1, &mut a2], "")?;
-    let held = mesh::spawn_client(
+    let mut held = mesh::spawn_client(
         w.cluster.pod("client"),
         "hold",
         &server,
         8080,
         &["--count", "60", "--interval", "0.1"],
     )?;
-    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(mesh::first_line(&mut held)?["connected"], true);
     set_policy(&w, &mut [&mut a1, &mut a2], DENY_DEFAULT_ON_8080)?;
     let h = mesh::client_report(held)?;
     assert!(

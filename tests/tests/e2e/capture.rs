@@ -1,5 +1,5 @@
 //! Transparent capture (issue #2).
-use std::{path::Path, time::Duration};
+use std::path::Path;
 
 use anyhow::Result;
 use serde_json::Value;
@@ -64,7 +64,10 @@ fn outbound_is_captured_transparently_for_ipv4_ipv6_and_mapped() -> Result<()> {
     }
     assert_eq!(logs.len(), 3, "no other connection was captured: {logs:?}");
 
-    // A client in a pod that is not enrolled is not captured.
+    // A client in a pod that is not enrolled is not captured: the kernel
+    // counts every redirect as it happens, in the connect call itself.
+    let redirected = stat(&a1.status()?, "outbound_redirected");
+    assert_eq!(redirected, 3);
     let r = w.once("outsider", &w.ip4("backend"), APP_PORT)?;
     assert!(succeeded(&r), "{r}");
     assert!(
@@ -74,8 +77,12 @@ fn outbound_is_captured_transparently_for_ipv4_ipv6_and_mapped() -> Result<()> {
             .starts_with(&format!("{}:", w.ip4("outsider"))),
         "{r}"
     );
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(a1.access_logs().len(), 3, "outsider's connection must not be captured");
+    assert_eq!(
+        stat(&a1.status()?, "outbound_redirected"),
+        redirected,
+        "outsider's connection must not be captured"
+    );
+    assert_eq!(a1.access_logs().len(), 3);
 
     // Loopback destinations inside an enrolled pod are never redirected.
     let _local = Server::start(w.cluster.pod("client"), &[9000])?;
@@ -154,16 +161,15 @@ fn inbound_goes_through_15006_except_hbone_port_loopback_and_node_probes() -> Re
         "{r}"
     );
 
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        a2.access_logs().len(),
-        2,
-        "only the two captured connections: {:?}",
-        a2.access_logs()
-    );
+    // sk_lookup counts each verdict as the connection arrives.
     let s = a2.status()?;
-    assert_eq!(stat(&s, "inbound_redirected"), 2, "{s}");
+    assert_eq!(
+        stat(&s, "inbound_redirected"),
+        2,
+        "only the two captured connections: {s}"
+    );
     assert!(stat(&s, "inbound_skipped") >= 2, "{s}");
+    assert_eq!(a2.access_logs().len(), 2, "{:?}", a2.access_logs());
     Ok(())
 }
 
@@ -263,13 +269,14 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones() -> Result<()> {
     let backend = w.ip4("backend");
 
     // A long-lived connection through the old agent, and a stream of new connects.
-    let held = mesh::spawn_client(
+    let mut held = mesh::spawn_client(
         client,
         "hold",
         &backend,
         APP_PORT,
         &["--count", "40", "--interval", "0.1"],
     )?;
+    assert_eq!(mesh::first_line(&mut held)?["connected"], true);
     let stream = mesh::spawn_client(
         client,
         "loop",
@@ -277,7 +284,10 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones() -> Result<()> {
         APP_PORT,
         &["--count", "150", "--interval", "0.02"],
     )?;
-    std::thread::sleep(Duration::from_millis(700));
+    // The loop is under way (through the old agent) before the handover.
+    mesh::poll(WAIT, || {
+        Ok((stat(&old.status()?, "outbound_redirected") >= 4).then_some(()))
+    })?;
 
     let mut new = Agent::start(&w.cluster, "node1", &w.config, &w.dir, &[])?;
     new.wait_for("agent ready", WAIT)?;
@@ -295,14 +305,14 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones() -> Result<()> {
 
     // kill -9 instead: connections open through the killed agent break (the
     // agent held both halves); new ones are refused until an agent is back.
-    let held = mesh::spawn_client(
+    let mut held = mesh::spawn_client(
         client,
         "hold",
         &backend,
         APP_PORT,
         &["--count", "30", "--interval", "0.1"],
     )?;
-    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(mesh::first_line(&mut held)?["connected"], true);
     new.kill9();
     let h = mesh::client_report(held)?;
     assert!(h["error"].is_string() && h["ok"].as_u64().unwrap() < 30, "{h}");
@@ -325,12 +335,19 @@ fn config_reload_unenroll_and_cleanup_restore_direct_traffic() -> Result<()> {
         ..Settings::default()
     };
     mesh::write_config(&w.cluster, &w.config, ENROLLED, &settings)?;
+    // Logged once the new settings are in the kernel's maps.
     a1.wait_for("configuration reloaded", WAIT)?;
-    std::thread::sleep(Duration::from_millis(300));
+    let before = a1.status()?;
     assert!(succeeded(&w.once("client", &backend, 9090)?));
     assert!(succeeded(&w.once("client", &w.ip6("backend"), APP_PORT)?));
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(a1.access_logs().len(), 1, "excluded traffic must not be captured");
+    let after = a1.status()?;
+    assert_eq!(
+        stat(&after, "outbound_redirected"),
+        stat(&before, "outbound_redirected"),
+        "excluded traffic must not be captured"
+    );
+    assert_eq!(stat(&after, "outbound_skipped"), stat(&before, "outbound_skipped") + 2);
+    assert_eq!(a1.access_logs().len(), 1);
 
     // A broken file is reported with its line and the last good config stays.
     std::fs::write(&w.config, "pods:\n  - name: client\n    ips: [\"10.1.1.999\"]\n")?;
@@ -342,13 +359,25 @@ fn config_reload_unenroll_and_cleanup_restore_direct_traffic() -> Result<()> {
     // Removing the pod from the config unenrolls it: direct at once.
     mesh::write_config(&w.cluster, &w.config, &["server"], &settings)?;
     a1.wait_for("pod unenrolled", WAIT)?;
+    let redirected = stat(&a1.status()?, "outbound_redirected");
     assert!(succeeded(&w.once("client", &backend, APP_PORT)?));
-    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        stat(&a1.status()?, "outbound_redirected"),
+        redirected,
+        "not captured any more"
+    );
     assert_eq!(a1.access_logs().len(), 2);
 
     // Back in, then the agent stops: fail closed; `agent unenroll` restores direct traffic.
+    let enrolled = |a: &Agent| {
+        a.logs()
+            .iter()
+            .filter(|l| l["message"] == "pod enrolled" && l["pod"] == "default/client")
+            .count()
+    };
+    let times = enrolled(&a1);
     mesh::write_config(&w.cluster, &w.config, ENROLLED, &settings)?;
-    std::thread::sleep(Duration::from_millis(600));
+    a1.wait_access(WAIT, |_| enrolled(&a1) > times)?;
     assert!(succeeded(&w.once("client", &backend, APP_PORT)?));
     a1.wait_access(WAIT, |l| l.len() == 3)?;
     a1.terminate()?;

@@ -124,13 +124,19 @@ fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire()
     );
     // A destination outside the mesh is passed through as plain TCP.
     assert!(succeeded(&w.once("client", &w.ip4("backend"), APP_PORT)?));
-    std::thread::sleep(Duration::from_millis(300));
+    // That connection came last; once both its FINs are in the capture
+    // file, everything before them is too.
+    let pcap = w.dir.join("wire.pcap");
+    let fins = format!(
+        "host {} and tcp port {APP_PORT} and tcp[tcpflags] & tcp-fin != 0",
+        w.ip4("backend")
+    );
+    mesh::poll(WAIT, || Ok((Capture::count(&pcap, &fins)? >= 2).then_some(())))?;
     let wire = capture.stop()?;
 
     // The wire: the payload never appears; pod-to-pod mesh traffic uses only
     // 15008, and the server chose TLS 1.3 (supported_versions = 0x0304).
     assert!(!contains(&wire, MARKER.as_bytes()), "plaintext marker seen on the wire");
-    let pcap = w.dir.join("wire.pcap");
     assert!(
         Capture::count(&pcap, "tcp port 15008")? > 0,
         "no HBONE traffic captured"
@@ -300,14 +306,14 @@ fn concurrent_connections_share_few_tls_connections_and_thousands_complete() -> 
     let server4 = w.ip4("server");
 
     // 60 connections open at once between the same two pods ...
-    let burst = mesh::spawn_client(
+    let mut burst = mesh::spawn_client(
         w.cluster.pod("client"),
         "burst",
         &server4,
         APP_PORT,
         &["--count", "60", "--hold", "1.5", "--timeout", "10"],
     )?;
-    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(mesh::first_line(&mut burst)?["open_at_once"], 60);
     // ... are carried by few TLS connections, counted in the client pod's
     // netns (the sockets the agent made there), not by the agent itself.
     let tls_conns = hbone_connections(&w, "client", &server4)?;
@@ -349,14 +355,14 @@ fn certificate_rotation_keeps_open_connections_and_new_ones_use_the_new_certific
     let server4 = w.ip4("server");
     let tls_conns = || hbone_connections(&w, "client", &server4);
     // A long-lived connection streams across two renewals (8 s).
-    let held = mesh::spawn_client(
+    let mut held = mesh::spawn_client(
         w.cluster.pod("client"),
         "hold",
         &server4,
         APP_PORT,
         &["--count", "80", "--interval", "0.1"],
     )?;
-    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(mesh::first_line(&mut held)?["connected"], true);
     assert_eq!(tls_conns()?, 1);
     let renewed = |n: usize| {
         a1.logs()

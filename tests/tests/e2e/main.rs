@@ -9,6 +9,7 @@
 mod authz;
 mod capture;
 mod discover;
+mod hardening;
 mod hbone;
 mod identity;
 mod interop;
