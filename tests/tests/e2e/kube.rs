@@ -570,8 +570,36 @@ fn request_cert(cluster: &Cluster, ca: &mesh::MeshCa, token_file: &Path, id: &st
     ))
 }
 
+/// An agent pod of the DaemonSet (the pod a projected token is bound to).
+fn agent_pod(name: &str, uid: &str, node: &str) -> Pod {
+    let mut m = meta(Some("mesh-system"), name, &[("app", "mesh-agent")]);
+    m.uid = Some(uid.into());
+    Pod {
+        metadata: m,
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            service_account_name: Some("mesh-agent".into()),
+            host_network: Some(false),
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            ..Default::default()
+        }),
+    }
+}
+
+/// `agent ca request` until the CA answers (it may still be starting).
+fn first_request(cluster: &Cluster, ca: &mesh::MeshCa, token: &Path, id: &str) -> Result<(bool, String)> {
+    poll(WAIT, || {
+        let r = request_cert(cluster, ca, token, id)?;
+        Ok((!r.1.contains("connect")).then_some(r))
+    })
+}
+
 #[test]
 fn ca_on_kubernetes_checks_tokens_and_nodes_and_agents_tunnel_hbone_with_its_certificates() -> Result<()> {
+    use testbed::apiserver::SaToken;
     let spec = ClusterSpec::new(vec![
         NodeSpec::new("node1", &["client"]),
         NodeSpec::new("node2", &["web"]),
@@ -584,27 +612,45 @@ fn ca_on_kubernetes_checks_tokens_and_nodes_and_agents_tunnel_hbone_with_its_cer
     api.apply(&namespace("apps", true))?;
     api.apply(&pod(&cluster, "client", "apps", &[], true))?;
     api.apply(&pod(&cluster, "web", "apps", &[], true))?;
-    // The agent of node1 (a pod-bound token: node name in the extras), an
-    // agent token without a node, and a token of some other service account.
-    let user = |name: &str, extra: serde_json::Value| serde_json::json!({"username": name, "uid": "u-1", "groups": ["system:serviceaccounts"], "extra": extra});
-    api.add_token(
+    api.apply(&agent_pod("mesh-agent-x1", "uid-x1", "node1"))?;
+    api.apply(&agent_pod("mesh-agent-x2", "uid-x2", "node1"))?;
+    let (agent_ns, agent_sa, aud) = ("mesh-system", "mesh-agent", agent::ca::TOKEN_AUDIENCE);
+    let node1 = Some(("node1", "node-uid-1"));
+    // node1's agent: a projected token of its pod (node in the extras).
+    api.issue_token(
         "tok-node1",
-        user(
-            "system:serviceaccount:mesh-system:mesh-agent",
-            serde_json::json!({"authentication.kubernetes.io/node-name": ["node1"],
-                               "authentication.kubernetes.io/pod-name": ["mesh-agent-x1"]}),
-        ),
+        SaToken::bound(agent_ns, agent_sa, aud, ("mesh-agent-x1", "uid-x1"), node1),
     );
-    api.add_token(
-        "tok-unbound",
-        user("system:serviceaccount:mesh-system:mesh-agent", serde_json::json!({})),
+    // The same from an API server before 1.30: no node, the CA looks the pod up.
+    api.issue_token(
+        "tok-old-api",
+        SaToken::bound(agent_ns, agent_sa, aud, ("mesh-agent-x2", "uid-x2"), None),
     );
-    api.add_token(
+    // Tokens the CA must refuse, each for its own reason.
+    api.issue_token(
         "tok-other",
-        user(
-            "system:serviceaccount:apps:client",
-            serde_json::json!({"authentication.kubernetes.io/node-name": ["node1"]}),
-        ),
+        SaToken::bound("apps", "client", aud, ("client", &uid_of("client")), node1),
+    );
+    api.issue_token(
+        "tok-wrong-audience",
+        SaToken::bound(agent_ns, agent_sa, "vault", ("mesh-agent-x1", "uid-x1"), node1),
+    );
+    api.issue_token("tok-legacy", SaToken::legacy(agent_ns, agent_sa));
+    api.issue_token(
+        "tok-expired",
+        SaToken {
+            expires: Some(std::time::SystemTime::now() - std::time::Duration::from_secs(1)),
+            ..SaToken::bound(agent_ns, agent_sa, aud, ("mesh-agent-x1", "uid-x1"), node1)
+        },
+    );
+    api.issue_token(
+        "tok-deleted-pod",
+        SaToken::bound(agent_ns, agent_sa, aud, ("mesh-agent-gone", "uid-gone"), node1),
+    );
+    api.audience_unaware_token(
+        "tok-unaware",
+        serde_json::json!({"username": "system:serviceaccount:mesh-system:mesh-agent", "uid": "u-1",
+                           "extra": {"authentication.kubernetes.io/node-name": ["node1"]}}),
     );
     let ca_dir = dir.join("ca");
     let ca = mesh::MeshCa::start_kube(&cluster, "node1", &ca_dir, &kubeconfig)?;
@@ -616,27 +662,62 @@ fn ca_on_kubernetes_checks_tokens_and_nodes_and_agents_tunnel_hbone_with_its_cer
 
     // node1's agent gets the identity of a pod on node1 ...
     let client_id = "spiffe://cluster.local/ns/apps/sa/client";
-    let (ok, out) = poll(WAIT, || {
-        let r = request_cert(&cluster, &ca, &token("tok-node1")?, client_id)?;
-        // The CA may still be starting (connection refused).
-        Ok((!r.1.contains("connect")).then_some(r))
-    })?;
+    let (ok, out) = first_request(&cluster, &ca, &token("tok-node1")?, client_id)?;
     assert!(ok, "{out}\n{}", ca.log());
     assert!(out.contains("BEGIN CERTIFICATE"), "{out}");
-    // ... but not of a pod on node2, and other tokens get nothing.
-    let (ok, out) = request_cert(
-        &cluster,
-        &ca,
-        &token("tok-node1")?,
-        "spiffe://cluster.local/ns/apps/sa/web",
+    // ... and so does a token of an older API server, through its pod.
+    let (ok, out) = request_cert(&cluster, &ca, &token("tok-old-api")?, client_id)?;
+    assert!(ok, "pod-name fallback: {out}");
+    // Not the identity of a pod on node2, and other tokens get nothing, each
+    // refusal with its reason.
+    let refused = |tok: &str, id: &str, why: &[&str]| -> Result<()> {
+        let (ok, out) = request_cert(&cluster, &ca, &token(tok)?, id)?;
+        assert!(!ok, "{tok} must be refused: {out}");
+        for w in why {
+            assert!(out.contains(w), "{tok}: expected {w:?} in: {out}");
+        }
+        Ok(())
+    };
+    refused("tok-node1", "spiffe://cluster.local/ns/apps/sa/web", &["runs on node node1"])?;
+    refused("tok-other", client_id, &["not the agents' service account"])?;
+    refused("tok-forged", client_id, &["invalid bearer token"])?;
+    refused(
+        "tok-wrong-audience",
+        client_id,
+        &[r#"token audiences ["vault"] is invalid for the target audiences ["mesh-ca"]"#, "audience mesh-ca"],
     )?;
-    assert!(!ok && out.contains("runs on node node1"), "{out}");
-    let (ok, out) = request_cert(&cluster, &ca, &token("tok-other")?, client_id)?;
-    assert!(!ok && out.contains("not the agents' service account"), "{out}");
-    let (ok, out) = request_cert(&cluster, &ca, &token("tok-unbound")?, client_id)?;
-    assert!(!ok && out.contains("not bound to a pod"), "{out}");
-    let (ok, out) = request_cert(&cluster, &ca, &token("tok-forged")?, client_id)?;
-    assert!(!ok && out.contains("invalid bearer token"), "{out}");
+    refused(
+        "tok-legacy",
+        client_id,
+        &[
+            r#"token audiences ["https://kubernetes.default.svc.cluster.local"] is invalid"#,
+            "not a legacy",
+        ],
+    )?;
+    refused("tok-expired", client_id, &["service account token has expired"])?;
+    refused("tok-deleted-pod", client_id, &["has been invalidated", "gone or was re-created"])?;
+    refused("tok-unaware", client_id, &["does not confirm the audience mesh-ca", "ignores audiences"])?;
+
+    // The agent pod of the old-API token is re-created (same name, new UID).
+    // The API server refuses its token; and while its cache still holds
+    // the old pod, the CA's own UID check refuses it.
+    api.freeze_token_pod_cache(true);
+    api.delete("v1", "Pod", agent_ns, "mesh-agent-x2")?;
+    api.apply(&agent_pod("mesh-agent-x2", "uid-x2-new", "node1"))?;
+    let (_, out) = poll(WAIT, || {
+        let r = request_cert(&cluster, &ca, &token("tok-old-api")?, client_id)?;
+        Ok((!r.0).then_some(r))
+    })?;
+    assert!(
+        out.contains("bound to pod mesh-system/mesh-agent-x2 with UID uid-x2, but that pod now has UID uid-x2-new"),
+        "{out}"
+    );
+    api.freeze_token_pod_cache(false);
+    refused(
+        "tok-old-api",
+        client_id,
+        &["pod UID (uid-x2-new) does not match service account pod ref claim (uid-x2)"],
+    )?;
 
     // RBAC grants exactly what the CA used: TokenReview create and the pod
     // watch (deploy/rbac.yaml, ClusterRole mesh-ca).
