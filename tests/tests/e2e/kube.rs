@@ -98,8 +98,14 @@ fn node(cluster: &Cluster, name: &str) -> Node {
 /// Lays the pod out as a kubelet would (kubepods/burstable/pod<uid>/<ctr>)
 /// and runs its app there, in the pod's netns.
 fn run_pod_app(cluster: &Cluster, name: &str) -> Result<Child> {
+    run_pod_app_on(cluster, name, &["8080"])
+}
+
+fn run_pod_app_on(cluster: &Cluster, name: &str, ports: &[&str]) -> Result<Child> {
     let cg = pod_cgroup(cluster, name).join("cri-containerd-0a1b2c.scope");
-    let (app, line) = mesh::app_in_cgroup(cluster.pod(name), &cg, &["server", "--ports", "8080"])?;
+    let mut args = vec!["server", "--ports"];
+    args.extend_from_slice(ports);
+    let (app, line) = mesh::app_in_cgroup(cluster.pod(name), &cg, &args)?;
     anyhow::ensure!(line.contains("listening"), "{line}");
     Ok(app)
 }
@@ -437,6 +443,92 @@ fn rbac_rules(path: &Path, role: &str) -> Result<std::collections::BTreeSet<(Str
     }
     anyhow::ensure!(!out.is_empty(), "no ClusterRole {role} in {}", path.display());
     Ok(out)
+}
+
+#[test]
+fn istio_policies_served_only_as_v1beta1_are_read_and_enforced() -> Result<()> {
+    let spec = ClusterSpec::new(vec![NodeSpec::new("node1", &["db"]), NodeSpec::new("node2", &["peer"])]);
+    let cluster = Cluster::create("kbeta", &spec)?;
+    let dir = cluster.scratch_dir()?;
+    let api = ApiServer::in_cluster(&cluster)?;
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, "agent-token")?;
+    // An older Istio: its security CRDs are served as v1beta1 only.
+    for plural in ["authorizationpolicies", "peerauthentications"] {
+        api.serve_versions("security.istio.io", plural, &["v1beta1"]);
+    }
+    api.apply(&namespace("apps", true))?;
+    api.apply(&namespace("legacy", false))?;
+    api.apply(&node(&cluster, "node1"))?;
+    api.apply(&pod(&cluster, "db", "apps", &[("app", "db")], true))?;
+    api.apply(&pod(&cluster, "peer", "legacy", &[], true))?;
+    let allow_9090 = crd::AuthorizationPolicy::new(
+        "apps",
+        "allow-9090",
+        crd::AuthorizationPolicySpec {
+            selector: Some(crd::WorkloadSelector {
+                match_labels: BTreeMap::from([("app".into(), "db".into())]),
+            }),
+            rules: Some(vec![crd::Rule {
+                to: vec![crd::To {
+                    operation: crd::Operation {
+                        ports: vec!["9090".into()],
+                        ..Default::default()
+                    },
+                }],
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+    )
+    .in_version("v1beta1");
+    let permissive = crd::PeerAuthentication::new(
+        "apps",
+        "permissive",
+        crd::PeerAuthenticationSpec {
+            mtls: Some(crd::Mtls {
+                mode: Some("PERMISSIVE".into()),
+            }),
+            ..Default::default()
+        },
+    )
+    .in_version("v1beta1");
+    api.apply(&allow_9090)?;
+    api.apply(&permissive)?;
+    let _apps = Apps(vec![run_pod_app_on(&cluster, "db", &["8080", "9090"])?]);
+
+    let mut agent = Agent::start_kube(&cluster, "node1", &kubeconfig, &dir, &[])?;
+    agent.wait_for("agent ready", WAIT)?;
+    wait_enrolled(&cluster, &["apps/db"])?;
+    let d = dump(&cluster)?;
+    assert_eq!(d["authorizationPolicies"][0]["name"], "allow-9090", "{d}");
+    assert_eq!(
+        d["authorizationPolicies"][0]["rules"][0]["to"][0]["operation"]["ports"][0],
+        9090,
+        "{d}"
+    );
+    assert_eq!(d["peerAuthentications"][0]["mode"], "PERMISSIVE", "{d}");
+    let log = agent.raw_log();
+    for plural in ["authorizationpolicies", "peerauthentications"] {
+        assert!(log.contains(&format!("reading security.istio.io/v1beta1 {plural}")), "{log}");
+    }
+    // Only v1beta1 was listed and watched (v1 was asked for in discovery only).
+    let paths: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.group == "security.istio.io")
+        .map(|r| r.path)
+        .collect();
+    assert!(!paths.is_empty() && paths.iter().all(|p| p.contains("/v1beta1/")), "{paths:?}");
+
+    // Enforced: a plaintext client outside the mesh reaches only port 9090.
+    let db = cluster.pod("db").ip4.to_string();
+    let r = mesh::client(cluster.pod("peer"), "once", &db, 9090, &[])?;
+    assert!(succeeded(&r), "the allowed port: {r}");
+    let r = mesh::client(cluster.pod("peer"), "once", &db, 8080, &[])?;
+    assert!(!succeeded(&r), "not allowed by the v1beta1 policy: {r}");
+    agent.terminate()?;
+    Ok(())
 }
 
 /// Runs the real mesh-cni binary as a container runtime would.
