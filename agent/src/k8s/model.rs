@@ -36,7 +36,7 @@ use crate::{
     rbac,
 };
 
-pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+pub use mesh_cni::membership::DATAPLANE_MODE;
 pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -82,31 +82,15 @@ pub struct Translated {
     pub warnings: Vec<String>,
 }
 
-/// Why a pod is or is not captured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Membership {
-    Ambient,
-    NotLabelled,
-    OptedOut,
-    HostNetwork,
-    Finished,
-}
+pub use mesh_cni::membership::{namespace_is_ambient, Membership};
 
 fn labels_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> BTreeMap<String, String> {
     meta.labels.clone().unwrap_or_default()
 }
 
-/// Whether a namespace with these labels is enrolled.
-pub fn namespace_is_ambient(labels: &BTreeMap<String, String>) -> bool {
-    labels.get(DATAPLANE_MODE).map(String::as_str) == Some("ambient")
-}
-
 /// A pod whose containers all ended (its IP may already be reused).
 pub fn pod_finished(pod: &Pod) -> bool {
-    matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
+    mesh_cni::membership::finished(pod.status.as_ref().and_then(|s| s.phase.as_deref()))
 }
 
 /// The pod's service account (Kubernetes' default when unset).
@@ -117,22 +101,19 @@ pub fn service_account_of(pod: &Pod) -> &str {
         .unwrap_or("default")
 }
 
-/// Whether `pod` belongs in the mesh (its namespace's labels given).
+/// What the shared membership rule reads of a pod.
+pub fn pod_facts(pod: &Pod) -> mesh_cni::membership::PodFacts<'_> {
+    mesh_cni::membership::PodFacts {
+        labels: pod.metadata.labels.as_ref(),
+        host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
+        phase: pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+    }
+}
+
+/// Whether `pod` belongs in the mesh (its namespace's labels given): the
+/// rule the CNI plugin applies too ([`mesh_cni::membership`]).
 pub fn membership(pod: &Pod, ns_labels: Option<&BTreeMap<String, String>>) -> Membership {
-    let spec = pod.spec.as_ref();
-    if spec.and_then(|s| s.host_network).unwrap_or(false) {
-        return Membership::HostNetwork;
-    }
-    if pod_finished(pod) {
-        return Membership::Finished;
-    }
-    let pod_mode = pod.metadata.labels.as_ref().and_then(|l| l.get(DATAPLANE_MODE));
-    match pod_mode.map(String::as_str) {
-        Some("none") => Membership::OptedOut,
-        Some("ambient") => Membership::Ambient,
-        _ if ns_labels.is_some_and(namespace_is_ambient) => Membership::Ambient,
-        _ => Membership::NotLabelled,
-    }
+    mesh_cni::membership::membership(pod_facts(pod), ns_labels)
 }
 
 /// Keeps only what the model reads of a pod: bounded memory for a
