@@ -531,18 +531,40 @@ fn istio_policies_served_only_as_v1beta1_are_read_and_enforced() -> Result<()> {
     Ok(())
 }
 
-/// Runs the real mesh-cni binary as a container runtime would.
-fn cni(command: &str, socket: &Path, netns: &Path, ns: &str, name: &str, ips: &[String]) -> Result<(i32, Value)> {
+/// How the runtime calls the plugin: its socket, its kubeconfig (from the
+/// installer), its timeout.
+struct CniConf {
+    socket: PathBuf,
+    kubeconfig: Option<PathBuf>,
+    timeout_seconds: u64,
+}
+
+/// Runs the real mesh-cni binary as a container runtime would, on node1
+/// (whence it reaches the API).
+fn cni(
+    cluster: &Cluster,
+    conf: &CniConf,
+    command: &str,
+    netns: &Path,
+    ns: &str,
+    name: &str,
+    ips: &[String],
+) -> Result<(i32, Value, String)> {
     let prev = serde_json::json!({
         "cniVersion": "1.0.0",
         "interfaces": [{"name": "eth0", "sandbox": netns}],
         "ips": ips.iter().map(|ip| serde_json::json!({"address": format!("{ip}/24"), "interface": 0})).collect::<Vec<_>>(),
     });
-    let conf = serde_json::json!({
+    let mut net = serde_json::json!({
         "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "mesh-cni",
-        "socket": socket, "timeoutSeconds": 3, "prevResult": prev,
+        "socket": conf.socket, "timeoutSeconds": conf.timeout_seconds, "prevResult": prev,
     });
-    let mut child = Command::new(mesh::binary("mesh-cni")?)
+    if let Some(k) = &conf.kubeconfig {
+        net["kubeconfig"] = serde_json::json!(k);
+    }
+    let mut child = cluster
+        .node("node1")
+        .try_command(mesh::binary("mesh-cni")?)?
         .env_clear()
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", format!("sandbox-{name}"))
@@ -560,10 +582,44 @@ fn cni(command: &str, socket: &Path, netns: &Path, ns: &str, name: &str, ips: &[
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes())?;
+    child.stdin.take().unwrap().write_all(net.to_string().as_bytes())?;
     let out = child.wait_with_output()?;
     let stdout: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    Ok((out.status.code().unwrap_or(-1), stdout))
+    Ok((
+        out.status.code().unwrap_or(-1),
+        stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// The installer as the mesh-cni DaemonSet runs it: it writes the plugin's
+/// kubeconfig from its service-account token and names it in the entry.
+fn install_cni(dir: &Path, api: &ApiServer, token: &str) -> Result<PathBuf> {
+    let (conf_dir, bin_dir, sa) = (dir.join("net.d"), dir.join("bin"), dir.join("cni-sa"));
+    for d in [&conf_dir, &bin_dir, &sa] {
+        fs::create_dir_all(d)?;
+    }
+    fs::write(sa.join("token"), format!("{token}\n"))?;
+    fs::write(
+        conf_dir.join("10-ptp.conflist"),
+        r#"{"cniVersion": "1.0.0", "name": "k8s-pod-network", "plugins": [{"type": "ptp"}]}"#,
+    )?;
+    let out = Command::new(mesh::binary("mesh-cni")?)
+        .env_remove("CNI_COMMAND")
+        .args(["install", "--once", "--holder", "e2e", "--api-server", &api.url()])
+        .arg("--kubeconfig-token")
+        .arg(sa.join("token"))
+        .arg("--conf-dir")
+        .arg(&conf_dir)
+        .arg("--host-conf-dir")
+        .arg(&conf_dir)
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list: Value = serde_json::from_slice(&fs::read(conf_dir.join("10-ptp.conflist"))?)?;
+    let kubeconfig = list["plugins"][1]["kubeconfig"].as_str().context("no kubeconfig in the entry")?;
+    Ok(PathBuf::from(kubeconfig))
 }
 
 #[test]
@@ -574,7 +630,7 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     ]);
     let cluster = Cluster::create("kcni", &spec)?;
     let dir = cluster.scratch_dir()?;
-    let api = ApiServer::in_cluster(&cluster)?;
+    let mut api = ApiServer::in_cluster(&cluster)?;
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig, "agent-token")?;
     api.apply(&namespace("apps", true))?;
@@ -583,6 +639,14 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     api.apply(&pod(&cluster, "peer", "legacy", &[], true))?;
     let socket = dir.join("run/cni.sock");
     let sock = socket.to_str().unwrap();
+    let conf = CniConf {
+        socket: socket.clone(),
+        kubeconfig: Some(install_cni(&dir, &api, "cni-token")?),
+        timeout_seconds: 3,
+    };
+    let cni = |command: &str, pod: &str, ns: &str, ips: &[String]| {
+        cni(&cluster, &conf, command, &cluster.pod(pod).netns_path, ns, pod, ips)
+    };
     let mut agent = Agent::start_kube(&cluster, "node1", &kubeconfig, &dir, &["--cni-socket", sock])?;
     agent.wait_for("agent ready", WAIT)?;
 
@@ -591,7 +655,7 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     fs::create_dir_all(pod_cgroup(&cluster, "fresh"))?;
     api.apply(&pod(&cluster, "fresh", "apps", &[], false))?;
     let ips = vec![fresh.ip4.to_string(), fresh.ip6.to_string()];
-    let (code, out) = cni("ADD", &socket, &fresh.netns_path, "apps", "fresh", &ips)?;
+    let (code, out, _) = cni("ADD", "fresh", "apps", &ips)?;
     assert_eq!(code, 0, "{out}\n{}", agent.raw_log());
     assert_eq!(
         out["ips"][0]["address"],
@@ -607,42 +671,63 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     agent.wait_access(WAIT, |l| !access_to(l, &dst).is_empty())?;
 
     // A pod of a plain namespace passes through, not enrolled.
-    let plain = cluster.pod("plain");
+    let plain_ips = vec![cluster.pod("plain").ip4.to_string()];
     api.apply(&pod(&cluster, "plain", "legacy", &[], false))?;
-    let (code, _) = cni(
-        "ADD",
-        &socket,
-        &plain.netns_path,
-        "legacy",
-        "plain",
-        &[plain.ip4.to_string()],
-    )?;
+    let (code, _, _) = cni("ADD", "plain", "legacy", &plain_ips)?;
     assert_eq!(code, 0);
     assert_eq!(enrolled(&cluster)?, ["apps/fresh"]);
 
     // DEL: the sandbox is gone, capture with it.
-    let (code, _) = cni("DEL", &socket, &fresh.netns_path, "apps", "fresh", &ips)?;
+    let (code, _, _) = cni("DEL", "fresh", "apps", &ips)?;
     assert_eq!(code, 0);
     wait_enrolled(&cluster, &[])?;
 
-    // No agent: an ambient pod cannot start (CNI error 11), a plain one can
-    // (the agent's last list of ambient namespaces), and DEL never blocks.
+    // No agent: the plugin asks the API and applies the agent's rule. A pod
+    // that belongs in the mesh cannot start (CNI error 11, with the label
+    // that decided), a plain one can, and DEL never blocks.
     agent.terminate()?;
-    let (code, out) = cni("ADD", &socket, &fresh.netns_path, "apps", "fresh", &ips)?;
-    assert_eq!(code, 1, "{out}");
-    assert_eq!(out["code"], 11, "{out}");
-    assert!(out["msg"].as_str().unwrap_or("").contains("not reachable"), "{out}");
-    let (code, _) = cni(
-        "ADD",
-        &socket,
-        &plain.netns_path,
-        "legacy",
-        "plain",
-        &[plain.ip4.to_string()],
-    )?;
-    assert_eq!(code, 0, "plain namespaces start without the agent");
-    let (code, _) = cni("DEL", &socket, &fresh.netns_path, "apps", "fresh", &ips)?;
+    let must_wait = |pod: &str, ns: &str, ips: &[String], why: &str| -> Result<()> {
+        let (code, out, stderr) = cni("ADD", pod, ns, ips)?;
+        assert_eq!((code, &out["code"]), (1, &Value::from(11)), "{out}\n{stderr}");
+        let msg = out["msg"].as_str().unwrap_or("");
+        assert!(msg.contains(why) && msg.contains("not reachable"), "{msg}");
+        Ok(())
+    };
+    must_wait("fresh", "apps", &ips, "namespace apps has label istio.io/dataplane-mode=ambient")?;
+    let (code, out, stderr) = cni("ADD", "plain", "legacy", &plain_ips)?;
+    assert_eq!(code, 0, "plain pods start without the agent: {out}\n{stderr}");
+    assert!(stderr.contains("not in the mesh per the Kubernetes API"), "{stderr}");
+    // The pod's own label, in a plain namespace.
+    let ambient = [("istio.io/dataplane-mode", "ambient")];
+    api.apply(&pod(&cluster, "plain", "legacy", &ambient, false))?;
+    must_wait("plain", "legacy", &plain_ips, "the pod has label istio.io/dataplane-mode=ambient")?;
+    // The namespace labelled while the agent was down.
+    api.apply(&pod(&cluster, "plain", "legacy", &[], false))?;
+    api.apply(&namespace("legacy", true))?;
+    must_wait("plain", "legacy", &plain_ips, "namespace legacy has label")?;
+    api.apply(&namespace("legacy", false))?;
+    let (code, _, _) = cni("DEL", "fresh", "apps", &ips)?;
     assert_eq!(code, 0);
+
+    // The plugin's requests are exactly what its ClusterRole grants.
+    let granted = rbac_rules(&repo().join("deploy/rbac.yaml"), "mesh-cni")?;
+    assert_eq!(
+        api.verbs_seen_by("cni-token"),
+        granted,
+        "the mesh-cni ClusterRole must match the plugin's requests"
+    );
+
+    // Neither agent nor API: fail closed, except the system namespaces.
+    api.stop();
+    let (code, out, _) = cni("ADD", "plain", "legacy", &plain_ips)?;
+    assert_eq!((code, &out["code"]), (1, &Value::from(11)), "{out}");
+    let msg = out["msg"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("Kubernetes API cannot tell whether pod legacy/plain belongs in the mesh") && msg.contains("failing closed"),
+        "{msg}"
+    );
+    let (code, out, _) = cni("ADD", "plain", "kube-system", &plain_ips)?;
+    assert_eq!(code, 0, "kube-system starts without agent and API: {out}");
     Ok(())
 }
 
