@@ -312,6 +312,7 @@ impl KubeSource {
             cgroup_root: k.cgroup_root.clone(),
             proc_root: k.proc_root.clone(),
             host_netns: k.host_netns.clone(),
+            ..Discoverer::new(&k.cgroup_root)
         };
         Ok(Box::new(Self {
             kube,
@@ -381,8 +382,8 @@ impl KubeSource {
         });
         let locator = &mut self.locator;
         let mut unlocated = 0;
-        let mut locate = |uid: &str| {
-            let found = locator.locate(uid);
+        let mut locate = |uid: &str, ips: &[std::net::IpAddr]| {
+            let found = locator.locate(uid, ips);
             unlocated += usize::from(found.is_none());
             found
         };

@@ -397,21 +397,7 @@ async fn probe_while_failing(client: Client, health: Arc<Health>) {
 /// list, so the Node's addresses alone would capture (and, under STRICT,
 /// refuse) the probes.
 pub fn host_addresses(host_netns: &Path) -> Result<Vec<IpAddr>, String> {
-    let read = || -> Result<Vec<IpAddr>, String> {
-        let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("getifaddrs: {e}"))?;
-        Ok(addrs
-            .filter_map(|i| {
-                let a = i.address?;
-                a.as_sockaddr_in()
-                    .map(|s| IpAddr::V4(s.ip()))
-                    .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
-            })
-            .filter(|ip| !ip.is_loopback())
-            .collect())
-    };
-    crate::netns::Netns::open(host_netns)
-        .and_then(|ns| ns.run(read))
-        .map_err(|e| e.to_string())?
+    crate::discover::addresses_in(host_netns)
 }
 
 /// Finds pods of this node: the CNI plugin's netns (new pods), else
@@ -454,14 +440,15 @@ impl Locator {
         self.torn_down.insert(uid.to_string());
     }
 
-    pub fn locate(&mut self, uid: &str) -> Option<Location> {
+    /// `ips`: the pod's, which its netns must hold.
+    pub fn locate(&mut self, uid: &str, ips: &[IpAddr]) -> Option<Location> {
         if uid.is_empty() || self.torn_down.contains(uid) {
             return None;
         }
         if let Some(l) = self.found.get(uid) {
             return Some(l.clone());
         }
-        match self.discoverer.find(uid) {
+        match self.discoverer.find(uid, ips) {
             Ok(loc) => {
                 let l = Location {
                     netns: loc.netns,

@@ -69,8 +69,9 @@ pub struct Local<'a> {
     pub own_uid: Option<&'a str>,
     /// IPs the CNI plugin reported before the API has them, by pod UID.
     pub cni_ips: &'a HashMap<String, Vec<IpAddr>>,
-    /// Finds the netns and cgroup of an in-mesh pod of this node by UID.
-    pub locate: &'a mut dyn FnMut(&str) -> Option<Location>,
+    /// Finds the netns and cgroup of an in-mesh pod of this node by UID
+    /// (the netns must hold one of the given IPs).
+    pub locate: &'a mut dyn FnMut(&str, &[IpAddr]) -> Option<Location>,
     /// Addresses of the host's network namespace (kubelet probes come from
     /// one of them), added to the Node's own.
     pub host_addresses: &'a [IpAddr],
@@ -231,7 +232,7 @@ fn pod_spec(
     }
     let own = local.own_uid == Some(uid.as_str());
     let in_mesh = member == Membership::Ambient && !own;
-    let (netns, cgroup) = match (in_mesh && node == local.node).then(|| (local.locate)(&uid)) {
+    let (netns, cgroup) = match (in_mesh && node == local.node).then(|| (local.locate)(&uid, &ips)) {
         Some(Some(loc)) => (Some(loc.netns), Some(loc.cgroup)),
         Some(None) => {
             warnings.push(format!(
@@ -659,7 +660,7 @@ mod tests {
         cni_ips: &HashMap<String, Vec<IpAddr>>,
     ) -> (Translated, Vec<String>) {
         let mut asked = Vec::new();
-        let mut locate = |uid: &str| {
+        let mut locate = |uid: &str, _: &[IpAddr]| {
             asked.push(uid.to_string());
             (!uid.starts_with("uid-lost")).then(|| location(uid))
         };
