@@ -139,7 +139,12 @@ fn check_audience(audiences: &[String]) -> Result<(), String> {
 
 /// Older API servers put no node in the token: the node of the pod it is
 /// bound to, if that pod (same name *and* UID) is in the CA's pod list.
-fn node_of_bound_pod(namespace: &str, name: &str, token_uid: Option<&str>, found: Option<&Pod>) -> Result<String, String> {
+fn node_of_bound_pod(
+    namespace: &str,
+    name: &str,
+    token_uid: Option<&str>,
+    found: Option<&Pod>,
+) -> Result<String, String> {
     let key = format!("{namespace}/{name}");
     let token_uid = token_uid.ok_or_else(|| {
         format!("the token names pod {key} but not its UID ({POD_UID_EXTRA}); refusing: use a projected service-account token")

@@ -299,7 +299,11 @@ mod tests {
     fn crio_with_cgroupfs_driver_and_each_qos_class() {
         for qos in ["", "burstable/", "besteffort/"] {
             let pod = format!("kubepods/{qos}pod{UID}");
-            let f = Fake::new(&format!("cgroupfs{}", qos.len()), &format!("{pod}/crio-feedbeef"), &[42]);
+            let f = Fake::new(
+                &format!("cgroupfs{}", qos.len()),
+                &format!("{pod}/crio-feedbeef"),
+                &[42],
+            );
             assert_eq!(
                 f.discoverer().find(UID, &pod_ips()).unwrap().cgroup,
                 f.root.join("cgroup").join(&pod)
@@ -360,6 +364,9 @@ mod tests {
             f.process(pid, "other");
         }
         let e = f.discoverer().find(UID, &pod_ips()).unwrap_err().to_string();
-        assert!(e.contains(&format!("of the {MAX_PROCESSES} processes inspected")), "{e}");
+        assert!(
+            e.contains(&format!("of the {MAX_PROCESSES} processes inspected")),
+            "{e}"
+        );
     }
 }

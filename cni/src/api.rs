@@ -21,7 +21,13 @@ pub struct Verdict {
 }
 
 /// Gets the pod and its namespace, within `timeout`.
-pub fn membership_of(kubeconfig: &Path, namespace: &str, name: &str, uid: &str, timeout: Duration) -> Result<Verdict, String> {
+pub fn membership_of(
+    kubeconfig: &Path,
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    timeout: Duration,
+) -> Result<Verdict, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -107,7 +113,11 @@ mod tests {
         };
         let v = verdict(&pod(Some("ambient")), &ns(None));
         assert_eq!(v.membership, Membership::Ambient);
-        assert!(v.why.contains("pod has label istio.io/dataplane-mode=ambient"), "{}", v.why);
+        assert!(
+            v.why.contains("pod has label istio.io/dataplane-mode=ambient"),
+            "{}",
+            v.why
+        );
         let v = verdict(&pod(None), &ns(Some("ambient")));
         assert_eq!(v.membership, Membership::Ambient);
         assert!(v.why.contains("namespace apps has label"), "{}", v.why);

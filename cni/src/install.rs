@@ -863,7 +863,10 @@ mod tests {
         let original = r#"{"name":"cbr0","cniVersion":"0.3.1","type":"flannel","delegate":{"isDefaultGateway":true}}"#;
         fs::write(&conf, original).unwrap();
         let list_path = t.conf().join("10-flannel.conflist");
-        assert_eq!(ensure_entry(&t.conf(), "/s", None, true).unwrap(), Some(list_path.clone()));
+        assert_eq!(
+            ensure_entry(&t.conf(), "/s", None, true).unwrap(),
+            Some(list_path.clone())
+        );
         assert!(!conf.exists());
         assert_eq!(
             fs::read_to_string(t.conf().join("10-flannel.conf.mesh-cni-orig")).unwrap(),
@@ -875,7 +878,10 @@ mod tests {
         assert_eq!(types(&list), ["flannel", "mesh-cni"]);
         assert_eq!(list["plugins"][0], serde_json::from_str::<Value>(original).unwrap());
         // Idempotent: the conflist is now the active config.
-        assert_eq!(ensure_entry(&t.conf(), "/s", None, true).unwrap(), Some(list_path.clone()));
+        assert_eq!(
+            ensure_entry(&t.conf(), "/s", None, true).unwrap(),
+            Some(list_path.clone())
+        );
 
         remove_entries(&t.conf()).unwrap();
         assert_eq!(fs::read_to_string(&conf).unwrap(), original);
@@ -947,7 +953,10 @@ mod tests {
     #[test]
     fn kubeconfig_args() {
         let a = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
-        let o = parse_args(&a("install --holder h --kubeconfig-token /sa/token --api-server https://10.96.0.1:443")).unwrap();
+        let o = parse_args(&a(
+            "install --holder h --kubeconfig-token /sa/token --api-server https://10.96.0.1:443",
+        ))
+        .unwrap();
         let k = o.kubeconfig.unwrap();
         assert_eq!((&k.token, &k.ca), (&"/sa/token".into(), &"/sa/ca.crt".into()));
         assert_eq!(k.host_path(), "/etc/cni/net.d/mesh-cni-kubeconfig");

@@ -60,7 +60,9 @@ mod tests {
     use super::*;
 
     fn labels(mode: Option<&str>) -> BTreeMap<String, String> {
-        mode.map(|m| (DATAPLANE_MODE.to_string(), m.to_string())).into_iter().collect()
+        mode.map(|m| (DATAPLANE_MODE.to_string(), m.to_string()))
+            .into_iter()
+            .collect()
     }
 
     #[test]

@@ -407,7 +407,13 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<String>, CniError> {
             let verdict = match &conf.kubeconfig {
                 Some(k) => {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    crate::api::membership_of(k, &req.pod_namespace, &req.pod_name, &req.pod_uid, left.min(API_TIMEOUT))
+                    crate::api::membership_of(
+                        k,
+                        &req.pod_namespace,
+                        &req.pod_name,
+                        &req.pod_uid,
+                        left.min(API_TIMEOUT),
+                    )
                 }
                 None => Err("the plugin configuration has no kubeconfig (mesh-cni install --kubeconfig)".into()),
             };
@@ -420,8 +426,15 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<String>, CniError> {
                     ));
                     return Ok(Some(out));
                 }
-                Ok(v) => log(format!("ADD {}: in the mesh ({}); waiting for the agent", pod_label(&req), v.why)),
-                Err(e) => log(format!("ADD {}: agent and Kubernetes API both unavailable: {e}", pod_label(&req))),
+                Ok(v) => log(format!(
+                    "ADD {}: in the mesh ({}); waiting for the agent",
+                    pod_label(&req),
+                    v.why
+                )),
+                Err(e) => log(format!(
+                    "ADD {}: agent and Kubernetes API both unavailable: {e}",
+                    pod_label(&req)
+                )),
             }
             let left = deadline.saturating_duration_since(Instant::now());
             ask(&socket, &req, left, true).map_err(|e| agent_down(&socket, &req, &verdict, &e))?

@@ -472,7 +472,11 @@ fn installer_writes_the_plugin_kubeconfig_0600_refreshes_its_token_and_removes_i
     let list = t.path("net.d/10-ptp.conflist");
     fs::write(&list, CONFLIST).unwrap();
     fs::write(t.path("sa/token"), "token-1\n").unwrap();
-    fs::write(t.path("sa/ca.crt"), "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").unwrap();
+    fs::write(
+        t.path("sa/ca.crt"),
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let token = t.path("sa/token");
     let child = installer(
         &t,
@@ -499,7 +503,9 @@ fn installer_writes_the_plugin_kubeconfig_0600_refreshes_its_token_and_removes_i
         v["users"][0]["user"]["token"].as_str().map(str::to_owned)
     };
     wait_for("kubeconfig", || user_token(&kubeconfig).as_deref() == Some("token-1"));
-    wait_for("entry", || plugin_types(&read_json(&list)).last().map(String::as_str) == Some("mesh-cni"));
+    wait_for("entry", || {
+        plugin_types(&read_json(&list)).last().map(String::as_str) == Some("mesh-cni")
+    });
     // A credential: readable by root only. The entry names it as the node sees it.
     assert_eq!(fs::metadata(&kubeconfig).unwrap().permissions().mode() & 0o777, 0o600);
     assert_eq!(
@@ -514,7 +520,9 @@ fn installer_writes_the_plugin_kubeconfig_0600_refreshes_its_token_and_removes_i
     );
     // The kubelet refreshed the projected token: so does the kubeconfig.
     fs::write(&token, "token-2\n").unwrap();
-    wait_for("refreshed token", || user_token(&kubeconfig).as_deref() == Some("token-2"));
+    wait_for("refreshed token", || {
+        user_token(&kubeconfig).as_deref() == Some("token-2")
+    });
     assert_eq!(fs::metadata(&kubeconfig).unwrap().permissions().mode() & 0o777, 0o600);
     // The last holder leaves: the credential goes with the entry.
     let out = sigterm_and_wait(child);

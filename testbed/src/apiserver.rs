@@ -869,7 +869,10 @@ fn watch_reply(
         }
         let mut last = since.max(if since == 0 { now } else { 0 });
         for c in backlog.iter().filter(|c| filter.matches(&c.object)) {
-            if send(json!({"type": c.kind, "object": res.present(c.object.clone())})).await.is_err() {
+            if send(json!({"type": c.kind, "object": res.present(c.object.clone())}))
+                .await
+                .is_err()
+            {
                 return;
             }
         }

@@ -1049,7 +1049,11 @@ fn cni_daemonset_gives_the_plugin_its_own_least_privilege_credentials() {
     assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)), "maxUnavailable");
     let pod = spec.template.spec.as_ref().unwrap();
     assert_eq!(pod.service_account_name.as_deref(), Some("mesh-cni"));
-    assert_ne!(pod.automount_service_account_token, Some(false), "the token is the credential");
+    assert_ne!(
+        pod.automount_service_account_token,
+        Some(false),
+        "the token is the credential"
+    );
     assert_ne!(pod.host_network, Some(true));
     assert_ne!(pod.host_pid, Some(true));
     let volumes: BTreeMap<&str, &Volume> = pod.volumes.iter().flatten().map(|v| (v.name.as_str(), v)).collect();
@@ -1065,7 +1069,11 @@ fn cni_daemonset_gives_the_plugin_its_own_least_privilege_credentials() {
     };
     assert_eq!(host_dir(arg_after(&args, "--bin-dir")).as_deref(), Some("/opt/cni/bin"));
     let conf = host_dir(arg_after(&args, "--conf-dir"));
-    assert_eq!(conf.as_deref(), Some(arg_after(&args, "--host-conf-dir")), "the entry names the node's path");
+    assert_eq!(
+        conf.as_deref(),
+        Some(arg_after(&args, "--host-conf-dir")),
+        "the entry names the node's path"
+    );
     assert_eq!(
         arg_after(&args, "--kubeconfig-token"),
         "/var/run/secrets/kubernetes.io/serviceaccount/token"

@@ -290,7 +290,10 @@ impl Watch {
         K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
         K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
     {
-        let stream = watcher(api.await, cfg).default_backoff().modify(project).reflect(writer);
+        let stream = watcher(api.await, cfg)
+            .default_backoff()
+            .modify(project)
+            .reflect(writer);
         futures::pin_mut!(stream);
         let mut logged = None::<String>;
         while let Some(ev) = stream.next().await {

@@ -503,14 +503,16 @@ fn istio_policies_served_only_as_v1beta1_are_read_and_enforced() -> Result<()> {
     let d = dump(&cluster)?;
     assert_eq!(d["authorizationPolicies"][0]["name"], "allow-9090", "{d}");
     assert_eq!(
-        d["authorizationPolicies"][0]["rules"][0]["to"][0]["operation"]["ports"][0],
-        9090,
+        d["authorizationPolicies"][0]["rules"][0]["to"][0]["operation"]["ports"][0], 9090,
         "{d}"
     );
     assert_eq!(d["peerAuthentications"][0]["mode"], "PERMISSIVE", "{d}");
     let log = agent.raw_log();
     for plural in ["authorizationpolicies", "peerauthentications"] {
-        assert!(log.contains(&format!("reading security.istio.io/v1beta1 {plural}")), "{log}");
+        assert!(
+            log.contains(&format!("reading security.istio.io/v1beta1 {plural}")),
+            "{log}"
+        );
     }
     // Only v1beta1 was listed and watched (v1 was asked for in discovery only).
     let paths: Vec<String> = api
@@ -519,7 +521,10 @@ fn istio_policies_served_only_as_v1beta1_are_read_and_enforced() -> Result<()> {
         .filter(|r| r.group == "security.istio.io")
         .map(|r| r.path)
         .collect();
-    assert!(!paths.is_empty() && paths.iter().all(|p| p.contains("/v1beta1/")), "{paths:?}");
+    assert!(
+        !paths.is_empty() && paths.iter().all(|p| p.contains("/v1beta1/")),
+        "{paths:?}"
+    );
 
     // Enforced: a plaintext client outside the mesh reaches only port 9090.
     let db = cluster.pod("db").ip4.to_string();
@@ -618,7 +623,9 @@ fn install_cni(dir: &Path, api: &ApiServer, token: &str) -> Result<PathBuf> {
         .output()?;
     anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let list: Value = serde_json::from_slice(&fs::read(conf_dir.join("10-ptp.conflist"))?)?;
-    let kubeconfig = list["plugins"][1]["kubeconfig"].as_str().context("no kubeconfig in the entry")?;
+    let kubeconfig = list["plugins"][1]["kubeconfig"]
+        .as_str()
+        .context("no kubeconfig in the entry")?;
     Ok(PathBuf::from(kubeconfig))
 }
 
@@ -693,14 +700,24 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
         assert!(msg.contains(why) && msg.contains("not reachable"), "{msg}");
         Ok(())
     };
-    must_wait("fresh", "apps", &ips, "namespace apps has label istio.io/dataplane-mode=ambient")?;
+    must_wait(
+        "fresh",
+        "apps",
+        &ips,
+        "namespace apps has label istio.io/dataplane-mode=ambient",
+    )?;
     let (code, out, stderr) = cni("ADD", "plain", "legacy", &plain_ips)?;
     assert_eq!(code, 0, "plain pods start without the agent: {out}\n{stderr}");
     assert!(stderr.contains("not in the mesh per the Kubernetes API"), "{stderr}");
     // The pod's own label, in a plain namespace.
     let ambient = [("istio.io/dataplane-mode", "ambient")];
     api.apply(&pod(&cluster, "plain", "legacy", &ambient, false))?;
-    must_wait("plain", "legacy", &plain_ips, "the pod has label istio.io/dataplane-mode=ambient")?;
+    must_wait(
+        "plain",
+        "legacy",
+        &plain_ips,
+        "the pod has label istio.io/dataplane-mode=ambient",
+    )?;
     // The namespace labelled while the agent was down.
     api.apply(&pod(&cluster, "plain", "legacy", &[], false))?;
     api.apply(&namespace("legacy", true))?;
@@ -723,7 +740,8 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     assert_eq!((code, &out["code"]), (1, &Value::from(11)), "{out}");
     let msg = out["msg"].as_str().unwrap_or("");
     assert!(
-        msg.contains("Kubernetes API cannot tell whether pod legacy/plain belongs in the mesh") && msg.contains("failing closed"),
+        msg.contains("Kubernetes API cannot tell whether pod legacy/plain belongs in the mesh")
+            && msg.contains("failing closed"),
         "{msg}"
     );
     let (code, out, _) = cni("ADD", "plain", "kube-system", &plain_ips)?;
@@ -855,13 +873,20 @@ fn ca_on_kubernetes_checks_tokens_and_nodes_and_agents_tunnel_hbone_with_its_cer
         }
         Ok(())
     };
-    refused("tok-node1", "spiffe://cluster.local/ns/apps/sa/web", &["runs on node node1"])?;
+    refused(
+        "tok-node1",
+        "spiffe://cluster.local/ns/apps/sa/web",
+        &["runs on node node1"],
+    )?;
     refused("tok-other", client_id, &["not the agents' service account"])?;
     refused("tok-forged", client_id, &["invalid bearer token"])?;
     refused(
         "tok-wrong-audience",
         client_id,
-        &[r#"token audiences ["vault"] is invalid for the target audiences ["mesh-ca"]"#, "audience mesh-ca"],
+        &[
+            r#"token audiences ["vault"] is invalid for the target audiences ["mesh-ca"]"#,
+            "audience mesh-ca",
+        ],
     )?;
     refused(
         "tok-legacy",
@@ -872,8 +897,16 @@ fn ca_on_kubernetes_checks_tokens_and_nodes_and_agents_tunnel_hbone_with_its_cer
         ],
     )?;
     refused("tok-expired", client_id, &["service account token has expired"])?;
-    refused("tok-deleted-pod", client_id, &["has been invalidated", "gone or was re-created"])?;
-    refused("tok-unaware", client_id, &["does not confirm the audience mesh-ca", "ignores audiences"])?;
+    refused(
+        "tok-deleted-pod",
+        client_id,
+        &["has been invalidated", "gone or was re-created"],
+    )?;
+    refused(
+        "tok-unaware",
+        client_id,
+        &["does not confirm the audience mesh-ca", "ignores audiences"],
+    )?;
 
     // The agent pod of the old-API token is re-created (same name, new UID).
     // The API server refuses its token; and while its cache still holds
