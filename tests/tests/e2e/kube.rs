@@ -2,8 +2,12 @@
 //! server (objects built with k8s-openapi), enrolls pods of ambient
 //! namespaces found on the node by UID, follows label changes, resolves
 //! services through EndpointSlices, translates Istio policies, survives the
-//! API going away (ready on its last good state, re-list after 410), and
-//! enrolls new pods through the real CNI plugin before they start.
+//! API going away (ready on its last good state, re-list after 410), reads
+//! Istio policies served only as v1beta1, and enrolls new pods through the
+//! real CNI plugin before they start (which, with the agent down, asks the
+//! API and fails closed). The CA's TokenReview checks meet a stand-in that
+//! answers as kube-apiserver does (audiences, legacy, expired and
+//! deleted-pod tokens).
 use std::{
     collections::BTreeMap,
     fs,
