@@ -357,8 +357,6 @@ struct KubeSource {
     unlocated: usize,
     /// When a change was first seen that is not translated yet.
     dirty_since: Option<tokio::time::Instant>,
-    /// `ambient-namespaces` beside the CNI socket, and what it holds.
-    ambient_file: Option<(std::path::PathBuf, String)>,
 }
 
 impl KubeSource {
@@ -380,6 +378,7 @@ impl KubeSource {
             cgroup_root: k.cgroup_root.clone(),
             proc_root: k.proc_root.clone(),
             host_netns: k.host_netns.clone(),
+            ..Discoverer::new(&k.cgroup_root)
         };
         Ok(Box::new(Self {
             kube,
@@ -390,12 +389,6 @@ impl KubeSource {
             warned: HashSet::new(),
             unlocated: 0,
             dirty_since: None,
-            ambient_file: k.cni_socket.as_ref().map(|p| {
-                (
-                    p.with_file_name(mesh_cni::proto::AMBIENT_NAMESPACES_FILE),
-                    String::new(),
-                )
-            }),
         }))
     }
 
@@ -455,8 +448,8 @@ impl KubeSource {
         });
         let locator = &mut self.locator;
         let mut unlocated = 0;
-        let mut locate = |uid: &str| {
-            let found = locator.locate(uid);
+        let mut locate = |uid: &str, ips: &[std::net::IpAddr]| {
+            let found = locator.locate(uid, ips);
             unlocated += usize::from(found.is_none());
             found
         };
@@ -473,46 +466,12 @@ impl KubeSource {
         self.unlocated = unlocated;
         let uids: HashSet<&str> = input.pods.iter().filter_map(|p| p.metadata.uid.as_deref()).collect();
         self.locator.retain(&uids);
-        self.write_ambient_namespaces(&input);
         let now: HashSet<String> = t.warnings.into_iter().chain(warnings).collect();
         for w in now.difference(&self.warned) {
             tracing::warn!(warning = %w, "Kubernetes object not (fully) applied");
         }
         self.warned = now;
         t.model
-    }
-
-    /// Tells the CNI plugin which namespaces are ambient, for when this agent
-    /// is down (it then lets pods of other namespaces start).
-    fn write_ambient_namespaces(&mut self, input: &k8s::model::Inputs) {
-        let Some((path, written)) = &mut self.ambient_file else {
-            return;
-        };
-        let mut names: Vec<&str> = input
-            .namespaces
-            .iter()
-            .filter(|n| {
-                n.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(k8s::model::DATAPLANE_MODE))
-                    .map(String::as_str)
-                    == Some("ambient")
-            })
-            .filter_map(|n| n.metadata.name.as_deref())
-            .collect();
-        names.sort_unstable();
-        let text: String = names.iter().map(|n| format!("{n}\n")).collect();
-        if text == *written {
-            return;
-        }
-        let tmp = path.with_extension("tmp");
-        match std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &*path)) {
-            Ok(()) => *written = text,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot write the ambient namespaces for the CNI plugin")
-            }
-        }
     }
 
     fn handle(&mut self, ev: Event, node: &mut NodeState) {

@@ -25,9 +25,11 @@ use crate::config::LocalConfig;
 
 /// The audience agents' projected tokens are minted for (deploy/agent.yaml).
 pub const TOKEN_AUDIENCE: &str = "mesh-ca";
-/// TokenReview extra carrying the node of a pod-bound token (Kubernetes 1.30+).
+/// TokenReview extras of a pod-bound token: its node (Kubernetes 1.30+),
+/// and the pod's name and UID (every version with bound tokens).
 const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 
 /// Where the CA learns which pods run where.
 pub enum PodSource {
@@ -101,11 +103,64 @@ impl KubeAuthorizer {
         })
     }
 
-    fn node_of_pod(&self, namespace: &str, name: &str) -> Option<String> {
-        self.pods
-            .get(&reflector::ObjectRef::new(name).within(namespace))
-            .and_then(|p| p.spec.as_ref()?.node_name.clone())
+    fn pod(&self, namespace: &str, name: &str) -> Option<std::sync::Arc<Pod>> {
+        self.pods.get(&reflector::ObjectRef::new(name).within(namespace))
     }
+}
+
+/// Why the API server did not authenticate a token, with what to fix.
+fn not_authenticated(error: Option<String>) -> String {
+    let error = error.unwrap_or_else(|| "no reason given".into());
+    let hint = if error.contains("invalid for the target audiences") {
+        format!("the agent must present a projected service-account token with audience {TOKEN_AUDIENCE} (deploy/agent.yaml), not a legacy or API-server token")
+    } else if error.contains("expired") {
+        "the agent's token has expired: the kubelet refreshes projected tokens, so check that the agent reads the mounted file".into()
+    } else if error.contains("invalidated") || error.contains("pod UID") {
+        "the pod the token was bound to is gone or was re-created: only a live agent pod's token is accepted".into()
+    } else {
+        "the token is not a valid service-account token of this cluster".into()
+    };
+    format!("the API server did not authenticate the token ({error}): {hint}")
+}
+
+/// A TokenReview answer proves the token was minted for the CA only if it
+/// names the CA's audience: an authenticator that ignores audiences answers
+/// with none, and would accept a token minted for any other service.
+fn check_audience(audiences: &[String]) -> Result<(), String> {
+    if audiences.iter().any(|a| a == TOKEN_AUDIENCE) {
+        return Ok(());
+    }
+    Err(format!(
+        "the TokenReview answer does not confirm the audience {TOKEN_AUDIENCE} (status.audiences {audiences:?}): \
+         the API server's token authenticator ignores audiences, so a token minted for another service would pass; \
+         refusing (the CA needs an audience-aware TokenReview, as kube-apiserver's own)"
+    ))
+}
+
+/// Older API servers put no node in the token: the node of the pod it is
+/// bound to, if that pod (same name *and* UID) is in the CA's pod list.
+fn node_of_bound_pod(
+    namespace: &str,
+    name: &str,
+    token_uid: Option<&str>,
+    found: Option<&Pod>,
+) -> Result<String, String> {
+    let key = format!("{namespace}/{name}");
+    let token_uid = token_uid.ok_or_else(|| {
+        format!("the token names pod {key} but not its UID ({POD_UID_EXTRA}); refusing: use a projected service-account token")
+    })?;
+    let pod = found.ok_or_else(|| format!("the token's pod {key} is not in the CA's pod list (deleted?); refusing"))?;
+    let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+    if uid != token_uid {
+        return Err(format!(
+            "the token is bound to pod {key} with UID {token_uid}, but that pod now has UID {uid} \
+             (deleted and re-created); refusing a token of a pod that no longer exists"
+        ));
+    }
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .ok_or_else(|| format!("the token's pod {key} is not scheduled to a node; refusing"))
 }
 
 #[tonic::async_trait]
@@ -125,8 +180,9 @@ impl Authorizer for KubeAuthorizer {
             .map_err(|e| format!("TokenReview failed: {e}"))?;
         let status = done.status.unwrap_or_default();
         if status.authenticated != Some(true) {
-            return Err(status.error.unwrap_or_else(|| "not authenticated".into()));
+            return Err(not_authenticated(status.error));
         }
+        check_audience(status.audiences.as_deref().unwrap_or_default())?;
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
         if username != self.agent_user {
@@ -141,9 +197,15 @@ impl Authorizer for KubeAuthorizer {
             return Ok(node);
         }
         // Older API servers: the pod the token is bound to tells the node.
-        first(POD_NAME_EXTRA)
-            .and_then(|pod| self.node_of_pod(&self.agent_namespace, &pod))
-            .ok_or_else(|| "the token is not bound to a pod on a node (use a projected service-account token)".into())
+        let pod = first(POD_NAME_EXTRA)
+            .ok_or("the token is not bound to a pod on a node (use a projected service-account token)")?;
+        let found = self.pod(&self.agent_namespace, &pod);
+        node_of_bound_pod(
+            &self.agent_namespace,
+            &pod,
+            first(POD_UID_EXTRA).as_deref(),
+            found.as_deref(),
+        )
     }
 
     async fn may_impersonate(&self, node: &str, id: &SpiffeId) -> Result<(), String> {
@@ -193,4 +255,61 @@ pub async fn serve(dir: &Path, source: PodSource, listen: SocketAddr, max_lifeti
 /// `agent ca request`: one certificate, as a node agent would get it.
 pub async fn request(cfg: &CaClientConfig, id: &SpiffeId, lifetime: Duration) -> anyhow::Result<WorkloadCert> {
     Ok(CaClient::new(cfg)?.fetch(id, lifetime).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{api::core::v1::PodSpec, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+
+    use super::*;
+
+    fn pod(uid: &str, node: Option<&str>) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                uid: Some(uid.into()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: node.map(str::to_string),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn audience_must_be_confirmed() {
+        assert!(check_audience(&[TOKEN_AUDIENCE.into()]).is_ok());
+        let e = check_audience(&[]).unwrap_err();
+        assert!(e.contains("ignores audiences"), "{e}");
+        let e = check_audience(&["https://kubernetes.default.svc".into()]).unwrap_err();
+        assert!(e.contains("does not confirm the audience mesh-ca"), "{e}");
+    }
+
+    #[test]
+    fn bound_pod_must_match_name_and_uid() {
+        let p = pod("uid-a", Some("node1"));
+        assert_eq!(
+            node_of_bound_pod("mesh", "agent-1", Some("uid-a"), Some(&p)).unwrap(),
+            "node1"
+        );
+        let e = node_of_bound_pod("mesh", "agent-1", Some("uid-old"), Some(&p)).unwrap_err();
+        assert!(e.contains("now has UID uid-a") && e.contains("uid-old"), "{e}");
+        let e = node_of_bound_pod("mesh", "agent-1", None, Some(&p)).unwrap_err();
+        assert!(e.contains("not its UID"), "{e}");
+        let e = node_of_bound_pod("mesh", "agent-1", Some("uid-a"), None).unwrap_err();
+        assert!(e.contains("not in the CA's pod list"), "{e}");
+        let e = node_of_bound_pod("mesh", "agent-1", Some("uid-a"), Some(&pod("uid-a", None))).unwrap_err();
+        assert!(e.contains("not scheduled"), "{e}");
+    }
+
+    #[test]
+    fn refusals_say_what_to_fix() {
+        let e = not_authenticated(Some(
+            "[invalid bearer token, token audiences [\"https://kubernetes.default.svc.cluster.local\"] is invalid for the target audiences [\"mesh-ca\"]]".into(),
+        ));
+        assert!(e.contains("audience mesh-ca"), "{e}");
+        assert!(not_authenticated(Some("service account token has expired".into())).contains("refreshes"));
+        assert!(not_authenticated(Some("service account token has been invalidated".into())).contains("re-created"));
+    }
 }

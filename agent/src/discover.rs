@@ -1,6 +1,9 @@
 //! Finding a pod on its node from its UID (for existing pods, when the
 //! Kubernetes source enrolls them): its pod-level cgroup v2 directory and a
-//! process whose network namespace is the pod's.
+//! process whose network namespace is the pod's. The netns is proven by the
+//! pod's IP on one of its interfaces, not taken from the first process: a
+//! process may have joined the cgroup from elsewhere (`nsenter`, a debug
+//! tool, a runtime helper) and sit in another pod's netns or the host's.
 //!
 //! Layouts handled (cgroup v2, any QoS class):
 //! * cgroupfs driver: `kubepods/[burstable|besteffort/]pod<uid>/<container>/`
@@ -9,6 +12,8 @@
 //!
 //! Pods on the host network share the node's netns and are never enrolled.
 use std::{
+    collections::HashSet,
+    net::IpAddr,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
@@ -21,6 +26,16 @@ pub enum DiscoverError {
     NoProcess { uid: String, cgroup: PathBuf },
     #[error("pod {uid} uses the host network namespace; host-network pods are never enrolled")]
     HostNetwork { uid: String },
+    #[error("pod {uid}: none of the {namespaces} network namespaces of the {processes} processes inspected in {cgroup} holds the pod's IPs {ips:?} (processes joined from elsewhere?); not capturing a netns that may not be the pod's", cgroup = cgroup.display())]
+    NoMatchingNetns {
+        uid: String,
+        cgroup: PathBuf,
+        ips: Vec<IpAddr>,
+        processes: usize,
+        namespaces: usize,
+    },
+    #[error("pod {uid} has no IP yet: its network namespace cannot be verified")]
+    NoIps { uid: String },
     #[error("{path}: {source}", path = path.display())]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -35,16 +50,25 @@ pub struct PodLocation {
     pub pid: u32,
 }
 
+/// The addresses of the network namespace at a path.
+pub type NetnsAddresses = fn(&Path) -> Result<Vec<IpAddr>, String>;
+
 /// Looks pods up under a cgroup v2 mount and a /proc (both fakeable for tests).
 pub struct Discoverer {
     pub cgroup_root: PathBuf,
     pub proc_root: PathBuf,
     /// The node's own network namespace (pods sharing it are host-network).
     pub host_netns: PathBuf,
+    /// Reads a netns's addresses (entering it; a fake tree reads a file).
+    pub netns_addresses: NetnsAddresses,
 }
 
 /// How deep under the cgroup root a pod directory may be (kubepods.slice/qos.slice/pod.slice).
 const MAX_POD_DEPTH: usize = 4;
+/// At most this many processes and cgroup directories of one pod are
+/// inspected: a pod cannot make discovery walk without end.
+const MAX_PROCESSES: usize = 256;
+const MAX_CGROUP_DIRS: usize = 256;
 
 impl Discoverer {
     pub fn new(cgroup_root: &Path) -> Self {
@@ -52,21 +76,54 @@ impl Discoverer {
             cgroup_root: cgroup_root.to_owned(),
             proc_root: PathBuf::from("/proc"),
             host_netns: PathBuf::from("/proc/1/ns/net"),
+            netns_addresses: addresses_in,
         }
     }
 
-    /// The pod's cgroup directory, its netns and a process in it.
-    pub fn find(&self, uid: &str) -> Result<PodLocation, DiscoverError> {
+    /// The pod's cgroup directory, and the netns (with a process in it) that
+    /// holds one of the pod's `ips`.
+    pub fn find(&self, uid: &str, ips: &[IpAddr]) -> Result<PodLocation, DiscoverError> {
+        if ips.is_empty() {
+            return Err(DiscoverError::NoIps { uid: uid.into() });
+        }
         let cgroup = self.pod_cgroup(uid)?;
-        let pid = first_process(&cgroup)?.ok_or_else(|| DiscoverError::NoProcess {
-            uid: uid.into(),
-            cgroup: cgroup.clone(),
-        })?;
-        let netns = self.proc_root.join(pid.to_string()).join("ns/net");
-        if same_file(&netns, &self.host_netns)? {
+        let pids = processes(&cgroup)?;
+        if pids.is_empty() {
+            return Err(DiscoverError::NoProcess {
+                uid: uid.into(),
+                cgroup,
+            });
+        }
+        let host = file_id(&self.host_netns)?;
+        let (mut seen, mut host_seen) = (HashSet::new(), false);
+        for &pid in &pids {
+            let netns = self.proc_root.join(pid.to_string()).join("ns/net");
+            // The process may have exited meanwhile.
+            let Ok(id) = file_id(&netns) else { continue };
+            if id == host {
+                host_seen = true;
+                continue;
+            }
+            // Each netns is entered once, however many processes share it.
+            if !seen.insert(id) {
+                continue;
+            }
+            match (self.netns_addresses)(&netns) {
+                Ok(addrs) if addrs.iter().any(|a| ips.contains(a)) => return Ok(PodLocation { cgroup, netns, pid }),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(uid, pid, error = %e, "cannot read a pod process's addresses"),
+            }
+        }
+        if seen.is_empty() && host_seen {
             return Err(DiscoverError::HostNetwork { uid: uid.into() });
         }
-        Ok(PodLocation { cgroup, netns, pid })
+        Err(DiscoverError::NoMatchingNetns {
+            uid: uid.into(),
+            cgroup,
+            ips: ips.to_vec(),
+            processes: pids.len(),
+            namespaces: seen.len() + usize::from(host_seen),
+        })
     }
 
     /// The pod-level cgroup directory of `uid` (cgroupfs or systemd naming).
@@ -112,32 +169,52 @@ fn subdirs(dir: &Path) -> Result<Vec<PathBuf>, DiscoverError> {
     Ok(out)
 }
 
-/// The first pid in `dir`'s cgroup.procs or, depth first, in its children's
-/// (container processes live in per-container child cgroups).
-fn first_process(dir: &Path) -> Result<Option<u32>, DiscoverError> {
-    let procs = dir.join("cgroup.procs");
-    if let Ok(text) = std::fs::read_to_string(&procs) {
-        if let Some(pid) = text.lines().find_map(|l| l.trim().parse().ok()) {
-            return Ok(Some(pid));
+/// The pids of `dir`'s cgroup and, depth first, its children's (container
+/// processes live in per-container child cgroups), at most [`MAX_PROCESSES`]
+/// from at most [`MAX_CGROUP_DIRS`] directories.
+fn processes(dir: &Path) -> Result<Vec<u32>, DiscoverError> {
+    let (mut pids, mut stack, mut visited) = (Vec::new(), vec![dir.to_owned()], 0);
+    while let Some(d) = stack.pop() {
+        visited += 1;
+        if let Ok(text) = std::fs::read_to_string(d.join("cgroup.procs")) {
+            pids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
         }
-    }
-    for sub in subdirs(dir)? {
-        if let Some(pid) = first_process(&sub)? {
-            return Ok(Some(pid));
+        if pids.len() >= MAX_PROCESSES || visited >= MAX_CGROUP_DIRS {
+            break;
         }
+        // Reversed onto the stack: children are visited in name order.
+        stack.extend(subdirs(&d)?.into_iter().rev());
     }
-    Ok(None)
+    pids.truncate(MAX_PROCESSES);
+    Ok(pids)
 }
 
-fn same_file(a: &Path, b: &Path) -> Result<bool, DiscoverError> {
-    let meta = |p: &Path| {
-        std::fs::metadata(p).map_err(|source| DiscoverError::Io {
-            path: p.to_owned(),
-            source,
-        })
+/// (device, inode): the identity of a namespace file.
+fn file_id(p: &Path) -> Result<(u64, u64), DiscoverError> {
+    let m = std::fs::metadata(p).map_err(|source| DiscoverError::Io {
+        path: p.to_owned(),
+        source,
+    })?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// The non-loopback addresses of the network namespace at `path`.
+pub fn addresses_in(path: &Path) -> Result<Vec<IpAddr>, String> {
+    let read = || -> Result<Vec<IpAddr>, String> {
+        let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("getifaddrs: {e}"))?;
+        Ok(addrs
+            .filter_map(|i| {
+                let a = i.address?;
+                a.as_sockaddr_in()
+                    .map(|s| IpAddr::V4(s.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+            })
+            .filter(|ip| !ip.is_loopback())
+            .collect())
     };
-    let (a, b) = (meta(a)?, meta(b)?);
-    Ok(a.dev() == b.dev() && a.ino() == b.ino())
+    crate::netns::Netns::open(path)
+        .and_then(|ns| ns.run(read))
+        .map_err(|e| e.to_string())?
 }
 
 #[cfg(test)]
@@ -145,34 +222,59 @@ mod tests {
     use super::*;
 
     const UID: &str = "6f1c2a9e-1b2c-4d5e-8f90-123456789abc";
+    const POD_IP: &str = "10.244.1.7";
 
-    /// A fake node: cgroup tree and /proc with pid 1 (host netns) and pid 42 (pod netns).
+    fn pod_ips() -> Vec<IpAddr> {
+        vec![POD_IP.parse().unwrap()]
+    }
+
+    /// A fake node: a cgroup tree and a /proc whose `ns/net` links point at
+    /// files standing for namespaces, each holding its addresses. pid 1 is
+    /// in the host netns (10.0.0.1), pid 42 in the pod's, pid 7 in another
+    /// pod's (10.244.1.99).
     struct Fake {
         root: PathBuf,
     }
 
+    fn fake_addresses(p: &Path) -> Result<Vec<IpAddr>, String> {
+        let text = std::fs::read_to_string(p).map_err(|e| e.to_string())?;
+        Ok(text.lines().filter_map(|l| l.parse().ok()).collect())
+    }
+
     impl Fake {
-        fn new(tag: &str, pod_dir: &str, pod_pid: u32) -> Fake {
+        /// `pids`: the pod's cgroup.procs, in order.
+        fn new(tag: &str, pod_dir: &str, pids: &[u32]) -> Fake {
             let root = std::env::temp_dir().join(format!("discover-{tag}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&root);
             let cg = root.join("cgroup");
             std::fs::create_dir_all(cg.join(pod_dir)).unwrap();
             std::fs::create_dir_all(cg.join("system.slice/containerd.service")).unwrap();
-            std::fs::write(cg.join(pod_dir).join("cgroup.procs"), format!("{pod_pid}\n")).unwrap();
-            for (pid, ns) in [(1, "host"), (42, "pod")] {
-                let dir = root.join(format!("proc/{pid}/ns"));
-                std::fs::create_dir_all(&dir).unwrap();
-                let target = root.join(format!("netns-{ns}"));
-                std::fs::write(&target, ns).unwrap();
-                std::os::unix::fs::symlink(&target, dir.join("net")).unwrap();
+            let procs: String = pids.iter().map(|p| format!("{p}\n")).collect();
+            std::fs::write(cg.join(pod_dir).join("cgroup.procs"), procs).unwrap();
+            let f = Fake { root };
+            f.netns("host", &["10.0.0.1"]);
+            f.netns("pod", &[POD_IP, "fd00::7"]);
+            f.netns("other", &["10.244.1.99"]);
+            for (pid, ns) in [(1, "host"), (42, "pod"), (7, "other")] {
+                f.process(pid, ns);
             }
-            Fake { root }
+            f
+        }
+        fn netns(&self, name: &str, ips: &[&str]) {
+            let text: String = ips.iter().map(|i| format!("{i}\n")).collect();
+            std::fs::write(self.root.join(format!("netns-{name}")), text).unwrap();
+        }
+        fn process(&self, pid: u32, ns: &str) {
+            let dir = self.root.join(format!("proc/{pid}/ns"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::os::unix::fs::symlink(self.root.join(format!("netns-{ns}")), dir.join("net")).unwrap();
         }
         fn discoverer(&self) -> Discoverer {
             Discoverer {
                 cgroup_root: self.root.join("cgroup"),
                 proc_root: self.root.join("proc"),
                 host_netns: self.root.join("proc/1/ns/net"),
+                netns_addresses: fake_addresses,
             }
         }
     }
@@ -187,8 +289,8 @@ mod tests {
     fn containerd_with_systemd_driver() {
         let u = UID.replace('-', "_");
         let pod = format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice");
-        let f = Fake::new("systemd", &format!("{pod}/cri-containerd-0123abcd.scope"), 42);
-        let loc = f.discoverer().find(UID).unwrap();
+        let f = Fake::new("systemd", &format!("{pod}/cri-containerd-0123abcd.scope"), &[42]);
+        let loc = f.discoverer().find(UID, &pod_ips()).unwrap();
         assert_eq!(loc.cgroup, f.root.join("cgroup").join(&pod));
         assert_eq!((loc.pid, loc.netns.clone()), (42, f.root.join("proc/42/ns/net")));
     }
@@ -197,30 +299,74 @@ mod tests {
     fn crio_with_cgroupfs_driver_and_each_qos_class() {
         for qos in ["", "burstable/", "besteffort/"] {
             let pod = format!("kubepods/{qos}pod{UID}");
-            let f = Fake::new(&format!("cgroupfs{}", qos.len()), &format!("{pod}/crio-feedbeef"), 42);
+            let f = Fake::new(
+                &format!("cgroupfs{}", qos.len()),
+                &format!("{pod}/crio-feedbeef"),
+                &[42],
+            );
             assert_eq!(
-                f.discoverer().find(UID).unwrap().cgroup,
+                f.discoverer().find(UID, &pod_ips()).unwrap().cgroup,
                 f.root.join("cgroup").join(&pod)
             );
         }
         let guaranteed = format!("kubepods.slice/kubepods-pod{}.slice", UID.replace('-', "_"));
-        let f = Fake::new("guaranteed", &format!("{guaranteed}/crio-1.scope"), 42);
+        let f = Fake::new("guaranteed", &format!("{guaranteed}/crio-1.scope"), &[42]);
         assert_eq!(
-            f.discoverer().find(UID).unwrap().cgroup,
+            f.discoverer().find(UID, &pod_ips()).unwrap().cgroup,
             f.root.join("cgroup").join(&guaranteed)
         );
     }
 
     #[test]
     fn host_network_pods_and_missing_pods_say_so() {
-        let f = Fake::new("hostnet", &format!("kubepods/pod{UID}/c1"), 1);
-        let e = f.discoverer().find(UID).unwrap_err().to_string();
+        let f = Fake::new("hostnet", &format!("kubepods/pod{UID}/c1"), &[1]);
+        let e = f.discoverer().find(UID, &pod_ips()).unwrap_err().to_string();
         assert!(e.contains("host network"), "{e}");
         let e = f
             .discoverer()
-            .find("00000000-0000-0000-0000-000000000000")
+            .find("00000000-0000-0000-0000-000000000000", &pod_ips())
             .unwrap_err()
             .to_string();
         assert!(e.contains("no cgroup of pod") && e.contains("--cgroup-root"), "{e}");
+        let e = f.discoverer().find(UID, &[]).unwrap_err().to_string();
+        assert!(e.contains("no IP yet"), "{e}");
+    }
+
+    #[test]
+    fn processes_joined_from_another_netns_are_skipped() {
+        // First in the cgroup: a process of another pod's netns, then one of
+        // the host's (an nsenter'd tool), then the pod's own.
+        let f = Fake::new("joined", &format!("kubepods/pod{UID}/c1"), &[7, 1, 42]);
+        let loc = f.discoverer().find(UID, &pod_ips()).unwrap();
+        assert_eq!((loc.pid, loc.netns), (42, f.root.join("proc/42/ns/net")));
+        // Matched by any of the pod's IPs (an IPv6-first pod).
+        let loc = f.discoverer().find(UID, &["fd00::7".parse().unwrap()]).unwrap();
+        assert_eq!(loc.pid, 42);
+    }
+
+    #[test]
+    fn no_netns_holding_the_pod_ip_says_which_were_inspected() {
+        let f = Fake::new("nomatch", &format!("kubepods/pod{UID}/c1"), &[7, 1, 4242]);
+        let e = f.discoverer().find(UID, &pod_ips()).unwrap_err().to_string();
+        assert!(
+            e.contains("none of the 2 network namespaces of the 3 processes") && e.contains(POD_IP),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn inspection_is_bounded() {
+        // More processes than inspected, all in another netns, the pod's last.
+        let mut pids: Vec<u32> = (1000..1000 + MAX_PROCESSES as u32).collect();
+        pids.push(42);
+        let f = Fake::new("bounded", &format!("kubepods/pod{UID}/c1"), &pids);
+        for &pid in &pids[..MAX_PROCESSES] {
+            f.process(pid, "other");
+        }
+        let e = f.discoverer().find(UID, &pod_ips()).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("of the {MAX_PROCESSES} processes inspected")),
+            "{e}"
+        );
     }
 }

@@ -19,6 +19,8 @@ use serde_json::{json, Value};
 pub const PLUGIN_TYPE: &str = "mesh-cni";
 /// Suffix of a single-plugin config this installer converted to a conflist.
 pub const ORIG_SUFFIX: &str = ".mesh-cni-orig";
+/// The plugin's kubeconfig in the conf dir (no config extension: runtimes never load it).
+pub const KUBECONFIG_FILE: &str = "mesh-cni-kubeconfig";
 /// Directory (inside the conf dir) with one file per running installer.
 pub const HOLDERS_DIR: &str = ".mesh-cni-holders";
 /// File extensions the container runtimes (libcni) load configs from.
@@ -117,9 +119,9 @@ pub fn has_entry_last(list: &Value) -> bool {
         .is_some_and(is_ours)
 }
 
-/// Makes `{"type":"mesh-cni","socket":socket}` the last plugin of a conflist, replacing any
-/// existing entry (whose other fields are kept). Returns whether the list changed.
-pub fn insert_entry(list: &mut Value, socket: &str) -> Result<bool, String> {
+/// Makes `{"type":"mesh-cni","socket":socket,"kubeconfig":...}` the last plugin of a conflist,
+/// replacing any existing entry (whose other fields are kept). Returns whether the list changed.
+pub fn insert_entry(list: &mut Value, socket: &str, kubeconfig: Option<&str>) -> Result<bool, String> {
     let plugins = plugins_mut(list)?;
     let before = plugins.clone();
     let mut entry = plugins
@@ -128,6 +130,13 @@ pub fn insert_entry(list: &mut Value, socket: &str) -> Result<bool, String> {
         .cloned()
         .unwrap_or_else(|| json!({"type": PLUGIN_TYPE}));
     entry["socket"] = Value::String(socket.to_owned());
+    match (kubeconfig, entry.as_object_mut()) {
+        (Some(k), _) => entry["kubeconfig"] = Value::String(k.to_owned()),
+        (None, Some(e)) => {
+            e.remove("kubeconfig");
+        }
+        (None, None) => {}
+    }
     plugins.retain(|p| !is_ours(p));
     plugins.push(entry);
     Ok(*plugins != before)
@@ -204,14 +213,14 @@ fn orig_path(file: &Path) -> PathBuf {
 /// or `*.json`), converting a single-plugin config to a conflist. With `replace` false, an entry
 /// already last (whatever its socket, e.g. a newer installer's) is left alone. Returns the
 /// conflist, or `None` if the dir has no CNI config yet.
-pub fn ensure_entry(conf_dir: &Path, socket: &str, replace: bool) -> Result<Option<PathBuf>> {
+pub fn ensure_entry(conf_dir: &Path, socket: &str, kubeconfig: Option<&str>, replace: bool) -> Result<Option<PathBuf>> {
     for file in config_files(conf_dir)? {
         let Some(mut value) = read_json(&file)? else { continue };
         if is_conflist(&value) {
             if !replace && has_entry_last(&value) {
                 return Ok(Some(file));
             }
-            let changed = insert_entry(&mut value, socket).map_err(Error::Invalid)?;
+            let changed = insert_entry(&mut value, socket, kubeconfig).map_err(Error::Invalid)?;
             if changed {
                 write_atomic(&file, &to_pretty(&value), file_mode(&file))?;
                 log(format!(
@@ -228,7 +237,7 @@ pub fn ensure_entry(conf_dir: &Path, socket: &str, replace: bool) -> Result<Opti
         }
         if is_single_conf(&value) {
             let mut list = conf_to_conflist(&value);
-            insert_entry(&mut list, socket).map_err(Error::Invalid)?;
+            insert_entry(&mut list, socket, kubeconfig).map_err(Error::Invalid)?;
             let dest = converted_path(&file);
             write_atomic(&dest, &to_pretty(&list), file_mode(&file))?;
             let orig = orig_path(&file);
@@ -377,6 +386,12 @@ pub fn release(conf_dir: &Path, bin_dir: &Path, holder: &str) -> Result<bool> {
         return Ok(false);
     }
     remove_entries(conf_dir)?;
+    let kubeconfig = conf_dir.join(KUBECONFIG_FILE);
+    match fs::remove_file(&kubeconfig) {
+        Ok(()) => log(format!("removed {}", kubeconfig.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&kubeconfig)(e)),
+    }
     let bin = bin_dir.join(PLUGIN_TYPE);
     match fs::remove_file(&bin) {
         Ok(()) => log(format!("removed {}", bin.display())),
@@ -400,10 +415,86 @@ pub struct Options {
     pub holder: String,
     pub once: bool,
     pub interval: Duration,
+    pub kubeconfig: Option<KubeconfigSource>,
+}
+
+/// Where the plugin's API credentials come from: the installer pod's own service account
+/// (`mesh-cni`: get pods and namespaces, nothing else).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubeconfigSource {
+    /// The projected token the kubelet refreshes; re-read every interval.
+    pub token: PathBuf,
+    /// The API server's CA bundle (if the file exists).
+    pub ca: PathBuf,
+    pub server: String,
+    /// The conf dir as the runtime on the node sees it (the kubeconfig path in the entry).
+    pub host_conf_dir: PathBuf,
+}
+
+impl KubeconfigSource {
+    /// The kubeconfig's path for the plugin, which runs on the node.
+    pub fn host_path(&self) -> String {
+        self.host_conf_dir.join(KUBECONFIG_FILE).display().to_string()
+    }
+
+    /// The kubeconfig text (JSON, which is YAML): server, CA, and the token inline.
+    fn render(&self) -> Result<Vec<u8>> {
+        let token = fs::read_to_string(&self.token).map_err(io_err(&self.token))?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(Error::Invalid(format!("{} is empty", self.token.display())));
+        }
+        let mut cluster = json!({"server": self.server});
+        match fs::read(&self.ca) {
+            Ok(pem) => cluster["certificate-authority-data"] = json!(base64(&pem)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !self.server.starts_with("https:") => {}
+            Err(e) => return Err(io_err(&self.ca)(e)),
+        }
+        let config = json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "local", "cluster": cluster}],
+            "users": [{"name": PLUGIN_TYPE, "user": {"token": token}}],
+            "contexts": [{"name": PLUGIN_TYPE, "context": {"cluster": "local", "user": PLUGIN_TYPE}}],
+            "current-context": PLUGIN_TYPE,
+        });
+        Ok(to_pretty(&config))
+    }
+}
+
+/// Writes (0600: it holds a credential) or refreshes the plugin's kubeconfig; whether it changed.
+pub fn write_kubeconfig(conf_dir: &Path, src: &KubeconfigSource) -> Result<bool> {
+    let path = conf_dir.join(KUBECONFIG_FILE);
+    let text = src.render()?;
+    let mode_ok = fs::metadata(&path).is_ok_and(|m| m.permissions().mode() & 0o777 == 0o600);
+    if mode_ok && fs::read(&path).is_ok_and(|old| old == text) {
+        return Ok(false);
+    }
+    write_atomic(&path, &text, 0o600)?;
+    log(format!("wrote {} (token from {})", path.display(), src.token.display()));
+    Ok(true)
+}
+
+/// Standard base64 with padding (the kubeconfig's `*-data` fields).
+fn base64(data: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 pub const USAGE: &str = "\
 usage: mesh-cni install --holder ID [--bin-dir DIR] [--conf-dir DIR] [--socket PATH] [--once] [--interval SECS]
+                       [--kubeconfig-token FILE [--kubeconfig-ca FILE] [--api-server URL] [--host-conf-dir DIR]]
        mesh-cni uninstall --holder ID [--bin-dir DIR] [--conf-dir DIR]
   --bin-dir   CNI binary dir (default /opt/cni/bin)
   --conf-dir  CNI config dir (default /etc/cni/net.d)
@@ -411,6 +502,12 @@ usage: mesh-cni install --holder ID [--bin-dir DIR] [--conf-dir DIR] [--socket P
   --holder    this installer's unique ID (e.g. its pod name)
   --once      install and exit; fail if there is no CNI config yet
   --interval  seconds between checks that the entry is still there (default 5)
+  --kubeconfig-token  a service-account token: write the plugin's kubeconfig (conf dir, mode 0600,
+              refreshed every interval) so that it can ask the API while the agent is down;
+              without it, pods outside the excluded namespaces cannot start while the agent is down
+  --kubeconfig-ca     the API server's CA (default: ca.crt beside the token)
+  --api-server        default https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT
+  --host-conf-dir     the conf dir's path on the node, for the entry (default /etc/cni/net.d)
 Run by a container runtime (CNI_COMMAND set), it is the CNI plugin.";
 
 /// Parses the arguments after the program name.
@@ -430,7 +527,9 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
         holder: String::new(),
         once: false,
         interval: Duration::from_secs(5),
+        kubeconfig: None,
     };
+    let (mut token, mut ca, mut server, mut host_conf_dir) = (None::<PathBuf>, None::<PathBuf>, None, None);
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
@@ -451,6 +550,10 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
             "--conf-dir" => opts.conf_dir = value()?.into(),
             "--socket" => opts.socket = value()?,
             "--holder" => opts.holder = value()?,
+            "--kubeconfig-token" => token = Some(value()?.into()),
+            "--kubeconfig-ca" => ca = Some(value()?.into()),
+            "--api-server" => server = Some(value()?),
+            "--host-conf-dir" => host_conf_dir = Some(value()?.into()),
             "--interval" => {
                 let v = value()?;
                 let secs: f64 = v
@@ -466,8 +569,35 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
     if opts.holder.is_empty() {
         return Err("--holder is required".into());
     }
+    match token {
+        Some(token) => {
+            let server = match server {
+                Some(s) => s,
+                None => in_cluster_server()?,
+            };
+            opts.kubeconfig = Some(KubeconfigSource {
+                ca: ca.unwrap_or_else(|| token.with_file_name("ca.crt")),
+                token,
+                server,
+                host_conf_dir: host_conf_dir.unwrap_or_else(|| "/etc/cni/net.d".into()),
+            });
+        }
+        None if ca.is_some() || server.is_some() || host_conf_dir.is_some() => {
+            return Err("--kubeconfig-ca, --api-server and --host-conf-dir need --kubeconfig-token".into())
+        }
+        None => {}
+    }
     validate_holder(&opts.holder).map_err(|e| e.to_string())?;
     Ok(opts)
+}
+
+/// The API server as a pod sees it (the `kubernetes` Service).
+fn in_cluster_server() -> Result<String, String> {
+    let host = std::env::var("KUBERNETES_SERVICE_HOST")
+        .map_err(|_| "--api-server is required outside a pod (no KUBERNETES_SERVICE_HOST)".to_string())?;
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    Ok(format!("https://{host}:{port}"))
 }
 
 /// The signals that stop the installer, blocked so they can be waited for synchronously.
@@ -536,12 +666,15 @@ fn install(opts: &Options) -> Result<i32> {
         // Holder first: an old installer stopping concurrently then sees us and keeps things.
         register_holder(&opts.conf_dir, &opts.holder)?;
         install_binary(&exe, &opts.bin_dir)?;
+        if let Some(k) = &opts.kubeconfig {
+            write_kubeconfig(&opts.conf_dir, k)?;
+        }
     }
     let mut waiting_logged = false;
     loop {
         let found = {
             let _lock = lock(&opts.conf_dir)?;
-            ensure_entry(&opts.conf_dir, &opts.socket, true)?
+            ensure_entry(&opts.conf_dir, &opts.socket, kubeconfig_path(opts).as_deref(), true)?
         };
         if found.is_some() {
             break;
@@ -584,6 +717,10 @@ fn install(opts: &Options) -> Result<i32> {
     }
 }
 
+fn kubeconfig_path(opts: &Options) -> Option<String> {
+    opts.kubeconfig.as_ref().map(KubeconfigSource::host_path)
+}
+
 /// Restores whatever someone removed: our holder file, the binary, the entry.
 fn recheck(opts: &Options, exe: &Path) -> Result<()> {
     let _lock = lock(&opts.conf_dir)?;
@@ -594,7 +731,11 @@ fn recheck(opts: &Options, exe: &Path) -> Result<()> {
     if !opts.bin_dir.join(PLUGIN_TYPE).exists() {
         install_binary(exe, &opts.bin_dir)?;
     }
-    if ensure_entry(&opts.conf_dir, &opts.socket, false)?.is_none() {
+    // The kubelet refreshes the projected token well before it expires.
+    if let Some(k) = &opts.kubeconfig {
+        write_kubeconfig(&opts.conf_dir, k)?;
+    }
+    if ensure_entry(&opts.conf_dir, &opts.socket, kubeconfig_path(opts).as_deref(), false)?.is_none() {
         log(format!("no CNI config in {} any more", opts.conf_dir.display()));
     }
     Ok(())
@@ -660,7 +801,7 @@ mod tests {
     #[test]
     fn insert_preserves_order_and_is_idempotent() {
         let mut v: Value = serde_json::from_str(CONFLIST).unwrap();
-        assert!(insert_entry(&mut v, "/run/a.sock").unwrap());
+        assert!(insert_entry(&mut v, "/run/a.sock", None).unwrap());
         assert_eq!(types(&v), ["calico", "portmap", "mesh-cni"]);
         assert_eq!(v["plugins"][2], json!({"type": "mesh-cni", "socket": "/run/a.sock"}));
         // Key order of the top level and of other plugins is kept.
@@ -669,12 +810,12 @@ mod tests {
         let keys: Vec<&String> = v["plugins"][0].as_object().unwrap().keys().collect();
         assert_eq!(keys, ["type", "log_level", "ipam"]);
         let once = v.clone();
-        assert!(!insert_entry(&mut v, "/run/a.sock").unwrap());
+        assert!(!insert_entry(&mut v, "/run/a.sock", None).unwrap());
         assert_eq!(v, once);
 
         // An existing entry, not last and with extra fields, moves last and gets the new socket.
         let mut v = json!({"plugins": [{"type": "mesh-cni", "socket": "/old", "timeoutSeconds": 3}, {"type": "x"}]});
-        assert!(insert_entry(&mut v, "/new").unwrap());
+        assert!(insert_entry(&mut v, "/new", None).unwrap());
         assert_eq!(
             v["plugins"],
             json!([{"type": "x"}, {"type": "mesh-cni", "socket": "/new", "timeoutSeconds": 3}])
@@ -682,7 +823,7 @@ mod tests {
         assert!(remove_entry(&mut v).unwrap());
         assert_eq!(v["plugins"], json!([{"type": "x"}]));
         assert!(!remove_entry(&mut v).unwrap());
-        assert!(insert_entry(&mut json!({"type": "bridge"}), "/s").is_err());
+        assert!(insert_entry(&mut json!({"type": "bridge"}), "/s", None).is_err());
     }
 
     #[test]
@@ -696,12 +837,12 @@ mod tests {
         )
         .unwrap();
         fs::write(t.conf().join("README"), "not a config").unwrap();
-        assert_eq!(ensure_entry(&t.conf(), "/s", true).unwrap(), Some(file.clone()));
+        assert_eq!(ensure_entry(&t.conf(), "/s", None, true).unwrap(), Some(file.clone()));
         let v = read(&file);
         assert_eq!(types(&v), ["calico", "portmap", "mesh-cni"]);
         assert_eq!(v["disableCheck"], json!(false));
         let text = fs::read(&file).unwrap();
-        ensure_entry(&t.conf(), "/s", true).unwrap();
+        ensure_entry(&t.conf(), "/s", None, true).unwrap();
         assert_eq!(fs::read(&file).unwrap(), text, "second run must not change the file");
         // Only the active (first) config is touched.
         assert_eq!(types(&read(&t.conf().join("20-later.conflist"))), ["y"]);
@@ -722,7 +863,10 @@ mod tests {
         let original = r#"{"name":"cbr0","cniVersion":"0.3.1","type":"flannel","delegate":{"isDefaultGateway":true}}"#;
         fs::write(&conf, original).unwrap();
         let list_path = t.conf().join("10-flannel.conflist");
-        assert_eq!(ensure_entry(&t.conf(), "/s", true).unwrap(), Some(list_path.clone()));
+        assert_eq!(
+            ensure_entry(&t.conf(), "/s", None, true).unwrap(),
+            Some(list_path.clone())
+        );
         assert!(!conf.exists());
         assert_eq!(
             fs::read_to_string(t.conf().join("10-flannel.conf.mesh-cni-orig")).unwrap(),
@@ -734,7 +878,10 @@ mod tests {
         assert_eq!(types(&list), ["flannel", "mesh-cni"]);
         assert_eq!(list["plugins"][0], serde_json::from_str::<Value>(original).unwrap());
         // Idempotent: the conflist is now the active config.
-        assert_eq!(ensure_entry(&t.conf(), "/s", true).unwrap(), Some(list_path.clone()));
+        assert_eq!(
+            ensure_entry(&t.conf(), "/s", None, true).unwrap(),
+            Some(list_path.clone())
+        );
 
         remove_entries(&t.conf()).unwrap();
         assert_eq!(fs::read_to_string(&conf).unwrap(), original);
@@ -747,11 +894,11 @@ mod tests {
         let t = TempDir::new("rewrite");
         let conf = t.conf().join("10-flannel.conf");
         fs::write(&conf, r#"{"cniVersion":"0.3.1","name":"a","type":"flannel"}"#).unwrap();
-        ensure_entry(&t.conf(), "/s", true).unwrap();
+        ensure_entry(&t.conf(), "/s", None, true).unwrap();
         // The main CNI writes its .conf again: it sorts before our conflist, so it is active.
         let newer = r#"{"cniVersion":"0.3.1","name":"a","type":"flannel","mtu":1400}"#;
         fs::write(&conf, newer).unwrap();
-        ensure_entry(&t.conf(), "/s", false).unwrap();
+        ensure_entry(&t.conf(), "/s", None, false).unwrap();
         assert!(!conf.exists());
         assert_eq!(read(&t.conf().join("10-flannel.conflist"))["plugins"][0]["mtu"], 1400);
         remove_entries(&t.conf()).unwrap();
@@ -768,7 +915,7 @@ mod tests {
         for holder in ["agent-old", "agent-new"] {
             register_holder(&t.conf(), holder).unwrap();
             install_binary(&exe, &t.bin()).unwrap();
-            ensure_entry(&t.conf(), "/s", true).unwrap();
+            ensure_entry(&t.conf(), "/s", None, true).unwrap();
         }
         let bin = t.bin().join("mesh-cni");
         assert_eq!(fs::metadata(&bin).unwrap().permissions().mode() & 0o777, 0o755);
@@ -801,5 +948,23 @@ mod tests {
         assert!(parse_args(&a("install --holder h --bogus")).is_err());
         assert!(parse_args(&a("install --holder")).is_err());
         assert!(parse_args(&a("frob --holder h")).is_err());
+    }
+
+    #[test]
+    fn kubeconfig_args() {
+        let a = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        let o = parse_args(&a(
+            "install --holder h --kubeconfig-token /sa/token --api-server https://10.96.0.1:443",
+        ))
+        .unwrap();
+        let k = o.kubeconfig.unwrap();
+        assert_eq!((&k.token, &k.ca), (&"/sa/token".into(), &"/sa/ca.crt".into()));
+        assert_eq!(k.host_path(), "/etc/cni/net.d/mesh-cni-kubeconfig");
+        assert!(parse_args(&a("install --holder h")).unwrap().kubeconfig.is_none());
+        assert!(parse_args(&a("install --holder h --api-server https://x")).is_err());
+        assert_eq!(
+            [base64(b""), base64(b"a"), base64(b"ab"), base64(b"abc")],
+            ["", "YQ==", "YWI=", "YWJj"]
+        );
     }
 }

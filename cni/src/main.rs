@@ -1,6 +1,7 @@
 //! `mesh-cni`: a chained CNI plugin when run by a container runtime (`CNI_COMMAND` set), and
 //! its own installer otherwise (`mesh-cni install|uninstall ...`).
 
+mod api;
 mod install;
 mod plugin;
 

@@ -1,14 +1,21 @@
 //! The CNI plugin role (CNI spec 1.0/1.1, chained after the node's main plugin).
 //!
 //! ADD and CHECK fail closed: a pod that cannot be told to the agent does not start, since it
-//! could otherwise run outside the mesh unnoticed. DEL never fails: pod deletion must not block.
+//! could otherwise run outside the mesh unnoticed. While the agent is not reachable, ADD asks the
+//! Kubernetes API (the `kubeconfig` of the plugin's configuration) whether the pod belongs in the
+//! mesh, with the agent's own rule: a pod outside the mesh starts, a pod in it waits for the
+//! agent, and when the API cannot answer either, the pod does not start (except in the excluded
+//! system namespaces). DEL never fails: pod deletion must not block.
 
 use std::net::IpAddr;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use mesh_cni::membership::Membership;
 use mesh_cni::proto::{self, CallError, Command, Reply, Request};
+
+use crate::api::Verdict;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -18,6 +25,8 @@ const LATEST_VERSION: &str = "1.1.0";
 const DEFAULT_TIMEOUT_SECONDS: u64 = 10;
 /// How often ADD/CHECK retry connecting while the agent is (re)starting, within the timeout.
 const CONNECT_RETRY: Duration = Duration::from_millis(250);
+/// At most this long (within the timeout) for the API while the agent is not reachable.
+const API_TIMEOUT: Duration = Duration::from_secs(5);
 
 // Well-known CNI error codes.
 const ERR_INCOMPATIBLE_VERSION: u32 = 1;
@@ -84,6 +93,10 @@ struct NetConf {
     timeout_seconds: Option<u64>,
     #[serde(default)]
     prev_result: Option<Value>,
+    /// Read-only credentials for the API, used while the agent is not reachable (written by
+    /// `mesh-cni install --kubeconfig`).
+    #[serde(default)]
+    kubeconfig: Option<PathBuf>,
     /// Namespaces never sent to the agent (the agent's own and the system's
     /// must start even while no agent runs, or nothing could start it).
     #[serde(default = "default_excluded")]
@@ -92,15 +105,6 @@ struct NetConf {
 
 fn default_excluded() -> Vec<String> {
     vec!["kube-system".into(), "mesh-system".into()]
-}
-
-/// Whether the agent's last list says the namespace is not in the mesh.
-fn known_outside_mesh(socket: &Path, namespace: &str) -> bool {
-    let file = socket.with_file_name(proto::AMBIENT_NAMESPACES_FILE);
-    match std::fs::read_to_string(&file) {
-        Ok(text) => !text.lines().any(|l| l.trim() == namespace),
-        Err(_) => false,
-    }
 }
 
 impl NetConf {
@@ -333,6 +337,28 @@ fn unreachable(socket: &Path, e: &CallError) -> CniError {
     CniError::new(ERR_TRY_AGAIN_LATER, msg, e.to_string())
 }
 
+/// ADD's error when the agent stayed unreachable: why the pod may not start without it.
+fn agent_down(socket: &Path, req: &Request, verdict: &Result<Verdict, String>, e: &CallError) -> CniError {
+    if !e.is_unreachable() {
+        return unreachable(socket, e);
+    }
+    let pod = format!("{}/{}", req.pod_namespace, req.pod_name);
+    let msg = match verdict {
+        Ok(v) => format!(
+            "pod {pod} belongs in the mesh ({}) but the mesh agent is not reachable at {}: \
+             it may not start without capture; is the mesh-agent DaemonSet running on this node? The kubelet retries",
+            v.why,
+            socket.display()
+        ),
+        Err(api) => format!(
+            "mesh agent not reachable at {} and the Kubernetes API cannot tell whether pod {pod} belongs in the mesh ({api}): \
+             failing closed; start the mesh-agent DaemonSet on this node, or fix the plugin's API access (mesh-cni install --kubeconfig)",
+            socket.display()
+        ),
+    };
+    CniError::new(ERR_TRY_AGAIN_LATER, msg, e.to_string())
+}
+
 fn pod_label(req: &Request) -> String {
     format!("{}/{} ({})", req.pod_namespace, req.pod_name, req.container_id)
 }
@@ -373,20 +399,48 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<String>, CniError> {
         return Ok(Some(out));
     }
     let socket = conf.socket();
-    // One quick try first: when the agent is down, pods of namespaces it
-    // listed as outside the mesh need not wait for it.
+    let deadline = Instant::now() + conf.timeout();
+    // One quick try first: when the agent is down, the API may tell that
+    // the pod need not wait for it.
     let reply = match ask(&socket, &req, conf.timeout(), false) {
-        Err(e) if e.is_unreachable() && known_outside_mesh(&socket, &req.pod_namespace) => {
-            log(format!(
-                "ADD {}: agent not reachable; namespace not ambient in its last list, passing through",
-                pod_label(&req)
-            ));
-            return Ok(Some(out));
+        Err(e) if e.is_unreachable() => {
+            let verdict = match &conf.kubeconfig {
+                Some(k) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    crate::api::membership_of(
+                        k,
+                        &req.pod_namespace,
+                        &req.pod_name,
+                        &req.pod_uid,
+                        left.min(API_TIMEOUT),
+                    )
+                }
+                None => Err("the plugin configuration has no kubeconfig (mesh-cni install --kubeconfig)".into()),
+            };
+            match &verdict {
+                Ok(v) if v.membership != Membership::Ambient => {
+                    log(format!(
+                        "ADD {}: agent not reachable; not in the mesh per the Kubernetes API ({}), passing through",
+                        pod_label(&req),
+                        v.why
+                    ));
+                    return Ok(Some(out));
+                }
+                Ok(v) => log(format!(
+                    "ADD {}: in the mesh ({}); waiting for the agent",
+                    pod_label(&req),
+                    v.why
+                )),
+                Err(e) => log(format!(
+                    "ADD {}: agent and Kubernetes API both unavailable: {e}",
+                    pod_label(&req)
+                )),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            ask(&socket, &req, left, true).map_err(|e| agent_down(&socket, &req, &verdict, &e))?
         }
-        Err(e) if e.is_unreachable() => ask(&socket, &req, conf.timeout(), true),
-        other => other,
-    }
-    .map_err(|e| unreachable(&socket, &e))?;
+        other => other.map_err(|e| unreachable(&socket, &e))?,
+    };
     if !reply.ok {
         return Err(CniError::new(
             ERR_TRY_AGAIN_LATER,

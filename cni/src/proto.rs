@@ -24,11 +24,6 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 /// Where the agent listens by default (a hostPath shared with the runtime's plugin process).
-/// Written by the agent next to its socket: the namespaces labelled for
-/// ambient, one per line. While the agent is down, pods of other namespaces
-/// may start (nothing captures them anyway); pods of these fail closed.
-pub const AMBIENT_NAMESPACES_FILE: &str = "ambient-namespaces";
-
 pub const DEFAULT_SOCKET: &str = "/var/run/mesh/cni.sock";
 
 /// Upper bound on one message line, both directions; longer lines are a protocol error.

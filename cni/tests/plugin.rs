@@ -462,3 +462,71 @@ fn installer_waits_for_config_converts_conf_and_restores_on_sigterm() {
         .collect();
     assert_eq!(left, ["10-flannel.conf"]);
 }
+
+#[test]
+fn installer_writes_the_plugin_kubeconfig_0600_refreshes_its_token_and_removes_it() {
+    let t = TempDir::new("kubeconfig");
+    fs::create_dir_all(t.path("bin")).unwrap();
+    fs::create_dir_all(t.path("net.d")).unwrap();
+    fs::create_dir_all(t.path("sa")).unwrap();
+    let list = t.path("net.d/10-ptp.conflist");
+    fs::write(&list, CONFLIST).unwrap();
+    fs::write(t.path("sa/token"), "token-1\n").unwrap();
+    fs::write(
+        t.path("sa/ca.crt"),
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let token = t.path("sa/token");
+    let child = installer(
+        &t,
+        &[
+            "install",
+            "--holder",
+            "k",
+            "--interval",
+            "0.2",
+            "--kubeconfig-token",
+            token.to_str().unwrap(),
+            "--api-server",
+            "https://10.96.0.1:443",
+            "--host-conf-dir",
+            "/etc/cni/net.d",
+        ],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let kubeconfig = t.path("net.d/mesh-cni-kubeconfig");
+    let user_token = |p: &Path| -> Option<String> {
+        let v: Value = serde_json::from_slice(&fs::read(p).ok()?).ok()?;
+        v["users"][0]["user"]["token"].as_str().map(str::to_owned)
+    };
+    wait_for("kubeconfig", || user_token(&kubeconfig).as_deref() == Some("token-1"));
+    wait_for("entry", || {
+        plugin_types(&read_json(&list)).last().map(String::as_str) == Some("mesh-cni")
+    });
+    // A credential: readable by root only. The entry names it as the node sees it.
+    assert_eq!(fs::metadata(&kubeconfig).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        read_json(&list)["plugins"][2]["kubeconfig"],
+        "/etc/cni/net.d/mesh-cni-kubeconfig"
+    );
+    let v = read_json(&kubeconfig);
+    assert_eq!(v["clusters"][0]["cluster"]["server"], "https://10.96.0.1:443");
+    assert_eq!(
+        v["clusters"][0]["cluster"]["certificate-authority-data"],
+        "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUIKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo="
+    );
+    // The kubelet refreshed the projected token: so does the kubeconfig.
+    fs::write(&token, "token-2\n").unwrap();
+    wait_for("refreshed token", || {
+        user_token(&kubeconfig).as_deref() == Some("token-2")
+    });
+    assert_eq!(fs::metadata(&kubeconfig).unwrap().permissions().mode() & 0o777, 0o600);
+    // The last holder leaves: the credential goes with the entry.
+    let out = sigterm_and_wait(child);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!kubeconfig.exists());
+    assert_eq!(read_json(&list), serde_json::from_str::<Value>(CONFLIST).unwrap());
+}

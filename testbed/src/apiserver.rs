@@ -9,7 +9,11 @@
 //! * watch (`?watch=true`): the history after the given resourceVersion,
 //!   then live events, BOOKMARKs when asked for, `timeoutSeconds`, and an
 //!   ERROR 410 Gone event when the version was compacted away;
-//! * get of one object, `GET /version`, and TokenReview create;
+//! * get of one object, `GET /version`, `GET /apis/<group>/<version>`
+//!   (the resources a version serves), and TokenReview create with the
+//!   real API server's rules for service-account tokens ([`SaToken`]);
+//! * a CRD served under a chosen set of versions
+//!   ([`ApiServer::serve_versions`]), one stored object seen under each;
 //! * [`ApiServer::stop`] / [`ApiServer::start_again`] (same address) and
 //!   [`ApiServer::compact`] to force re-lists;
 //! * a log of every request (verb, group, resource), so RBAC rules can be
@@ -80,6 +84,22 @@ const RESOURCES: &[Res] = &[
         "PeerAuthentication",
         true,
     ),
+    // Istio serves its security CRDs as v1 and v1beta1 (same schema);
+    // older releases serve only v1beta1.
+    res(
+        "security.istio.io",
+        "v1beta1",
+        "authorizationpolicies",
+        "AuthorizationPolicy",
+        true,
+    ),
+    res(
+        "security.istio.io",
+        "v1beta1",
+        "peerauthentications",
+        "PeerAuthentication",
+        true,
+    ),
 ];
 
 const fn res(
@@ -112,7 +132,85 @@ impl Res {
             .iter()
             .find(|r| r.api_version() == api_version && r.kind == kind)
     }
+
+    /// The same resource in another version (one stored object for all).
+    fn same(&self, other: &Res) -> bool {
+        self.group == other.group && self.plural == other.plural
+    }
+
+    /// `object` as served in this version: only apiVersion changes (a CRD
+    /// without a conversion webhook, as Istio's).
+    fn present(&self, mut object: Value) -> Value {
+        if self.group.is_empty() {
+            return object;
+        }
+        object["apiVersion"] = json!(self.api_version());
+        object
+    }
 }
+
+/// A service-account token as the real API server minted it; TokenReview
+/// checks it as kube-apiserver does (kubernetes `pkg/serviceaccount/jwt.go`,
+/// `claims.go` and `pkg/registry/authentication/tokenreview/storage.go`):
+/// * the token's audiences must intersect the requested ones (empty
+///   `spec.audiences`: the API server's own, `--api-audiences`, by default
+///   its issuer); `status.audiences` is that intersection; a legacy
+///   Secret-based token has no audience and counts as issued for the API
+///   server's audiences only;
+/// * an expired token, or one bound to a pod that is gone or was
+///   re-created under another UID, is not authenticated;
+/// * a pod-bound token carries the extras `authentication.kubernetes.io/
+///   pod-name`, `pod-uid`, from 1.30 `node-name`, `node-uid`, and
+///   `credential-id` (`JTI=<id>`).
+#[derive(Debug, Clone, Default)]
+pub struct SaToken {
+    pub namespace: String,
+    pub service_account: String,
+    /// `aud`; empty for a legacy token.
+    pub audiences: Vec<String>,
+    pub expires: Option<std::time::SystemTime>,
+    /// (name, uid) of the pod the token is bound to.
+    pub pod: Option<(String, String)>,
+    /// (name, uid) of the pod's node; None as from an API server before
+    /// 1.30, which put no node claims in pod-bound tokens.
+    pub node: Option<(String, String)>,
+}
+
+impl SaToken {
+    /// A projected token of a pod (what kubelet mounts), valid for an hour.
+    pub fn bound(namespace: &str, sa: &str, audience: &str, pod: (&str, &str), node: Option<(&str, &str)>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            service_account: sa.into(),
+            audiences: vec![audience.into()],
+            expires: Some(std::time::SystemTime::now() + Duration::from_secs(3600)),
+            pod: Some((pod.0.into(), pod.1.into())),
+            node: node.map(|(n, u)| (n.into(), u.into())),
+        }
+    }
+
+    /// A legacy token from a `kubernetes.io/service-account-token` Secret.
+    pub fn legacy(namespace: &str, sa: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            service_account: sa.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// What TokenReview knows about a token.
+#[derive(Debug, Clone)]
+enum TokenKind {
+    ServiceAccount(SaToken),
+    /// Authenticated as this user with no audiences, as an authenticator
+    /// that ignores audiences would answer (kube-apiserver itself refuses
+    /// to return such an answer; other TokenReview servers may not).
+    AudienceUnaware(Value),
+}
+
+/// kube-apiserver's default `--api-audiences`: its issuer.
+pub const DEFAULT_API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
 
 /// One request as the stand-in saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,8 +246,13 @@ struct Shared {
     db: Mutex<Db>,
     live: broadcast::Sender<Change>,
     log: Mutex<Vec<Recorded>>,
-    /// TokenReview answers: token -> status.user.
-    tokens: Mutex<HashMap<String, Value>>,
+    tokens: Mutex<HashMap<String, TokenKind>>,
+    /// `--api-audiences`.
+    api_audiences: Vec<String>,
+    /// Pods as TokenReview's cache saw them when it froze (None: current).
+    token_pods: Mutex<Option<BTreeMap<(String, String), Value>>>,
+    /// (group, plural, version) not served (CRD versions switched off).
+    unserved: Mutex<BTreeSet<(&'static str, &'static str, &'static str)>>,
     bookmark_every: Duration,
 }
 
@@ -178,6 +281,9 @@ impl ApiServer {
             live: broadcast::channel(4096).0,
             log: Mutex::default(),
             tokens: Mutex::default(),
+            api_audiences: vec![DEFAULT_API_AUDIENCE.to_string()],
+            unserved: Mutex::default(),
+            token_pods: Mutex::default(),
             bookmark_every: Duration::from_millis(500),
         });
         let running = Some(run(listener, shared.clone())?);
@@ -316,14 +422,65 @@ impl ApiServer {
             .cloned()
     }
 
-    /// TokenReview will authenticate `token` as this user (`status.user`:
-    /// username, uid, groups, extra).
-    pub fn add_token(&self, token: &str, user: Value) {
-        self.shared.tokens.lock().unwrap().insert(token.into(), user);
+    /// Mints `token` (TokenReview then checks it as the real API server would).
+    pub fn issue_token(&self, token: &str, t: SaToken) {
+        self.shared
+            .tokens
+            .lock()
+            .unwrap()
+            .insert(token.into(), TokenKind::ServiceAccount(t));
+    }
+
+    /// TokenReview authenticates `token` as `user` (`status.user`: username,
+    /// uid, groups, extra) for any audience and says none
+    /// (`status.audiences` empty), as an audience-unaware authenticator.
+    pub fn audience_unaware_token(&self, token: &str, user: Value) {
+        self.shared
+            .tokens
+            .lock()
+            .unwrap()
+            .insert(token.into(), TokenKind::AudienceUnaware(user));
+    }
+
+    /// kube-apiserver checks a token's bound pod in its informer cache,
+    /// which can lag behind: while frozen, TokenReview sees the pods as
+    /// they are now, whatever happens to them later.
+    pub fn freeze_token_pod_cache(&self, frozen: bool) {
+        let snapshot = frozen.then(|| {
+            let db = self.shared.db.lock().unwrap();
+            db.objects
+                .iter()
+                .filter(|((plural, _, _), _)| *plural == "pods")
+                .map(|((_, ns, name), v)| ((ns.clone(), name.clone()), v.clone()))
+                .collect()
+        });
+        *self.shared.token_pods.lock().unwrap() = snapshot;
+    }
+
+    /// Serves the resource `plural` of `group` only in `versions` (as a CRD
+    /// whose other versions have `served: false`, or an older release).
+    pub fn serve_versions(&self, group: &str, plural: &str, versions: &[&str]) {
+        let mut off = self.shared.unserved.lock().unwrap();
+        for r in RESOURCES.iter().filter(|r| r.group == group && r.plural == plural) {
+            if versions.contains(&r.version) {
+                off.remove(&(r.group, r.plural, r.version));
+            } else {
+                off.insert((r.group, r.plural, r.version));
+            }
+        }
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.log.lock().unwrap().clone()
+    }
+
+    /// (group, resource, verb) of the resource requests made with `bearer`.
+    pub fn verbs_seen_by(&self, bearer: &str) -> BTreeSet<(String, String, String)> {
+        self.requests()
+            .into_iter()
+            .filter(|r| !r.resource.is_empty() && r.bearer.as_deref() == Some(bearer))
+            .map(|r| (r.group, r.resource, r.verb))
+            .collect()
     }
 
     /// (group, resource, verb) of every resource request so far.
@@ -412,7 +569,7 @@ struct Target {
     name: Option<String>,
 }
 
-fn parse_path(path: &str) -> Option<(String, Target)> {
+fn parse_path(path: &str, unserved: &BTreeSet<(&str, &str, &str)>) -> Option<(String, Target)> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segs.as_slice() {
         ["api", v, rest @ ..] => ("", *v, rest),
@@ -420,9 +577,12 @@ fn parse_path(path: &str) -> Option<(String, Target)> {
         _ => return None,
     };
     let find = |plural: &str| {
-        RESOURCES
-            .iter()
-            .find(|r| r.group == group && r.version == version && r.plural == plural)
+        RESOURCES.iter().find(|r| {
+            r.group == group
+                && r.version == version
+                && r.plural == plural
+                && !unserved.contains(&(r.group, r.plural, r.version))
+        })
     };
     let t = match rest {
         [plural] => Target {
@@ -554,7 +714,7 @@ async fn handle(
         .and_then(|h| h.strip_prefix("Bearer "))
         .map(str::to_string);
     let method = req.method().clone();
-    let parsed = parse_path(&path);
+    let parsed = parse_path(&path, &shared.unserved.lock().unwrap());
     let watching = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
     let verb = match (&method, &parsed) {
         (&Method::GET, Some((_, t))) if t.name.is_some() => "get",
@@ -582,6 +742,11 @@ async fn handle(
 
     if path == "/version" {
         return json_reply(StatusCode::OK, &version_info());
+    }
+    if method == Method::GET && parsed.is_none() {
+        if let Some(list) = api_resource_list(&path, &shared) {
+            return list;
+        }
     }
     if method == Method::POST && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
         let body = req
@@ -614,7 +779,7 @@ async fn handle(
             name.clone(),
         );
         return match shared.db.lock().unwrap().objects.get(&key) {
-            Some(v) => json_reply(StatusCode::OK, v),
+            Some(v) => json_reply(StatusCode::OK, &target.res.present(v.clone())),
             None => status(
                 StatusCode::NOT_FOUND,
                 "NotFound",
@@ -635,11 +800,11 @@ async fn handle(
 
 fn list(res: &'static Res, filter: &Filter, shared: &Shared) -> Response<Body> {
     let db = shared.db.lock().unwrap();
-    let items: Vec<&Value> = db
+    let items: Vec<Value> = db
         .objects
         .iter()
         .filter(|((plural, _, _), v)| *plural == res.plural && filter.matches(v))
-        .map(|(_, v)| v)
+        .map(|(_, v)| res.present(v.clone()))
         .collect();
     json_reply(
         StatusCode::OK,
@@ -682,7 +847,7 @@ fn watch_reply(
         } else {
             db.history
                 .iter()
-                .filter(|c| c.rv > since && c.res == res)
+                .filter(|c| c.rv > since && c.res.same(res))
                 .cloned()
                 .collect()
         };
@@ -704,7 +869,10 @@ fn watch_reply(
         }
         let mut last = since.max(if since == 0 { now } else { 0 });
         for c in backlog.iter().filter(|c| filter.matches(&c.object)) {
-            if send(json!({"type": c.kind, "object": c.object})).await.is_err() {
+            if send(json!({"type": c.kind, "object": res.present(c.object.clone())}))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -717,9 +885,9 @@ fn watch_reply(
         loop {
             tokio::select! {
                 c = live.recv() => match c {
-                    Ok(c) if c.rv > last && c.res == res => {
+                    Ok(c) if c.rv > last && c.res.same(res) => {
                         last = c.rv;
-                        if filter.matches(&c.object) && send(json!({"type": c.kind, "object": c.object})).await.is_err() {
+                        if filter.matches(&c.object) && send(json!({"type": c.kind, "object": res.present(c.object)})).await.is_err() {
                             return;
                         }
                     }
@@ -752,16 +920,57 @@ fn watch_reply(
         .expect("response")
 }
 
+/// `GET /apis/<group>/<version>`: the resources served there (kube-rs
+/// `Client::list_api_group_resources`), 404 when none.
+fn api_resource_list(path: &str, shared: &Shared) -> Option<Response<Body>> {
+    let gv = path.trim_matches('/').strip_prefix("apis/")?;
+    let (group, version) = gv.split_once('/')?;
+    let off = shared.unserved.lock().unwrap();
+    let served: Vec<Value> = RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version && !off.contains(&(r.group, r.plural, r.version)))
+        .map(|r| {
+            json!({"name": r.plural, "singularName": "", "namespaced": r.namespaced, "kind": r.kind,
+                   "verbs": ["get", "list", "watch"]})
+        })
+        .collect();
+    if served.is_empty() {
+        return None;
+    }
+    Some(json_reply(
+        StatusCode::OK,
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": served}),
+    ))
+}
+
 fn token_review(shared: &Shared, body: &[u8]) -> Response<Body> {
     let req: k8s_openapi::api::authentication::v1::TokenReview = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &format!("bad TokenReview: {e}")),
     };
     let token = req.spec.token.clone().unwrap_or_default();
-    let user = shared.tokens.lock().unwrap().get(&token).cloned();
-    let status_v = match user {
-        Some(user) => json!({"authenticated": true, "user": user, "audiences": req.spec.audiences}),
+    if token.is_empty() {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "token is required for TokenReview in authentication",
+        );
+    }
+    // Empty spec.audiences: the API server's own (storage.go).
+    let wanted = match req.spec.audiences.clone().unwrap_or_default() {
+        a if a.is_empty() => shared.api_audiences.clone(),
+        a => a,
+    };
+    let known = shared.tokens.lock().unwrap().get(&token).cloned();
+    let status_v = match known {
         None => json!({"authenticated": false, "error": "invalid bearer token"}),
+        Some(TokenKind::AudienceUnaware(user)) => json!({"authenticated": true, "user": user}),
+        Some(TokenKind::ServiceAccount(t)) => match review(shared, &t, &wanted) {
+            Ok((user, audiences)) => json!({"authenticated": true, "user": user, "audiences": audiences}),
+            // The union of authenticators reports every failure, the bearer
+            // token one first.
+            Err(e) => json!({"authenticated": false, "error": format!("[invalid bearer token, {e}]")}),
+        },
     };
     json_reply(
         StatusCode::CREATED,
@@ -770,6 +979,70 @@ fn token_review(shared: &Shared, body: &[u8]) -> Response<Body> {
             "metadata": {}, "spec": req.spec, "status": status_v,
         }),
     )
+}
+
+/// Go's `%q` of a string slice, as kube-apiserver prints audiences.
+fn go_quoted(list: &[String]) -> String {
+    let items: Vec<String> = list.iter().map(|s| format!("{s:?}")).collect();
+    format!("[{}]", items.join(" "))
+}
+
+/// kube-apiserver's checks of a service-account token, in its order:
+/// audiences (jwt.go), then expiry and the bound pod (claims.go).
+fn review(shared: &Shared, t: &SaToken, wanted: &[String]) -> Result<(Value, Vec<String>), String> {
+    // "only apiserver audiences are allowed for legacy tokens"
+    let token_auds = if t.audiences.is_empty() {
+        shared.api_audiences.clone()
+    } else {
+        t.audiences.clone()
+    };
+    let audiences: Vec<String> = token_auds.iter().filter(|a| wanted.contains(a)).cloned().collect();
+    if audiences.is_empty() {
+        return Err(format!(
+            "token audiences {} is invalid for the target audiences {}",
+            go_quoted(&token_auds),
+            go_quoted(wanted)
+        ));
+    }
+    if t.expires.is_some_and(|e| e <= std::time::SystemTime::now()) {
+        return Err("service account token has expired".into());
+    }
+    let mut extra = serde_json::Map::new();
+    if let Some((pod, uid)) = &t.pod {
+        let found = match &*shared.token_pods.lock().unwrap() {
+            Some(cache) => cache.get(&(t.namespace.clone(), pod.clone())).cloned(),
+            None => {
+                let key = ("pods", t.namespace.clone(), pod.clone());
+                shared.db.lock().unwrap().objects.get(&key).cloned()
+            }
+        };
+        let Some(found) = found else {
+            return Err("service account token has been invalidated".into());
+        };
+        let now = found["metadata"]["uid"].as_str().unwrap_or_default();
+        if now != uid {
+            return Err(format!(
+                "pod UID ({now}) does not match service account pod ref claim ({uid})"
+            ));
+        }
+        extra.insert("authentication.kubernetes.io/pod-name".into(), json!([pod]));
+        extra.insert("authentication.kubernetes.io/pod-uid".into(), json!([uid]));
+        if let Some((node, node_uid)) = &t.node {
+            extra.insert("authentication.kubernetes.io/node-name".into(), json!([node]));
+            extra.insert("authentication.kubernetes.io/node-uid".into(), json!([node_uid]));
+        }
+        extra.insert(
+            "authentication.kubernetes.io/credential-id".into(),
+            json!([format!("JTI={pod}-{uid}")]),
+        );
+    }
+    let user = json!({
+        "username": format!("system:serviceaccount:{}:{}", t.namespace, t.service_account),
+        "uid": format!("sa-{}-{}", t.namespace, t.service_account),
+        "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{}", t.namespace), "system:authenticated"],
+        "extra": extra,
+    });
+    Ok((user, audiences))
 }
 
 fn version_info() -> Value {

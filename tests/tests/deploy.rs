@@ -5,7 +5,7 @@
 //!   typed object silently drops) fails here and not on a cluster;
 //! * `kubectl kustomize` renders the base and the examples, and the rendered
 //!   objects pass the same check;
-//! * RBAC is exactly what the agent and the CA need ([`rbac_rules`]);
+//! * RBAC is exactly what the agent, the CA and the CNI plugin need ([`rbac_rules`]);
 //! * the DaemonSet keeps what the agent's handover and CA authentication rely on;
 //! * a few API-server validation rules that a typed parse cannot see.
 use std::{
@@ -510,8 +510,14 @@ fn rbac_is_least_privilege() {
     ];
     assert_eq!(ca, perms(&expected), "ClusterRole mesh-ca");
 
+    // The CNI plugin's token lives on the node's disk: get only, of the pod
+    // it sets up and that pod's namespace.
+    let cni = rbac_rules("mesh-cni");
+    let expected = [("", "pods", "get"), ("", "namespaces", "get")];
+    assert_eq!(cni, perms(&expected), "ClusterRole mesh-cni");
+
     // Each role is bound to its own service account and nothing else.
-    for name in ["mesh-agent", "mesh-ca"] {
+    for name in ["mesh-agent", "mesh-ca", "mesh-cni"] {
         let binding: ClusterRoleBinding = find(rendered_base(), name);
         assert_eq!(
             (
@@ -536,7 +542,7 @@ fn rbac_is_least_privilege() {
     }
     assert_eq!(
         all::<ClusterRoleBinding>(rendered_base()).len(),
-        2,
+        3,
         "unexpected ClusterRoleBindings"
     );
     assert!(all::<Role>(rendered_base()).is_empty() && all::<RoleBinding>(rendered_base()).is_empty());
@@ -796,7 +802,7 @@ fn containers(template: &PodTemplateSpec) -> Vec<&Container> {
 fn pod_templates_pass_api_server_rules() {
     let docs: Vec<Value> = rendered_base().iter().chain(rendered_examples()).cloned().collect();
     let templates = pod_templates(&docs);
-    assert_eq!(templates.len(), 4, "mesh-ca, mesh-agent, httpbin, sleep");
+    assert_eq!(templates.len(), 5, "mesh-ca, mesh-agent, mesh-cni, httpbin, sleep");
     let accounts: BTreeSet<(String, String)> = all::<ServiceAccount>(&docs)
         .into_iter()
         .map(|s| (s.metadata.namespace.unwrap(), s.metadata.name.unwrap()))
@@ -1018,22 +1024,64 @@ fn daemonset_keeps_what_the_agent_relies_on() {
     assert_eq!(v.config_map.map(|c| c.name), Some("mesh-ca-root".into()));
     assert_eq!(file, "root-cert.pem");
 
-    // The CNI plugin reaches the agent through the socket both containers see.
-    let cni = pod
-        .containers
-        .iter()
+    // The CNI plugin reaches the agent through the node's /var/run/mesh.
+    let socket = arg_after(&args, "--cni-socket");
+    let (dir, _) = socket.rsplit_once('/').unwrap();
+    let (_, v) = mount(agent, dir);
+    assert_eq!(v.host_path.map(|h| h.path).as_deref(), Some(dir));
+    assert!(
+        containers(&spec.template).iter().all(|c| c.name != "install-cni"),
+        "the installer runs in DaemonSet mesh-cni, with its own service account"
+    );
+}
+
+/// The installer's DaemonSet: its own service account (whose token becomes
+/// the plugin's kubeconfig), the agent's socket, the node's CNI dirs, safe
+/// updates, no capability.
+#[test]
+fn cni_daemonset_gives_the_plugin_its_own_least_privilege_credentials() {
+    let ds: DaemonSet = find(rendered_base(), "mesh-cni");
+    assert_eq!(ds.metadata.namespace.as_deref(), Some(MESH_NS));
+    let spec = ds.spec.unwrap();
+    let rolling = spec.update_strategy.unwrap().rolling_update.unwrap();
+    // The new installer registers before the old one leaves: the entry stays.
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)), "maxSurge");
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)), "maxUnavailable");
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("mesh-cni"));
+    assert_ne!(
+        pod.automount_service_account_token,
+        Some(false),
+        "the token is the credential"
+    );
+    assert_ne!(pod.host_network, Some(true));
+    assert_ne!(pod.host_pid, Some(true));
+    let volumes: BTreeMap<&str, &Volume> = pod.volumes.iter().flatten().map(|v| (v.name.as_str(), v)).collect();
+    let cni = containers(&spec.template)
+        .into_iter()
         .find(|c| c.name == "install-cni")
         .expect("container install-cni");
-    let socket = arg_after(&args, "--cni-socket");
-    assert_eq!(arg_after(&cmdline(cni), "--socket"), socket);
-    let (dir, _) = socket.rsplit_once('/').unwrap();
-    let (a, _) = mount(agent, dir);
-    let (c, _) = mount(cni, dir);
+    let args = cmdline(cni);
+    let host_dir = |path: &str| {
+        let m = cni.volume_mounts.iter().flatten().find(|m| m.mount_path == path);
+        let m = m.unwrap_or_else(|| panic!("nothing mounted at {path}"));
+        volumes[m.name.as_str()].host_path.as_ref().map(|h| h.path.clone())
+    };
+    assert_eq!(host_dir(arg_after(&args, "--bin-dir")).as_deref(), Some("/opt/cni/bin"));
+    let conf = host_dir(arg_after(&args, "--conf-dir"));
     assert_eq!(
-        a.name, c.name,
-        "the CNI socket directory is the same volume in both containers"
+        conf.as_deref(),
+        Some(arg_after(&args, "--host-conf-dir")),
+        "the entry names the node's path"
     );
-    assert_eq!(arg_after(&cmdline(cni), "--holder"), "$(POD_UID)");
+    assert_eq!(
+        arg_after(&args, "--kubeconfig-token"),
+        "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    );
+    let agent: DaemonSet = find(rendered_base(), "mesh-agent");
+    let agent_args = cmdline(&agent.spec.unwrap().template.spec.unwrap().containers[0]);
+    assert_eq!(arg_after(&args, "--socket"), arg_after(&agent_args, "--cni-socket"));
+    assert_eq!(arg_after(&args, "--holder"), "$(POD_UID)");
     let env = cni.env.iter().flatten().find(|e| e.name == "POD_UID").expect("POD_UID");
     let field = env
         .value_from
@@ -1041,22 +1089,12 @@ fn daemonset_keeps_what_the_agent_relies_on() {
         .and_then(|v| v.field_ref.as_ref())
         .map(|f| f.field_path.as_str());
     assert_eq!(field, Some("metadata.uid"));
-    for dir in ["/host/opt/cni/bin", "/host/etc/cni/net.d"] {
-        let (_, v) = mount(cni, dir);
-        assert_eq!(
-            v.host_path.map(|h| h.path),
-            Some(dir.trim_start_matches("/host").to_string())
-        );
-    }
-    let cni_caps = cni
-        .security_context
-        .as_ref()
-        .and_then(|s| s.capabilities.as_ref())
-        .unwrap();
-    assert!(
-        cni_caps.add.as_ref().is_none_or(Vec::is_empty),
-        "install-cni adds no capability"
-    );
+    let sc = cni.security_context.clone().unwrap();
+    assert_ne!(sc.privileged, Some(true));
+    let caps = sc.capabilities.unwrap();
+    assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
+    assert!(caps.add.is_none_or(|a| a.is_empty()), "install-cni adds no capability");
+    assert_eq!(cni.image.as_deref(), Some(IMAGE));
 }
 
 #[test]
@@ -1112,7 +1150,7 @@ fn ca_deployment_guards_the_root_key() {
 fn manifest_command_lines_are_accepted_by_the_binaries() {
     for (workload, container) in [
         ("DaemonSet/mesh-agent", "agent"),
-        ("DaemonSet/mesh-agent", "install-cni"),
+        ("DaemonSet/mesh-cni", "install-cni"),
         ("Deployment/mesh-ca", "ca"),
     ] {
         let (kind, name) = workload.split_once('/').unwrap();
@@ -1138,7 +1176,15 @@ fn manifest_command_lines_are_accepted_by_the_binaries() {
             // The installer has no --help: check its flags by name instead.
             for flag in words.iter().filter(|w| w.starts_with("--")) {
                 assert!(
-                    ["--bin-dir", "--conf-dir", "--socket", "--holder"].contains(&flag.as_str()),
+                    [
+                        "--bin-dir",
+                        "--conf-dir",
+                        "--host-conf-dir",
+                        "--socket",
+                        "--kubeconfig-token",
+                        "--holder"
+                    ]
+                    .contains(&flag.as_str()),
                     "{workload}/{container}: unknown installer flag {flag}"
                 );
             }

@@ -1,5 +1,7 @@
-//! Istio's `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication
-//! as the agent reads them. Only the fields ztunnel-style L4 enforcement
+//! Istio's `security.istio.io` AuthorizationPolicy and PeerAuthentication
+//! as the agent reads them, in `v1` or, on clusters with an older Istio,
+//! `v1beta1` (the same schema; [`Version`] is the resources' dynamic type,
+//! so one Rust type serves both). Only the fields ztunnel-style L4 enforcement
 //! understands are typed; the rest is kept as raw JSON so it can be reported
 //! (an ALLOW rule that needs HTTP attributes cannot be enforced at L4).
 //!
@@ -12,25 +14,42 @@ use serde::{Deserialize, Serialize};
 
 pub const GROUP: &str = "security.istio.io";
 pub const VERSION: &str = "v1";
+/// Versions the agent reads, preferred first (Istio 1.22 made v1 the
+/// storage version; earlier releases serve v1beta1 only).
+pub const VERSIONS: &[&str] = &[VERSION, "v1beta1"];
+
+/// The API version a resource is read in (`v1` unless discovery says
+/// otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Version(pub &'static str);
+
+impl Default for Version {
+    fn default() -> Self {
+        Version(VERSION)
+    }
+}
 
 macro_rules! istio_resource {
     ($ty:ident, $kind:literal, $plural:literal) => {
+        impl $ty {
+            pub const PLURAL: &'static str = $plural;
+        }
         impl kube::Resource for $ty {
-            type DynamicType = ();
+            type DynamicType = Version;
             type Scope = kube::core::NamespaceResourceScope;
-            fn kind(_: &()) -> Cow<'_, str> {
+            fn kind(_: &Version) -> Cow<'_, str> {
                 $kind.into()
             }
-            fn group(_: &()) -> Cow<'_, str> {
+            fn group(_: &Version) -> Cow<'_, str> {
                 GROUP.into()
             }
-            fn version(_: &()) -> Cow<'_, str> {
-                VERSION.into()
+            fn version(v: &Version) -> Cow<'_, str> {
+                v.0.into()
             }
-            fn api_version(_: &()) -> Cow<'_, str> {
-                concat!("security.istio.io/", "v1").into()
+            fn api_version(v: &Version) -> Cow<'_, str> {
+                format!("{GROUP}/{}", v.0).into()
             }
-            fn plural(_: &()) -> Cow<'_, str> {
+            fn plural(_: &Version) -> Cow<'_, str> {
                 $plural.into()
             }
             fn meta(&self) -> &ObjectMeta {
@@ -215,6 +234,12 @@ impl AuthorizationPolicy {
             spec,
         }
     }
+
+    /// The same object as `security.istio.io/<version>` (e.g. `v1beta1`).
+    pub fn in_version(mut self, version: &str) -> Self {
+        self.api_version = format!("{GROUP}/{version}");
+        self
+    }
 }
 
 impl PeerAuthentication {
@@ -225,6 +250,12 @@ impl PeerAuthentication {
             metadata: meta(namespace, name),
             spec,
         }
+    }
+
+    /// The same object as `security.istio.io/<version>` (e.g. `v1beta1`).
+    pub fn in_version(mut self, version: &str) -> Self {
+        self.api_version = format!("{GROUP}/{version}");
+        self
     }
 }
 

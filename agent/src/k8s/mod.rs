@@ -195,8 +195,8 @@ impl Kube {
             pods: w("pods").spawn(Api::all(client.clone()), all(), model::project_pod),
             services: w("services").spawn(Api::all(client.clone()), all(), strip_meta),
             slices: w("endpointslices").spawn(Api::all(client.clone()), all(), strip_meta),
-            authz: w("authorizationpolicies").spawn(Api::all(client.clone()), all(), strip_meta),
-            peer_auth: w("peerauthentications").spawn(Api::all(client.clone()), all(), strip_meta),
+            authz: w("authorizationpolicies").spawn_istio(client.clone()),
+            peer_auth: w("peerauthentications").spawn_istio(client.clone()),
             node: w("node").spawn(
                 Api::all(client.clone()),
                 all().fields(&format!("metadata.name={node}")),
@@ -257,47 +257,125 @@ impl Watch {
         K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
     {
         let (reader, writer) = reflector::store();
-        let stream = watcher(api, cfg).default_backoff().modify(project).reflect(writer);
         self.health.ok(self.name, false);
-        tokio::spawn(async move {
-            futures::pin_mut!(stream);
-            let mut logged = None::<String>;
-            while let Some(ev) = stream.next().await {
-                match ev {
-                    Ok(ev) => {
-                        let done = matches!(ev, watcher::Event::InitDone);
-                        if logged.take().is_some() || done {
-                            tracing::info!(watch = self.name, "watch {}", if done { "listed" } else { "resumed" });
-                        }
-                        self.health.ok(self.name, done);
-                        if !matches!(ev, watcher::Event::Init | watcher::Event::InitApply(_)) {
-                            self.changed.notify_one();
-                        }
+        tokio::spawn(self.run(async move { api }, cfg, project, writer));
+        reader
+    }
+
+    /// An Istio resource, in the version the API serves (v1, else v1beta1).
+    /// The store's keys carry the default version whatever is read; only
+    /// its `state()` is used.
+    fn spawn_istio<K>(self, client: Client) -> Store<K>
+    where
+        K: Resource<DynamicType = crd::Version> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    {
+        let (reader, writer) = reflector::store();
+        self.health.ok(self.name, false);
+        let name = self.name;
+        let api = async move {
+            let version = istio_version(&client, &K::plural(&crd::Version::default()), name).await;
+            Api::all_with(client, &version)
+        };
+        tokio::spawn(self.run(api, watcher::Config::default(), strip_meta, writer));
+        reader
+    }
+
+    async fn run<K>(
+        self,
+        api: impl std::future::Future<Output = Api<K>>,
+        cfg: watcher::Config,
+        project: fn(&mut K),
+        writer: reflector::store::Writer<K>,
+    ) where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+    {
+        let stream = watcher(api.await, cfg)
+            .default_backoff()
+            .modify(project)
+            .reflect(writer);
+        futures::pin_mut!(stream);
+        let mut logged = None::<String>;
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(ev) => {
+                    let done = matches!(ev, watcher::Event::InitDone);
+                    if logged.take().is_some() || done {
+                        tracing::info!(watch = self.name, "watch {}", if done { "listed" } else { "resumed" });
                     }
-                    Err(e) => {
-                        let msg = e.to_string();
-                        if not_installed(&e) {
-                            // Istio's CRDs are optional: no policies then.
-                            if logged.as_deref() != Some(&msg) {
-                                tracing::warn!(
-                                    watch = self.name,
-                                    "resource not served by the API (CRD not installed?); treating it as empty"
-                                );
-                            }
-                            self.health.absent(self.name);
-                            self.changed.notify_one();
-                        } else {
-                            if logged.as_deref() != Some(&msg) {
-                                tracing::warn!(watch = self.name, error = %msg, "watch failing; keeping the last good state and retrying");
-                            }
-                            self.health.failed(self.name, msg.clone());
-                        }
-                        logged = Some(msg);
+                    self.health.ok(self.name, done);
+                    if !matches!(ev, watcher::Event::Init | watcher::Event::InitApply(_)) {
+                        self.changed.notify_one();
                     }
                 }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if not_installed(&e) {
+                        // Istio's CRDs are optional: no policies then.
+                        if logged.as_deref() != Some(&msg) {
+                            tracing::warn!(
+                                watch = self.name,
+                                "resource not served by the API (CRD not installed?); treating it as empty"
+                            );
+                        }
+                        self.health.absent(self.name);
+                        self.changed.notify_one();
+                    } else {
+                        if logged.as_deref() != Some(&msg) {
+                            tracing::warn!(watch = self.name, error = %msg, "watch failing; keeping the last good state and retrying");
+                        }
+                        self.health.failed(self.name, msg.clone());
+                    }
+                    logged = Some(msg);
+                }
             }
-        });
-        reader
+        }
+    }
+}
+
+/// The first of [`crd::VERSIONS`] in which the API serves `plural`
+/// (`None`: in neither, e.g. Istio's CRDs are not installed).
+pub async fn served_version(client: &Client, plural: &str) -> Result<Option<crd::Version>, kube::Error> {
+    for v in crd::VERSIONS {
+        match client.list_api_group_resources(&format!("{}/{v}", crd::GROUP)).await {
+            Ok(list) if list.resources.iter().any(|r| r.name == plural) => return Ok(Some(crd::Version(v))),
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// Asks discovery until it answers (backing off to 30 s), and logs the choice.
+async fn istio_version(client: &Client, plural: &str, watch: &'static str) -> crd::Version {
+    let mut delay = Duration::from_millis(500);
+    let mut warned = false;
+    loop {
+        match served_version(client, plural).await {
+            Ok(Some(v)) => {
+                tracing::info!(watch, version = v.0, "reading {}/{} {plural}", crd::GROUP, v.0);
+                return v;
+            }
+            Ok(None) => {
+                tracing::info!(
+                    watch,
+                    "{plural}.{} is served in none of {:?}; watching {} in case it is installed",
+                    crd::GROUP,
+                    crd::VERSIONS,
+                    crd::VERSION
+                );
+                return crd::Version::default();
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(watch, error = %e, "cannot ask the API which version of {plural} it serves; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
     }
 }
 
@@ -322,21 +400,7 @@ async fn probe_while_failing(client: Client, health: Arc<Health>) {
 /// list, so the Node's addresses alone would capture (and, under STRICT,
 /// refuse) the probes.
 pub fn host_addresses(host_netns: &Path) -> Result<Vec<IpAddr>, String> {
-    let read = || -> Result<Vec<IpAddr>, String> {
-        let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("getifaddrs: {e}"))?;
-        Ok(addrs
-            .filter_map(|i| {
-                let a = i.address?;
-                a.as_sockaddr_in()
-                    .map(|s| IpAddr::V4(s.ip()))
-                    .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
-            })
-            .filter(|ip| !ip.is_loopback())
-            .collect())
-    };
-    crate::netns::Netns::open(host_netns)
-        .and_then(|ns| ns.run(read))
-        .map_err(|e| e.to_string())?
+    crate::discover::addresses_in(host_netns)
 }
 
 /// Finds pods of this node: the CNI plugin's netns (new pods), else
@@ -379,14 +443,15 @@ impl Locator {
         self.torn_down.insert(uid.to_string());
     }
 
-    pub fn locate(&mut self, uid: &str) -> Option<Location> {
+    /// `ips`: the pod's, which its netns must hold.
+    pub fn locate(&mut self, uid: &str, ips: &[IpAddr]) -> Option<Location> {
         if uid.is_empty() || self.torn_down.contains(uid) {
             return None;
         }
         if let Some(l) = self.found.get(uid) {
             return Some(l.clone());
         }
-        match self.discoverer.find(uid) {
+        match self.discoverer.find(uid, ips) {
             Ok(loc) => {
                 let l = Location {
                     netns: loc.netns,

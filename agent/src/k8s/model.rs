@@ -36,7 +36,7 @@ use crate::{
     rbac,
 };
 
-pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+pub use mesh_cni::membership::DATAPLANE_MODE;
 pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -69,8 +69,9 @@ pub struct Local<'a> {
     pub own_uid: Option<&'a str>,
     /// IPs the CNI plugin reported before the API has them, by pod UID.
     pub cni_ips: &'a HashMap<String, Vec<IpAddr>>,
-    /// Finds the netns and cgroup of an in-mesh pod of this node by UID.
-    pub locate: &'a mut dyn FnMut(&str) -> Option<Location>,
+    /// Finds the netns and cgroup of an in-mesh pod of this node by UID
+    /// (the netns must hold one of the given IPs).
+    pub locate: &'a mut dyn FnMut(&str, &[IpAddr]) -> Option<Location>,
     /// Addresses of the host's network namespace (kubelet probes come from
     /// one of them), added to the Node's own.
     pub host_addresses: &'a [IpAddr],
@@ -82,31 +83,15 @@ pub struct Translated {
     pub warnings: Vec<String>,
 }
 
-/// Why a pod is or is not captured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Membership {
-    Ambient,
-    NotLabelled,
-    OptedOut,
-    HostNetwork,
-    Finished,
-}
+pub use mesh_cni::membership::{namespace_is_ambient, Membership};
 
 fn labels_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> BTreeMap<String, String> {
     meta.labels.clone().unwrap_or_default()
 }
 
-/// Whether a namespace with these labels is enrolled.
-pub fn namespace_is_ambient(labels: &BTreeMap<String, String>) -> bool {
-    labels.get(DATAPLANE_MODE).map(String::as_str) == Some("ambient")
-}
-
 /// A pod whose containers all ended (its IP may already be reused).
 pub fn pod_finished(pod: &Pod) -> bool {
-    matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
+    mesh_cni::membership::finished(pod.status.as_ref().and_then(|s| s.phase.as_deref()))
 }
 
 /// The pod's service account (Kubernetes' default when unset).
@@ -117,22 +102,19 @@ pub fn service_account_of(pod: &Pod) -> &str {
         .unwrap_or("default")
 }
 
-/// Whether `pod` belongs in the mesh (its namespace's labels given).
+/// What the shared membership rule reads of a pod.
+pub fn pod_facts(pod: &Pod) -> mesh_cni::membership::PodFacts<'_> {
+    mesh_cni::membership::PodFacts {
+        labels: pod.metadata.labels.as_ref(),
+        host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
+        phase: pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+    }
+}
+
+/// Whether `pod` belongs in the mesh (its namespace's labels given): the
+/// rule the CNI plugin applies too ([`mesh_cni::membership`]).
 pub fn membership(pod: &Pod, ns_labels: Option<&BTreeMap<String, String>>) -> Membership {
-    let spec = pod.spec.as_ref();
-    if spec.and_then(|s| s.host_network).unwrap_or(false) {
-        return Membership::HostNetwork;
-    }
-    if pod_finished(pod) {
-        return Membership::Finished;
-    }
-    let pod_mode = pod.metadata.labels.as_ref().and_then(|l| l.get(DATAPLANE_MODE));
-    match pod_mode.map(String::as_str) {
-        Some("none") => Membership::OptedOut,
-        Some("ambient") => Membership::Ambient,
-        _ if ns_labels.is_some_and(namespace_is_ambient) => Membership::Ambient,
-        _ => Membership::NotLabelled,
-    }
+    mesh_cni::membership::membership(pod_facts(pod), ns_labels)
 }
 
 /// Keeps only what the model reads of a pod: bounded memory for a
@@ -250,7 +232,7 @@ fn pod_spec(
     }
     let own = local.own_uid == Some(uid.as_str());
     let in_mesh = member == Membership::Ambient && !own;
-    let (netns, cgroup) = match (in_mesh && node == local.node).then(|| (local.locate)(&uid)) {
+    let (netns, cgroup) = match (in_mesh && node == local.node).then(|| (local.locate)(&uid, &ips)) {
         Some(Some(loc)) => (Some(loc.netns), Some(loc.cgroup)),
         Some(None) => {
             warnings.push(format!(
@@ -678,7 +660,7 @@ mod tests {
         cni_ips: &HashMap<String, Vec<IpAddr>>,
     ) -> (Translated, Vec<String>) {
         let mut asked = Vec::new();
-        let mut locate = |uid: &str| {
+        let mut locate = |uid: &str, _: &[IpAddr]| {
             asked.push(uid.to_string());
             (!uid.starts_with("uid-lost")).then(|| location(uid))
         };

@@ -1,6 +1,7 @@
 //! Pod discovery on a node (issue #4, first slice): a pod laid out like a
 //! kubelet + containerd (systemd-free cgroupfs naming, burstable QoS) in a
-//! real netns and cgroup is found by its UID and enrolled by what was found.
+//! real netns and cgroup is found by its UID and enrolled by what was found,
+//! even when the first process of its cgroup sits in another netns.
 use std::{fs, os::unix::fs::MetadataExt};
 
 use agent::discover::Discoverer;
@@ -32,13 +33,25 @@ fn a_pod_is_found_by_uid_and_enrolled_from_what_was_found() -> Result<()> {
     // The "container": the test app in the pod's netns and that cgroup.
     let (mut app, line) = mesh::app_in_cgroup(kpod, &container, &["server", "--ports", "8080"])?;
     assert!(line.contains("listening"), "{line}");
+    // First in the pod's cgroup (its container cgroup sorts first): a
+    // process that joined from another netns, as a debug tool might.
+    let joined = pod_cgroup.join("a-debug.scope");
+    let (mut intruder, line) = mesh::app_in_cgroup(cluster.pod("peer"), &joined, &["server", "--ports", "9999"])?;
+    assert!(line.contains("listening"), "{line}");
 
-    // Found by UID: the pod-level cgroup and a process in the pod's netns.
+    // Found by UID: the pod-level cgroup and a process in the netns that
+    // holds the pod's IP, not the first process.
     let discoverer = Discoverer {
         host_netns: node.netns_path.clone(),
         ..Discoverer::new(&node.cgroup)
     };
-    let loc = discoverer.find(UID)?;
+    let e = discoverer.find(UID, &["10.9.9.9".parse()?]).unwrap_err().to_string();
+    assert!(
+        e.contains("none of the 2 network namespaces of the 2 processes") && e.contains("10.9.9.9"),
+        "{e}"
+    );
+    let loc = discoverer.find(UID, &[kpod.ip4.into()])?;
+    assert_eq!(loc.pid, app.id(), "the app's process, not the intruder's");
     assert_eq!(loc.cgroup, pod_cgroup);
     assert_eq!(
         fs::metadata(&loc.netns)?.ino(),
@@ -63,7 +76,9 @@ fn a_pod_is_found_by_uid_and_enrolled_from_what_was_found() -> Result<()> {
     let dst = format!("{}:8080", kpod.ip4);
     let logs = agent.wait_access(WAIT, |l| !access_to(l, &dst).is_empty())?;
     assert_eq!(access_to(&logs, &dst)[0]["direction"], "inbound");
-    let _ = app.kill();
-    let _ = app.wait();
+    for p in [&mut app, &mut intruder] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
     Ok(())
 }

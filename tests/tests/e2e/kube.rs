@@ -2,8 +2,12 @@
 //! server (objects built with k8s-openapi), enrolls pods of ambient
 //! namespaces found on the node by UID, follows label changes, resolves
 //! services through EndpointSlices, translates Istio policies, survives the
-//! API going away (ready on its last good state, re-list after 410), and
-//! enrolls new pods through the real CNI plugin before they start.
+//! API going away (ready on its last good state, re-list after 410), reads
+//! Istio policies served only as v1beta1, and enrolls new pods through the
+//! real CNI plugin before they start (which, with the agent down, asks the
+//! API and fails closed). The CA's TokenReview checks meet a stand-in that
+//! answers as kube-apiserver does (audiences, legacy, expired and
+//! deleted-pod tokens).
 use std::{
     collections::BTreeMap,
     fs,
@@ -98,8 +102,14 @@ fn node(cluster: &Cluster, name: &str) -> Node {
 /// Lays the pod out as a kubelet would (kubepods/burstable/pod<uid>/<ctr>)
 /// and runs its app there, in the pod's netns.
 fn run_pod_app(cluster: &Cluster, name: &str) -> Result<Child> {
+    run_pod_app_on(cluster, name, &["8080"])
+}
+
+fn run_pod_app_on(cluster: &Cluster, name: &str, ports: &[&str]) -> Result<Child> {
     let cg = pod_cgroup(cluster, name).join("cri-containerd-0a1b2c.scope");
-    let (app, line) = mesh::app_in_cgroup(cluster.pod(name), &cg, &["server", "--ports", "8080"])?;
+    let mut args = vec!["server", "--ports"];
+    args.extend_from_slice(ports);
+    let (app, line) = mesh::app_in_cgroup(cluster.pod(name), &cg, &args)?;
     anyhow::ensure!(line.contains("listening"), "{line}");
     Ok(app)
 }
@@ -439,18 +449,131 @@ fn rbac_rules(path: &Path, role: &str) -> Result<std::collections::BTreeSet<(Str
     Ok(out)
 }
 
-/// Runs the real mesh-cni binary as a container runtime would.
-fn cni(command: &str, socket: &Path, netns: &Path, ns: &str, name: &str, ips: &[String]) -> Result<(i32, Value)> {
+#[test]
+fn istio_policies_served_only_as_v1beta1_are_read_and_enforced() -> Result<()> {
+    let spec = ClusterSpec::new(vec![NodeSpec::new("node1", &["db"]), NodeSpec::new("node2", &["peer"])]);
+    let cluster = Cluster::create("kbeta", &spec)?;
+    let dir = cluster.scratch_dir()?;
+    let api = ApiServer::in_cluster(&cluster)?;
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, "agent-token")?;
+    // An older Istio: its security CRDs are served as v1beta1 only.
+    for plural in ["authorizationpolicies", "peerauthentications"] {
+        api.serve_versions("security.istio.io", plural, &["v1beta1"]);
+    }
+    api.apply(&namespace("apps", true))?;
+    api.apply(&namespace("legacy", false))?;
+    api.apply(&node(&cluster, "node1"))?;
+    api.apply(&pod(&cluster, "db", "apps", &[("app", "db")], true))?;
+    api.apply(&pod(&cluster, "peer", "legacy", &[], true))?;
+    let allow_9090 = crd::AuthorizationPolicy::new(
+        "apps",
+        "allow-9090",
+        crd::AuthorizationPolicySpec {
+            selector: Some(crd::WorkloadSelector {
+                match_labels: BTreeMap::from([("app".into(), "db".into())]),
+            }),
+            rules: Some(vec![crd::Rule {
+                to: vec![crd::To {
+                    operation: crd::Operation {
+                        ports: vec!["9090".into()],
+                        ..Default::default()
+                    },
+                }],
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+    )
+    .in_version("v1beta1");
+    let permissive = crd::PeerAuthentication::new(
+        "apps",
+        "permissive",
+        crd::PeerAuthenticationSpec {
+            mtls: Some(crd::Mtls {
+                mode: Some("PERMISSIVE".into()),
+            }),
+            ..Default::default()
+        },
+    )
+    .in_version("v1beta1");
+    api.apply(&allow_9090)?;
+    api.apply(&permissive)?;
+    let _apps = Apps(vec![run_pod_app_on(&cluster, "db", &["8080", "9090"])?]);
+
+    let mut agent = Agent::start_kube(&cluster, "node1", &kubeconfig, &dir, &[])?;
+    agent.wait_for("agent ready", WAIT)?;
+    wait_enrolled(&cluster, &["apps/db"])?;
+    let d = dump(&cluster)?;
+    assert_eq!(d["authorizationPolicies"][0]["name"], "allow-9090", "{d}");
+    assert_eq!(
+        d["authorizationPolicies"][0]["rules"][0]["to"][0]["operation"]["ports"][0], 9090,
+        "{d}"
+    );
+    assert_eq!(d["peerAuthentications"][0]["mode"], "PERMISSIVE", "{d}");
+    let log = agent.raw_log();
+    for plural in ["authorizationpolicies", "peerauthentications"] {
+        assert!(
+            log.contains(&format!("reading security.istio.io/v1beta1 {plural}")),
+            "{log}"
+        );
+    }
+    // Only v1beta1 was listed and watched (v1 was asked for in discovery only).
+    let paths: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.group == "security.istio.io")
+        .map(|r| r.path)
+        .collect();
+    assert!(
+        !paths.is_empty() && paths.iter().all(|p| p.contains("/v1beta1/")),
+        "{paths:?}"
+    );
+
+    // Enforced: a plaintext client outside the mesh reaches only port 9090.
+    let db = cluster.pod("db").ip4.to_string();
+    let r = mesh::client(cluster.pod("peer"), "once", &db, 9090, &[])?;
+    assert!(succeeded(&r), "the allowed port: {r}");
+    let r = mesh::client(cluster.pod("peer"), "once", &db, 8080, &[])?;
+    assert!(!succeeded(&r), "not allowed by the v1beta1 policy: {r}");
+    agent.terminate()?;
+    Ok(())
+}
+
+/// How the runtime calls the plugin: its socket, its kubeconfig (from the
+/// installer), its timeout.
+struct CniConf {
+    socket: PathBuf,
+    kubeconfig: Option<PathBuf>,
+    timeout_seconds: u64,
+}
+
+/// Runs the real mesh-cni binary as a container runtime would, on node1
+/// (whence it reaches the API).
+fn cni(
+    cluster: &Cluster,
+    conf: &CniConf,
+    command: &str,
+    netns: &Path,
+    ns: &str,
+    name: &str,
+    ips: &[String],
+) -> Result<(i32, Value, String)> {
     let prev = serde_json::json!({
         "cniVersion": "1.0.0",
         "interfaces": [{"name": "eth0", "sandbox": netns}],
         "ips": ips.iter().map(|ip| serde_json::json!({"address": format!("{ip}/24"), "interface": 0})).collect::<Vec<_>>(),
     });
-    let conf = serde_json::json!({
+    let mut net = serde_json::json!({
         "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "mesh-cni",
-        "socket": socket, "timeoutSeconds": 3, "prevResult": prev,
+        "socket": conf.socket, "timeoutSeconds": conf.timeout_seconds, "prevResult": prev,
     });
-    let mut child = Command::new(mesh::binary("mesh-cni")?)
+    if let Some(k) = &conf.kubeconfig {
+        net["kubeconfig"] = serde_json::json!(k);
+    }
+    let mut child = cluster
+        .node("node1")
+        .try_command(mesh::binary("mesh-cni")?)?
         .env_clear()
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", format!("sandbox-{name}"))
@@ -468,10 +591,46 @@ fn cni(command: &str, socket: &Path, netns: &Path, ns: &str, name: &str, ips: &[
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes())?;
+    child.stdin.take().unwrap().write_all(net.to_string().as_bytes())?;
     let out = child.wait_with_output()?;
     let stdout: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    Ok((out.status.code().unwrap_or(-1), stdout))
+    Ok((
+        out.status.code().unwrap_or(-1),
+        stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// The installer as the mesh-cni DaemonSet runs it: it writes the plugin's
+/// kubeconfig from its service-account token and names it in the entry.
+fn install_cni(dir: &Path, api: &ApiServer, token: &str) -> Result<PathBuf> {
+    let (conf_dir, bin_dir, sa) = (dir.join("net.d"), dir.join("bin"), dir.join("cni-sa"));
+    for d in [&conf_dir, &bin_dir, &sa] {
+        fs::create_dir_all(d)?;
+    }
+    fs::write(sa.join("token"), format!("{token}\n"))?;
+    fs::write(
+        conf_dir.join("10-ptp.conflist"),
+        r#"{"cniVersion": "1.0.0", "name": "k8s-pod-network", "plugins": [{"type": "ptp"}]}"#,
+    )?;
+    let out = Command::new(mesh::binary("mesh-cni")?)
+        .env_remove("CNI_COMMAND")
+        .args(["install", "--once", "--holder", "e2e", "--api-server", &api.url()])
+        .arg("--kubeconfig-token")
+        .arg(sa.join("token"))
+        .arg("--conf-dir")
+        .arg(&conf_dir)
+        .arg("--host-conf-dir")
+        .arg(&conf_dir)
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list: Value = serde_json::from_slice(&fs::read(conf_dir.join("10-ptp.conflist"))?)?;
+    let kubeconfig = list["plugins"][1]["kubeconfig"]
+        .as_str()
+        .context("no kubeconfig in the entry")?;
+    Ok(PathBuf::from(kubeconfig))
 }
 
 #[test]
@@ -482,7 +641,7 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     ]);
     let cluster = Cluster::create("kcni", &spec)?;
     let dir = cluster.scratch_dir()?;
-    let api = ApiServer::in_cluster(&cluster)?;
+    let mut api = ApiServer::in_cluster(&cluster)?;
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig, "agent-token")?;
     api.apply(&namespace("apps", true))?;
@@ -491,6 +650,14 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     api.apply(&pod(&cluster, "peer", "legacy", &[], true))?;
     let socket = dir.join("run/cni.sock");
     let sock = socket.to_str().unwrap();
+    let conf = CniConf {
+        socket: socket.clone(),
+        kubeconfig: Some(install_cni(&dir, &api, "cni-token")?),
+        timeout_seconds: 3,
+    };
+    let cni = |command: &str, pod: &str, ns: &str, ips: &[String]| {
+        cni(&cluster, &conf, command, &cluster.pod(pod).netns_path, ns, pod, ips)
+    };
     let mut agent = Agent::start_kube(&cluster, "node1", &kubeconfig, &dir, &["--cni-socket", sock])?;
     agent.wait_for("agent ready", WAIT)?;
 
@@ -499,7 +666,7 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     fs::create_dir_all(pod_cgroup(&cluster, "fresh"))?;
     api.apply(&pod(&cluster, "fresh", "apps", &[], false))?;
     let ips = vec![fresh.ip4.to_string(), fresh.ip6.to_string()];
-    let (code, out) = cni("ADD", &socket, &fresh.netns_path, "apps", "fresh", &ips)?;
+    let (code, out, _) = cni("ADD", "fresh", "apps", &ips)?;
     assert_eq!(code, 0, "{out}\n{}", agent.raw_log());
     assert_eq!(
         out["ips"][0]["address"],
@@ -515,42 +682,74 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     agent.wait_access(WAIT, |l| !access_to(l, &dst).is_empty())?;
 
     // A pod of a plain namespace passes through, not enrolled.
-    let plain = cluster.pod("plain");
+    let plain_ips = vec![cluster.pod("plain").ip4.to_string()];
     api.apply(&pod(&cluster, "plain", "legacy", &[], false))?;
-    let (code, _) = cni(
-        "ADD",
-        &socket,
-        &plain.netns_path,
-        "legacy",
-        "plain",
-        &[plain.ip4.to_string()],
-    )?;
+    let (code, _, _) = cni("ADD", "plain", "legacy", &plain_ips)?;
     assert_eq!(code, 0);
     assert_eq!(enrolled(&cluster)?, ["apps/fresh"]);
 
     // DEL: the sandbox is gone, capture with it.
-    let (code, _) = cni("DEL", &socket, &fresh.netns_path, "apps", "fresh", &ips)?;
+    let (code, _, _) = cni("DEL", "fresh", "apps", &ips)?;
     assert_eq!(code, 0);
     wait_enrolled(&cluster, &[])?;
 
-    // No agent: an ambient pod cannot start (CNI error 11), a plain one can
-    // (the agent's last list of ambient namespaces), and DEL never blocks.
+    // No agent: the plugin asks the API and applies the agent's rule. A pod
+    // that belongs in the mesh cannot start (CNI error 11, with the label
+    // that decided), a plain one can, and DEL never blocks.
     agent.terminate()?;
-    let (code, out) = cni("ADD", &socket, &fresh.netns_path, "apps", "fresh", &ips)?;
-    assert_eq!(code, 1, "{out}");
-    assert_eq!(out["code"], 11, "{out}");
-    assert!(out["msg"].as_str().unwrap_or("").contains("not reachable"), "{out}");
-    let (code, _) = cni(
-        "ADD",
-        &socket,
-        &plain.netns_path,
-        "legacy",
-        "plain",
-        &[plain.ip4.to_string()],
+    let must_wait = |pod: &str, ns: &str, ips: &[String], why: &str| -> Result<()> {
+        let (code, out, stderr) = cni("ADD", pod, ns, ips)?;
+        assert_eq!((code, &out["code"]), (1, &Value::from(11)), "{out}\n{stderr}");
+        let msg = out["msg"].as_str().unwrap_or("");
+        assert!(msg.contains(why) && msg.contains("not reachable"), "{msg}");
+        Ok(())
+    };
+    must_wait(
+        "fresh",
+        "apps",
+        &ips,
+        "namespace apps has label istio.io/dataplane-mode=ambient",
     )?;
-    assert_eq!(code, 0, "plain namespaces start without the agent");
-    let (code, _) = cni("DEL", &socket, &fresh.netns_path, "apps", "fresh", &ips)?;
+    let (code, out, stderr) = cni("ADD", "plain", "legacy", &plain_ips)?;
+    assert_eq!(code, 0, "plain pods start without the agent: {out}\n{stderr}");
+    assert!(stderr.contains("not in the mesh per the Kubernetes API"), "{stderr}");
+    // The pod's own label, in a plain namespace.
+    let ambient = [("istio.io/dataplane-mode", "ambient")];
+    api.apply(&pod(&cluster, "plain", "legacy", &ambient, false))?;
+    must_wait(
+        "plain",
+        "legacy",
+        &plain_ips,
+        "the pod has label istio.io/dataplane-mode=ambient",
+    )?;
+    // The namespace labelled while the agent was down.
+    api.apply(&pod(&cluster, "plain", "legacy", &[], false))?;
+    api.apply(&namespace("legacy", true))?;
+    must_wait("plain", "legacy", &plain_ips, "namespace legacy has label")?;
+    api.apply(&namespace("legacy", false))?;
+    let (code, _, _) = cni("DEL", "fresh", "apps", &ips)?;
     assert_eq!(code, 0);
+
+    // The plugin's requests are exactly what its ClusterRole grants.
+    let granted = rbac_rules(&repo().join("deploy/rbac.yaml"), "mesh-cni")?;
+    assert_eq!(
+        api.verbs_seen_by("cni-token"),
+        granted,
+        "the mesh-cni ClusterRole must match the plugin's requests"
+    );
+
+    // Neither agent nor API: fail closed, except the system namespaces.
+    api.stop();
+    let (code, out, _) = cni("ADD", "plain", "legacy", &plain_ips)?;
+    assert_eq!((code, &out["code"]), (1, &Value::from(11)), "{out}");
+    let msg = out["msg"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("Kubernetes API cannot tell whether pod legacy/plain belongs in the mesh")
+            && msg.contains("failing closed"),
+        "{msg}"
+    );
+    let (code, out, _) = cni("ADD", "plain", "kube-system", &plain_ips)?;
+    assert_eq!(code, 0, "kube-system starts without agent and API: {out}");
     Ok(())
 }
 
@@ -570,8 +769,36 @@ fn request_cert(cluster: &Cluster, ca: &mesh::MeshCa, token_file: &Path, id: &st
     ))
 }
 
+/// An agent pod of the DaemonSet (the pod a projected token is bound to).
+fn agent_pod(name: &str, uid: &str, node: &str) -> Pod {
+    let mut m = meta(Some("mesh-system"), name, &[("app", "mesh-agent")]);
+    m.uid = Some(uid.into());
+    Pod {
+        metadata: m,
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            service_account_name: Some("mesh-agent".into()),
+            host_network: Some(false),
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            ..Default::default()
+        }),
+    }
+}
+
+/// `agent ca request` until the CA answers (it may still be starting).
+fn first_request(cluster: &Cluster, ca: &mesh::MeshCa, token: &Path, id: &str) -> Result<(bool, String)> {
+    poll(WAIT, || {
+        let r = request_cert(cluster, ca, token, id)?;
+        Ok((!r.1.contains("connect")).then_some(r))
+    })
+}
+
 #[test]
 fn ca_on_kubernetes_checks_tokens_and_nodes_and_agents_tunnel_hbone_with_its_certificates() -> Result<()> {
+    use testbed::apiserver::SaToken;
     let spec = ClusterSpec::new(vec![
         NodeSpec::new("node1", &["client"]),
         NodeSpec::new("node2", &["web"]),
@@ -584,27 +811,45 @@ fn ca_on_kubernetes_checks_tokens_and_nodes_and_agents_tunnel_hbone_with_its_cer
     api.apply(&namespace("apps", true))?;
     api.apply(&pod(&cluster, "client", "apps", &[], true))?;
     api.apply(&pod(&cluster, "web", "apps", &[], true))?;
-    // The agent of node1 (a pod-bound token: node name in the extras), an
-    // agent token without a node, and a token of some other service account.
-    let user = |name: &str, extra: serde_json::Value| serde_json::json!({"username": name, "uid": "u-1", "groups": ["system:serviceaccounts"], "extra": extra});
-    api.add_token(
+    api.apply(&agent_pod("mesh-agent-x1", "uid-x1", "node1"))?;
+    api.apply(&agent_pod("mesh-agent-x2", "uid-x2", "node1"))?;
+    let (agent_ns, agent_sa, aud) = ("mesh-system", "mesh-agent", agent::ca::TOKEN_AUDIENCE);
+    let node1 = Some(("node1", "node-uid-1"));
+    // node1's agent: a projected token of its pod (node in the extras).
+    api.issue_token(
         "tok-node1",
-        user(
-            "system:serviceaccount:mesh-system:mesh-agent",
-            serde_json::json!({"authentication.kubernetes.io/node-name": ["node1"],
-                               "authentication.kubernetes.io/pod-name": ["mesh-agent-x1"]}),
-        ),
+        SaToken::bound(agent_ns, agent_sa, aud, ("mesh-agent-x1", "uid-x1"), node1),
     );
-    api.add_token(
-        "tok-unbound",
-        user("system:serviceaccount:mesh-system:mesh-agent", serde_json::json!({})),
+    // The same from an API server before 1.30: no node, the CA looks the pod up.
+    api.issue_token(
+        "tok-old-api",
+        SaToken::bound(agent_ns, agent_sa, aud, ("mesh-agent-x2", "uid-x2"), None),
     );
-    api.add_token(
+    // Tokens the CA must refuse, each for its own reason.
+    api.issue_token(
         "tok-other",
-        user(
-            "system:serviceaccount:apps:client",
-            serde_json::json!({"authentication.kubernetes.io/node-name": ["node1"]}),
-        ),
+        SaToken::bound("apps", "client", aud, ("client", &uid_of("client")), node1),
+    );
+    api.issue_token(
+        "tok-wrong-audience",
+        SaToken::bound(agent_ns, agent_sa, "vault", ("mesh-agent-x1", "uid-x1"), node1),
+    );
+    api.issue_token("tok-legacy", SaToken::legacy(agent_ns, agent_sa));
+    api.issue_token(
+        "tok-expired",
+        SaToken {
+            expires: Some(std::time::SystemTime::now() - std::time::Duration::from_secs(1)),
+            ..SaToken::bound(agent_ns, agent_sa, aud, ("mesh-agent-x1", "uid-x1"), node1)
+        },
+    );
+    api.issue_token(
+        "tok-deleted-pod",
+        SaToken::bound(agent_ns, agent_sa, aud, ("mesh-agent-gone", "uid-gone"), node1),
+    );
+    api.audience_unaware_token(
+        "tok-unaware",
+        serde_json::json!({"username": "system:serviceaccount:mesh-system:mesh-agent", "uid": "u-1",
+                           "extra": {"authentication.kubernetes.io/node-name": ["node1"]}}),
     );
     let ca_dir = dir.join("ca");
     let ca = mesh::MeshCa::start_kube(&cluster, "node1", &ca_dir, &kubeconfig)?;
@@ -616,27 +861,77 @@ fn ca_on_kubernetes_checks_tokens_and_nodes_and_agents_tunnel_hbone_with_its_cer
 
     // node1's agent gets the identity of a pod on node1 ...
     let client_id = "spiffe://cluster.local/ns/apps/sa/client";
-    let (ok, out) = poll(WAIT, || {
-        let r = request_cert(&cluster, &ca, &token("tok-node1")?, client_id)?;
-        // The CA may still be starting (connection refused).
-        Ok((!r.1.contains("connect")).then_some(r))
-    })?;
+    let (ok, out) = first_request(&cluster, &ca, &token("tok-node1")?, client_id)?;
     assert!(ok, "{out}\n{}", ca.log());
     assert!(out.contains("BEGIN CERTIFICATE"), "{out}");
-    // ... but not of a pod on node2, and other tokens get nothing.
-    let (ok, out) = request_cert(
-        &cluster,
-        &ca,
-        &token("tok-node1")?,
+    // ... and so does a token of an older API server, through its pod.
+    let (ok, out) = request_cert(&cluster, &ca, &token("tok-old-api")?, client_id)?;
+    assert!(ok, "pod-name fallback: {out}");
+    // Not the identity of a pod on node2, and other tokens get nothing, each
+    // refusal with its reason.
+    let refused = |tok: &str, id: &str, why: &[&str]| -> Result<()> {
+        let (ok, out) = request_cert(&cluster, &ca, &token(tok)?, id)?;
+        assert!(!ok, "{tok} must be refused: {out}");
+        for w in why {
+            assert!(out.contains(w), "{tok}: expected {w:?} in: {out}");
+        }
+        Ok(())
+    };
+    refused(
+        "tok-node1",
         "spiffe://cluster.local/ns/apps/sa/web",
+        &["runs on node node1"],
     )?;
-    assert!(!ok && out.contains("runs on node node1"), "{out}");
-    let (ok, out) = request_cert(&cluster, &ca, &token("tok-other")?, client_id)?;
-    assert!(!ok && out.contains("not the agents' service account"), "{out}");
-    let (ok, out) = request_cert(&cluster, &ca, &token("tok-unbound")?, client_id)?;
-    assert!(!ok && out.contains("not bound to a pod"), "{out}");
-    let (ok, out) = request_cert(&cluster, &ca, &token("tok-forged")?, client_id)?;
-    assert!(!ok && out.contains("invalid bearer token"), "{out}");
+    refused("tok-other", client_id, &["not the agents' service account"])?;
+    refused("tok-forged", client_id, &["invalid bearer token"])?;
+    refused(
+        "tok-wrong-audience",
+        client_id,
+        &[
+            r#"token audiences ["vault"] is invalid for the target audiences ["mesh-ca"]"#,
+            "audience mesh-ca",
+        ],
+    )?;
+    refused(
+        "tok-legacy",
+        client_id,
+        &[
+            r#"token audiences ["https://kubernetes.default.svc.cluster.local"] is invalid"#,
+            "not a legacy",
+        ],
+    )?;
+    refused("tok-expired", client_id, &["service account token has expired"])?;
+    refused(
+        "tok-deleted-pod",
+        client_id,
+        &["has been invalidated", "gone or was re-created"],
+    )?;
+    refused(
+        "tok-unaware",
+        client_id,
+        &["does not confirm the audience mesh-ca", "ignores audiences"],
+    )?;
+
+    // The agent pod of the old-API token is re-created (same name, new UID).
+    // The API server refuses its token; and while its cache still holds
+    // the old pod, the CA's own UID check refuses it.
+    api.freeze_token_pod_cache(true);
+    api.delete("v1", "Pod", agent_ns, "mesh-agent-x2")?;
+    api.apply(&agent_pod("mesh-agent-x2", "uid-x2-new", "node1"))?;
+    let (_, out) = poll(WAIT, || {
+        let r = request_cert(&cluster, &ca, &token("tok-old-api")?, client_id)?;
+        Ok((!r.0).then_some(r))
+    })?;
+    assert!(
+        out.contains("bound to pod mesh-system/mesh-agent-x2 with UID uid-x2, but that pod now has UID uid-x2-new"),
+        "{out}"
+    );
+    api.freeze_token_pod_cache(false);
+    refused(
+        "tok-old-api",
+        client_id,
+        &["pod UID (uid-x2-new) does not match service account pod ref claim (uid-x2)"],
+    )?;
 
     // RBAC grants exactly what the CA used: TokenReview create and the pod
     // watch (deploy/rbac.yaml, ClusterRole mesh-ca).
