@@ -54,13 +54,34 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 pub async fn serve(listener: UnixListener, kube: Kube, own_uid: Option<String>, tx: mpsc::Sender<CniEvent>) {
+    let mut backoff = crate::proxy::AcceptBackoff::default();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff.reset();
+                stream
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "CNI socket accept failed");
+                backoff.wait().await;
+                continue;
+            }
         };
         let (kube, own_uid, tx) = (kube.clone(), own_uid.clone(), tx.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, &kube, own_uid.as_deref(), &tx).await {
+            // A caller that never finishes its request must not hold the
+            // connection: the plugin itself gives up after 10 s.
+            let served = tokio::time::timeout(
+                POD_WAIT + REPLY_WAIT,
+                connection(stream, &kube, own_uid.as_deref(), &tx),
+            );
+            let r = served.await.unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "request took too long",
+                ))
+            });
+            if let Err(e) = r {
                 tracing::warn!(error = %e, "CNI request failed");
             }
         });
