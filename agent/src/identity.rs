@@ -31,6 +31,18 @@ struct Slot {
     last_error: Option<String>,
 }
 
+impl Slot {
+    /// Wanted since `since`, no certificate yet.
+    fn wanted(since: Instant) -> Self {
+        Slot {
+            cert: None,
+            wanted_since: since,
+            failures: 0,
+            last_error: None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Shared {
     slots: RwLock<HashMap<SpiffeId, Slot>>,
@@ -121,15 +133,10 @@ impl CertStore {
     /// the store's readers).
     #[cfg(test)]
     pub(crate) fn want_for_test(&self, id: &SpiffeId, waiting: Duration, last_error: Option<&str>) {
-        self.0.slots.write().unwrap().insert(
-            id.clone(),
-            Slot {
-                cert: None,
-                wanted_since: Instant::now() - waiting,
-                failures: u32::from(last_error.is_some()),
-                last_error: last_error.map(str::to_string),
-            },
-        );
+        let mut slot = Slot::wanted(Instant::now() - waiting);
+        slot.failures = u32::from(last_error.is_some());
+        slot.last_error = last_error.map(str::to_string);
+        self.0.slots.write().unwrap().insert(id.clone(), slot);
     }
 
     fn update(&self, id: &SpiffeId, f: impl FnOnce(&mut Slot)) {
@@ -179,15 +186,11 @@ impl SecretManager {
         });
         for id in ids {
             if !self.tasks.contains_key(id) {
-                shared.slots.write().unwrap_or_else(|e| e.into_inner()).insert(
-                    id.clone(),
-                    Slot {
-                        cert: None,
-                        wanted_since: Instant::now(),
-                        failures: 0,
-                        last_error: None,
-                    },
-                );
+                shared
+                    .slots
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.clone(), Slot::wanted(Instant::now()));
                 let task = tokio::spawn(keep_fresh(
                     self.client.clone(),
                     id.clone(),
@@ -271,15 +274,7 @@ mod tests {
     }
 
     fn wanted(store: &CertStore, id: &SpiffeId) {
-        store.0.slots.write().unwrap().insert(
-            id.clone(),
-            Slot {
-                cert: None,
-                wanted_since: Instant::now(),
-                failures: 0,
-                last_error: None,
-            },
-        );
+        store.want_for_test(id, Duration::ZERO, None);
     }
 
     fn arrive(store: &CertStore, c: WorkloadCert) {

@@ -574,26 +574,12 @@ async fn the_server_refuses_header_lists_over_64_kib() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_multiplexes_streams_dials_once_and_respects_rotation() {
-    let pki = Pki::new("pool", "cluster.local");
-    let app = echo_app().await;
-    let srv = server(&pki, SERVER, None).await;
-    let pool = Pool::default();
-    let key = PoolKey {
-        src_identity: CLIENT.parse().unwrap(),
-        dst_identities: vec![SERVER.parse().unwrap()],
-        dst: srv.addr,
-        src_ip: "127.0.0.1".parse().unwrap(),
-    };
-    let cert = Arc::new(pki.cert(CLIENT));
-    let open = |cert: Arc<WorkloadCert>| {
-        let (pool, key, roots, server) = (pool.clone(), key.clone(), pki.roots.clone(), srv.addr);
-        async move { pool_open(&pool, &key, &cert, &roots, server, app).await }
-    };
+    let s = PoolSetup::new("pool").await;
     // 50 concurrent first connects: one handshake, 50 streams.
-    let tunnels = join_all((0..50).map(|_| open(cert.clone()))).await;
+    let tunnels = join_all((0..50).map(|_| s.open(&s.cert))).await;
     assert!(tunnels.iter().all(Result::is_ok));
     assert_eq!(
-        srv.accepted.load(Ordering::SeqCst),
+        s.srv.accepted.load(Ordering::SeqCst),
         1,
         "concurrent first dials share one handshake"
     );
@@ -609,16 +595,66 @@ async fn pool_multiplexes_streams_dials_once_and_respects_rotation() {
         Some(SERVER)
     );
     // 150 open streams need a second connection (100 per connection).
-    let more = join_all((0..100).map(|_| open(cert.clone()))).await;
+    let more = join_all((0..100).map(|_| s.open(&s.cert))).await;
     assert!(more.iter().all(Result::is_ok));
-    assert_eq!(srv.accepted.load(Ordering::SeqCst), 2, "100 streams per connection");
+    assert_eq!(s.srv.accepted.load(Ordering::SeqCst), 2, "100 streams per connection");
     // A rotated certificate takes a new connection; old ones keep their streams.
-    let rotated = Arc::new(pki.cert(CLIENT));
-    let (t, _g) = open(rotated.clone()).await.unwrap();
-    assert_eq!(srv.accepted.load(Ordering::SeqCst), 3);
+    let rotated = Arc::new(s.pki.cert(CLIENT));
+    let (t, _g) = s.open(&rotated).await.unwrap();
+    assert_eq!(s.srv.accepted.load(Ordering::SeqCst), 3);
     // The streams still carry bytes.
     assert_eq!(echo_through(t, b"pooled").await, b"pooled");
-    assert_eq!(pool.connections(), 3);
+    assert_eq!(s.pool.connections(), 3);
+}
+
+/// An echo app, a server, an empty pool and the client's key and certificate.
+struct PoolSetup {
+    pki: Pki,
+    app: SocketAddr,
+    srv: TestServer,
+    pool: Pool,
+    key: PoolKey,
+    cert: Arc<WorkloadCert>,
+}
+
+impl PoolSetup {
+    async fn new(tag: &str) -> PoolSetup {
+        let pki = Pki::new(tag, "cluster.local");
+        let app = echo_app().await;
+        let srv = server(&pki, SERVER, None).await;
+        let key = PoolKey {
+            src_identity: CLIENT.parse().unwrap(),
+            dst_identities: vec![SERVER.parse().unwrap()],
+            dst: srv.addr,
+            src_ip: "127.0.0.1".parse().unwrap(),
+        };
+        let cert = Arc::new(pki.cert(CLIENT));
+        PoolSetup {
+            pki,
+            app,
+            srv,
+            pool: Pool::default(),
+            key,
+            cert,
+        }
+    }
+
+    /// One stream through the pool, made with `cert`.
+    fn open(
+        &self,
+        cert: &Arc<WorkloadCert>,
+    ) -> impl std::future::Future<Output = Result<(hbone::Tunnel, mesh::pool::StreamGuard), hbone::HboneError>>
+           + Send
+           + 'static {
+        let (pool, key, cert, roots) = (
+            self.pool.clone(),
+            self.key.clone(),
+            cert.clone(),
+            self.pki.roots.clone(),
+        );
+        let (server, app) = (self.srv.addr, self.app);
+        async move { pool_open(&pool, &key, &cert, &roots, server, app).await }
+    }
 }
 
 async fn pool_open(
@@ -641,34 +677,20 @@ async fn pool_open(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_opens_never_put_more_than_100_streams_on_a_connection() {
-    let pki = Pki::new("race", "cluster.local");
-    let app = echo_app().await;
-    let srv = server(&pki, SERVER, None).await;
-    let pool = Pool::default();
-    let key = PoolKey {
-        src_identity: CLIENT.parse().unwrap(),
-        dst_identities: vec![SERVER.parse().unwrap()],
-        dst: srv.addr,
-        src_ip: "127.0.0.1".parse().unwrap(),
-    };
-    let cert = Arc::new(pki.cert(CLIENT));
+    let s = PoolSetup::new("race").await;
     // Warm up one connection, then race 500 opens on it at once: each must
     // get a stream slot of its own (over 100, h2 would queue them forever).
-    let first = pool_open(&pool, &key, &cert, &pki.roots, srv.addr, app).await.unwrap();
-    let opens = (0..500).map(|_| {
-        let (pool, key, cert, roots) = (pool.clone(), key.clone(), cert.clone(), pki.roots.clone());
-        let server = srv.addr;
-        async move { pool_open(&pool, &key, &cert, &roots, server, app).await }
-    });
+    let first = s.open(&s.cert).await.unwrap();
+    let opens = (0..500).map(|_| s.open(&s.cert));
     let all = tokio::time::timeout(WAIT, join_all(opens))
         .await
         .expect("no open may wait forever for a stream slot");
     assert!(all.iter().all(Result::is_ok));
-    let streams = pool.streams();
+    let streams = s.pool.streams();
     assert_eq!(streams.iter().sum::<usize>(), 501);
     assert!(streams.iter().all(|n| *n <= 100), "{streams:?}");
     assert_eq!(
-        srv.accepted.load(Ordering::SeqCst),
+        s.srv.accepted.load(Ordering::SeqCst),
         6,
         "501 streams: 6 connections ({streams:?})"
     );
@@ -677,28 +699,18 @@ async fn racing_opens_never_put_more_than_100_streams_on_a_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_server_sends_goaway_and_the_pool_moves_new_streams_while_open_ones_finish() {
-    let pki = Pki::new("drain", "cluster.local");
-    let app = echo_app().await;
-    let srv = server(&pki, SERVER, None).await;
-    let pool = Pool::default();
-    let key = PoolKey {
-        src_identity: CLIENT.parse().unwrap(),
-        dst_identities: vec![SERVER.parse().unwrap()],
-        dst: srv.addr,
-        src_ip: "127.0.0.1".parse().unwrap(),
-    };
-    let cert = Arc::new(pki.cert(CLIENT));
-    let (held, held_guard) = pool_open(&pool, &key, &cert, &pki.roots, srv.addr, app).await.unwrap();
+    let s = PoolSetup::new("drain").await;
+    let (held, held_guard) = s.open(&s.cert).await.unwrap();
     let (mut ours, mut app_client) = tcp_pair().await;
     let bridge = tokio::spawn(async move { held.bridge(&mut ours).await });
     app_client.write_all(b"before ").await.unwrap();
 
-    srv.drain.send(true).unwrap();
+    s.srv.drain.send(true).unwrap();
     // New streams go to a new connection (the old one said GOAWAY) and work.
     let deadline = Instant::now() + WAIT;
-    while srv.accepted.load(Ordering::SeqCst) < 2 {
+    while s.srv.accepted.load(Ordering::SeqCst) < 2 {
         assert!(Instant::now() < deadline, "no new connection after GOAWAY");
-        let (t, _g) = pool_open(&pool, &key, &cert, &pki.roots, srv.addr, app).await.unwrap();
+        let (t, _g) = s.open(&s.cert).await.unwrap();
         assert_eq!(echo_through(t, b"new").await, b"new");
     }
     // The open stream on the draining connection still works, then ends it.
@@ -710,7 +722,7 @@ async fn a_draining_server_sends_goaway_and_the_pool_moves_new_streams_while_ope
     assert_eq!(bridge.await.unwrap().result, "ok");
     drop(held_guard);
     let deadline = Instant::now() + WAIT;
-    while srv.ended.load(Ordering::SeqCst) < 1 {
+    while s.srv.ended.load(Ordering::SeqCst) < 1 {
         assert!(
             Instant::now() < deadline,
             "the drained connection must close once its stream is done"

@@ -411,6 +411,23 @@ pub fn first_line(child: &mut Child) -> Result<Value> {
     serde_json::from_slice(&line).with_context(|| format!("client printed {:?}", String::from_utf8_lossy(&line)))
 }
 
+/// A connection from `pod` that exchanges a line every 0.1 s, `count` times,
+/// returned once it is established end to end (its first line).
+pub fn held_client(pod: &Pod, host: &str, port: u16, count: u32) -> Result<Child> {
+    let mut held = spawn_client(
+        pod,
+        "hold",
+        host,
+        port,
+        &["--count", &count.to_string(), "--interval", "0.1"],
+    )?;
+    let first = first_line(&mut held)?;
+    if first["connected"] != true {
+        bail!("hold client in {} did not connect: {first}", pod.name);
+    }
+    Ok(held)
+}
+
 /// The JSON report of a finished client started with [`spawn_client`].
 pub fn client_report(child: Child) -> Result<Value> {
     let out = child.wait_with_output()?;

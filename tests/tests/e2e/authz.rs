@@ -96,14 +96,7 @@ fn l4_policies_and_peer_authentication_are_enforced_and_rechecked() -> Result<()
 
     // A policy change closes open connections it no longer allows.
     set_policy(&w, &mut [&mut a1, &mut a2], "")?;
-    let mut held = mesh::spawn_client(
-        w.cluster.pod("client"),
-        "hold",
-        &server,
-        8080,
-        &["--count", "60", "--interval", "0.1"],
-    )?;
-    assert_eq!(mesh::first_line(&mut held)?["connected"], true);
+    let held = mesh::held_client(w.cluster.pod("client"), &server, 8080, 60)?;
     set_policy(&w, &mut [&mut a1, &mut a2], DENY_DEFAULT_ON_8080)?;
     let h = mesh::client_report(held)?;
     assert!(

@@ -269,14 +269,7 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones() -> Result<()> {
     let backend = w.ip4("backend");
 
     // A long-lived connection through the old agent, and a stream of new connects.
-    let mut held = mesh::spawn_client(
-        client,
-        "hold",
-        &backend,
-        APP_PORT,
-        &["--count", "40", "--interval", "0.1"],
-    )?;
-    assert_eq!(mesh::first_line(&mut held)?["connected"], true);
+    let held = mesh::held_client(client, &backend, APP_PORT, 40)?;
     let stream = mesh::spawn_client(
         client,
         "loop",
@@ -305,14 +298,7 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones() -> Result<()> {
 
     // kill -9 instead: connections open through the killed agent break (the
     // agent held both halves); new ones are refused until an agent is back.
-    let mut held = mesh::spawn_client(
-        client,
-        "hold",
-        &backend,
-        APP_PORT,
-        &["--count", "30", "--interval", "0.1"],
-    )?;
-    assert_eq!(mesh::first_line(&mut held)?["connected"], true);
+    let held = mesh::held_client(client, &backend, APP_PORT, 30)?;
     new.kill9();
     let h = mesh::client_report(held)?;
     assert!(h["error"].is_string() && h["ok"].as_u64().unwrap() < 30, "{h}");

@@ -168,14 +168,7 @@ fn graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_on
     let server = w.ip4("server");
 
     // A long-lived connection (4 s), and a stream of new connects throughout.
-    let mut held = mesh::spawn_client(
-        client,
-        "hold",
-        &server,
-        APP_PORT,
-        &["--count", "40", "--interval", "0.1"],
-    )?;
-    assert_eq!(mesh::first_line(&mut held)?["connected"], true);
+    let held = mesh::held_client(client, &server, APP_PORT, 40)?;
     let stream = mesh::spawn_client(
         client,
         "loop",

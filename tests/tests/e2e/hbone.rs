@@ -356,14 +356,7 @@ fn certificate_rotation_keeps_open_connections_and_new_ones_use_the_new_certific
     let server4 = w.ip4("server");
     let tls_conns = || hbone_connections(&w, "client", &server4);
     // A long-lived connection streams across two renewals (8 s).
-    let mut held = mesh::spawn_client(
-        w.cluster.pod("client"),
-        "hold",
-        &server4,
-        APP_PORT,
-        &["--count", "80", "--interval", "0.1"],
-    )?;
-    assert_eq!(mesh::first_line(&mut held)?["connected"], true);
+    let held = mesh::held_client(w.cluster.pod("client"), &server4, APP_PORT, 80)?;
     assert_eq!(tls_conns()?, 1);
     let renewed = |n: usize| {
         a1.logs()

@@ -187,6 +187,24 @@ fn web_service() -> (Service, EndpointSlice) {
     (svc, slice)
 }
 
+/// An ALLOW policy for the `db` pods of `apps`, to `operation`.
+fn allow_db(name: &str, operation: crd::Operation) -> crd::AuthorizationPolicy {
+    crd::AuthorizationPolicy::new(
+        "apps",
+        name,
+        crd::AuthorizationPolicySpec {
+            selector: Some(crd::WorkloadSelector {
+                match_labels: BTreeMap::from([("app".into(), "db".into())]),
+            }),
+            rules: Some(vec![crd::Rule {
+                to: vec![crd::To { operation }],
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+    )
+}
+
 fn policies() -> (
     crd::AuthorizationPolicy,
     crd::AuthorizationPolicy,
@@ -216,22 +234,10 @@ fn policies() -> (
             ..Default::default()
         },
     );
-    let allow_l7 = crd::AuthorizationPolicy::new(
-        "apps",
+    let allow_l7 = allow_db(
         "allow-get",
-        crd::AuthorizationPolicySpec {
-            selector: Some(crd::WorkloadSelector {
-                match_labels: BTreeMap::from([("app".into(), "db".into())]),
-            }),
-            rules: Some(vec![crd::Rule {
-                to: vec![crd::To {
-                    operation: crd::Operation {
-                        paths: vec!["/api".into()],
-                        ..Default::default()
-                    },
-                }],
-                ..Default::default()
-            }]),
+        crd::Operation {
+            paths: vec!["/api".into()],
             ..Default::default()
         },
     );
@@ -466,22 +472,10 @@ fn istio_policies_served_only_as_v1beta1_are_read_and_enforced() -> Result<()> {
     api.apply(&node(&cluster, "node1"))?;
     api.apply(&pod(&cluster, "db", "apps", &[("app", "db")], true))?;
     api.apply(&pod(&cluster, "peer", "legacy", &[], true))?;
-    let allow_9090 = crd::AuthorizationPolicy::new(
-        "apps",
+    let allow_9090 = allow_db(
         "allow-9090",
-        crd::AuthorizationPolicySpec {
-            selector: Some(crd::WorkloadSelector {
-                match_labels: BTreeMap::from([("app".into(), "db".into())]),
-            }),
-            rules: Some(vec![crd::Rule {
-                to: vec![crd::To {
-                    operation: crd::Operation {
-                        ports: vec!["9090".into()],
-                        ..Default::default()
-                    },
-                }],
-                ..Default::default()
-            }]),
+        crd::Operation {
+            ports: vec!["9090".into()],
             ..Default::default()
         },
     )
