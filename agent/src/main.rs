@@ -210,6 +210,11 @@ struct RunArgs {
     /// Kernel programs to load instead of the embedded ones.
     #[arg(long, env = "AGENT_BPF_OBJECT")]
     bpf_object: Option<PathBuf>,
+    /// Log why each connection was or was not captured (the kernel programs'
+    /// decisions, target `bpf`). Costs a ring-buffer write per connect: for
+    /// debugging, off by default.
+    #[arg(long, env = "AGENT_BPF_LOG")]
+    bpf_log: bool,
     /// How long open connections may finish after SIGTERM.
     #[arg(long, default_value = "30s", value_parser = app::parse_duration)]
     drain_timeout: Duration,
@@ -363,6 +368,7 @@ fn agent_config(a: RunArgs) -> anyhow::Result<config::AgentConfig> {
         bpffs: a.pins.bpffs,
         pin_name: a.pins.pin_name,
         bpf_object: a.bpf_object,
+        bpf_log: a.bpf_log,
         drain_timeout: a.drain_timeout,
         reload_interval: a.reload_interval,
         worker_threads: a.worker_threads,
