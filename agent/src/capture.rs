@@ -231,8 +231,12 @@ impl ProxyMaps {
 }
 
 impl Maps {
-    /// Opens every map through `open` (from a loaded object or from pins).
-    fn open(mut open: impl FnMut(&str) -> Result<Map, CaptureError>) -> Result<(Self, ProxyMaps), CaptureError> {
+    /// Opens the maps through `open` (from a loaded object or from pins);
+    /// the proxy's maps too when `proxy` (a running agent).
+    fn open(
+        mut open: impl FnMut(&str) -> Result<Map, CaptureError>,
+        proxy: bool,
+    ) -> Result<(Self, Option<ProxyMaps>), CaptureError> {
         macro_rules! typed {
             ($name:expr) => {
                 bpf!(
@@ -250,31 +254,36 @@ impl Maps {
             excl_cidrs: typed!(names::EXCL_CIDRS),
             stats: typed!(names::STATS),
         };
-        Ok((
-            maps,
-            ProxyMaps(
+        let proxy = match proxy {
+            true => Some(ProxyMaps(
                 typed!(names::CONN_ORIG),
                 std::sync::Mutex::new(typed!(names::LOCAL_FWD)),
-            ),
-        ))
+            )),
+            false => None,
+        };
+        Ok((maps, proxy))
     }
 
     /// Opens the maps an agent pinned, without loading any program. The
     /// counters are those the attached programs use, whichever release
     /// pinned them (see [`stats_pin`]).
-    pub fn from_pins(pins: &Pins) -> Result<(Self, ProxyMaps), CaptureError> {
+    pub fn from_pins(pins: &Pins) -> Result<Self, CaptureError> {
         if !pins.maps().is_dir() {
             return Err(CaptureError::NoPins(pins.dir.display().to_string()));
         }
         let stats = stats_pin(pins);
-        Self::open(|name| {
-            let path = match (name, &stats) {
-                (names::STATS, Some(p)) => p.clone(),
-                _ => pins.maps().join(name),
-            };
-            let data = bpf!(format!("pinned map {name}"), MapData::from_pin(path))?;
-            bpf!(format!("pinned map {name}"), Map::from_map_data(data))
-        })
+        Self::open(
+            |name| {
+                let path = match (name, &stats) {
+                    (names::STATS, Some(p)) => p.clone(),
+                    _ => pins.maps().join(name),
+                };
+                let data = bpf!(format!("pinned map {name}"), MapData::from_pin(path))?;
+                bpf!(format!("pinned map {name}"), Map::from_map_data(data))
+            },
+            false,
+        )
+        .map(|(maps, _)| maps)
     }
 
     fn enroll(
@@ -399,6 +408,10 @@ pub struct Capture {
     /// Our programs run in the cgroup links (done once, after the first
     /// complete enrolment).
     active: bool,
+    /// Another release's maps may be left to unpin (once, one pass after
+    /// activation: the programs swapped out have finished their last runs
+    /// by then, so their counters are final).
+    unpin_pending: bool,
     /// Last activation error, logged once per change.
     active_error: Option<String>,
 }
@@ -469,16 +482,21 @@ impl Capture {
             bpflog::start(&mut ebpf)?;
         }
 
-        let (maps, orig) = Maps::open(|name| {
-            ebpf.take_map(name)
-                .ok_or_else(|| bpf_err(format!("map {name}"))("missing from object".into()))
-        })?;
+        let (maps, orig) = Maps::open(
+            |name| {
+                ebpf.take_map(name)
+                    .ok_or_else(|| bpf_err(format!("map {name}"))("missing from object".into()))
+            },
+            true,
+        )?;
+        let orig = orig.expect("asked for the proxy maps");
         let capture = Self {
             ebpf,
             pins,
             maps,
             cgroup,
             active: false,
+            unpin_pending: false,
             active_error: None,
         };
         Ok((capture, orig))
@@ -537,9 +555,13 @@ impl Capture {
                 let _ = std::fs::remove_file(path);
             }
         }
+        if self.unpin_pending {
+            self.unpin_pending = false;
+            self.unpin_unused_maps();
+        }
         if !self.active {
             match self.activate() {
-                Ok(()) => self.active = true,
+                Ok(()) => (self.active, self.unpin_pending) = (true, true),
                 Err(e) => {
                     let msg = e.to_string();
                     if self.active_error.as_ref() != Some(&msg) {
@@ -551,9 +573,7 @@ impl Capture {
         }
     }
 
-    /// Makes every cgroup link run our programs (see [`links::converge`]),
-    /// then unpins the maps no attached program uses any more (another
-    /// release's), carrying their counters over.
+    /// Makes every cgroup link run our programs (see [`links::converge`]).
     fn activate(&mut self) -> Result<(), CaptureError> {
         let mut outcomes = BTreeMap::new();
         for name in CGROUP_SOCK_ADDR {
@@ -567,7 +587,6 @@ impl Capture {
             converge_cgroup(&self.pins, progs::SOCKOPS, prog, &self.cgroup)?,
         );
         tracing::info!(programs = ?outcomes, "capture programs attached");
-        self.unpin_unused_maps();
         Ok(())
     }
 
@@ -795,7 +814,7 @@ pub fn cleanup(bpffs: &Path, pin_name: &str) -> Result<bool, CaptureError> {
 /// `agent status`: what the pins say, without a running agent.
 pub fn status(bpffs: &Path, pin_name: &str) -> Result<Status, CaptureError> {
     let pins = Pins::new(bpffs, pin_name);
-    let (maps, _) = Maps::from_pins(&pins)?;
+    let maps = Maps::from_pins(&pins)?;
     let list = |dir: PathBuf| -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())

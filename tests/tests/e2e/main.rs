@@ -13,6 +13,7 @@ mod hbone;
 mod identity;
 mod interop;
 mod kube;
+mod upgrade;
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;
