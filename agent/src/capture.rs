@@ -866,6 +866,37 @@ mod tests {
     }
 
     #[test]
+    fn a_pinned_map_of_another_shape_under_the_same_name_is_refused() {
+        static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
+        probe::ensure_bpffs(Path::new("/sys/fs/bpf")).unwrap();
+        let pins = Pins::new(Path::new("/sys/fs/bpf"), &format!("mesh-shape-{}", std::process::id()));
+        pins.prepare().unwrap();
+        check_map_shapes(OBJECT, &pins).unwrap();
+        // A STATS with one slot more than this release's: what a release
+        // that forgot to rename a changed map would leave.
+        let stats = pins.maps().join(names::STATS);
+        let slots = (stats::COUNT + 1).to_string();
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "create", stats.to_str().unwrap(), "type", "percpu_array"])
+            .args(["key", "4", "value", "8", "entries", &slots, "name", names::STATS])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let err = check_map_shapes(OBJECT, &pins).unwrap_err().to_string();
+        std::fs::remove_dir_all(&pins.root).unwrap();
+        assert!(
+            err.contains("pinned map STATS") && err.contains(&format!("{slots} entries")) && err.contains("new name"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn map_families_are_the_name_and_its_versions() {
+        assert!(in_family("STATS", "STATS") && in_family("STATS_V2", "STATS") && in_family("STATS_V10", "STATS"));
+        assert!(!in_family("STATS_V", "STATS") && !in_family("STATSX", "STATS") && !in_family("STATS_Vx", "STATS"));
+    }
+
+    #[test]
     fn other_layout_versions_are_refused() {
         let dir = std::env::temp_dir().join(format!("pins-layout-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("agent/v0")).unwrap();

@@ -71,7 +71,7 @@ pub fn converge(
                     // Another agent pinned a link first: dropping ours
                     // detaches it; converge on theirs.
                     Err(_) if pin.exists() => continue,
-                    Err(e) => return Err(io_err("pin", pin)(io::Error::other(e))),
+                    Err(e) => return Err(io_err("pin", pin)(io::Error::other(super::chain(&e)))),
                 }
             }
             Err(e) => return Err(io_err("open pinned link", pin)(e)),
@@ -163,4 +163,157 @@ pub fn maps_in_use(dir: &Path) -> std::collections::HashSet<u32> {
         })
         .flat_map(|info| info.map_ids)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    //! Real programs, a real cgroup and real links: the kernel's
+    //! compare-and-swap and our ordering of racing agents.
+    use std::path::PathBuf;
+
+    use agent_common::programs as progs;
+    use aya::{
+        programs::{CgroupAttachMode, CgroupSockAddr, ProgramFd},
+        Ebpf, EbpfLoader,
+    };
+
+    use super::*;
+
+    static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
+
+    /// A child cgroup and a pin directory of our own, removed on drop.
+    struct Scratch {
+        cgroup: PathBuf,
+        pins: PathBuf,
+    }
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let id = format!("mesh-{name}-{}", std::process::id());
+            let cgroup = crate::capture::probe::cgroup2_mount().expect("cgroup v2").join(&id);
+            let pins = PathBuf::from(agent_common_bpffs()).join(&id);
+            std::fs::create_dir_all(&cgroup).unwrap();
+            std::fs::create_dir_all(pins.join("maps")).unwrap();
+            Scratch { cgroup, pins }
+        }
+
+        /// One "agent": the object loaded against our pinned maps.
+        fn load(&self) -> (Ebpf, ProgramFd) {
+            let level = 0u8;
+            let mut ebpf = EbpfLoader::new()
+                .default_map_pin_directory(self.pins.join("maps"))
+                .override_global(aya_log::LEVEL, &level, true)
+                .load(OBJECT)
+                .expect("run `cargo xtask build-ebpf` before the unit tests");
+            let prog: &mut CgroupSockAddr = ebpf.program_mut(progs::CONNECT4).unwrap().try_into().unwrap();
+            prog.load().unwrap();
+            let fd = prog.fd().unwrap().try_clone().unwrap();
+            (ebpf, fd)
+        }
+
+        fn attach(&self, ebpf: &mut Ebpf) -> Result<FdLink, CaptureError> {
+            let cg = std::fs::File::open(&self.cgroup).unwrap();
+            let prog: &mut CgroupSockAddr = ebpf.program_mut(progs::CONNECT4).unwrap().try_into().unwrap();
+            let id = prog.attach(&cg, CgroupAttachMode::Single).unwrap();
+            Ok(FdLink::try_from(prog.take_link(id).unwrap()).unwrap())
+        }
+
+        fn attached(&self) -> u32 {
+            let link = sys::obj_get(&self.pins.join("link")).unwrap();
+            sys::link_prog_id(link.as_fd()).unwrap()
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.pins);
+            let _ = std::fs::remove_dir(&self.cgroup);
+        }
+    }
+
+    fn agent_common_bpffs() -> &'static str {
+        crate::capture::probe::ensure_bpffs(Path::new("/sys/fs/bpf")).unwrap();
+        "/sys/fs/bpf"
+    }
+
+    fn id(fd: &ProgramFd) -> u32 {
+        sys::prog_info(fd.as_fd()).unwrap().id
+    }
+
+    #[test]
+    fn newer_agent_swaps_in_place_and_an_older_one_never_rolls_it_back() {
+        let s = Scratch::new("links-order");
+        let pin = s.pins.join("link");
+        let (mut old, old_fd) = s.load();
+        let (_new, new_fd) = s.load();
+
+        let r = converge(&pin, old_fd.as_fd(), &mut || s.attach(&mut old)).unwrap();
+        assert_eq!((r, s.attached()), (Converged::Attached, id(&old_fd)));
+        let link_before = sys::link_id(sys::obj_get(&pin).unwrap().as_fd()).unwrap();
+
+        // The newer program replaces the older one in the same link.
+        let r = converge(&pin, new_fd.as_fd(), &mut || panic!("a link is pinned")).unwrap();
+        assert_eq!(r, Converged::Replaced { old: id(&old_fd) });
+        assert_eq!(s.attached(), id(&new_fd));
+        assert_eq!(sys::link_id(sys::obj_get(&pin).unwrap().as_fd()).unwrap(), link_before);
+
+        // Converging again changes nothing; the older agent does not win it back.
+        let r = converge(&pin, new_fd.as_fd(), &mut || panic!("a link is pinned")).unwrap();
+        assert_eq!(r, Converged::Kept);
+        let r = converge(&pin, old_fd.as_fd(), &mut || panic!("a link is pinned")).unwrap();
+        assert_eq!(r, Converged::Newer { attached: id(&new_fd) });
+        assert_eq!(s.attached(), id(&new_fd));
+    }
+
+    #[test]
+    fn the_kernel_refuses_a_swap_whose_old_program_is_stale() {
+        let s = Scratch::new("links-cas");
+        let pin = s.pins.join("link");
+        let (mut a, a_fd) = s.load();
+        let (_b, b_fd) = s.load();
+        let (_c, c_fd) = s.load();
+        converge(&pin, a_fd.as_fd(), &mut || s.attach(&mut a)).unwrap();
+        let link = sys::obj_get(&pin).unwrap();
+        // Two agents both read "a is attached"; b swaps first...
+        sys::link_update(link.as_fd(), b_fd.as_fd(), a_fd.as_fd()).unwrap();
+        // ...so c's swap, still naming a as the old program, is refused.
+        let e = sys::link_update(link.as_fd(), c_fd.as_fd(), a_fd.as_fd()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+        assert_eq!(s.attached(), id(&b_fd));
+        // The loser converges instead of failing: it reads again and swaps.
+        let r = converge(&pin, c_fd.as_fd(), &mut || panic!("a link is pinned")).unwrap();
+        assert_eq!(r, Converged::Replaced { old: id(&b_fd) });
+    }
+
+    #[test]
+    fn racing_agents_on_a_fresh_slot_all_succeed_and_the_newest_program_stays() {
+        let s = Scratch::new("links-race");
+        let pin = s.pins.join("link");
+        let mut agents: Vec<(Ebpf, ProgramFd)> = (0..4).map(|_| s.load()).collect();
+        let newest = id(&agents.last().unwrap().1);
+        // Several rounds, all agents released at once: some rounds see two
+        // agents attach and pin the same slot at the same time.
+        for round in 0..10 {
+            let start = std::sync::Barrier::new(agents.len());
+            std::thread::scope(|scope| {
+                for (ebpf, fd) in agents.iter_mut() {
+                    let (s, pin, start) = (&s, &pin, &start);
+                    scope.spawn(move || {
+                        start.wait();
+                        converge(pin, fd.as_fd(), &mut || s.attach(ebpf)).unwrap()
+                    });
+                }
+            });
+            assert_eq!(s.attached(), newest, "round {round}");
+            // Exactly one link: a loser's link is detached when its pin fails.
+            let out = std::process::Command::new("bpftool")
+                .args(["-j", "cgroup", "show"])
+                .arg(&s.cgroup)
+                .output()
+                .unwrap();
+            let shown: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(shown.len(), 1, "round {round}: {shown:?}");
+            std::fs::remove_file(&pin).unwrap();
+        }
+    }
 }
