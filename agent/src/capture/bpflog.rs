@@ -79,3 +79,40 @@ fn wait_readable(fd: &impl AsFd) {
         std::thread::sleep(POLL);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use agent_common::programs as progs;
+    use aya::{programs::CgroupSockAddr, EbpfLoader};
+
+    use super::*;
+    use crate::capture::sys;
+
+    static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
+
+    /// Size of connect4 after verification, loaded at `level`.
+    fn connect4_size(level: u8, pins: &Path) -> u32 {
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins)
+            .override_global(aya_log::LEVEL, &level, true)
+            .load(OBJECT)
+            .expect("run `cargo xtask build-ebpf` before the unit tests");
+        let prog: &mut CgroupSockAddr = ebpf.program_mut(progs::CONNECT4).unwrap().try_into().unwrap();
+        prog.load().unwrap();
+        sys::prog_info(prog.fd().unwrap().as_fd()).unwrap().xlated_len
+    }
+
+    #[test]
+    fn logging_code_is_gone_when_off() {
+        crate::capture::probe::ensure_bpffs(Path::new("/sys/fs/bpf")).unwrap();
+        let pins = Path::new("/sys/fs/bpf").join(format!("mesh-bpflog-{}", std::process::id()));
+        std::fs::create_dir_all(&pins).unwrap();
+        let (off, on) = (connect4_size(OFF, &pins), connect4_size(DEBUG, &pins));
+        std::fs::remove_dir_all(&pins).unwrap();
+        // The level is frozen read-only data: with it at 0 the verifier
+        // drops every logging branch, so the program is much smaller.
+        assert!(off * 2 < on, "connect4 is {off} bytes with logs off, {on} with logs on");
+    }
+}

@@ -109,6 +109,8 @@ pub struct ProgInfo {
     pub map_ids: Vec<u32>,
     /// Nanoseconds since boot: orders the programs of racing agents.
     pub load_time: u64,
+    /// Size of the instructions as the verifier left them (dead code removed).
+    pub xlated_len: u32,
 }
 
 impl ProgInfo {
@@ -144,6 +146,7 @@ pub fn prog_info(fd: BorrowedFd<'_>) -> io::Result<ProgInfo> {
         tag: info.tag,
         map_ids,
         load_time: info.load_time,
+        xlated_len: info.xlated_prog_len,
     })
 }
 
