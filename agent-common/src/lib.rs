@@ -229,6 +229,26 @@ mod tests {
     }
 
     #[test]
+    fn map_names_fit_the_kernel_and_every_counter_slot_has_a_name() {
+        for name in [
+            maps::ENROLLED_NETNS,
+            maps::ORIG_DST,
+            maps::CONN_ORIG,
+            maps::POD_IPS,
+            maps::INBOUND,
+            maps::NODE_ADDRS,
+            maps::EXCL_PORTS,
+            maps::EXCL_CIDRS,
+            maps::STATS,
+            maps::LOCAL_FWD,
+        ] {
+            assert!(name.len() <= 15, "{name}: the kernel keeps 15 characters");
+            assert!(name.starts_with(maps::STATS_FAMILY) || !name.contains("_V"), "{name}");
+        }
+        assert!(stats::NAMES.len() >= stats::COUNT as usize);
+    }
+
+    #[test]
     fn v4_mapped_and_loopback() {
         let lo4 = Ip6::from_v4_raw(u32::from_ne_bytes([127, 0, 0, 9]));
         assert!(lo4.is_v4_mapped() && lo4.is_loopback());
