@@ -17,11 +17,22 @@ pub const AGENT_MARK: u32 = 1337;
 pub const FORWARD_MARK: u32 = 1338;
 /// Routing table of that policy route, in each enrolled pod netns.
 pub const FORWARD_TABLE: u32 = 133;
-/// Version of the pinned bpffs layout (map shapes and names). Bump on any
-/// incompatible change so a newer agent refuses to reuse an older layout.
-pub const PIN_LAYOUT_VERSION: u32 = 1;
+/// Version of the naming scheme inside the pin directory (`v1/maps/<NAME>`,
+/// `v1/links/<slot>`). It does not change when a map or program changes:
+/// maps carry their own shape version in their name (see [`maps`]) and
+/// programs are compared by content, so agents of different releases share
+/// one `v1` directory and hand over to each other in both directions.
+pub const PIN_SCHEME_VERSION: u32 = 1;
 
 /// Map names (at most 15 characters: the kernel keeps 16 bytes with the NUL).
+///
+/// A map is pinned by its name, and the name is its shape version: a map
+/// whose key, value, type or size changes gets a new name (`STATS` ->
+/// `STATS_V2`), so two releases never share a map of different shapes. Maps
+/// that keep their name are shared by both releases during a handover, which
+/// is what keeps the per-connection state (ORIG_DST, CONN_ORIG, LOCAL_FWD)
+/// valid across an upgrade or a downgrade. The keys of a family (`STATS*`)
+/// never change: tools of any release can delete by key.
 pub mod maps {
     pub const ENROLLED_NETNS: &str = "ENROLLED_NETNS";
     pub const ORIG_DST: &str = "ORIG_DST";
@@ -31,8 +42,17 @@ pub mod maps {
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
     pub const EXCL_PORTS: &str = "EXCL_PORTS";
     pub const EXCL_CIDRS: &str = "EXCL_CIDRS";
+    /// The counters family: slot `i` means the same counter in every
+    /// version (slots are only appended), so counters migrate both ways.
+    pub const STATS_FAMILY: &str = "STATS";
+    #[cfg(not(feature = "next-layout"))]
     pub const STATS: &str = "STATS";
+    /// The upgrade test's "next release": one more counter slot.
+    #[cfg(feature = "next-layout")]
+    pub const STATS: &str = "STATS_V2";
     pub const LOCAL_FWD: &str = "LOCAL_FWD";
+    /// aya-log's ring buffer (created per load, never pinned).
+    pub const AYA_LOGS: &str = "AYA_LOGS";
 }
 
 /// Program names (the Rust function names in agent-ebpf).
@@ -163,14 +183,24 @@ pub mod stats {
     pub const INBOUND_REFUSED: u32 = 4;
     /// Inbound connections of enrolled pods let through (HBONE port, loopback, node probes).
     pub const INBOUND_SKIPPED: u32 = 5;
+    /// getpeername answers rewritten to the dialled address (only counted by
+    /// the upgrade test's "next release" build).
+    #[cfg(feature = "next-layout")]
+    pub const PEERNAME_REWRITTEN: u32 = 6;
+    #[cfg(not(feature = "next-layout"))]
     pub const COUNT: u32 = 6;
-    pub const NAMES: [&str; COUNT as usize] = [
+    #[cfg(feature = "next-layout")]
+    pub const COUNT: u32 = 7;
+    /// Names of every slot any release has defined (slots are only appended);
+    /// a release reads the first [`COUNT`].
+    pub const NAMES: [&str; 7] = [
         "outbound_redirected",
         "outbound_skipped",
         "outbound_refused",
         "inbound_redirected",
         "inbound_refused",
         "inbound_skipped",
+        "peername_rewritten",
     ];
 }
 
@@ -196,6 +226,25 @@ mod tests {
         assert_eq!(core::mem::size_of::<ConnKey>(), 32);
         assert_eq!(core::mem::size_of::<PodEntry>(), 8);
         assert_eq!(core::mem::size_of::<SockKey>(), 24);
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel_and_every_counter_slot_has_a_name() {
+        for name in [
+            maps::ENROLLED_NETNS,
+            maps::ORIG_DST,
+            maps::CONN_ORIG,
+            maps::POD_IPS,
+            maps::INBOUND,
+            maps::NODE_ADDRS,
+            maps::EXCL_PORTS,
+            maps::EXCL_CIDRS,
+            maps::STATS,
+            maps::LOCAL_FWD,
+        ] {
+            assert!(name.len() <= 15, "{name}: the kernel keeps 15 characters");
+        }
+        assert!(stats::NAMES.len() >= stats::COUNT as usize);
     }
 
     #[test]

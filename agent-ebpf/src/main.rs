@@ -11,6 +11,11 @@
 //!   the agent's 15006 listener; with no listener it refuses them (fail
 //!   closed) instead of delivering them around the agent.
 //!
+//! Every decision is also logged at debug level with aya-log (the reason a
+//! connection was or was not captured). The agent sets `AYA_LOG_LEVEL` at
+//! load time: 0 unless `agent run --bpf-log`, and since the level lives in
+//! frozen read-only data the verifier drops the logging code entirely then.
+//!
 //! The user-space owner of every program and map is `agent::capture`.
 #![no_std]
 #![no_main]
@@ -31,6 +36,7 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
+use aya_log_ebpf::debug;
 
 const AF_INET: u32 = 2;
 const SOCK_STREAM: u32 = 1;
@@ -71,8 +77,10 @@ static EXCL_CIDRS: LpmTrie<Ip6, u32> = LpmTrie::pinned(256, 0);
 /// address: sk_lookup lets them through (key: their source address).
 #[map]
 static LOCAL_FWD: LruHashMap<SockKey, u32> = LruHashMap::pinned(65536, 0);
-/// Counters, see `agent_common::stats`.
-#[map]
+/// Counters, see `agent_common::stats`. The name carries the shape version
+/// (`agent_common::maps::STATS`).
+#[cfg_attr(not(feature = "next-layout"), map(name = "STATS"))]
+#[cfg_attr(feature = "next-layout", map(name = "STATS_V2"))]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 
 #[inline(always)]
@@ -102,19 +110,32 @@ fn outbound_verdict(ctx: &SockAddrContext, dst: Ip6, port: u16, family: u16) -> 
     }
     // SAFETY: helper only reads the context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let ip = dst.octets();
     // SAFETY: read-only lookup, value is Copy-checked below only for presence.
-    if unsafe { ENROLLED_NETNS.get(&netns) }.is_none() {
+    let Some(pod) = (unsafe { ENROLLED_NETNS.get(&netns) }).copied() else {
+        debug!(ctx, "connect{} [{:i}]:{} netns {} not enrolled: pass", family, ip, port, netns);
         return Outbound::Pass;
-    }
+    };
     // SAFETY: ctx->sk is always a valid socket in sock_addr programs.
     let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
-    if mark == AGENT_MARK || mark == FORWARD_MARK || dst.is_loopback() || dst.words == [0; 4] || is_v4_unspecified(&dst) {
+    if mark == AGENT_MARK || mark == FORWARD_MARK {
+        debug!(ctx, "connect{} [{:i}]:{} pod {}: agent's own socket (mark {}): pass", family, ip, port, pod.pod_id, mark);
+        count(stats::OUTBOUND_SKIPPED);
+        return Outbound::Pass;
+    }
+    if dst.is_loopback() || dst.words == [0; 4] || is_v4_unspecified(&dst) {
+        debug!(ctx, "connect{} [{:i}]:{} pod {}: loopback or unspecified destination: pass", family, ip, port, pod.pod_id);
         count(stats::OUTBOUND_SKIPPED);
         return Outbound::Pass;
     }
     // SAFETY: read-only lookups.
-    let excluded = unsafe { EXCL_PORTS.get(&port) }.is_some() || EXCL_CIDRS.get(&Key::new(128, dst)).is_some();
-    if excluded {
+    if unsafe { EXCL_PORTS.get(&port) }.is_some() {
+        debug!(ctx, "connect{} [{:i}]:{} pod {}: excluded port: pass", family, ip, port, pod.pod_id);
+        count(stats::OUTBOUND_SKIPPED);
+        return Outbound::Pass;
+    }
+    if EXCL_CIDRS.get(&Key::new(128, dst)).is_some() {
+        debug!(ctx, "connect{} [{:i}]:{} pod {}: excluded CIDR: pass", family, ip, port, pod.pod_id);
         count(stats::OUTBOUND_SKIPPED);
         return Outbound::Pass;
     }
@@ -127,9 +148,11 @@ fn outbound_verdict(ctx: &SockAddrContext, dst: Ip6, port: u16, family: u16) -> 
         _pad: 0,
     };
     if ORIG_DST.insert(&cookie, &orig, 0).is_err() {
+        debug!(ctx, "connect{} [{:i}]:{} pod {}: cannot record the original destination: refused", family, ip, port, pod.pod_id);
         count(stats::OUTBOUND_REFUSED);
         return Outbound::Refuse;
     }
+    debug!(ctx, "connect{} [{:i}]:{} pod {}: redirected to the agent (port {}, socket {})", family, ip, port, pod.pod_id, OUTBOUND_PORT, cookie);
     count(stats::OUTBOUND_REDIRECTED);
     Outbound::Redirect
 }
@@ -213,6 +236,8 @@ pub fn mesh_getpeer4(ctx: SockAddrContext) -> i32 {
         let sa = unsafe { &mut *ctx.sock_addr };
         sa.user_ip4 = orig.addr.words[3];
         sa.user_port = u32::from(orig.port.to_be());
+        #[cfg(feature = "next-layout")]
+        count(stats::PEERNAME_REWRITTEN);
     }
     ALLOW
 }
@@ -227,6 +252,8 @@ pub fn mesh_getpeer6(ctx: SockAddrContext) -> i32 {
         sa.user_ip6[2] = orig.addr.words[2];
         sa.user_ip6[3] = orig.addr.words[3];
         sa.user_port = u32::from(orig.port.to_be());
+        #[cfg(feature = "next-layout")]
+        count(stats::PEERNAME_REWRITTEN);
     }
     ALLOW
 }
@@ -272,7 +299,9 @@ fn publish_conn(ctx: &SockOpsContext) {
         port: ctx.local_port() as u16,
         _pad: [0; 6],
     };
-    let _ = CONN_ORIG.insert(&key, &orig, 0);
+    if CONN_ORIG.insert(&key, &orig, 0).is_ok() {
+        debug!(ctx, "sockops: socket {} established from port {}: original destination published", cookie, key.port);
+    }
     // Ask for the close callback so ORIG_DST is freed with the socket.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
@@ -298,8 +327,10 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     } else {
         (Ip6 { words: l6 }, Ip6 { words: r6 })
     };
+    let (lip, rip, lport) = (local.octets(), remote.octets(), l.local_port);
     // SAFETY: read-only lookups.
     if unsafe { POD_IPS.get(&local) }.is_none() {
+        debug!(&ctx, "sk_lookup [{:i}]:{}: not a pod IP: pass", lip, lport);
         return SK_PASS;
     }
     // Not captured: the HBONE port; loopback; the pod talking to itself
@@ -307,23 +338,32 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     // `lo`); the node itself (kubelet probes); and the agent's own forwards
     // to the app that carry the client's address (LOCAL_FWD).
     let fwd = SockKey { addr: remote, port: u16::from_be(l.remote_port), _pad: [0; 6] };
-    if l.local_port == u32::from(HBONE_PORT)
-        || l.ingress_ifindex == LOOPBACK_IFINDEX
-        || local == remote
-        || unsafe { NODE_ADDRS.get(&remote) }.is_some()
-        || unsafe { LOCAL_FWD.get(&fwd) }.is_some()
-    {
+    let skip = if l.local_port == u32::from(HBONE_PORT) {
+        Some("HBONE port")
+    } else if l.ingress_ifindex == LOOPBACK_IFINDEX || local == remote {
+        Some("loopback or the pod itself")
+    } else if unsafe { NODE_ADDRS.get(&remote) }.is_some() {
+        Some("from a node address (probe)")
+    } else if unsafe { LOCAL_FWD.get(&fwd) }.is_some() {
+        Some("the agent's transparent forward")
+    } else {
+        None
+    };
+    if let Some(why) = skip {
+        debug!(&ctx, "sk_lookup [{:i}]:{} from [{:i}]: {}: pass", lip, lport, rip, why);
         count(stats::INBOUND_SKIPPED);
         return SK_PASS;
     }
     match INBOUND.redirect_sk_lookup(&ctx, local, 0) {
         Ok(()) => {
+            debug!(&ctx, "sk_lookup [{:i}]:{} from [{:i}]: redirected to the agent (port 15006)", lip, lport, rip);
             count(stats::INBOUND_REDIRECTED);
             SK_PASS
         }
         Err(_) => {
             // Enrolled pod without a live agent listener: refuse (RST), never
             // deliver around the mesh.
+            debug!(&ctx, "sk_lookup [{:i}]:{} from [{:i}]: no agent listener: refused", lip, lport, rip);
             count(stats::INBOUND_REFUSED);
             SK_DROP
         }

@@ -110,7 +110,7 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
         Source::File(path) => Watched::File(Box::new(FileSource::open(path)?)),
         Source::Kubernetes(k) => Watched::Kube(KubeSource::start(&cfg.node, k).await?),
     };
-    let (capture, orig) = Capture::start(&object, &cfg.bpffs, &cfg.pin_name, &cfg.cgroup_parent)?;
+    let (capture, orig) = Capture::start(&object, &cfg.bpffs, &cfg.pin_name, &cfg.cgroup_parent, cfg.bpf_log)?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let tracker = Arc::new(Tracker::default());

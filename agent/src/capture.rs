@@ -1,25 +1,37 @@
 //! Owner of the capture eBPF programs and maps (see agent-ebpf).
 //!
-//! Pinned layout, all under one bpffs directory:
+//! Pinned state, all under one bpffs directory:
 //! ```text
-//! <bpffs>/<pin-name>/v<PIN_LAYOUT_VERSION>/maps/<MAP>          every map
-//! <bpffs>/<pin-name>/v<PIN_LAYOUT_VERSION>/links/cg_<program>  cgroup attachments
-//! <bpffs>/<pin-name>/v<PIN_LAYOUT_VERSION>/links/sklookup_<netns cookie>
+//! <bpffs>/<pin-name>/v1/maps/<MAP>               every map, by its versioned name
+//! <bpffs>/<pin-name>/v1/links/cg_<program>       one link per cgroup hook
+//! <bpffs>/<pin-name>/v1/links/sklookup_<netns cookie>
 //! ```
 //! Links are pinned and the agent keeps no fd to them, so capture (and its
 //! fail-closed behaviour) outlives the agent, and removing a pin detaches at
-//! once. A restarted agent reuses maps and links it finds.
+//! once.
+//!
+//! Upgrades and downgrades (see ARCHITECTURE.md, "Pinned state"): a map's
+//! name is its shape version (`agent_common::maps`), so agents of two
+//! releases share every map that did not change (the per-connection state
+//! included) and keep side by side the ones that did. A starting agent loads
+//! its programs against those maps, fills its new maps by enrolling every
+//! pod, and only then swaps its programs into the pinned links
+//! ([`links::converge`]: atomic, compare-and-swap). Maps no attached program
+//! uses any more are unpinned then (counters are carried over first).
+pub mod bpflog;
+pub mod links;
 pub mod probe;
+mod sys;
 
 use std::{
     collections::{BTreeMap, HashSet},
     net::{IpAddr, Ipv6Addr},
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
 };
 
 use agent_common::{
-    maps as names, programs as progs, stats, ConnKey, Ip6, OrigDst, PodEntry, SockKey, PIN_LAYOUT_VERSION,
+    maps as names, programs as progs, stats, ConnKey, Ip6, OrigDst, PodEntry, SockKey, PIN_SCHEME_VERSION,
 };
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, SockHash},
@@ -48,8 +60,10 @@ pub enum CaptureError {
     NoObject,
     #[error("cannot read eBPF object {path}: {source}; build it with `cargo xtask build-ebpf`", path = path.display())]
     ReadObject { path: PathBuf, source: std::io::Error },
-    #[error("pins of an incompatible layout ({found}) exist under {root}; this agent uses v{PIN_LAYOUT_VERSION}: stop the other agent and run `agent cleanup` first", root = root.display())]
+    #[error("pins of an incompatible naming scheme ({found}) exist under {root}; this agent uses v{PIN_SCHEME_VERSION}: stop the other agent and run `agent cleanup` first", root = root.display())]
     Layout { root: PathBuf, found: String },
+    #[error("pinned map {name} has {pinned} but this agent's {name} has {ours}: a map whose shape changes needs a new name (agent_common::maps); to start over, stop the agents and run `agent cleanup`")]
+    MapShape { name: String, pinned: String, ours: String },
     #[error("no capture pins under {0}: is an agent with this --bpffs/--pin-name running or has it run on this node?")]
     NoPins(String),
     #[error("eBPF {what}: {message}")]
@@ -99,7 +113,7 @@ pub struct Pins {
 impl Pins {
     pub fn new(bpffs: &Path, pin_name: &str) -> Self {
         let root = bpffs.join(pin_name);
-        let dir = root.join(format!("v{PIN_LAYOUT_VERSION}"));
+        let dir = root.join(format!("v{PIN_SCHEME_VERSION}"));
         Self { root, dir }
     }
     fn maps(&self) -> PathBuf {
@@ -112,10 +126,24 @@ impl Pins {
         self.links().join(format!("sklookup_{netns_cookie}"))
     }
 
-    /// Creates the layout, refusing to mix with another layout version.
+    /// The pinned maps of `family` (`STATS`, `STATS_V2`, ...).
+    fn family(&self, family: &str) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(self.maps()) else {
+            return vec![];
+        };
+        let mut v: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| in_family(&e.file_name().to_string_lossy(), family))
+            .map(|e| e.path())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Creates the directories, refusing to mix with another naming scheme.
     fn prepare(&self) -> Result<(), CaptureError> {
         if let Ok(entries) = std::fs::read_dir(&self.root) {
-            let ours = format!("v{PIN_LAYOUT_VERSION}");
+            let ours = format!("v{PIN_SCHEME_VERSION}");
             let other: Vec<String> = entries
                 .filter_map(|e| e.ok()?.file_name().into_string().ok())
                 .filter(|n| *n != ours)
@@ -136,6 +164,15 @@ impl Pins {
         }
         Ok(())
     }
+}
+
+/// `name` is `family` or a later version of it (`family_V<n>`).
+fn in_family(name: &str, family: &str) -> bool {
+    name == family
+        || name
+            .strip_prefix(family)
+            .and_then(|r| r.strip_prefix("_V"))
+            .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Typed handles on the pinned maps.
@@ -194,8 +231,12 @@ impl ProxyMaps {
 }
 
 impl Maps {
-    /// Opens every map through `open` (from a loaded object or from pins).
-    fn open(mut open: impl FnMut(&str) -> Result<Map, CaptureError>) -> Result<(Self, ProxyMaps), CaptureError> {
+    /// Opens the maps through `open` (from a loaded object or from pins);
+    /// the proxy's maps too when `proxy` (a running agent).
+    fn open(
+        mut open: impl FnMut(&str) -> Result<Map, CaptureError>,
+        proxy: bool,
+    ) -> Result<(Self, Option<ProxyMaps>), CaptureError> {
         macro_rules! typed {
             ($name:expr) => {
                 bpf!(
@@ -213,24 +254,36 @@ impl Maps {
             excl_cidrs: typed!(names::EXCL_CIDRS),
             stats: typed!(names::STATS),
         };
-        Ok((
-            maps,
-            ProxyMaps(
+        let proxy = match proxy {
+            true => Some(ProxyMaps(
                 typed!(names::CONN_ORIG),
                 std::sync::Mutex::new(typed!(names::LOCAL_FWD)),
-            ),
-        ))
+            )),
+            false => None,
+        };
+        Ok((maps, proxy))
     }
 
-    /// Opens the maps an agent pinned, without loading any program.
-    pub fn from_pins(pins: &Pins) -> Result<(Self, ProxyMaps), CaptureError> {
+    /// Opens the maps an agent pinned, without loading any program. The
+    /// counters are those the attached programs use, whichever release
+    /// pinned them (see [`stats_pin`]).
+    pub fn from_pins(pins: &Pins) -> Result<Self, CaptureError> {
         if !pins.maps().is_dir() {
             return Err(CaptureError::NoPins(pins.dir.display().to_string()));
         }
-        Self::open(|name| {
-            let data = bpf!(format!("pinned map {name}"), MapData::from_pin(pins.maps().join(name)))?;
-            bpf!(format!("pinned map {name}"), Map::from_map_data(data))
-        })
+        let stats = stats_pin(pins);
+        Self::open(
+            |name| {
+                let path = match (name, &stats) {
+                    (names::STATS, Some(p)) => p.clone(),
+                    _ => pins.maps().join(name),
+                };
+                let data = bpf!(format!("pinned map {name}"), MapData::from_pin(path))?;
+                bpf!(format!("pinned map {name}"), Map::from_map_data(data))
+            },
+            false,
+        )
+        .map(|(maps, _)| maps)
     }
 
     fn enroll(
@@ -307,13 +360,32 @@ impl Maps {
         }
     }
 
-    pub fn stats(&self) -> BTreeMap<&'static str, u64> {
-        (0..stats::COUNT)
+    /// Every counter slot of the counters map (which may be another
+    /// release's: slots this release does not know are `slot_<i>`).
+    pub fn stats(&self) -> BTreeMap<String, u64> {
+        (0..self.stats.len())
             .map(|i| {
                 let sum = self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
-                (stats::NAMES[i as usize], sum)
+                let name = stats::NAMES
+                    .get(i as usize)
+                    .map_or_else(|| format!("slot_{i}"), |n| n.to_string());
+                (name, sum)
             })
             .collect()
+    }
+
+    /// Adds the counters of `old` (another release's counters map, no
+    /// longer used by any program) to ours, slot by slot and CPU by CPU.
+    fn absorb_stats(&mut self, old: &PerCpuArray<MapData, u64>) {
+        for i in 0..self.stats.len().min(old.len()) {
+            let (Ok(ours), Ok(theirs)) = (self.stats.get(&i, 0), old.get(&i, 0)) else {
+                continue;
+            };
+            let sum: Vec<u64> = ours.iter().zip(theirs.iter()).map(|(a, b)| a + b).collect();
+            if let Ok(values) = aya::maps::PerCpuValues::try_from(sum) {
+                let _ = self.stats.set(i, values, 0);
+            }
+        }
     }
 }
 
@@ -326,11 +398,22 @@ fn prune<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, keep: impl 
     stale
 }
 
-/// The loaded and attached capture programs of one agent.
+/// The loaded capture programs of one agent, and the links they run in.
 pub struct Capture {
     ebpf: Ebpf,
     pins: Pins,
     maps: Maps,
+    /// The cgroup the cgroup programs attach to (kept open for [`Capture::activate`]).
+    cgroup: std::fs::File,
+    /// Our programs run in the cgroup links (done once, after the first
+    /// complete enrolment).
+    active: bool,
+    /// Another release's maps may be left to unpin (once, one pass after
+    /// activation: the programs swapped out have finished their last runs
+    /// by then, so their counters are final).
+    unpin_pending: bool,
+    /// Last activation error, logged once per change.
+    active_error: Option<String>,
 }
 
 /// What `agent status` prints.
@@ -343,18 +426,26 @@ pub struct Status {
     pub node_addresses: Vec<IpAddr>,
     pub exclude_ports: Vec<u16>,
     pub links: Vec<String>,
-    pub stats: BTreeMap<&'static str, u64>,
+    /// The program each link runs and the maps it uses: the layout in force.
+    pub programs: Vec<links::LinkStatus>,
+    /// Every pinned map, by name.
+    pub maps: Vec<String>,
+    pub stats: BTreeMap<String, u64>,
 }
 
 impl Capture {
-    /// Probes the kernel, loads the programs (reusing pinned maps) and
-    /// attaches the cgroup programs at `cgroup_parent` unless a previous
-    /// agent's pinned links already do.
+    /// Probes the kernel and loads the programs against the pinned maps
+    /// (creating the maps this release adds or changes). Nothing is attached
+    /// yet: the cgroup programs take over in [`Capture::activate`], once
+    /// every pod is enrolled, so a previous agent's programs keep capturing
+    /// until ours have filled their maps. `bpf_log` turns on the programs'
+    /// aya-log records (see [`bpflog`]).
     pub fn start(
         object: &[u8],
         bpffs: &Path,
         pin_name: &str,
         cgroup_parent: &Path,
+        bpf_log: bool,
     ) -> Result<(Self, ProxyMaps), CaptureError> {
         probe::ensure_bpffs(bpffs)?;
         probe::check_cgroup2(cgroup_parent)?;
@@ -364,9 +455,14 @@ impl Capture {
         }
         let pins = Pins::new(bpffs, pin_name);
         pins.prepare()?;
+        check_map_shapes(object, &pins)?;
+        let level = if bpf_log { bpflog::DEBUG } else { bpflog::OFF };
         let mut ebpf = bpf!(
             "load",
-            EbpfLoader::new().default_map_pin_directory(pins.maps()).load(object)
+            EbpfLoader::new()
+                .default_map_pin_directory(pins.maps())
+                .override_global(aya_log::LEVEL, &level, true)
+                .load(object)
         )?;
         let cgroup = std::fs::File::open(cgroup_parent).map_err(|source| CaptureError::Io {
             what: "cannot open cgroup",
@@ -376,32 +472,41 @@ impl Capture {
         for name in CGROUP_SOCK_ADDR {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             bpf!(format!("load {name}"), prog.load())?;
-            let pin = pins.links().join(format!("cg_{name}"));
-            if !link_alive(&pin) {
-                let id = bpf!(format!("attach {name}"), prog.attach(&cgroup, LINK_MODE))?;
-                pin_link(bpf!(name, prog.take_link(id))?, &pin)?;
-            }
         }
         let prog: &mut SockOps = program(&mut ebpf, progs::SOCKOPS)?;
         bpf!("load sockops", prog.load())?;
-        let pin = pins.links().join(format!("cg_{}", progs::SOCKOPS));
-        if !link_alive(&pin) {
-            let id = bpf!("attach sockops", prog.attach(&cgroup, LINK_MODE))?;
-            pin_link(bpf!("sockops", prog.take_link(id))?, &pin)?;
-        }
         let prog: &mut SkLookup = program(&mut ebpf, progs::SK_LOOKUP)?;
         bpf!("load sk_lookup", prog.load())?;
+        // After every load: the log ring's fd must stay valid through them.
+        if bpf_log {
+            bpflog::start(&mut ebpf)?;
+        }
 
-        let (maps, orig) = Maps::open(|name| {
-            ebpf.take_map(name)
-                .ok_or_else(|| bpf_err(format!("map {name}"))("missing from object".into()))
-        })?;
-        Ok((Self { ebpf, pins, maps }, orig))
+        let (maps, orig) = Maps::open(
+            |name| {
+                ebpf.take_map(name)
+                    .ok_or_else(|| bpf_err(format!("map {name}"))("missing from object".into()))
+            },
+            true,
+        )?;
+        let orig = orig.expect("asked for the proxy maps");
+        let capture = Self {
+            ebpf,
+            pins,
+            maps,
+            cgroup,
+            active: false,
+            unpin_pending: false,
+            active_error: None,
+        };
+        Ok((capture, orig))
     }
 
     /// Captures a pod: its inbound listener goes into INBOUND for each IP,
-    /// sk_lookup is attached to its netns (once; the link is pinned), and its
-    /// netns is marked enrolled for the outbound hooks.
+    /// its netns is marked enrolled for the outbound hooks, then our
+    /// sk_lookup program runs in its netns (attached, or swapped into the
+    /// pinned link a previous agent made: maps first, so the swap finds
+    /// them filled).
     pub fn enroll(
         &mut self,
         pod_id: u32,
@@ -410,25 +515,38 @@ impl Capture {
         ips: &[IpAddr],
         inbound: &impl AsRawFd,
     ) -> Result<(), CaptureError> {
+        self.maps.enroll(pod_id, netns_cookie, ips, inbound)?;
         let pin = self.pins.sk_lookup_link(netns_cookie);
-        if !link_alive(&pin) {
-            let prog: &mut SkLookup = program(&mut self.ebpf, progs::SK_LOOKUP)?;
+        let prog: &mut SkLookup = program(&mut self.ebpf, progs::SK_LOOKUP)?;
+        let fd = bpf!("sk_lookup fd", prog.fd())?
+            .try_clone()
+            .map_err(|e| CaptureError::Bpf {
+                what: "sk_lookup fd".into(),
+                message: e.to_string(),
+            })?;
+        let outcome = links::converge(&pin, fd.as_fd(), &mut || {
             let id = bpf!("attach sk_lookup", prog.attach(netns.file()))?;
-            pin_link(bpf!("sk_lookup", prog.take_link(id))?, &pin)?;
+            Ok(FdLink::from(bpf!("sk_lookup", prog.take_link(id))?))
+        })?;
+        if outcome != links::Converged::Attached {
+            tracing::info!(netns_cookie, outcome = ?outcome, "sk_lookup link of a previous agent");
         }
-        self.maps.enroll(pod_id, netns_cookie, ips, inbound)
+        Ok(())
     }
 
     /// Stops capturing a pod; its traffic goes direct again at once.
     pub fn unenroll(&mut self, netns_cookie: u64, ips: &[IpAddr]) {
-        unenroll_pinned(&self.pins, &mut self.maps, netns_cookie, ips)
+        self.maps.unenroll(netns_cookie, ips);
+        let _ = std::fs::remove_file(self.pins.sk_lookup_link(netns_cookie));
     }
 
     pub fn apply_settings(&mut self, s: &CaptureSettings) -> Result<(), CaptureError> {
         self.maps.apply_settings(s)
     }
 
-    /// Removes every enrolment (maps and sk_lookup links) not in the desired sets.
+    /// Removes every enrolment (maps and sk_lookup links) not in the desired
+    /// sets. Called at the end of every complete enrolment pass: the first
+    /// one also activates our cgroup programs.
     pub fn retain(&mut self, cookies: &HashSet<u64>, ips: &[IpAddr]) {
         let ips: HashSet<Ip6> = ips.iter().map(|i| to_ip6(*i)).collect();
         self.maps.retain(cookies, &ips);
@@ -437,11 +555,178 @@ impl Capture {
                 let _ = std::fs::remove_file(path);
             }
         }
+        if self.unpin_pending {
+            self.unpin_pending = false;
+            self.unpin_unused_maps();
+        }
+        if !self.active {
+            match self.activate() {
+                Ok(()) => (self.active, self.unpin_pending) = (true, true),
+                Err(e) => {
+                    let msg = e.to_string();
+                    if self.active_error.as_ref() != Some(&msg) {
+                        tracing::error!(error = %msg, "cannot attach the capture programs; a previous agent's programs (if any) stay in force; will retry");
+                        self.active_error = Some(msg);
+                    }
+                }
+            }
+        }
     }
 
-    pub fn stats(&self) -> BTreeMap<&'static str, u64> {
+    /// Makes every cgroup link run our programs (see [`links::converge`]).
+    fn activate(&mut self) -> Result<(), CaptureError> {
+        let mut outcomes = BTreeMap::new();
+        for name in CGROUP_SOCK_ADDR {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            let outcome = converge_cgroup(&self.pins, name, prog, &self.cgroup)?;
+            outcomes.insert(name, outcome);
+        }
+        let prog: &mut SockOps = program(&mut self.ebpf, progs::SOCKOPS)?;
+        outcomes.insert(
+            progs::SOCKOPS,
+            converge_cgroup(&self.pins, progs::SOCKOPS, prog, &self.cgroup)?,
+        );
+        tracing::info!(programs = ?outcomes, "capture programs attached");
+        Ok(())
+    }
+
+    /// Removes the pins of maps that are neither this release's nor used by
+    /// any attached program: another release's, left after a handover.
+    fn unpin_unused_maps(&mut self) {
+        let in_use = links::maps_in_use(&self.pins.links());
+        let Ok(entries) = std::fs::read_dir(self.pins.maps()) else {
+            return;
+        };
+        let ours: HashSet<String> = self
+            .ebpf
+            .maps()
+            .map(|(n, _)| n.to_string())
+            .chain(MAP_NAMES.map(String::from))
+            .collect();
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if ours.contains(&name) {
+                continue;
+            }
+            let Ok(data) = MapData::from_pin(e.path()) else {
+                continue;
+            };
+            let Ok(info) = data.info() else { continue };
+            if in_use.contains(&info.id()) {
+                continue;
+            }
+            if in_family(&name, names::STATS_FAMILY) {
+                if let Ok(old) = PerCpuArray::<MapData, u64>::try_from(Map::PerCpuArray(data)) {
+                    self.maps.absorb_stats(&old);
+                }
+            }
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => tracing::info!(map = %name, "unpinned a map no attached program uses (another release's)"),
+                Err(err) => tracing::warn!(map = %name, error = %err, "cannot unpin an unused map"),
+            }
+        }
+    }
+
+    pub fn stats(&self) -> BTreeMap<String, u64> {
         self.maps.stats()
     }
+}
+
+/// The maps this release pins, by the names its programs use.
+const MAP_NAMES: [&str; 10] = [
+    names::ENROLLED_NETNS,
+    names::ORIG_DST,
+    names::CONN_ORIG,
+    names::POD_IPS,
+    names::INBOUND,
+    names::NODE_ADDRS,
+    names::EXCL_PORTS,
+    names::EXCL_CIDRS,
+    names::STATS,
+    names::LOCAL_FWD,
+];
+
+/// Converges the cgroup link of `name` on `prog` (attaching it at `cgroup`
+/// when no link is pinned).
+fn converge_cgroup<P>(
+    pins: &Pins,
+    name: &str,
+    prog: &mut P,
+    cgroup: &std::fs::File,
+) -> Result<links::Converged, CaptureError>
+where
+    P: CgroupProgram,
+{
+    let pin = pins.links().join(format!("cg_{name}"));
+    let fd = prog.prog_fd()?;
+    links::converge(&pin, fd.as_fd(), &mut || prog.attach_link(cgroup))
+}
+
+/// The two kinds of cgroup programs, as [`converge_cgroup`] needs them.
+trait CgroupProgram {
+    fn prog_fd(&self) -> Result<aya::programs::ProgramFd, CaptureError>;
+    fn attach_link(&mut self, cgroup: &std::fs::File) -> Result<FdLink, CaptureError>;
+}
+
+macro_rules! cgroup_program {
+    ($ty:ty) => {
+        impl CgroupProgram for $ty {
+            fn prog_fd(&self) -> Result<aya::programs::ProgramFd, CaptureError> {
+                bpf!("program fd", self.fd())?
+                    .try_clone()
+                    .map_err(|e| CaptureError::Bpf {
+                        what: "program fd".into(),
+                        message: e.to_string(),
+                    })
+            }
+            fn attach_link(&mut self, cgroup: &std::fs::File) -> Result<FdLink, CaptureError> {
+                let id = bpf!("attach", self.attach(cgroup, LINK_MODE))?;
+                bpf!("link", FdLink::try_from(bpf!("link", self.take_link(id))?))
+            }
+        }
+    };
+}
+cgroup_program!(CgroupSockAddr);
+cgroup_program!(SockOps);
+
+/// Refuses to load against a pinned map of the same name but another shape:
+/// aya would reuse it silently and the programs would misread it.
+fn check_map_shapes(object: &[u8], pins: &Pins) -> Result<(), CaptureError> {
+    let obj = bpf!("parse the eBPF object", aya_obj::Object::parse(object))?;
+    for (name, m) in &obj.maps {
+        let pin = pins.maps().join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let info = bpf!(format!("pinned map {name}"), aya::maps::MapInfo::from_pin(&pin))?;
+        let shape = |t: u32, k: u32, v: u32, n: u32| format!("type {t}, key {k} B, value {v} B, {n} entries");
+        let pinned_type = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+        let pinned = shape(pinned_type, info.key_size(), info.value_size(), info.max_entries());
+        let ours = shape(m.map_type(), m.key_size(), m.value_size(), m.max_entries());
+        if pinned != ours {
+            return Err(CaptureError::MapShape {
+                name: name.clone(),
+                pinned,
+                ours,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The counters map the attached programs use (else the newest pinned).
+fn stats_pin(pins: &Pins) -> Option<PathBuf> {
+    let in_use = links::maps_in_use(&pins.links());
+    let family = pins.family(names::STATS_FAMILY);
+    family
+        .iter()
+        .find(|p| {
+            aya::maps::MapInfo::from_pin(p)
+                .map(|i| in_use.contains(&i.id()))
+                .unwrap_or(false)
+        })
+        .or(family.last())
+        .cloned()
 }
 
 /// bpf_link cgroup attachments take no flags: the kernel always attaches
@@ -468,27 +753,6 @@ where
         .map_err(|e: aya::programs::ProgramError| bpf_err(name)(chain(&e)))
 }
 
-fn link_alive(pin: &Path) -> bool {
-    match aya::programs::links::PinnedLink::from_pin(pin) {
-        Ok(_) => true,
-        Err(_) => {
-            let _ = std::fs::remove_file(pin);
-            false
-        }
-    }
-}
-
-fn pin_link<L>(link: L, pin: &Path) -> Result<(), CaptureError>
-where
-    FdLink: TryFrom<L>,
-    <FdLink as TryFrom<L>>::Error: std::error::Error,
-{
-    let fd_link = bpf!("link", FdLink::try_from(link))?;
-    // Dropping the pinned handle closes our fd: the pin alone keeps the link.
-    bpf!(format!("pin {}", pin.display()), fd_link.pin(pin))?;
-    Ok(())
-}
-
 fn sk_lookup_links(pins: &Pins) -> Vec<(u64, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(pins.links()) else {
         return vec![];
@@ -502,17 +766,33 @@ fn sk_lookup_links(pins: &Pins) -> Vec<(u64, PathBuf)> {
         .collect()
 }
 
-fn unenroll_pinned(pins: &Pins, maps: &mut Maps, netns_cookie: u64, ips: &[IpAddr]) {
-    maps.unenroll(netns_cookie, ips);
-    let _ = std::fs::remove_file(pins.sk_lookup_link(netns_cookie));
+/// Deletes `key` from every pinned map of `family`, whatever release pinned
+/// it (keys never change within a family; values may).
+fn delete_everywhere<K: aya::Pod>(pins: &Pins, family: &str, key: &K) {
+    for path in pins.family(family) {
+        let deleted = sys::obj_get(&path).and_then(|fd| sys::map_delete(fd.as_fd(), sys::key_bytes(key)));
+        if let Err(e) = deleted {
+            tracing::warn!(map = %path.display(), error = %e, "cannot delete a key");
+        }
+    }
 }
 
 /// `agent unenroll`: stop capturing one pod using only the pins (works with
-/// or without a running agent).
+/// or without a running agent, and with the pins of any release).
 pub fn unenroll_with_pins(bpffs: &Path, pin_name: &str, netns: &Netns, ips: &[IpAddr]) -> Result<(), CaptureError> {
     let pins = Pins::new(bpffs, pin_name);
-    let (mut maps, _) = Maps::from_pins(&pins)?;
-    unenroll_pinned(&pins, &mut maps, netns.cookie()?, ips);
+    if !pins.maps().is_dir() {
+        return Err(CaptureError::NoPins(pins.dir.display().to_string()));
+    }
+    let cookie = netns.cookie()?;
+    // The same order as a running agent: outbound first, then inbound.
+    delete_everywhere(&pins, names::ENROLLED_NETNS, &cookie);
+    for ip in ips {
+        let key = to_ip6(*ip);
+        delete_everywhere(&pins, names::POD_IPS, &key);
+        delete_everywhere(&pins, names::INBOUND, &key);
+    }
+    let _ = std::fs::remove_file(pins.sk_lookup_link(cookie));
     Ok(())
 }
 
@@ -534,11 +814,19 @@ pub fn cleanup(bpffs: &Path, pin_name: &str) -> Result<bool, CaptureError> {
 /// `agent status`: what the pins say, without a running agent.
 pub fn status(bpffs: &Path, pin_name: &str) -> Result<Status, CaptureError> {
     let pins = Pins::new(bpffs, pin_name);
-    let (maps, _) = Maps::from_pins(&pins)?;
-    let mut links: Vec<String> = std::fs::read_dir(pins.links())
-        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
-        .unwrap_or_default();
-    links.sort();
+    let maps = Maps::from_pins(&pins)?;
+    let list = |dir: PathBuf| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let links = list(pins.links());
+    let programs = links
+        .iter()
+        .filter_map(|l| links::status(&pins.links().join(l)))
+        .collect();
     Ok(Status {
         pin_dir: pins.dir.clone(),
         enrolled_netns: maps.enrolled.keys().filter_map(Result::ok).collect(),
@@ -547,6 +835,8 @@ pub fn status(bpffs: &Path, pin_name: &str) -> Result<Status, CaptureError> {
         node_addresses: maps.node_addrs.keys().filter_map(Result::ok).map(from_ip6).collect(),
         exclude_ports: maps.excl_ports.keys().filter_map(Result::ok).collect(),
         links,
+        programs,
+        maps: list(pins.maps()),
         stats: maps.stats(),
     })
 }
@@ -573,6 +863,37 @@ mod tests {
             assert_eq!(from_ip6(to_ip6(ip)), ip);
         }
         assert!(to_ip6("10.1.1.11".parse().unwrap()).is_v4_mapped());
+    }
+
+    #[test]
+    fn a_pinned_map_of_another_shape_under_the_same_name_is_refused() {
+        static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
+        probe::ensure_bpffs(Path::new("/sys/fs/bpf")).unwrap();
+        let pins = Pins::new(Path::new("/sys/fs/bpf"), &format!("mesh-shape-{}", std::process::id()));
+        pins.prepare().unwrap();
+        check_map_shapes(OBJECT, &pins).unwrap();
+        // A STATS with one slot more than this release's: what a release
+        // that forgot to rename a changed map would leave.
+        let stats = pins.maps().join(names::STATS);
+        let slots = (stats::COUNT + 1).to_string();
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "create", stats.to_str().unwrap(), "type", "percpu_array"])
+            .args(["key", "4", "value", "8", "entries", &slots, "name", names::STATS])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let err = check_map_shapes(OBJECT, &pins).unwrap_err().to_string();
+        std::fs::remove_dir_all(&pins.root).unwrap();
+        assert!(
+            err.contains("pinned map STATS") && err.contains(&format!("{slots} entries")) && err.contains("new name"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn map_families_are_the_name_and_its_versions() {
+        assert!(in_family("STATS", "STATS") && in_family("STATS_V2", "STATS") && in_family("STATS_V10", "STATS"));
+        assert!(!in_family("STATS_V", "STATS") && !in_family("STATSX", "STATS") && !in_family("STATS_Vx", "STATS"));
     }
 
     #[test]

@@ -234,6 +234,11 @@ pub struct RunArgs {
     /// Kernel programs to load instead of the embedded ones.
     #[arg(long, env = "AGENT_BPF_OBJECT")]
     pub bpf_object: Option<PathBuf>,
+    /// Log why each connection was or was not captured (the kernel programs'
+    /// decisions, target `bpf`). Costs a ring-buffer write per connect: for
+    /// debugging, off by default.
+    #[arg(long, env = "AGENT_BPF_LOG")]
+    pub bpf_log: bool,
     /// How long open connections may finish after SIGTERM.
     #[arg(long, env = "AGENT_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -305,6 +310,7 @@ impl RunArgs {
             bpffs: self.pins.bpffs,
             pin_name: self.pins.pin_name,
             bpf_object: self.bpf_object,
+            bpf_log: self.bpf_log,
             drain_timeout: self.drain_timeout,
             reload_interval: self.reload_interval,
             worker_threads: self.worker_threads,

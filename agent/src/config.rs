@@ -28,11 +28,13 @@ pub struct AgentConfig {
     pub node_netns: Option<PathBuf>,
     /// cgroup v2 directory the cgroup programs attach to (all pods must be below it).
     pub cgroup_parent: PathBuf,
-    /// A bpffs mount; pins live in `<bpffs>/<pin_name>/v<layout>`.
+    /// A bpffs mount; pins live in `<bpffs>/<pin_name>/v1`.
     pub bpffs: PathBuf,
     pub pin_name: String,
     /// Load the kernel programs from this file instead of the embedded object.
     pub bpf_object: Option<PathBuf>,
+    /// Log every capture decision of the kernel programs (aya-log, target `bpf`).
+    pub bpf_log: bool,
     /// How long open connections may finish after SIGTERM.
     #[serde(serialize_with = "human")]
     pub drain_timeout: Duration,

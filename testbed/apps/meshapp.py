@@ -6,7 +6,8 @@ server: listens on [::]:PORT (IPv4 too) for each PORT; for every connection it
         peer address), then echoes every byte back until the peer closes.
 client: connects, reports getpeername()/getsockname() and the server's line.
         modes: once (send a message, half-close, read the echo), loop (COUNT
-        sequential connects, report failures), hold (one connection, a ping
+        sequential connects, or fewer once --stop-file exists; report
+        failures), hold (one connection, a ping
         every INTERVAL for COUNT times).
 Every loop is bounded; output is one JSON object on stdout.
 """
@@ -121,6 +122,8 @@ def once(a):
 def loop(a):
     ok, errors = 0, []
     for i in range(a.count):
+        if a.stop_file and os.path.exists(a.stop_file):
+            break
         try:
             a.message = f"ping {i}"
             r = once(a)
@@ -216,6 +219,7 @@ def main():
     p.add_argument("--interval", type=float, default=0.05)
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--hold", type=float, default=0.0, help="burst: seconds to keep all connections open")
+    p.add_argument("--stop-file", help="loop: stop early (still bounded by COUNT) once this file exists")
     a = p.parse_args()
     if a.mode == "server":
         server(a.ports)

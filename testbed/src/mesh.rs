@@ -121,8 +121,21 @@ impl Agent {
     /// Starts the agent of `node` with the enrolment file `config`, logging
     /// JSON to `<log_dir>/agent-<node>-<n>.log`.
     pub fn start(cluster: &Cluster, node: &str, config: &Path, log_dir: &Path, extra: &[&str]) -> Result<Agent> {
+        Agent::start_bin("agent", cluster, node, config, log_dir, extra)
+    }
+
+    /// [`Agent::start`] with another build of the agent beside `agent`
+    /// (the upgrade test's `agent-next`).
+    pub fn start_bin(
+        bin: &str,
+        cluster: &Cluster,
+        node: &str,
+        config: &Path,
+        log_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
         let source = [std::ffi::OsStr::new("--config"), config.as_os_str()];
-        Agent::start_with(cluster, node, &source, log_dir, extra)
+        Agent::start_with(bin, cluster, node, &source, log_dir, extra)
     }
 
     /// Starts the agent of `node` with the Kubernetes source: `kubeconfig`
@@ -142,10 +155,11 @@ impl Agent {
             "--host-netns".as_ref(),
             n.netns_path.as_os_str(),
         ];
-        Agent::start_with(cluster, node, &source, log_dir, extra)
+        Agent::start_with("agent", cluster, node, &source, log_dir, extra)
     }
 
     fn start_with(
+        bin: &str,
         cluster: &Cluster,
         node: &str,
         source: &[&std::ffi::OsStr],
@@ -161,7 +175,7 @@ impl Agent {
             .find(|p| !p.exists())
             .expect("unbounded");
         let file = fs::File::create(&log)?;
-        let mut cmd = n.try_command(binary("agent")?)?;
+        let mut cmd = n.try_command(binary(bin)?)?;
         cmd.args(["--log-format", "json", "run", "--node", node])
             .args(source)
             .arg("--netns")

@@ -2,7 +2,9 @@
 //! idempotent, so a fresh Debian machine (as root) needs nothing by hand.
 //!
 //! * `setup`       install what is missing (apt packages, nightly rust-src, bpf-linker)
-//! * `build-ebpf`  build the kernel programs (setup first)
+//! * `build-ebpf`  build the kernel programs (setup first), and the upgrade
+//!   test's "next release" variant of them
+//! * `build-next`  the upgrade test's second agent binary (`target/debug/agent-next`)
 //! * `demo`        build everything and run the local mesh demo
 //! * `test`        fmt, clippy, unit and end-to-end tests (the CI command)
 //! * `bench`       direct vs plain capture vs HBONE: latency, throughput,
@@ -42,12 +44,13 @@ fn main() -> Result<()> {
     match cmd {
         "setup" => setup(),
         "build-ebpf" => build_ebpf(),
+        "build-next" => build_agent_next(),
         "demo" => demo(rest),
         "test" => test(rest),
         "bench" => bench(rest),
         "bench-kube" => bench_kube(rest),
         _ => {
-            eprintln!("usage: cargo xtask <setup|build-ebpf|demo|test|bench|bench-kube> [args]");
+            eprintln!("usage: cargo xtask <setup|build-ebpf|build-next|demo|test|bench|bench-kube> [args]");
             if cmd == "help" {
                 Ok(())
             } else {
@@ -140,8 +143,32 @@ fn ebpf_object() -> PathBuf {
     root().join("target").join(EBPF_TARGET).join("release/agent-ebpf")
 }
 
+/// The upgrade test's "next release" object (feature `next-layout`), beside it.
+fn ebpf_next_object() -> PathBuf {
+    ebpf_object().with_file_name("agent-ebpf-next")
+}
+
+/// Builds the kernel programs twice: the release object and the upgrade
+/// test's "next release" variant. The variant reuses every dependency build
+/// (core, aya-ebpf): only agent-common and agent-ebpf compile again. It is
+/// built first and copied aside, because both builds write the same
+/// `release/agent-ebpf`; the second build then puts the release object back.
 fn build_ebpf() -> Result<()> {
     setup()?;
+    build_ebpf_with(&["--features", "next-layout"])?;
+    std::fs::copy(ebpf_object(), ebpf_next_object())
+        .with_context(|| format!("cannot copy the next-layout object to {}", ebpf_next_object().display()))?;
+    build_ebpf_with(&[])?;
+    for obj in [ebpf_object(), ebpf_next_object()] {
+        if !obj.is_file() {
+            bail!("the eBPF build finished but {} is missing", obj.display());
+        }
+        eprintln!("eBPF object: {}", obj.display());
+    }
+    Ok(())
+}
+
+fn build_ebpf_with(features: &[&str]) -> Result<()> {
     let dir = root().join("agent-ebpf");
     let mut c = Command::new("cargo");
     c.current_dir(&dir)
@@ -153,8 +180,9 @@ fn build_ebpf() -> Result<()> {
             EBPF_TARGET,
             "-Z",
             "build-std=core",
-            "--target-dir",
         ])
+        .args(features)
+        .arg("--target-dir")
         .arg(root().join("target"))
         // Flags meant for the host build must not leak into the BPF build.
         .env_remove("RUSTFLAGS")
@@ -163,12 +191,21 @@ fn build_ebpf() -> Result<()> {
         .env_remove("RUSTC_WRAPPER")
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO");
-    run(&mut c)?;
-    let obj = ebpf_object();
-    if !obj.is_file() {
-        bail!("the eBPF build finished but {} is missing", obj.display());
-    }
-    eprintln!("eBPF object: {}", obj.display());
+    run(&mut c)
+}
+
+/// The upgrade test's second agent: the same sources with `next-layout`
+/// (it embeds `agent-ebpf-next`), as `target/debug/agent-next`. Only
+/// agent-common and the agent crate compile again; every dependency build is
+/// reused. Both builds write `target/debug/agent`: the variant is copied
+/// aside, then the release build (fresh, from cargo's cache) is put back.
+fn build_agent_next() -> Result<()> {
+    let agent = root().join("target/debug/agent");
+    let next = agent.with_file_name("agent-next");
+    run(cargo().args(["build", "-p", "agent", "--features", "next-layout", "--bin", "agent"]))?;
+    std::fs::copy(&agent, &next).with_context(|| format!("cannot copy {} to {}", agent.display(), next.display()))?;
+    run(cargo().args(["build", "-p", "agent", "--bin", "agent"]))?;
+    eprintln!("upgrade test agent: {}", next.display());
     Ok(())
 }
 
@@ -206,5 +243,6 @@ fn test(args: &[String]) -> Result<()> {
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // The end-to-end tests start the agent binary from the shared target dir.
     run(cargo().args(["build", "-p", "agent", "-p", "mesh-cni", "-p", "testbed", "--bins"]))?;
+    build_agent_next()?;
     run(cargo().args(["test", "--workspace"]).args(args))
 }

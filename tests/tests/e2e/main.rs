@@ -7,6 +7,7 @@
 //!   node2: server (enrolled), backend (not enrolled)
 //! and tears it down (namespaces, cgroups, pins, processes) even on failure.
 mod authz;
+mod bpf_log;
 mod capture;
 mod discover;
 mod hardening;
@@ -14,6 +15,7 @@ mod hbone;
 mod identity;
 mod interop;
 mod kube;
+mod upgrade;
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;
