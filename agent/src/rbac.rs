@@ -285,7 +285,11 @@ mod tests {
             .unwrap_err()
             .0
             .contains("no ALLOW policy matches"));
-        assert!(decide(&p, &conn(None, 80)).is_err(), "plaintext has no principal");
+        assert_eq!(
+            decide(&p, &conn(None, 80)).unwrap_err().0,
+            "no ALLOW policy matches (applicable: default/a)",
+            "plaintext has no principal"
+        );
     }
 
     #[test]
@@ -304,7 +308,10 @@ mod tests {
     #[test]
     fn allow_policies_that_match_nothing_deny_all() {
         let p = policies("- {name: nothing, namespace: default, action: ALLOW}");
-        assert!(decide(&p, &conn(Some(("default", "client")), 80)).is_err());
+        assert_eq!(
+            decide(&p, &conn(Some(("default", "client")), 80)).unwrap_err().0,
+            "no ALLOW policy matches (applicable: default/nothing)"
+        );
     }
 
     #[test]
@@ -315,13 +322,18 @@ mod tests {
             ))
         };
         let c = conn(Some(("default", "client")), 80);
-        assert!(
-            decide(&deny_all(ROOT_NAMESPACE, ""), &c).is_err(),
+        let denied_by = |p: &[AuthorizationPolicy]| decide(p, &c).unwrap_err().0;
+        assert_eq!(
+            denied_by(&deny_all(ROOT_NAMESPACE, "")),
+            "denied by policy istio-system/x",
             "root namespace = global"
         );
-        assert!(decide(&deny_all("default", ""), &c).is_err());
+        assert_eq!(denied_by(&deny_all("default", "")), "denied by policy default/x");
         assert!(decide(&deny_all("other", ""), &c).is_ok(), "another namespace");
-        assert!(decide(&deny_all("default", "selector: {app: server},"), &c).is_err());
+        assert_eq!(
+            denied_by(&deny_all("default", "selector: {app: server},")),
+            "denied by policy default/x"
+        );
         assert!(
             decide(&deny_all("default", "selector: {app: web},"), &c).is_ok(),
             "selector mismatch"
@@ -334,11 +346,12 @@ mod tests {
             "- {name: a, namespace: default, action: ALLOW, rules: [{from: [{source: {principals: [\"cluster.local/ns/default/*\"], notPrincipals: [\"*/sa/evil\"], notIpBlocks: [\"10.9.0.0/16\"]}}], to: [{operation: {notPorts: [22]}}]}]}",
         );
         assert!(decide(&p, &conn(Some(("default", "client")), 80)).is_ok());
-        assert!(decide(&p, &conn(Some(("default", "evil")), 80)).is_err());
-        assert!(decide(&p, &conn(Some(("default", "client")), 22)).is_err());
+        let no_match = |c: &Conn| decide(&p, c).unwrap_err().0 == "no ALLOW policy matches (applicable: default/a)";
+        assert!(no_match(&conn(Some(("default", "evil")), 80)), "notPrincipals");
+        assert!(no_match(&conn(Some(("default", "client")), 22)), "notPorts");
         let mut c = conn(Some(("default", "client")), 80);
         c.src_ip = "10.9.1.1".parse().unwrap();
-        assert!(decide(&p, &c).is_err());
+        assert!(no_match(&c), "notIpBlocks");
     }
 
     #[test]
