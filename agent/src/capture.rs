@@ -852,6 +852,29 @@ pub fn from_ip6(ip: Ip6) -> IpAddr {
     Ipv6Addr::from(ip.octets()).to_canonical()
 }
 
+/// A pin directory of a unit test's own under the real bpffs, removed
+/// however the test ends (a failed assertion included).
+#[cfg(test)]
+pub(crate) struct TestPins(pub PathBuf);
+
+#[cfg(test)]
+impl TestPins {
+    pub fn new(tag: &str) -> TestPins {
+        let bpffs = Path::new("/sys/fs/bpf");
+        probe::ensure_bpffs(bpffs).unwrap();
+        let dir = bpffs.join(format!("mesh-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TestPins(dir)
+    }
+}
+
+#[cfg(test)]
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -868,8 +891,9 @@ mod tests {
     #[test]
     fn a_pinned_map_of_another_shape_under_the_same_name_is_refused() {
         static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
-        probe::ensure_bpffs(Path::new("/sys/fs/bpf")).unwrap();
-        let pins = Pins::new(Path::new("/sys/fs/bpf"), &format!("mesh-shape-{}", std::process::id()));
+        let scratch = TestPins::new("shape");
+        let name = scratch.0.file_name().unwrap().to_str().unwrap();
+        let pins = Pins::new(scratch.0.parent().unwrap(), name);
         pins.prepare().unwrap();
         check_map_shapes(OBJECT, &pins).unwrap();
         // A STATS with one slot more than this release's: what a release
@@ -883,7 +907,6 @@ mod tests {
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let err = check_map_shapes(OBJECT, &pins).unwrap_err().to_string();
-        std::fs::remove_dir_all(&pins.root).unwrap();
         assert!(
             err.contains("pinned map STATS") && err.contains(&format!("{slots} entries")) && err.contains("new name"),
             "{err}"

@@ -106,11 +106,8 @@ mod tests {
 
     #[test]
     fn logging_code_is_gone_when_off() {
-        crate::capture::probe::ensure_bpffs(Path::new("/sys/fs/bpf")).unwrap();
-        let pins = Path::new("/sys/fs/bpf").join(format!("mesh-bpflog-{}", std::process::id()));
-        std::fs::create_dir_all(&pins).unwrap();
-        let (off, on) = (connect4_size(OFF, &pins), connect4_size(DEBUG, &pins));
-        std::fs::remove_dir_all(&pins).unwrap();
+        let pins = crate::capture::TestPins::new("bpflog");
+        let (off, on) = (connect4_size(OFF, &pins.0), connect4_size(DEBUG, &pins.0));
         // The level is frozen read-only data: with it at 0 the verifier
         // drops every logging branch, so the program is much smaller.
         assert!(off * 2 < on, "connect4 is {off} bytes with logs off, {on} with logs on");

@@ -248,8 +248,8 @@ mod kernel_tests {
 
     #[test]
     fn map_delete_removes_a_key_of_a_pinned_map() {
-        let pin = format!("/sys/fs/bpf/mesh-test-delete-{}", std::process::id());
-        let _ = std::fs::remove_file(&pin);
+        let scratch = crate::capture::TestPins::new("delete");
+        let pin = scratch.0.join("map").to_str().unwrap().to_string();
         let out = bpftool(&[
             "map", "create", &pin, "type", "hash", "key", "8", "value", "4", "entries", "4", "name", "t",
         ]);
@@ -265,7 +265,6 @@ mod kernel_tests {
         // Deleting again is not an error (ENOENT).
         map_delete(fd.as_fd(), key_bytes(&42u64)).unwrap();
         let dump = bpftool(&["-j", "map", "dump", "pinned", &pin]);
-        std::fs::remove_file(&pin).unwrap();
         assert_eq!(String::from_utf8_lossy(&dump.stdout).trim(), "[]");
     }
 }
