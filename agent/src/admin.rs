@@ -192,17 +192,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 async fn serve(listener: TcpListener, role: Role, admin: Admin) {
     let mut backoff = crate::proxy::AcceptBackoff::default();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                backoff.reset();
-                stream
-            }
-            Err(e) => {
-                // E.g. EMFILE: back off instead of spinning on the error.
-                tracing::warn!(?role, error = %e, "admin accept failed");
-                backoff.wait().await;
-                continue;
-            }
+        let Some((stream, _)) = backoff.accepted(listener.accept().await, &format!("{role:?}")).await else {
+            continue;
         };
         let admin = admin.clone();
         tokio::spawn(async move {

@@ -87,14 +87,7 @@ fn bpf_err(what: impl Into<String>) -> impl FnOnce(String) -> CaptureError {
 
 /// An error and all its sources, so the kernel's errno reaches the operator.
 fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
+    format!("{e}{}", mesh::causes(e))
 }
 
 macro_rules! bpf {

@@ -79,6 +79,10 @@ impl CertStore {
 
     /// The certificate, waiting up to `within` for one that is on the way.
     pub async fn wait(&self, id: &SpiffeId, within: Duration) -> Option<Arc<WorkloadCert>> {
+        // Every connection asks: the common case takes only the read lock.
+        if let Some(c) = self.get(id) {
+            return Some(c);
+        }
         let deadline = tokio::time::Instant::now() + within;
         loop {
             // Registered before the check, so an arrival in between is not lost.

@@ -12,7 +12,7 @@ use crate::{
     capture::{Capture, CaptureError, ProxyMaps},
     config::{AgentConfig, LocalConfig, PodSpec},
     netns::Netns,
-    proxy::{policed::OpenConns, MeshCtx, PodCtx, PodProxy, Tracker},
+    proxy::{policed::OpenConns, ConnLimit, MeshCtx, PodCtx, PodProxy, Tracker},
     state::State,
 };
 
@@ -200,10 +200,7 @@ impl InPod {
             orig: self.orig.clone(),
             tracker: self.tracker.clone(),
             connect_timeout: self.connect_timeout,
-            open_conns: Default::default(),
-            max_conns: self.max_conns,
-            cap_logged_ms: Default::default(),
-            started: std::time::Instant::now(),
+            limit: ConnLimit::new(self.max_conns),
         });
         let proxy =
             PodProxy::start(ctx.clone(), &self.shutdown, &self.dp.runtime).map_err(|e| pod_err(e.to_string()))?;

@@ -21,8 +21,8 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd, RawFd},
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc,
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -138,12 +138,43 @@ pub struct PodCtx {
     pub tracker: Arc<Tracker>,
     /// Bound on TCP connects (to apps and peers).
     pub connect_timeout: Duration,
-    /// Connections open through the agent for this pod, and the cap.
-    pub open_conns: AtomicUsize,
-    pub max_conns: usize,
-    /// When the cap was last logged (ms since `started`), to log once a second.
-    pub cap_logged_ms: AtomicU64,
-    pub started: Instant,
+    /// Connections open through the agent for this pod, under its cap.
+    pub limit: ConnLimit,
+}
+
+/// A pod's open connections and `--max-connections-per-pod`.
+pub struct ConnLimit {
+    open: AtomicUsize,
+    max: usize,
+    /// When a refusal was last logged: once a second is enough.
+    logged: Mutex<Option<Instant>>,
+}
+
+impl ConnLimit {
+    pub fn new(max: usize) -> Self {
+        Self {
+            open: AtomicUsize::new(0),
+            max,
+            logged: Mutex::new(None),
+        }
+    }
+
+    /// Counts one more, unless at the cap.
+    fn take(&self) -> bool {
+        self.open
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.max).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// Whether to log this refusal (the first in a second).
+    fn log_refusal(&self) -> bool {
+        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        let due = logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if due {
+            *logged = Some(Instant::now());
+        }
+        due
+    }
 }
 
 /// One admitted connection (or HBONE stream) of a pod: counted against the
@@ -155,7 +186,7 @@ pub struct Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.ctx.open_conns.fetch_sub(1, Ordering::SeqCst);
+        self.ctx.limit.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -163,26 +194,16 @@ impl PodCtx {
     /// Admits one more connection, or `None` (counted, logged at most once a
     /// second) when the pod is at its cap.
     pub fn admit(self: &Arc<Self>, dir: Direction) -> Option<Admitted> {
-        let under = self.open_conns.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-            (n < self.max_conns).then_some(n + 1)
-        });
-        if under.is_ok() {
+        if self.limit.take() {
             return Some(Admitted {
                 ctx: self.clone(),
                 _track: self.tracker.track(),
             });
         }
         self.refusals.count(dir.as_str(), Reason::PodLimit);
-        let now = self.started.elapsed().as_millis() as u64;
-        let last = self.cap_logged_ms.load(Ordering::Relaxed);
-        if (now >= last + 1000 || last == 0)
-            && self
-                .cap_logged_ms
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.limit.log_refusal() {
             tracing::warn!(
-                pod = %self.key, direction = dir.as_str(), limit = self.max_conns,
+                pod = %self.key, direction = dir.as_str(), limit = self.limit.max,
                 "connection refused: the pod has reached --max-connections-per-pod"
             );
         }
@@ -210,13 +231,21 @@ impl AcceptBackoff {
     const FIRST: Duration = Duration::from_millis(5);
     const MAX: Duration = Duration::from_secs(1);
 
-    pub fn reset(&mut self) {
-        self.0 = Self::FIRST;
-    }
-
-    pub async fn wait(&mut self) {
-        tokio::time::sleep(self.0).await;
-        self.0 = (self.0 * 2).min(Self::MAX);
+    /// The accepted connection of `r`; on an error (logged with `listener`)
+    /// waits, twice as long as the last time in a row, and gives `None`.
+    pub async fn accepted<T>(&mut self, r: std::io::Result<T>, listener: &str) -> Option<T> {
+        match r {
+            Ok(conn) => {
+                self.0 = Self::FIRST;
+                Some(conn)
+            }
+            Err(e) => {
+                tracing::warn!(listener, error = %e, retry_in_ms = self.0.as_millis() as u64, "accept failed");
+                tokio::time::sleep(self.0).await;
+                self.0 = (self.0 * 2).min(Self::MAX);
+                None
+            }
+        }
     }
 }
 
@@ -310,26 +339,20 @@ async fn accept_loop(
     tokio::pin!(stop);
     loop {
         tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, peer)) => {
-                    backoff.reset();
-                    let Some(admitted) = ctx.admit(dir) else {
-                        reset(stream);
-                        continue;
-                    };
-                    match dir {
-                        Direction::Hbone => {
-                            let drain = stop_signal(stopped.clone(), shutdown.clone());
-                            tokio::spawn(conn::hbone_inbound(ctx.clone(), stream, admitted, drain))
-                        }
-                        _ => tokio::spawn(conn::handle(ctx.clone(), dir, stream, peer, admitted)),
-                    };
-                }
-                Err(e) => {
-                    tracing::warn!(pod = %ctx.key, direction = dir.as_str(), error = %e, "accept failed");
-                    backoff.wait().await;
-                }
-            },
+            r = listener.accept() => {
+                let Some((stream, peer)) = backoff.accepted(r, &ctx.key).await else { continue };
+                let Some(admitted) = ctx.admit(dir) else {
+                    reset(stream);
+                    continue;
+                };
+                match dir {
+                    Direction::Hbone => {
+                        let drain = stop_signal(stopped.clone(), shutdown.clone());
+                        tokio::spawn(conn::hbone_inbound(ctx.clone(), stream, admitted, drain))
+                    }
+                    _ => tokio::spawn(conn::handle(ctx.clone(), dir, stream, peer, admitted)),
+                };
+            }
             () = &mut stop => break,
         }
     }

@@ -476,24 +476,11 @@ impl CaClient {
                 }
                 _ => CaError::Connect {
                     addr: self.addr.clone(),
-                    message: format!("{}: {}{}", s.code(), s.message(), causes(&s)),
+                    message: format!("{}: {}{}", s.code(), s.message(), crate::causes(&s)),
                 },
             })?;
         Ok(WorkloadCert::new(id.clone(), resp.into_inner().cert_chain, key)?)
     }
-}
-
-/// `: cause: cause ...` of an error (a TLS alert hides under "transport
-/// error"; the operator needs it to tell a wrong credential from a down CA).
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut out = String::new();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    out
 }
 
 /// Seconds until `t` (zero when past).

@@ -8,3 +8,17 @@ pub mod identity;
 pub mod pool;
 pub mod splice;
 pub mod tls;
+
+/// `: cause: cause ...`, every source of `e` (a kernel errno under a BPF
+/// error, a TLS alert under tonic's "transport error"): what the operator
+/// needs to tell one failure from another.
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = String::new();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
+}

@@ -442,6 +442,30 @@ pub fn held_client(pod: &Pod, host: &str, port: u16, count: u32) -> Result<Child
     Ok(held)
 }
 
+/// `count` connections from `pod`, all open at once and held `hold` seconds
+/// before each echoes; returned once all are open.
+pub fn burst_open(pod: &Pod, host: &str, port: u16, count: u32, hold: f32) -> Result<Child> {
+    let mut burst = spawn_client(
+        pod,
+        "burst",
+        host,
+        port,
+        &[
+            "--count",
+            &count.to_string(),
+            "--hold",
+            &hold.to_string(),
+            "--timeout",
+            "10",
+        ],
+    )?;
+    let first = first_line(&mut burst)?;
+    if first["open_at_once"] != count {
+        bail!("burst client in {} opened only {first} of {count}", pod.name);
+    }
+    Ok(burst)
+}
+
 /// The JSON report of a finished client started with [`spawn_client`].
 pub fn client_report(child: Child) -> Result<Value> {
     let out = child.wait_with_output()?;

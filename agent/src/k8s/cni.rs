@@ -56,16 +56,8 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 pub async fn serve(listener: UnixListener, kube: Kube, own_uid: Option<String>, tx: mpsc::Sender<CniEvent>) {
     let mut backoff = crate::proxy::AcceptBackoff::default();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                backoff.reset();
-                stream
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "CNI socket accept failed");
-                backoff.wait().await;
-                continue;
-            }
+        let Some((stream, _)) = backoff.accepted(listener.accept().await, "CNI socket").await else {
+            continue;
         };
         let (kube, own_uid, tx) = (kube.clone(), own_uid.clone(), tx.clone());
         tokio::spawn(async move {

@@ -30,9 +30,25 @@ impl Default for Version {
 }
 
 macro_rules! istio_resource {
-    ($ty:ident, $kind:literal, $plural:literal) => {
+    ($ty:ident, $spec:ident, $kind:literal, $plural:literal) => {
         impl $ty {
             pub const PLURAL: &'static str = $plural;
+
+            /// A typed object with apiVersion/kind set (for tests and the stand-in API server).
+            pub fn new(namespace: &str, name: &str, spec: $spec) -> Self {
+                Self {
+                    api_version: format!("{GROUP}/{VERSION}"),
+                    kind: $kind.into(),
+                    metadata: meta(namespace, name),
+                    spec,
+                }
+            }
+
+            /// The same object as `security.istio.io/<version>` (e.g. `v1beta1`).
+            pub fn in_version(mut self, version: &str) -> Self {
+                self.api_version = format!("{GROUP}/{version}");
+                self
+            }
         }
         impl kube::Resource for $ty {
             type DynamicType = Version;
@@ -74,7 +90,12 @@ pub struct AuthorizationPolicy {
     #[serde(default)]
     pub spec: AuthorizationPolicySpec,
 }
-istio_resource!(AuthorizationPolicy, "AuthorizationPolicy", "authorizationpolicies");
+istio_resource!(
+    AuthorizationPolicy,
+    AuthorizationPolicySpec,
+    "AuthorizationPolicy",
+    "authorizationpolicies"
+);
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -204,7 +225,12 @@ pub struct PeerAuthentication {
     #[serde(default)]
     pub spec: PeerAuthenticationSpec,
 }
-istio_resource!(PeerAuthentication, "PeerAuthentication", "peerauthentications");
+istio_resource!(
+    PeerAuthentication,
+    PeerAuthenticationSpec,
+    "PeerAuthentication",
+    "peerauthentications"
+);
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -222,41 +248,6 @@ pub struct Mtls {
     /// UNSET, DISABLE, PERMISSIVE or STRICT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
-}
-
-impl AuthorizationPolicy {
-    /// A typed object with apiVersion/kind set (for tests and the stand-in API server).
-    pub fn new(namespace: &str, name: &str, spec: AuthorizationPolicySpec) -> Self {
-        Self {
-            api_version: format!("{GROUP}/{VERSION}"),
-            kind: "AuthorizationPolicy".into(),
-            metadata: meta(namespace, name),
-            spec,
-        }
-    }
-
-    /// The same object as `security.istio.io/<version>` (e.g. `v1beta1`).
-    pub fn in_version(mut self, version: &str) -> Self {
-        self.api_version = format!("{GROUP}/{version}");
-        self
-    }
-}
-
-impl PeerAuthentication {
-    pub fn new(namespace: &str, name: &str, spec: PeerAuthenticationSpec) -> Self {
-        Self {
-            api_version: format!("{GROUP}/{VERSION}"),
-            kind: "PeerAuthentication".into(),
-            metadata: meta(namespace, name),
-            spec,
-        }
-    }
-
-    /// The same object as `security.istio.io/<version>` (e.g. `v1beta1`).
-    pub fn in_version(mut self, version: &str) -> Self {
-        self.api_version = format!("{GROUP}/{version}");
-        self
-    }
 }
 
 fn meta(namespace: &str, name: &str) -> ObjectMeta {

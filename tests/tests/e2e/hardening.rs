@@ -11,15 +11,10 @@ use crate::{access_to, agent_with_ca, agents, node_get, stat, succeeded, World, 
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 
-/// The sum of every sample of `series` (a name, or a name plus the start of
-/// its label set) in `node`'s agent metrics.
+/// The sum of every sample of `series` in `node`'s agent metrics.
 fn metric(w: &World, node: &str, series: &str) -> Result<u64> {
     let (text, _) = node_get(&w.cluster, node, "http://127.0.0.1:15020/metrics")?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(series))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum())
+    Ok(crate::sum_samples(&text, series))
 }
 
 fn refused(w: &World, node: &str, direction: &str, reason: &str) -> Result<u64> {
@@ -133,14 +128,7 @@ fn admin_routes_stay_on_their_listener_and_one_pod_cannot_take_every_connection(
 
     // Three connections held open fill the pod's cap ...
     let backend = w.ip4("backend");
-    let mut burst = mesh::spawn_client(
-        w.cluster.pod("client"),
-        "burst",
-        &backend,
-        APP_PORT,
-        &["--count", "3", "--hold", "3", "--timeout", "10"],
-    )?;
-    assert_eq!(mesh::first_line(&mut burst)?["open_at_once"], 3);
+    let burst = mesh::burst_open(w.cluster.pod("client"), &backend, APP_PORT, 3, 3.0)?;
     // ... so the fourth is refused at once, counted and logged ...
     let r = w.once("client", &backend, APP_PORT)?;
     assert!(!succeeded(&r), "{r}");

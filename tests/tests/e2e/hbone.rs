@@ -205,11 +205,7 @@ fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire()
     ] {
         assert!(opened.contains(label), "{label} missing in {opened}");
     }
-    let received = metrics
-        .lines()
-        .filter(|l| l.starts_with("istio_tcp_received_bytes_total{reporter=\"destination\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum::<u64>();
+    let received = crate::sum_samples(&metrics, "istio_tcp_received_bytes_total{reporter=\"destination\"");
     assert!(received >= SIZE, "request bytes counted: {received}");
     assert_eq!(get("http://127.0.0.1:15021/healthz/ready")?.1, "200");
     let (dump, code) = get("http://127.0.0.1:15000/config_dump")?;
@@ -307,14 +303,7 @@ fn concurrent_connections_share_few_tls_connections_and_thousands_complete() -> 
     let server4 = w.ip4("server");
 
     // 60 connections open at once between the same two pods ...
-    let mut burst = mesh::spawn_client(
-        w.cluster.pod("client"),
-        "burst",
-        &server4,
-        APP_PORT,
-        &["--count", "60", "--hold", "1.5", "--timeout", "10"],
-    )?;
-    assert_eq!(mesh::first_line(&mut burst)?["open_at_once"], 60);
+    let burst = mesh::burst_open(w.cluster.pod("client"), &server4, APP_PORT, 60, 1.5)?;
     // ... are carried by few TLS connections, counted in the client pod's
     // netns (the sockets the agent made there), not by the agent itself.
     let tls_conns = hbone_connections(&w, "client", &server4)?;

@@ -120,6 +120,16 @@ pub fn node_get(cluster: &Cluster, node: &str, url: &str) -> Result<(String, Str
     Ok((body.to_string(), code.to_string()))
 }
 
+/// The sum of every sample of `series` (a metric name, or a name plus the
+/// start of its label set) in Prometheus text.
+pub fn sum_samples(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 pub fn succeeded(r: &Value) -> bool {
     r["echo_ok"] == true
 }
