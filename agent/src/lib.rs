@@ -5,16 +5,16 @@ pub mod admin;
 pub mod app;
 pub mod ca;
 pub mod capture;
-pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod discover;
-pub mod identity;
 pub mod inpod;
 pub mod k8s;
 pub mod metrics;
 pub mod netns;
 pub mod proxy;
-pub mod rbac;
 pub mod rtnl;
-pub mod state;
+
+// Shared with the waypoint: the cluster model and workload certificates.
+pub use cluster::{cidr, rbac, state};
+pub use mesh::certs as identity;

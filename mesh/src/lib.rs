@@ -3,6 +3,7 @@
 //! speaking Istio's certificate API, mutual TLS, HBONE, and zero-copy
 //! passthrough.
 pub mod ca;
+pub mod certs;
 pub mod hbone;
 pub mod identity;
 pub mod pool;

@@ -1,4 +1,5 @@
-//! Workload certificates for the pods on this node: fetched ahead from the
+//! Workload certificates (the agent: its pods' identities; the waypoint:
+//! its own), shared by both: fetched ahead from the
 //! CA, renewed at half-life, retried with backoff (0.5 s up to 150 s) while
 //! the still-valid certificate stays in use, and dropped when the last pod of
 //! the service account leaves. Keys live only in memory.
@@ -12,7 +13,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use mesh::{
+use crate::{
     ca::{until, CaClient},
     identity::{SpiffeId, WorkloadCert},
 };
@@ -134,9 +135,9 @@ impl CertStore {
     }
 
     /// Marks `id` wanted for `waiting`, without a certificate (tests of
-    /// the store's readers).
-    #[cfg(test)]
-    pub(crate) fn want_for_test(&self, id: &SpiffeId, waiting: Duration, last_error: Option<&str>) {
+    /// the store's readers, here and in the agent's readiness).
+    #[doc(hidden)]
+    pub fn want_for_test(&self, id: &SpiffeId, waiting: Duration, last_error: Option<&str>) {
         let mut slot = Slot::wanted(Instant::now() - waiting);
         slot.failures = u32::from(last_error.is_some());
         slot.last_error = last_error.map(str::to_string);
@@ -268,10 +269,10 @@ mod tests {
     fn cert(id: &SpiffeId) -> WorkloadCert {
         let dir = std::env::temp_dir().join(format!("identity-{}-{}", id.service_account, std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let files = mesh::ca::CaFiles::new(&dir);
+        let files = crate::ca::CaFiles::new(&dir);
         files.init(&id.trust_domain, &[]).unwrap();
-        let signer = mesh::ca::Signer::load(&files, Duration::from_secs(3600)).unwrap();
-        let (key, csr) = mesh::identity::new_csr(id).unwrap();
+        let signer = crate::ca::Signer::load(&files, Duration::from_secs(3600)).unwrap();
+        let (key, csr) = crate::identity::new_csr(id).unwrap();
         let chain = signer.sign(&csr, id, Duration::from_secs(600)).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         WorkloadCert::new(id.clone(), chain, key).unwrap()

@@ -1,0 +1,491 @@
+//! The cluster as the local enrolment file describes it (pods, services,
+//! policies, capture settings), parsed and validated into the model agent
+//! and waypoint share. The Kubernetes source produces the same model.
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::cidr::Cidr;
+
+/// Errors in the local enrolment file: each says where and what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+/// The local enrolment file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalConfig {
+    #[serde(default)]
+    pub capture: CaptureSettings,
+    #[serde(default)]
+    pub pods: Vec<PodSpec>,
+    /// Istio `security.istio.io` AuthorizationPolicy (L4 parts), see `rbac`.
+    #[serde(default)]
+    pub authorization_policies: Vec<crate::rbac::AuthorizationPolicy>,
+    /// Istio PeerAuthentication: STRICT or PERMISSIVE mTLS per scope.
+    #[serde(default)]
+    pub peer_authentications: Vec<crate::rbac::PeerAuthentication>,
+    /// Services: VIPs load-balanced over the healthy pods their selector picks.
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+}
+
+/// A service (Kubernetes Service + its endpoints).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    /// Default `<name>.<namespace>.svc.cluster.local`.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Pods of the namespace with these labels back the service.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// Explicit endpoint addresses (as EndpointSlices give them); when set,
+    /// they back the service instead of the selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<IpAddr>>,
+    #[serde(default)]
+    pub load_balancing: LoadBalancing,
+    /// Extra identities an endpoint of this service may present, besides its
+    /// own (SPIFFE IDs, e.g. for a service backed by another service account).
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    /// The waypoint for traffic to this service (carried; steering comes
+    /// with the waypoint).
+    #[serde(default)]
+    pub waypoint: Option<WaypointRef>,
+}
+
+impl ServiceSpec {
+    pub fn hostname(&self) -> String {
+        self.hostname
+            .clone()
+            .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", self.name, self.namespace))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LoadBalancing {
+    #[default]
+    RoundRobin,
+    Random,
+    LeastConnections,
+}
+
+/// Node-wide capture settings.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CaptureSettings {
+    /// Destination ports an enrolled pod reaches directly (never redirected).
+    #[serde(default)]
+    pub exclude_ports: Vec<u16>,
+    /// Destination CIDRs an enrolled pod reaches directly.
+    #[serde(default)]
+    pub exclude_cidrs: Vec<Cidr>,
+    /// Addresses of the node itself: their connections into a pod (kubelet
+    /// health probes) reach the application directly, so probes keep working.
+    #[serde(default)]
+    pub node_addresses: Vec<IpAddr>,
+}
+
+/// One pod (workload) as the local source describes it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PodSpec {
+    /// Kubernetes UID, when known (informational: logs and the config dump).
+    #[serde(default)]
+    pub uid: Option<String>,
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    pub node: String,
+    /// Path of the pod's network namespace (e.g. /run/netns/<name>); needed
+    /// for pods of this node only (pods elsewhere are peers, not captured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    /// The pod's cgroup v2 directory (must be below the agent's cgroup
+    /// parent); needed with `netns`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    pub ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Unhealthy pods are no service endpoint (default: healthy).
+    #[serde(default = "default_true")]
+    pub healthy: bool,
+    /// How peers reach it: HBONE (in the mesh, default) or NONE (plain TCP).
+    #[serde(default)]
+    pub tunnel: TunnelProtocol,
+    /// The waypoint its traffic must go through (carried; steering comes
+    /// with the waypoint).
+    #[serde(default)]
+    pub waypoint: Option<WaypointRef>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum TunnelProtocol {
+    #[default]
+    Hbone,
+    None,
+}
+
+/// A waypoint binding: the waypoint's address (and HBONE port).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WaypointRef {
+    pub address: IpAddr,
+    #[serde(default = "default_hbone_port")]
+    pub port: u16,
+}
+
+fn default_hbone_port() -> u16 {
+    mesh::hbone::HBONE_PORT
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_service_account() -> String {
+    "default".to_string()
+}
+
+impl PodSpec {
+    /// `namespace/name`, the pod's key everywhere in the agent.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The pod's workload identity: one per service account.
+    pub fn identity(&self, trust_domain: &str) -> mesh::identity::SpiffeId {
+        mesh::identity::SpiffeId::new(trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+impl LocalConfig {
+    /// Reads, parses and validates the file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates `text` (the contents of `path`, used in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let cfg: LocalConfig = if text.trim().is_empty() {
+            LocalConfig::default()
+        } else {
+            // serde_yaml's messages carry the field path and the line/column.
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?
+        };
+        cfg.validate().map_err(|(field, message)| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Semantic checks the types cannot express; returns (field path, message).
+    fn validate(&self) -> Result<(), (String, String)> {
+        let mut keys = HashSet::new();
+        let mut ips: BTreeMap<IpAddr, String> = BTreeMap::new();
+        for (i, pod) in self.pods.iter().enumerate() {
+            let at = |f: &str| format!("pods[{i}].{f}");
+            check_name(&pod.name).map_err(|m| (at("name"), m))?;
+            check_name(&pod.namespace).map_err(|m| (at("namespace"), m))?;
+            check_name(&pod.service_account).map_err(|m| (at("serviceAccount"), m))?;
+            check_name(&pod.node).map_err(|m| (at("node"), m))?;
+            if !keys.insert(pod.key()) {
+                return Err((at("name"), format!("pod {} is listed twice", pod.key())));
+            }
+            if pod.netns.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err((
+                    at("netns"),
+                    "must be an absolute path to a network namespace file, e.g. /run/netns/<name>".into(),
+                ));
+            }
+            if pod.cgroup.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err((
+                    at("cgroup"),
+                    "must be an absolute path to the pod's cgroup v2 directory".into(),
+                ));
+            }
+            if pod.netns.is_some() != pod.cgroup.is_some() {
+                return Err((
+                    at("netns"),
+                    "set both netns and cgroup (a pod of this node) or neither (a peer on another node)".into(),
+                ));
+            }
+            if pod.ips.is_empty() {
+                return Err((at("ips"), "a pod needs at least one IP address".into()));
+            }
+            for (j, ip) in pod.ips.iter().enumerate() {
+                if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+                    return Err((format!("pods[{i}].ips[{j}]"), format!("{ip} cannot be a pod address")));
+                }
+                if let Some(other) = ips.insert(*ip, pod.key()) {
+                    return Err((
+                        format!("pods[{i}].ips[{j}]"),
+                        format!("{ip} is already the address of pod {other}"),
+                    ));
+                }
+            }
+        }
+        let mut vips: BTreeMap<IpAddr, String> = BTreeMap::new();
+        for (i, svc) in self.services.iter().enumerate() {
+            let at = |f: &str| format!("services[{i}].{f}");
+            check_name(&svc.name).map_err(|m| (at("name"), m))?;
+            check_name(&svc.namespace).map_err(|m| (at("namespace"), m))?;
+            if svc.vips.is_empty() || svc.ports.is_empty() {
+                return Err((at("vips"), "a service needs at least one VIP and one port".into()));
+            }
+            for (j, vip) in svc.vips.iter().enumerate() {
+                if let Some(pod) = ips.get(vip) {
+                    return Err((
+                        format!("services[{i}].vips[{j}]"),
+                        format!("{vip} is the address of pod {pod}"),
+                    ));
+                }
+                if let Some(other) = vips.insert(*vip, format!("{}/{}", svc.namespace, svc.name)) {
+                    return Err((
+                        format!("services[{i}].vips[{j}]"),
+                        format!("{vip} is already a VIP of service {other}"),
+                    ));
+                }
+            }
+            for (j, san) in svc.subject_alt_names.iter().enumerate() {
+                if let Err(e) = san.parse::<mesh::identity::SpiffeId>() {
+                    return Err((format!("services[{i}].subjectAltNames[{j}]"), e.to_string()));
+                }
+            }
+            if svc.selector.is_empty() && svc.endpoints.is_none() {
+                return Err((
+                    at("selector"),
+                    "a selector (or an explicit endpoints list) picks the pods that back the service".into(),
+                ));
+            }
+        }
+        let mut policy_names = HashSet::new();
+        for (i, p) in self.authorization_policies.iter().enumerate() {
+            let at = |f: &str| format!("authorizationPolicies[{i}].{f}");
+            check_name(&p.name).map_err(|m| (at("name"), m))?;
+            check_name(&p.namespace).map_err(|m| (at("namespace"), m))?;
+            if !policy_names.insert((p.namespace.clone(), p.name.clone())) {
+                return Err((at("name"), format!("policy {}/{} is listed twice", p.namespace, p.name)));
+            }
+        }
+        for (i, p) in self.peer_authentications.iter().enumerate() {
+            let at = |f: &str| format!("peerAuthentications[{i}].{f}");
+            check_name(&p.name).map_err(|m| (at("name"), m))?;
+            check_name(&p.namespace).map_err(|m| (at("namespace"), m))?;
+        }
+        for (i, c) in self.capture.exclude_cidrs.iter().enumerate() {
+            if let Some(network) = c.has_host_bits() {
+                return Err((
+                    format!("capture.excludeCidrs[{i}]"),
+                    format!("{c} has host bits set; did you mean {network}?"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Pods in the mesh (HBONE) scheduled on `node`.
+    pub fn mesh_pods_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a PodSpec> + 'a {
+        let node = node.to_owned();
+        self.pods
+            .iter()
+            .filter(move |p| p.node == node && p.tunnel == TunnelProtocol::Hbone)
+    }
+
+    /// Pods this agent captures: in the mesh on this node, with a known
+    /// network namespace and cgroup.
+    pub fn pods_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a PodSpec> + 'a {
+        self.mesh_pods_on(node).filter(|p| p.netns.is_some())
+    }
+}
+
+/// Lower-case DNS-1123 label rules, as Kubernetes names.
+fn check_name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !s.starts_with(['-', '.'])
+        && !s.ends_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{s}` is not a valid name: use lower-case letters, digits, '-' and '.', starting and ending with a letter or digit"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+capture:
+  excludePorts: [22]
+  excludeCidrs: ["192.0.2.0/24", "fd00:dead::/32"]
+  nodeAddresses: ["10.1.1.1"]
+pods:
+  - name: client
+    namespace: default
+    node: node1
+    netns: /run/netns/client
+    cgroup: /sys/fs/cgroup/pods/client
+    ips: ["10.1.1.11", "fd00:1:1::11"]
+    labels: {app: client}
+"#;
+
+    fn parse(text: &str) -> Result<LocalConfig, ConfigError> {
+        LocalConfig::parse(Path::new("mesh.yaml"), text)
+    }
+
+    #[test]
+    fn parses_the_documented_schema() {
+        let cfg = parse(GOOD).unwrap();
+        assert_eq!(cfg.pods[0].key(), "default/client");
+        assert_eq!(cfg.pods[0].service_account, "default");
+        assert_eq!(cfg.capture.exclude_cidrs[1].prefix, 32);
+        assert_eq!(cfg.pods_on("node1").count(), 1);
+        assert_eq!(cfg.pods_on("node2").count(), 0);
+    }
+
+    #[test]
+    fn empty_file_is_an_empty_config() {
+        assert_eq!(parse("  \n").unwrap(), LocalConfig::default());
+    }
+
+    #[test]
+    fn type_errors_name_field_and_line() {
+        let bad = GOOD.replace("\"10.1.1.11\"", "\"10.1.1.999\"");
+        let msg = parse(&bad).unwrap_err().to_string();
+        assert!(
+            msg.contains("mesh.yaml") && msg.contains("pods[0].ips[0]") && msg.contains("line 12"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_line() {
+        let bad = GOOD.replace("labels:", "lables:");
+        let msg = parse(&bad).unwrap_err().to_string();
+        assert!(
+            msg.contains("unknown field `lables`") && msg.contains("line 13"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let dup = format!(
+            "{GOOD}{}",
+            GOOD.split("pods:\n").nth(1).unwrap().replace("client", "other")
+        );
+        let msg = parse(&dup).unwrap_err().to_string();
+        assert!(
+            msg.contains("pods[1].ips[0]") && msg.contains("already the address of pod default/client"),
+            "{msg}"
+        );
+
+        let msg = parse(&GOOD.replace("192.0.2.0/24", "192.0.2.1/24"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("capture.excludeCidrs[0]") && msg.contains("192.0.2.0/24"),
+            "{msg}"
+        );
+
+        let msg = parse(&GOOD.replace("name: client", "name: Client_1"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("pods[0].name"), "{msg}");
+
+        let msg = parse(&GOOD.replace("/run/netns/client", "run/netns/client"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("pods[0].netns") && msg.contains("absolute"), "{msg}");
+    }
+
+    #[test]
+    fn policies_parse_and_are_checked() {
+        let text = format!(
+            "{GOOD}authorizationPolicies:\n  - name: allow-client\n    namespace: default\n    action: ALLOW\n    rules:\n      - from: [{{source: {{principals: [cluster.local/ns/default/sa/client]}}}}]\npeerAuthentications:\n  - {{name: strict, namespace: default, mode: STRICT}}\n"
+        );
+        let cfg = parse(&text).unwrap();
+        assert_eq!(cfg.authorization_policies.len(), 1);
+        assert_eq!(cfg.peer_authentications[0].mode, crate::rbac::MtlsMode::Strict);
+        let msg = parse(&text.replace("action: ALLOW", "action: PERMIT"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("authorizationPolicies[0].action") && msg.contains("ALLOW"),
+            "{msg}"
+        );
+        let msg = parse(&text.replace("mode: STRICT", "mode: strict"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("peerAuthentications[0].mode"), "{msg}");
+    }
+
+    #[test]
+    fn services_are_checked() {
+        let svc = "services:\n  - {name: web, namespace: default, vips: [\"10.96.0.1\"], ports: [{port: 80, targetPort: 8080}], selector: {app: web}, subjectAltNames: [\"spiffe://cluster.local/ns/default/sa/web-v2\"]}\n";
+        let cfg = parse(&format!("{GOOD}{svc}")).unwrap();
+        assert_eq!(cfg.services[0].hostname(), "web.default.svc.cluster.local");
+        let msg = parse(&format!(
+            "{GOOD}{}",
+            svc.replace("spiffe://cluster.local/ns/default/sa/web-v2", "web-v2")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("services[0].subjectAltNames[0]") && msg.contains("spiffe://"),
+            "{msg}"
+        );
+        let msg = parse(&format!("{GOOD}{}", svc.replace("10.96.0.1", "10.1.1.11")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("services[0].vips[0]") && msg.contains("address of pod default/client"),
+            "{msg}"
+        );
+    }
+}
