@@ -43,6 +43,50 @@ pub struct LocalConfig {
     /// Services: VIPs load-balanced over the healthy pods their selector picks.
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
+    /// Namespaces and their labels (`istio.io/use-waypoint`); a namespace
+    /// not listed has no labels.
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceSpec>,
+    /// Waypoints (Gateway API Gateways of class `istio-waypoint`); their
+    /// pods are `pods` entries with the gateway-name label.
+    #[serde(default)]
+    pub waypoints: Vec<WaypointSpec>,
+}
+
+/// A namespace's labels.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NamespaceSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A waypoint: an L7 proxy the agents steer bound traffic through.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WaypointSpec {
+    pub name: String,
+    pub namespace: String,
+    /// The service account its pods run as (its identity); default: `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    /// Binds the workloads of this service account of its namespace (and
+    /// services backed only by them): Istio's `istio.io/for-service-account`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_service_account: Option<String>,
+    /// Which traffic it takes when selected by `istio.io/use-waypoint`.
+    #[serde(default, rename = "for")]
+    pub for_: crate::waypoint::WaypointFor,
+    /// The waypoint's own Service VIPs (informational).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vips: Vec<IpAddr>,
+}
+
+impl WaypointSpec {
+    pub fn service_account(&self) -> &str {
+        self.service_account.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// A service (Kubernetes Service + its endpoints).
@@ -69,10 +113,9 @@ pub struct ServiceSpec {
     /// own (SPIFFE IDs, e.g. for a service backed by another service account).
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
-    /// The waypoint for traffic to this service (carried; steering comes
-    /// with the waypoint).
+    /// The Service's labels (`istio.io/use-waypoint`).
     #[serde(default)]
-    pub waypoint: Option<WaypointRef>,
+    pub labels: BTreeMap<String, String>,
 }
 
 impl ServiceSpec {
@@ -144,10 +187,6 @@ pub struct PodSpec {
     /// How peers reach it: HBONE (in the mesh, default) or NONE (plain TCP).
     #[serde(default)]
     pub tunnel: TunnelProtocol,
-    /// The waypoint its traffic must go through (carried; steering comes
-    /// with the waypoint).
-    #[serde(default)]
-    pub waypoint: Option<WaypointRef>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -156,19 +195,6 @@ pub enum TunnelProtocol {
     #[default]
     Hbone,
     None,
-}
-
-/// A waypoint binding: the waypoint's address (and HBONE port).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct WaypointRef {
-    pub address: IpAddr,
-    #[serde(default = "default_hbone_port")]
-    pub port: u16,
-}
-
-fn default_hbone_port() -> u16 {
-    mesh::hbone::HBONE_PORT
 }
 
 fn default_true() -> bool {
@@ -300,6 +326,7 @@ impl LocalConfig {
                 ));
             }
         }
+        self.validate_waypoints(&ips, &vips)?;
         let mut policy_names = HashSet::new();
         for (i, p) in self.authorization_policies.iter().enumerate() {
             let at = |f: &str| format!("authorizationPolicies[{i}].{f}");
@@ -325,6 +352,72 @@ impl LocalConfig {
         Ok(())
     }
 
+    /// Namespaces (labels) and waypoints; `ips`/`vips`: pod addresses and
+    /// service VIPs already seen, by owner.
+    fn validate_waypoints(
+        &self,
+        ips: &BTreeMap<IpAddr, String>,
+        vips: &BTreeMap<IpAddr, String>,
+    ) -> Result<(), (String, String)> {
+        let mut namespaces = HashSet::new();
+        for (i, n) in self.namespaces.iter().enumerate() {
+            check_name(&n.name).map_err(|m| (format!("namespaces[{i}].name"), m))?;
+            if !namespaces.insert(&n.name) {
+                return Err((
+                    format!("namespaces[{i}].name"),
+                    format!("namespace {} is listed twice", n.name),
+                ));
+            }
+        }
+        let mut names = HashSet::new();
+        let mut per_sa: BTreeMap<(&str, &str), &str> = BTreeMap::new();
+        for (i, w) in self.waypoints.iter().enumerate() {
+            let at = |f: &str| format!("waypoints[{i}].{f}");
+            check_name(&w.name).map_err(|m| (at("name"), m))?;
+            check_name(&w.namespace).map_err(|m| (at("namespace"), m))?;
+            if let Some(sa) = &w.service_account {
+                check_name(sa).map_err(|m| (at("serviceAccount"), m))?;
+            }
+            if !names.insert((&w.namespace, &w.name)) {
+                return Err((
+                    at("name"),
+                    format!("waypoint {}/{} is listed twice", w.namespace, w.name),
+                ));
+            }
+            if let Some(sa) = &w.for_service_account {
+                check_name(sa).map_err(|m| (at("forServiceAccount"), m))?;
+                if let Some(other) = per_sa.insert((&w.namespace, sa), &w.name) {
+                    return Err((
+                        at("forServiceAccount"),
+                        format!(
+                            "service account {}/{sa} is already bound to waypoint {}/{other}",
+                            w.namespace, w.namespace
+                        ),
+                    ));
+                }
+            }
+            for (j, vip) in w.vips.iter().enumerate() {
+                if let Some(owner) = ips.get(vip).or_else(|| vips.get(vip)) {
+                    return Err((
+                        format!("waypoints[{i}].vips[{j}]"),
+                        format!("{vip} is already used by {owner}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `pod` is a pod of a listed waypoint (gateway-name label):
+    /// it speaks HBONE itself and is never captured.
+    pub fn is_waypoint_pod(&self, pod: &PodSpec) -> bool {
+        pod.labels.get(crate::waypoint::GATEWAY_NAME_LABEL).is_some_and(|gw| {
+            self.waypoints
+                .iter()
+                .any(|w| &w.name == gw && w.namespace == pod.namespace)
+        })
+    }
+
     /// Pods in the mesh (HBONE) scheduled on `node`.
     pub fn mesh_pods_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a PodSpec> + 'a {
         let node = node.to_owned();
@@ -334,9 +427,16 @@ impl LocalConfig {
     }
 
     /// Pods this agent captures: in the mesh on this node, with a known
-    /// network namespace and cgroup.
+    /// network namespace and cgroup, and not a waypoint's (waypoints
+    /// terminate HBONE themselves; capturing them would loop).
     pub fn pods_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a PodSpec> + 'a {
-        self.mesh_pods_on(node).filter(|p| p.netns.is_some())
+        self.mesh_pods_on(node)
+            .filter(move |p| p.netns.is_some() && !self.is_waypoint_pod(p))
+    }
+
+    /// The labels of namespace `name` (none when it is not listed).
+    pub fn namespace_labels(&self, name: &str) -> Option<&BTreeMap<String, String>> {
+        self.namespaces.iter().find(|n| n.name == name).map(|n| &n.labels)
     }
 }
 
@@ -487,5 +587,45 @@ pods:
             msg.contains("services[0].vips[0]") && msg.contains("address of pod default/client"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn waypoints_and_namespaces_are_checked() {
+        let wp = "namespaces:\n  - {name: default, labels: {istio.io/use-waypoint: wp}}\nwaypoints:\n  - {name: wp, namespace: default, forServiceAccount: client, for: all, vips: [\"10.96.0.9\"]}\n";
+        let cfg = parse(&format!("{GOOD}{wp}")).unwrap();
+        assert_eq!(cfg.waypoints[0].service_account(), "wp", "defaults to the name");
+        assert_eq!(cfg.waypoints[0].for_, crate::waypoint::WaypointFor::All);
+        assert_eq!(cfg.namespace_labels("default").unwrap()["istio.io/use-waypoint"], "wp");
+        let err = |from: &str, to: &str| {
+            parse(&format!("{GOOD}{}", wp.replace(from, to)))
+                .unwrap_err()
+                .to_string()
+        };
+        let msg = err("for: all", "for: everything");
+        assert!(
+            msg.contains("waypoints[0].for") && msg.contains("`service`, `workload`, `all`, `none`"),
+            "{msg}"
+        );
+        let msg = err("forServiceAccount: client", "forServiceAccount: Client_SA");
+        assert!(
+            msg.contains("waypoints[0].forServiceAccount") && msg.contains("Client_SA"),
+            "{msg}"
+        );
+        let msg = err("10.96.0.9", "10.1.1.11");
+        assert!(
+            msg.contains("waypoints[0].vips[0]") && msg.contains("default/client"),
+            "{msg}"
+        );
+        let twice = wp.replace(
+            "for: all",
+            "for: all}\n  - {name: wp2, namespace: default, forServiceAccount: client",
+        );
+        let msg = parse(&format!("{GOOD}{twice}")).unwrap_err().to_string();
+        assert!(
+            msg.contains("waypoints[1].forServiceAccount") && msg.contains("already bound to waypoint default/wp"),
+            "{msg}"
+        );
+        let msg = err("name: default, labels", "name: Default, labels");
+        assert!(msg.contains("namespaces[0].name"), "{msg}");
     }
 }

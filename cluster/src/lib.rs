@@ -1,9 +1,11 @@
 //! The cluster model shared by the agent and the waypoint, one
 //! implementation each: the local enrolment file (`config`), CIDRs, Istio
 //! L4 authorization (`rbac`) and the snapshot the data paths consult
-//! (`state`: workloads, services, endpoints, policies). Nothing node-local
+//! (`state`: workloads, services, endpoints, policies) and waypoint binding
+//! (`waypoint`). Nothing node-local
 //! (network namespaces, cgroups) is decided here.
 pub mod cidr;
 pub mod config;
 pub mod rbac;
 pub mod state;
+pub mod waypoint;

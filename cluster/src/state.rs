@@ -1,6 +1,7 @@
 //! The model the data path consults: which IPs belong to mesh pods, their
-//! identities and labels, and the authorization policies. Rebuilt from the
-//! configuration on every change; readers take a cheap snapshot.
+//! identities and labels, the authorization policies and the waypoint
+//! bindings. Rebuilt from the configuration on every change; readers take a
+//! cheap snapshot.
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
@@ -15,6 +16,7 @@ use mesh::identity::SpiffeId;
 use crate::{
     config::{LoadBalancing, LocalConfig, ServiceSpec},
     rbac::{self, AuthorizationPolicy, PeerAuthentication},
+    waypoint::{Binding, BindingStatus, Bindings, WaypointKey, ENFORCEMENT_LABEL},
 };
 
 /// A mesh workload as the data path needs it.
@@ -25,7 +27,11 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// Reached over HBONE (else plain TCP).
     pub hbone: bool,
-    pub waypoint: Option<crate::config::WaypointRef>,
+    /// Its binding as a workload (pod-addressed traffic), if any.
+    pub waypoint: Option<Binding>,
+    /// Bound as a workload: accepts only its waypoint's identity (unless
+    /// the pod opts out with `ambient-mesh.io/waypoint-enforcement: off`).
+    pub enforce_waypoint: bool,
 }
 
 /// A service and the pods that back it.
@@ -33,6 +39,8 @@ pub struct Service {
     pub spec: ServiceSpec,
     /// Healthy endpoints' addresses (each pod once per family).
     pub endpoints: Vec<IpAddr>,
+    /// Its binding (VIP traffic), if any.
+    pub waypoint: Option<Binding>,
     next: AtomicUsize,
 }
 
@@ -56,9 +64,102 @@ pub struct Snapshot {
     pub vips: HashMap<IpAddr, usize>,
     pub policies: Vec<AuthorizationPolicy>,
     pub peer_auths: Vec<PeerAuthentication>,
+    /// Waypoints and every binding (with its status).
+    pub bindings: Bindings,
+    /// Round-robin cursors over each waypoint's pods.
+    cursors: HashMap<WaypointKey, AtomicUsize>,
+}
+
+/// A connection a waypoint must carry: tunnel to `pod` (its HBONE port),
+/// CONNECT to `authority`, expect `identity`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Via {
+    pub waypoint: WaypointKey,
+    pub identity: SpiffeId,
+    pub pod: SocketAddr,
+    /// The original destination: VIP:port or pod IP:port.
+    pub authority: SocketAddr,
+}
+
+/// A bound destination whose waypoint cannot take traffic: the connection
+/// is refused, never sent direct.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{target} is bound to waypoint {waypoint}, which is unavailable ({status}); refused, not sent direct", status = status.as_str())]
+pub struct Unavailable {
+    pub target: String,
+    pub waypoint: WaypointKey,
+    pub status: BindingStatus,
+}
+
+/// A connection that did not come through the destination's waypoint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bypassed waypoint: {target} is bound to waypoint {waypoint} and accepts only {expected}, not {peer}")]
+pub struct Bypass {
+    pub target: String,
+    pub waypoint: WaypointKey,
+    /// The waypoint's identity (`unknown` when the waypoint is missing).
+    pub expected: String,
+    /// The peer's identity, or `plaintext`.
+    pub peer: String,
 }
 
 impl Snapshot {
+    /// Whether a connection to `dst` must go through a waypoint: a bound
+    /// Service's VIP, or a pod bound as a workload. `None`: not bound.
+    pub fn steer(&self, dst: SocketAddr) -> Option<Result<Via, Unavailable>> {
+        let ip = dst.ip().to_canonical();
+        let binding = match self.vips.get(&ip) {
+            Some(i) => self.services[*i].waypoint.as_ref(),
+            None => self.workloads.get(&ip).and_then(|w| w.waypoint.as_ref()),
+        }
+        .filter(|b| b.status.steers())?;
+        let unavailable = |status| Unavailable {
+            target: format!("{} {}", binding.kind.as_str(), binding.target),
+            waypoint: binding.waypoint.clone(),
+            status,
+        };
+        let Some(w) = self.bindings.waypoints.get(&binding.waypoint) else {
+            return Some(Err(unavailable(BindingStatus::WaypointMissing)));
+        };
+        // Same family as the destination when the waypoint has one.
+        let same: Vec<IpAddr> = w.pods.iter().copied().filter(|p| p.is_ipv4() == ip.is_ipv4()).collect();
+        let pods = if same.is_empty() { &w.pods } else { &same };
+        if pods.is_empty() {
+            return Some(Err(unavailable(BindingStatus::NoReadyPod)));
+        }
+        let n = self
+            .cursors
+            .get(&w.key)
+            .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
+        Some(Ok(Via {
+            waypoint: w.key.clone(),
+            identity: w.identity.clone(),
+            pod: SocketAddr::new(pods[n % pods.len()], mesh::hbone::HBONE_PORT),
+            authority: SocketAddr::new(ip, dst.port()),
+        }))
+    }
+
+    /// Whether the workload at `dst_ip` accepts a connection from `peer`
+    /// (`None`: plaintext): one bound as a workload only from its
+    /// waypoint's identity, unless it opted out.
+    pub fn check_waypoint(&self, dst_ip: IpAddr, peer: Option<&SpiffeId>) -> Result<(), Bypass> {
+        let Some(w) = self.workloads.get(&dst_ip.to_canonical()) else {
+            return Ok(());
+        };
+        let Some(b) = w.waypoint.as_ref().filter(|b| w.enforce_waypoint && b.status.steers()) else {
+            return Ok(());
+        };
+        let expected = self.bindings.waypoints.get(&b.waypoint).map(|wp| &wp.identity);
+        if expected.is_some() && expected == peer {
+            return Ok(());
+        }
+        Err(Bypass {
+            target: w.key.clone(),
+            waypoint: b.waypoint.clone(),
+            expected: expected.map_or_else(|| "unknown".into(), ToString::to_string),
+            peer: peer.map_or_else(|| "plaintext".into(), ToString::to_string),
+        })
+    }
     /// Whether `conn` may reach the workload at `dst_ip`: PeerAuthentication
     /// first (STRICT needs an identity), then authorization policies.
     pub fn authorize(&self, dst_ip: IpAddr, conn: &rbac::Conn) -> Result<(), rbac::Denied> {
@@ -157,6 +258,7 @@ pub struct State(Arc<RwLock<Arc<Snapshot>>>, Active);
 impl State {
     /// Every pod in the configuration is in the mesh (HBONE), on any node.
     pub fn update(&self, cfg: &LocalConfig, trust_domain: &str) {
+        let bindings = Bindings::compute(cfg, trust_domain);
         let workloads: HashMap<IpAddr, Workload> = cfg
             .pods
             .iter()
@@ -166,7 +268,8 @@ impl State {
                     identity: p.identity(trust_domain),
                     labels: p.labels.clone(),
                     hbone: p.tunnel == crate::config::TunnelProtocol::Hbone,
-                    waypoint: p.waypoint.clone(),
+                    waypoint: bindings.workloads.get(&p.key()).cloned(),
+                    enforce_waypoint: p.labels.get(ENFORCEMENT_LABEL).map(String::as_str) != Some("off"),
                 };
                 p.ips.iter().map(move |ip| (*ip, w.clone()))
             })
@@ -186,6 +289,10 @@ impl State {
                 Service {
                     spec: spec.clone(),
                     endpoints,
+                    waypoint: bindings
+                        .services
+                        .get(&format!("{}/{}", spec.namespace, spec.name))
+                        .cloned(),
                     next: AtomicUsize::new(0),
                 }
             })
@@ -201,6 +308,12 @@ impl State {
             vips,
             policies: cfg.authorization_policies.clone(),
             peer_auths: cfg.peer_authentications.clone(),
+            cursors: bindings
+                .waypoints
+                .keys()
+                .map(|k| (k.clone(), AtomicUsize::new(0)))
+                .collect(),
+            bindings,
         };
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
     }
@@ -307,18 +420,13 @@ mod tests {
     }
 
     #[test]
-    fn tunnel_protocol_and_waypoints_are_carried() {
-        let text = CFG.replace(
-            "labels: {app: a}}",
-            "labels: {app: a}, tunnel: NONE, waypoint: {address: 10.0.9.9}}",
-        );
+    fn tunnel_protocol_is_carried() {
+        let text = CFG.replace("labels: {app: a}}", "labels: {app: a}, tunnel: NONE}");
         let cfg = LocalConfig::parse(std::path::Path::new("m.yaml"), &text).unwrap();
         let s = State::default();
         s.update(&cfg, "td");
         let w = s.by_ip("10.0.0.1".parse().unwrap()).unwrap();
         assert!(!w.hbone, "NONE: reached with plain TCP");
-        let wp = w.waypoint.unwrap();
-        assert_eq!((wp.address, wp.port), ("10.0.9.9".parse().unwrap(), 15008));
         let bad = CFG.replace("labels: {app: a}}", "labels: {app: a}, tunnel: IPSEC}");
         let e = LocalConfig::parse(std::path::Path::new("m.yaml"), &bad)
             .unwrap_err()
