@@ -32,11 +32,12 @@ use crate::{
     identity::{CertStore, SecretManager},
     inpod::{DataPlane, InPod},
     k8s::{self, cni::CniEvent, Kube, Locator},
-    metrics::{Refusals, TcpMetrics},
+    metrics::{Refusals, TcpMetrics, WaypointBindings},
     netns::Netns,
     proxy::{MeshCtx, Tracker},
     state::State,
 };
+use cluster::waypoint::{BindingStatus, Bindings, Change};
 use mesh::tls::Roots;
 
 /// The kernel programs, embedded by build.rs (empty when not built).
@@ -136,6 +137,7 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = TcpMetrics::register(&mut registry);
     let refusals = Refusals::register(&mut registry);
+    let binding_metric = WaypointBindings::register(&mut registry);
     let certs = secrets.as_ref().map(SecretManager::store);
     let ready = Arc::new(Readiness::new(certs.clone(), cfg.cert_ready_timeout));
     let enrolled = Arc::new(RwLock::new(Vec::<String>::new()));
@@ -162,6 +164,7 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
     let mut node = NodeState {
         inpod,
         state,
+        binding_metric,
         secrets,
         enrolled,
         trust_domain: cfg.trust_domain.clone(),
@@ -216,6 +219,8 @@ pub fn raise_fd_limit() {
 struct NodeState {
     inpod: InPod,
     state: State,
+    /// `mesh_agent_waypoint_bindings`.
+    binding_metric: WaypointBindings,
     secrets: Option<SecretManager>,
     enrolled: Arc<RwLock<Vec<String>>>,
     trust_domain: String,
@@ -226,7 +231,11 @@ impl NodeState {
     /// Makes the data plane match `model`.
     fn apply(&mut self, model: LocalConfig) {
         if model != self.current {
+            let before = self.state.snapshot();
             self.state.update(&model, &self.trust_domain);
+            let after = self.state.snapshot();
+            log_binding_changes(&before.bindings, &after.bindings);
+            self.binding_metric.set(&after.bindings);
             self.current = model;
             // Policies, labels or identities may have changed what is allowed.
             self.inpod.recheck_open_connections();
@@ -244,6 +253,29 @@ impl NodeState {
             s.set_wanted(&self.inpod.identities());
         }
         *self.enrolled.write().unwrap_or_else(|e| e.into_inner()) = self.inpod.enrolled().map(str::to_string).collect();
+    }
+}
+
+/// One line per binding that appeared, changed or went away: a binding that
+/// refuses traffic (or was meant to steer and does not) is never silent.
+fn log_binding_changes(before: &Bindings, after: &Bindings) {
+    for change in after.changes_from(before) {
+        match change {
+            Change::Set(b) if b.status == BindingStatus::Bound => tracing::info!(
+                kind = b.kind.as_str(), target = %b.target, waypoint = %b.waypoint,
+                source = ?b.source, status = b.status.as_str(), "waypoint binding"
+            ),
+            Change::Set(b) => tracing::warn!(
+                kind = b.kind.as_str(), target = %b.target, waypoint = %b.waypoint, source = ?b.source,
+                status = b.status.as_str(),
+                traffic = if b.status.steers() { "refused" } else { "direct" },
+                "waypoint binding"
+            ),
+            Change::Removed(b) => tracing::info!(
+                kind = b.kind.as_str(), target = %b.target, waypoint = %b.waypoint,
+                status = "Unbound", "waypoint binding"
+            ),
+        }
     }
 }
 
@@ -528,6 +560,7 @@ fn config_dump(
                 serde_json::json!({
                     "ip": ip, "pod": w.key, "identity": w.identity.to_string(), "labels": w.labels,
                     "tunnel": if w.hbone { "HBONE" } else { "NONE" }, "waypoint": w.waypoint,
+                    "waypointEnforced": w.enforce_waypoint && w.waypoint.as_ref().is_some_and(|b| b.status.steers()),
                 })
             })
             .collect();
@@ -539,8 +572,10 @@ fn config_dump(
             "workloads": workloads,
             "services": snap.services.iter().map(|s| serde_json::json!({
                 "hostname": s.spec.hostname(), "vips": s.spec.vips, "ports": s.spec.ports,
-                "endpoints": s.endpoints, "loadBalancing": s.spec.load_balancing, "waypoint": s.spec.waypoint,
+                "endpoints": s.endpoints, "loadBalancing": s.spec.load_balancing, "waypoint": s.waypoint,
             })).collect::<Vec<_>>(),
+            "waypoints": snap.bindings.waypoints.values().collect::<Vec<_>>(),
+            "bindings": snap.bindings.all().collect::<Vec<_>>(),
             "authorizationPolicies": snap.policies,
             "peerAuthentications": snap.peer_auths,
             "certificates": certs.as_ref().map(CertStore::dump).unwrap_or_default(),

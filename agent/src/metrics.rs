@@ -8,9 +8,13 @@
 //!   destination was not a service).
 //! * `mesh_agent_connections_refused_total{direction, reason}`: connections
 //!   of enrolled pods the agent did not carry (fail closed), by reason.
+//! * `mesh_agent_waypoint_bindings{waypoint, kind, status}`: how many
+//!   workloads and Services are bound to each waypoint, by binding status
+//!   (anything but `Bound` means refused or direct traffic: a typo in a
+//!   binding shows here, not as a silent blackhole).
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -144,6 +148,12 @@ pub enum Reason {
     BadRequest,
     /// The application or the peer could not be reached.
     Unreachable,
+    /// The destination is bound to a waypoint that is missing or has no
+    /// ready pod (never sent direct instead).
+    WaypointUnavailable,
+    /// The destination is bound to a waypoint and the connection did not
+    /// come from it.
+    BypassedWaypoint,
 }
 
 impl Reason {
@@ -157,6 +167,8 @@ impl Reason {
             Reason::Denied => "denied",
             Reason::BadRequest => "bad_request",
             Reason::Unreachable => "unreachable",
+            Reason::WaypointUnavailable => "waypoint_unavailable",
+            Reason::BypassedWaypoint => "bypassed_waypoint",
         }
     }
 }
@@ -190,6 +202,45 @@ impl Refusals {
                 reason: reason.as_str(),
             })
             .inc();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BindingLabels {
+    waypoint: String,
+    kind: &'static str,
+    status: &'static str,
+}
+
+/// Bindings per waypoint, kind and status (set from the whole model on
+/// every change).
+#[derive(Default, Clone)]
+pub struct WaypointBindings(Family<BindingLabels, Gauge>);
+
+impl WaypointBindings {
+    /// Registers `mesh_agent_waypoint_bindings`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.sub_registry_with_prefix("mesh_agent").register(
+            "waypoint_bindings",
+            "Workloads and Services bound to each waypoint, by binding status (not Bound: refused or direct)",
+            m.0.clone(),
+        );
+        m
+    }
+
+    /// Replaces every series with the counts of `bindings`.
+    pub fn set(&self, bindings: &cluster::waypoint::Bindings) {
+        self.0.clear();
+        for b in bindings.all() {
+            self.0
+                .get_or_create(&BindingLabels {
+                    waypoint: b.waypoint.to_string(),
+                    kind: b.kind.as_str(),
+                    status: b.status.as_str(),
+                })
+                .inc();
+        }
     }
 }
 
@@ -227,6 +278,7 @@ mod tests {
             labels: BTreeMap::from([("app".into(), "client".into()), ("version".into(), "v1".into())]),
             hbone: true,
             waypoint: None,
+            enforce_waypoint: true,
         };
         let l = TcpLabels::new(
             "destination",

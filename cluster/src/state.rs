@@ -139,6 +139,11 @@ impl Snapshot {
         }))
     }
 
+    /// The Service whose VIP `ip` is.
+    pub fn service_at(&self, ip: IpAddr) -> Option<&ServiceSpec> {
+        self.vips.get(&ip.to_canonical()).map(|i| &self.services[*i].spec)
+    }
+
     /// Whether the workload at `dst_ip` accepts a connection from `peer`
     /// (`None`: plaintext): one bound as a workload only from its
     /// waypoint's identity, unless it opted out.

@@ -237,10 +237,36 @@ impl Bindings {
         self.workloads.values().chain(self.services.values())
     }
 
+    /// What differs from `old`: bindings new or changed (`Set`), and
+    /// targets no longer bound (`Removed`), for a log line each.
+    pub fn changes_from<'a>(&'a self, old: &'a Bindings) -> Vec<Change<'a>> {
+        let mut out = Vec::new();
+        for (new, old) in [(&self.workloads, &old.workloads), (&self.services, &old.services)] {
+            out.extend(
+                new.iter()
+                    .filter(|(t, b)| old.get(*t) != Some(b))
+                    .map(|(_, b)| Change::Set(b)),
+            );
+            out.extend(
+                old.iter()
+                    .filter(|(t, _)| !new.contains_key(*t))
+                    .map(|(_, b)| Change::Removed(b)),
+            );
+        }
+        out
+    }
+
     /// The bindings that name `waypoint` (for its status).
     pub fn of<'a>(&'a self, waypoint: &'a WaypointKey) -> impl Iterator<Item = &'a Binding> + 'a {
         self.all().filter(move |b| &b.waypoint == waypoint)
     }
+}
+
+/// One difference between two [`Bindings`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change<'a> {
+    Set(&'a Binding),
+    Removed(&'a Binding),
 }
 
 fn display<S: serde::Serializer>(v: &impl fmt::Display, s: S) -> Result<S::Ok, S::Error> {
@@ -678,6 +704,31 @@ services:
             "td",
         );
         assert!(s.snapshot().check_waypoint(web1, Some(&id("api"))).is_ok());
+    }
+
+    #[test]
+    fn changes_list_new_changed_and_removed_bindings() {
+        let per_sa = "waypoints:\n  - {name: wp, namespace: apps, forServiceAccount: web}\n";
+        let old = bindings(per_sa);
+        assert!(old.changes_from(&old).is_empty());
+        let mut cfg = model(per_sa);
+        cfg.pods
+            .iter_mut()
+            .filter(|p| p.name.starts_with("wp-"))
+            .for_each(|p| p.healthy = false);
+        cfg.pods.retain(|p| p.name != "web-2");
+        let new = Bindings::compute(&cfg, "td");
+        let changes = new.changes_from(&old);
+        let set: Vec<(&str, BindingStatus)> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Set(b) => Some((b.target.as_str(), b.status)),
+                Change::Removed(_) => None,
+            })
+            .collect();
+        assert_eq!(set, [("apps/web-1", NoReadyPod), ("apps/web", NoReadyPod)]);
+        assert!(changes.contains(&Change::Removed(&old.workloads["apps/web-2"])));
+        assert_eq!(changes.len(), 3);
     }
 
     #[test]

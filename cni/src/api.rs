@@ -72,6 +72,10 @@ fn verdict(pod: &Pod, ns: &Namespace) -> Verdict {
         labels: pod.metadata.labels.as_ref(),
         host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
         phase: pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        // Gateways are not readable here; the controller's waypoint pods
+        // are labelled dataplane-mode=none, and anything else waits for the
+        // agent, which knows.
+        waypoint: false,
     };
     let ns_labels = ns.metadata.labels.as_ref();
     let m = membership::membership(facts, ns_labels);
@@ -80,6 +84,7 @@ fn verdict(pod: &Pod, ns: &Namespace) -> Verdict {
     let why = match (m, pod_mode) {
         (Membership::HostNetwork, _) => "the pod uses the host network".to_string(),
         (Membership::Finished, _) => "the pod has finished".to_string(),
+        (Membership::Waypoint, _) => "the pod is a waypoint's".to_string(),
         (_, Some(mode)) => format!("the pod has label {DATAPLANE_MODE}={mode}"),
         (Membership::Ambient, None) => format!("namespace {ns_name} has label {DATAPLANE_MODE}=ambient"),
         _ => format!("neither the pod nor namespace {ns_name} has label {DATAPLANE_MODE}=ambient"),

@@ -4,8 +4,10 @@
 //!
 //! A pod is in the mesh when its `istio.io/dataplane-mode` label is
 //! `ambient`, or its namespace's is and the pod's is not `none`; never when
-//! it uses the host network or has finished. (The agent also never enrolls
-//! its own pod; the plugin never sees it, its namespace being excluded.)
+//! it uses the host network, has finished, or is a waypoint's pod (waypoints
+//! terminate HBONE themselves; capturing them would loop). (The agent also
+//! never enrolls its own pod; the plugin never sees it, its namespace being
+//! excluded.)
 use std::collections::BTreeMap;
 
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
@@ -18,6 +20,8 @@ pub enum Membership {
     OptedOut,
     HostNetwork,
     Finished,
+    /// A pod of a waypoint (its Gateway's gateway-name label).
+    Waypoint,
 }
 
 /// What the rule reads of a pod.
@@ -27,6 +31,10 @@ pub struct PodFacts<'a> {
     pub host_network: bool,
     /// `status.phase`.
     pub phase: Option<&'a str>,
+    /// The pod carries the gateway-name label of a waypoint Gateway (only
+    /// the agent, which watches Gateways, can tell; the waypoint controller
+    /// also labels them `istio.io/dataplane-mode=none`).
+    pub waypoint: bool,
 }
 
 /// Whether a namespace with these labels is enrolled.
@@ -46,6 +54,9 @@ pub fn membership(pod: PodFacts, ns_labels: Option<&BTreeMap<String, String>>) -
     }
     if finished(pod.phase) {
         return Membership::Finished;
+    }
+    if pod.waypoint {
+        return Membership::Waypoint;
     }
     match pod.labels.and_then(|l| l.get(DATAPLANE_MODE)).map(String::as_str) {
         Some("none") => Membership::OptedOut,
@@ -86,16 +97,27 @@ mod tests {
         let facts = PodFacts {
             labels: Some(&ambient),
             host_network: true,
-            phase: None,
+            ..Default::default()
         };
         assert_eq!(membership(facts, Some(&ambient)), Membership::HostNetwork);
         for phase in ["Succeeded", "Failed"] {
             let facts = PodFacts {
                 labels: Some(&ambient),
-                host_network: false,
                 phase: Some(phase),
+                ..Default::default()
             };
             assert_eq!(membership(facts, Some(&ambient)), Membership::Finished);
         }
+    }
+
+    #[test]
+    fn waypoint_pods_are_never_in_even_when_labelled_ambient() {
+        let ambient = labels(Some("ambient"));
+        let facts = PodFacts {
+            labels: Some(&ambient),
+            waypoint: true,
+            ..Default::default()
+        };
+        assert_eq!(membership(facts, Some(&ambient)), Membership::Waypoint);
     }
 }

@@ -496,6 +496,7 @@ fn rbac_is_least_privilege() {
         ("discovery.k8s.io", "endpointslices"),
         ("security.istio.io", "authorizationpolicies"),
         ("security.istio.io", "peerauthentications"),
+        ("gateway.networking.k8s.io", "gateways"),
     ] {
         expected.push((g, r, "list"));
         expected.push((g, r, "watch"));

@@ -132,7 +132,7 @@ async fn add(req: Request, key: String, kube: &Kube, own_uid: Option<&str>, tx: 
     };
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let ns_labels = kube.namespace_labels(&req.pod_namespace);
-    let member = model::membership(&pod, ns_labels.as_ref());
+    let member = model::membership(&pod, ns_labels.as_ref(), kube.is_waypoint_pod(&pod));
     if member != model::Membership::Ambient || own_uid == Some(uid.as_str()) {
         tracing::debug!(pod = %key, membership = ?member, "CNI ADD: not in the mesh");
         return ok(false, &format!("not in the mesh ({member:?})"));

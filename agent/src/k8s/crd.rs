@@ -5,6 +5,8 @@
 //! understands are typed; the rest is kept as raw JSON so it can be reported
 //! (an ALLOW rule that needs HTTP attributes cannot be enforced at L4).
 //!
+//! Also the Gateway API Gateway (waypoints), `gateway.networking.k8s.io/v1`.
+//!
 //! `kube::Resource` is implemented by hand: the derive would pull a schema
 //! generator into the agent for two small types.
 use std::{borrow::Cow, collections::BTreeMap};
@@ -255,5 +257,72 @@ fn meta(namespace: &str, name: &str) -> ObjectMeta {
         namespace: Some(namespace.into()),
         name: Some(name.into()),
         ..Default::default()
+    }
+}
+
+/// Gateway API `gateway.networking.k8s.io/v1` Gateway: only what marks a
+/// waypoint (class, name, namespace, the `istio.io/for-service-account`
+/// annotation and the `istio.io/waypoint-for` label).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Gateway {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: GatewaySpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    #[serde(default)]
+    pub gateway_class_name: String,
+}
+
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+pub const GATEWAY_VERSION: &str = "v1";
+
+impl Gateway {
+    pub const PLURAL: &'static str = "gateways";
+
+    /// A typed object with apiVersion/kind set (for tests and the stand-in API server).
+    pub fn new(namespace: &str, name: &str, class: &str) -> Self {
+        Self {
+            api_version: format!("{GATEWAY_GROUP}/{GATEWAY_VERSION}"),
+            kind: "Gateway".into(),
+            metadata: meta(namespace, name),
+            spec: GatewaySpec {
+                gateway_class_name: class.into(),
+            },
+        }
+    }
+}
+
+impl kube::Resource for Gateway {
+    type DynamicType = ();
+    type Scope = kube::core::NamespaceResourceScope;
+    fn kind(_: &()) -> Cow<'_, str> {
+        "Gateway".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        GATEWAY_GROUP.into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        GATEWAY_VERSION.into()
+    }
+    fn api_version(_: &()) -> Cow<'_, str> {
+        format!("{GATEWAY_GROUP}/{GATEWAY_VERSION}").into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        Self::PLURAL.into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
     }
 }

@@ -6,8 +6,9 @@
 //! on 410 Gone, retried with backoff): Namespaces, Pods cluster-wide (a
 //! minimal projection: the agent must know every mesh pod's IP, identity and
 //! node to tunnel to it), Services, EndpointSlices, Istio AuthorizationPolicy
-//! and PeerAuthentication, and this agent's own Node (its addresses, for
-//! kubelet probes).
+//! and PeerAuthentication, Gateway API Gateways (waypoints; like Istio's
+//! CRDs optional: not installed is an empty list), and this agent's own Node
+//! (its addresses, for kubelet probes).
 pub mod cni;
 pub mod crd;
 pub mod model;
@@ -174,6 +175,7 @@ pub struct Kube {
     slices: Store<EndpointSlice>,
     authz: Store<crd::AuthorizationPolicy>,
     peer_auth: Store<crd::PeerAuthentication>,
+    gateways: Store<crd::Gateway>,
     node: Store<Node>,
     pub health: Arc<Health>,
     changed: Arc<Notify>,
@@ -197,6 +199,7 @@ impl Kube {
             slices: w("endpointslices").spawn(Api::all(client.clone()), all(), strip_meta),
             authz: w("authorizationpolicies").spawn_istio(client.clone()),
             peer_auth: w("peerauthentications").spawn_istio(client.clone()),
+            gateways: w("gateways").spawn(Api::all(client.clone()), all(), model::project_gateway),
             node: w("node").spawn(
                 Api::all(client.clone()),
                 all().fields(&format!("metadata.name={node}")),
@@ -223,12 +226,18 @@ impl Kube {
             slices: self.slices.state(),
             authorization_policies: self.authz.state(),
             peer_authentications: self.peer_auth.state(),
+            gateways: self.gateways.state(),
             node: self.node.state().into_iter().next(),
         }
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
         self.pods.get(&reflector::ObjectRef::new(name).within(namespace))
+    }
+
+    /// Whether `pod` is a pod of a waypoint Gateway (never captured).
+    pub fn is_waypoint_pod(&self, pod: &Pod) -> bool {
+        model::is_waypoint_pod(pod, &self.gateways.state())
     }
 
     pub fn namespace_labels(&self, name: &str) -> Option<BTreeMap<String, String>> {
@@ -311,7 +320,8 @@ impl Watch {
                 Err(e) => {
                     let msg = e.to_string();
                     if not_installed(&e) {
-                        // Istio's CRDs are optional: no policies then.
+                        // Istio's and Gateway API's CRDs are optional: no
+                        // policies or waypoints then.
                         if logged.as_deref() != Some(&msg) {
                             tracing::warn!(
                                 watch = self.name,

@@ -9,8 +9,12 @@
 //!   plain TCP), so services backed by it keep working;
 //! * services take their endpoints from EndpointSlices (ready addresses,
 //!   named target ports resolved through the slice ports);
-//! * `istio.io/use-waypoint` on a pod, service or namespace names a waypoint
-//!   Service of the same namespace (or `istio.io/use-waypoint-namespace`);
+//! * waypoints are Gateways of class `istio-waypoint` (the
+//!   `istio.io/for-service-account` annotation and `istio.io/waypoint-for`
+//!   label carried); namespace and Service labels that bind them
+//!   (`istio.io/use-waypoint[-namespace]`) are carried, and the binding
+//!   itself is `cluster::waypoint`'s, as for the local file. A waypoint's
+//!   own pods speak HBONE and are never captured;
 //! * AuthorizationPolicy: ALLOW rules that need HTTP attributes can never
 //!   match at L4 (so they deny, as in ztunnel); DENY rules drop the HTTP
 //!   parts (so they deny more). Policies bound with targetRefs are for
@@ -32,16 +36,20 @@ use k8s_openapi::{
 
 use super::crd;
 use crate::{
-    config::{CaptureSettings, LocalConfig, PodSpec, ServicePort, ServiceSpec, TunnelProtocol, WaypointRef},
+    config::{
+        CaptureSettings, LocalConfig, NamespaceSpec, PodSpec, ServicePort, ServiceSpec, TunnelProtocol, WaypointSpec,
+    },
     rbac,
 };
 
+pub use cluster::waypoint::{
+    WaypointFor, FOR_SERVICE_ACCOUNT, GATEWAY_NAME_LABEL, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE, WAYPOINT_CLASS,
+    WAYPOINT_FOR,
+};
 pub use mesh_cni::membership::DATAPLANE_MODE;
-pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
-pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// On a waypoint's own pods and Service: they never use a waypoint.
-pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// The labels of namespaces and Services the model keeps (binding only).
+const BINDING_LABELS: [&str; 3] = [USE_WAYPOINT, USE_WAYPOINT_NAMESPACE, GATEWAY_NAME_LABEL];
 
 /// Everything the reflectors hold, at one moment.
 #[derive(Default, Clone)]
@@ -52,6 +60,7 @@ pub struct Inputs {
     pub slices: Vec<Arc<EndpointSlice>>,
     pub authorization_policies: Vec<Arc<crd::AuthorizationPolicy>>,
     pub peer_authentications: Vec<Arc<crd::PeerAuthentication>>,
+    pub gateways: Vec<Arc<crd::Gateway>>,
     pub node: Option<Arc<Node>>,
 }
 
@@ -102,19 +111,52 @@ pub fn service_account_of(pod: &Pod) -> &str {
         .unwrap_or("default")
 }
 
-/// What the shared membership rule reads of a pod.
-pub fn pod_facts(pod: &Pod) -> mesh_cni::membership::PodFacts<'_> {
+/// What the shared membership rule reads of a pod; `waypoint`: it is a
+/// pod of a waypoint Gateway ([`is_waypoint_pod`]).
+pub fn pod_facts(pod: &Pod, waypoint: bool) -> mesh_cni::membership::PodFacts<'_> {
     mesh_cni::membership::PodFacts {
         labels: pod.metadata.labels.as_ref(),
         host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
         phase: pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        waypoint,
     }
 }
 
 /// Whether `pod` belongs in the mesh (its namespace's labels given): the
 /// rule the CNI plugin applies too ([`mesh_cni::membership`]).
-pub fn membership(pod: &Pod, ns_labels: Option<&BTreeMap<String, String>>) -> Membership {
-    mesh_cni::membership::membership(pod_facts(pod), ns_labels)
+pub fn membership(pod: &Pod, ns_labels: Option<&BTreeMap<String, String>>, waypoint: bool) -> Membership {
+    mesh_cni::membership::membership(pod_facts(pod, waypoint), ns_labels)
+}
+
+/// Whether `gw` is a waypoint (class `istio-waypoint`).
+pub fn is_waypoint(gw: &crd::Gateway) -> bool {
+    gw.spec.gateway_class_name == WAYPOINT_CLASS
+}
+
+/// Whether `pod` carries the gateway-name label of a waypoint of its namespace.
+pub fn is_waypoint_pod(pod: &Pod, gateways: &[Arc<crd::Gateway>]) -> bool {
+    let Some(name) = pod.metadata.labels.as_ref().and_then(|l| l.get(GATEWAY_NAME_LABEL)) else {
+        return false;
+    };
+    gateways.iter().any(|g| {
+        is_waypoint(g) && g.metadata.name.as_ref() == Some(name) && g.metadata.namespace == pod.metadata.namespace
+    })
+}
+
+/// Keeps only what the model reads of a Gateway (of its annotations, the
+/// per-service-account binding).
+pub fn project_gateway(gw: &mut crd::Gateway) {
+    let m = &mut gw.metadata;
+    m.managed_fields = None;
+    if let Some(a) = m.annotations.as_mut() {
+        a.retain(|k, _| k == FOR_SERVICE_ACCOUNT);
+    }
+}
+
+fn binding_labels(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> BTreeMap<String, String> {
+    let mut labels = labels_of(meta);
+    labels.retain(|k, _| BINDING_LABELS.contains(&k.as_str()));
+    labels
 }
 
 /// Keeps only what the model reads of a pod: bounded memory for a
@@ -161,11 +203,11 @@ pub fn translate(input: &Inputs, local: &mut Local) -> Translated {
         .iter()
         .filter_map(|n| Some((n.metadata.name.as_deref()?, labels_of(&n.metadata))))
         .collect();
-    let waypoints = WaypointIndex::new(&input.services);
     let mut seen_ips: HashMap<IpAddr, String> = HashMap::new();
     let mut pods = Vec::new();
     for pod in &input.pods {
-        if let Some(p) = pod_spec(pod, &ns_labels, &waypoints, local, &mut warnings) {
+        let waypoint = is_waypoint_pod(pod, &input.gateways);
+        if let Some(p) = pod_spec(pod, &ns_labels, waypoint, local, &mut warnings) {
             if let Some(ip) = p.ips.iter().find(|ip| seen_ips.contains_key(ip)) {
                 warnings.push(format!(
                     "pod {} has IP {ip} of pod {}; skipped until one of them goes",
@@ -181,7 +223,25 @@ pub fn translate(input: &Inputs, local: &mut Local) -> Translated {
     let services = input
         .services
         .iter()
-        .filter_map(|s| service_spec(s, &input.slices, &ns_labels, &waypoints, &mut warnings))
+        .filter_map(|s| service_spec(s, &input.slices, &mut warnings))
+        .collect();
+    let namespaces = input
+        .namespaces
+        .iter()
+        .filter_map(|n| {
+            let labels = binding_labels(&n.metadata);
+            Some(NamespaceSpec {
+                name: n.metadata.name.clone()?,
+                labels,
+            })
+            .filter(|n| !n.labels.is_empty())
+        })
+        .collect();
+    let waypoints = input
+        .gateways
+        .iter()
+        .filter(|g| is_waypoint(g))
+        .filter_map(|g| waypoint_spec(g, &mut warnings))
         .collect();
     let authorization_policies = input
         .authorization_policies
@@ -202,14 +262,67 @@ pub fn translate(input: &Inputs, local: &mut Local) -> Translated {
         authorization_policies,
         peer_authentications,
         services,
+        namespaces,
+        waypoints,
     };
     Translated { model, warnings }
+}
+
+/// A waypoint Gateway; a bad annotation or label is warned about and
+/// ignored (the binding statuses then show what is not bound).
+fn waypoint_spec(g: &crd::Gateway, warnings: &mut Vec<String>) -> Option<WaypointSpec> {
+    let name = g.metadata.name.clone()?;
+    let namespace = g.metadata.namespace.clone()?;
+    let key = format!("Gateway {namespace}/{name}");
+    let for_ = match g.metadata.labels.as_ref().and_then(|l| l.get(WAYPOINT_FOR)) {
+        None => WaypointFor::default(),
+        Some(v) => WaypointFor::parse(v).unwrap_or_else(|| {
+            warnings.push(format!(
+                "{key}: label {WAYPOINT_FOR}={v} is none of service, workload, all, none; using service"
+            ));
+            WaypointFor::default()
+        }),
+    };
+    let for_service_account = g
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(FOR_SERVICE_ACCOUNT))
+        .filter(|sa| {
+            let ok = valid_name(sa);
+            if !ok {
+                warnings.push(format!(
+                    "{key}: annotation {FOR_SERVICE_ACCOUNT}={sa} is not a service account name; ignored"
+                ));
+            }
+            ok
+        })
+        .cloned();
+    Some(WaypointSpec {
+        name,
+        namespace,
+        // The controller names the waypoint's service account after it.
+        service_account: None,
+        for_service_account,
+        for_,
+        vips: Vec::new(),
+    })
+}
+
+/// A DNS-1123 subdomain, as service account names are.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !s.starts_with(['-', '.'])
+        && !s.ends_with(['-', '.'])
 }
 
 fn pod_spec(
     pod: &Pod,
     ns_labels: &HashMap<&str, BTreeMap<String, String>>,
-    waypoints: &WaypointIndex,
+    waypoint: bool,
     local: &mut Local,
     warnings: &mut Vec<String>,
 ) -> Option<PodSpec> {
@@ -219,7 +332,7 @@ fn pod_spec(
     let spec = pod.spec.as_ref()?;
     let node = spec.node_name.clone()?;
     let ns = ns_labels.get(namespace.as_str());
-    let member = membership(pod, ns);
+    let member = membership(pod, ns, waypoint);
     if matches!(member, Membership::HostNetwork | Membership::Finished) {
         return None;
     }
@@ -243,7 +356,6 @@ fn pod_spec(
         None => (None, None),
     };
     let labels = labels_of(&pod.metadata);
-    let waypoint = waypoints.lookup(&namespace, &labels, ns, warnings);
     Some(PodSpec {
         uid: Some(uid),
         service_account: service_account_of(pod).to_string(),
@@ -252,12 +364,13 @@ fn pod_spec(
         cgroup,
         ips,
         healthy: pod_ready(pod),
-        tunnel: if in_mesh {
+        // A waypoint's pods are reached over HBONE (they terminate it)
+        // but never captured (no netns above).
+        tunnel: if in_mesh || member == Membership::Waypoint {
             TunnelProtocol::Hbone
         } else {
             TunnelProtocol::None
         },
-        waypoint,
         labels,
         name,
         namespace,
@@ -281,58 +394,6 @@ fn pod_ready(pod: &Pod) -> bool {
         .is_some_and(|c| c.status == "True")
 }
 
-/// Waypoint names -> addresses: a waypoint is a Service of its namespace.
-struct WaypointIndex(HashMap<(String, String), IpAddr>);
-
-impl WaypointIndex {
-    fn new(services: &[Arc<Service>]) -> Self {
-        Self(
-            services
-                .iter()
-                .filter_map(|s| {
-                    let vip = cluster_ips(s).into_iter().next()?;
-                    Some(((s.metadata.namespace.clone()?, s.metadata.name.clone()?), vip))
-                })
-                .collect(),
-        )
-    }
-
-    /// The object's own label wins over its namespace's; `none` opts out.
-    fn lookup(
-        &self,
-        namespace: &str,
-        labels: &BTreeMap<String, String>,
-        ns_labels: Option<&BTreeMap<String, String>>,
-        warnings: &mut Vec<String>,
-    ) -> Option<WaypointRef> {
-        let from = if labels.contains_key(USE_WAYPOINT) {
-            labels
-        } else {
-            ns_labels?
-        };
-        if labels.contains_key(GATEWAY_NAME_LABEL) {
-            return None;
-        }
-        let name = from.get(USE_WAYPOINT)?;
-        if name == "none" {
-            return None;
-        }
-        let wp_ns = from.get(USE_WAYPOINT_NAMESPACE).map_or(namespace, String::as_str);
-        match self.0.get(&(wp_ns.to_string(), name.clone())) {
-            Some(ip) => Some(WaypointRef {
-                address: *ip,
-                port: agent_common::HBONE_PORT,
-            }),
-            None => {
-                warnings.push(format!(
-                    "waypoint {wp_ns}/{name} (from {USE_WAYPOINT} in {namespace}) has no Service with a cluster IP"
-                ));
-                None
-            }
-        }
-    }
-}
-
 fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
     let Some(spec) = svc.spec.as_ref() else { return vec![] };
     let listed: Vec<&String> = match &spec.cluster_ips {
@@ -342,13 +403,7 @@ fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
     listed.into_iter().filter_map(|s| s.parse().ok()).collect()
 }
 
-fn service_spec(
-    svc: &Service,
-    slices: &[Arc<EndpointSlice>],
-    ns_labels: &HashMap<&str, BTreeMap<String, String>>,
-    waypoints: &WaypointIndex,
-    warnings: &mut Vec<String>,
-) -> Option<ServiceSpec> {
+fn service_spec(svc: &Service, slices: &[Arc<EndpointSlice>], warnings: &mut Vec<String>) -> Option<ServiceSpec> {
     let name = svc.metadata.name.clone()?;
     let namespace = svc.metadata.namespace.clone()?;
     let spec = svc.spec.as_ref()?;
@@ -401,8 +456,8 @@ fn service_spec(
             .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()))
             .collect::<Vec<_>>()
     });
-    let labels = labels_of(&svc.metadata);
     Some(ServiceSpec {
+        labels: binding_labels(&svc.metadata),
         hostname: None,
         vips,
         ports,
@@ -410,7 +465,6 @@ fn service_spec(
         endpoints: endpoints.or_else(|| spec.selector.is_none().then(Vec::new)),
         load_balancing: Default::default(),
         subject_alt_names: Vec::new(),
-        waypoint: waypoints.lookup(&namespace, &labels, ns_labels.get(namespace.as_str()), warnings),
         name,
         namespace,
     })
@@ -1102,100 +1156,151 @@ mod tests {
 
     // ---- waypoints ----
 
-    fn waypoint_run(namespaces: Vec<Namespace>, pods: Vec<Pod>) -> Translated {
-        run(&Inputs {
-            services: arcs(vec![
-                service("apps", "wp", "10.96.0.50", vec![port(None, 15008, None)]),
-                service("apps", "wp2", "10.96.0.51", vec![port(None, 15008, None)]),
-                service("infra", "shared", "10.96.0.60", vec![port(None, 15008, None)]),
-            ]),
+    fn gateway(ns: &str, name: &str, class: &str) -> crd::Gateway {
+        crd::Gateway::new(ns, name, class)
+    }
+
+    fn annotated(mut g: crd::Gateway, k: &str, v: &str) -> crd::Gateway {
+        g.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(k.into(), v.into());
+        g
+    }
+
+    fn waypoint_input(namespaces: Vec<Namespace>, pods: Vec<Pod>, gateways: Vec<crd::Gateway>) -> Inputs {
+        Inputs {
+            services: arcs(vec![labelled(
+                service("apps", "web", "10.96.0.10", vec![port(None, 80, None)]),
+                &[(USE_WAYPOINT, "wp"), ("unrelated", "x")],
+            )]),
+            gateways: arcs(gateways),
             ..inputs(namespaces, pods)
-        })
-    }
-
-    fn waypoint_of(t: &Translated, name: &str) -> Option<WaypointRef> {
-        find(t, name).unwrap().waypoint.clone()
-    }
-
-    fn wp(ip: &str) -> Option<WaypointRef> {
-        Some(WaypointRef {
-            address: ip.parse().unwrap(),
-            port: 15008,
-        })
+        }
     }
 
     #[test]
-    fn namespace_use_waypoint_resolves_to_the_waypoint_service_vip() {
-        let t = waypoint_run(
-            vec![namespace("apps", &[(USE_WAYPOINT, "wp")])],
-            vec![pod("apps", "web", NODE, &["10.1.0.1"])],
+    fn waypoint_gateways_become_waypoints_with_their_binding_fields() {
+        let gws = vec![
+            annotated(
+                labelled(gateway("apps", "wp", WAYPOINT_CLASS), &[(WAYPOINT_FOR, "all")]),
+                FOR_SERVICE_ACCOUNT,
+                "sa-web",
+            ),
+            labelled(gateway("apps", "typo", WAYPOINT_CLASS), &[(WAYPOINT_FOR, "everything")]),
+            annotated(
+                gateway("apps", "bad-sa", WAYPOINT_CLASS),
+                FOR_SERVICE_ACCOUNT,
+                "Not_A_Name",
+            ),
+            gateway("apps", "ingress", "istio"),
+        ];
+        let t = run(&waypoint_input(
+            vec![namespace("apps", &[(USE_WAYPOINT, "wp"), (DATAPLANE_MODE, "ambient")])],
+            vec![],
+            gws,
+        ));
+        let wps: Vec<(&str, WaypointFor, Option<&str>)> = t
+            .model
+            .waypoints
+            .iter()
+            .map(|w| (w.name.as_str(), w.for_, w.for_service_account.as_deref()))
+            .collect();
+        assert_eq!(
+            wps,
+            [
+                ("wp", WaypointFor::All, Some("sa-web")),
+                ("typo", WaypointFor::Service, None),
+                ("bad-sa", WaypointFor::Service, None)
+            ],
+            "another class is no waypoint"
         );
-        assert_eq!(waypoint_of(&t, "web"), wp("10.96.0.50"));
-        let svc = t.model.services.iter().find(|s| s.name == "wp2").unwrap();
-        assert_eq!(svc.waypoint, wp("10.96.0.50"), "services of the namespace too");
+        assert_eq!(t.model.waypoints[0].service_account(), "wp", "named after the Gateway");
+        assert_eq!(t.warnings.len(), 2, "{:?}", t.warnings);
+        assert!(t.warnings[0].contains("apps/typo") && t.warnings[0].contains("everything"));
+        assert!(t.warnings[1].contains("apps/bad-sa") && t.warnings[1].contains("Not_A_Name"));
+        assert_eq!(
+            t.model.namespace_labels("apps"),
+            Some(&map(&[(USE_WAYPOINT, "wp")])),
+            "binding labels only"
+        );
+        assert_eq!(t.model.services[0].labels, map(&[(USE_WAYPOINT, "wp")]));
     }
 
     #[test]
-    fn a_waypoint_never_uses_a_waypoint_itself() {
-        let t = waypoint_run(
-            vec![namespace("apps", &[(USE_WAYPOINT, "wp")])],
-            vec![labelled(
-                pod("apps", "wp-pod", NODE, &["10.1.0.9"]),
-                &[(GATEWAY_NAME_LABEL, "wp")],
+    fn project_gateway_keeps_the_service_account_annotation_only() {
+        let mut g = annotated(
+            annotated(gateway("apps", "wp", WAYPOINT_CLASS), FOR_SERVICE_ACCOUNT, "web"),
+            "kubectl.kubernetes.io/last-applied-configuration",
+            "{}",
+        );
+        project_gateway(&mut g);
+        assert_eq!(g.metadata.annotations, Some(map(&[(FOR_SERVICE_ACCOUNT, "web")])));
+    }
+
+    #[test]
+    fn a_waypoints_pods_are_never_captured_even_in_an_ambient_namespace() {
+        let wp_pod = labelled(pod("apps", "wp-1", NODE, &["10.1.0.9"]), &[(GATEWAY_NAME_LABEL, "wp")]);
+        let ingress_pod = labelled(
+            pod("apps", "gw-1", NODE, &["10.1.0.8"]),
+            &[(GATEWAY_NAME_LABEL, "ingress")],
+        );
+        let input = waypoint_input(
+            vec![namespace("apps", &[(DATAPLANE_MODE, "ambient")])],
+            vec![wp_pod.clone(), ingress_pod],
+            vec![
+                gateway("apps", "wp", WAYPOINT_CLASS),
+                gateway("apps", "ingress", "istio"),
+            ],
+        );
+        let (t, asked) = run_local(&input, None, &HashMap::new());
+        assert_eq!(asked, ["uid-gw-1"], "the waypoint's pod is not even looked for");
+        let wp = find(&t, "wp-1").unwrap();
+        assert_eq!(
+            (wp.tunnel, wp.netns.as_ref()),
+            (TunnelProtocol::Hbone, None),
+            "reached over HBONE, not captured"
+        );
+        assert_eq!(
+            membership(&wp_pod, None, is_waypoint_pod(&wp_pod, &input.gateways)),
+            Membership::Waypoint
+        );
+        let captured: Vec<&str> = t.model.pods_on(NODE).map(|p| p.name.as_str()).collect();
+        assert_eq!(captured, ["gw-1"]);
+    }
+
+    #[test]
+    fn translated_per_service_account_waypoint_binds_pods_and_their_service() {
+        let web = |name: &str, ip: &str| {
+            let mut p = labelled(pod("apps", name, NODE, &[ip]), &[("app", "web")]);
+            p.spec.as_mut().unwrap().service_account_name = Some("web".into());
+            p
+        };
+        let wp_pod = labelled(
+            pod("apps", "wp-1", "node2", &["10.1.0.9"]),
+            &[(GATEWAY_NAME_LABEL, "wp")],
+        );
+        let mut input = waypoint_input(
+            vec![namespace("apps", &[(DATAPLANE_MODE, "ambient")])],
+            vec![web("web-1", "10.1.0.1"), web("web-2", "10.1.0.2"), wp_pod],
+            vec![annotated(
+                gateway("apps", "wp", WAYPOINT_CLASS),
+                FOR_SERVICE_ACCOUNT,
+                "web",
             )],
         );
-        assert_eq!(waypoint_of(&t, "wp-pod"), None, "the waypoint's own pod");
-    }
-
-    #[test]
-    fn pod_use_waypoint_wins_over_the_namespace() {
-        let t = waypoint_run(
-            vec![namespace("apps", &[(USE_WAYPOINT, "wp")])],
-            vec![labelled(
-                pod("apps", "web", NODE, &["10.1.0.1"]),
-                &[(USE_WAYPOINT, "wp2")],
-            )],
-        );
-        assert_eq!(waypoint_of(&t, "web"), wp("10.96.0.51"));
-    }
-
-    #[test]
-    fn use_waypoint_none_opts_out() {
-        let t = waypoint_run(
-            vec![namespace("apps", &[(USE_WAYPOINT, "wp")])],
-            vec![labelled(
-                pod("apps", "web", NODE, &["10.1.0.1"]),
-                &[(USE_WAYPOINT, "none")],
-            )],
-        );
-        assert_eq!(waypoint_of(&t, "web"), None);
-        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
-    }
-
-    #[test]
-    fn use_waypoint_namespace_points_to_another_namespace() {
-        let t = waypoint_run(
-            vec![namespace(
-                "apps",
-                &[(USE_WAYPOINT, "shared"), (USE_WAYPOINT_NAMESPACE, "infra")],
-            )],
-            vec![pod("apps", "web", NODE, &["10.1.0.1"])],
-        );
-        assert_eq!(waypoint_of(&t, "web"), wp("10.96.0.60"));
-    }
-
-    #[test]
-    fn missing_waypoint_service_warns_and_gives_none() {
-        let t = waypoint_run(
-            vec![namespace("apps", &[])],
-            vec![labelled(
-                pod("apps", "web", NODE, &["10.1.0.1"]),
-                &[(USE_WAYPOINT, "gone")],
-            )],
-        );
-        assert_eq!(waypoint_of(&t, "web"), None);
-        assert_eq!(t.warnings.len(), 1);
-        assert!(t.warnings[0].contains("apps/gone"), "{:?}", t.warnings);
+        // Without its own label the Service is bound through its pods' account.
+        input.services = arcs(vec![service("apps", "web", "10.96.0.10", vec![port(None, 80, None)])]);
+        let t = run(&input);
+        let b = cluster::waypoint::Bindings::compute(&t.model, "cluster.local");
+        let status = |m: &BTreeMap<String, cluster::waypoint::Binding>, k: &str| m.get(k).map(|b| b.status);
+        use cluster::waypoint::BindingStatus::Bound;
+        assert_eq!(status(&b.workloads, "apps/web-1"), Some(Bound));
+        assert_eq!(status(&b.services, "apps/web"), Some(Bound));
+        assert_eq!(status(&b.workloads, "apps/wp-1"), None);
+        let w = b.waypoints.values().next().unwrap();
+        assert_eq!(w.identity.to_string(), "spiffe://cluster.local/ns/apps/sa/wp");
+        assert_eq!(w.pods, ips(&["10.1.0.9"]));
     }
 
     // ---- AuthorizationPolicy ----
@@ -1618,16 +1723,12 @@ mod tests {
         project_pod(&mut not_ready_projected);
         let model = |pods: Vec<Pod>| {
             let ns = namespace("apps", &[(DATAPLANE_MODE, "ambient")]);
-            let input = Inputs {
-                services: arcs(vec![service("apps", "wp", "10.96.0.50", vec![port(None, 15008, None)])]),
-                ..inputs(vec![ns], pods)
-            };
-            run(&input).model
+            run(&inputs(vec![ns], pods)).model
         };
         let full = model(vec![full_pod(), not_ready]);
         assert_eq!(model(vec![projected, not_ready_projected]), full);
         assert_eq!(full.pods.len(), 2);
-        assert_eq!(full.pods[0].waypoint, wp("10.96.0.50"));
+        assert_eq!(full.pods[0].labels[USE_WAYPOINT], "wp");
         assert!(full.pods[0].healthy && !full.pods[1].healthy);
     }
 }

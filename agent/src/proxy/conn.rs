@@ -2,12 +2,19 @@
 //! inside the pod's netns (marked so capture lets it pass), and write one
 //! access-log line when it closes.
 //!
+//! * Outbound to a destination bound to a waypoint (a Service VIP, or a pod
+//!   bound as a workload): HBONE to one of the waypoint's ready pods
+//!   (round robin) with `:authority` = the original destination, accepting
+//!   only the waypoint's identity. A missing waypoint or one without a
+//!   ready pod refuses the connection (never direct).
 //! * Outbound to a mesh pod: HBONE to `<pod IP>:15008` with the source pod's
 //!   identity, accepting only the destination pod's identity.
 //! * Outbound elsewhere, plaintext inbound (15006), or no CA configured:
 //!   plain TCP, forwarded zero-copy (splice).
 //! * HBONE inbound (15008): TLS with the destination pod's identity, CONNECT
-//!   checked, then the application is dialled inside the pod.
+//!   checked (a pod bound as a workload accepts only its waypoint's
+//!   identity: others get 401, "bypassed waypoint"), then the application is
+//!   dialled inside the pod.
 //!
 //! Never forwarded: a destination that is one of the agent's own ports at
 //! the pod's own address or loopback (a self-loop); such a connection is
@@ -35,6 +42,7 @@ use super::{is_self_loop, reset, Admitted, Direction, MeshCtx, PodCtx};
 use crate::{
     metrics::{Reason, Side, TcpLabels},
     rbac,
+    state::{Resolved, Via},
 };
 
 /// Istio's default cluster name (`k8s.cluster.name` in `baggage`).
@@ -47,6 +55,8 @@ struct Outcome {
     copied: Copied,
     /// Set when the connection was not carried.
     refused: Option<Reason>,
+    /// The waypoint it was sent through (or refused for).
+    waypoint: Option<String>,
 }
 
 impl Outcome {
@@ -57,7 +67,13 @@ impl Outcome {
             peer_identity: None,
             copied: Copied::failed(format!("{}: {detail}", reason.as_str())),
             refused: Some(reason),
+            waypoint: None,
         }
+    }
+
+    fn through(mut self, waypoint: impl ToString) -> Self {
+        self.waypoint = Some(waypoint.to_string());
+        self
     }
 
     fn carried(protocol: &'static str, peer_identity: Option<String>, copied: Copied) -> Self {
@@ -66,8 +82,56 @@ impl Outcome {
             peer_identity,
             copied,
             refused: None,
+            waypoint: None,
         }
     }
+}
+
+/// Where an outbound connection goes.
+struct Route {
+    /// What is dialled: the destination, or the endpoint a VIP resolved to.
+    target: SocketAddr,
+    service: Option<Resolved>,
+    /// Through this waypoint instead.
+    via: Option<Via>,
+}
+
+/// The waypoint `dst` (a VIP or a pod) is bound to; else a VIP's endpoint,
+/// through the endpoint's waypoint when that pod is bound as a workload
+/// (its agent accepts nothing else); else `dst` itself.
+fn route(ctx: &PodCtx, dst: SocketAddr) -> Result<Route, Outcome> {
+    let snap = ctx.state.snapshot();
+    let steered = |s: Result<Via, crate::state::Unavailable>| {
+        s.map_err(|e| {
+            tracing::warn!(pod = %ctx.key, dst = %dst, waypoint = %e.waypoint, status = e.status.as_str(), "connection refused: waypoint unavailable");
+            Outcome::refused("tcp", Reason::WaypointUnavailable, &e).through(&e.waypoint)
+        })
+    };
+    if let Some(s) = snap.steer(dst) {
+        return Ok(Route {
+            target: dst,
+            service: None,
+            via: Some(steered(s)?),
+        });
+    }
+    let (target, service) = match ctx.state.resolve(dst) {
+        None => {
+            return Ok(Route {
+                target: dst,
+                service: None,
+                via: None,
+            })
+        }
+        Some(Ok(r)) => (r.endpoint, r),
+        // Fail closed: a VIP is no address to connect to by itself.
+        Some(Err(e)) => return Err(Outcome::refused("tcp", Reason::NoEndpoint, e)),
+    };
+    let via = snap.steer(target).map(steered).transpose()?;
+    Ok(Route {
+        target,
+        service: Some(service),
+        via,
+    })
 }
 
 pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, mut client: TcpStream, peer: SocketAddr, _admitted: Admitted) {
@@ -80,18 +144,16 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, mut client: TcpStream, pee
         return finish(&ctx, dir, client, peer, peer, None, &o, start);
     };
     tune(&client);
-    // A service VIP becomes one of its endpoints (and the target port).
-    let (target, service) = match dir {
-        Direction::Outbound => match ctx.state.resolve(dst) {
-            None => (dst, None),
-            Some(Ok(r)) => (r.endpoint, Some(r)),
-            Some(Err(e)) => {
-                // Fail closed: a VIP is no address to connect to by itself.
-                let o = Outcome::refused("tcp", Reason::NoEndpoint, e);
-                return finish(&ctx, dir, client, peer, dst, None, &o, start);
-            }
+    let Route { target, service, via } = match dir {
+        Direction::Outbound => match route(&ctx, dst) {
+            Ok(r) => r,
+            Err(o) => return finish(&ctx, dir, client, peer, dst, None, &o, start),
         },
-        _ => (dst, None),
+        _ => Route {
+            target: dst,
+            service: None,
+            via: None,
+        },
     };
     if is_self_loop(&ctx.ips, target) {
         let o = Outcome::refused(
@@ -102,41 +164,75 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, mut client: TcpStream, pee
         return finish(&ctx, dir, client, peer, dst, None, &o, start);
     }
     let mut labels = labels(&ctx, dir, peer.ip(), target.ip(), None);
-    if let Some(r) = &service {
-        labels.destination_service = r.hostname.clone();
-        labels.destination_service_name = r.name.clone();
-        labels.destination_service_namespace = r.namespace.clone();
+    let svc = matches!(dir, Direction::Outbound)
+        .then(|| ctx.state.snapshot().service_at(dst.ip()).cloned())
+        .flatten();
+    if let Some(svc) = &svc {
+        labels.destination_service = svc.hostname();
+        labels.destination_service_name = svc.name.clone();
+        labels.destination_service_namespace = svc.namespace.clone();
     }
+    // The access log's endpoint: the waypoint pod, else what was dialled.
+    let endpoint = via.as_ref().map_or(target, |v| v.pod);
+    let hostname = svc.as_ref().map(|s| s.hostname()).unwrap_or_default();
+    let logged = (svc.is_some() || via.is_some()).then_some((hostname.as_str(), endpoint));
     ctx.metrics.opened(&labels);
-    let outcome = match (dir, &ctx.mesh) {
-        (Direction::Outbound, Some(mesh)) => match ctx.state.by_ip(target.ip()).filter(|w| w.hbone) {
+    let outcome = match (dir, &ctx.mesh, via) {
+        (Direction::Outbound, Some(mesh), Some(v)) => {
+            tunnel(&ctx, mesh, &mut client, peer, v.authority, v.pod, vec![v.identity])
+                .await
+                .through(&v.waypoint)
+        }
+        (Direction::Outbound, None, Some(v)) => Outcome::refused(
+            "tcp",
+            Reason::WaypointUnavailable,
+            format!(
+                "{} is bound to waypoint {}, reached only over HBONE (no --ca-address); not sent direct",
+                v.authority, v.waypoint
+            ),
+        )
+        .through(&v.waypoint),
+        (Direction::Outbound, Some(mesh), None) => match ctx.state.by_ip(target.ip()).filter(|w| w.hbone) {
             Some(w) => {
                 // The endpoint's own identity, or one the service vouches for.
                 let mut expected = vec![w.identity];
                 expected.extend(service.iter().flat_map(|r| r.extra_sans.iter().cloned()));
-                tunnel(&ctx, mesh, &mut client, peer, target, expected).await
+                let hbone_dst = SocketAddr::new(target.ip(), HBONE_PORT);
+                tunnel(&ctx, mesh, &mut client, peer, target, hbone_dst, expected).await
             }
             None => plain(&ctx, &client, target, None).await,
         },
-        (Direction::Outbound, None) => plain(&ctx, &client, target, None).await,
+        (Direction::Outbound, None, None) => plain(&ctx, &client, target, None).await,
         _ => {
-            // Plaintext inbound: no identity, so PeerAuthentication and
-            // authorization decide with principal = none.
+            // Plaintext inbound: no identity, so the waypoint binding,
+            // PeerAuthentication and authorization decide with principal = none.
             let conn = rbac::Conn {
                 principal: None,
                 src_ip: peer.ip(),
                 dst_port: dst.port(),
             };
-            match ctx.state.snapshot().authorize(dst.ip(), &conn) {
-                Ok(()) => plain(&ctx, &client, dst, Some(conn)).await,
-                Err(denied) => Outcome::refused("tcp", Reason::Denied, denied.0),
+            let snap = ctx.state.snapshot();
+            match snap.check_waypoint(dst.ip(), None) {
+                Err(b) => bypassed(&ctx, b),
+                Ok(()) => match snap.authorize(dst.ip(), &conn) {
+                    Ok(()) => plain(&ctx, &client, dst, Some(conn)).await,
+                    Err(denied) => Outcome::refused("tcp", Reason::Denied, denied.0),
+                },
             }
         }
     };
     ctx.metrics
         .closed(&labels, outcome.copied.sent, outcome.copied.received);
-    let via = service.as_ref().map(|r| (r.hostname.as_str(), target));
-    finish(&ctx, dir, client, peer, dst, via, &outcome, start);
+    drop(service);
+    finish(&ctx, dir, client, peer, dst, logged, &outcome, start);
+}
+
+/// Refuses an inbound connection that did not come through the
+/// destination's waypoint.
+fn bypassed(ctx: &PodCtx, b: crate::state::Bypass) -> Outcome {
+    tracing::warn!(pod = %ctx.key, peer = %b.peer, waypoint = %b.waypoint, "connection refused: bypassed waypoint");
+    let waypoint = b.waypoint.clone();
+    Outcome::refused("tcp", Reason::BypassedWaypoint, b).through(waypoint)
 }
 
 /// Ends a connection: a refused one is reset (so the client sees an error,
@@ -225,6 +321,7 @@ fn log_access(
         dst = %dst,
         service = via.map_or("", |v| v.0),
         endpoint = %via.map_or(dst, |v| v.1),
+        waypoint = o.waypoint.as_deref().unwrap_or(""),
         src_identity = src_identity.as_deref().unwrap_or(""),
         dst_identity = dst_identity.as_deref().unwrap_or(""),
         // Mutual TLS with a verified peer (a refused tunnel had none).
@@ -255,13 +352,16 @@ async fn plain(ctx: &PodCtx, client: &TcpStream, dst: SocketAddr, policed: Optio
     }
 }
 
-/// HBONE to the destination pod, as this pod's identity.
+/// HBONE to `hbone_dst` (the destination pod's, or a waypoint pod's, HBONE
+/// port) with CONNECT `dst`, as this pod's identity, accepting only
+/// `expected` identities.
 async fn tunnel(
     ctx: &PodCtx,
     mesh: &MeshCtx,
     client: &mut TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
+    hbone_dst: SocketAddr,
     expected: Vec<mesh::identity::SpiffeId>,
 ) -> Outcome {
     // A new pod's first connections may come before its certificate: wait
@@ -288,12 +388,11 @@ async fn tunnel(
             hbone::baggage(CLUSTER_NAME, &ctx.identity.namespace, &app, &app, &version)
         },
     };
-    let hbone_dst = SocketAddr::new(dst.ip(), HBONE_PORT);
     let key = PoolKey {
         src_identity: ctx.identity.clone(),
         dst_identities: expected.clone(),
         dst: hbone_dst,
-        src_ip: pod_ip_like(ctx, dst.ip()),
+        src_ip: pod_ip_like(ctx, hbone_dst.ip()),
     };
     let dial = || async {
         let tls = tls::client_config(&cert, &mesh.roots, expected.clone())?;
@@ -410,7 +509,12 @@ async fn open_stream(
         src_ip: i.remote.ip().to_canonical(),
         dst_port: i.authority.port(),
     };
-    if let Err(denied) = ctx.state.snapshot().authorize(i.authority.ip(), &conn) {
+    let snap = ctx.state.snapshot();
+    if let Err(b) = snap.check_waypoint(i.authority.ip(), Some(&i.peer)) {
+        tracing::warn!(pod = %ctx.key, peer = %b.peer, waypoint = %b.waypoint, "connection refused: bypassed waypoint");
+        return Err(refuse(ctx, Reason::BypassedWaypoint, StatusCode::UNAUTHORIZED, b));
+    }
+    if let Err(denied) = snap.authorize(i.authority.ip(), &conn) {
         return Err(refuse(ctx, Reason::Denied, StatusCode::UNAUTHORIZED, denied.0));
     }
     let upstream = connect_to_app(ctx, i.remote.ip(), i.authority)

@@ -59,11 +59,16 @@ impl OpenConns {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let mut closed = 0;
         for e in conns.values() {
-            if let Err(denied) = snap.authorize(e.dst_ip, &e.conn) {
+            // A binding made since it opened counts like a policy.
+            let allowed = snap
+                .check_waypoint(e.dst_ip, e.conn.principal.as_ref())
+                .map_err(|b| b.to_string())
+                .and_then(|()| snap.authorize(e.dst_ip, &e.conn).map_err(|d| d.0));
+            if let Err(denied) = allowed {
                 tracing::info!(
                     pod = %e.pod, src = %e.conn.src_ip, dst_port = e.conn.dst_port,
                     principal = e.conn.principal.as_ref().map(ToString::to_string).unwrap_or_default(),
-                    reason = %denied.0,
+                    reason = %denied,
                     "closing an open connection that policy no longer allows"
                 );
                 for s in &e.sockets {
