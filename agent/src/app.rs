@@ -262,17 +262,17 @@ fn log_binding_changes(before: &Bindings, after: &Bindings) {
     for change in after.changes_from(before) {
         match change {
             Change::Set(b) if b.status == BindingStatus::Bound => tracing::info!(
-                kind = b.kind.as_str(), target = %b.target, waypoint = %b.waypoint,
+                kind = b.kind.as_str(), object = %b.target, waypoint = %b.waypoint,
                 source = ?b.source, status = b.status.as_str(), "waypoint binding"
             ),
             Change::Set(b) => tracing::warn!(
-                kind = b.kind.as_str(), target = %b.target, waypoint = %b.waypoint, source = ?b.source,
+                kind = b.kind.as_str(), object = %b.target, waypoint = %b.waypoint, source = ?b.source,
                 status = b.status.as_str(),
                 traffic = if b.status.steers() { "refused" } else { "direct" },
                 "waypoint binding"
             ),
             Change::Removed(b) => tracing::info!(
-                kind = b.kind.as_str(), target = %b.target, waypoint = %b.waypoint,
+                kind = b.kind.as_str(), object = %b.target, waypoint = %b.waypoint,
                 status = "Unbound", "waypoint binding"
             ),
         }

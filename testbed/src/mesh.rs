@@ -586,6 +586,63 @@ impl MeshCa {
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("ca.log")).unwrap_or_default()
     }
+
+    /// A certificate for `id` (`agent ca request --key-out`, run in `node`'s
+    /// netns with its credential), written to `<out>/<sa>-chain.pem` (leaf
+    /// first, root last) and `<out>/<sa>-key.pem`: for a stand-in peer such
+    /// as a waypoint pod.
+    pub fn request(&self, cluster: &Cluster, node: &str, id: &str, out: &Path) -> Result<(PathBuf, PathBuf)> {
+        let name = id.rsplit('/').next().unwrap_or(id);
+        let (chain, key) = (
+            out.join(format!("{name}-chain.pem")),
+            out.join(format!("{name}-key.pem")),
+        );
+        let child = cluster
+            .node(node)
+            .try_command(binary("agent")?)?
+            .args(["ca", "request", "--id", id])
+            .arg("--key-out")
+            .arg(&key)
+            .args(self.client_args(node))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let out = wait_output(child, Duration::from_secs(20))?;
+        if !out.status.success() {
+            bail!(
+                "agent ca request {id} as node {node} failed: {}\nCA log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.log()
+            );
+        }
+        fs::write(&chain, &out.stdout)?;
+        Ok((chain, key))
+    }
+}
+
+/// The output of `child` (stdout/stderr piped), killing it if it outlives `timeout`.
+pub fn wait_output(mut child: Child, timeout: Duration) -> Result<Output> {
+    use std::io::Read;
+    // Readers on threads: a full pipe must not block the child.
+    let mut out = child.stdout.take().context("stdout not piped")?;
+    let mut err = child.stderr.take().context("stderr not piped")?;
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let status = wait_bounded(&mut child, timeout)?;
+    Ok(Output {
+        status,
+        stdout: reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    })
 }
 
 impl Drop for MeshCa {

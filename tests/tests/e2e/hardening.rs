@@ -12,12 +12,12 @@ use crate::{access_to, agent_with_ca, agents, node_get, stat, succeeded, World, 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 
 /// The sum of every sample of `series` in `node`'s agent metrics.
-fn metric(w: &World, node: &str, series: &str) -> Result<u64> {
+pub(crate) fn metric(w: &World, node: &str, series: &str) -> Result<u64> {
     let (text, _) = node_get(&w.cluster, node, "http://127.0.0.1:15020/metrics")?;
     Ok(crate::sum_samples(&text, series))
 }
 
-fn refused(w: &World, node: &str, direction: &str, reason: &str) -> Result<u64> {
+pub(crate) fn refused(w: &World, node: &str, direction: &str, reason: &str) -> Result<u64> {
     metric(
         w,
         node,

@@ -27,12 +27,12 @@ const MIB: u64 = 1 << 20;
 /// 16 bytes, repeated to make the large payload.
 const PATTERN: &str = "interop-0123456/";
 
-fn peer_app() -> PathBuf {
+pub(crate) fn peer_app() -> PathBuf {
     mesh::meshapp().with_file_name("hbone_peer.py")
 }
 
 /// Runs `cmd`, killing it if it outlives `timeout`.
-fn output_within(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+pub(crate) fn output_within(cmd: &mut Command, timeout: Duration) -> Result<Output> {
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -54,7 +54,7 @@ fn output_within(cmd: &mut Command, timeout: Duration) -> Result<Output> {
 }
 
 /// The last stdout line of a finished program as JSON.
-fn report(out: &Output) -> Result<Value> {
+pub(crate) fn report(out: &Output) -> Result<Value> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.lines().last().unwrap_or_default()).with_context(|| {
         format!(
@@ -199,7 +199,7 @@ fn agents(w: &World, ca: &Ca) -> Result<(Agent, Agent)> {
 }
 
 /// `hbone_peer.py client` in `pod`; its report and exit code.
-fn peer_client(w: &World, pod: &str, tls: [&Path; 3], args: &[&str]) -> Result<(Value, Option<i32>)> {
+pub(crate) fn peer_client(w: &World, pod: &str, tls: [&Path; 3], args: &[&str]) -> Result<(Value, Option<i32>)> {
     let [cert, key, ca] = tls;
     let out = output_within(
         w.cluster
@@ -221,15 +221,18 @@ fn peer_client(w: &World, pod: &str, tls: [&Path; 3], args: &[&str]) -> Result<(
 }
 
 /// `hbone_peer.py server` in a pod, its output in files; killed on drop.
-struct PeerServer {
+pub(crate) struct PeerServer {
     child: Child,
     out: PathBuf,
     err: PathBuf,
 }
 
 impl PeerServer {
-    fn start(w: &World, pod: &str, cert: &Path, key: &Path, ca: &Path) -> Result<PeerServer> {
-        let (out, err) = (w.dir.join("hbone-peer.out"), w.dir.join("hbone-peer.err"));
+    pub(crate) fn start(w: &World, pod: &str, cert: &Path, key: &Path, ca: &Path) -> Result<PeerServer> {
+        let (out, err) = (
+            w.dir.join(format!("hbone-peer-{pod}.out")),
+            w.dir.join(format!("hbone-peer-{pod}.err")),
+        );
         let child = w
             .cluster
             .pod(pod)
@@ -251,7 +254,7 @@ impl PeerServer {
         Ok(s)
     }
 
-    fn lines(&self) -> Vec<Value> {
+    pub(crate) fn lines(&self) -> Vec<Value> {
         fs::read_to_string(&self.out)
             .unwrap_or_default()
             .lines()
@@ -260,7 +263,7 @@ impl PeerServer {
     }
 
     /// Waits (bounded) until `pred` holds for the printed lines.
-    fn wait_lines(&mut self, pred: impl Fn(&[Value]) -> bool) -> Result<Vec<Value>> {
+    pub(crate) fn wait_lines(&mut self, pred: impl Fn(&[Value]) -> bool) -> Result<Vec<Value>> {
         mesh::poll(WAIT, || {
             let lines = self.lines();
             if pred(&lines) {
@@ -312,12 +315,25 @@ print(json.dumps({"sent": len(msg), "echoed": len(buf), "echo_ok": bytes(buf) ==
 "#;
 
 fn plain_client(w: &World, pod: &str, host: &str, message: &str, repeat: u64) -> Result<Value> {
+    plain_client_at(w, pod, host, APP_PORT, message, repeat)
+}
+
+/// [`plain_client`] to any port: the report, or an error when the
+/// connection failed (refused or reset: no JSON).
+pub(crate) fn plain_client_at(
+    w: &World,
+    pod: &str,
+    host: &str,
+    port: u16,
+    message: &str,
+    repeat: u64,
+) -> Result<Value> {
     let out = output_within(
         w.cluster.pod(pod).try_command("python3")?.args([
             "-c",
             PLAIN_CLIENT,
             host,
-            &APP_PORT.to_string(),
+            &port.to_string(),
             message,
             &repeat.to_string(),
         ]),

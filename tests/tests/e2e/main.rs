@@ -15,6 +15,7 @@ mod hbone;
 mod identity;
 mod interop;
 mod kube;
+mod steering;
 mod upgrade;
 use std::{path::PathBuf, time::Duration};
 
