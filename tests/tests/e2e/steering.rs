@@ -21,7 +21,7 @@ use crate::{
     agents,
     hardening::{metric, refused},
     interop::{peer_client, plain_client_at, PeerServer},
-    succeeded, World, APP_PORT, ENROLLED, WAIT,
+    node_get, succeeded, World, APP_PORT, ENROLLED, WAIT,
 };
 
 pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
@@ -269,6 +269,15 @@ fn missing_waypoint_fails_closed_service_waypoint_leaves_pods_direct_and_none_op
         "{line}"
     );
     ensure!(bindings(&w, "node1", "default/nope", "service", "WaypointMissing")? == 1);
+    let (dump, _) = node_get(&w.cluster, "node1", "http://127.0.0.1:15000/config_dump")?;
+    let dump: Value = serde_json::from_str(&dump)?;
+    ensure!(
+        dump["bindings"].as_array().is_some_and(|b| b
+            .iter()
+            .any(|b| b["target"] == "default/web" && b["status"] == "WaypointMissing")),
+        "{}",
+        dump["bindings"]
+    );
     let r = w.once("client", VIP, VIP_PORT)?;
     ensure!(
         !succeeded(&r) && r["error"].as_str().unwrap_or("").contains("ConnectionReset"),
