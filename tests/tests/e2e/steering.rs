@@ -44,11 +44,21 @@ pub struct Waypoint<'a> {
     pub ready: bool,
 }
 
+/// Binding labels, each as YAML flow-map contents (e.g.
+/// `istio.io/use-waypoint: wp`).
+#[derive(Default, Clone, Copy)]
+pub struct Labels<'a> {
+    /// Namespace `default`.
+    pub namespace: &'a str,
+    /// Service `web`.
+    pub service: &'a str,
+    /// Pod `server` (besides `app: server`).
+    pub server: &'a str,
+}
+
 /// The enrolment file: the World's enrolled pods, the waypoint's pods,
-/// Service `web` with labels `service_labels`, namespace `default` with
-/// labels `ns_labels` (both as YAML flow-map contents, e.g.
-/// `istio.io/use-waypoint: wp`) and the waypoint.
-pub fn write_mesh(w: &World, wp: Option<&Waypoint>, ns_labels: &str, service_labels: &str) -> Result<()> {
+/// Service `web`, namespace `default` and the waypoint, with `labels`.
+pub fn write_mesh(w: &World, wp: Option<&Waypoint>, labels: Labels) -> Result<()> {
     let mut y = String::new();
     for wp in wp.iter() {
         for host in wp.hosts {
@@ -68,7 +78,8 @@ pub fn write_mesh(w: &World, wp: Option<&Waypoint>, ns_labels: &str, service_lab
     }
     let _ = write!(
         y,
-        "services:\n  - {{name: web, namespace: default, vips: [\"{VIP}\"], ports: [{{port: {VIP_PORT}, targetPort: {APP_PORT}}}], selector: {{app: server}}, labels: {{{service_labels}}}}}\nnamespaces:\n  - {{name: default, labels: {{{ns_labels}}}}}\n"
+        "services:\n  - {{name: web, namespace: default, vips: [\"{VIP}\"], ports: [{{port: {VIP_PORT}, targetPort: {APP_PORT}}}], selector: {{app: server}}, labels: {{{}}}}}\nnamespaces:\n  - {{name: default, labels: {{{}}}}}\n",
+        labels.service, labels.namespace
     );
     if let Some(wp) = wp {
         let _ = writeln!(
@@ -81,7 +92,20 @@ pub fn write_mesh(w: &World, wp: Option<&Waypoint>, ns_labels: &str, service_lab
         extra: y,
         ..Default::default()
     };
-    mesh::write_config(&w.cluster, &w.config, ENROLLED, &settings)
+    mesh::write_config(&w.cluster, &w.config, ENROLLED, &settings)?;
+    if !labels.server.is_empty() {
+        let text = fs::read_to_string(&w.config)?;
+        let with = text.replacen(
+            "labels: {app: server}",
+            &format!("labels: {{app: server, {}}}", labels.server),
+            1,
+        );
+        ensure!(with != text, "no `labels: {{app: server}}` in the enrolment file");
+        let tmp = w.config.with_extension("tmp");
+        fs::write(&tmp, with)?;
+        fs::rename(&tmp, &w.config)?;
+    }
+    Ok(())
 }
 
 /// Waits for the agent's "waypoint binding" line for `target` with `status`.
@@ -141,7 +165,7 @@ fn per_service_account_waypoint_takes_vip_and_pod_traffic_and_a_bypass_is_refuse
         hosts: &["outsider", "backend"],
         ready: true,
     };
-    write_mesh(&w, Some(&wp), "", "")?;
+    write_mesh(&w, Some(&wp), Labels::default())?;
     let ca = MeshCa::start(&w.cluster, "node1", &w.dir.join("ca"), &w.config)?;
     let (mut a1, a2) = agents(&w, &ca)?;
     let _server = Server::start(w.cluster.pod("server"), &[APP_PORT])?;
@@ -235,8 +259,7 @@ fn per_service_account_waypoint_takes_vip_and_pod_traffic_and_a_bypass_is_refuse
             fields: "forServiceAccount: server, serviceAccount: imposter",
             ..wp
         }),
-        "",
-        "",
+        Labels::default(),
     )?;
     wait_count(&a1, "configuration reloaded", 1)?;
     let r = plain_client_at(&w, "client", VIP, VIP_PORT, "wrong-id", 1);
@@ -257,7 +280,14 @@ fn per_service_account_waypoint_takes_vip_and_pod_traffic_and_a_bypass_is_refuse
 #[test]
 fn missing_waypoint_fails_closed_service_waypoint_leaves_pods_direct_and_none_opts_out() -> Result<()> {
     let w = World::new("steer-closed")?;
-    write_mesh(&w, None, "", "istio.io/use-waypoint: nope")?;
+    write_mesh(
+        &w,
+        None,
+        Labels {
+            service: "istio.io/use-waypoint: nope",
+            ..Default::default()
+        },
+    )?;
     let a1 = w.agent("node1")?;
     let _a2 = w.agent("node2")?;
     let _server = Server::start(w.cluster.pod("server"), &[APP_PORT])?;
@@ -314,7 +344,11 @@ fn missing_waypoint_fails_closed_service_waypoint_leaves_pods_direct_and_none_op
         hosts: &["outsider"],
         ready: false,
     };
-    write_mesh(&w, Some(&wp), "istio.io/use-waypoint: wp", "")?;
+    let ns = Labels {
+        namespace: "istio.io/use-waypoint: wp",
+        ..Default::default()
+    };
+    write_mesh(&w, Some(&wp), ns)?;
     let line = wait_binding(&a1, "default/web", "NoReadyPod")?;
     ensure!(line["source"] == "NamespaceLabel", "{line}");
     ensure!(!succeeded(&w.once("client", VIP, VIP_PORT)?));
@@ -328,13 +362,102 @@ fn missing_waypoint_fails_closed_service_waypoint_leaves_pods_direct_and_none_op
     write_mesh(
         &w,
         Some(&wp),
-        "istio.io/use-waypoint: wp",
-        "istio.io/use-waypoint: none",
+        Labels {
+            service: "istio.io/use-waypoint: none",
+            ..ns
+        },
     )?;
     wait_binding(&a1, "default/web", "Unbound")?;
     let r = w.once("client", VIP, VIP_PORT)?;
     ensure!(succeeded(&r), "opted out: direct to an endpoint: {r}");
     ensure!(refused(&w, "node1", "outbound", "waypoint_unavailable")? == 2);
     ensure!(fs::read_to_string(&w.config)?.contains("use-waypoint: none"));
+    Ok(())
+}
+
+/// The authority of the stand-in's next new stream after `seen` streams.
+fn next_authority(stand: &mut PeerServer, seen: usize) -> Result<String> {
+    let lines = stand.wait_lines(|l| l.iter().filter(|l| l.get("authority").is_some()).count() > seen)?;
+    let streams: Vec<&Value> = lines.iter().filter(|l| l.get("authority").is_some()).collect();
+    ensure!(streams.len() == seen + 1, "one new stream: {streams:?}");
+    Ok(streams[seen]["authority"].as_str().unwrap_or_default().to_string())
+}
+
+#[test]
+fn service_pod_and_namespace_labels_steer_by_the_waypoints_for() -> Result<()> {
+    let w = World::new("steer-kinds")?;
+    let wp = |fields| Waypoint {
+        name: "wp",
+        fields,
+        hosts: &["outsider"],
+        ready: true,
+    };
+    let service = Labels {
+        service: "istio.io/use-waypoint: wp",
+        ..Default::default()
+    };
+    write_mesh(&w, Some(&wp("")), service)?;
+    let ca = MeshCa::start(&w.cluster, "node1", &w.dir.join("ca"), &w.config)?;
+    let (a1, _a2) = agents(&w, &ca)?;
+    let _server = Server::start(w.cluster.pod("server"), &[APP_PORT])?;
+    let root = ca.dir.join("root-cert.pem");
+    let (chain, key) = ca.request(&w.cluster, "node1", WP_ID, &w.dir)?;
+    let mut stand = PeerServer::start(&w, "outsider", &chain, &key, &root)?;
+    let vip = format!("{VIP}:{VIP_PORT}");
+    let pod = format!("{}:{APP_PORT}", w.ip4("server"));
+    let through = |host: &str, port: u16| -> Result<()> {
+        let r = plain_client_at(&w, "client", host, port, "steered", 1)?;
+        ensure!(succeeded(&r), "{host}:{port} through the waypoint: {r}");
+        Ok(())
+    };
+    let direct = |host: &str, port: u16| -> Result<()> {
+        let r = w.once("client", host, port)?;
+        ensure!(
+            succeeded(&r) && r["server"]["server_local"] == pod,
+            "{host}:{port} direct to the server: {r}"
+        );
+        Ok(())
+    };
+
+    // Service label, `for: service`: the VIP through the waypoint, the pod direct.
+    wait_binding(&a1, "default/web", "Bound")?;
+    through(VIP, VIP_PORT)?;
+    ensure!(next_authority(&mut stand, 0)? == vip);
+    direct(&w.ip4("server"), APP_PORT)?;
+
+    // Pod label, `for: workload`: the pod through the waypoint; the VIP is
+    // not bound, but its endpoint is, so it goes there too (with the
+    // endpoint as :authority: the server's agent accepts nothing else).
+    let pod_label = Labels {
+        server: "istio.io/use-waypoint: wp",
+        ..Default::default()
+    };
+    write_mesh(&w, Some(&wp("for: workload")), pod_label)?;
+    wait_binding(&a1, "default/server", "Bound")?;
+    wait_binding(&a1, "default/web", "Unbound")?;
+    through(&w.ip4("server"), APP_PORT)?;
+    ensure!(next_authority(&mut stand, 1)? == pod);
+    through(VIP, VIP_PORT)?;
+    ensure!(next_authority(&mut stand, 2)? == pod);
+
+    // Namespace label, `for: all`: both, each with its own authority.
+    let ns = Labels {
+        namespace: "istio.io/use-waypoint: wp",
+        ..Default::default()
+    };
+    write_mesh(&w, Some(&wp("for: all")), ns)?;
+    for object in ["default/web", "default/server"] {
+        mesh::poll(WAIT, || {
+            Ok(a1
+                .logs()
+                .iter()
+                .any(|l| l["message"] == "waypoint binding" && l["object"] == object && l["source"] == "NamespaceLabel")
+                .then_some(()))
+        })?;
+    }
+    through(VIP, VIP_PORT)?;
+    ensure!(next_authority(&mut stand, 3)? == vip);
+    through(&w.ip4("server"), APP_PORT)?;
+    ensure!(next_authority(&mut stand, 4)? == pod);
     Ok(())
 }
