@@ -122,19 +122,23 @@ impl Snapshot {
             return Some(Err(unavailable(BindingStatus::WaypointMissing)));
         };
         // Same family as the destination when the waypoint has one.
-        let same: Vec<IpAddr> = w.pods.iter().copied().filter(|p| p.is_ipv4() == ip.is_ipv4()).collect();
-        let pods = if same.is_empty() { &w.pods } else { &same };
-        if pods.is_empty() {
-            return Some(Err(unavailable(BindingStatus::NoReadyPod)));
-        }
+        let family = |p: &&IpAddr| p.is_ipv4() == ip.is_ipv4();
+        let same = w.pods.iter().filter(family).count();
         let n = self
             .cursors
             .get(&w.key)
             .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
+        let pod = match same {
+            0 => w.pods.get(n % w.pods.len().max(1)),
+            _ => w.pods.iter().filter(family).nth(n % same),
+        };
+        let Some(pod) = pod else {
+            return Some(Err(unavailable(BindingStatus::NoReadyPod)));
+        };
         Some(Ok(Via {
             waypoint: w.key.clone(),
             identity: w.identity.clone(),
-            pod: SocketAddr::new(pods[n % pods.len()], mesh::hbone::HBONE_PORT),
+            pod: SocketAddr::new(*pod, mesh::hbone::HBONE_PORT),
             authority: SocketAddr::new(ip, dst.port()),
         }))
     }

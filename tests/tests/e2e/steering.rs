@@ -246,7 +246,11 @@ fn per_service_account_waypoint_takes_vip_and_pod_traffic_and_a_bypass_is_refuse
             .any(|l| l["message"] == "connection refused: bypassed waypoint" && l["peer"] == CLIENT_ID)
             .then_some(()))
     })?;
-    ensure!(refused(&w, "node2", "inbound", "bypassed_waypoint")? >= 1);
+    ensure!(refused(&w, "node2", "inbound", "bypassed_waypoint")? == 1);
+    // Plaintext from outside the mesh bypasses it too.
+    let r = w.once("outsider", &w.ip4("server"), APP_PORT)?;
+    ensure!(!succeeded(&r), "plaintext bypass carried: {r}");
+    ensure!(refused(&w, "node2", "inbound", "bypassed_waypoint")? == 2);
     ensure!(bindings(&w, "node1", "default/wp", "service", "Bound")? == 1);
     ensure!(bindings(&w, "node1", "default/wp", "workload", "Bound")? == 1);
 
