@@ -269,6 +269,31 @@ mod tests {
     }
 
     #[test]
+    fn waypoint_bindings_are_counted_per_waypoint_kind_and_status() {
+        let cfg = cluster::config::LocalConfig::parse(
+            std::path::Path::new("m.yaml"),
+            "pods:\n  - {name: a, namespace: ns, node: n, ips: [\"10.0.0.1\"], labels: {istio.io/use-waypoint: wp}}\n  - {name: b, namespace: ns, node: n, ips: [\"10.0.0.2\"], labels: {istio.io/use-waypoint: wp}}\n",
+        )
+        .unwrap();
+        let mut reg = Registry::default();
+        let m = WaypointBindings::register(&mut reg);
+        m.set(&cluster::waypoint::Bindings::compute(&cfg, "td"));
+        m.set(&cluster::waypoint::Bindings::compute(&cfg, "td"));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        assert!(
+            out.contains(
+                "mesh_agent_waypoint_bindings{waypoint=\"ns/wp\",kind=\"workload\",status=\"WaypointMissing\"} 2"
+            ),
+            "set twice, counted once: {out}"
+        );
+        m.set(&cluster::waypoint::Bindings::default());
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        assert!(!out.contains("WaypointMissing"), "gone bindings leave no series: {out}");
+    }
+
+    #[test]
     fn encodes_istio_names_and_labels() {
         let mut reg = Registry::default();
         let m = TcpMetrics::register(&mut reg);
