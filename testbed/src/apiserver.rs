@@ -252,6 +252,8 @@ pub struct Recorded {
     pub path: String,
     pub query: String,
     pub bearer: Option<String>,
+    /// Whether a write changed anything (an apply of what is stored does not).
+    pub wrote: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -835,8 +837,12 @@ async fn handle(
         path: path.clone(),
         query: query.clone(),
         bearer,
+        wrote: false,
     };
-    shared.log.lock().unwrap().push(recorded.clone());
+    let writing = method == Method::PATCH || method == Method::DELETE;
+    if !writing {
+        shared.log.lock().unwrap().push(recorded.clone());
+    }
 
     if path == "/version" {
         return json_reply(StatusCode::OK, &version_info());
@@ -856,6 +862,9 @@ async fn handle(
         return token_review(&shared, &body);
     }
     let Some((_, target)) = parsed else {
+        if writing {
+            shared.log.lock().unwrap().push(recorded);
+        }
         return status(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -875,11 +884,13 @@ async fn handle(
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        return if method == Method::PATCH {
+        let (reply, wrote) = if method == Method::PATCH {
             writes::patch(&shared, &target, &q, &content_type, &body, &recorded)
         } else {
             writes::delete_request(&shared, &target, &q, &body)
         };
+        shared.log.lock().unwrap().push(Recorded { wrote, ..recorded });
+        return reply;
     }
     if method != Method::GET {
         return status(

@@ -92,34 +92,39 @@ pub(super) fn patch(
     content_type: &str,
     body: &Bytes,
     recorded: &Recorded,
-) -> Response<Body> {
+) -> (Response<Body>, bool) {
+    let fail = |r: Response<Body>| (r, false);
     if !content_type.starts_with("application/apply-patch") {
-        return status(
+        return fail(status(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "UnsupportedMediaType",
             &format!("the stand-in supports server-side apply only, not {content_type:?}"),
-        );
+        ));
     }
     let Some(name) = t.name.clone() else {
-        return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "patch needs a name");
+        return fail(status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "patch needs a name",
+        ));
     };
     let Some(manager) = q.get("fieldManager").filter(|m| !m.is_empty()).cloned() else {
-        return status(
+        return fail(status(
             StatusCode::UNPROCESSABLE_ENTITY,
             "Invalid",
             "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
-        );
+        ));
     };
     let applied: Value = match serde_json::from_slice(body) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) => {
-            return status(
+            return fail(status(
                 StatusCode::BAD_REQUEST,
                 "BadRequest",
                 "the applied configuration is not an object",
-            )
+            ))
         }
-        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &format!("not JSON: {e}")),
+        Err(e) => return fail(status(StatusCode::BAD_REQUEST, "BadRequest", &format!("not JSON: {e}"))),
     };
     let res = t.res;
     let ns = if res.namespaced {
@@ -128,18 +133,18 @@ pub(super) fn patch(
         String::new()
     };
     if let Err(e) = check_identity(&applied, res, &ns, &name) {
-        return status(StatusCode::BAD_REQUEST, "BadRequest", &e);
+        return fail(status(StatusCode::BAD_REQUEST, "BadRequest", &e));
     }
     let key: Key = (res.plural, ns.clone(), name.clone());
     let mut db = shared.db.lock().unwrap();
     let existing = db.objects.get(&key).cloned();
     if existing.is_none() {
         if t.status {
-            return status(
+            return fail(status(
                 StatusCode::NOT_FOUND,
                 "NotFound",
                 &format!("{} \"{name}\" not found", res.plural),
-            );
+            ));
         }
         // An apply that creates is authorized as create too.
         let mut create = recorded.clone();
@@ -176,7 +181,7 @@ pub(super) fn patch(
     }
     db.applied.insert(akey, mine);
     if existing.as_ref() == Some(&next) {
-        return json_reply(StatusCode::OK, &res.present(next));
+        return (json_reply(StatusCode::OK, &res.present(next)), false);
     }
     let code = if existing.is_none() {
         initialize(&mut db, res, &mut next);
@@ -186,7 +191,7 @@ pub(super) fn patch(
     };
     store(&mut db, &shared.live, res, key.clone(), next, existing);
     let stored = db.objects.get(&key).cloned().unwrap_or_default();
-    json_reply(code, &res.present(stored))
+    (json_reply(code, &res.present(stored)), true)
 }
 
 /// The applied configuration names the object the path names.
@@ -278,13 +283,19 @@ fn prune(v: &mut Value, before: &Value, now: &Value) {
 }
 
 /// `DELETE` of one object.
-pub(super) fn delete_request(shared: &Shared, t: &Target, q: &HashMap<String, String>, body: &Bytes) -> Response<Body> {
+pub(super) fn delete_request(
+    shared: &Shared,
+    t: &Target,
+    q: &HashMap<String, String>,
+    body: &Bytes,
+) -> (Response<Body>, bool) {
     let Some(name) = t.name.clone() else {
-        return status(
+        let r = status(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
             "the stand-in deletes one object at a time",
         );
+        return (r, false);
     };
     let from_body = serde_json::from_slice::<Value>(body)
         .ok()
@@ -294,11 +305,12 @@ pub(super) fn delete_request(shared: &Shared, t: &Target, q: &HashMap<String, St
         None => Propagation::Background,
         Some(Some(p)) => p,
         Some(None) => {
-            return status(
+            let r = status(
                 StatusCode::BAD_REQUEST,
                 "BadRequest",
                 &format!("unknown propagationPolicy {policy:?}"),
-            )
+            );
+            return (r, false);
         }
     };
     let ns = if t.res.namespaced {
@@ -308,15 +320,21 @@ pub(super) fn delete_request(shared: &Shared, t: &Target, q: &HashMap<String, St
     };
     let mut db = shared.db.lock().unwrap();
     match delete(&mut db, &shared.live, t.res, &ns, &name, propagation) {
-        Some(_) => json_reply(
-            StatusCode::OK,
-            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                    "details": {"name": name, "kind": t.res.plural}}),
+        Some(_) => (
+            json_reply(
+                StatusCode::OK,
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                        "details": {"name": name, "kind": t.res.plural}}),
+            ),
+            true,
         ),
-        None => status(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            &format!("{} \"{name}\" not found", t.res.plural),
+        None => (
+            status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("{} \"{name}\" not found", t.res.plural),
+            ),
+            false,
         ),
     }
 }
