@@ -521,6 +521,7 @@ fn rbac_is_least_privilege() {
         ("authentication.k8s.io", "tokenreviews", "create"),
         ("", "pods", "list"),
         ("", "pods", "watch"),
+        ("gateway.networking.k8s.io", "gateways", "get"),
     ];
     assert_eq!(ca, perms(&expected), "ClusterRole mesh-ca");
 
