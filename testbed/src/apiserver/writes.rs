@@ -436,6 +436,80 @@ fn has_other_live_owner(db: &Db, key: &Key, uid: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn res(plural: &str) -> &'static Res {
+        RESOURCES.iter().find(|r| r.plural == plural).unwrap()
+    }
+
+    fn put(db: &mut Db, live: &broadcast::Sender<Change>, plural: &str, ns: &str, name: &str, owners: &[&str]) {
+        let refs: Vec<Value> = owners.iter().map(|u| json!({"uid": u})).collect();
+        let v =
+            json!({"metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"), "ownerReferences": refs}});
+        let r = res(plural);
+        store(
+            db,
+            live,
+            r,
+            (
+                r.plural,
+                if r.namespaced { ns.into() } else { String::new() },
+                name.into(),
+            ),
+            v,
+            None,
+        );
+    }
+
+    fn names(db: &Db) -> Vec<String> {
+        db.objects.keys().map(|(_, _, n)| n.clone()).collect()
+    }
+
+    /// The garbage collector as kube's: namespaced dependents in the owner's
+    /// namespace go (unless another owner is alive), a cluster-scoped
+    /// dependent of a namespaced owner and one in another namespace stay;
+    /// Orphan removes only the reference.
+    #[test]
+    fn deletion_collects_dependents_as_the_garbage_collector_does() {
+        let (live, _) = broadcast::channel(64);
+        for propagation in [Propagation::Background, Propagation::Foreground, Propagation::Orphan] {
+            let mut db = Db::default();
+            put(&mut db, &live, "gateways", "apps", "gw", &[]);
+            put(&mut db, &live, "configmaps", "apps", "other-owner", &[]);
+            put(&mut db, &live, "deployments", "apps", "dep", &["uid-gw"]);
+            put(&mut db, &live, "pods", "apps", "grandchild", &["uid-dep"]);
+            put(
+                &mut db,
+                &live,
+                "services",
+                "apps",
+                "shared",
+                &["uid-gw", "uid-other-owner"],
+            );
+            put(&mut db, &live, "services", "elsewhere", "foreign", &["uid-gw"]);
+            put(&mut db, &live, "clusterrolebindings", "", "crb", &["uid-gw"]);
+            assert!(delete(&mut db, &live, res("gateways"), "apps", "gw", propagation).is_some());
+            let left = names(&db);
+            let kept = ["other-owner", "shared", "foreign", "crb"];
+            for k in kept {
+                assert!(
+                    left.contains(&k.to_string()),
+                    "{propagation:?}: {k} must stay: {left:?}"
+                );
+            }
+            let collected = !matches!(propagation, Propagation::Orphan);
+            for k in ["dep", "grandchild"] {
+                assert_eq!(
+                    !left.contains(&k.to_string()),
+                    collected,
+                    "{propagation:?}: {k}: {left:?}"
+                );
+            }
+            if !collected {
+                let dep = &db.objects[&("deployments", "apps".to_string(), "dep".to_string())];
+                assert_eq!(dep["metadata"]["ownerReferences"], json!([]), "orphaned");
+            }
+        }
+    }
+
     #[test]
     fn apply_merges_and_prunes_what_the_manager_dropped() {
         let mut stored = json!({"metadata": {"labels": {"a": "1", "b": "2", "other": "x"}}, "spec": {"replicas": 5}});
