@@ -86,7 +86,7 @@ impl Drop for Scratch {
 }
 
 /// `waypoint generate ...` as JSON documents.
-fn generate(args: &[&str]) -> Result<Vec<Value>> {
+pub(crate) fn generate(args: &[&str]) -> Result<Vec<Value>> {
     let out = Command::new(mesh::binary("waypoint")?)
         .arg("generate")
         .args(args)

@@ -782,21 +782,30 @@ fn agent_pod(name: &str, uid: &str, node: &str) -> Pod {
     }
 }
 
-/// A waypoint pod (as the waypoint controller's Deployment makes them) on node1.
-fn waypoint_pod(cluster: &Cluster, name: &str, gateway: &str, uid: &str) -> Pod {
-    let mut p = pod(
-        cluster,
-        "client",
-        "apps",
-        &[("gateway.networking.k8s.io/gateway-name", gateway)],
-        true,
-    );
+/// A pod of waypoint `gateway` on node1, with the labels and service
+/// account of the pod template the waypoint controller makes
+/// (`waypoint generate --resources`), so the CA's check and the
+/// controller's objects cannot drift apart.
+fn waypoint_pod(cluster: &Cluster, name: &str, gateway: &str, uid: &str) -> Result<Pod> {
+    let dir = cluster.scratch_dir()?;
+    let root = dir.join("wp-root.pem");
+    fs::write(&root, "root\n")?;
+    let root = root.display().to_string();
+    let docs = crate::controller::generate(&["--name", gateway, "-n", "apps", "--resources", "--ca-root-file", &root])?;
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .context("no Deployment generated")?;
+    let template = &deployment["spec"]["template"];
+    let labels: BTreeMap<String, String> = serde_json::from_value(template["metadata"]["labels"].clone())?;
+    let mut p = pod(cluster, "client", "apps", &[], true);
     p.metadata.name = Some(name.into());
     p.metadata.uid = Some(uid.into());
+    p.metadata.labels = Some(labels);
     if let Some(spec) = p.spec.as_mut() {
-        spec.service_account_name = Some(gateway.into());
+        spec.service_account_name = template["spec"]["serviceAccountName"].as_str().map(str::to_string);
     }
-    p
+    Ok(p)
 }
 
 /// `agent ca request` until the CA answers (it may still be starting).
@@ -925,8 +934,8 @@ fn ca_on_kubernetes_checks_tokens_and_nodes_and_agents_tunnel_hbone_with_its_cer
 
     // A waypoint pod asks with its own token: its own identity only, and
     // only as a pod of a Gateway of class istio-waypoint (it reads the Gateway).
-    api.apply(&waypoint_pod(&cluster, "wp-1", "wp", "uid-wp1"))?;
-    api.apply(&waypoint_pod(&cluster, "ingress-1", "ingress", "uid-in1"))?;
+    api.apply(&waypoint_pod(&cluster, "wp-1", "wp", "uid-wp1")?)?;
+    api.apply(&waypoint_pod(&cluster, "ingress-1", "ingress", "uid-in1")?)?;
     for (name, class) in [("wp", "istio-waypoint"), ("ingress", "istio")] {
         api.apply(
             &serde_json::json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
