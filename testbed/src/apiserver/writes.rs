@@ -11,7 +11,8 @@
 //! * `metadata.generation`: 1 on create, +1 when `spec` changes.
 //! * the `status` subresource: object writes keep `status`, `/status`
 //!   writes change only `status`.
-//! * Services get a cluster IP from 10.96.0.0/16 when created by apply.
+//! * Services get a cluster IP from 10.96.0.0/16 when created by apply; a
+//!   (Cluster)RoleBinding's roleRef cannot change (422, as kube-apiserver).
 //! * authorization as kube-apiserver does it: an apply that creates is also
 //!   checked as `create`; a (Cluster)RoleBinding write by someone who does
 //!   not hold the role's permissions needs `bind` on that role (the
@@ -177,6 +178,18 @@ pub(super) fn patch(
         mine
     };
     if res.plural.ends_with("rolebindings") && existing.as_ref().map(|e| &e["roleRef"]) != Some(&next["roleRef"]) {
+        if existing.is_some() {
+            // kube-apiserver's validation: a binding's role never changes.
+            let r = status(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                &format!(
+                    "{} \"{}\" is invalid: roleRef: Invalid value: cannot change roleRef",
+                    res.kind, key.2
+                ),
+            );
+            return fail(r);
+        }
         record_bind(shared, recorded, &next["roleRef"]);
     }
     db.applied.insert(akey, mine);

@@ -37,6 +37,10 @@ struct Controller {
 
 impl Controller {
     fn start(dir: &Path, kubeconfig: &Path, root: &Path) -> Result<Self> {
+        Self::start_with(dir, kubeconfig, root, &[])
+    }
+
+    fn start_with(dir: &Path, kubeconfig: &Path, root: &Path, extra: &[&str]) -> Result<Self> {
         let log = dir.join(format!("controller-{}.log", Instant::now().elapsed().as_nanos()));
         let child = Command::new(mesh::binary("waypoint")?)
             .args(["controller", "--log-format", "json", "--kubeconfig"])
@@ -49,6 +53,7 @@ impl Controller {
                 "--waypoint-arg=waypoint",
                 "--waypoint-arg=run",
             ])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stderr(Stdio::from(fs::File::create(&log)?))
             .spawn()
@@ -533,5 +538,19 @@ fn controller_backs_off_while_the_api_fails_and_converges_after() -> Result<()> 
         Ok(get(&api, "apps/v1", "Deployment", "apps", "wp"))
     })
     .with_context(|| format!("did not converge\n{}", ctl.log()))?;
+
+    // Another waypoint role: the API server never changes a binding's
+    // roleRef, so the controller re-creates the binding.
+    drop(ctl);
+    let ctl = Controller::start_with(&dir, &kubeconfig, &root, &["--waypoint-cluster-role", "other-role"])?;
+    let crb = binding_name("apps", "wp");
+    poll(WAIT, || {
+        Ok(
+            get(&api, "rbac.authorization.k8s.io/v1", "ClusterRoleBinding", "", &crb)
+                .filter(|b| b["roleRef"]["name"] == "other-role")
+                .map(drop),
+        )
+    })
+    .with_context(|| format!("binding not moved to the new role\n{}", ctl.log()))?;
     Ok(())
 }

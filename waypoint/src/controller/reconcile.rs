@@ -137,7 +137,7 @@ async fn reconcile(gw: Arc<Gateway>, ctx: Arc<Ctx>) -> Result<Action, ReconcileE
             let (c, ns) = (&ctx.client, gw.namespace());
             apply(Api::namespaced(c.clone(), ns), &d.service_account).await?;
             apply(Api::namespaced(c.clone(), ns), &d.ca_root).await?;
-            apply(Api::all(c.clone()), &d.binding).await?;
+            apply_binding(Api::all(c.clone()), &d.binding).await?;
             let service = apply(Api::namespaced(c.clone(), ns), &d.service).await?;
             apply(Api::namespaced(c.clone(), ns), &d.pdb).await?;
             let deployment = apply(Api::namespaced(c.clone(), ns), &d.deployment).await?;
@@ -175,6 +175,23 @@ where
             name,
             source,
         })
+}
+
+/// [`apply`] for the binding, whose roleRef the API server never changes:
+/// bound to another role (a new --waypoint-cluster-role), it is re-created.
+async fn apply_binding(api: Api<ClusterRoleBinding>, binding: &ClusterRoleBinding) -> Result<(), ReconcileError> {
+    match apply(api.clone(), binding).await {
+        Err(ReconcileError::Apply {
+            source: kube::Error::Api(s),
+            ..
+        }) if s.code == 422 => {
+            let name = binding.metadata.name.as_deref().unwrap_or_default();
+            tracing::info!(binding = name, role = %binding.role_ref.name, "re-creating the binding for another role");
+            delete_binding(&api, name).await;
+            apply(api, binding).await.map(drop)
+        }
+        r => r.map(drop),
+    }
 }
 
 /// One condition, keeping the transition time of the current one when
