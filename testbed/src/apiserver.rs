@@ -16,8 +16,15 @@
 //!   ([`ApiServer::serve_versions`]), one stored object seen under each;
 //! * [`ApiServer::stop`] / [`ApiServer::start_again`] (same address) and
 //!   [`ApiServer::compact`] to force re-lists;
+//! * writes as a controller makes them ([`writes`]): server-side apply
+//!   (`PATCH` with `application/apply-patch+yaml`, a field manager, `force`),
+//!   the `status` subresource, and `DELETE` with the garbage collector's
+//!   handling of ownerReferences (background, foreground, orphan);
 //! * a log of every request (verb, group, resource), so RBAC rules can be
-//!   compared with what the code really asks for.
+//!   compared with what the code really asks for (including the implicit
+//!   `create` of an apply that creates, and `bind` on the ClusterRole a
+//!   binding names, as kube-apiserver's authorizer checks them).
+mod writes;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     convert::Infallible,
@@ -27,6 +34,7 @@ use std::{
     thread::JoinHandle,
     time::Duration,
 };
+pub use writes::Propagation;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -61,6 +69,8 @@ struct Res {
     plural: &'static str,
     kind: &'static str,
     namespaced: bool,
+    /// Writes to the object leave `status` alone; `.../status` writes only it.
+    status: bool,
 }
 
 const RESOURCES: &[Res] = &[
@@ -69,7 +79,21 @@ const RESOURCES: &[Res] = &[
     res("", "v1", "pods", "Pod", true),
     res("", "v1", "services", "Service", true),
     res("", "v1", "serviceaccounts", "ServiceAccount", true),
+    res("", "v1", "configmaps", "ConfigMap", true),
     res("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", true),
+    with_status(res("apps", "v1", "deployments", "Deployment", true)),
+    with_status(res("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", true)),
+    res("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", false),
+    res(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "clusterrolebindings",
+        "ClusterRoleBinding",
+        false,
+    ),
+    res("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", true),
+    with_status(res("gateway.networking.k8s.io", "v1", "gateways", "Gateway", true)),
+    with_status(res("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute", true)),
     res(
         "security.istio.io",
         "v1",
@@ -115,7 +139,12 @@ const fn res(
         plural,
         kind,
         namespaced,
+        status: false,
     }
+}
+
+const fn with_status(r: Res) -> Res {
+    Res { status: true, ..r }
 }
 
 impl Res {
@@ -223,6 +252,8 @@ pub struct Recorded {
     pub path: String,
     pub query: String,
     pub bearer: Option<String>,
+    /// Whether a write changed anything (an apply of what is stored does not).
+    pub wrote: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -231,6 +262,9 @@ struct Change {
     res: &'static Res,
     kind: &'static str,
     object: Value,
+    /// The object before a MODIFIED: a watch with a label selector sees an
+    /// object that stops (starts) matching as DELETED (ADDED).
+    old: Option<Value>,
 }
 
 #[derive(Default)]
@@ -240,6 +274,12 @@ struct Db {
     floor: u64,
     objects: BTreeMap<(&'static str, String, String), Value>,
     history: Vec<Change>,
+    /// The last configuration each field manager applied, per object (and
+    /// subresource): what it stops applying is removed, as server-side
+    /// apply removes fields a manager no longer owns.
+    applied: HashMap<writes::AppliedKey, Value>,
+    /// Service cluster IPs handed out (10.96.0.0/16).
+    cluster_ips: u32,
 }
 
 struct Shared {
@@ -367,12 +407,10 @@ impl ApiServer {
         let res = resource_of(&v)?;
         let (ns, name) = ns_name(&v, res)?;
         let mut db = self.shared.db.lock().unwrap();
-        db.rv += 1;
-        let rv = db.rv;
+        let rv = db.rv + 1;
         let key = (res.plural, ns.clone(), name.clone());
         let existed = db.objects.get(&key).cloned();
         let meta = v["metadata"].as_object_mut().context("metadata must be an object")?;
-        meta.insert("resourceVersion".into(), json!(rv.to_string()));
         if !meta.contains_key("uid") {
             let uid = existed
                 .as_ref()
@@ -380,14 +418,25 @@ impl ApiServer {
                 .unwrap_or_else(|| format!("00000000-0000-4000-8000-{rv:012}"));
             meta.insert("uid".into(), json!(uid));
         }
-        let kind = if existed.is_some() { "MODIFIED" } else { "ADDED" };
-        db.objects.insert(key, v.clone());
-        record_change(&mut db, &self.shared.live, res, kind, v.clone());
-        Ok(v)
+        writes::store(&mut db, &self.shared.live, res, key.clone(), v, existed);
+        Ok(db.objects[&key].clone())
     }
 
-    /// Deletes an object; false when it did not exist.
+    /// Deletes an object, and its dependents as the garbage collector
+    /// would (background); false when it did not exist.
     pub fn delete(&self, api_version: &str, kind: &str, namespace: &str, name: &str) -> Result<bool> {
+        self.delete_with(api_version, kind, namespace, name, Propagation::Background)
+    }
+
+    /// [`ApiServer::delete`] with a propagation policy.
+    pub fn delete_with(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        propagation: Propagation,
+    ) -> Result<bool> {
         let res =
             Res::of(api_version, kind).with_context(|| format!("the stand-in does not serve {api_version} {kind}"))?;
         let ns = if res.namespaced {
@@ -396,12 +445,30 @@ impl ApiServer {
             String::new()
         };
         let mut db = self.shared.db.lock().unwrap();
-        let Some(mut v) = db.objects.remove(&(res.plural, ns, name.to_string())) else {
+        Ok(writes::delete(&mut db, &self.shared.live, res, &ns, name, propagation).is_some())
+    }
+
+    /// Sets an object's `status` (as its controller, e.g. the Deployment
+    /// controller, would); false when the object does not exist.
+    pub fn set_status(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        status: Value,
+    ) -> Result<bool> {
+        let res =
+            Res::of(api_version, kind).with_context(|| format!("the stand-in does not serve {api_version} {kind}"))?;
+        let ns = if res.namespaced { namespace } else { "" };
+        let mut db = self.shared.db.lock().unwrap();
+        let key = (res.plural, ns.to_string(), name.to_string());
+        let Some(old) = db.objects.get(&key).cloned() else {
             return Ok(false);
         };
-        db.rv += 1;
-        v["metadata"]["resourceVersion"] = json!(db.rv.to_string());
-        record_change(&mut db, &self.shared.live, res, "DELETED", v);
+        let mut v = old.clone();
+        v["status"] = status;
+        writes::store(&mut db, &self.shared.live, res, key, v, Some(old));
         Ok(true)
     }
 
@@ -499,12 +566,20 @@ impl Drop for ApiServer {
     }
 }
 
-fn record_change(db: &mut Db, live: &broadcast::Sender<Change>, res: &'static Res, kind: &'static str, object: Value) {
+fn record_change(
+    db: &mut Db,
+    live: &broadcast::Sender<Change>,
+    res: &'static Res,
+    kind: &'static str,
+    object: Value,
+    old: Option<Value>,
+) {
     let c = Change {
         rv: db.rv,
         res,
         kind,
         object,
+        old,
     };
     db.history.push(c.clone());
     let _ = live.send(c);
@@ -567,6 +642,19 @@ struct Target {
     res: &'static Res,
     namespace: Option<String>,
     name: Option<String>,
+    /// `.../<name>/status`.
+    status: bool,
+}
+
+impl Target {
+    /// The resource as RBAC names it (`gateways/status` for the subresource).
+    fn rbac_resource(&self) -> String {
+        if self.status {
+            format!("{}/status", self.res.plural)
+        } else {
+            self.res.plural.to_string()
+        }
+    }
 }
 
 fn parse_path(path: &str, unserved: &BTreeSet<(&str, &str, &str)>) -> Option<(String, Target)> {
@@ -584,27 +672,22 @@ fn parse_path(path: &str, unserved: &BTreeSet<(&str, &str, &str)>) -> Option<(St
                 && !unserved.contains(&(r.group, r.plural, r.version))
         })
     };
+    let target = |plural: &str, ns: Option<&str>, name: Option<&str>, status: bool| {
+        let res = find(plural)?;
+        (!status || res.status).then(|| Target {
+            res,
+            namespace: ns.map(str::to_string),
+            name: name.map(str::to_string),
+            status,
+        })
+    };
     let t = match rest {
-        [plural] => Target {
-            res: find(plural)?,
-            namespace: None,
-            name: None,
-        },
-        ["namespaces", ns, plural] => Target {
-            res: find(plural)?,
-            namespace: Some(ns.to_string()),
-            name: None,
-        },
-        ["namespaces", ns, plural, name] => Target {
-            res: find(plural)?,
-            namespace: Some(ns.to_string()),
-            name: Some(name.to_string()),
-        },
-        [plural, name] => Target {
-            res: find(plural)?,
-            namespace: None,
-            name: Some(name.to_string()),
-        },
+        [plural] => target(plural, None, None, false)?,
+        ["namespaces", ns, plural] => target(plural, Some(ns), None, false)?,
+        ["namespaces", ns, plural, name] => target(plural, Some(ns), Some(name), false)?,
+        ["namespaces", ns, plural, name, "status"] => target(plural, Some(ns), Some(name), true)?,
+        [plural, name] => target(plural, None, Some(name), false)?,
+        [plural, name, "status"] => target(plural, None, Some(name), true)?,
         _ => return None,
     };
     Some((group.to_string(), t))
@@ -653,6 +736,19 @@ struct Filter {
 }
 
 impl Filter {
+    /// The event a watch with this filter sees for `c`, if any: an object
+    /// that starts (stops) matching is ADDED (DELETED) for it.
+    fn event(&self, c: &Change) -> Option<&'static str> {
+        let now = self.matches(&c.object);
+        let before = c.old.as_ref().map(|o| self.matches(o));
+        match (c.kind, before, now) {
+            ("MODIFIED", Some(false), true) => Some("ADDED"),
+            ("MODIFIED", Some(true), false) => Some("DELETED"),
+            (_, _, true) => Some(c.kind),
+            _ => None,
+        }
+    }
+
     fn new(q: &HashMap<String, String>, namespace: Option<String>) -> Result<Self, String> {
         let pairs = |s: &str| -> Vec<(String, Option<String>)> {
             s.split(',')
@@ -721,24 +817,32 @@ async fn handle(
         (&Method::GET, Some(_)) if watching => "watch",
         (&Method::GET, Some(_)) => "list",
         (&Method::POST, _) => "create",
+        (&Method::PATCH, _) => "patch",
+        (&Method::PUT, _) => "update",
+        (&Method::DELETE, _) => "delete",
         (m, _) => m.as_str(),
     }
     .to_string();
     let (group, resource) = match (&parsed, path.as_str()) {
-        (Some((g, t)), _) => (g.clone(), t.res.plural.to_string()),
+        (Some((g, t)), _) => (g.clone(), t.rbac_resource()),
         (None, "/apis/authentication.k8s.io/v1/tokenreviews") => {
             ("authentication.k8s.io".into(), "tokenreviews".into())
         }
         _ => (String::new(), String::new()),
     };
-    shared.log.lock().unwrap().push(Recorded {
+    let recorded = Recorded {
         verb: verb.clone(),
         group,
         resource,
         path: path.clone(),
         query: query.clone(),
         bearer,
-    });
+        wrote: false,
+    };
+    let writing = method == Method::PATCH || method == Method::DELETE;
+    if !writing {
+        shared.log.lock().unwrap().push(recorded.clone());
+    }
 
     if path == "/version" {
         return json_reply(StatusCode::OK, &version_info());
@@ -758,17 +862,48 @@ async fn handle(
         return token_review(&shared, &body);
     }
     let Some((_, target)) = parsed else {
+        if writing {
+            shared.log.lock().unwrap().push(recorded);
+        }
         return status(
             StatusCode::NOT_FOUND,
             "NotFound",
             &format!("the server could not find the requested resource ({path})"),
         );
     };
+    if method == Method::PATCH || method == Method::DELETE {
+        let content_type = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let (reply, wrote) = if method == Method::PATCH {
+            writes::patch(&shared, &target, &q, &content_type, &body, &recorded)
+        } else {
+            writes::delete_request(&shared, &target, &q, &body)
+        };
+        shared.log.lock().unwrap().push(Recorded { wrote, ..recorded });
+        return reply;
+    }
     if method != Method::GET {
         return status(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
-            "the stand-in serves reads only",
+            "the stand-in serves reads, server-side apply and deletes only",
+        );
+    }
+    if target.status {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the stand-in serves status reads through the object",
         );
     }
     if let Some(name) = &target.name {
@@ -842,6 +977,7 @@ fn watch_reply(
                     res,
                     kind: "ADDED",
                     object: v.clone(),
+                    old: None,
                 })
                 .collect()
         } else {
@@ -868,8 +1004,9 @@ fn watch_reply(
             return;
         }
         let mut last = since.max(if since == 0 { now } else { 0 });
-        for c in backlog.iter().filter(|c| filter.matches(&c.object)) {
-            if send(json!({"type": c.kind, "object": res.present(c.object.clone())}))
+        for c in &backlog {
+            let Some(kind) = filter.event(c) else { continue };
+            if send(json!({"type": kind, "object": res.present(c.object.clone())}))
                 .await
                 .is_err()
             {
@@ -887,8 +1024,10 @@ fn watch_reply(
                 c = live.recv() => match c {
                     Ok(c) if c.rv > last && c.res.same(res) => {
                         last = c.rv;
-                        if filter.matches(&c.object) && send(json!({"type": c.kind, "object": res.present(c.object)})).await.is_err() {
-                            return;
+                        if let Some(kind) = filter.event(&c) {
+                            if send(json!({"type": kind, "object": res.present(c.object)})).await.is_err() {
+                                return;
+                            }
                         }
                     }
                     Ok(_) => {}

@@ -5,7 +5,8 @@
 //!   typed object silently drops) fails here and not on a cluster;
 //! * `kubectl kustomize` renders the base and the examples, and the rendered
 //!   objects pass the same check;
-//! * RBAC is exactly what the agent, the CA and the CNI plugin need ([`rbac_rules`]);
+//! * RBAC is exactly what the agent, the CA, the CNI plugin and the waypoint
+//!   controller need ([`rbac_rules`]), and waypoints get one fixed read-only role;
 //! * the DaemonSet keeps what the agent's handover and CA authentication rely on;
 //! * a few API-server validation rules that a typed parse cannot see.
 use std::{
@@ -30,6 +31,8 @@ use serde_json::Value;
 const PART_OF: (&str, &str) = ("app.kubernetes.io/part-of", "ambient-mesh");
 const MESH_NS: &str = "mesh-system";
 const IMAGE: &str = "ghcr.io/ambient-mesh/agent:0.1.0";
+/// The fixed role the waypoint controller binds every waypoint to.
+const WAYPOINT_ROLE: &str = "ambient-mesh-waypoint";
 
 // ---------------------------------------------------------------------------
 // Loading
@@ -447,6 +450,20 @@ fn assert_all_round_trip<'a>(docs: impl IntoIterator<Item = (String, &'a Value)>
 /// Panics on a rule this expansion would misstate (resourceNames,
 /// nonResourceURLs, aggregation, `*`).
 pub fn rbac_rules(role_name: &str) -> BTreeSet<(String, String, String)> {
+    rbac_rules_named(role_name)
+        .into_iter()
+        .map(|(g, r, v, names)| {
+            assert!(
+                names.is_empty(),
+                "ClusterRole {role_name}: resourceNames {names:?} on {r} {v}"
+            );
+            (g, r, v)
+        })
+        .collect()
+}
+
+/// [`rbac_rules`] with each permission's resourceNames (empty: all).
+pub fn rbac_rules_named(role_name: &str) -> BTreeSet<(String, String, String, Vec<String>)> {
     let role: ClusterRole = find(rendered_base(), role_name);
     assert!(
         role.aggregation_rule.is_none(),
@@ -454,10 +471,7 @@ pub fn rbac_rules(role_name: &str) -> BTreeSet<(String, String, String)> {
     );
     let mut out = BTreeSet::new();
     for rule in role.rules.unwrap_or_default() {
-        assert!(
-            rule.resource_names.is_none(),
-            "ClusterRole {role_name}: resourceNames in {rule:?}"
-        );
+        let names = rule.resource_names.clone().unwrap_or_default();
         assert!(
             rule.non_resource_urls.is_none(),
             "ClusterRole {role_name}: nonResourceURLs in {rule:?}"
@@ -468,7 +482,7 @@ pub fn rbac_rules(role_name: &str) -> BTreeSet<(String, String, String)> {
                     for s in [group, resource, verb] {
                         assert!(!s.contains('*'), "ClusterRole {role_name}: wildcard {s:?}");
                     }
-                    out.insert((group.clone(), resource.clone(), verb.clone()));
+                    out.insert((group.clone(), resource.clone(), verb.clone(), names.clone()));
                 }
             }
         }
@@ -508,6 +522,7 @@ fn rbac_is_least_privilege() {
         ("authentication.k8s.io", "tokenreviews", "create"),
         ("", "pods", "list"),
         ("", "pods", "watch"),
+        ("gateway.networking.k8s.io", "gateways", "get"),
     ];
     assert_eq!(ca, perms(&expected), "ClusterRole mesh-ca");
 
@@ -517,8 +532,63 @@ fn rbac_is_least_privilege() {
     let expected = [("", "pods", "get"), ("", "namespaces", "get")];
     assert_eq!(cni, perms(&expected), "ClusterRole mesh-cni");
 
+    // The waypoint controller: watches Gateways and what it makes of them,
+    // applies (patch; create when the apply creates), deletes only the
+    // bindings no Gateway can own, and may bind only the waypoints' role.
+    // The controller e2e test compares the same role with its requests.
+    let controller = rbac_rules_named("mesh-waypoint-controller");
+    let mut expected = vec![
+        ("gateway.networking.k8s.io", "gateways", "list"),
+        ("gateway.networking.k8s.io", "gateways", "watch"),
+        ("gateway.networking.k8s.io", "gateways/status", "patch"),
+        ("rbac.authorization.k8s.io", "clusterrolebindings", "delete"),
+    ];
+    for (g, r) in [
+        ("", "serviceaccounts"),
+        ("", "services"),
+        ("", "configmaps"),
+        ("apps", "deployments"),
+        ("policy", "poddisruptionbudgets"),
+        ("rbac.authorization.k8s.io", "clusterrolebindings"),
+    ] {
+        for v in ["list", "watch", "create", "patch"] {
+            expected.push((g, r, v));
+        }
+    }
+    let mut expected: BTreeSet<_> = expected
+        .into_iter()
+        .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string(), Vec::new()))
+        .collect();
+    expected.insert((
+        "rbac.authorization.k8s.io".into(),
+        "clusterroles".into(),
+        "bind".into(),
+        vec![WAYPOINT_ROLE.into()],
+    ));
+    assert_eq!(controller, expected, "ClusterRole mesh-waypoint-controller");
+
+    // What every waypoint may read: list and watch only, bound per waypoint
+    // by the controller (no static binding).
+    let waypoint = rbac_rules(WAYPOINT_ROLE);
+    let mut expected = Vec::new();
+    for (g, r) in [
+        ("", "namespaces"),
+        ("", "pods"),
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+        ("gateway.networking.k8s.io", "gateways"),
+        ("gateway.networking.k8s.io", "httproutes"),
+        ("networking.istio.io", "virtualservices"),
+        ("networking.istio.io", "destinationrules"),
+        ("security.istio.io", "authorizationpolicies"),
+    ] {
+        expected.push((g, r, "list"));
+        expected.push((g, r, "watch"));
+    }
+    assert_eq!(waypoint, perms(&expected), "ClusterRole {WAYPOINT_ROLE}");
+
     // Each role is bound to its own service account and nothing else.
-    for name in ["mesh-agent", "mesh-ca", "mesh-cni"] {
+    for name in ["mesh-agent", "mesh-ca", "mesh-cni", "mesh-waypoint-controller"] {
         let binding: ClusterRoleBinding = find(rendered_base(), name);
         assert_eq!(
             (
@@ -543,7 +613,7 @@ fn rbac_is_least_privilege() {
     }
     assert_eq!(
         all::<ClusterRoleBinding>(rendered_base()).len(),
-        3,
+        4,
         "unexpected ClusterRoleBindings"
     );
     assert!(all::<Role>(rendered_base()).is_empty() && all::<RoleBinding>(rendered_base()).is_empty());
@@ -803,7 +873,11 @@ fn containers(template: &PodTemplateSpec) -> Vec<&Container> {
 fn pod_templates_pass_api_server_rules() {
     let docs: Vec<Value> = rendered_base().iter().chain(rendered_examples()).cloned().collect();
     let templates = pod_templates(&docs);
-    assert_eq!(templates.len(), 5, "mesh-ca, mesh-agent, mesh-cni, httpbin, sleep");
+    assert_eq!(
+        templates.len(),
+        6,
+        "mesh-ca, mesh-agent, mesh-cni, mesh-waypoint-controller, httpbin, sleep"
+    );
     let accounts: BTreeSet<(String, String)> = all::<ServiceAccount>(&docs)
         .into_iter()
         .map(|s| (s.metadata.namespace.unwrap(), s.metadata.name.unwrap()))
@@ -826,7 +900,7 @@ fn pod_templates_pass_api_server_rules() {
             );
         }
         if let Some(sa) = &spec.service_account_name {
-            let ns = if what.starts_with("DaemonSet") || what.contains("mesh-ca") {
+            let ns = if what.starts_with("DaemonSet") || what.contains("mesh-") {
                 MESH_NS
             } else {
                 "demo"
@@ -1153,6 +1227,7 @@ fn manifest_command_lines_are_accepted_by_the_binaries() {
         ("DaemonSet/mesh-agent", "agent"),
         ("DaemonSet/mesh-cni", "install-cni"),
         ("Deployment/mesh-ca", "ca"),
+        ("Deployment/mesh-waypoint-controller", "controller"),
     ] {
         let (kind, name) = workload.split_once('/').unwrap();
         let doc = rendered_base()
@@ -1203,4 +1278,46 @@ fn manifest_command_lines_are_accepted_by_the_binaries() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// The waypoint controller: its own service account (never the CA's, so
+/// the root key's holder cannot create Deployments), no access to the CA's
+/// Secret, the mesh root it copies to waypoints, waypoints in the same image.
+#[test]
+fn waypoint_controller_runs_apart_from_the_ca() {
+    let d: Deployment = find(rendered_base(), "mesh-waypoint-controller");
+    assert_eq!(d.metadata.namespace.as_deref(), Some(MESH_NS));
+    let spec = d.spec.unwrap();
+    assert_eq!(spec.replicas, Some(1), "no leader election yet");
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("mesh-waypoint-controller"));
+    assert!(
+        pod.volumes.iter().flatten().all(|v| v.secret.is_none()),
+        "the controller mounts no Secret"
+    );
+    let c = &pod.containers[0];
+    let args = cmdline(c);
+    assert_eq!(&args[..2], ["waypoint", "controller"]);
+    assert_eq!(
+        Some(arg_after(&args, "--waypoint-image")),
+        c.image.as_deref(),
+        "waypoints run the controller's image"
+    );
+    let root = arg_after(&args, "--ca-root-file");
+    let (dir, _) = root.rsplit_once('/').unwrap();
+    let m = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == dir)
+        .expect("the mesh root is mounted");
+    let v = pod.volumes.iter().flatten().find(|v| v.name == m.name).unwrap();
+    assert_eq!(v.config_map.as_ref().map(|c| c.name.as_str()), Some("mesh-ca-root"));
+    // No --waypoint-cluster-role: the default is the role it may bind.
+    assert!(!args.iter().any(|a| a.starts_with("--waypoint-cluster-role")));
+    let sc = c.security_context.clone().unwrap();
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    let _: ServiceAccount = find(rendered_base(), "mesh-waypoint-controller");
 }

@@ -782,6 +782,32 @@ fn agent_pod(name: &str, uid: &str, node: &str) -> Pod {
     }
 }
 
+/// A pod of waypoint `gateway` on node1, with the labels and service
+/// account of the pod template the waypoint controller makes
+/// (`waypoint generate --resources`), so the CA's check and the
+/// controller's objects cannot drift apart.
+fn waypoint_pod(cluster: &Cluster, name: &str, gateway: &str, uid: &str) -> Result<Pod> {
+    let dir = cluster.scratch_dir()?;
+    let root = dir.join("wp-root.pem");
+    fs::write(&root, "root\n")?;
+    let root = root.display().to_string();
+    let docs = crate::controller::generate(&["--name", gateway, "-n", "apps", "--resources", "--ca-root-file", &root])?;
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .context("no Deployment generated")?;
+    let template = &deployment["spec"]["template"];
+    let labels: BTreeMap<String, String> = serde_json::from_value(template["metadata"]["labels"].clone())?;
+    let mut p = pod(cluster, "client", "apps", &[], true);
+    p.metadata.name = Some(name.into());
+    p.metadata.uid = Some(uid.into());
+    p.metadata.labels = Some(labels);
+    if let Some(spec) = p.spec.as_mut() {
+        spec.service_account_name = template["spec"]["serviceAccountName"].as_str().map(str::to_string);
+    }
+    Ok(p)
+}
+
 /// `agent ca request` until the CA answers (it may still be starting).
 fn first_request(cluster: &Cluster, ca: &mesh::MeshCa, token: &Path, id: &str) -> Result<(bool, String)> {
     poll(WAIT, || {
@@ -906,6 +932,47 @@ fn ca_on_kubernetes_checks_tokens_and_nodes_and_agents_tunnel_hbone_with_its_cer
         &["does not confirm the audience mesh-ca", "ignores audiences"],
     )?;
 
+    // A waypoint pod asks with its own token: its own identity only, and
+    // only as a pod of a Gateway of class istio-waypoint (it reads the Gateway).
+    api.apply(&waypoint_pod(&cluster, "wp-1", "wp", "uid-wp1")?)?;
+    api.apply(&waypoint_pod(&cluster, "ingress-1", "ingress", "uid-in1")?)?;
+    for (name, class) in [("wp", "istio-waypoint"), ("ingress", "istio")] {
+        api.apply(
+            &serde_json::json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": name, "namespace": "apps"},
+            "spec": {"gatewayClassName": class, "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+        )?;
+    }
+    api.issue_token(
+        "tok-waypoint",
+        SaToken::bound("apps", "wp", aud, ("wp-1", "uid-wp1"), node1),
+    );
+    api.issue_token(
+        "tok-ingress",
+        SaToken::bound("apps", "ingress", aud, ("ingress-1", "uid-in1"), node1),
+    );
+    let waypoint_id = "spiffe://cluster.local/ns/apps/sa/wp";
+    let (ok, out) = poll(WAIT, || {
+        let r = request_cert(&cluster, &ca, &token("tok-waypoint")?, waypoint_id)?;
+        Ok((r.0 || !r.1.contains("not in the CA's pod list")).then_some(r))
+    })?;
+    assert!(ok && out.contains("BEGIN CERTIFICATE"), "waypoint: {out}\n{}", ca.log());
+    refused(
+        "tok-waypoint",
+        client_id,
+        &["waypoint pod apps/wp-1 may have only its own service account's identity (apps/wp), not apps/client"],
+    )?;
+    refused(
+        "tok-other",
+        client_id,
+        &["pod apps/client is not a waypoint (no label gateway.networking.k8s.io/gateway-name)"],
+    )?;
+    refused(
+        "tok-ingress",
+        "spiffe://cluster.local/ns/apps/sa/ingress",
+        &["Gateway apps/ingress is of class istio, not istio-waypoint"],
+    )?;
+
     // The agent pod of the old-API token is re-created (same name, new UID).
     // The API server refuses its token; and while its cache still holds
     // the old pod, the CA's own UID check refuses it.
@@ -927,8 +994,8 @@ fn ca_on_kubernetes_checks_tokens_and_nodes_and_agents_tunnel_hbone_with_its_cer
         &["pod UID (uid-x2-new) does not match service account pod ref claim (uid-x2)"],
     )?;
 
-    // RBAC grants exactly what the CA used: TokenReview create and the pod
-    // watch (deploy/rbac.yaml, ClusterRole mesh-ca).
+    // RBAC grants exactly what the CA used: TokenReview create, the pod
+    // watch and Gateway get (deploy/rbac.yaml, ClusterRole mesh-ca).
     let granted = rbac_rules(&repo().join("deploy/rbac.yaml"), "mesh-ca")?;
     assert_eq!(
         api.verbs_seen(),

@@ -9,6 +9,7 @@
 mod authz;
 mod bpf_log;
 mod capture;
+mod controller;
 mod discover;
 mod hardening;
 mod hbone;

@@ -1,0 +1,164 @@
+//! `waypoint controller`: turns waypoint Gateways (class `istio-waypoint`)
+//! into running waypoints (ServiceAccount, Deployment, Service,
+//! PodDisruptionBudget, the mesh root ConfigMap and a ClusterRoleBinding to
+//! the fixed read-only waypoint ClusterRole), keeps them as it made them and
+//! reports on the Gateway's status. `waypoint generate`: the same objects
+//! as YAML, for GitOps.
+//!
+//! It runs under its own service account (deploy/waypoint-controller.yaml),
+//! never the CA's: the process that holds the root key must not be able to
+//! create Deployments.
+pub mod gateway;
+mod generate;
+pub mod objects;
+mod reconcile;
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::Context;
+use clap::Parser;
+
+pub const DEFAULT_IMAGE: &str = "ghcr.io/ambient-mesh/agent:0.1.0";
+pub const DEFAULT_CLUSTER_ROLE: &str = "ambient-mesh-waypoint";
+pub const DEFAULT_CA_ROOT: &str = "/etc/mesh/ca-root/root-cert.pem";
+
+#[derive(Parser)]
+#[command(name = "waypoint")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Create and reconcile the objects of every waypoint Gateway.
+    Controller(ControllerArgs),
+    /// Print a waypoint Gateway (and with --resources what the controller makes of it).
+    Generate(generate::Args),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How every waypoint is deployed (shared by `controller` and `generate --resources`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct WaypointFlags {
+    /// The waypoint pods' image.
+    #[arg(long, default_value = DEFAULT_IMAGE)]
+    pub waypoint_image: String,
+    /// One word of the waypoint container's command line, repeated in order
+    /// (e.g. --waypoint-arg=waypoint --waypoint-arg=run --waypoint-arg=--ca-address ...).
+    #[arg(long = "waypoint-arg", allow_hyphen_values = true, default_values_t = ["waypoint".to_string(), "run".to_string()])]
+    pub waypoint_args: Vec<String>,
+    /// Replicas per waypoint (two by default: one may be rescheduled while the other serves).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(i32).range(1..))]
+    pub replicas: i32,
+    /// The fixed read-only ClusterRole every waypoint's service account is bound to
+    /// (the controller holds `bind` on exactly this role).
+    #[arg(long, default_value = DEFAULT_CLUSTER_ROLE)]
+    pub waypoint_cluster_role: String,
+    /// The mesh root certificate, copied into each waypoint's namespace (ConfigMap
+    /// `<gateway>-mesh-ca-root`) so the waypoint can verify the CA.
+    #[arg(long, default_value = DEFAULT_CA_ROOT)]
+    pub ca_root_file: PathBuf,
+}
+
+impl WaypointFlags {
+    pub fn settings(&self) -> anyhow::Result<objects::Settings> {
+        let ca_root_pem = std::fs::read_to_string(&self.ca_root_file).with_context(|| {
+            format!(
+                "cannot read the mesh root certificate {} (mount ConfigMap mesh-ca-root there, or pass --ca-root-file)",
+                self.ca_root_file.display()
+            )
+        })?;
+        Ok(objects::Settings {
+            image: self.waypoint_image.clone(),
+            command: self.waypoint_args.clone(),
+            replicas: self.replicas,
+            cluster_role: self.waypoint_cluster_role.clone(),
+            ca_root_pem,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct ControllerArgs {
+    #[command(flatten)]
+    waypoint: WaypointFlags,
+    /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, else the pod's service account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long, env = "WAYPOINT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// Runs `waypoint controller` / `waypoint generate` when the command line
+/// names one of them; None for every other command (the waypoint's own).
+pub fn main_for_subcommand() -> Option<ExitCode> {
+    let first = std::env::args().nth(1)?;
+    if !matches!(first.as_str(), "controller" | "generate") {
+        return None;
+    }
+    let result = match Cli::parse().cmd {
+        Cmd::Controller(args) => controller(args),
+        Cmd::Generate(args) => generate::print(&args),
+    };
+    Some(match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("waypoint {first}: {e:#}");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let settings = args.waypoint.settings()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let client = client(args.kubeconfig.as_deref()).await?;
+        tracing::info!(image = %settings.image, replicas = settings.replicas, cluster_role = %settings.cluster_role, "waypoint controller starting");
+        reconcile::run(client, settings).await;
+        tracing::info!("waypoint controller stopped");
+        Ok(())
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// A client from `--kubeconfig`, else the default chain (the agent's
+/// `k8s::client` does the same; the waypoint does not link the agent).
+async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("cannot use kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "cannot find the Kubernetes API (in a pod, mount the service account token; elsewhere pass --kubeconfig)",
+        )?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
