@@ -1,5 +1,22 @@
-//! The waypoint (L7 proxy) is not built yet; see README "Status".
-fn main() -> std::process::ExitCode {
-    eprintln!("waypoint: not implemented yet; the L7 waypoint comes after HBONE (see README, Status)");
-    std::process::ExitCode::from(2)
+//! `waypoint`: parse the command line, set up logging, run.
+use clap::Parser;
+use waypoint::config::{Cli, Cmd, LogFormat};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.cmd {
+        Cmd::Run(args) => waypoint::app::run(args.into_config()?),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
 }
