@@ -1,0 +1,497 @@
+//! The waypoint on loopback with real TLS, real HBONE and the real proxy:
+//! clients open HBONE CONNECTs to it (as a source agent does) and speak
+//! HTTP/1.1, h2, gRPC, WebSocket or raw bytes inside; the "pods" behind it
+//! are HBONE servers (the destination agent's role, `mesh::hbone::serve`)
+//! in front of the testbed's echo backend.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use cluster::{
+    config::{LocalConfig, PodSpec, ServicePort, ServiceSpec},
+    state::State,
+};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh::{
+    ca::{CaFiles, Signer},
+    hbone::{self, ConnectHeaders, HboneError, Inbound, Refusal, Tunnel},
+    identity::{new_csr, SpiffeId, WorkloadCert},
+    tls::{self, Roots},
+};
+use prometheus_client::registry::Registry;
+use testbed::echo::Echoed;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use waypoint::{
+    accesslog::AccessLog,
+    config::LimitArgs,
+    inbound::{Certs, Parts},
+    metrics::Metrics,
+    Waypoint,
+};
+
+const TD: &str = "cluster.local";
+const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
+const WAYPOINT: &str = "spiffe://cluster.local/ns/default/sa/web-waypoint";
+const WAIT: Duration = Duration::from_secs(10);
+/// The web Service: VIP, port (undeclared), port declared HTTP, port
+/// declared TCP, and the pods' target port.
+const VIP: &str = "10.96.0.10";
+const TARGET: u16 = 8080;
+/// The client pod's address (`forwarded: for=`).
+const CLIENT_IP: &str = "10.1.1.11";
+
+struct Pki {
+    signer: Signer,
+    roots: Roots,
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(tag: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("waypoint-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let files = CaFiles::new(&dir);
+        files.init(TD, &[]).unwrap();
+        let signer = Signer::load(&files, Duration::from_secs(3600)).unwrap();
+        let roots = Roots::from_pem(&std::fs::read_to_string(files.root_cert()).unwrap()).unwrap();
+        Pki { signer, roots, dir }
+    }
+
+    fn cert(&self, id: &str) -> WorkloadCert {
+        let id: SpiffeId = id.parse().unwrap();
+        let (key, csr) = new_csr(&id).unwrap();
+        let chain = self.signer.sign(&csr, &id, Duration::from_secs(600)).unwrap();
+        WorkloadCert::new(id, chain, key).unwrap()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What a pod's HBONE server saw: (authority, caller identity).
+type Seen = Arc<Mutex<Vec<(SocketAddr, String)>>>;
+
+/// A backend pod: the echo backend behind an HBONE server on `ip:port`.
+async fn pod(pki: &Pki, ip: IpAddr, port: u16, name: &str, seen: Seen) -> std::io::Result<u16> {
+    let l = TcpListener::bind((ip, port)).await?;
+    let port = l.local_addr()?.port();
+    let echo = testbed::echo::spawn("127.0.0.1:0".parse().unwrap(), name).await?;
+    let cfg = tls::server_config(&pki.cert(&format!("spiffe://{TD}/ns/default/sa/{name}")), &pki.roots).unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (cfg, seen) = (cfg.clone(), seen.clone());
+            tokio::spawn(async move {
+                let open = move |i: Inbound| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().unwrap().push((i.authority, i.peer.to_string()));
+                        if i.authority.port() != TARGET {
+                            return Err(Refusal {
+                                status: StatusCode::SERVICE_UNAVAILABLE,
+                                reason: "no such port".into(),
+                            });
+                        }
+                        TcpStream::connect(echo).await.map(|s| (s, ())).map_err(|e| Refusal {
+                            status: StatusCode::SERVICE_UNAVAILABLE,
+                            reason: e.to_string(),
+                        })
+                    }
+                };
+                let _ = hbone::serve(s, cfg, WAIT, std::future::pending(), open, |_, _| {}).await;
+            });
+        }
+    });
+    Ok(port)
+}
+
+fn pod_spec(name: &str, ip: &str, sa: &str, app: &str) -> PodSpec {
+    PodSpec {
+        uid: None,
+        name: name.into(),
+        namespace: "default".into(),
+        service_account: sa.into(),
+        node: "node1".into(),
+        netns: None,
+        cgroup: None,
+        ips: vec![ip.parse().unwrap()],
+        labels: BTreeMap::from([("app".to_string(), app.to_string()), ("version".into(), "v1".into())]),
+        healthy: true,
+        tunnel: Default::default(),
+        waypoint: None,
+    }
+}
+
+fn port(port: u16, app_protocol: Option<&str>) -> ServicePort {
+    ServicePort {
+        port,
+        target_port: TARGET,
+        name: None,
+        app_protocol: app_protocol.map(str::to_string),
+    }
+}
+
+/// The cluster: pods web-a, web-b (127.0.0.2, .3) behind Service web, and
+/// the client pod; `extra` edits it.
+fn cluster(extra: impl FnOnce(&mut LocalConfig)) -> LocalConfig {
+    let mut c = LocalConfig {
+        pods: vec![
+            pod_spec("web-a", "127.0.0.2", "web-a", "web"),
+            pod_spec("web-b", "127.0.0.3", "web-b", "web"),
+            pod_spec("client", CLIENT_IP, "client", "client"),
+        ],
+        services: vec![ServiceSpec {
+            name: "web".into(),
+            namespace: "default".into(),
+            hostname: None,
+            vips: vec![VIP.parse().unwrap()],
+            ports: vec![port(80, None), port(81, Some("http")), port(82, Some("tcp")), port(83, Some("grpc"))],
+            selector: BTreeMap::from([("app".to_string(), "web".to_string())]),
+            endpoints: None,
+            load_balancing: Default::default(),
+            subject_alt_names: vec![],
+            waypoint: None,
+        }],
+        ..LocalConfig::default()
+    };
+    extra(&mut c);
+    c
+}
+
+struct World {
+    pki: Pki,
+    wp: Waypoint,
+    addr: SocketAddr,
+    state: State,
+    registry: Registry,
+    access: mpsc::Receiver<String>,
+    /// Every CONNECT the pods saw.
+    seen: Seen,
+}
+
+impl World {
+    async fn new(tag: &str, limits: LimitArgs) -> World {
+        Self::with(tag, limits, |_| {}).await
+    }
+
+    async fn with(tag: &str, limits: LimitArgs, edit: impl FnOnce(&mut LocalConfig)) -> World {
+        let pki = Pki::new(tag);
+        let seen: Seen = Arc::default();
+        // Both pods listen on one port (the waypoint dials ip:port for every
+        // endpoint, as it dials ip:15008 in a cluster).
+        let mut upstream_port = 0;
+        for _ in 0..20 {
+            let p = pod(&pki, "127.0.0.2".parse().unwrap(), 0, "web-a", seen.clone()).await.unwrap();
+            if pod(&pki, "127.0.0.3".parse().unwrap(), p, "web-b", seen.clone()).await.is_ok() {
+                upstream_port = p;
+                break;
+            }
+        }
+        assert_ne!(upstream_port, 0, "no common port for both pods");
+        let state = State::default();
+        state.update(&cluster(edit), TD);
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let (access, lines) = AccessLog::channel();
+        let wp = Waypoint::new(Parts {
+            id: WAYPOINT.parse().unwrap(),
+            certs: Certs::Fixed(Arc::new(pki.cert(WAYPOINT))),
+            roots: pki.roots.clone(),
+            state: state.clone(),
+            limits,
+            upstream_port,
+            metrics,
+            access,
+        });
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn({
+            let wp = wp.clone();
+            async move { wp.serve(l).await }
+        });
+        World {
+            pki,
+            wp,
+            addr,
+            state,
+            registry,
+            access: lines,
+            seen,
+        }
+    }
+
+    /// A CONNECT to the waypoint for `authority`, as the client's agent.
+    async fn connect(&self, authority: &str) -> Result<Tunnel, HboneError> {
+        let cfg = tls::client_config(&self.pki.cert(CLIENT), &self.pki.roots, vec![WAYPOINT.parse().unwrap()]).unwrap();
+        let headers = ConnectHeaders {
+            authority: authority.parse().unwrap(),
+            client: format!("{CLIENT_IP}:40000").parse().unwrap(),
+            baggage: hbone::baggage("Kubernetes", "default", "client", "client", "v1"),
+        };
+        hbone::connect(TcpStream::connect(self.addr).await.unwrap(), cfg, &headers).await
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).unwrap();
+        out
+    }
+
+    /// The next access-log line.
+    async fn access_line(&mut self) -> serde_json::Value {
+        let line = tokio::time::timeout(WAIT, self.access.recv()).await.expect("an access-log line").unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
+fn vip(port: u16) -> String {
+    format!("{VIP}:{port}")
+}
+
+type H1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+type H2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+async fn h1(t: Tunnel) -> H1 {
+    let (tx, c) = hyper::client::conn::http1::handshake(TokioIo::new(t)).await.unwrap();
+    tokio::spawn(c.with_upgrades());
+    tx
+}
+
+async fn h2(t: Tunnel) -> H2 {
+    let (tx, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(t))
+        .await
+        .unwrap();
+    tokio::spawn(c);
+    tx
+}
+
+fn get(uri: &str) -> Request<Full<Bytes>> {
+    Request::get(uri).header("host", "web.default.svc.cluster.local").body(Full::default()).unwrap()
+}
+
+async fn json(resp: Response<Incoming>) -> (StatusCode, Echoed) {
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body))))
+}
+
+async fn text(resp: Response<Incoming>) -> (StatusCode, String) {
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_keepalive_routes_each_request_and_adds_forwarding_headers() {
+    let w = World::new("h1", LimitArgs::default()).await;
+    let mut tx = h1(w.connect(&vip(80)).await.unwrap()).await;
+    let mut pods = Vec::new();
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for i in 0..4 {
+        let mut req = get(&format!("/hello/{i}?x=1"));
+        req.headers_mut().insert("traceparent", tp.parse().unwrap());
+        let (status, e) = json(tx.send_request(req).await.unwrap()).await;
+        assert_eq!(status, 200);
+        assert_eq!((e.path.as_str(), e.query.as_str(), e.version.as_str()), (&*format!("/hello/{i}"), "x=1", "HTTP/1.1"));
+        assert_eq!(e.host, "web.default.svc.cluster.local");
+        assert_eq!(e.header("x-forwarded-for"), Some(CLIENT_IP));
+        let sent = e.header("traceparent").unwrap();
+        assert!(sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && !sent.contains("00f067aa0ba902b7"), "{sent}");
+        assert!(e.header("baggage").unwrap().contains("k8s.deployment.name=client"));
+        pods.push(e.pod);
+    }
+    assert_eq!(pods, ["web-a", "web-b", "web-a", "web-b"], "one keep-alive connection, each request routed on its own");
+    let seen = w.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 4);
+    for (authority, caller) in seen {
+        assert_eq!(caller, WAYPOINT, "the waypoint's own identity upstream");
+        assert_eq!(authority.port(), TARGET);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_routes_each_request_on_one_connection() {
+    let w = World::new("h2", LimitArgs::default()).await;
+    // Port 81 declares http: h2 prior knowledge is told by its preface.
+    for p in [80, 81] {
+        let mut tx = h2(w.connect(&vip(p)).await.unwrap()).await;
+        let mut pods = Vec::new();
+        for _ in 0..4 {
+            let req = Request::get("http://web.default:80/x").body(Full::default()).unwrap();
+            let (status, e) = json(tx.send_request(req).await.unwrap()).await;
+            assert_eq!(status, 200);
+            assert_eq!(e.version, "HTTP/2.0", "h2 upstream for an h2 downstream");
+            assert_eq!(e.host, "web.default:80");
+            pods.push(e.pod);
+        }
+        pods.sort();
+        assert_eq!(pods, ["web-a", "web-a", "web-b", "web-b"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_with_a_real_client_and_server_and_its_status_in_metrics() {
+    let w = World::new("grpc", LimitArgs::default()).await;
+    let mut client = testbed::echo::grpc_client(w.connect(&vip(83)).await.unwrap()).await.unwrap();
+    let mut pods = Vec::new();
+    for _ in 0..2 {
+        let r = client
+            .echo(testbed::echo::pb::EchoRequest { message: "hi".into(), fail_code: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.message, "hi");
+        assert_eq!(r.metadata.get("x-forwarded-for").map(String::as_str), Some(CLIENT_IP));
+        pods.push(r.pod);
+    }
+    pods.sort();
+    assert_eq!(pods, ["web-a", "web-b"]);
+    let e = client
+        .echo(testbed::echo::pb::EchoRequest { message: "x".into(), fail_code: 14 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    let m = w.metrics_text();
+    assert!(
+        m.lines().any(|l| l.starts_with("istio_requests_total{") && l.contains("request_protocol=\"grpc\"") && l.contains("grpc_response_status=\"14\"")),
+        "{m}"
+    );
+    let ok: u64 = m
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("grpc_response_status=\"0\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(ok, 2, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_passes_through() {
+    let w = World::new("ws", LimitArgs::default()).await;
+    let mut tx = h1(w.connect(&vip(80)).await.unwrap()).await;
+    let req = Request::get("/chat")
+        .header("host", "web")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-version", "13")
+        .body(Full::default())
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(resp.headers().get("upgrade").unwrap(), "websocket");
+    let up = hyper::upgrade::on(resp).await.unwrap();
+    let mut io = TokioIo::new(up);
+    io.write_all(b"frames both ways").await.unwrap();
+    let mut buf = [0u8; 16];
+    tokio::time::timeout(WAIT, io.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"frames both ways");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_authority_is_503_on_connect_and_a_vanished_route_404_nr() {
+    let mut w = World::new("unknown", LimitArgs::default()).await;
+    for a in ["10.96.9.9:80", "10.96.0.10:9999"] {
+        let e = w.connect(a).await.err().expect("refused");
+        assert!(matches!(e, HboneError::Status { status, .. } if status == StatusCode::SERVICE_UNAVAILABLE), "{a}: {e}");
+    }
+    assert!(w.metrics_text().contains("waypoint_connect_refused_total{reason=\"unknown_authority\"} 2"));
+    // The service disappears under an open connection: the next request
+    // finds no route.
+    let mut tx = h1(w.connect(&vip(80)).await.unwrap()).await;
+    assert_eq!(text(tx.send_request(get("/")).await.unwrap()).await.0, 200);
+    let _ = w.access_line().await;
+    w.state.update(&cluster(|c| c.services.clear()), TD);
+    let (status, _) = text(tx.send_request(get("/")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(w.access_line().await["response_flags"], "NR");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ready_endpoint_is_503_uh() {
+    let mut w = World::with("uh", LimitArgs::default(), |c| {
+        for p in &mut c.pods {
+            p.healthy = p.name == "client";
+        }
+    })
+    .await;
+    let mut tx = h1(w.connect(&vip(80)).await.unwrap()).await;
+    let (status, body) = text(tx.send_request(get("/")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let line = w.access_line().await;
+    assert_eq!((line["response_code"].as_u64(), line["response_flags"].as_str()), (Some(503), Some("UH")));
+    assert!(w.metrics_text().lines().any(|l| l.starts_with("istio_requests_total{") && l.contains("response_flags=\"UH\"") && l.contains("response_code=\"503\"")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l4_policy_applies_to_the_caller_not_the_waypoint() {
+    let w = World::with("policy", LimitArgs::default(), |c| {
+        c.authorization_policies = serde_yaml_policy();
+    })
+    .await;
+    let mut tx = h1(w.connect(&vip(80)).await.unwrap()).await;
+    let (status, body) = text(tx.send_request(get("/")).await.unwrap()).await;
+    assert_eq!((status, body.as_str()), (StatusCode::FORBIDDEN, "RBAC: access denied"));
+    assert!(w.seen.lock().unwrap().is_empty(), "nothing reached a pod");
+}
+
+/// DENY from the client's service account to the web pods.
+fn serde_yaml_policy() -> Vec<cluster::rbac::AuthorizationPolicy> {
+    let yaml = "authorizationPolicies:\n  - name: deny-client\n    namespace: default\n    action: DENY\n    rules:\n      - from:\n          - source:\n              principals: [\"cluster.local/ns/default/sa/client\"]\n";
+    LocalConfig::parse(std::path::Path::new("p.yaml"), yaml).unwrap().authorization_policies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_declared_and_server_first_protocols_do_not_hang() {
+    let limits = LimitArgs {
+        sniff_timeout: Duration::from_millis(200),
+        ..LimitArgs::default()
+    };
+    let mut w = World::new("tcp", limits).await;
+    // Declared tcp: the bytes go through untouched (the echo happens to
+    // speak HTTP, which the waypoint does not parse here).
+    let mut t = w.connect(&vip(82)).await.unwrap();
+    t.write_all(b"GET /raw HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, t.read_to_end(&mut out)).await.unwrap().unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 200") && out.contains("\"path\":\"/raw\"") && !out.contains("x-forwarded-for"), "{out}");
+    drop(t);
+    assert_eq!(w.access_line().await["protocol"], "tcp");
+    // Undeclared, and the client waits for the server to speak first: after
+    // the sniff timeout it is opaque TCP (the echo then answers the bytes).
+    let started = Instant::now();
+    let before = w.seen.lock().unwrap().len();
+    let mut t = w.connect(&vip(80)).await.unwrap();
+    // The event: the waypoint gave up waiting and opened the upstream.
+    wait_until("the upstream is opened without client bytes", || w.seen.lock().unwrap().len() > before).await;
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    t.write_all(b"GET /late HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.ok();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, t.read_to_end(&mut out)).await.unwrap().unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("\"path\":\"/late\"") && !out.contains("x-forwarded-for"), "forwarded as opaque bytes: {out}");
+    assert!(w.metrics_text().contains("istio_tcp_connections_opened_total{"));
+}
+
+/// Polls `cond` (a counter or state the code under test changes) until true.
+async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
