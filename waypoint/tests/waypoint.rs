@@ -279,6 +279,30 @@ async fn h2(t: Tunnel) -> H2 {
     tx
 }
 
+/// hyper's client needs the connection ready again between keep-alive
+/// requests.
+async fn send<T: Sender>(tx: &mut T, req: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>> {
+    tx.send(req).await
+}
+
+trait Sender {
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>>;
+}
+
+impl Sender for H1 {
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>> {
+        self.ready().await?;
+        self.send_request(req).await
+    }
+}
+
+impl Sender for H2 {
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>> {
+        self.ready().await?;
+        self.send_request(req).await
+    }
+}
+
 fn get(uri: &str) -> Request<Full<Bytes>> {
     Request::get(uri).header("host", "web.default.svc.cluster.local").body(Full::default()).unwrap()
 }
@@ -304,7 +328,7 @@ async fn http1_keepalive_routes_each_request_and_adds_forwarding_headers() {
     for i in 0..4 {
         let mut req = get(&format!("/hello/{i}?x=1"));
         req.headers_mut().insert("traceparent", tp.parse().unwrap());
-        let (status, e) = json(tx.send_request(req).await.unwrap()).await;
+        let (status, e) = json(send(&mut tx, req).await.unwrap()).await;
         assert_eq!(status, 200);
         assert_eq!((e.path.as_str(), e.query.as_str(), e.version.as_str()), (&*format!("/hello/{i}"), "x=1", "HTTP/1.1"));
         assert_eq!(e.host, "web.default.svc.cluster.local");
@@ -332,7 +356,7 @@ async fn h2_routes_each_request_on_one_connection() {
         let mut pods = Vec::new();
         for _ in 0..4 {
             let req = Request::get("http://web.default:80/x").body(Full::default()).unwrap();
-            let (status, e) = json(tx.send_request(req).await.unwrap()).await;
+            let (status, e) = json(send(&mut tx, req).await.unwrap()).await;
             assert_eq!(status, 200);
             assert_eq!(e.version, "HTTP/2.0", "h2 upstream for an h2 downstream");
             assert_eq!(e.host, "web.default:80");
@@ -390,7 +414,7 @@ async fn websocket_upgrade_passes_through() {
         .header("sec-websocket-version", "13")
         .body(Full::default())
         .unwrap();
-    let resp = tx.send_request(req).await.unwrap();
+    let resp = send(&mut tx, req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     assert_eq!(resp.headers().get("upgrade").unwrap(), "websocket");
     let up = hyper::upgrade::on(resp).await.unwrap();
@@ -412,10 +436,10 @@ async fn unknown_authority_is_503_on_connect_and_a_vanished_route_404_nr() {
     // The service disappears under an open connection: the next request
     // finds no route.
     let mut tx = h1(w.connect(&vip(80)).await.unwrap()).await;
-    assert_eq!(text(tx.send_request(get("/")).await.unwrap()).await.0, 200);
+    assert_eq!(text(send(&mut tx, get("/")).await.unwrap()).await.0, 200);
     let _ = w.access_line().await;
     w.state.update(&cluster(|c| c.services.clear()), TD);
-    let (status, _) = text(tx.send_request(get("/")).await.unwrap()).await;
+    let (status, _) = text(send(&mut tx, get("/")).await.unwrap()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(w.access_line().await["response_flags"], "NR");
 }
@@ -429,7 +453,7 @@ async fn no_ready_endpoint_is_503_uh() {
     })
     .await;
     let mut tx = h1(w.connect(&vip(80)).await.unwrap()).await;
-    let (status, body) = text(tx.send_request(get("/")).await.unwrap()).await;
+    let (status, body) = text(send(&mut tx, get("/")).await.unwrap()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     let line = w.access_line().await;
     assert_eq!((line["response_code"].as_u64(), line["response_flags"].as_str()), (Some(503), Some("UH")));
@@ -443,7 +467,7 @@ async fn l4_policy_applies_to_the_caller_not_the_waypoint() {
     })
     .await;
     let mut tx = h1(w.connect(&vip(80)).await.unwrap()).await;
-    let (status, body) = text(tx.send_request(get("/")).await.unwrap()).await;
+    let (status, body) = text(send(&mut tx, get("/")).await.unwrap()).await;
     assert_eq!((status, body.as_str()), (StatusCode::FORBIDDEN, "RBAC: access denied"));
     assert!(w.seen.lock().unwrap().is_empty(), "nothing reached a pod");
 }
