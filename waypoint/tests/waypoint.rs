@@ -519,3 +519,281 @@ async fn wait_until(what: &str, cond: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Sends raw HTTP/1.1 bytes on a fresh CONNECT and reads until the
+/// waypoint closes (bounded).
+async fn raw_h1(w: &World, authority: &str, bytes: &[u8]) -> String {
+    let mut t = w.connect(authority).await.unwrap();
+    t.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, t.read_to_end(&mut out))
+        .await
+        .expect("the waypoint closes the connection")
+        .ok();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_count_and_size_limits() {
+    let limits = LimitArgs {
+        max_headers: 20,
+        max_header_bytes: 8192,
+        ..LimitArgs::default()
+    };
+    let w = World::new("limits", limits).await;
+    let many: String = (0..30).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let out = raw_h1(&w, &vip(80), format!("GET / HTTP/1.1\r\nhost: web\r\n{many}\r\n").as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "too many headers (h1): {out}");
+    let big = "a".repeat(10_000);
+    let out = raw_h1(&w, &vip(80), format!("GET / HTTP/1.1\r\nhost: web\r\nx-big: {big}\r\n\r\n").as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "header block too large (h1): {out}");
+    // Within the limits it works.
+    let out = raw_h1(&w, &vip(80), b"GET /ok HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+
+    let mut tx = h2(w.connect(&vip(80)).await.unwrap()).await;
+    let mut req = Request::get("http://web/").body(Full::default()).unwrap();
+    for i in 0..30 {
+        req.headers_mut().insert(http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(), "v".parse().unwrap());
+    }
+    assert_eq!(send(&mut tx, req).await.unwrap().status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers (h2)");
+    let mut req = Request::get("http://web/").body(Full::default()).unwrap();
+    req.headers_mut().insert("x-big", big.parse().unwrap());
+    match send(&mut tx, req).await {
+        Ok(r) => assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "header list too large (h2)"),
+        Err(e) => assert!(e.to_string().contains("refused") || e.to_string().contains("size") || e.is_closed(), "{e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_smuggling_attempts_are_rejected_and_never_reach_a_pod() {
+    let w = World::new("smuggle", LimitArgs::default()).await;
+    let attempts: [&[u8]; 4] = [
+        // CL.TE: a front end honouring Content-Length would pass "G..." on.
+        b"POST / HTTP/1.1\r\nhost: web\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
+        // TE.CL, the other order.
+        b"POST / HTTP/1.1\r\nhost: web\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n",
+        // Duplicated Content-Length (same value: hyper alone folds it).
+        b"POST / HTTP/1.1\r\nhost: web\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        // A list in one header.
+        b"POST / HTTP/1.1\r\nhost: web\r\nContent-Length: 5, 5\r\n\r\nhello",
+    ];
+    for a in attempts {
+        let out = raw_h1(&w, &vip(80), a).await;
+        assert!(out.starts_with("HTTP/1.1 400"), "{}: {out}", String::from_utf8_lossy(a));
+        assert!(out.to_ascii_lowercase().contains("connection: close"), "{out}");
+    }
+    // Conflicting lengths: hyper rejects them itself.
+    let out = raw_h1(&w, &vip(80), b"POST / HTTP/1.1\r\nhost: web\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!").await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(w.seen.lock().unwrap().is_empty(), "no attempt reached a pod");
+    // A smuggled second request after a good first one on the same
+    // connection: the first is served, the second rejected.
+    let out = raw_h1(
+        &w,
+        &vip(80),
+        b"POST /first HTTP/1.1\r\nhost: web\r\nContent-Length: 2\r\n\r\nokPOST /second HTTP/1.1\r\nhost: web\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200") && out.contains("\"path\":\"/first\""), "{out}");
+    assert!(out.contains("HTTP/1.1 400") && !out.contains("\"path\":\"/second\""), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_headers_and_idle_connections_are_timed_out() {
+    let limits = LimitArgs {
+        header_read_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(400),
+        ..LimitArgs::default()
+    };
+    let w = World::new("slow", limits).await;
+    // Headers that never finish.
+    let started = Instant::now();
+    let mut t = w.connect(&vip(81)).await.unwrap();
+    t.write_all(b"GET / HTTP/1.1\r\nhost: web\r\nx-a: ").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, t.read_to_end(&mut out)).await.expect("closed by the header-read timeout").ok();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // An idle h2 connection (no requests in flight) is closed: GOAWAY.
+    let t = w.connect(&vip(81)).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(t)).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let (status, _) = json(send(&mut tx, Request::get("http://web/").body(Full::default()).unwrap()).await.unwrap()).await;
+    assert_eq!(status, 200);
+    // A request longer than the idle timeout is not cut: it is in flight.
+    let slow = Request::get("http://web/slow?delay=600").body(Full::default()).unwrap();
+    let (status, _) = json(send(&mut tx, slow).await.unwrap()).await;
+    assert_eq!(status, 200, "in-flight requests keep the connection");
+    let started = Instant::now();
+    tokio::time::timeout(WAIT, conn).await.expect("the idle connection is closed").unwrap().ok();
+    assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
+}
+
+/// An HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+async fn read_frame(t: &mut Tunnel) -> Option<(u8, u32, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    t.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    t.read_exact(&mut payload).await.ok()?;
+    Some((head[3], u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff, payload))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_announces_its_stream_limit_and_a_rapid_reset_flood_gets_goaway() {
+    let w = World::new("reset", LimitArgs::default()).await;
+    let mut t = w.connect(&vip(81)).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(4, 0, 0, &[]));
+    t.write_all(&out).await.unwrap();
+    let (kind, _, settings) = tokio::time::timeout(WAIT, read_frame(&mut t)).await.unwrap().unwrap();
+    assert_eq!(kind, 4, "SETTINGS first");
+    let max_streams = settings
+        .chunks(6)
+        .find(|s| u16::from_be_bytes([s[0], s[1]]) == 3)
+        .map(|s| u32::from_be_bytes([s[2], s[3], s[4], s[5]]));
+    assert_eq!(max_streams, Some(100), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    // GET / (static table: :method GET, :scheme http, :path /), each
+    // stream reset right away; 1000 pairs in one write.
+    let mut flood = frame(4, 1, 0, &[]);
+    for i in 0..1000u32 {
+        let id = 1 + 2 * i;
+        flood.extend(frame(1, 0x5, id, &[0x82, 0x86, 0x84]));
+        flood.extend(frame(3, 0, id, &8u32.to_be_bytes()));
+    }
+    t.write_all(&flood).await.ok();
+    let goaway = tokio::time::timeout(WAIT, async {
+        while let Some((kind, _, payload)) = read_frame(&mut t).await {
+            if kind == 7 {
+                return Some(u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]));
+            }
+        }
+        None
+    })
+    .await
+    .expect("bounded");
+    assert_eq!(goaway, Some(0xb), "GOAWAY ENHANCE_YOUR_CALM");
+    let served = w.seen.lock().unwrap().len();
+    assert!(served < 100, "the flood was cut short ({served} requests reached pods)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_lets_in_flight_requests_finish_then_stops() {
+    let w = World::new("drain", LimitArgs::default()).await;
+    let mut slow = h1(w.connect(&vip(80)).await.unwrap()).await;
+    let mut idle = h2(w.connect(&vip(81)).await.unwrap()).await;
+    assert_eq!(json(send(&mut idle, Request::get("http://web/").body(Full::default()).unwrap()).await.unwrap()).await.0, 200);
+    let in_flight = tokio::spawn(async move { json(send(&mut slow, get("/slow?delay=500")).await.unwrap()).await });
+    wait_until("the slow request reaches a pod", || w.seen.lock().unwrap().len() == 2).await;
+    let drained = tokio::spawn({
+        let wp = w.wp.clone();
+        async move { wp.shutdown(WAIT).await }
+    });
+    let (status, e) = in_flight.await.unwrap();
+    assert_eq!((status, e.path.as_str()), (StatusCode::OK, "/slow"), "the in-flight request finished");
+    assert!(drained.await.unwrap(), "every connection closed within the drain timeout");
+    assert!(TcpStream::connect(w.addr).await.is_err(), "no new connections after the drain");
+}
+
+/// The series and labels Istio's Grafana dashboards (Mesh, Service,
+/// Workload) and Kiali's graph and metrics pages query.
+const GOLDEN_LABELS: &[&str] = &[
+    "connection_security_policy",
+    "destination_app",
+    "destination_canonical_revision",
+    "destination_canonical_service",
+    "destination_cluster",
+    "destination_principal",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_version",
+    "destination_workload",
+    "destination_workload_namespace",
+    "grpc_response_status",
+    "reporter",
+    "request_protocol",
+    "response_code",
+    "response_flags",
+    "source_app",
+    "source_canonical_revision",
+    "source_canonical_service",
+    "source_cluster",
+    "source_principal",
+    "source_version",
+    "source_workload",
+    "source_workload_namespace",
+];
+const GOLDEN_SERIES: &[&str] = &[
+    "istio_request_bytes_bucket",
+    "istio_request_bytes_count",
+    "istio_request_bytes_sum",
+    "istio_request_duration_milliseconds_bucket",
+    "istio_request_duration_milliseconds_count",
+    "istio_request_duration_milliseconds_sum",
+    "istio_requests_total",
+    "istio_response_bytes_bucket",
+    "istio_response_bytes_count",
+    "istio_response_bytes_sum",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_golden_series_labels_buckets_and_access_log() {
+    let mut w = World::new("golden", LimitArgs::default()).await;
+    let mut tx = h1(w.connect(&vip(80)).await.unwrap()).await;
+    let req = Request::post("/upload?x=1")
+        .header("host", "web.default.svc.cluster.local")
+        .header("user-agent", "golden/1")
+        .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .body(Full::new(Bytes::from_static(b"0123456789")))
+        .unwrap();
+    let (status, body) = text(send(&mut tx, req).await.unwrap()).await;
+    assert_eq!(status, 200);
+    let m = w.metrics_text();
+    let mut series = std::collections::BTreeSet::new();
+    for line in m.lines().filter(|l| l.starts_with("istio_") && !l.starts_with("istio_tcp")) {
+        let (name, rest) = line.split_once('{').unwrap();
+        series.insert(name.to_string());
+        let labels: std::collections::BTreeSet<&str> = rest
+            .split("\",")
+            .filter_map(|kv| kv.split_once('=').map(|(k, _)| k.trim_start_matches(',')))
+            .filter(|k| *k != "le")
+            .collect();
+        assert_eq!(labels, GOLDEN_LABELS.iter().copied().collect(), "{line}");
+        assert!(line.contains("reporter=\"waypoint\"") && line.contains("response_code=\"200\"") && line.contains("destination_service=\"web.default.svc.cluster.local\""), "{line}");
+    }
+    assert_eq!(series, GOLDEN_SERIES.iter().map(|s| s.to_string()).collect(), "{m}");
+    let les: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("istio_request_duration_milliseconds_bucket"))
+        .filter_map(|l| l.split("le=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(les.len(), 20, "Envoy's 19 default buckets and +Inf: {les:?}");
+    assert_eq!((les[0], les[18]), ("0.5", "3600000.0"));
+    let req_bytes = m.lines().find(|l| l.starts_with("istio_request_bytes_sum")).unwrap();
+    assert!(req_bytes.ends_with(" 10.0"), "{req_bytes}");
+    let resp_bytes = m.lines().find(|l| l.starts_with("istio_response_bytes_sum")).unwrap();
+    assert!(resp_bytes.ends_with(&format!(" {}.0", body.len())), "{resp_bytes}");
+
+    let line = w.access_line().await;
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["path"], "/upload?x=1");
+    assert_eq!(line["response_code"], 200);
+    assert_eq!(line["response_flags"], "-");
+    assert_eq!(line["bytes_received"], 10);
+    assert_eq!(line["bytes_sent"].as_u64(), Some(body.len() as u64));
+    assert_eq!(line["user_agent"], "golden/1");
+    assert_eq!(line["source_principal"], CLIENT);
+    assert_eq!(line["destination_service"], "web.default.svc.cluster.local");
+    assert_eq!(line["connect_authority"], vip(80));
+    assert!(line["upstream_host"].as_str().unwrap().ends_with(":8080"), "{line}");
+    assert!(line["destination_principal"].as_str().unwrap().starts_with("spiffe://cluster.local/ns/default/sa/web-"));
+}
