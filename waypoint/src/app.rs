@@ -63,21 +63,24 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         access,
     });
 
-    let metrics_listener = control.block_on(tokio::net::TcpListener::bind(cfg.metrics_addr))
+    let metrics_listener = control
+        .block_on(tokio::net::TcpListener::bind(cfg.metrics_addr))
         .with_context(|| format!("cannot listen on --metrics-addr {}", cfg.metrics_addr))?;
     let control_thread = {
         let (cfg, state, registry) = (cfg.clone(), state.clone(), Arc::new(registry));
-        std::thread::Builder::new().name("waypoint-control".into()).spawn(move || {
-            control.block_on(async move {
-                secrets.set_wanted(&BTreeSet::from([cfg.id.clone()]));
-                if let Some(rx) = lines {
-                    tokio::spawn(AccessLog::write_stdout(rx));
-                }
-                let ready = move || certs.current().is_some();
-                tokio::spawn(crate::metrics::serve(metrics_listener, registry, ready));
-                watch_config(&cfg, &state).await;
-            })
-        })?
+        std::thread::Builder::new()
+            .name("waypoint-control".into())
+            .spawn(move || {
+                control.block_on(async move {
+                    secrets.set_wanted(&BTreeSet::from([cfg.id.clone()]));
+                    if let Some(rx) = lines {
+                        tokio::spawn(AccessLog::write_stdout(rx));
+                    }
+                    let ready = move || certs.current().is_some();
+                    tokio::spawn(crate::metrics::serve(metrics_listener, registry, ready));
+                    watch_config(&cfg, &state).await;
+                })
+            })?
     };
 
     data.block_on(async {

@@ -346,9 +346,12 @@ impl Record {
                 flags: &e.response_flags,
             },
         );
-        self.wp
-            .metrics()
-            .request(&labels, elapsed.as_secs_f64() * 1000.0, e.bytes_received, response_bytes);
+        self.wp.metrics().request(
+            &labels,
+            elapsed.as_secs_f64() * 1000.0,
+            e.bytes_received,
+            response_bytes,
+        );
         self.wp.access().log(e);
     }
 }
@@ -438,11 +441,19 @@ async fn proxy(conn: &Arc<Conn>, mut req: Request<Incoming>, rec: &mut Record) -
         .await
         .map_err(|e| {
             tracing::warn!(endpoint = %ep.addr, error = %e, "cannot reach the endpoint");
-            Local::new(StatusCode::SERVICE_UNAVAILABLE, "UF", format!("upstream connect error: {e}"))
+            Local::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UF",
+                format!("upstream connect error: {e}"),
+            )
         })?;
     let mut resp = send(io, out, h2).await.map_err(|e| {
         tracing::debug!(endpoint = %ep.addr, error = %e, "upstream reset before the response");
-        Local::new(StatusCode::SERVICE_UNAVAILABLE, "UC", format!("upstream reset before response: {e}"))
+        Local::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UC",
+            format!("upstream reset before response: {e}"),
+        )
     })?;
     drop(ep);
     rec.entry.response_code = resp.status().as_u16();
@@ -640,10 +651,7 @@ impl Body for Counted {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &r {
             if let Some(d) = f.data_ref() {
@@ -715,7 +723,11 @@ impl Body for Observed {
                 }
             }
             Poll::Ready(Some(Err(_))) => {
-                self.rec.get_mut().unwrap_or_else(|e| e.into_inner()).entry.response_flags = "UPE".into();
+                self.rec
+                    .get_mut()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry
+                    .response_flags = "UPE".into();
                 self.end();
             }
             Poll::Ready(None) => self.end(),

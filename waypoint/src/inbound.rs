@@ -7,8 +7,8 @@ use std::{
     time::Duration,
 };
 
-use cluster::state::{State, Workload};
 use ::http::StatusCode;
+use cluster::state::{State, Workload};
 use mesh::{
     certs::CertStore,
     hbone::{self, Incoming},
@@ -23,7 +23,8 @@ use crate::{
     accesslog::AccessLog,
     config::LimitArgs,
     drain::Drain,
-    http, metrics::Metrics,
+    http,
+    metrics::Metrics,
     route::{self, Dest},
     sniff::{self, Declared, Prefixed, Protocol},
     tcp,

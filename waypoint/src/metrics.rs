@@ -13,8 +13,8 @@ use prometheus_client::{
 
 /// Envoy's default histogram buckets (ms for durations, bytes for sizes).
 pub const BUCKETS: [f64; 19] = [
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
-    300000.0, 600000.0, 1800000.0, 3600000.0,
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
+    600000.0, 1800000.0, 3600000.0,
 ];
 
 pub const REPORTER: &str = "waypoint";
@@ -208,7 +208,11 @@ impl Metrics {
             m.duration.clone(),
         );
         istio.register("request_bytes", "Request body sizes in bytes", m.request_bytes.clone());
-        istio.register("response_bytes", "Response body sizes in bytes", m.response_bytes.clone());
+        istio.register(
+            "response_bytes",
+            "Response body sizes in bytes",
+            m.response_bytes.clone(),
+        );
         istio.register("tcp_connections_opened", "TCP connections opened", m.tcp_opened.clone());
         istio.register("tcp_connections_closed", "TCP connections closed", m.tcp_closed.clone());
         istio.register(
@@ -297,9 +301,7 @@ pub async fn serve(
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10));
-            let _ = b
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                .await;
+            let _ = b.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc).await;
         });
     }
 }

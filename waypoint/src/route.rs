@@ -13,8 +13,13 @@ use crate::sniff::{self, Declared};
 /// What an authority names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Dest {
-    Service { vip: SocketAddr, declared: Option<Declared> },
-    Workload { addr: SocketAddr },
+    Service {
+        vip: SocketAddr,
+        declared: Option<Declared>,
+    },
+    Workload {
+        addr: SocketAddr,
+    },
 }
 
 /// The Service a request went to (for labels and logs).
@@ -63,7 +68,11 @@ pub fn destination(state: &State, authority: SocketAddr) -> Option<Dest> {
     let snap = state.snapshot();
     let ip = authority.ip().to_canonical();
     if let Some(&i) = snap.vips.get(&ip) {
-        let port = snap.services[i].spec.ports.iter().find(|p| p.port == authority.port())?;
+        let port = snap.services[i]
+            .spec
+            .ports
+            .iter()
+            .find(|p| p.port == authority.port())?;
         return Some(Dest::Service {
             vip: authority,
             declared: sniff::declared(port.app_protocol.as_deref(), port.name.as_deref()),

@@ -159,7 +159,9 @@ impl<IO> Guard<IO> {
         }
         let (mut cls, mut te, mut upgrade) = (Vec::new(), Vec::new(), false);
         for line in lines {
-            let Some((name, value)) = line.split_once(':') else { continue };
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
             let value = value.trim();
             match name.trim().to_ascii_lowercase().as_str() {
                 "content-length" => cls.extend(value.split(',').map(|v| v.trim().to_string())),
@@ -179,7 +181,10 @@ impl<IO> Guard<IO> {
             // The connection ends after a rejected request; after an
             // upgrade the bytes are no longer HTTP/1.1.
             State::Off
-        } else if te.last().is_some_and(|t| t.rsplit(',').next().unwrap_or("").trim() == "chunked") {
+        } else if te
+            .last()
+            .is_some_and(|t| t.rsplit(',').next().unwrap_or("").trim() == "chunked")
+        {
             State::ChunkSize(Vec::new())
         } else if !te.is_empty() {
             // hyper rejects it; nothing to follow.

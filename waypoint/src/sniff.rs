@@ -174,7 +174,9 @@ mod tests {
         let (p, seen) = sniff(&mut a, Some(Duration::from_millis(100))).await.unwrap();
         assert_eq!((p, seen.len()), (Protocol::Tcp, 0));
         assert!(started.elapsed() >= Duration::from_millis(100));
-        tokio::io::AsyncWriteExt::write_all(&mut b, b"GET / HTTP/1.1\r\n").await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut b, b"GET / HTTP/1.1\r\n")
+            .await
+            .unwrap();
         let (p, seen) = sniff(&mut a, Some(Duration::from_secs(5))).await.unwrap();
         assert_eq!(p, Protocol::Http1);
         let mut replay = Prefixed::new(seen, a);

@@ -68,9 +68,16 @@ mod tests {
         assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{out}");
         assert!(out.ends_with("-01"));
         assert_ne!(&out[36..52], "00f067aa0ba902b7", "a new span id");
-        for bad in ["garbage", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"] {
+        for bad in [
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        ] {
             let out = next_traceparent(Some(&HeaderValue::from_static(bad)));
-            assert!(parse(&out).is_some() && !out.contains("4bf92f") && !out.contains("4BF92F"), "{bad} -> {out}");
+            assert!(
+                parse(&out).is_some() && !out.contains("4bf92f") && !out.contains("4BF92F"),
+                "{bad} -> {out}"
+            );
         }
     }
 

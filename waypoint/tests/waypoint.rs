@@ -159,7 +159,12 @@ fn cluster(extra: impl FnOnce(&mut LocalConfig)) -> LocalConfig {
             namespace: "default".into(),
             hostname: None,
             vips: vec![VIP.parse().unwrap()],
-            ports: vec![port(80, None), port(81, Some("http")), port(82, Some("tcp")), port(83, Some("grpc"))],
+            ports: vec![
+                port(80, None),
+                port(81, Some("http")),
+                port(82, Some("tcp")),
+                port(83, Some("grpc")),
+            ],
             selector: BTreeMap::from([("app".to_string(), "web".to_string())]),
             endpoints: None,
             load_balancing: Default::default(),
@@ -195,8 +200,13 @@ impl World {
         // endpoint, as it dials ip:15008 in a cluster).
         let mut upstream_port = 0;
         for _ in 0..20 {
-            let p = pod(&pki, "127.0.0.2".parse().unwrap(), 0, "web-a", seen.clone()).await.unwrap();
-            if pod(&pki, "127.0.0.3".parse().unwrap(), p, "web-b", seen.clone()).await.is_ok() {
+            let p = pod(&pki, "127.0.0.2".parse().unwrap(), 0, "web-a", seen.clone())
+                .await
+                .unwrap();
+            if pod(&pki, "127.0.0.3".parse().unwrap(), p, "web-b", seen.clone())
+                .await
+                .is_ok()
+            {
                 upstream_port = p;
                 break;
             }
@@ -253,7 +263,10 @@ impl World {
 
     /// The next access-log line.
     async fn access_line(&mut self) -> serde_json::Value {
-        let line = tokio::time::timeout(WAIT, self.access.recv()).await.expect("an access-log line").unwrap();
+        let line = tokio::time::timeout(WAIT, self.access.recv())
+            .await
+            .expect("an access-log line")
+            .unwrap();
         serde_json::from_str(&line).unwrap()
     }
 }
@@ -304,13 +317,19 @@ impl Sender for H2 {
 }
 
 fn get(uri: &str) -> Request<Full<Bytes>> {
-    Request::get(uri).header("host", "web.default.svc.cluster.local").body(Full::default()).unwrap()
+    Request::get(uri)
+        .header("host", "web.default.svc.cluster.local")
+        .body(Full::default())
+        .unwrap()
 }
 
 async fn json(resp: Response<Incoming>) -> (StatusCode, Echoed) {
     let status = resp.status();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body))))
+    (
+        status,
+        serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body))),
+    )
 }
 
 async fn text(resp: Response<Incoming>) -> (StatusCode, String) {
@@ -330,15 +349,25 @@ async fn http1_keepalive_routes_each_request_and_adds_forwarding_headers() {
         req.headers_mut().insert("traceparent", tp.parse().unwrap());
         let (status, e) = json(send(&mut tx, req).await.unwrap()).await;
         assert_eq!(status, 200);
-        assert_eq!((e.path.as_str(), e.query.as_str(), e.version.as_str()), (&*format!("/hello/{i}"), "x=1", "HTTP/1.1"));
+        assert_eq!(
+            (e.path.as_str(), e.query.as_str(), e.version.as_str()),
+            (&*format!("/hello/{i}"), "x=1", "HTTP/1.1")
+        );
         assert_eq!(e.host, "web.default.svc.cluster.local");
         assert_eq!(e.header("x-forwarded-for"), Some(CLIENT_IP));
         let sent = e.header("traceparent").unwrap();
-        assert!(sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && !sent.contains("00f067aa0ba902b7"), "{sent}");
+        assert!(
+            sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && !sent.contains("00f067aa0ba902b7"),
+            "{sent}"
+        );
         assert!(e.header("baggage").unwrap().contains("k8s.deployment.name=client"));
         pods.push(e.pod);
     }
-    assert_eq!(pods, ["web-a", "web-b", "web-a", "web-b"], "one keep-alive connection, each request routed on its own");
+    assert_eq!(
+        pods,
+        ["web-a", "web-b", "web-a", "web-b"],
+        "one keep-alive connection, each request routed on its own"
+    );
     let seen = w.seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 4);
     for (authority, caller) in seen {
@@ -370,11 +399,16 @@ async fn h2_routes_each_request_on_one_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_with_a_real_client_and_server_and_its_status_in_metrics() {
     let w = World::new("grpc", LimitArgs::default()).await;
-    let mut client = testbed::echo::grpc_client(w.connect(&vip(83)).await.unwrap()).await.unwrap();
+    let mut client = testbed::echo::grpc_client(w.connect(&vip(83)).await.unwrap())
+        .await
+        .unwrap();
     let mut pods = Vec::new();
     for _ in 0..2 {
         let r = client
-            .echo(testbed::echo::pb::EchoRequest { message: "hi".into(), fail_code: 0 })
+            .echo(testbed::echo::pb::EchoRequest {
+                message: "hi".into(),
+                fail_code: 0,
+            })
             .await
             .unwrap()
             .into_inner();
@@ -385,13 +419,18 @@ async fn grpc_with_a_real_client_and_server_and_its_status_in_metrics() {
     pods.sort();
     assert_eq!(pods, ["web-a", "web-b"]);
     let e = client
-        .echo(testbed::echo::pb::EchoRequest { message: "x".into(), fail_code: 14 })
+        .echo(testbed::echo::pb::EchoRequest {
+            message: "x".into(),
+            fail_code: 14,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable);
     let m = w.metrics_text();
     assert!(
-        m.lines().any(|l| l.starts_with("istio_requests_total{") && l.contains("request_protocol=\"grpc\"") && l.contains("grpc_response_status=\"14\"")),
+        m.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("request_protocol=\"grpc\"")
+            && l.contains("grpc_response_status=\"14\"")),
         "{m}"
     );
     let ok: u64 = m
@@ -421,7 +460,10 @@ async fn websocket_upgrade_passes_through() {
     let mut io = TokioIo::new(up);
     io.write_all(b"frames both ways").await.unwrap();
     let mut buf = [0u8; 16];
-    tokio::time::timeout(WAIT, io.read_exact(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, io.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&buf, b"frames both ways");
 }
 
@@ -430,9 +472,14 @@ async fn unknown_authority_is_503_on_connect_and_a_vanished_route_404_nr() {
     let mut w = World::new("unknown", LimitArgs::default()).await;
     for a in ["10.96.9.9:80", "10.96.0.10:9999"] {
         let e = w.connect(a).await.err().expect("refused");
-        assert!(matches!(e, HboneError::Status { status, .. } if status == StatusCode::SERVICE_UNAVAILABLE), "{a}: {e}");
+        assert!(
+            matches!(e, HboneError::Status { status, .. } if status == StatusCode::SERVICE_UNAVAILABLE),
+            "{a}: {e}"
+        );
     }
-    assert!(w.metrics_text().contains("waypoint_connect_refused_total{reason=\"unknown_authority\"} 2"));
+    assert!(w
+        .metrics_text()
+        .contains("waypoint_connect_refused_total{reason=\"unknown_authority\"} 2"));
     // The service disappears under an open connection: the next request
     // finds no route.
     let mut tx = h1(w.connect(&vip(80)).await.unwrap()).await;
@@ -456,8 +503,13 @@ async fn no_ready_endpoint_is_503_uh() {
     let (status, body) = text(send(&mut tx, get("/")).await.unwrap()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     let line = w.access_line().await;
-    assert_eq!((line["response_code"].as_u64(), line["response_flags"].as_str()), (Some(503), Some("UH")));
-    assert!(w.metrics_text().lines().any(|l| l.starts_with("istio_requests_total{") && l.contains("response_flags=\"UH\"") && l.contains("response_code=\"503\"")));
+    assert_eq!(
+        (line["response_code"].as_u64(), line["response_flags"].as_str()),
+        (Some(503), Some("UH"))
+    );
+    assert!(w.metrics_text().lines().any(|l| l.starts_with("istio_requests_total{")
+        && l.contains("response_flags=\"UH\"")
+        && l.contains("response_code=\"503\"")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,7 +527,9 @@ async fn l4_policy_applies_to_the_caller_not_the_waypoint() {
 /// DENY from the client's service account to the web pods.
 fn serde_yaml_policy() -> Vec<cluster::rbac::AuthorizationPolicy> {
     let yaml = "authorizationPolicies:\n  - name: deny-client\n    namespace: default\n    action: DENY\n    rules:\n      - from:\n          - source:\n              principals: [\"cluster.local/ns/default/sa/client\"]\n";
-    LocalConfig::parse(std::path::Path::new("p.yaml"), yaml).unwrap().authorization_policies
+    LocalConfig::parse(std::path::Path::new("p.yaml"), yaml)
+        .unwrap()
+        .authorization_policies
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -488,11 +542,19 @@ async fn opaque_tcp_declared_and_server_first_protocols_do_not_hang() {
     // Declared tcp: the bytes go through untouched (the echo happens to
     // speak HTTP, which the waypoint does not parse here).
     let mut t = w.connect(&vip(82)).await.unwrap();
-    t.write_all(b"GET /raw HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+    t.write_all(b"GET /raw HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = Vec::new();
-    tokio::time::timeout(WAIT, t.read_to_end(&mut out)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, t.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
     let out = String::from_utf8_lossy(&out);
-    assert!(out.starts_with("HTTP/1.1 200") && out.contains("\"path\":\"/raw\"") && !out.contains("x-forwarded-for"), "{out}");
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.contains("\"path\":\"/raw\"") && !out.contains("x-forwarded-for"),
+        "{out}"
+    );
     drop(t);
     assert_eq!(w.access_line().await["protocol"], "tcp");
     // Undeclared, and the client waits for the server to speak first: after
@@ -501,13 +563,24 @@ async fn opaque_tcp_declared_and_server_first_protocols_do_not_hang() {
     let before = w.seen.lock().unwrap().len();
     let mut t = w.connect(&vip(80)).await.unwrap();
     // The event: the waypoint gave up waiting and opened the upstream.
-    wait_until("the upstream is opened without client bytes", || w.seen.lock().unwrap().len() > before).await;
+    wait_until("the upstream is opened without client bytes", || {
+        w.seen.lock().unwrap().len() > before
+    })
+    .await;
     assert!(started.elapsed() >= Duration::from_millis(200));
-    t.write_all(b"GET /late HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.ok();
+    t.write_all(b"GET /late HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .ok();
     let mut out = Vec::new();
-    tokio::time::timeout(WAIT, t.read_to_end(&mut out)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, t.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
     let out = String::from_utf8_lossy(&out);
-    assert!(out.contains("\"path\":\"/late\"") && !out.contains("x-forwarded-for"), "forwarded as opaque bytes: {out}");
+    assert!(
+        out.contains("\"path\":\"/late\"") && !out.contains("x-forwarded-for"),
+        "forwarded as opaque bytes: {out}"
+    );
     assert!(w.metrics_text().contains("istio_tcp_connections_opened_total{"));
 }
 
@@ -542,26 +615,55 @@ async fn header_count_and_size_limits() {
     };
     let w = World::new("limits", limits).await;
     let many: String = (0..30).map(|i| format!("x-h{i}: v\r\n")).collect();
-    let out = raw_h1(&w, &vip(80), format!("GET / HTTP/1.1\r\nhost: web\r\n{many}\r\n").as_bytes()).await;
+    let out = raw_h1(
+        &w,
+        &vip(80),
+        format!("GET / HTTP/1.1\r\nhost: web\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.1 431"), "too many headers (h1): {out}");
     let big = "a".repeat(10_000);
-    let out = raw_h1(&w, &vip(80), format!("GET / HTTP/1.1\r\nhost: web\r\nx-big: {big}\r\n\r\n").as_bytes()).await;
+    let out = raw_h1(
+        &w,
+        &vip(80),
+        format!("GET / HTTP/1.1\r\nhost: web\r\nx-big: {big}\r\n\r\n").as_bytes(),
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.1 431"), "header block too large (h1): {out}");
     // Within the limits it works.
-    let out = raw_h1(&w, &vip(80), b"GET /ok HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n").await;
+    let out = raw_h1(
+        &w,
+        &vip(80),
+        b"GET /ok HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n",
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 
     let mut tx = h2(w.connect(&vip(80)).await.unwrap()).await;
     let mut req = Request::get("http://web/").body(Full::default()).unwrap();
     for i in 0..30 {
-        req.headers_mut().insert(http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(), "v".parse().unwrap());
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+            "v".parse().unwrap(),
+        );
     }
-    assert_eq!(send(&mut tx, req).await.unwrap().status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers (h2)");
+    assert_eq!(
+        send(&mut tx, req).await.unwrap().status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "too many headers (h2)"
+    );
     let mut req = Request::get("http://web/").body(Full::default()).unwrap();
     req.headers_mut().insert("x-big", big.parse().unwrap());
     match send(&mut tx, req).await {
-        Ok(r) => assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "header list too large (h2)"),
-        Err(e) => assert!(e.to_string().contains("refused") || e.to_string().contains("size") || e.is_closed(), "{e}"),
+        Ok(r) => assert_eq!(
+            r.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "header list too large (h2)"
+        ),
+        Err(e) => assert!(
+            e.to_string().contains("refused") || e.to_string().contains("size") || e.is_closed(),
+            "{e}"
+        ),
     }
 }
 
@@ -584,7 +686,12 @@ async fn request_smuggling_attempts_are_rejected_and_never_reach_a_pod() {
         assert!(out.to_ascii_lowercase().contains("connection: close"), "{out}");
     }
     // Conflicting lengths: hyper rejects them itself.
-    let out = raw_h1(&w, &vip(80), b"POST / HTTP/1.1\r\nhost: web\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!").await;
+    let out = raw_h1(
+        &w,
+        &vip(80),
+        b"POST / HTTP/1.1\r\nhost: web\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     assert!(w.seen.lock().unwrap().is_empty(), "no attempt reached a pod");
     // A smuggled second request after a good first one on the same
@@ -595,8 +702,14 @@ async fn request_smuggling_attempts_are_rejected_and_never_reach_a_pod() {
         b"POST /first HTTP/1.1\r\nhost: web\r\nContent-Length: 2\r\n\r\nokPOST /second HTTP/1.1\r\nhost: web\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     )
     .await;
-    assert!(out.starts_with("HTTP/1.1 200") && out.contains("\"path\":\"/first\""), "{out}");
-    assert!(out.contains("HTTP/1.1 400") && !out.contains("\"path\":\"/second\""), "{out}");
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.contains("\"path\":\"/first\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("HTTP/1.1 400") && !out.contains("\"path\":\"/second\""),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -612,21 +725,39 @@ async fn slowloris_headers_and_idle_connections_are_timed_out() {
     let mut t = w.connect(&vip(81)).await.unwrap();
     t.write_all(b"GET / HTTP/1.1\r\nhost: web\r\nx-a: ").await.unwrap();
     let mut out = Vec::new();
-    tokio::time::timeout(WAIT, t.read_to_end(&mut out)).await.expect("closed by the header-read timeout").ok();
+    tokio::time::timeout(WAIT, t.read_to_end(&mut out))
+        .await
+        .expect("closed by the header-read timeout")
+        .ok();
     assert!(started.elapsed() >= Duration::from_millis(300));
     // An idle h2 connection (no requests in flight) is closed: GOAWAY.
     let t = w.connect(&vip(81)).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(t)).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(t))
+        .await
+        .unwrap();
     let conn = tokio::spawn(conn);
-    let (status, _) = json(send(&mut tx, Request::get("http://web/").body(Full::default()).unwrap()).await.unwrap()).await;
+    let (status, _) = json(
+        send(&mut tx, Request::get("http://web/").body(Full::default()).unwrap())
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 200);
     // A request longer than the idle timeout is not cut: it is in flight.
     let slow = Request::get("http://web/slow?delay=600").body(Full::default()).unwrap();
     let (status, _) = json(send(&mut tx, slow).await.unwrap()).await;
     assert_eq!(status, 200, "in-flight requests keep the connection");
     let started = Instant::now();
-    tokio::time::timeout(WAIT, conn).await.expect("the idle connection is closed").unwrap().ok();
-    assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
+    tokio::time::timeout(WAIT, conn)
+        .await
+        .expect("the idle connection is closed")
+        .unwrap()
+        .ok();
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// An HTTP/2 frame.
@@ -644,7 +775,11 @@ async fn read_frame(t: &mut Tunnel) -> Option<(u8, u32, Vec<u8>)> {
     let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
     let mut payload = vec![0u8; len];
     t.read_exact(&mut payload).await.ok()?;
-    Some((head[3], u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff, payload))
+    Some((
+        head[3],
+        u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
+        payload,
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -690,7 +825,16 @@ async fn drain_lets_in_flight_requests_finish_then_stops() {
     let w = World::new("drain", LimitArgs::default()).await;
     let mut slow = h1(w.connect(&vip(80)).await.unwrap()).await;
     let mut idle = h2(w.connect(&vip(81)).await.unwrap()).await;
-    assert_eq!(json(send(&mut idle, Request::get("http://web/").body(Full::default()).unwrap()).await.unwrap()).await.0, 200);
+    assert_eq!(
+        json(
+            send(&mut idle, Request::get("http://web/").body(Full::default()).unwrap())
+                .await
+                .unwrap()
+        )
+        .await
+        .0,
+        200
+    );
     let in_flight = tokio::spawn(async move { json(send(&mut slow, get("/slow?delay=500")).await.unwrap()).await });
     wait_until("the slow request reaches a pod", || w.seen.lock().unwrap().len() == 2).await;
     let drained = tokio::spawn({
@@ -698,9 +842,19 @@ async fn drain_lets_in_flight_requests_finish_then_stops() {
         async move { wp.shutdown(WAIT).await }
     });
     let (status, e) = in_flight.await.unwrap();
-    assert_eq!((status, e.path.as_str()), (StatusCode::OK, "/slow"), "the in-flight request finished");
-    assert!(drained.await.unwrap(), "every connection closed within the drain timeout");
-    assert!(TcpStream::connect(w.addr).await.is_err(), "no new connections after the drain");
+    assert_eq!(
+        (status, e.path.as_str()),
+        (StatusCode::OK, "/slow"),
+        "the in-flight request finished"
+    );
+    assert!(
+        drained.await.unwrap(),
+        "every connection closed within the drain timeout"
+    );
+    assert!(
+        TcpStream::connect(w.addr).await.is_err(),
+        "no new connections after the drain"
+    );
 }
 
 /// The series and labels Istio's Grafana dashboards (Mesh, Service,
@@ -759,7 +913,10 @@ async fn telemetry_golden_series_labels_buckets_and_access_log() {
     assert_eq!(status, 200);
     let m = w.metrics_text();
     let mut series = std::collections::BTreeSet::new();
-    for line in m.lines().filter(|l| l.starts_with("istio_") && !l.starts_with("istio_tcp")) {
+    for line in m
+        .lines()
+        .filter(|l| l.starts_with("istio_") && !l.starts_with("istio_tcp"))
+    {
         let (name, rest) = line.split_once('{').unwrap();
         series.insert(name.to_string());
         let labels: std::collections::BTreeSet<&str> = rest
@@ -768,7 +925,12 @@ async fn telemetry_golden_series_labels_buckets_and_access_log() {
             .filter(|k| *k != "le")
             .collect();
         assert_eq!(labels, GOLDEN_LABELS.iter().copied().collect(), "{line}");
-        assert!(line.contains("reporter=\"waypoint\"") && line.contains("response_code=\"200\"") && line.contains("destination_service=\"web.default.svc.cluster.local\""), "{line}");
+        assert!(
+            line.contains("reporter=\"waypoint\"")
+                && line.contains("response_code=\"200\"")
+                && line.contains("destination_service=\"web.default.svc.cluster.local\""),
+            "{line}"
+        );
     }
     assert_eq!(series, GOLDEN_SERIES.iter().map(|s| s.to_string()).collect(), "{m}");
     let les: Vec<&str> = m
@@ -795,5 +957,8 @@ async fn telemetry_golden_series_labels_buckets_and_access_log() {
     assert_eq!(line["destination_service"], "web.default.svc.cluster.local");
     assert_eq!(line["connect_authority"], vip(80));
     assert!(line["upstream_host"].as_str().unwrap().ends_with(":8080"), "{line}");
-    assert!(line["destination_principal"].as_str().unwrap().starts_with("spiffe://cluster.local/ns/default/sa/web-"));
+    assert!(line["destination_principal"]
+        .as_str()
+        .unwrap()
+        .starts_with("spiffe://cluster.local/ns/default/sa/web-"));
 }
