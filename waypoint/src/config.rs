@@ -147,6 +147,10 @@ pub struct LimitArgs {
     /// Most request headers.
     #[arg(long, default_value_t = 100)]
     pub max_headers: usize,
+    /// HBONE connections served at once; more wait in the kernel's accept
+    /// queue.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
     /// h2: streams one downstream connection may have open at once.
     #[arg(long, default_value_t = 100)]
     pub max_concurrent_streams: u32,
@@ -170,6 +174,7 @@ impl Default for LimitArgs {
             drain_timeout: Duration::from_secs(30),
             max_header_bytes: 60 << 10,
             max_headers: 100,
+            max_connections: 10_000,
             max_concurrent_streams: 100,
             max_pending_reset_streams: 20,
             max_local_error_resets: 1024,
@@ -241,8 +246,11 @@ impl LimitArgs {
         if self.max_header_bytes < 8192 {
             return bad("--max-header-bytes", "must be at least 8192");
         }
-        if self.max_headers == 0 || self.max_concurrent_streams == 0 {
-            return bad("--max-headers/--max-concurrent-streams", "must be at least 1");
+        if self.max_headers == 0 || self.max_concurrent_streams == 0 || self.max_connections == 0 {
+            return bad(
+                "--max-headers/--max-concurrent-streams/--max-connections",
+                "must be at least 1",
+            );
         }
         for (flag, d) in [
             ("--connect-timeout", self.connect_timeout),

@@ -962,3 +962,37 @@ async fn telemetry_golden_series_labels_buckets_and_access_log() {
         .unwrap()
         .starts_with("spiffe://cluster.local/ns/default/sa/web-"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_wait_until_one_closes() {
+    let limits = LimitArgs {
+        max_connections: 1,
+        ..LimitArgs::default()
+    };
+    let w = World::new("cap", limits).await;
+    let first = w.connect(&vip(80)).await.unwrap();
+    let second = tokio::spawn({
+        let (cfg, addr) = (
+            tls::client_config(&w.pki.cert(CLIENT), &w.pki.roots, vec![WAYPOINT.parse().unwrap()]).unwrap(),
+            w.addr,
+        );
+        async move {
+            let headers = ConnectHeaders {
+                authority: vip(80).parse().unwrap(),
+                client: format!("{CLIENT_IP}:40001").parse().unwrap(),
+                baggage: String::new(),
+            };
+            hbone::connect(TcpStream::connect(addr).await.unwrap(), cfg, &headers).await
+        }
+    });
+    // The second is not served while the first holds the only slot (its
+    // TLS handshake waits in the accept queue).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "a second connection was served over the cap");
+    drop(first);
+    let t = tokio::time::timeout(WAIT, second)
+        .await
+        .expect("served once the first closed")
+        .unwrap();
+    assert!(t.is_ok());
+}
