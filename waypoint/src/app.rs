@@ -31,9 +31,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let root_pem = std::fs::read_to_string(&cfg.ca.root_cert)
         .with_context(|| format!("cannot read the mesh root certificate {}", cfg.ca.root_cert.display()))?;
     let roots = Roots::from_pem(&root_pem)?;
-    let client = CaClient::new(&cfg.ca)?;
-
     let control = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // The CA client's connection lives on the control runtime.
+    let client = {
+        let _rt = control.enter();
+        CaClient::new(&cfg.ca)?
+    };
     let data = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("waypoint-data")
