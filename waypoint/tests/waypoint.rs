@@ -996,3 +996,41 @@ async fn connections_over_the_cap_wait_until_one_closes() {
         .unwrap();
     assert!(t.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_addressed_requests_go_to_that_pod_and_upstream_statuses_pass_through() {
+    let mut w = World::new("pod", LimitArgs::default()).await;
+    let mut tx = h1(w.connect(&format!("127.0.0.3:{TARGET}")).await.unwrap()).await;
+    for _ in 0..3 {
+        let (status, e) = json(send(&mut tx, get("/")).await.unwrap()).await;
+        assert_eq!((status, e.pod.as_str()), (StatusCode::OK, "web-b"));
+        let line = w.access_line().await;
+        assert_eq!(line["destination_service"], "");
+    }
+    // The echo's /status/NNN and "fail N times then succeed" come back as
+    // they are, with no response flag (the waypoint did not fail).
+    let (status, _) = text(send(&mut tx, get("/status/418")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::IM_A_TEAPOT);
+    let codes: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(
+                text(send(&mut tx, get("/?fail=2&key=t")).await.unwrap())
+                    .await
+                    .0
+                    .as_u16(),
+            );
+        }
+        v
+    };
+    assert_eq!(codes, [503, 503, 200]);
+    let m = w.metrics_text();
+    assert!(
+        m.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("response_code=\"418\"")
+            && l.contains("response_flags=\"-\"")
+            && l.contains("destination_service=\"unknown\"")
+            && l.contains("destination_principal=\"spiffe://cluster.local/ns/default/sa/web-b\"")),
+        "{m}"
+    );
+}
