@@ -405,8 +405,11 @@ impl Local {
     }
 
     fn reply(self, rec: &mut Record) -> Response<ProxyBody> {
-        rec.entry.response_code = self.status.as_u16();
         rec.entry.response_flags = self.flags.into();
+        if rec.entry.protocol == "grpc" {
+            return self.grpc_reply(rec);
+        }
+        rec.entry.response_code = self.status.as_u16();
         let mut b = Response::builder()
             .status(self.status)
             .header(header::CONTENT_TYPE, "text/plain");
@@ -414,6 +417,35 @@ impl Local {
             b = b.header(header::CONNECTION, "close");
         }
         b.body(full(self.body)).expect("valid response")
+    }
+}
+
+impl Local {
+    /// gRPC clients read errors from `grpc-status`, not the HTTP status:
+    /// a trailers-only answer, HTTP 200, the status mapped as Envoy maps
+    /// its local replies.
+    fn grpc_reply(self, rec: &mut Record) -> Response<ProxyBody> {
+        let code = match self.status {
+            StatusCode::BAD_REQUEST => 13,                    // INTERNAL
+            StatusCode::FORBIDDEN => 7,                       // PERMISSION_DENIED
+            StatusCode::NOT_FOUND => 12,                      // UNIMPLEMENTED
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => 8, // RESOURCE_EXHAUSTED
+            _ => 14,                                          // UNAVAILABLE
+        };
+        rec.entry.response_code = 200;
+        rec.entry.grpc_status = code.to_string();
+        let message: String = self
+            .body
+            .chars()
+            .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+            .collect();
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header("grpc-status", code.to_string())
+            .header("grpc-message", message)
+            .body(full(Bytes::new()))
+            .expect("valid response")
     }
 }
 

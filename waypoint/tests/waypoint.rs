@@ -510,6 +510,19 @@ async fn no_ready_endpoint_is_503_uh() {
     assert!(w.metrics_text().lines().any(|l| l.starts_with("istio_requests_total{")
         && l.contains("response_flags=\"UH\"")
         && l.contains("response_code=\"503\"")));
+    // A gRPC client reads it as UNAVAILABLE.
+    let mut client = testbed::echo::grpc_client(w.connect(&vip(83)).await.unwrap())
+        .await
+        .unwrap();
+    let e = client
+        .echo(testbed::echo::pb::EchoRequest {
+            message: "x".into(),
+            fail_code: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(e.message().contains("no healthy upstream"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
