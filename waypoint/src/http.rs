@@ -64,6 +64,8 @@ struct Conn {
     protocol: Protocol,
     /// Requests in flight (a connection with some is never idle).
     inflight: AtomicUsize,
+    /// When the last request started or ended.
+    activity: Activity,
     /// HTTP/1.1 framing verdicts of the request heads, in order.
     verdicts: Verdicts,
     /// Set when a request must be the connection's last (h1).
@@ -82,14 +84,10 @@ where
         down,
         protocol,
         inflight: AtomicUsize::new(0),
+        activity: Activity::default(),
         verdicts: Verdicts::default(),
         closing: false.into(),
     });
-    let activity = Activity::default();
-    let io = Tracked {
-        inner: io,
-        last: activity.clone(),
-    };
     let svc = {
         let conn = conn.clone();
         hyper::service::service_fn(move |req| handle(conn.clone(), req))
@@ -105,7 +103,7 @@ where
                 .keep_alive_interval(H2_PING)
                 .keep_alive_timeout(H2_PING_TIMEOUT);
             let c = b.serve_connection(TokioIo::new(io), svc);
-            drive(c, &wp, &conn, &activity).await;
+            drive(c, &wp, &conn).await;
         }
         _ => {
             let io = smuggling::Guard::new(io, conn.verdicts.clone(), limits.max_header_bytes);
@@ -115,7 +113,7 @@ where
                 .max_buf_size(limits.max_header_bytes)
                 .max_headers(limits.max_headers);
             let c = b.serve_connection(TokioIo::new(io), svc).with_upgrades();
-            drive(c, &wp, &conn, &activity).await;
+            drive(c, &wp, &conn).await;
         }
     }
 }
@@ -149,11 +147,11 @@ where
 }
 
 /// Runs the connection; on drain or idleness asks it to finish gracefully.
-async fn drive<C: Graceful>(c: C, wp: &Waypoint, conn: &Conn, activity: &Activity) {
+async fn drive<C: Graceful>(c: C, wp: &Waypoint, conn: &Conn) {
     tokio::pin!(c);
     let drain = wp.drain().signaled();
     tokio::pin!(drain);
-    let idle = idle_for(wp.limits().idle_timeout, conn, activity);
+    let idle = idle_for(wp.limits().idle_timeout, conn);
     tokio::pin!(idle);
     let mut finishing = false;
     loop {
@@ -177,7 +175,9 @@ async fn drive<C: Graceful>(c: C, wp: &Waypoint, conn: &Conn, activity: &Activit
     }
 }
 
-/// Last time bytes moved on a connection (ms since `base`).
+/// When a connection last started or finished a request (ms since
+/// `base`). Requests, not bytes: h2 PINGs must not keep an idle
+/// connection open.
 #[derive(Clone)]
 struct Activity {
     base: Instant,
@@ -203,53 +203,20 @@ impl Activity {
     }
 }
 
-/// Resolves once the connection had no request in flight and no bytes
-/// moving for `timeout`.
-async fn idle_for(timeout: Duration, conn: &Conn, activity: &Activity) {
+/// Resolves once the connection has had no request in flight for
+/// `timeout`.
+async fn idle_for(timeout: Duration, conn: &Conn) {
     loop {
-        let deadline = activity.last() + timeout;
+        let deadline = conn.activity.last() + timeout;
         tokio::time::sleep_until(deadline.into()).await;
-        if conn.inflight.load(Ordering::SeqCst) == 0 && activity.last() + timeout <= Instant::now() {
+        let busy = conn.inflight.load(Ordering::SeqCst) > 0;
+        if !busy && conn.activity.last() + timeout <= Instant::now() {
             return;
         }
-        // Busy: look again one timeout later.
-        activity.touch();
-    }
-}
-
-/// The stream with its activity recorded.
-struct Tracked<IO> {
-    inner: IO,
-    last: Activity,
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if r.is_ready() {
-            self.last.touch();
+        if busy {
+            // Look again one timeout later.
+            conn.activity.touch();
         }
-        r
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if r.is_ready() {
-            self.last.touch();
-        }
-        r
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -258,6 +225,7 @@ struct Busy(Arc<Conn>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
+        self.0.activity.touch();
         self.0.inflight.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -371,6 +339,7 @@ fn authority_of<B>(req: &Request<B>) -> Option<String> {
 
 async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
     conn.inflight.fetch_add(1, Ordering::SeqCst);
+    conn.activity.touch();
     let busy = Busy(conn.clone());
     let mut rec = Record::new(&conn, &req);
     let resp = match proxy(&conn, req, &mut rec).await {
@@ -479,14 +448,16 @@ async fn proxy(conn: &Arc<Conn>, mut req: Request<Incoming>, rec: &mut Record) -
                 format!("upstream connect error: {e}"),
             )
         })?;
-    let mut resp = send(io, out, h2).await.map_err(|e| {
-        tracing::debug!(endpoint = %ep.addr, error = %e, "upstream reset before the response");
-        Local::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UC",
-            format!("upstream reset before response: {e}"),
-        )
-    })?;
+    let mut resp = send(io, out, h2, conn.wp.limits().max_header_bytes)
+        .await
+        .map_err(|e| {
+            tracing::debug!(endpoint = %ep.addr, error = %e, "upstream reset before the response");
+            Local::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UC",
+                format!("upstream reset before response: {e}"),
+            )
+        })?;
     drop(ep);
     rec.entry.response_code = resp.status().as_u16();
     if let Some(s) = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()) {
@@ -638,11 +609,19 @@ fn outbound(conn: &Conn, req: Request<Incoming>, h2: bool, rec: &Record) -> Resu
 }
 
 /// hyper's client on the upstream stream, for this one request.
-async fn send(io: upstream::Upstream, req: Request<Counted>, h2: bool) -> Result<Response<Incoming>, hyper::Error> {
+async fn send(
+    io: upstream::Upstream,
+    req: Request<Counted>,
+    h2: bool,
+    max_header_bytes: usize,
+) -> Result<Response<Incoming>, hyper::Error> {
     let io = TokioIo::new(io);
+    // Responses are bounded as requests are: a broken or hostile endpoint
+    // cannot make the waypoint buffer an endless header block.
     if h2 {
         let (mut tx, c) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .max_header_list_size(max_header_bytes as u32)
             .handshake(io)
             .await?;
         tokio::spawn(async move {
@@ -652,7 +631,10 @@ async fn send(io: upstream::Upstream, req: Request<Counted>, h2: bool) -> Result
         });
         tx.send_request(req).await
     } else {
-        let (mut tx, c) = hyper::client::conn::http1::Builder::new().handshake(io).await?;
+        let (mut tx, c) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(max_header_bytes)
+            .handshake(io)
+            .await?;
         tokio::spawn(async move {
             if let Err(e) = c.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");

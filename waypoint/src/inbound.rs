@@ -129,19 +129,28 @@ impl Waypoint {
         &self.0.baggage
     }
 
-    /// Accepts HBONE connections until draining starts.
+    /// Accepts HBONE connections until draining starts, at most
+    /// `max_connections` at once (further clients wait in the accept queue).
     pub async fn serve(&self, listener: TcpListener) {
         let stop = self.drain().signaled();
         tokio::pin!(stop);
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.limits().max_connections));
         loop {
             let accepted = tokio::select! {
-                a = listener.accept() => a,
+                a = async {
+                    let slot = slots.clone().acquire_owned().await.expect("never closed");
+                    listener.accept().await.map(|(tcp, _)| (tcp, slot))
+                } => a,
                 () = &mut stop => return,
             };
             match accepted {
-                Ok((tcp, _)) => {
+                Ok((tcp, slot)) => {
                     let _ = tcp.set_nodelay(true);
-                    tokio::spawn(connection(self.clone(), tcp));
+                    let wp = self.clone();
+                    tokio::spawn(async move {
+                        connection(wp, tcp).await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     // Out of file descriptors or the like: back off, bounded.
