@@ -14,6 +14,14 @@
 //! to a new connection (a successor agent) while open ones finish. An idle
 //! stream is never timed out (as in ztunnel): idle database and long-poll
 //! connections stay up; pooled *connections* are released by the pool.
+//!
+//! Server API: [`serve_streams`] hands each CONNECT to a handler as an
+//! [`Incoming`] (peer SPIFFE ID, remote address, `:authority`, headers);
+//! the handler answers a status and, on 200, gets an [`H2Stream`]
+//! (AsyncRead + AsyncWrite) to serve as it likes (the waypoint runs hyper
+//! on it). [`serve`] is the agent's bridge-to-a-socket built on it. Client
+//! side, a [`Tunnel`] (and a pooled `mesh::pool::PooledStream`) is
+//! AsyncRead + AsyncWrite too.
 use std::{
     future::Future,
     io,
