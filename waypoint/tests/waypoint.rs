@@ -1047,3 +1047,143 @@ async fn pod_addressed_requests_go_to_that_pod_and_upstream_statuses_pass_throug
         "{m}"
     );
 }
+
+/// The CA lets node1 have the waypoint's identity only.
+struct OnlyTheWaypoint;
+
+#[tonic::async_trait]
+impl mesh::ca::Authorizer for OnlyTheWaypoint {
+    async fn may_impersonate(&self, node: &str, id: &SpiffeId) -> Result<(), String> {
+        (node == "node1" && id.to_string() == WAYPOINT)
+            .then_some(())
+            .ok_or_else(|| format!("{id} is not on {node}"))
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on `addr`: the status code, if it answered.
+async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    out.split(' ').nth(1)?.parse().ok()
+}
+
+/// Kills the child however the test ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_gets_its_identity_from_the_ca_serves_hbone_and_drains_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("waypoint-bin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let files = CaFiles::new(&dir.join("ca"));
+    files.init(TD, &["node1".into()]).unwrap();
+    let ca_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (stop_ca, ca_stopped) = tokio::sync::oneshot::channel::<()>();
+    let ca = tokio::spawn({
+        let files = CaFiles::new(&dir.join("ca"));
+        async move {
+            mesh::ca::serve(&files, ca_addr, OnlyTheWaypoint, Duration::from_secs(3600), async {
+                let _ = ca_stopped.await;
+            })
+            .await
+        }
+    });
+    let enrolment = dir.join("mesh.yaml");
+    std::fs::write(
+        &enrolment,
+        "pods:\n  - {name: web-a, namespace: default, serviceAccount: web, node: node1, ips: [\"10.1.1.2\"], labels: {app: web}}\nservices:\n  - {name: web, namespace: default, vips: [\"10.96.0.10\"], ports: [{port: 80, targetPort: 8080, appProtocol: http}], selector: {app: web}}\n",
+    )
+    .unwrap();
+    let (cert, key) = files.node_credential("node1");
+    let (listen, metrics): (SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+    );
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_waypoint"))
+        .args(["run", "--namespace", "default", "--service-account", "web-waypoint"])
+        .arg("--config")
+        .arg(&enrolment)
+        .args(["--ca-address", &format!("https://{ca_addr}")])
+        .arg("--ca-root")
+        .arg(files.root_cert())
+        .arg("--node-cert")
+        .arg(&cert)
+        .arg("--node-key")
+        .arg(&key)
+        .args(["--listen", &listen.to_string(), "--metrics-addr", &metrics.to_string()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Child(child);
+    // Ready once the CA gave it its certificate.
+    let deadline = Instant::now() + WAIT;
+    while http_status(metrics, "/healthz/ready").await != Some(200) {
+        assert!(Instant::now() < deadline, "the waypoint never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // It speaks HBONE with the CA-issued identity; an unknown authority is 503.
+    let roots = Roots::from_pem(&std::fs::read_to_string(files.root_cert()).unwrap()).unwrap();
+    let client_id: SpiffeId = CLIENT.parse().unwrap();
+    let signer = Signer::load(&files, Duration::from_secs(3600)).unwrap();
+    let (k, csr) = new_csr(&client_id).unwrap();
+    // The client's certificate from the same root.
+    let chain = signer.sign(&csr, &client_id, Duration::from_secs(600)).unwrap();
+    let client_cert = WorkloadCert::new(client_id.clone(), chain, k).unwrap();
+    let cfg = tls::client_config(&client_cert, &roots, vec![WAYPOINT.parse().unwrap()]).unwrap();
+    let headers = ConnectHeaders {
+        authority: "10.96.9.9:80".parse().unwrap(),
+        client: format!("{CLIENT_IP}:40000").parse().unwrap(),
+        baggage: String::new(),
+    };
+    let e = hbone::connect(TcpStream::connect(listen).await.unwrap(), cfg, &headers)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(e, HboneError::Status { status, .. } if status == StatusCode::SERVICE_UNAVAILABLE),
+        "{e}"
+    );
+    assert_eq!(http_status(metrics, "/metrics").await, Some(200));
+    // SIGTERM: drains and exits 0.
+    let pid = child.0.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::task::spawn_blocking(move || {
+        let s = child.0.wait();
+        let mut log = String::new();
+        if let Some(mut e) = child.0.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut log).unwrap();
+        }
+        (s, log)
+    });
+    let (s, log) = tokio::time::timeout(WAIT, status)
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(s.unwrap().success(), "{log}");
+    assert!(log.contains("waypoint starting") && log.contains("drained"), "{log}");
+    let _ = stop_ca.send(());
+    let _ = ca.await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
