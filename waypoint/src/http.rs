@@ -239,6 +239,9 @@ struct Record {
     dst: Peer,
     svc: ServiceLabels,
     request_bytes: Arc<AtomicU64>,
+    /// The endpoint counts the request as active (least-connections)
+    /// until it is recorded.
+    active: Option<cluster::state::ActiveGuard>,
     done: bool,
 }
 
@@ -274,6 +277,7 @@ impl Record {
             dst: Peer::of(None, None),
             svc: ServiceLabels::default(),
             request_bytes: Arc::default(),
+            active: None,
             done: false,
         }
     }
@@ -321,6 +325,7 @@ impl Record {
             response_bytes,
         );
         self.wp.access().log(e);
+        self.active = None;
     }
 }
 
@@ -458,7 +463,7 @@ async fn proxy(conn: &Arc<Conn>, mut req: Request<Incoming>, rec: &mut Record) -
                 format!("upstream reset before response: {e}"),
             )
         })?;
-    drop(ep);
+    rec.active = ep._active;
     rec.entry.response_code = resp.status().as_u16();
     if let Some(s) = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()) {
         rec.entry.grpc_status = s.to_string();
@@ -466,7 +471,12 @@ async fn proxy(conn: &Arc<Conn>, mut req: Request<Incoming>, rec: &mut Record) -
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(down) = on_upgrade {
             let up = hyper::upgrade::on(&mut resp);
-            tokio::spawn(tunnel(down, up));
+            // Counted as open: a drain waits for it (up to its timeout).
+            let open = conn.wp.drain().open();
+            tokio::spawn(async move {
+                tunnel(down, up).await;
+                drop(open);
+            });
         }
     } else {
         strip_hop_by_hop(resp.headers_mut());
