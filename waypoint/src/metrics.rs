@@ -162,6 +162,65 @@ impl RequestLabels {
     }
 }
 
+/// Istio's TCP label set: the request set without `response_code` and
+/// `grpc_response_status`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_cluster: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_cluster: String,
+    pub request_protocol: &'static str,
+    pub response_flags: String,
+    pub connection_security_policy: &'static str,
+}
+
+impl From<RequestLabels> for TcpLabels {
+    fn from(r: RequestLabels) -> Self {
+        TcpLabels {
+            reporter: r.reporter,
+            source_workload: r.source_workload,
+            source_workload_namespace: r.source_workload_namespace,
+            source_principal: r.source_principal,
+            source_app: r.source_app,
+            source_version: r.source_version,
+            source_canonical_service: r.source_canonical_service,
+            source_canonical_revision: r.source_canonical_revision,
+            source_cluster: r.source_cluster,
+            destination_workload: r.destination_workload,
+            destination_workload_namespace: r.destination_workload_namespace,
+            destination_principal: r.destination_principal,
+            destination_app: r.destination_app,
+            destination_version: r.destination_version,
+            destination_service: r.destination_service,
+            destination_service_name: r.destination_service_name,
+            destination_service_namespace: r.destination_service_namespace,
+            destination_canonical_service: r.destination_canonical_service,
+            destination_canonical_revision: r.destination_canonical_revision,
+            destination_cluster: r.destination_cluster,
+            request_protocol: r.request_protocol,
+            response_flags: r.response_flags,
+            connection_security_policy: r.connection_security_policy,
+        }
+    }
+}
+
 type Hist = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
 fn histogram() -> Histogram {
@@ -179,10 +238,10 @@ pub struct Metrics {
     duration: Hist,
     request_bytes: Hist,
     response_bytes: Hist,
-    tcp_opened: Family<RequestLabels, Counter>,
-    tcp_closed: Family<RequestLabels, Counter>,
-    tcp_sent: Family<RequestLabels, Counter>,
-    tcp_received: Family<RequestLabels, Counter>,
+    tcp_opened: Family<TcpLabels, Counter>,
+    tcp_closed: Family<TcpLabels, Counter>,
+    tcp_sent: Family<TcpLabels, Counter>,
+    tcp_received: Family<TcpLabels, Counter>,
     refused: Family<ReasonLabels, Counter>,
 }
 
@@ -241,11 +300,11 @@ impl Metrics {
         self.response_bytes.get_or_create(l).observe(response_bytes as f64);
     }
 
-    pub fn tcp_opened(&self, l: &RequestLabels) {
+    pub fn tcp_opened(&self, l: &TcpLabels) {
         self.tcp_opened.get_or_create(l).inc();
     }
 
-    pub fn tcp_closed(&self, l: &RequestLabels, request_bytes: u64, response_bytes: u64) {
+    pub fn tcp_closed(&self, l: &TcpLabels, request_bytes: u64, response_bytes: u64) {
         self.tcp_closed.get_or_create(l).inc();
         self.tcp_received.get_or_create(l).inc_by(request_bytes);
         self.tcp_sent.get_or_create(l).inc_by(response_bytes);

@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::{
     accesslog::{self, Entry},
     inbound::Downstream,
-    metrics::{Outcome, Peer, RequestLabels, ServiceLabels},
+    metrics::{Outcome, Peer, RequestLabels, ServiceLabels, TcpLabels},
     route, upstream, Waypoint,
 };
 
@@ -59,7 +59,7 @@ where
     wp.access().log(&entry);
 }
 
-fn labels(src: &Peer, dst: &Peer, svc: &ServiceLabels, flags: &str) -> RequestLabels {
+fn labels(src: &Peer, dst: &Peer, svc: &ServiceLabels, flags: &str) -> TcpLabels {
     RequestLabels::new(
         src,
         dst,
@@ -71,6 +71,7 @@ fn labels(src: &Peer, dst: &Peer, svc: &ServiceLabels, flags: &str) -> RequestLa
             flags,
         },
     )
+    .into()
 }
 
 type Failed = (Peer, ServiceLabels, &'static str);

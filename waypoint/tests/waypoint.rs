@@ -594,7 +594,17 @@ async fn opaque_tcp_declared_and_server_first_protocols_do_not_hang() {
         out.contains("\"path\":\"/late\"") && !out.contains("x-forwarded-for"),
         "forwarded as opaque bytes: {out}"
     );
-    assert!(w.metrics_text().contains("istio_tcp_connections_opened_total{"));
+    let m = w.metrics_text();
+    let opened = m
+        .lines()
+        .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .expect(&m);
+    assert!(
+        opened.contains("reporter=\"waypoint\"")
+            && opened.contains("request_protocol=\"tcp\"")
+            && !opened.contains("response_code"),
+        "Istio's TCP label set: {opened}"
+    );
 }
 
 /// Polls `cond` (a counter or state the code under test changes) until true.
