@@ -126,11 +126,19 @@ impl ServiceSpec {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServicePort {
     pub port: u16,
     pub target_port: u16,
+    /// The port's name (Istio reads a protocol from its prefix, e.g.
+    /// `http-web`, `grpc`), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Kubernetes `appProtocol` (e.g. `http`, `kubernetes.io/h2c`, `grpc`,
+    /// `tcp`): the declared protocol, before the name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]

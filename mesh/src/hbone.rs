@@ -14,6 +14,14 @@
 //! to a new connection (a successor agent) while open ones finish. An idle
 //! stream is never timed out (as in ztunnel): idle database and long-poll
 //! connections stay up; pooled *connections* are released by the pool.
+//!
+//! Server API: [`serve_streams`] hands each CONNECT to a handler as an
+//! [`Incoming`] (peer SPIFFE ID, remote address, `:authority`, headers);
+//! the handler answers a status and, on 200, gets an [`H2Stream`]
+//! (AsyncRead + AsyncWrite) to serve as it likes (the waypoint runs hyper
+//! on it). [`serve`] is the agent's bridge-to-a-socket built on it. Client
+//! side, a [`Tunnel`] (and a pooled `mesh::pool::PooledStream`) is
+//! AsyncRead + AsyncWrite too.
 use std::{
     future::Future,
     io,
@@ -29,8 +37,12 @@ use bytes::{Bytes, BytesMut};
 use h2::{client::SendRequest, RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use rustls::{pki_types::ServerName, ClientConfig, ServerConfig};
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{
         tcp::{ReadHalf, WriteHalf},
         TcpStream,
@@ -140,10 +152,11 @@ pub struct ConnectHeaders {
     pub baggage: String,
 }
 
-/// An open tunnel stream.
+/// An open tunnel stream (client side). It is AsyncRead + AsyncWrite, so
+/// an HTTP client (hyper) can run on it; [`Tunnel::bridge`] copies it to a
+/// socket without copying buffers.
 pub struct Tunnel {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
+    io: H2Stream,
     /// The server's verified identity.
     pub peer: Option<SpiffeId>,
 }
@@ -251,8 +264,7 @@ async fn request(send: SendRequest<Bytes>, headers: &ConnectHeaders) -> Result<T
         });
     }
     Ok(Tunnel {
-        send: stream,
-        recv: response.into_body(),
+        io: H2Stream::new(stream, response.into_body()),
         peer: None,
     })
 }
@@ -289,7 +301,123 @@ impl Tunnel {
     /// Copies between the tunnel and `tcp` until both directions are done.
     /// `sent` counts tcp -> tunnel bytes.
     pub async fn bridge(self, tcp: &mut TcpStream) -> Copied {
-        bridge(self.send, self.recv, tcp).await
+        self.io.bridge(tcp).await
+    }
+
+    /// The stream as plain AsyncRead + AsyncWrite.
+    pub fn into_stream(self) -> H2Stream {
+        self.io
+    }
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// One CONNECT stream's bytes as AsyncRead + AsyncWrite (both sides of the
+/// tunnel): DATA frames in, DATA frames out, shutdown = END_STREAM.
+/// Received capacity is released as soon as a frame is taken, so at most
+/// one frame (<= 1 MiB) is buffered here.
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// The unread rest of the last DATA frame.
+    unread: Bytes,
+    shut: bool,
+}
+
+impl H2Stream {
+    fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self {
+            send,
+            recv,
+            unread: Bytes::new(),
+            shut: false,
+        }
+    }
+
+    /// Copies between the stream and `tcp` until both directions are done
+    /// (buffers handed to h2 without a copy). `sent` counts tcp -> stream.
+    pub async fn bridge(self, tcp: &mut TcpStream) -> Copied {
+        let H2Stream { send, recv, unread, .. } = self;
+        if !unread.is_empty() {
+            if let Err(e) = tcp.write_all(&unread).await {
+                return Copied::failed(format!("error: {e}"));
+            }
+        }
+        bridge(send, recv, tcp).await
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        while self.unread.is_empty() {
+            match std::task::ready!(self.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                Some(Ok(chunk)) => {
+                    let _ = self.recv.flow_control().release_capacity(chunk.len());
+                    self.unread = chunk;
+                }
+            }
+        }
+        let n = self.unread.len().min(buf.remaining());
+        buf.put_slice(&self.unread.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.send.reserve_capacity(buf.len());
+        // h2 may report a zero grant once (capacity assigned then taken);
+        // polling again registers the waker.
+        for _ in 0..2 {
+            match std::task::ready!(self.send.poll_capacity(cx)) {
+                None => return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed"))),
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                Some(Ok(0)) => continue,
+                Some(Ok(granted)) => {
+                    let n = granted.min(buf.len());
+                    self.send
+                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                        .map_err(h2_io)?;
+                    return Poll::Ready(Ok(n));
+                }
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // h2 writes frames as the connection is driven; nothing is held here.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.shut {
+            self.shut = true;
+            self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -351,45 +479,91 @@ async fn h2_to_tcp(mut recv: RecvStream, mut wr: WriteHalf<'_>, count: &AtomicU6
     wr.shutdown().await
 }
 
-/// What the destination side learns about an incoming CONNECT.
+/// One CONNECT as the server sees it, before it is answered.
 #[derive(Debug, Clone)]
-pub struct Inbound {
-    pub authority: SocketAddr,
+pub struct ConnectRequest {
     /// The client's verified SPIFFE ID.
     pub peer: SpiffeId,
     /// The TCP peer (the source node/pod address).
     pub remote: SocketAddr,
-    /// `forwarded: for=` if given.
-    pub forwarded_for: Option<String>,
+    /// `:authority` as sent (normally `ip:port`).
+    pub authority: String,
+    /// The request headers (`forwarded`, `baggage`, `traceparent`, ...).
+    pub headers: http::HeaderMap,
     /// When the CONNECT arrived.
     pub started: std::time::Instant,
 }
 
-/// Why a CONNECT was refused: the status to answer and a reason to log.
-pub struct Refusal {
-    pub status: StatusCode,
-    pub reason: String,
+impl ConnectRequest {
+    /// `:authority` as `ip:port`, if it is one.
+    pub fn authority_addr(&self) -> Option<SocketAddr> {
+        self.authority.parse().ok()
+    }
+
+    /// The `forwarded` header, if given.
+    pub fn forwarded(&self) -> Option<&str> {
+        self.headers.get("forwarded").and_then(|v| v.to_str().ok())
+    }
+
+    /// The original client's address from `forwarded: for="ip:port"` (or
+    /// `for=ip`), if given and well formed.
+    pub fn forwarded_for(&self) -> Option<std::net::IpAddr> {
+        let v = self.forwarded()?;
+        let f = v.split(';').find_map(|p| p.trim().strip_prefix("for="))?;
+        let f = f.trim_matches('"');
+        f.parse::<SocketAddr>()
+            .map(|a| a.ip())
+            .or_else(|_| f.trim_start_matches('[').trim_end_matches(']').parse())
+            .ok()
+    }
 }
 
-/// Terminates TLS on an accepted 15008 connection and serves its CONNECT
-/// streams. For each, `open` authorizes and connects to the application,
-/// returning the upstream socket and a guard kept until the stream ends;
-/// `done` gets the outcome when the stream ends. The handshakes are bounded
-/// by `handshake_timeout`. When `drain` resolves the connection is shut down
-/// gracefully: GOAWAY, open streams finish, then it closes.
-pub async fn serve<O, F, G, D>(
+/// A CONNECT stream waiting for the handler's answer: [`Incoming::accept`]
+/// answers 200 and yields the stream, [`Incoming::refuse`] answers another
+/// status and ends it. Dropped unanswered, the stream is reset.
+pub struct Incoming {
+    pub request: ConnectRequest,
+    respond: h2::server::SendResponse<Bytes>,
+    body: RecvStream,
+}
+
+impl Incoming {
+    /// Answers 200: bytes may flow.
+    pub fn accept(mut self) -> Result<H2Stream, HboneError> {
+        let send = self
+            .respond
+            .send_response(status(StatusCode::OK), false)
+            .map_err(|source| HboneError::H2 {
+                peer: self.request.remote,
+                source,
+            })?;
+        Ok(H2Stream::new(send, self.body))
+    }
+
+    /// Answers `code` (not 200) and ends the stream.
+    pub fn refuse(mut self, code: StatusCode) {
+        let _ = self.respond.send_response(status(code), true);
+    }
+}
+
+/// Terminates TLS on an accepted 15008 connection and hands each CONNECT
+/// stream to `handler` (spawned, one task per stream), which decides the
+/// answer. Requests that are not CONNECT get 400 here. The TLS and HTTP/2
+/// handshakes are bounded by `handshake_timeout`; at most [`MAX_STREAMS`]
+/// streams run at once (more are refused with REFUSED_STREAM) and header
+/// lists are at most [`MAX_HEADER_LIST`]. When `drain` resolves the
+/// connection is shut down gracefully: GOAWAY, open streams finish, then
+/// it closes and this returns.
+pub async fn serve_streams<H, F>(
     tcp: TcpStream,
     tls: Arc<ServerConfig>,
     handshake_timeout: Duration,
     drain: impl Future<Output = ()>,
-    open: O,
-    done: D,
+    handler: H,
 ) -> Result<(), HboneError>
 where
-    O: Fn(Inbound) -> F + Clone + Send + 'static,
-    F: Future<Output = Result<(TcpStream, G), Refusal>> + Send + 'static,
-    G: Send + 'static,
-    D: Fn(Inbound, Result<Copied, Refusal>) + Clone + Send + Sync + 'static,
+    H: Fn(Incoming) -> F,
+    F: Future<Output = ()> + Send + 'static,
 {
     let remote = tcp.peer_addr().map_err(|source| HboneError::Tls {
         peer: "0.0.0.0:0".parse().expect("addr"),
@@ -437,7 +611,7 @@ where
                 continue;
             }
         };
-        let (req, respond) = match next {
+        let (req, mut respond) = match next {
             None => return Ok(()),
             Some(Ok(r)) => r,
             Some(Err(e)) => {
@@ -447,52 +621,97 @@ where
                 })
             }
         };
-        tokio::spawn(stream_task(
-            req,
-            respond,
+        if req.method() != Method::CONNECT {
+            let _ = respond.send_response(status(StatusCode::BAD_REQUEST), true);
+            tracing::warn!(remote = %remote, reason = %format!("method {} is not CONNECT", req.method()), "bad HBONE request");
+            continue;
+        }
+        let (parts, body) = req.into_parts();
+        let request = ConnectRequest {
+            peer: peer.clone(),
             remote,
-            peer.clone(),
-            open.clone(),
-            done.clone(),
-        ));
+            authority: parts
+                .uri
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .unwrap_or_default(),
+            headers: parts.headers,
+            started: std::time::Instant::now(),
+        };
+        tokio::spawn(handler(Incoming { request, respond, body }));
     }
 }
 
-/// One CONNECT stream: parse, `open`, answer, bridge, report to `done`.
-async fn stream_task<O, F, G, D>(
-    req: Request<RecvStream>,
-    mut respond: h2::server::SendResponse<Bytes>,
-    remote: SocketAddr,
-    peer: SpiffeId,
+/// What the destination side learns about an incoming CONNECT.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub authority: SocketAddr,
+    /// The client's verified SPIFFE ID.
+    pub peer: SpiffeId,
+    /// The TCP peer (the source node/pod address).
+    pub remote: SocketAddr,
+    /// `forwarded: for=` if given.
+    pub forwarded_for: Option<String>,
+    /// When the CONNECT arrived.
+    pub started: std::time::Instant,
+}
+
+/// Why a CONNECT was refused: the status to answer and a reason to log.
+pub struct Refusal {
+    pub status: StatusCode,
+    pub reason: String,
+}
+
+/// Terminates TLS on an accepted 15008 connection and serves its CONNECT
+/// streams by bridging each to a socket (the agent's inbound role; built
+/// on [`serve_streams`], same bounds and drain). For each, `open`
+/// authorizes and connects to the application, returning the upstream
+/// socket and a guard kept until the stream ends; `done` gets the outcome
+/// when the stream ends.
+pub async fn serve<O, F, G, D>(
+    tcp: TcpStream,
+    tls: Arc<ServerConfig>,
+    handshake_timeout: Duration,
+    drain: impl Future<Output = ()>,
     open: O,
     done: D,
-) where
+) -> Result<(), HboneError>
+where
+    O: Fn(Inbound) -> F + Clone + Send + 'static,
+    F: Future<Output = Result<(TcpStream, G), Refusal>> + Send + 'static,
+    G: Send + 'static,
+    D: Fn(Inbound, Result<Copied, Refusal>) + Clone + Send + Sync + 'static,
+{
+    serve_streams(tcp, tls, handshake_timeout, drain, move |incoming| {
+        bridge_task(incoming, open.clone(), done.clone())
+    })
+    .await
+}
+
+/// One CONNECT stream of [`serve`]: parse, `open`, answer, bridge, report.
+async fn bridge_task<O, F, G, D>(incoming: Incoming, open: O, done: D)
+where
     O: Fn(Inbound) -> F,
     F: Future<Output = Result<(TcpStream, G), Refusal>>,
     D: Fn(Inbound, Result<Copied, Refusal>),
 {
-    let inbound = match parse_connect(&req) {
-        Ok(authority) => Inbound {
-            authority,
-            peer,
-            remote,
-            forwarded_for: req
-                .headers()
-                .get("forwarded")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
-            started: std::time::Instant::now(),
-        },
-        Err(refusal) => {
-            let _ = respond.send_response(status(refusal.status), true);
-            tracing::warn!(remote = %remote, reason = %refusal.reason, "bad HBONE request");
-            return;
-        }
+    let r = &incoming.request;
+    let Some(authority) = r.authority_addr() else {
+        tracing::warn!(remote = %r.remote, reason = %format!("authority `{}` is not ip:port", r.authority), "bad HBONE request");
+        incoming.refuse(StatusCode::BAD_REQUEST);
+        return;
+    };
+    let inbound = Inbound {
+        authority,
+        peer: r.peer.clone(),
+        remote: r.remote,
+        forwarded_for: r.forwarded().map(str::to_string),
+        started: r.started,
     };
     match open(inbound.clone()).await {
-        Ok((mut upstream, guard)) => match respond.send_response(status(StatusCode::OK), false) {
-            Ok(send) => {
-                let copied = bridge(send, req.into_body(), &mut upstream).await;
+        Ok((mut upstream, guard)) => match incoming.accept() {
+            Ok(stream) => {
+                let copied = stream.bridge(&mut upstream).await;
                 drop(guard);
                 done(inbound, Ok(copied));
             }
@@ -505,7 +724,7 @@ async fn stream_task<O, F, G, D>(
             ),
         },
         Err(refusal) => {
-            let _ = respond.send_response(status(refusal.status), true);
+            incoming.refuse(refusal.status);
             done(inbound, Err(refusal));
         }
     }
@@ -513,22 +732,4 @@ async fn stream_task<O, F, G, D>(
 
 fn status(code: StatusCode) -> Response<()> {
     Response::builder().status(code).body(()).expect("valid response")
-}
-
-fn parse_connect(req: &Request<RecvStream>) -> Result<SocketAddr, Refusal> {
-    let bad = |reason: String| Refusal {
-        status: StatusCode::BAD_REQUEST,
-        reason,
-    };
-    if req.method() != Method::CONNECT {
-        return Err(bad(format!("method {} is not CONNECT", req.method())));
-    }
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .unwrap_or_default();
-    authority
-        .parse()
-        .map_err(|_| bad(format!("authority `{authority}` is not ip:port")))
 }

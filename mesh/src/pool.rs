@@ -25,8 +25,15 @@ use std::{
     time::Duration,
 };
 
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
 use bytes::Bytes;
 use h2::client::SendRequest;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::{
     hbone::{self, ConnectHeaders, HboneError, Timeouts, Tunnel},
@@ -64,6 +71,38 @@ pub struct StreamGuard(Arc<AtomicUsize>);
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A pooled CONNECT stream: AsyncRead + AsyncWrite, counted on its
+/// connection until dropped.
+pub struct PooledStream {
+    tunnel: Tunnel,
+    _guard: StreamGuard,
+}
+
+impl PooledStream {
+    /// The server's verified identity.
+    pub fn peer(&self) -> Option<&SpiffeId> {
+        self.tunnel.peer.as_ref()
+    }
+}
+
+impl AsyncRead for PooledStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tunnel).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PooledStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tunnel).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tunnel).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tunnel).poll_shutdown(cx)
     }
 }
 
@@ -109,6 +148,24 @@ impl Pool {
                 r => return r,
             }
         }
+    }
+
+    /// [`Pool::connect`] as one AsyncRead + AsyncWrite value (for an HTTP
+    /// client such as hyper's running on the stream); the stream's slot is
+    /// held until it is dropped.
+    pub async fn connect_stream<D, F>(
+        &self,
+        key: &PoolKey,
+        serial: &str,
+        headers: &ConnectHeaders,
+        dial: D,
+    ) -> Result<PooledStream, HboneError>
+    where
+        D: Fn() -> F,
+        F: Future<Output = Result<hbone::Dialed, HboneError>>,
+    {
+        let (tunnel, guard) = self.connect(key, serial, headers, dial).await?;
+        Ok(PooledStream { tunnel, _guard: guard })
     }
 
     /// A connection with a reserved stream slot: a pooled one, else a new

@@ -743,3 +743,86 @@ where
     }
     out
 }
+
+/// A server on the stream API: echoes each accepted stream with plain
+/// AsyncRead/AsyncWrite; refuses port 1 with 403; reports what it saw.
+async fn stream_server(pki: &Pki) -> (SocketAddr, mpsc::UnboundedReceiver<hbone::ConnectRequest>) {
+    let cfg = tls::server_config(&pki.cert(SERVER), &pki.roots).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (cfg, tx) = (cfg.clone(), tx.clone());
+            tokio::spawn(async move {
+                let handler = move |inc: hbone::Incoming| {
+                    let tx = tx.clone();
+                    async move {
+                        tx.send(inc.request.clone()).unwrap();
+                        if inc.request.authority_addr().map(|a| a.port()) == Some(1) {
+                            return inc.refuse(http::StatusCode::FORBIDDEN);
+                        }
+                        let (mut r, mut w) = tokio::io::split(inc.accept().unwrap());
+                        tokio::io::copy(&mut r, &mut w).await.unwrap();
+                        w.shutdown().await.unwrap();
+                    }
+                };
+                let _ = hbone::serve_streams(s, cfg, WAIT, std::future::pending(), handler).await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_api_both_sides_are_async_read_write_and_the_handler_decides_the_status() {
+    let pki = Pki::new("streams", "cluster.local");
+    let (addr, mut seen) = stream_server(&pki).await;
+    let pool = Pool::default();
+    let key = PoolKey {
+        src_identity: CLIENT.parse().unwrap(),
+        dst_identities: vec![SERVER.parse().unwrap()],
+        dst: addr,
+        src_ip: "127.0.0.1".parse().unwrap(),
+    };
+    let cert = Arc::new(pki.cert(CLIENT));
+    let open = |authority: &str| {
+        let h = headers(authority.parse().unwrap());
+        let (pool, key, cert, roots) = (pool.clone(), key.clone(), cert.clone(), pki.roots.clone());
+        async move {
+            pool.connect_stream(&key, &cert.serial, &h, || async {
+                Ok(hbone::Dialed {
+                    tcp: TcpStream::connect(addr).await.unwrap(),
+                    tls: tls::client_config(&cert, &roots, vec![SERVER.parse().unwrap()])?,
+                })
+            })
+            .await
+        }
+    };
+    // 10 MiB: more than the stream and connection windows, so the writer
+    // waits for capacity and the reader must release it.
+    let payload: Vec<u8> = (0..10 << 20).map(|i| (i % 251) as u8).collect();
+    let mut s = open("10.0.0.9:8080").await.unwrap();
+    assert_eq!(s.peer().map(ToString::to_string).as_deref(), Some(SERVER));
+    let (mut r, mut w) = tokio::io::split(&mut s);
+    let write = async {
+        w.write_all(&payload).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut echo = Vec::new();
+    let read = r.read_to_end(&mut echo);
+    let (_, n) = tokio::time::timeout(WAIT, async { tokio::join!(write, read) })
+        .await
+        .expect("echo completes");
+    assert_eq!(n.unwrap(), payload.len());
+    assert!(echo == payload, "bytes intact and in order");
+    let req = seen.recv().await.unwrap();
+    assert_eq!(req.authority, "10.0.0.9:8080");
+    assert_eq!(req.peer.to_string(), CLIENT);
+    assert_eq!(req.forwarded_for(), Some("10.1.1.11".parse().unwrap()));
+    assert_eq!(req.headers.get("baggage").unwrap(), "k8s.namespace.name=default");
+
+    let e = open("10.0.0.9:1").await.err().expect("refused by the handler");
+    assert!(e.to_string().contains("403"), "{e}");
+    assert_eq!(pool.connections(), 1, "one pooled connection carried both");
+}

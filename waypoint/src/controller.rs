@@ -9,42 +9,17 @@
 //! never the CA's: the process that holds the root key must not be able to
 //! create Deployments.
 pub mod gateway;
-mod generate;
+pub mod generate;
 pub mod objects;
 mod reconcile;
 
-use std::{
-    path::{Path, PathBuf},
-    process::ExitCode,
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use clap::Parser;
 
 pub const DEFAULT_IMAGE: &str = "ghcr.io/ambient-mesh/agent:0.1.0";
 pub const DEFAULT_CLUSTER_ROLE: &str = "ambient-mesh-waypoint";
 pub const DEFAULT_CA_ROOT: &str = "/etc/mesh/ca-root/root-cert.pem";
-
-#[derive(Parser)]
-#[command(name = "waypoint")]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(clap::Subcommand)]
-enum Cmd {
-    /// Create and reconcile the objects of every waypoint Gateway.
-    Controller(ControllerArgs),
-    /// Print a waypoint Gateway (and with --resources what the controller makes of it).
-    Generate(generate::Args),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 /// How every waypoint is deployed (shared by `controller` and `generate --resources`).
 #[derive(clap::Args, Debug, Clone)]
@@ -87,39 +62,17 @@ impl WaypointFlags {
     }
 }
 
-#[derive(clap::Args)]
-struct ControllerArgs {
+#[derive(clap::Args, Debug)]
+pub struct ControllerArgs {
     #[command(flatten)]
     waypoint: WaypointFlags,
     /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, else the pod's service account).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
-    #[arg(long, env = "WAYPOINT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
 }
 
-/// Runs `waypoint controller` / `waypoint generate` when the command line
-/// names one of them; None for every other command (the waypoint's own).
-pub fn main_for_subcommand() -> Option<ExitCode> {
-    let first = std::env::args().nth(1)?;
-    if !matches!(first.as_str(), "controller" | "generate") {
-        return None;
-    }
-    let result = match Cli::parse().cmd {
-        Cmd::Controller(args) => controller(args),
-        Cmd::Generate(args) => generate::print(&args),
-    };
-    Some(match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("waypoint {first}: {e:#}");
-            ExitCode::FAILURE
-        }
-    })
-}
-
-fn controller(args: ControllerArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
+/// `waypoint controller`: reconciles until the process is stopped.
+pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let settings = args.waypoint.settings()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -132,17 +85,6 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         tracing::info!("waypoint controller stopped");
         Ok(())
     })
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
 }
 
 /// A client from `--kubeconfig`, else the default chain (the agent's

@@ -1,10 +1,25 @@
-//! The waypoint (L7 proxy) is not built yet; see README "Status".
-mod controller;
+//! `waypoint`: parse the command line, set up logging, run the data plane
+//! (`run`), the controller (`controller`) or print manifests (`generate`).
+use clap::Parser;
+use waypoint::config::{Cli, Cmd, LogFormat};
 
-fn main() -> std::process::ExitCode {
-    if let Some(code) = controller::main_for_subcommand() {
-        return code;
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.cmd {
+        Cmd::Run(args) => waypoint::app::run(args.into_config()?),
+        Cmd::Controller(args) => waypoint::controller::run(args),
+        Cmd::Generate(args) => waypoint::controller::generate::print(&args),
     }
-    eprintln!("waypoint: not implemented yet; the L7 waypoint comes after HBONE (see README, Status)");
-    std::process::ExitCode::from(2)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
 }

@@ -241,8 +241,10 @@ fn test(args: &[String]) -> Result<()> {
     build_ebpf()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
-    // The end-to-end tests start the agent binary from the shared target dir.
-    run(cargo().args(["build", "-p", "agent", "-p", "mesh-cni", "-p", "testbed", "--bins"]))?;
+    // The end-to-end tests start the binaries from the shared target dir.
+    run(cargo().args([
+        "build", "-p", "agent", "-p", "mesh-cni", "-p", "testbed", "-p", "waypoint", "--bins",
+    ]))?;
     build_agent_next()?;
     run(cargo().args(["test", "--workspace"]).args(args))
 }

@@ -437,9 +437,12 @@ fn service_spec(svc: &Service, slices: &[Arc<EndpointSlice>], warnings: &mut Vec
                 .and_then(|sp| sp.port),
         };
         match (u16::try_from(p.port), target.map(u16::try_from)) {
-            (Ok(port), Some(Ok(target_port))) if port != 0 && target_port != 0 => {
-                ports.push(ServicePort { port, target_port })
-            }
+            (Ok(port), Some(Ok(target_port))) if port != 0 && target_port != 0 => ports.push(ServicePort {
+                port,
+                target_port,
+                name: p.name.clone(),
+                app_protocol: p.app_protocol.clone(),
+            }),
             _ => warnings.push(format!(
                 "service {namespace}/{name}: port {} has no resolvable target port yet",
                 p.port

@@ -1,0 +1,63 @@
+//! `mesh-echo`: the echo backend (HTTP/1.1, h2, gRPC on one port; see
+//! `testbed::echo`), or its gRPC client mode for tests and demos.
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Echo backend: answers each request with the request as JSON; gRPC echo on the same port")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve (HTTP/1.1 and h2 auto-detected, gRPC by content-type).
+    Serve {
+        #[arg(long, default_value = "[::]:8080")]
+        listen: SocketAddr,
+        /// The pod name put in every answer.
+        #[arg(long, env = "POD_NAME", default_value = "echo")]
+        pod: String,
+    },
+    /// One gRPC Echo call to `addr`; prints the reply as JSON.
+    GrpcClient {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value = "hello")]
+        message: String,
+    },
+}
+
+fn main() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        match Cli::parse().cmd {
+            Cmd::Serve { listen, pod } => {
+                let l = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                eprintln!("mesh-echo {pod} listening on {}", l.local_addr()?);
+                testbed::echo::serve(l, &pod).await;
+                Ok(())
+            }
+            Cmd::GrpcClient { addr, message } => {
+                let tcp = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .with_context(|| format!("cannot connect to {addr}"))?;
+                let mut client = testbed::echo::grpc_client(tcp).await?;
+                let reply = client
+                    .echo(testbed::echo::pb::EchoRequest { message, fail_code: 0 })
+                    .await?
+                    .into_inner();
+                println!(
+                    "{}",
+                    serde_json::json!({"message": reply.message, "pod": reply.pod, "metadata": reply.metadata})
+                );
+                Ok(())
+            }
+        }
+    })
+}

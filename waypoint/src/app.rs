@@ -1,0 +1,145 @@
+//! Wiring: the cluster model from the enrolment file (re-read when it
+//! changes), the waypoint's own certificate from the CA, the HBONE
+//! listener, metrics and readiness, the access log, and SIGTERM's drain.
+//!
+//! Two runtimes, as ztunnel: control work (CA, config, metrics, access
+//! log) on a current-thread runtime of its own thread, the data plane on a
+//! multi-thread one, so scraping or a slow CA never adds data-path latency.
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use cluster::{config::LocalConfig, state::State};
+use mesh::{ca::CaClient, certs::SecretManager, tls::Roots};
+use prometheus_client::registry::Registry;
+
+use crate::{
+    accesslog::AccessLog,
+    config::Config,
+    inbound::{Certs, Parts},
+    metrics::Metrics,
+    Waypoint,
+};
+
+/// How often the enrolment file is checked for changes.
+const CONFIG_POLL: Duration = Duration::from_secs(2);
+
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    tracing::info!(config = %serde_json::to_string(&cfg)?, "waypoint starting");
+    let local = LocalConfig::load(&cfg.enrolment)?;
+    let state = State::default();
+    state.update(&local, &cfg.id.trust_domain);
+    let root_pem = std::fs::read_to_string(&cfg.ca.root_cert)
+        .with_context(|| format!("cannot read the mesh root certificate {}", cfg.ca.root_cert.display()))?;
+    let roots = Roots::from_pem(&root_pem)?;
+    let control = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // The CA client's connection lives on the control runtime.
+    let client = {
+        let _rt = control.enter();
+        CaClient::new(&cfg.ca)?
+    };
+    let data = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("waypoint-data")
+        .build()?;
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let (access, lines) = if cfg.access_log {
+        let (a, rx) = AccessLog::channel();
+        (a, Some(rx))
+    } else {
+        (AccessLog::off(), None)
+    };
+    let mut secrets = SecretManager::new(client, cfg.cert_lifetime);
+    let certs = Certs::Store {
+        store: secrets.store(),
+        id: cfg.id.clone(),
+    };
+    let wp = Waypoint::new(Parts {
+        id: cfg.id.clone(),
+        certs: certs.clone(),
+        roots,
+        state: state.clone(),
+        limits: cfg.limits.clone(),
+        upstream_port: cfg.upstream_hbone_port,
+        metrics,
+        access,
+    });
+
+    let metrics_listener = control
+        .block_on(tokio::net::TcpListener::bind(cfg.metrics_addr))
+        .with_context(|| format!("cannot listen on --metrics-addr {}", cfg.metrics_addr))?;
+    let control_thread = {
+        let (cfg, state, registry) = (cfg.clone(), state.clone(), Arc::new(registry));
+        std::thread::Builder::new()
+            .name("waypoint-control".into())
+            .spawn(move || {
+                control.block_on(async move {
+                    secrets.set_wanted(&BTreeSet::from([cfg.id.clone()]));
+                    if let Some(rx) = lines {
+                        tokio::spawn(AccessLog::write_stdout(rx));
+                    }
+                    let ready = move || certs.current().is_some();
+                    tokio::spawn(crate::metrics::serve(metrics_listener, registry, ready));
+                    watch_config(&cfg, &state).await;
+                })
+            })?
+    };
+
+    data.block_on(async {
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on --listen {}", cfg.listen))?;
+        tracing::info!(listen = %cfg.listen, metrics = %cfg.metrics_addr, identity = %cfg.id, "waypoint serving HBONE");
+        let serving = tokio::spawn({
+            let wp = wp.clone();
+            async move { wp.serve(listener).await }
+        });
+        terminated().await?;
+        tracing::info!(open = wp.drain().open_connections(), within = ?cfg.limits.drain_timeout, "draining: GOAWAY to every connection");
+        let clean = wp.shutdown(cfg.limits.drain_timeout).await;
+        serving.abort();
+        if clean {
+            tracing::info!("drained: every connection finished");
+        } else {
+            tracing::warn!(open = wp.drain().open_connections(), "drain timeout: closing the rest");
+        }
+        anyhow::Ok(())
+    })?;
+    drop(control_thread);
+    Ok(())
+}
+
+/// SIGTERM or SIGINT.
+async fn terminated() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Re-reads the enrolment file when its modification time changes; a bad
+/// file is logged and the last good one stays in force.
+async fn watch_config(cfg: &Config, state: &State) {
+    let mtime = || std::fs::metadata(&cfg.enrolment).and_then(|m| m.modified()).ok();
+    let mut seen = mtime();
+    loop {
+        tokio::time::sleep(CONFIG_POLL).await;
+        let now = mtime();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match LocalConfig::load(&cfg.enrolment) {
+            Ok(local) => {
+                state.update(&local, &cfg.id.trust_domain);
+                tracing::info!(file = %cfg.enrolment.display(), services = local.services.len(), pods = local.pods.len(), "enrolment file reloaded");
+            }
+            Err(e) => tracing::error!(error = %e, "enrolment file not reloaded; the previous one stays in force"),
+        }
+    }
+}

@@ -1,0 +1,1199 @@
+//! The waypoint on loopback with real TLS, real HBONE and the real proxy:
+//! clients open HBONE CONNECTs to it (as a source agent does) and speak
+//! HTTP/1.1, h2, gRPC, WebSocket or raw bytes inside; the "pods" behind it
+//! are HBONE servers (the destination agent's role, `mesh::hbone::serve`)
+//! in front of the testbed's echo backend.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use cluster::{
+    config::{LocalConfig, PodSpec, ServicePort, ServiceSpec},
+    state::State,
+};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh::{
+    ca::{CaFiles, Signer},
+    hbone::{self, ConnectHeaders, HboneError, Inbound, Refusal, Tunnel},
+    identity::{new_csr, SpiffeId, WorkloadCert},
+    tls::{self, Roots},
+};
+use prometheus_client::registry::Registry;
+use testbed::echo::Echoed;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use waypoint::{
+    accesslog::AccessLog,
+    config::LimitArgs,
+    inbound::{Certs, Parts},
+    metrics::Metrics,
+    Waypoint,
+};
+
+const TD: &str = "cluster.local";
+const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
+const WAYPOINT: &str = "spiffe://cluster.local/ns/default/sa/web-waypoint";
+const WAIT: Duration = Duration::from_secs(10);
+/// The web Service: VIP, port (undeclared), port declared HTTP, port
+/// declared TCP, and the pods' target port.
+const VIP: &str = "10.96.0.10";
+const TARGET: u16 = 8080;
+/// The client pod's address (`forwarded: for=`).
+const CLIENT_IP: &str = "10.1.1.11";
+
+struct Pki {
+    signer: Signer,
+    roots: Roots,
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(tag: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("waypoint-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let files = CaFiles::new(&dir);
+        files.init(TD, &[]).unwrap();
+        let signer = Signer::load(&files, Duration::from_secs(3600)).unwrap();
+        let roots = Roots::from_pem(&std::fs::read_to_string(files.root_cert()).unwrap()).unwrap();
+        Pki { signer, roots, dir }
+    }
+
+    fn cert(&self, id: &str) -> WorkloadCert {
+        let id: SpiffeId = id.parse().unwrap();
+        let (key, csr) = new_csr(&id).unwrap();
+        let chain = self.signer.sign(&csr, &id, Duration::from_secs(600)).unwrap();
+        WorkloadCert::new(id, chain, key).unwrap()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What a pod's HBONE server saw: (authority, caller identity).
+type Seen = Arc<Mutex<Vec<(SocketAddr, String)>>>;
+
+/// A backend pod: the echo backend behind an HBONE server on `ip:port`.
+async fn pod(pki: &Pki, ip: IpAddr, port: u16, name: &str, seen: Seen) -> std::io::Result<u16> {
+    let l = TcpListener::bind((ip, port)).await?;
+    let port = l.local_addr()?.port();
+    let echo = testbed::echo::spawn("127.0.0.1:0".parse().unwrap(), name).await?;
+    let cfg = tls::server_config(&pki.cert(&format!("spiffe://{TD}/ns/default/sa/{name}")), &pki.roots).unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (cfg, seen) = (cfg.clone(), seen.clone());
+            tokio::spawn(async move {
+                let open = move |i: Inbound| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().unwrap().push((i.authority, i.peer.to_string()));
+                        if i.authority.port() != TARGET {
+                            return Err(Refusal {
+                                status: StatusCode::SERVICE_UNAVAILABLE,
+                                reason: "no such port".into(),
+                            });
+                        }
+                        TcpStream::connect(echo).await.map(|s| (s, ())).map_err(|e| Refusal {
+                            status: StatusCode::SERVICE_UNAVAILABLE,
+                            reason: e.to_string(),
+                        })
+                    }
+                };
+                let _ = hbone::serve(s, cfg, WAIT, std::future::pending(), open, |_, _| {}).await;
+            });
+        }
+    });
+    Ok(port)
+}
+
+fn pod_spec(name: &str, ip: &str, sa: &str, app: &str) -> PodSpec {
+    PodSpec {
+        uid: None,
+        name: name.into(),
+        namespace: "default".into(),
+        service_account: sa.into(),
+        node: "node1".into(),
+        netns: None,
+        cgroup: None,
+        ips: vec![ip.parse().unwrap()],
+        labels: BTreeMap::from([("app".to_string(), app.to_string()), ("version".into(), "v1".into())]),
+        healthy: true,
+        tunnel: Default::default(),
+        waypoint: None,
+    }
+}
+
+fn port(port: u16, app_protocol: Option<&str>) -> ServicePort {
+    ServicePort {
+        port,
+        target_port: TARGET,
+        name: None,
+        app_protocol: app_protocol.map(str::to_string),
+    }
+}
+
+/// The cluster: pods web-a, web-b (127.0.0.2, .3) behind Service web, and
+/// the client pod; `extra` edits it.
+fn cluster(extra: impl FnOnce(&mut LocalConfig)) -> LocalConfig {
+    let mut c = LocalConfig {
+        pods: vec![
+            pod_spec("web-a", "127.0.0.2", "web-a", "web"),
+            pod_spec("web-b", "127.0.0.3", "web-b", "web"),
+            pod_spec("client", CLIENT_IP, "client", "client"),
+        ],
+        services: vec![ServiceSpec {
+            name: "web".into(),
+            namespace: "default".into(),
+            hostname: None,
+            vips: vec![VIP.parse().unwrap()],
+            ports: vec![
+                port(80, None),
+                port(81, Some("http")),
+                port(82, Some("tcp")),
+                port(83, Some("grpc")),
+            ],
+            selector: BTreeMap::from([("app".to_string(), "web".to_string())]),
+            endpoints: None,
+            load_balancing: Default::default(),
+            subject_alt_names: vec![],
+            waypoint: None,
+        }],
+        ..LocalConfig::default()
+    };
+    extra(&mut c);
+    c
+}
+
+struct World {
+    pki: Pki,
+    wp: Waypoint,
+    addr: SocketAddr,
+    state: State,
+    registry: Registry,
+    access: mpsc::Receiver<String>,
+    /// Every CONNECT the pods saw.
+    seen: Seen,
+}
+
+impl World {
+    async fn new(tag: &str, limits: LimitArgs) -> World {
+        Self::with(tag, limits, |_| {}).await
+    }
+
+    async fn with(tag: &str, limits: LimitArgs, edit: impl FnOnce(&mut LocalConfig)) -> World {
+        let pki = Pki::new(tag);
+        let seen: Seen = Arc::default();
+        // Both pods listen on one port (the waypoint dials ip:port for every
+        // endpoint, as it dials ip:15008 in a cluster).
+        let mut upstream_port = 0;
+        for _ in 0..20 {
+            let p = pod(&pki, "127.0.0.2".parse().unwrap(), 0, "web-a", seen.clone())
+                .await
+                .unwrap();
+            if pod(&pki, "127.0.0.3".parse().unwrap(), p, "web-b", seen.clone())
+                .await
+                .is_ok()
+            {
+                upstream_port = p;
+                break;
+            }
+        }
+        assert_ne!(upstream_port, 0, "no common port for both pods");
+        let state = State::default();
+        state.update(&cluster(edit), TD);
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let (access, lines) = AccessLog::channel();
+        let wp = Waypoint::new(Parts {
+            id: WAYPOINT.parse().unwrap(),
+            certs: Certs::Fixed(Arc::new(pki.cert(WAYPOINT))),
+            roots: pki.roots.clone(),
+            state: state.clone(),
+            limits,
+            upstream_port,
+            metrics,
+            access,
+        });
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn({
+            let wp = wp.clone();
+            async move { wp.serve(l).await }
+        });
+        World {
+            pki,
+            wp,
+            addr,
+            state,
+            registry,
+            access: lines,
+            seen,
+        }
+    }
+
+    /// A CONNECT to the waypoint for `authority`, as the client's agent.
+    async fn connect(&self, authority: &str) -> Result<Tunnel, HboneError> {
+        let cfg = tls::client_config(&self.pki.cert(CLIENT), &self.pki.roots, vec![WAYPOINT.parse().unwrap()]).unwrap();
+        let headers = ConnectHeaders {
+            authority: authority.parse().unwrap(),
+            client: format!("{CLIENT_IP}:40000").parse().unwrap(),
+            baggage: hbone::baggage("Kubernetes", "default", "client", "client", "v1"),
+        };
+        hbone::connect(TcpStream::connect(self.addr).await.unwrap(), cfg, &headers).await
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).unwrap();
+        out
+    }
+
+    /// The next access-log line.
+    async fn access_line(&mut self) -> serde_json::Value {
+        let line = tokio::time::timeout(WAIT, self.access.recv())
+            .await
+            .expect("an access-log line")
+            .unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
+fn vip(port: u16) -> String {
+    format!("{VIP}:{port}")
+}
+
+type H1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+type H2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+async fn h1(t: Tunnel) -> H1 {
+    let (tx, c) = hyper::client::conn::http1::handshake(TokioIo::new(t)).await.unwrap();
+    tokio::spawn(c.with_upgrades());
+    tx
+}
+
+async fn h2(t: Tunnel) -> H2 {
+    let (tx, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(t))
+        .await
+        .unwrap();
+    tokio::spawn(c);
+    tx
+}
+
+/// hyper's client needs the connection ready again between keep-alive
+/// requests.
+async fn send<T: Sender>(tx: &mut T, req: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>> {
+    tx.send(req).await
+}
+
+trait Sender {
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>>;
+}
+
+impl Sender for H1 {
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>> {
+        self.ready().await?;
+        self.send_request(req).await
+    }
+}
+
+impl Sender for H2 {
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>> {
+        self.ready().await?;
+        self.send_request(req).await
+    }
+}
+
+fn get(uri: &str) -> Request<Full<Bytes>> {
+    Request::get(uri)
+        .header("host", "web.default.svc.cluster.local")
+        .body(Full::default())
+        .unwrap()
+}
+
+async fn json(resp: Response<Incoming>) -> (StatusCode, Echoed) {
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body))),
+    )
+}
+
+async fn text(resp: Response<Incoming>) -> (StatusCode, String) {
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_keepalive_routes_each_request_and_adds_forwarding_headers() {
+    let w = World::new("h1", LimitArgs::default()).await;
+    let mut tx = h1(w.connect(&vip(80)).await.unwrap()).await;
+    let mut pods = Vec::new();
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for i in 0..4 {
+        let mut req = get(&format!("/hello/{i}?x=1"));
+        req.headers_mut().insert("traceparent", tp.parse().unwrap());
+        let (status, e) = json(send(&mut tx, req).await.unwrap()).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            (e.path.as_str(), e.query.as_str(), e.version.as_str()),
+            (&*format!("/hello/{i}"), "x=1", "HTTP/1.1")
+        );
+        assert_eq!(e.host, "web.default.svc.cluster.local");
+        assert_eq!(e.header("x-forwarded-for"), Some(CLIENT_IP));
+        let sent = e.header("traceparent").unwrap();
+        assert!(
+            sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && !sent.contains("00f067aa0ba902b7"),
+            "{sent}"
+        );
+        assert!(e.header("baggage").unwrap().contains("k8s.deployment.name=client"));
+        pods.push(e.pod);
+    }
+    assert_eq!(
+        pods,
+        ["web-a", "web-b", "web-a", "web-b"],
+        "one keep-alive connection, each request routed on its own"
+    );
+    let seen = w.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 4);
+    for (authority, caller) in seen {
+        assert_eq!(caller, WAYPOINT, "the waypoint's own identity upstream");
+        assert_eq!(authority.port(), TARGET);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_routes_each_request_on_one_connection() {
+    let w = World::new("h2", LimitArgs::default()).await;
+    // Port 81 declares http: h2 prior knowledge is told by its preface.
+    for p in [80, 81] {
+        let mut tx = h2(w.connect(&vip(p)).await.unwrap()).await;
+        let mut pods = Vec::new();
+        for _ in 0..4 {
+            let req = Request::get("http://web.default:80/x").body(Full::default()).unwrap();
+            let (status, e) = json(send(&mut tx, req).await.unwrap()).await;
+            assert_eq!(status, 200);
+            assert_eq!(e.version, "HTTP/2.0", "h2 upstream for an h2 downstream");
+            assert_eq!(e.host, "web.default:80");
+            pods.push(e.pod);
+        }
+        pods.sort();
+        assert_eq!(pods, ["web-a", "web-a", "web-b", "web-b"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_with_a_real_client_and_server_and_its_status_in_metrics() {
+    let w = World::new("grpc", LimitArgs::default()).await;
+    let mut client = testbed::echo::grpc_client(w.connect(&vip(83)).await.unwrap())
+        .await
+        .unwrap();
+    let mut pods = Vec::new();
+    for _ in 0..2 {
+        let r = client
+            .echo(testbed::echo::pb::EchoRequest {
+                message: "hi".into(),
+                fail_code: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.message, "hi");
+        assert_eq!(r.metadata.get("x-forwarded-for").map(String::as_str), Some(CLIENT_IP));
+        pods.push(r.pod);
+    }
+    pods.sort();
+    assert_eq!(pods, ["web-a", "web-b"]);
+    let e = client
+        .echo(testbed::echo::pb::EchoRequest {
+            message: "x".into(),
+            fail_code: 14,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    let m = w.metrics_text();
+    assert!(
+        m.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("request_protocol=\"grpc\"")
+            && l.contains("grpc_response_status=\"14\"")),
+        "{m}"
+    );
+    let ok: u64 = m
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("grpc_response_status=\"0\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(ok, 2, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_passes_through() {
+    let w = World::new("ws", LimitArgs::default()).await;
+    let mut tx = h1(w.connect(&vip(80)).await.unwrap()).await;
+    let req = Request::get("/chat")
+        .header("host", "web")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-version", "13")
+        .body(Full::default())
+        .unwrap();
+    let resp = send(&mut tx, req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(resp.headers().get("upgrade").unwrap(), "websocket");
+    let up = hyper::upgrade::on(resp).await.unwrap();
+    let mut io = TokioIo::new(up);
+    io.write_all(b"frames both ways").await.unwrap();
+    let mut buf = [0u8; 16];
+    tokio::time::timeout(WAIT, io.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"frames both ways");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_authority_is_503_on_connect_and_a_vanished_route_404_nr() {
+    let mut w = World::new("unknown", LimitArgs::default()).await;
+    for a in ["10.96.9.9:80", "10.96.0.10:9999"] {
+        let e = w.connect(a).await.err().expect("refused");
+        assert!(
+            matches!(e, HboneError::Status { status, .. } if status == StatusCode::SERVICE_UNAVAILABLE),
+            "{a}: {e}"
+        );
+    }
+    assert!(w
+        .metrics_text()
+        .contains("waypoint_connect_refused_total{reason=\"unknown_authority\"} 2"));
+    // The service disappears under an open connection: the next request
+    // finds no route.
+    let mut tx = h1(w.connect(&vip(80)).await.unwrap()).await;
+    assert_eq!(text(send(&mut tx, get("/")).await.unwrap()).await.0, 200);
+    let _ = w.access_line().await;
+    w.state.update(&cluster(|c| c.services.clear()), TD);
+    let (status, _) = text(send(&mut tx, get("/")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(w.access_line().await["response_flags"], "NR");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ready_endpoint_is_503_uh() {
+    let mut w = World::with("uh", LimitArgs::default(), |c| {
+        for p in &mut c.pods {
+            p.healthy = p.name == "client";
+        }
+    })
+    .await;
+    let mut tx = h1(w.connect(&vip(80)).await.unwrap()).await;
+    let (status, body) = text(send(&mut tx, get("/")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let line = w.access_line().await;
+    assert_eq!(
+        (line["response_code"].as_u64(), line["response_flags"].as_str()),
+        (Some(503), Some("UH"))
+    );
+    assert!(w.metrics_text().lines().any(|l| l.starts_with("istio_requests_total{")
+        && l.contains("response_flags=\"UH\"")
+        && l.contains("response_code=\"503\"")));
+    // A gRPC client reads it as UNAVAILABLE.
+    let mut client = testbed::echo::grpc_client(w.connect(&vip(83)).await.unwrap())
+        .await
+        .unwrap();
+    let e = client
+        .echo(testbed::echo::pb::EchoRequest {
+            message: "x".into(),
+            fail_code: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(e.message().contains("no healthy upstream"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l4_policy_applies_to_the_caller_not_the_waypoint() {
+    let w = World::with("policy", LimitArgs::default(), |c| {
+        c.authorization_policies = serde_yaml_policy();
+    })
+    .await;
+    let mut tx = h1(w.connect(&vip(80)).await.unwrap()).await;
+    let (status, body) = text(send(&mut tx, get("/")).await.unwrap()).await;
+    assert_eq!((status, body.as_str()), (StatusCode::FORBIDDEN, "RBAC: access denied"));
+    assert!(w.seen.lock().unwrap().is_empty(), "nothing reached a pod");
+}
+
+/// DENY from the client's service account to the web pods.
+fn serde_yaml_policy() -> Vec<cluster::rbac::AuthorizationPolicy> {
+    let yaml = "authorizationPolicies:\n  - name: deny-client\n    namespace: default\n    action: DENY\n    rules:\n      - from:\n          - source:\n              principals: [\"cluster.local/ns/default/sa/client\"]\n";
+    LocalConfig::parse(std::path::Path::new("p.yaml"), yaml)
+        .unwrap()
+        .authorization_policies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_declared_and_server_first_protocols_do_not_hang() {
+    let limits = LimitArgs {
+        sniff_timeout: Duration::from_millis(200),
+        ..LimitArgs::default()
+    };
+    let mut w = World::new("tcp", limits).await;
+    // Declared tcp: the bytes go through untouched (the echo happens to
+    // speak HTTP, which the waypoint does not parse here).
+    let mut t = w.connect(&vip(82)).await.unwrap();
+    t.write_all(b"GET /raw HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, t.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.contains("\"path\":\"/raw\"") && !out.contains("x-forwarded-for"),
+        "{out}"
+    );
+    drop(t);
+    assert_eq!(w.access_line().await["protocol"], "tcp");
+    // Undeclared, and the client waits for the server to speak first: after
+    // the sniff timeout it is opaque TCP (the echo then answers the bytes).
+    let started = Instant::now();
+    let before = w.seen.lock().unwrap().len();
+    let mut t = w.connect(&vip(80)).await.unwrap();
+    // The event: the waypoint gave up waiting and opened the upstream.
+    wait_until("the upstream is opened without client bytes", || {
+        w.seen.lock().unwrap().len() > before
+    })
+    .await;
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    t.write_all(b"GET /late HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .ok();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, t.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.contains("\"path\":\"/late\"") && !out.contains("x-forwarded-for"),
+        "forwarded as opaque bytes: {out}"
+    );
+    let m = w.metrics_text();
+    let opened = m
+        .lines()
+        .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .expect(&m);
+    assert!(
+        opened.contains("reporter=\"waypoint\"")
+            && opened.contains("request_protocol=\"tcp\"")
+            && !opened.contains("response_code"),
+        "Istio's TCP label set: {opened}"
+    );
+}
+
+/// Polls `cond` (a counter or state the code under test changes) until true.
+async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Sends raw HTTP/1.1 bytes on a fresh CONNECT and reads until the
+/// waypoint closes (bounded).
+async fn raw_h1(w: &World, authority: &str, bytes: &[u8]) -> String {
+    let mut t = w.connect(authority).await.unwrap();
+    t.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, t.read_to_end(&mut out))
+        .await
+        .expect("the waypoint closes the connection")
+        .ok();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_count_and_size_limits() {
+    let limits = LimitArgs {
+        max_headers: 20,
+        max_header_bytes: 8192,
+        ..LimitArgs::default()
+    };
+    let w = World::new("limits", limits).await;
+    let many: String = (0..30).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let out = raw_h1(
+        &w,
+        &vip(80),
+        format!("GET / HTTP/1.1\r\nhost: web\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 431"), "too many headers (h1): {out}");
+    let big = "a".repeat(10_000);
+    let out = raw_h1(
+        &w,
+        &vip(80),
+        format!("GET / HTTP/1.1\r\nhost: web\r\nx-big: {big}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 431"), "header block too large (h1): {out}");
+    // Within the limits it works.
+    let out = raw_h1(
+        &w,
+        &vip(80),
+        b"GET /ok HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+
+    let mut tx = h2(w.connect(&vip(80)).await.unwrap()).await;
+    let mut req = Request::get("http://web/").body(Full::default()).unwrap();
+    for i in 0..30 {
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+            "v".parse().unwrap(),
+        );
+    }
+    assert_eq!(
+        send(&mut tx, req).await.unwrap().status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "too many headers (h2)"
+    );
+    let mut req = Request::get("http://web/").body(Full::default()).unwrap();
+    req.headers_mut().insert("x-big", big.parse().unwrap());
+    match send(&mut tx, req).await {
+        Ok(r) => assert_eq!(
+            r.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "header list too large (h2)"
+        ),
+        Err(e) => assert!(
+            e.to_string().contains("refused") || e.to_string().contains("size") || e.is_closed(),
+            "{e}"
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_smuggling_attempts_are_rejected_and_never_reach_a_pod() {
+    let w = World::new("smuggle", LimitArgs::default()).await;
+    let attempts: [&[u8]; 4] = [
+        // CL.TE: a front end honouring Content-Length would pass "G..." on.
+        b"POST / HTTP/1.1\r\nhost: web\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
+        // TE.CL, the other order.
+        b"POST / HTTP/1.1\r\nhost: web\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n",
+        // Duplicated Content-Length (same value: hyper alone folds it).
+        b"POST / HTTP/1.1\r\nhost: web\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        // A list in one header.
+        b"POST / HTTP/1.1\r\nhost: web\r\nContent-Length: 5, 5\r\n\r\nhello",
+    ];
+    for a in attempts {
+        let out = raw_h1(&w, &vip(80), a).await;
+        assert!(out.starts_with("HTTP/1.1 400"), "{}: {out}", String::from_utf8_lossy(a));
+        assert!(out.to_ascii_lowercase().contains("connection: close"), "{out}");
+    }
+    // Conflicting lengths: hyper rejects them itself.
+    let out = raw_h1(
+        &w,
+        &vip(80),
+        b"POST / HTTP/1.1\r\nhost: web\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(w.seen.lock().unwrap().is_empty(), "no attempt reached a pod");
+    // A smuggled second request after a good first one on the same
+    // connection: the first is served, the second rejected.
+    let out = raw_h1(
+        &w,
+        &vip(80),
+        b"POST /first HTTP/1.1\r\nhost: web\r\nContent-Length: 2\r\n\r\nokPOST /second HTTP/1.1\r\nhost: web\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.contains("\"path\":\"/first\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("HTTP/1.1 400") && !out.contains("\"path\":\"/second\""),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_headers_and_idle_connections_are_timed_out() {
+    let limits = LimitArgs {
+        header_read_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(400),
+        ..LimitArgs::default()
+    };
+    let w = World::new("slow", limits).await;
+    // Headers that never finish.
+    let started = Instant::now();
+    let mut t = w.connect(&vip(81)).await.unwrap();
+    t.write_all(b"GET / HTTP/1.1\r\nhost: web\r\nx-a: ").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, t.read_to_end(&mut out))
+        .await
+        .expect("closed by the header-read timeout")
+        .ok();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // An idle h2 connection (no requests in flight) is closed: GOAWAY.
+    let t = w.connect(&vip(81)).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(t))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let (status, _) = json(
+        send(&mut tx, Request::get("http://web/").body(Full::default()).unwrap())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // A request longer than the idle timeout is not cut: it is in flight.
+    let slow = Request::get("http://web/slow?delay=600").body(Full::default()).unwrap();
+    let (status, _) = json(send(&mut tx, slow).await.unwrap()).await;
+    assert_eq!(status, 200, "in-flight requests keep the connection");
+    let started = Instant::now();
+    tokio::time::timeout(WAIT, conn)
+        .await
+        .expect("the idle connection is closed")
+        .unwrap()
+        .ok();
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// An HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+async fn read_frame(t: &mut Tunnel) -> Option<(u8, u32, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    t.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    t.read_exact(&mut payload).await.ok()?;
+    Some((
+        head[3],
+        u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
+        payload,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_announces_its_stream_limit_and_a_rapid_reset_flood_gets_goaway() {
+    let w = World::new("reset", LimitArgs::default()).await;
+    let mut t = w.connect(&vip(81)).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(4, 0, 0, &[]));
+    t.write_all(&out).await.unwrap();
+    let (kind, _, settings) = tokio::time::timeout(WAIT, read_frame(&mut t)).await.unwrap().unwrap();
+    assert_eq!(kind, 4, "SETTINGS first");
+    let max_streams = settings
+        .chunks(6)
+        .find(|s| u16::from_be_bytes([s[0], s[1]]) == 3)
+        .map(|s| u32::from_be_bytes([s[2], s[3], s[4], s[5]]));
+    assert_eq!(max_streams, Some(100), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    // GET / (static table: :method GET, :scheme http, :path /), each
+    // stream reset right away; 1000 pairs in one write.
+    let mut flood = frame(4, 1, 0, &[]);
+    for i in 0..1000u32 {
+        let id = 1 + 2 * i;
+        flood.extend(frame(1, 0x5, id, &[0x82, 0x86, 0x84]));
+        flood.extend(frame(3, 0, id, &8u32.to_be_bytes()));
+    }
+    t.write_all(&flood).await.ok();
+    let goaway = tokio::time::timeout(WAIT, async {
+        while let Some((kind, _, payload)) = read_frame(&mut t).await {
+            if kind == 7 {
+                return Some(u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]));
+            }
+        }
+        None
+    })
+    .await
+    .expect("bounded");
+    assert_eq!(goaway, Some(0xb), "GOAWAY ENHANCE_YOUR_CALM");
+    let served = w.seen.lock().unwrap().len();
+    assert!(served < 100, "the flood was cut short ({served} requests reached pods)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_lets_in_flight_requests_finish_then_stops() {
+    let w = World::new("drain", LimitArgs::default()).await;
+    let mut slow = h1(w.connect(&vip(80)).await.unwrap()).await;
+    let mut idle = h2(w.connect(&vip(81)).await.unwrap()).await;
+    assert_eq!(
+        json(
+            send(&mut idle, Request::get("http://web/").body(Full::default()).unwrap())
+                .await
+                .unwrap()
+        )
+        .await
+        .0,
+        200
+    );
+    let in_flight = tokio::spawn(async move { json(send(&mut slow, get("/slow?delay=500")).await.unwrap()).await });
+    wait_until("the slow request reaches a pod", || w.seen.lock().unwrap().len() == 2).await;
+    let drained = tokio::spawn({
+        let wp = w.wp.clone();
+        async move { wp.shutdown(WAIT).await }
+    });
+    let (status, e) = in_flight.await.unwrap();
+    assert_eq!(
+        (status, e.path.as_str()),
+        (StatusCode::OK, "/slow"),
+        "the in-flight request finished"
+    );
+    assert!(
+        drained.await.unwrap(),
+        "every connection closed within the drain timeout"
+    );
+    assert!(
+        TcpStream::connect(w.addr).await.is_err(),
+        "no new connections after the drain"
+    );
+}
+
+/// The series and labels Istio's Grafana dashboards (Mesh, Service,
+/// Workload) and Kiali's graph and metrics pages query.
+const GOLDEN_LABELS: &[&str] = &[
+    "connection_security_policy",
+    "destination_app",
+    "destination_canonical_revision",
+    "destination_canonical_service",
+    "destination_cluster",
+    "destination_principal",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_version",
+    "destination_workload",
+    "destination_workload_namespace",
+    "grpc_response_status",
+    "reporter",
+    "request_protocol",
+    "response_code",
+    "response_flags",
+    "source_app",
+    "source_canonical_revision",
+    "source_canonical_service",
+    "source_cluster",
+    "source_principal",
+    "source_version",
+    "source_workload",
+    "source_workload_namespace",
+];
+const GOLDEN_SERIES: &[&str] = &[
+    "istio_request_bytes_bucket",
+    "istio_request_bytes_count",
+    "istio_request_bytes_sum",
+    "istio_request_duration_milliseconds_bucket",
+    "istio_request_duration_milliseconds_count",
+    "istio_request_duration_milliseconds_sum",
+    "istio_requests_total",
+    "istio_response_bytes_bucket",
+    "istio_response_bytes_count",
+    "istio_response_bytes_sum",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_golden_series_labels_buckets_and_access_log() {
+    let mut w = World::new("golden", LimitArgs::default()).await;
+    let mut tx = h1(w.connect(&vip(80)).await.unwrap()).await;
+    let req = Request::post("/upload?x=1")
+        .header("host", "web.default.svc.cluster.local")
+        .header("user-agent", "golden/1")
+        .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .body(Full::new(Bytes::from_static(b"0123456789")))
+        .unwrap();
+    let (status, body) = text(send(&mut tx, req).await.unwrap()).await;
+    assert_eq!(status, 200);
+    let m = w.metrics_text();
+    let mut series = std::collections::BTreeSet::new();
+    for line in m
+        .lines()
+        .filter(|l| l.starts_with("istio_") && !l.starts_with("istio_tcp"))
+    {
+        let (name, rest) = line.split_once('{').unwrap();
+        series.insert(name.to_string());
+        let labels: std::collections::BTreeSet<&str> = rest
+            .split("\",")
+            .filter_map(|kv| kv.split_once('=').map(|(k, _)| k.trim_start_matches(',')))
+            .filter(|k| *k != "le")
+            .collect();
+        assert_eq!(labels, GOLDEN_LABELS.iter().copied().collect(), "{line}");
+        assert!(
+            line.contains("reporter=\"waypoint\"")
+                && line.contains("response_code=\"200\"")
+                && line.contains("destination_service=\"web.default.svc.cluster.local\""),
+            "{line}"
+        );
+    }
+    assert_eq!(series, GOLDEN_SERIES.iter().map(|s| s.to_string()).collect(), "{m}");
+    let les: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("istio_request_duration_milliseconds_bucket"))
+        .filter_map(|l| l.split("le=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(les.len(), 20, "Envoy's 19 default buckets and +Inf: {les:?}");
+    assert_eq!((les[0], les[18]), ("0.5", "3600000.0"));
+    let req_bytes = m.lines().find(|l| l.starts_with("istio_request_bytes_sum")).unwrap();
+    assert!(req_bytes.ends_with(" 10.0"), "{req_bytes}");
+    let resp_bytes = m.lines().find(|l| l.starts_with("istio_response_bytes_sum")).unwrap();
+    assert!(resp_bytes.ends_with(&format!(" {}.0", body.len())), "{resp_bytes}");
+
+    let line = w.access_line().await;
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["path"], "/upload?x=1");
+    assert_eq!(line["response_code"], 200);
+    assert_eq!(line["response_flags"], "-");
+    assert_eq!(line["bytes_received"], 10);
+    assert_eq!(line["bytes_sent"].as_u64(), Some(body.len() as u64));
+    assert_eq!(line["user_agent"], "golden/1");
+    assert_eq!(line["source_principal"], CLIENT);
+    assert_eq!(line["destination_service"], "web.default.svc.cluster.local");
+    assert_eq!(line["connect_authority"], vip(80));
+    assert!(line["upstream_host"].as_str().unwrap().ends_with(":8080"), "{line}");
+    assert!(line["destination_principal"]
+        .as_str()
+        .unwrap()
+        .starts_with("spiffe://cluster.local/ns/default/sa/web-"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_wait_until_one_closes() {
+    let limits = LimitArgs {
+        max_connections: 1,
+        ..LimitArgs::default()
+    };
+    let w = World::new("cap", limits).await;
+    let first = w.connect(&vip(80)).await.unwrap();
+    let second = tokio::spawn({
+        let (cfg, addr) = (
+            tls::client_config(&w.pki.cert(CLIENT), &w.pki.roots, vec![WAYPOINT.parse().unwrap()]).unwrap(),
+            w.addr,
+        );
+        async move {
+            let headers = ConnectHeaders {
+                authority: vip(80).parse().unwrap(),
+                client: format!("{CLIENT_IP}:40001").parse().unwrap(),
+                baggage: String::new(),
+            };
+            hbone::connect(TcpStream::connect(addr).await.unwrap(), cfg, &headers).await
+        }
+    });
+    // The second is not served while the first holds the only slot (its
+    // TLS handshake waits in the accept queue).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "a second connection was served over the cap");
+    drop(first);
+    let t = tokio::time::timeout(WAIT, second)
+        .await
+        .expect("served once the first closed")
+        .unwrap();
+    assert!(t.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_addressed_requests_go_to_that_pod_and_upstream_statuses_pass_through() {
+    let mut w = World::new("pod", LimitArgs::default()).await;
+    let mut tx = h1(w.connect(&format!("127.0.0.3:{TARGET}")).await.unwrap()).await;
+    for _ in 0..3 {
+        let (status, e) = json(send(&mut tx, get("/")).await.unwrap()).await;
+        assert_eq!((status, e.pod.as_str()), (StatusCode::OK, "web-b"));
+        let line = w.access_line().await;
+        assert_eq!(line["destination_service"], "");
+    }
+    // The echo's /status/NNN and "fail N times then succeed" come back as
+    // they are, with no response flag (the waypoint did not fail).
+    let (status, _) = text(send(&mut tx, get("/status/418")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::IM_A_TEAPOT);
+    let codes: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(
+                text(send(&mut tx, get("/?fail=2&key=t")).await.unwrap())
+                    .await
+                    .0
+                    .as_u16(),
+            );
+        }
+        v
+    };
+    assert_eq!(codes, [503, 503, 200]);
+    let m = w.metrics_text();
+    assert!(
+        m.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("response_code=\"418\"")
+            && l.contains("response_flags=\"-\"")
+            && l.contains("destination_service=\"unknown\"")
+            && l.contains("destination_principal=\"spiffe://cluster.local/ns/default/sa/web-b\"")),
+        "{m}"
+    );
+}
+
+/// The CA lets node1 have the waypoint's identity only.
+struct OnlyTheWaypoint;
+
+#[tonic::async_trait]
+impl mesh::ca::Authorizer for OnlyTheWaypoint {
+    async fn may_impersonate(&self, node: &str, id: &SpiffeId) -> Result<(), String> {
+        (node == "node1" && id.to_string() == WAYPOINT)
+            .then_some(())
+            .ok_or_else(|| format!("{id} is not on {node}"))
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on `addr`: the status code, if it answered.
+async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    out.split(' ').nth(1)?.parse().ok()
+}
+
+/// Kills the child however the test ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_gets_its_identity_from_the_ca_serves_hbone_and_drains_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("waypoint-bin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let files = CaFiles::new(&dir.join("ca"));
+    files.init(TD, &["node1".into()]).unwrap();
+    let ca_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (stop_ca, ca_stopped) = tokio::sync::oneshot::channel::<()>();
+    let ca = tokio::spawn({
+        let files = CaFiles::new(&dir.join("ca"));
+        async move {
+            mesh::ca::serve(&files, ca_addr, OnlyTheWaypoint, Duration::from_secs(3600), async {
+                let _ = ca_stopped.await;
+            })
+            .await
+        }
+    });
+    let enrolment = dir.join("mesh.yaml");
+    std::fs::write(
+        &enrolment,
+        "pods:\n  - {name: web-a, namespace: default, serviceAccount: web, node: node1, ips: [\"10.1.1.2\"], labels: {app: web}}\nservices:\n  - {name: web, namespace: default, vips: [\"10.96.0.10\"], ports: [{port: 80, targetPort: 8080, appProtocol: http}], selector: {app: web}}\n",
+    )
+    .unwrap();
+    let (cert, key) = files.node_credential("node1");
+    let (listen, metrics): (SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+    );
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_waypoint"))
+        .args(["run", "--namespace", "default", "--service-account", "web-waypoint"])
+        .arg("--config")
+        .arg(&enrolment)
+        .args(["--ca-address", &format!("https://{ca_addr}")])
+        .arg("--ca-root")
+        .arg(files.root_cert())
+        .arg("--node-cert")
+        .arg(&cert)
+        .arg("--node-key")
+        .arg(&key)
+        .args(["--listen", &listen.to_string(), "--metrics-addr", &metrics.to_string()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Child(child);
+    // Ready once the CA gave it its certificate.
+    let deadline = Instant::now() + WAIT;
+    while http_status(metrics, "/healthz/ready").await != Some(200) {
+        assert!(Instant::now() < deadline, "the waypoint never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // It speaks HBONE with the CA-issued identity; an unknown authority is 503.
+    let roots = Roots::from_pem(&std::fs::read_to_string(files.root_cert()).unwrap()).unwrap();
+    let client_id: SpiffeId = CLIENT.parse().unwrap();
+    let signer = Signer::load(&files, Duration::from_secs(3600)).unwrap();
+    let (k, csr) = new_csr(&client_id).unwrap();
+    // The client's certificate from the same root.
+    let chain = signer.sign(&csr, &client_id, Duration::from_secs(600)).unwrap();
+    let client_cert = WorkloadCert::new(client_id.clone(), chain, k).unwrap();
+    let cfg = tls::client_config(&client_cert, &roots, vec![WAYPOINT.parse().unwrap()]).unwrap();
+    let headers = ConnectHeaders {
+        authority: "10.96.9.9:80".parse().unwrap(),
+        client: format!("{CLIENT_IP}:40000").parse().unwrap(),
+        baggage: String::new(),
+    };
+    let e = hbone::connect(TcpStream::connect(listen).await.unwrap(), cfg, &headers)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(e, HboneError::Status { status, .. } if status == StatusCode::SERVICE_UNAVAILABLE),
+        "{e}"
+    );
+    assert_eq!(http_status(metrics, "/metrics").await, Some(200));
+    // SIGTERM: drains and exits 0.
+    let pid = child.0.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::task::spawn_blocking(move || {
+        let s = child.0.wait();
+        let mut log = String::new();
+        if let Some(mut e) = child.0.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut log).unwrap();
+        }
+        (s, log)
+    });
+    let (s, log) = tokio::time::timeout(WAIT, status)
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(s.unwrap().success(), "{log}");
+    assert!(log.contains("waypoint starting") && log.contains("drained"), "{log}");
+    let _ = stop_ca.send(());
+    let _ = ca.await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
