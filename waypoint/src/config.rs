@@ -41,7 +41,7 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Run the waypoint's data plane.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Create and reconcile the objects of every waypoint Gateway.
     Controller(crate::controller::ControllerArgs),
     /// Print a waypoint Gateway (and with --resources what the controller makes of it).

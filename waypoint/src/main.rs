@@ -7,7 +7,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.cmd {
-        Cmd::Run(args) => waypoint::app::run(args.into_config()?),
+        Cmd::Run(args) => waypoint::app::run((*args).into_config()?),
         Cmd::Controller(args) => waypoint::controller::run(args),
         Cmd::Generate(args) => waypoint::controller::generate::print(&args),
     }
