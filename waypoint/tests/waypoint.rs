@@ -132,7 +132,6 @@ fn pod_spec(name: &str, ip: &str, sa: &str, app: &str) -> PodSpec {
         labels: BTreeMap::from([("app".to_string(), app.to_string()), ("version".into(), "v1".into())]),
         healthy: true,
         tunnel: Default::default(),
-        waypoint: None,
     }
 }
 
@@ -169,7 +168,7 @@ fn cluster(extra: impl FnOnce(&mut LocalConfig)) -> LocalConfig {
             endpoints: None,
             load_balancing: Default::default(),
             subject_alt_names: vec![],
-            waypoint: None,
+            labels: Default::default(),
         }],
         ..LocalConfig::default()
     };
