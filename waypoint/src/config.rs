@@ -291,7 +291,9 @@ mod tests {
         ];
         all.extend_from_slice(args);
         let cli = Cli::try_parse_from(all).map_err(|e| e.to_string())?;
-        let Cmd::Run(a) = cli.cmd;
+        let Cmd::Run(a) = cli.cmd else {
+            return Err("not `waypoint run`".into());
+        };
         a.into_config().map_err(|e| e.to_string())
     }
 
