@@ -27,6 +27,7 @@ pub mod mesh;
 mod names;
 pub mod signals;
 mod sys;
+pub mod waypoint;
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::ffi::OsStr;

@@ -346,7 +346,7 @@ pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> R
     }
 }
 
-fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
+pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
     let status = poll(timeout, || Ok(child.try_wait()?));
     if status.is_err() {
         let _ = child.kill();

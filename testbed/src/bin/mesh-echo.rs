@@ -22,6 +22,14 @@ enum Cmd {
         #[arg(long, env = "POD_NAME", default_value = "echo")]
         pod: String,
     },
+    /// GETs `paths` one after the other on one h2 connection (prior
+    /// knowledge) to `addr`; prints each answer's status and body as a
+    /// JSON line.
+    H2Get {
+        #[arg(long)]
+        addr: SocketAddr,
+        paths: Vec<String>,
+    },
     /// One gRPC Echo call to `addr`; prints the reply as JSON.
     GrpcClient {
         #[arg(long)]
@@ -43,6 +51,7 @@ fn main() -> Result<()> {
                 testbed::echo::serve(l, &pod).await;
                 Ok(())
             }
+            Cmd::H2Get { addr, paths } => h2_get(addr, &paths).await,
             Cmd::GrpcClient { addr, message } => {
                 let tcp = tokio::net::TcpStream::connect(addr)
                     .await
@@ -60,4 +69,26 @@ fn main() -> Result<()> {
             }
         }
     })
+}
+
+async fn h2_get(addr: SocketAddr, paths: &[String]) -> Result<()> {
+    use http_body_util::{BodyExt, Empty};
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await?;
+    tokio::spawn(conn);
+    for path in paths {
+        let req = http::Request::get(format!("http://{addr}{path}")).body(Empty::<bytes::Bytes>::new())?;
+        let resp = send.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        println!(
+            "{}",
+            serde_json::json!({"status": status, "body": String::from_utf8_lossy(&body)})
+        );
+    }
+    Ok(())
 }

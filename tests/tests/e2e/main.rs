@@ -18,6 +18,7 @@ mod interop;
 mod kube;
 mod steering;
 mod upgrade;
+mod waypoint;
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;
