@@ -211,7 +211,17 @@ fn build_agent_next() -> Result<()> {
 
 fn build_release() -> Result<()> {
     build_ebpf()?;
-    run(cargo().args(["build", "--release", "-p", "agent", "-p", "testbed", "--bins"]))
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "agent",
+        "-p",
+        "testbed",
+        "-p",
+        "waypoint",
+        "--bins",
+    ]))
 }
 
 fn demo(args: &[String]) -> Result<()> {

@@ -5,14 +5,17 @@
 //! agent per node, enrolls `client` and `web` but not `legacy` and `db`,
 //! sends real traffic between them with ordinary tools (curl, Python
 //! sockets), prints how each agent carried each flow (HBONE mTLS with the
-//! identities both sides saw, or plain TCP), and tears everything down (also
-//! on Ctrl-C or failure).
+//! identities both sides saw, or plain TCP), then binds a waypoint to web's
+//! service account and shows client's HTTP requests to web going through
+//! it with Istio's request metrics, and tears everything down (also on
+//! Ctrl-C or failure).
 use std::{process::Stdio, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use testbed::{
     mesh::{self, Agent, MeshCa, Server, Settings},
+    waypoint::WaypointPod,
     Cluster, ClusterSpec, NodeSpec,
 };
 
@@ -105,9 +108,9 @@ const FLOWS: &[Flow] = &[
 
 fn demo() -> Result<()> {
     testbed::sweep_stale()?;
-    println!("== building a local cluster: node1 {{client, legacy}}, node2 {{web, db}}");
+    println!("== building a local cluster: node1 {{client, legacy, wp}}, node2 {{web, db}}");
     let spec = ClusterSpec::new(vec![
-        NodeSpec::new("node1", &["client", "legacy"]),
+        NodeSpec::new("node1", &["client", "legacy", "wp"]),
         NodeSpec::new("node2", &["web", "db"]),
     ]);
     let cluster = Cluster::create("demo", &spec)?;
@@ -192,8 +195,10 @@ fn run(cluster: &Cluster, dir: &std::path::Path) -> Result<()> {
         }
         failures += usize::from(!ok);
     }
+    let scene = waypoint_scene(cluster, &ca, &agents, &config, dir);
     let _ = http.kill();
     let _ = http.wait();
+    scene?;
 
     println!("\n== Istio metrics each agent exports (curl http://127.0.0.1:15020/metrics in the node)");
     for a in &agents {
@@ -209,6 +214,99 @@ fn run(cluster: &Cluster, dir: &std::path::Path) -> Result<()> {
     if failures > 0 {
         bail!("{failures} flow(s) failed");
     }
+    Ok(())
+}
+
+/// The waypoint scene: waypoint `web-waypoint` (Gateway annotation
+/// `istio.io/for-service-account: web` in Kubernetes terms) in pod `wp`;
+/// the agents steer client's connections to web through it, and it routes
+/// each HTTP request and reports Istio's request metrics.
+fn waypoint_scene(
+    cluster: &Cluster,
+    ca: &MeshCa,
+    agents: &[Agent],
+    config: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<()> {
+    println!("\n== L7: a waypoint for service account web (pod wp on node1, never captured)");
+    let wp = cluster.pod("wp");
+    let extra = format!(
+        "  - {{name: wp, namespace: default, serviceAccount: web-waypoint, node: node1, ips: [\"{}\"], labels: {{gateway.networking.k8s.io/gateway-name: web-waypoint}}}}\nwaypoints:\n  - {{name: web-waypoint, namespace: default, forServiceAccount: web}}\n",
+        wp.ip4
+    );
+    // The waypoint pod is listed among the pods; the service's port now
+    // declares HTTP.
+    let settings = Settings {
+        extra: format!(
+            "{extra}{}",
+            SERVICE.replace("targetPort: 8080}", "targetPort: 8080, name: http}")
+        ),
+        ..Settings::default()
+    };
+    mesh::write_config(cluster, config, &["client", "web"], &settings)?;
+    let mut waypoint = WaypointPod::start(cluster, "wp", "web-waypoint", config, ca, dir, 0)?;
+    println!("   waypoint ready with identity spiffe://cluster.local/ns/default/sa/web-waypoint");
+    mesh::poll(Duration::from_secs(20), || {
+        Ok(agents[0]
+            .logs()
+            .iter()
+            .any(|l| l["message"] == "waypoint binding" && l["object"] == "default/web" && l["status"] == "Bound")
+            .then_some(()))
+    })
+    .context("the agent did not bind service web to the waypoint")?;
+    println!("   node1 agent: service default/web and its pods are bound to waypoint default/web-waypoint");
+    for path in ["/", "/mesh.yaml", "/missing"] {
+        let out = cluster
+            .pod("client")
+            .try_command("curl")?
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("http://{SERVICE_VIP}{path}"))
+            .output()?;
+        println!(
+            "   client: GET http://{SERVICE_VIP}{path} -> {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let lines = mesh::poll(Duration::from_secs(10), || {
+        let l = waypoint.access_logs();
+        Ok((l.len() >= 3).then_some(l))
+    })
+    .context("the waypoint logged no requests")?;
+    for l in &lines {
+        println!(
+            "   waypoint: {} {} {} -> {} ({}) from {} in {} ms",
+            l["method"].as_str().unwrap_or("?"),
+            l["path"].as_str().unwrap_or("?"),
+            l["response_code"],
+            l["upstream_host"].as_str().unwrap_or("?"),
+            l["destination_service"].as_str().unwrap_or("?"),
+            l["source_principal"].as_str().unwrap_or("?"),
+            l["duration_ms"],
+        );
+    }
+    println!("   waypoint metrics (istio_requests_total, reporter=waypoint):");
+    for line in waypoint
+        .metrics()?
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+    {
+        let label = |k: &str| {
+            line.split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("?")
+                .to_string()
+        };
+        println!(
+            "     {} -> {} code {}: {}",
+            label("source_workload"),
+            label("destination_service"),
+            label("response_code"),
+            line.rsplit(' ').next().unwrap_or("?"),
+        );
+    }
+    let status = waypoint.terminate(Duration::from_secs(20))?;
+    println!("   waypoint drained and exited ({status})");
     Ok(())
 }
 
