@@ -1861,4 +1861,407 @@ mod tests {
         assert_eq!(full.pods[0].labels[USE_WAYPOINT], "wp");
         assert!(full.pods[0].healthy && !full.pods[1].healthy);
     }
+
+    // ---- incremental ----
+
+    fn delta(after: Retranslated, before: Retranslated) -> Retranslated {
+        Retranslated {
+            namespaces: after.namespaces - before.namespaces,
+            pods: after.pods - before.pods,
+            services: after.services - before.services,
+            gateways: after.gateways - before.gateways,
+            policies: after.policies - before.policies,
+        }
+    }
+
+    /// Sorted by key, warnings too: arrival order is the only difference
+    /// allowed between a model kept change by change and one built at once.
+    fn normalized(mut t: Translated) -> (LocalConfig, Vec<String>) {
+        let m = &mut t.model;
+        m.pods.sort_by_key(|p| p.key());
+        m.services
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        m.namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+        m.waypoints
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        t.warnings.sort();
+        (t.model, t.warnings)
+    }
+
+    fn pod_record(p: &Pod) -> PodRecord {
+        PodRecord::from_k8s(p).unwrap()
+    }
+
+    /// Namespace `a` (ambient) and `b`, 50 pods each (app x or y), the
+    /// service `a/x` with a slice, and the gateway `a/wp` (not a waypoint).
+    fn small_cluster() -> (Model, Inputs) {
+        let pods = ["a", "b"]
+            .iter()
+            .enumerate()
+            .flat_map(|(n, ns)| {
+                (0..50).map(move |i| {
+                    let app = if i % 2 == 0 { "x" } else { "y" };
+                    let mut p = labelled(
+                        pod(ns, &format!("p{i}"), NODE, &[&format!("10.{n}.0.{i}")]),
+                        &[("app", app)],
+                    );
+                    if i < 2 {
+                        p = labelled(p, &[(GATEWAY_NAME_LABEL, "wp")]);
+                    }
+                    p
+                })
+            })
+            .collect();
+        let input = Inputs {
+            namespaces: arcs(vec![
+                namespace("a", &[(DATAPLANE_MODE, "ambient")]),
+                namespace("b", &[]),
+            ]),
+            pods: arcs(pods),
+            services: arcs(vec![service(
+                "a",
+                "x",
+                "10.96.0.1",
+                vec![port(Some("http"), 80, Some(IntOrString::String("web".into())))],
+            )]),
+            slices: arcs(vec![slice("a", "x", &[("http", 8080)], &[("10.0.0.0", Some(true))])]),
+            gateways: arcs(vec![gateway("a", "wp", "istio")]),
+            ..Default::default()
+        };
+        (Model::from_inputs(&input), input)
+    }
+
+    #[test]
+    fn a_change_retranslates_only_what_it_touches() {
+        let (mut m, mut input) = small_cluster();
+        let step = |m: &mut Model, f: &mut dyn FnMut(&mut Model)| {
+            let before = m.retranslated();
+            f(m);
+            delta(m.retranslated(), before)
+        };
+        let pods = |n| Retranslated {
+            pods: n,
+            ..Default::default()
+        };
+        // A pod: that pod only; the same object again (a resync): nothing.
+        let mut p3 = (*input.pods[3]).clone();
+        p3.status.as_mut().unwrap().conditions = Some(vec![cond("Ready", "False")]);
+        assert_eq!(
+            step(&mut m, &mut |m| m.apply_pods(Change::Upsert(pod_record(&p3)))),
+            pods(1)
+        );
+        assert_eq!(
+            step(&mut m, &mut |m| m.apply_pods(Change::Upsert(pod_record(&p3)))),
+            pods(0)
+        );
+        input.pods[3] = Arc::new(p3);
+        // A slice: its service.
+        let s = slice(
+            "a",
+            "x",
+            &[("http", 8081)],
+            &[("10.0.0.0", Some(true)), ("10.0.0.2", Some(true))],
+        );
+        let got = step(&mut m, &mut |m| {
+            m.apply_slices(Change::Upsert(SliceRecord::from_k8s(&s).unwrap()))
+        });
+        assert_eq!(
+            got,
+            Retranslated {
+                services: 1,
+                ..Default::default()
+            }
+        );
+        input.slices = arcs(vec![s]);
+        // A namespace's binding label: the namespace, not its pods.
+        let a = namespace("a", &[(DATAPLANE_MODE, "ambient"), (USE_WAYPOINT, "wp")]);
+        let got = step(&mut m, &mut |m| {
+            m.apply_namespaces(Change::Upsert(NamespaceRecord::from_k8s(&a).unwrap()))
+        });
+        assert_eq!(
+            got,
+            Retranslated {
+                namespaces: 1,
+                ..Default::default()
+            }
+        );
+        // Its dataplane mode: the namespace and its 50 pods, not b's.
+        let b = namespace("b", &[(DATAPLANE_MODE, "ambient")]);
+        let got = step(&mut m, &mut |m| {
+            m.apply_namespaces(Change::Upsert(NamespaceRecord::from_k8s(&b).unwrap()))
+        });
+        assert_eq!(
+            got,
+            Retranslated {
+                namespaces: 1,
+                pods: 50,
+                ..Default::default()
+            }
+        );
+        input.namespaces = arcs(vec![a, b]);
+        // A gateway becoming a waypoint: it and the 2 pods labelled with it.
+        let wp = gateway("a", "wp", WAYPOINT_CLASS);
+        let got = step(&mut m, &mut |m| {
+            m.apply_gateways(Change::Upsert(GatewayRecord::from_k8s(&wp).unwrap()))
+        });
+        assert_eq!(
+            got,
+            Retranslated {
+                gateways: 1,
+                pods: 2,
+                ..Default::default()
+            }
+        );
+        input.gateways = arcs(vec![wp]);
+        // A pod deleted: nothing to translate.
+        let gone = input.pods.remove(60);
+        assert_eq!(
+            step(&mut m, &mut |m| m.apply_pods(Change::Delete(pod_record(&gone)))),
+            pods(0)
+        );
+        // And the result is the one a translation from scratch gives.
+        assert_eq!(
+            normalized(m.translate(None)),
+            normalized(Model::from_inputs(&input).translate(None))
+        );
+        let t = m.translate(None).model;
+        assert_eq!(t.pods.len(), 99);
+        assert_eq!(t.services[0].endpoints, Some(ips(&["10.0.0.0", "10.0.0.2"])));
+        assert_eq!(
+            t.services[0].ports,
+            [ServicePort {
+                port: 80,
+                target_port: 8081
+            }]
+        );
+        assert!(t
+            .pods
+            .iter()
+            .filter(|p| p.namespace == "b")
+            .all(|p| p.tunnel == TunnelProtocol::Hbone));
+        let wp_pod = t.pods.iter().find(|p| p.key() == "a/p0").unwrap();
+        assert_eq!((wp_pod.tunnel, wp_pod.netns.as_ref()), (TunnelProtocol::Hbone, None));
+    }
+
+    /// xorshift64*: reproducible without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+        }
+
+        fn pick<'a>(&mut self, of: &[&'a str]) -> &'a str {
+            of[self.below(of.len())]
+        }
+    }
+
+    /// The objects of the random test, by kind and key.
+    #[derive(Default)]
+    struct World {
+        namespaces: BTreeMap<String, Namespace>,
+        pods: BTreeMap<String, Pod>,
+        services: BTreeMap<String, Service>,
+        slices: BTreeMap<String, EndpointSlice>,
+        gateways: BTreeMap<String, crd::Gateway>,
+    }
+
+    impl World {
+        fn inputs(&self) -> Inputs {
+            let all = |m: &BTreeMap<String, _>| arcs(m.values().cloned().collect());
+            Inputs {
+                namespaces: all(&self.namespaces),
+                pods: arcs(self.pods.values().cloned().collect()),
+                services: arcs(self.services.values().cloned().collect()),
+                slices: arcs(self.slices.values().cloned().collect()),
+                gateways: arcs(self.gateways.values().cloned().collect()),
+                ..Default::default()
+            }
+        }
+    }
+
+    const NSS: [&str; 2] = ["a", "b"];
+
+    fn random_namespace(r: &mut Rng) -> Namespace {
+        let ns = r.pick(&NSS);
+        let mode = r.pick(&["", "ambient", "none"]);
+        let wp = r.pick(&["", "g0", "none"]);
+        let labels: Vec<(&str, &str)> = [
+            (DATAPLANE_MODE, mode),
+            (USE_WAYPOINT, wp),
+            ("team", r.pick(&["t1", "t2"])),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+        namespace(ns, &labels)
+    }
+
+    fn random_pod(r: &mut Rng) -> Pod {
+        let (n, i) = (r.below(2), r.below(8));
+        let node = r.pick(&[NODE, "node2"]);
+        let ip = format!("10.{n}.0.{i}"); // one per key: no two pods claim an IP
+        let mut p = pod(NSS[n], &format!("p{i}"), node, &[&ip]);
+        let mut labels = vec![("app", r.pick(&["x", "y"]))];
+        let mode = r.pick(&["", "", "ambient", "none"]);
+        if !mode.is_empty() {
+            labels.push((DATAPLANE_MODE, mode));
+        }
+        if r.below(3) == 0 {
+            labels.push((GATEWAY_NAME_LABEL, r.pick(&["g0", "g1"])));
+        }
+        p = labelled(p, &labels);
+        let st = p.status.as_mut().unwrap();
+        st.phase = Some(r.pick(&["Running", "Running", "Pending", "Succeeded"]).into());
+        st.conditions = Some(vec![cond("Ready", r.pick(&["True", "False"]))]);
+        if r.below(5) == 0 {
+            st.pod_ips = None;
+            st.pod_ip = None;
+        }
+        p.spec.as_mut().unwrap().host_network = Some(r.below(10) == 0);
+        p
+    }
+
+    fn random_service(r: &mut Rng) -> Service {
+        let (n, i) = (r.below(2), r.below(3));
+        let target = match r.below(3) {
+            0 => None,
+            1 => Some(IntOrString::Int(9000)),
+            _ => Some(IntOrString::String("web".into())),
+        };
+        let vip = if r.below(6) == 0 {
+            "None".to_string()
+        } else {
+            format!("10.96.{n}.{i}")
+        };
+        let mut s = service(
+            NSS[n],
+            &format!("s{i}"),
+            &vip,
+            vec![port(Some(r.pick(&["http", "grpc"])), 80, target)],
+        );
+        if r.below(4) == 0 {
+            s.spec.as_mut().unwrap().selector = None;
+        }
+        if r.below(3) == 0 {
+            s = labelled(s, &[(USE_WAYPOINT, r.pick(&["g0", "g1"]))]);
+        }
+        s
+    }
+
+    fn random_slice(r: &mut Rng) -> EndpointSlice {
+        let (n, i) = (r.below(2), r.below(4));
+        let svc = format!("s{}", r.below(3));
+        let ready = [Some(true), Some(false), None][r.below(3)];
+        let ep = format!("10.{n}.1.{}", r.below(4));
+        let mut s = slice(
+            NSS[n],
+            &svc,
+            &[(r.pick(&["http", "grpc"]), 8000 + r.below(3) as i32)],
+            &[(&ep, ready)],
+        );
+        s.metadata.name = Some(format!("e{i}"));
+        s
+    }
+
+    fn random_gateway(r: &mut Rng) -> crd::Gateway {
+        let mut g = gateway(
+            r.pick(&NSS),
+            r.pick(&["g0", "g1"]),
+            r.pick(&[WAYPOINT_CLASS, WAYPOINT_CLASS, "istio"]),
+        );
+        if r.below(2) == 0 {
+            g = annotated(g, FOR_SERVICE_ACCOUNT, r.pick(&["sa-p1", "Bad_Name"]));
+        }
+        if r.below(2) == 0 {
+            g.metadata.labels = Some(map(&[(WAYPOINT_FOR, r.pick(&["workload", "all", "everything"]))]));
+        }
+        g
+    }
+
+    fn key_of<T: Resource>(o: &T) -> String {
+        format!(
+            "{}/{}",
+            o.meta().namespace.as_deref().unwrap_or(""),
+            o.meta().name.as_deref().unwrap_or("")
+        )
+    }
+
+    /// Upsert (2 in 3), delete, or re-list one kind of `world`; the same
+    /// change applied to `m`.
+    fn random_step<T: Resource + Clone>(
+        r: &mut Rng,
+        world: &mut BTreeMap<String, T>,
+        new: fn(&mut Rng) -> T,
+        apply: &mut dyn FnMut(Change<&T>),
+    ) {
+        match r.below(6) {
+            0 | 1 | 2 | 3 => {
+                let o = new(r);
+                world.insert(key_of(&o), o.clone());
+                apply(Change::Upsert(&o));
+            }
+            4 => {
+                let Some(k) = world.keys().nth(r.below(world.len().max(1))).cloned() else {
+                    return;
+                };
+                let o = world.remove(&k).unwrap();
+                apply(Change::Delete(&o));
+            }
+            _ => {
+                // A re-list after missed events: some gone, one changed.
+                if let Some(k) = world.keys().next().cloned() {
+                    world.remove(&k);
+                }
+                let o = new(r);
+                world.insert(key_of(&o), o);
+                let list: Vec<&T> = world.values().collect();
+                apply(Change::Relisted(list));
+            }
+        }
+    }
+
+    fn map_change<T, R>(c: Change<&T>, f: fn(&T) -> Option<R>) -> Change<R> {
+        match c {
+            Change::Upsert(o) => Change::Upsert(f(o).unwrap()),
+            Change::Delete(o) => Change::Delete(f(o).unwrap()),
+            Change::Relisted(l) => Change::Relisted(l.into_iter().filter_map(f).collect()),
+        }
+    }
+
+    #[test]
+    fn a_model_kept_change_by_change_equals_a_translation_from_scratch() {
+        for seed in 1..=25u64 {
+            let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let (mut world, mut m) = (World::default(), Model::default());
+            for step in 0..150 {
+                match r.below(5) {
+                    0 => random_step(&mut r, &mut world.namespaces, random_namespace, &mut |c| {
+                        m.apply_namespaces(map_change(c, NamespaceRecord::from_k8s))
+                    }),
+                    1 => random_step(&mut r, &mut world.pods, random_pod, &mut |c| {
+                        m.apply_pods(map_change(c, PodRecord::from_k8s))
+                    }),
+                    2 => random_step(&mut r, &mut world.services, random_service, &mut |c| {
+                        m.apply_services(map_change(c, ServiceRecord::from_k8s))
+                    }),
+                    3 => random_step(&mut r, &mut world.slices, random_slice, &mut |c| {
+                        m.apply_slices(map_change(c, SliceRecord::from_k8s))
+                    }),
+                    _ => random_step(&mut r, &mut world.gateways, random_gateway, &mut |c| {
+                        m.apply_gateways(map_change(c, GatewayRecord::from_k8s))
+                    }),
+                }
+                let scratch = Model::from_inputs(&world.inputs()).translate(None);
+                assert_eq!(
+                    normalized(m.translate(None)),
+                    normalized(scratch),
+                    "seed {seed}, step {step}"
+                );
+            }
+        }
+    }
 }
