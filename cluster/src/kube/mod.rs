@@ -342,11 +342,15 @@ impl Runner {
                             true
                         }
                         watcher::Event::Apply(o) => {
-                            project(o).map(|r| sink(Change::Upsert(r)));
+                            if let Some(r) = project(o) {
+                                sink(Change::Upsert(r));
+                            }
                             true
                         }
                         watcher::Event::Delete(o) => {
-                            project(o).map(|r| sink(Change::Delete(r)));
+                            if let Some(r) = project(o) {
+                                sink(Change::Delete(r));
+                            }
                             true
                         }
                     };

@@ -2199,7 +2199,7 @@ mod tests {
         apply: &mut dyn FnMut(Change<&T>),
     ) {
         match r.below(6) {
-            0 | 1 | 2 | 3 => {
+            0..=3 => {
                 let o = new(r);
                 world.insert(key_of(&o), o.clone());
                 apply(Change::Upsert(&o));
