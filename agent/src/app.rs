@@ -4,7 +4,7 @@
 //!   runtime (`--worker-threads`; 0 = one thread that polls and forwards);
 //! * the **control path** (enrolment source, Kubernetes watches and
 //!   translation, CNI socket, CA client, applying changes) on its own thread
-//!   and current-thread runtime, so a whole-cluster translation or a slow CA
+//!   and current-thread runtime, so a re-list, a model rebuild or a slow CA
 //!   never delays a packet. It creates pod listeners inside the data plane's
 //!   runtime through its handle.
 //!
@@ -316,8 +316,8 @@ impl Watched {
             Watched::File(f) => f.reload(node),
             Watched::Kube(k) => {
                 ready.set_degraded(k.kube.health.problem());
-                // Retry pods not enrolled yet; translate again only while a
-                // pod of this node is still to be located (translation is
+                // Retry pods not enrolled yet; assemble the model again only
+                // while a pod of this node is still to be located (that is
                 // O(cluster), not something to do every second at 10k pods).
                 if k.unlocated > 0 {
                     node.apply(k.model());
@@ -467,9 +467,8 @@ impl KubeSource {
         }
     }
 
-    /// The model from the stores (and the locator for pods of this node).
+    /// The model (and the locator for pods of this node).
     fn model(&mut self) -> LocalConfig {
-        let input = self.kube.inputs();
         let cni_ips = self.locator.cni_ips.clone();
         let mut warnings = Vec::new();
         let host_addresses = k8s::host_addresses(&self.locator.discoverer.host_netns).unwrap_or_else(|e| {
@@ -478,6 +477,7 @@ impl KubeSource {
             ));
             Vec::new()
         });
+        let node_addresses = self.kube.node_addresses(&host_addresses);
         let locator = &mut self.locator;
         let mut unlocated = 0;
         let mut locate = |uid: &str, ips: &[std::net::IpAddr]| {
@@ -485,19 +485,18 @@ impl KubeSource {
             unlocated += usize::from(found.is_none());
             found
         };
-        let t = k8s::model::translate(
-            &input,
-            &mut k8s::model::Local {
-                node: &self.node,
-                own_uid: self.own_uid.as_deref(),
-                cni_ips: &cni_ips,
-                locate: &mut locate,
-                host_addresses: &host_addresses,
-            },
-        );
+        let model = self.kube.cluster.model();
+        let t = model.translate(Some(&mut k8s::model::Local {
+            node: &self.node,
+            own_uid: self.own_uid.as_deref(),
+            cni_ips: &cni_ips,
+            locate: &mut locate,
+            node_addresses: &node_addresses,
+        }));
         self.unlocated = unlocated;
-        let uids: HashSet<&str> = input.pods.iter().filter_map(|p| p.metadata.uid.as_deref()).collect();
+        let uids: HashSet<&str> = model.pods().map(|p| &*p.uid).filter(|u| !u.is_empty()).collect();
         self.locator.retain(&uids);
+        drop(model);
         let now: HashSet<String> = t.warnings.into_iter().chain(warnings).collect();
         for w in now.difference(&self.warned) {
             tracing::warn!(warning = %w, "Kubernetes object not (fully) applied");

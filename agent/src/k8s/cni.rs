@@ -120,7 +120,7 @@ async fn add(req: Request, key: String, kube: &Kube, own_uid: Option<&str>, tx: 
     let deadline = tokio::time::Instant::now() + POD_WAIT;
     let pod = loop {
         match kube.pod(&req.pod_namespace, &req.pod_name) {
-            Some(p) if req.pod_uid.is_empty() || p.metadata.uid.as_deref() == Some(&req.pod_uid) => break p,
+            Some(p) if req.pod_uid.is_empty() || *p.uid == req.pod_uid => break p,
             _ if tokio::time::Instant::now() >= deadline => {
                 return failure(format!(
                     "pod {key} ({}) is not known to the mesh agent yet: check the agent's logs for Kubernetes API errors; the kubelet will retry the sandbox",
@@ -130,9 +130,8 @@ async fn add(req: Request, key: String, kube: &Kube, own_uid: Option<&str>, tx: 
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let ns_labels = kube.namespace_labels(&req.pod_namespace);
-    let member = model::membership(&pod, ns_labels.as_ref(), kube.is_waypoint_pod(&pod));
+    let uid = pod.uid.to_string();
+    let member = kube.membership(&pod);
     if member != model::Membership::Ambient || own_uid == Some(uid.as_str()) {
         tracing::debug!(pod = %key, membership = ?member, "CNI ADD: not in the mesh");
         return ok(false, &format!("not in the mesh ({member:?})"));

@@ -1,5 +1,20 @@
-//! Kubernetes objects -> the agent's model (the same [`LocalConfig`] the
-//! local file produces), as pure functions so every rule is unit-tested.
+//! Kubernetes objects -> the cluster model (the same [`LocalConfig`] the
+//! local file produces), kept incrementally: [`Model`] holds compact
+//! records ([`super::records`]) and the translation of each, and a change
+//! re-translates only what it touches:
+//! * a pod: that pod (the services that select it take their endpoints from
+//!   the model's pods when they are read, in `state`);
+//! * an EndpointSlice: the Service(s) it belonged to and belongs to;
+//! * a Service or policy: itself;
+//! * a Namespace: itself, and its pods only when its dataplane-mode label
+//!   changed;
+//! * a Gateway: itself, and only when it became or stopped being a
+//!   waypoint, the pods carrying its gateway-name label.
+//!
+//! [`Model::translate`] assembles the [`LocalConfig`]; the node-local facts
+//! (where a pod of this node lives, IPs the CNI plugin gave, the agent's
+//! own pod, the node's addresses) come from the caller through [`Local`];
+//! without one (a waypoint) no pod is located.
 //!
 //! Rules (Istio ambient's, as ztunnel applies them):
 //! * a pod is in the mesh when its `istio.io/dataplane-mode` label is
@@ -19,8 +34,11 @@
 //!   match at L4 (so they deny, as in ztunnel); DENY rules drop the HTTP
 //!   parts (so they deny more). Policies bound with targetRefs are for
 //!   waypoints and skipped.
+//!
+//! Routes (HTTPRoute, the routing issue) get a table of their own here,
+//! keyed like the others and re-translated on their own changes.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     path::PathBuf,
     sync::Arc,
@@ -28,13 +46,19 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Node, Pod, Service},
+        core::v1::{Namespace, Pod, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use super::crd;
+use super::{
+    crd,
+    records::{
+        GatewayRecord, Interner, Key, NamespaceRecord, PodRecord, PolicyRecord, Record, ServiceRecord, SliceRecord,
+        Str, BINDING_LABELS,
+    },
+};
 use crate::{
     config::{
         CaptureSettings, LocalConfig, NamespaceSpec, PodSpec, ServicePort, ServiceSpec, TunnelProtocol, WaypointSpec,
@@ -42,26 +66,20 @@ use crate::{
     rbac,
 };
 
-pub use cluster::waypoint::{
+pub use super::records::{project_pod, SERVICE_NAME_LABEL};
+pub use crate::waypoint::{
     WaypointFor, FOR_SERVICE_ACCOUNT, GATEWAY_NAME_LABEL, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE, WAYPOINT_CLASS,
     WAYPOINT_FOR,
 };
-pub use mesh_cni::membership::DATAPLANE_MODE;
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// The labels of namespaces and Services the model keeps (binding only).
-const BINDING_LABELS: [&str; 3] = [USE_WAYPOINT, USE_WAYPOINT_NAMESPACE, GATEWAY_NAME_LABEL];
+pub use mesh_cni::membership::{namespace_is_ambient, Membership, DATAPLANE_MODE};
 
-/// Everything the reflectors hold, at one moment.
-#[derive(Default, Clone)]
-pub struct Inputs {
-    pub namespaces: Vec<Arc<Namespace>>,
-    pub pods: Vec<Arc<Pod>>,
-    pub services: Vec<Arc<Service>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
-    pub authorization_policies: Vec<Arc<crd::AuthorizationPolicy>>,
-    pub peer_authentications: Vec<Arc<crd::PeerAuthentication>>,
-    pub gateways: Vec<Arc<crd::Gateway>>,
-    pub node: Option<Arc<Node>>,
+/// What a watch delivers to the model.
+#[derive(Debug)]
+pub enum Change<R> {
+    /// A complete list (the first, or after the watch lost its place).
+    Relisted(Vec<R>),
+    Upsert(R),
+    Delete(R),
 }
 
 /// Where a pod of this node lives (from the CNI plugin or discovery).
@@ -71,7 +89,7 @@ pub struct Location {
     pub cgroup: PathBuf,
 }
 
-/// Node-local facts the API does not have.
+/// Node-local facts the API does not have (the agent's).
 pub struct Local<'a> {
     pub node: &'a str,
     /// The agent's own pod, never enrolled.
@@ -81,9 +99,8 @@ pub struct Local<'a> {
     /// Finds the netns and cgroup of an in-mesh pod of this node by UID
     /// (the netns must hold one of the given IPs).
     pub locate: &'a mut dyn FnMut(&str, &[IpAddr]) -> Option<Location>,
-    /// Addresses of the host's network namespace (kubelet probes come from
-    /// one of them), added to the Node's own.
-    pub host_addresses: &'a [IpAddr],
+    /// The node's own addresses (kubelet probes come from them).
+    pub node_addresses: &'a [IpAddr],
 }
 
 /// The model plus what could not be translated (for logs).
@@ -92,189 +109,402 @@ pub struct Translated {
     pub warnings: Vec<String>,
 }
 
-pub use mesh_cni::membership::{namespace_is_ambient, Membership};
-
-fn labels_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> BTreeMap<String, String> {
-    meta.labels.clone().unwrap_or_default()
+/// How many records were translated (again), by kind: what a change cost.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Retranslated {
+    pub namespaces: u64,
+    pub pods: u64,
+    pub services: u64,
+    pub gateways: u64,
+    pub policies: u64,
 }
 
-/// A pod whose containers all ended (its IP may already be reused).
-pub fn pod_finished(pod: &Pod) -> bool {
-    mesh_cni::membership::finished(pod.status.as_ref().and_then(|s| s.phase.as_deref()))
+/// A translation with what it could not translate.
+struct Out<T> {
+    value: Option<T>,
+    warnings: Vec<String>,
 }
 
-/// The pod's service account (Kubernetes' default when unset).
-pub fn service_account_of(pod: &Pod) -> &str {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.as_deref())
-        .unwrap_or("default")
-}
-
-/// What the shared membership rule reads of a pod; `waypoint`: it is a
-/// pod of a waypoint Gateway ([`is_waypoint_pod`]).
-pub fn pod_facts(pod: &Pod, waypoint: bool) -> mesh_cni::membership::PodFacts<'_> {
-    mesh_cni::membership::PodFacts {
-        labels: pod.metadata.labels.as_ref(),
-        host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
-        phase: pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        waypoint,
-    }
-}
-
-/// Whether `pod` belongs in the mesh (its namespace's labels given): the
-/// rule the CNI plugin applies too ([`mesh_cni::membership`]).
-pub fn membership(pod: &Pod, ns_labels: Option<&BTreeMap<String, String>>, waypoint: bool) -> Membership {
-    mesh_cni::membership::membership(pod_facts(pod, waypoint), ns_labels)
-}
-
-/// Whether `gw` is a waypoint (class `istio-waypoint`).
-pub fn is_waypoint(gw: &crd::Gateway) -> bool {
-    gw.spec.gateway_class_name == WAYPOINT_CLASS
-}
-
-/// Whether `pod` carries the gateway-name label of a waypoint of its namespace.
-pub fn is_waypoint_pod(pod: &Pod, gateways: &[Arc<crd::Gateway>]) -> bool {
-    let Some(name) = pod.metadata.labels.as_ref().and_then(|l| l.get(GATEWAY_NAME_LABEL)) else {
-        return false;
-    };
-    gateways.iter().any(|g| {
-        is_waypoint(g) && g.metadata.name.as_ref() == Some(name) && g.metadata.namespace == pod.metadata.namespace
-    })
-}
-
-/// Keeps only what the model reads of a Gateway (of its annotations, the
-/// per-service-account binding).
-pub fn project_gateway(gw: &mut crd::Gateway) {
-    let m = &mut gw.metadata;
-    m.managed_fields = None;
-    if let Some(a) = m.annotations.as_mut() {
-        a.retain(|k, _| k == FOR_SERVICE_ACCOUNT);
-    }
-}
-
-fn binding_labels(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> BTreeMap<String, String> {
-    let mut labels = labels_of(meta);
-    labels.retain(|k, _| BINDING_LABELS.contains(&k.as_str()));
-    labels
-}
-
-/// Keeps only what the model reads of a pod: bounded memory for a
-/// cluster-wide watch (no managed fields, annotations, containers or
-/// statuses beyond IPs, phase and readiness).
-pub fn project_pod(pod: &mut Pod) {
-    let m = &mut pod.metadata;
-    m.managed_fields = None;
-    m.annotations = None;
-    m.owner_references = None;
-    m.finalizers = None;
-    m.generate_name = None;
-    if let Some(spec) = pod.spec.as_mut() {
-        *spec = k8s_openapi::api::core::v1::PodSpec {
-            node_name: spec.node_name.take(),
-            service_account_name: spec.service_account_name.take(),
-            host_network: spec.host_network.take(),
-            ..Default::default()
-        };
-    }
-    if let Some(st) = pod.status.as_mut() {
-        let ready = st
-            .conditions
-            .take()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|c| c.type_ == "Ready")
-            .collect::<Vec<_>>();
-        *st = k8s_openapi::api::core::v1::PodStatus {
-            phase: st.phase.take(),
-            pod_ip: st.pod_ip.take(),
-            pod_ips: st.pod_ips.take(),
-            conditions: Some(ready),
-            ..Default::default()
-        };
-    }
-}
-
-/// The model for this node.
-pub fn translate(input: &Inputs, local: &mut Local) -> Translated {
-    let mut warnings = Vec::new();
-    let ns_labels: HashMap<&str, BTreeMap<String, String>> = input
-        .namespaces
-        .iter()
-        .filter_map(|n| Some((n.metadata.name.as_deref()?, labels_of(&n.metadata))))
-        .collect();
-    let mut seen_ips: HashMap<IpAddr, String> = HashMap::new();
-    let mut pods = Vec::new();
-    for pod in &input.pods {
-        let waypoint = is_waypoint_pod(pod, &input.gateways);
-        if let Some(p) = pod_spec(pod, &ns_labels, waypoint, local, &mut warnings) {
-            if let Some(ip) = p.ips.iter().find(|ip| seen_ips.contains_key(ip)) {
-                warnings.push(format!(
-                    "pod {} has IP {ip} of pod {}; skipped until one of them goes",
-                    p.key(),
-                    seen_ips[ip]
-                ));
-                continue;
-            }
-            seen_ips.extend(p.ips.iter().map(|ip| (*ip, p.key())));
-            pods.push(p);
+impl<T> Default for Out<T> {
+    fn default() -> Self {
+        Self {
+            value: None,
+            warnings: Vec::new(),
         }
     }
-    let services = input
-        .services
-        .iter()
-        .filter_map(|s| service_spec(s, &input.slices, &mut warnings))
-        .collect();
-    let namespaces = input
-        .namespaces
-        .iter()
-        .filter_map(|n| {
-            let labels = binding_labels(&n.metadata);
-            Some(NamespaceSpec {
-                name: n.metadata.name.clone()?,
-                labels,
+}
+
+struct Row<R, O> {
+    /// Arrival order: the model lists objects as they came (the first of
+    /// two pods claiming an IP keeps it).
+    seq: u64,
+    record: R,
+    out: O,
+}
+
+/// Records by key, in arrival order, each with its translation.
+struct Table<R, O> {
+    next: u64,
+    rows: HashMap<Key, Row<R, O>>,
+    order: BTreeMap<u64, Key>,
+}
+
+impl<R, O> Default for Table<R, O> {
+    fn default() -> Self {
+        Self {
+            next: 0,
+            rows: HashMap::new(),
+            order: BTreeMap::new(),
+        }
+    }
+}
+
+/// A record that changed: its key and what it was (`None`: new).
+type Touched<R> = Vec<(Key, Option<R>)>;
+
+impl<R: Record, O: Default> Table<R, O> {
+    fn get(&self, key: &Key) -> Option<&Row<R, O>> {
+        self.rows.get(key)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Row<R, O>> {
+        self.order.values().map(|k| &self.rows[k])
+    }
+
+    fn set(&mut self, key: &Key, out: O) {
+        if let Some(row) = self.rows.get_mut(key) {
+            row.out = out;
+        }
+    }
+
+    fn apply(&mut self, change: Change<R>, interner: &mut Interner) -> Touched<R> {
+        match change {
+            Change::Upsert(r) => self.upsert(r, interner).into_iter().collect(),
+            Change::Delete(r) => self.remove(r.key()).into_iter().collect(),
+            Change::Relisted(list) => {
+                let keep: HashSet<&Key> = list.iter().map(Record::key).collect();
+                let gone: Vec<Key> = self.rows.keys().filter(|k| !keep.contains(k)).cloned().collect();
+                let mut touched: Touched<R> = gone.iter().filter_map(|k| self.remove(k)).collect();
+                touched.extend(list.into_iter().filter_map(|r| self.upsert(r, interner)));
+                touched
+            }
+        }
+    }
+
+    fn upsert(&mut self, mut r: R, interner: &mut Interner) -> Option<(Key, Option<R>)> {
+        if let Some(row) = self.rows.get_mut(r.key()) {
+            if row.record == r {
+                return None; // a resync or a field the model does not read
+            }
+            r.intern(interner);
+            let old = std::mem::replace(&mut row.record, r);
+            return Some((old.key().clone(), Some(old)));
+        }
+        r.intern(interner);
+        let key = r.key().clone();
+        let seq = self.next;
+        self.next += 1;
+        self.order.insert(seq, key.clone());
+        self.rows.insert(
+            key.clone(),
+            Row {
+                seq,
+                record: r,
+                out: O::default(),
+            },
+        );
+        Some((key, None))
+    }
+
+    fn remove(&mut self, key: &Key) -> Option<(Key, Option<R>)> {
+        let row = self.rows.remove(key)?;
+        self.order.remove(&row.seq);
+        Some((key.clone(), Some(row.record)))
+    }
+}
+
+type Authz = PolicyRecord<crd::AuthorizationPolicy>;
+type PeerAuth = PolicyRecord<crd::PeerAuthentication>;
+
+/// The cluster as the mesh sees it, kept up to date change by change.
+#[derive(Default)]
+pub struct Model {
+    interner: Interner,
+    namespaces: Table<NamespaceRecord, Option<NamespaceSpec>>,
+    pods: Table<PodRecord, Option<Membership>>,
+    pods_by_ns: HashMap<Str, HashSet<Key>>,
+    services: Table<ServiceRecord, Out<ServiceSpec>>,
+    slices: Table<SliceRecord, ()>,
+    slices_by_service: HashMap<Key, BTreeSet<Key>>,
+    gateways: Table<GatewayRecord, Out<WaypointSpec>>,
+    authz: Table<Authz, Out<rbac::AuthorizationPolicy>>,
+    peer_auth: Table<PeerAuth, Out<rbac::PeerAuthentication>>,
+    retranslated: Retranslated,
+}
+
+impl Model {
+    /// What the changes so far cost.
+    pub fn retranslated(&self) -> Retranslated {
+        self.retranslated
+    }
+
+    pub fn apply_namespaces(&mut self, c: Change<NamespaceRecord>) {
+        for (key, old) in self.namespaces.apply(c, &mut self.interner) {
+            let now = self.namespaces.get(&key).map(|r| r.record.labels.clone());
+            if let Some(labels) = &now {
+                self.retranslated.namespaces += 1;
+                let mut binding = (**labels).clone();
+                binding.retain(|k, _| BINDING_LABELS.contains(&k.as_str()));
+                let spec = (!binding.is_empty()).then(|| NamespaceSpec {
+                    name: key.name.to_string(),
+                    labels: binding,
+                });
+                self.namespaces.set(&key, spec);
+            }
+            let mode = |l: Option<&BTreeMap<String, String>>| l.and_then(|l| l.get(DATAPLANE_MODE)).cloned();
+            if mode(old.as_ref().map(|o| &*o.labels)) != mode(now.as_deref()) {
+                let pods: Vec<Key> = self.pods_by_ns.get(&key.name).into_iter().flatten().cloned().collect();
+                pods.iter().for_each(|p| self.translate_pod(p));
+            }
+        }
+    }
+
+    pub fn apply_pods(&mut self, c: Change<PodRecord>) {
+        for (key, _) in self.pods.apply(c, &mut self.interner) {
+            if self.pods.get(&key).is_some() {
+                self.pods_by_ns
+                    .entry(key.namespace.clone())
+                    .or_default()
+                    .insert(key.clone());
+                self.translate_pod(&key);
+            } else if let Some(set) = self.pods_by_ns.get_mut(&key.namespace) {
+                set.remove(&key);
+                if set.is_empty() {
+                    self.pods_by_ns.remove(&key.namespace);
+                }
+            }
+        }
+    }
+
+    pub fn apply_services(&mut self, c: Change<ServiceRecord>) {
+        for (key, _) in self.services.apply(c, &mut self.interner) {
+            self.translate_service(&key);
+        }
+    }
+
+    pub fn apply_slices(&mut self, c: Change<SliceRecord>) {
+        for (key, old) in self.slices.apply(c, &mut self.interner) {
+            let now = self.slices.get(&key).and_then(|r| r.record.service.clone());
+            let before = old.and_then(|o| o.service);
+            if let Some(svc) = &before {
+                if let Some(set) = self.slices_by_service.get_mut(svc) {
+                    set.remove(&key);
+                    if set.is_empty() {
+                        self.slices_by_service.remove(svc);
+                    }
+                }
+            }
+            if let Some(svc) = &now {
+                self.slices_by_service
+                    .entry(svc.clone())
+                    .or_default()
+                    .insert(key.clone());
+            }
+            let services: BTreeSet<Key> = before.into_iter().chain(now).collect();
+            services.iter().for_each(|s| self.translate_service(s));
+        }
+    }
+
+    pub fn apply_gateways(&mut self, c: Change<GatewayRecord>) {
+        for (key, old) in self.gateways.apply(c, &mut self.interner) {
+            let now = self.gateways.get(&key).map(|r| r.record.waypoint);
+            if now.is_some() {
+                self.retranslated.gateways += 1;
+                let mut out = Out::default();
+                let record = &self.gateways.get(&key).expect("just applied").record;
+                out.value = record.waypoint.then(|| waypoint_spec(record, &mut out.warnings));
+                self.gateways.set(&key, out);
+            }
+            // Its pods are never captured while it is a waypoint.
+            if old.is_some_and(|o| o.waypoint) != now.unwrap_or(false) {
+                let pods: Vec<Key> = self
+                    .pods_by_ns
+                    .get(&key.namespace)
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| {
+                        let labels = &self.pods.get(p).expect("indexed").record.labels;
+                        labels.get(GATEWAY_NAME_LABEL).map(String::as_str) == Some(&*key.name)
+                    })
+                    .cloned()
+                    .collect();
+                pods.iter().for_each(|p| self.translate_pod(p));
+            }
+        }
+    }
+
+    pub fn apply_authorization_policies(&mut self, c: Change<Authz>) {
+        for (key, _) in self.authz.apply(c, &mut self.interner) {
+            if let Some(row) = self.authz.get(&key) {
+                self.retranslated.policies += 1;
+                let mut out = Out::default();
+                out.value = authorization_policy(&row.record.policy, &mut out.warnings);
+                self.authz.set(&key, out);
+            }
+        }
+    }
+
+    pub fn apply_peer_authentications(&mut self, c: Change<PeerAuth>) {
+        for (key, _) in self.peer_auth.apply(c, &mut self.interner) {
+            if let Some(row) = self.peer_auth.get(&key) {
+                self.retranslated.policies += 1;
+                let mut out = Out::default();
+                out.value = peer_authentication(&row.record.policy, &mut out.warnings);
+                self.peer_auth.set(&key, out);
+            }
+        }
+    }
+
+    /// A pod by namespace and name.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodRecord> {
+        self.pods.get(&Key::new(namespace, name)).map(|r| &r.record)
+    }
+
+    /// Every pod, in arrival order.
+    pub fn pods(&self) -> impl Iterator<Item = &PodRecord> {
+        self.pods.iter().map(|r| &r.record)
+    }
+
+    /// Whether the pod belongs in the mesh (the rule the CNI plugin applies
+    /// too, [`mesh_cni::membership`]).
+    pub fn membership(&self, pod: &PodRecord) -> Membership {
+        let waypoint = pod.labels.get(GATEWAY_NAME_LABEL).is_some_and(|gw| {
+            let key = Key {
+                namespace: pod.key.namespace.clone(),
+                name: gw.as_str().into(),
+            };
+            self.gateways.get(&key).is_some_and(|g| g.record.waypoint)
+        });
+        let ns = self
+            .namespaces
+            .get(&Key {
+                namespace: "".into(),
+                name: pod.key.namespace.clone(),
             })
-            .filter(|n| !n.labels.is_empty())
+            .map(|n| &*n.record.labels);
+        mesh_cni::membership::membership(pod.facts(waypoint), ns)
+    }
+
+    fn translate_pod(&mut self, key: &Key) {
+        let Some(row) = self.pods.get(key) else { return };
+        self.retranslated.pods += 1;
+        let m = self.membership(&row.record);
+        self.pods.set(key, Some(m));
+    }
+
+    fn translate_service(&mut self, key: &Key) {
+        let Some(row) = self.services.get(key) else { return };
+        self.retranslated.services += 1;
+        let slices: Vec<&SliceRecord> = self
+            .slices_by_service
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|s| self.slices.get(s).map(|r| &r.record))
+            .collect();
+        let mut out = Out::default();
+        out.value = service_spec(&row.record, &slices, &mut out.warnings);
+        self.services.set(key, out);
+    }
+
+    /// The model (for `local`'s node when given: its in-mesh pods located).
+    pub fn translate(&self, mut local: Option<&mut Local>) -> Translated {
+        let mut warnings = Vec::new();
+        let mut seen_ips: HashMap<IpAddr, String> = HashMap::new();
+        let mut pods = Vec::new();
+        for row in self.pods.iter() {
+            let Some(member) = row.out else { continue };
+            if let Some(p) = pod_spec(&row.record, member, local.as_deref_mut(), &mut warnings) {
+                if let Some(ip) = p.ips.iter().find(|ip| seen_ips.contains_key(ip)) {
+                    warnings.push(format!(
+                        "pod {} has IP {ip} of pod {}; skipped until one of them goes",
+                        p.key(),
+                        seen_ips[ip]
+                    ));
+                    continue;
+                }
+                seen_ips.extend(p.ips.iter().map(|ip| (*ip, p.key())));
+                pods.push(p);
+            }
+        }
+        let model = LocalConfig {
+            capture: CaptureSettings {
+                node_addresses: local.map(|l| l.node_addresses.to_vec()).unwrap_or_default(),
+                ..Default::default()
+            },
+            pods,
+            authorization_policies: collect(&self.authz, &mut warnings),
+            peer_authentications: collect(&self.peer_auth, &mut warnings),
+            services: collect(&self.services, &mut warnings),
+            namespaces: self.namespaces.iter().filter_map(|r| r.out.clone()).collect(),
+            waypoints: collect(&self.gateways, &mut warnings),
+        };
+        Translated { model, warnings }
+    }
+
+    /// A model of these objects, as the watches would build it.
+    pub fn from_inputs(input: &Inputs) -> Self {
+        fn records<K, R>(list: &[Arc<K>], f: impl Fn(&K) -> Option<R>) -> Change<R> {
+            Change::Relisted(list.iter().filter_map(|o| f(o)).collect())
+        }
+        let mut m = Model::default();
+        m.apply_namespaces(records(&input.namespaces, NamespaceRecord::from_k8s));
+        m.apply_gateways(records(&input.gateways, GatewayRecord::from_k8s));
+        m.apply_pods(records(&input.pods, PodRecord::from_k8s));
+        m.apply_slices(records(&input.slices, SliceRecord::from_k8s));
+        m.apply_services(records(&input.services, ServiceRecord::from_k8s));
+        m.apply_authorization_policies(records(&input.authorization_policies, |p| {
+            PolicyRecord::from_k8s(p.clone())
+        }));
+        m.apply_peer_authentications(records(&input.peer_authentications, |p| {
+            PolicyRecord::from_k8s(p.clone())
+        }));
+        m
+    }
+}
+
+fn collect<R: Record, T: Clone>(table: &Table<R, Out<T>>, warnings: &mut Vec<String>) -> Vec<T> {
+    table
+        .iter()
+        .filter_map(|r| {
+            warnings.extend(r.out.warnings.iter().cloned());
+            r.out.value.clone()
         })
-        .collect();
-    let waypoints = input
-        .gateways
-        .iter()
-        .filter(|g| is_waypoint(g))
-        .filter_map(|g| waypoint_spec(g, &mut warnings))
-        .collect();
-    let authorization_policies = input
-        .authorization_policies
-        .iter()
-        .filter_map(|p| authorization_policy(p, &mut warnings))
-        .collect();
-    let peer_authentications = input
-        .peer_authentications
-        .iter()
-        .filter_map(|p| peer_authentication(p, &mut warnings))
-        .collect();
-    let model = LocalConfig {
-        capture: CaptureSettings {
-            node_addresses: node_addresses(input.node.as_deref(), local.host_addresses),
-            ..Default::default()
-        },
-        pods,
-        authorization_policies,
-        peer_authentications,
-        services,
-        namespaces,
-        waypoints,
-    };
-    Translated { model, warnings }
+        .collect()
+}
+
+/// Objects as k8s types, for a one-shot translation (tests, tools).
+#[derive(Default, Clone)]
+pub struct Inputs {
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub authorization_policies: Vec<Arc<crd::AuthorizationPolicy>>,
+    pub peer_authentications: Vec<Arc<crd::PeerAuthentication>>,
+    pub gateways: Vec<Arc<crd::Gateway>>,
+}
+
+/// The model of `input` for `local`'s node, translated from scratch.
+pub fn translate(input: &Inputs, local: &mut Local) -> Translated {
+    Model::from_inputs(input).translate(Some(local))
 }
 
 /// A waypoint Gateway; a bad annotation or label is warned about and
 /// ignored (the binding statuses then show what is not bound).
-fn waypoint_spec(g: &crd::Gateway, warnings: &mut Vec<String>) -> Option<WaypointSpec> {
-    let name = g.metadata.name.clone()?;
-    let namespace = g.metadata.namespace.clone()?;
-    let key = format!("Gateway {namespace}/{name}");
-    let for_ = match g.metadata.labels.as_ref().and_then(|l| l.get(WAYPOINT_FOR)) {
+fn waypoint_spec(g: &GatewayRecord, warnings: &mut Vec<String>) -> WaypointSpec {
+    let key = format!("Gateway {}", g.key);
+    let for_ = match g.waypoint_for.as_deref() {
         None => WaypointFor::default(),
         Some(v) => WaypointFor::parse(v).unwrap_or_else(|| {
             warnings.push(format!(
@@ -284,10 +514,8 @@ fn waypoint_spec(g: &crd::Gateway, warnings: &mut Vec<String>) -> Option<Waypoin
         }),
     };
     let for_service_account = g
-        .metadata
-        .annotations
+        .for_service_account
         .as_ref()
-        .and_then(|a| a.get(FOR_SERVICE_ACCOUNT))
         .filter(|sa| {
             let ok = valid_name(sa);
             if !ok {
@@ -298,15 +526,15 @@ fn waypoint_spec(g: &crd::Gateway, warnings: &mut Vec<String>) -> Option<Waypoin
             ok
         })
         .cloned();
-    Some(WaypointSpec {
-        name,
-        namespace,
+    WaypointSpec {
+        name: g.key.name.to_string(),
+        namespace: g.key.namespace.to_string(),
         // The controller names the waypoint's service account after it.
         service_account: None,
         for_service_account,
         for_,
         vips: Vec::new(),
-    })
+    }
 }
 
 /// A DNS-1123 subdomain, as service account names are.
@@ -320,32 +548,27 @@ fn valid_name(s: &str) -> bool {
 }
 
 fn pod_spec(
-    pod: &Pod,
-    ns_labels: &HashMap<&str, BTreeMap<String, String>>,
-    waypoint: bool,
-    local: &mut Local,
+    pod: &PodRecord,
+    member: Membership,
+    local: Option<&mut Local>,
     warnings: &mut Vec<String>,
 ) -> Option<PodSpec> {
-    let name = pod.metadata.name.clone()?;
-    let namespace = pod.metadata.namespace.clone()?;
-    let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let spec = pod.spec.as_ref()?;
-    let node = spec.node_name.clone()?;
-    let ns = ns_labels.get(namespace.as_str());
-    let member = membership(pod, ns, waypoint);
+    let node = pod.node.as_deref()?;
     if matches!(member, Membership::HostNetwork | Membership::Finished) {
         return None;
     }
-    let mut ips = pod_ips(pod);
-    if ips.is_empty() && node == local.node {
-        ips = local.cni_ips.get(&uid).cloned().unwrap_or_default();
+    let (namespace, name, uid) = (&*pod.key.namespace, &*pod.key.name, &*pod.uid);
+    let local = local.filter(|l| l.node == node);
+    let mut ips = pod.ips.to_vec();
+    if let (true, Some(l)) = (ips.is_empty(), &local) {
+        ips = l.cni_ips.get(uid).cloned().unwrap_or_default();
     }
     if ips.is_empty() {
         return None; // not started yet: nobody can reach it
     }
-    let own = local.own_uid == Some(uid.as_str());
+    let own = local.as_ref().is_some_and(|l| l.own_uid == Some(uid));
     let in_mesh = member == Membership::Ambient && !own;
-    let (netns, cgroup) = match (in_mesh && node == local.node).then(|| (local.locate)(&uid, &ips)) {
+    let (netns, cgroup) = match local.filter(|_| in_mesh).map(|l| (l.locate)(uid, &ips)) {
         Some(Some(loc)) => (Some(loc.netns), Some(loc.cgroup)),
         Some(None) => {
             warnings.push(format!(
@@ -355,15 +578,14 @@ fn pod_spec(
         }
         None => (None, None),
     };
-    let labels = labels_of(&pod.metadata);
     Some(PodSpec {
-        uid: Some(uid),
-        service_account: service_account_of(pod).to_string(),
-        node,
+        uid: Some(uid.to_string()),
+        service_account: pod.service_account.to_string(),
+        node: node.to_string(),
         netns,
         cgroup,
         ips,
-        healthy: pod_ready(pod),
+        healthy: pod.ready,
         // A waypoint's pods are reached over HBONE (they terminate it)
         // but never captured (no netns above).
         tunnel: if in_mesh || member == Membership::Waypoint {
@@ -371,70 +593,30 @@ fn pod_spec(
         } else {
             TunnelProtocol::None
         },
-        labels,
-        name,
-        namespace,
+        labels: (*pod.labels).clone(),
+        name: name.to_string(),
+        namespace: namespace.to_string(),
     })
 }
 
-fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
-    let Some(st) = pod.status.as_ref() else { return vec![] };
-    let listed: Vec<&str> = match &st.pod_ips {
-        Some(ips) if !ips.is_empty() => ips.iter().map(|p| p.ip.as_str()).collect(),
-        _ => st.pod_ip.as_deref().into_iter().collect(),
-    };
-    listed.into_iter().filter_map(|s| s.parse().ok()).collect()
-}
-
-fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| c.status == "True")
-}
-
-fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
-    let Some(spec) = svc.spec.as_ref() else { return vec![] };
-    let listed: Vec<&String> = match &spec.cluster_ips {
-        Some(ips) if !ips.is_empty() => ips.iter().collect(),
-        _ => spec.cluster_ip.iter().collect(),
-    };
-    listed.into_iter().filter_map(|s| s.parse().ok()).collect()
-}
-
-fn service_spec(svc: &Service, slices: &[Arc<EndpointSlice>], warnings: &mut Vec<String>) -> Option<ServiceSpec> {
-    let name = svc.metadata.name.clone()?;
-    let namespace = svc.metadata.namespace.clone()?;
-    let spec = svc.spec.as_ref()?;
-    let vips = cluster_ips(svc); // headless and ExternalName services have none
-    if vips.is_empty() {
-        return None;
+fn service_spec(svc: &ServiceRecord, mine: &[&SliceRecord], warnings: &mut Vec<String>) -> Option<ServiceSpec> {
+    let (namespace, name) = (&svc.key.namespace, &svc.key.name);
+    if svc.vips.is_empty() {
+        return None; // headless and ExternalName services
     }
-    let mine: Vec<&EndpointSlice> = slices
-        .iter()
-        .filter(|s| {
-            s.metadata.namespace.as_deref() == Some(&namespace)
-                && s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) == Some(&name)
-        })
-        .map(|s| &**s)
-        .collect();
     let mut ports = Vec::new();
-    for p in spec.ports.iter().flatten() {
-        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
-            continue;
-        }
-        let target = match &p.target_port {
+    for p in svc.ports.iter().filter(|p| p.tcp) {
+        let target = match &p.target {
             None => Some(p.port),
             Some(IntOrString::Int(n)) => Some(*n),
             Some(IntOrString::String(port_name)) => mine
                 .iter()
-                .flat_map(|s| s.ports.iter().flatten())
+                .flat_map(|s| s.ports.iter())
                 // The slice names its ports after the Service's ports ("" when
                 // unnamed), not after the target port name.
-                .find(|sp| sp.name.as_deref().unwrap_or("") == p.name.as_deref().unwrap_or(""))
+                .find(|(sp_name, _)| *sp_name == p.name)
                 .filter(|_| !port_name.is_empty())
-                .and_then(|sp| sp.port),
+                .and_then(|(_, port)| *port),
         };
         match (u16::try_from(p.port), target.map(u16::try_from)) {
             (Ok(port), Some(Ok(target_port))) if port != 0 && target_port != 0 => ports.push(ServicePort {
@@ -452,24 +634,18 @@ fn service_spec(svc: &Service, slices: &[Arc<EndpointSlice>], warnings: &mut Vec
     if ports.is_empty() {
         return None;
     }
-    let endpoints = (!mine.is_empty()).then(|| {
-        mine.iter()
-            .flat_map(|s| s.endpoints.iter())
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-            .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()))
-            .collect::<Vec<_>>()
-    });
+    let endpoints = (!mine.is_empty()).then(|| mine.iter().flat_map(|s| s.ready.iter().copied()).collect());
     Some(ServiceSpec {
-        labels: binding_labels(&svc.metadata),
+        labels: (*svc.labels).clone(),
         hostname: None,
-        vips,
+        vips: svc.vips.to_vec(),
         ports,
-        selector: spec.selector.clone().unwrap_or_default(),
-        endpoints: endpoints.or_else(|| spec.selector.is_none().then(Vec::new)),
+        selector: svc.selector.as_deref().cloned().unwrap_or_default(),
+        endpoints: endpoints.or_else(|| svc.selector.is_none().then(Vec::new)),
         load_balancing: Default::default(),
         subject_alt_names: Vec::new(),
-        name,
-        namespace,
+        name: name.to_string(),
+        namespace: namespace.to_string(),
     })
 }
 
@@ -598,29 +774,13 @@ fn peer_authentication(p: &crd::PeerAuthentication, warnings: &mut Vec<String>) 
     })
 }
 
-/// The node's own addresses: kubelet probes come from them.
-fn node_addresses(node: Option<&Node>, host: &[IpAddr]) -> Vec<IpAddr> {
-    let mut out: Vec<IpAddr> = node
-        .and_then(|n| n.status.as_ref())
-        .and_then(|s| s.addresses.as_ref())
-        .into_iter()
-        .flatten()
-        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-        .filter_map(|a| a.address.parse().ok())
-        .chain(host.iter().copied())
-        .collect();
-    out.sort();
-    out.dedup();
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use k8s_openapi::{
         api::{
             core::v1::{
-                Container, ContainerStatus, NodeAddress, NodeStatus, PodCondition, PodIP, PodSpec as K8sPodSpec,
-                PodStatus, ServicePort as SvcPort, ServiceSpec as K8sServiceSpec,
+                Container, ContainerStatus, PodCondition, PodIP, PodSpec as K8sPodSpec, PodStatus,
+                ServicePort as SvcPort, ServiceSpec as K8sServiceSpec,
             },
             discovery::v1::{Endpoint, EndpointConditions, EndpointPort},
         },
@@ -728,7 +888,7 @@ mod tests {
                 own_uid,
                 cni_ips,
                 locate: &mut locate,
-                host_addresses: &[],
+                node_addresses: &[],
             },
         );
         (t, asked)
@@ -1231,14 +1391,16 @@ mod tests {
     }
 
     #[test]
-    fn project_gateway_keeps_the_service_account_annotation_only() {
+    fn gateway_record_keeps_the_service_account_annotation_only() {
         let mut g = annotated(
             annotated(gateway("apps", "wp", WAYPOINT_CLASS), FOR_SERVICE_ACCOUNT, "web"),
             "kubectl.kubernetes.io/last-applied-configuration",
             "{}",
         );
-        project_gateway(&mut g);
-        assert_eq!(g.metadata.annotations, Some(map(&[(FOR_SERVICE_ACCOUNT, "web")])));
+        g.metadata.labels = Some(map(&[(WAYPOINT_FOR, "all"), ("app", "x")]));
+        let r = GatewayRecord::from_k8s(&g).unwrap();
+        assert_eq!(r.for_service_account.as_deref(), Some("web"));
+        assert_eq!((r.waypoint, r.waypoint_for.as_deref()), (true, Some("all")));
     }
 
     #[test]
@@ -1265,7 +1427,7 @@ mod tests {
             "reached over HBONE, not captured"
         );
         assert_eq!(
-            membership(&wp_pod, None, is_waypoint_pod(&wp_pod, &input.gateways)),
+            Model::from_inputs(&input).membership(&PodRecord::from_k8s(&wp_pod).unwrap()),
             Membership::Waypoint
         );
         let captured: Vec<&str> = t.model.pods_on(NODE).map(|p| p.name.as_str()).collect();
@@ -1295,9 +1457,9 @@ mod tests {
         // Without its own label the Service is bound through its pods' account.
         input.services = arcs(vec![service("apps", "web", "10.96.0.10", vec![port(None, 80, None)])]);
         let t = run(&input);
-        let b = cluster::waypoint::Bindings::compute(&t.model, "cluster.local");
-        let status = |m: &BTreeMap<String, cluster::waypoint::Binding>, k: &str| m.get(k).map(|b| b.status);
-        use cluster::waypoint::BindingStatus::Bound;
+        let b = crate::waypoint::Bindings::compute(&t.model, "cluster.local");
+        let status = |m: &BTreeMap<String, crate::waypoint::Binding>, k: &str| m.get(k).map(|b| b.status);
+        use crate::waypoint::BindingStatus::Bound;
         assert_eq!(status(&b.workloads, "apps/web-1"), Some(Bound));
         assert_eq!(status(&b.services, "apps/web"), Some(Bound));
         assert_eq!(status(&b.workloads, "apps/wp-1"), None);
@@ -1386,7 +1548,10 @@ mod tests {
 
     #[test]
     fn audit_and_custom_policies_are_skipped_with_warning() {
-        let t = policies(vec![ap(Some("AUDIT"), vec![]), ap(Some("CUSTOM"), vec![])]);
+        // Two objects: a model keys them by namespace and name, as the API does.
+        let mut custom = ap(Some("CUSTOM"), vec![]);
+        custom.metadata.name = Some("pol-custom".into());
+        let t = policies(vec![ap(Some("AUDIT"), vec![]), custom]);
         assert!(t.model.authorization_policies.is_empty());
         assert_eq!(t.warnings.len(), 2);
         assert!(t.warnings[0].contains("apps/pol") && t.warnings[0].contains("AUDIT"));
@@ -1611,41 +1776,6 @@ mod tests {
         );
     }
 
-    // ---- node addresses ----
-
-    #[test]
-    fn node_addresses_are_internal_and_external_ips_sorted_and_deduplicated() {
-        let addr = |type_: &str, address: &str| NodeAddress {
-            type_: type_.into(),
-            address: address.into(),
-        };
-        let node = Node {
-            metadata: meta(None, NODE),
-            status: Some(NodeStatus {
-                addresses: Some(vec![
-                    addr("Hostname", NODE),
-                    addr("InternalIP", "fd00::2"),
-                    addr("ExternalIP", "203.0.113.5"),
-                    addr("InternalIP", "10.0.0.2"),
-                    addr("InternalDNS", "node1.internal"),
-                    addr("ExternalIP", "10.0.0.2"),
-                    addr("InternalIP", "10.0.0.1"),
-                ]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let t = run(&Inputs {
-            node: Some(Arc::new(node)),
-            ..Default::default()
-        });
-        assert_eq!(
-            t.model.capture.node_addresses,
-            ips(&["10.0.0.1", "10.0.0.2", "203.0.113.5", "fd00::2"])
-        );
-        assert!(run(&Inputs::default()).model.capture.node_addresses.is_empty());
-    }
-
     // ---- project_pod ----
 
     fn full_pod() -> Pod {
@@ -1733,5 +1863,408 @@ mod tests {
         assert_eq!(full.pods.len(), 2);
         assert_eq!(full.pods[0].labels[USE_WAYPOINT], "wp");
         assert!(full.pods[0].healthy && !full.pods[1].healthy);
+    }
+
+    // ---- incremental ----
+
+    fn delta(after: Retranslated, before: Retranslated) -> Retranslated {
+        Retranslated {
+            namespaces: after.namespaces - before.namespaces,
+            pods: after.pods - before.pods,
+            services: after.services - before.services,
+            gateways: after.gateways - before.gateways,
+            policies: after.policies - before.policies,
+        }
+    }
+
+    /// Sorted by key, warnings too: arrival order is the only difference
+    /// allowed between a model kept change by change and one built at once.
+    fn normalized(mut t: Translated) -> (LocalConfig, Vec<String>) {
+        let m = &mut t.model;
+        m.pods.sort_by_key(|p| p.key());
+        m.services
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        m.namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+        m.waypoints
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        t.warnings.sort();
+        (t.model, t.warnings)
+    }
+
+    fn pod_record(p: &Pod) -> PodRecord {
+        PodRecord::from_k8s(p).unwrap()
+    }
+
+    /// Namespace `a` (ambient) and `b`, 50 pods each (app x or y), the
+    /// service `a/x` with a slice, and the gateway `a/wp` (not a waypoint).
+    fn small_cluster() -> (Model, Inputs) {
+        let pods = ["a", "b"]
+            .iter()
+            .enumerate()
+            .flat_map(|(n, ns)| {
+                (0..50).map(move |i| {
+                    let app = if i % 2 == 0 { "x" } else { "y" };
+                    let mut p = labelled(
+                        pod(ns, &format!("p{i}"), NODE, &[&format!("10.{n}.0.{i}")]),
+                        &[("app", app)],
+                    );
+                    if i < 2 {
+                        p = labelled(p, &[(GATEWAY_NAME_LABEL, "wp")]);
+                    }
+                    p
+                })
+            })
+            .collect();
+        let input = Inputs {
+            namespaces: arcs(vec![
+                namespace("a", &[(DATAPLANE_MODE, "ambient")]),
+                namespace("b", &[]),
+            ]),
+            pods: arcs(pods),
+            services: arcs(vec![service(
+                "a",
+                "x",
+                "10.96.0.1",
+                vec![port(Some("http"), 80, Some(IntOrString::String("web".into())))],
+            )]),
+            slices: arcs(vec![slice("a", "x", &[("http", 8080)], &[("10.0.0.0", Some(true))])]),
+            gateways: arcs(vec![gateway("a", "wp", "istio")]),
+            ..Default::default()
+        };
+        (Model::from_inputs(&input), input)
+    }
+
+    #[test]
+    fn a_change_retranslates_only_what_it_touches() {
+        let (mut m, mut input) = small_cluster();
+        let step = |m: &mut Model, f: &mut dyn FnMut(&mut Model)| {
+            let before = m.retranslated();
+            f(m);
+            delta(m.retranslated(), before)
+        };
+        let pods = |n| Retranslated {
+            pods: n,
+            ..Default::default()
+        };
+        // A pod: that pod only; the same object again (a resync): nothing.
+        let mut p3 = (*input.pods[3]).clone();
+        p3.status.as_mut().unwrap().conditions = Some(vec![cond("Ready", "False")]);
+        assert_eq!(
+            step(&mut m, &mut |m| m.apply_pods(Change::Upsert(pod_record(&p3)))),
+            pods(1)
+        );
+        assert_eq!(
+            step(&mut m, &mut |m| m.apply_pods(Change::Upsert(pod_record(&p3)))),
+            pods(0)
+        );
+        input.pods[3] = Arc::new(p3);
+        // A slice: its service.
+        let s = slice(
+            "a",
+            "x",
+            &[("http", 8081)],
+            &[("10.0.0.0", Some(true)), ("10.0.0.2", Some(true))],
+        );
+        let got = step(&mut m, &mut |m| {
+            m.apply_slices(Change::Upsert(SliceRecord::from_k8s(&s).unwrap()))
+        });
+        assert_eq!(
+            got,
+            Retranslated {
+                services: 1,
+                ..Default::default()
+            }
+        );
+        input.slices = arcs(vec![s]);
+        // A namespace's binding label: the namespace, not its pods.
+        let a = namespace("a", &[(DATAPLANE_MODE, "ambient"), (USE_WAYPOINT, "wp")]);
+        let got = step(&mut m, &mut |m| {
+            m.apply_namespaces(Change::Upsert(NamespaceRecord::from_k8s(&a).unwrap()))
+        });
+        assert_eq!(
+            got,
+            Retranslated {
+                namespaces: 1,
+                ..Default::default()
+            }
+        );
+        // Its dataplane mode: the namespace and its 50 pods, not b's.
+        let b = namespace("b", &[(DATAPLANE_MODE, "ambient")]);
+        let got = step(&mut m, &mut |m| {
+            m.apply_namespaces(Change::Upsert(NamespaceRecord::from_k8s(&b).unwrap()))
+        });
+        assert_eq!(
+            got,
+            Retranslated {
+                namespaces: 1,
+                pods: 50,
+                ..Default::default()
+            }
+        );
+        input.namespaces = arcs(vec![a, b]);
+        // A gateway becoming a waypoint: it and the 2 pods labelled with it.
+        let wp = gateway("a", "wp", WAYPOINT_CLASS);
+        let got = step(&mut m, &mut |m| {
+            m.apply_gateways(Change::Upsert(GatewayRecord::from_k8s(&wp).unwrap()))
+        });
+        assert_eq!(
+            got,
+            Retranslated {
+                gateways: 1,
+                pods: 2,
+                ..Default::default()
+            }
+        );
+        input.gateways = arcs(vec![wp]);
+        // A pod deleted: nothing to translate.
+        let gone = input.pods.remove(60);
+        assert_eq!(
+            step(&mut m, &mut |m| m.apply_pods(Change::Delete(pod_record(&gone)))),
+            pods(0)
+        );
+        // And the result is the one a translation from scratch gives.
+        assert_eq!(
+            normalized(m.translate(None)),
+            normalized(Model::from_inputs(&input).translate(None))
+        );
+        let t = m.translate(None).model;
+        assert_eq!(t.pods.len(), 99);
+        assert_eq!(t.services[0].endpoints, Some(ips(&["10.0.0.0", "10.0.0.2"])));
+        assert_eq!(
+            t.services[0].ports,
+            [ServicePort {
+                port: 80,
+                target_port: 8081
+            }]
+        );
+        assert!(t
+            .pods
+            .iter()
+            .filter(|p| p.namespace == "b")
+            .all(|p| p.tunnel == TunnelProtocol::Hbone));
+        let wp_pod = t.pods.iter().find(|p| p.key() == "a/p0").unwrap();
+        assert_eq!((wp_pod.tunnel, wp_pod.netns.as_ref()), (TunnelProtocol::Hbone, None));
+    }
+
+    /// xorshift64*: reproducible without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+        }
+
+        fn pick<'a>(&mut self, of: &[&'a str]) -> &'a str {
+            of[self.below(of.len())]
+        }
+    }
+
+    /// The objects of the random test, by kind and key.
+    #[derive(Default)]
+    struct World {
+        namespaces: BTreeMap<String, Namespace>,
+        pods: BTreeMap<String, Pod>,
+        services: BTreeMap<String, Service>,
+        slices: BTreeMap<String, EndpointSlice>,
+        gateways: BTreeMap<String, crd::Gateway>,
+    }
+
+    impl World {
+        fn inputs(&self) -> Inputs {
+            let all = |m: &BTreeMap<String, _>| arcs(m.values().cloned().collect());
+            Inputs {
+                namespaces: all(&self.namespaces),
+                pods: arcs(self.pods.values().cloned().collect()),
+                services: arcs(self.services.values().cloned().collect()),
+                slices: arcs(self.slices.values().cloned().collect()),
+                gateways: arcs(self.gateways.values().cloned().collect()),
+                ..Default::default()
+            }
+        }
+    }
+
+    const NSS: [&str; 2] = ["a", "b"];
+
+    fn random_namespace(r: &mut Rng) -> Namespace {
+        let ns = r.pick(&NSS);
+        let mode = r.pick(&["", "ambient", "none"]);
+        let wp = r.pick(&["", "g0", "none"]);
+        let labels: Vec<(&str, &str)> = [
+            (DATAPLANE_MODE, mode),
+            (USE_WAYPOINT, wp),
+            ("team", r.pick(&["t1", "t2"])),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+        namespace(ns, &labels)
+    }
+
+    fn random_pod(r: &mut Rng) -> Pod {
+        let (n, i) = (r.below(2), r.below(8));
+        let node = r.pick(&[NODE, "node2"]);
+        let ip = format!("10.{n}.0.{i}"); // one per key: no two pods claim an IP
+        let mut p = pod(NSS[n], &format!("p{i}"), node, &[&ip]);
+        let mut labels = vec![("app", r.pick(&["x", "y"]))];
+        let mode = r.pick(&["", "", "ambient", "none"]);
+        if !mode.is_empty() {
+            labels.push((DATAPLANE_MODE, mode));
+        }
+        if r.below(3) == 0 {
+            labels.push((GATEWAY_NAME_LABEL, r.pick(&["g0", "g1"])));
+        }
+        p = labelled(p, &labels);
+        let st = p.status.as_mut().unwrap();
+        st.phase = Some(r.pick(&["Running", "Running", "Pending", "Succeeded"]).into());
+        st.conditions = Some(vec![cond("Ready", r.pick(&["True", "False"]))]);
+        if r.below(5) == 0 {
+            st.pod_ips = None;
+            st.pod_ip = None;
+        }
+        p.spec.as_mut().unwrap().host_network = Some(r.below(10) == 0);
+        p
+    }
+
+    fn random_service(r: &mut Rng) -> Service {
+        let (n, i) = (r.below(2), r.below(3));
+        let target = match r.below(3) {
+            0 => None,
+            1 => Some(IntOrString::Int(9000)),
+            _ => Some(IntOrString::String("web".into())),
+        };
+        let vip = if r.below(6) == 0 {
+            "None".to_string()
+        } else {
+            format!("10.96.{n}.{i}")
+        };
+        let mut s = service(
+            NSS[n],
+            &format!("s{i}"),
+            &vip,
+            vec![port(Some(r.pick(&["http", "grpc"])), 80, target)],
+        );
+        if r.below(4) == 0 {
+            s.spec.as_mut().unwrap().selector = None;
+        }
+        if r.below(3) == 0 {
+            s = labelled(s, &[(USE_WAYPOINT, r.pick(&["g0", "g1"]))]);
+        }
+        s
+    }
+
+    fn random_slice(r: &mut Rng) -> EndpointSlice {
+        let (n, i) = (r.below(2), r.below(4));
+        let svc = format!("s{}", r.below(3));
+        let ready = [Some(true), Some(false), None][r.below(3)];
+        let ep = format!("10.{n}.1.{}", r.below(4));
+        let mut s = slice(
+            NSS[n],
+            &svc,
+            &[(r.pick(&["http", "grpc"]), 8000 + r.below(3) as i32)],
+            &[(&ep, ready)],
+        );
+        s.metadata.name = Some(format!("e{i}"));
+        s
+    }
+
+    fn random_gateway(r: &mut Rng) -> crd::Gateway {
+        let mut g = gateway(
+            r.pick(&NSS),
+            r.pick(&["g0", "g1"]),
+            r.pick(&[WAYPOINT_CLASS, WAYPOINT_CLASS, "istio"]),
+        );
+        if r.below(2) == 0 {
+            g = annotated(g, FOR_SERVICE_ACCOUNT, r.pick(&["sa-p1", "Bad_Name"]));
+        }
+        if r.below(2) == 0 {
+            g.metadata.labels = Some(map(&[(WAYPOINT_FOR, r.pick(&["workload", "all", "everything"]))]));
+        }
+        g
+    }
+
+    fn key_of<T: Resource>(o: &T) -> String {
+        format!(
+            "{}/{}",
+            o.meta().namespace.as_deref().unwrap_or(""),
+            o.meta().name.as_deref().unwrap_or("")
+        )
+    }
+
+    /// Upsert (2 in 3), delete, or re-list one kind of `world`; the same
+    /// change applied to `m`.
+    fn random_step<T: Resource + Clone>(
+        r: &mut Rng,
+        world: &mut BTreeMap<String, T>,
+        new: fn(&mut Rng) -> T,
+        apply: &mut dyn FnMut(Change<&T>),
+    ) {
+        match r.below(6) {
+            0..=3 => {
+                let o = new(r);
+                world.insert(key_of(&o), o.clone());
+                apply(Change::Upsert(&o));
+            }
+            4 => {
+                let Some(k) = world.keys().nth(r.below(world.len().max(1))).cloned() else {
+                    return;
+                };
+                let o = world.remove(&k).unwrap();
+                apply(Change::Delete(&o));
+            }
+            _ => {
+                // A re-list after missed events: some gone, one changed.
+                if let Some(k) = world.keys().next().cloned() {
+                    world.remove(&k);
+                }
+                let o = new(r);
+                world.insert(key_of(&o), o);
+                let list: Vec<&T> = world.values().collect();
+                apply(Change::Relisted(list));
+            }
+        }
+    }
+
+    fn map_change<T, R>(c: Change<&T>, f: fn(&T) -> Option<R>) -> Change<R> {
+        match c {
+            Change::Upsert(o) => Change::Upsert(f(o).unwrap()),
+            Change::Delete(o) => Change::Delete(f(o).unwrap()),
+            Change::Relisted(l) => Change::Relisted(l.into_iter().filter_map(f).collect()),
+        }
+    }
+
+    #[test]
+    fn a_model_kept_change_by_change_equals_a_translation_from_scratch() {
+        for seed in 1..=25u64 {
+            let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let (mut world, mut m) = (World::default(), Model::default());
+            for step in 0..150 {
+                match r.below(5) {
+                    0 => random_step(&mut r, &mut world.namespaces, random_namespace, &mut |c| {
+                        m.apply_namespaces(map_change(c, NamespaceRecord::from_k8s))
+                    }),
+                    1 => random_step(&mut r, &mut world.pods, random_pod, &mut |c| {
+                        m.apply_pods(map_change(c, PodRecord::from_k8s))
+                    }),
+                    2 => random_step(&mut r, &mut world.services, random_service, &mut |c| {
+                        m.apply_services(map_change(c, ServiceRecord::from_k8s))
+                    }),
+                    3 => random_step(&mut r, &mut world.slices, random_slice, &mut |c| {
+                        m.apply_slices(map_change(c, SliceRecord::from_k8s))
+                    }),
+                    _ => random_step(&mut r, &mut world.gateways, random_gateway, &mut |c| {
+                        m.apply_gateways(map_change(c, GatewayRecord::from_k8s))
+                    }),
+                }
+                let scratch = Model::from_inputs(&world.inputs()).translate(None);
+                assert_eq!(
+                    normalized(m.translate(None)),
+                    normalized(scratch),
+                    "seed {seed}, step {step}"
+                );
+            }
+        }
     }
 }

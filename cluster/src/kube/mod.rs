@@ -1,0 +1,446 @@
+//! The Kubernetes source, one for every binary that needs the cluster
+//! model (the agent; the waypoint): watches over the API (kube-rs) whose
+//! events update one incremental [`model::Model`].
+//!
+//! ```ignore
+//! let client = cluster::kube::client(None).await?;
+//! let watch = cluster::kube::ClusterWatch::start(client);
+//! while !watch.health.synced() { watch.changed().await }
+//! let model = watch.model().translate(None).model; // a LocalConfig
+//! ```
+//!
+//! Watches (all list+watch, resumed from the last resourceVersion, re-listed
+//! on 410 Gone, retried with backoff): Namespaces, Pods cluster-wide (every
+//! mesh pod's IP, identity and node: an agent tunnels to it), Services,
+//! EndpointSlices, Istio AuthorizationPolicy and PeerAuthentication, and
+//! Gateway API Gateways (waypoints; like Istio's CRDs optional: not
+//! installed is an empty list). Each event is projected into a compact
+//! record at once ([`records`]); no k8s object is kept. A binary adds
+//! watches of its own (the agent: its Node) with [`ClusterWatch::watch`],
+//! sharing health and change notification.
+pub mod crd;
+pub mod model;
+pub mod records;
+
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use ::kube::{
+    runtime::{watcher, WatchStreamExt},
+    Api, Client, Resource,
+};
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+
+use model::{Change, Model};
+use records::{GatewayRecord, NamespaceRecord, PodRecord, PolicyRecord, ServiceRecord, SliceRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("cannot read kubeconfig {path}: {message}", path = path.display())]
+    Kubeconfig { path: PathBuf, message: String },
+    #[error(
+        "cannot find the Kubernetes API: {0} (in a pod, mount the service account token; elsewhere pass --kubeconfig)"
+    )]
+    Infer(String),
+    #[error("cannot build the Kubernetes client: {0}")]
+    Client(String),
+}
+
+/// A client from `--kubeconfig`, else `$KUBECONFIG`/~/.kube/config, else the
+/// in-cluster service account.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let err = |e: &dyn std::fmt::Display| KubeError::Kubeconfig {
+                path: path.to_owned(),
+                message: e.to_string(),
+            };
+            let kc = ::kube::config::Kubeconfig::read_from(path).map_err(|e| err(&e))?;
+            ::kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| err(&e))?
+        }
+        None => ::kube::Config::infer()
+            .await
+            .map_err(|e| KubeError::Infer(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(|e| KubeError::Client(e.to_string()))
+}
+
+/// State of one watch, for readiness and logs.
+#[derive(Debug, Clone)]
+enum WatchState {
+    Listing,
+    Synced,
+    /// Synced before (the model holds the last good state), failing now.
+    Failing {
+        since: Instant,
+        error: String,
+    },
+    /// Failing before its first list completed.
+    NeverSynced {
+        error: String,
+    },
+}
+
+/// How the watches are doing.
+#[derive(Default)]
+pub struct Health(Mutex<BTreeMap<&'static str, WatchState>>);
+
+impl Health {
+    fn set(&self, name: &'static str, f: impl FnOnce(Option<&WatchState>) -> WatchState) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let next = f(m.get(name));
+        m.insert(name, next);
+    }
+
+    fn ok(&self, name: &'static str, synced_now: bool) {
+        self.set(name, |prev| match prev {
+            _ if synced_now => WatchState::Synced,
+            Some(WatchState::Listing | WatchState::NeverSynced { .. }) | None => WatchState::Listing,
+            _ => WatchState::Synced,
+        });
+    }
+
+    fn failed(&self, name: &'static str, error: String) {
+        self.set(name, |prev| match prev {
+            Some(WatchState::Synced) => WatchState::Failing {
+                since: Instant::now(),
+                error,
+            },
+            Some(WatchState::Failing { since, .. }) => WatchState::Failing { since: *since, error },
+            _ => WatchState::NeverSynced { error },
+        });
+    }
+
+    /// A resource whose CRD is not installed is an empty, synced list.
+    fn absent(&self, name: &'static str) {
+        self.set(name, |_| WatchState::Synced);
+    }
+
+    /// Whether every watch has listed once (the model is complete).
+    pub fn synced(&self) -> bool {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Every watch registers itself (Listing) when it is spawned.
+        !m.is_empty()
+            && m.values()
+                .all(|s| matches!(s, WatchState::Synced | WatchState::Failing { .. }))
+    }
+
+    /// `None` when all is well; else what readiness and the config dump say.
+    pub fn problem(&self) -> Option<String> {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let failing: Vec<String> = m
+            .iter()
+            .filter_map(|(name, s)| match s {
+                WatchState::Failing { since, error } => {
+                    Some(format!("{name}: failing for {}s: {error}", since.elapsed().as_secs()))
+                }
+                WatchState::NeverSynced { error } => Some(format!("{name}: not listed yet: {error}")),
+                WatchState::Listing => Some(format!("{name}: listing")),
+                WatchState::Synced => None,
+            })
+            .collect();
+        (!failing.is_empty()).then(|| failing.join("; "))
+    }
+
+    fn failing(&self) -> bool {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.values().any(|s| matches!(s, WatchState::Failing { .. }))
+    }
+
+    /// The API answered again: watches that resumed without news are fine.
+    fn recovered(&self) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for s in m.values_mut() {
+            if matches!(s, WatchState::Failing { .. }) {
+                *s = WatchState::Synced;
+            }
+        }
+    }
+}
+
+/// The cluster watches and the model they keep.
+#[derive(Clone)]
+pub struct ClusterWatch {
+    model: Arc<Mutex<Model>>,
+    pub health: Arc<Health>,
+    changed: Arc<Notify>,
+    client: Client,
+}
+
+impl ClusterWatch {
+    /// Starts every cluster watch on the current runtime.
+    pub fn start(client: Client) -> Self {
+        let w = Self {
+            model: Arc::default(),
+            health: Arc::default(),
+            changed: Arc::default(),
+            client: client.clone(),
+        };
+        let all = watcher::Config::default;
+        w.watch(
+            "namespaces",
+            Api::all(client.clone()),
+            all(),
+            |n| NamespaceRecord::from_k8s(&n),
+            to_model(&w.model, Model::apply_namespaces),
+        );
+        w.watch(
+            "pods",
+            Api::all(client.clone()),
+            all(),
+            |p| PodRecord::from_k8s(&p),
+            to_model(&w.model, Model::apply_pods),
+        );
+        w.watch(
+            "services",
+            Api::all(client.clone()),
+            all(),
+            |s| ServiceRecord::from_k8s(&s),
+            to_model(&w.model, Model::apply_services),
+        );
+        w.watch(
+            "endpointslices",
+            Api::all(client.clone()),
+            all(),
+            |s| SliceRecord::from_k8s(&s),
+            to_model(&w.model, Model::apply_slices),
+        );
+        w.watch_istio::<crd::AuthorizationPolicy>(
+            "authorizationpolicies",
+            to_model(&w.model, Model::apply_authorization_policies),
+        );
+        w.watch_istio::<crd::PeerAuthentication>(
+            "peerauthentications",
+            to_model(&w.model, Model::apply_peer_authentications),
+        );
+        w.watch(
+            "gateways",
+            Api::all(client.clone()),
+            all(),
+            |g| GatewayRecord::from_k8s(&g),
+            to_model(&w.model, Model::apply_gateways),
+        );
+        tokio::spawn(probe_while_failing(client, w.health.clone()));
+        w
+    }
+
+    /// Resolves when something changed since the last call (cancel-safe:
+    /// a change stays pending until a call completes).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// The model, locked: hold it only to read or translate, never across
+    /// an await.
+    pub fn model(&self) -> MutexGuard<'_, Model> {
+        self.model.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts one more watch sharing health and change notification:
+    /// `project` makes each object a record (`None`: skipped), `sink` takes
+    /// the changes.
+    pub fn watch<K, R>(
+        &self,
+        name: &'static str,
+        api: Api<K>,
+        cfg: watcher::Config,
+        project: fn(K) -> Option<R>,
+        sink: impl FnMut(Change<R>) + Send + 'static,
+    ) where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+        R: Send + 'static,
+    {
+        self.health.ok(name, false);
+        tokio::spawn(self.runner(name).run(async move { api }, cfg, project, sink));
+    }
+
+    /// An Istio resource, in the version the API serves (v1, else v1beta1).
+    fn watch_istio<K>(&self, name: &'static str, sink: impl FnMut(Change<PolicyRecord<K>>) + Send + 'static)
+    where
+        K: Resource<DynamicType = crd::Version> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    {
+        self.health.ok(name, false);
+        let client = self.client.clone();
+        let api = async move {
+            let version = istio_version(&client, &K::plural(&crd::Version::default()), name).await;
+            Api::all_with(client, &version)
+        };
+        tokio::spawn(
+            self.runner(name)
+                .run(api, watcher::Config::default(), PolicyRecord::from_k8s, sink),
+        );
+    }
+
+    fn runner(&self, name: &'static str) -> Runner {
+        Runner {
+            name,
+            health: self.health.clone(),
+            changed: self.changed.clone(),
+        }
+    }
+}
+
+/// Applies a watch's changes to the model with `f`.
+fn to_model<R: 'static>(
+    model: &Arc<Mutex<Model>>,
+    f: fn(&mut Model, Change<R>),
+) -> impl FnMut(Change<R>) + Send + 'static {
+    let model = model.clone();
+    move |c| f(&mut model.lock().unwrap_or_else(|e| e.into_inner()), c)
+}
+
+struct Runner {
+    name: &'static str,
+    health: Arc<Health>,
+    changed: Arc<Notify>,
+}
+
+impl Runner {
+    async fn run<K, R>(
+        self,
+        api: impl std::future::Future<Output = Api<K>>,
+        cfg: watcher::Config,
+        project: fn(K) -> Option<R>,
+        mut sink: impl FnMut(Change<R>),
+    ) where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    {
+        let stream = watcher(api.await, cfg).default_backoff();
+        futures::pin_mut!(stream);
+        let mut logged = None::<String>;
+        // A (re-)list in progress: records arrive one by one and replace
+        // the model's at the end, so a re-list never shows a partial state.
+        let mut listing = Vec::new();
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(ev) => {
+                    let done = matches!(ev, watcher::Event::InitDone);
+                    if logged.take().is_some() || done {
+                        tracing::info!(watch = self.name, "watch {}", if done { "listed" } else { "resumed" });
+                    }
+                    self.health.ok(self.name, done);
+                    let notify = match ev {
+                        watcher::Event::Init => {
+                            listing.clear();
+                            false
+                        }
+                        watcher::Event::InitApply(o) => {
+                            listing.extend(project(o));
+                            false
+                        }
+                        watcher::Event::InitDone => {
+                            sink(Change::Relisted(std::mem::take(&mut listing)));
+                            true
+                        }
+                        watcher::Event::Apply(o) => {
+                            if let Some(r) = project(o) {
+                                sink(Change::Upsert(r));
+                            }
+                            true
+                        }
+                        watcher::Event::Delete(o) => {
+                            if let Some(r) = project(o) {
+                                sink(Change::Delete(r));
+                            }
+                            true
+                        }
+                    };
+                    if notify {
+                        self.changed.notify_one();
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if not_installed(&e) {
+                        // Istio's and Gateway API's CRDs are optional: no
+                        // policies or waypoints then.
+                        if logged.as_deref() != Some(&msg) {
+                            tracing::warn!(
+                                watch = self.name,
+                                "resource not served by the API (CRD not installed?); treating it as empty"
+                            );
+                        }
+                        self.health.absent(self.name);
+                        self.changed.notify_one();
+                    } else {
+                        if logged.as_deref() != Some(&msg) {
+                            tracing::warn!(watch = self.name, error = %msg, "watch failing; keeping the last good state and retrying");
+                        }
+                        self.health.failed(self.name, msg.clone());
+                    }
+                    logged = Some(msg);
+                }
+            }
+        }
+    }
+}
+
+/// The first of [`crd::VERSIONS`] in which the API serves `plural`
+/// (`None`: in neither, e.g. Istio's CRDs are not installed).
+pub async fn served_version(client: &Client, plural: &str) -> Result<Option<crd::Version>, ::kube::Error> {
+    for v in crd::VERSIONS {
+        match client.list_api_group_resources(&format!("{}/{v}", crd::GROUP)).await {
+            Ok(list) if list.resources.iter().any(|r| r.name == plural) => return Ok(Some(crd::Version(v))),
+            Ok(_) => {}
+            Err(::kube::Error::Api(s)) if s.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// Asks discovery until it answers (backing off to 30 s), and logs the choice.
+async fn istio_version(client: &Client, plural: &str, watch: &'static str) -> crd::Version {
+    let mut delay = Duration::from_millis(500);
+    let mut warned = false;
+    loop {
+        match served_version(client, plural).await {
+            Ok(Some(v)) => {
+                tracing::info!(watch, version = v.0, "reading {}/{} {plural}", crd::GROUP, v.0);
+                return v;
+            }
+            Ok(None) => {
+                tracing::info!(
+                    watch,
+                    "{plural}.{} is served in none of {:?}; watching {} in case it is installed",
+                    crd::GROUP,
+                    crd::VERSIONS,
+                    crd::VERSION
+                );
+                return crd::Version::default();
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(watch, error = %e, "cannot ask the API which version of {plural} it serves; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+fn not_installed(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::InitialListFailed(::kube::Error::Api(s)) if s.is_not_found())
+}
+
+/// A watch that resumes without news emits nothing: ask the API directly
+/// whether it is back, so readiness stops reporting it as down.
+async fn probe_while_failing(client: Client, health: Arc<Health>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if health.failing() && client.apiserver_version().await.is_ok() {
+            health.recovered();
+        }
+    }
+}
