@@ -1,11 +1,20 @@
 //! Wiring: the cluster model from the enrolment file (re-read when it
-//! changes), the waypoint's own certificate from the CA, the HBONE
+//! changes) or the Kubernetes API (`cluster::kube`, the agents'
+//! translation), the waypoint's own certificate from the CA, the HBONE
 //! listener, metrics and readiness, the access log, and SIGTERM's drain.
 //!
 //! Two runtimes, as ztunnel: control work (CA, config, metrics, access
 //! log) on a current-thread runtime of its own thread, the data plane on a
 //! multi-thread one, so scraping or a slow CA never adds data-path latency.
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use anyhow::Context;
 use cluster::{config::LocalConfig, state::State};
@@ -14,20 +23,27 @@ use prometheus_client::registry::Registry;
 
 use crate::{
     accesslog::AccessLog,
-    config::Config,
+    config::{Config, Source},
     inbound::{Certs, Parts},
     metrics::Metrics,
     Waypoint,
 };
+
+/// Changes from the API arriving within this are translated together.
+const KUBE_DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// How often the enrolment file is checked for changes.
 const CONFIG_POLL: Duration = Duration::from_secs(2);
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(&cfg)?, "waypoint starting");
-    let local = LocalConfig::load(&cfg.enrolment)?;
     let state = State::default();
-    state.update(&local, &cfg.id.trust_domain);
+    if let Source::File(path) = &cfg.source {
+        state.update(&LocalConfig::load(path)?, &cfg.id.trust_domain);
+    }
+    // On Kubernetes the model is empty until the watches have listed
+    // everything: not ready until then.
+    let synced = Arc::new(AtomicBool::new(matches!(cfg.source, Source::File(_))));
     let root_pem = std::fs::read_to_string(&cfg.ca.root_cert)
         .with_context(|| format!("cannot read the mesh root certificate {}", cfg.ca.root_cert.display()))?;
     let roots = Roots::from_pem(&root_pem)?;
@@ -79,9 +95,22 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     if let Some(rx) = lines {
                         tokio::spawn(AccessLog::write_stdout(rx));
                     }
-                    let ready = move || certs.current().is_some();
+                    let ready = {
+                        let synced = synced.clone();
+                        move || certs.current().is_some() && synced.load(Ordering::Relaxed)
+                    };
                     tokio::spawn(crate::metrics::serve(metrics_listener, registry, ready));
-                    watch_config(&cfg, &state).await;
+                    match &cfg.source {
+                        Source::File(path) => watch_config(path, &cfg, &state).await,
+                        Source::Kubernetes { kubeconfig } => {
+                            if let Err(e) = watch_kubernetes(kubeconfig.as_deref(), &cfg, &state, &synced).await {
+                                // Without a model the waypoint cannot route: stay
+                                // unready (no agent steers to it) and say why.
+                                tracing::error!(error = %format!("{e:#}"), "cannot watch the Kubernetes API; not ready");
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                    }
                 })
             })?
     };
@@ -124,8 +153,8 @@ async fn terminated() -> anyhow::Result<()> {
 
 /// Re-reads the enrolment file when its modification time changes; a bad
 /// file is logged and the last good one stays in force.
-async fn watch_config(cfg: &Config, state: &State) {
-    let mtime = || std::fs::metadata(&cfg.enrolment).and_then(|m| m.modified()).ok();
+async fn watch_config(path: &Path, cfg: &Config, state: &State) {
+    let mtime = || std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let mut seen = mtime();
     loop {
         tokio::time::sleep(CONFIG_POLL).await;
@@ -134,12 +163,45 @@ async fn watch_config(cfg: &Config, state: &State) {
             continue;
         }
         seen = now;
-        match LocalConfig::load(&cfg.enrolment) {
+        match LocalConfig::load(path) {
             Ok(local) => {
                 state.update(&local, &cfg.id.trust_domain);
-                tracing::info!(file = %cfg.enrolment.display(), services = local.services.len(), pods = local.pods.len(), "enrolment file reloaded");
+                tracing::info!(file = %path.display(), services = local.services.len(), pods = local.pods.len(), "enrolment file reloaded");
             }
             Err(e) => tracing::error!(error = %e, "enrolment file not reloaded; the previous one stays in force"),
+        }
+    }
+}
+
+/// The agents' translation of the cluster (`cluster::kube`), applied to the
+/// state once the watches have listed everything and then on every change
+/// (batched for [`KUBE_DEBOUNCE`]). Watch errors keep the last model and are
+/// retried by the watches themselves.
+async fn watch_kubernetes(
+    kubeconfig: Option<&Path>,
+    cfg: &Config,
+    state: &State,
+    synced: &AtomicBool,
+) -> anyhow::Result<()> {
+    let client = cluster::kube::client(kubeconfig).await?;
+    let watch = cluster::kube::ClusterWatch::start(client);
+    loop {
+        watch.changed().await;
+        tokio::time::sleep(KUBE_DEBOUNCE).await;
+        if !watch.health.synced() {
+            continue;
+        }
+        let translated = watch.model().translate(None);
+        for w in &translated.warnings {
+            tracing::warn!(warning = %w, "cluster translation");
+        }
+        state.update(&translated.model, &cfg.id.trust_domain);
+        if !synced.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                services = translated.model.services.len(),
+                pods = translated.model.pods.len(),
+                "cluster model synced from the Kubernetes API"
+            );
         }
     }
 }

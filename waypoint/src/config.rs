@@ -50,9 +50,24 @@ pub enum Cmd {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// The enrolment file the agents read (services, pods, policies).
-    #[arg(long, env = "WAYPOINT_CONFIG")]
-    pub config: PathBuf,
+    /// The enrolment file the agents read (services, pods, policies);
+    /// or `--kubernetes`.
+    #[arg(
+        long,
+        env = "WAYPOINT_CONFIG",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pub config: Option<PathBuf>,
+    /// Watch the Kubernetes API instead (the same translation the agents
+    /// use); in a pod, with its service account (the controller binds it to
+    /// the read-only waypoint ClusterRole).
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Kubeconfig for `--kubernetes` (default: $KUBECONFIG, ~/.kube/config,
+    /// else the pod's service account).
+    #[arg(long, requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
     /// The waypoint's own namespace (its identity's `ns`).
     #[arg(long, env = "POD_NAMESPACE")]
     pub namespace: String,
@@ -193,10 +208,21 @@ mod humantime_serde_compat {
     }
 }
 
+/// The waypoint's source of truth, as the agent's.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Source {
+    /// The enrolment file, re-read when it changes.
+    File(PathBuf),
+    /// The Kubernetes API (`cluster::kube`).
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
 /// The resolved configuration.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Config {
-    pub enrolment: PathBuf,
+    /// Where services, endpoints, workloads and policies come from.
+    pub source: Source,
     pub identity: String,
     #[serde(skip)]
     pub id: SpiffeId,
@@ -224,7 +250,12 @@ impl RunArgs {
         })?;
         self.limits.validate()?;
         Ok(Config {
-            enrolment: self.config,
+            source: match self.config {
+                Some(file) => Source::File(file),
+                None => Source::Kubernetes {
+                    kubeconfig: self.kubeconfig,
+                },
+            },
             identity: id.to_string(),
             id,
             ca: self.ca.resolve()?,

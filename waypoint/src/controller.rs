@@ -13,7 +13,7 @@ pub mod generate;
 pub mod objects;
 mod reconcile;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 
@@ -79,28 +79,10 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let client = client(args.kubeconfig.as_deref()).await?;
+        let client = cluster::kube::client(args.kubeconfig.as_deref()).await?;
         tracing::info!(image = %settings.image, replicas = settings.replicas, cluster_role = %settings.cluster_role, "waypoint controller starting");
         reconcile::run(client, settings).await;
         tracing::info!("waypoint controller stopped");
         Ok(())
     })
-}
-
-/// A client from `--kubeconfig`, else the default chain (the agent's
-/// `k8s::client` does the same; the waypoint does not link the agent).
-async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .with_context(|| format!("cannot use kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer().await.context(
-            "cannot find the Kubernetes API (in a pod, mount the service account token; elsewhere pass --kubeconfig)",
-        )?,
-    };
-    Ok(kube::Client::try_from(config)?)
 }

@@ -1196,3 +1196,115 @@ async fn the_binary_gets_its_identity_from_the_ca_serves_hbone_and_drains_on_sig
     let _ = ca.await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `waypoint run --kubernetes`: the model comes from the API (the stand-in
+/// API server) through the agents' translation (`cluster::kube`): not ready
+/// until it has listed everything, then a request to the Service's VIP
+/// reaches the pod its EndpointSlice names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_on_kubernetes_routes_by_the_api_objects() {
+    let dir = std::env::temp_dir().join(format!("waypoint-kube-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let files = CaFiles::new(&dir.join("ca"));
+    files.init(TD, &["node1".into()]).unwrap();
+    let pki = Pki {
+        signer: Signer::load(&files, Duration::from_secs(3600)).unwrap(),
+        roots: Roots::from_pem(&std::fs::read_to_string(files.root_cert()).unwrap()).unwrap(),
+        dir: dir.clone(),
+    };
+    let ca_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let ca = tokio::spawn({
+        let files = CaFiles::new(&dir.join("ca"));
+        async move {
+            mesh::ca::serve(
+                &files,
+                ca_addr,
+                OnlyTheWaypoint,
+                Duration::from_secs(3600),
+                std::future::pending(),
+            )
+            .await
+        }
+    });
+    // Pod web-a (sa web) at 127.0.0.2 behind Service web (VIP:80 -> 8080).
+    let seen = Seen::default();
+    let pod_port = pod(&pki, "127.0.0.2".parse().unwrap(), 0, "web", seen.clone())
+        .await
+        .unwrap();
+    let api = testbed::apiserver::ApiServer::on_loopback().unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, "waypoint-token").unwrap();
+    for obj in [
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default", "labels": {"istio.io/dataplane-mode": "ambient"}}}),
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-a", "namespace": "default", "uid": "u-web-a", "labels": {"app": "web"}},
+            "spec": {"nodeName": "node1", "serviceAccountName": "web", "containers": [{"name": "web", "image": "web"}]},
+            "status": {"phase": "Running", "podIP": "127.0.0.2", "podIPs": [{"ip": "127.0.0.2"}],
+                       "conditions": [{"type": "Ready", "status": "True"}]}}),
+        serde_json::json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": VIP, "clusterIPs": [VIP], "selector": {"app": "web"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": TARGET, "protocol": "TCP"}]}}),
+        serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["127.0.0.2"], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": "web-a", "namespace": "default"}}],
+            "ports": [{"name": "http", "port": TARGET, "protocol": "TCP"}]}),
+    ] {
+        api.apply(&obj).unwrap();
+    }
+    let (cert, key) = files.node_credential("node1");
+    let (listen, metrics): (SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+    );
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_waypoint"))
+        .args([
+            "run",
+            "--namespace",
+            "default",
+            "--service-account",
+            "web-waypoint",
+            "--kubernetes",
+        ])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--ca-address", &format!("https://{ca_addr}")])
+        .arg("--ca-root")
+        .arg(files.root_cert())
+        .arg("--node-cert")
+        .arg(&cert)
+        .arg("--node-key")
+        .arg(&key)
+        .args(["--listen", &listen.to_string(), "--metrics-addr", &metrics.to_string()])
+        .args(["--upstream-hbone-port", &pod_port.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _child = Child(child);
+    let deadline = Instant::now() + WAIT;
+    while http_status(metrics, "/healthz/ready").await != Some(200) {
+        assert!(Instant::now() < deadline, "the waypoint never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let client_cert = pki.cert(CLIENT);
+    let cfg = tls::client_config(&client_cert, &pki.roots, vec![WAYPOINT.parse().unwrap()]).unwrap();
+    let headers = ConnectHeaders {
+        authority: format!("{VIP}:80").parse().unwrap(),
+        client: format!("{CLIENT_IP}:40000").parse().unwrap(),
+        baggage: String::new(),
+    };
+    let t = hbone::connect(TcpStream::connect(listen).await.unwrap(), cfg, &headers)
+        .await
+        .expect("the VIP is known from the API");
+    let mut tx = h1(t).await;
+    let (status, echoed) = json(send(&mut tx, get("/from-api")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((echoed.pod.as_str(), echoed.path.as_str()), ("web", "/from-api"));
+    assert_eq!(
+        seen.lock().unwrap().last().cloned(),
+        Some((format!("127.0.0.2:{TARGET}").parse().unwrap(), WAYPOINT.to_string()))
+    );
+    ca.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}

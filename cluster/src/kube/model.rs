@@ -622,7 +622,7 @@ fn service_spec(svc: &ServiceRecord, mine: &[&SliceRecord], warnings: &mut Vec<S
             (Ok(port), Some(Ok(target_port))) if port != 0 && target_port != 0 => ports.push(ServicePort {
                 port,
                 target_port,
-                name: p.name.clone(),
+                name: (!p.name.is_empty()).then(|| p.name.clone()),
                 app_protocol: p.app_protocol.clone(),
             }),
             _ => warnings.push(format!(
@@ -2034,7 +2034,9 @@ mod tests {
             t.services[0].ports,
             [ServicePort {
                 port: 80,
-                target_port: 8081
+                target_port: 8081,
+                name: Some("http".into()),
+                app_protocol: None,
             }]
         );
         assert!(t

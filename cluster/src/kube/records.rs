@@ -210,6 +210,8 @@ pub struct PortRecord {
     pub port: i32,
     pub target: Option<IntOrString>,
     pub tcp: bool,
+    /// The declared application protocol (the waypoint's protocol choice).
+    pub app_protocol: Option<String>,
 }
 
 /// What the model reads of a Service.
@@ -256,6 +258,7 @@ impl ServiceRecord {
                     port: p.port,
                     target: p.target_port.clone(),
                     tcp: p.protocol.as_deref().is_none_or(|proto| proto == "TCP"),
+                    app_protocol: p.app_protocol.clone(),
                 })
                 .collect(),
             selector: spec.and_then(|s| s.selector.clone()).map(Arc::new),

@@ -236,7 +236,7 @@ fn deployment(gw: &Gateway, s: &Settings) -> Deployment {
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
             field_env("NODE_NAME", "spec.nodeName"),
-            field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            field_env("WAYPOINT_SERVICE_ACCOUNT", "spec.serviceAccountName"),
             EnvVar {
                 name: "GATEWAY_NAME".into(),
                 value: Some(gw.name().into()),
