@@ -314,11 +314,15 @@ fn kubernetes_source_drives_enrolment_services_policies_and_survives_the_api_goi
     assert_eq!(by_pod("apps/web")["identity"], "spiffe://cluster.local/ns/apps/sa/web");
     assert_eq!(by_pod("legacy/oldapp")["tunnel"], "NONE", "{d}");
     assert_eq!(by_pod("apps/opted")["tunnel"], "NONE", "opted out: {d}");
-    // The service: VIP, named target port resolved through the slice.
+    // The service: VIP, named target port resolved through the slice, the
+    // port's name kept (the waypoint reads the protocol from it).
     let svc = &d["services"][0];
     assert_eq!(svc["hostname"], "web.apps.svc.cluster.local");
     assert_eq!(svc["vips"], serde_json::json!(["10.96.0.10"]));
-    assert_eq!(svc["ports"], serde_json::json!([{"port": 80, "targetPort": 8080}]));
+    assert_eq!(
+        svc["ports"],
+        serde_json::json!([{"port": 80, "targetPort": 8080, "name": "http"}])
+    );
     assert_eq!(svc["endpoints"], serde_json::json!(["10.1.2.11"]));
     // Policies: the DENY keeps its L4 part, the L7-only ALLOW rule is dropped
     // (so it denies, as in ztunnel), STRICT is carried.
