@@ -85,6 +85,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics_listener = control
         .block_on(tokio::net::TcpListener::bind(cfg.metrics_addr))
         .with_context(|| format!("cannot listen on --metrics-addr {}", cfg.metrics_addr))?;
+    let readiness_listener = control
+        .block_on(tokio::net::TcpListener::bind(cfg.readiness_addr))
+        .with_context(|| format!("cannot listen on --readiness-addr {}", cfg.readiness_addr))?;
     let control_thread = {
         let (cfg, state, registry) = (cfg.clone(), state.clone(), Arc::new(registry));
         std::thread::Builder::new()
@@ -99,7 +102,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                         let synced = synced.clone();
                         move || certs.current().is_some() && synced.load(Ordering::Relaxed)
                     };
-                    tokio::spawn(crate::metrics::serve(metrics_listener, registry, ready));
+                    tokio::spawn(crate::metrics::serve(readiness_listener, None, ready.clone()));
+                    tokio::spawn(crate::metrics::serve(metrics_listener, Some(registry), ready));
                     match &cfg.source {
                         Source::File(path) => watch_config(path, &cfg, &state).await,
                         Source::Kubernetes { kubeconfig } => {

@@ -10,6 +10,8 @@ use mesh::{
 
 pub const DEFAULT_LISTEN: &str = "[::]:15008";
 pub const DEFAULT_METRICS: &str = "[::]:15020";
+/// Istio's status port: readiness only (what the kubelet probes).
+pub const DEFAULT_READINESS: &str = "[::]:15021";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -88,6 +90,9 @@ pub struct RunArgs {
     /// (`/healthz/ready`).
     #[arg(long, default_value = DEFAULT_METRICS)]
     pub metrics_addr: SocketAddr,
+    /// Readiness only (`/healthz/ready`), Istio's status port.
+    #[arg(long, default_value = DEFAULT_READINESS)]
+    pub readiness_addr: SocketAddr,
     /// Port the endpoints' agents take HBONE on.
     #[arg(long, default_value_t = mesh::hbone::HBONE_PORT)]
     pub upstream_hbone_port: u16,
@@ -231,6 +236,7 @@ pub struct Config {
     pub cert_lifetime: Duration,
     pub listen: SocketAddr,
     pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
     pub upstream_hbone_port: u16,
     pub limits: LimitArgs,
     pub access_log: bool,
@@ -262,6 +268,7 @@ impl RunArgs {
             cert_lifetime: self.cert_lifetime,
             listen: self.listen,
             metrics_addr: self.metrics_addr,
+            readiness_addr: self.readiness_addr,
             upstream_hbone_port: self.upstream_hbone_port,
             limits: self.limits,
             access_log: self.access_log,
@@ -337,6 +344,39 @@ mod tests {
         assert_eq!(c.limits.sniff_timeout, Duration::from_secs(1));
         let logged = serde_json::to_string(&c).unwrap();
         assert!(logged.contains("\"sniff_timeout\":\"1s\""), "{logged}");
+    }
+
+    #[test]
+    fn the_controllers_command_line_runs_the_waypoint_on_kubernetes() {
+        // What deploy/waypoint-controller.yaml passes as --waypoint-arg (the
+        // namespace and service account come from the pod's environment).
+        let cli = Cli::try_parse_from([
+            "waypoint",
+            "run",
+            "--kubernetes",
+            "--ca-address",
+            "https://mesh-ca.mesh-system.svc:15012",
+            "--ca-root",
+            "/etc/mesh/ca-root/root-cert.pem",
+            "--ca-token",
+            "/var/run/secrets/mesh/token",
+            "--namespace",
+            "apps",
+            "--service-account",
+            "wp",
+        ])
+        .unwrap();
+        let Cmd::Run(a) = cli.cmd else { panic!("run") };
+        let c = a.into_config().unwrap();
+        assert!(
+            matches!(c.source, Source::Kubernetes { kubeconfig: None }),
+            "{:?}",
+            c.source
+        );
+        assert_eq!(c.readiness_addr.port(), 15021);
+        // One source: a file and the API together is an error naming both.
+        let e = parse(&["--kubernetes", "--ca-token", "/t"]).unwrap_err();
+        assert!(e.contains("--kubernetes") && e.contains("--config"), "{e}");
     }
 
     #[test]

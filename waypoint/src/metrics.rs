@@ -315,11 +315,12 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/stats/prometheus` (the registry) and
-/// `/healthz/ready` (200 when `ready()`), HTTP/1.1, until the task ends.
+/// Serves `/metrics` and `/stats/prometheus` (the registry, if given: the
+/// status port serves readiness only) and `/healthz/ready` (200 when
+/// `ready()`), HTTP/1.1, until the task ends.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    registry: std::sync::Arc<Registry>,
+    registry: Option<std::sync::Arc<Registry>>,
     ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
 ) {
     use http_body_util::Full;
@@ -334,9 +335,10 @@ pub async fn serve(
             let (registry, ready) = (registry.clone(), ready.clone());
             async move {
                 let (status, body) = match req.uri().path() {
-                    "/metrics" | "/stats/prometheus" => {
+                    "/metrics" | "/stats/prometheus" if registry.is_some() => {
                         let mut out = String::new();
-                        match prometheus_client::encoding::text::encode(&mut out, &registry) {
+                        let registry = registry.as_deref().expect("checked");
+                        match prometheus_client::encoding::text::encode(&mut out, registry) {
                             Ok(()) => (StatusCode::OK, out),
                             Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
                         }

@@ -1122,7 +1122,8 @@ async fn the_binary_gets_its_identity_from_the_ca_serves_hbone_and_drains_on_sig
     )
     .unwrap();
     let (cert, key) = files.node_credential("node1");
-    let (listen, metrics): (SocketAddr, SocketAddr) = (
+    let (listen, metrics, status): (SocketAddr, SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
         format!("127.0.0.1:{}", free_port()).parse().unwrap(),
         format!("127.0.0.1:{}", free_port()).parse().unwrap(),
     );
@@ -1138,6 +1139,7 @@ async fn the_binary_gets_its_identity_from_the_ca_serves_hbone_and_drains_on_sig
         .arg("--node-key")
         .arg(&key)
         .args(["--listen", &listen.to_string(), "--metrics-addr", &metrics.to_string()])
+        .args(["--readiness-addr", &status.to_string()])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -1171,6 +1173,9 @@ async fn the_binary_gets_its_identity_from_the_ca_serves_hbone_and_drains_on_sig
         "{e}"
     );
     assert_eq!(http_status(metrics, "/metrics").await, Some(200));
+    // The status port (what the kubelet probes) serves readiness only.
+    assert_eq!(http_status(status, "/healthz/ready").await, Some(200));
+    assert_eq!(http_status(status, "/metrics").await, Some(404));
     // SIGTERM: drains and exits 0.
     let pid = child.0.id().to_string();
     assert!(std::process::Command::new("kill")
@@ -1254,7 +1259,8 @@ async fn the_binary_on_kubernetes_routes_by_the_api_objects() {
         api.apply(&obj).unwrap();
     }
     let (cert, key) = files.node_credential("node1");
-    let (listen, metrics): (SocketAddr, SocketAddr) = (
+    let (listen, metrics, status): (SocketAddr, SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
         format!("127.0.0.1:{}", free_port()).parse().unwrap(),
         format!("127.0.0.1:{}", free_port()).parse().unwrap(),
     );
@@ -1277,6 +1283,7 @@ async fn the_binary_on_kubernetes_routes_by_the_api_objects() {
         .arg("--node-key")
         .arg(&key)
         .args(["--listen", &listen.to_string(), "--metrics-addr", &metrics.to_string()])
+        .args(["--readiness-addr", &status.to_string()])
         .args(["--upstream-hbone-port", &pod_port.to_string()])
         .stderr(std::process::Stdio::null())
         .spawn()
