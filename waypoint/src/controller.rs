@@ -8,7 +8,7 @@
 //! It runs under its own service account (deploy/waypoint-controller.yaml),
 //! never the CA's: the process that holds the root key must not be able to
 //! create Deployments.
-pub mod gateway;
+pub use cluster::kube::gateway;
 pub mod generate;
 pub mod objects;
 mod reconcile;

@@ -19,6 +19,7 @@
 //! watches of its own (the agent: its Node) with [`ClusterWatch::watch`],
 //! sharing health and change notification.
 pub mod crd;
+pub mod gateway;
 pub mod model;
 pub mod records;
 

@@ -1320,7 +1320,7 @@ mod tests {
     // ---- waypoints ----
 
     fn gateway(ns: &str, name: &str, class: &str) -> crd::Gateway {
-        crd::Gateway::new(ns, name, class)
+        crd::Gateway::of_class(ns, name, class)
     }
 
     fn annotated(mut g: crd::Gateway, k: &str, v: &str) -> crd::Gateway {

@@ -28,7 +28,7 @@ use k8s_openapi::{
     },
 };
 
-use super::gateway::{Gateway, GATEWAY_NAME_LABEL, HBONE_PORT};
+use cluster::kube::gateway::{Gateway, GATEWAY_NAME_LABEL, HBONE_PORT};
 
 /// Marks what this controller manages (Istio's key; our value, so neither
 /// controller takes the other's objects).
@@ -87,8 +87,8 @@ pub fn ca_root_name(gateway: &str) -> String {
 fn owner(gw: &Gateway) -> Option<Vec<OwnerReference>> {
     let uid = gw.metadata.uid.clone()?;
     Some(vec![OwnerReference {
-        api_version: super::gateway::API_VERSION.into(),
-        kind: super::gateway::KIND.into(),
+        api_version: cluster::kube::gateway::API_VERSION.into(),
+        kind: cluster::kube::gateway::KIND.into(),
         name: gw.name().into(),
         uid,
         controller: Some(true),

@@ -296,8 +296,8 @@ async fn write_status(client: &Client, gw: &Gateway, status: GatewayStatus) -> R
     }
     let api: Api<Gateway> = Api::namespaced(client.clone(), gw.namespace());
     let patch = serde_json::json!({
-        "apiVersion": super::gateway::API_VERSION,
-        "kind": super::gateway::KIND,
+        "apiVersion": cluster::kube::gateway::API_VERSION,
+        "kind": cluster::kube::gateway::KIND,
         "metadata": {"name": gw.name(), "namespace": gw.namespace()},
         "status": status,
     });

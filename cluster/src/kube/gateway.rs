@@ -1,5 +1,6 @@
-//! The Gateway API `Gateway` (gateway.networking.k8s.io/v1), with the
-//! fields a waypoint controller reads and the status it writes.
+//! The Gateway API `Gateway` (gateway.networking.k8s.io/v1): one type for
+//! the agents' and waypoints' watch (what marks a waypoint) and the
+//! waypoint controller (listeners, the status it writes).
 //! `kube::Resource` by hand, as the agent's Istio types (no schema
 //! generator for one type).
 use std::{borrow::Cow, collections::BTreeMap};
@@ -11,17 +12,14 @@ pub const GROUP: &str = "gateway.networking.k8s.io";
 pub const VERSION: &str = "v1";
 pub const API_VERSION: &str = "gateway.networking.k8s.io/v1";
 pub const KIND: &str = "Gateway";
-/// The class of waypoints (Istio's name, so Istio users' Gateways work as they are).
-pub const WAYPOINT_CLASS: &str = "istio-waypoint";
+pub use crate::waypoint::{
+    FOR_SERVICE_ACCOUNT as FOR_SERVICE_ACCOUNT_ANNOTATION, GATEWAY_NAME_LABEL, WAYPOINT_CLASS,
+    WAYPOINT_FOR as WAYPOINT_FOR_LABEL,
+};
 /// The listener every waypoint has: HBONE on 15008.
 pub const MESH_LISTENER: &str = "mesh";
 pub const HBONE_PORT: i32 = 15008;
 pub const HBONE_PROTOCOL: &str = "HBONE";
-
-/// Labels and annotations of the waypoint model (design note, Istio's names).
-pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
-pub const WAYPOINT_FOR_LABEL: &str = "istio.io/waypoint-for";
-pub const FOR_SERVICE_ACCOUNT_ANNOTATION: &str = "istio.io/for-service-account";
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -88,6 +86,18 @@ impl Gateway {
             spec,
             status: None,
         }
+    }
+
+    /// A Gateway of `class` without listeners (tests, the stand-in API server).
+    pub fn of_class(namespace: &str, name: &str, class: &str) -> Self {
+        Self::new(
+            namespace,
+            name,
+            GatewaySpec {
+                gateway_class_name: class.into(),
+                ..Default::default()
+            },
+        )
     }
 
     pub fn name(&self) -> &str {
