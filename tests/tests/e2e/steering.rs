@@ -5,12 +5,12 @@
 //! "bypassed waypoint"); a missing or unready waypoint fails closed; a
 //! `service` waypoint leaves pod-addressed traffic direct; `none` opts out.
 //!
-//! Until the waypoint binary lands, its pods are `hbone_peer.py server`s (an
-//! independent HBONE terminator that records each CONNECT's `:authority`
-//! and the caller's identity) with a certificate of the waypoint's service
-//! account, in the network namespaces of the unenrolled pods `outsider`
-//! (node1) and `backend` (node2). [`write_mesh`] and [`Waypoint`] are what
-//! a test with the real waypoint reuses.
+//! Here the waypoint's pods are `hbone_peer.py server`s (an independent
+//! HBONE terminator that records each CONNECT's `:authority` and the
+//! caller's identity, so the agents' side is checked on its own) with a
+//! certificate of the waypoint's service account, in the network
+//! namespaces of the unenrolled pods `outsider` (node1) and `backend`
+//! (node2). `waypoint.rs` runs the real waypoint.
 use std::{fmt::Write as _, fs, path::PathBuf};
 
 use anyhow::{ensure, Result};
