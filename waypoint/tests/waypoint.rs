@@ -1088,6 +1088,15 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     out.split(' ').nth(1)?.parse().ok()
 }
 
+/// Removes a test's directory however the test ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Kills the child however the test ends.
 struct Child(std::process::Child);
 
@@ -1102,6 +1111,7 @@ impl Drop for Child {
 async fn the_binary_gets_its_identity_from_the_ca_serves_hbone_and_drains_on_sigterm() {
     let dir = std::env::temp_dir().join(format!("waypoint-bin-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    let _remove = RemoveOnDrop(dir.clone());
     let files = CaFiles::new(&dir.join("ca"));
     files.init(TD, &["node1".into()]).unwrap();
     let ca_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
