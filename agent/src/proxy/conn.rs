@@ -163,7 +163,10 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, mut client: TcpStream, pee
         );
         return finish(&ctx, dir, client, peer, dst, None, &o, start);
     }
-    let mut labels = labels(&ctx, dir, peer.ip(), target.ip(), None);
+    // A steered connection's peer is the waypoint pod (its identity, mTLS
+    // to it); the service it is for stays in the service labels.
+    let peer_ip = via.as_ref().map_or(target.ip(), |v| v.pod.ip());
+    let mut labels = labels(&ctx, dir, peer.ip(), peer_ip, None);
     let svc = matches!(dir, Direction::Outbound)
         .then(|| ctx.state.snapshot().service_at(dst.ip()).cloned())
         .flatten();

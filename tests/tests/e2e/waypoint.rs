@@ -279,6 +279,17 @@ fn waypoint_routes_h1_h2_and_grpc_per_request_and_reports_istio_metrics() -> Res
     ensure!(ok >= 13, "istio_requests_total for web: {ok}");
     let grpc = requests(&m, &["request_protocol=\"grpc\"", "grpc_response_status=\"0\""])?;
     ensure!(grpc == 1, "gRPC requests: {grpc}");
+    // The source agent reports the waypoint as its mTLS peer, for Service web.
+    let (text, _) = crate::node_get(&w.cluster, "node1", "http://127.0.0.1:15020/metrics")?;
+    ensure!(
+        text.lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"source\"")
+                && l.contains(&format!("destination_principal=\"{WP_ID}\""))
+                && l.contains("destination_service_name=\"web\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")),
+        "{text}"
+    );
     // The destination agent saw the waypoint's identity, never the client's.
     let dst = m.agents[1].access_logs();
     ensure!(dst.iter().any(|l| l.to_string().contains(WP_ID)), "{dst:?}");
