@@ -89,45 +89,8 @@ impl TcpLabels {
     }
 }
 
-#[derive(Default, Clone)]
-pub struct TcpMetrics {
-    opened: Family<TcpLabels, Counter>,
-    closed: Family<TcpLabels, Counter>,
-    sent: Family<TcpLabels, Counter>,
-    received: Family<TcpLabels, Counter>,
-}
-
-impl TcpMetrics {
-    /// Registers under `istio_` (the registry adds `_total` to counters).
-    pub fn register(registry: &mut Registry) -> Self {
-        let m = Self::default();
-        let istio = registry.sub_registry_with_prefix("istio");
-        istio.register("tcp_connections_opened", "TCP connections opened", m.opened.clone());
-        istio.register("tcp_connections_closed", "TCP connections closed", m.closed.clone());
-        istio.register(
-            "tcp_sent_bytes",
-            "Bytes sent during response (server to client)",
-            m.sent.clone(),
-        );
-        istio.register(
-            "tcp_received_bytes",
-            "Bytes received during request (client to server)",
-            m.received.clone(),
-        );
-        m
-    }
-
-    pub fn opened(&self, l: &TcpLabels) {
-        self.opened.get_or_create(l).inc();
-    }
-
-    /// `request_bytes` client -> server, `response_bytes` server -> client.
-    pub fn closed(&self, l: &TcpLabels, request_bytes: u64, response_bytes: u64) {
-        self.closed.get_or_create(l).inc();
-        self.received.get_or_create(l).inc_by(request_bytes);
-        self.sent.get_or_create(l).inc_by(response_bytes);
-    }
-}
+/// Istio's TCP metrics with the agent's label set (`mesh::metrics`).
+pub type TcpMetrics = mesh::metrics::IstioTcp<TcpLabels>;
 
 /// Why the agent did not carry a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,6 +6,7 @@ pub mod ca;
 pub mod certs;
 pub mod hbone;
 pub mod identity;
+pub mod metrics;
 pub mod pool;
 pub mod splice;
 pub mod tls;

@@ -238,10 +238,7 @@ pub struct Metrics {
     duration: Hist,
     request_bytes: Hist,
     response_bytes: Hist,
-    tcp_opened: Family<TcpLabels, Counter>,
-    tcp_closed: Family<TcpLabels, Counter>,
-    tcp_sent: Family<TcpLabels, Counter>,
-    tcp_received: Family<TcpLabels, Counter>,
+    tcp: mesh::metrics::IstioTcp<TcpLabels>,
     refused: Family<ReasonLabels, Counter>,
 }
 
@@ -253,10 +250,7 @@ impl Metrics {
             duration: Family::new_with_constructor(histogram),
             request_bytes: Family::new_with_constructor(histogram),
             response_bytes: Family::new_with_constructor(histogram),
-            tcp_opened: Family::default(),
-            tcp_closed: Family::default(),
-            tcp_sent: Family::default(),
-            tcp_received: Family::default(),
+            tcp: mesh::metrics::IstioTcp::register(registry),
             refused: Family::default(),
         };
         let istio = registry.sub_registry_with_prefix("istio");
@@ -271,18 +265,6 @@ impl Metrics {
             "response_bytes",
             "Response body sizes in bytes",
             m.response_bytes.clone(),
-        );
-        istio.register("tcp_connections_opened", "TCP connections opened", m.tcp_opened.clone());
-        istio.register("tcp_connections_closed", "TCP connections closed", m.tcp_closed.clone());
-        istio.register(
-            "tcp_sent_bytes",
-            "Bytes sent during response (server to client)",
-            m.tcp_sent.clone(),
-        );
-        istio.register(
-            "tcp_received_bytes",
-            "Bytes received during request (client to server)",
-            m.tcp_received.clone(),
         );
         registry.sub_registry_with_prefix("waypoint").register(
             "connect_refused",
@@ -301,13 +283,11 @@ impl Metrics {
     }
 
     pub fn tcp_opened(&self, l: &TcpLabels) {
-        self.tcp_opened.get_or_create(l).inc();
+        self.tcp.opened(l);
     }
 
     pub fn tcp_closed(&self, l: &TcpLabels, request_bytes: u64, response_bytes: u64) {
-        self.tcp_closed.get_or_create(l).inc();
-        self.tcp_received.get_or_create(l).inc_by(request_bytes);
-        self.tcp_sent.get_or_create(l).inc_by(response_bytes);
+        self.tcp.closed(l, request_bytes, response_bytes);
     }
 
     pub fn connect_refused(&self, reason: &'static str) {
