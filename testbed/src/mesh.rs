@@ -372,12 +372,32 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
-        // The first line says it is listening.
+        let first = child.stdout.take().context("no stdout")?;
+        Server::listening(child, first, pod)
+    }
+
+    /// `mesh-echo serve` (HTTP/1.1, h2, gRPC) on `port` of `pod`, answering
+    /// as the pod's name.
+    pub fn echo(pod: &Pod, port: u16) -> Result<Server> {
+        let mut child = pod
+            .try_command(binary("mesh-echo")?)?
+            .args(["serve", "--listen", &format!("[::]:{port}"), "--pod", &pod.name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start mesh-echo")?;
+        let first = child.stderr.take().context("no stderr")?;
+        Server::listening(child, first, pod)
+    }
+
+    /// The server once the first line of `first` says it is listening.
+    fn listening(mut child: Child, first: impl std::io::Read, pod: &Pod) -> Result<Server> {
         let mut line = String::new();
-        let stdout = child.stdout.as_mut().context("no stdout")?;
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(first), &mut line)?;
         if !line.contains("listening") {
             let _ = child.kill();
+            let _ = child.wait();
             bail!("server in {} did not start: {line}", pod.name);
         }
         Ok(Server { child })

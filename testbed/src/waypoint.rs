@@ -1,7 +1,7 @@
 //! Real waypoints and echo backends on a [`Cluster`]: `waypoint run` in a
 //! pod's network namespace (its identity from the mesh CA with the node's
-//! credential, as the local source has it), and `mesh-echo serve` in a pod.
-//! Shared by the end-to-end tests and the demo.
+//! credential, as the local source has it). Shared by the end-to-end tests
+//! and the demo; the echo backend is `mesh::Server::echo`.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -133,39 +133,5 @@ impl Drop for WaypointPod {
             let _ = c.kill();
             let _ = c.wait();
         }
-    }
-}
-
-/// `mesh-echo serve` on port 8080 of a pod, answering as `name`; killed on drop.
-pub struct Echo {
-    child: Child,
-}
-
-impl Echo {
-    pub fn start(pod: &Pod, port: u16) -> Result<Echo> {
-        let mut child = pod
-            .try_command(binary("mesh-echo")?)?
-            .args(["serve", "--listen", &format!("[::]:{port}"), "--pod", &pod.name])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("cannot start mesh-echo")?;
-        // Its first line says it is listening.
-        let mut line = String::new();
-        let stderr = child.stderr.as_mut().context("no stderr")?;
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stderr), &mut line)?;
-        if !line.contains("listening") {
-            let _ = child.kill();
-            bail!("mesh-echo in {} did not start: {line}", pod.name);
-        }
-        Ok(Echo { child })
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

@@ -13,8 +13,8 @@ use std::{fmt::Write as _, fs, path::Path, process::Stdio, time::Duration};
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use testbed::{
-    mesh::{self, Agent, MeshCa},
-    waypoint::{Echo, WaypointPod},
+    mesh::{self, Agent, MeshCa, Server},
+    waypoint::WaypointPod,
     Cluster, ClusterSpec, NodeSpec,
 };
 
@@ -76,7 +76,7 @@ fn write_mesh(w: &World, ready: &[&str]) -> Result<()> {
 struct Mesh {
     agents: Vec<Agent>,
     waypoints: Vec<WaypointPod>,
-    _echo: Vec<Echo>,
+    _echo: Vec<Server>,
     ca: MeshCa,
 }
 
@@ -88,7 +88,7 @@ fn start(w: &World) -> Result<Mesh> {
     ];
     let echo = WEB_PODS
         .iter()
-        .map(|p| Echo::start(w.cluster.pod(p), APP_PORT))
+        .map(|p| Server::echo(w.cluster.pod(p), APP_PORT))
         .collect::<Result<_>>()?;
     let waypoints = ["wp1", "wp2"]
         .iter()
