@@ -2,12 +2,14 @@
 //! implementation each: the local enrolment file (`config`), CIDRs, Istio
 //! L4 authorization (`rbac`) and the snapshot the data paths consult
 //! (`state`: workloads, services, endpoints, policies) and waypoint binding
-//! (`waypoint`), and the Kubernetes source that feeds it (`kube`: watches
+//! (`waypoint`), HTTP routing rules (`routes`: HTTPRoute and VirtualService
+//! in one model), and the Kubernetes source that feeds it (`kube`: watches
 //! and one incremental translation of the cluster). Nothing node-local
 //! (network namespaces, cgroups) is decided here.
 pub mod cidr;
 pub mod config;
 pub mod kube;
 pub mod rbac;
+pub mod routes;
 pub mod state;
 pub mod waypoint;

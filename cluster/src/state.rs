@@ -62,6 +62,8 @@ pub struct Snapshot {
     pub workloads: HashMap<IpAddr, Workload>,
     pub services: Vec<Service>,
     pub vips: HashMap<IpAddr, usize>,
+    /// Services by hostname (`name.namespace.svc.cluster.local`).
+    pub hosts: HashMap<String, usize>,
     pub policies: Vec<AuthorizationPolicy>,
     pub peer_auths: Vec<PeerAuthentication>,
     /// Waypoints and every binding (with its status).
@@ -226,26 +228,78 @@ impl Snapshot {
     /// the target port), or `None` when `dst` is no VIP. A VIP without a
     /// healthy endpoint yields `Some(Err)`.
     pub fn resolve(&self, dst: SocketAddr, active: &Active) -> Option<Result<Resolved, String>> {
-        let svc = &self.services[*self.vips.get(&dst.ip().to_canonical())?];
+        let i = *self.vips.get(&dst.ip().to_canonical())?;
+        let want = Pick {
+            port: Some(dst.port()),
+            v4: dst.ip().to_canonical().is_ipv4(),
+            ..Pick::default()
+        };
+        Some(self.pick_in(i, &want, active).map_err(|e| e.to_string()))
+    }
+
+    /// Picks an endpoint of the Service named `host` (a route's backend).
+    pub fn pick(&self, host: &str, want: &Pick, active: &Active) -> Result<Resolved, PickError> {
+        let i = *self
+            .hosts
+            .get(host)
+            .ok_or_else(|| PickError::NoService(host.to_string()))?;
+        self.pick_in(i, want, active)
+    }
+
+    fn pick_in(&self, i: usize, want: &Pick, active: &Active) -> Result<Resolved, PickError> {
+        let svc = &self.services[i];
         let name = format!("{}/{}", svc.spec.namespace, svc.spec.name);
-        let Some(port) = svc.spec.ports.iter().find(|p| p.port == dst.port()) else {
-            return Some(Err(format!("service {name} has no port {}", dst.port())));
+        let port = match want.port {
+            Some(p) => svc.spec.ports.iter().find(|x| x.port == p),
+            None => svc
+                .spec
+                .ports
+                .iter()
+                .find(|x| Some(x.port) == want.fallback_port)
+                .or(svc.spec.ports.first().filter(|_| svc.spec.ports.len() == 1)),
+        }
+        .ok_or_else(|| PickError::NoPort {
+            service: name.clone(),
+            port: want.port.or(want.fallback_port).unwrap_or(0),
+        })?;
+        let labels_ok = |ip: &IpAddr| {
+            want.labels.as_ref().is_none_or(|l| {
+                self.workloads
+                    .get(ip)
+                    .is_some_and(|w| l.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            })
         };
         let family: Vec<IpAddr> = svc
             .endpoints
             .iter()
             .copied()
-            .filter(|e| e.is_ipv4() == dst.ip().to_canonical().is_ipv4())
+            .filter(|e| e.is_ipv4() == want.v4 && labels_ok(e))
             .collect();
         if family.is_empty() {
-            return Some(Err(format!("service {name} has no healthy endpoint")));
+            return Err(PickError::NoEndpoint(name));
+        }
+        // An endpoint not tried yet; when every one was, another than the
+        // last one tried.
+        let mut candidates: Vec<IpAddr> = family.iter().copied().filter(|e| !want.exclude.contains(e)).collect();
+        if candidates.is_empty() {
+            candidates = family
+                .iter()
+                .copied()
+                .filter(|e| Some(e) != want.exclude.last())
+                .collect();
+        }
+        if candidates.is_empty() {
+            candidates = family;
         }
         let ip = match svc.spec.load_balancing {
-            LoadBalancing::RoundRobin => family[svc.next.fetch_add(1, Ordering::Relaxed) % family.len()],
-            LoadBalancing::Random => family[rand::random_range(0..family.len())],
-            LoadBalancing::LeastConnections => *family.iter().min_by_key(|ip| active.count(**ip)).expect("not empty"),
+            LoadBalancing::RoundRobin => candidates[svc.next.fetch_add(1, Ordering::Relaxed) % candidates.len()],
+            LoadBalancing::Random => candidates[rand::random_range(0..candidates.len())],
+            LoadBalancing::LeastConnections => *candidates
+                .iter()
+                .min_by_key(|ip| active.count(**ip))
+                .expect("not empty"),
         };
-        Some(Ok(Resolved {
+        Ok(Resolved {
             endpoint: SocketAddr::new(ip, port.target_port),
             extra_sans: svc
                 .spec
@@ -257,8 +311,33 @@ impl Snapshot {
             name: svc.spec.name.clone(),
             namespace: svc.spec.namespace.clone(),
             _active: active.track(ip),
-        }))
+        })
     }
+}
+
+/// What [`Snapshot::pick`] should pick.
+#[derive(Debug, Clone, Default)]
+pub struct Pick {
+    /// The Service port; `None`: `fallback_port` if the Service has it,
+    /// else its only port.
+    pub port: Option<u16>,
+    pub fallback_port: Option<u16>,
+    /// Only endpoints whose pods carry these labels (a subset).
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Endpoints already tried (avoided while others exist).
+    pub exclude: Vec<IpAddr>,
+    pub v4: bool,
+}
+
+/// Why no endpoint was picked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PickError {
+    #[error("no service {0}")]
+    NoService(String),
+    #[error("service {service} has no port {port}")]
+    NoPort { service: String, port: u16 },
+    #[error("service {0} has no healthy endpoint")]
+    NoEndpoint(String),
 }
 
 #[derive(Clone, Default)]
@@ -311,10 +390,16 @@ impl State {
             .enumerate()
             .flat_map(|(i, s)| s.spec.vips.iter().map(move |v| (*v, i)))
             .collect();
+        let hosts = services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.spec.hostname(), i))
+            .collect();
         let snap = Snapshot {
             workloads,
             services,
             vips,
+            hosts,
             policies: cfg.authorization_policies.clone(),
             peer_auths: cfg.peer_authentications.clone(),
             cursors: bindings
@@ -338,6 +423,11 @@ impl State {
     /// See [`Snapshot::resolve`].
     pub fn resolve(&self, dst: SocketAddr) -> Option<Result<Resolved, String>> {
         self.snapshot().resolve(dst, &self.1)
+    }
+
+    /// See [`Snapshot::pick`].
+    pub fn pick(&self, host: &str, want: &Pick) -> Result<Resolved, PickError> {
+        self.snapshot().pick(host, want, &self.1)
     }
 }
 

@@ -5,8 +5,11 @@
 //!
 //! * `/status/NNN` answers status NNN.
 //! * `?delay=<ms>` waits that long first (at most [`MAX_DELAY`]).
-//! * `?fail=<n>&key=<k>` answers 503 to the first n requests with key k,
-//!   then 200 ("fail N times then succeed", for retry tests).
+//! * `?fail=<n>&key=<k>` answers 503 (or `&fail_status=NNN`) to the first
+//!   n requests with key k, then 200 ("fail N times then succeed", for
+//!   retry tests). Backends spawned with one [`Counters`] share the count,
+//!   so "N times" holds across a Service's pods; every request with a key
+//!   is counted there (`hits`).
 //! * A request with `Upgrade` (WebSocket) gets 101 and then an echo of the
 //!   raw bytes.
 //! * Request bodies are read (at most [`MAX_BODY`]) and counted.
@@ -62,19 +65,57 @@ impl Echoed {
 
 type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
+/// Requests per `?key=`.
+#[derive(Clone, Default)]
+pub struct Counters(Arc<Mutex<HashMap<String, Count>>>);
+
+#[derive(Default)]
+struct Count {
+    failed: u32,
+    hits: u32,
+    /// The `Host` of each request (the first 100).
+    hosts: Vec<String>,
+}
+
+impl Counters {
+    /// Requests seen with `key`.
+    pub fn hits(&self, key: &str) -> u32 {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .map_or(0, |c| c.hits)
+    }
+
+    /// The hosts requests with `key` came for.
+    pub fn hosts(&self, key: &str) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .map(|c| c.hosts.clone())
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Clone)]
 struct Backend {
     pod: Arc<str>,
     /// `?fail=` counters per key (bounded by the test's own keys).
-    failed: Arc<Mutex<HashMap<String, u32>>>,
+    counters: Counters,
 }
 
 /// Serves the echo backend on `listener` as pod `pod` until the task is
 /// dropped.
 pub async fn serve(listener: TcpListener, pod: &str) {
+    serve_counting(listener, pod, Counters::default()).await
+}
+
+/// As [`serve`], counting keyed requests in `counters`.
+pub async fn serve_counting(listener: TcpListener, pod: &str, counters: Counters) {
     let backend = Backend {
         pod: pod.into(),
-        failed: Arc::default(),
+        counters,
     };
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
@@ -87,10 +128,15 @@ pub async fn serve(listener: TcpListener, pod: &str) {
 
 /// Binds `addr` and serves in the background; returns the bound address.
 pub async fn spawn(addr: SocketAddr, pod: &str) -> std::io::Result<SocketAddr> {
+    spawn_counting(addr, pod, Counters::default()).await
+}
+
+/// As [`spawn`], counting keyed requests in `counters`.
+pub async fn spawn_counting(addr: SocketAddr, pod: &str, counters: Counters) -> std::io::Result<SocketAddr> {
     let l = TcpListener::bind(addr).await?;
     let bound = l.local_addr()?;
     let pod = pod.to_string();
-    tokio::spawn(async move { serve(l, &pod).await });
+    tokio::spawn(async move { serve_counting(l, &pod, counters).await });
     Ok(bound)
 }
 
@@ -163,9 +209,6 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
 
 async fn echo(req: Request<Incoming>, backend: &Backend) -> Response<Body> {
     let query = req.uri().query().unwrap_or("").to_string();
-    if let Some(ms) = query_param(&query, "delay").and_then(|v| v.parse::<u64>().ok()) {
-        tokio::time::sleep(Duration::from_millis(ms).min(MAX_DELAY)).await;
-    }
     let mut status = req
         .uri()
         .path()
@@ -173,14 +216,35 @@ async fn echo(req: Request<Incoming>, backend: &Backend) -> Response<Body> {
         .and_then(|c| c.parse::<u16>().ok())
         .and_then(|c| StatusCode::from_u16(c).ok())
         .unwrap_or(StatusCode::OK);
-    if let Some(n) = query_param(&query, "fail").and_then(|v| v.parse::<u32>().ok()) {
-        let key = query_param(&query, "key").unwrap_or("").to_string();
-        let mut failed = backend.failed.lock().unwrap_or_else(|e| e.into_inner());
-        let seen = failed.entry(key).or_default();
-        if *seen < n {
-            *seen += 1;
-            status = StatusCode::SERVICE_UNAVAILABLE;
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    if let Some(key) = query_param(&query, "key") {
+        let fail = query_param(&query, "fail")
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0);
+        let fail_status = query_param(&query, "fail_status")
+            .and_then(|v| v.parse::<u16>().ok())
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let mut counters = backend.counters.0.lock().unwrap_or_else(|e| e.into_inner());
+        let c = counters.entry(key.to_string()).or_default();
+        c.hits += 1;
+        if c.hosts.len() < 100 {
+            c.hosts.push(host.clone());
         }
+        if c.failed < fail {
+            c.failed += 1;
+            status = fail_status;
+        }
+    }
+    // After counting: a request abandoned during its delay was still seen.
+    if let Some(ms) = query_param(&query, "delay").and_then(|v| v.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms).min(MAX_DELAY)).await;
     }
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (k, v) in req.headers() {
@@ -189,13 +253,6 @@ async fn echo(req: Request<Incoming>, backend: &Backend) -> Response<Body> {
             .or_default()
             .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
     }
-    let host = req
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_default();
     let (parts, body) = req.into_parts();
     let body_bytes = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes().len(),

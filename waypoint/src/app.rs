@@ -1,6 +1,6 @@
 //! Wiring: the cluster model from the enrolment file (re-read when it
 //! changes) or the Kubernetes API (`cluster::kube`, the agents'
-//! translation), the waypoint's own certificate from the CA, the HBONE
+//! translation), the routing rules from a file or the same API (`routes`), the waypoint's own certificate from the CA, the HBONE
 //! listener, metrics and readiness, the access log, and SIGTERM's drain.
 //!
 //! Two runtimes, as ztunnel: control work (CA, config, metrics, access
@@ -11,7 +11,7 @@ use std::{
     path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -26,6 +26,7 @@ use crate::{
     config::{Config, Source},
     inbound::{Certs, Parts},
     metrics::Metrics,
+    routes::{RouteMetrics, RouteSource, Routes},
     Waypoint,
 };
 
@@ -60,6 +61,21 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
+    let routes = Routes::default();
+    let route_source = Arc::new(Mutex::new(RouteSource::new(
+        cfg.gateway.clone(),
+        routes.clone(),
+        RouteMetrics::register(&mut registry),
+    )));
+    if let Some(path) = &cfg.routes {
+        // At start a broken file is an error the operator sees at once;
+        // later, a broken file keeps the routes in force.
+        route_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .load_file(path)
+            .map_err(anyhow::Error::msg)?;
+    }
     let (access, lines) = if cfg.access_log {
         let (a, rx) = AccessLog::channel();
         (a, Some(rx))
@@ -80,6 +96,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         upstream_port: cfg.upstream_hbone_port,
         metrics,
         access,
+        routes,
     });
 
     let metrics_listener = control
@@ -105,9 +122,16 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     tokio::spawn(crate::metrics::serve(readiness_listener, None, ready.clone()));
                     tokio::spawn(crate::metrics::serve(metrics_listener, Some(registry), ready));
                     match &cfg.source {
-                        Source::File(path) => watch_config(path, &cfg, &state).await,
+                        Source::File(path) => {
+                            if let Some(routes) = cfg.routes.clone() {
+                                tokio::spawn(crate::routes::watch_file(routes, route_source));
+                            }
+                            watch_config(path, &cfg, &state).await
+                        }
                         Source::Kubernetes { kubeconfig } => {
-                            if let Err(e) = watch_kubernetes(kubeconfig.as_deref(), &cfg, &state, &synced).await {
+                            if let Err(e) =
+                                watch_kubernetes(kubeconfig.as_deref(), &cfg, &state, &synced, route_source).await
+                            {
                                 // Without a model the waypoint cannot route: stay
                                 // unready (no agent steers to it) and say why.
                                 tracing::error!(error = %format!("{e:#}"), "cannot watch the Kubernetes API; not ready");
@@ -186,9 +210,11 @@ async fn watch_kubernetes(
     cfg: &Config,
     state: &State,
     synced: &AtomicBool,
+    routes: Arc<Mutex<RouteSource>>,
 ) -> anyhow::Result<()> {
     let client = cluster::kube::client(kubeconfig).await?;
     let watch = cluster::kube::ClusterWatch::start(client);
+    crate::routes::watch_kubernetes(&watch, routes);
     loop {
         watch.changed().await;
         tokio::time::sleep(KUBE_DEBOUNCE).await;

@@ -70,6 +70,16 @@ pub struct RunArgs {
     /// else the pod's service account).
     #[arg(long, requires = "kubernetes")]
     pub kubeconfig: Option<PathBuf>,
+    /// Routing rules with `--config`: a file of Kubernetes documents
+    /// (HTTPRoute, VirtualService, DestinationRule, as applied to a
+    /// cluster; other kinds are skipped), re-read when it changes. With
+    /// `--kubernetes` they come from the API.
+    #[arg(long, env = "WAYPOINT_ROUTES", conflicts_with = "kubernetes")]
+    pub routes: Option<PathBuf>,
+    /// The waypoint's own Gateway (in --namespace): HTTPRoutes whose
+    /// parentRef is this Gateway apply to every Service it carries.
+    #[arg(long, env = "GATEWAY_NAME")]
+    pub gateway_name: Option<String>,
     /// The waypoint's own namespace (its identity's `ns`).
     #[arg(long, env = "POD_NAMESPACE")]
     pub namespace: String,
@@ -186,6 +196,18 @@ pub struct LimitArgs {
     /// connection is closed (CVE-2024-27316 style floods).
     #[arg(long, default_value_t = 1024)]
     pub max_local_error_resets: usize,
+    /// A request is retried (or mirrored with its body) only if its body
+    /// fits in this many bytes, kept while it streams.
+    #[arg(long, default_value_t = 64 << 10)]
+    pub max_replay_body_bytes: usize,
+    /// Mirrored requests in flight at once; a mirror beyond it is skipped
+    /// (and counted), never queued.
+    #[arg(long, default_value_t = 256)]
+    pub max_mirrors_in_flight: usize,
+    /// A mirrored request is abandoned after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    #[serde(with = "humantime_serde_compat")]
+    pub mirror_timeout: Duration,
 }
 
 impl Default for LimitArgs {
@@ -201,6 +223,9 @@ impl Default for LimitArgs {
             max_connections: 10_000,
             max_concurrent_streams: 100,
             max_pending_reset_streams: 20,
+            max_replay_body_bytes: 64 << 10,
+            max_mirrors_in_flight: 256,
+            mirror_timeout: Duration::from_secs(10),
             max_local_error_resets: 1024,
         }
     }
@@ -228,6 +253,10 @@ pub enum Source {
 pub struct Config {
     /// Where services, endpoints, workloads and policies come from.
     pub source: Source,
+    /// The routes file (with a file source).
+    pub routes: Option<PathBuf>,
+    /// The waypoint's own Gateway (namespace, name).
+    pub gateway: Option<(String, String)>,
     pub identity: String,
     #[serde(skip)]
     pub id: SpiffeId,
@@ -262,6 +291,8 @@ impl RunArgs {
                     kubeconfig: self.kubeconfig,
                 },
             },
+            routes: self.routes,
+            gateway: self.gateway_name.map(|g| (self.namespace.clone(), g)),
             identity: id.to_string(),
             id,
             ca: self.ca.resolve()?,

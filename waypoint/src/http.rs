@@ -4,9 +4,19 @@
 //! own pooled HBONE stream to the endpoint (h2 upstream when the downstream
 //! is h2, HTTP/1.1 otherwise). Upgrades (WebSocket) pass through.
 //!
+//! Routing rules (HTTPRoute, VirtualService) pick the rule, backend,
+//! retries, timeouts, faults and mirrors (`forward`); bodies stream, and
+//! only their first bytes are kept so that a retry or a mirror can replay
+//! them (`replay`).
+//!
 //! Hardening: header block size and count, h2 concurrent streams and
 //! reset-flood limits, header-read and idle timeouts, request framing
-//! (`smuggling`), graceful drain. Bodies stream; nothing is buffered.
+//! (`smuggling`), graceful drain, and a bound on replayed bodies.
+mod forward;
+mod replay;
+
+pub use forward::Budget;
+use replay::Replay;
 use std::{
     convert::Infallible,
     future::Future,
@@ -32,7 +42,7 @@ use crate::{
     accesslog::{self, Entry},
     inbound::Downstream,
     metrics::{Outcome, Peer, RequestLabels, ServiceLabels},
-    route::{self, Endpoint},
+    route::Endpoint,
     smuggling::{self, Verdicts},
     sniff::Protocol,
     trace, upstream, Waypoint,
@@ -346,6 +356,7 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Prox
     conn.inflight.fetch_add(1, Ordering::SeqCst);
     conn.activity.touch();
     let busy = Busy(conn.clone());
+    let _active = conn.wp.budget().active();
     let mut rec = Record::new(&conn, &req);
     let resp = match proxy(&conn, req, &mut rec).await {
         Ok(resp) => resp,
@@ -366,6 +377,8 @@ struct Local {
     body: String,
     /// Also close the connection (HTTP/1.1) after it.
     close: bool,
+    /// For gRPC callers: this status instead of one mapped from `status`.
+    grpc: Option<u32>,
 }
 
 impl Local {
@@ -375,6 +388,7 @@ impl Local {
             flags,
             body: body.into(),
             close: false,
+            grpc: None,
         }
     }
 
@@ -399,13 +413,13 @@ impl Local {
     /// a trailers-only answer, HTTP 200, the status mapped as Envoy maps
     /// its local replies.
     fn grpc_reply(self, rec: &mut Record) -> Response<ProxyBody> {
-        let code = match self.status {
+        let code = self.grpc.unwrap_or(match self.status {
             StatusCode::BAD_REQUEST => 13,                    // INTERNAL
             StatusCode::FORBIDDEN => 7,                       // PERMISSION_DENIED
             StatusCode::NOT_FOUND => 12,                      // UNIMPLEMENTED
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => 8, // RESOURCE_EXHAUSTED
             _ => 14,                                          // UNAVAILABLE
-        };
+        });
         rec.entry.response_code = 200;
         rec.entry.grpc_status = code.to_string();
         let message: String = self
@@ -430,40 +444,23 @@ fn full(s: impl Into<Bytes>) -> ProxyBody {
 /// Checks, routes and forwards one request.
 async fn proxy(conn: &Arc<Conn>, mut req: Request<Incoming>, rec: &mut Record) -> Result<Response<ProxyBody>, Local> {
     check(conn, &req)?;
-    let ep = route::pick(conn.wp.state(), &conn.down.dest).map_err(|e| {
-        let status = match e {
-            route::RouteError::NoRoute(_) => StatusCode::NOT_FOUND,
-            route::RouteError::NoHealthyUpstream(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        Local::new(status, e.flag(), e.to_string())
-    })?;
-    rec.endpoint(&ep);
-    authorize(conn, &ep)?;
+    let sel = forward::select(conn, &req)?;
+    forward::faults(&sel, rec).await?;
+    if let Some(resp) = forward::answer(conn, &sel, &req, rec) {
+        return Ok(resp);
+    }
+    let to = forward::backend(conn, &sel)?;
     let upgrade = is_upgrade(&req);
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let h2 = conn.protocol == Protocol::Http2 && !upgrade;
-    let out = outbound(conn, req, h2, rec)?;
-    let io = upstream::open(&conn.wp, &ep, std::net::SocketAddr::new(conn.down.client, 0))
-        .await
-        .map_err(|e| {
-            tracing::warn!(endpoint = %ep.addr, error = %e, "cannot reach the endpoint");
-            Local::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UF",
-                format!("upstream connect error: {e}"),
-            )
-        })?;
-    let mut resp = send(io, out, h2, conn.wp.limits().max_header_bytes)
-        .await
-        .map_err(|e| {
-            tracing::debug!(endpoint = %ep.addr, error = %e, "upstream reset before the response");
-            Local::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UC",
-                format!("upstream reset before response: {e}"),
-            )
-        })?;
-    rec.active = ep._active;
+    let out = outbound(conn, req, h2, rec, &sel)?;
+    forward::mirror(conn, &sel, &out, h2);
+    let sent = forward::send_with_retries(conn, &sel, to, out, h2).await;
+    if let Some(ep) = &sent.endpoint {
+        rec.endpoint(ep);
+    }
+    let mut resp = sent.result?;
+    rec.active = sent.endpoint.and_then(|e| e._active);
     rec.entry.response_code = resp.status().as_u16();
     if let Some(s) = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()) {
         rec.entry.grpc_status = s.to_string();
@@ -480,6 +477,9 @@ async fn proxy(conn: &Arc<Conn>, mut req: Request<Incoming>, rec: &mut Record) -
         }
     } else {
         strip_hop_by_hop(resp.headers_mut());
+    }
+    if let Some(rule) = &sel.rule {
+        rule.response_headers.apply(resp.headers_mut());
     }
     Ok(resp.map(|b| b.map_err(BoxError::from).boxed()))
 }
@@ -513,17 +513,20 @@ fn check(conn: &Conn, req: &Request<Incoming>) -> Result<(), Local> {
 }
 
 /// L4 policy of the endpoint's workload, with the caller's identity.
-fn authorize(conn: &Conn, ep: &Endpoint) -> Result<(), Local> {
+fn authorize(conn: &Conn, ep: &Endpoint) -> bool {
     let snap = conn.wp.state().snapshot();
     let c = rbac::Conn {
         principal: Some(conn.down.caller.clone()),
         src_ip: conn.down.client,
         dst_port: ep.addr.port(),
     };
-    snap.authorize(ep.addr.ip(), &c).map_err(|d| {
-        tracing::info!(caller = %conn.down.caller, endpoint = %ep.addr, reason = %d.0, "request denied by policy");
-        Local::new(StatusCode::FORBIDDEN, "-", "RBAC: access denied")
-    })
+    match snap.authorize(ep.addr.ip(), &c) {
+        Ok(()) => true,
+        Err(d) => {
+            tracing::info!(caller = %conn.down.caller, endpoint = %ep.addr, reason = %d.0, "request denied by policy");
+            false
+        }
+    }
 }
 
 fn is_upgrade<B>(req: &Request<B>) -> bool {
@@ -552,9 +555,24 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     h.remove(header::UPGRADE);
 }
 
-/// The request as sent to the endpoint.
-fn outbound(conn: &Conn, req: Request<Incoming>, h2: bool, rec: &Record) -> Result<Request<Counted>, Local> {
-    let authority = authority_of(&req).unwrap_or_else(|| conn.down.authority.to_string());
+/// The request as sent to the endpoint: hop-by-hop headers out,
+/// forwarding headers in, the rule's rewrites and header changes applied.
+fn outbound(
+    conn: &Conn,
+    req: Request<Incoming>,
+    h2: bool,
+    rec: &Record,
+    sel: &forward::Selected,
+) -> Result<Request<Replay>, Local> {
+    let rule = sel.rule.as_deref();
+    let rewrite = match rule.map(|r| &r.action) {
+        Some(cluster::routes::Action::Forward { rewrite, .. }) => Some(rewrite),
+        _ => None,
+    };
+    let authority = rewrite
+        .and_then(|r| r.host.clone())
+        .or_else(|| authority_of(&req))
+        .unwrap_or_else(|| conn.down.authority.to_string());
     let upgrade = is_upgrade(&req);
     let (mut parts, body) = req.into_parts();
     let te_trailers = parts
@@ -578,11 +596,20 @@ fn outbound(conn: &Conn, req: Request<Incoming>, h2: bool, rec: &Record) -> Resu
         // gRPC needs it; it is the one TE value allowed in h2.
         parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+    let path = match rewrite.and_then(|r| r.path.as_ref()) {
+        Some(rw) => {
+            let p = cluster::routes::rewrite_path(rw, parts.uri.path(), sel.prefix.as_deref());
+            match parts.uri.query() {
+                Some(q) => format!("{p}?{q}"),
+                None => p,
+            }
+        }
+        None => parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into()),
+    };
     let bad_uri = || Local::new(StatusCode::BAD_REQUEST, "-", "invalid request target");
     if h2 {
         parts.uri = Uri::builder()
@@ -610,21 +637,25 @@ fn outbound(conn: &Conn, req: Request<Incoming>, h2: bool, rec: &Record) -> Resu
             parts.headers.insert("baggage", b.clone());
         }
     }
+    if let Some(rule) = rule {
+        rule.request_headers.apply(&mut parts.headers);
+    }
     parts.extensions = http::Extensions::new();
-    let body = Counted {
-        inner: body,
-        n: rec.request_bytes.clone(),
-    };
+    let body = Replay::new(body, conn.wp.limits().max_replay_body_bytes, rec.request_bytes.clone());
     Ok(Request::from_parts(parts, body))
 }
 
 /// hyper's client on the upstream stream, for this one request.
-async fn send(
+async fn send<B>(
     io: upstream::Upstream,
-    req: Request<Counted>,
+    req: Request<B>,
     h2: bool,
     max_header_bytes: usize,
-) -> Result<Response<Incoming>, hyper::Error> {
+) -> Result<Response<Incoming>, hyper::Error>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     let io = TokioIo::new(io);
     // Responses are bounded as requests are: a broken or hostile endpoint
     // cannot make the waypoint buffer an endless header block.
@@ -662,33 +693,6 @@ async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) 
     let (mut d, mut u) = (TokioIo::new(down), TokioIo::new(up));
     if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
         tracing::debug!(error = %e, "upgraded connection ended");
-    }
-}
-
-/// The request body, counted.
-struct Counted {
-    inner: Incoming,
-    n: Arc<AtomicU64>,
-}
-
-impl Body for Counted {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r {
-            if let Some(d) = f.data_ref() {
-                self.n.fetch_add(d.len() as u64, Ordering::Relaxed);
-            }
-        }
-        r
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -26,6 +26,7 @@ use crate::{
     http,
     metrics::Metrics,
     route::{self, Dest},
+    routes::Routes,
     sniff::{self, Declared, Prefixed, Protocol},
     tcp,
 };
@@ -60,12 +61,17 @@ pub struct Parts {
     pub upstream_port: u16,
     pub metrics: Metrics,
     pub access: AccessLog,
+    /// The routing rules in force.
+    pub routes: Routes,
 }
 
 struct Shared {
     parts: Parts,
     pool: Pool,
     drain: Drain,
+    budget: http::Budget,
+    /// Mirrored requests in flight.
+    mirror_slots: Arc<tokio::sync::Semaphore>,
     /// `baggage` on the waypoint's own CONNECTs.
     baggage: String,
     /// The server TLS config of the current certificate (by serial).
@@ -86,10 +92,13 @@ impl Waypoint {
             &parts.id.service_account,
             "latest",
         );
+        let mirror_slots = Arc::new(tokio::sync::Semaphore::new(parts.limits.max_mirrors_in_flight));
         Waypoint(Arc::new(Shared {
             parts,
             pool: Pool::new(timeouts),
             drain: Drain::default(),
+            budget: http::Budget::default(),
+            mirror_slots,
             baggage,
             server_tls: Mutex::new(None),
         }))
@@ -127,6 +136,15 @@ impl Waypoint {
     }
     pub fn baggage(&self) -> &str {
         &self.0.baggage
+    }
+    pub fn routes(&self) -> &Routes {
+        &self.0.parts.routes
+    }
+    pub fn budget(&self) -> &http::Budget {
+        &self.0.budget
+    }
+    pub fn mirror_slots(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.0.mirror_slots
     }
 
     /// Accepts HBONE connections until draining starts, at most

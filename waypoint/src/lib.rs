@@ -7,7 +7,9 @@
 //! One module per concern: `config` (flags), `app` (wiring, runtimes,
 //! signals), `inbound` (HBONE termination, per-CONNECT dispatch), `sniff`
 //! (protocol detection), `route` (authority -> destination -> endpoint),
-//! `http` (the per-request proxy and its hardening), `smuggling` (the
+//! `routes` (the routing rules in force, from a file or the API), `http`
+//! (the per-request proxy: rules, retries, timeouts, faults, mirrors, and
+//! its hardening), `smuggling` (the
 //! HTTP/1.1 framing guard), `upstream` (HBONE to endpoints), `tcp` (opaque
 //! forwarding), `trace` (forwarding headers), `metrics`, `accesslog`,
 //! `drain`; and `controller` (`waypoint controller` / `waypoint generate`:
@@ -21,6 +23,7 @@ pub mod http;
 pub mod inbound;
 pub mod metrics;
 pub mod route;
+pub mod routes;
 pub mod smuggling;
 pub mod sniff;
 pub mod tcp;

@@ -3,7 +3,9 @@
 //! `istio_requests_total`, `istio_request_duration_milliseconds`,
 //! `istio_request_bytes`, `istio_response_bytes` (histograms with Envoy's
 //! default buckets, which Istio uses for all four) and, for opaque TCP,
-//! `istio_tcp_*`. Plus `waypoint_connect_refused_total{reason}`.
+//! `istio_tcp_*`. Plus `waypoint_connect_refused_total{reason}`,
+//! `waypoint_retries_total{reason}`, `waypoint_retry_budget_exhausted_total`
+//! and `waypoint_mirrors_total{reason}`.
 use cluster::state::Workload;
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -240,6 +242,9 @@ pub struct Metrics {
     response_bytes: Hist,
     tcp: mesh::metrics::IstioTcp<TcpLabels>,
     refused: Family<ReasonLabels, Counter>,
+    retries: Family<ReasonLabels, Counter>,
+    budget_exhausted: Counter,
+    mirrors: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -252,6 +257,9 @@ impl Metrics {
             response_bytes: Family::new_with_constructor(histogram),
             tcp: mesh::metrics::IstioTcp::register(registry),
             refused: Family::default(),
+            retries: Family::default(),
+            budget_exhausted: Counter::default(),
+            mirrors: Family::default(),
         };
         let istio = registry.sub_registry_with_prefix("istio");
         istio.register("requests", "Requests", m.requests.clone());
@@ -271,7 +279,35 @@ impl Metrics {
             "HBONE CONNECTs the waypoint refused, by reason",
             m.refused.clone(),
         );
+        let wp = registry.sub_registry_with_prefix("waypoint");
+        wp.register(
+            "retries",
+            "Requests retried, by the condition of the failed try (connect_failure, reset, refused_stream, timeout, status)",
+            m.retries.clone(),
+        );
+        wp.register(
+            "retry_budget_exhausted",
+            "Retries not made because 20% of active requests (at least 3) were retries already",
+            m.budget_exhausted.clone(),
+        );
+        wp.register(
+            "mirrors",
+            "Mirrored requests by outcome (sent, failed, skipped_busy, skipped_body)",
+            m.mirrors.clone(),
+        );
         m
+    }
+
+    pub fn retried(&self, reason: &'static str) {
+        self.retries.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn retry_budget_exhausted(&self) {
+        self.budget_exhausted.inc();
+    }
+
+    pub fn mirrored(&self, outcome: &'static str) {
+        self.mirrors.get_or_create(&ReasonLabels { reason: outcome }).inc();
     }
 
     /// One finished request.

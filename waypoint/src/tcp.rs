@@ -82,7 +82,7 @@ async fn connect(
     down: &Downstream,
     entry: &mut Entry,
 ) -> Result<(upstream::Upstream, Peer, ServiceLabels), Failed> {
-    let ep = route::pick(wp.state(), &down.dest).map_err(|e| {
+    let ep = route::pick(wp.state(), &route::To::Dest(down.dest.clone()), &[]).map_err(|e| {
         tracing::warn!(authority = %down.authority, error = %e, "opaque TCP connection closed");
         (Peer::of(None, None), ServiceLabels::default(), e.flag())
     })?;

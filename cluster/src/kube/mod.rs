@@ -39,6 +39,7 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
+use crate::routes::{store::Kind as RouteKind, Document};
 use model::{Change, Model};
 use records::{GatewayRecord, NamespaceRecord, PodRecord, PolicyRecord, ServiceRecord, SliceRecord};
 
@@ -281,12 +282,55 @@ impl ClusterWatch {
         );
     }
 
+    /// Route objects of one kind (HTTPRoute, VirtualService,
+    /// DestinationRule) in the first version the API serves, as the
+    /// documents a routes file holds. Only the waypoint watches them.
+    pub fn watch_routes(&self, kind: RouteKind, sink: impl FnMut(Change<Document>) + Send + 'static) {
+        let name = kind.plural();
+        self.health.ok(name, false);
+        let client = self.client.clone();
+        let api = async move {
+            let version = discover_version(&client, kind.group(), kind.versions(), kind.plural(), name).await;
+            let gvk = ::kube::api::GroupVersionKind::gvk(kind.group(), version, kind.as_str());
+            let ar = ::kube::api::ApiResource::from_gvk_with_plural(&gvk, kind.plural());
+            Api::<::kube::api::DynamicObject>::all_with(client, &ar)
+        };
+        let project: fn(::kube::api::DynamicObject) -> Option<Document> = match kind {
+            RouteKind::HttpRoute => |o| Some(route_document(o, RouteKind::HttpRoute)),
+            RouteKind::VirtualService => |o| Some(route_document(o, RouteKind::VirtualService)),
+            RouteKind::DestinationRule => |o| Some(route_document(o, RouteKind::DestinationRule)),
+        };
+        tokio::spawn(self.runner(name).run(api, watcher::Config::default(), project, sink));
+    }
+
     fn runner(&self, name: &'static str) -> Runner {
         Runner {
             name,
             health: self.health.clone(),
             changed: self.changed.clone(),
         }
+    }
+}
+
+/// A route object as a document (list items may lack apiVersion and kind:
+/// the watched resource's are used then).
+fn route_document(o: ::kube::api::DynamicObject, kind: RouteKind) -> Document {
+    let (api_version, kind_name) = match &o.types {
+        Some(t) => (t.api_version.clone(), t.kind.clone()),
+        None => (
+            format!("{}/{}", kind.group(), kind.versions()[0]),
+            kind.as_str().to_string(),
+        ),
+    };
+    Document {
+        api_version,
+        kind: kind_name,
+        metadata: crate::routes::store::Meta {
+            name: o.metadata.name.unwrap_or_default(),
+            namespace: o.metadata.namespace,
+            creation_timestamp: o.metadata.creation_timestamp.map(|t| t.0.to_string()),
+        },
+        spec: o.data.get("spec").cloned().unwrap_or_default(),
     }
 }
 
@@ -388,9 +432,21 @@ impl Runner {
 /// The first of [`crd::VERSIONS`] in which the API serves `plural`
 /// (`None`: in neither, e.g. Istio's CRDs are not installed).
 pub async fn served_version(client: &Client, plural: &str) -> Result<Option<crd::Version>, ::kube::Error> {
-    for v in crd::VERSIONS {
-        match client.list_api_group_resources(&format!("{}/{v}", crd::GROUP)).await {
-            Ok(list) if list.resources.iter().any(|r| r.name == plural) => return Ok(Some(crd::Version(v))),
+    Ok(first_served(client, crd::GROUP, crd::VERSIONS, plural)
+        .await?
+        .map(crd::Version))
+}
+
+/// The first of `versions` of `group` in which the API serves `plural`.
+pub async fn first_served(
+    client: &Client,
+    group: &str,
+    versions: &[&'static str],
+    plural: &str,
+) -> Result<Option<&'static str>, ::kube::Error> {
+    for v in versions {
+        match client.list_api_group_resources(&format!("{group}/{v}")).await {
+            Ok(list) if list.resources.iter().any(|r| r.name == plural) => return Ok(Some(v)),
             Ok(_) => {}
             Err(::kube::Error::Api(s)) if s.is_not_found() => {}
             Err(e) => return Err(e),
@@ -399,25 +455,31 @@ pub async fn served_version(client: &Client, plural: &str) -> Result<Option<crd:
     Ok(None)
 }
 
-/// Asks discovery until it answers (backing off to 30 s), and logs the choice.
-async fn istio_version(client: &Client, plural: &str, watch: &'static str) -> crd::Version {
+/// Asks discovery until it answers (backing off to 30 s), and logs the
+/// choice; the first version when none is served (the watch then reports
+/// the resource as not installed, and picks it up if it is).
+async fn discover_version(
+    client: &Client,
+    group: &str,
+    versions: &[&'static str],
+    plural: &str,
+    watch: &'static str,
+) -> &'static str {
     let mut delay = Duration::from_millis(500);
     let mut warned = false;
     loop {
-        match served_version(client, plural).await {
+        match first_served(client, group, versions, plural).await {
             Ok(Some(v)) => {
-                tracing::info!(watch, version = v.0, "reading {}/{} {plural}", crd::GROUP, v.0);
+                tracing::info!(watch, version = v, "reading {group}/{v} {plural}");
                 return v;
             }
             Ok(None) => {
                 tracing::info!(
                     watch,
-                    "{plural}.{} is served in none of {:?}; watching {} in case it is installed",
-                    crd::GROUP,
-                    crd::VERSIONS,
-                    crd::VERSION
+                    "{plural}.{group} is served in none of {versions:?}; watching {} in case it is installed",
+                    versions[0]
                 );
-                return crd::Version::default();
+                return versions[0];
             }
             Err(e) => {
                 if !warned {
@@ -429,6 +491,11 @@ async fn istio_version(client: &Client, plural: &str, watch: &'static str) -> cr
             }
         }
     }
+}
+
+/// An Istio security resource's version.
+async fn istio_version(client: &Client, plural: &str, watch: &'static str) -> crd::Version {
+    crd::Version(discover_version(client, crd::GROUP, crd::VERSIONS, plural, watch).await)
 }
 
 fn not_installed(e: &watcher::Error) -> bool {

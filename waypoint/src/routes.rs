@@ -1,0 +1,184 @@
+//! The routing rules in force, and where they come from: a file of
+//! Kubernetes documents (`--routes`, re-read when it changes) or the API's
+//! HTTPRoutes, VirtualServices and DestinationRules (`--kubernetes`). Both
+//! feed one `cluster::routes::RouteStore`, so the YAML a user tests locally
+//! is the YAML they apply.
+//!
+//! Every change is logged per object ("route accepted" / "route
+//! rejected" naming the object and the field); a rejected object keeps
+//! its last good version, and the data path swaps to the new table from
+//! its next request on.
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use cluster::{
+    kube::{model::Change, ClusterWatch},
+    routes::{store::Kind, store::Outcome, Document, RouteStore, RouteTable},
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+/// The table the data path reads (swapped whole on every change).
+#[derive(Clone, Default)]
+pub struct Routes(Arc<RwLock<Arc<RouteTable>>>);
+
+impl Routes {
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, t: RouteTable) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(t);
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// Route configuration metrics.
+#[derive(Clone, Default)]
+pub struct RouteMetrics {
+    /// Route objects in force.
+    objects: Gauge,
+    /// Objects whose current version was rejected (an older one, or none, is in force).
+    rejected: Gauge,
+    /// Object changes by result.
+    changes: Family<ResultLabels, Counter>,
+}
+
+impl RouteMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "waypoint_route_objects",
+            "HTTPRoutes and VirtualServices in force",
+            m.objects.clone(),
+        );
+        registry.register(
+            "waypoint_route_objects_rejected",
+            "Route objects whose current version does not translate (the last good version stays in force)",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "waypoint_route_changes",
+            "Route object changes by result (accepted, rejected, removed, invalid)",
+            m.changes.clone(),
+        );
+        m
+    }
+}
+
+/// The store and what publishes it.
+pub struct RouteSource {
+    store: RouteStore,
+    routes: Routes,
+    metrics: RouteMetrics,
+}
+
+impl RouteSource {
+    /// `gateway`: the waypoint's own Gateway (namespace, name), for routes
+    /// attached to it.
+    pub fn new(gateway: Option<(String, String)>, routes: Routes, metrics: RouteMetrics) -> Self {
+        Self {
+            store: RouteStore::new(gateway),
+            routes,
+            metrics,
+        }
+    }
+
+    /// Logs what changed, then publishes the new table.
+    fn publish(&mut self, outcomes: Vec<Outcome>) {
+        for o in &outcomes {
+            let result = match o {
+                Outcome::Accepted(k) => {
+                    tracing::info!(object = %k, "route accepted");
+                    "accepted"
+                }
+                Outcome::Rejected { key, error, kept } => {
+                    tracing::error!(object = %key, field = %error.field, error = %error.message, kept_previous = kept, "route rejected: {o}");
+                    "rejected"
+                }
+                Outcome::Removed(k) => {
+                    tracing::info!(object = %k, "route removed");
+                    "removed"
+                }
+                Outcome::Invalid(m) => {
+                    tracing::error!(error = %m, "route document rejected");
+                    "invalid"
+                }
+            };
+            self.metrics.changes.get_or_create(&ResultLabels { result }).inc();
+        }
+        let (table, conflicts) = self.store.table();
+        for c in &conflicts {
+            tracing::warn!(conflict = %c, "route conflict");
+        }
+        self.metrics.objects.set(table.objects as i64);
+        self.metrics.rejected.set(self.store.errors().count() as i64);
+        tracing::debug!(objects = table.objects, hosts = table.hosts(), "route table published");
+        self.routes.set(table);
+    }
+
+    /// Every route object of the file (`Err`: the file cannot be read or
+    /// parsed at all; nothing changed).
+    pub fn load_file(&mut self, path: &Path) -> Result<(), String> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read routes file {}: {e}", path.display()))?;
+        self.load_text(&text)
+            .map_err(|e| format!("routes file {}: {e}", path.display()))
+    }
+
+    /// Every route object of a multi-document YAML text (what a routes
+    /// file holds); `Err` when it does not parse at all (nothing changed).
+    pub fn load_text(&mut self, text: &str) -> Result<(), String> {
+        let docs = Document::parse_all(text)?;
+        let outcomes = self.store.replace(&Kind::ALL, docs);
+        self.publish(outcomes);
+        Ok(())
+    }
+
+    fn apply(&mut self, kind: Kind, change: Change<Document>) {
+        let outcomes = self.store.apply(kind, change);
+        self.publish(outcomes);
+    }
+}
+
+/// How often the routes file is checked for changes.
+const FILE_POLL: Duration = Duration::from_secs(1);
+
+/// Re-reads the routes file when it changes; an unreadable file keeps
+/// everything as it was.
+pub async fn watch_file(path: PathBuf, source: Arc<Mutex<RouteSource>>) {
+    let stamp = || std::fs::metadata(&path).and_then(|m| Ok((m.modified()?, m.len()))).ok();
+    let mut seen = stamp();
+    loop {
+        tokio::time::sleep(FILE_POLL).await;
+        let now = stamp();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let r = source.lock().unwrap_or_else(|e| e.into_inner()).load_file(&path);
+        if let Err(e) = r {
+            tracing::error!(error = %e, "routes file not reloaded; every route stays as it was");
+        }
+    }
+}
+
+/// Adds the route watches to the cluster watch.
+pub fn watch_kubernetes(watch: &ClusterWatch, source: Arc<Mutex<RouteSource>>) {
+    for kind in Kind::ALL {
+        let source = source.clone();
+        watch.watch_routes(kind, move |c| {
+            source.lock().unwrap_or_else(|e| e.into_inner()).apply(kind, c)
+        });
+    }
+}
