@@ -708,3 +708,62 @@ fn bad_config_keeps_the_last_good_routes() {
         assert!(w.metrics_text().contains("waypoint_route_objects_rejected 0"));
     });
 }
+
+#[test]
+fn the_retry_budget_caps_retries_in_flight() {
+    in_netns(|| async {
+        let mut w = world("budget").await;
+        w.set_routes(RETRIES);
+        // 20 requests at once on one h2 connection, every try failing after
+        // 300 ms: without a budget 20 x 4 tries reach the backend; with it at
+        // most max(3, 20 % of the active requests) retries are in flight.
+        let tx = h2(w.connect(&vip(80)).await.unwrap()).await;
+        let mut calls = Vec::new();
+        for _ in 0..20 {
+            let mut tx = tx.clone();
+            calls.push(tokio::spawn(async move {
+                Sender::send(&mut tx, get("/?fail=1000&fail_status=500&delay=300&key=budget"))
+                    .await
+                    .unwrap()
+                    .status()
+            }));
+        }
+        for c in calls {
+            assert_eq!(c.await.unwrap(), StatusCode::INTERNAL_SERVER_ERROR);
+        }
+        let hits = w.counters.hits("budget");
+        let m = w.metrics_text();
+        let exhausted: u64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("waypoint_retry_budget_exhausted_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(hits >= 20 && hits <= 40, "{hits} tries reached the backend");
+        assert!(exhausted >= 10, "{exhausted} retries refused by the budget\n{m}");
+    });
+}
+
+#[test]
+fn only_bodies_within_the_replay_limit_are_retried() {
+    in_netns(|| async {
+        let w = world("replay").await;
+        for h2 in [false, true] {
+            let mut c = Client::open(&w, &vip(80), h2).await;
+            let post = |key: &str, n: usize| {
+                Request::post(format!("/?fail=1&key={key}"))
+                    .header("host", "web.default.svc.cluster.local")
+                    .body(Full::new(Bytes::from(vec![b'x'; n])))
+                    .unwrap()
+            };
+            // 10 KB: kept while it streams, so the retry (Istio's default
+            // policy retries a 503) sends it whole again.
+            let key = format!("small-{h2}");
+            let (s, e) = json(c.send(post(&key, 10 << 10)).await).await;
+            assert_eq!((s, e.body_bytes, w.counters.hits(&key)), (StatusCode::OK, 10 << 10, 2));
+            // 100 KB is over the 64 KiB limit: streamed once, not retried.
+            let key = format!("big-{h2}");
+            let (s, _) = text(c.send(post(&key, 100 << 10)).await).await;
+            assert_eq!((s, w.counters.hits(&key)), (StatusCode::SERVICE_UNAVAILABLE, 1));
+        }
+    });
+}
