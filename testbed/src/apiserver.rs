@@ -108,6 +108,37 @@ const RESOURCES: &[Res] = &[
         "PeerAuthentication",
         true,
     ),
+    // Istio's networking CRDs: v1, v1beta1 and v1alpha3 (one schema).
+    res("networking.istio.io", "v1", "virtualservices", "VirtualService", true),
+    res(
+        "networking.istio.io",
+        "v1beta1",
+        "virtualservices",
+        "VirtualService",
+        true,
+    ),
+    res(
+        "networking.istio.io",
+        "v1alpha3",
+        "virtualservices",
+        "VirtualService",
+        true,
+    ),
+    res("networking.istio.io", "v1", "destinationrules", "DestinationRule", true),
+    res(
+        "networking.istio.io",
+        "v1beta1",
+        "destinationrules",
+        "DestinationRule",
+        true,
+    ),
+    res(
+        "networking.istio.io",
+        "v1alpha3",
+        "destinationrules",
+        "DestinationRule",
+        true,
+    ),
     // Istio serves its security CRDs as v1 and v1beta1 (same schema);
     // older releases serve only v1beta1.
     res(

@@ -581,6 +581,7 @@ fn rbac_is_least_privilege() {
         ("networking.istio.io", "virtualservices"),
         ("networking.istio.io", "destinationrules"),
         ("security.istio.io", "authorizationpolicies"),
+        ("security.istio.io", "peerauthentications"),
     ] {
         expected.push((g, r, "list"));
         expected.push((g, r, "watch"));

@@ -114,6 +114,7 @@ impl RouteSource {
                     tracing::error!(error = %m, "route document rejected");
                     "invalid"
                 }
+                Outcome::Unchanged(_) => continue,
             };
             self.metrics.changes.get_or_create(&ResultLabels { result }).inc();
         }
@@ -147,6 +148,9 @@ impl RouteSource {
 
     fn apply(&mut self, kind: Kind, change: Change<Document>) {
         let outcomes = self.store.apply(kind, change);
+        if outcomes.iter().all(|o| matches!(o, Outcome::Unchanged(_))) && !outcomes.is_empty() {
+            return;
+        }
         self.publish(outcomes);
     }
 }

@@ -171,7 +171,7 @@ spec:
   parentRefs: [{group: "", kind: Service, name: web}]
   rules:
   - matches: [{path: {type: PathPrefix, value: /p}}]
-    backendRefs: [{name: web-b, port: 80}]
+    backendRefs: [{name: web-a, port: 80}]
   - matches: [{path: {type: Exact, value: /p/exact}}]
     backendRefs: [{name: web-a, port: 80}]
   - matches: [{path: {type: PathPrefix, value: /p}, method: POST}]
@@ -190,7 +190,7 @@ spec:
   - matches: [{path: {type: PathPrefix, value: /p/longer}}]
     backendRefs: [{name: web-a, port: 80}]
   - matches: [{path: {type: PathPrefix, value: /p}}]
-    backendRefs: [{name: web-a, port: 80}]
+    backendRefs: [{name: web-b, port: 80}]
 "#;
 
 const FIRST_MATCH: &str = r#"
@@ -223,10 +223,10 @@ fn matches_and_precedence() {
             assert_eq!(r("GET", "/p/exact", &[]).await, "web-a");
             assert_eq!(r("GET", "/p/longer/x", &[]).await, "web-a");
             // Same prefix: a method match, then a header match, then the
-            // older route (which sends /p to web-a).
+            // older route (which sends /p to web-b, the newer to web-a).
             assert_eq!(r("POST", "/p/x", &[]).await, "web-a");
             assert_eq!(r("GET", "/p/x", &[("x-track", "a")]).await, "web-a");
-            assert_eq!(r("GET", "/p/x", &[]).await, "web-a");
+            assert_eq!(r("GET", "/p/x", &[]).await, "web-b");
             // Path elements, not string prefixes: /pq matches nothing.
             assert_eq!(r("GET", "/pq", &[]).await, "404");
             assert_eq!(r("GET", "/q?v=a12", &[]).await, "web-a");
@@ -738,7 +738,7 @@ fn the_retry_budget_caps_retries_in_flight() {
             .find_map(|l| l.strip_prefix("waypoint_retry_budget_exhausted_total "))
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        assert!(hits >= 20 && hits <= 40, "{hits} tries reached the backend");
+        assert!((20..=40).contains(&hits), "{hits} tries reached the backend");
         assert!(exhausted >= 10, "{exhausted} retries refused by the budget\n{m}");
     });
 }

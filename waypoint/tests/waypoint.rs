@@ -3,7 +3,10 @@
 //! inside HBONE CONNECTs; hardening, telemetry, drain and the binary.
 mod common;
 
+use std::collections::BTreeSet;
+
 use common::*;
+use serde::Deserialize;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_keepalive_routes_each_request_and_adds_forwarding_headers() {
@@ -874,16 +877,93 @@ async fn the_binary_gets_its_identity_from_the_ca_serves_hbone_and_drains_on_sig
 /// API server) through the agents' translation (`cluster::kube`): not ready
 /// until it has listed everything, then a request to the Service's VIP
 /// reaches the pod its EndpointSlice names.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_binary_on_kubernetes_routes_by_the_api_objects() {
-    let dir = std::env::temp_dir().join(format!("waypoint-kube-{}", std::process::id()));
+/// The routes file of the binary tests (applied unchanged to the API).
+const ROUTES: &str = include_str!("routes.yaml");
+
+/// The routes file's documents as the API objects `kubectl apply` makes.
+fn route_objects(yaml: &str) -> Vec<serde_json::Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
+}
+
+/// Asks through the waypoint until `path` is routed as `routes.yaml` says
+/// (the routes may still be loading), then checks what the pod saw.
+async fn routed_as_the_file_says(listen: SocketAddr, roots: &Roots, pki: &Pki) {
+    let cfg = tls::client_config(&pki.cert(CLIENT), roots, vec![WAYPOINT.parse().unwrap()]).unwrap();
+    for (vip, path, want_path, by) in [
+        (VIP, "/api/users", "/v1/users", "httproute"),
+        ("10.96.0.30", "/old/thing", "/new/thing", "virtualservice"),
+    ] {
+        let headers = ConnectHeaders {
+            authority: format!("{vip}:80").parse().unwrap(),
+            client: format!("{CLIENT_IP}:40000").parse().unwrap(),
+            baggage: String::new(),
+        };
+        let t = hbone::connect(TcpStream::connect(listen).await.unwrap(), cfg.clone(), &headers)
+            .await
+            .expect("the VIP is known");
+        let mut tx = h1(t).await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (status, e) = json(send(&mut tx, get(path)).await.unwrap()).await;
+            assert_eq!(status, StatusCode::OK);
+            if e.path == want_path {
+                assert_eq!((e.pod.as_str(), e.header("x-routed-by")), ("web", Some(by)));
+                break;
+            }
+            assert!(Instant::now() < deadline, "{path} never routed: the pod saw {e:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A metric's value from the waypoint's metrics endpoint.
+async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
+}
+
+async fn wait_metric(addr: SocketAddr, name: &str, want: f64) {
+    let deadline = Instant::now() + WAIT;
+    while metric(addr, name).await != Some(want) {
+        assert!(
+            Instant::now() < deadline,
+            "{name} never became {want}: {:?}",
+            metric(addr, name).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The binary with one routes file, twice: as `--routes` beside the
+/// enrolment file, then applied to the stand-in API server under
+/// `--kubernetes`. Both route the same way; in both a broken edit keeps
+/// the last good routes; on the API it asks for exactly what the
+/// waypoints' ClusterRole grants.
+#[test]
+fn the_binary_routes_by_one_routes_file_locally_and_through_the_api() {
+    in_netns(|| async {
+        one_routes_file().await;
+    });
+}
+
+async fn one_routes_file() {
+    let dir = std::env::temp_dir().join(format!("waypoint-routes-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    let _remove = RemoveOnDrop(dir.clone());
     let files = CaFiles::new(&dir.join("ca"));
     files.init(TD, &["node1".into()]).unwrap();
     let pki = Pki {
         signer: Signer::load(&files, Duration::from_secs(3600)).unwrap(),
         roots: Roots::from_pem(&std::fs::read_to_string(files.root_cert()).unwrap()).unwrap(),
-        dir: dir.clone(),
+        dir: dir.join("pki"),
     };
     let ca_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let ca = tokio::spawn({
@@ -899,87 +979,159 @@ async fn the_binary_on_kubernetes_routes_by_the_api_objects() {
             .await
         }
     });
-    // Pod web-a (sa web) at 127.0.0.2 behind Service web (VIP:80 -> 8080).
+    let _stop_ca = AbortOnDrop(ca);
+    // Pod web-a (sa web) at 10.1.1.2 (on this namespace's loopback)
+    // behind Services web and web-v.
+    let added = std::process::Command::new("ip")
+        .args(["addr", "add", "10.1.1.2/32", "dev", "lo"])
+        .status()
+        .unwrap();
+    assert!(added.success());
     let seen = Seen::default();
-    let pod_port = pod(&pki, "127.0.0.2".parse().unwrap(), 0, "web", seen.clone())
+    let pod_port = pod(&pki, "10.1.1.2".parse().unwrap(), 0, "web", seen.clone())
         .await
         .unwrap();
+    let (cert, key) = files.node_credential("node1");
+    let waypoint = |mode: &[&std::ffi::OsStr]| {
+        let (listen, metrics, status): (SocketAddr, SocketAddr, SocketAddr) = (
+            format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        );
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_waypoint"))
+            .args(["run", "--namespace", "default", "--service-account", "web-waypoint"])
+            .args(mode)
+            .args(["--ca-address", &format!("https://{ca_addr}")])
+            .arg("--ca-root")
+            .arg(files.root_cert())
+            .arg("--node-cert")
+            .arg(&cert)
+            .arg("--node-key")
+            .arg(&key)
+            .args(["--listen", &listen.to_string(), "--metrics-addr", &metrics.to_string()])
+            .args(["--readiness-addr", &status.to_string()])
+            .args(["--upstream-hbone-port", &pod_port.to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        (Child(child), listen, metrics)
+    };
+    let ready = async |metrics: SocketAddr| {
+        let deadline = Instant::now() + WAIT;
+        while http_status(metrics, "/healthz/ready").await != Some(200) {
+            assert!(Instant::now() < deadline, "the waypoint never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // A broken edit: the VirtualService's rewrite becomes invalid.
+    let broken = ROUTES.replace(
+        "rewrite: {uri: /new}",
+        "rewrite: {uri: /new, uriRegexRewrite: {match: a, rewrite: b}}",
+    );
+    assert_ne!(broken, ROUTES);
+
+    // 1. Locally: the enrolment file and the routes file.
+    let enrolment = dir.join("mesh.yaml");
+    std::fs::write(
+        &enrolment,
+        "pods:\n  - {name: web-a, namespace: default, serviceAccount: web, node: node1, ips: [\"10.1.1.2\"], labels: {app: web}}\nservices:\n  - {name: web, namespace: default, vips: [\"10.96.0.10\"], ports: [{port: 80, targetPort: 8080, appProtocol: http}], selector: {app: web}}\n  - {name: web-v, namespace: default, vips: [\"10.96.0.30\"], ports: [{port: 80, targetPort: 8080, appProtocol: http}], selector: {app: web}}\n",
+    )
+    .unwrap();
+    let routes = dir.join("routes.yaml");
+    std::fs::write(&routes, ROUTES).unwrap();
+    {
+        let (_child, listen, metrics) = waypoint(&[
+            "--config".as_ref(),
+            enrolment.as_os_str(),
+            "--routes".as_ref(),
+            routes.as_os_str(),
+        ]);
+        ready(metrics).await;
+        routed_as_the_file_says(listen, &pki.roots, &pki).await;
+        assert_eq!(metric(metrics, "waypoint_route_objects").await, Some(2.0));
+        std::fs::write(&routes, &broken).unwrap();
+        wait_metric(metrics, "waypoint_route_objects_rejected", 1.0).await;
+        routed_as_the_file_says(listen, &pki.roots, &pki).await;
+    }
+
+    // 2. On Kubernetes: the same documents applied to the API.
     let api = testbed::apiserver::ApiServer::on_loopback().unwrap();
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig, "waypoint-token").unwrap();
-    for obj in [
+    let mut objects = vec![
         serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default", "labels": {"istio.io/dataplane-mode": "ambient"}}}),
         serde_json::json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": "web-a", "namespace": "default", "uid": "u-web-a", "labels": {"app": "web"}},
             "spec": {"nodeName": "node1", "serviceAccountName": "web", "containers": [{"name": "web", "image": "web"}]},
-            "status": {"phase": "Running", "podIP": "127.0.0.2", "podIPs": [{"ip": "127.0.0.2"}],
+            "status": {"phase": "Running", "podIP": "10.1.1.2", "podIPs": [{"ip": "10.1.1.2"}],
                        "conditions": [{"type": "Ready", "status": "True"}]}}),
-        serde_json::json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "web", "namespace": "default"},
-            "spec": {"clusterIP": VIP, "clusterIPs": [VIP], "selector": {"app": "web"},
-                     "ports": [{"name": "http", "port": 80, "targetPort": TARGET, "protocol": "TCP"}]}}),
-        serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": "web-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+    ];
+    for (name, vip) in [("web", VIP), ("web-v", "10.96.0.30")] {
+        objects.push(serde_json::json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": vip, "clusterIPs": [vip], "selector": {"app": "web"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": TARGET, "protocol": "TCP"}]}}));
+        objects.push(serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{name}-1"), "namespace": "default", "labels": {"kubernetes.io/service-name": name}},
             "addressType": "IPv4",
-            "endpoints": [{"addresses": ["127.0.0.2"], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": "web-a", "namespace": "default"}}],
-            "ports": [{"name": "http", "port": TARGET, "protocol": "TCP"}]}),
-    ] {
-        api.apply(&obj).unwrap();
+            "endpoints": [{"addresses": ["10.1.1.2"], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": "web-a", "namespace": "default"}}],
+            "ports": [{"name": "http", "port": TARGET, "protocol": "TCP"}]}));
     }
-    let (cert, key) = files.node_credential("node1");
-    let (listen, metrics, status): (SocketAddr, SocketAddr, SocketAddr) = (
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-    );
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_waypoint"))
-        .args([
-            "run",
-            "--namespace",
-            "default",
-            "--service-account",
-            "web-waypoint",
-            "--kubernetes",
-        ])
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args(["--ca-address", &format!("https://{ca_addr}")])
-        .arg("--ca-root")
-        .arg(files.root_cert())
-        .arg("--node-cert")
-        .arg(&cert)
-        .arg("--node-key")
-        .arg(&key)
-        .args(["--listen", &listen.to_string(), "--metrics-addr", &metrics.to_string()])
-        .args(["--readiness-addr", &status.to_string()])
-        .args(["--upstream-hbone-port", &pod_port.to_string()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let _child = Child(child);
-    let deadline = Instant::now() + WAIT;
-    while http_status(metrics, "/healthz/ready").await != Some(200) {
-        assert!(Instant::now() < deadline, "the waypoint never became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    objects.extend(route_objects(ROUTES));
+    for obj in &objects {
+        api.apply(obj).unwrap();
     }
-    let client_cert = pki.cert(CLIENT);
-    let cfg = tls::client_config(&client_cert, &pki.roots, vec![WAYPOINT.parse().unwrap()]).unwrap();
-    let headers = ConnectHeaders {
-        authority: format!("{VIP}:80").parse().unwrap(),
-        client: format!("{CLIENT_IP}:40000").parse().unwrap(),
-        baggage: String::new(),
-    };
-    let t = hbone::connect(TcpStream::connect(listen).await.unwrap(), cfg, &headers)
-        .await
-        .expect("the VIP is known from the API");
-    let mut tx = h1(t).await;
-    let (status, echoed) = json(send(&mut tx, get("/from-api")).await.unwrap()).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!((echoed.pod.as_str(), echoed.path.as_str()), ("web", "/from-api"));
+    let (_child, listen, metrics) =
+        waypoint(&["--kubernetes".as_ref(), "--kubeconfig".as_ref(), kubeconfig.as_os_str()]);
+    ready(metrics).await;
+    routed_as_the_file_says(listen, &pki.roots, &pki).await;
     assert_eq!(
         seen.lock().unwrap().last().cloned(),
-        Some((format!("127.0.0.2:{TARGET}").parse().unwrap(), WAYPOINT.to_string()))
+        Some((format!("10.1.1.2:{TARGET}").parse().unwrap(), WAYPOINT.to_string()))
     );
-    ca.abort();
-    let _ = std::fs::remove_dir_all(&dir);
+    for obj in route_objects(&broken) {
+        api.apply(&obj).unwrap();
+    }
+    wait_metric(metrics, "waypoint_route_objects_rejected", 1.0).await;
+    routed_as_the_file_says(listen, &pki.roots, &pki).await;
+    // It asked for exactly what the waypoints' ClusterRole grants.
+    let role = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/waypoint-controller.yaml"
+    ))
+    .unwrap();
+    let granted: BTreeSet<(String, String, String)> = serde_yaml::Deserializer::from_str(&role)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .filter(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "ambient-mesh-waypoint")
+        .flat_map(|d| d["rules"].as_sequence().unwrap().clone())
+        .flat_map(|r| {
+            let strs = |k: &str| {
+                r[k].as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect::<Vec<_>>()
+            };
+            let (gs, rs, vs) = (strs("apiGroups"), strs("resources"), strs("verbs"));
+            let mut out = Vec::new();
+            for g in &gs {
+                for r in &rs {
+                    for v in &vs {
+                        out.push((g.clone(), r.clone(), v.clone()));
+                    }
+                }
+            }
+            out
+        })
+        .collect();
+    assert_eq!(api.verbs_seen_by("waypoint-token"), granted);
+}
+
+/// Aborts a task however the test ends.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -219,6 +219,8 @@ pub enum Outcome {
         kept: bool,
     },
     Removed(ObjectKey),
+    /// The same spec as before (a re-list, the file saved again).
+    Unchanged(ObjectKey),
     /// A document that cannot even be keyed (no name, unread version).
     Invalid(String),
 }
@@ -230,6 +232,7 @@ impl fmt::Display for Outcome {
             Outcome::Rejected { error, kept: true, .. } => write!(f, "{error}; its previous version stays in force"),
             Outcome::Rejected { error, kept: false, .. } => write!(f, "{error}; not applied"),
             Outcome::Removed(k) => write!(f, "{k} removed"),
+            Outcome::Unchanged(k) => write!(f, "{k} unchanged"),
             Outcome::Invalid(m) => write!(f, "{m}; ignored"),
         }
     }
@@ -262,14 +265,7 @@ impl RouteStore {
         };
         if let Some(s) = self.objects.get(&key) {
             if s.spec == doc.spec && (s.good.is_some() || s.error.is_some()) {
-                return match &s.error {
-                    None => Outcome::Accepted(key),
-                    Some(error) => Outcome::Rejected {
-                        key,
-                        error: error.clone(),
-                        kept: s.good.is_some(),
-                    },
-                };
+                return Outcome::Unchanged(key);
             }
         }
         self.seq += 1;
@@ -315,6 +311,7 @@ impl RouteStore {
             }
             match self.upsert(d) {
                 Outcome::Invalid(m) if m.ends_with("is no route object") => {}
+                Outcome::Unchanged(_) => {}
                 o => out.push(o),
             }
         }
