@@ -519,6 +519,40 @@ mod tests {
     }
 
     #[test]
+    fn picks_by_hostname_avoid_tried_endpoints_and_honour_subsets() {
+        let s = with_service("RANDOM");
+        let host = "web.ns1.svc.cluster.local";
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let pick = |exclude: Vec<IpAddr>, labels: Option<&[(&str, &str)]>| {
+            let want = Pick {
+                port: Some(80),
+                v4: true,
+                exclude,
+                labels: labels.map(|l| l.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                ..Pick::default()
+            };
+            s.pick(host, &want).map(|r| r.endpoint.ip())
+        };
+        for _ in 0..20 {
+            // A retry goes to an endpoint not tried yet...
+            assert_eq!(pick(vec![a], None), Ok(b));
+            // ...and when all were tried, to another than the last one.
+            assert_eq!(pick(vec![b, a], None), Ok(b));
+        }
+        // A subset's labels: only pods that carry them.
+        assert_eq!(pick(vec![], Some(&[("app", "web")])).map(|_| ()), Ok(()));
+        assert_eq!(
+            pick(vec![], Some(&[("version", "v9")])),
+            Err(PickError::NoEndpoint("ns1/web".into()))
+        );
+        assert_eq!(
+            s.pick("nope.ns1.svc.cluster.local", &Pick::default()).map(|r| r.endpoint),
+            Err(PickError::NoService("nope.ns1.svc.cluster.local".into()))
+        );
+    }
+
+    #[test]
     fn tunnel_protocol_is_carried() {
         let text = CFG.replace("labels: {app: a}}", "labels: {app: a}, tunnel: NONE}");
         let cfg = LocalConfig::parse(std::path::Path::new("m.yaml"), &text).unwrap();
