@@ -547,7 +547,8 @@ mod tests {
             Err(PickError::NoEndpoint("ns1/web".into()))
         );
         assert_eq!(
-            s.pick("nope.ns1.svc.cluster.local", &Pick::default()).map(|r| r.endpoint),
+            s.pick("nope.ns1.svc.cluster.local", &Pick::default())
+                .map(|r| r.endpoint),
             Err(PickError::NoService("nope.ns1.svc.cluster.local".into()))
         );
     }

@@ -44,12 +44,18 @@ impl WaypointPod {
         generation: u32,
     ) -> Result<WaypointPod> {
         let pod = cluster.pod(pod).clone();
+        let routes = Self::routes_file(dir, &pod.name);
+        if !routes.exists() {
+            fs::write(&routes, "")?;
+        }
         let log = dir.join(format!("waypoint-{}-{generation}.log", pod.name));
         let access = dir.join(format!("waypoint-{}-{generation}.access", pod.name));
         let child = pod
             .try_command(binary("waypoint")?)?
             .args(["--log-format", "json", "run", "--config"])
             .arg(config)
+            .arg("--routes")
+            .arg(&routes)
             .args(["--namespace", "default", "--service-account", sa])
             .args(ca.client_args(&pod.node))
             .stdin(Stdio::null())
@@ -65,6 +71,12 @@ impl WaypointPod {
         };
         wp.wait_ready()?;
         Ok(wp)
+    }
+
+    /// The routes file the waypoint in `pod` reads (HTTPRoute,
+    /// VirtualService, DestinationRule documents; re-read when written).
+    pub fn routes_file(dir: &Path, pod: &str) -> std::path::PathBuf {
+        dir.join(format!("routes-{pod}.yaml"))
     }
 
     fn wait_ready(&mut self) -> Result<()> {

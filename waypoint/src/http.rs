@@ -42,7 +42,7 @@ use crate::{
     accesslog::{self, Entry},
     inbound::Downstream,
     metrics::{Outcome, Peer, RequestLabels, ServiceLabels},
-    route::Endpoint,
+    route::{self, Endpoint},
     smuggling::{self, Verdicts},
     sniff::Protocol,
     trace, upstream, Waypoint,
@@ -292,6 +292,24 @@ impl Record {
         }
     }
 
+    /// The Service the client called (the CONNECT's VIP), until an
+    /// endpoint names its own: local answers (404 NR, faults, redirects)
+    /// are labelled with it.
+    fn called(&mut self, conn: &Conn) {
+        if let route::Dest::Service { vip, .. } = &conn.down.dest {
+            let snap = conn.wp.state().snapshot();
+            if let Some(&i) = snap.vips.get(&vip.ip().to_canonical()) {
+                let spec = &snap.services[i].spec;
+                self.entry.destination_service = spec.hostname();
+                self.svc = ServiceLabels {
+                    host: spec.hostname(),
+                    name: spec.name.clone(),
+                    namespace: spec.namespace.clone(),
+                };
+            }
+        }
+    }
+
     fn endpoint(&mut self, ep: &Endpoint) {
         self.entry.upstream_host = ep.addr.to_string();
         let principal = ep.workload.as_ref().map(|w| w.identity.to_string());
@@ -444,6 +462,7 @@ fn full(s: impl Into<Bytes>) -> ProxyBody {
 /// Checks, routes and forwards one request.
 async fn proxy(conn: &Arc<Conn>, mut req: Request<Incoming>, rec: &mut Record) -> Result<Response<ProxyBody>, Local> {
     check(conn, &req)?;
+    rec.called(conn);
     let sel = forward::select(conn, &req)?;
     forward::faults(&sel, rec).await?;
     if let Some(resp) = forward::answer(conn, &sel, &req, rec) {

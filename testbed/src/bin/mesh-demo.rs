@@ -108,10 +108,10 @@ const FLOWS: &[Flow] = &[
 
 fn demo() -> Result<()> {
     testbed::sweep_stale()?;
-    println!("== building a local cluster: node1 {{client, legacy, wp}}, node2 {{web, db}}");
+    println!("== building a local cluster: node1 {{client, legacy, wp}}, node2 {{web, web2, db}}");
     let spec = ClusterSpec::new(vec![
         NodeSpec::new("node1", &["client", "legacy", "wp"]),
-        NodeSpec::new("node2", &["web", "db"]),
+        NodeSpec::new("node2", &["web", "web2", "db"]),
     ]);
     let cluster = Cluster::create("demo", &spec)?;
     run(&cluster, &cluster.scratch_dir()?)
@@ -245,6 +245,7 @@ fn waypoint_scene(
     };
     mesh::write_config(cluster, config, &["client", "web"], &settings)?;
     let mut waypoint = WaypointPod::start(cluster, "wp", "web-waypoint", config, ca, dir, 0)?;
+    let routes = WaypointPod::routes_file(dir, "wp");
     println!("   waypoint ready with identity spiffe://cluster.local/ns/default/sa/web-waypoint");
     mesh::poll(Duration::from_secs(20), || {
         Ok(agents[0]
@@ -305,8 +306,135 @@ fn waypoint_scene(
             line.rsplit(' ').next().unwrap_or("?"),
         );
     }
+    routing_scene(cluster, config, &settings, &waypoint, &routes)?;
     let status = waypoint.terminate(Duration::from_secs(20))?;
     println!("   waypoint drained and exited ({status})");
+    Ok(())
+}
+
+/// The routes of the L7 scene: a VirtualService on web as a platform team
+/// writes it (the same YAML works on a cluster).
+const DEMO_ROUTES: &str = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: default}
+spec:
+  hosts: [web]
+  http:
+  - match: [{uri: {prefix: /flaky}}]
+    retries: {attempts: 3, retryOn: 5xx}
+    route: [{destination: {host: web-v2}}]
+  - match: [{uri: {prefix: /fault}}]
+    fault: {abort: {httpStatus: 503, percentage: {value: 50}}}
+    route: [{destination: {host: web-v2}}]
+  - route:
+    - {destination: {host: web-v1}, weight: 90}
+    - {destination: {host: web-v2}, weight: 10}
+";
+
+/// web v1 (pod web, python's http.server) and v2 (pod web2, the echo
+/// backend) behind Services web-v1 and web-v2; the waypoint splits web's
+/// traffic 90/10, retries a flaky v2, injects a fault.
+fn routing_scene(
+    cluster: &Cluster,
+    config: &std::path::Path,
+    settings: &Settings,
+    waypoint: &WaypointPod,
+    routes: &std::path::Path,
+) -> Result<()> {
+    println!("\n== L7 routing: a VirtualService splits web 90/10 between v1 (pod web) and v2 (pod web2), retries a flaky v2, injects a fault");
+    let _v2 = Server::echo(cluster.pod("web2"), 8080)?;
+    let versions = "  - {name: web-v1, namespace: default, vips: [\"10.96.0.11\"], ports: [{port: 80, targetPort: 8080, name: http}], selector: {app: web}}\n  - {name: web-v2, namespace: default, vips: [\"10.96.0.12\"], ports: [{port: 80, targetPort: 8080, name: http}], selector: {app: web2}}\n";
+    let more = Settings {
+        extra: format!("{}{versions}", settings.extra),
+        ..Settings::default()
+    };
+    mesh::write_config(cluster, config, &["client", "web", "web2"], &more)?;
+    // Services first, then the routes that name them (else their share
+    // would be 503 NC, no such backend, until the services arrive).
+    mesh::poll(Duration::from_secs(20), || {
+        Ok(waypoint
+            .logs()
+            .iter()
+            .any(|l| l["message"] == "enrolment file reloaded" && l["services"] == 3)
+            .then_some(()))
+    })
+    .context("the waypoint did not reload the enrolment file")?;
+    std::fs::write(routes, DEMO_ROUTES)?;
+    mesh::poll(Duration::from_secs(20), || {
+        Ok(waypoint
+            .logs()
+            .iter()
+            .any(|l| l["message"] == "route accepted" && l["object"] == "VirtualService default/web")
+            .then_some(()))
+    })
+    .context("the waypoint did not accept the VirtualService")?;
+    println!(
+        "   waypoint: route accepted: VirtualService default/web ({})",
+        routes.display()
+    );
+    let curl = |path: &str| -> Result<String> {
+        let out = cluster
+            .pod("client")
+            .try_command("curl")?
+            .args(["-s", "-m", "5", "-w", "\n%{http_code}"])
+            .arg(format!("http://{SERVICE_VIP}{path}"))
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // Until the agent on node2 has enrolled web2, v2 cannot answer.
+    mesh::poll(Duration::from_secs(20), || {
+        Ok(curl("/flaky")?.ends_with("200").then_some(()))
+    })
+    .context("web2 never answered through the waypoint")?;
+    let (mut v1, mut v2) = (0, 0);
+    for _ in 0..100 {
+        let out = curl("/")?;
+        if out.contains("\"pod\":\"web2\"") {
+            v2 += 1;
+        } else if out.ends_with("200") {
+            v1 += 1;
+        }
+    }
+    println!("   client: 100 x GET http://{SERVICE_VIP}/ -> v1 {v1}, v2 {v2} (weights 90/10)");
+    let out = curl("/flaky?fail=2&key=demo")?;
+    println!(
+        "   client: GET /flaky (v2 fails twice first) -> {} (the waypoint retried: waypoint_retries_total {})",
+        out.rsplit('\n').next().unwrap_or("?"),
+        waypoint
+            .metrics()?
+            .lines()
+            .find(|l| l.starts_with("waypoint_retries_total{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or("0")
+    );
+    let mut codes = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..20 {
+        *codes
+            .entry(curl("/fault")?.rsplit('\n').next().unwrap_or("?").to_string())
+            .or_default() += 1;
+    }
+    println!("   client: 20 x GET /fault (abort 503 at 50 %) -> {codes:?}");
+    println!("   waypoint metrics (istio_requests_total by destination, code, response flags):");
+    for line in waypoint
+        .metrics()?
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("destination_service_name=\"web"))
+    {
+        let label = |k: &str| {
+            line.split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("?")
+                .to_string()
+        };
+        println!(
+            "     -> {} code {} flags {}: {}",
+            label("destination_service_name"),
+            label("response_code"),
+            label("response_flags"),
+            line.rsplit(' ').next().unwrap_or("?"),
+        );
+    }
     Ok(())
 }
 
