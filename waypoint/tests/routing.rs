@@ -767,3 +767,55 @@ fn only_bodies_within_the_replay_limit_are_retried() {
         }
     });
 }
+
+const GRPC: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: default}
+spec:
+  hosts: [web]
+  http:
+  - match: [{uri: {prefix: /mesh.echo.Echo/}, headers: {x-fault: {exact: abort}}}]
+    fault: {abort: {grpcStatus: RESOURCE_EXHAUSTED, percentage: {value: 100}}}
+    route: [{destination: {host: web}}]
+  - match: [{uri: {prefix: /mesh.echo.Echo/}}]
+    route: [{destination: {host: web-b}}]
+"#;
+
+#[test]
+fn grpc_calls_are_routed_aborted_and_retried() {
+    in_netns(|| async {
+        let mut w = world("grpc").await;
+        w.set_routes(GRPC);
+        let mut client = testbed::echo::grpc_client(w.connect(&vip(83)).await.unwrap())
+            .await
+            .unwrap();
+        let call = |fault: bool, fail_code: i32| {
+            let mut r = tonic::Request::new(testbed::echo::pb::EchoRequest {
+                message: "hi".into(),
+                fail_code,
+            });
+            if fault {
+                r.metadata_mut().insert("x-fault", "abort".parse().unwrap());
+            }
+            r
+        };
+        for _ in 0..4 {
+            assert_eq!(client.echo(call(false, 0)).await.unwrap().into_inner().pod, "web-b");
+        }
+        let e = client.echo(call(true, 0)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        let line = loop {
+            let l = w.access_line().await;
+            if l["response_flags"] == "FI" {
+                break l;
+            }
+        };
+        assert_eq!(line["grpc_status"], "8", "{line}");
+        // UNAVAILABLE from the backend: Istio's default policy retries it twice.
+        let e = client.echo(call(false, 14)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        let m = w.metrics_text();
+        assert!(m.contains("waypoint_retries_total{reason=\"status\"} 2"), "{m}");
+    });
+}
