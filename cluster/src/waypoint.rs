@@ -260,6 +260,37 @@ impl Bindings {
     pub fn of<'a>(&'a self, waypoint: &'a WaypointKey) -> impl Iterator<Item = &'a Binding> + 'a {
         self.all().filter(move |b| &b.waypoint == waypoint)
     }
+
+    /// Each namespace of `cfg` whose own `istio.io/use-waypoint` label
+    /// names a waypoint (not `none`), with whether that waypoint can take
+    /// what the label sends it: `Bound`, `WaypointMissing`, `NoReadyPod`,
+    /// or `NotForServices` for a waypoint whose `for` is `none` (it takes
+    /// nothing). A label that binds nothing (no Service, no pod) is still
+    /// a label someone may have mistyped, so it gets a status of its own.
+    pub fn namespace_labels<'a>(&'a self, cfg: &'a LocalConfig) -> impl Iterator<Item = NamespaceBinding> + 'a {
+        cfg.namespaces.iter().filter_map(move |ns| {
+            let waypoint = use_waypoint(&ns.labels, &ns.name)??;
+            let status = match self.waypoints.get(&waypoint) {
+                None => BindingStatus::WaypointMissing,
+                Some(w) if w.for_ == WaypointFor::None => BindingStatus::NotForServices,
+                Some(w) if w.pods.is_empty() => BindingStatus::NoReadyPod,
+                Some(_) => BindingStatus::Bound,
+            };
+            Some(NamespaceBinding {
+                namespace: ns.name.clone(),
+                waypoint,
+                status,
+            })
+        })
+    }
+}
+
+/// A namespace's `istio.io/use-waypoint` label and what became of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceBinding {
+    pub namespace: String,
+    pub waypoint: WaypointKey,
+    pub status: BindingStatus,
 }
 
 /// One difference between two [`Bindings`].
@@ -302,8 +333,9 @@ struct Ctx<'a> {
     per_sa: HashMap<(&'a str, &'a str), &'a WaypointSpec>,
 }
 
-/// A `use-waypoint` label: `None` when absent, `Some(None)` for `none`.
-fn use_waypoint(labels: &BTreeMap<String, String>, namespace: &str) -> Option<Option<WaypointKey>> {
+/// The waypoint a `use-waypoint` label (and `use-waypoint-namespace`) on an
+/// object of `namespace` names: `None` when absent, `Some(None)` for `none`.
+pub fn use_waypoint(labels: &BTreeMap<String, String>, namespace: &str) -> Option<Option<WaypointKey>> {
     let name = labels.get(USE_WAYPOINT)?;
     if name == "none" {
         return Some(None);
@@ -374,7 +406,7 @@ impl Ctx<'_> {
         if let Some(choice) = use_waypoint(&s.labels, &s.namespace) {
             return self.binding(kind, target, choice?, BindingSource::OwnLabel);
         }
-        let accounts = self.service_accounts(s);
+        let accounts = service_accounts(self.cfg, s);
         let mut bound = accounts
             .iter()
             .filter_map(|sa| self.per_sa.get(&(s.namespace.as_str(), sa.as_str())));
@@ -399,25 +431,26 @@ impl Ctx<'_> {
             BindingSource::NamespaceLabel,
         )
     }
+}
 
-    /// The service accounts of the pods behind `s` (its explicit endpoints'
-    /// pods, else those its selector picks, ready or not), deduplicated.
-    fn service_accounts(&self, s: &ServiceSpec) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .cfg
-            .pods
-            .iter()
-            .filter(|p| p.namespace == s.namespace || s.endpoints.is_some())
-            .filter(|p| match &s.endpoints {
-                Some(eps) => p.ips.iter().any(|ip| eps.contains(ip)),
-                None => s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)),
-            })
-            .map(|p| p.service_account.clone())
-            .collect();
-        out.sort();
-        out.dedup();
-        out
-    }
+/// The service accounts of the pods behind `s` (its explicit endpoints'
+/// pods, else those its selector picks, ready or not), sorted and
+/// deduplicated: what decides whether a per-service-account waypoint binds
+/// `s` as a whole (and what a `MixedServiceAccounts` status names).
+pub fn service_accounts(cfg: &LocalConfig, s: &ServiceSpec) -> Vec<String> {
+    let mut out: Vec<String> = cfg
+        .pods
+        .iter()
+        .filter(|p| p.namespace == s.namespace || s.endpoints.is_some())
+        .filter(|p| match &s.endpoints {
+            Some(eps) => p.ips.iter().any(|ip| eps.contains(ip)),
+            None => s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)),
+        })
+        .map(|p| p.service_account.clone())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 #[cfg(test)]
@@ -591,6 +624,43 @@ services:
             "a namespace label binds pods only for workload waypoints"
         );
         assert!(b.workloads["apps/web-1"].status.steers(), "fail closed");
+    }
+
+    #[test]
+    fn namespace_labels_say_whether_the_waypoint_they_name_can_take_traffic() {
+        let text = "namespaces:\n  - {name: apps, labels: {istio.io/use-waypoint: wp}}\n  - {name: typo, labels: {istio.io/use-waypoint: wq}}\n  - {name: remote, labels: {istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: apps}}\n  - {name: off, labels: {istio.io/use-waypoint: none}}\n  - {name: plain}\nwaypoints:\n  - {name: wp, namespace: apps}\n";
+        let cfg = model(text);
+        let b = Bindings::compute(&cfg, "td");
+        let got: Vec<(String, String, BindingStatus)> = b
+            .namespace_labels(&cfg)
+            .map(|n| (n.namespace, n.waypoint.to_string(), n.status))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("apps".into(), "apps/wp".into(), Bound),
+                ("typo".into(), "typo/wq".into(), WaypointMissing),
+                ("remote".into(), "apps/wp".into(), Bound),
+            ],
+            "`none` and unlabelled namespaces have no status"
+        );
+        let mut cfg = model(&format!(
+            "namespaces:\n  - {{name: apps, labels: {{istio.io/use-waypoint: wp}}}}\n{}",
+            with_for("none")
+        ));
+        let status = |cfg: &LocalConfig| {
+            Bindings::compute(cfg, "td")
+                .namespace_labels(cfg)
+                .next()
+                .map(|n| n.status)
+        };
+        assert_eq!(status(&cfg), Some(NotForServices), "for: none takes nothing");
+        cfg.waypoints[0].for_ = WaypointFor::Workload;
+        cfg.pods
+            .iter_mut()
+            .filter(|p| p.name.starts_with("wp-"))
+            .for_each(|p| p.healthy = false);
+        assert_eq!(status(&cfg), Some(NoReadyPod));
     }
 
     #[test]

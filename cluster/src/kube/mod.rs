@@ -169,6 +169,18 @@ impl Health {
     }
 }
 
+/// Which watches [`ClusterWatch::start_with`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watches {
+    /// Everything the model translates (the agent, the waypoint).
+    All,
+    /// What waypoint binding reads ([`crate::waypoint::Bindings`]):
+    /// namespaces, pods, services, endpointslices and gateways, not Istio's
+    /// policies, so a reader of binding status (the waypoint controller)
+    /// needs no RBAC on them. The model's policy lists stay empty.
+    Bindings,
+}
+
 /// The cluster watches and the model they keep.
 #[derive(Clone)]
 pub struct ClusterWatch {
@@ -181,6 +193,11 @@ pub struct ClusterWatch {
 impl ClusterWatch {
     /// Starts every cluster watch on the current runtime.
     pub fn start(client: Client) -> Self {
+        Self::start_with(client, Watches::All)
+    }
+
+    /// Starts the cluster watches `watches` names on the current runtime.
+    pub fn start_with(client: Client, watches: Watches) -> Self {
         let w = Self {
             model: Arc::default(),
             health: Arc::default(),
@@ -216,14 +233,16 @@ impl ClusterWatch {
             |s| SliceRecord::from_k8s(&s),
             to_model(&w.model, Model::apply_slices),
         );
-        w.watch_istio::<crd::AuthorizationPolicy>(
-            "authorizationpolicies",
-            to_model(&w.model, Model::apply_authorization_policies),
-        );
-        w.watch_istio::<crd::PeerAuthentication>(
-            "peerauthentications",
-            to_model(&w.model, Model::apply_peer_authentications),
-        );
+        if watches == Watches::All {
+            w.watch_istio::<crd::AuthorizationPolicy>(
+                "authorizationpolicies",
+                to_model(&w.model, Model::apply_authorization_policies),
+            );
+            w.watch_istio::<crd::PeerAuthentication>(
+                "peerauthentications",
+                to_model(&w.model, Model::apply_peer_authentications),
+            );
+        }
         w.watch(
             "gateways",
             Api::all(client.clone()),
