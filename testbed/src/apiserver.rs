@@ -74,10 +74,10 @@ struct Res {
 }
 
 const RESOURCES: &[Res] = &[
-    res("", "v1", "namespaces", "Namespace", false),
+    with_status(res("", "v1", "namespaces", "Namespace", false)),
     res("", "v1", "nodes", "Node", false),
     res("", "v1", "pods", "Pod", true),
-    res("", "v1", "services", "Service", true),
+    with_status(res("", "v1", "services", "Service", true)),
     res("", "v1", "serviceaccounts", "ServiceAccount", true),
     res("", "v1", "configmaps", "ConfigMap", true),
     res("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", true),
@@ -432,7 +432,10 @@ impl ApiServer {
     }
 
     /// Creates or replaces an object (any k8s-openapi type, or a CRD type
-    /// that serializes apiVersion/kind/metadata).
+    /// that serializes apiVersion/kind/metadata). Replacing an object with
+    /// a status subresource keeps its status, as an update of the object
+    /// does (`kubectl apply` of a Service does not clear its conditions);
+    /// [`ApiServer::set_status`] writes it.
     pub fn apply<T: serde::Serialize>(&self, obj: &T) -> Result<Value> {
         let mut v = serde_json::to_value(obj)?;
         let res = resource_of(&v)?;
@@ -441,6 +444,12 @@ impl ApiServer {
         let rv = db.rv + 1;
         let key = (res.plural, ns.clone(), name.clone());
         let existed = db.objects.get(&key).cloned();
+        if let (true, Some(old), Some(obj)) = (res.status, &existed, v.as_object_mut()) {
+            match old.get("status") {
+                Some(status) => obj.insert("status".into(), status.clone()),
+                None => obj.remove("status"),
+            };
+        }
         let meta = v["metadata"].as_object_mut().context("metadata must be an object")?;
         if !meta.contains_key("uid") {
             let uid = existed
@@ -714,6 +723,8 @@ fn parse_path(path: &str, unserved: &BTreeSet<(&str, &str, &str)>) -> Option<(St
     };
     let t = match rest {
         [plural] => target(plural, None, None, false)?,
+        // A Namespace's own status (not a namespaced resource "status").
+        ["namespaces", name, "status"] => target("namespaces", None, Some(name), true)?,
         ["namespaces", ns, plural] => target(plural, Some(ns), None, false)?,
         ["namespaces", ns, plural, name] => target(plural, Some(ns), Some(name), false)?,
         ["namespaces", ns, plural, name, "status"] => target(plural, Some(ns), Some(name), true)?,

@@ -2,7 +2,8 @@
 //! (and its garbage collector) that a controller relies on:
 //!
 //! * server-side apply: the applied configuration is merged into the stored
-//!   object (objects key by key, lists replaced whole; real SSA merges
+//!   object (objects key by key, `conditions` lists by `type` as their
+//!   schemas declare, other lists replaced whole; real SSA also merges
 //!   keyed lists such as `containers` by name), and what the same field
 //!   manager applied last time but not now is removed. An apply that
 //!   changes nothing changes nothing: no new resourceVersion, no event
@@ -258,13 +259,30 @@ fn record_bind(shared: &Shared, recorded: &Recorded, role_ref: &Value) {
     shared.log.lock().unwrap().push(bind);
 }
 
-/// Deep merge: objects key by key, anything else replaced.
+/// The key of a list its schema declares `listType: map`: `conditions`
+/// (metav1.Condition and the core types' conditions) by `type`. Each
+/// manager then owns its own entries: two controllers writing conditions
+/// of different types to one object keep each other's.
+fn list_key(field: &str) -> Option<&'static str> {
+    (field == "conditions").then_some("type")
+}
+
+/// Deep merge: objects key by key, keyed lists entry by entry, anything
+/// else replaced.
 fn merge(into: &mut Value, from: &Value) {
     match (into, from) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, vb) in b {
-                match a.get_mut(k) {
-                    Some(va) if va.is_object() && vb.is_object() => merge(va, vb),
+                match (a.get_mut(k), vb, list_key(k)) {
+                    (Some(va), _, _) if va.is_object() && vb.is_object() => merge(va, vb),
+                    (Some(Value::Array(items)), Value::Array(new), Some(key)) => {
+                        for n in new {
+                            match items.iter_mut().find(|i| i.get(key) == n.get(key)) {
+                                Some(i) => *i = n.clone(),
+                                None => items.push(n.clone()),
+                            }
+                        }
+                    }
                     _ => {
                         a.insert(k.clone(), vb.clone());
                     }
@@ -275,12 +293,24 @@ fn merge(into: &mut Value, from: &Value) {
     }
 }
 
-/// Removes from `v` what `before` set and `now` no longer does.
+/// Removes from `v` what `before` set and `now` no longer does (of a keyed
+/// list, only the entries whose keys `before` had and `now` has not).
 fn prune(v: &mut Value, before: &Value, now: &Value) {
     let (Some(obj), Some(before)) = (v.as_object_mut(), before.as_object()) else {
         return;
     };
     for (k, vb) in before {
+        if let (Some(key), Some(Value::Array(items)), Some(old)) = (list_key(k), obj.get_mut(k), vb.as_array()) {
+            let kept: Vec<&Value> = now.get(k).and_then(Value::as_array).into_iter().flatten().collect();
+            let dropped = |i: &Value| {
+                old.iter().any(|o| o.get(key) == i.get(key)) && !kept.iter().any(|n| n.get(key) == i.get(key))
+            };
+            items.retain(|i| !dropped(i));
+            if items.is_empty() {
+                obj.remove(k);
+            }
+            continue;
+        }
         match now.get(k) {
             None => {
                 obj.remove(k);
@@ -521,6 +551,31 @@ mod tests {
                 assert_eq!(dep["metadata"]["ownerReferences"], json!([]), "orphaned");
             }
         }
+    }
+
+    /// Conditions are a keyed list (`listType: map`, key `type`): a
+    /// manager's apply merges its entries with the other managers' and
+    /// removes only its own that it stopped applying.
+    #[test]
+    fn conditions_merge_by_type_and_each_manager_prunes_only_its_own() {
+        let cond = |t: &str, s: &str| json!({"type": t, "status": s});
+        let mut stored = json!({"status": {"conditions": [cond("Other", "True"), cond("Mine", "False")]}});
+        let mine = json!({"status": {"conditions": [cond("Mine", "True")]}});
+        merge(&mut stored, &mine);
+        assert_eq!(
+            stored,
+            json!({"status": {"conditions": [cond("Other", "True"), cond("Mine", "True")]}})
+        );
+        let none = json!({"status": {}});
+        prune(&mut stored, &mine, &none);
+        merge(&mut stored, &none);
+        assert_eq!(stored, json!({"status": {"conditions": [cond("Other", "True")]}}));
+        prune(
+            &mut stored,
+            &json!({"status": {"conditions": [cond("Other", "True")]}}),
+            &none,
+        );
+        assert_eq!(stored, json!({"status": {}}), "an emptied list goes");
     }
 
     #[test]
