@@ -534,7 +534,9 @@ fn rbac_is_least_privilege() {
 
     // The waypoint controller: watches Gateways and what it makes of them,
     // applies (patch; create when the apply creates), deletes only the
-    // bindings no Gateway can own, and may bind only the waypoints' role.
+    // bindings no Gateway can own, and may bind only the waypoints' role;
+    // for binding status it reads what binding reads and patches the
+    // status of Services and Namespaces.
     // The controller e2e test compares the same role with its requests.
     let controller = rbac_rules_named("mesh-waypoint-controller");
     let mut expected = vec![
@@ -542,6 +544,14 @@ fn rbac_is_least_privilege() {
         ("gateway.networking.k8s.io", "gateways", "watch"),
         ("gateway.networking.k8s.io", "gateways/status", "patch"),
         ("rbac.authorization.k8s.io", "clusterrolebindings", "delete"),
+        ("", "namespaces", "list"),
+        ("", "namespaces", "watch"),
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
+        ("discovery.k8s.io", "endpointslices", "list"),
+        ("discovery.k8s.io", "endpointslices", "watch"),
+        ("", "services/status", "patch"),
+        ("", "namespaces/status", "patch"),
     ];
     for (g, r) in [
         ("", "serviceaccounts"),

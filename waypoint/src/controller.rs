@@ -2,13 +2,15 @@
 //! into running waypoints (ServiceAccount, Deployment, Service,
 //! PodDisruptionBudget, the mesh root ConfigMap and a ClusterRoleBinding to
 //! the fixed read-only waypoint ClusterRole), keeps them as it made them and
-//! reports on the Gateway's status. `waypoint generate`: the same objects
-//! as YAML, for GitOps.
+//! reports on the Gateway's status; and writes each waypoint binding's
+//! status on the Services and Namespaces that use a waypoint
+//! ([`bindings`]). `waypoint generate`: the same objects as YAML, for GitOps.
 //!
 //! It runs under its own service account (deploy/waypoint-controller.yaml),
 //! never the CA's: the process that holds the root key must not be able to
 //! create Deployments.
 pub use cluster::kube::gateway;
+pub mod bindings;
 pub mod generate;
 pub mod objects;
 mod reconcile;
@@ -81,7 +83,11 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let client = cluster::kube::client(args.kubeconfig.as_deref()).await?;
         tracing::info!(image = %settings.image, replicas = settings.replicas, cluster_role = %settings.cluster_role, "waypoint controller starting");
+        // Binding statuses beside the Gateways' reconcile, on the same
+        // runtime (the controller has no data path to keep it off).
+        let binding_status = tokio::spawn(bindings::run(client.clone()));
         reconcile::run(client, settings).await;
+        binding_status.abort();
         tracing::info!("waypoint controller stopped");
         Ok(())
     })

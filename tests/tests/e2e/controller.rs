@@ -8,7 +8,7 @@
 //! retried with backoff, not in a loop; RBAC is exactly what it asked for.
 //! No network namespace is needed: everything is on loopback.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -16,10 +16,14 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod, PodCondition, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec},
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use testbed::{
-    apiserver::{ApiServer, Propagation},
+    apiserver::{ApiServer, Propagation, Recorded},
     mesh::{self, poll},
 };
 
@@ -28,6 +32,10 @@ use crate::WAIT;
 const GW: &str = "gateway.networking.k8s.io/v1";
 const TOKEN: &str = "controller-token";
 const WAYPOINT_ROLE: &str = "ambient-mesh-waypoint";
+/// Istio's binding condition (Services; ours on Namespaces too).
+const BOUND: &str = "istio.io/WaypointBound";
+/// Our binding summary on a waypoint Gateway.
+const SUMMARY: &str = "ambient-mesh.io/WaypointBindings";
 
 /// The running controller; killed on drop (also when the test fails).
 struct Controller {
@@ -132,16 +140,30 @@ fn condition<'a>(gw: &'a Value, type_: &str) -> Option<&'a Value> {
 
 /// Waits until Gateway `ns/name`'s condition `type_` has `status` and `reason`.
 fn wait_condition(api: &ApiServer, ns: &str, name: &str, type_: &str, status: &str, reason: &str) -> Result<Value> {
+    wait_object_condition(api, (GW, "Gateway"), ns, name, type_, status, reason)
+}
+
+/// Waits until object `kind` `ns/name` has condition `type_` with `status`
+/// and `reason`; the object then.
+fn wait_object_condition(
+    api: &ApiServer,
+    (av, kind): (&str, &str),
+    ns: &str,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> Result<Value> {
     poll(WAIT, || {
-        let gw = get(api, GW, "Gateway", ns, name).context("gateway gone")?;
-        Ok(condition(&gw, type_)
+        let o = get(api, av, kind, ns, name).with_context(|| format!("{kind} {ns}/{name} gone"))?;
+        Ok(condition(&o, type_)
             .is_some_and(|c| c["status"] == status && c["reason"] == reason)
-            .then_some(gw))
+            .then_some(o))
     })
     .with_context(|| {
         format!(
-            "{ns}/{name}: {type_}={status} ({reason}): {:?}",
-            get(api, GW, "Gateway", ns, name)
+            "{kind} {ns}/{name}: {type_}={status} ({reason}): {:?}",
+            get(api, av, kind, ns, name).map(|o| o["status"].clone())
         )
     })
 }
@@ -166,6 +188,7 @@ fn settle(api: &ApiServer) -> Result<()> {
             .into_iter()
             .filter(|r| r.verb == "patch" && r.bearer.as_deref() == Some(TOKEN))
             .filter(|r| !r.path.contains("/gateways/broken") && !r.path.contains("/gateways/ingress"))
+            .filter(|r| !binding_status_write(r))
             .collect();
         let Some(last) = writes.iter().rposition(|r| r.resource == "deployments") else {
             return Ok(None);
@@ -188,6 +211,14 @@ fn settle(api: &ApiServer) -> Result<()> {
             &tail[tail.len().saturating_sub(10)..]
         )
     })
+}
+
+/// A write of a binding status (Services, Namespaces, the Gateway's
+/// summary): another loop than the Gateway's reconcile.
+fn binding_status_write(r: &Recorded) -> bool {
+    matches!(r.resource.as_str(), "services/status" | "namespaces/status")
+        || r.query
+            .contains("fieldManager=ambient-mesh-waypoint-controller-bindings")
 }
 
 /// (apiGroup, resource, verb) the ClusterRole `role` of `path` grants,
@@ -235,6 +266,268 @@ fn requested(api: &ApiServer) -> BTreeSet<Grant> {
         .collect()
 }
 
+fn labels(list: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
+    Some(list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+}
+
+pub(crate) fn namespace(name: &str, l: &[(&str, &str)]) -> Namespace {
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: labels(l),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// A Service `ns/name` at cluster IP `ip` (port 80 "http" -> 8080) selecting `selector`.
+pub(crate) fn service(ns: &str, name: &str, ip: &str, l: &[(&str, &str)], selector: &[(&str, &str)]) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            namespace: Some(ns.into()),
+            name: Some(name.into()),
+            labels: labels(l),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(ip.into()),
+            cluster_ips: Some(vec![ip.into()]),
+            selector: labels(selector),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target_port: Some(IntOrString::Int(8080)),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A running, ready pod `ns/name` of service account `sa` at `ip` on node1.
+fn running_pod(ns: &str, name: &str, sa: &str, ip: &str, l: &[(&str, &str)]) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            namespace: Some(ns.into()),
+            name: Some(name.into()),
+            labels: labels(l),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some("node1".into()),
+            service_account_name: Some(sa.into()),
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some(ip.into()),
+            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Server-side applies of the status of Service `ns/name` (by whoever).
+fn service_status_writes(api: &ApiServer, ns: &str, name: &str) -> usize {
+    let path = format!("/api/v1/namespaces/{ns}/services/{name}/status");
+    api.requests()
+        .iter()
+        .filter(|r| r.verb == "patch" && r.path == path)
+        .count()
+}
+
+/// Binding summary writes to Gateway `ns/name`.
+fn summary_writes(api: &ApiServer, ns: &str, name: &str) -> usize {
+    let path = format!("/apis/{GW}/namespaces/{ns}/gateways/{name}/status");
+    api.requests()
+        .iter()
+        .filter(|r| r.verb == "patch" && r.path == path && binding_status_write(r))
+        .count()
+}
+
+fn message(o: &Value, type_: &str) -> String {
+    condition(o, type_)
+        .and_then(|c| c["message"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Each binding's status where kubectl shows it, from the controller's own
+/// copy of the agents' model: `istio.io/WaypointBound` on Services (True
+/// when bound; False naming the missing Gateway of a typo, the mixed
+/// service accounts of a per-service-account waypoint) and on a Namespace
+/// whose label names a missing waypoint; a summary on each waypoint
+/// Gateway. Fixing the typo flips it; a Service no longer bound loses the
+/// condition; another writer's condition stays and ours comes back when
+/// removed; nothing is written twice when nothing changed.
+#[test]
+fn controller_writes_each_bindings_status_on_services_namespaces_and_gateways() -> Result<()> {
+    let dir = scratch("wpctl-bind")?;
+    let _cleanup = Scratch(dir.clone());
+    let api = ApiServer::on_loopback()?;
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, TOKEN)?;
+    let root = dir.join("root-cert.pem");
+    fs::write(&root, "root\n")?;
+    let ctl = Controller::start(&dir, &kubeconfig, &root)?;
+
+    // apps: waypoint `wp` (for Services) with a ready pod; waypoint `api-wp`
+    // for service account api (no pod needed to judge a Service's accounts).
+    api.apply(&namespace("apps", &[]))?;
+    api.apply(&generate(&["--name", "wp", "-n", "apps"])?[0])?;
+    api.apply(&generate(&["--name", "api-wp", "-n", "apps", "--for-service-account", "api"])?[0])?;
+    let gw_label = [("gateway.networking.k8s.io/gateway-name", "wp")];
+    api.apply(&running_pod("apps", "wp-1", "wp", "10.1.0.9", &gw_label))?;
+    api.apply(&running_pod("apps", "web-1", "web", "10.1.0.1", &[("app", "web")]))?;
+    let backend = |app| [("app", app), ("tier", "backend")];
+    api.apply(&running_pod("apps", "api-1", "api", "10.1.0.2", &backend("api")))?;
+    api.apply(&running_pod("apps", "other-1", "other", "10.1.0.3", &backend("other")))?;
+    let use_wp = |name| [("istio.io/use-waypoint", name)];
+    api.apply(&service("apps", "web", "10.96.0.11", &use_wp("wp"), &[("app", "web")]))?;
+    api.apply(&service("apps", "typo", "10.96.0.12", &use_wp("wq"), &[("app", "web")]))?;
+    api.apply(&service("apps", "mixed", "10.96.0.13", &[], &[("tier", "backend")]))?;
+    api.apply(&service("apps", "probe", "10.96.0.14", &[], &[("app", "web")]))?;
+    // Another namespace's label names a waypoint that does not exist.
+    api.apply(&namespace("other", &use_wp("nope")))?;
+    api.apply(&service("other", "front", "10.96.0.15", &[], &[("app", "front")]))?;
+
+    let svc = |ns, name, status, reason| {
+        wait_object_condition(&api, ("v1", "Service"), ns, name, BOUND, status, reason).with_context(|| ctl.log())
+    };
+    let web = svc("apps", "web", "True", "WaypointAccepted")?;
+    assert!(
+        message(&web, BOUND).starts_with("Successfully attached to waypoint apps/wp"),
+        "{web}"
+    );
+    let typo = svc("apps", "typo", "False", "WaypointNotFound")?;
+    assert!(
+        message(&typo, BOUND).contains("there is no Gateway apps/wq of class istio-waypoint"),
+        "the missing Gateway is named: {typo}"
+    );
+    let mixed = svc("apps", "mixed", "False", "MixedServiceAccounts")?;
+    assert!(
+        message(&mixed, BOUND).contains("run as service accounts api, other")
+            && message(&mixed, BOUND).contains("serves only api"),
+        "{mixed}"
+    );
+    assert!(condition(&get(&api, "v1", "Service", "apps", "probe").unwrap(), BOUND).is_none());
+    // The namespace label's typo: on the namespace and on what it binds.
+    let other = wait_object_condition(
+        &api,
+        ("v1", "Namespace"),
+        "",
+        "other",
+        BOUND,
+        "False",
+        "WaypointNotFound",
+    )?;
+    assert!(message(&other, BOUND).contains("no Gateway other/nope"), "{other}");
+    svc("other", "front", "False", "WaypointNotFound")?;
+    // Each waypoint's summary, beside the reconcile's conditions.
+    let g = wait_condition(&api, "apps", "wp", SUMMARY, "True", "AllBound")?;
+    assert_eq!(message(&g, SUMMARY), "bound: 1 Service, 0 workloads");
+    assert!(condition(&g, "Accepted").is_some(), "{g}");
+    let g = wait_condition(&api, "apps", "api-wp", SUMMARY, "False", "SomeNotBound")?;
+    assert!(
+        message(&g, SUMMARY).contains("service apps/mixed (MixedServiceAccounts)")
+            && message(&g, SUMMARY).contains("workload apps/api-1 (NoReadyPod)"),
+        "{g}"
+    );
+
+    // Fixing the typo flips it.
+    api.apply(&service("apps", "typo", "10.96.0.12", &use_wp("wp"), &[("app", "web")]))?;
+    svc("apps", "typo", "True", "WaypointAccepted")?;
+    let summary = |services: usize| {
+        let want = format!("bound: {services} Services, 0 workloads");
+        poll(WAIT, || {
+            let g = get(&api, GW, "Gateway", "apps", "wp").context("gone")?;
+            Ok((message(&g, SUMMARY) == want).then_some(()))
+        })
+        .with_context(|| format!("wp's summary never said {want:?}"))
+    };
+    summary(2)?;
+
+    // Nothing is written twice: an unrelated change to a bound Service, then
+    // `probe` bound and unbound (each waited for: the services watch delivers
+    // in order, so the controller has seen the change and the echo of its
+    // own writes before). Only probe's two writes and wp's two summaries.
+    let counts =
+        |names: &[&str]| -> Vec<usize> { names.iter().map(|n| service_status_writes(&api, "apps", n)).collect() };
+    let before = counts(&["web", "typo", "mixed", "probe"]);
+    let summaries = summary_writes(&api, "apps", "wp");
+    api.apply(&service(
+        "apps",
+        "web",
+        "10.96.0.11",
+        &[("istio.io/use-waypoint", "wp"), ("team", "a")],
+        &[("app", "web")],
+    ))?;
+    api.apply(&service(
+        "apps",
+        "probe",
+        "10.96.0.14",
+        &use_wp("wp"),
+        &[("app", "web")],
+    ))?;
+    svc("apps", "probe", "True", "WaypointAccepted")?;
+    api.apply(&service(
+        "apps",
+        "probe",
+        "10.96.0.14",
+        &use_wp("none"),
+        &[("app", "web")],
+    ))?;
+    poll(WAIT, || {
+        let p = get(&api, "v1", "Service", "apps", "probe").context("gone")?;
+        Ok(condition(&p, BOUND).is_none().then_some(()))
+    })
+    .context("a Service no longer bound keeps the condition")?;
+    // One more round trip (a marker) so the echo of the removal is handled too.
+    api.apply(&service(
+        "apps",
+        "mixed",
+        "10.96.0.13",
+        &use_wp("wp"),
+        &[("tier", "backend")],
+    ))?;
+    svc("apps", "mixed", "True", "WaypointAccepted")?;
+    summary(3)?;
+    let after = counts(&["web", "typo", "mixed", "probe"]);
+    assert_eq!(
+        after,
+        [before[0], before[1], before[2] + 1, before[3] + 2],
+        "status writes of web, typo, mixed, probe: only the changed ones, once each\n{}",
+        ctl.log()
+    );
+    assert_eq!(
+        summary_writes(&api, "apps", "wp") - summaries,
+        3,
+        "wp's summary: probe bound, unbound, mixed bound"
+    );
+
+    // Another writer's condition stays beside ours; ours, removed by a
+    // writer that replaced the list, comes back.
+    api.set_status(
+        "v1",
+        "Service",
+        "apps",
+        "web",
+        json!({"conditions": [{"type": "example.com/Other", "status": "True", "reason": "Other",
+                               "message": "not ours", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
+    )?;
+    let web = svc("apps", "web", "True", "WaypointAccepted")?;
+    assert!(condition(&web, "example.com/Other").is_some(), "{web}");
+    Ok(())
+}
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
@@ -261,6 +554,9 @@ fn controller_turns_waypoint_gateways_into_owned_objects_reverts_drift_and_clean
     let mut broken = generate(&["--name", "broken", "-n", "apps"])?[0].clone();
     broken["spec"]["listeners"] = json!([{"name": "http", "port": 80, "protocol": "HTTP"}]);
     api.apply(&broken)?;
+    // The namespace uses the waypoint, so a Service of it has a binding status.
+    api.apply(&namespace("apps", &[("istio.io/use-waypoint", "wp")]))?;
+    api.apply(&service("apps", "web", "10.96.0.11", &[], &[("app", "web")]))?;
 
     // Every object, owned by the Gateway (controller=true), labelled.
     let objects = poll(WAIT, || {
@@ -388,6 +684,12 @@ fn controller_turns_waypoint_gateways_into_owned_objects_reverts_drift_and_clean
     );
     // A condition whose status did not change keeps its transition time.
     assert_eq!(condition(&g, "Accepted").unwrap()["lastTransitionTime"], since);
+    // The namespace's binding status: the waypoint has no ready pod (the
+    // Deployment's status says so, but no Pod object is there).
+    let bound =
+        |kind, name, status, reason| wait_object_condition(&api, ("v1", kind), "apps", name, BOUND, status, reason);
+    bound("Service", "web", "False", "WaypointIsNotReady")?;
+    bound("Namespace", "apps", "False", "WaypointIsNotReady")?;
 
     // Other classes are left alone; a waypoint without its listener is refused, and says why.
     let g = wait_condition(&api, "apps", "broken", "Accepted", "False", "ListenersNotValid")?;
@@ -459,6 +761,8 @@ fn controller_turns_waypoint_gateways_into_owned_objects_reverts_drift_and_clean
         Ok((!left).then_some(()))
     })
     .with_context(|| format!("objects left after the Gateway was deleted\n{}", ctl.log()))?;
+    // ... and what used it now says the waypoint is missing.
+    bound("Service", "web", "False", "WaypointNotFound")?;
 
     // A binding whose Gateway went while the controller was down is removed
     // when it starts again.

@@ -289,9 +289,18 @@ fn programmed(gw: &Gateway, service: &Service, deployment: &Deployment) -> Gatew
     }
 }
 
+/// Whether the Gateway shows `status` already: its addresses, and our
+/// conditions, by type, beside other writers' (the binding summary of
+/// `bindings`, written under its own field manager).
+fn shows(gw: &Gateway, status: &GatewayStatus) -> bool {
+    let Some(now) = &gw.status else { return false };
+    let ours = |c: &&Condition| status.conditions.iter().any(|s| s.type_ == c.type_);
+    now.addresses == status.addresses && now.conditions.iter().filter(ours).eq(status.conditions.iter())
+}
+
 /// Writes the status when it differs from the Gateway's.
 async fn write_status(client: &Client, gw: &Gateway, status: GatewayStatus) -> Result<(), ReconcileError> {
-    if gw.status.as_ref() == Some(&status) {
+    if shows(gw, &status) {
         return Ok(());
     }
     let api: Api<Gateway> = Api::namespaced(client.clone(), gw.namespace());
