@@ -495,8 +495,9 @@ impl Cluster {
         &self.wire_netns
     }
 
-    /// The control plane's address on the wire (reachable from every node):
-    /// 10.99.0.254. Added to the wire's bridge on first use.
+    /// The control plane's address on the wire (reachable from every node
+    /// and pod): 10.99.0.254. Added to the wire's bridge on first use, with
+    /// routes back to each node's pods (a waypoint pod watches the API).
     pub fn control_plane_ip(&self) -> Result<Ipv4Addr> {
         let ip = Ipv4Addr::new(10, 99, 0, 254);
         let shown = sys::ip(&["-n", &self.wire_netns, "-4", "addr", "show", "dev", BRIDGE])?;
@@ -510,6 +511,18 @@ impl Cluster {
                 "dev",
                 BRIDGE,
             ])?;
+            for n in &self.nodes {
+                let pods = format!("10.1.{}.0/24", n.index);
+                sys::ip(&[
+                    "-n",
+                    &self.wire_netns,
+                    "route",
+                    "replace",
+                    &pods,
+                    "via",
+                    &n.link_ip4.to_string(),
+                ])?;
+            }
         }
         Ok(ip)
     }
