@@ -33,12 +33,12 @@ const GW: &str = "gateway.networking.k8s.io/v1";
 const TOKEN: &str = "controller-token";
 const WAYPOINT_ROLE: &str = "ambient-mesh-waypoint";
 /// Istio's binding condition (Services; ours on Namespaces too).
-const BOUND: &str = "istio.io/WaypointBound";
+pub(crate) const BOUND: &str = "istio.io/WaypointBound";
 /// Our binding summary on a waypoint Gateway.
 const SUMMARY: &str = "ambient-mesh.io/WaypointBindings";
 
 /// The running controller; killed on drop (also when the test fails).
-struct Controller {
+pub(crate) struct Controller {
     child: Child,
     log: PathBuf,
 }
@@ -48,20 +48,30 @@ impl Controller {
         Self::start_with(dir, kubeconfig, root, &[])
     }
 
-    fn start_with(dir: &Path, kubeconfig: &Path, root: &Path, extra: &[&str]) -> Result<Self> {
+    pub(crate) fn start_with(dir: &Path, kubeconfig: &Path, root: &Path, extra: &[&str]) -> Result<Self> {
+        let mut args = vec!["--waypoint-arg=waypoint", "--waypoint-arg=run"];
+        args.extend_from_slice(extra);
+        Self::start_args(Command::new(mesh::binary("waypoint")?), dir, kubeconfig, root, &args)
+    }
+
+    /// `waypoint` (run by `cmd`, e.g. in a node's netns) with `args` after
+    /// the kubeconfig, root and image (e.g. the waypoint's command line,
+    /// `--waypoint-arg=...`).
+    pub(crate) fn start_args(
+        mut cmd: Command,
+        dir: &Path,
+        kubeconfig: &Path,
+        root: &Path,
+        args: &[&str],
+    ) -> Result<Self> {
         let log = dir.join(format!("controller-{}.log", Instant::now().elapsed().as_nanos()));
-        let child = Command::new(mesh::binary("waypoint")?)
+        let child = cmd
             .args(["controller", "--log-format", "json", "--kubeconfig"])
             .arg(kubeconfig)
             .arg("--ca-root-file")
             .arg(root)
-            .args([
-                "--waypoint-image",
-                "example.test/waypoint:1",
-                "--waypoint-arg=waypoint",
-                "--waypoint-arg=run",
-            ])
-            .args(extra)
+            .args(["--waypoint-image", "example.test/waypoint:1"])
+            .args(args)
             .env("RUST_LOG", "info")
             .stderr(Stdio::from(fs::File::create(&log)?))
             .spawn()
@@ -69,7 +79,7 @@ impl Controller {
         Ok(Self { child, log })
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
@@ -131,7 +141,7 @@ fn binding_name(ns: &str, name: &str) -> String {
     format!("{WAYPOINT_ROLE}:{ns}:{name}")
 }
 
-fn condition<'a>(gw: &'a Value, type_: &str) -> Option<&'a Value> {
+pub(crate) fn condition<'a>(gw: &'a Value, type_: &str) -> Option<&'a Value> {
     gw["status"]["conditions"]
         .as_array()?
         .iter()
@@ -139,13 +149,20 @@ fn condition<'a>(gw: &'a Value, type_: &str) -> Option<&'a Value> {
 }
 
 /// Waits until Gateway `ns/name`'s condition `type_` has `status` and `reason`.
-fn wait_condition(api: &ApiServer, ns: &str, name: &str, type_: &str, status: &str, reason: &str) -> Result<Value> {
+pub(crate) fn wait_condition(
+    api: &ApiServer,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> Result<Value> {
     wait_object_condition(api, (GW, "Gateway"), ns, name, type_, status, reason)
 }
 
 /// Waits until object `kind` `ns/name` has condition `type_` with `status`
 /// and `reason`; the object then.
-fn wait_object_condition(
+pub(crate) fn wait_object_condition(
     api: &ApiServer,
     (av, kind): (&str, &str),
     ns: &str,
@@ -223,9 +240,9 @@ fn binding_status_write(r: &Recorded) -> bool {
 
 /// (apiGroup, resource, verb) the ClusterRole `role` of `path` grants,
 /// resourceNames kept (for `bind`).
-type Grant = (String, String, String, Vec<String>);
+pub(crate) type Grant = (String, String, String, Vec<String>);
 
-fn grants(path: &Path, role: &str) -> Result<BTreeSet<Grant>> {
+pub(crate) fn grants(path: &Path, role: &str) -> Result<BTreeSet<Grant>> {
     let text = fs::read_to_string(path)?;
     let mut out = BTreeSet::new();
     for doc in serde_yaml::Deserializer::from_str(&text) {
@@ -353,7 +370,7 @@ fn summary_writes(api: &ApiServer, ns: &str, name: &str) -> usize {
         .count()
 }
 
-fn message(o: &Value, type_: &str) -> String {
+pub(crate) fn message(o: &Value, type_: &str) -> String {
     condition(o, type_)
         .and_then(|c| c["message"].as_str())
         .unwrap_or_default()
@@ -528,7 +545,7 @@ fn controller_writes_each_bindings_status_on_services_namespaces_and_gateways() 
     Ok(())
 }
 
-fn repo() -> PathBuf {
+pub(crate) fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 

@@ -37,7 +37,7 @@ use testbed::{
 
 use crate::{access_to, node_get as get, succeeded, WAIT};
 
-fn namespace(name: &str, ambient: bool) -> Namespace {
+pub(crate) fn namespace(name: &str, ambient: bool) -> Namespace {
     let labels: &[(&str, &str)] = if ambient {
         &[("istio.io/dataplane-mode", "ambient")]
     } else {
@@ -49,13 +49,13 @@ fn namespace(name: &str, ambient: bool) -> Namespace {
     }
 }
 
-fn uid_of(name: &str) -> String {
+pub(crate) fn uid_of(name: &str) -> String {
     let n: u64 = name.bytes().map(u64::from).sum();
     format!("7e57{n:04x}-0000-4000-8000-{:012x}", name.len())
 }
 
 /// A pod of the test cluster as the API shows it (IPs only once running).
-fn pod(cluster: &Cluster, name: &str, ns: &str, labels: &[(&str, &str)], running: bool) -> Pod {
+pub(crate) fn pod(cluster: &Cluster, name: &str, ns: &str, labels: &[(&str, &str)], running: bool) -> Pod {
     let p = cluster.pod(name);
     let mut m = meta(Some(ns), name, labels);
     m.uid = Some(uid_of(name));
@@ -85,7 +85,7 @@ fn pod(cluster: &Cluster, name: &str, ns: &str, labels: &[(&str, &str)], running
     }
 }
 
-fn node(cluster: &Cluster, name: &str) -> Node {
+pub(crate) fn node(cluster: &Cluster, name: &str) -> Node {
     Node {
         metadata: meta(None, name, &[]),
         status: Some(NodeStatus {
@@ -101,11 +101,11 @@ fn node(cluster: &Cluster, name: &str) -> Node {
 
 /// Lays the pod out as a kubelet would (kubepods/burstable/pod<uid>/<ctr>)
 /// and runs its app there, in the pod's netns.
-fn run_pod_app(cluster: &Cluster, name: &str) -> Result<Child> {
+pub(crate) fn run_pod_app(cluster: &Cluster, name: &str) -> Result<Child> {
     run_pod_app_on(cluster, name, &["8080"])
 }
 
-fn run_pod_app_on(cluster: &Cluster, name: &str, ports: &[&str]) -> Result<Child> {
+pub(crate) fn run_pod_app_on(cluster: &Cluster, name: &str, ports: &[&str]) -> Result<Child> {
     let cg = pod_cgroup(cluster, name).join("cri-containerd-0a1b2c.scope");
     let mut args = vec!["server", "--ports"];
     args.extend_from_slice(ports);
@@ -122,7 +122,7 @@ fn pod_cgroup(cluster: &Cluster, name: &str) -> PathBuf {
         .join(format!("kubepods/burstable/pod{}", uid_of(name)))
 }
 
-struct Apps(Vec<Child>);
+pub(crate) struct Apps(pub(crate) Vec<Child>);
 impl Drop for Apps {
     fn drop(&mut self) {
         for c in &mut self.0 {
@@ -148,7 +148,7 @@ fn wait_enrolled(cluster: &Cluster, want: &[&str]) -> Result<()> {
         .with_context(|| format!("enrolled never became {want:?}: {:?}", enrolled(cluster)))
 }
 
-fn web_service() -> (Service, EndpointSlice) {
+pub(crate) fn web_service() -> (Service, EndpointSlice) {
     let svc = Service {
         metadata: meta(Some("apps"), "web", &[]),
         spec: Some(ServiceSpec {

@@ -19,6 +19,7 @@ mod kube;
 mod steering;
 mod upgrade;
 mod waypoint;
+mod waypoint_kube;
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;

@@ -107,9 +107,8 @@ fn start(w: &World) -> Result<Mesh> {
 /// curl in the client pod (captured): one connection, the URLs one after
 /// the other on it; each answer as the echo's JSON, and how many
 /// connections curl opened.
-fn curl(w: &World, extra: &[&str], urls: &[String]) -> Result<(Vec<Value>, u64)> {
-    let out = w
-        .cluster
+pub(crate) fn curl(cluster: &Cluster, extra: &[&str], urls: &[String]) -> Result<(Vec<Value>, u64)> {
+    let out = cluster
         .pod("client")
         .try_command("curl")?
         .args(["-s", "-m", "10", "-w", "\n%{num_connects} %{http_code}\n"])
@@ -148,9 +147,9 @@ fn pods_of(answers: &[Value]) -> Vec<String> {
 
 /// `istio_requests_total` of both waypoint pods, summed over the series
 /// that carry every `name="value"` of `labels`.
-fn requests(m: &Mesh, labels: &[&str]) -> Result<u64> {
+pub(crate) fn requests(waypoints: &[WaypointPod], labels: &[&str]) -> Result<u64> {
     let mut n = 0;
-    for wp in &m.waypoints {
+    for wp in waypoints {
         n += wp
             .metrics()?
             .lines()
@@ -183,7 +182,7 @@ fn waypoint_routes_h1_h2_and_grpc_per_request_and_reports_istio_metrics() -> Res
     // HTTP/1.1 keep-alive: one connection, every request routed on its own
     // across both web pods; the waypoint adds x-forwarded-for and a trace.
     let urls: Vec<String> = (0..6).map(|i| format!("http://{VIP}/h1/{i}")).collect();
-    let (answers, connects) = curl(&w, &[], &urls)?;
+    let (answers, connects) = curl(&w.cluster, &[], &urls)?;
     ensure!(connects == 1, "keep-alive: {connects} connections");
     ensure!(
         pods_of(&answers) == WEB_PODS,
@@ -240,7 +239,7 @@ fn waypoint_routes_h1_h2_and_grpc_per_request_and_reports_istio_metrics() -> Res
 
     // Pod-addressed traffic to a workload of the bound service account goes
     // through the waypoint too, to that pod.
-    let (answers, _) = curl(&w, &[], &[format!("http://{}:{APP_PORT}/pod", w.ip4("web2"))])?;
+    let (answers, _) = curl(&w.cluster, &[], &[format!("http://{}:{APP_PORT}/pod", w.ip4("web2"))])?;
     ensure!(answers[0]["pod"] == "web2", "{answers:?}");
 
     // Every request is in the waypoints' access logs, with the caller as
@@ -268,7 +267,7 @@ fn waypoint_routes_h1_h2_and_grpc_per_request_and_reports_istio_metrics() -> Res
 
     // Istio's request metrics, reported by the waypoint.
     let ok = requests(
-        &m,
+        &m.waypoints,
         &[
             "reporter=\"waypoint\"",
             "source_workload=\"client\"",
@@ -277,7 +276,10 @@ fn waypoint_routes_h1_h2_and_grpc_per_request_and_reports_istio_metrics() -> Res
         ],
     )?;
     ensure!(ok >= 13, "istio_requests_total for web: {ok}");
-    let grpc = requests(&m, &["request_protocol=\"grpc\"", "grpc_response_status=\"0\""])?;
+    let grpc = requests(
+        &m.waypoints,
+        &["request_protocol=\"grpc\"", "grpc_response_status=\"0\""],
+    )?;
     ensure!(grpc == 1, "gRPC requests: {grpc}");
     // The source agent reports the waypoint as its mTLS peer, for Service web.
     let (text, _) = crate::node_get(&w.cluster, "node1", "http://127.0.0.1:15020/metrics")?;
