@@ -15,15 +15,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod, PodCondition, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec},
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    apimachinery::pkg::util::intstr::IntOrString,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
 use testbed::{
-    apiserver::{ApiServer, Propagation, Recorded},
+    apiserver::{meta, ApiServer, Propagation, Recorded},
     mesh::{self, poll},
 };
 
@@ -108,6 +108,34 @@ impl Drop for Scratch {
     }
 }
 
+/// A controller test's world: its scratch directory (removed on drop), the
+/// stand-in API server on loopback, a kubeconfig with the controller's
+/// token and a mesh root certificate (dir, api, kubeconfig, root, guard).
+struct Standin(PathBuf, ApiServer, PathBuf, PathBuf, Scratch);
+
+impl Standin {
+    fn new(label: &str) -> Result<Self> {
+        let dir = scratch(label)?;
+        let cleanup = Scratch(dir.clone());
+        let api = ApiServer::on_loopback()?;
+        let kubeconfig = dir.join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig, TOKEN)?;
+        let root = dir.join("root-cert.pem");
+        fs::write(&root, "-----BEGIN CERTIFICATE-----\nroot\n-----END CERTIFICATE-----\n")?;
+        Ok(Self(dir, api, kubeconfig, root, cleanup))
+    }
+}
+
+/// The Deployment controller's report: `n` replicas of Deployment `ns/name` available.
+pub(crate) fn deployment_available(api: &ApiServer, ns: &str, name: &str, n: u32) -> Result<()> {
+    let status = json!({"replicas": n, "readyReplicas": n, "availableReplicas": n});
+    ensure!(
+        api.set_status("apps/v1", "Deployment", ns, name, status)?,
+        "no Deployment {ns}/{name}"
+    );
+    Ok(())
+}
+
 /// `waypoint generate ...` as JSON documents.
 pub(crate) fn generate(args: &[&str]) -> Result<Vec<Value>> {
     let out = Command::new(mesh::binary("waypoint")?)
@@ -157,7 +185,7 @@ pub(crate) fn wait_condition(
     status: &str,
     reason: &str,
 ) -> Result<Value> {
-    wait_object_condition(api, (GW, "Gateway"), ns, name, type_, status, reason)
+    wait_object_condition(api, (GW, "Gateway"), (ns, name), (type_, status, reason))
 }
 
 /// Waits until object `kind` `ns/name` has condition `type_` with `status`
@@ -165,11 +193,8 @@ pub(crate) fn wait_condition(
 pub(crate) fn wait_object_condition(
     api: &ApiServer,
     (av, kind): (&str, &str),
-    ns: &str,
-    name: &str,
-    type_: &str,
-    status: &str,
-    reason: &str,
+    (ns, name): (&str, &str),
+    (type_, status, reason): (&str, &str, &str),
 ) -> Result<Value> {
     poll(WAIT, || {
         let o = get(api, av, kind, ns, name).with_context(|| format!("{kind} {ns}/{name} gone"))?;
@@ -289,11 +314,7 @@ fn labels(list: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
 
 pub(crate) fn namespace(name: &str, l: &[(&str, &str)]) -> Namespace {
     Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            labels: labels(l),
-            ..Default::default()
-        },
+        metadata: meta(None, name, l),
         ..Default::default()
     }
 }
@@ -301,12 +322,7 @@ pub(crate) fn namespace(name: &str, l: &[(&str, &str)]) -> Namespace {
 /// A Service `ns/name` at cluster IP `ip` (port 80 "http" -> 8080) selecting `selector`.
 pub(crate) fn service(ns: &str, name: &str, ip: &str, l: &[(&str, &str)], selector: &[(&str, &str)]) -> Service {
     Service {
-        metadata: ObjectMeta {
-            namespace: Some(ns.into()),
-            name: Some(name.into()),
-            labels: labels(l),
-            ..Default::default()
-        },
+        metadata: meta(Some(ns), name, l),
         spec: Some(ServiceSpec {
             cluster_ip: Some(ip.into()),
             cluster_ips: Some(vec![ip.into()]),
@@ -327,12 +343,7 @@ pub(crate) fn service(ns: &str, name: &str, ip: &str, l: &[(&str, &str)], select
 /// A running, ready pod `ns/name` of service account `sa` at `ip` on node1.
 fn running_pod(ns: &str, name: &str, sa: &str, ip: &str, l: &[(&str, &str)]) -> Pod {
     Pod {
-        metadata: ObjectMeta {
-            namespace: Some(ns.into()),
-            name: Some(name.into()),
-            labels: labels(l),
-            ..Default::default()
-        },
+        metadata: meta(Some(ns), name, l),
         spec: Some(PodSpec {
             node_name: Some("node1".into()),
             service_account_name: Some(sa.into()),
@@ -387,13 +398,7 @@ pub(crate) fn message(o: &Value, type_: &str) -> String {
 /// removed; nothing is written twice when nothing changed.
 #[test]
 fn controller_writes_each_bindings_status_on_services_namespaces_and_gateways() -> Result<()> {
-    let dir = scratch("wpctl-bind")?;
-    let _cleanup = Scratch(dir.clone());
-    let api = ApiServer::on_loopback()?;
-    let kubeconfig = dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig, TOKEN)?;
-    let root = dir.join("root-cert.pem");
-    fs::write(&root, "root\n")?;
+    let Standin(dir, api, kubeconfig, root, _scratch) = Standin::new("wpctl-bind")?;
     let ctl = Controller::start(&dir, &kubeconfig, &root)?;
 
     // apps: waypoint `wp` (for Services) with a ready pod; waypoint `api-wp`
@@ -417,7 +422,7 @@ fn controller_writes_each_bindings_status_on_services_namespaces_and_gateways() 
     api.apply(&service("other", "front", "10.96.0.15", &[], &[("app", "front")]))?;
 
     let svc = |ns, name, status, reason| {
-        wait_object_condition(&api, ("v1", "Service"), ns, name, BOUND, status, reason).with_context(|| ctl.log())
+        wait_object_condition(&api, ("v1", "Service"), (ns, name), (BOUND, status, reason)).with_context(|| ctl.log())
     };
     let web = svc("apps", "web", "True", "WaypointAccepted")?;
     assert!(
@@ -437,15 +442,8 @@ fn controller_writes_each_bindings_status_on_services_namespaces_and_gateways() 
     );
     assert!(condition(&get(&api, "v1", "Service", "apps", "probe").unwrap(), BOUND).is_none());
     // The namespace label's typo: on the namespace and on what it binds.
-    let other = wait_object_condition(
-        &api,
-        ("v1", "Namespace"),
-        "",
-        "other",
-        BOUND,
-        "False",
-        "WaypointNotFound",
-    )?;
+    let typo = (BOUND, "False", "WaypointNotFound");
+    let other = wait_object_condition(&api, ("v1", "Namespace"), ("", "other"), typo)?;
     assert!(message(&other, BOUND).contains("no Gateway other/nope"), "{other}");
     svc("other", "front", "False", "WaypointNotFound")?;
     // Each waypoint's summary, beside the reconcile's conditions.
@@ -487,21 +485,10 @@ fn controller_writes_each_bindings_status_on_services_namespaces_and_gateways() 
         &[("istio.io/use-waypoint", "wp"), ("team", "a")],
         &[("app", "web")],
     ))?;
-    api.apply(&service(
-        "apps",
-        "probe",
-        "10.96.0.14",
-        &use_wp("wp"),
-        &[("app", "web")],
-    ))?;
+    let probe = |to| service("apps", "probe", "10.96.0.14", &use_wp(to), &[("app", "web")]);
+    api.apply(&probe("wp"))?;
     svc("apps", "probe", "True", "WaypointAccepted")?;
-    api.apply(&service(
-        "apps",
-        "probe",
-        "10.96.0.14",
-        &use_wp("none"),
-        &[("app", "web")],
-    ))?;
+    api.apply(&probe("none"))?;
     poll(WAIT, || {
         let p = get(&api, "v1", "Service", "apps", "probe").context("gone")?;
         Ok(condition(&p, BOUND).is_none().then_some(()))
@@ -551,13 +538,7 @@ pub(crate) fn repo() -> PathBuf {
 
 #[test]
 fn controller_turns_waypoint_gateways_into_owned_objects_reverts_drift_and_cleans_up() -> Result<()> {
-    let dir = scratch("wpctl")?;
-    let _cleanup = Scratch(dir.clone());
-    let api = ApiServer::on_loopback()?;
-    let kubeconfig = dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig, TOKEN)?;
-    let root = dir.join("root-cert.pem");
-    fs::write(&root, "-----BEGIN CERTIFICATE-----\nroot\n-----END CERTIFICATE-----\n")?;
+    let Standin(dir, api, kubeconfig, root, _scratch) = Standin::new("wpctl")?;
     let mut ctl = Controller::start(&dir, &kubeconfig, &root)?;
 
     // The Gateway exactly as `waypoint generate` prints it (GitOps path).
@@ -683,13 +664,7 @@ fn controller_turns_waypoint_gateways_into_owned_objects_reverts_drift_and_clean
     assert_eq!(g["status"]["addresses"], json!([{"type": "IPAddress", "value": ip}]));
     let since = condition(&g, "Accepted").unwrap()["lastTransitionTime"].clone();
     // The Deployment controller reports two available replicas: programmed.
-    api.set_status(
-        "apps/v1",
-        "Deployment",
-        "apps",
-        "wp",
-        json!({"replicas": 2, "readyReplicas": 2, "availableReplicas": 2}),
-    )?;
+    deployment_available(&api, "apps", "wp", 2)?;
     let g = wait_condition(&api, "apps", "wp", "Programmed", "True", "Programmed")?;
     let programmed = condition(&g, "Programmed").unwrap();
     assert!(
@@ -704,7 +679,7 @@ fn controller_turns_waypoint_gateways_into_owned_objects_reverts_drift_and_clean
     // The namespace's binding status: the waypoint has no ready pod (the
     // Deployment's status says so, but no Pod object is there).
     let bound =
-        |kind, name, status, reason| wait_object_condition(&api, ("v1", kind), "apps", name, BOUND, status, reason);
+        |kind, name, status, reason| wait_object_condition(&api, ("v1", kind), ("apps", name), (BOUND, status, reason));
     bound("Service", "web", "False", "WaypointIsNotReady")?;
     bound("Namespace", "apps", "False", "WaypointIsNotReady")?;
 
@@ -826,13 +801,7 @@ fn controller_turns_waypoint_gateways_into_owned_objects_reverts_drift_and_clean
 /// growing delay, not in a loop, and the Gateway converges once it is back.
 #[test]
 fn controller_backs_off_while_the_api_fails_and_converges_after() -> Result<()> {
-    let dir = scratch("wpctl-backoff")?;
-    let _cleanup = Scratch(dir.clone());
-    let api = ApiServer::on_loopback()?;
-    let kubeconfig = dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig, TOKEN)?;
-    let root = dir.join("root-cert.pem");
-    fs::write(&root, "root\n")?;
+    let Standin(dir, api, kubeconfig, root, _scratch) = Standin::new("wpctl-backoff")?;
     api.serve_versions("apps", "deployments", &[]);
     let ctl = Controller::start(&dir, &kubeconfig, &root)?;
     api.apply(&generate(&["--name", "wp", "-n", "apps"])?[0])?;

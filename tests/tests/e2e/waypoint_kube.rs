@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use testbed::{
     apiserver::ApiServer,
     mesh::{self, poll, Agent, MeshCa, Server},
@@ -27,7 +27,8 @@ use testbed::{
 
 use crate::{
     controller::{
-        condition, generate, grants, message, repo, wait_condition, wait_object_condition, Controller, BOUND,
+        condition, deployment_available, generate, grants, message, repo, wait_condition, wait_object_condition,
+        Controller, BOUND,
     },
     kube::{namespace, node, pod, run_pod_app, run_pod_app_on, web_service, Apps},
     steering::wait_binding,
@@ -134,27 +135,13 @@ fn controller_waypoint_pods_and_agents_together_carry_http_through_the_waypoint(
         .iter()
         .map(|(pod, name)| WaypointPod::start_replica(&cluster, &api, &deployment, pod, name, &dir))
         .collect::<Result<Vec<_>>>()?;
-    api.set_status(
-        "apps/v1",
-        "Deployment",
-        "apps",
-        "wp",
-        json!({"replicas": 2, "readyReplicas": 2, "availableReplicas": 2}),
-    )?;
+    deployment_available(&api, "apps", "wp", REPLICAS.len() as u32)?;
 
     // The Gateway is programmed, the Service bound, and the client's agent
     // steers web's VIP to the waypoint.
     wait_condition(&api, "apps", "wp", "Programmed", "True", "Programmed").with_context(|| ctl.log())?;
-    let svc = wait_object_condition(
-        &api,
-        ("v1", "Service"),
-        "apps",
-        "web",
-        BOUND,
-        "True",
-        "WaypointAccepted",
-    )
-    .with_context(|| ctl.log())?;
+    let bound = (BOUND, "True", "WaypointAccepted");
+    let svc = wait_object_condition(&api, ("v1", "Service"), ("apps", "web"), bound).with_context(|| ctl.log())?;
     ensure!(
         message(&svc, BOUND).starts_with("Successfully attached to waypoint apps/wp"),
         "{svc}"

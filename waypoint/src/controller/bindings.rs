@@ -469,6 +469,21 @@ impl Seen {
     }
 }
 
+/// One more watch of `watch` (sharing its health and wake-ups), keeping
+/// the [`Seen`] of one kind.
+fn observe<K>(
+    watch: &ClusterWatch,
+    seen: &Arc<Mutex<Seen>>,
+    name: &'static str,
+    api: Api<K>,
+    project: fn(K) -> Option<Observed>,
+    kind: Kind,
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watch.watch(name, api, watcher::Config::default(), project, sink(seen, kind));
+}
+
 /// Keeps [`Seen`] of one kind from its watch.
 fn sink(seen: &Arc<Mutex<Seen>>, kind: Kind) -> impl FnMut(Change<Observed>) + Send + 'static {
     let seen = seen.clone();
@@ -610,27 +625,30 @@ async fn apply(client: &Client, w: &Write) -> Result<Option<Shown>, WriteError> 
 pub async fn run(client: Client) {
     let watch = ClusterWatch::start_with(client.clone(), Watches::Bindings);
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let all = watcher::Config::default;
-    watch.watch(
+    let c = || client.clone();
+    observe(
+        &watch,
+        &seen,
         "service conditions",
-        Api::<Service>::all(client.clone()),
-        all(),
+        Api::all(c()),
         observe_service,
-        sink(&seen, Kind::Service),
+        Kind::Service,
     );
-    watch.watch(
+    observe(
+        &watch,
+        &seen,
         "namespace conditions",
-        Api::<Namespace>::all(client.clone()),
-        all(),
+        Api::all(c()),
         observe_namespace,
-        sink(&seen, Kind::Namespace),
+        Kind::Namespace,
     );
-    watch.watch(
+    observe(
+        &watch,
+        &seen,
         "gateway conditions",
-        Api::<Gateway>::all(client.clone()),
-        all(),
+        Api::all(c()),
         observe_gateway,
-        sink(&seen, Kind::Gateway),
+        Kind::Gateway,
     );
     let mut retry: Option<Duration> = None;
     loop {
