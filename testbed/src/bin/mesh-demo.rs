@@ -291,13 +291,7 @@ fn waypoint_scene(
         .lines()
         .filter(|l| l.starts_with("istio_requests_total{"))
     {
-        let label = |k: &str| {
-            line.split(&format!("{k}=\""))
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .unwrap_or("?")
-                .to_string()
-        };
+        let label = |k: &str| label_of(line, k);
         println!(
             "     {} -> {} code {}: {}",
             label("source_workload"),
@@ -310,6 +304,15 @@ fn waypoint_scene(
     let status = waypoint.terminate(Duration::from_secs(20))?;
     println!("   waypoint drained and exited ({status})");
     Ok(())
+}
+
+/// The value of label `k` in a Prometheus text line.
+fn label_of(line: &str, k: &str) -> String {
+    line.split(&format!("{k}=\""))
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or("?")
+        .to_string()
 }
 
 /// The routes of the L7 scene: a VirtualService on web as a platform team
@@ -420,13 +423,7 @@ fn routing_scene(
         .lines()
         .filter(|l| l.starts_with("istio_requests_total{") && l.contains("destination_service_name=\"web"))
     {
-        let label = |k: &str| {
-            line.split(&format!("{k}=\""))
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .unwrap_or("?")
-                .to_string()
-        };
+        let label = |k: &str| label_of(line, k);
         println!(
             "     -> {} code {} flags {}: {}",
             label("destination_service_name"),
@@ -450,13 +447,7 @@ fn print_metrics(cluster: &Cluster, node: &str) -> Result<()> {
         .lines()
         .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
     {
-        let label = |k: &str| {
-            line.split(&format!("{k}=\""))
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .unwrap_or("?")
-                .to_string()
-        };
+        let label = |k: &str| label_of(line, k);
         let count = line.rsplit(' ').next().unwrap_or("?");
         println!(
             "   {node}: {} connections opened, reporter={}, {} -> {}, security={}",
