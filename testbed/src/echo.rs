@@ -75,6 +75,8 @@ struct Count {
     hits: u32,
     /// The `Host` of each request (the first 100).
     hosts: Vec<String>,
+    /// The pod that answered each request (the first 100).
+    pods: Vec<String>,
 }
 
 impl Counters {
@@ -85,6 +87,16 @@ impl Counters {
             .unwrap_or_else(|e| e.into_inner())
             .get(key)
             .map_or(0, |c| c.hits)
+    }
+
+    /// The pods that answered the requests with `key`, in order.
+    pub fn pods(&self, key: &str) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .map(|c| c.pods.clone())
+            .unwrap_or_default()
     }
 
     /// The hosts requests with `key` came for.
@@ -236,6 +248,7 @@ async fn echo(req: Request<Incoming>, backend: &Backend) -> Response<Body> {
         c.hits += 1;
         if c.hosts.len() < 100 {
             c.hosts.push(host.clone());
+            c.pods.push(backend.pod.to_string());
         }
         if c.failed < fail {
             c.failed += 1;

@@ -12,9 +12,11 @@
 //! Hardening: header block size and count, h2 concurrent streams and
 //! reset-flood limits, header-read and idle timeouts, request framing
 //! (`smuggling`), graceful drain, and a bound on replayed bodies.
+mod conns;
 mod forward;
 mod replay;
 
+pub use conns::Conns;
 pub use forward::Budget;
 use replay::Replay;
 use std::{
@@ -474,7 +476,7 @@ async fn proxy(conn: &Arc<Conn>, mut req: Request<Incoming>, rec: &mut Record) -
     let h2 = conn.protocol == Protocol::Http2 && !upgrade;
     let out = outbound(conn, req, h2, rec, &sel)?;
     forward::mirror(conn, &sel, &out, h2);
-    let sent = forward::send_with_retries(conn, &sel, to, out, h2).await;
+    let sent = forward::send_with_retries(conn, &sel, to, out, h2, upgrade).await;
     if let Some(ep) = &sent.endpoint {
         rec.endpoint(ep);
     }
@@ -664,22 +666,14 @@ fn outbound(
     Ok(Request::from_parts(parts, body))
 }
 
-/// hyper's client on the upstream stream, for this one request.
-async fn send<B>(
-    io: upstream::Upstream,
-    req: Request<B>,
-    h2: bool,
-    max_header_bytes: usize,
-) -> Result<Response<Incoming>, hyper::Error>
-where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
+/// hyper's client on an upstream stream: the connection runs in its own
+/// task; the sender is kept for later requests (`conns`).
+async fn handshake(io: upstream::Upstream, h2: bool, max_header_bytes: usize) -> Result<conns::Tx, hyper::Error> {
     let io = TokioIo::new(io);
     // Responses are bounded as requests are: a broken or hostile endpoint
     // cannot make the waypoint buffer an endless header block.
     if h2 {
-        let (mut tx, c) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        let (tx, c) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(max_header_bytes as u32)
             .handshake(io)
@@ -689,9 +683,9 @@ where
                 tracing::debug!(error = %e, "upstream h2 connection ended");
             }
         });
-        tx.send_request(req).await
+        Ok(conns::Tx::H2(tx))
     } else {
-        let (mut tx, c) = hyper::client::conn::http1::Builder::new()
+        let (tx, c) = hyper::client::conn::http1::Builder::new()
             .max_buf_size(max_header_bytes)
             .handshake(io)
             .await?;
@@ -700,7 +694,7 @@ where
                 tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
             }
         });
-        tx.send_request(req).await
+        Ok(conns::Tx::H1(tx))
     }
 }
 

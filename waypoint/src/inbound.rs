@@ -70,6 +70,8 @@ struct Shared {
     pool: Pool,
     drain: Drain,
     budget: http::Budget,
+    /// Upstream HTTP connections kept for later requests.
+    conns: http::Conns,
     /// Mirrored requests in flight.
     mirror_slots: Arc<tokio::sync::Semaphore>,
     /// `baggage` on the waypoint's own CONNECTs.
@@ -98,6 +100,7 @@ impl Waypoint {
             pool: Pool::new(timeouts),
             drain: Drain::default(),
             budget: http::Budget::default(),
+            conns: http::Conns::default(),
             mirror_slots,
             baggage,
             server_tls: Mutex::new(None),
@@ -142,6 +145,9 @@ impl Waypoint {
     }
     pub fn budget(&self) -> &http::Budget {
         &self.0.budget
+    }
+    pub fn conns(&self) -> &http::Conns {
+        &self.0.conns
     }
     pub fn mirror_slots(&self) -> &Arc<tokio::sync::Semaphore> {
         &self.0.mirror_slots

@@ -38,8 +38,9 @@ async fn http1_keepalive_routes_each_request_and_adds_forwarding_headers() {
         ["web-a", "web-b", "web-a", "web-b"],
         "one keep-alive connection, each request routed on its own"
     );
+    // Upstream connections are kept: one CONNECT per pod, not per request.
     let seen = w.seen.lock().unwrap().clone();
-    assert_eq!(seen.len(), 4);
+    assert_eq!(seen.len(), 2);
     for (authority, caller) in seen {
         assert_eq!(caller, WAYPOINT, "the waypoint's own identity upstream");
         assert_eq!(authority.port(), TARGET);
@@ -1133,5 +1134,32 @@ struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_requests_reuse_the_upstream_connection() {
+    let w = World::new("reuse", LimitArgs::default()).await;
+    let connects = || {
+        w.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(a, _)| a.ip().to_string() == "127.0.0.3")
+            .count()
+    };
+    for (h2, before) in [(false, 0), (true, 1)] {
+        let t = w.connect(&format!("127.0.0.3:{TARGET}")).await.unwrap();
+        let mut c = if h2 {
+            Client::H2(self::h2(t).await)
+        } else {
+            Client::H1(h1(t).await)
+        };
+        for _ in 0..10 {
+            let (status, e) = json(c.send(get("/")).await).await;
+            assert_eq!((status, e.pod.as_str()), (StatusCode::OK, "web-b"));
+        }
+        // One CONNECT (one upstream HTTP connection) for ten requests.
+        assert_eq!(connects(), before + 1, "{}", c.name());
     }
 }

@@ -177,8 +177,10 @@ fn controller_waypoint_pods_and_agents_together_carry_http_through_the_waypoint(
         ],
     )?;
     ensure!(counted >= urls.len() as u64, "istio_requests_total for web: {counted}");
-    let dst = agents[1].access_logs();
-    ensure!(dst.iter().any(|l| l.to_string().contains(WP_ID)), "{dst:?}");
+    ensure!(
+        crate::waypoint::opened_from(&cluster, &agents[1].node, WP_ID)?,
+        "the destination never saw the waypoint"
+    );
     let g = api.get(GW, "Gateway", "apps", "wp").context("Gateway wp")?;
     ensure!(
         condition(&g, "ambient-mesh.io/WaypointBindings").is_some_and(|c| c["status"] == "True"),

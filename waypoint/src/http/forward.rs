@@ -31,7 +31,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
-use super::{authority_of, authorize, full, send, BoxError, Conn, Local, ProxyBody, Record, Replay};
+use super::{authority_of, authorize, conns::Key, full, handshake, BoxError, Conn, Local, ProxyBody, Record, Replay};
 use crate::{
     route::{self, Dest, Endpoint, RouteError, To},
     upstream, Waypoint,
@@ -279,6 +279,8 @@ struct TryOnce {
     conn: Arc<Conn>,
     to: Arc<To>,
     h2: bool,
+    /// An HTTP/1.1 Upgrade: its connection is taken over, never kept.
+    upgrade: bool,
     tried: Arc<Mutex<Tried>>,
 }
 
@@ -288,29 +290,67 @@ impl TryOnce {
         let ep = route::pick(self.conn.wp.state(), &self.to, &exclude).map_err(TryError::Route)?;
         let ok = authorize(&self.conn, &ep);
         let addr = ep.addr;
-        let mut io = None;
-        if ok {
-            io = Some(upstream::open(&self.conn.wp, &ep, SocketAddr::new(self.conn.down.client, 0)).await);
-        }
-        {
-            let mut t = self.tried.lock().unwrap_or_else(|e| e.into_inner());
-            t.endpoints.push(addr.ip());
-            t.last = Some(ep);
-        }
-        let io = match io {
-            None => return Err(TryError::Denied),
-            Some(Err(e)) => {
-                tracing::warn!(endpoint = %addr, error = %e, "cannot reach the endpoint");
-                return Err(TryError::Connect(e.to_string()));
-            }
-            Some(Ok(io)) => io,
+        let client = self.conn.down.client;
+        let key = Key {
+            endpoint: addr,
+            client,
+            h2: self.h2,
         };
-        send(io, req, self.h2, self.conn.wp.limits().max_header_bytes)
+        let result = if ok {
+            self.send(&ep, &key, req).await
+        } else {
+            Err(TryError::Denied)
+        };
+        let mut t = self.tried.lock().unwrap_or_else(|e| e.into_inner());
+        t.endpoints.push(addr.ip());
+        t.last = Some(ep);
+        result
+    }
+
+    /// On a kept connection to the endpoint if there is one (again on a
+    /// new one when it turns out closed before the request was written, or
+    /// closed under it while the body can be replayed), else on a new one.
+    async fn send(&self, ep: &Endpoint, key: &Key, mut req: Request<Replay>) -> Result<Response<Incoming>, TryError> {
+        let wp = &self.conn.wp;
+        let reuse = !self.upgrade;
+        if let Some(mut tx) = reuse.then(|| wp.conns().take(key)).flatten() {
+            let spare = req.body().reader().and_then(|b| copy(&req, b));
+            match tx.send(req).await {
+                Ok(resp) => {
+                    wp.conns().put(key.clone(), tx);
+                    return Ok(resp);
+                }
+                Err(mut e) => match (e.take_message(), spare) {
+                    (Some(r), _) => req = r,
+                    (None, Some(r)) if r.body().replayable() => {
+                        tracing::debug!(endpoint = %ep.addr, error = %e.error(), "kept upstream connection failed; once more on a new one");
+                        req = r;
+                    }
+                    (None, _) => return Err(TryError::Reset(e.into_error())),
+                },
+            }
+        }
+        let io = upstream::open(wp, ep, SocketAddr::new(key.client, 0))
             .await
             .map_err(|e| {
-                tracing::debug!(endpoint = %addr, error = %e, "upstream reset before the response");
-                TryError::Reset(e)
-            })
+                tracing::warn!(endpoint = %ep.addr, error = %e, "cannot reach the endpoint");
+                TryError::Connect(e.to_string())
+            })?;
+        let mut tx = handshake(io, self.h2, wp.limits().max_header_bytes)
+            .await
+            .map_err(TryError::Reset)?;
+        match tx.send(req).await {
+            Ok(resp) => {
+                if reuse {
+                    wp.conns().put(key.clone(), tx);
+                }
+                Ok(resp)
+            }
+            Err(e) => {
+                tracing::debug!(endpoint = %ep.addr, error = %e.error(), "upstream reset before the response");
+                Err(TryError::Reset(e.into_error()))
+            }
+        }
     }
 }
 
@@ -430,7 +470,14 @@ pub struct Sent {
 }
 
 /// Sends `req` to `to` with the rule's retries and timeouts.
-pub async fn send_with_retries(conn: &Arc<Conn>, sel: &Selected, to: To, req: Request<Replay>, h2: bool) -> Sent {
+pub async fn send_with_retries(
+    conn: &Arc<Conn>,
+    sel: &Selected,
+    to: To,
+    req: Request<Replay>,
+    h2: bool,
+    upgrade: bool,
+) -> Sent {
     let (retry, timeout) = match &sel.rule {
         Some(r) => (r.retry.clone(), r.timeout),
         None => (Retry::istio_default(), None),
@@ -440,6 +487,7 @@ pub async fn send_with_retries(conn: &Arc<Conn>, sel: &Selected, to: To, req: Re
         conn: conn.clone(),
         to: Arc::new(to),
         h2,
+        upgrade,
         tried: tried.clone(),
     };
     let per_try = retry.per_try_timeout;
@@ -523,6 +571,7 @@ pub fn mirror(conn: &Arc<Conn>, sel: &Selected, req: &Request<Replay>, h2: bool)
             conn: conn.clone(),
             to: Arc::new(to),
             h2,
+            upgrade: false,
             tried: Arc::default(),
         };
         let (wp, within) = (conn.wp.clone(), conn.wp.limits().mirror_timeout);
