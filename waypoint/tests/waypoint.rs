@@ -750,6 +750,43 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     out.split(' ').nth(1)?.parse().ok()
 }
 
+/// The waypoint binary's addresses in a test.
+struct Ports {
+    listen: SocketAddr,
+    metrics: SocketAddr,
+    status: SocketAddr,
+}
+
+/// `waypoint run` as web-waypoint with node1's credential from `files`,
+/// the CA at `ca_addr`, free loopback ports, and `mode` (the source flags).
+fn waypoint_command(files: &CaFiles, ca_addr: SocketAddr, mode: &[&std::ffi::OsStr]) -> (std::process::Command, Ports) {
+    let port = || format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let ports = Ports {
+        listen: port(),
+        metrics: port(),
+        status: port(),
+    };
+    let (cert, key) = files.node_credential("node1");
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_waypoint"));
+    c.args(["run", "--namespace", "default", "--service-account", "web-waypoint"])
+        .args(mode)
+        .args(["--ca-address", &format!("https://{ca_addr}")])
+        .arg("--ca-root")
+        .arg(files.root_cert())
+        .arg("--node-cert")
+        .arg(cert)
+        .arg("--node-key")
+        .arg(key)
+        .args([
+            "--listen",
+            &ports.listen.to_string(),
+            "--metrics-addr",
+            &ports.metrics.to_string(),
+        ])
+        .args(["--readiness-addr", &ports.status.to_string()]);
+    (c, ports)
+}
+
 /// Removes a test's directory however the test ends.
 struct RemoveOnDrop(PathBuf);
 
@@ -793,28 +830,15 @@ async fn the_binary_gets_its_identity_from_the_ca_serves_hbone_and_drains_on_sig
         "pods:\n  - {name: web-a, namespace: default, serviceAccount: web, node: node1, ips: [\"10.1.1.2\"], labels: {app: web}}\nservices:\n  - {name: web, namespace: default, vips: [\"10.96.0.10\"], ports: [{port: 80, targetPort: 8080, appProtocol: http}], selector: {app: web}}\n",
     )
     .unwrap();
-    let (cert, key) = files.node_credential("node1");
-    let (listen, metrics, status): (SocketAddr, SocketAddr, SocketAddr) = (
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-    );
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_waypoint"))
-        .args(["run", "--namespace", "default", "--service-account", "web-waypoint"])
-        .arg("--config")
-        .arg(&enrolment)
-        .args(["--ca-address", &format!("https://{ca_addr}")])
-        .arg("--ca-root")
-        .arg(files.root_cert())
-        .arg("--node-cert")
-        .arg(&cert)
-        .arg("--node-key")
-        .arg(&key)
-        .args(["--listen", &listen.to_string(), "--metrics-addr", &metrics.to_string()])
-        .args(["--readiness-addr", &status.to_string()])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (
+        mut cmd,
+        Ports {
+            listen,
+            metrics,
+            status,
+        },
+    ) = waypoint_command(&files, ca_addr, &["--config".as_ref(), enrolment.as_os_str()]);
+    let child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
     let mut child = Child(child);
     // Ready once the CA gave it its certificate.
     let deadline = Instant::now() + WAIT;
@@ -992,30 +1016,15 @@ async fn one_routes_file() {
     let pod_port = pod(&pki, "10.1.1.2".parse().unwrap(), 0, "web", seen.clone())
         .await
         .unwrap();
-    let (cert, key) = files.node_credential("node1");
     let waypoint = |mode: &[&std::ffi::OsStr]| {
-        let (listen, metrics, status): (SocketAddr, SocketAddr, SocketAddr) = (
-            format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-            format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-            format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        );
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_waypoint"))
-            .args(["run", "--namespace", "default", "--service-account", "web-waypoint"])
-            .args(mode)
-            .args(["--ca-address", &format!("https://{ca_addr}")])
-            .arg("--ca-root")
-            .arg(files.root_cert())
-            .arg("--node-cert")
-            .arg(&cert)
-            .arg("--node-key")
-            .arg(&key)
-            .args(["--listen", &listen.to_string(), "--metrics-addr", &metrics.to_string()])
-            .args(["--readiness-addr", &status.to_string()])
+        let (mut cmd, p) = waypoint_command(&files, ca_addr, mode);
+        let child = cmd
             .args(["--upstream-hbone-port", &pod_port.to_string()])
+            .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        (Child(child), listen, metrics)
+        (Child(child), p.listen, p.metrics)
     };
     let ready = async |metrics: SocketAddr| {
         let deadline = Instant::now() + WAIT;
