@@ -4,6 +4,9 @@
 //! service on the same port and a small gRPC client.
 //!
 //! * `/status/NNN` answers status NNN.
+//! * `/bytes/N` answers N bytes of `x` (at most [`MAX_BYTES`]) instead of
+//!   the JSON, as httpbin's `/bytes/N`: a response of a known size that
+//!   costs the backend no serialising (the L7 benchmark asks for 1 KB).
 //! * `?delay=<ms>` waits that long first (at most [`MAX_DELAY`]).
 //! * `?fail=<n>&key=<k>` answers 503 (or `&fail_status=NNN`) to the first
 //!   n requests with key k, then 200 ("fail N times then succeed", for
@@ -40,6 +43,8 @@ pub mod pb {
 pub const MAX_DELAY: Duration = Duration::from_secs(60);
 /// Largest request body read.
 pub const MAX_BODY: usize = 16 << 20;
+/// Largest `/bytes/N` answered.
+pub const MAX_BYTES: usize = 16 << 20;
 
 /// What the backend answers: the request it saw.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -271,6 +276,20 @@ async fn echo(req: Request<Incoming>, backend: &Backend) -> Response<Body> {
         Ok(b) => b.to_bytes().len(),
         Err(_) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "body over the echo's limit"),
     };
+    if let Some(n) = parts.uri.path().strip_prefix("/bytes/") {
+        return match n.parse::<usize>() {
+            Ok(n) if n <= MAX_BYTES => Response::builder()
+                .status(status)
+                .header(http::header::CONTENT_TYPE, "application/octet-stream")
+                .body(
+                    Full::new(Bytes::from(vec![b'x'; n]))
+                        .map_err(|e| match e {})
+                        .boxed_unsync(),
+                )
+                .expect("valid response"),
+            _ => plain(StatusCode::BAD_REQUEST, "/bytes/N: N is a size of at most 16 MiB"),
+        };
+    }
     let echoed = Echoed {
         pod: backend.pod.to_string(),
         method: parts.method.to_string(),
@@ -352,4 +371,42 @@ where
         .connect_with_connector(connector)
         .await?;
     Ok(pb::echo_client::EchoClient::new(channel))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GET `path` on a fresh HTTP/1.1 connection to `addr`: status and body.
+    async fn get(addr: SocketAddr, path: &str) -> (StatusCode, Bytes) {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header(http::header::HOST, "echo.test")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        let status = resp.status();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    #[tokio::test]
+    async fn bytes_answers_that_many_bytes_and_refuses_too_many() {
+        let addr = spawn("127.0.0.1:0".parse().unwrap(), "p").await.unwrap();
+        for n in [0, 1, 1024] {
+            let (status, body) = get(addr, &format!("/bytes/{n}")).await;
+            assert_eq!((status, body.len()), (StatusCode::OK, n));
+            assert!(body.iter().all(|b| *b == b'x'));
+        }
+        // Over the limit or not a size: 400; any other path is still the JSON echo.
+        let (status, body) = get(addr, "/bytes/16777217").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}");
+        let (status, body) = get(addr, "/bytes/many").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}");
+        let (status, body) = get(addr, "/other").await;
+        assert_eq!(status, StatusCode::OK);
+        let echoed: Echoed = serde_json::from_slice(&body).unwrap();
+        assert_eq!(echoed.path, "/other");
+    }
 }
