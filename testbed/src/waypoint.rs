@@ -278,6 +278,11 @@ impl WaypointPod {
         .with_context(|| format!("waypoint in {} not ready:\n{}", self.pod.name, self.raw_log()))
     }
 
+    /// Its process id while it runs (for /proc: CPU time, memory).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// GET `path` on its metrics/readiness port from inside its pod: (body, status).
     pub fn get(&self, path: &str) -> Result<(String, String)> {
         let out = self

@@ -1,6 +1,9 @@
-//! `cargo xtask bench [--mode plain|hbone|all] [--rounds N] [--seconds S] [--json PATH]`:
+//! `cargo xtask bench [--only l4|l7] [--mode plain|hbone|all] [--rounds N] [--seconds S] [--json PATH]
+//! [--l7-rounds N] [--l7-seconds S] [--rate R] [--connections C] [--l7-json PATH]`:
 //! pod to pod across two nodes, the direct path against the captured paths
-//! (both agents in the way), interleaved in one run.
+//! (both agents in the way), interleaved in one run. This file is the L4
+//! half (below); `l7.rs` the L7 half (HTTP through the mesh, a waypoint and
+//! nginx), which runs after it on a cluster of its own.
 //!
 //! Columns:
 //! * direct: cdirect -> sdirect, neither pod enrolled, no agent in the way;
@@ -58,6 +61,8 @@ use testbed::{
     mesh::{self, Agent, MeshCa, Settings},
     Cluster, ClusterSpec, NodeSpec, Pod,
 };
+
+mod l7;
 
 const SOCKPERF_PORT: u16 = 11111;
 const IPERF_PORT: u16 = 5201;
@@ -156,14 +161,31 @@ fn main() {
     std::process::exit(if testbed::signals::interrupted() { 130 } else { code });
 }
 
-const USAGE: &str = "usage: mesh-bench [--] [--mode plain|hbone|all] [--rounds N] [--seconds S] [--json PATH]
-  --mode M      captured paths to measure against direct (default all):
-                plain = agents without a CA (splice forward), hbone = agents with
-                the CA (HTTP/2 CONNECT over mTLS to :15008), all = both
-  --rounds N    rounds of direct-then-captured per measurement, median reported (default 5)
-  --seconds S   duration of each measurement in whole seconds (default 3)
-  --json PATH   raw per-round numbers (default <workspace>/target/bench/capture.json)
+const USAGE: &str = "usage: mesh-bench [--] [--only l4|l7] [--mode plain|hbone|all] [--rounds N] [--seconds S]
+                  [--json PATH] [--l7-rounds N] [--l7-seconds S] [--rate R] [--connections C] [--l7-json PATH]
+  --only P        run only that half (default: both, L4 first)
+ L4 (TCP: sockperf, iperf3, new connections):
+  --mode M        captured paths to measure against direct (default all):
+                  plain = agents without a CA (splice forward), hbone = agents with
+                  the CA (HTTP/2 CONNECT over mTLS to :15008), all = both
+  --rounds N      rounds of direct-then-captured per measurement, median reported (default 5)
+  --seconds S     duration of each measurement in whole seconds (default 3)
+  --json PATH     raw per-round numbers (default <workspace>/target/bench/capture.json)
+ L7 (HTTP/1.1 keep-alive, 1 KB responses; direct, mesh, mesh + waypoint, nginx; oha):
+  --l7-rounds N   rounds of all four paths at the fixed rate, then at saturation (default 3)
+  --l7-seconds S  duration of each load run in whole seconds (default 10)
+  --rate R        the fixed rate in requests/s (default 1000)
+  --connections C keep-alive connections of the load generator (default 16)
+  --l7-json PATH  raw per-round numbers (default <workspace>/target/bench/l7.json)
 Set MESH_KEEP_LOGS=1 to keep the agents' logs.";
+
+/// Which halves run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Only {
+    Both,
+    L4,
+    L7,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -202,19 +224,30 @@ impl Mode {
 
 #[derive(Debug)]
 struct Opts {
+    only: Only,
     mode: Mode,
     rounds: usize,
     seconds: u32,
     json: PathBuf,
+    l7: l7::Opts,
 }
 
 /// Accepts `--rounds 3`, `--rounds=3` and a `--` anywhere (cargo passes it on).
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
+    let bench_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let mut opts = Opts {
+        only: Only::Both,
         mode: Mode::All,
         rounds: 5,
         seconds: 3,
-        json: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/capture.json"),
+        json: bench_dir.join("capture.json"),
+        l7: l7::Opts {
+            rounds: 3,
+            seconds: 10,
+            rate: 1000,
+            connections: 16,
+            json: bench_dir.join("l7.json"),
+        },
     };
     while let Some(arg) = args.next() {
         if arg == "--" {
@@ -234,19 +267,28 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
                 None => args.next().with_context(|| format!("{key} needs a value")),
             }
         };
+        let number = |v: String, range: std::ops::RangeInclusive<u32>| -> Result<u32> {
+            let n: u32 = v.parse().with_context(|| format!("{key} {v:?} (a whole number)"))?;
+            ensure!(range.contains(&n), "{key} must be in {range:?}");
+            Ok(n)
+        };
         match key.as_str() {
+            "--only" => {
+                opts.only = match value()?.as_str() {
+                    "l4" => Only::L4,
+                    "l7" => Only::L7,
+                    other => bail!("--only {other:?}: expected l4 or l7"),
+                }
+            }
             "--mode" => opts.mode = Mode::parse(&value()?)?,
-            "--rounds" => {
-                let v = value()?;
-                opts.rounds = v.parse().with_context(|| format!("--rounds {v:?}"))?;
-                ensure!(opts.rounds >= 1, "--rounds must be at least 1");
-            }
-            "--seconds" => {
-                let v = value()?;
-                opts.seconds = v.parse().with_context(|| format!("--seconds {v:?} (whole seconds)"))?;
-                ensure!((1..=600).contains(&opts.seconds), "--seconds must be 1..=600");
-            }
+            "--rounds" => opts.rounds = number(value()?, 1..=1000)? as usize,
+            "--seconds" => opts.seconds = number(value()?, 1..=600)?,
             "--json" => opts.json = PathBuf::from(value()?),
+            "--l7-rounds" => opts.l7.rounds = number(value()?, 1..=1000)? as usize,
+            "--l7-seconds" => opts.l7.seconds = number(value()?, 1..=600)?,
+            "--rate" => opts.l7.rate = number(value()?, 1..=1_000_000)?,
+            "--connections" => opts.l7.connections = number(value()?, 1..=1000)?,
+            "--l7-json" => opts.l7.json = PathBuf::from(value()?),
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -254,6 +296,18 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
 }
 
 fn bench(opts: &Opts) -> Result<()> {
+    if opts.only != Only::L7 {
+        bench_l4(opts)?;
+    }
+    if opts.only != Only::L4 {
+        l7::bench(&opts.l7)?;
+    }
+    Ok(())
+}
+
+/// The L4 half: every cluster it builds is gone when it returns, so the
+/// L7 half after it has the machine to itself.
+fn bench_l4(opts: &Opts) -> Result<()> {
     for tool in ["sockperf", "iperf3", "python3"] {
         Command::new(tool)
             .arg("--version")
@@ -334,27 +388,7 @@ impl Mesh {
             .transpose()?;
         let mut agents = Vec::new();
         for (node, pod) in [("node1", &client), ("node2", &server)] {
-            let args = ca.as_ref().map(|c| c.client_args(node)).unwrap_or_default();
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let mut a = Agent::start(&cluster, node, &config, &dir, &args)?;
-            a.wait_for("agent ready", READY_TIMEOUT)?;
-            if let Some(ca) = &ca {
-                let id = format!("{TRUST_DOMAIN_NS}/{pod}");
-                mesh::poll(READY_TIMEOUT, || {
-                    Ok(a.logs()
-                        .iter()
-                        .any(|l| l["message"] == "workload certificate ready" && l["identity"] == id.as_str())
-                        .then_some(()))
-                })
-                .with_context(|| {
-                    format!(
-                        "the {name} agent on {node} got no certificate for {id}:\n{}\nCA log:\n{}",
-                        a.raw_log(),
-                        ca.log()
-                    )
-                })?;
-            }
-            agents.push(a);
+            agents.push(start_agent(&cluster, node, &config, &dir, ca.as_ref(), pod).context(name)?);
         }
         let pids = agents
             .iter()
@@ -381,6 +415,39 @@ impl Mesh {
     fn rss_kb(&self, field: &str) -> Result<Vec<u64>> {
         self.pids.iter().map(|p| proc_status_kb(*p, field)).collect()
     }
+}
+
+/// Starts the agent of `node` and waits until it is ready and, with a CA,
+/// until it holds the workload certificate of its pod `pod`.
+fn start_agent(
+    cluster: &Cluster,
+    node: &str,
+    config: &Path,
+    dir: &Path,
+    ca: Option<&MeshCa>,
+    pod: &str,
+) -> Result<Agent> {
+    let args = ca.map(|c| c.client_args(node)).unwrap_or_default();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut a = Agent::start(cluster, node, config, dir, &args)?;
+    a.wait_for("agent ready", READY_TIMEOUT)?;
+    if let Some(ca) = ca {
+        let id = format!("{TRUST_DOMAIN_NS}/{pod}");
+        mesh::poll(READY_TIMEOUT, || {
+            Ok(a.logs()
+                .iter()
+                .any(|l| l["message"] == "workload certificate ready" && l["identity"] == id.as_str())
+                .then_some(()))
+        })
+        .with_context(|| {
+            format!(
+                "the agent on {node} got no certificate for {id}:\n{}\nCA log:\n{}",
+                a.raw_log(),
+                ca.log()
+            )
+        })?;
+    }
+    Ok(a)
 }
 
 /// One way from a client pod to a server pod, and the agents measured for it
@@ -1052,6 +1119,16 @@ impl Background {
 
     fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and a bounded wait: a server with worker processes (nginx)
+    /// stops them itself, where SIGKILL would leave them running until the
+    /// cluster's cgroups are torn down.
+    fn terminate(&mut self, within: Duration) -> Result<()> {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        mesh::wait_bounded(&mut self.child, within).with_context(|| format!("stopping {}", self.what))?;
+        Ok(())
     }
 }
 
