@@ -7,8 +7,10 @@
 //! * `build-next`  the upgrade test's second agent binary (`target/debug/agent-next`)
 //! * `demo`        build everything and run the local mesh demo
 //! * `test`        fmt, clippy, unit and end-to-end tests (the CI command)
-//! * `bench`       direct vs plain capture vs HBONE: latency, throughput,
-//!   connections/s, CPU, memory (README numbers); `--mode plain|hbone|all`
+//! * `bench`       L4: direct vs plain capture vs HBONE: latency, throughput,
+//!   connections/s, CPU, memory; L7: HTTP direct, through the mesh, the mesh
+//!   and a waypoint, and nginx (README numbers); `--only l4|l7`, `--mode
+//!   plain|hbone|all`; installs its own tools (nginx-light, oha) first
 use std::{
     env,
     path::{Path, PathBuf},
@@ -34,6 +36,13 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "sockperf",
 ];
+/// Only the benchmark's L7 half needs these, so neither setup nor CI
+/// installs them: nginx as the "one L7 proxy" yardstick, and oha (below)
+/// as the load generator.
+const BENCH_APT_PACKAGES: &[&str] = &["nginx-light"];
+/// Pinned: oha 1.16.0 needs Rust 1.88 and builds with the image's 1.95
+/// from its own Cargo.lock. The benchmark records the version it ran.
+const OHA_VERSION: &str = "1.16.0";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const EBPF_TARGET: &str = "bpfel-unknown-none";
 
@@ -89,9 +98,9 @@ fn succeeds(c: &mut Command) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Installs whatever is missing; does nothing when all is there.
-fn setup() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// Installs the Debian `packages` that are missing; does nothing when all are there.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -106,6 +115,12 @@ fn setup() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    Ok(())
+}
+
+/// Installs whatever is missing; does nothing when all is there.
+fn setup() -> Result<()> {
+    apt_install(APT_PACKAGES)?;
     if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         bail!("the `nightly` toolchain is missing: the image ships one; `rustup toolchain install nightly` where a download is possible");
     }
@@ -233,9 +248,29 @@ fn demo(args: &[String]) -> Result<()> {
 
 fn bench(args: &[String]) -> Result<()> {
     build_release()?;
+    let only_l4 = args.windows(2).any(|w| w[0] == "--only" && w[1] == "l4") || args.iter().any(|a| a == "--only=l4");
+    if !only_l4 {
+        bench_tools()?;
+    }
     run(Command::new(root().join("target/release/mesh-bench"))
         .args(args)
         .current_dir(root()))
+}
+
+/// The L7 half's tools, idempotent: nginx-light from Debian, and oha
+/// (pinned, with its own Cargo.lock) into `target/tools`, outside PATH and
+/// outside every other build. Its default features stay: oha 1.16.0 does
+/// not compile without a TLS stack, although the load is plain HTTP.
+fn bench_tools() -> Result<()> {
+    apt_install(BENCH_APT_PACKAGES)?;
+    let tools = root().join("target/tools");
+    let installed = Command::new(tools.join("bin/oha")).arg("--version").output();
+    if !installed.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(OHA_VERSION)) {
+        run(cargo()
+            .args(["install", "oha", "--locked", "--version", OHA_VERSION, "--root"])
+            .arg(&tools))?;
+    }
+    Ok(())
 }
 
 /// The Kubernetes source at scale: agent memory per 1,000 pods.
