@@ -62,11 +62,7 @@ pub fn write_config(cluster: &Cluster, path: &Path, enrolled: &[&str], settings:
     y.push_str("pods:\n");
     for name in enrolled {
         let p = cluster.pod(name);
-        let _ = write!(
-            y,
-            "  - name: {}\n    namespace: default\n    serviceAccount: {}\n    node: {}\n    netns: {}\n    cgroup: {}\n    ips: [\"{}\", \"{}\"]\n    labels: {{app: {}}}\n",
-            p.name, p.name, p.node, p.netns_path.display(), p.cgroup.display(), p.ip4, p.ip6, p.name
-        );
+        y.push_str(&pod_entry(p, &p.name, &format!("app: {}", p.name)));
     }
     y.push_str(&settings.extra);
     let tmp = path.with_extension("tmp");
@@ -74,6 +70,21 @@ pub fn write_config(cluster: &Cluster, path: &Path, enrolled: &[&str], settings:
     // Rename so a reloading agent never reads a half-written file.
     fs::rename(&tmp, path)?;
     Ok(())
+}
+
+/// One entry of the enrolment file's `pods:` for `p` (namespace `default`),
+/// running as service account `sa`, with `labels` (YAML flow-map contents,
+/// e.g. `app: web`).
+pub fn pod_entry(p: &Pod, sa: &str, labels: &str) -> String {
+    format!(
+        "  - name: {}\n    namespace: default\n    serviceAccount: {sa}\n    node: {}\n    netns: {}\n    cgroup: {}\n    ips: [\"{}\", \"{}\"]\n    labels: {{{labels}}}\n",
+        p.name,
+        p.node,
+        p.netns_path.display(),
+        p.cgroup.display(),
+        p.ip4,
+        p.ip6
+    )
 }
 
 /// Runs `meshapp.py <args>` in `pod`'s netns but in `cgroup` (created if

@@ -763,14 +763,20 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
         "capture_check": capture,
         "per_round": raw,
     });
-    if let Some(parent) = opts.json.parent() {
-        fs::create_dir_all(parent).with_context(|| format!("mkdir {}", parent.display()))?;
-    }
-    fs::write(&opts.json, serde_json::to_string_pretty(&doc)? + "\n")
-        .with_context(|| format!("writing {}", opts.json.display()))?;
-    let shown = opts.json.canonicalize().unwrap_or_else(|_| opts.json.clone());
+    let shown = write_json(&opts.json, &doc)?;
     println!("Raw numbers: {} (run took {elapsed:.0} s)", shown.display());
     Ok(())
+}
+
+/// Writes `doc` as pretty JSON to `path` (creating its directory); returns
+/// the path to show.
+fn write_json(path: &Path, doc: &Value) -> Result<PathBuf> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("mkdir {}", parent.display()))?;
+    }
+    fs::write(path, serde_json::to_string_pretty(doc)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path.canonicalize().unwrap_or_else(|_| path.to_owned()))
 }
 
 /// The agents of `c`'s cluster must have carried every connection of the
@@ -1010,18 +1016,11 @@ fn iperf3(r: &Column, seconds: u32) -> Result<Bulk> {
         .args(["-p", &IPERF_PORT.to_string(), "-t", &seconds.to_string()])
         .args(["-J", "--connect-timeout", "5000"]);
     let out = run_bounded(cmd, Duration::from_secs(seconds.into()) + CLIENT_SLACK)?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let doc: Value = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "iperf3 printed no JSON ({}): {text}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
+    let doc = json_stdout("iperf3", &out)?;
     if let Some(e) = doc["error"].as_str() {
         bail!("iperf3: {e}");
     }
-    ensure!(out.status.success(), "iperf3 failed ({}): {text}", out.status);
+    ensure!(out.status.success(), "iperf3 failed ({}): {doc}", out.status);
     let recv = &doc["end"]["sum_received"];
     let bps = recv["bits_per_second"]
         .as_f64()
@@ -1033,6 +1032,19 @@ fn iperf3(r: &Column, seconds: u32) -> Result<Bulk> {
         bytes,
         seconds: recv["seconds"].as_f64().unwrap_or(f64::NAN),
         retransmits: doc["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+    })
+}
+
+/// The JSON document a tool printed on stdout (whatever its exit status:
+/// some print their error in it).
+fn json_stdout(tool: &str, out: &Output) -> Result<Value> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{tool} printed no JSON ({}): {text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
     })
 }
 
