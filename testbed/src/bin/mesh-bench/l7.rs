@@ -730,7 +730,7 @@ fn report(opts: &Opts, m: Measured, nginx: &str, load_before: Value, started: In
     };
     // (label, key, decimals, paths it means something for)
     type Row = (&'static str, &'static str, usize, &'static [&'static str]);
-    let rows: [Row; 10] = [
+    let rows: [Row; 11] = [
         ("requests/s", "rps", 0, &PATHS),
         ("p50 (ms)", "p50_ms", 3, &PATHS),
         ("p99 (ms)", "p99_ms", 3, &PATHS),
@@ -746,6 +746,7 @@ fn report(opts: &Opts, m: Measured, nginx: &str, load_before: Value, started: In
             3,
             &["mesh", "waypoint", "nginx"],
         ),
+        ("added p50 vs mesh (ms)", "over_mesh_p50_ms", 3, &["waypoint"]),
         ("added p99 vs mesh (ms)", "over_mesh_p99_ms", 3, &["waypoint"]),
         (
             "agents CPU-s per 1000 req (both)",
