@@ -294,21 +294,12 @@ impl Record {
         }
     }
 
-    /// The Service the client called (the CONNECT's VIP), until an
-    /// endpoint names its own: local answers (404 NR, faults, redirects)
-    /// are labelled with it.
-    fn called(&mut self, conn: &Conn) {
-        if let route::Dest::Service { vip, .. } = &conn.down.dest {
-            let snap = conn.wp.state().snapshot();
-            if let Some(&i) = snap.vips.get(&vip.ip().to_canonical()) {
-                let spec = &snap.services[i].spec;
-                self.entry.destination_service = spec.hostname();
-                self.svc = ServiceLabels {
-                    host: spec.hostname(),
-                    name: spec.name.clone(),
-                    namespace: spec.namespace.clone(),
-                };
-            }
+    /// The Service the client called, until an endpoint names its own:
+    /// local answers (404 NR, faults, redirects) are labelled with it.
+    fn called(&mut self, svc: Option<&ServiceLabels>) {
+        if let Some(svc) = svc {
+            self.entry.destination_service = svc.host.clone();
+            self.svc = svc.clone();
         }
     }
 
@@ -464,8 +455,10 @@ fn full(s: impl Into<Bytes>) -> ProxyBody {
 /// Checks, routes and forwards one request.
 async fn proxy(conn: &Arc<Conn>, mut req: Request<Incoming>, rec: &mut Record) -> Result<Response<ProxyBody>, Local> {
     check(conn, &req)?;
-    rec.called(conn);
-    let sel = forward::select(conn, &req)?;
+    // One look-up of the Service called serves the labels and the routes.
+    let called = called_service(conn);
+    rec.called(called.as_ref());
+    let sel = forward::select(conn, &req, called.as_ref().map(|s| s.host.as_str()))?;
     forward::faults(&sel, rec).await?;
     if let Some(resp) = forward::answer(conn, &sel, &req, rec) {
         return Ok(resp);
@@ -503,6 +496,21 @@ async fn proxy(conn: &Arc<Conn>, mut req: Request<Incoming>, rec: &mut Record) -
         rule.response_headers.apply(resp.headers_mut());
     }
     Ok(resp.map(|b| b.map_err(BoxError::from).boxed()))
+}
+
+/// The Service the CONNECT's VIP names now (none for pod-addressed
+/// traffic, or a VIP gone since).
+fn called_service(conn: &Conn) -> Option<ServiceLabels> {
+    let route::Dest::Service { vip, .. } = &conn.down.dest else {
+        return None;
+    };
+    let snap = conn.wp.state().snapshot();
+    let spec = &snap.services[*snap.vips.get(&vip.ip().to_canonical())?].spec;
+    Some(ServiceLabels {
+        host: spec.hostname(),
+        name: spec.name.clone(),
+        namespace: spec.namespace.clone(),
+    })
 }
 
 /// Limits and framing rules hyper does not enforce itself.

@@ -33,7 +33,7 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 
 use super::{authority_of, authorize, conns::Key, full, handshake, BoxError, Conn, Local, ProxyBody, Record, Replay};
 use crate::{
-    route::{self, Dest, Endpoint, RouteError, To},
+    route::{self, Endpoint, RouteError, To},
     upstream, Waypoint,
 };
 
@@ -52,23 +52,16 @@ fn draw(percent: f64) -> bool {
     percent >= 100.0 || (percent > 0.0 && rand::random::<f64>() * 100.0 < percent)
 }
 
-/// The rule for `req`: the destination Service's routes, first match.
-pub fn select(conn: &Conn, req: &Request<Incoming>) -> Result<Selected, Local> {
+/// The rule for `req`: the routes of `host`, the Service called (none
+/// for pod-addressed traffic), first match.
+pub fn select(conn: &Conn, req: &Request<Incoming>, host: Option<&str>) -> Result<Selected, Local> {
     let port = conn.down.authority.port();
-    let none = Selected {
-        rule: None,
-        prefix: None,
-        port,
-    };
-    let Dest::Service { vip, .. } = &conn.down.dest else {
-        return Ok(none);
-    };
-    let host = {
-        let snap = conn.wp.state().snapshot();
-        match snap.vips.get(&vip.ip().to_canonical()) {
-            Some(&i) => snap.services[i].spec.hostname(),
-            None => return Ok(none),
-        }
+    let Some(host) = host else {
+        return Ok(Selected {
+            rule: None,
+            prefix: None,
+            port,
+        });
     };
     let table = conn.wp.routes().table();
     let authority = authority_of(req).unwrap_or_default();
@@ -80,8 +73,12 @@ pub fn select(conn: &Conn, req: &Request<Incoming>) -> Result<Selected, Local> {
         headers: req.headers(),
         port,
     };
-    match table.lookup(&host, &view) {
-        Lookup::Default => Ok(none),
+    match table.lookup(host, &view) {
+        Lookup::Default => Ok(Selected {
+            rule: None,
+            prefix: None,
+            port,
+        }),
         Lookup::Found(e) => Ok(Selected {
             rule: Some(e.rule.clone()),
             prefix: e.m.path.as_ref().and_then(|p| p.prefix()).map(str::to_string),
