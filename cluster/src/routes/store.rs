@@ -306,11 +306,15 @@ impl RouteStore {
         let mut out = Vec::new();
         let mut present = std::collections::BTreeSet::new();
         for d in docs {
-            if let Ok(Some(k)) = d.key() {
-                present.insert(k);
+            match d.key() {
+                // Other kinds in the same file are not ours.
+                Ok(None) => continue,
+                Ok(Some(k)) => {
+                    present.insert(k);
+                }
+                Err(_) => {}
             }
             match self.upsert(d) {
-                Outcome::Invalid(m) if m.ends_with("is no route object") => {}
                 Outcome::Unchanged(_) => {}
                 o => out.push(o),
             }
