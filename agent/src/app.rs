@@ -38,7 +38,7 @@ use crate::{
     state::State,
 };
 use cluster::waypoint::{BindingStatus, Bindings, Change};
-use mesh::tls::Roots;
+use mesh::tls::{self, Roots};
 
 /// The kernel programs, embedded by build.rs (empty when not built).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
@@ -57,17 +57,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if let Some(ns) = &cfg.node_netns {
         Netns::open(ns)?.enter_for_good()?;
     }
-    let data_plane = match cfg.worker_threads {
-        // One thread that polls epoll and runs the ready task itself: no
-        // cross-thread wake-ups on the forwarding path.
-        0 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .thread_name("data-plane")
-            .enable_all()
-            .build(),
-    }
-    .context("cannot start the data-plane runtime")?;
+    // 0: one thread that polls epoll and runs the ready task itself.
+    let data_plane =
+        mesh::runtime::data_plane(cfg.worker_threads, "data-plane").context("cannot start the data-plane runtime")?;
     let (stopped, drain) = oneshot::channel();
     let dp = data_plane.handle().clone();
     let control = std::thread::Builder::new()
@@ -123,7 +115,7 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
                 .with_context(|| format!("cannot read --ca-root {}", ca.root_cert.display()))?;
             let mesh_ctx = MeshCtx {
                 certs: secrets.store(),
-                roots: Roots::from_pem(&roots)?,
+                tls: tls::Configs::new(Roots::from_pem(&roots)?),
                 pool: mesh::pool::Pool::new(mesh::hbone::Timeouts::from_connect(cfg.connect_timeout)),
                 cert_wait: cfg.cert_wait,
             };

@@ -28,7 +28,7 @@ use std::{
 };
 
 use agent_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
-use mesh::{identity::SpiffeId, tls::Roots};
+use mesh::{identity::SpiffeId, tls};
 use socket2::{Domain, Socket, Type};
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -109,7 +109,8 @@ impl Drop for TrackGuard {
 /// Mesh identity for the data path: present when the agent has a CA.
 pub struct MeshCtx {
     pub certs: CertStore,
-    pub roots: Roots,
+    /// TLS configs per certificate serial (never per connection).
+    pub tls: tls::Configs,
     /// Outbound HBONE connections, shared by all pods of the node.
     pub pool: mesh::pool::Pool,
     /// How long a connection waits for its pod's certificate.

@@ -8,6 +8,7 @@ pub mod hbone;
 pub mod identity;
 pub mod metrics;
 pub mod pool;
+pub mod runtime;
 pub mod splice;
 pub mod tls;
 

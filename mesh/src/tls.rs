@@ -1,7 +1,10 @@
 //! Mesh mutual TLS: TLS 1.3 only, ALPN `h2`, no SNI, certificates chained to
 //! the mesh root(s) and identified by their SPIFFE URI SAN (webpki's name
 //! checks know DNS names and IPs only, so identity is checked here).
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -112,6 +115,66 @@ pub fn client_config(
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     cfg.enable_sni = false;
     Ok(Arc::new(cfg))
+}
+
+/// Client configs kept at most; past it the cache starts over (configs of
+/// pods gone and of renewed certificates go with it).
+const MAX_CLIENT_CONFIGS: usize = 1024;
+
+/// TLS configs built once per certificate serial, not per connection:
+/// building one parses the private key and the chain (tens of
+/// microseconds of a new connection's setup). A renewed certificate has a
+/// new serial and replaces its identity's entries; client configs are also
+/// keyed by the peers they accept.
+pub struct Configs {
+    roots: Roots,
+    server: Mutex<HashMap<SpiffeId, (String, Arc<ServerConfig>)>>,
+    client: Mutex<HashMap<(SpiffeId, Vec<SpiffeId>), (String, Arc<ClientConfig>)>>,
+}
+
+impl Configs {
+    pub fn new(roots: Roots) -> Self {
+        Self {
+            roots,
+            server: Mutex::default(),
+            client: Mutex::default(),
+        }
+    }
+
+    pub fn roots(&self) -> &Roots {
+        &self.roots
+    }
+
+    /// [`server_config`] for `cert`, built once per serial.
+    pub fn server(&self, cert: &WorkloadCert) -> Result<Arc<ServerConfig>, TlsError> {
+        let mut cache = self.server.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((serial, cfg)) = cache.get(&cert.id) {
+            if *serial == cert.serial {
+                return Ok(cfg.clone());
+            }
+        }
+        let cfg = server_config(cert, &self.roots)?;
+        cache.insert(cert.id.clone(), (cert.serial.clone(), cfg.clone()));
+        Ok(cfg)
+    }
+
+    /// [`client_config`] for `cert` accepting `expected`, built once per
+    /// serial.
+    pub fn client(&self, cert: &WorkloadCert, expected: &[SpiffeId]) -> Result<Arc<ClientConfig>, TlsError> {
+        let key = (cert.id.clone(), expected.to_vec());
+        let mut cache = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((serial, cfg)) = cache.get(&key) {
+            if *serial == cert.serial {
+                return Ok(cfg.clone());
+            }
+        }
+        let cfg = client_config(cert, &self.roots, expected.to_vec())?;
+        if cache.len() >= MAX_CLIENT_CONFIGS {
+            cache.clear();
+        }
+        cache.insert(key, (cert.serial.clone(), cfg.clone()));
+        Ok(cfg)
+    }
 }
 
 /// The SPIFFE ID of a verified peer certificate.

@@ -826,3 +826,42 @@ async fn stream_api_both_sides_are_async_read_write_and_the_handler_decides_the_
     assert!(e.to_string().contains("403"), "{e}");
     assert_eq!(pool.connections(), 1, "one pooled connection carried both");
 }
+
+/// The leaf the server presented in a handshake of `client` with `server`.
+async fn presented_leaf(client: Arc<rustls::ClientConfig>, server: Arc<rustls::ServerConfig>) -> Vec<u8> {
+    let (a, b) = tcp_pair().await;
+    let accept = tokio::spawn(async move { tokio_rustls::TlsAcceptor::from(server).accept(a).await.map(drop) });
+    let name = rustls::pki_types::ServerName::try_from("mesh").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client).connect(name, b).await.unwrap();
+    accept.await.unwrap().unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn tls_configs_are_built_once_per_serial_and_a_renewed_certificate_replaces_them() {
+    let pki = Pki::new("configs", "cluster.local");
+    let cache = tls::Configs::new(pki.roots.clone());
+    let (server_cert, client_cert) = (pki.cert(SERVER), pki.cert(CLIENT));
+    let expected: Vec<SpiffeId> = vec![SERVER.parse().unwrap()];
+
+    let s1 = cache.server(&server_cert).unwrap();
+    assert!(
+        Arc::ptr_eq(&s1, &cache.server(&server_cert).unwrap()),
+        "same serial: built once"
+    );
+    let c1 = cache.client(&client_cert, &expected).unwrap();
+    assert!(Arc::ptr_eq(&c1, &cache.client(&client_cert, &expected).unwrap()));
+    let other_peers = cache.client(&client_cert, &[CLIENT.parse().unwrap()]).unwrap();
+    assert!(!Arc::ptr_eq(&c1, &other_peers), "another peer set is another verifier");
+
+    let renewed = pki.cert(SERVER);
+    assert_ne!(renewed.serial, server_cert.serial);
+    let s2 = cache.server(&renewed).unwrap();
+    assert!(!Arc::ptr_eq(&s1, &s2), "a new serial builds a new config");
+    assert!(Arc::ptr_eq(&s2, &cache.server(&renewed).unwrap()));
+
+    // The cached configs handshake for real, and the renewed one presents
+    // the renewed certificate.
+    let leaf = presented_leaf(c1, s2).await;
+    assert_eq!(Some(leaf), mesh::identity::pem_to_der(&renewed.chain[0]));
+}

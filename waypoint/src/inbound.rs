@@ -3,7 +3,7 @@
 //! served as HTTP (declared, or sniffed) or forwarded as opaque TCP.
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
@@ -76,8 +76,8 @@ struct Shared {
     mirror_slots: Arc<tokio::sync::Semaphore>,
     /// `baggage` on the waypoint's own CONNECTs.
     baggage: String,
-    /// The server TLS config of the current certificate (by serial).
-    server_tls: Mutex<Option<(String, Arc<ServerConfig>)>>,
+    /// TLS configs of the current certificate (by serial).
+    tls: tls::Configs,
 }
 
 /// The waypoint's data plane (cheap to clone).
@@ -96,14 +96,14 @@ impl Waypoint {
         );
         let mirror_slots = Arc::new(tokio::sync::Semaphore::new(parts.limits.max_mirrors_in_flight));
         Waypoint(Arc::new(Shared {
-            parts,
             pool: Pool::new(timeouts),
             drain: Drain::default(),
             budget: http::Budget::default(),
             conns: http::Conns::default(),
             mirror_slots,
             baggage,
-            server_tls: Mutex::new(None),
+            tls: tls::Configs::new(parts.roots.clone()),
+            parts,
         }))
     }
 
@@ -113,8 +113,9 @@ impl Waypoint {
     pub fn certs(&self) -> &Certs {
         &self.0.parts.certs
     }
-    pub fn roots(&self) -> &Roots {
-        &self.0.parts.roots
+    /// TLS configs built once per certificate serial.
+    pub fn tls(&self) -> &tls::Configs {
+        &self.0.tls
     }
     pub fn state(&self) -> &State {
         &self.0.parts.state
@@ -196,22 +197,10 @@ impl Waypoint {
     /// The server TLS config for the current certificate.
     fn server_tls(&self) -> Option<Arc<ServerConfig>> {
         let cert = self.certs().current()?;
-        let mut cached = self.0.server_tls.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((serial, cfg)) = cached.as_ref() {
-            if *serial == cert.serial {
-                return Some(cfg.clone());
-            }
-        }
-        match tls::server_config(&cert, self.roots()) {
-            Ok(cfg) => {
-                *cached = Some((cert.serial.clone(), cfg.clone()));
-                Some(cfg)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot build the waypoint's TLS server config");
-                None
-            }
-        }
+        self.tls()
+            .server(&cert)
+            .inspect_err(|e| tracing::error!(error = %e, "cannot build the waypoint's TLS server config"))
+            .ok()
     }
 }
 

@@ -12,7 +12,6 @@ use std::{
 use mesh::{
     hbone::{self, ConnectHeaders, HboneError},
     pool::{PoolKey, PooledStream},
-    tls,
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -69,9 +68,9 @@ pub async fn open(wp: &Waypoint, ep: &Endpoint, client: SocketAddr) -> Result<Up
         client,
         baggage: wp.baggage().to_string(),
     };
-    let (roots, expected, connect_timeout) = (wp.roots().clone(), ep.identities.clone(), wp.limits().connect_timeout);
+    let connect_timeout = wp.limits().connect_timeout;
     let dial = || {
-        let (cert, roots, expected) = (cert.clone(), roots.clone(), expected.clone());
+        let tls = wp.tls().client(&cert, &ep.identities);
         async move {
             let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(dst))
                 .await
@@ -82,10 +81,7 @@ pub async fn open(wp: &Waypoint, ep: &Endpoint, client: SocketAddr) -> Result<Up
                 })?
                 .map_err(|source| HboneError::Connect { peer: dst, source })?;
             let _ = tcp.set_nodelay(true);
-            Ok(hbone::Dialed {
-                tcp,
-                tls: tls::client_config(&cert, &roots, expected)?,
-            })
+            Ok(hbone::Dialed { tcp, tls: tls? })
         }
     };
     let s = wp.pool().connect_stream(&key, &cert.serial, &headers, dial).await?;

@@ -33,7 +33,6 @@ use mesh::{
     hbone::{self, ConnectHeaders, HboneError, Inbound, Refusal},
     pool::PoolKey,
     splice::{self, Copied},
-    tls,
 };
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
@@ -398,7 +397,7 @@ async fn tunnel(
         src_ip: pod_ip_like(ctx, hbone_dst.ip()),
     };
     let dial = || async {
-        let tls = tls::client_config(&cert, &mesh.roots, expected.clone())?;
+        let tls = mesh.tls.client(&cert, &expected)?;
         let tcp = connect_from_pod(ctx, hbone_dst)
             .await
             .map_err(|source| HboneError::Connect {
@@ -453,7 +452,7 @@ pub async fn hbone_inbound(
         tracing::error!(pod = %ctx.key, identity = %ctx.identity, "HBONE connection refused: no certificate (fail closed)");
         return reset(tcp);
     };
-    let cfg = match tls::server_config(&cert, &mesh.roots) {
+    let cfg = match mesh.tls.server(&cert) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(pod = %ctx.key, error = %e, "HBONE connection refused");
