@@ -1,11 +1,12 @@
 //! Wiring: the cluster model from the enrolment file (re-read when it
 //! changes) or the Kubernetes API (`cluster::kube`, the agents'
 //! translation), the routing rules from a file or the same API (`routes`), the waypoint's own certificate from the CA, the HBONE
-//! listener, metrics and readiness, the access log, and SIGTERM's drain.
+//! listener, metrics and readiness, the access log (its own writer thread), and SIGTERM's drain.
 //!
-//! Two runtimes, as ztunnel: control work (CA, config, metrics, access
-//! log) on a current-thread runtime of its own thread, the data plane on a
-//! multi-thread one, so scraping or a slow CA never adds data-path latency.
+//! Two runtimes, as ztunnel: control work (CA, config, metrics) on a
+//! current-thread runtime of its own thread, the data plane on a runtime
+//! of its own (`--worker-threads`, `mesh::runtime`), so scraping
+//! or a slow CA never adds data-path latency.
 use std::{
     collections::BTreeSet,
     path::Path,
@@ -54,10 +55,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let _rt = control.enter();
         CaClient::new(&cfg.ca)?
     };
-    let data = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("waypoint-data")
-        .build()?;
+    let data = mesh::runtime::data_plane(cfg.worker_threads, "waypoint-data")
+        .context("cannot start the data-plane runtime")?;
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
@@ -78,6 +77,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let (access, lines) = if cfg.access_log {
         let (a, rx) = AccessLog::channel();
+        a.register(&mut registry);
         (a, Some(rx))
     } else {
         (AccessLog::off(), None)
@@ -105,6 +105,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let readiness_listener = control
         .block_on(tokio::net::TcpListener::bind(cfg.readiness_addr))
         .with_context(|| format!("cannot listen on --readiness-addr {}", cfg.readiness_addr))?;
+    let log_writer = lines
+        .map(|rx| AccessLog::spawn_writer(rx, std::io::stdout()))
+        .transpose()?;
     let control_thread = {
         let (cfg, state, registry) = (cfg.clone(), state.clone(), Arc::new(registry));
         std::thread::Builder::new()
@@ -112,9 +115,6 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .spawn(move || {
                 control.block_on(async move {
                     secrets.set_wanted(&BTreeSet::from([cfg.id.clone()]));
-                    if let Some(rx) = lines {
-                        tokio::spawn(AccessLog::write_stdout(rx));
-                    }
                     let ready = {
                         let synced = synced.clone();
                         move || certs.current().is_some() && synced.load(Ordering::Relaxed)
@@ -163,6 +163,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })?;
+    // The last lines: every sender goes with the data plane, then the
+    // writer writes what is queued and ends.
+    drop(wp);
+    drop(data);
+    if let Some(writer) = log_writer {
+        let _ = writer.join();
+    }
     drop(control_thread);
     Ok(())
 }

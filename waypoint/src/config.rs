@@ -12,6 +12,9 @@ pub const DEFAULT_LISTEN: &str = "[::]:15008";
 pub const DEFAULT_METRICS: &str = "[::]:15020";
 /// Istio's status port: readiness only (what the kubelet probes).
 pub const DEFAULT_READINESS: &str = "[::]:15021";
+/// See `--worker-threads`.
+pub const DEFAULT_WORKER_THREADS: usize = 0;
+const MAX_WORKER_THREADS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -111,6 +114,11 @@ pub struct RunArgs {
     /// One JSON line per request on stdout.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub access_log: bool,
+    /// Data-plane threads; 0 = one thread that polls and forwards itself
+    /// (as the agent's default): no cross-thread wake-ups between a
+    /// request's tasks. More threads serve more than one core's worth.
+    #[arg(long, env = "WAYPOINT_WORKER_THREADS", default_value_t = DEFAULT_WORKER_THREADS)]
+    pub worker_threads: usize,
 }
 
 /// Where the CA is and how the waypoint proves who it is (as the agent).
@@ -269,6 +277,7 @@ pub struct Config {
     pub upstream_hbone_port: u16,
     pub limits: LimitArgs,
     pub access_log: bool,
+    pub worker_threads: usize,
 }
 
 impl RunArgs {
@@ -284,6 +293,12 @@ impl RunArgs {
             message: e.to_string(),
         })?;
         self.limits.validate()?;
+        if self.worker_threads > MAX_WORKER_THREADS {
+            return Err(ConfigError::Invalid {
+                flag: "--worker-threads",
+                message: format!("at most {MAX_WORKER_THREADS} (0 = one thread)"),
+            });
+        }
         Ok(Config {
             source: match self.config {
                 Some(file) => Source::File(file),
@@ -303,6 +318,7 @@ impl RunArgs {
             upstream_hbone_port: self.upstream_hbone_port,
             limits: self.limits,
             access_log: self.access_log,
+            worker_threads: self.worker_threads,
         })
     }
 }

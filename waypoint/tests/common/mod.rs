@@ -209,7 +209,7 @@ pub struct World {
     pub addr: SocketAddr,
     pub state: State,
     pub registry: Registry,
-    pub access: mpsc::Receiver<String>,
+    pub access: Arc<std::sync::Mutex<std::sync::mpsc::Receiver<String>>>,
     /// Every CONNECT the pods saw.
     pub seen: Seen,
     /// Keyed requests the pods' echo backends saw (`?key=`).
@@ -292,7 +292,7 @@ impl World {
             addr,
             state,
             registry,
-            access: lines,
+            access: Arc::new(std::sync::Mutex::new(lines)),
             seen,
             counters,
             routes: route_source,
@@ -324,10 +324,11 @@ impl World {
 
     /// The next access-log line.
     pub async fn access_line(&mut self) -> serde_json::Value {
-        let line = tokio::time::timeout(WAIT, self.access.recv())
+        let rx = self.access.clone();
+        let line = tokio::task::spawn_blocking(move || rx.lock().unwrap().recv_timeout(WAIT))
             .await
-            .expect("an access-log line")
-            .unwrap();
+            .unwrap()
+            .expect("an access-log line");
         serde_json::from_str(&line).unwrap()
     }
 }
