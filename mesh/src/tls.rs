@@ -129,8 +129,11 @@ const MAX_CLIENT_CONFIGS: usize = 1024;
 pub struct Configs {
     roots: Roots,
     server: Mutex<HashMap<SpiffeId, (String, Arc<ServerConfig>)>>,
-    client: Mutex<HashMap<(SpiffeId, Vec<SpiffeId>), (String, Arc<ClientConfig>)>>,
+    client: Mutex<HashMap<ClientKey, (String, Arc<ClientConfig>)>>,
 }
+
+/// Our identity and the peers a client config accepts.
+type ClientKey = (SpiffeId, Vec<SpiffeId>);
 
 impl Configs {
     pub fn new(roots: Roots) -> Self {

@@ -22,6 +22,7 @@
 //! processes by [`sweep_stale`].
 
 pub mod apiserver;
+pub mod connload;
 pub mod echo;
 pub mod mesh;
 mod names;

@@ -30,6 +30,22 @@ enum Cmd {
         addr: SocketAddr,
         paths: Vec<String>,
     },
+    /// Plain TCP: answers each connection's first read, then closes
+    /// (the benchmark's connection-load server).
+    TcpEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Keeps `concurrency` connections (connect, 1 byte each way, close) in
+    /// flight against a `tcp-echo` for `seconds`; prints a JSON report.
+    ConnectLoad {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long)]
+        seconds: u64,
+    },
     /// One gRPC Echo call to `addr`; prints the reply as JSON.
     GrpcClient {
         #[arg(long)]
@@ -52,6 +68,22 @@ fn main() -> Result<()> {
                 Ok(())
             }
             Cmd::H2Get { addr, paths } => h2_get(addr, &paths).await,
+            Cmd::TcpEcho { listen } => {
+                let l = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                testbed::connload::serve(l).await;
+                Ok(())
+            }
+            Cmd::ConnectLoad {
+                addr,
+                concurrency,
+                seconds,
+            } => {
+                let report = testbed::connload::run(addr, concurrency, std::time::Duration::from_secs(seconds)).await;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
             Cmd::GrpcClient { addr, message } => {
                 let tcp = tokio::net::TcpStream::connect(addr)
                     .await

@@ -40,7 +40,11 @@
 //!    (connect, 1 byte there and back, the server closes, close) against a
 //!    Python echo server, S seconds; agent CPU per 1000 connections, and the
 //!    loop's own CPU (it bounds the direct column);
-//! 4. agent RSS idle (ready, certificates fetched, no traffic), after the run
+//! 4. new connections per second with many clients at once: `mesh-echo
+//!    connect-load` (tokio) keeps 32 connections in setup at once against
+//!    `mesh-echo tcp-echo` (same exchange as 3), S seconds: the capacity of
+//!    the path, and agent CPU per 1000 connections under concurrency;
+//! 5. agent RSS idle (ready, certificates fetched, no traffic), after the run
 //!    and peak (VmHWM).
 //!
 //! Afterwards the agents' access logs must show that they carried every
@@ -68,6 +72,10 @@ const SOCKPERF_PORT: u16 = 11111;
 const IPERF_PORT: u16 = 5201;
 /// The Python echo server of the connection test.
 const ECHO_PORT: u16 = 9007;
+/// The concurrent connection test's server (`mesh-echo tcp-echo`).
+const BURST_PORT: u16 = 9008;
+/// Connections in setup at once in the concurrent connection test.
+const BURST_CONCURRENCY: usize = 32;
 /// sockperf's smallest message is 14 bytes.
 const MSG_SIZE: u32 = 16;
 /// How long a client may run beyond its nominal duration before it is killed.
@@ -476,6 +484,7 @@ fn run(meshes: &[Mesh], opts: &Opts) -> Result<(Vec<Value>, Value)> {
         });
     }
     let port = |p: u16| p.to_string();
+    let echo_bin = mesh::binary("mesh-echo")?.to_string_lossy().into_owned();
     let mut servers = Vec::new();
     for c in &cols {
         let dir = &c.mesh.dir;
@@ -498,6 +507,13 @@ fn run(meshes: &[Mesh], opts: &Opts) -> Result<(Vec<Value>, Value)> {
             "python3",
             &["-c", ECHO_SERVER, &port(ECHO_PORT)],
             ECHO_PORT,
+            dir,
+        )?);
+        servers.push(Background::start(
+            c.server,
+            &echo_bin,
+            &["tcp-echo", "--listen", &format!("0.0.0.0:{BURST_PORT}")],
+            BURST_PORT,
             dir,
         )?);
     }
@@ -595,16 +611,46 @@ fn run(meshes: &[Mesh], opts: &Opts) -> Result<(Vec<Value>, Value)> {
                 "host_busy_pct": cpu.host_busy_pct,
             });
         }
+        for c in &cols {
+            let before = CpuSnapshot::take(c)?;
+            let burst = conn_burst(c, &echo_bin, opts.seconds)
+                .with_context(|| format!("round {round}: {} concurrent connections", c.name))?;
+            let cpu = CpuSnapshot::take(c)?.since(&before, ticks);
+            let k = burst.count as f64 / 1000.0;
+            let rate = burst.count as f64 / burst.seconds;
+            eprintln!(
+                "  round {round}/{n}: {:<6} conns {:>7.0} /s ({BURST_CONCURRENCY} at once)  agents {:.2} CPU-s \
+                 ({:.3}/1000)  host busy {:.0}%{}",
+                c.name,
+                rate,
+                cpu.agent_s,
+                cpu.agent_s / k,
+                cpu.host_busy_pct,
+                match (&burst.first_error, burst.errors) {
+                    (Some(e), n) if n > 0 => format!("  {n} FAILED, first: {e}"),
+                    _ => String::new(),
+                }
+            );
+            rec[c.name]["burst"] = json!({
+                "per_s": rate,
+                "concurrency": BURST_CONCURRENCY,
+                "connections": burst.count,
+                "errors": burst.errors,
+                "first_error": burst.first_error,
+                "seconds": burst.seconds,
+                "agent_cpu_s": cpu.agent_s,
+                "agent_cpu_s_per_1000": cpu.agent_s / k,
+                "client_cpu_s": burst.cpu_s,
+                "host_busy_pct": cpu.host_busy_pct,
+            });
+        }
         raw.push(rec);
     }
     let mut capture = json!({});
     for (i, (m, c)) in meshes.iter().zip(&cols[1..]).enumerate() {
-        let conns: u64 = raw
-            .iter()
-            .filter_map(|r| r[c.name]["conn"]["connections"].as_u64())
-            .sum();
+        let sum = |test: &str| -> u64 { raw.iter().filter_map(|r| r[c.name][test]["connections"].as_u64()).sum() };
         let direct = std::ptr::eq(m, first).then_some(cols[0].server);
-        let mut v = verify_capture(c, direct, opts.rounds, conns)?;
+        let mut v = verify_capture(c, direct, opts.rounds, sum("conn"), sum("burst"))?;
         v["agent_rss_kb"] = json!({
             "idle": idle_kb[i],
             "after": m.rss_kb("VmRSS")?,
@@ -657,7 +703,7 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
     }
     // (label, key, decimals, whether <captured>/direct means something): the
     // agents are not on the direct path, their CPU there is idle housekeeping.
-    let rows: [(&str, &str, usize, bool); 7] = [
+    let rows: [(&str, &str, usize, bool); 9] = [
         ("RTT p50 (us)", "rtt/p50_us", 1, true),
         ("RTT p99 (us)", "rtt/p99_us", 1, true),
         ("bulk (Gb/s)", "bulk/gbps", 2, true),
@@ -674,6 +720,13 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
             "conn/client_cpu_s_per_1000",
             3,
             true,
+        ),
+        ("new connections/s, 32 at once", "burst/per_s", 0, true),
+        (
+            "agent CPU-s per 1000 conn., 32 at once",
+            "burst/agent_cpu_s_per_1000",
+            3,
+            false,
         ),
     ];
     let mut summary = json!({});
@@ -735,7 +788,8 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
          16-byte messages (sockperf ping-pong --tcp --full-rtt); one iperf3 stream; new connections = \
          one Python loop in the client pod, sequential connect + 1 byte each way + close against a \
          Python echo server (its own CPU is the last row: it bounds the direct column, and client, \
-         server and agents share the {cores} cores). Agent CPU = utime+stime of both agents of the \
+         server and agents share the {cores} cores); \"32 at once\" = mesh-echo connect-load, 32 such \
+         connections in setup at once against mesh-echo tcp-echo. Agent CPU = utime+stime of both agents of the \
          column's cluster (in the direct column: their idle housekeeping, they are not on that path).",
         busy("bulk"),
         busy("conn")
@@ -783,7 +837,7 @@ fn write_json(path: &Path, doc: &Value) -> Result<PathBuf> {
 /// column, the right way round and with the column's protocol, and none of
 /// the direct ones (`direct`: the direct server if it is in that cluster);
 /// otherwise the numbers describe another path than the column says.
-fn verify_capture(c: &Column, direct: Option<&Pod>, rounds: usize, conns: u64) -> Result<Value> {
+fn verify_capture(c: &Column, direct: Option<&Pod>, rounds: usize, conns: u64, bursts: u64) -> Result<Value> {
     let hbone = c.mesh.ca.is_some();
     let protocol = if hbone { "hbone" } else { "tcp" };
     let client_id = format!("{TRUST_DOMAIN_NS}/{}", c.client.name);
@@ -793,11 +847,12 @@ fn verify_capture(c: &Column, direct: Option<&Pod>, rounds: usize, conns: u64) -
     let want = |port: u16| format!("{server}:{port}");
     let carried = |logs: &[Value], dst: &str| logs.iter().filter(|l| l["dst"] == dst).count();
     // Each sockperf run is one connection, each iperf3 run at least two, and
-    // every completed connection of the connection test one.
+    // every completed connection of the connection tests one.
     let enough = |logs: &[Value]| {
         carried(logs, &want(SOCKPERF_PORT)) >= rounds
             && carried(logs, &want(IPERF_PORT)) >= 2 * rounds
             && carried(logs, &want(ECHO_PORT)) as u64 >= conns
+            && carried(logs, &want(BURST_PORT)) as u64 >= bursts
     };
     // A connection the agent could not carry (connect_failed, tunnel_failed,
     // no_certificate, a refused CONNECT, no original destination) means the
@@ -824,7 +879,7 @@ fn verify_capture(c: &Column, direct: Option<&Pod>, rounds: usize, conns: u64) -
         let logs = a.wait_access(ACCESS_TIMEOUT, enough).with_context(|| {
             format!(
                 "the {node} agent of the {} column did not carry all its connections to {server} \
-                 ({rounds} sockperf, {} iperf3, {conns} new connections): \
+                 ({rounds} sockperf, {} iperf3, {conns} + {bursts} new connections): \
                  the path was not captured, its numbers would be worthless",
                 c.name,
                 2 * rounds
@@ -874,7 +929,7 @@ fn verify_capture(c: &Column, direct: Option<&Pod>, rounds: usize, conns: u64) -
         out[node] = json!({
             "direction": direction,
             "connections": mine.len(),
-            "new_connections_measured": conns,
+            "new_connections_measured": conns + bursts,
             "ended_in_error": resets,
             "bytes_logged": bytes,
         });
@@ -890,30 +945,38 @@ struct Conns {
     first_error: Option<String>,
 }
 
+impl Conns {
+    /// Runs a connection client (bounded) and reads the JSON report of
+    /// its last line: connections, errors, seconds, cpu_s, first_error.
+    fn run(cmd: Command, what: &str, seconds: u32) -> Result<Conns> {
+        let out = run_bounded(cmd, Duration::from_secs(seconds.into()) + CLIENT_SLACK)?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let doc: Value = serde_json::from_str(text.lines().last().unwrap_or_default()).with_context(|| {
+            format!(
+                "{what} printed no report ({}): {text}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        let count = doc["connections"].as_u64().context("no connection count")?;
+        ensure!(count > 0, "{what}: no connection completed: {doc}");
+        Ok(Conns {
+            count,
+            errors: doc["errors"].as_u64().unwrap_or(0),
+            seconds: doc["seconds"].as_f64().context("no duration")?,
+            cpu_s: doc["cpu_s"].as_f64().unwrap_or(f64::NAN),
+            first_error: doc["first_error"].as_str().map(str::to_string),
+        })
+    }
+}
+
 fn conn_rate(c: &Column, seconds: u32) -> Result<Conns> {
     let mut cmd = c.client.try_command("python3")?;
     cmd.args(["-c", CONN_CLIENT])
         .arg(c.server.ip4.to_string())
         .arg(ECHO_PORT.to_string())
         .arg(seconds.to_string());
-    let out = run_bounded(cmd, Duration::from_secs(seconds.into()) + CLIENT_SLACK)?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let doc: Value = serde_json::from_str(text.lines().last().unwrap_or_default()).with_context(|| {
-        format!(
-            "the connection loop printed no report ({}): {text}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    let count = doc["connections"].as_u64().context("no connection count")?;
-    ensure!(count > 0, "no connection completed: {doc}");
-    Ok(Conns {
-        count,
-        errors: doc["errors"].as_u64().unwrap_or(0),
-        seconds: doc["seconds"].as_f64().context("no duration")?,
-        cpu_s: doc["cpu_s"].as_f64().unwrap_or(f64::NAN),
-        first_error: doc["first_error"].as_str().map(str::to_string),
-    })
+    Conns::run(cmd, "the connection loop", seconds)
 }
 
 struct Rtt {
@@ -927,6 +990,17 @@ impl Rtt {
     fn to_json(&self) -> Value {
         json!({ "p50_us": self.p50, "p99_us": self.p99, "avg_us": self.avg, "observations": self.observations })
     }
+}
+
+fn conn_burst(c: &Column, echo_bin: &str, seconds: u32) -> Result<Conns> {
+    let mut cmd = c.client.try_command(echo_bin)?;
+    cmd.args(["connect-load", "--addr"])
+        .arg(format!("{}:{BURST_PORT}", c.server.ip4))
+        .arg("--concurrency")
+        .arg(BURST_CONCURRENCY.to_string())
+        .arg("--seconds")
+        .arg(seconds.to_string());
+    Conns::run(cmd, "connect-load", seconds)
 }
 
 fn sockperf(r: &Column, seconds: u32) -> Result<Rtt> {
@@ -1097,7 +1171,10 @@ struct Background {
 impl Background {
     /// Starts `program args` in `pod` and waits (bounded) until it listens on `port`.
     fn start(pod: &Pod, program: &str, args: &[&str], port: u16, dir: &Path) -> Result<Background> {
-        let log = dir.join(format!("{program}-{}.log", pod.name));
+        let name = Path::new(program)
+            .file_name()
+            .map_or(program.into(), |n| n.to_string_lossy());
+        let log = dir.join(format!("{name}-{}.log", pod.name));
         let file = File::create(&log)?;
         let child = pod
             .try_command(program)?
