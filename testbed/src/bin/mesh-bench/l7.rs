@@ -26,9 +26,9 @@
 //! The backend is the project's echo rather than nginx serving a file, so
 //! nginx is only ever the proxy under test, never also the backend, and all
 //! four paths share one backend program. Waypoint and nginx both sit on
-//! the server's node, both with their defaults: one worker per core
-//! (the waypoint's multi-thread runtime, nginx `worker_processes auto`) and
-//! an access-log line per request to a file.
+//! the server's node, both with their defaults (the waypoint's one
+//! data-plane thread, `--worker-threads 0`; nginx `worker_processes auto`,
+//! one worker per core) and an access-log line per request to a file.
 //!
 //! Load: oha (pinned by `cargo xtask bench`, which installs it into
 //! target/tools) in the client pod, one worker thread, `--connections`
