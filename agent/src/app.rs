@@ -98,10 +98,11 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
         })?,
         None => EBPF_OBJECT.to_vec(),
     };
+    let mut registry = prometheus_client::registry::Registry::default();
     // Read the source before touching the kernel, so a bad file fails fast.
     let mut source = match &cfg.source {
         Source::File(path) => Watched::File(Box::new(FileSource::open(path)?)),
-        Source::Kubernetes(k) => Watched::Kube(KubeSource::start(&cfg.node, k).await?),
+        Source::Kubernetes(k) => Watched::Kube(KubeSource::start(&cfg.node, k, &mut registry).await?),
     };
     let (capture, orig) = Capture::start(&object, &cfg.bpffs, &cfg.pin_name, &cfg.cgroup_parent, cfg.bpf_log)?;
 
@@ -126,7 +127,6 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
             (None, None)
         }
     };
-    let mut registry = prometheus_client::registry::Registry::default();
     let metrics = TcpMetrics::register(&mut registry);
     let refusals = Refusals::register(&mut registry);
     let binding_metric = WaypointBindings::register(&mut registry);
@@ -384,7 +384,11 @@ struct KubeSource {
 }
 
 impl KubeSource {
-    async fn start(node: &str, k: &KubeSettings) -> anyhow::Result<Box<Self>> {
+    async fn start(
+        node: &str,
+        k: &KubeSettings,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> anyhow::Result<Box<Self>> {
         let client = k8s::client(k.kubeconfig.as_deref()).await?;
         let kube = Kube::start(client, node);
         let cni = match &k.cni_socket {
@@ -392,7 +396,14 @@ impl KubeSource {
                 let listener = k8s::cni::bind(path)
                     .with_context(|| format!("cannot listen on the CNI socket {}", path.display()))?;
                 let (tx, rx) = mpsc::channel(64);
-                tokio::spawn(k8s::cni::serve(listener, kube.clone(), k.own_pod_uid.clone(), tx));
+                let metrics = k8s::cni::CniMetrics::register(registry);
+                tokio::spawn(k8s::cni::serve(
+                    listener,
+                    kube.clone(),
+                    k.own_pod_uid.clone(),
+                    tx,
+                    metrics,
+                ));
                 tracing::info!(socket = %path.display(), "CNI socket listening");
                 Some(rx)
             }

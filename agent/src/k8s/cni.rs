@@ -6,10 +6,18 @@
 use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use mesh_cni::proto::{Command, Reply, Request};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        family::Family,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
@@ -38,6 +46,46 @@ pub enum CniEvent {
     TornDown { uid: String },
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AddLabels {
+    /// `captured`, `not_in_mesh` or `failed`.
+    outcome: &'static str,
+}
+
+/// How long a CNI ADD takes from its request to the agent's reply: the
+/// time a new pod's sandbox waits for capture (issue #11's
+/// enroll-to-capture).
+#[derive(Clone)]
+pub struct CniMetrics {
+    add: Family<AddLabels, Histogram, fn() -> Histogram>,
+}
+
+impl CniMetrics {
+    /// `mesh_agent_cni_add_duration_seconds{outcome}`.
+    pub fn register(registry: &mut Registry) -> Self {
+        // 0.25 ms to ~8 s.
+        let add: Family<AddLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_25, 2.0, 16)));
+        registry.sub_registry_with_prefix("mesh_agent").register(
+            "cni_add_duration_seconds",
+            "CNI ADD requests from arrival to the agent's reply (the pod captured, or why not), by outcome",
+            add.clone(),
+        );
+        Self { add }
+    }
+
+    fn observe(&self, reply: &Reply, since: Instant) {
+        let outcome = match (reply.ok, reply.enrolled) {
+            (true, true) => "captured",
+            (true, false) => "not_in_mesh",
+            (false, _) => "failed",
+        };
+        self.add
+            .get_or_create(&AddLabels { outcome })
+            .observe(since.elapsed().as_secs_f64());
+    }
+}
+
 /// Binds the socket (replacing a stale one of a previous agent: new
 /// requests then reach this agent).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
@@ -53,19 +101,25 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-pub async fn serve(listener: UnixListener, kube: Kube, own_uid: Option<String>, tx: mpsc::Sender<CniEvent>) {
+pub async fn serve(
+    listener: UnixListener,
+    kube: Kube,
+    own_uid: Option<String>,
+    tx: mpsc::Sender<CniEvent>,
+    metrics: CniMetrics,
+) {
     let mut backoff = crate::proxy::AcceptBackoff::default();
     loop {
         let Some((stream, _)) = backoff.accepted(listener.accept().await, "CNI socket").await else {
             continue;
         };
-        let (kube, own_uid, tx) = (kube.clone(), own_uid.clone(), tx.clone());
+        let (kube, own_uid, tx, metrics) = (kube.clone(), own_uid.clone(), tx.clone(), metrics.clone());
         tokio::spawn(async move {
             // A caller that never finishes its request must not hold the
             // connection: the plugin itself gives up after 10 s.
             let served = tokio::time::timeout(
                 POD_WAIT + REPLY_WAIT,
-                connection(stream, &kube, own_uid.as_deref(), &tx),
+                connection(stream, &kube, own_uid.as_deref(), &tx, &metrics),
             );
             let r = served.await.unwrap_or_else(|_| {
                 Err(std::io::Error::new(
@@ -85,11 +139,18 @@ async fn connection(
     kube: &Kube,
     own_uid: Option<&str>,
     tx: &mpsc::Sender<CniEvent>,
+    metrics: &CniMetrics,
 ) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     BufReader::new(r.take(64 * 1024)).read_line(&mut line).await?;
+    let arrived = Instant::now();
     let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(req) if req.command == Command::Add => {
+            let reply = handle(req, kube, own_uid, tx).await;
+            metrics.observe(&reply, arrived);
+            reply
+        }
         Ok(req) => handle(req, kube, own_uid, tx).await,
         Err(e) => failure(format!(
             "bad request from the CNI plugin: {e} (plugin and agent versions differ?)"

@@ -686,6 +686,13 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     assert_eq!(code, 0);
     assert_eq!(enrolled(&cluster)?, ["apps/fresh"]);
 
+    // Each ADD's time to the reply is measured, by outcome.
+    let (metrics, _) = crate::node_get(&cluster, "node1", "http://127.0.0.1:15020/metrics")?;
+    for outcome in ["captured", "not_in_mesh"] {
+        let count = format!("mesh_agent_cni_add_duration_seconds_count{{outcome=\"{outcome}\"}} 1");
+        assert!(metrics.lines().any(|l| l == count), "no `{count}` in:\n{metrics}");
+    }
+
     // DEL: the sandbox is gone, capture with it.
     let (code, _, _) = cni("DEL", "fresh", "apps", &ips)?;
     assert_eq!(code, 0);
