@@ -16,6 +16,7 @@ mod hbone;
 mod identity;
 mod interop;
 mod kube;
+mod sockmap;
 mod steering;
 mod upgrade;
 mod waypoint;
