@@ -229,6 +229,66 @@ mod tests {
         probe().unwrap();
     }
 
+    static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
+
+    /// One "agent": the object loaded against the scratch pins.
+    fn load(pins: &Pins) -> Ebpf {
+        aya::EbpfLoader::new()
+            .default_map_pin_directory(pins.maps())
+            .override_global(aya_log::LEVEL, &0u8, true)
+            .load(OBJECT)
+            .expect("run `cargo xtask build-ebpf` before the unit tests")
+    }
+
+    fn sk_msg_fd(ebpf: &mut Ebpf) -> aya::programs::ProgramFd {
+        let prog: &mut SkMsg = program(ebpf, progs::SK_MSG).unwrap();
+        if prog.fd().is_err() {
+            prog.load().unwrap();
+        }
+        prog.fd().unwrap().try_clone().unwrap()
+    }
+
+    /// The restart and handover path of the sk_msg program: a pinned link
+    /// on SM_APP that outlives its agent, an identical program kept, and the
+    /// kernel's compare-and-swap on sockmap links that lets a newer agent
+    /// replace the program with no moment without one.
+    #[test]
+    fn the_sk_msg_link_is_pinned_kept_and_swapped_by_compare_and_swap() {
+        let scratch = super::super::TestPins::new("smlink");
+        let name = scratch.0.file_name().unwrap().to_str().unwrap();
+        let pins = Pins::new(scratch.0.parent().unwrap(), name);
+        pins.prepare().unwrap();
+
+        let mut a = load(&pins);
+        Sockmap::start(&mut a, &pins).unwrap();
+        let link = sys::obj_get(&link_pin(&pins)).unwrap();
+        let a_fd = sk_msg_fd(&mut a);
+        let a_id = sys::prog_info(a_fd.as_fd()).unwrap().id;
+        assert_eq!(sys::link_prog_id(link.as_fd()).unwrap(), a_id);
+        drop(a);
+        // The agent is gone; the pinned link keeps its program attached.
+        assert_eq!(sys::link_prog_id(link.as_fd()).unwrap(), a_id);
+
+        // A restarted agent with the same program keeps the link as it is.
+        let mut b = load(&pins);
+        Sockmap::start(&mut b, &pins).unwrap();
+        assert_eq!(sys::link_prog_id(link.as_fd()).unwrap(), a_id);
+
+        // Swaps are atomic and refused when the old program is stale.
+        let b_fd = sk_msg_fd(&mut b);
+        let mut c = load(&pins);
+        let c_fd = sk_msg_fd(&mut c);
+        sys::link_update(link.as_fd(), b_fd.as_fd(), a_fd.as_fd()).unwrap();
+        let e = sys::link_update(link.as_fd(), c_fd.as_fd(), a_fd.as_fd()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+        let b_id = sys::prog_info(b_fd.as_fd()).unwrap().id;
+        assert_eq!(sys::link_prog_id(link.as_fd()).unwrap(), b_id);
+
+        // --sockmap off detaches it.
+        stop(&pins);
+        assert!(!link_pin(&pins).exists());
+    }
+
     #[test]
     fn hop_keys_fold_ipv4_mapped_addresses() {
         let v4 = hop_key(

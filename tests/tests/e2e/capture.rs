@@ -276,7 +276,13 @@ fn restart_fails_closed_then_resumes_from_pins_with(sockmap: bool) -> Result<()>
     // Restarted agents reuse the pins and capture again.
     let a1b = w.agent("node1")?;
     let a2b = w.agent("node2")?;
+    let redirected = sockmap_redirected(&a1b)?;
     assert!(succeeded(&w.once("client", &w.ip4("backend"), APP_PORT)?));
+    // ... and with sockmap on, accelerate again: the restarted agent's
+    // sockets are found by the sk_msg program the pinned link kept.
+    if sockmap {
+        assert!(sockmap_redirected(&a1b)? > redirected);
+    }
     assert!(succeeded(&w.once("outsider", &w.ip4("server"), 7777)?));
     a1b.wait_access(WAIT, |l| l.len() == 1)?;
     a2b.wait_access(WAIT, |l| l.len() == 1)?;
