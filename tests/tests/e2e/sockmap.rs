@@ -177,6 +177,13 @@ fn sockmap_redirects_both_hops_and_lo_carries_no_app_payload() -> Result<()> {
         assert!(requests > 0, "the capture saw no request either: it proves nothing");
         let s2 = a2.status()?;
         assert!(sm_stat(&s2, "redirected") >= 20, "{s2}");
+        // The same counters, as the agent's metrics.
+        let (metrics, _) = crate::node_get(&w.cluster, "node2", "http://127.0.0.1:15020/metrics")?;
+        assert!(
+            crate::sum_samples(&metrics, "agent_sockmap_redirected_total") >= 20,
+            "{metrics}"
+        );
+        assert!(metrics.contains("agent_sockmap_peer_missing_total"), "{metrics}");
     }
 
     // Client hop: a server that speaks first. The client writes after the
