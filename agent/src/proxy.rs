@@ -380,7 +380,15 @@ pub fn accelerate(ctx: &PodCtx, sock: &TcpStream) -> Read {
         return Read::Splice;
     };
     match ends.insert(ctx.netns_cookie, sock, app, ours) {
-        Ok(()) => Read::Recv,
+        Ok(()) => {
+            // A hop whose first byte found us missing stays on TCP: splice
+            // it again after the first bytes.
+            let (maps, netns) = (ctx.orig.clone(), ctx.netns_cookie);
+            let settle = move || maps.sockmap().is_some_and(|e| e.release_if_tcp(netns, app, ours));
+            Read::Recv {
+                settle: Some(Box::new(settle)),
+            }
+        }
         Err(e) => {
             tracing::debug!(pod = %ctx.key, app = %app, error = %e, "hop left on TCP: cannot insert the agent's socket into SM_AGENT");
             Read::Splice

@@ -36,12 +36,27 @@ pub async fn forward(client: &TcpStream, upstream: &TcpStream) -> Copied {
 }
 
 /// How a socket is read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Read {
     /// Zero-copy: only for sockets that receive through TCP alone.
     Splice,
     /// recvmsg into a buffer: for sockets that may receive through sk_msg.
-    Recv,
+    /// After the first bytes (when the sender's first byte has decided how
+    /// the hop goes) `settle` is asked once: `true` means the bytes come
+    /// through TCP for good and the socket left the sockmap, so the rest is
+    /// spliced.
+    Recv { settle: Option<Settle> },
+}
+
+/// See [`Read::Recv`].
+pub type Settle = Box<dyn FnOnce() -> bool + Send>;
+
+impl std::fmt::Debug for Read {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Read::Splice => "splice",
+            Read::Recv { .. } => "recv",
+        })
+    }
 }
 
 /// [`forward`], reading `client` and `upstream` as told.
@@ -63,15 +78,16 @@ pub async fn forward_reading(
 async fn direction(from: &TcpStream, read: Read, to: &TcpStream, count: &AtomicU64) -> io::Result<()> {
     match read {
         Read::Splice => pump(from, to, count).await,
-        Read::Recv => copy(from, to, count).await,
+        Read::Recv { settle } => copy(from, to, count, settle).await,
     }
 }
 
 /// Bytes read per recvmsg in [`copy`].
 const COPY_BUF: usize = 64 * 1024;
 
-/// One direction through user space: recvmsg until EOF, then half-close.
-async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64) -> io::Result<()> {
+/// One direction through user space: recvmsg until EOF, then half-close;
+/// spliced from the point `settle` says the bytes come through TCP only.
+async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, mut settle: Option<Settle>) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
         let n = retry(from, Interest::READABLE, || {
@@ -101,6 +117,9 @@ async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64) -> io::Result
             .await?;
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
+        if settle.take().is_some_and(|settle| settle()) {
+            return pump(from, to, count).await;
+        }
     }
 }
 

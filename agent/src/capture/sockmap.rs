@@ -28,7 +28,7 @@ use std::{
     path::PathBuf,
 };
 
-use agent_common::{maps as names, programs as progs, sockmap_stats, HopKey};
+use agent_common::{hop, maps as names, programs as progs, sockmap_stats, HopKey};
 use aya::{
     maps::{Map, MapData, MapType, PerCpuArray},
     programs::{ProgramType, SkMsg},
@@ -70,9 +70,12 @@ pub fn probe() -> Result<(), String> {
     Ok(())
 }
 
-/// The agent's sockhash of its own ends of the hops, shared by every
-/// connection handler.
-pub struct AgentEnds(MapData);
+/// The agent's sockhash of its own ends of the hops (and the hops' states),
+/// shared by every connection handler.
+pub struct AgentEnds {
+    agent: MapData,
+    hops: aya::maps::HashMap<MapData, HopKey, u32>,
+}
 
 impl AgentEnds {
     /// Puts the agent's socket `sock` of a hop into SM_AGENT: `app` is the
@@ -91,7 +94,21 @@ impl AgentEnds {
     ) -> std::io::Result<()> {
         let key = hop_key(netns_cookie, app, agent);
         let fd = sock.as_raw_fd() as u32;
-        sys::map_update(self.0.fd().as_fd(), sys::key_bytes(&key), &fd.to_ne_bytes())
+        sys::map_update(self.agent.fd().as_fd(), sys::key_bytes(&key), &fd.to_ne_bytes())
+    }
+
+    /// Once the agent has read the hop's first bytes (so the app's first
+    /// byte has decided): when the hop stays on TCP for good, takes the
+    /// agent's socket out of SM_AGENT and says so, and the agent may splice
+    /// it from then on (zero-copy again). A redirected hop, or one whose
+    /// state is unknown (gone with a closed app socket: redirected bytes may
+    /// still be queued), stays where it is and is read with recvmsg.
+    pub fn release_if_tcp(&self, netns_cookie: u64, app: SocketAddr, agent: SocketAddr) -> bool {
+        let key = hop_key(netns_cookie, app, agent);
+        if self.hops.get(&key, 0).ok() != Some(hop::TCP) {
+            return false;
+        }
+        sys::map_delete(self.agent.fd().as_fd(), sys::key_bytes(&key)).is_ok()
     }
 }
 
@@ -120,6 +137,8 @@ impl Sockmap {
     pub fn start(ebpf: &mut Ebpf, pins: &Pins) -> Result<(Self, AgentEnds), CaptureError> {
         let app = map_data(ebpf, names::SM_APP)?;
         let agent = map_data(ebpf, names::SM_AGENT)?;
+        let hops = map_data(ebpf, names::SM_HOPS)?;
+        let hops = bpf!("map SM_HOPS", aya::maps::HashMap::try_from(Map::HashMap(hops)))?;
         let stats = map_data(ebpf, names::SM_STATS)?;
         let stats: PerCpuArray<MapData, u64> = bpf!("map SM_STATS", PerCpuArray::try_from(Map::PerCpuArray(stats)))?;
         let prog: &mut SkMsg = program(ebpf, progs::SK_MSG)?;
@@ -134,7 +153,7 @@ impl Sockmap {
             })
         })?;
         tracing::info!(outcome = ?outcome, "sk_msg program attached to SM_APP");
-        Ok((Self { stats }, AgentEnds(agent)))
+        Ok((Self { stats }, AgentEnds { agent, hops }))
     }
 
     pub fn stats(&self) -> BTreeMap<&'static str, u64> {
@@ -165,7 +184,7 @@ fn map_data(ebpf: &mut Ebpf, name: &str) -> Result<MapData, CaptureError> {
         bpf_err(format!("map {name}"))("missing from the object; rebuild it with `cargo xtask build-ebpf`".into())
     })?;
     match map {
-        Map::SockHash(d) | Map::PerCpuArray(d) => Ok(d),
+        Map::SockHash(d) | Map::PerCpuArray(d) | Map::HashMap(d) => Ok(d),
         other => Err(bpf_err(format!("map {name}"))(format!("unexpected type {other:?}"))),
     }
 }
