@@ -53,6 +53,19 @@ pub mod maps {
     pub const LOCAL_FWD: &str = "LOCAL_FWD";
     /// aya-log's ring buffer (created per load, never pinned).
     pub const AYA_LOGS: &str = "AYA_LOGS";
+    /// Sockmap acceleration of the in-pod hops (`agent run --sockmap`):
+    /// the applications' sockets, keyed by socket cookie; the sk_msg
+    /// program is attached to this map, so it runs on their sendmsg.
+    pub const SM_APP: &str = "SM_APP";
+    /// The agent's end of each in-pod hop, keyed by [`super::HopKey`] as
+    /// the application's socket sees it: where redirected bytes go.
+    pub const SM_AGENT: &str = "SM_AGENT";
+    /// Companion of SM_APP: each application socket's [`super::hop`] state
+    /// (undecided, redirected, TCP), keyed by its [`super::HopKey`];
+    /// removed when the socket closes.
+    pub const SM_HOPS: &str = "SM_HOPS";
+    /// Sockmap counters, see [`super::sockmap_stats`].
+    pub const SM_STATS: &str = "SM_STATS";
 }
 
 /// Program names (the Rust function names in agent-ebpf).
@@ -63,6 +76,28 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "mesh_getpeer6";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+    /// sk_msg verdict program, attached to the SM_APP sockhash.
+    pub const SK_MSG: &str = "mesh_sk_msg";
+}
+
+/// `PodEntry::flags` bits.
+pub mod pod_flags {
+    /// Sockmap acceleration is on for this pod: sockops puts the app's ends
+    /// of the in-pod hops into SM_APP.
+    pub const SOCKMAP: u32 = 1;
+}
+
+/// States of an application socket in SM_HOPS. A hop is redirected from its
+/// first byte or never: its first sendmsg decides, once.
+pub mod hop {
+    /// No byte sent yet.
+    pub const UNDECIDED: u32 = 0;
+    /// The first byte found the agent's end in SM_AGENT: every byte is
+    /// redirected into it (while it exists).
+    pub const REDIRECT: u32 = 1;
+    /// The first byte found no agent end: the hop stays on TCP for good
+    /// (switching later could deliver newer bytes before older ones).
+    pub const TCP: u32 = 2;
 }
 
 /// An IP address in IPv6 form (IPv4 as `::ffff:a.b.c.d`), stored as the kernel
@@ -168,6 +203,48 @@ pub struct SockKey {
     pub _pad: [u8; 6],
 }
 
+/// One end of an in-pod hop, always in the orientation of the application's
+/// socket (`src` = the app's address, `dst` = its peer's), in the pod's
+/// network namespace. IPv4 and IPv4-mapped IPv6 addresses are both stored as
+/// `::ffff:a.b.c.d`, so an AF_INET6 app talking to a mapped address and the
+/// agent's AF_INET socket meet under one key. The netns cookie keeps pods
+/// apart: every pod's client hop is `127.0.0.1:eph -> 127.0.0.1:15001`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HopKey {
+    pub netns_cookie: u64,
+    pub src: Ip6,
+    pub dst: Ip6,
+    /// Ports in host byte order.
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub _pad: u32,
+}
+
+/// Indexes of the per-CPU counters in the SM_STATS map (slots only append).
+pub mod sockmap_stats {
+    /// Messages (sendmsg calls) redirected into the agent's socket.
+    pub const REDIRECTED: u32 = 0;
+    /// Hops whose first message found no agent end: they stay on TCP.
+    pub const PEER_MISSING: u32 = 1;
+    /// Messages of a redirected hop passed to TCP because the agent's end
+    /// had left SM_AGENT (it closed): never a drop.
+    pub const PEER_GONE: u32 = 2;
+    /// Application sockets put into SM_APP by sockops.
+    pub const APP_INSERTED: u32 = 3;
+    /// Application sockets sockops could not put into SM_APP (map full):
+    /// they stay on TCP.
+    pub const APP_INSERT_FAILED: u32 = 4;
+    pub const COUNT: u32 = 5;
+    pub const NAMES: [&str; 5] = [
+        "redirected",
+        "peer_missing",
+        "peer_gone",
+        "app_inserted",
+        "app_insert_failed",
+    ];
+}
+
 /// Indexes of the per-CPU counters in the STATS map.
 pub mod stats {
     /// Outbound connects redirected to the agent.
@@ -213,6 +290,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::HopKey {}
 }
 
 #[cfg(test)]
@@ -226,6 +304,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<ConnKey>(), 32);
         assert_eq!(core::mem::size_of::<PodEntry>(), 8);
         assert_eq!(core::mem::size_of::<SockKey>(), 24);
+        assert_eq!(core::mem::size_of::<HopKey>(), 48);
     }
 
     #[test]
@@ -241,10 +320,15 @@ mod tests {
             maps::EXCL_CIDRS,
             maps::STATS,
             maps::LOCAL_FWD,
+            maps::SM_APP,
+            maps::SM_AGENT,
+            maps::SM_HOPS,
+            maps::SM_STATS,
         ] {
             assert!(name.len() <= 15, "{name}: the kernel keeps 15 characters");
         }
         assert!(stats::NAMES.len() >= stats::COUNT as usize);
+        assert_eq!(sockmap_stats::NAMES.len(), sockmap_stats::COUNT as usize);
     }
 
     #[test]

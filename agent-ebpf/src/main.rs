@@ -10,6 +10,13 @@
 //! * `sk_lookup` (one link per pod netns) hands new inbound connections to
 //!   the agent's 15006 listener; with no listener it refuses them (fail
 //!   closed) instead of delivering them around the agent.
+//! * Sockmap acceleration (pods enrolled with `pod_flags::SOCKMAP`): sockops
+//!   puts the application's end of each in-pod hop whose reader is the
+//!   agent into SM_APP (the app's redirected connect to 15001, and the app's
+//!   accepted socket of the agent's connection to it); `sk_msg`, attached to
+//!   SM_APP, moves the app's bytes straight into the agent's socket
+//!   (SM_AGENT, inserted by the agent itself) instead of through TCP on
+//!   `lo`. A hop is redirected from its first byte or never (SM_HOPS).
 //!
 //! Every decision is also logged at debug level with aya-log (the reason a
 //! connection was or was not captured). The agent sets `AYA_LOG_LEVEL` at
@@ -23,17 +30,19 @@
 use core::ptr::read_volatile;
 
 use agent_common::{
-    stats, ConnKey, Ip6, OrigDst, PodEntry, SockKey, AGENT_MARK, FORWARD_MARK, HBONE_PORT, OUTBOUND_PORT,
+    hop, pod_flags, sockmap_stats, stats, ConnKey, HopKey, Ip6, OrigDst, PodEntry, SockKey, AGENT_MARK,
+    FORWARD_MARK, HBONE_PORT, OUTBOUND_PORT,
 };
 use aya_ebpf::{
     bindings::{
         sk_action::{SK_DROP, SK_PASS},
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
@@ -82,6 +91,30 @@ static LOCAL_FWD: LruHashMap<SockKey, u32> = LruHashMap::pinned(65536, 0);
 #[cfg_attr(not(feature = "next-layout"), map(name = "STATS"))]
 #[cfg_attr(feature = "next-layout", map(name = "STATS_V2"))]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+/// Application ends of the in-pod hops (key: socket cookie); sk_msg is
+/// attached here. The kernel drops an entry when its socket closes.
+#[map]
+static SM_APP: SockHash<u64> = SockHash::pinned(65536, 0);
+/// The agent's ends, inserted by the agent (its sockets are not in our
+/// cgroups), keyed as the app's socket sees the hop.
+#[map]
+static SM_AGENT: SockHash<HopKey> = SockHash::pinned(65536, 0);
+/// Each app end's hop state (`agent_common::hop`). A plain hash, never LRU:
+/// an evicted TCP decision could turn into a redirect mid-stream.
+#[map]
+static SM_HOPS: HashMap<HopKey, u32> = HashMap::pinned(65536, 0);
+/// Sockmap counters, see `agent_common::sockmap_stats`.
+#[map]
+static SM_STATS: PerCpuArray<u64> = PerCpuArray::pinned(sockmap_stats::COUNT, 0);
+
+#[inline(always)]
+fn count_sm(idx: u32) {
+    if let Some(c) = SM_STATS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
 
 #[inline(always)]
 fn count(idx: u32) {
@@ -262,14 +295,184 @@ pub fn mesh_getpeer6(ctx: SockAddrContext) -> i32 {
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => publish_conn(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => passive_hop(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             // SAFETY: helper only reads the context.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let _ = ORIG_DST.remove(&cookie);
+            // The hop state leaves with its socket (SM_APP's entry is
+            // dropped by the kernel itself).
+            let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+            let _ = SM_HOPS.remove(ops_hop_key(&ctx, netns));
         }
         _ => {}
     }
     0
+}
+
+/// A port as a context field holds it: some fields keep the network-order
+/// port in the upper 16 bits (sock_ops, sk_msg `remote_port`), so take
+/// whichever half is set (a port is never 0 on an established socket).
+#[inline(always)]
+fn be_port(raw: u32) -> u16 {
+    let be = if raw > 0xffff { raw >> 16 } else { raw };
+    u16::from_be(be as u16)
+}
+
+/// The hop key of the socket behind a sock_ops context, as that socket
+/// sees it (src = local).
+#[inline(always)]
+fn ops_hop_key(ctx: &SockOpsContext, netns_cookie: u64) -> HopKey {
+    let ops = ctx.ops;
+    // SAFETY: valid context; constant-offset loads (see publish_conn).
+    let (family, l4, r4, l6, r6, lport, rport) = unsafe {
+        (
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).local_ip4),
+            read_volatile(&(*ops).remote_ip4),
+            read_ctx4(&(*ops).local_ip6),
+            read_ctx4(&(*ops).remote_ip6),
+            read_volatile(&(*ops).local_port),
+            read_volatile(&(*ops).remote_port),
+        )
+    };
+    let (src, dst) = fold(family, l4, r4, l6, r6);
+    HopKey {
+        netns_cookie,
+        src,
+        dst,
+        src_port: lport as u16,
+        dst_port: be_port(rport),
+        _pad: 0,
+    }
+}
+
+/// Both addresses in `Ip6` form, IPv4 as `::ffff:a.b.c.d` (an AF_INET6
+/// socket on an IPv4-mapped address already holds that form).
+#[inline(always)]
+fn fold(family: u32, l4: u32, r4: u32, l6: [u32; 4], r6: [u32; 4]) -> (Ip6, Ip6) {
+    if family == AF_INET {
+        (Ip6::from_v4_raw(l4), Ip6::from_v4_raw(r4))
+    } else {
+        (Ip6 { words: l6 }, Ip6 { words: r6 })
+    }
+}
+
+/// Puts an app socket into SM_APP (so sk_msg runs on its sends), with its
+/// hop state first: a socket in SM_APP always has one. Either both or
+/// neither: without them the hop stays on TCP. Called from the established
+/// callbacks, before the app can send its first byte.
+#[inline(always)]
+fn insert_app(ctx: &SockOpsContext, netns_cookie: u64) {
+    let key = ops_hop_key(ctx, netns_cookie);
+    if SM_HOPS.insert(key, hop::UNDECIDED, u64::from(BPF_NOEXIST)).is_err() {
+        count_sm(sockmap_stats::APP_INSERT_FAILED);
+        return;
+    }
+    // SAFETY: helper only reads the context.
+    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the context is the kernel's bpf_sock_ops for this socket.
+    if SM_APP.update(&mut cookie, unsafe { &mut *ctx.ops }, 0).is_err() {
+        let _ = SM_HOPS.remove(key);
+        count_sm(sockmap_stats::APP_INSERT_FAILED);
+        return;
+    }
+    count_sm(sockmap_stats::APP_INSERTED);
+    // The close callback frees the hop state.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+/// Whether the pod of this netns has sockmap acceleration on.
+#[inline(always)]
+fn sockmap_on(netns_cookie: u64) -> bool {
+    // SAFETY: read-only lookup of plain data.
+    unsafe { ENROLLED_NETNS.get(netns_cookie) }.is_some_and(|p| p.flags & pod_flags::SOCKMAP != 0)
+}
+
+/// The app's accepted socket of a connection the agent made to it inside
+/// the pod (it carries the agent's mark: tcp_fwmark_accept copies the SYN's
+/// mark): the app's replies are read by the agent.
+#[inline(always)]
+fn passive_hop(ctx: &SockOpsContext) {
+    // SAFETY: helper only reads the context.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if !sockmap_on(netns_cookie) {
+        return;
+    }
+    // SAFETY: valid context; `sk` is the full socket or null.
+    let sk = unsafe { read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: non-null bpf_sock of this callback.
+    let mark = unsafe { (*sk).mark };
+    if mark != AGENT_MARK && mark != FORWARD_MARK {
+        return;
+    }
+    insert_app(ctx, netns_cookie);
+}
+
+#[sk_msg]
+pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
+    let key = msg_hop_key(&ctx);
+    let Some(state) = SM_HOPS.get_ptr_mut(key) else {
+        // Not a hop of ours (or its state is gone): plain TCP.
+        return SK_PASS;
+    };
+    // SAFETY: map value of this socket; sk_msg runs under the socket lock,
+    // so this socket's sends see and set the state one at a time.
+    let now = unsafe { *state };
+    if now == hop::TCP {
+        return SK_PASS;
+    }
+    // The helper answers SK_PASS only when it found the agent's socket;
+    // otherwise its SK_DROP is never returned: the bytes go through TCP.
+    if SM_AGENT.redirect_msg(&ctx, key, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        // SAFETY: as above.
+        unsafe { *state = hop::REDIRECT };
+        count_sm(sockmap_stats::REDIRECTED);
+        return SK_PASS;
+    }
+    if now == hop::UNDECIDED {
+        // The agent has not inserted its end yet: TCP for good.
+        // SAFETY: as above.
+        unsafe { *state = hop::TCP };
+        count_sm(sockmap_stats::PEER_MISSING);
+    } else {
+        // The agent's end closed: bytes queued earlier are read first
+        // (the kernel reads the redirect queue before the TCP one).
+        count_sm(sockmap_stats::PEER_GONE);
+    }
+    SK_PASS
+}
+
+/// The hop key of the sending socket, as it sees itself (src = local).
+#[inline(always)]
+fn msg_hop_key(ctx: &SkMsgContext) -> HopKey {
+    let md = ctx.msg;
+    // SAFETY: helper only reads the context.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(md.cast()) };
+    // SAFETY: valid context; constant-offset loads (see publish_conn).
+    let (family, l4, r4, l6, r6, lport, rport) = unsafe {
+        (
+            read_volatile(&(*md).family),
+            read_volatile(&(*md).local_ip4),
+            read_volatile(&(*md).remote_ip4),
+            read_ctx4(&(*md).local_ip6),
+            read_ctx4(&(*md).remote_ip6),
+            read_volatile(&(*md).local_port),
+            read_volatile(&(*md).remote_port),
+        )
+    };
+    let (src, dst) = fold(family, l4, r4, l6, r6);
+    HopKey {
+        netns_cookie,
+        src,
+        dst,
+        src_port: lport as u16,
+        dst_port: be_port(rport),
+        _pad: 0,
+    }
 }
 
 /// Once a redirected connect is established its local port is known: key the
@@ -301,6 +504,10 @@ fn publish_conn(ctx: &SockOpsContext) {
     };
     if CONN_ORIG.insert(&key, &orig, 0).is_ok() {
         debug!(ctx, "sockops: socket {} established from port {}: original destination published", cookie, key.port);
+    }
+    // The app's end of the client hop (app -> 15001): the agent reads it.
+    if sockmap_on(netns_cookie) {
+        insert_app(ctx, netns_cookie);
     }
     // Ask for the close callback so ORIG_DST is freed with the socket.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);

@@ -104,7 +104,14 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
         Source::File(path) => Watched::File(Box::new(FileSource::open(path)?)),
         Source::Kubernetes(k) => Watched::Kube(KubeSource::start(&cfg.node, k, &mut registry).await?),
     };
-    let (capture, orig) = Capture::start(&object, &cfg.bpffs, &cfg.pin_name, &cfg.cgroup_parent, cfg.bpf_log)?;
+    let (capture, orig) = Capture::start(
+        &object,
+        &cfg.bpffs,
+        &cfg.pin_name,
+        &cfg.cgroup_parent,
+        cfg.bpf_log,
+        cfg.sockmap,
+    )?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let tracker = Arc::new(Tracker::default());
@@ -130,6 +137,9 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
     let metrics = TcpMetrics::register(&mut registry);
     let refusals = Refusals::register(&mut registry);
     let binding_metric = WaypointBindings::register(&mut registry);
+    if capture.sockmap_stats().is_some() {
+        crate::metrics::SockmapCounters::register(&mut registry, capture.pins().clone());
+    }
     let certs = secrets.as_ref().map(SecretManager::store);
     let ready = Arc::new(Readiness::new(certs.clone(), cfg.cert_ready_timeout));
     let enrolled = Arc::new(RwLock::new(Vec::<String>::new()));

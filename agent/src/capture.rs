@@ -31,7 +31,7 @@ use std::{
 };
 
 use agent_common::{
-    maps as names, programs as progs, stats, ConnKey, Ip6, OrigDst, PodEntry, SockKey, PIN_SCHEME_VERSION,
+    maps as names, pod_flags, programs as progs, stats, ConnKey, Ip6, OrigDst, PodEntry, SockKey, PIN_SCHEME_VERSION,
 };
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, SockHash},
@@ -95,6 +95,8 @@ macro_rules! bpf {
         $e.map_err(|e| bpf_err($what)(chain(&e)))
     };
 }
+
+pub mod sockmap;
 
 /// The pin directory of one agent instance.
 #[derive(Debug, Clone)]
@@ -179,13 +181,21 @@ pub struct Maps {
     stats: PerCpuArray<MapData, u64>,
 }
 
-/// The maps the proxy uses per connection: CONN_ORIG (read) and LOCAL_FWD.
+/// The maps the proxy uses per connection: CONN_ORIG (read) and LOCAL_FWD;
+/// SM_AGENT when sockmap acceleration is on.
 pub struct ProxyMaps(
     HashMap<MapData, ConnKey, OrigDst>,
     std::sync::Mutex<HashMap<MapData, SockKey, u32>>,
+    Option<sockmap::AgentEnds>,
 );
 
 impl ProxyMaps {
+    /// The agent's ends of the in-pod hops, when sockmap acceleration is on.
+    /// Every socket inserted there must be read with recvmsg, never splice.
+    pub fn sockmap(&self) -> Option<&sockmap::AgentEnds> {
+        self.2.as_ref()
+    }
+
     /// Lets the agent's connection from `src` (the client's address) past
     /// sk_lookup; call before connecting, then [`ProxyMaps::forget_forward`].
     pub fn allow_forward(&self, src: std::net::SocketAddr) -> Result<(), CaptureError> {
@@ -251,6 +261,7 @@ impl Maps {
             true => Some(ProxyMaps(
                 typed!(names::CONN_ORIG),
                 std::sync::Mutex::new(typed!(names::LOCAL_FWD)),
+                None,
             )),
             false => None,
         };
@@ -285,6 +296,7 @@ impl Maps {
         netns_cookie: u64,
         ips: &[IpAddr],
         inbound: &impl AsRawFd,
+        flags: u32,
     ) -> Result<(), CaptureError> {
         for ip in ips {
             let key = to_ip6(*ip);
@@ -296,7 +308,7 @@ impl Maps {
         // Outbound redirect starts last, once the inbound side is in place.
         bpf!(
             "ENROLLED_NETNS insert",
-            self.enrolled.insert(netns_cookie, PodEntry { pod_id, flags: 0 }, 0)
+            self.enrolled.insert(netns_cookie, PodEntry { pod_id, flags }, 0)
         )
     }
 
@@ -407,6 +419,8 @@ pub struct Capture {
     unpin_pending: bool,
     /// Last activation error, logged once per change.
     active_error: Option<String>,
+    /// Sockmap acceleration, when on and supported.
+    sockmap: Option<sockmap::Sockmap>,
 }
 
 /// What `agent status` prints.
@@ -424,6 +438,10 @@ pub struct Status {
     /// Every pinned map, by name.
     pub maps: Vec<String>,
     pub stats: BTreeMap<String, u64>,
+    /// SM_STATS counters (empty when no sockmap-aware agent ran here).
+    pub sockmap: BTreeMap<&'static str, u64>,
+    /// Entries of SM_APP, SM_AGENT and SM_HOPS (0 once the sockets closed).
+    pub sockmap_entries: BTreeMap<&'static str, usize>,
 }
 
 impl Capture {
@@ -432,13 +450,16 @@ impl Capture {
     /// yet: the cgroup programs take over in [`Capture::activate`], once
     /// every pod is enrolled, so a previous agent's programs keep capturing
     /// until ours have filled their maps. `bpf_log` turns on the programs'
-    /// aya-log records (see [`bpflog`]).
+    /// aya-log records (see [`bpflog`]). `sockmap` asks for sockmap
+    /// acceleration: probed, and off (logged with the reason) when the
+    /// kernel cannot do it.
     pub fn start(
         object: &[u8],
         bpffs: &Path,
         pin_name: &str,
         cgroup_parent: &Path,
         bpf_log: bool,
+        sockmap: bool,
     ) -> Result<(Self, ProxyMaps), CaptureError> {
         probe::ensure_bpffs(bpffs)?;
         probe::check_cgroup2(cgroup_parent)?;
@@ -482,7 +503,28 @@ impl Capture {
             },
             true,
         )?;
-        let orig = orig.expect("asked for the proxy maps");
+        let mut orig = orig.expect("asked for the proxy maps");
+        let sockmap = match sockmap {
+            false => {
+                tracing::info!("sockmap acceleration off (--sockmap not given)");
+                sockmap::stop(&pins);
+                None
+            }
+            true => match sockmap::probe()
+                .and_then(|()| sockmap::Sockmap::start(&mut ebpf, &pins).map_err(|e| e.to_string()))
+            {
+                Ok((s, ends)) => {
+                    tracing::info!("sockmap acceleration on: the in-pod hops to the agent skip TCP on lo");
+                    orig.2 = Some(ends);
+                    Some(s)
+                }
+                Err(reason) => {
+                    tracing::warn!(%reason, "sockmap acceleration unavailable on this kernel: off; every hop stays on TCP");
+                    sockmap::stop(&pins);
+                    None
+                }
+            },
+        };
         let capture = Self {
             ebpf,
             pins,
@@ -491,6 +533,7 @@ impl Capture {
             active: false,
             unpin_pending: false,
             active_error: None,
+            sockmap,
         };
         Ok((capture, orig))
     }
@@ -508,7 +551,8 @@ impl Capture {
         ips: &[IpAddr],
         inbound: &impl AsRawFd,
     ) -> Result<(), CaptureError> {
-        self.maps.enroll(pod_id, netns_cookie, ips, inbound)?;
+        let flags = if self.sockmap.is_some() { pod_flags::SOCKMAP } else { 0 };
+        self.maps.enroll(pod_id, netns_cookie, ips, inbound, flags)?;
         let pin = self.pins.sk_lookup_link(netns_cookie);
         let prog: &mut SkLookup = program(&mut self.ebpf, progs::SK_LOOKUP)?;
         let fd = bpf!("sk_lookup fd", prog.fd())?
@@ -623,10 +667,19 @@ impl Capture {
     pub fn stats(&self) -> BTreeMap<String, u64> {
         self.maps.stats()
     }
+
+    /// The sockmap counters, when acceleration is on.
+    pub fn sockmap_stats(&self) -> Option<BTreeMap<&'static str, u64>> {
+        self.sockmap.as_ref().map(sockmap::Sockmap::stats)
+    }
+
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
 }
 
 /// The maps this release pins, by the names its programs use.
-const MAP_NAMES: [&str; 10] = [
+const MAP_NAMES: [&str; 14] = [
     names::ENROLLED_NETNS,
     names::ORIG_DST,
     names::CONN_ORIG,
@@ -637,6 +690,10 @@ const MAP_NAMES: [&str; 10] = [
     names::EXCL_CIDRS,
     names::STATS,
     names::LOCAL_FWD,
+    names::SM_APP,
+    names::SM_AGENT,
+    names::SM_HOPS,
+    names::SM_STATS,
 ];
 
 /// Converges the cgroup link of `name` on `prog` (attaching it at `cgroup`
@@ -831,6 +888,8 @@ pub fn status(bpffs: &Path, pin_name: &str) -> Result<Status, CaptureError> {
         programs,
         maps: list(pins.maps()),
         stats: maps.stats(),
+        sockmap: sockmap::pinned_stats(&pins),
+        sockmap_entries: sockmap::pinned_entries(&pins),
     })
 }
 

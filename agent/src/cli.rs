@@ -239,6 +239,13 @@ pub struct RunArgs {
     /// debugging, off by default.
     #[arg(long, env = "AGENT_BPF_LOG")]
     pub bpf_log: bool,
+    /// Sockmap acceleration of the in-pod hops the agent reads (app to
+    /// 15001, the app's replies to the agent): sk_msg moves the app's bytes
+    /// into the agent's socket instead of through TCP on the pod's `lo`.
+    /// Probed at start (off, with the reason logged, where the kernel
+    /// cannot). Off by default until the benchmark shows a gain.
+    #[arg(long, env = "AGENT_SOCKMAP")]
+    pub sockmap: bool,
     /// How long open connections may finish after SIGTERM.
     #[arg(long, env = "AGENT_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -311,6 +318,7 @@ impl RunArgs {
             pin_name: self.pins.pin_name,
             bpf_object: self.bpf_object,
             bpf_log: self.bpf_log,
+            sockmap: self.sockmap,
             drain_timeout: self.drain_timeout,
             reload_interval: self.reload_interval,
             worker_threads: self.worker_threads,

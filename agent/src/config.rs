@@ -30,6 +30,8 @@ pub struct AgentConfig {
     pub bpf_object: Option<PathBuf>,
     /// Log every capture decision of the kernel programs (aya-log, target `bpf`).
     pub bpf_log: bool,
+    /// Sockmap acceleration of the in-pod hops whose reader is the agent.
+    pub sockmap: bool,
     /// How long open connections may finish after SIGTERM.
     #[serde(serialize_with = "human")]
     pub drain_timeout: Duration,

@@ -207,6 +207,46 @@ impl WaypointBindings {
     }
 }
 
+/// The kernel's sockmap counters (SM_STATS), read at each scrape:
+/// `mesh_agent_sockmap_<slot>_total`.
+#[derive(Debug)]
+pub struct SockmapCounters(crate::capture::Pins);
+
+impl SockmapCounters {
+    /// Registers the collector (only when acceleration is on).
+    pub fn register(registry: &mut Registry, pins: crate::capture::Pins) {
+        registry
+            .sub_registry_with_prefix("mesh_agent")
+            .register_collector(Box::new(SockmapCounters(pins)));
+    }
+
+    fn help(slot: &str) -> &'static str {
+        match slot {
+            "redirected" => "Messages (sendmsg calls) of applications moved by sk_msg straight into the agent's socket",
+            "peer_missing" => "In-pod hops whose first message found no agent socket in SM_AGENT: they stay on TCP",
+            "peer_gone" => "Messages of redirected hops passed to TCP because the agent's socket had closed",
+            "app_inserted" => "Application sockets put into SM_APP by sockops",
+            "app_insert_failed" => {
+                "Application sockets sockops could not put into SM_APP (maps full): they stay on TCP"
+            }
+            _ => "sockmap counter",
+        }
+    }
+}
+
+impl prometheus_client::collector::Collector for SockmapCounters {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{encoding::EncodeMetric, metrics::counter::ConstCounter};
+        for (slot, value) in crate::capture::sockmap::pinned_stats(&self.0) {
+            let counter = ConstCounter::new(value);
+            let name = format!("sockmap_{slot}");
+            let metric = encoder.encode_descriptor(&name, Self::help(slot), None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

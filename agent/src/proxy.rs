@@ -28,7 +28,7 @@ use std::{
 };
 
 use agent_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
-use mesh::{identity::SpiffeId, tls};
+use mesh::{identity::SpiffeId, splice::Read, tls};
 use socket2::{Domain, Socket, Type};
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -342,6 +342,12 @@ async fn accept_loop(
         tokio::select! {
             r = listener.accept() => {
                 let Some((stream, peer)) = backoff.accepted(r, &ctx.key).await else { continue };
+                // The app may write at once: our end goes into SM_AGENT
+                // before anything else (see capture::sockmap).
+                let read = match dir {
+                    Direction::Outbound => accelerate(&ctx, &stream),
+                    _ => Read::Splice,
+                };
                 let Some(admitted) = ctx.admit(dir) else {
                     reset(stream);
                     continue;
@@ -351,7 +357,7 @@ async fn accept_loop(
                         let drain = stop_signal(stopped.clone(), shutdown.clone());
                         tokio::spawn(conn::hbone_inbound(ctx.clone(), stream, admitted, drain))
                     }
-                    _ => tokio::spawn(conn::handle(ctx.clone(), dir, stream, peer, admitted)),
+                    _ => tokio::spawn(conn::handle(ctx.clone(), dir, stream, read, peer, admitted)),
                 };
             }
             () = &mut stop => break,
@@ -359,6 +365,35 @@ async fn accept_loop(
     }
     // Dropping the listener closes it; queued connections migrate to a
     // successor's listener (tcp_migrate_req) or are refused.
+}
+
+/// Puts the agent's end `sock` of an in-pod hop (an accepted 15001
+/// connection, or the agent's connection to an app) into SM_AGENT when
+/// sockmap acceleration is on; from then on the app's bytes may arrive
+/// through sk_msg, so the socket must be read with recvmsg. A failed insert
+/// (the app already closed, the map full) leaves the hop on TCP.
+pub fn accelerate(ctx: &PodCtx, sock: &TcpStream) -> Read {
+    let Some(ends) = ctx.orig.sockmap() else {
+        return Read::Splice;
+    };
+    let (Ok(app), Ok(ours)) = (sock.peer_addr(), sock.local_addr()) else {
+        return Read::Splice;
+    };
+    match ends.insert(ctx.netns_cookie, sock, app, ours) {
+        Ok(()) => {
+            // A hop whose first byte found us missing stays on TCP: splice
+            // it again after the first bytes.
+            let (maps, netns) = (ctx.orig.clone(), ctx.netns_cookie);
+            let settle = move || maps.sockmap().is_some_and(|e| e.release_if_tcp(netns, app, ours));
+            Read::Recv {
+                settle: Some(Box::new(settle)),
+            }
+        }
+        Err(e) => {
+            tracing::debug!(pod = %ctx.key, app = %app, error = %e, "hop left on TCP: cannot insert the agent's socket into SM_AGENT");
+            Read::Splice
+        }
+    }
 }
 
 /// Resolves once the pod is unenrolled (`stopped`) or the agent shuts down.

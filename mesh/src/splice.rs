@@ -3,6 +3,10 @@
 //! traffic never enters user space. Used for passthrough to destinations
 //! outside the mesh. Also the shared vocabulary of how a forwarded
 //! connection ended ([`Copied`], [`both`]).
+//!
+//! A socket whose bytes may arrive through sk_msg (the agent's end of a
+//! sockmap-accelerated hop) is read with recvmsg instead ([`Read::Recv`]):
+//! splice reads only the TCP receive queue and would never see them.
 use std::{
     io::{self, ErrorKind},
     net::Shutdown,
@@ -28,9 +32,95 @@ pub struct Copied {
 /// Forwards both ways until both sides have closed, passing half-closes on.
 /// When one direction fails the connection is over and the other stops too.
 pub async fn forward(client: &TcpStream, upstream: &TcpStream) -> Copied {
+    forward_reading(client, Read::Splice, upstream, Read::Splice).await
+}
+
+/// How a socket is read.
+pub enum Read {
+    /// Zero-copy: only for sockets that receive through TCP alone.
+    Splice,
+    /// recvmsg into a buffer: for sockets that may receive through sk_msg.
+    /// After the first bytes (when the sender's first byte has decided how
+    /// the hop goes) `settle` is asked once: `true` means the bytes come
+    /// through TCP for good and the socket left the sockmap, so the rest is
+    /// spliced.
+    Recv { settle: Option<Settle> },
+}
+
+/// See [`Read::Recv`].
+pub type Settle = Box<dyn FnOnce() -> bool + Send>;
+
+impl std::fmt::Debug for Read {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Read::Splice => "splice",
+            Read::Recv { .. } => "recv",
+        })
+    }
+}
+
+/// [`forward`], reading `client` and `upstream` as told.
+pub async fn forward_reading(
+    client: &TcpStream,
+    client_read: Read,
+    upstream: &TcpStream,
+    upstream_read: Read,
+) -> Copied {
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
-    let r = both(pump(client, upstream, &sent), pump(upstream, client, &received)).await;
+    let r = both(
+        direction(client, client_read, upstream, &sent),
+        direction(upstream, upstream_read, client, &received),
+    )
+    .await;
     Copied::new(r, &sent, &received)
+}
+
+async fn direction(from: &TcpStream, read: Read, to: &TcpStream, count: &AtomicU64) -> io::Result<()> {
+    match read {
+        Read::Splice => pump(from, to, count).await,
+        Read::Recv { settle } => copy(from, to, count, settle).await,
+    }
+}
+
+/// Bytes read per recvmsg in [`copy`].
+const COPY_BUF: usize = 64 * 1024;
+
+/// One direction through user space: recvmsg until EOF, then half-close;
+/// spliced from the point `settle` says the bytes come through TCP only.
+async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, mut settle: Option<Settle>) -> io::Result<()> {
+    let mut buf = vec![0u8; COPY_BUF];
+    loop {
+        let n = retry(from, Interest::READABLE, || {
+            // SAFETY: a valid fd and a buffer of `buf.len()` bytes.
+            let n = unsafe { libc::recv(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        })
+        .await?;
+        if n == 0 {
+            return socket2::SockRef::from(to).shutdown(Shutdown::Write);
+        }
+        let mut at = 0;
+        while at < n {
+            at += retry(to, Interest::WRITABLE, || {
+                // SAFETY: a valid fd and the unsent part of what was read.
+                let w = unsafe { libc::send(to.as_raw_fd(), buf[at..n].as_ptr().cast(), n - at, libc::MSG_NOSIGNAL) };
+                if w < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(w as usize)
+                }
+            })
+            .await?;
+        }
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        if settle.take().is_some_and(|settle| settle()) {
+            return pump(from, to, count).await;
+        }
+    }
 }
 
 /// Runs two directions of one connection; the first failure ends both.

@@ -40,6 +40,11 @@ pub fn meshapp() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("apps/meshapp.py")
 }
 
+/// The sequence-checked echo of the sockmap tests.
+pub fn seqapp() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("apps/seqapp.py")
+}
+
 /// Capture settings written into the enrolment file.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
@@ -377,6 +382,22 @@ impl Server {
         cmd.arg(meshapp()).arg("server").arg("--ports");
         for p in ports {
             cmd.arg(p.to_string());
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let first = child.stdout.take().context("no stdout")?;
+        Server::listening(child, first, pod)
+    }
+
+    /// `seqapp.py server` on `port` of `pod`; `greet`: it speaks first.
+    pub fn seq(pod: &Pod, port: u16, greet: bool) -> Result<Server> {
+        let mut cmd = pod.try_command("python3")?;
+        cmd.arg(seqapp()).args(["server", "--port", &port.to_string()]);
+        if greet {
+            cmd.arg("--greet");
         }
         let mut child = cmd
             .stdin(Stdio::null())

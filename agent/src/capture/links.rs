@@ -26,6 +26,26 @@ use std::{
 use aya::programs::links::FdLink;
 use serde::Serialize;
 
+/// A new, not yet pinned link: one aya made, or one made with a raw
+/// BPF_LINK_CREATE (aya 0.14 has no link for sk_msg on a map).
+pub trait NewLink {
+    fn pin_at(self, pin: &Path) -> Result<(), CaptureError>;
+}
+
+impl NewLink for FdLink {
+    fn pin_at(self, pin: &Path) -> Result<(), CaptureError> {
+        self.pin(pin)
+            .map(drop)
+            .map_err(|e| io_err("pin", pin)(io::Error::other(super::chain(&e))))
+    }
+}
+
+impl NewLink for std::os::fd::OwnedFd {
+    fn pin_at(self, pin: &Path) -> Result<(), CaptureError> {
+        sys::obj_pin(self.as_fd(), pin).map_err(io_err("pin", pin))
+    }
+}
+
 use super::{sys, CaptureError};
 
 /// Compare-and-swap attempts before giving up on a link that keeps
@@ -55,10 +75,10 @@ fn io_err<'a>(what: &'a str, pin: &'a Path) -> impl FnOnce(io::Error) -> Capture
 /// Makes the link pinned at `pin` run `prog` (see the module doc for when it
 /// does not); attaches and pins a new link through `attach` when none is
 /// pinned there.
-pub fn converge(
+pub fn converge<L: NewLink>(
     pin: &Path,
     prog: BorrowedFd<'_>,
-    attach: &mut dyn FnMut() -> Result<FdLink, CaptureError>,
+    attach: &mut dyn FnMut() -> Result<L, CaptureError>,
 ) -> Result<Converged, CaptureError> {
     let ours = sys::prog_info(prog).map_err(io_err("read our program for", pin))?;
     for _ in 0..MAX_TRIES {
@@ -66,12 +86,12 @@ pub fn converge(
             Ok(fd) => fd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let link = attach()?;
-                match link.pin(pin) {
-                    Ok(_) => return Ok(Converged::Attached),
+                match link.pin_at(pin) {
+                    Ok(()) => return Ok(Converged::Attached),
                     // Another agent pinned a link first: dropping ours
                     // detaches it; converge on theirs.
                     Err(_) if pin.exists() => continue,
-                    Err(e) => return Err(io_err("pin", pin)(io::Error::other(super::chain(&e)))),
+                    Err(e) => return Err(e),
                 }
             }
             Err(e) => return Err(io_err("open pinned link", pin)(e)),
@@ -252,15 +272,15 @@ mod tests {
         let link_before = sys::link_id(sys::obj_get(&pin).unwrap().as_fd()).unwrap();
 
         // The newer program replaces the older one in the same link.
-        let r = converge(&pin, new_fd.as_fd(), &mut || panic!("a link is pinned")).unwrap();
+        let r = converge::<FdLink>(&pin, new_fd.as_fd(), &mut || panic!("a link is pinned")).unwrap();
         assert_eq!(r, Converged::Replaced { old: id(&old_fd) });
         assert_eq!(s.attached(), id(&new_fd));
         assert_eq!(sys::link_id(sys::obj_get(&pin).unwrap().as_fd()).unwrap(), link_before);
 
         // Converging again changes nothing; the older agent does not win it back.
-        let r = converge(&pin, new_fd.as_fd(), &mut || panic!("a link is pinned")).unwrap();
+        let r = converge::<FdLink>(&pin, new_fd.as_fd(), &mut || panic!("a link is pinned")).unwrap();
         assert_eq!(r, Converged::Kept);
-        let r = converge(&pin, old_fd.as_fd(), &mut || panic!("a link is pinned")).unwrap();
+        let r = converge::<FdLink>(&pin, old_fd.as_fd(), &mut || panic!("a link is pinned")).unwrap();
         assert_eq!(r, Converged::Newer { attached: id(&new_fd) });
         assert_eq!(s.attached(), id(&new_fd));
     }
@@ -281,7 +301,7 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
         assert_eq!(s.attached(), id(&b_fd));
         // The loser converges instead of failing: it reads again and swaps.
-        let r = converge(&pin, c_fd.as_fd(), &mut || panic!("a link is pinned")).unwrap();
+        let r = converge::<FdLink>(&pin, c_fd.as_fd(), &mut || panic!("a link is pinned")).unwrap();
         assert_eq!(r, Converged::Replaced { old: id(&b_fd) });
     }
 

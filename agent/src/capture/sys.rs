@@ -15,7 +15,7 @@ use std::{
     path::Path,
 };
 
-use aya_obj::generated::{bpf_cmd, bpf_link_info, bpf_prog_info, BPF_F_REPLACE};
+use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_link_info, bpf_prog_info, BPF_F_REPLACE};
 
 /// `bpf(cmd, attr, sizeof attr)`; the kernel zero-extends a short attr.
 fn sys_bpf<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<i64> {
@@ -189,6 +189,62 @@ pub fn link_update(link: BorrowedFd<'_>, new: BorrowedFd<'_>, old: BorrowedFd<'_
 }
 
 #[repr(C)]
+struct ObjPin {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// Pins the object behind `fd` (a link made by [`sk_msg_link_create`]) at `path`.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = ObjPin {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    sys_bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+#[repr(C)]
+struct LinkCreate {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// A bpf_link running the sk_msg program `prog` on every socket of the
+/// sockmap or sockhash `map` (Linux 6.10+; older kernels answer EINVAL).
+/// Unlike BPF_PROG_ATTACH to a map, such a link can be pinned and swapped
+/// atomically with BPF_LINK_UPDATE, like every other hook of ours.
+pub fn sk_msg_link_create(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreate {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: map.as_raw_fd() as u32,
+        attach_type: bpf_attach_type::BPF_SK_MSG_VERDICT as u32,
+        flags: 0,
+    };
+    sys_bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr).map(owned_fd)
+}
+
+/// Inserts or replaces `key` -> `value` (raw bytes) in `map`.
+pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+    let mut attr = MapElem {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        flags: 0,
+    };
+    sys_bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+}
+
+#[repr(C)]
 struct MapElem {
     map_fd: u32,
     _pad: u32,
@@ -230,6 +286,8 @@ mod tests {
         assert_eq!(size_of::<InfoByFd>(), 16);
         assert_eq!(size_of::<LinkUpdate>(), 16);
         assert_eq!(size_of::<MapElem>(), 32);
+        assert_eq!(size_of::<ObjPin>(), 24);
+        assert_eq!(size_of::<LinkCreate>(), 16);
     }
 }
 

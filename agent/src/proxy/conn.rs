@@ -32,7 +32,7 @@ use http::StatusCode;
 use mesh::{
     hbone::{self, ConnectHeaders, HboneError, Inbound, Refusal},
     pool::PoolKey,
-    splice::{self, Copied},
+    splice::{self, Copied, Read},
 };
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
@@ -133,7 +133,16 @@ fn route(ctx: &PodCtx, dst: SocketAddr) -> Result<Route, Outcome> {
     })
 }
 
-pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, mut client: TcpStream, peer: SocketAddr, _admitted: Admitted) {
+/// `read`: how `client` must be read ([`Read::Recv`] when it is our end of
+/// a sockmap-accelerated hop).
+pub async fn handle(
+    ctx: Arc<PodCtx>,
+    dir: Direction,
+    mut client: TcpStream,
+    read: Read,
+    peer: SocketAddr,
+    _admitted: Admitted,
+) {
     let start = Instant::now();
     let peer = canonical(peer);
     let Some(dst) = original_destination(&ctx, dir, &client, peer) else {
@@ -202,9 +211,9 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, mut client: TcpStream, pee
                 let hbone_dst = SocketAddr::new(target.ip(), HBONE_PORT);
                 tunnel(&ctx, mesh, &mut client, peer, target, hbone_dst, expected).await
             }
-            None => plain(&ctx, &client, target, None).await,
+            None => plain(&ctx, &client, read, target, None).await,
         },
-        (Direction::Outbound, None, None) => plain(&ctx, &client, target, None).await,
+        (Direction::Outbound, None, None) => plain(&ctx, &client, read, target, None).await,
         _ => {
             // Plaintext inbound: no identity, so the waypoint binding,
             // PeerAuthentication and authorization decide with principal = none.
@@ -217,7 +226,7 @@ pub async fn handle(ctx: Arc<PodCtx>, dir: Direction, mut client: TcpStream, pee
             match snap.check_waypoint(dst.ip(), None) {
                 Err(b) => bypassed(&ctx, b),
                 Ok(()) => match snap.authorize(dst.ip(), &conn) {
-                    Ok(()) => plain(&ctx, &client, dst, Some(conn)).await,
+                    Ok(()) => plain(&ctx, &client, read, dst, Some(conn)).await,
                     Err(denied) => Outcome::refused("tcp", Reason::Denied, denied.0),
                 },
             }
@@ -338,17 +347,19 @@ fn log_access(
 
 /// Plain TCP; an authorized inbound connection (`policed`) is made with the
 /// client's source address and stays registered for policy re-checks.
-async fn plain(ctx: &PodCtx, client: &TcpStream, dst: SocketAddr, policed: Option<rbac::Conn>) -> Outcome {
+/// `read`: how `client` must be read (see [`handle`]).
+async fn plain(ctx: &PodCtx, client: &TcpStream, read: Read, dst: SocketAddr, policed: Option<rbac::Conn>) -> Outcome {
     // Inbound (policed) connections reach the app with the client's address.
     let upstream = match &policed {
         Some(c) => connect_to_app(ctx, c.src_ip, dst).await,
-        None => connect_from_pod(ctx, dst).await,
+        None => connect_from_pod(ctx, dst).await.map(|s| (s, Read::Splice)),
     };
     match upstream {
-        Ok(upstream) => {
+        Ok((upstream, upstream_read)) => {
             tune(&upstream);
             let _registration = policed.map(|c| ctx.open.register(&ctx.key, dst.ip(), c, &[client, &upstream]));
-            Outcome::carried("tcp", None, splice::forward(client, &upstream).await)
+            let copied = splice::forward_reading(client, read, &upstream, upstream_read).await;
+            Outcome::carried("tcp", None, copied)
         }
         Err(e) => Outcome::refused("tcp", Reason::Unreachable, format!("connect failed: {e}")),
     }
@@ -519,7 +530,8 @@ async fn open_stream(
     if let Err(denied) = snap.authorize(i.authority.ip(), &conn) {
         return Err(refuse(ctx, Reason::Denied, StatusCode::UNAUTHORIZED, denied.0));
     }
-    let upstream = connect_to_app(ctx, i.remote.ip(), i.authority)
+    // The HBONE bridge reads the app with recvmsg whatever `accelerate` says.
+    let (upstream, _read) = connect_to_app(ctx, i.remote.ip(), i.authority)
         .await
         .map_err(|e| refuse(ctx, Reason::Unreachable, StatusCode::SERVICE_UNAVAILABLE, e))?;
     tune(&upstream);
@@ -586,8 +598,17 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 /// A connection to the application at `dst` inside the pod that carries the
 /// client's address `client` as its source, so the app sees who is calling.
 /// Falls back to an ordinary connection when the pod netns is not prepared
-/// or the families differ.
-async fn connect_to_app(ctx: &PodCtx, client: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+/// or the families differ. The app's replies are the agent's to read: the
+/// connection is a sockmap hop (see [`super::accelerate`]), inserted before
+/// the agent writes the first byte the app could answer; the [`Read`] says
+/// how to read it.
+async fn connect_to_app(ctx: &PodCtx, client: IpAddr, dst: SocketAddr) -> std::io::Result<(TcpStream, Read)> {
+    let s = connect_to_app_tcp(ctx, client, dst).await?;
+    let read = super::accelerate(ctx, &s);
+    Ok((s, read))
+}
+
+async fn connect_to_app_tcp(ctx: &PodCtx, client: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
     let client = client.to_canonical();
     if !ctx.transparent || client.is_ipv4() != dst.is_ipv4() || ctx.ips.contains(&client) {
         return connect_from_pod(ctx, dst).await;

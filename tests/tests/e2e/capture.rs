@@ -8,7 +8,7 @@ use testbed::{
     Cluster, ClusterSpec, NodeSpec,
 };
 
-use crate::{access_to, stat, succeeded, World, APP_PORT, ENROLLED, WAIT};
+use crate::{access_to, sockmap_redirected, stat, succeeded, World, APP_PORT, ENROLLED, WAIT};
 
 #[test]
 fn outbound_is_captured_transparently_for_ipv4_ipv6_and_mapped() -> Result<()> {
@@ -175,7 +175,16 @@ fn inbound_goes_through_15006_except_hbone_port_loopback_and_node_probes() -> Re
 
 #[test]
 fn cross_node_both_enrolled_is_captured_on_both_sides() -> Result<()> {
-    let w = World::new("both")?;
+    cross_node_both_enrolled_is_captured_on_both_sides_with(false)
+}
+
+#[test]
+fn cross_node_both_enrolled_is_captured_on_both_sides_with_sockmap() -> Result<()> {
+    cross_node_both_enrolled_is_captured_on_both_sides_with(true)
+}
+
+fn cross_node_both_enrolled_is_captured_on_both_sides_with(sockmap: bool) -> Result<()> {
+    let w = World::with_sockmap("both", sockmap)?;
     let _server = Server::start(w.cluster.pod("server"), &[APP_PORT])?;
     let (a1, a2) = (w.agent("node1")?, w.agent("node2")?);
     let dst = format!("{}:{APP_PORT}", w.ip4("server"));
@@ -219,12 +228,26 @@ fn cross_node_both_enrolled_is_captured_on_both_sides() -> Result<()> {
             "echo plus the server's first line: {l}"
         );
     }
+    // With sockmap on, both hops (the client's bytes to agent 1, the
+    // server's echo to agent 2) took the sk_msg path.
+    if sockmap {
+        assert!(sockmap_redirected(&a1)? > 0 && sockmap_redirected(&a2)? > 0);
+    }
     Ok(())
 }
 
 #[test]
 fn restart_fails_closed_then_resumes_from_pins() -> Result<()> {
-    let w = World::new("restart")?;
+    restart_fails_closed_then_resumes_from_pins_with(false)
+}
+
+#[test]
+fn restart_fails_closed_then_resumes_from_pins_with_sockmap() -> Result<()> {
+    restart_fails_closed_then_resumes_from_pins_with(true)
+}
+
+fn restart_fails_closed_then_resumes_from_pins_with(sockmap: bool) -> Result<()> {
+    let w = World::with_sockmap("restart", sockmap)?;
     let _backend = Server::start(w.cluster.pod("backend"), &[APP_PORT])?;
     let _server = Server::start(w.cluster.pod("server"), &[7777])?;
     let mut a1 = w.agent("node1")?;
@@ -253,7 +276,13 @@ fn restart_fails_closed_then_resumes_from_pins() -> Result<()> {
     // Restarted agents reuse the pins and capture again.
     let a1b = w.agent("node1")?;
     let a2b = w.agent("node2")?;
+    let redirected = sockmap_redirected(&a1b)?;
     assert!(succeeded(&w.once("client", &w.ip4("backend"), APP_PORT)?));
+    // ... and with sockmap on, accelerate again: the restarted agent's
+    // sockets are found by the sk_msg program the pinned link kept.
+    if sockmap {
+        assert!(sockmap_redirected(&a1b)? > redirected);
+    }
     assert!(succeeded(&w.once("outsider", &w.ip4("server"), 7777)?));
     a1b.wait_access(WAIT, |l| l.len() == 1)?;
     a2b.wait_access(WAIT, |l| l.len() == 1)?;
@@ -262,7 +291,16 @@ fn restart_fails_closed_then_resumes_from_pins() -> Result<()> {
 
 #[test]
 fn graceful_handover_refuses_no_connection_and_keeps_open_ones() -> Result<()> {
-    let w = World::new("handover")?;
+    graceful_handover_refuses_no_connection_and_keeps_open_ones_with(false)
+}
+
+#[test]
+fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with_sockmap() -> Result<()> {
+    graceful_handover_refuses_no_connection_and_keeps_open_ones_with(true)
+}
+
+fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with(sockmap: bool) -> Result<()> {
+    let w = World::with_sockmap("handover", sockmap)?;
     let _backend = Server::start(w.cluster.pod("backend"), &[APP_PORT])?;
     let mut old = w.agent("node1")?;
     let client = w.cluster.pod("client");
@@ -282,7 +320,7 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones() -> Result<()> {
         Ok((stat(&old.status()?, "outbound_redirected") >= 4).then_some(()))
     })?;
 
-    let mut new = Agent::start(&w.cluster, "node1", &w.config, &w.dir, &[])?;
+    let mut new = Agent::start(&w.cluster, "node1", &w.config, &w.dir, &w.extra)?;
     new.wait_for("agent ready", WAIT)?;
     old.signal_term();
     old.wait_for("draining", WAIT)?;

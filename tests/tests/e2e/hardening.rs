@@ -148,7 +148,16 @@ fn admin_routes_stay_on_their_listener_and_one_pod_cannot_take_every_connection(
 
 #[test]
 fn graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_ones() -> Result<()> {
-    let w = World::new("hbhandover")?;
+    graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_ones_with(false)
+}
+
+#[test]
+fn graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_ones_with_sockmap() -> Result<()> {
+    graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_ones_with(true)
+}
+
+fn graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_ones_with(sockmap: bool) -> Result<()> {
+    let w = World::with_sockmap("hbhandover", sockmap)?;
     let ca = MeshCa::start(&w.cluster, "node1", &w.dir.join("ca"), &w.config)?;
     let _server = Server::start(w.cluster.pod("server"), &[APP_PORT])?;
     let (mut old1, mut old2) = agents(&w, &ca)?;
@@ -183,10 +192,10 @@ fn graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_on
         );
         Ok(())
     };
-    let new2 = agent_with_ca(&w, "node2", "server", &ca.client_args("node2"), &[])?;
+    let new2 = agent_with_ca(&w, "node2", "server", &ca.client_args("node2"), &w.extra)?;
     drained(&mut old2)?;
     // Then the source side.
-    let new1 = agent_with_ca(&w, "node1", "client", &ca.client_args("node1"), &[])?;
+    let new1 = agent_with_ca(&w, "node1", "client", &ca.client_args("node1"), &w.extra)?;
     drained(&mut old1)?;
 
     let r = mesh::client_report(stream)?;

@@ -80,7 +80,16 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire() -> Result<()> {
-    let w = World::new("hbone")?;
+    pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_with(false)
+}
+
+#[test]
+fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_with_sockmap() -> Result<()> {
+    pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_with(true)
+}
+
+fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_with(sockmap: bool) -> Result<()> {
+    let w = World::with_sockmap("hbone", sockmap)?;
     let ca = MeshCa::start(&w.cluster, "node1", &w.dir.join("ca"), &w.config)?;
     let _server = Server::start(w.cluster.pod("server"), &[APP_PORT])?;
     let _backend = Server::start(w.cluster.pod("backend"), &[APP_PORT])?;

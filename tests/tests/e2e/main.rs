@@ -16,6 +16,7 @@ mod hbone;
 mod identity;
 mod interop;
 mod kube;
+mod sockmap;
 mod steering;
 mod upgrade;
 mod waypoint;
@@ -37,9 +38,31 @@ pub struct World {
     pub cluster: Cluster,
     pub dir: PathBuf,
     pub config: PathBuf,
+    /// Extra `agent run` flags of every agent the test starts
+    /// (`--sockmap` for the sockmap-on runs of the sockmap-sensitive tests).
+    pub extra: Vec<&'static str>,
+}
+
+/// The agent flags of a run with sockmap acceleration on or off: the
+/// capture, restart, handover and wire tests run both ways.
+pub fn sockmap_flags(on: bool) -> Vec<&'static str> {
+    if on {
+        vec!["--sockmap"]
+    } else {
+        vec![]
+    }
 }
 
 impl World {
+    /// [`World::new`] whose agents run with `--sockmap` when `on`; the
+    /// label gets an `sm` suffix then (labels name netns and pins).
+    pub fn with_sockmap(label: &str, on: bool) -> Result<World> {
+        let label = if on { format!("{label}sm") } else { label.to_string() };
+        let mut w = World::new(&label)?;
+        w.extra = sockmap_flags(on);
+        Ok(w)
+    }
+
     pub fn new(label: &str) -> Result<World> {
         let spec = ClusterSpec::new(vec![
             NodeSpec::new("node1", &["client", "outsider"]),
@@ -49,11 +72,18 @@ impl World {
         let dir = cluster.scratch_dir()?;
         let config = dir.join("mesh.yaml");
         mesh::write_config(&cluster, &config, ENROLLED, &Settings::default())?;
-        Ok(World { cluster, dir, config })
+        Ok(World {
+            cluster,
+            dir,
+            config,
+            extra: vec![],
+        })
     }
 
     pub fn agent(&self, node: &str) -> Result<Agent> {
-        Agent::start_ready(&self.cluster, node, &self.config, &self.dir)
+        let mut a = Agent::start(&self.cluster, node, &self.config, &self.dir, &self.extra)?;
+        a.wait_for("agent ready", WAIT)?;
+        Ok(a)
     }
 
     pub fn ip4(&self, pod: &str) -> String {
@@ -85,11 +115,12 @@ pub fn agent_with_ca(w: &World, node: &str, sa: &str, ca_args: &[String], extra:
     Ok(a)
 }
 
-/// Agents on node1 (client's certificate) and node2 (server's) with the CA.
+/// Agents on node1 (client's certificate) and node2 (server's) with the CA
+/// (and the world's extra flags).
 pub fn agents(w: &World, ca: &mesh::MeshCa) -> Result<(Agent, Agent)> {
     Ok((
-        agent_with_ca(w, "node1", "client", &ca.client_args("node1"), &[])?,
-        agent_with_ca(w, "node2", "server", &ca.client_args("node2"), &[])?,
+        agent_with_ca(w, "node1", "client", &ca.client_args("node1"), &w.extra)?,
+        agent_with_ca(w, "node2", "server", &ca.client_args("node2"), &w.extra)?,
     ))
 }
 
@@ -140,6 +171,12 @@ pub fn succeeded(r: &Value) -> bool {
 
 pub fn access_to(logs: &[Value], dst: &str) -> Vec<Value> {
     logs.iter().filter(|l| l["dst"] == dst).cloned().collect()
+}
+
+/// Messages the sk_msg program redirected into `agent`'s sockets: the
+/// sockmap-on runs check that they really took the accelerated path.
+pub fn sockmap_redirected(agent: &Agent) -> Result<u64> {
+    Ok(agent.status()?["sockmap"]["redirected"].as_u64().unwrap_or(0))
 }
 
 pub fn stat(status: &Value, name: &str) -> u64 {

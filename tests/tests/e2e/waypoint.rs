@@ -32,7 +32,12 @@ fn world(label: &str) -> Result<World> {
     let cluster = Cluster::create(label, &spec)?;
     let dir = cluster.scratch_dir()?;
     let config = dir.join("mesh.yaml");
-    let w = World { cluster, dir, config };
+    let w = World {
+        cluster,
+        dir,
+        config,
+        extra: vec![],
+    };
     write_mesh(&w, &["wp1", "wp2"])?;
     Ok(w)
 }

@@ -169,13 +169,16 @@ fn main() {
     std::process::exit(if testbed::signals::interrupted() { 130 } else { code });
 }
 
-const USAGE: &str = "usage: mesh-bench [--] [--only l4|l7] [--mode plain|hbone|all] [--rounds N] [--seconds S]
+const USAGE: &str =
+    "usage: mesh-bench [--] [--only l4|l7] [--mode plain|hbone|all] [--sockmap] [--rounds N] [--seconds S]
                   [--json PATH] [--l7-rounds N] [--l7-seconds S] [--rate R] [--connections C] [--l7-json PATH]
   --only P        run only that half (default: both, L4 first)
  L4 (TCP: sockperf, iperf3, new connections):
   --mode M        captured paths to measure against direct (default all):
                   plain = agents without a CA (splice forward), hbone = agents with
                   the CA (HTTP/2 CONNECT over mTLS to :15008), all = both
+  --sockmap       also each captured path with `agent run --sockmap` (columns
+                  plainsm, hbonesm: a cluster of their own, measured in the same rounds)
   --rounds N      rounds of direct-then-captured per measurement, median reported (default 5)
   --seconds S     duration of each measurement in whole seconds (default 3)
   --json PATH     raw per-round numbers (default <workspace>/target/bench/capture.json)
@@ -220,13 +223,21 @@ impl Mode {
         }
     }
 
-    /// The captured columns, in measuring order: (name, agents with the CA).
-    fn meshes(self) -> &'static [(&'static str, bool)] {
-        match self {
-            Mode::Plain => &[("plain", false)],
-            Mode::Hbone => &[("hbone", true)],
-            Mode::All => &[("plain", false), ("hbone", true)],
-        }
+    /// The captured columns, in measuring order: (name, agents with the CA,
+    /// agents with `--sockmap`). With `sockmap`, each column is followed by
+    /// its sockmap-accelerated twin (`plainsm`, `hbonesm`) in the same run.
+    fn meshes(self, sockmap: bool) -> Vec<(&'static str, bool, bool)> {
+        let base: &[(&'static str, &'static str, bool)] = match self {
+            Mode::Plain => &[("plain", "plainsm", false)],
+            Mode::Hbone => &[("hbone", "hbonesm", true)],
+            Mode::All => &[("plain", "plainsm", false), ("hbone", "hbonesm", true)],
+        };
+        base.iter()
+            .flat_map(|&(name, sm, ca)| {
+                let twin = sockmap.then_some((sm, ca, true));
+                std::iter::once((name, ca, false)).chain(twin)
+            })
+            .collect()
     }
 }
 
@@ -237,6 +248,8 @@ struct Opts {
     rounds: usize,
     seconds: u32,
     json: PathBuf,
+    /// Also measure each captured path with `agent run --sockmap`.
+    sockmap: bool,
     l7: l7::Opts,
 }
 
@@ -249,6 +262,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
         rounds: 5,
         seconds: 3,
         json: bench_dir.join("capture.json"),
+        sockmap: false,
         l7: l7::Opts {
             rounds: 3,
             seconds: 10,
@@ -289,6 +303,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
                 }
             }
             "--mode" => opts.mode = Mode::parse(&value()?)?,
+            "--sockmap" => opts.sockmap = true,
             "--rounds" => opts.rounds = number(value()?, 1..=1000)? as usize,
             "--seconds" => opts.seconds = number(value()?, 1..=600)?,
             "--json" => opts.json = PathBuf::from(value()?),
@@ -328,9 +343,9 @@ fn bench_l4(opts: &Opts) -> Result<()> {
     testbed::sweep_stale()?;
     let started = Instant::now();
     let mut meshes = Vec::new();
-    for (i, &(name, with_ca)) in opts.mode.meshes().iter().enumerate() {
+    for (i, (name, with_ca, sockmap)) in opts.mode.meshes(opts.sockmap).into_iter().enumerate() {
         // The direct pair lives in the first cluster.
-        meshes.push(Mesh::start(name, with_ca, i == 0)?);
+        meshes.push(Mesh::start(name, with_ca, i == 0, sockmap)?);
     }
     let columns: Vec<&str> = std::iter::once("direct").chain(meshes.iter().map(|m| m.name)).collect();
     // Servers live inside `run`; agents (stopped here, so they drain and
@@ -367,7 +382,7 @@ impl Mesh {
     /// Builds the cluster, enrols c<name> and s<name>, and starts both agents
     /// (with the CA if `with_ca`), waiting until they are ready and, with the
     /// CA, until each holds its pod's workload certificate.
-    fn start(name: &'static str, with_ca: bool, with_direct: bool) -> Result<Mesh> {
+    fn start(name: &'static str, with_ca: bool, with_direct: bool, sockmap: bool) -> Result<Mesh> {
         let (client, server) = (format!("c{name}"), format!("s{name}"));
         let pods = |direct: &'static str, mesh: &str| -> Vec<String> {
             let mut v = Vec::new();
@@ -396,7 +411,7 @@ impl Mesh {
             .transpose()?;
         let mut agents = Vec::new();
         for (node, pod) in [("node1", &client), ("node2", &server)] {
-            agents.push(start_agent(&cluster, node, &config, &dir, ca.as_ref(), pod).context(name)?);
+            agents.push(start_agent_with(&cluster, node, &config, &dir, ca.as_ref(), pod, sockmap).context(name)?);
         }
         let pids = agents
             .iter()
@@ -435,7 +450,23 @@ fn start_agent(
     ca: Option<&MeshCa>,
     pod: &str,
 ) -> Result<Agent> {
-    let args = ca.map(|c| c.client_args(node)).unwrap_or_default();
+    start_agent_with(cluster, node, config, dir, ca, pod, false)
+}
+
+/// [`start_agent`], with `--sockmap` when `sockmap`.
+fn start_agent_with(
+    cluster: &Cluster,
+    node: &str,
+    config: &Path,
+    dir: &Path,
+    ca: Option<&MeshCa>,
+    pod: &str,
+    sockmap: bool,
+) -> Result<Agent> {
+    let mut args = ca.map(|c| c.client_args(node)).unwrap_or_default();
+    if sockmap {
+        args.push("--sockmap".into());
+    }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut a = Agent::start(cluster, node, config, dir, &args)?;
     a.wait_for("agent ready", READY_TIMEOUT)?;
@@ -700,6 +731,12 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
     let mut ratios: Vec<(&str, &str)> = meshes.iter().map(|m| (*m, "direct")).collect();
     if meshes.contains(&"plain") && meshes.contains(&"hbone") {
         ratios.push(("hbone", "plain"));
+    }
+    // Sockmap on against off, same path, same rounds.
+    for (on, off) in [("plainsm", "plain"), ("hbonesm", "hbone")] {
+        if meshes.contains(&on) && meshes.contains(&off) {
+            ratios.push((on, off));
+        }
     }
     // (label, key, decimals, whether <captured>/direct means something): the
     // agents are not on the direct path, their CPU there is idle housekeeping.

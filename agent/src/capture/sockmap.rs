@@ -1,0 +1,331 @@
+//! Sockmap acceleration of the in-pod hops whose reader is the agent
+//! (`agent run --sockmap`): the owner of the sk_msg program and of the
+//! SM_APP, SM_AGENT, SM_HOPS and SM_STATS maps (see agent-ebpf).
+//!
+//! * The hops: app -> 127.0.0.1:15001 in the client pod, and the app's
+//!   replies on the agent's connection to it in the server pod. The app's
+//!   bytes are moved by `sk_msg` straight into the agent socket's receive
+//!   queue instead of through TCP on the pod's `lo`.
+//! * Who inserts what: sockops puts the app's end into SM_APP (and its hop
+//!   state into SM_HOPS) in the established callbacks, before the app can
+//!   send. The agent's sockets live in the agent's cgroup, where no sockops
+//!   of ours runs, so the agent puts its own end into SM_AGENT with a map
+//!   update ([`AgentEnds::insert`]): right after accept() on 15001, right
+//!   after connect() to the app, before it writes a byte.
+//! * Never reorder, never drop: a hop's first sendmsg decides once (SM_HOPS):
+//!   redirected from its first byte, or TCP for good. When the agent's end is
+//!   missing the program passes (TCP), never drops.
+//! * The agent must read its ends with recvmsg, never splice: splice reads
+//!   only the TCP queue and would never see redirected bytes.
+//! * The program is attached to SM_APP through a pinned bpf_link
+//!   (`links/sm_msg`, Linux 6.10+), so a new agent swaps its program in with
+//!   the same atomic compare-and-swap as every other hook ([`links::converge`]);
+//!   sockets already in SM_APP keep the program they were inserted under.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd},
+    path::PathBuf,
+};
+
+use agent_common::{hop, maps as names, programs as progs, sockmap_stats, HopKey};
+use aya::{
+    maps::{Map, MapData, MapType, PerCpuArray},
+    programs::{ProgramType, SkMsg},
+    sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
+    Ebpf,
+};
+
+use super::{bpf_err, chain, links, program, sys, to_ip6, CaptureError, Pins};
+
+/// Whether this kernel can run the sk_msg program: program and map types,
+/// the helpers it calls. Loading it (the verifier) and attaching it as a
+/// link are the last two checks, in [`Sockmap::start`].
+pub fn probe() -> Result<(), String> {
+    let yes = |r: Result<bool, String>, what: &str| match r {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!("the kernel lacks {what}")),
+        Err(e) => Err(format!("cannot probe for {what}: {e}")),
+    };
+    yes(
+        is_program_supported(ProgramType::SkMsg).map_err(|e| chain(&e)),
+        "BPF program type sk_msg",
+    )?;
+    yes(
+        is_map_supported(MapType::SockHash).map_err(|e| chain(&e)),
+        "BPF map type sockhash",
+    )?;
+    for (helper, name) in [
+        (BpfHelper::BPF_FUNC_msg_redirect_hash, "bpf_msg_redirect_hash"),
+        (
+            BpfHelper::BPF_FUNC_get_netns_cookie,
+            "bpf_get_netns_cookie in sk_msg (Linux 5.15+)",
+        ),
+    ] {
+        yes(
+            is_helper_supported(ProgramType::SkMsg, helper).map_err(|e| chain(&e)),
+            name,
+        )?;
+    }
+    Ok(())
+}
+
+/// The agent's sockhash of its own ends of the hops (and the hops' states),
+/// shared by every connection handler.
+pub struct AgentEnds {
+    agent: MapData,
+    hops: aya::maps::HashMap<MapData, HopKey, u32>,
+}
+
+impl AgentEnds {
+    /// Puts the agent's socket `sock` of a hop into SM_AGENT: `app` is the
+    /// app's address (the socket's peer), `agent` the socket's own, both
+    /// as seen inside the pod netns `netns_cookie`. Call before the app can
+    /// have sent a byte on this hop that the agent must read (an accepted
+    /// socket: at once; a connection to the app: before writing to it).
+    /// On error (the socket already closed, the map full) the hop stays on
+    /// TCP, which is correct, only slower.
+    pub fn insert(
+        &self,
+        netns_cookie: u64,
+        sock: &impl AsRawFd,
+        app: SocketAddr,
+        agent: SocketAddr,
+    ) -> std::io::Result<()> {
+        let key = hop_key(netns_cookie, app, agent);
+        let fd = sock.as_raw_fd() as u32;
+        sys::map_update(self.agent.fd().as_fd(), sys::key_bytes(&key), &fd.to_ne_bytes())
+    }
+
+    /// Once the agent has read the hop's first bytes (so the app's first
+    /// byte has decided): when the hop stays on TCP for good, takes the
+    /// agent's socket out of SM_AGENT and says so, and the agent may splice
+    /// it from then on (zero-copy again). A redirected hop, or one whose
+    /// state is unknown (gone with a closed app socket: redirected bytes may
+    /// still be queued), stays where it is and is read with recvmsg.
+    pub fn release_if_tcp(&self, netns_cookie: u64, app: SocketAddr, agent: SocketAddr) -> bool {
+        let key = hop_key(netns_cookie, app, agent);
+        if self.hops.get(&key, 0).ok() != Some(hop::TCP) {
+            return false;
+        }
+        sys::map_delete(self.agent.fd().as_fd(), sys::key_bytes(&key)).is_ok()
+    }
+}
+
+/// The key of a hop as the app's socket sees it (src = the app).
+pub fn hop_key(netns_cookie: u64, app: SocketAddr, peer: SocketAddr) -> HopKey {
+    HopKey {
+        netns_cookie,
+        src: to_ip6(app.ip().to_canonical()),
+        dst: to_ip6(peer.ip().to_canonical()),
+        src_port: app.port(),
+        dst_port: peer.port(),
+        _pad: 0,
+    }
+}
+
+/// The running acceleration: the sk_msg link converged on our program.
+pub struct Sockmap {
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl Sockmap {
+    /// Loads the sk_msg program and makes the pinned link on SM_APP run it
+    /// (attached, or swapped in place of a previous agent's). Runs before
+    /// any pod is enrolled with the sockmap flag, so no app socket enters
+    /// SM_APP before a program is attached (one that did would stay on TCP).
+    pub fn start(ebpf: &mut Ebpf, pins: &Pins) -> Result<(Self, AgentEnds), CaptureError> {
+        let app = map_data(ebpf, names::SM_APP)?;
+        let agent = map_data(ebpf, names::SM_AGENT)?;
+        let hops = map_data(ebpf, names::SM_HOPS)?;
+        let hops = bpf!("map SM_HOPS", aya::maps::HashMap::try_from(Map::HashMap(hops)))?;
+        let stats = map_data(ebpf, names::SM_STATS)?;
+        let stats: PerCpuArray<MapData, u64> = bpf!("map SM_STATS", PerCpuArray::try_from(Map::PerCpuArray(stats)))?;
+        let prog: &mut SkMsg = program(ebpf, progs::SK_MSG)?;
+        bpf!("load sk_msg", prog.load())?;
+        let fd = bpf!("sk_msg fd", prog.fd())?
+            .try_clone()
+            .map_err(|e| bpf_err("sk_msg fd")(e.to_string()))?;
+        let pin = link_pin(pins);
+        let outcome = links::converge(&pin, fd.as_fd(), &mut || {
+            sys::sk_msg_link_create(fd.as_fd(), app.fd().as_fd()).map_err(|e| {
+                bpf_err("attach sk_msg to SM_APP as a bpf_link")(format!("{e} (sockmap links need Linux 6.10+)"))
+            })
+        })?;
+        tracing::info!(outcome = ?outcome, "sk_msg program attached to SM_APP");
+        Ok((Self { stats }, AgentEnds { agent, hops }))
+    }
+
+    pub fn stats(&self) -> BTreeMap<&'static str, u64> {
+        read_stats(&self.stats)
+    }
+}
+
+/// `--sockmap` off: detach the sk_msg program a previous agent left, so no
+/// new app socket is accelerated. Sockets already accelerated keep their
+/// program (the kernel copies it into each socket at insertion) and their
+/// agent keeps reading them with recvmsg until they close.
+pub fn stop(pins: &Pins) {
+    let pin = link_pin(pins);
+    if pin.exists() {
+        match std::fs::remove_file(&pin) {
+            Ok(()) => tracing::info!("sockmap off: detached a previous agent's sk_msg program"),
+            Err(e) => tracing::warn!(error = %e, pin = %pin.display(), "cannot detach the sk_msg program"),
+        }
+    }
+}
+
+fn link_pin(pins: &Pins) -> PathBuf {
+    pins.links().join("sm_msg")
+}
+
+fn map_data(ebpf: &mut Ebpf, name: &str) -> Result<MapData, CaptureError> {
+    let map = ebpf.take_map(name).ok_or_else(|| {
+        bpf_err(format!("map {name}"))("missing from the object; rebuild it with `cargo xtask build-ebpf`".into())
+    })?;
+    match map {
+        Map::SockHash(d) | Map::PerCpuArray(d) | Map::HashMap(d) => Ok(d),
+        other => Err(bpf_err(format!("map {name}"))(format!("unexpected type {other:?}"))),
+    }
+}
+
+/// Every SM_STATS slot, summed over the CPUs.
+pub fn read_stats(stats: &PerCpuArray<MapData, u64>) -> BTreeMap<&'static str, u64> {
+    sockmap_stats::NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let sum = stats.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+            (*name, sum)
+        })
+        .collect()
+}
+
+/// The counters of the pinned SM_STATS, for `agent status` and metrics
+/// (empty when no agent of a sockmap-aware release ever ran here).
+pub fn pinned_stats(pins: &Pins) -> BTreeMap<&'static str, u64> {
+    let path = pins.maps().join(names::SM_STATS);
+    MapData::from_pin(path)
+        .ok()
+        .and_then(|d| PerCpuArray::<MapData, u64>::try_from(Map::PerCpuArray(d)).ok())
+        .map(|s| read_stats(&s))
+        .unwrap_or_default()
+}
+
+/// How many entries SM_APP, SM_AGENT and SM_HOPS hold: all three empty
+/// once every accelerated socket has closed (`agent status`).
+pub fn pinned_entries(pins: &Pins) -> BTreeMap<&'static str, usize> {
+    let count = |name: &'static str| -> Option<(&'static str, usize)> {
+        let data = MapData::from_pin(pins.maps().join(name)).ok()?;
+        let n = match name {
+            names::SM_APP => aya::maps::SockHash::<MapData, u64>::try_from(Map::SockHash(data))
+                .ok()?
+                .keys()
+                .count(),
+            names::SM_AGENT => aya::maps::SockHash::<MapData, HopKey>::try_from(Map::SockHash(data))
+                .ok()?
+                .keys()
+                .count(),
+            _ => aya::maps::HashMap::<MapData, HopKey, u32>::try_from(Map::HashMap(data))
+                .ok()?
+                .keys()
+                .count(),
+        };
+        Some((name, n))
+    };
+    [names::SM_APP, names::SM_AGENT, names::SM_HOPS]
+        .into_iter()
+        .filter_map(count)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_kernel_supports_sockmap_acceleration() {
+        probe().unwrap();
+    }
+
+    static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
+
+    /// One "agent": the object loaded against the scratch pins.
+    fn load(pins: &Pins) -> Ebpf {
+        aya::EbpfLoader::new()
+            .default_map_pin_directory(pins.maps())
+            .override_global(aya_log::LEVEL, &0u8, true)
+            .load(OBJECT)
+            .expect("run `cargo xtask build-ebpf` before the unit tests")
+    }
+
+    fn sk_msg_fd(ebpf: &mut Ebpf) -> aya::programs::ProgramFd {
+        let prog: &mut SkMsg = program(ebpf, progs::SK_MSG).unwrap();
+        if prog.fd().is_err() {
+            prog.load().unwrap();
+        }
+        prog.fd().unwrap().try_clone().unwrap()
+    }
+
+    /// The restart and handover path of the sk_msg program: a pinned link
+    /// on SM_APP that outlives its agent, an identical program kept, and the
+    /// kernel's compare-and-swap on sockmap links that lets a newer agent
+    /// replace the program with no moment without one.
+    #[test]
+    fn the_sk_msg_link_is_pinned_kept_and_swapped_by_compare_and_swap() {
+        let scratch = super::super::TestPins::new("smlink");
+        let name = scratch.0.file_name().unwrap().to_str().unwrap();
+        let pins = Pins::new(scratch.0.parent().unwrap(), name);
+        pins.prepare().unwrap();
+
+        let mut a = load(&pins);
+        Sockmap::start(&mut a, &pins).unwrap();
+        let link = sys::obj_get(&link_pin(&pins)).unwrap();
+        let a_fd = sk_msg_fd(&mut a);
+        let a_id = sys::prog_info(a_fd.as_fd()).unwrap().id;
+        assert_eq!(sys::link_prog_id(link.as_fd()).unwrap(), a_id);
+        drop(a);
+        // The agent is gone; the pinned link keeps its program attached.
+        assert_eq!(sys::link_prog_id(link.as_fd()).unwrap(), a_id);
+
+        // A restarted agent with the same program keeps the link as it is.
+        let mut b = load(&pins);
+        Sockmap::start(&mut b, &pins).unwrap();
+        assert_eq!(sys::link_prog_id(link.as_fd()).unwrap(), a_id);
+
+        // Swaps are atomic and refused when the old program is stale.
+        let b_fd = sk_msg_fd(&mut b);
+        let mut c = load(&pins);
+        let c_fd = sk_msg_fd(&mut c);
+        sys::link_update(link.as_fd(), b_fd.as_fd(), a_fd.as_fd()).unwrap();
+        let e = sys::link_update(link.as_fd(), c_fd.as_fd(), a_fd.as_fd()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+        let b_id = sys::prog_info(b_fd.as_fd()).unwrap().id;
+        assert_eq!(sys::link_prog_id(link.as_fd()).unwrap(), b_id);
+
+        // --sockmap off detaches it.
+        stop(&pins);
+        assert!(!link_pin(&pins).exists());
+    }
+
+    #[test]
+    fn hop_keys_fold_ipv4_mapped_addresses() {
+        let v4 = hop_key(
+            7,
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:15001".parse().unwrap(),
+        );
+        let mapped = hop_key(
+            7,
+            "[::ffff:127.0.0.1]:40000".parse().unwrap(),
+            "[::ffff:127.0.0.1]:15001".parse().unwrap(),
+        );
+        assert_eq!(v4, mapped);
+        let other_pod = hop_key(
+            8,
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:15001".parse().unwrap(),
+        );
+        assert_ne!(v4, other_pod);
+    }
+}
