@@ -30,8 +30,8 @@
 use core::ptr::read_volatile;
 
 use agent_common::{
-    hop, pod_flags, sockmap_stats, stats, ConnKey, HopKey, Ip6, OrigDst, PodEntry, SockKey, AGENT_MARK,
-    FORWARD_MARK, HBONE_PORT, OUTBOUND_PORT,
+    hop, pod_flags, sockmap_stats, stats, ConnKey, HopKey, Ip6, OrigDst, PodEntry, SockKey, AGENT_MARK, FORWARD_MARK,
+    HBONE_PORT, OUTBOUND_PORT,
 };
 use aya_ebpf::{
     bindings::{
@@ -146,29 +146,44 @@ fn outbound_verdict(ctx: &SockAddrContext, dst: Ip6, port: u16, family: u16) -> 
     let ip = dst.octets();
     // SAFETY: read-only lookup, value is Copy-checked below only for presence.
     let Some(pod) = (unsafe { ENROLLED_NETNS.get(&netns) }).copied() else {
-        debug!(ctx, "connect{} [{:i}]:{} netns {} not enrolled: pass", family, ip, port, netns);
+        debug!(
+            ctx,
+            "connect{} [{:i}]:{} netns {} not enrolled: pass", family, ip, port, netns
+        );
         return Outbound::Pass;
     };
     // SAFETY: ctx->sk is always a valid socket in sock_addr programs.
     let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
     if mark == AGENT_MARK || mark == FORWARD_MARK {
-        debug!(ctx, "connect{} [{:i}]:{} pod {}: agent's own socket (mark {}): pass", family, ip, port, pod.pod_id, mark);
+        debug!(
+            ctx,
+            "connect{} [{:i}]:{} pod {}: agent's own socket (mark {}): pass", family, ip, port, pod.pod_id, mark
+        );
         count(stats::OUTBOUND_SKIPPED);
         return Outbound::Pass;
     }
     if dst.is_loopback() || dst.words == [0; 4] || is_v4_unspecified(&dst) {
-        debug!(ctx, "connect{} [{:i}]:{} pod {}: loopback or unspecified destination: pass", family, ip, port, pod.pod_id);
+        debug!(
+            ctx,
+            "connect{} [{:i}]:{} pod {}: loopback or unspecified destination: pass", family, ip, port, pod.pod_id
+        );
         count(stats::OUTBOUND_SKIPPED);
         return Outbound::Pass;
     }
     // SAFETY: read-only lookups.
     if unsafe { EXCL_PORTS.get(&port) }.is_some() {
-        debug!(ctx, "connect{} [{:i}]:{} pod {}: excluded port: pass", family, ip, port, pod.pod_id);
+        debug!(
+            ctx,
+            "connect{} [{:i}]:{} pod {}: excluded port: pass", family, ip, port, pod.pod_id
+        );
         count(stats::OUTBOUND_SKIPPED);
         return Outbound::Pass;
     }
     if EXCL_CIDRS.get(&Key::new(128, dst)).is_some() {
-        debug!(ctx, "connect{} [{:i}]:{} pod {}: excluded CIDR: pass", family, ip, port, pod.pod_id);
+        debug!(
+            ctx,
+            "connect{} [{:i}]:{} pod {}: excluded CIDR: pass", family, ip, port, pod.pod_id
+        );
         count(stats::OUTBOUND_SKIPPED);
         return Outbound::Pass;
     }
@@ -181,11 +196,23 @@ fn outbound_verdict(ctx: &SockAddrContext, dst: Ip6, port: u16, family: u16) -> 
         _pad: 0,
     };
     if ORIG_DST.insert(&cookie, &orig, 0).is_err() {
-        debug!(ctx, "connect{} [{:i}]:{} pod {}: cannot record the original destination: refused", family, ip, port, pod.pod_id);
+        debug!(
+            ctx,
+            "connect{} [{:i}]:{} pod {}: cannot record the original destination: refused", family, ip, port, pod.pod_id
+        );
         count(stats::OUTBOUND_REFUSED);
         return Outbound::Refuse;
     }
-    debug!(ctx, "connect{} [{:i}]:{} pod {}: redirected to the agent (port {}, socket {})", family, ip, port, pod.pod_id, OUTBOUND_PORT, cookie);
+    debug!(
+        ctx,
+        "connect{} [{:i}]:{} pod {}: redirected to the agent (port {}, socket {})",
+        family,
+        ip,
+        port,
+        pod.pod_id,
+        OUTBOUND_PORT,
+        cookie
+    );
     count(stats::OUTBOUND_REDIRECTED);
     Outbound::Redirect
 }
@@ -503,7 +530,10 @@ fn publish_conn(ctx: &SockOpsContext) {
         _pad: [0; 6],
     };
     if CONN_ORIG.insert(&key, &orig, 0).is_ok() {
-        debug!(ctx, "sockops: socket {} established from port {}: original destination published", cookie, key.port);
+        debug!(
+            ctx,
+            "sockops: socket {} established from port {}: original destination published", cookie, key.port
+        );
     }
     // The app's end of the client hop (app -> 15001): the agent reads it.
     if sockmap_on(netns_cookie) {
@@ -544,7 +574,11 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     // (the kernel routes it locally but does not report it as arriving on
     // `lo`); the node itself (kubelet probes); and the agent's own forwards
     // to the app that carry the client's address (LOCAL_FWD).
-    let fwd = SockKey { addr: remote, port: u16::from_be(l.remote_port), _pad: [0; 6] };
+    let fwd = SockKey {
+        addr: remote,
+        port: u16::from_be(l.remote_port),
+        _pad: [0; 6],
+    };
     let skip = if l.local_port == u32::from(HBONE_PORT) {
         Some("HBONE port")
     } else if l.ingress_ifindex == LOOPBACK_IFINDEX || local == remote {
@@ -563,14 +597,20 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
     match INBOUND.redirect_sk_lookup(&ctx, local, 0) {
         Ok(()) => {
-            debug!(&ctx, "sk_lookup [{:i}]:{} from [{:i}]: redirected to the agent (port 15006)", lip, lport, rip);
+            debug!(
+                &ctx,
+                "sk_lookup [{:i}]:{} from [{:i}]: redirected to the agent (port 15006)", lip, lport, rip
+            );
             count(stats::INBOUND_REDIRECTED);
             SK_PASS
         }
         Err(_) => {
             // Enrolled pod without a live agent listener: refuse (RST), never
             // deliver around the mesh.
-            debug!(&ctx, "sk_lookup [{:i}]:{} from [{:i}]: no agent listener: refused", lip, lport, rip);
+            debug!(
+                &ctx,
+                "sk_lookup [{:i}]:{} from [{:i}]: no agent listener: refused", lip, lport, rip
+            );
             count(stats::INBOUND_REFUSED);
             SK_DROP
         }

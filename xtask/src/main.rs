@@ -285,6 +285,11 @@ fn bench_kube(args: &[String]) -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     build_ebpf()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    // The kernel programs are a workspace of their own.
+    run(cargo()
+        .args(["fmt", "--all", "--manifest-path"])
+        .arg(root().join("agent-ebpf/Cargo.toml"))
+        .args(["--", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // The end-to-end tests start the binaries from the shared target dir.
     run(cargo().args([
