@@ -383,6 +383,11 @@ impl Server {
         for p in ports {
             cmd.arg(p.to_string());
         }
+        Server::spawn(cmd, pod)
+    }
+
+    /// Starts `cmd` (a server that prints its first line once listening).
+    fn spawn(mut cmd: Command, pod: &Pod) -> Result<Server> {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -399,13 +404,7 @@ impl Server {
         if greet {
             cmd.arg("--greet");
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let first = child.stdout.take().context("no stdout")?;
-        Server::listening(child, first, pod)
+        Server::spawn(cmd, pod)
     }
 
     /// `mesh-echo serve` (HTTP/1.1, h2, gRPC) on `port` of `pod`, answering

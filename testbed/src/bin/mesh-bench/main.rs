@@ -621,10 +621,7 @@ fn run(meshes: &[Mesh], opts: &Opts) -> Result<(Vec<Value>, Value)> {
                 cpu.agent_s / k,
                 conns.cpu_s / k,
                 cpu.host_busy_pct,
-                match (&conns.first_error, conns.errors) {
-                    (Some(e), n) if n > 0 => format!("  {n} FAILED, first: {e}"),
-                    _ => String::new(),
-                }
+                conns.failures()
             );
             rec[c.name]["conn"] = json!({
                 "per_s": rate,
@@ -657,10 +654,7 @@ fn run(meshes: &[Mesh], opts: &Opts) -> Result<(Vec<Value>, Value)> {
                 cpu.agent_s,
                 cpu.agent_s / k,
                 cpu.host_busy_pct,
-                match (&burst.first_error, burst.errors) {
-                    (Some(e), n) if n > 0 => format!("  {n} FAILED, first: {e}"),
-                    _ => String::new(),
-                }
+                burst.failures()
             );
             rec[c.name]["burst"] = json!({
                 "per_s": rate,
@@ -983,6 +977,14 @@ struct Conns {
 }
 
 impl Conns {
+    /// `  N FAILED, first: ...` when any connection failed.
+    fn failures(&self) -> String {
+        match (&self.first_error, self.errors) {
+            (Some(e), n) if n > 0 => format!("  {n} FAILED, first: {e}"),
+            _ => String::new(),
+        }
+    }
+
     /// Runs a connection client (bounded) and reads the JSON report of
     /// its last line: connections, errors, seconds, cpu_s, first_error.
     fn run(cmd: Command, what: &str, seconds: u32) -> Result<Conns> {
