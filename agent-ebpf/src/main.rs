@@ -346,32 +346,43 @@ fn be_port(raw: u32) -> u16 {
     u16::from_be(be as u16)
 }
 
-/// The hop key of the socket behind a sock_ops context, as that socket
-/// sees it (src = local).
+/// The hop key of the socket behind a context pointer (`bpf_sock_ops` or
+/// `sk_msg_md`, whose fields share their names), as that socket sees
+/// itself (src = local). A macro, not a function: the two contexts are
+/// different types, and each field must stay a constant-offset load of its
+/// own context (see publish_conn).
+macro_rules! hop_key {
+    ($ctx:expr, $netns_cookie:expr) => {{
+        let c = $ctx;
+        // SAFETY: a valid context of this program; volatile keeps each
+        // field a constant-offset load.
+        let (family, l4, r4, l6, r6, lport, rport) = unsafe {
+            (
+                read_volatile(&(*c).family),
+                read_volatile(&(*c).local_ip4),
+                read_volatile(&(*c).remote_ip4),
+                read_ctx4(&(*c).local_ip6),
+                read_ctx4(&(*c).remote_ip6),
+                read_volatile(&(*c).local_port),
+                read_volatile(&(*c).remote_port),
+            )
+        };
+        let (src, dst) = fold(family, l4, r4, l6, r6);
+        HopKey {
+            netns_cookie: $netns_cookie,
+            src,
+            dst,
+            src_port: lport as u16,
+            dst_port: be_port(rport),
+            _pad: 0,
+        }
+    }};
+}
+
+/// The hop key of the socket behind a sock_ops context.
 #[inline(always)]
 fn ops_hop_key(ctx: &SockOpsContext, netns_cookie: u64) -> HopKey {
-    let ops = ctx.ops;
-    // SAFETY: valid context; constant-offset loads (see publish_conn).
-    let (family, l4, r4, l6, r6, lport, rport) = unsafe {
-        (
-            read_volatile(&(*ops).family),
-            read_volatile(&(*ops).local_ip4),
-            read_volatile(&(*ops).remote_ip4),
-            read_ctx4(&(*ops).local_ip6),
-            read_ctx4(&(*ops).remote_ip6),
-            read_volatile(&(*ops).local_port),
-            read_volatile(&(*ops).remote_port),
-        )
-    };
-    let (src, dst) = fold(family, l4, r4, l6, r6);
-    HopKey {
-        netns_cookie,
-        src,
-        dst,
-        src_port: lport as u16,
-        dst_port: be_port(rport),
-        _pad: 0,
-    }
+    hop_key!(ctx.ops, netns_cookie)
 }
 
 /// Both addresses in `Ip6` form, IPv4 as `::ffff:a.b.c.d` (an AF_INET6
@@ -473,33 +484,12 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     SK_PASS
 }
 
-/// The hop key of the sending socket, as it sees itself (src = local).
+/// The hop key of the sending socket.
 #[inline(always)]
 fn msg_hop_key(ctx: &SkMsgContext) -> HopKey {
-    let md = ctx.msg;
     // SAFETY: helper only reads the context.
-    let netns_cookie = unsafe { bpf_get_netns_cookie(md.cast()) };
-    // SAFETY: valid context; constant-offset loads (see publish_conn).
-    let (family, l4, r4, l6, r6, lport, rport) = unsafe {
-        (
-            read_volatile(&(*md).family),
-            read_volatile(&(*md).local_ip4),
-            read_volatile(&(*md).remote_ip4),
-            read_ctx4(&(*md).local_ip6),
-            read_ctx4(&(*md).remote_ip6),
-            read_volatile(&(*md).local_port),
-            read_volatile(&(*md).remote_port),
-        )
-    };
-    let (src, dst) = fold(family, l4, r4, l6, r6);
-    HopKey {
-        netns_cookie,
-        src,
-        dst,
-        src_port: lport as u16,
-        dst_port: be_port(rport),
-        _pad: 0,
-    }
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.msg.cast()) };
+    hop_key!(ctx.msg, netns_cookie)
 }
 
 /// Once a redirected connect is established its local port is known: key the

@@ -144,10 +144,6 @@ impl Configs {
         }
     }
 
-    pub fn roots(&self) -> &Roots {
-        &self.roots
-    }
-
     /// [`server_config`] for `cert`, built once per serial.
     pub fn server(&self, cert: &WorkloadCert) -> Result<Arc<ServerConfig>, TlsError> {
         let mut cache = self.server.lock().unwrap_or_else(|e| e.into_inner());

@@ -146,12 +146,14 @@ async fn connection(
     BufReader::new(r.take(64 * 1024)).read_line(&mut line).await?;
     let arrived = Instant::now();
     let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(req) if req.command == Command::Add => {
+        Ok(req) => {
+            let add = req.command == Command::Add;
             let reply = handle(req, kube, own_uid, tx).await;
-            metrics.observe(&reply, arrived);
+            if add {
+                metrics.observe(&reply, arrived);
+            }
             reply
         }
-        Ok(req) => handle(req, kube, own_uid, tx).await,
         Err(e) => failure(format!(
             "bad request from the CNI plugin: {e} (plugin and agent versions differ?)"
         )),

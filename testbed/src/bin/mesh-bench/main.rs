@@ -411,7 +411,7 @@ impl Mesh {
             .transpose()?;
         let mut agents = Vec::new();
         for (node, pod) in [("node1", &client), ("node2", &server)] {
-            agents.push(start_agent_with(&cluster, node, &config, &dir, ca.as_ref(), pod, sockmap).context(name)?);
+            agents.push(start_agent(&cluster, node, &config, &dir, ca.as_ref(), pod, sockmap).context(name)?);
         }
         let pids = agents
             .iter()
@@ -440,21 +440,10 @@ impl Mesh {
     }
 }
 
-/// Starts the agent of `node` and waits until it is ready and, with a CA,
-/// until it holds the workload certificate of its pod `pod`.
+/// Starts the agent of `node` (with `--sockmap` when `sockmap`) and waits
+/// until it is ready and, with a CA, until it holds the workload
+/// certificate of its pod `pod`.
 fn start_agent(
-    cluster: &Cluster,
-    node: &str,
-    config: &Path,
-    dir: &Path,
-    ca: Option<&MeshCa>,
-    pod: &str,
-) -> Result<Agent> {
-    start_agent_with(cluster, node, config, dir, ca, pod, false)
-}
-
-/// [`start_agent`], with `--sockmap` when `sockmap`.
-fn start_agent_with(
     cluster: &Cluster,
     node: &str,
     config: &Path,
