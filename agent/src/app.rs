@@ -18,6 +18,7 @@ use std::{
 };
 
 use anyhow::Context;
+use cluster::filewatch::FileWatch;
 use tokio::{
     runtime::Handle,
     signal::unix::{signal, SignalKind},
@@ -333,45 +334,42 @@ impl Watched {
 
 /// The local enrolment file.
 struct FileSource {
-    path: std::path::PathBuf,
-    /// The text last parsed (the last good configuration is the node's).
-    seen: String,
+    /// The text last taken (the last good configuration is the node's).
+    watch: FileWatch,
     /// The configuration read at start, until the main loop takes it.
     initial: LocalConfig,
 }
 
 impl FileSource {
     fn open(path: &std::path::Path) -> anyhow::Result<Self> {
-        let seen = std::fs::read_to_string(path).map_err(|source| crate::config::ConfigError::Read {
+        let watch = FileWatch::open(path).map_err(|source| crate::config::ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
         Ok(Self {
-            path: path.to_owned(),
-            initial: LocalConfig::parse(path, &seen)?,
-            seen,
+            initial: LocalConfig::parse(path, watch.text())?,
+            watch,
         })
     }
 
-    /// Re-reads the file; a bad file is reported and the last good
-    /// configuration stays in force. Unchanged files still retry failed pods.
+    /// Re-reads the file (a change is taken once two reads agree, see
+    /// `FileWatch`); a bad file is reported and the last good configuration
+    /// stays in force. Unchanged files still retry failed pods.
     fn reload(&mut self, node: &mut NodeState) {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(t) => t,
+        let path = self.watch.path().to_owned();
+        let text = match self.watch.poll() {
+            Ok(Some(t)) => t,
+            Ok(None) => return node.retry(),
             Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, "cannot read config; keeping the last good configuration");
+                tracing::error!(path = %path.display(), error = %e, "cannot read config; keeping the last good configuration");
                 return;
             }
         };
-        if text == self.seen {
-            return node.retry();
-        }
-        self.seen = text;
-        match LocalConfig::parse(&self.path, &self.seen) {
+        match LocalConfig::parse(&path, text) {
             Ok(new) => {
                 node.apply(new);
                 // Logged once applied: tests and operators wait on it.
-                tracing::info!(path = %self.path.display(), "configuration reloaded");
+                tracing::info!(path = %path.display(), "configuration reloaded");
             }
             Err(e) => tracing::error!(error = %e, "invalid configuration; keeping the last good configuration"),
         }

@@ -1,5 +1,6 @@
 //! The cluster model shared by the agent and the waypoint, one
-//! implementation each: the local enrolment file (`config`), CIDRs, Istio
+//! implementation each: the local enrolment file (`config`, polled by
+//! `filewatch`), CIDRs, Istio
 //! L4 authorization (`rbac`) and the snapshot the data paths consult
 //! (`state`: workloads, services, endpoints, policies) and waypoint binding
 //! (`waypoint`), HTTP routing rules (`routes`: HTTPRoute and VirtualService
@@ -8,6 +9,7 @@
 //! (network namespaces, cgroups) is decided here.
 pub mod cidr;
 pub mod config;
+pub mod filewatch;
 pub mod kube;
 pub mod rbac;
 pub mod routes;

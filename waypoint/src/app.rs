@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::Context;
-use cluster::{config::LocalConfig, state::State};
+use cluster::{config::LocalConfig, filewatch::FileWatch, state::State};
 use mesh::{ca::CaClient, certs::SecretManager, tls::Roots};
 use prometheus_client::registry::Registry;
 
@@ -40,9 +40,14 @@ const CONFIG_POLL: Duration = Duration::from_secs(2);
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(&cfg)?, "waypoint starting");
     let state = State::default();
-    if let Source::File(path) = &cfg.source {
-        state.update(&LocalConfig::load(path)?, &cfg.id.trust_domain);
-    }
+    let mut config_file = match &cfg.source {
+        Source::File(path) => {
+            let file = open_file(path)?;
+            state.update(&LocalConfig::parse(path, file.text())?, &cfg.id.trust_domain);
+            Some(file)
+        }
+        Source::Kubernetes { .. } => None,
+    };
     // On Kubernetes the model is empty until the watches have listed
     // everything: not ready until then.
     let synced = Arc::new(AtomicBool::new(matches!(cfg.source, Source::File(_))));
@@ -66,14 +71,17 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         routes.clone(),
         RouteMetrics::register(&mut registry),
     )));
+    let mut routes_file = None;
     if let Some(path) = &cfg.routes {
         // At start a broken file is an error the operator sees at once;
         // later, a broken file keeps the routes in force.
+        let file = open_file(path)?;
         route_source
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .load_file(path)
-            .map_err(anyhow::Error::msg)?;
+            .load_text(file.text())
+            .map_err(|e| anyhow::anyhow!("routes file {}: {e}", path.display()))?;
+        routes_file = Some(file);
     }
     let (access, lines) = if cfg.access_log {
         let (a, rx) = AccessLog::channel();
@@ -121,12 +129,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     };
                     tokio::spawn(crate::metrics::serve(readiness_listener, None, ready.clone()));
                     tokio::spawn(crate::metrics::serve(metrics_listener, Some(registry), ready));
+                    if let Some(file) = routes_file.take() {
+                        tokio::spawn(crate::routes::watch_file(file, route_source.clone()));
+                    }
                     match &cfg.source {
-                        Source::File(path) => {
-                            if let Some(routes) = cfg.routes.clone() {
-                                tokio::spawn(crate::routes::watch_file(routes, route_source));
+                        Source::File(_) => {
+                            if let Some(file) = config_file.take() {
+                                watch_config(file, &cfg, &state).await
                             }
-                            watch_config(path, &cfg, &state).await
                         }
                         Source::Kubernetes { kubeconfig } => {
                             if let Err(e) =
@@ -186,19 +196,27 @@ async fn terminated() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Re-reads the enrolment file when its modification time changes; a bad
-/// file is logged and the last good one stays in force.
-async fn watch_config(path: &Path, cfg: &Config, state: &State) {
-    let mtime = || std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let mut seen = mtime();
+/// Reads a file the waypoint watches, or says which one it cannot read.
+fn open_file(path: &Path) -> anyhow::Result<FileWatch> {
+    FileWatch::open(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Re-reads the enrolment file when it changes (a change is taken once
+/// two reads agree, see `FileWatch`); a bad file is logged and the last
+/// good one stays in force.
+async fn watch_config(mut file: FileWatch, cfg: &Config, state: &State) {
     loop {
         tokio::time::sleep(CONFIG_POLL).await;
-        let now = mtime();
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        match LocalConfig::load(path) {
+        let path = file.path().to_owned();
+        let text = match file.poll() {
+            Ok(Some(text)) => text,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "enrolment file not reloaded; the previous one stays in force");
+                continue;
+            }
+        };
+        match LocalConfig::parse(&path, text) {
             Ok(local) => {
                 state.update(&local, &cfg.id.trust_domain);
                 tracing::info!(file = %path.display(), services = local.services.len(), pods = local.pods.len(), "enrolment file reloaded");

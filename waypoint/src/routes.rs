@@ -9,12 +9,12 @@
 //! its last good version, and the data path swaps to the new table from
 //! its next request on.
 use std::{
-    path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
 use cluster::{
+    filewatch::FileWatch,
     kube::{model::Change, ClusterWatch},
     routes::{store::Kind, store::Outcome, Document, RouteStore, RouteTable},
 };
@@ -128,15 +128,6 @@ impl RouteSource {
         self.routes.set(table);
     }
 
-    /// Every route object of the file (`Err`: the file cannot be read or
-    /// parsed at all; nothing changed).
-    pub fn load_file(&mut self, path: &Path) -> Result<(), String> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("cannot read routes file {}: {e}", path.display()))?;
-        self.load_text(&text)
-            .map_err(|e| format!("routes file {}: {e}", path.display()))
-    }
-
     /// Every route object of a multi-document YAML text (what a routes
     /// file holds); `Err` when it does not parse at all (nothing changed).
     pub fn load_text(&mut self, text: &str) -> Result<(), String> {
@@ -158,21 +149,20 @@ impl RouteSource {
 /// How often the routes file is checked for changes.
 const FILE_POLL: Duration = Duration::from_secs(1);
 
-/// Re-reads the routes file when it changes; an unreadable file keeps
-/// everything as it was.
-pub async fn watch_file(path: PathBuf, source: Arc<Mutex<RouteSource>>) {
-    let stamp = || std::fs::metadata(&path).and_then(|m| Ok((m.modified()?, m.len()))).ok();
-    let mut seen = stamp();
+/// Re-reads the routes file when it changes (a change is taken once two
+/// reads agree, see `FileWatch`); an unreadable file keeps everything as
+/// it was.
+pub async fn watch_file(mut file: FileWatch, source: Arc<Mutex<RouteSource>>) {
     loop {
         tokio::time::sleep(FILE_POLL).await;
-        let now = stamp();
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        let r = source.lock().unwrap_or_else(|e| e.into_inner()).load_file(&path);
+        let path = file.path().to_owned();
+        let r = match file.poll() {
+            Ok(None) => continue,
+            Ok(Some(text)) => source.lock().unwrap_or_else(|e| e.into_inner()).load_text(text),
+            Err(e) => Err(e.to_string()),
+        };
         if let Err(e) = r {
-            tracing::error!(error = %e, "routes file not reloaded; every route stays as it was");
+            tracing::error!(file = %path.display(), error = %e, "routes file not reloaded; every route stays as it was");
         }
     }
 }
