@@ -12,7 +12,7 @@
 //!
 //! Pods on the host network share the node's netns and are never enrolled.
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -86,7 +86,15 @@ impl Discoverer {
         if ips.is_empty() {
             return Err(DiscoverError::NoIps { uid: uid.into() });
         }
-        let cgroup = self.pod_cgroup(uid)?;
+        self.find_in(uid, ips, self.pod_cgroup(uid)?)
+    }
+
+    /// As [`Self::find`], with the pod's cgroup directory already known
+    /// (from [`Self::pod_cgroups`]).
+    pub fn find_in(&self, uid: &str, ips: &[IpAddr], cgroup: PathBuf) -> Result<PodLocation, DiscoverError> {
+        if ips.is_empty() {
+            return Err(DiscoverError::NoIps { uid: uid.into() });
+        }
         let pids = processes(&cgroup)?;
         if pids.is_empty() {
             return Err(DiscoverError::NoProcess {
@@ -128,17 +136,46 @@ impl Discoverer {
 
     /// The pod-level cgroup directory of `uid` (cgroupfs or systemd naming).
     pub fn pod_cgroup(&self, uid: &str) -> Result<PathBuf, DiscoverError> {
-        let cgroupfs = format!("pod{uid}");
-        let systemd = format!("pod{}.slice", uid.replace('-', "_"));
-        let matches = |name: &str| name == cgroupfs || (name.starts_with("kubepods") && name.ends_with(&systemd));
+        let mut found = None;
+        self.walk_pods(|u, dir| {
+            if u == uid {
+                found = Some(dir);
+            }
+            found.is_none()
+        })?;
+        found.ok_or_else(|| DiscoverError::NoCgroup {
+            uid: uid.into(),
+            root: self.cgroup_root.clone(),
+        })
+    }
+
+    /// Every pod-level cgroup directory by pod UID, in one walk of the
+    /// tree: locating many pods costs one walk, not one per pod (a node
+    /// with hundreds of pods would otherwise read its kubepods directory
+    /// once per pod per translation).
+    pub fn pod_cgroups(&self) -> Result<HashMap<String, PathBuf>, DiscoverError> {
+        let mut all = HashMap::new();
+        self.walk_pods(|uid, dir| {
+            all.insert(uid.to_string(), dir);
+            true
+        })?;
+        Ok(all)
+    }
+
+    /// Calls `visit(uid, dir)` for each pod directory, breadth first, until
+    /// it returns false.
+    fn walk_pods(&self, mut visit: impl FnMut(&str, PathBuf) -> bool) -> Result<(), DiscoverError> {
         let mut level = vec![self.cgroup_root.clone()];
         for _ in 0..MAX_POD_DEPTH {
             let mut next = Vec::new();
             for dir in &level {
                 for sub in subdirs(dir)? {
                     let name = sub.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-                    if matches(&name) {
-                        return Ok(sub);
+                    if let Some(uid) = pod_uid(&name) {
+                        if !visit(&uid, sub) {
+                            return Ok(());
+                        }
+                        continue;
                     }
                     // Only descend into the kubepods hierarchy.
                     if name.starts_with("kubepods") || dir != &self.cgroup_root {
@@ -148,11 +185,24 @@ impl Discoverer {
             }
             level = next;
         }
-        Err(DiscoverError::NoCgroup {
-            uid: uid.into(),
-            root: self.cgroup_root.clone(),
-        })
+        Ok(())
     }
+}
+
+/// The pod UID a pod-level cgroup directory is named for: `pod<uid>`
+/// (cgroupfs) or `kubepods[-<qos>]-pod<uid with underscores>.slice`
+/// (systemd).
+fn pod_uid(name: &str) -> Option<String> {
+    let uid = match name.strip_prefix("pod") {
+        Some(uid) => uid.to_string(),
+        None => {
+            let slice = name.strip_prefix("kubepods")?.strip_suffix(".slice")?;
+            slice.rsplit_once("-pod")?.1.replace('_', "-")
+        }
+    };
+    // A UID is hex digits and dashes: `podman` is not a pod's directory.
+    let is_uid = !uid.is_empty() && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    is_uid.then_some(uid)
 }
 
 fn subdirs(dir: &Path) -> Result<Vec<PathBuf>, DiscoverError> {
@@ -315,6 +365,29 @@ mod tests {
             f.discoverer().find(UID, &pod_ips()).unwrap().cgroup,
             f.root.join("cgroup").join(&guaranteed)
         );
+    }
+
+    #[test]
+    fn one_walk_indexes_every_pod_of_both_layouts() {
+        let systemd = format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            UID.replace('-', "_")
+        );
+        let f = Fake::new("index", &format!("{systemd}/cri-containerd-1.scope"), &[42]);
+        let cg = f.root.join("cgroup");
+        let other = "0badcafe-0000-4000-8000-000000000001";
+        for dir in [format!("kubepods/burstable/pod{other}/c1"), "kubepods/podman/x".into()] {
+            std::fs::create_dir_all(cg.join(dir)).unwrap();
+        }
+        let d = f.discoverer();
+        let all = d.pod_cgroups().unwrap();
+        let want = HashMap::from([
+            (UID.to_string(), cg.join(&systemd)),
+            (other.to_string(), cg.join(format!("kubepods/burstable/pod{other}"))),
+        ]);
+        assert_eq!(all, want, "podman is not a pod; containers are not walked into");
+        let loc = d.find_in(UID, &pod_ips(), all[UID].clone()).unwrap();
+        assert_eq!(loc, d.find(UID, &pod_ips()).unwrap());
     }
 
     #[test]

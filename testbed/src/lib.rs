@@ -553,6 +553,14 @@ impl Cluster {
         Ok(dir)
     }
 
+    /// A network namespace with only `lo` (up), `<prefix>-<name>`, torn
+    /// down with the cluster: for benchmarks that need many pods'
+    /// namespaces but not their network (more than a node's 244 pods).
+    pub fn add_bare_netns(&self, name: &str) -> Result<PathBuf> {
+        names::validate_name("netns", name)?;
+        add_netns(&self.res, &format!("{}-{name}", self.prefix))
+    }
+
     /// Explicit teardown returning errors; `Drop` calls it and logs errors to
     /// stderr. Idempotent: a second call only retries what failed.
     pub fn teardown(&mut self) -> Result<()> {

@@ -78,7 +78,7 @@ pub(crate) fn parse_prefix(name: &str) -> Option<(u32, &str)> {
     Some((pid, &name[..prefix_len]))
 }
 
-fn validate_name(kind: &str, name: &str) -> Result<()> {
+pub(crate) fn validate_name(kind: &str, name: &str) -> Result<()> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
         bail!("{kind} name {name:?} must be 1..={MAX_NAME_LEN} characters");
     }

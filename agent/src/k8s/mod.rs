@@ -124,6 +124,9 @@ pub struct Locator {
     pub cni_ips: HashMap<String, Vec<IpAddr>>,
     /// Pods whose sandbox is gone (CNI DEL): never located again.
     torn_down: HashSet<String>,
+    /// Pod cgroup directories by UID, walked once per translation pass
+    /// (see [`Locator::new_pass`]) however many pods are still unlocated.
+    cgroups: Option<HashMap<String, PathBuf>>,
 }
 
 impl Locator {
@@ -133,7 +136,14 @@ impl Locator {
             found: HashMap::new(),
             cni_ips: HashMap::new(),
             torn_down: HashSet::new(),
+            cgroups: None,
         }
+    }
+
+    /// A new translation: the cgroup tree is walked again (once) if a pod
+    /// needs discovery.
+    pub fn new_pass(&mut self) {
+        self.cgroups = None;
     }
 
     /// From CNI ADD: the cgroup must already exist (kubelet creates it
@@ -161,7 +171,21 @@ impl Locator {
         if let Some(l) = self.found.get(uid) {
             return Some(l.clone());
         }
-        match self.discoverer.find(uid, ips) {
+        let cgroups = match &mut self.cgroups {
+            Some(c) => c,
+            None => match self.discoverer.pod_cgroups() {
+                Ok(c) => self.cgroups.insert(c),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot walk the pod cgroups");
+                    return None;
+                }
+            },
+        };
+        let Some(cgroup) = cgroups.get(uid) else {
+            tracing::debug!(uid, "pod not located: no cgroup on this node");
+            return None;
+        };
+        match self.discoverer.find_in(uid, ips, cgroup.clone()) {
             Ok(loc) => {
                 let l = Location {
                     netns: loc.netns,

@@ -4,8 +4,16 @@
 //! namespaces, one Service + EndpointSlice per 10 pods; the agent must learn
 //! them all (its config dump lists every workload and service). Prints the
 //! agent's RSS before and after, per 1,000 pods, and the time to catch up.
+//!
+//! `--enroll N [--measure M]`: enroll-to-capture (issue #11). N pods of the
+//! agent's own node are enrolled through the CNI socket one after another,
+//! then M more; each ADD is timed from the request to the agent's reply
+//! (the pod captured). Every pod has a real network namespace and a
+//! kubelet-style cgroup; the API server knows each pod before its ADD, as
+//! it does when the kubelet creates the sandbox.
 use std::{
     collections::BTreeMap,
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -28,21 +36,28 @@ fn ip(i: usize) -> String {
 }
 
 fn pod(i: usize) -> Pod {
-    let ns = format!("ns-{}", i % 100);
+    pod_on(i, &format!("ns-{}", i % 100), &format!("node-{}", i % 100))
+}
+
+fn uid(i: usize) -> String {
+    format!("00000000-0000-4000-9000-{i:012}")
+}
+
+fn pod_on(i: usize, ns: &str, node: &str) -> Pod {
     let app = format!("app-{}", i / 10);
     Pod {
         metadata: ObjectMeta {
-            uid: Some(format!("00000000-0000-4000-9000-{i:012}")),
+            uid: Some(uid(i)),
             // What real pods carry besides: owner, annotations (the agent's
             // projection drops them).
             annotations: Some(BTreeMap::from([(
                 "kubectl.kubernetes.io/last-applied-configuration".to_string(),
                 "x".repeat(400),
             )])),
-            ..meta(Some(&ns), &format!("pod-{i}"), &[("app", &app), ("version", "v1")])
+            ..meta(Some(ns), &format!("pod-{i}"), &[("app", &app), ("version", "v1")])
         },
         spec: Some(PodSpec {
-            node_name: Some(format!("node-{}", i % 100)),
+            node_name: Some(node.to_string()),
             service_account_name: Some(app.clone()),
             containers: vec![k8s_openapi::api::core::v1::Container {
                 name: "app".into(),
@@ -109,6 +124,16 @@ fn rss_kb(pid: u32) -> Result<u64> {
         .context("no VmRSS")
 }
 
+/// CPU seconds (user + system, all threads) the process has used.
+fn cpu_s(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces): state is field 3.
+    let rest = stat.rsplit_once(") ").context("no command in stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
+    Ok(ticks as f64 / 100.0)
+}
+
 fn counts(cluster: &Cluster) -> Result<(usize, usize)> {
     let out = cluster
         .node("node1")
@@ -120,13 +145,27 @@ fn counts(cluster: &Cluster) -> Result<(usize, usize)> {
     Ok((n("workloads"), n("services")))
 }
 
+/// The value of `--name N`, or `default`.
+fn arg(args: &[String], name: &str, default: Option<usize>) -> Result<Option<usize>> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => Ok(Some(
+            args.get(i + 1)
+                .with_context(|| format!("{name} N"))?
+                .parse()
+                .with_context(|| format!("{name} takes a number"))?,
+        )),
+        None => Ok(default),
+    }
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let pods: usize = match args.iter().position(|a| a == "--pods") {
-        Some(i) => args.get(i + 1).context("--pods N")?.parse()?,
-        None => 10_000,
-    };
     testbed::sweep_stale()?;
+    if let Some(n) = arg(&args, "--enroll", None)? {
+        let m = arg(&args, "--measure", Some(200))?.unwrap_or(200);
+        return enroll(n, m);
+    }
+    let pods = arg(&args, "--pods", Some(10_000))?.unwrap_or(10_000);
     let cluster = Cluster::create("kscale", &ClusterSpec::new(vec![NodeSpec::new("node1", &[])]))?;
     let dir = cluster.scratch_dir()?;
     let api = ApiServer::in_cluster(&cluster)?;
@@ -168,6 +207,120 @@ fn main() -> Result<()> {
             "rss_before_mb": before as f64 / 1024.0, "rss_after_mb": after as f64 / 1024.0,
             "mb_per_1000_pods": (per_1k * 100.0).round() / 100.0,
             "catch_up_s": caught_up.as_secs_f64(),
+        })
+    );
+    agent.terminate()?;
+    Ok(())
+}
+
+/// Percentile `q` (0..=1) of sorted durations, in ms.
+fn pct(sorted: &[Duration], q: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted.get(i).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+}
+
+fn summary(d: &mut [Duration]) -> serde_json::Value {
+    d.sort();
+    let r = |x: f64| (x * 1000.0).round() / 1000.0;
+    serde_json::json!({
+        "adds": d.len(), "p50_ms": r(pct(d, 0.5)), "p90_ms": r(pct(d, 0.9)),
+        "p99_ms": r(pct(d, 0.99)), "max_ms": r(pct(d, 1.0)),
+    })
+}
+
+const BENCH_NS: &str = "bench";
+
+/// Pods made and captured at once, as a node starts them: the API and the
+/// cgroup know a pod shortly before its CNI ADD, not all pods long before.
+const BATCH: usize = 10;
+
+/// Pods `range` of node1, [`BATCH`] at a time: netns, kubelet-style
+/// cgroup and API object; once the agent's model lists them, one CNI ADD
+/// each, timed from request to reply. Every reply must say the pod is
+/// captured.
+fn enroll_pods(
+    cluster: &Cluster,
+    api: &ApiServer,
+    socket: &Path,
+    range: std::ops::Range<usize>,
+) -> Result<Vec<Duration>> {
+    let kubepods = cluster.node("node1").cgroup.join("kubepods/burstable");
+    std::fs::create_dir_all(&kubepods)?;
+    let mut took = Vec::with_capacity(range.len());
+    let end = range.end;
+    for first in range.step_by(BATCH) {
+        let mut batch = Vec::new();
+        for i in first..(first + BATCH).min(end) {
+            let netns = cluster.add_bare_netns(&format!("p{i}"))?;
+            std::fs::create_dir(kubepods.join(format!("pod{}", uid(i))))?;
+            api.apply(&pod_on(i, BENCH_NS, "node1"))?;
+            batch.push((i, netns));
+        }
+        let known = batch.last().map_or(0, |(i, _)| i + 1);
+        poll(Duration::from_secs(60), || {
+            Ok((counts(cluster)?.0 == known).then_some(()))
+        })?;
+        for (i, netns) in batch {
+            took.push(add(socket, i, &netns)?);
+        }
+    }
+    Ok(took)
+}
+
+/// One CNI ADD, timed from request to reply.
+fn add(socket: &Path, i: usize, netns: &Path) -> Result<Duration> {
+    use mesh_cni::proto::{call, Command, Request};
+    let req = Request {
+        command: Command::Add,
+        container_id: format!("sandbox-{i}"),
+        netns: netns.display().to_string(),
+        pod_namespace: BENCH_NS.into(),
+        pod_name: format!("pod-{i}"),
+        pod_uid: uid(i),
+        ips: vec![ip(i).parse()?],
+    };
+    let start = Instant::now();
+    let reply = call(socket, &req, Duration::from_secs(30))?;
+    let took = start.elapsed();
+    anyhow::ensure!(reply.ok && reply.enrolled, "pod-{i} not captured: {}", reply.message);
+    Ok(took)
+}
+
+fn enroll(n: usize, m: usize) -> Result<()> {
+    let cluster = Cluster::create("kenroll", &ClusterSpec::new(vec![NodeSpec::new("node1", &[])]))?;
+    let dir = cluster.scratch_dir()?;
+    let api = ApiServer::in_cluster(&cluster)?;
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, "t")?;
+    api.apply(&Namespace {
+        metadata: meta(None, BENCH_NS, &[("istio.io/dataplane-mode", "ambient")]),
+        ..Default::default()
+    })?;
+    let socket = dir.join("cni.sock");
+    let sock = socket.to_str().context("socket path")?;
+    let mut agent = Agent::start_kube(&cluster, "node1", &kubeconfig, &dir, &["--cni-socket", sock])?;
+    agent.wait_for("agent ready", Duration::from_secs(30))?;
+    let pid = agent.pid().context("agent pid")?;
+    let idle = rss_kb(pid)?;
+
+    let start = Instant::now();
+    let mut filling = enroll_pods(&cluster, &api, &socket, 0..n)?;
+    let made = start.elapsed();
+    let rss_n = rss_kb(pid)?;
+    let cpu_before = cpu_s(pid)?;
+    let mut measured = enroll_pods(&cluster, &api, &socket, n..n + m)?;
+    let cpu_ms_per_add = (cpu_s(pid)? - cpu_before) * 1e3 / m.max(1) as f64;
+    let enrolled = agent.logs().iter().filter(|l| l["message"] == "pod enrolled").count();
+    anyhow::ensure!(enrolled == n + m, "{enrolled} pods enrolled, want {}", n + m);
+    println!(
+        "{}",
+        serde_json::json!({
+            "enrolled_before": n, "measured": summary(&mut measured),
+            "while_filling": summary(&mut filling),
+            "rss_idle_mb": idle as f64 / 1024.0, "rss_enrolled_mb": rss_n as f64 / 1024.0,
+            "rss_per_enrolled_pod_kb": (rss_n.saturating_sub(idle)) as f64 / n.max(1) as f64,
+            "fill_s": made.as_secs_f64(),
+            "agent_cpu_ms_per_add_measured": (cpu_ms_per_add * 100.0).round() / 100.0,
         })
     );
     agent.terminate()?;
