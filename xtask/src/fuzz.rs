@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{root, run, setup};
+use crate::{apt_install, root, run, setup};
 
 /// Pinned: cargo-fuzz 0.13.2 installs with the image's stable 1.95 from
 /// its own Cargo.lock and drives the image's nightly; libfuzzer-sys is
@@ -33,6 +33,8 @@ const TRIPLE: &str = "x86_64-unknown-linux-gnu";
 pub fn fuzz(args: &[String]) -> Result<()> {
     let (secs, wanted) = parse_args(args)?;
     setup()?;
+    // libfuzzer-sys compiles libFuzzer (C++).
+    apt_install(&["g++"])?;
     let targets = targets(&wanted)?;
     let tool = install()?;
     check_fmt()?;
@@ -145,6 +147,23 @@ fn cargo_fuzz(tool: &Path, cmd: &str) -> Command {
         .env_remove("RUSTC_WRAPPER")
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    // `cargo run` gives xtask its package's CARGO_PKG_* and
+    // CARGO_MANIFEST_*; build scripts (ring's) rerun when those change, so
+    // leaked they would rebuild half the tree between a run from xtask and
+    // one from a shell.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        let leaked = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_",
+        ];
+        if leaked.iter().any(|p| k.starts_with(p)) {
+            c.env_remove(k);
+        }
+    }
     c
 }
 
