@@ -292,6 +292,7 @@ impl LocalConfig {
                 if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
                     return Err((format!("pods[{i}].ips[{j}]"), format!("{ip} cannot be a pod address")));
                 }
+                check_not_mapped(ip).map_err(|m| (format!("pods[{i}].ips[{j}]"), m))?;
                 if let Some(other) = ips.insert(*ip, pod.key()) {
                     return Err((
                         format!("pods[{i}].ips[{j}]"),
@@ -309,6 +310,7 @@ impl LocalConfig {
                 return Err((at("vips"), "a service needs at least one VIP and one port".into()));
             }
             for (j, vip) in svc.vips.iter().enumerate() {
+                check_not_mapped(vip).map_err(|m| (format!("services[{i}].vips[{j}]"), m))?;
                 if let Some(pod) = ips.get(vip) {
                     return Err((
                         format!("services[{i}].vips[{j}]"),
@@ -405,6 +407,7 @@ impl LocalConfig {
                 }
             }
             for (j, vip) in w.vips.iter().enumerate() {
+                check_not_mapped(vip).map_err(|m| (format!("waypoints[{i}].vips[{j}]"), m))?;
                 if let Some(owner) = ips.get(vip).or_else(|| vips.get(vip)) {
                     return Err((
                         format!("waypoints[{i}].vips[{j}]"),
@@ -445,6 +448,18 @@ impl LocalConfig {
     /// The labels of namespace `name` (none when it is not listed).
     pub fn namespace_labels(&self, name: &str) -> Option<&BTreeMap<String, String>> {
         self.namespaces.iter().find(|n| n.name == name).map(|n| &n.labels)
+    }
+}
+
+/// Addresses are looked up in their canonical form (a connection from
+/// 10.1.1.11 never shows as ::ffff:10.1.1.11), so a mapped one would name
+/// nothing and evade the duplicate checks.
+fn check_not_mapped(ip: &IpAddr) -> Result<(), String> {
+    let canonical = ip.to_canonical();
+    if canonical == *ip {
+        Ok(())
+    } else {
+        Err(format!("{ip} is an IPv4-mapped IPv6 address: write it as {canonical}"))
     }
 }
 
@@ -494,6 +509,22 @@ pods:
         assert_eq!(cfg.capture.exclude_cidrs[1].prefix, 32);
         assert_eq!(cfg.pods_on("node1").count(), 1);
         assert_eq!(cfg.pods_on("node2").count(), 0);
+    }
+
+    /// Caught by the `enrolment` fuzz target's check: a pod at ::ffff:10.1.1.11
+    /// was accepted, and then no connection ever found it (lookups use
+    /// the canonical 10.1.1.11).
+    #[test]
+    fn ipv4_mapped_addresses_are_refused_with_their_canonical_form() {
+        let bad = GOOD.replace("\"10.1.1.11\"", "\"::ffff:10.1.1.11\"");
+        let msg = parse(&bad).unwrap_err().to_string();
+        assert!(
+            msg.contains("pods[0].ips[0]") && msg.contains("write it as 10.1.1.11"),
+            "{msg}"
+        );
+        let vip = format!("{GOOD}services:\n  - {{name: web, namespace: default, vips: [\"::ffff:10.96.0.1\"], ports: [{{port: 80, targetPort: 8080}}], selector: {{app: web}}}}\n");
+        let msg = parse(&vip).unwrap_err().to_string();
+        assert!(msg.contains("services[0].vips[0]"), "{msg}");
     }
 
     #[test]

@@ -172,13 +172,36 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Reply, Ca
             return Err(CallError::TooLong);
         }
     }
-    if buf.iter().all(u8::is_ascii_whitespace) {
+    decode_reply(&buf)
+}
+
+/// The plugin's side: the agent's reply line as read (up to its `'\n'`).
+pub fn decode_reply(line: &[u8]) -> Result<Reply, CallError> {
+    if line.iter().all(u8::is_ascii_whitespace) {
         return Err(CallError::Closed);
     }
-    if buf.len() > MAX_LINE {
+    if line.len() > MAX_LINE {
         return Err(CallError::TooLong);
     }
-    serde_json::from_slice(&buf).map_err(CallError::Decode)
+    serde_json::from_slice(line).map_err(CallError::Decode)
+}
+
+/// Why the agent could not read a request line.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("request longer than {MAX_LINE} bytes")]
+    TooLong,
+    #[error("{0} (plugin and agent versions differ?)")]
+    Decode(#[source] serde_json::Error),
+}
+
+/// The agent's side: one request line as read (with or without its `'\n'`;
+/// a reader reads at most `MAX_LINE + 1` bytes, so a longer line shows).
+pub fn decode_request(line: &[u8]) -> Result<Request, RequestError> {
+    if line.strip_suffix(b"\n").unwrap_or(line).len() > MAX_LINE {
+        return Err(RequestError::TooLong);
+    }
+    serde_json::from_slice(line).map_err(RequestError::Decode)
 }
 
 fn remaining(deadline: Instant, timeout: Duration) -> Result<Duration, CallError> {

@@ -272,23 +272,13 @@ impl<A: Authorizer> IstioCertificateService for CaService<A> {
             None => self.node_of(&req)?,
         };
         let body = req.into_inner();
-        let id = impersonated(&body)?;
-        if id.trust_domain != self.signer.trust_domain {
-            return Err(Status::permission_denied(format!(
-                "{id} is not in this CA's trust domain {}",
-                self.signer.trust_domain
-            )));
-        }
+        let Requested { id, lifetime } = requested(&body, &self.signer.trust_domain, self.default_lifetime)?;
         if let Err(reason) = self.authz.may_impersonate(&node, &id).await {
             tracing::warn!(node = %node, id = %id, reason = %reason, "certificate refused");
             return Err(Status::permission_denied(format!(
                 "node {node} may not have {id}: {reason}"
             )));
         }
-        let lifetime = match body.validity_duration {
-            s if s > 0 => Duration::from_secs(s as u64),
-            _ => self.default_lifetime,
-        };
         let chain = self
             .signer
             .sign(&body.csr, &id, lifetime)
@@ -325,6 +315,31 @@ fn bearer<T>(req: &Request<T>) -> Option<String> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string)
+}
+
+/// What a certificate request asks for, once its form is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requested {
+    pub id: SpiffeId,
+    /// As asked for (`default` when not given); the signer caps it.
+    pub lifetime: Duration,
+}
+
+/// Reads a request body before anyone is asked whether the caller may
+/// have the identity: the identity it names (in `trust_domain`) and the
+/// lifetime it wants. The CSR itself is read by [`Signer::sign`].
+pub fn requested(body: &IstioCertificateRequest, trust_domain: &str, default: Duration) -> Result<Requested, Status> {
+    let id = impersonated(body)?;
+    if id.trust_domain != trust_domain {
+        return Err(Status::permission_denied(format!(
+            "{id} is not in this CA's trust domain {trust_domain}"
+        )));
+    }
+    let lifetime = match body.validity_duration {
+        s if s > 0 => Duration::from_secs(s as u64),
+        _ => default,
+    };
+    Ok(Requested { id, lifetime })
 }
 
 fn impersonated(body: &IstioCertificateRequest) -> Result<SpiffeId, Status> {

@@ -36,6 +36,18 @@ impl Verdicts {
     pub fn next(&self) -> Option<String> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).pop_front().flatten()
     }
+
+    /// Every verdict not taken yet, in order (for the fuzz target, which
+    /// compares the guard's judgements across ways of splitting a stream).
+    #[doc(hidden)]
+    pub fn pending(&self) -> Vec<Option<String>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
 }
 
 /// Framing checks on a parsed header map (h2, and a second line of defence).
@@ -89,6 +101,12 @@ impl<IO> Guard<IO> {
         while !data.is_empty() {
             data = match &mut self.state {
                 State::Off => return,
+                State::Head(buf) if buf.is_empty() && matches!(data[0], b'\r' | b'\n') => {
+                    // Empty lines before a request line are skipped (RFC
+                    // 9112 2.2, as hyper does), byte by byte: however the
+                    // client splits them, the head after them is judged.
+                    &data[1..]
+                }
                 State::Head(buf) => {
                     let Some(end) = line_end_of_head(buf, data) else {
                         buf.extend_from_slice(data);
@@ -209,15 +227,6 @@ fn line_end_of_head(buf: &[u8], data: &[u8]) -> Option<usize> {
     let mut joined = buf[buf.len() - tail_len..].to_vec();
     joined.extend_from_slice(data);
     let find = |pat: &[u8]| joined.windows(pat.len()).position(|w| w == pat).map(|p| p + pat.len());
-    // A head that starts with its empty line (leading CRLF) ends there.
-    if buf.is_empty() {
-        if data.starts_with(b"\r\n") {
-            return Some(2);
-        }
-        if data.starts_with(b"\n") {
-            return Some(1);
-        }
-    }
     let end = [find(b"\r\n\r\n"), find(b"\n\n")].into_iter().flatten().min()?;
     Some(end - tail_len)
 }
@@ -296,6 +305,23 @@ GET /d HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
             assert!(v[..3].iter().all(Option::is_none), "split {split}: {v:?}");
             assert!(v[3].as_deref().unwrap().contains("more than one Content-Length"));
         }
+    }
+
+    /// Found by the `waypoint_http` fuzz target: a CRLF before the
+    /// request line, split from it ("\r" | "\n..."), made the guard take
+    /// the whole head for an empty line and judge nothing, so CL.TE passed.
+    #[test]
+    fn empty_lines_before_a_head_are_skipped_however_split() {
+        let stream = b"\r\nPOST / HTTP/1.1\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG";
+        for split in [1, 2, 3, 1000] {
+            let v = verdicts(stream, split);
+            assert_eq!(v.len(), 1, "split {split}: {v:?}");
+            assert!(
+                v[0].as_deref().is_some_and(|r| r.contains("both")),
+                "split {split}: {v:?}"
+            );
+        }
+        assert_eq!(verdicts(b"\r\n\xff\n\n", 1), verdicts(b"\r\n\xff\n\n", 5));
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //!   connections/s, CPU, memory; L7: HTTP direct, through the mesh, the mesh
 //!   and a waypoint, and nginx (README numbers); `--only l4|l7`, `--mode
 //!   plain|hbone|all`; installs its own tools (nginx-light, oha) first
+//! * `fuzz`        build the fuzz targets, run each `--time SECS` (30); part of `test`
+mod fuzz;
+
 use std::{
     env,
     path::{Path, PathBuf},
@@ -58,6 +61,7 @@ fn main() -> Result<()> {
         "test" => test(rest),
         "bench" => bench(rest),
         "bench-kube" => bench_kube(rest),
+        "fuzz" => fuzz::fuzz(rest),
         _ => {
             eprintln!("usage: cargo xtask <setup|build-ebpf|build-next|demo|test|bench|bench-kube> [args]");
             if cmd == "help" {
@@ -296,5 +300,6 @@ fn test(args: &[String]) -> Result<()> {
         "build", "-p", "agent", "-p", "mesh-cni", "-p", "testbed", "-p", "waypoint", "--bins",
     ]))?;
     build_agent_next()?;
+    fuzz::fuzz(&[])?;
     run(cargo().args(["test", "--workspace"]).args(args))
 }

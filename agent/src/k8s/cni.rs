@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_cni::proto::{Command, Reply, Request};
+use mesh_cni::proto::{self, Command, Reply, Request};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{
@@ -142,10 +142,12 @@ async fn connection(
     metrics: &CniMetrics,
 ) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(r.take(64 * 1024)).read_line(&mut line).await?;
+    let mut line = Vec::new();
+    BufReader::new(r.take(proto::MAX_LINE as u64 + 1))
+        .read_until(b'\n', &mut line)
+        .await?;
     let arrived = Instant::now();
-    let reply = match serde_json::from_str::<Request>(&line) {
+    let reply = match proto::decode_request(&line) {
         Ok(req) => {
             let add = req.command == Command::Add;
             let reply = handle(req, kube, own_uid, tx).await;
@@ -154,9 +156,7 @@ async fn connection(
             }
             reply
         }
-        Err(e) => failure(format!(
-            "bad request from the CNI plugin: {e} (plugin and agent versions differ?)"
-        )),
+        Err(e) => failure(format!("bad request from the CNI plugin: {e}")),
     };
     let mut out = serde_json::to_vec(&reply).unwrap_or_default();
     out.push(b'\n');

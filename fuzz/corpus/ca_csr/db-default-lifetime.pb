@@ -1,0 +1,12 @@
+
+¤-----BEGIN CERTIFICATE REQUEST-----
+MIH9MIGkAgEAMAAwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAARR1wsWerLuXOIM
+A9BuAw7WrWMpzaydnftjaB10ge6kp8EDFrBGrvNBJsfVeKLxKnFG96Mcw4jxDDOR
+qb4l+pXMoEIwQAYJKoZIhvcNAQkOMTMwMTAvBgNVHREEKDAmhiRzcGlmZmU6Ly9j
+bHVzdGVyLmxvY2FsL25zL2FwcHMvc2EvZGIwCgYIKoZIzj0EAwIDSAAwRQIgEmzC
+TmnUMz7PaDq9jXkisnihvUSfp5a0fmZOcvaEIz0CIQCnPvPnzFmsKNQ2QwmkLOMv
+jHVU4jpRWu6fAQsYgoUB8w==
+-----END CERTIFICATE REQUEST-----
+"@
+>
+ImpersonatedIdentity&$spiffe://cluster.local/ns/apps/sa/db
