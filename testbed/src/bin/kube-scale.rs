@@ -120,6 +120,11 @@ fn counts(cluster: &Cluster) -> Result<(usize, usize)> {
     Ok((n("workloads"), n("services")))
 }
 
+// The shipped binaries' allocator (see agent/src/main.rs), here too, so that
+// the benchmark's own load and echo processes are not slowed by musl's malloc.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let pods: usize = match args.iter().position(|a| a == "--pods") {
