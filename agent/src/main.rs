@@ -8,6 +8,11 @@ use agent::{
 use anyhow::Context;
 use clap::Parser;
 
+// mimalloc in every build, so that the benchmark measures the allocator the
+// image ships: its static musl binaries would otherwise get musl's slow malloc.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);

@@ -496,6 +496,7 @@ pub const USAGE: &str = "\
 usage: mesh-cni install --holder ID [--bin-dir DIR] [--conf-dir DIR] [--socket PATH] [--once] [--interval SECS]
                        [--kubeconfig-token FILE [--kubeconfig-ca FILE] [--api-server URL] [--host-conf-dir DIR]]
        mesh-cni uninstall --holder ID [--bin-dir DIR] [--conf-dir DIR]
+       mesh-cni --version
   --bin-dir   CNI binary dir (default /opt/cni/bin)
   --conf-dir  CNI config dir (default /etc/cni/net.d)
   --socket    the agent's socket, written into the plugin entry (default /var/run/mesh/cni.sock)
@@ -620,7 +621,7 @@ impl Signals {
     /// Waits up to `timeout` for one of the signals; returns it, or `None` on timeout.
     fn wait(&self, timeout: Duration) -> Option<i32> {
         let ts = libc::timespec {
-            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_sec: timeout.as_secs() as _,
             tv_nsec: timeout.subsec_nanos() as _,
         };
         // SAFETY: valid set and timespec; no siginfo wanted.

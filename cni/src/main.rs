@@ -7,6 +7,11 @@ mod plugin;
 
 use std::io::{Read, Write};
 
+// mimalloc in every build, so that the benchmark measures the allocator the
+// image ships: its static musl binaries would otherwise get musl's slow malloc.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     if std::env::var_os("CNI_COMMAND").is_some() {
         let env = plugin::CniEnv::from_process();
@@ -24,6 +29,10 @@ fn main() {
         std::process::exit(outcome.status);
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if matches!(args.first().map(String::as_str), Some("-V" | "--version")) {
+        println!("mesh-cni {}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
     if args.is_empty() || args.iter().any(|a| a == "-h" || a == "--help") {
         eprintln!("{}", install::USAGE);
         std::process::exit(if args.is_empty() { 2 } else { 0 });

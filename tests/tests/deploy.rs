@@ -12,10 +12,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    process::Command,
     sync::OnceLock,
 };
 
+use e2e::{deploy_dir, kustomize, yaml_documents};
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
@@ -23,33 +23,22 @@ use k8s_openapi::{
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
-    serde::{de::DeserializeOwned, Deserialize, Serialize},
+    serde::{de::DeserializeOwned, Serialize},
     Resource,
 };
 use serde_json::Value;
 
 const PART_OF: (&str, &str) = ("app.kubernetes.io/part-of", "ambient-mesh");
 const MESH_NS: &str = "mesh-system";
-const IMAGE: &str = "ghcr.io/ambient-mesh/agent:0.1.0";
+/// What the base names its one image (kustomization.yaml's `images:`), the
+/// name `cargo xtask image` gives it.
+const IMAGE: &str = "localhost/ambient-mesh:0.1.0";
 /// The fixed role the waypoint controller binds every waypoint to.
 const WAYPOINT_ROLE: &str = "ambient-mesh-waypoint";
 
 // ---------------------------------------------------------------------------
 // Loading
 // ---------------------------------------------------------------------------
-
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
-/// Every non-empty YAML document of `text`, as JSON values.
-fn yaml_documents(text: &str, origin: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .enumerate()
-        .map(|(i, de)| Value::deserialize(de).unwrap_or_else(|e| panic!("{origin}: document {i}: not YAML: {e}")))
-        .filter(|v| !v.is_null())
-        .collect()
-}
 
 /// Every `*.yaml`/`*.yml` under `dir`, recursively, sorted.
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {
@@ -69,17 +58,18 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn is_kustomization(path: &Path) -> bool {
+/// A kustomization or a kustomize transformer configuration: not a manifest.
+fn is_kustomize_file(path: &Path) -> bool {
     matches!(
         path.file_name().and_then(|n| n.to_str()),
-        Some("kustomization.yaml" | "kustomization.yml" | "Kustomization")
+        Some("kustomization.yaml" | "kustomization.yml" | "Kustomization" | "kustomizeconfig.yaml")
     )
 }
 
-/// (file, document) for every manifest under deploy/, kustomizations excluded.
+/// (file, document) for every manifest under deploy/, kustomize's own files excluded.
 fn source_documents() -> Vec<(String, Value)> {
     let mut docs = Vec::new();
-    for path in yaml_files(&deploy_dir()).into_iter().filter(|p| !is_kustomization(p)) {
+    for path in yaml_files(&deploy_dir()).into_iter().filter(|p| !is_kustomize_file(p)) {
         let name = path.strip_prefix(deploy_dir()).unwrap().display().to_string();
         let text = std::fs::read_to_string(&path).unwrap();
         for (i, doc) in yaml_documents(&text, &name).into_iter().enumerate() {
@@ -90,53 +80,15 @@ fn source_documents() -> Vec<(String, Value)> {
     docs
 }
 
-fn kubectl() -> PathBuf {
-    if let Some(k) = std::env::var_os("KUBECTL") {
-        return k.into();
-    }
-    let default = Path::new("/usr/bin/kubectl");
-    if default.exists() {
-        return default.into();
-    }
-    "kubectl".into()
-}
-
-/// `kubectl kustomize <deploy/sub>`: the documents it renders.
-fn kustomize(sub: &str) -> Vec<Value> {
-    let dir = deploy_dir().join(sub);
-    let kubectl = kubectl();
-    let out = Command::new(&kubectl)
-        .arg("kustomize")
-        .arg(&dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `{} kustomize` ({e}): kubectl is needed to render deploy/ (CI's image has \
-             /usr/bin/kubectl; install it or point KUBECTL at one; no cluster is needed)",
-                kubectl.display()
-            )
-        });
-    assert!(
-        out.status.success(),
-        "`kubectl kustomize {}` failed: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    yaml_documents(
-        &String::from_utf8(out.stdout).unwrap(),
-        &format!("kubectl kustomize {sub}"),
-    )
-}
-
 /// The rendered base (`kubectl kustomize deploy/`), rendered once per test binary.
 fn rendered_base() -> &'static [Value] {
     static R: OnceLock<Vec<Value>> = OnceLock::new();
-    R.get_or_init(|| kustomize("."))
+    R.get_or_init(|| kustomize(&deploy_dir()))
 }
 
 fn rendered_examples() -> &'static [Value] {
     static R: OnceLock<Vec<Value>> = OnceLock::new();
-    R.get_or_init(|| kustomize("examples"))
+    R.get_or_init(|| kustomize(&deploy_dir().join("examples")))
 }
 
 fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
@@ -792,7 +744,7 @@ fn kustomizations_list_every_manifest() {
         let present: BTreeSet<String> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().path())
-            .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml") && !is_kustomization(p))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml") && !is_kustomize_file(p))
             .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
             .collect();
         assert_eq!(listed, present, "deploy/{sub}/kustomization.yaml resources");
@@ -824,11 +776,77 @@ fn base_holds_no_secret_and_no_examples() {
             .map(String::as_str),
         Some("ambient")
     );
-    // The image override point: the rendered image is the kustomization's tag.
+    // The image override point: one entry names the image of every container.
     let k: Value =
         serde_yaml::from_str(&std::fs::read_to_string(deploy_dir().join("kustomization.yaml")).unwrap()).unwrap();
-    assert_eq!(k["images"][0]["name"], "ghcr.io/ambient-mesh/agent");
-    assert_eq!(k["images"][0]["newTag"], "0.1.0");
+    let images = k["images"].as_array().unwrap();
+    assert_eq!(images.len(), 1, "one images: entry");
+    assert_eq!(images[0]["name"], "ambient-mesh");
+    assert_eq!(
+        format!(
+            "{}:{}",
+            images[0]["newName"].as_str().unwrap(),
+            images[0]["newTag"].as_str().unwrap()
+        ),
+        IMAGE
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The image name
+// ---------------------------------------------------------------------------
+
+/// The waypoint controller's image for the waypoints (`--waypoint-image`).
+fn waypoint_image(c: &Container) -> Option<&str> {
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "WAYPOINT_IMAGE")?
+        .value
+        .as_deref()
+}
+
+/// Every image that `docs` run: their containers' and the waypoints'.
+fn images(docs: &[Value]) -> BTreeSet<String> {
+    let templates = pod_templates(docs);
+    let containers = templates.iter().flat_map(|(_, t)| containers(t));
+    containers
+        .flat_map(|c| c.image.as_deref().into_iter().chain(waypoint_image(c)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// One `images:` entry names the image of every container and of the
+/// waypoints, in the base and in an overlay that renames the image (the
+/// overlay inherits kustomizeconfig.yaml, so WAYPOINT_IMAGE follows too).
+#[test]
+fn one_images_entry_names_every_image() {
+    assert_eq!(images(rendered_base()), BTreeSet::from([IMAGE.to_string()]));
+    assert!(
+        !source_documents()
+            .iter()
+            .any(|(_, d)| serde_json::to_string(d).unwrap().contains(IMAGE)),
+        "the manifests name the image `ambient-mesh` and leave the rest to the images: entry"
+    );
+    // A relative path: kustomize refuses an absolute one for a base.
+    let root = deploy_dir().join("..");
+    let overlay = Path::new("target/deploy-overlay-test");
+    let _ = std::fs::remove_dir_all(root.join(overlay));
+    std::fs::create_dir_all(root.join(overlay)).unwrap();
+    let (name, tag) = IMAGE.rsplit_once(':').unwrap();
+    std::fs::write(
+        root.join(overlay).join("kustomization.yaml"),
+        format!(
+            "resources: [../../deploy]\nimages:\n  - name: {name}\n    newName: registry.example/mesh/ambient-mesh\n    newTag: \"{tag}-1\"\n"
+        ),
+    )
+    .unwrap();
+    let renamed = images(&kustomize(&root.join(overlay)));
+    std::fs::remove_dir_all(root.join(overlay)).unwrap();
+    assert_eq!(
+        renamed,
+        BTreeSet::from([format!("registry.example/mesh/ambient-mesh:{tag}-1")])
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1308,9 +1326,13 @@ fn waypoint_controller_runs_apart_from_the_ca() {
     let args = cmdline(c);
     assert_eq!(&args[..2], ["waypoint", "controller"]);
     assert_eq!(
-        Some(arg_after(&args, "--waypoint-image")),
+        waypoint_image(c),
         c.image.as_deref(),
         "waypoints run the controller's image"
+    );
+    assert!(
+        !args.iter().any(|a| a.starts_with("--waypoint-image")),
+        "an argument would override WAYPOINT_IMAGE, which the images: entry sets"
     );
     let root = arg_after(&args, "--ca-root-file");
     let (dir, _) = root.rsplit_once('/').unwrap();

@@ -27,6 +27,7 @@ pub enum ConfigError {
 #[derive(Parser, Debug)]
 #[command(
     name = "waypoint",
+    version,
     about = "L7 waypoint proxy: terminates HBONE, routes each HTTP request (or opaque TCP) to an endpoint over its own HBONE"
 )]
 pub struct Cli {

@@ -19,15 +19,17 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-pub const DEFAULT_IMAGE: &str = "ghcr.io/ambient-mesh/agent:0.1.0";
+/// What `cargo xtask image` builds (deploy/kustomization.yaml names it the same).
+pub const DEFAULT_IMAGE: &str = concat!("localhost/ambient-mesh:", env!("CARGO_PKG_VERSION"));
 pub const DEFAULT_CLUSTER_ROLE: &str = "ambient-mesh-waypoint";
 pub const DEFAULT_CA_ROOT: &str = "/etc/mesh/ca-root/root-cert.pem";
 
 /// How every waypoint is deployed (shared by `controller` and `generate --resources`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct WaypointFlags {
-    /// The waypoint pods' image.
-    #[arg(long, default_value = DEFAULT_IMAGE)]
+    /// The waypoint pods' image (deploy/ sets it with the controller's own
+    /// through kustomize's `images:` entry).
+    #[arg(long, env = "WAYPOINT_IMAGE", default_value = DEFAULT_IMAGE)]
     pub waypoint_image: String,
     /// One word of the waypoint container's command line, repeated in order
     /// (e.g. --waypoint-arg=waypoint --waypoint-arg=run --waypoint-arg=--ca-address ...).

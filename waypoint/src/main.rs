@@ -3,6 +3,11 @@
 use clap::Parser;
 use waypoint::config::{Cli, Cmd, LogFormat};
 
+// mimalloc in every build, so that the benchmark measures the allocator the
+// image ships: its static musl binaries would otherwise get musl's slow malloc.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);

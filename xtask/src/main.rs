@@ -6,11 +6,16 @@
 //!   test's "next release" variant of them
 //! * `build-next`  the upgrade test's second agent binary (`target/debug/agent-next`)
 //! * `demo`        build everything and run the local mesh demo
-//! * `test`        fmt, clippy, unit and end-to-end tests (the CI command)
+//! * `image`       the static (musl) release binaries the manifests run, in an
+//!   image `FROM scratch` built with buildah, written as an OCI archive
+//!   (`target/image/ambient-mesh.tar`, for `ctr images import` and `kind load
+//!   image-archive`)
+//! * `test`        fmt, clippy, the image, unit and end-to-end tests (the CI command)
 //! * `bench`       L4: direct vs plain capture vs HBONE: latency, throughput,
 //!   connections/s, CPU, memory; L7: HTTP direct, through the mesh, the mesh
 //!   and a waypoint, and nginx (README numbers); `--only l4|l7`, `--mode
-//!   plain|hbone|all`; installs its own tools (nginx-light, oha) first
+//!   plain|hbone|all`; installs its own tools (nginx-light, oha) first. It
+//!   runs the image's binaries (and `demo` and `bench-kube` do too)
 //! * `fuzz`        build the fuzz targets, run each `--time SECS` (30); part of `test`
 mod fuzz;
 
@@ -48,6 +53,15 @@ const BENCH_APT_PACKAGES: &[&str] = &["nginx-light"];
 const OHA_VERSION: &str = "1.16.0";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const EBPF_TARGET: &str = "bpfel-unknown-none";
+/// The shipped binaries' target: static, so that the image holds nothing else.
+const SHIP_TARGET: &str = "x86_64-unknown-linux-musl";
+/// The programs the manifests run (deploy/), each its own package's binary.
+const SHIP_BINARIES: &[&str] = &["agent", "mesh-cni", "waypoint"];
+/// musl-gcc for the C parts (ring, mimalloc) of the musl build; buildah for the image.
+const IMAGE_APT_PACKAGES: &[&str] = &["musl-tools", "buildah"];
+/// The image's name; deploy/kustomization.yaml's one `images:` entry gives
+/// the manifests the same (tests/tests/image.rs checks that they agree).
+const IMAGE_NAME: &str = "localhost/ambient-mesh";
 
 fn main() -> Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -58,12 +72,13 @@ fn main() -> Result<()> {
         "build-ebpf" => build_ebpf(),
         "build-next" => build_agent_next(),
         "demo" => demo(rest),
+        "image" => image(),
         "test" => test(rest),
         "bench" => bench(rest),
         "bench-kube" => bench_kube(rest),
         "fuzz" => fuzz::fuzz(rest),
         _ => {
-            eprintln!("usage: cargo xtask <setup|build-ebpf|build-next|demo|test|bench|bench-kube> [args]");
+            eprintln!("usage: cargo xtask <setup|build-ebpf|build-next|demo|image|test|fuzz|bench|bench-kube> [args]");
             if cmd == "help" {
                 Ok(())
             } else {
@@ -93,6 +108,19 @@ fn run(c: &mut Command) -> Result<()> {
         bail!("{c:?} failed with {status}");
     }
     Ok(())
+}
+
+/// Runs `c` and returns its stdout, trimmed.
+fn output(c: &mut Command) -> Result<String> {
+    eprintln!("+ {c:?}");
+    let out = c
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {c:?}"))?;
+    if !out.status.success() {
+        bail!("{c:?} failed with {}", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 fn succeeds(c: &mut Command) -> bool {
@@ -228,24 +256,48 @@ fn build_agent_next() -> Result<()> {
     Ok(())
 }
 
+/// Where the shipped binaries are built: the release profile of the musl
+/// target. The benchmark, the demo and bench-kube run from here too, so
+/// `mesh::binary` finds the image's binaries beside them.
+fn ship_dir() -> PathBuf {
+    root().join("target").join(SHIP_TARGET).join("release")
+}
+
+/// The OCI archive `cargo xtask image` writes.
+fn image_archive() -> PathBuf {
+    root().join("target/image/ambient-mesh.tar")
+}
+
+/// Builds the shipped binaries (the eBPF object must be built first: the
+/// agent embeds it). Always this one command, so that the image and the
+/// benchmark get the same build: other packages in it would change the
+/// features of shared dependencies.
+fn build_shipped() -> Result<()> {
+    apt_install(IMAGE_APT_PACKAGES)?;
+    let targets = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if !targets.lines().any(|t| t == SHIP_TARGET) {
+        run(Command::new("rustup").args(["target", "add", SHIP_TARGET]))?;
+    }
+    let mut c = cargo();
+    c.args(["build", "--release", "--target", SHIP_TARGET, "--bins"]);
+    for package in SHIP_BINARIES {
+        c.args(["-p", package]);
+    }
+    // cc-rs would fall back to the host's glibc gcc where musl-gcc is missing.
+    run(c.env(format!("CC_{}", SHIP_TARGET.replace('-', "_")), "musl-gcc"))
+}
+
+/// The shipped binaries, then the benchmark's and the demo's own programs
+/// beside them (a build of their own, see [`build_shipped`]).
 fn build_release() -> Result<()> {
     build_ebpf()?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "agent",
-        "-p",
-        "testbed",
-        "-p",
-        "waypoint",
-        "--bins",
-    ]))
+    build_shipped()?;
+    run(cargo().args(["build", "--release", "--target", SHIP_TARGET, "-p", "testbed", "--bins"]))
 }
 
 fn demo(args: &[String]) -> Result<()> {
     build_release()?;
-    run(Command::new(root().join("target/release/mesh-demo"))
+    run(Command::new(ship_dir().join("mesh-demo"))
         .args(args)
         .current_dir(root()))
 }
@@ -256,9 +308,97 @@ fn bench(args: &[String]) -> Result<()> {
     if !only_l4 {
         bench_tools()?;
     }
-    run(Command::new(root().join("target/release/mesh-bench"))
+    run(Command::new(ship_dir().join("mesh-bench"))
         .args(args)
         .current_dir(root()))
+}
+
+fn image() -> Result<()> {
+    build_ebpf()?;
+    build_shipped()?;
+    pack_image()
+}
+
+/// The shipped binaries in an image `FROM scratch`, written as an OCI
+/// archive whose `org.opencontainers.image.ref.name` is the full name (what
+/// `ctr images import` and `kind load image-archive` name the image).
+/// buildah keeps its storage under target/image and it is removed again,
+/// so nothing is left outside the target dir.
+fn pack_image() -> Result<()> {
+    let dir = image_archive().parent().expect("in target/image").to_owned();
+    let storage = dir.join("buildah");
+    let bins = dir.join("bin");
+    let _ = std::fs::remove_dir_all(&storage);
+    let _ = std::fs::remove_file(image_archive());
+    std::fs::create_dir_all(&bins)?;
+    // Without the release profile's line tables (a fifth of the size); the
+    // code is the benchmarked binaries' byte for byte, the symbols stay.
+    for b in SHIP_BINARIES {
+        run(Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(bins.join(b))
+            .arg(ship_dir().join(b)))?;
+    }
+    let buildah = || {
+        let mut c = Command::new("buildah");
+        c.arg("--root")
+            .arg(storage.join("root"))
+            .arg("--runroot")
+            .arg(storage.join("run"))
+            .args(["--storage-driver", "vfs"]);
+        c
+    };
+    let name = format!("{IMAGE_NAME}:{}", env!("CARGO_PKG_VERSION"));
+    let packed = (|| {
+        let ctr = output(buildah().args(["from", "scratch"]))?;
+        run(buildah()
+            .args(["copy", "--chown", "0:0", "--chmod", "0755", &ctr])
+            .args(SHIP_BINARIES.iter().map(|b| bins.join(b)))
+            .arg("/usr/local/bin/"))?;
+        run(buildah().args([
+            "config",
+            "--os",
+            "linux",
+            "--arch",
+            "amd64",
+            "--env",
+            "PATH=/usr/local/bin",
+            "--entrypoint",
+            r#"["/usr/local/bin/agent"]"#,
+            "--cmd",
+            r#"["--help"]"#,
+            "--created-by",
+            "cargo xtask image",
+            "--label",
+            "org.opencontainers.image.title=ambient-mesh",
+            "--label",
+            "org.opencontainers.image.description=agent, mesh-cni and waypoint (static, FROM scratch)",
+            "--label",
+            &format!("org.opencontainers.image.version={}", env!("CARGO_PKG_VERSION")),
+            "--label",
+            &format!("org.opencontainers.image.licenses={}", env!("CARGO_PKG_LICENSE")),
+            &ctr,
+        ]))?;
+        // The layer's file times and the image's creation time: the last
+        // commit's, so that unchanged binaries give the same image digest.
+        let mut commit = buildah();
+        commit.args(["commit", "--rm", "--format", "oci"]);
+        if let Ok(t) = output(
+            Command::new("git")
+                .args(["log", "-1", "--format=%ct"])
+                .current_dir(root()),
+        ) {
+            commit.args(["--timestamp", &t]);
+        }
+        run(commit.args([&ctr, &name]))?;
+        let dest = format!("oci-archive:{}:{name}", image_archive().display());
+        run(buildah().args(["push", &name, &dest]))
+    })();
+    let _ = std::fs::remove_dir_all(&storage);
+    packed?;
+    eprintln!("image {name}: {}", image_archive().display());
+    Ok(())
 }
 
 /// The L7 half's tools, idempotent: nginx-light from Debian, and oha
@@ -280,7 +420,7 @@ fn bench_tools() -> Result<()> {
 /// The Kubernetes source at scale: agent memory per 1,000 pods.
 fn bench_kube(args: &[String]) -> Result<()> {
     build_release()?;
-    run(Command::new(root().join("target/release/kube-scale"))
+    run(Command::new(ship_dir().join("kube-scale"))
         .args(args)
         .current_dir(root()))
 }
@@ -300,6 +440,9 @@ fn test(args: &[String]) -> Result<()> {
         "build", "-p", "agent", "-p", "mesh-cni", "-p", "testbed", "-p", "waypoint", "--bins",
     ]))?;
     build_agent_next()?;
+    // tests/tests/image.rs checks the image the manifests run.
+    build_shipped()?;
+    pack_image()?;
     fuzz::fuzz(&[])?;
     run(cargo().args(["test", "--workspace"]).args(args))
 }

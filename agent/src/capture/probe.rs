@@ -8,23 +8,19 @@ use std::{
 use aya::programs::ProgramType;
 use nix::{
     mount::{mount, MsFlags},
-    sys::statfs::{statfs, FsType},
+    sys::statfs::{statfs, FsType, BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC, TMPFS_MAGIC},
 };
 
 use super::CaptureError;
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-const TMPFS_MAGIC: i64 = 0x0102_1994;
-const CGROUP_SUPER_MAGIC: i64 = 0x0027_e0eb;
-
 fn fs_name(t: FsType) -> String {
-    match t.0 {
+    // nix's constants: the field's type differs between glibc (i64) and musl (u64).
+    match t {
         BPF_FS_MAGIC => "bpffs".into(),
         CGROUP2_SUPER_MAGIC => "cgroup2".into(),
         CGROUP_SUPER_MAGIC => "cgroup (v1)".into(),
         TMPFS_MAGIC => "tmpfs".into(),
-        other => format!("a filesystem with magic {other:#x}"),
+        FsType(other) => format!("a filesystem with magic {other:#x}"),
     }
 }
 
@@ -41,7 +37,7 @@ pub fn ensure_bpffs(path: &Path) -> Result<(), CaptureError> {
         path: path.to_owned(),
         reason: e.to_string(),
     })?;
-    if st.filesystem_type().0 == BPF_FS_MAGIC {
+    if st.filesystem_type() == BPF_FS_MAGIC {
         return Ok(());
     }
     if is_mount_point(path) {
@@ -77,7 +73,7 @@ pub fn check_cgroup2(path: &Path) -> Result<(), CaptureError> {
         reason: format!("cannot read it ({e})"),
         mount: mount.clone(),
     })?;
-    if st.filesystem_type().0 != CGROUP2_SUPER_MAGIC {
+    if st.filesystem_type() != CGROUP2_SUPER_MAGIC {
         return Err(CaptureError::Cgroup2 {
             path: path.to_owned(),
             reason: format!("it is on {}", fs_name(st.filesystem_type())),

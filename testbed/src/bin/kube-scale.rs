@@ -158,6 +158,11 @@ fn arg(args: &[String], name: &str, default: Option<usize>) -> Result<Option<usi
     }
 }
 
+// The shipped binaries' allocator (see agent/src/main.rs), here too, so that
+// the benchmark's own load and echo processes are not slowed by musl's malloc.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     testbed::sweep_stale()?;

@@ -19,6 +19,11 @@ use testbed::{
     Cluster, ClusterSpec, NodeSpec,
 };
 
+// The shipped binaries' allocator (see agent/src/main.rs), here too, so that
+// the benchmark's own load and echo processes are not slowed by musl's malloc.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     testbed::signals::teardown_on_signal("the local mesh");
     let code = match demo() {

@@ -55,6 +55,11 @@ enum Cmd {
     },
 }
 
+// The shipped binaries' allocator (see agent/src/main.rs), here too, so that
+// the benchmark's own load and echo processes are not slowed by musl's malloc.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {

@@ -884,6 +884,7 @@ fn report(opts: &Opts, m: Measured, nginx: &str, load_before: Value, started: In
         "date": date,
         "kernel": kernel,
         "cores": cores,
+        "binaries": super::binaries(),
         "oha": m.oha_version,
         "nginx": nginx,
         "paths": PATHS,

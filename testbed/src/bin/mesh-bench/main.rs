@@ -144,6 +144,11 @@ print(json.dumps({"connections": ok, "errors": errors, "seconds": time.monotonic
                   "cpu_s": time.process_time() - cpu0, "first_error": first}))
 "#;
 
+// The shipped binaries' allocator (see agent/src/main.rs), here too, so that
+// the benchmark's own load and echo processes are not slowed by musl's malloc.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     testbed::signals::teardown_on_signal("the benchmark clusters");
     let code = match parse_args(std::env::args().skip(1)) {
@@ -695,6 +700,15 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// Where the measured agent and waypoint are: `cargo xtask bench` runs the
+/// image's (static musl) build, recorded with the numbers.
+fn binaries() -> String {
+    mesh::binary("agent")
+        .ok()
+        .and_then(|p| Some(p.parent()?.display().to_string()))
+        .unwrap_or_default()
+}
+
 /// `a / b` with two decimals, or "n/a".
 fn ratio(a: f64, b: f64) -> String {
     if b > 0.0 && b.is_finite() && a.is_finite() {
@@ -826,6 +840,7 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
         "date": date,
         "kernel": kernel,
         "cores": cores,
+        "binaries": binaries(),
         "mode": opts.mode.as_str(),
         "columns": columns,
         "rounds": opts.rounds,
