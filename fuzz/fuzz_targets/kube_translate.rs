@@ -108,22 +108,13 @@ fn as_the_api_stores_it(kind: &str, v: &mut serde_yaml::Value) -> bool {
     } else if meta.get("namespace").is_none() {
         meta.insert("namespace".into(), "default".into());
     }
-    let named = |v: Option<&serde_yaml::Value>| v.is_none_or(|n| n.as_str().is_some_and(dns_name));
+    let named =
+        |v: Option<&serde_yaml::Value>| v.is_none_or(|n| n.as_str().is_some_and(cluster::kube::model::valid_name));
     let spec = v.get("spec");
     named(v["metadata"].get("name"))
         && named(v["metadata"].get("namespace"))
         && named(spec.and_then(|s| s.get("nodeName")))
         && named(spec.and_then(|s| s.get("serviceAccountName")))
-}
-
-/// Kubernetes' DNS-1123 subdomain rule for names.
-fn dns_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && !s.starts_with(['-', '.'])
-        && !s.ends_with(['-', '.'])
 }
 
 fn typed<T: serde::de::DeserializeOwned>(v: serde_yaml::Value) -> Option<Arc<T>> {

@@ -125,12 +125,7 @@ fn serve(data: &[u8]) {
 async fn handle(req: Request<Incoming>, verdicts: Verdicts) -> Result<Response<Full<Bytes>>, Infallible> {
     let _ = verdicts.next();
     let _ = check_headers(req.headers());
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok().map(str::to_string))
-        .unwrap_or_default();
+    let authority = waypoint::http::authority_of(&req).unwrap_or_default();
     let view = RequestView {
         method: req.method(),
         path: req.uri().path(),

@@ -356,7 +356,7 @@ fn is_grpc(h: &HeaderMap) -> bool {
 }
 
 /// The request's authority: the URI's (h2, absolute-form), else `Host`.
-fn authority_of<B>(req: &Request<B>) -> Option<String> {
+pub fn authority_of<B>(req: &Request<B>) -> Option<String> {
     req.uri()
         .authority()
         .map(|a| a.to_string())

@@ -538,7 +538,7 @@ fn waypoint_spec(g: &GatewayRecord, warnings: &mut Vec<String>) -> WaypointSpec 
 }
 
 /// A DNS-1123 subdomain, as service account names are.
-fn valid_name(s: &str) -> bool {
+pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
         && s.bytes()
