@@ -28,6 +28,7 @@ pub mod kube;
 pub mod mesh;
 mod names;
 pub mod signals;
+pub mod soakload;
 mod sys;
 pub mod waypoint;
 pub mod wire;
