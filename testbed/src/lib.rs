@@ -24,11 +24,14 @@
 pub mod apiserver;
 pub mod connload;
 pub mod echo;
+pub mod kube;
 pub mod mesh;
 mod names;
 pub mod signals;
+pub mod soakload;
 mod sys;
 pub mod waypoint;
+pub mod wire;
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::ffi::OsStr;
@@ -164,6 +167,13 @@ impl Pod {
     /// Like [`Pod::command`], but reports a missing netns/cgroup right away.
     pub fn try_command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
         try_command_in(program.as_ref(), &self.netns_path, &self.cgroup)
+    }
+
+    /// Like [`Pod::try_command`], in another cgroup (created if missing):
+    /// a pod laid out as a kubelet would ([`kube::container_cgroup`]).
+    pub fn try_command_in(&self, program: impl AsRef<OsStr>, cgroup: &Path) -> Result<Command> {
+        fs::create_dir_all(cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        try_command_in(program.as_ref(), &self.netns_path, cgroup)
     }
 }
 

@@ -348,6 +348,19 @@ pub fn agent_cli(args: &[&str]) -> Result<Output> {
     Ok(out)
 }
 
+/// GET `url` from inside `node` (the admin endpoints listen in its netns):
+/// (body, HTTP status).
+pub fn node_get(cluster: &Cluster, node: &str, url: &str) -> Result<(String, String)> {
+    let out = cluster
+        .node(node)
+        .try_command("curl")?
+        .args(["-s", "-m", "10", "-w", "\n%{http_code}", url])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    Ok((body.to_string(), code.to_string()))
+}
+
 /// Calls `f` every 20 ms until it yields a value, fails, or `timeout` passes.
 pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
     let deadline = Instant::now() + timeout;

@@ -2,13 +2,19 @@
 //! benchmark): the handler only sets a flag; a watcher thread tears every
 //! cluster of the process down and exits with 130.
 use std::{
-    sync::atomic::{AtomicBool, Ordering},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
     time::Duration,
 };
 
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
 static STOP: AtomicBool = AtomicBool::new(false);
+/// Files an interrupted program removes before it exits (a run's lock file).
+static FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
@@ -24,6 +30,9 @@ pub fn teardown_on_signal(what: &'static str) {
     std::thread::spawn(move || loop {
         if STOP.load(Ordering::SeqCst) {
             eprintln!("\ninterrupted: tearing {what} down");
+            for f in FILES.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                let _ = std::fs::remove_file(f);
+            }
             if let Err(e) = crate::teardown_all() {
                 eprintln!("teardown: {e:#}");
             }
@@ -31,6 +40,11 @@ pub fn teardown_on_signal(what: &'static str) {
         }
         std::thread::sleep(Duration::from_millis(50));
     });
+}
+
+/// Removes `file` too when a signal stops the program.
+pub fn remove_when_interrupted(file: PathBuf) {
+    FILES.lock().unwrap_or_else(|e| e.into_inner()).push(file);
 }
 
 /// Whether a signal asked the program to stop.

@@ -17,7 +17,9 @@
 //!   plain|hbone|all`; installs its own tools (nginx-light, oha) first. It
 //!   runs the image's binaries (and `demo` and `bench-kube` do too)
 //! * `fuzz`        build the fuzz targets, run each `--time SECS` (30); part of `test`
+//! * `soak`        the soak run (`--quick` for a smoke run; `soak.rs`)
 mod fuzz;
+mod soak;
 
 use std::{
     env,
@@ -77,8 +79,11 @@ fn main() -> Result<()> {
         "bench" => bench(rest),
         "bench-kube" => bench_kube(rest),
         "fuzz" => fuzz::fuzz(rest),
+        "soak" => soak::soak(rest),
         _ => {
-            eprintln!("usage: cargo xtask <setup|build-ebpf|build-next|demo|image|test|fuzz|bench|bench-kube> [args]");
+            eprintln!(
+                "usage: cargo xtask <setup|build-ebpf|build-next|demo|image|test|fuzz|bench|bench-kube|soak> [args]"
+            );
             if cmd == "help" {
                 Ok(())
             } else {

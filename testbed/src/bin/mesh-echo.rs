@@ -46,6 +46,22 @@ enum Cmd {
         #[arg(long)]
         seconds: u64,
     },
+    /// The soak's echo: every byte back, then the SHA-256 of what it got
+    /// (`testbed::soakload`).
+    SoakServe {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// The soak's client: runs the JSON commands of its stdin against a
+    /// `soak-serve` (held connections, pings, loops, checksummed streams)
+    /// until stdin closes; one JSON reply line each.
+    SoakClient {
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Put in every payload, so a wire capture can look for plaintext.
+        #[arg(long)]
+        marker: String,
+    },
     /// One gRPC Echo call to `addr`; prints the reply as JSON.
     GrpcClient {
         #[arg(long)]
@@ -87,6 +103,19 @@ fn main() -> Result<()> {
             } => {
                 let report = testbed::connload::run(addr, concurrency, std::time::Duration::from_secs(seconds)).await;
                 println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+            Cmd::SoakServe { listen } => {
+                let l = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                eprintln!("soak echo listening on {}", l.local_addr()?);
+                testbed::soakload::serve(l).await;
+                Ok(())
+            }
+            Cmd::SoakClient { addr, marker } => {
+                let client = testbed::soakload::Client::new(addr, &marker);
+                testbed::soakload::drive(client, testbed::soakload::stdin_lines()).await;
                 Ok(())
             }
             Cmd::GrpcClient { addr, message } => {

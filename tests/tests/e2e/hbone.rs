@@ -1,78 +1,20 @@
 //! HBONE between two agents (issue #3): pod -> pod across nodes is mutual
 //! TLS with SPIFFE identities; the wire between the nodes never carries the
 //! application's plaintext.
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde_json::Value;
-use testbed::mesh::{self, MeshCa, Server};
+use testbed::{
+    mesh::{self, MeshCa, Server},
+    wire::Capture,
+};
 
 use crate::{access_to, agent_with_ca, agents, hbone_connections, succeeded, World, APP_PORT, WAIT};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
 const MARKER: &str = "PLAINTEXT-MARKER-7f3a9c";
-
-/// tcpdump on the wire between the nodes; stopped (SIGINT) on `stop`.
-struct Capture {
-    child: std::process::Child,
-    file: std::path::PathBuf,
-}
-
-impl Capture {
-    fn start(w: &World) -> Result<Capture> {
-        let file = w.dir.join("wire.pcap");
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                w.cluster.wire_netns(),
-                "tcpdump",
-                "-i",
-                "br0",
-                "-U",
-                "-n",
-                "-w",
-            ])
-            .arg(&file)
-            .arg("tcp")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        // tcpdump says "listening on br0" once it captures.
-        let mut line = String::new();
-        let deadline = Instant::now() + WAIT;
-        let mut err = BufReader::new(child.stderr.take().expect("piped"));
-        while !line.contains("listening on") {
-            line.clear();
-            if err.read_line(&mut line)? == 0 || Instant::now() > deadline {
-                bail!("tcpdump did not start: {line}");
-            }
-        }
-        Ok(Capture { child, file })
-    }
-
-    fn stop(mut self) -> Result<Vec<u8>> {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        self.child.wait()?;
-        Ok(std::fs::read(&self.file)?)
-    }
-
-    /// Packets of the capture file matching a tcpdump filter.
-    fn count(file: &std::path::Path, filter: &str) -> Result<usize> {
-        let out = Command::new("tcpdump")
-            .args(["-n", "-r"])
-            .arg(file)
-            .arg(filter)
-            .output()?;
-        Ok(String::from_utf8_lossy(&out.stdout).lines().count())
-    }
-}
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
@@ -94,7 +36,7 @@ fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_w
     let _server = Server::start(w.cluster.pod("server"), &[APP_PORT])?;
     let _backend = Server::start(w.cluster.pod("backend"), &[APP_PORT])?;
     let (a1, a2) = agents(&w, &ca)?;
-    let capture = Capture::start(&w)?;
+    let capture = Capture::start(&w.cluster, w.dir.join("wire.pcap"))?;
 
     // An unmodified client talks to the server pod on the other node.
     let server4 = w.ip4("server");
@@ -124,7 +66,7 @@ fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_w
         w.ip4("backend")
     );
     mesh::poll(WAIT, || Ok((Capture::count(&pcap, &fins)? >= 2).then_some(())))?;
-    let wire = capture.stop()?;
+    let wire = capture.stop_and_read()?;
 
     // The wire: the payload never appears; pod-to-pod mesh traffic uses only
     // 15008, and the server chose TLS 1.3 (supported_versions = 0x0304).

@@ -20,10 +20,7 @@ use agent::k8s::crd;
 use anyhow::{Context, Result};
 use k8s_openapi::{
     api::{
-        core::v1::{
-            Namespace, Node, NodeAddress, NodeStatus, Pod, PodCondition, PodIP, PodSpec, PodStatus, Service,
-            ServicePort, ServiceSpec,
-        },
+        core::v1::{Pod, PodSpec, PodStatus, Service, ServicePort, ServiceSpec},
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -37,67 +34,7 @@ use testbed::{
 
 use crate::{access_to, node_get as get, succeeded, WAIT};
 
-pub(crate) fn namespace(name: &str, ambient: bool) -> Namespace {
-    let labels: &[(&str, &str)] = if ambient {
-        &[("istio.io/dataplane-mode", "ambient")]
-    } else {
-        &[]
-    };
-    Namespace {
-        metadata: meta(None, name, labels),
-        ..Default::default()
-    }
-}
-
-pub(crate) fn uid_of(name: &str) -> String {
-    let n: u64 = name.bytes().map(u64::from).sum();
-    format!("7e57{n:04x}-0000-4000-8000-{:012x}", name.len())
-}
-
-/// A pod of the test cluster as the API shows it (IPs only once running).
-pub(crate) fn pod(cluster: &Cluster, name: &str, ns: &str, labels: &[(&str, &str)], running: bool) -> Pod {
-    let p = cluster.pod(name);
-    let mut m = meta(Some(ns), name, labels);
-    m.uid = Some(uid_of(name));
-    Pod {
-        metadata: m,
-        spec: Some(PodSpec {
-            node_name: Some(p.node.clone()),
-            service_account_name: Some(name.into()),
-            containers: vec![k8s_openapi::api::core::v1::Container {
-                name: "app".into(),
-                image: Some("meshapp".into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some(if running { "Running" } else { "Pending" }.into()),
-            pod_ip: running.then(|| p.ip4.to_string()),
-            pod_ips: running.then(|| vec![PodIP { ip: p.ip4.to_string() }, PodIP { ip: p.ip6.to_string() }]),
-            conditions: Some(vec![PodCondition {
-                type_: "Ready".into(),
-                status: if running { "True" } else { "False" }.into(),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-    }
-}
-
-pub(crate) fn node(cluster: &Cluster, name: &str) -> Node {
-    Node {
-        metadata: meta(None, name, &[]),
-        status: Some(NodeStatus {
-            addresses: Some(vec![NodeAddress {
-                type_: "InternalIP".into(),
-                address: cluster.node(name).link_ip4.to_string(),
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
+pub(crate) use testbed::kube::{namespace, node, pod, pod_cgroup, uid_of};
 
 /// Lays the pod out as a kubelet would (kubepods/burstable/pod<uid>/<ctr>)
 /// and runs its app there, in the pod's netns.
@@ -106,20 +43,12 @@ pub(crate) fn run_pod_app(cluster: &Cluster, name: &str) -> Result<Child> {
 }
 
 pub(crate) fn run_pod_app_on(cluster: &Cluster, name: &str, ports: &[&str]) -> Result<Child> {
-    let cg = pod_cgroup(cluster, name).join("cri-containerd-0a1b2c.scope");
+    let cg = testbed::kube::container_cgroup(cluster, name);
     let mut args = vec!["server", "--ports"];
     args.extend_from_slice(ports);
     let (app, line) = mesh::app_in_cgroup(cluster.pod(name), &cg, &args)?;
     anyhow::ensure!(line.contains("listening"), "{line}");
     Ok(app)
-}
-
-fn pod_cgroup(cluster: &Cluster, name: &str) -> PathBuf {
-    let p = cluster.pod(name);
-    cluster
-        .node(&p.node)
-        .cgroup
-        .join(format!("kubepods/burstable/pod{}", uid_of(name)))
 }
 
 pub(crate) struct Apps(pub(crate) Vec<Child>);

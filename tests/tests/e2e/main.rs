@@ -142,18 +142,7 @@ pub fn hbone_connections(w: &World, pod: &str, dst_ip: &str) -> Result<usize> {
     Ok(String::from_utf8_lossy(&ss.stdout).lines().count())
 }
 
-/// GET `url` from inside `node` (the admin endpoints listen in its netns):
-/// (body, HTTP status).
-pub fn node_get(cluster: &Cluster, node: &str, url: &str) -> Result<(String, String)> {
-    let out = cluster
-        .node(node)
-        .try_command("curl")?
-        .args(["-s", "-w", "\n%{http_code}", url])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
-    Ok((body.to_string(), code.to_string()))
-}
+pub use testbed::mesh::node_get;
 
 /// The sum of every sample of `series` (a metric name, or a name plus the
 /// start of its label set) in Prometheus text.
