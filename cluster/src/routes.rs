@@ -445,6 +445,21 @@ pub struct RequestView<'a> {
     pub port: u16,
 }
 
+impl<'a> RequestView<'a> {
+    /// The view of `req`, whose authority (URI's or `Host`) is `authority`,
+    /// come for `port`.
+    pub fn of<B>(req: &'a http::Request<B>, authority: &'a str, port: u16) -> Self {
+        RequestView {
+            method: req.method(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            authority,
+            headers: req.headers(),
+            port,
+        }
+    }
+}
+
 impl Match {
     pub fn matches(&self, r: &RequestView) -> bool {
         let header = |n: &HeaderName, m: &StringMatch| {

@@ -126,14 +126,7 @@ async fn handle(req: Request<Incoming>, verdicts: Verdicts) -> Result<Response<F
     let _ = verdicts.next();
     let _ = check_headers(req.headers());
     let authority = waypoint::http::authority_of(&req).unwrap_or_default();
-    let view = RequestView {
-        method: req.method(),
-        path: req.uri().path(),
-        query: req.uri().query(),
-        authority: &authority,
-        headers: req.headers(),
-        port: 80,
-    };
+    let view = RequestView::of(&req, &authority, 80);
     for host in HOSTS {
         if let Lookup::Found(e) = table().lookup(host, &view) {
             if let Action::Forward { rewrite, .. } = &e.rule.action {

@@ -27,6 +27,7 @@ pub mod echo;
 pub mod kube;
 pub mod mesh;
 mod names;
+pub mod procfs;
 pub mod signals;
 pub mod soakload;
 mod sys;

@@ -362,7 +362,13 @@ pub fn node_get(cluster: &Cluster, node: &str, url: &str) -> Result<(String, Str
 }
 
 /// Calls `f` every 20 ms until it yields a value, fails, or `timeout` passes.
-pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+pub fn poll<T>(timeout: Duration, f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    poll_every(Duration::from_millis(20), timeout, f)
+}
+
+/// [`poll`] with another period (for checks that are costly themselves,
+/// such as parsing long logs).
+pub fn poll_every<T>(period: Duration, timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f()? {
@@ -371,7 +377,7 @@ pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> R
         if Instant::now() > deadline {
             bail!("timed out after {timeout:?}");
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(period);
     }
 }
 

@@ -51,3 +51,40 @@ pub fn remove_when_interrupted(file: PathBuf) {
 pub fn interrupted() -> bool {
     STOP.load(Ordering::SeqCst)
 }
+
+/// The `main` of a program that builds clusters (the benchmark, the soak):
+/// handlers installed, `run` on the arguments `parse` made (`None`: help
+/// was printed), every cluster torn down at the end. Exit code 0 when
+/// `run` succeeds, 1 when it fails or says the run failed, 2 for bad
+/// arguments (with `usage`), 130 when a signal stopped it.
+pub fn program_main<O>(
+    name: &str,
+    usage: &str,
+    what: &'static str,
+    parse: impl FnOnce() -> anyhow::Result<Option<O>>,
+    run: impl FnOnce(&O) -> anyhow::Result<bool>,
+) -> ! {
+    teardown_on_signal(what);
+    let code = match parse() {
+        Ok(None) => 0,
+        Ok(Some(opts)) => match run(&opts) {
+            Ok(true) => 0,
+            Ok(false) => 1,
+            Err(e) => {
+                eprintln!("{name} failed: {e:#}");
+                1
+            }
+        },
+        Err(e) => {
+            eprintln!("{name}: {e:#}\n\n{usage}");
+            2
+        }
+    };
+    // Everything is gone by now (Drop); make sure of it.
+    if let Err(e) = crate::teardown_all() {
+        eprintln!("teardown: {e:#}");
+    }
+    // An interrupted run fails in the main thread too (its clients get the
+    // signal); let the exit code say it was interrupted.
+    std::process::exit(if interrupted() { 130 } else { code });
+}

@@ -1,6 +1,7 @@
 //! tcpdump on the wire between the nodes (the wire netns's `br0`, which
 //! every node's link crosses): what an on-path observer sees. The HBONE
-//! test and the soak search its capture for a plaintext marker.
+//! test and the soak search its capture for a plaintext marker; the
+//! sockmap test captures a pod's `lo` the same way.
 use std::{
     fs::File,
     io::{BufRead, BufReader, Read},
@@ -37,17 +38,14 @@ impl Capture {
     /// Starts tcpdump in the cluster's wire netns writing to `file`; returns
     /// once it says it is listening.
     pub fn start(cluster: &Cluster, file: PathBuf) -> Result<Capture> {
+        Self::start_in(cluster.wire_netns(), "br0", file)
+    }
+
+    /// Starts tcpdump on `iface` of the network namespace `netns` (e.g. a
+    /// pod's `lo`) writing to `file`; returns once it says it is listening.
+    pub fn start_in(netns: &str, iface: &str, file: PathBuf) -> Result<Capture> {
         let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                cluster.wire_netns(),
-                "tcpdump",
-                "-i",
-                "br0",
-                "-U",
-                "-n",
-            ])
+            .args(["netns", "exec", netns, "tcpdump", "-i", iface, "-U", "-n"])
             .args(["-B", BUFFER_KIB, "-w"])
             .arg(&file)
             .arg("tcp")

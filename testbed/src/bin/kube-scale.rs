@@ -28,6 +28,7 @@ use k8s_openapi::{
 use testbed::{
     apiserver::{meta, ApiServer},
     mesh::{poll, Agent},
+    procfs::{cpu_seconds, status_kb},
     Cluster, ClusterSpec, NodeSpec,
 };
 
@@ -115,25 +116,6 @@ fn service(s: usize, ns: &str) -> (Service, EndpointSlice) {
     (svc, slice)
 }
 
-fn rss_kb(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
-}
-
-/// CPU seconds (user + system, all threads) the process has used.
-fn cpu_s(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command (which may hold spaces): state is field 3.
-    let rest = stat.rsplit_once(") ").context("no command in stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
-    Ok(ticks as f64 / 100.0)
-}
-
 fn counts(cluster: &Cluster) -> Result<(usize, usize)> {
     let out = cluster
         .node("node1")
@@ -186,7 +168,7 @@ fn main() -> Result<()> {
     agent.wait_for("agent ready", Duration::from_secs(30))?;
     std::thread::sleep(Duration::from_secs(2));
     let pid = agent.pid().context("agent pid")?;
-    let before = rss_kb(pid)?;
+    let before = status_kb(pid, "VmRSS")?;
 
     for i in 0..pods {
         api.apply(&pod(i))?;
@@ -203,7 +185,7 @@ fn main() -> Result<()> {
     })?;
     let caught_up = start.elapsed();
     std::thread::sleep(Duration::from_secs(2));
-    let after = rss_kb(pid)?;
+    let after = status_kb(pid, "VmRSS")?;
     let per_1k = (after.saturating_sub(before)) as f64 / 1024.0 / (pods as f64 / 1000.0);
     println!(
         "{}",
@@ -306,15 +288,15 @@ fn enroll(n: usize, m: usize) -> Result<()> {
     let mut agent = Agent::start_kube(&cluster, "node1", &kubeconfig, &dir, &["--cni-socket", sock])?;
     agent.wait_for("agent ready", Duration::from_secs(30))?;
     let pid = agent.pid().context("agent pid")?;
-    let idle = rss_kb(pid)?;
+    let idle = status_kb(pid, "VmRSS")?;
 
     let start = Instant::now();
     let mut filling = enroll_pods(&cluster, &api, &socket, 0..n)?;
     let made = start.elapsed();
-    let rss_n = rss_kb(pid)?;
-    let cpu_before = cpu_s(pid)?;
+    let rss_n = status_kb(pid, "VmRSS")?;
+    let cpu_before = cpu_seconds(pid)?;
     let mut measured = enroll_pods(&cluster, &api, &socket, n..n + m)?;
-    let cpu_ms_per_add = (cpu_s(pid)? - cpu_before) * 1e3 / m.max(1) as f64;
+    let cpu_ms_per_add = (cpu_seconds(pid)? - cpu_before) * 1e3 / m.max(1) as f64;
     let enrolled = agent.logs().iter().filter(|l| l["message"] == "pod enrolled").count();
     anyhow::ensure!(enrolled == n + m, "{enrolled} pods enrolled, want {}", n + m);
     println!(

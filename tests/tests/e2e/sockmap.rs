@@ -6,15 +6,16 @@
 //! 15001 in the client pod (agent 1 reads it) and the server app's replies
 //! on agent 2's connection to it (agent 2 reads them).
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::Write,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
 };
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use testbed::{
     mesh::{self, Agent, Server, Settings},
+    wire::Capture,
     Cluster, ClusterSpec, NodeSpec, Pod,
 };
 
@@ -97,62 +98,24 @@ fn no_failures(r: &Value) -> Result<()> {
 
 /// tcpdump on a pod's `lo`, writing a pcap file; stopped (SIGTERM) and
 /// reaped on drop.
-struct LoCapture {
-    child: Child,
-    file: PathBuf,
+/// A capture of a pod's `lo`.
+fn lo_capture(pod: &Pod, file: PathBuf) -> Result<Capture> {
+    Capture::start_in(&pod.netns, "lo", file)
 }
 
-impl LoCapture {
-    /// Returns once tcpdump says it is listening.
-    fn start(pod: &Pod, file: PathBuf) -> Result<LoCapture> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &pod.netns, "tcpdump", "-i", "lo", "-nn", "-U", "-w"])
-            .arg(&file)
-            .arg("tcp")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("tcpdump")?;
-        let mut err = BufReader::new(child.stderr.take().context("stderr")?);
-        let mut line = String::new();
-        err.read_line(&mut line)?;
-        if !line.contains("listening on lo") {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("tcpdump did not start: {line}");
-        }
-        Ok(LoCapture { child, file })
+/// The TCP segments with payload of a stopped capture matching `filter`
+/// (a tcpdump expression, IPv4).
+fn payload_segments(cap: &Capture, filter: &str) -> Result<usize> {
+    let expr = format!("({filter}) and (((ip[2:2] - ((ip[0]&0xf)<<2)) - ((tcp[12]&0xf0)>>2)) != 0)");
+    let out = Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(cap.file())
+        .arg(expr)
+        .output()?;
+    if !out.status.success() {
+        bail!("tcpdump -r: {}", String::from_utf8_lossy(&out.stderr));
     }
-
-    /// Stops the capture; the number of TCP segments with payload matching
-    /// `filter` (a tcpdump expression, IPv4).
-    fn payload_segments(&mut self, filter: &str) -> Result<usize> {
-        self.stop();
-        let expr = format!("({filter}) and (((ip[2:2] - ((ip[0]&0xf)<<2)) - ((tcp[12]&0xf0)>>2)) != 0)");
-        let out = Command::new("tcpdump")
-            .args(["-nn", "-r"])
-            .arg(&self.file)
-            .arg(expr)
-            .output()?;
-        if !out.status.success() {
-            bail!("tcpdump -r: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).lines().count())
-    }
-
-    fn stop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = mesh::wait_bounded(&mut self.child, WAIT);
-    }
-}
-
-impl Drop for LoCapture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
 }
 
 /// The proof that bytes really skip TCP: the redirect counters move, and
@@ -168,11 +131,12 @@ fn sockmap_redirects_both_hops_and_lo_carries_no_app_payload() -> Result<()> {
     // the app before writing the request, so every reply is redirected.
     {
         let _server = Server::seq(w.cluster.pod("server"), PORT, false)?;
-        let mut cap = LoCapture::start(w.cluster.pod("server"), w.dir.join("server-lo.pcap"))?;
+        let mut cap = lo_capture(w.cluster.pod("server"), w.dir.join("server-lo.pcap"))?;
         let r = w.client("client", &["--count", "20", "--size", "65536"])?;
         no_failures(&r)?;
-        let replies = cap.payload_segments(&format!("tcp src port {PORT}"))?;
-        let requests = cap.payload_segments(&format!("tcp dst port {PORT}"))?;
+        cap.stop()?;
+        let replies = payload_segments(&cap, &format!("tcp src port {PORT}"))?;
+        let requests = payload_segments(&cap, &format!("tcp dst port {PORT}"))?;
         assert_eq!(replies, 0, "the app's replies crossed lo as TCP payload");
         assert!(requests > 0, "the capture saw no request either: it proves nothing");
         let s2 = a2.status()?;
@@ -189,7 +153,7 @@ fn sockmap_redirects_both_hops_and_lo_carries_no_app_payload() -> Result<()> {
     // Client hop: a server that speaks first. The client writes after the
     // greeting, which agent 1 wrote after inserting its accepted socket.
     let _server = Server::seq(w.cluster.pod("server"), PORT + 1, true)?;
-    let mut cap = LoCapture::start(w.cluster.pod("client"), w.dir.join("client-lo.pcap"))?;
+    let mut cap = lo_capture(w.cluster.pod("client"), w.dir.join("client-lo.pcap"))?;
     let port = (PORT + 1).to_string();
     let out = seq_client(
         w.cluster.pod("client"),
@@ -200,8 +164,9 @@ fn sockmap_redirects_both_hops_and_lo_carries_no_app_payload() -> Result<()> {
     .output()?;
     let r: Value = serde_json::from_slice(&out.stdout).context("client report")?;
     no_failures(&r)?;
-    let app_to_agent = cap.payload_segments("tcp dst port 15001")?;
-    let agent_to_app = cap.payload_segments("tcp src port 15001")?;
+    cap.stop()?;
+    let app_to_agent = payload_segments(&cap, "tcp dst port 15001")?;
+    let agent_to_app = payload_segments(&cap, "tcp src port 15001")?;
     assert_eq!(app_to_agent, 0, "the app's bytes to 15001 crossed lo as TCP payload");
     assert!(
         agent_to_app > 0,

@@ -65,14 +65,7 @@ pub fn select(conn: &Conn, req: &Request<Incoming>, host: Option<&str>) -> Resul
     };
     let table = conn.wp.routes().table();
     let authority = authority_of(req).unwrap_or_default();
-    let view = RequestView {
-        method: req.method(),
-        path: req.uri().path(),
-        query: req.uri().query(),
-        authority: &authority,
-        headers: req.headers(),
-        port,
-    };
+    let view = RequestView::of(req, &authority, port);
     match table.lookup(host, &view) {
         Lookup::Default => Ok(Selected {
             rule: None,

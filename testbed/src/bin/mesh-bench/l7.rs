@@ -64,7 +64,7 @@ use testbed::{
 };
 
 use super::{
-    cgroup_usec, clock_ticks, host_jiffies, json_stdout, median, proc_status_kb, proc_ticks, run_bounded, start_agent,
+    cgroup_usec, clock_ticks, cpu_ticks, host_jiffies, json_stdout, median, run_bounded, start_agent, status_kb,
     utc_now, write_json, Background, ACCESS_TIMEOUT, CLIENT_SLACK, READY_TIMEOUT, TRUST_DOMAIN_NS,
 };
 
@@ -198,7 +198,7 @@ impl World {
         fs::read_to_string(self.cluster.pod("proxy").cgroup.join("cgroup.procs"))
             .unwrap_or_default()
             .lines()
-            .filter_map(|p| proc_status_kb(p.parse().ok()?, "VmRSS").ok())
+            .filter_map(|p| status_kb(p.parse().ok()?, "VmRSS").ok())
             .sum()
     }
 }
@@ -392,8 +392,8 @@ struct Snapshot {
 impl Snapshot {
     fn take(w: &World) -> Result<Snapshot> {
         Ok(Snapshot {
-            waypoint: proc_ticks(w.waypoint_pid()?)?,
-            agents: w.agent_pids()?.into_iter().map(proc_ticks).sum::<Result<u64>>()?,
+            waypoint: cpu_ticks(w.waypoint_pid()?)?,
+            agents: w.agent_pids()?.into_iter().map(cpu_ticks).sum::<Result<u64>>()?,
             nginx_usec: cgroup_usec(&w.cluster.pod("proxy").cgroup),
             host: host_jiffies(),
         })
@@ -412,7 +412,7 @@ fn point(w: &World, oha: &Path, path: &str, opts: &Opts, rate: Option<u32>, seco
     let (mut wp_rss, mut nginx_rss) = (0, 0);
     while !run.is_finished() {
         // A waypoint gone meanwhile fails the run at the snapshot below.
-        wp_rss = wp_rss.max(proc_status_kb(wp_pid, "VmRSS").unwrap_or(0));
+        wp_rss = wp_rss.max(status_kb(wp_pid, "VmRSS").unwrap_or(0));
         nginx_rss = nginx_rss.max(w.nginx_rss_kb());
         std::thread::sleep(RSS_SAMPLE);
     }
@@ -481,7 +481,7 @@ fn measure(w: &World, oha: &Path, opts: &Opts) -> Result<Measured> {
     let wp_pid = w.waypoint_pid()?;
     // Idle: ready, certificate fetched, bound, no request yet.
     let idle = json!({
-        "waypoint_rss_kb": proc_status_kb(wp_pid, "VmRSS")?,
+        "waypoint_rss_kb": status_kb(wp_pid, "VmRSS")?,
         "nginx_rss_kb": w.nginx_rss_kb(),
     });
     eprintln!(
@@ -541,10 +541,10 @@ fn measure(w: &World, oha: &Path, opts: &Opts) -> Result<Measured> {
     let memory = json!({
         "idle": idle,
         "after": {
-            "waypoint_rss_kb": proc_status_kb(wp_pid, "VmRSS")?,
+            "waypoint_rss_kb": status_kb(wp_pid, "VmRSS")?,
             "nginx_rss_kb": w.nginx_rss_kb(),
         },
-        "waypoint_peak_kb": proc_status_kb(wp_pid, "VmHWM")?,
+        "waypoint_peak_kb": status_kb(wp_pid, "VmHWM")?,
     });
     let capture = verify(w, &raw)?;
     let oha_version = tool_version(Command::new(oha).arg("--version")).unwrap_or_default();

@@ -63,6 +63,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use testbed::{
     mesh::{self, Agent, MeshCa, Settings},
+    procfs::{clock_ticks, cpu_ticks, status_kb},
     Cluster, ClusterSpec, NodeSpec, Pod,
 };
 
@@ -150,28 +151,13 @@ print(json.dumps({"connections": ok, "errors": errors, "seconds": time.monotonic
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    testbed::signals::teardown_on_signal("the benchmark clusters");
-    let code = match parse_args(std::env::args().skip(1)) {
-        Ok(None) => 0,
-        Ok(Some(opts)) => match bench(&opts) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("mesh-bench failed: {e:#}");
-                1
-            }
-        },
-        Err(e) => {
-            eprintln!("mesh-bench: {e:#}\n\n{USAGE}");
-            2
-        }
-    };
-    // Everything is gone by now (Drop); make sure of it.
-    if let Err(e) = testbed::teardown_all() {
-        eprintln!("teardown: {e:#}");
-    }
-    // An interrupted run fails in the main thread too (its clients get the
-    // signal); let the exit code say it was interrupted.
-    std::process::exit(if testbed::signals::interrupted() { 130 } else { code });
+    testbed::signals::program_main(
+        "mesh-bench",
+        USAGE,
+        "the benchmark clusters",
+        || parse_args(std::env::args().skip(1)),
+        |opts| bench(opts).map(|()| true),
+    )
 }
 
 const USAGE: &str =
@@ -441,7 +427,7 @@ impl Mesh {
 
     /// A `kB` field of both agents' /proc/<pid>/status.
     fn rss_kb(&self, field: &str) -> Result<Vec<u64>> {
-        self.pids.iter().map(|p| proc_status_kb(*p, field)).collect()
+        self.pids.iter().map(|p| status_kb(*p, field)).collect()
     }
 }
 
@@ -1292,40 +1278,6 @@ fn listening(pid: u32, port: u16) -> bool {
     })
 }
 
-/// A `kB` line of /proc/<pid>/status (VmRSS, VmHWM).
-fn proc_status_kb(pid: u32, field: &str) -> Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .strip_prefix(':')?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
-}
-
-fn clock_ticks() -> Result<f64> {
-    // SAFETY: sysconf has no memory effects.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    ensure!(t > 0, "sysconf(_SC_CLK_TCK) failed");
-    Ok(t as f64)
-}
-
-/// utime + stime of a process (all its threads), in clock ticks.
-fn proc_ticks(pid: u32) -> Result<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("agent {pid} is gone"))?;
-    // Fields after the command name (which may contain spaces) start at field 3.
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    ensure!(f.len() > 12, "short /proc/{pid}/stat");
-    ensure!(f[0] != "Z", "agent {pid} is a zombie");
-    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
-}
-
 /// `usage_usec` of a cgroup's cpu.stat.
 fn cgroup_usec(cg: &Path) -> u64 {
     fs::read_to_string(cg.join("cpu.stat"))
@@ -1372,7 +1324,7 @@ impl CpuSnapshot {
     /// The agents of `r`'s cluster (their cgroups also hold its CA, if any), its pods, the host.
     fn take(r: &Column) -> Result<CpuSnapshot> {
         Ok(CpuSnapshot {
-            agent_ticks: r.mesh.pids.iter().map(|p| proc_ticks(*p)).sum::<Result<u64>>()?,
+            agent_ticks: r.mesh.pids.iter().map(|p| cpu_ticks(*p)).sum::<Result<u64>>()?,
             agent_cg_usec: r.mesh.agent_cgroups.iter().map(|c| cgroup_usec(c)).sum(),
             client_usec: cgroup_usec(&r.client.cgroup),
             server_usec: cgroup_usec(&r.server.cgroup),

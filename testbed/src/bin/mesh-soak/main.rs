@@ -76,26 +76,13 @@ pub struct Opts {
 }
 
 fn main() {
-    testbed::signals::teardown_on_signal("the soak cluster");
-    let code = match parse_args(std::env::args().skip(1)) {
-        Ok(None) => 0,
-        Ok(Some(opts)) => match soak(&opts) {
-            Ok(true) => 0,
-            Ok(false) => 1,
-            Err(e) => {
-                eprintln!("mesh-soak failed: {e:#}");
-                1
-            }
-        },
-        Err(e) => {
-            eprintln!("mesh-soak: {e:#}\n\n{USAGE}");
-            2
-        }
-    };
-    if let Err(e) = testbed::teardown_all() {
-        eprintln!("teardown: {e:#}");
-    }
-    std::process::exit(if testbed::signals::interrupted() { 130 } else { code });
+    testbed::signals::program_main(
+        "mesh-soak",
+        USAGE,
+        "the soak cluster",
+        || parse_args(std::env::args().skip(1)),
+        soak,
+    )
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Opts>> {

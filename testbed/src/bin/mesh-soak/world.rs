@@ -17,12 +17,9 @@
 //!
 //! Every payload carries [`MARKER`]; the control pair (neither in the mesh)
 //! sends [`CONTROL`] in plaintext so the wire capture provably sees payloads.
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, time::Duration};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use testbed::{
     apiserver::ApiServer,
@@ -238,8 +235,8 @@ impl Soak {
         for a in &self.agents {
             let Some(pid) = a.pid() else { continue };
             out[&a.node] = json!({
-                "rss_kb": proc_status_kb(pid, "VmRSS").unwrap_or(0),
-                "hwm_kb": proc_status_kb(pid, "VmHWM").unwrap_or(0),
+                "rss_kb": testbed::procfs::status_kb(pid, "VmRSS").unwrap_or(0),
+                "hwm_kb": testbed::procfs::status_kb(pid, "VmHWM").unwrap_or(0),
                 "fds": std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0),
             });
         }
@@ -291,23 +288,6 @@ pub fn log_lines(agent: &Agent, needle: &str) -> Vec<Value> {
 }
 
 /// Polls (every 200 ms, the logs are long) until `f` yields.
-pub fn poll_slow<T>(timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f()? {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-pub fn proc_status_kb(pid: u32, field: &str) -> Result<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+pub fn poll_slow<T>(timeout: Duration, f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    testbed::mesh::poll_every(Duration::from_millis(200), timeout, f)
 }

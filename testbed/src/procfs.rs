@@ -1,0 +1,61 @@
+//! What the benchmarks read of a process from /proc: memory and CPU time.
+use anyhow::{ensure, Context, Result};
+
+/// A `kB` line of /proc/<pid>/status (VmRSS, VmHWM).
+pub fn status_kb(pid: u32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .strip_prefix(':')?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// Clock ticks per second (the unit of [`cpu_ticks`]).
+pub fn clock_ticks() -> Result<f64> {
+    // SAFETY: sysconf has no memory effects.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ensure!(t > 0, "sysconf(_SC_CLK_TCK) failed");
+    Ok(t as f64)
+}
+
+/// utime + stime of a process (all its threads), in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("process {pid} is gone"))?;
+    // Fields after the command name (which may contain spaces) start at field 3.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    ensure!(f.len() > 12, "short /proc/{pid}/stat");
+    ensure!(f[0] != "Z", "process {pid} is a zombie");
+    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
+}
+
+/// utime + stime of a process, in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    Ok(cpu_ticks(pid)? as f64 / clock_ticks()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        assert!(status_kb(me, "VmRSS").unwrap() > 0);
+        assert!(status_kb(me, "NoSuchField").is_err());
+        // Burn a little CPU so the count is not zero.
+        let mut x = 0u64;
+        while cpu_ticks(me).unwrap() == 0 {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        assert!(cpu_seconds(me).unwrap() > 0.0, "{x}");
+    }
+}
