@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::Context;
-use cluster::filewatch::FileWatch;
+use cluster::filewatch::{FileWatch, Polled};
 use tokio::{
     runtime::Handle,
     signal::unix::{signal, SignalKind},
@@ -182,6 +182,8 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(cfg.reload_interval);
+    // After a stall, one tick late rather than a burst of back-to-back ones.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => source.tick(&mut node, &ready),
@@ -352,14 +354,18 @@ impl FileSource {
         })
     }
 
-    /// Re-reads the file (a change is taken once two reads agree, see
+    /// Re-reads the file (a change is taken once it has settled, see
     /// `FileWatch`); a bad file is reported and the last good configuration
     /// stays in force. Unchanged files still retry failed pods.
     fn reload(&mut self, node: &mut NodeState) {
         let path = self.watch.path().to_owned();
         let text = match self.watch.poll() {
-            Ok(Some(t)) => t,
-            Ok(None) => return node.retry(),
+            Ok(Polled::Taken(t)) => t,
+            Ok(Polled::Nothing) => return node.retry(),
+            Ok(Polled::RefusedEmpty) => {
+                tracing::error!(path = %path.display(), "config file is empty; keeping the last good configuration (to unenroll every pod write `pods: []`)");
+                return node.retry();
+            }
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "cannot read config; keeping the last good configuration");
                 return;

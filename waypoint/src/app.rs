@@ -18,7 +18,11 @@ use std::{
 };
 
 use anyhow::Context;
-use cluster::{config::LocalConfig, filewatch::FileWatch, state::State};
+use cluster::{
+    config::LocalConfig,
+    filewatch::{FileWatch, Polled},
+    state::State,
+};
 use mesh::{ca::CaClient, certs::SecretManager, tls::Roots};
 use prometheus_client::registry::Registry;
 
@@ -202,15 +206,19 @@ fn open_file(path: &Path) -> anyhow::Result<FileWatch> {
 }
 
 /// Re-reads the enrolment file when it changes (a change is taken once
-/// two reads agree, see `FileWatch`); a bad file is logged and the last
+/// it has settled, see `FileWatch`); a bad file is logged and the last
 /// good one stays in force.
 async fn watch_config(mut file: FileWatch, cfg: &Config, state: &State) {
     loop {
         tokio::time::sleep(CONFIG_POLL).await;
         let path = file.path().to_owned();
         let text = match file.poll() {
-            Ok(Some(text)) => text,
-            Ok(None) => continue,
+            Ok(Polled::Taken(text)) => text,
+            Ok(Polled::Nothing) => continue,
+            Ok(Polled::RefusedEmpty) => {
+                tracing::error!(file = %path.display(), "enrolment file is empty; the previous one stays in force (to serve no pod write `pods: []`)");
+                continue;
+            }
             Err(e) => {
                 tracing::error!(file = %path.display(), error = %e, "enrolment file not reloaded; the previous one stays in force");
                 continue;

@@ -14,7 +14,7 @@ use std::{
 };
 
 use cluster::{
-    filewatch::FileWatch,
+    filewatch::{FileWatch, Polled},
     kube::{model::Change, ClusterWatch},
     routes::{store::Kind, store::Outcome, Document, RouteStore, RouteTable},
 };
@@ -149,16 +149,19 @@ impl RouteSource {
 /// How often the routes file is checked for changes.
 const FILE_POLL: Duration = Duration::from_secs(1);
 
-/// Re-reads the routes file when it changes (a change is taken once two
-/// reads agree, see `FileWatch`); an unreadable file keeps everything as
+/// Re-reads the routes file when it changes (a change is taken once it
+/// has settled, see `FileWatch`); an unreadable file keeps everything as
 /// it was.
 pub async fn watch_file(mut file: FileWatch, source: Arc<Mutex<RouteSource>>) {
     loop {
         tokio::time::sleep(FILE_POLL).await;
         let path = file.path().to_owned();
         let r = match file.poll() {
-            Ok(None) => continue,
-            Ok(Some(text)) => source.lock().unwrap_or_else(|e| e.into_inner()).load_text(text),
+            Ok(Polled::Nothing) => continue,
+            Ok(Polled::Taken(text)) => source.lock().unwrap_or_else(|e| e.into_inner()).load_text(text),
+            Ok(Polled::RefusedEmpty) => {
+                Err("the file is empty (to drop every route, leave a comment in it: `# no routes`)".into())
+            }
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = r {

@@ -389,6 +389,15 @@ fn config_reload_unenroll_and_cleanup_restore_direct_traffic() -> Result<()> {
     assert!(err["error"].as_str().unwrap().contains("line 3"), "{err}");
     assert!(succeeded(&w.once("client", &backend, APP_PORT)?));
     a1.wait_access(WAIT, |l| l.len() == 2)?;
+    // An emptied file (a writer stalled between its truncate and its write
+    // leaves one) is refused too: the pod stays captured.
+    std::fs::write(&w.config, "")?;
+    a1.wait_for(
+        "config file is empty; keeping the last good configuration (to unenroll every pod write `pods: []`)",
+        WAIT,
+    )?;
+    assert!(succeeded(&w.once("client", &backend, APP_PORT)?));
+    a1.wait_access(WAIT, |l| l.len() == 3)?;
 
     // Removing the pod from the config unenrolls it: direct at once.
     mesh::write_config(&w.cluster, &w.config, &["server"], &settings)?;
@@ -400,7 +409,7 @@ fn config_reload_unenroll_and_cleanup_restore_direct_traffic() -> Result<()> {
         redirected,
         "not captured any more"
     );
-    assert_eq!(a1.access_logs().len(), 2);
+    assert_eq!(a1.access_logs().len(), 3);
 
     // Back in, then the agent stops: fail closed; `agent unenroll` restores direct traffic.
     let enrolled = |a: &Agent| {
@@ -413,7 +422,7 @@ fn config_reload_unenroll_and_cleanup_restore_direct_traffic() -> Result<()> {
     mesh::write_config(&w.cluster, &w.config, ENROLLED, &settings)?;
     a1.wait_access(WAIT, |_| enrolled(&a1) > times)?;
     assert!(succeeded(&w.once("client", &backend, APP_PORT)?));
-    a1.wait_access(WAIT, |l| l.len() == 3)?;
+    a1.wait_access(WAIT, |l| l.len() == 4)?;
     a1.terminate()?;
     assert_eq!(w.once("client", &backend, APP_PORT)?["errno"], libc::ECONNREFUSED);
     let cfg = w.config.to_str().unwrap();
