@@ -37,9 +37,10 @@ use aya_ebpf::{
     bindings::{
         sk_action::{SK_DROP, SK_PASS},
         BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_delete_elem},
     macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
     programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
@@ -323,6 +324,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => publish_conn(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => passive_hop(&ctx),
+        BPF_SOCK_OPS_RTT_CB => release_tcp_hop(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             // SAFETY: helper only reads the context.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -416,8 +418,41 @@ fn insert_app(ctx: &SockOpsContext, netns_cookie: u64) {
         return;
     }
     count_sm(sockmap_stats::APP_INSERTED);
-    // The close callback frees the hop state.
-    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    // The close callback frees the hop state; the RTT callback (the first
+    // ACK of bytes the app sent through TCP) lets a TCP hop go.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+}
+
+/// An app socket in SM_APP reads with the kernel's tcp_bpf_recvmsg, which
+/// can fail a *blocking* recv with EAGAIN when woken without data (an ACK
+/// freeing send space wakes the same wait queue). A hop that went TCP
+/// needs nothing from SM_APP any more, so its socket leaves it (and gets
+/// the plain TCP functions back) at the first ACK of its TCP bytes: before
+/// the app can have filled its send buffer, whose space wake-ups are what
+/// fails such a recv. The sk_msg program that decides cannot do it itself
+/// (the verifier refuses sockmap deletes there). A redirected hop stays.
+#[inline(always)]
+fn release_tcp_hop(ctx: &SockOpsContext) {
+    // SAFETY: helpers only read the context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup of plain data.
+    let state = unsafe { SM_HOPS.get(ops_hop_key(ctx, netns)) }.copied();
+    if state == Some(hop::UNDECIDED) {
+        return;
+    }
+    if state == Some(hop::TCP) {
+        let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // SAFETY: SM_APP is a map definition (repr(transparent) over it)
+        // and the key a u64 on this stack; sock_ops may delete from a
+        // sockhash. Gone already (closed) is fine.
+        unsafe {
+            bpf_map_delete_elem(
+                core::ptr::from_ref(&SM_APP).cast_mut().cast(),
+                core::ptr::from_mut(&mut cookie).cast(),
+            )
+        };
+    }
+    let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
 }
 
 /// Whether the pod of this netns has sockmap acceleration on.

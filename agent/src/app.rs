@@ -172,12 +172,15 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
         enrolled,
         trust_domain: cfg.trust_domain.clone(),
         current: LocalConfig::default(),
+        freed: false,
     };
     // The first model must be complete (a partial one would unenroll pods a
     // previous agent captured): the Kubernetes source waits for its lists.
     node.apply(source.first(&ready).await);
     ready.set_ready(true);
     tracing::info!(node = %cfg.node, enrolled = ?node.inpod.enrolled().collect::<Vec<_>>(), "agent ready");
+    // Loading the eBPF objects and the first translation were the burst.
+    mesh::alloc::release_freed();
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -186,7 +189,10 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => source.tick(&mut node, &ready),
+            _ = tick.tick() => {
+                source.tick(&mut node, &ready);
+                node.release_freed();
+            }
             ev = source.event() => source.handle(ev, &mut node),
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -230,6 +236,8 @@ struct NodeState {
     enrolled: Arc<RwLock<Vec<String>>>,
     trust_domain: String,
     current: LocalConfig,
+    /// A change was applied since the last [`Self::release_freed`].
+    freed: bool,
 }
 
 impl NodeState {
@@ -244,8 +252,17 @@ impl NodeState {
             self.current = model;
             // Policies, labels or identities may have changed what is allowed.
             self.inpod.recheck_open_connections();
+            self.freed = true;
         }
         self.retry();
+    }
+
+    /// Hands what the last changes freed back to the kernel (at most once
+    /// per reload tick: a burst of changes is one collect).
+    fn release_freed(&mut self) {
+        if std::mem::take(&mut self.freed) {
+            mesh::alloc::release_freed();
+        }
     }
 
     /// Enrolls what the current model wants (pods that failed before are

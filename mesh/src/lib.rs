@@ -2,6 +2,7 @@
 //! identity (SPIFFE IDs, workload keys and certificates), the mesh CA
 //! speaking Istio's certificate API, mutual TLS, HBONE, and zero-copy
 //! passthrough.
+pub mod alloc;
 pub mod ca;
 pub mod certs;
 pub mod hbone;

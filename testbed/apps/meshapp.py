@@ -96,10 +96,16 @@ def once(a):
     out["server"] = read_line(s)
     msg = os.urandom(a.size) if a.size else a.message.encode()
 
+    send_error = []
+
     def send():
         # Send everything, then half-close: the echo must still come back.
-        s.sendall(msg)
-        s.shutdown(socket.SHUT_WR)
+        try:
+            s.sendall(msg)
+            s.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            # Reported, not lost in a thread: "sent" would claim everything.
+            send_error.append(str(e))
 
     sender = threading.Thread(target=send)
     sender.start()
@@ -113,6 +119,8 @@ def once(a):
         received += len(chunk)
     sender.join()
     out["sent"] = len(msg)
+    if send_error:
+        out["send_error"] = send_error[0]
     out["echoed"] = received
     out["echo_ok"] = received == len(msg) and echo.digest() == hashlib.sha256(msg).digest()
     s.close()

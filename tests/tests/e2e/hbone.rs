@@ -94,7 +94,15 @@ fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_w
         APP_PORT,
         &["--size", &SIZE.to_string(), "--timeout", "30"],
     )?;
-    assert!(succeeded(&big) && big["echoed"] == SIZE, "{big}");
+    // On failure the agents' logs say which hop ended early and how.
+    assert!(
+        succeeded(&big) && big["echoed"] == SIZE,
+        "{big}\nnode1 {}:\n{}\nnode2 {}:\n{}",
+        a1.status().map(|s| s["sockmap"].clone()).unwrap_or_default(),
+        a1.raw_log(),
+        a2.status().map(|s| s["sockmap"].clone()).unwrap_or_default(),
+        a2.raw_log()
+    );
     assert!(
         big["server"]["server_peer"]
             .as_str()

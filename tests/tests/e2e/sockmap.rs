@@ -264,3 +264,73 @@ fn sockmap_two_pods_with_the_same_ephemeral_port_stay_apart() -> Result<()> {
     assert!(sm_stat(&s1, "redirected") >= 2, "{s1}");
     Ok(())
 }
+
+/// Opens `n` connections to `host:port`, each writing 1,000 bytes the moment
+/// it is connected (mostly before the agent has accepted: that client hop
+/// goes TCP) and reading the server's greeting line and the echo back (so
+/// the app's TCP bytes were acknowledged); prints `{"open": n}` and holds
+/// them until its stdin closes.
+const HOLD_TCP_HOPS: &str = r#"
+import json, socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conns = []
+for _ in range(n):
+    s = socket.create_connection((host, port), timeout=10)
+    s.sendall(b"x" * 1000)
+    got = b""
+    while got.count(b"x") < 1000:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise SystemExit("closed before the echo")
+        got += chunk
+    conns.append(s)
+print(json.dumps({"open": len(conns)}), flush=True)
+sys.stdin.read()
+"#;
+
+/// A hop that went TCP does not stay in SM_APP: there its socket would read
+/// with the kernel's tcp_bpf_recvmsg, which fails a blocking recv with
+/// EAGAIN when a send-space wake-up finds no data (seen: a blocking echo
+/// server's recv failed mid-transfer). Redirected hops stay; entries of
+/// TCP hops leave at the first ACK of the app's bytes, on both nodes
+/// (client hops written at once; server hops of a server that greets first).
+#[test]
+fn sockmap_hops_that_went_tcp_leave_sm_app() -> Result<()> {
+    const CONNS: u64 = 50;
+    let w = Sm::new("smtcp")?;
+    let a1 = w.agent("node1")?;
+    let a2 = w.agent("node2")?;
+    let _server = Server::start(w.cluster.pod("server"), &[PORT])?;
+    let mut held = w
+        .cluster
+        .pod("client")
+        .try_command("python3")?
+        .args([
+            "-c",
+            HOLD_TCP_HOPS,
+            &w.server_ip(),
+            &PORT.to_string(),
+            &CONNS.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let line = mesh::first_line(&mut held)?;
+    assert_eq!(line["open"], CONNS, "{line}");
+    // Held open: each node's SM_APP keeps exactly its redirected hops.
+    let apps = |s: &Value| s["sockmap_entries"]["SM_APP"].as_u64().unwrap_or(u64::MAX);
+    let settled = mesh::poll(WAIT, || {
+        let (s1, s2) = (a1.status()?, a2.status()?);
+        let tcp = (sm_stat(&s1, "peer_missing"), sm_stat(&s2, "peer_missing"));
+        let want = (CONNS - tcp.0, CONNS - tcp.1);
+        Ok(((apps(&s1), apps(&s2)) == want).then_some(tcp))
+    })
+    .with_context(|| format!("SM_APP keeps TCP hops: {:?} {:?}", a1.status(), a2.status()));
+    drop(held.stdin.take());
+    let out = mesh::wait_output(held, WAIT)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (tcp1, tcp2) = settled?;
+    assert!(tcp1 + tcp2 > 0, "no hop went TCP: this run proves nothing");
+    Ok(())
+}
