@@ -419,6 +419,9 @@ pub struct Capture {
     unpin_pending: bool,
     /// Last activation error, logged once per change.
     active_error: Option<String>,
+    /// The settings last written to the maps in full (each write is a
+    /// sweep of three maps: skipped while they stay the same).
+    settings: Option<CaptureSettings>,
     /// Sockmap acceleration, when on and supported.
     sockmap: Option<sockmap::Sockmap>,
 }
@@ -532,6 +535,7 @@ impl Capture {
             cgroup,
             active: false,
             unpin_pending: false,
+            settings: None,
             active_error: None,
             sockmap,
         };
@@ -578,12 +582,26 @@ impl Capture {
     }
 
     pub fn apply_settings(&mut self, s: &CaptureSettings) -> Result<(), CaptureError> {
-        self.maps.apply_settings(s)
+        if self.settings.as_ref() == Some(s) {
+            return Ok(());
+        }
+        self.settings = None;
+        self.maps.apply_settings(s)?;
+        self.settings = Some(s.clone());
+        Ok(())
+    }
+
+    /// Whether [`Self::retain`] has work beyond removing stale entries: the
+    /// cgroup programs are not attached yet, or maps left unused by the
+    /// attach are still pinned.
+    pub fn needs_sweep(&self) -> bool {
+        !self.active || self.unpin_pending
     }
 
     /// Removes every enrolment (maps and sk_lookup links) not in the desired
-    /// sets. Called at the end of every complete enrolment pass: the first
-    /// one also activates our cgroup programs.
+    /// sets. Called at the end of a complete enrolment pass that may have
+    /// left some (see [`Self::needs_sweep`]): the first one also activates
+    /// our cgroup programs.
     pub fn retain(&mut self, cookies: &HashSet<u64>, ips: &[IpAddr]) {
         let ips: HashSet<Ip6> = ips.iter().map(|i| to_ip6(*i)).collect();
         self.maps.retain(cookies, &ips);

@@ -135,7 +135,17 @@ impl Discoverer {
     }
 
     /// The pod-level cgroup directory of `uid` (cgroupfs or systemd naming).
+    /// The kubelet's six places are tried first (a CNI ADD on a node with a
+    /// thousand pods must not read a thousand directory entries); the walk
+    /// finds pods under any other kubepods layout.
     pub fn pod_cgroup(&self, uid: &str) -> Result<PathBuf, DiscoverError> {
+        if let Some(dir) = kubelet_pod_dirs(uid)
+            .into_iter()
+            .map(|d| self.cgroup_root.join(d))
+            .find(|d| d.is_dir())
+        {
+            return Ok(dir);
+        }
         let mut found = None;
         self.walk_pods(|u, dir| {
             if u == uid {
@@ -187,6 +197,20 @@ impl Discoverer {
         }
         Ok(())
     }
+}
+
+/// Where the kubelet puts a pod's cgroup, relative to the cgroup root, for
+/// each QoS class: cgroupfs driver, then systemd driver.
+fn kubelet_pod_dirs(uid: &str) -> [String; 6] {
+    let u = uid.replace('-', "_");
+    [
+        format!("kubepods/burstable/pod{uid}"),
+        format!("kubepods/besteffort/pod{uid}"),
+        format!("kubepods/pod{uid}"),
+        format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"),
+        format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice"),
+        format!("kubepods.slice/kubepods-pod{u}.slice"),
+    ]
 }
 
 /// The pod UID a pod-level cgroup directory is named for: `pod<uid>`
@@ -365,6 +389,20 @@ mod tests {
             f.discoverer().find(UID, &pod_ips()).unwrap().cgroup,
             f.root.join("cgroup").join(&guaranteed)
         );
+    }
+
+    #[test]
+    fn a_pod_outside_the_kubelets_six_places_is_found_by_the_walk() {
+        let pod = format!("kubepods/custom-class/pod{UID}");
+        let f = Fake::new("walk", &format!("{pod}/c1"), &[42]);
+        let cg = f.root.join("cgroup");
+        assert!(kubelet_pod_dirs(UID).iter().all(|d| !cg.join(d).exists()));
+        assert_eq!(f.discoverer().pod_cgroup(UID).unwrap(), cg.join(&pod));
+        let e = f
+            .discoverer()
+            .pod_cgroup("0badcafe-0000-4000-8000-00000000000f")
+            .unwrap_err();
+        assert!(e.to_string().contains("0badcafe"), "{e}");
     }
 
     #[test]

@@ -122,6 +122,11 @@ impl InPod {
             .filter(|(k, e)| desired.get(*k).is_none_or(|d| !same_capture(d, &e.spec)))
             .map(|(k, _)| k.clone())
             .collect();
+        // The maps hold exactly the enrolled pods' entries unless a pod left
+        // or failed half-way, or the first complete pass (which also drops
+        // what a previous agent left) is still to come: only then is a
+        // sweep over every map and link worth its O(pods) syscalls.
+        let mut sweep = !gone.is_empty() || self.capture.needs_sweep();
         for key in gone {
             let e = self.pods.remove(&key).expect("listed above");
             self.capture.unenroll(e.netns_cookie, &e.spec.ips);
@@ -139,6 +144,7 @@ impl InPod {
                     self.pods.insert(key.clone(), e);
                 }
                 Err(err) => {
+                    sweep = true;
                     let msg = err.to_string();
                     if self.failures.get(key) != Some(&msg) {
                         tracing::error!(pod = %key, error = %msg, "cannot enroll pod; will retry");
@@ -149,9 +155,11 @@ impl InPod {
         }
         self.failures.retain(|k, _| desired.contains_key(k));
 
-        let cookies: HashSet<u64> = self.pods.values().map(|e| e.netns_cookie).collect();
-        let ips: Vec<IpAddr> = self.pods.values().flat_map(|e| e.spec.ips.iter().copied()).collect();
-        self.capture.retain(&cookies, &ips);
+        if sweep {
+            let cookies: HashSet<u64> = self.pods.values().map(|e| e.netns_cookie).collect();
+            let ips: Vec<IpAddr> = self.pods.values().flat_map(|e| e.spec.ips.iter().copied()).collect();
+            self.capture.retain(&cookies, &ips);
+        }
         Ok(())
     }
 
