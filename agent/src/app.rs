@@ -512,7 +512,6 @@ impl KubeSource {
             Vec::new()
         });
         let node_addresses = self.kube.node_addresses(&host_addresses);
-        self.locator.new_pass();
         let locator = &mut self.locator;
         let mut unlocated = 0;
         let mut locate = |uid: &str, ips: &[std::net::IpAddr]| {

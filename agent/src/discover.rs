@@ -139,11 +139,7 @@ impl Discoverer {
     /// thousand pods must not read a thousand directory entries); the walk
     /// finds pods under any other kubepods layout.
     pub fn pod_cgroup(&self, uid: &str) -> Result<PathBuf, DiscoverError> {
-        if let Some(dir) = kubelet_pod_dirs(uid)
-            .into_iter()
-            .map(|d| self.cgroup_root.join(d))
-            .find(|d| d.is_dir())
-        {
+        if let Some(dir) = self.kubelet_pod_cgroup(uid) {
             return Ok(dir);
         }
         let mut found = None;
@@ -157,6 +153,15 @@ impl Discoverer {
             uid: uid.into(),
             root: self.cgroup_root.clone(),
         })
+    }
+
+    /// The pod-level cgroup directory of `uid` if it is in one of the
+    /// kubelet's six places (six stat calls, no directory read).
+    pub fn kubelet_pod_cgroup(&self, uid: &str) -> Option<PathBuf> {
+        kubelet_pod_dirs(uid)
+            .into_iter()
+            .map(|d| self.cgroup_root.join(d))
+            .find(|d| d.is_dir())
     }
 
     /// Every pod-level cgroup directory by pod UID, in one walk of the

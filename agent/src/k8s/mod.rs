@@ -17,6 +17,7 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use k8s_openapi::api::core::v1::Node;
@@ -124,10 +125,15 @@ pub struct Locator {
     pub cni_ips: HashMap<String, Vec<IpAddr>>,
     /// Pods whose sandbox is gone (CNI DEL): never located again.
     torn_down: HashSet<String>,
-    /// Pod cgroup directories by UID, walked once per translation pass
-    /// (see [`Locator::new_pass`]) however many pods are still unlocated.
-    cgroups: Option<HashMap<String, PathBuf>>,
+    /// Pod cgroup directories by UID from the last walk of the tree, and
+    /// when it was taken: a pod outside the kubelet's usual places waits at
+    /// most [`WALK_EVERY`] to be found, and a node whose scheduled pods have
+    /// no cgroup yet does not walk its whole kubepods tree per translation.
+    cgroups: Option<(Instant, HashMap<String, PathBuf>)>,
 }
+
+/// How old the cgroup walk may be before an unlocated pod walks again.
+const WALK_EVERY: Duration = Duration::from_secs(1);
 
 impl Locator {
     pub fn new(discoverer: Discoverer) -> Self {
@@ -138,12 +144,6 @@ impl Locator {
             torn_down: HashSet::new(),
             cgroups: None,
         }
-    }
-
-    /// A new translation: the cgroup tree is walked again (once) if a pod
-    /// needs discovery.
-    pub fn new_pass(&mut self) {
-        self.cgroups = None;
     }
 
     /// From CNI ADD: the cgroup must already exist (kubelet creates it
@@ -171,21 +171,11 @@ impl Locator {
         if let Some(l) = self.found.get(uid) {
             return Some(l.clone());
         }
-        let cgroups = match &mut self.cgroups {
+        let cgroup = match self.discoverer.kubelet_pod_cgroup(uid) {
             Some(c) => c,
-            None => match self.discoverer.pod_cgroups() {
-                Ok(c) => self.cgroups.insert(c),
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot walk the pod cgroups");
-                    return None;
-                }
-            },
+            None => self.walked_cgroup(uid)?,
         };
-        let Some(cgroup) = cgroups.get(uid) else {
-            tracing::debug!(uid, "pod not located: no cgroup on this node");
-            return None;
-        };
-        match self.discoverer.find_in(uid, ips, cgroup.clone()) {
+        match self.discoverer.find_in(uid, ips, cgroup) {
             Ok(loc) => {
                 let l = Location {
                     netns: loc.netns,
@@ -199,6 +189,24 @@ impl Locator {
                 None
             }
         }
+    }
+
+    /// `uid`'s cgroup from a walk of the tree at most [`WALK_EVERY`] old.
+    fn walked_cgroup(&mut self, uid: &str) -> Option<PathBuf> {
+        if self.cgroups.as_ref().is_none_or(|(at, _)| at.elapsed() >= WALK_EVERY) {
+            match self.discoverer.pod_cgroups() {
+                Ok(c) => self.cgroups = Some((Instant::now(), c)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot walk the pod cgroups");
+                    return None;
+                }
+            }
+        }
+        let found = self.cgroups.as_ref().and_then(|(_, c)| c.get(uid)).cloned();
+        if found.is_none() {
+            tracing::debug!(uid, "pod not located: no cgroup on this node");
+        }
+        found
     }
 
     /// Forgets pods that left the API.
