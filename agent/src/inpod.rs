@@ -134,7 +134,10 @@ impl InPod {
         }
         for (key, spec) in &desired {
             if let Some(e) = self.pods.get_mut(key) {
-                e.spec = (*spec).clone();
+                // Most passes change one pod: clone only what changed.
+                if e.spec != **spec {
+                    e.spec = (*spec).clone();
+                }
                 continue;
             }
             match self.enroll(spec) {
