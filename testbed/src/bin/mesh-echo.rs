@@ -106,9 +106,7 @@ fn main() -> Result<()> {
                 Ok(())
             }
             Cmd::SoakServe { listen } => {
-                let l = tokio::net::TcpListener::bind(listen)
-                    .await
-                    .with_context(|| format!("cannot listen on {listen}"))?;
+                let l = listen_deep(listen).with_context(|| format!("cannot listen on {listen}"))?;
                 eprintln!("soak echo listening on {}", l.local_addr()?);
                 testbed::soakload::serve(l).await;
                 Ok(())
@@ -157,4 +155,19 @@ async fn h2_get(addr: SocketAddr, paths: &[String]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A listener with the deepest accept queue the netns allows
+/// (`net.core.somaxconn` caps it, 4096 by default): the soak opens
+/// thousands of connections at once, and tokio's `bind` asks for 1024, so
+/// an accept loop that lags a moment overflowed the queue and the kernel
+/// reset connections the mesh had carried (reported as mesh failures).
+fn listen_deep(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(65535)
 }
