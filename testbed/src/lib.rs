@@ -22,6 +22,7 @@
 //! processes by [`sweep_stale`].
 
 pub mod apiserver;
+pub mod args;
 pub mod connload;
 pub mod echo;
 pub mod kube;

@@ -62,6 +62,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use testbed::{
+    args::Args,
     mesh::{self, Agent, MeshCa, Settings},
     procfs::{clock_ticks, cpu_ticks, status_kb},
     Cluster, ClusterSpec, NodeSpec, Pod,
@@ -245,7 +246,7 @@ struct Opts {
 }
 
 /// Accepts `--rounds 3`, `--rounds=3` and a `--` anywhere (cargo passes it on).
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
     let bench_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let mut opts = Opts {
         only: Only::Both,
@@ -262,47 +263,31 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
             json: bench_dir.join("l7.json"),
         },
     };
-    while let Some(arg) = args.next() {
-        if arg == "--" {
-            continue;
-        }
-        if arg == "-h" || arg == "--help" {
-            println!("{USAGE}");
-            return Ok(None);
-        }
-        let (key, inline) = match arg.split_once('=') {
-            Some((k, v)) if k.starts_with("--") => (k.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = || -> Result<String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => args.next().with_context(|| format!("{key} needs a value")),
-            }
-        };
-        let number = |v: String, range: std::ops::RangeInclusive<u32>| -> Result<u32> {
-            let n: u32 = v.parse().with_context(|| format!("{key} {v:?} (a whole number)"))?;
-            ensure!(range.contains(&n), "{key} must be in {range:?}");
-            Ok(n)
-        };
+    let mut args = Args::new(args);
+    while let Some(key) = args.next_key() {
         match key.as_str() {
+            "--" => {}
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
             "--only" => {
-                opts.only = match value()?.as_str() {
+                opts.only = match args.value()?.as_str() {
                     "l4" => Only::L4,
                     "l7" => Only::L7,
                     other => bail!("--only {other:?}: expected l4 or l7"),
                 }
             }
-            "--mode" => opts.mode = Mode::parse(&value()?)?,
+            "--mode" => opts.mode = Mode::parse(&args.value()?)?,
             "--sockmap" => opts.sockmap = true,
-            "--rounds" => opts.rounds = number(value()?, 1..=1000)? as usize,
-            "--seconds" => opts.seconds = number(value()?, 1..=600)?,
-            "--json" => opts.json = PathBuf::from(value()?),
-            "--l7-rounds" => opts.l7.rounds = number(value()?, 1..=1000)? as usize,
-            "--l7-seconds" => opts.l7.seconds = number(value()?, 1..=600)?,
-            "--rate" => opts.l7.rate = number(value()?, 1..=1_000_000)?,
-            "--connections" => opts.l7.connections = number(value()?, 1..=1000)?,
-            "--l7-json" => opts.l7.json = PathBuf::from(value()?),
+            "--rounds" => opts.rounds = args.number(1..=1000)? as usize,
+            "--seconds" => opts.seconds = args.number(1..=600)? as u32,
+            "--json" => opts.json = PathBuf::from(args.value()?),
+            "--l7-rounds" => opts.l7.rounds = args.number(1..=1000)? as usize,
+            "--l7-seconds" => opts.l7.seconds = args.number(1..=600)? as u32,
+            "--rate" => opts.l7.rate = args.number(1..=1_000_000)? as u32,
+            "--connections" => opts.l7.connections = args.number(1..=1000)? as u32,
+            "--l7-json" => opts.l7.json = PathBuf::from(args.value()?),
             other => bail!("unknown argument {other:?}"),
         }
     }

@@ -41,7 +41,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
-use testbed::mesh;
+use testbed::{args::Args, mesh};
 
 use phases::{
     apiserver_phase, bulk_phase, ca_phase, final_phase, handover_phase, hold_phase, kill_phase, Phase, PROBE_TIMEOUT,
@@ -85,7 +85,7 @@ fn main() {
     )
 }
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
     let mut o = Opts {
         connections: 10_000,
         bytes: 1 << 30,
@@ -96,17 +96,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
         json: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/soak/soak.json"),
         quick: false,
     };
-    while let Some(arg) = args.next() {
-        let (key, inline) = match arg.split_once('=') {
-            Some((k, v)) if k.starts_with("--") => (k.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = || -> Result<String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => args.next().with_context(|| format!("{key} needs a value")),
-            }
-        };
+    let mut args = Args::new(args);
+    while let Some(key) = args.next_key() {
         match key.as_str() {
             "--" => {}
             "-h" | "--help" => {
@@ -121,23 +112,17 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
                 o.probe = 10;
                 o.dwell = Duration::from_secs(2);
             }
-            "--connections" => o.connections = number(&key, &value()?, 1..=60_000)? as usize,
-            "--bytes" => o.bytes = bytes(&value()?)?,
-            "--streams" => o.streams = number(&key, &value()?, 1..=64)? as usize,
-            "--cert-lifetime" => o.cert_lifetime_s = number(&key, &value()?, 20..=3600)?,
-            "--probe" => o.probe = number(&key, &value()?, 1..=10_000)?,
-            "--dwell" => o.dwell = Duration::from_secs(number(&key, &value()?, 1..=600)?),
-            "--json" => o.json = PathBuf::from(value()?),
+            "--connections" => o.connections = args.number(1..=60_000)? as usize,
+            "--bytes" => o.bytes = bytes(&args.value()?)?,
+            "--streams" => o.streams = args.number(1..=64)? as usize,
+            "--cert-lifetime" => o.cert_lifetime_s = args.number(20..=3600)?,
+            "--probe" => o.probe = args.number(1..=10_000)?,
+            "--dwell" => o.dwell = Duration::from_secs(args.number(1..=600)?),
+            "--json" => o.json = PathBuf::from(args.value()?),
             other => bail!("unknown argument {other:?}"),
         }
     }
     Ok(Some(o))
-}
-
-fn number(key: &str, v: &str, range: std::ops::RangeInclusive<u64>) -> Result<u64> {
-    let n: u64 = v.parse().with_context(|| format!("{key} {v:?} (a whole number)"))?;
-    ensure!(range.contains(&n), "{key} must be in {range:?}");
-    Ok(n)
 }
 
 /// `1073741824`, `1G`, `512M`, `64K`.
