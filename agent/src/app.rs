@@ -28,7 +28,7 @@ use tokio::{
 use crate::{
     admin::{Addrs, Admin, DumpFn, Readiness},
     capture::Capture,
-    config::{AgentConfig, KubeSettings, LocalConfig, Source},
+    config::{AgentConfig, KubeSettings, LocalConfig, PodSpec, Source},
     discover::Discoverer,
     identity::{CertStore, SecretManager},
     inpod::{DataPlane, InPod},
@@ -172,6 +172,7 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
         enrolled,
         trust_domain: cfg.trust_domain.clone(),
         current: LocalConfig::default(),
+        state_behind: false,
         freed: false,
     };
     // The first model must be complete (a partial one would unenroll pods a
@@ -235,7 +236,11 @@ struct NodeState {
     secrets: Option<SecretManager>,
     enrolled: Arc<RwLock<Vec<String>>>,
     trust_domain: String,
+    /// The model the data plane follows (with pods a CNI ADD enrolled
+    /// ahead of it, see [`Self::enroll_now`]).
     current: LocalConfig,
+    /// `state` lags `current`: a CNI ADD patched `current` only.
+    state_behind: bool,
     /// A change was applied since the last [`Self::release_freed`].
     freed: bool,
 }
@@ -243,7 +248,7 @@ struct NodeState {
 impl NodeState {
     /// Makes the data plane match `model`.
     fn apply(&mut self, model: LocalConfig) {
-        if model != self.current {
+        if std::mem::take(&mut self.state_behind) || model != self.current {
             let before = self.state.snapshot();
             self.state.update(&model, &self.trust_domain);
             let after = self.state.snapshot();
@@ -271,6 +276,44 @@ impl NodeState {
         if let Err(e) = self.inpod.apply(&self.current) {
             tracing::error!(error = %e, "cannot apply configuration");
         }
+        self.publish_enrolled();
+    }
+
+    /// A CNI ADD: captures `spec`'s pod now, before the whole model is
+    /// assembled again (O(pods of the cluster) per change; the kubelet
+    /// waits on this). The whole model must follow at once: until it does,
+    /// `State` does not know the pod, so connections to it are refused
+    /// (fail closed), never let through. `false`: nothing done, the whole
+    /// model decides (the pod is not captured here, one of its IPs is
+    /// another workload's, it was enrolled already, or enrolling failed).
+    fn enroll_now(&mut self, spec: PodSpec, node: &str) -> bool {
+        let key = spec.key();
+        let taken = {
+            let snap = self.state.snapshot();
+            spec.ips
+                .iter()
+                .any(|ip| snap.workloads.get(&ip.to_canonical()).is_some_and(|w| w.key != key))
+        };
+        if taken || !self.current.captures(node, &spec) {
+            return false;
+        }
+        match self.inpod.enroll_one(&spec) {
+            Ok(true) => {}
+            Ok(false) => return false,
+            Err(e) => {
+                tracing::debug!(pod = %key, error = %e, "CNI ADD: cannot enroll ahead of the model; the model retries");
+                return false;
+            }
+        }
+        self.current.upsert_pod(spec);
+        self.state_behind = true;
+        self.publish_enrolled();
+        true
+    }
+
+    /// The enrolled pods' identities to the certificate fetcher, their keys
+    /// to the config dump.
+    fn publish_enrolled(&mut self) {
         if let Some(s) = &mut self.secrets {
             s.set_wanted(&self.inpod.identities());
         }
@@ -412,6 +455,9 @@ struct KubeSource {
     unlocated: usize,
     /// When a change was first seen that is not translated yet.
     dirty_since: Option<tokio::time::Instant>,
+    /// A CNI ADD enrolled a pod ahead of the model: assemble it again once
+    /// the CNI requests already queued are served.
+    model_due: bool,
 }
 
 impl KubeSource {
@@ -455,6 +501,7 @@ impl KubeSource {
             warned: HashSet::new(),
             unlocated: 0,
             dirty_since: None,
+            model_due: false,
         }))
     }
 
@@ -477,6 +524,18 @@ impl KubeSource {
     /// Cancel-safe (the main loop drops it when another branch wins): a
     /// seen change is kept in `dirty_since` until it is delivered.
     async fn event(&mut self) -> Event {
+        if std::mem::take(&mut self.model_due) {
+            // Let the CNI connections that are ready queue their requests:
+            // a burst of ADDs is then enrolled first and modelled once.
+            tokio::task::yield_now().await;
+            if let Some(Ok(ev)) = self.cni.as_mut().map(mpsc::Receiver::try_recv) {
+                self.model_due = true;
+                return Event::Cni(ev);
+            }
+            // The model assembled now has every change seen so far.
+            self.dirty_since = None;
+            return Event::Changed;
+        }
         loop {
             let cni = async {
                 match &mut self.cni {
@@ -501,9 +560,31 @@ impl KubeSource {
         }
     }
 
+    /// One pod's spec from the model, located (for a CNI ADD).
+    fn pod_spec(&mut self, key: &str) -> Option<PodSpec> {
+        let (namespace, name) = key.split_once('/')?;
+        // Lent to `Local` while the locator is borrowed for `locate`.
+        let cni_ips = std::mem::take(&mut self.locator.cni_ips);
+        let locator = &mut self.locator;
+        let mut locate = |uid: &str, ips: &[std::net::IpAddr]| locator.locate(uid, ips);
+        let spec = self.kube.cluster.model().pod_spec(
+            namespace,
+            name,
+            &mut k8s::model::Local {
+                node: &self.node,
+                own_uid: self.own_uid.as_deref(),
+                cni_ips: &cni_ips,
+                locate: &mut locate,
+                node_addresses: &[],
+            },
+        );
+        self.locator.cni_ips = cni_ips;
+        spec
+    }
+
     /// The model (and the locator for pods of this node).
     fn model(&mut self) -> LocalConfig {
-        let cni_ips = self.locator.cni_ips.clone();
+        let cni_ips = std::mem::take(&mut self.locator.cni_ips);
         let mut warnings = Vec::new();
         let host_addresses = k8s::host_addresses(&self.locator.discoverer.host_netns).unwrap_or_else(|e| {
             warnings.push(format!(
@@ -528,6 +609,7 @@ impl KubeSource {
             node_addresses: &node_addresses,
         }));
         self.unlocated = unlocated;
+        self.locator.cni_ips = cni_ips;
         let uids: HashSet<&str> = model.pods().map(|p| &*p.uid).filter(|u| !u.is_empty()).collect();
         self.locator.retain(&uids);
         drop(model);
@@ -555,6 +637,15 @@ impl KubeSource {
             }) => {
                 let r = match self.locator.add(&uid, netns, ips) {
                     Err(e) => k8s::cni::failure(format!("cannot enroll {key}: {e}")),
+                    Ok(())
+                        if self
+                            .pod_spec(&key)
+                            .is_some_and(|spec| node.enroll_now(spec, &self.node)) =>
+                    {
+                        self.model_due = true;
+                        tracing::info!(pod = %key, ahead_of_model = true, "pod enrolled before start (CNI)");
+                        k8s::cni::ok(true, "captured")
+                    }
                     Ok(()) => {
                         node.apply(self.model());
                         match node.inpod.enrolled().any(|k| k == key) {

@@ -166,6 +166,23 @@ impl InPod {
         Ok(())
     }
 
+    /// Captures one pod now, ahead of the next [`Self::apply`] (which stays
+    /// the judge: it unenrolls the pod if the whole model disagrees).
+    /// `Ok(false)`: already enrolled, nothing done. On error nothing is
+    /// recorded: the caller falls back to `apply`, which retries and sweeps
+    /// what a half-done enrolment left.
+    pub fn enroll_one(&mut self, spec: &PodSpec) -> Result<bool, CaptureError> {
+        let key = spec.key();
+        if self.pods.contains_key(&key) {
+            return Ok(false);
+        }
+        let e = self.enroll(spec)?;
+        tracing::info!(pod = %key, netns = ?spec.netns, ips = ?spec.ips, "pod enrolled");
+        self.failures.remove(&key);
+        self.pods.insert(key, e);
+        Ok(true)
+    }
+
     fn enroll(&mut self, spec: &PodSpec) -> Result<Enrolled, CaptureError> {
         let pod_err = |message: String| CaptureError::Pod {
             pod: spec.key(),

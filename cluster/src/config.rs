@@ -441,8 +441,26 @@ impl LocalConfig {
     /// network namespace and cgroup, and not a waypoint's (waypoints
     /// terminate HBONE themselves; capturing them would loop).
     pub fn pods_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a PodSpec> + 'a {
-        self.mesh_pods_on(node)
-            .filter(move |p| p.netns.is_some() && !self.is_waypoint_pod(p))
+        let node = node.to_owned();
+        self.pods.iter().filter(move |p| self.captures(&node, p))
+    }
+
+    /// Whether this agent on `node` captures `pod` (the rule of [`Self::pods_on`]).
+    pub fn captures(&self, node: &str, pod: &PodSpec) -> bool {
+        pod.node == node && pod.tunnel == TunnelProtocol::Hbone && pod.netns.is_some() && !self.is_waypoint_pod(pod)
+    }
+
+    /// Puts `pod` in place of the pod of the same namespace and name, or
+    /// last when there is none.
+    pub fn upsert_pod(&mut self, pod: PodSpec) {
+        match self
+            .pods
+            .iter_mut()
+            .find(|p| p.namespace == pod.namespace && p.name == pod.name)
+        {
+            Some(p) => *p = pod,
+            None => self.pods.push(pod),
+        }
     }
 
     /// The labels of namespace `name` (none when it is not listed).
@@ -509,6 +527,23 @@ pods:
         assert_eq!(cfg.capture.exclude_cidrs[1].prefix, 32);
         assert_eq!(cfg.pods_on("node1").count(), 1);
         assert_eq!(cfg.pods_on("node2").count(), 0);
+    }
+
+    #[test]
+    fn upsert_pod_replaces_the_same_pod_or_appends() {
+        let mut cfg = parse(GOOD).unwrap();
+        let mut moved = cfg.pods[0].clone();
+        moved.netns = Some("/run/netns/client2".into());
+        cfg.upsert_pod(moved.clone());
+        assert_eq!(cfg.pods, [moved.clone()]);
+        let other = PodSpec {
+            name: "server".into(),
+            ..moved.clone()
+        };
+        cfg.upsert_pod(other.clone());
+        assert_eq!(cfg.pods, [moved, other]);
+        assert!(cfg.pods.iter().all(|p| cfg.captures("node1", p)));
+        assert!(!cfg.captures("node2", &cfg.pods[0]));
     }
 
     /// Caught by the `enrolment` fuzz target's check: a pod at ::ffff:10.1.1.11

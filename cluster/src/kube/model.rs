@@ -417,6 +417,16 @@ impl Model {
         self.services.set(key, out);
     }
 
+    /// One pod's spec as [`Self::translate`] gives it, for a pod to enroll
+    /// before the next whole translation (a CNI ADD waits on it). `None`:
+    /// unknown, not translated yet, or nothing to list (no IPs, host
+    /// network, finished). Whether its IPs are another pod's is the whole
+    /// translation's call: the caller checks that itself.
+    pub fn pod_spec(&self, namespace: &str, name: &str, local: &mut Local) -> Option<PodSpec> {
+        let row = self.pods.get(&Key::new(namespace, name))?;
+        pod_spec(&row.record, row.out?, Some(local), &mut Vec::new())
+    }
+
     /// The model (for `local`'s node when given: its in-mesh pods located).
     pub fn translate(&self, mut local: Option<&mut Local>) -> Translated {
         let mut warnings = Vec::new();
@@ -1027,6 +1037,48 @@ mod tests {
         assert_eq!(t.model.pods.len(), 4);
         let remote = find(&t, "remote").unwrap();
         assert_eq!((remote.tunnel, remote.netns.as_ref()), (TunnelProtocol::Hbone, None));
+    }
+
+    #[test]
+    fn one_pods_spec_is_the_whole_translations() {
+        let input = inputs(
+            vec![
+                namespace("apps", &[(DATAPLANE_MODE, "ambient")]),
+                namespace("plain", &[]),
+            ],
+            vec![
+                pod("apps", "local", NODE, &["10.1.0.1"]),
+                pod("apps", "remote", "node2", &["10.2.0.1"]),
+                pod("apps", "lost", NODE, &["10.1.0.2"]),
+                pod("plain", "unlabelled", NODE, &["10.1.0.3"]),
+                pod("apps", "cni-only", NODE, &[]),
+                pod("apps", "never-started", NODE, &[]),
+            ],
+        );
+        let cni_ips = HashMap::from([("uid-cni-only".to_string(), ips(&["10.1.0.9"]))]);
+        let (whole, _) = run_local(&input, None, &cni_ips);
+        let model = Model::from_inputs(&input);
+        let mut locate = |uid: &str, _: &[IpAddr]| (!uid.starts_with("uid-lost")).then(|| location(uid));
+        let mut local = Local {
+            node: NODE,
+            own_uid: None,
+            cni_ips: &cni_ips,
+            locate: &mut locate,
+            node_addresses: &[],
+        };
+        for (ns, name) in [
+            ("apps", "local"),
+            ("apps", "remote"),
+            ("apps", "lost"),
+            ("plain", "unlabelled"),
+            ("apps", "cni-only"),
+        ] {
+            let one = model.pod_spec(ns, name, &mut local);
+            assert_eq!(one.as_ref(), find(&whole, name), "{ns}/{name}");
+            assert!(one.is_some(), "{ns}/{name}");
+        }
+        assert_eq!(model.pod_spec("apps", "never-started", &mut local), None);
+        assert_eq!(model.pod_spec("apps", "unknown", &mut local), None);
     }
 
     #[test]

@@ -601,6 +601,21 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
         "prevResult passed through"
     );
     wait_enrolled(&cluster, &["apps/fresh"])?;
+    // Captured before the whole model was assembled again (the kubelet
+    // waits on the reply), and the model follows at once: until then the
+    // pod is no workload and connections to it are refused.
+    let line = agent.wait_for("pod enrolled before start (CNI)", WAIT)?;
+    assert_eq!(line["ahead_of_model"], true, "{line}");
+    let ip = Value::from(fresh.ip4.to_string());
+    poll(WAIT, || {
+        let d = dump(&cluster)?;
+        let workloads = d["workloads"].as_array().cloned().unwrap_or_default();
+        Ok(workloads
+            .iter()
+            .any(|w| w["ip"] == ip && w["pod"] == "apps/fresh")
+            .then_some(()))
+    })
+    .context("the CNI-enrolled pod never became a workload: the model did not follow the ADD")?;
     // Its very first connection is captured.
     let _apps = Apps(vec![run_pod_app(&cluster, "peer")?]);
     let dst = format!("{}:8080", cluster.pod("peer").ip4);
