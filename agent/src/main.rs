@@ -14,6 +14,7 @@ use clap::Parser;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    mesh::alloc::no_huge_pages();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.cmd {

@@ -9,6 +9,7 @@ use waypoint::config::{Cli, Cmd, LogFormat};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    mesh::alloc::no_huge_pages();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.cmd {
