@@ -281,7 +281,7 @@ impl NodeState {
 
     /// A CNI ADD: captures `spec`'s pod now, before the whole model is
     /// assembled again (O(pods of the cluster) per change; the kubelet
-    /// waits on this). The whole model must follow at once: until it does,
+    /// waits on this). The whole model must follow soon: until it does,
     /// `State` does not know the pod, so connections to it are refused
     /// (fail closed), never let through. `false`: nothing done, the whole
     /// model decides (the pod is not captured here, one of its IPs is
@@ -453,11 +453,9 @@ struct KubeSource {
     warned: HashSet<String>,
     /// In-mesh pods of this node the last translation could not locate.
     unlocated: usize,
-    /// When a change was first seen that is not translated yet.
+    /// When a change was first seen that is not translated yet (also a
+    /// pod a CNI ADD enrolled ahead of the model).
     dirty_since: Option<tokio::time::Instant>,
-    /// A CNI ADD enrolled a pod ahead of the model: assemble it again once
-    /// the CNI requests already queued are served.
-    model_due: bool,
 }
 
 impl KubeSource {
@@ -501,7 +499,6 @@ impl KubeSource {
             warned: HashSet::new(),
             unlocated: 0,
             dirty_since: None,
-            model_due: false,
         }))
     }
 
@@ -524,18 +521,6 @@ impl KubeSource {
     /// Cancel-safe (the main loop drops it when another branch wins): a
     /// seen change is kept in `dirty_since` until it is delivered.
     async fn event(&mut self) -> Event {
-        if std::mem::take(&mut self.model_due) {
-            // Let the CNI connections that are ready queue their requests:
-            // a burst of ADDs is then enrolled first and modelled once.
-            tokio::task::yield_now().await;
-            if let Some(Ok(ev)) = self.cni.as_mut().map(mpsc::Receiver::try_recv) {
-                self.model_due = true;
-                return Event::Cni(ev);
-            }
-            // The model assembled now has every change seen so far.
-            self.dirty_since = None;
-            return Event::Changed;
-        }
         loop {
             let cni = async {
                 match &mut self.cni {
@@ -642,7 +627,10 @@ impl KubeSource {
                             .pod_spec(&key)
                             .is_some_and(|spec| node.enroll_now(spec, &self.node)) =>
                     {
-                        self.model_due = true;
+                        // The model follows with the next batch of changes
+                        // (at most 50 ms on): a burst of ADDs, as a node
+                        // starting its pods sends, is modelled once.
+                        self.dirty_since.get_or_insert_with(tokio::time::Instant::now);
                         tracing::info!(pod = %key, ahead_of_model = true, "pod enrolled before start (CNI)");
                         k8s::cni::ok(true, "captured")
                     }

@@ -17,6 +17,24 @@ pub fn status_kb(pid: u32, field: &str) -> Result<u64> {
         .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
+/// VmRSS once it has stopped moving: three reads 100 ms apart within 64 kB
+/// of each other, or the last read after 5 s. An agent that just became
+/// ready is still handing its start-up burst back (mimalloc's collect), so
+/// one read right then measured anything between 19 and 32 MB.
+pub fn settled_rss_kb(pid: u32) -> Result<u64> {
+    let mut reads = vec![status_kb(pid, "VmRSS")?];
+    for _ in 0..50 {
+        if let [.., a, b, c] = reads[..] {
+            if a.max(b).max(c) - a.min(b).min(c) <= 64 {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        reads.push(status_kb(pid, "VmRSS")?);
+    }
+    Ok(*reads.last().expect("one read at least"))
+}
+
 /// Clock ticks per second (the unit of [`cpu_ticks`]).
 pub fn clock_ticks() -> Result<f64> {
     // SAFETY: sysconf has no memory effects.
@@ -51,6 +69,7 @@ mod tests {
         let me = std::process::id();
         assert!(status_kb(me, "VmRSS").unwrap() > 0);
         assert!(status_kb(me, "NoSuchField").is_err());
+        assert!(settled_rss_kb(me).unwrap() > 0);
         // Burn a little CPU so the count is not zero.
         let mut x = 0u64;
         while cpu_ticks(me).unwrap() == 0 {

@@ -28,7 +28,7 @@ use k8s_openapi::{
 use testbed::{
     apiserver::{meta, ApiServer},
     mesh::{poll, Agent},
-    procfs::{cpu_seconds, status_kb},
+    procfs::{cpu_seconds, settled_rss_kb},
     Cluster, ClusterSpec, NodeSpec,
 };
 
@@ -166,9 +166,8 @@ fn main() -> Result<()> {
     }
     let mut agent = Agent::start_kube(&cluster, "node1", &kubeconfig, &dir, &[])?;
     agent.wait_for("agent ready", Duration::from_secs(30))?;
-    std::thread::sleep(Duration::from_secs(2));
     let pid = agent.pid().context("agent pid")?;
-    let before = status_kb(pid, "VmRSS")?;
+    let before = settled_rss_kb(pid)?;
 
     for i in 0..pods {
         api.apply(&pod(i))?;
@@ -184,8 +183,7 @@ fn main() -> Result<()> {
         Ok((counts(&cluster)? == (pods, services)).then_some(()))
     })?;
     let caught_up = start.elapsed();
-    std::thread::sleep(Duration::from_secs(2));
-    let after = status_kb(pid, "VmRSS")?;
+    let after = settled_rss_kb(pid)?;
     let per_1k = (after.saturating_sub(before)) as f64 / 1024.0 / (pods as f64 / 1000.0);
     println!(
         "{}",
@@ -288,12 +286,12 @@ fn enroll(n: usize, m: usize) -> Result<()> {
     let mut agent = Agent::start_kube(&cluster, "node1", &kubeconfig, &dir, &["--cni-socket", sock])?;
     agent.wait_for("agent ready", Duration::from_secs(30))?;
     let pid = agent.pid().context("agent pid")?;
-    let idle = status_kb(pid, "VmRSS")?;
+    let idle = settled_rss_kb(pid)?;
 
     let start = Instant::now();
     let mut filling = enroll_pods(&cluster, &api, &socket, 0..n)?;
     let made = start.elapsed();
-    let rss_n = status_kb(pid, "VmRSS")?;
+    let rss_n = settled_rss_kb(pid)?;
     let cpu_before = cpu_seconds(pid)?;
     let mut measured = enroll_pods(&cluster, &api, &socket, n..n + m)?;
     let cpu_ms_per_add = (cpu_seconds(pid)? - cpu_before) * 1e3 / m.max(1) as f64;

@@ -64,7 +64,7 @@ use serde_json::{json, Value};
 use testbed::{
     args::Args,
     mesh::{self, Agent, MeshCa, Settings},
-    procfs::{clock_ticks, cpu_ticks, status_kb},
+    procfs::{clock_ticks, cpu_ticks, settled_rss_kb, status_kb},
     Cluster, ClusterSpec, NodeSpec, Pod,
 };
 
@@ -515,7 +515,10 @@ fn run(meshes: &[Mesh], opts: &Opts) -> Result<(Vec<Value>, Value)> {
     }
 
     // Idle: enrolled, certificates fetched, listening, no traffic yet.
-    let idle_kb = meshes.iter().map(|m| m.rss_kb("VmRSS")).collect::<Result<Vec<_>>>()?;
+    let idle_kb = meshes
+        .iter()
+        .map(|m| m.pids.iter().map(|p| settled_rss_kb(*p)).collect())
+        .collect::<Result<Vec<Vec<u64>>>>()?;
     let ticks = clock_ticks()?;
     let mut raw: Vec<Value> = Vec::new();
     eprintln!(
