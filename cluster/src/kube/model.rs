@@ -1018,13 +1018,18 @@ mod tests {
 
     // ---- location ----
 
+    /// `apps` (ambient) and `plain` (no label).
+    fn ambient_and_plain() -> Vec<Namespace> {
+        vec![
+            namespace("apps", &[(DATAPLANE_MODE, "ambient")]),
+            namespace("plain", &[]),
+        ]
+    }
+
     #[test]
     fn locate_is_asked_only_for_in_mesh_pods_of_this_node() {
         let input = inputs(
-            vec![
-                namespace("apps", &[(DATAPLANE_MODE, "ambient")]),
-                namespace("plain", &[]),
-            ],
+            ambient_and_plain(),
             vec![
                 pod("apps", "local", NODE, &["10.1.0.1"]),
                 pod("apps", "remote", "node2", &["10.2.0.1"]),
@@ -1042,10 +1047,7 @@ mod tests {
     #[test]
     fn one_pods_spec_is_the_whole_translations() {
         let input = inputs(
-            vec![
-                namespace("apps", &[(DATAPLANE_MODE, "ambient")]),
-                namespace("plain", &[]),
-            ],
+            ambient_and_plain(),
             vec![
                 pod("apps", "local", NODE, &["10.1.0.1"]),
                 pod("apps", "remote", "node2", &["10.2.0.1"]),
