@@ -455,7 +455,7 @@ impl Model {
             pods,
             authorization_policies: collect(&self.authz, &mut warnings),
             peer_authentications: collect(&self.peer_auth, &mut warnings),
-            services: collect(&self.services, &mut warnings),
+            services: own_vips(collect(&self.services, &mut warnings), &seen_ips, &mut warnings),
             namespaces: self.namespaces.iter().filter_map(|r| r.out.clone()).collect(),
             waypoints: collect(&self.gateways, &mut warnings),
         };
@@ -489,6 +489,38 @@ fn collect<R: Record, T: Clone>(table: &Table<R, Out<T>>, warnings: &mut Vec<Str
         .filter_map(|r| {
             warnings.extend(r.out.warnings.iter().cloned());
             r.out.value.clone()
+        })
+        .collect()
+}
+
+/// The services whose VIPs are their own: one whose VIP is a pod's address
+/// or an earlier service's (or twice its own) is skipped with a warning
+/// until one of them goes. The API allocates cluster IPs uniquely; the
+/// model must hold up without it (found by the `kube_translate` fuzz
+/// target: the enrolment checks refuse such a model).
+fn own_vips(
+    services: Vec<ServiceSpec>,
+    pod_ips: &HashMap<IpAddr, String>,
+    warnings: &mut Vec<String>,
+) -> Vec<ServiceSpec> {
+    let mut taken: HashMap<IpAddr, String> = HashMap::new();
+    services
+        .into_iter()
+        .filter(|s| {
+            let key = format!("{}/{}", s.namespace, s.name);
+            let mut mine = HashSet::new();
+            let clash = s.vips.iter().find_map(|v| match (pod_ips.get(v), taken.get(v)) {
+                (Some(pod), _) => Some(format!("{v} is the address of pod {pod}")),
+                (_, Some(other)) => Some(format!("{v} is a VIP of service {other}")),
+                _ if !mine.insert(*v) => Some(format!("{v} is listed twice")),
+                _ => None,
+            });
+            if let Some(why) = clash {
+                warnings.push(format!("service {key} skipped until one of them goes: {why}"));
+                return false;
+            }
+            taken.extend(s.vips.iter().map(|v| (*v, key.clone())));
+            true
         })
         .collect()
 }
@@ -1315,6 +1347,40 @@ mod tests {
             vec![slice("apps", "headless", &[("", 80)], &[("10.1.0.1", Some(true))])],
         );
         assert!(t.model.services.is_empty());
+    }
+
+    /// Found by the `kube_translate` fuzz target: two Services with one
+    /// cluster IP made a model the enrolment checks refuse.
+    #[test]
+    fn a_vip_that_is_not_the_services_own_skips_the_service_with_a_warning() {
+        let http = || vec![port(Some("http"), 80, None)];
+        let input = Inputs {
+            namespaces: arcs(vec![namespace("apps", &[(DATAPLANE_MODE, "ambient")])]),
+            pods: arcs(vec![pod("apps", "p", NODE, &["10.1.0.1"])]),
+            services: arcs(vec![
+                service("apps", "web", "10.96.0.10", http()),
+                service("other", "web", "10.96.0.10", http()),
+                service("apps", "on-a-pod", "10.1.0.1", http()),
+                service("apps", "db", "10.96.0.11", http()),
+            ]),
+            ..Default::default()
+        };
+        let t = run(&input);
+        let names: Vec<String> = t
+            .model
+            .services
+            .iter()
+            .map(|s| format!("{}/{}", s.namespace, s.name))
+            .collect();
+        assert_eq!(names, ["apps/web", "apps/db"]);
+        for w in [
+            "service other/web skipped until one of them goes: 10.96.0.10 is a VIP of service apps/web",
+            "service apps/on-a-pod skipped until one of them goes: 10.1.0.1 is the address of pod apps/p",
+        ] {
+            assert!(t.warnings.iter().any(|x| x == w), "no `{w}` in {:?}", t.warnings);
+        }
+        let yaml = serde_yaml::to_string(&t.model).unwrap();
+        LocalConfig::parse(std::path::Path::new("translated.yaml"), &yaml).expect("the enrolment checks accept it");
     }
 
     #[test]
