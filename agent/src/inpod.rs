@@ -140,19 +140,12 @@ impl InPod {
                 }
                 continue;
             }
-            match self.enroll(spec) {
-                Ok(e) => {
-                    tracing::info!(pod = %key, netns = ?spec.netns, ips = ?spec.ips, "pod enrolled");
-                    self.failures.remove(key);
-                    self.pods.insert(key.clone(), e);
-                }
-                Err(err) => {
-                    sweep = true;
-                    let msg = err.to_string();
-                    if self.failures.get(key) != Some(&msg) {
-                        tracing::error!(pod = %key, error = %msg, "cannot enroll pod; will retry");
-                        self.failures.insert(key.clone(), msg);
-                    }
+            if let Err(err) = self.enroll_one(spec) {
+                sweep = true;
+                let msg = err.to_string();
+                if self.failures.get(key) != Some(&msg) {
+                    tracing::error!(pod = %key, error = %msg, "cannot enroll pod; will retry");
+                    self.failures.insert(key.clone(), msg);
                 }
             }
         }
@@ -166,10 +159,10 @@ impl InPod {
         Ok(())
     }
 
-    /// Captures one pod now, ahead of the next [`Self::apply`] (which stays
-    /// the judge: it unenrolls the pod if the whole model disagrees).
-    /// `Ok(false)`: already enrolled, nothing done. On error nothing is
-    /// recorded: the caller falls back to `apply`, which retries and sweeps
+    /// Captures one pod (for `apply`, and for a CNI ADD ahead of the next
+    /// `apply`, which stays the judge: it unenrolls the pod if the whole
+    /// model disagrees). `Ok(false)`: already enrolled, nothing done. On
+    /// error nothing is recorded: `apply` records it, retries and sweeps
     /// what a half-done enrolment left.
     pub fn enroll_one(&mut self, spec: &PodSpec) -> Result<bool, CaptureError> {
         let key = spec.key();

@@ -602,8 +602,9 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     );
     wait_enrolled(&cluster, &["apps/fresh"])?;
     // Captured before the whole model was assembled again (the kubelet
-    // waits on the reply), and the model follows at once: until then the
-    // pod is no workload and connections to it are refused.
+    // waits on the reply), and the model follows with the next debounced
+    // batch: until then the pod is no workload and connections to it are
+    // refused.
     let line = agent.wait_for("pod enrolled before start (CNI)", WAIT)?;
     assert_eq!(line["ahead_of_model"], true, "{line}");
     let ip = Value::from(fresh.ip4.to_string());
