@@ -382,9 +382,10 @@ impl Watched {
             Watched::Kube(k) => {
                 ready.set_degraded(k.kube.health.problem());
                 // Retry pods not enrolled yet; assemble the model again only
-                // while a pod of this node is still to be located (that is
-                // O(cluster), not something to do every second at 10k pods).
-                if k.unlocated > 0 {
+                // once a pod of this node that was not located is found now
+                // (assembly is O(cluster): done every second while a node's
+                // pods await their CNI ADDs, it held those ADDs up).
+                if k.locate_unlocated() {
                     node.apply(k.model());
                 } else {
                     node.retry();
@@ -451,8 +452,9 @@ struct KubeSource {
     cni: Option<mpsc::Receiver<CniEvent>>,
     /// Last translation warnings, to log each once.
     warned: HashSet<String>,
-    /// In-mesh pods of this node the last translation could not locate.
-    unlocated: usize,
+    /// In-mesh pods of this node the last translation could not locate
+    /// (UID and IPs).
+    unlocated: Vec<(String, Vec<std::net::IpAddr>)>,
     /// When a change was first seen that is not translated yet (also a
     /// pod a CNI ADD enrolled ahead of the model).
     dirty_since: Option<tokio::time::Instant>,
@@ -497,7 +499,7 @@ impl KubeSource {
             locator: Locator::new(discoverer),
             cni,
             warned: HashSet::new(),
-            unlocated: 0,
+            unlocated: Vec::new(),
             dirty_since: None,
         }))
     }
@@ -545,6 +547,14 @@ impl KubeSource {
         }
     }
 
+    /// Whether a pod the last translation could not locate is found now
+    /// (its netns appeared without a CNI ADD, as for pods started while
+    /// no agent ran).
+    fn locate_unlocated(&mut self) -> bool {
+        let locator = &mut self.locator;
+        self.unlocated.iter().any(|(uid, ips)| locator.locate(uid, ips).is_some())
+    }
+
     /// One pod's spec from the model, located (for a CNI ADD).
     fn pod_spec(&mut self, key: &str) -> Option<PodSpec> {
         let (namespace, name) = key.split_once('/')?;
@@ -579,10 +589,12 @@ impl KubeSource {
         });
         let node_addresses = self.kube.node_addresses(&host_addresses);
         let locator = &mut self.locator;
-        let mut unlocated = 0;
+        let mut unlocated = Vec::new();
         let mut locate = |uid: &str, ips: &[std::net::IpAddr]| {
             let found = locator.locate(uid, ips);
-            unlocated += usize::from(found.is_none());
+            if found.is_none() {
+                unlocated.push((uid.to_string(), ips.to_vec()));
+            }
             found
         };
         let model = self.kube.cluster.model();
