@@ -173,6 +173,7 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
         trust_domain: cfg.trust_domain.clone(),
         current: LocalConfig::default(),
         state_behind: false,
+        settled: false,
         freed: false,
     };
     // The first model must be complete (a partial one would unenroll pods a
@@ -241,6 +242,10 @@ struct NodeState {
     current: LocalConfig,
     /// `state` lags `current`: a CNI ADD patched `current` only.
     state_behind: bool,
+    /// The capture matches `current` (every pod enrolled, nothing to
+    /// sweep): a retry has nothing to do. A diff of every pod of the node,
+    /// done on each reload tick, held up the CNI ADDs behind it.
+    settled: bool,
     /// A change was applied since the last [`Self::release_freed`].
     freed: bool,
 }
@@ -258,6 +263,7 @@ impl NodeState {
             // Policies, labels or identities may have changed what is allowed.
             self.inpod.recheck_open_connections();
             self.freed = true;
+            self.settled = false;
         }
         self.retry();
     }
@@ -273,20 +279,31 @@ impl NodeState {
     /// Enrolls what the current model wants (pods that failed before are
     /// retried) and fetches the identities of the enrolled pods.
     fn retry(&mut self) {
-        if let Err(e) = self.inpod.apply(&self.current) {
-            tracing::error!(error = %e, "cannot apply configuration");
+        if self.settled {
+            return;
         }
+        let applied = match self.inpod.apply(&self.current) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot apply configuration");
+                false
+            }
+        };
+        self.settled = applied && self.inpod.settled();
         self.publish_enrolled();
     }
 
     /// A CNI ADD: captures `spec`'s pod now, before the whole model is
     /// assembled again (O(pods of the cluster) per change; the kubelet
-    /// waits on this). The whole model must follow soon: until it does,
-    /// `State` does not know the pod, so connections to it are refused
-    /// (fail closed), never let through. `false`: nothing done, the whole
-    /// model decides (the pod is not captured here, one of its IPs is
-    /// another workload's, it was enrolled already, or enrolling failed).
-    fn enroll_now(&mut self, spec: PodSpec, node: &str) -> bool {
+    /// waits on this). `None`: nothing done, the whole model decides (the
+    /// pod is not captured here, one of its IPs is another workload's, it
+    /// was enrolled already, or enrolling failed). `Some(true)`: the whole
+    /// model must follow soon, because `State` does not know the pod as
+    /// this workload yet (typically its IPs came from the CNI plugin, not
+    /// the API): until it does, connections to it are refused (fail
+    /// closed), never let through. `Some(false)`: the model listed the
+    /// pod already and only its location is new, which `State` never reads.
+    fn enroll_now(&mut self, spec: PodSpec, node: &str) -> Option<bool> {
         let key = spec.key();
         let taken = {
             let snap = self.state.snapshot();
@@ -295,20 +312,24 @@ impl NodeState {
                 .any(|ip| snap.workloads.get(&ip.to_canonical()).is_some_and(|w| w.key != key))
         };
         if taken || !self.current.captures(node, &spec) {
-            return false;
+            return None;
         }
         match self.inpod.enroll_one(&spec) {
             Ok(true) => {}
-            Ok(false) => return false,
+            Ok(false) => return None,
             Err(e) => {
                 tracing::debug!(pod = %key, error = %e, "CNI ADD: cannot enroll ahead of the model; the model retries");
-                return false;
+                return None;
             }
         }
+        let known = self
+            .current
+            .pod(&spec.namespace, &spec.name)
+            .is_some_and(|p| p.same_workload(&spec));
         self.current.upsert_pod(spec);
-        self.state_behind = true;
+        self.state_behind |= !known;
         self.publish_enrolled();
-        true
+        Some(!known)
     }
 
     /// The enrolled pods' identities to the certificate fetcher, their keys
@@ -552,7 +573,9 @@ impl KubeSource {
     /// no agent ran).
     fn locate_unlocated(&mut self) -> bool {
         let locator = &mut self.locator;
-        self.unlocated.iter().any(|(uid, ips)| locator.locate(uid, ips).is_some())
+        self.unlocated
+            .iter()
+            .any(|(uid, ips)| locator.locate(uid, ips).is_some())
     }
 
     /// One pod's spec from the model, located (for a CNI ADD).
@@ -634,34 +657,41 @@ impl KubeSource {
             }) => {
                 let r = match self.locator.add(&uid, netns, ips) {
                     Err(e) => k8s::cni::failure(format!("cannot enroll {key}: {e}")),
-                    Ok(())
-                        if self
-                            .pod_spec(&key)
-                            .is_some_and(|spec| node.enroll_now(spec, &self.node)) =>
-                    {
-                        // The model follows with the next batch of changes
-                        // (at most 50 ms on): a burst of ADDs, as a node
-                        // starting its pods sends, is modelled once.
-                        self.dirty_since.get_or_insert_with(tokio::time::Instant::now);
-                        tracing::info!(pod = %key, ahead_of_model = true, "pod enrolled before start (CNI)");
-                        k8s::cni::ok(true, "captured")
-                    }
-                    Ok(()) => {
-                        node.apply(self.model());
-                        match node.inpod.enrolled().any(|k| k == key) {
-                            true => {
-                                tracing::info!(pod = %key, "pod enrolled before start (CNI)");
-                                k8s::cni::ok(true, "captured")
+                    Ok(()) => match self.pod_spec(&key).and_then(|spec| node.enroll_now(spec, &self.node)) {
+                        Some(model_follows) => {
+                            // Located now: a reload tick must not take it for
+                            // a pod discovery found and re-assemble the model.
+                            self.unlocated.retain(|(u, _)| *u != uid);
+                            // The model follows with the next batch of
+                            // changes (at most 50 ms on): a burst of ADDs, as
+                            // a node starting its pods sends, is modelled once.
+                            if model_follows {
+                                self.dirty_since.get_or_insert_with(tokio::time::Instant::now);
                             }
-                            false => k8s::cni::failure(format!(
-                                "cannot enroll {key}: {}",
-                                node.inpod.failure(&key).unwrap_or("it is not in this node's model")
-                            )),
+                            tracing::info!(pod = %key, ahead_of_model = true, model_follows, "pod enrolled before start (CNI)");
+                            k8s::cni::ok(true, "captured")
                         }
-                    }
+                        None => self.enroll_with_model(&key, node),
+                    },
                 };
                 let _ = reply.send(r);
             }
+        }
+    }
+
+    /// A CNI ADD the fast path left to the whole model: it enrolls or
+    /// says why not.
+    fn enroll_with_model(&mut self, key: &str, node: &mut NodeState) -> mesh_cni::proto::Reply {
+        node.apply(self.model());
+        match node.inpod.enrolled().any(|k| k == key) {
+            true => {
+                tracing::info!(pod = %key, "pod enrolled before start (CNI)");
+                k8s::cni::ok(true, "captured")
+            }
+            false => k8s::cni::failure(format!(
+                "cannot enroll {key}: {}",
+                node.inpod.failure(key).unwrap_or("it is not in this node's model")
+            )),
         }
     }
 }

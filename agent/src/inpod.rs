@@ -19,6 +19,8 @@ use crate::{
 struct Enrolled {
     spec: PodSpec,
     netns_cookie: u64,
+    /// The last [`InPod::apply`] pass that wanted it.
+    seen: u64,
     _proxy: PodProxy,
 }
 
@@ -47,6 +49,8 @@ pub struct InPod {
     connect_timeout: std::time::Duration,
     max_conns: usize,
     pods: BTreeMap<String, Enrolled>,
+    /// Counts [`Self::apply`] passes (see [`Enrolled::seen`]).
+    pass: u64,
     next_id: u32,
     /// Last error per pod that could not be enrolled, to log changes only.
     failures: BTreeMap<String, String>,
@@ -74,6 +78,7 @@ impl InPod {
             connect_timeout: cfg.connect_timeout,
             max_conns: cfg.max_connections_per_pod,
             pods: BTreeMap::new(),
+            pass: 0,
             next_id: 1,
             failures: BTreeMap::new(),
         }
@@ -114,12 +119,39 @@ impl InPod {
     /// the next call.
     pub fn apply(&mut self, cfg: &LocalConfig) -> Result<(), CaptureError> {
         self.capture.apply_settings(&cfg.capture)?;
-        let desired: BTreeMap<String, &PodSpec> = cfg.pods_on(&self.node).map(|p| (p.key(), p)).collect();
-
+        // One pass over the wanted pods, keyed in a reused buffer: this runs
+        // on every change of the model, O(pods of the node), and a map of
+        // every wanted pod's key per pass cost about a millisecond at 1,000.
+        self.pass = self.pass.wrapping_add(1);
+        let mut key = String::new();
+        let mut new: Vec<&PodSpec> = Vec::new();
+        let mut still_failing = HashSet::new();
+        for spec in cfg.pods_on(&self.node) {
+            key.clear();
+            key.push_str(&spec.namespace);
+            key.push('/');
+            key.push_str(&spec.name);
+            match self.pods.get_mut(key.as_str()) {
+                Some(e) if same_capture(spec, &e.spec) => {
+                    e.seen = self.pass;
+                    // Most passes change one pod: clone only what changed.
+                    if e.spec != *spec {
+                        e.spec = spec.clone();
+                    }
+                }
+                // Unseen: unenrolled below, enrolled again as new.
+                Some(_) => new.push(spec),
+                None => new.push(spec),
+            }
+            if self.failures.contains_key(key.as_str()) {
+                still_failing.insert(key.clone());
+            }
+        }
+        let pass = self.pass;
         let gone: Vec<String> = self
             .pods
             .iter()
-            .filter(|(k, e)| desired.get(*k).is_none_or(|d| !same_capture(d, &e.spec)))
+            .filter(|(_, e)| e.seen != pass)
             .map(|(k, _)| k.clone())
             .collect();
         // The maps hold exactly the enrolled pods' entries unless a pod left
@@ -132,24 +164,18 @@ impl InPod {
             self.capture.unenroll(e.netns_cookie, &e.spec.ips);
             tracing::info!(pod = %key, "pod unenrolled");
         }
-        for (key, spec) in &desired {
-            if let Some(e) = self.pods.get_mut(key) {
-                // Most passes change one pod: clone only what changed.
-                if e.spec != **spec {
-                    e.spec = (*spec).clone();
-                }
-                continue;
-            }
+        self.failures.retain(|k, _| still_failing.contains(k));
+        for spec in new {
             if let Err(err) = self.enroll_one(spec) {
                 sweep = true;
                 let msg = err.to_string();
-                if self.failures.get(key) != Some(&msg) {
+                let key = spec.key();
+                if self.failures.get(&key) != Some(&msg) {
                     tracing::error!(pod = %key, error = %msg, "cannot enroll pod; will retry");
-                    self.failures.insert(key.clone(), msg);
+                    self.failures.insert(key, msg);
                 }
             }
         }
-        self.failures.retain(|k, _| desired.contains_key(k));
 
         if sweep {
             let cookies: HashSet<u64> = self.pods.values().map(|e| e.netns_cookie).collect();
@@ -157,6 +183,12 @@ impl InPod {
             self.capture.retain(&cookies, &ips);
         }
         Ok(())
+    }
+
+    /// The last [`Self::apply`] left nothing to retry: every pod it wanted
+    /// is enrolled and no map needs a sweep.
+    pub fn settled(&self) -> bool {
+        self.failures.is_empty() && !self.capture.needs_sweep()
     }
 
     /// Captures one pod (for `apply`, and for a CNI ADD ahead of the next
@@ -231,6 +263,7 @@ impl InPod {
         Ok(Enrolled {
             spec: spec.clone(),
             netns_cookie,
+            seen: self.pass,
             _proxy: proxy,
         })
     }

@@ -223,6 +223,46 @@ impl PodSpec {
     pub fn identity(&self, trust_domain: &str) -> mesh::identity::SpiffeId {
         mesh::identity::SpiffeId::new(trust_domain, &self.namespace, &self.service_account)
     }
+
+    /// Equal but for where the pod lives (netns, cgroup): the same workload
+    /// to [`crate::state::State`], which never reads those.
+    pub fn same_workload(&self, other: &PodSpec) -> bool {
+        // Destructured: a new field must be placed on one side or the other.
+        let PodSpec {
+            uid,
+            name,
+            namespace,
+            service_account,
+            node,
+            netns: _,
+            cgroup: _,
+            ips,
+            labels,
+            healthy,
+            tunnel,
+        } = self;
+        (
+            uid,
+            name,
+            namespace,
+            service_account,
+            node,
+            ips,
+            labels,
+            healthy,
+            tunnel,
+        ) == (
+            &other.uid,
+            &other.name,
+            &other.namespace,
+            &other.service_account,
+            &other.node,
+            &other.ips,
+            &other.labels,
+            &other.healthy,
+            &other.tunnel,
+        )
+    }
 }
 
 impl LocalConfig {
@@ -452,6 +492,11 @@ impl LocalConfig {
 
     /// Puts `pod` in place of the pod of the same namespace and name, or
     /// last when there is none.
+    /// The pod `namespace/name`, if listed.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodSpec> {
+        self.pods.iter().find(|p| p.namespace == namespace && p.name == name)
+    }
+
     pub fn upsert_pod(&mut self, pod: PodSpec) {
         match self
             .pods
@@ -544,6 +589,37 @@ pods:
         assert_eq!(cfg.pods, [moved, other]);
         assert!(cfg.pods.iter().all(|p| cfg.captures("node1", p)));
         assert!(!cfg.captures("node2", &cfg.pods[0]));
+        assert_eq!(cfg.pod("default", "server"), Some(&cfg.pods[1]));
+        assert_eq!(cfg.pod("other", "server"), None);
+    }
+
+    #[test]
+    fn same_workload_ignores_only_where_the_pod_lives() {
+        let cfg = parse(GOOD).unwrap();
+        let pod = &cfg.pods[0];
+        let elsewhere = PodSpec {
+            netns: None,
+            cgroup: Some("/sys/fs/cgroup/other".into()),
+            ..pod.clone()
+        };
+        assert!(pod.same_workload(&elsewhere) && elsewhere.same_workload(pod));
+        let mut relabelled = pod.clone();
+        relabelled.labels.insert("version".into(), "v2".into());
+        let renumbered = PodSpec {
+            ips: vec!["10.1.1.99".parse().unwrap()],
+            ..pod.clone()
+        };
+        let other_account = PodSpec {
+            service_account: "other".into(),
+            ..pod.clone()
+        };
+        let unready = PodSpec {
+            healthy: !pod.healthy,
+            ..pod.clone()
+        };
+        for changed in [relabelled, renumbered, other_account, unready] {
+            assert!(!pod.same_workload(&changed), "{changed:?}");
+        }
     }
 
     /// Caught by the `enrolment` fuzz target's check: a pod at ::ffff:10.1.1.11

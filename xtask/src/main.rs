@@ -288,8 +288,15 @@ fn build_shipped() -> Result<()> {
     for package in SHIP_BINARIES {
         c.args(["-p", package]);
     }
-    // cc-rs would fall back to the host's glibc gcc where musl-gcc is missing.
-    run(c.env(format!("CC_{}", SHIP_TARGET.replace('-', "_")), "musl-gcc"))
+    run(musl_cc(&mut c))
+}
+
+/// cc-rs would fall back to the host's glibc gcc where musl-gcc is missing.
+/// Every musl build sets it alike: ring's build script reruns when it
+/// changes, and with it everything above ring (a bench-kube run rebuilt
+/// ring, rustls and kube twice, flipping between the two builds).
+fn musl_cc(c: &mut Command) -> &mut Command {
+    c.env(format!("CC_{}", SHIP_TARGET.replace('-', "_")), "musl-gcc")
 }
 
 /// The shipped binaries, then the benchmark's and the demo's own programs
@@ -297,7 +304,15 @@ fn build_shipped() -> Result<()> {
 fn build_release() -> Result<()> {
     build_ebpf()?;
     build_shipped()?;
-    run(cargo().args(["build", "--release", "--target", SHIP_TARGET, "-p", "testbed", "--bins"]))
+    run(musl_cc(cargo().args([
+        "build",
+        "--release",
+        "--target",
+        SHIP_TARGET,
+        "-p",
+        "testbed",
+        "--bins",
+    ])))
 }
 
 fn demo(args: &[String]) -> Result<()> {

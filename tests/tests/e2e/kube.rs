@@ -563,7 +563,7 @@ fn install_cni(dir: &Path, api: &ApiServer, token: &str) -> Result<PathBuf> {
 #[test]
 fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_agent() -> Result<()> {
     let spec = ClusterSpec::new(vec![
-        NodeSpec::new("node1", &["fresh", "plain"]),
+        NodeSpec::new("node1", &["fresh", "known", "plain"]),
         NodeSpec::new("node2", &["peer"]),
     ]);
     let cluster = Cluster::create("kcni", &spec)?;
@@ -607,6 +607,7 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     // refused.
     let line = agent.wait_for("pod enrolled before start (CNI)", WAIT)?;
     assert_eq!(line["ahead_of_model"], true, "{line}");
+    assert_eq!(line["model_follows"], true, "the API has no IPs of it: {line}");
     let ip = Value::from(fresh.ip4.to_string());
     poll(WAIT, || {
         let d = dump(&cluster)?;
@@ -623,6 +624,34 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     let r = mesh::client(fresh, "once", &cluster.pod("peer").ip4.to_string(), 8080, &[])?;
     assert!(succeeded(&r), "{r}");
     agent.wait_access(WAIT, |l| !access_to(l, &dst).is_empty())?;
+
+    // A pod the API listed with its IPs before its ADD: only its location
+    // is new, which the data plane's workload state never reads, so no
+    // whole model has to follow this ADD (each one costs O(cluster) and
+    // holds up the ADDs behind it).
+    let known = cluster.pod("known");
+    fs::create_dir_all(pod_cgroup(&cluster, "known"))?;
+    api.apply(&pod(&cluster, "known", "apps", &[], true))?;
+    let known_ip = Value::from(known.ip4.to_string());
+    poll(WAIT, || {
+        let d = dump(&cluster)?;
+        let w = d["workloads"].as_array().cloned().unwrap_or_default();
+        Ok(w.iter().any(|w| w["ip"] == known_ip).then_some(()))
+    })?;
+    let (code, out, _) = cni("ADD", "known", "apps", &[known.ip4.to_string(), known.ip6.to_string()])?;
+    assert_eq!(code, 0, "{out}\n{}", agent.raw_log());
+    let line = agent
+        .logs()
+        .into_iter()
+        .find(|l| l["message"] == "pod enrolled before start (CNI)" && l["pod"] == "apps/known")
+        .context("apps/known was not enrolled ahead of the model")?;
+    assert_eq!(line["model_follows"], false, "{line}");
+    let r = mesh::client(known, "once", &cluster.pod("peer").ip4.to_string(), 8080, &[])?;
+    assert!(succeeded(&r), "{r}");
+    agent.wait_access(WAIT, |l| access_to(l, &dst).len() >= 2)?;
+    let (code, _, _) = cni("DEL", "known", "apps", &[known.ip4.to_string()])?;
+    assert_eq!(code, 0);
+    wait_enrolled(&cluster, &["apps/fresh"])?;
 
     // A pod of a plain namespace passes through, not enrolled.
     let plain_ips = vec![cluster.pod("plain").ip4.to_string()];
