@@ -419,8 +419,29 @@ fn config_reload_unenroll_and_cleanup_restore_direct_traffic() -> Result<()> {
             .count()
     };
     let times = enrolled(&a1);
+    // First with a cgroup still to come: the pod cannot be enrolled, and the
+    // reload tick retries it (and only it) until it can.
+    let client = w.cluster.pod("client");
+    let late = client.cgroup.join("late");
     mesh::write_config(&w.cluster, &w.config, ENROLLED, &settings)?;
+    let y = std::fs::read_to_string(&w.config)?.replace(
+        &format!("cgroup: {}\n", client.cgroup.display()),
+        &format!("cgroup: {}\n", late.display()),
+    );
+    let tmp = w.config.with_extension("late");
+    std::fs::write(&tmp, y)?;
+    std::fs::rename(&tmp, &w.config)?;
+    let err = a1.wait_for("cannot enroll pod; will retry", WAIT)?;
+    assert!(
+        err["pod"] == "default/client" && err["error"].as_str().unwrap_or("").contains("does not exist"),
+        "{err}"
+    );
+    std::fs::create_dir(&late)?;
     a1.wait_access(WAIT, |_| enrolled(&a1) > times)?;
+    // Then with its own cgroup: a changed capture, enrolled again.
+    mesh::write_config(&w.cluster, &w.config, ENROLLED, &settings)?;
+    a1.wait_access(WAIT, |_| enrolled(&a1) > times + 1)?;
+    std::fs::remove_dir(&late)?;
     assert!(succeeded(&w.once("client", &backend, APP_PORT)?));
     a1.wait_access(WAIT, |l| l.len() == 4)?;
     a1.terminate()?;
