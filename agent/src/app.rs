@@ -476,6 +476,9 @@ struct KubeSource {
     /// In-mesh pods of this node the last translation could not locate
     /// (UID and IPs).
     unlocated: Vec<(String, Vec<std::net::IpAddr>)>,
+    /// The model's [`k8s::model::Model::pods_gone`] when the locator was
+    /// last pruned.
+    pods_gone: u64,
     /// When a change was first seen that is not translated yet (also a
     /// pod a CNI ADD enrolled ahead of the model).
     dirty_since: Option<tokio::time::Instant>,
@@ -521,6 +524,7 @@ impl KubeSource {
             cni,
             warned: HashSet::new(),
             unlocated: Vec::new(),
+            pods_gone: 0,
             dirty_since: None,
         }))
     }
@@ -630,8 +634,13 @@ impl KubeSource {
         }));
         self.unlocated = unlocated;
         self.locator.cni_ips = cni_ips;
-        let uids: HashSet<&str> = model.pods().map(|p| &*p.uid).filter(|u| !u.is_empty()).collect();
-        self.locator.retain(&uids);
+        // Forget pods that left the API (a set of every pod's UID: only
+        // when one left since the last time).
+        if model.pods_gone() != self.pods_gone {
+            self.pods_gone = model.pods_gone();
+            let uids: HashSet<&str> = model.pods().map(|p| &*p.uid).filter(|u| !u.is_empty()).collect();
+            self.locator.retain(&uids);
+        }
         drop(model);
         let now: HashSet<String> = t.warnings.into_iter().chain(warnings).collect();
         for w in now.difference(&self.warned) {

@@ -351,12 +351,13 @@ impl State {
             .pods
             .iter()
             .flat_map(|p| {
+                let key = p.key();
                 let w = Workload {
-                    key: p.key(),
+                    waypoint: bindings.workloads.get(&key).cloned(),
+                    key,
                     identity: p.identity(trust_domain),
                     labels: p.labels.clone(),
                     hbone: p.tunnel == crate::config::TunnelProtocol::Hbone,
-                    waypoint: bindings.workloads.get(&p.key()).cloned(),
                     enforce_waypoint: p.labels.get(ENFORCEMENT_LABEL).map(String::as_str) != Some("off"),
                 };
                 p.ips.iter().map(move |ip| (*ip, w.clone()))

@@ -240,6 +240,8 @@ pub struct Model {
     authz: Table<Authz, Out<rbac::AuthorizationPolicy>>,
     peer_auth: Table<PeerAuth, Out<rbac::PeerAuthentication>>,
     retranslated: Retranslated,
+    /// Pods deleted or replaced by one with another UID, ever.
+    pods_gone: u64,
 }
 
 impl Model {
@@ -270,7 +272,11 @@ impl Model {
     }
 
     pub fn apply_pods(&mut self, c: Change<PodRecord>) {
-        for (key, _) in self.pods.apply(c, &mut self.interner) {
+        for (key, old) in self.pods.apply(c, &mut self.interner) {
+            let now = self.pods.get(&key).map(|r| &r.record.uid);
+            if old.is_some_and(|o| now != Some(&o.uid)) {
+                self.pods_gone += 1;
+            }
             if self.pods.get(&key).is_some() {
                 self.pods_by_ns
                     .entry(key.namespace.clone())
@@ -366,6 +372,13 @@ impl Model {
     }
 
     /// A pod by namespace and name.
+    /// Counts pods that left (deleted, or replaced by one with another
+    /// UID): what holds per-pod state by UID needs pruning only when it
+    /// moved (pruning walks every pod).
+    pub fn pods_gone(&self) -> u64 {
+        self.pods_gone
+    }
+
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodRecord> {
         self.pods.get(&Key::new(namespace, name)).map(|r| &r.record)
     }
@@ -430,8 +443,9 @@ impl Model {
     /// The model (for `local`'s node when given: its in-mesh pods located).
     pub fn translate(&self, mut local: Option<&mut Local>) -> Translated {
         let mut warnings = Vec::new();
-        let mut seen_ips: HashMap<IpAddr, String> = HashMap::new();
-        let mut pods = Vec::new();
+        // By index into `pods`: a key per pod was an allocation per pod.
+        let mut seen_ips: HashMap<IpAddr, usize> = HashMap::new();
+        let mut pods: Vec<PodSpec> = Vec::new();
         for row in self.pods.iter() {
             let Some(member) = row.out else { continue };
             if let Some(p) = pod_spec(&row.record, member, local.as_deref_mut(), &mut warnings) {
@@ -439,14 +453,15 @@ impl Model {
                     warnings.push(format!(
                         "pod {} has IP {ip} of pod {}; skipped until one of them goes",
                         p.key(),
-                        seen_ips[ip]
+                        pods[seen_ips[ip]].key()
                     ));
                     continue;
                 }
-                seen_ips.extend(p.ips.iter().map(|ip| (*ip, p.key())));
+                seen_ips.extend(p.ips.iter().map(|ip| (*ip, pods.len())));
                 pods.push(p);
             }
         }
+        let services = own_vips(collect(&self.services, &mut warnings), &seen_ips, &pods, &mut warnings);
         let model = LocalConfig {
             capture: CaptureSettings {
                 node_addresses: local.map(|l| l.node_addresses.to_vec()).unwrap_or_default(),
@@ -455,7 +470,7 @@ impl Model {
             pods,
             authorization_policies: collect(&self.authz, &mut warnings),
             peer_authentications: collect(&self.peer_auth, &mut warnings),
-            services: own_vips(collect(&self.services, &mut warnings), &seen_ips, &mut warnings),
+            services,
             namespaces: self.namespaces.iter().filter_map(|r| r.out.clone()).collect(),
             waypoints: collect(&self.gateways, &mut warnings),
         };
@@ -500,7 +515,8 @@ fn collect<R: Record, T: Clone>(table: &Table<R, Out<T>>, warnings: &mut Vec<Str
 /// target: the enrolment checks refuse such a model).
 fn own_vips(
     services: Vec<ServiceSpec>,
-    pod_ips: &HashMap<IpAddr, String>,
+    pod_ips: &HashMap<IpAddr, usize>,
+    pods: &[PodSpec],
     warnings: &mut Vec<String>,
 ) -> Vec<ServiceSpec> {
     let mut taken: HashMap<IpAddr, String> = HashMap::new();
@@ -510,7 +526,7 @@ fn own_vips(
             let key = format!("{}/{}", s.namespace, s.name);
             let mut mine = HashSet::new();
             let clash = s.vips.iter().find_map(|v| match (pod_ips.get(v), taken.get(v)) {
-                (Some(pod), _) => Some(format!("{v} is the address of pod {pod}")),
+                (Some(&pod), _) => Some(format!("{v} is the address of pod {}", pods[pod].key())),
                 (_, Some(other)) => Some(format!("{v} is a VIP of service {other}")),
                 _ if !mine.insert(*v) => Some(format!("{v} is listed twice")),
                 _ => None,
@@ -2052,6 +2068,26 @@ mod tests {
             ..Default::default()
         };
         (Model::from_inputs(&input), input)
+    }
+
+    #[test]
+    fn pods_gone_counts_deleted_and_replaced_pods_only() {
+        let mut m = Model::default();
+        let p = pod("a", "p", "n1", &["10.0.0.1"]);
+        m.apply_pods(Change::Upsert(pod_record(&p)));
+        let mut relabelled = p.clone();
+        relabelled.metadata.labels = Some(BTreeMap::from([("app".into(), "v2".into())]));
+        m.apply_pods(Change::Upsert(pod_record(&relabelled)));
+        assert_eq!(m.pods_gone(), 0, "a pod that changed is not gone");
+        let mut replaced = relabelled.clone();
+        replaced.metadata.uid = Some("uid-p-again".into());
+        m.apply_pods(Change::Upsert(pod_record(&replaced)));
+        assert_eq!(m.pods_gone(), 1, "same name, another UID: the first pod is gone");
+        m.apply_pods(Change::Delete(pod_record(&replaced)));
+        assert_eq!(m.pods_gone(), 2);
+        m.apply_pods(Change::Relisted(vec![pod_record(&p)]));
+        m.apply_pods(Change::Relisted(vec![]));
+        assert_eq!(m.pods_gone(), 3, "a re-list without the pod");
     }
 
     #[test]
