@@ -721,7 +721,7 @@ fn config_dump(
             .iter()
             .map(|(ip, w)| {
                 serde_json::json!({
-                    "ip": ip, "pod": w.key, "identity": w.identity.to_string(), "labels": w.labels,
+                    "ip": ip, "pod": w.key, "identity": w.identity.to_string(), "labels": *w.labels,
                     "tunnel": if w.hbone { "HBONE" } else { "NONE" }, "waypoint": w.waypoint,
                     "waypointEnforced": w.enforce_waypoint && w.waypoint.as_ref().is_some_and(|b| b.status.steers()),
                 })

@@ -303,7 +303,7 @@ mod tests {
         let w = Workload {
             key: "default/client-abc".into(),
             identity: mesh::identity::SpiffeId::new("cluster.local", "default", "client"),
-            labels: BTreeMap::from([("app".into(), "client".into()), ("version".into(), "v1".into())]),
+            labels: BTreeMap::from([("app".into(), "client".into()), ("version".into(), "v1".into())]).into(),
             hbone: true,
             waypoint: None,
             enforce_waypoint: true,

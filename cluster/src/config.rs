@@ -5,6 +5,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -187,14 +188,34 @@ pub struct PodSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
     pub ips: Vec<IpAddr>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    /// Shared: the Kubernetes model's records, this spec and the data
+    /// plane's workload hold one copy per distinct set of labels.
+    #[serde(default, with = "shared_labels")]
+    pub labels: Labels,
     /// Unhealthy pods are no service endpoint (default: healthy).
     #[serde(default = "default_true")]
     pub healthy: bool,
     /// How peers reach it: HBONE (in the mesh, default) or NONE (plain TCP).
     #[serde(default)]
     pub tunnel: TunnelProtocol,
+}
+
+/// A label map, shared between the copies of a pod.
+pub type Labels = Arc<BTreeMap<String, String>>;
+
+/// (De)serializes [`Labels`] as a plain map (serde's own `Arc` support is a
+/// feature every crate of the workspace would recompile for).
+mod shared_labels {
+    use super::{BTreeMap, Labels};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(labels: &Labels, s: S) -> Result<S::Ok, S::Error> {
+        labels.as_ref().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
+        BTreeMap::deserialize(d).map(Labels::new)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -604,7 +625,7 @@ pods:
         };
         assert!(pod.same_workload(&elsewhere) && elsewhere.same_workload(pod));
         let mut relabelled = pod.clone();
-        relabelled.labels.insert("version".into(), "v2".into());
+        Arc::make_mut(&mut relabelled.labels).insert("version".into(), "v2".into());
         let renumbered = PodSpec {
             ips: vec!["10.1.1.99".parse().unwrap()],
             ..pod.clone()

@@ -24,7 +24,7 @@ use crate::{
 pub struct Workload {
     pub key: String,
     pub identity: SpiffeId,
-    pub labels: BTreeMap<String, String>,
+    pub labels: crate::config::Labels,
     /// Reached over HBONE (else plain TCP).
     pub hbone: bool,
     /// Its binding as a workload (pod-addressed traffic), if any.

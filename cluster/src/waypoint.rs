@@ -554,8 +554,8 @@ services:
     fn own_labels_win_and_none_opts_out() {
         let text = "namespaces:\n  - {name: apps, labels: {istio.io/use-waypoint: wp}}\nwaypoints:\n  - {name: wp, namespace: apps, for: all, forServiceAccount: api}\n  - {name: other, namespace: apps, for: all}\n";
         let mut cfg = model(text);
-        cfg.pods[0].labels.insert(USE_WAYPOINT.into(), "other".into());
-        cfg.pods[1].labels.insert(USE_WAYPOINT.into(), "none".into());
+        std::sync::Arc::make_mut(&mut cfg.pods[0].labels).insert(USE_WAYPOINT.into(), "other".into());
+        std::sync::Arc::make_mut(&mut cfg.pods[1].labels).insert(USE_WAYPOINT.into(), "none".into());
         cfg.services[0].labels.insert(USE_WAYPOINT.into(), "none".into());
         cfg.services[1].labels.insert(USE_WAYPOINT.into(), "other".into());
         let b = Bindings::compute(&cfg, "td");
@@ -579,7 +579,7 @@ services:
     #[test]
     fn pod_label_beats_per_service_account_and_wrong_for_is_reported() {
         let mut cfg = model("waypoints:\n  - {name: wp, namespace: apps, forServiceAccount: web}\n  - {name: svc-only, namespace: apps}\n");
-        cfg.pods[0].labels.insert(USE_WAYPOINT.into(), "svc-only".into());
+        std::sync::Arc::make_mut(&mut cfg.pods[0].labels).insert(USE_WAYPOINT.into(), "svc-only".into());
         cfg.services[0].labels.insert(USE_WAYPOINT.into(), "svc-only".into());
         let b = Bindings::compute(&cfg, "td");
         assert_eq!(
@@ -607,8 +607,8 @@ services:
     #[test]
     fn a_missing_waypoint_binds_and_says_so() {
         let mut cfg = model("namespaces:\n  - {name: apps, labels: {istio.io/use-waypoint: typo}}\n");
-        cfg.pods[0].labels.insert(USE_WAYPOINT.into(), "gone".into());
-        cfg.pods[0].labels.insert(USE_WAYPOINT_NAMESPACE.into(), "infra".into());
+        std::sync::Arc::make_mut(&mut cfg.pods[0].labels).insert(USE_WAYPOINT.into(), "gone".into());
+        std::sync::Arc::make_mut(&mut cfg.pods[0].labels).insert(USE_WAYPOINT_NAMESPACE.into(), "infra".into());
         let b = Bindings::compute(&cfg, "td");
         assert_eq!(
             of(&b, Wl, "apps/web-1"),
@@ -744,7 +744,7 @@ services:
     fn a_workload_bound_as_a_workload_accepts_only_its_waypoint() {
         let s = State::default();
         let mut cfg = model("waypoints:\n  - {name: wp, namespace: apps, forServiceAccount: web}\n");
-        cfg.pods[1].labels.insert(ENFORCEMENT_LABEL.into(), "off".into());
+        std::sync::Arc::make_mut(&mut cfg.pods[1].labels).insert(ENFORCEMENT_LABEL.into(), "off".into());
         s.update(&cfg, "td");
         let snap = s.snapshot();
         let id = |sa: &str| SpiffeId::new("td", "apps", sa);

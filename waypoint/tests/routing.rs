@@ -27,7 +27,7 @@ fn routing_cluster(c: &mut LocalConfig) {
             "web-b" => "b",
             _ => continue,
         };
-        p.labels.insert("track".into(), track.into());
+        std::sync::Arc::make_mut(&mut p.labels).insert("track".into(), track.into());
     }
     for (name, vip, track) in [("web-a", WEB_A_VIP, "a"), ("web-b", WEB_B_VIP, "b")] {
         c.services.push(ServiceSpec {
@@ -616,8 +616,9 @@ fn mirrors_arrive_and_a_hanging_mirror_never_slows_the_primary() {
         let mut w = World::with("mirror", LimitArgs::default(), |c| {
             routing_cluster(c);
             let mut hang = pod_spec("hang", "127.0.0.5", "hang", "hang");
-            hang.labels.clear();
-            hang.labels.insert("app".into(), "hang".into());
+            let labels = std::sync::Arc::make_mut(&mut hang.labels);
+            labels.clear();
+            labels.insert("app".into(), "hang".into());
             c.pods.push(hang);
             c.services.push(ServiceSpec {
                 name: "hang".into(),

@@ -651,7 +651,7 @@ fn pod_spec(
         } else {
             TunnelProtocol::None
         },
-        labels: (*pod.labels).clone(),
+        labels: pod.labels.clone(),
         name: name.to_string(),
         namespace: namespace.to_string(),
     })

@@ -3,11 +3,7 @@
 //! label maps) shared through [`Interner`]. A projected `k8s_openapi::Pod`
 //! occupied 2.2 KB inline before its strings; a [`PodRecord`] is about 100
 //! bytes plus its IPs, its labels shared with the pods of the same app.
-use std::{
-    collections::{BTreeMap, HashSet},
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::HashSet, net::IpAddr, sync::Arc};
 
 use ::kube::Resource;
 use k8s_openapi::{
@@ -27,7 +23,7 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub(crate) const BINDING_LABELS: [&str; 3] = [USE_WAYPOINT, USE_WAYPOINT_NAMESPACE, GATEWAY_NAME_LABEL];
 
 pub type Str = Arc<str>;
-pub type Labels = Arc<BTreeMap<String, String>>;
+pub use crate::config::Labels;
 
 /// Namespace and name (namespace "" for cluster-scoped objects).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

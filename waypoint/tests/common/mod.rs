@@ -156,7 +156,7 @@ pub fn pod_spec(name: &str, ip: &str, sa: &str, app: &str) -> PodSpec {
         netns: None,
         cgroup: None,
         ips: vec![ip.parse().unwrap()],
-        labels: BTreeMap::from([("app".to_string(), app.to_string()), ("version".into(), "v1".into())]),
+        labels: BTreeMap::from([("app".to_string(), app.to_string()), ("version".into(), "v1".into())]).into(),
         healthy: true,
         tunnel: Default::default(),
     }
