@@ -322,11 +322,7 @@ impl NodeState {
                 return None;
             }
         }
-        let known = self
-            .current
-            .pod(&spec.namespace, &spec.name)
-            .is_some_and(|p| p.same_workload(&spec));
-        self.current.upsert_pod(spec);
+        let known = self.current.upsert_pod(spec);
         self.state_behind |= !known;
         self.publish_enrolled();
         Some(!known)

@@ -127,10 +127,7 @@ impl InPod {
         let mut new: Vec<&PodSpec> = Vec::new();
         let mut still_failing = HashSet::new();
         for spec in cfg.pods_on(&self.node) {
-            key.clear();
-            key.push_str(&spec.namespace);
-            key.push('/');
-            key.push_str(&spec.name);
+            spec.key_into(&mut key);
             match self.pods.get_mut(key.as_str()) {
                 Some(e) if same_capture(spec, &e.spec) => {
                     e.seen = self.pass;
@@ -139,9 +136,9 @@ impl InPod {
                         e.spec = spec.clone();
                     }
                 }
-                // Unseen: unenrolled below, enrolled again as new.
-                Some(_) => new.push(spec),
-                None => new.push(spec),
+                // New, or captured differently: an enrolled one stays
+                // unseen, so it is unenrolled below and enrolled again.
+                _ => new.push(spec),
             }
             if self.failures.contains_key(key.as_str()) {
                 still_failing.insert(key.clone());

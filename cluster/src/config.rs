@@ -237,7 +237,18 @@ fn default_service_account() -> String {
 impl PodSpec {
     /// `namespace/name`, the pod's key everywhere in the agent.
     pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        let mut key = String::new();
+        self.key_into(&mut key);
+        key
+    }
+
+    /// [`Self::key`] into `buf` (cleared first), for loops that key every
+    /// pod and need no key to keep.
+    pub fn key_into(&self, buf: &mut String) {
+        buf.clear();
+        buf.push_str(&self.namespace);
+        buf.push('/');
+        buf.push_str(&self.name);
     }
 
     /// The pod's workload identity: one per service account.
@@ -512,20 +523,23 @@ impl LocalConfig {
     }
 
     /// Puts `pod` in place of the pod of the same namespace and name, or
-    /// last when there is none.
-    /// The pod `namespace/name`, if listed.
-    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodSpec> {
-        self.pods.iter().find(|p| p.namespace == namespace && p.name == name)
-    }
-
-    pub fn upsert_pod(&mut self, pod: PodSpec) {
+    /// last when there is none. `true`: the pod it replaced was the same
+    /// workload ([`PodSpec::same_workload`]), only its location is new.
+    pub fn upsert_pod(&mut self, pod: PodSpec) -> bool {
         match self
             .pods
             .iter_mut()
             .find(|p| p.namespace == pod.namespace && p.name == pod.name)
         {
-            Some(p) => *p = pod,
-            None => self.pods.push(pod),
+            Some(p) => {
+                let same = p.same_workload(&pod);
+                *p = pod;
+                same
+            }
+            None => {
+                self.pods.push(pod);
+                false
+            }
         }
     }
 
@@ -600,18 +614,22 @@ pods:
         let mut cfg = parse(GOOD).unwrap();
         let mut moved = cfg.pods[0].clone();
         moved.netns = Some("/run/netns/client2".into());
-        cfg.upsert_pod(moved.clone());
+        assert!(cfg.upsert_pod(moved.clone()), "only its location changed");
         assert_eq!(cfg.pods, [moved.clone()]);
         let other = PodSpec {
             name: "server".into(),
             ..moved.clone()
         };
-        cfg.upsert_pod(other.clone());
-        assert_eq!(cfg.pods, [moved, other]);
+        assert!(!cfg.upsert_pod(other.clone()), "a new pod");
+        assert_eq!(cfg.pods, [moved.clone(), other]);
+        let renumbered = PodSpec {
+            ips: vec!["10.1.1.99".parse().unwrap()],
+            ..moved
+        };
+        assert!(!cfg.upsert_pod(renumbered.clone()), "another workload");
+        assert_eq!(cfg.pods[0], renumbered);
         assert!(cfg.pods.iter().all(|p| cfg.captures("node1", p)));
         assert!(!cfg.captures("node2", &cfg.pods[0]));
-        assert_eq!(cfg.pod("default", "server"), Some(&cfg.pods[1]));
-        assert_eq!(cfg.pod("other", "server"), None);
     }
 
     #[test]

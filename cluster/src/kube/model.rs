@@ -277,7 +277,7 @@ impl Model {
             if old.is_some_and(|o| now != Some(&o.uid)) {
                 self.pods_gone += 1;
             }
-            if self.pods.get(&key).is_some() {
+            if now.is_some() {
                 self.pods_by_ns
                     .entry(key.namespace.clone())
                     .or_default()
@@ -371,7 +371,6 @@ impl Model {
         }
     }
 
-    /// A pod by namespace and name.
     /// Counts pods that left (deleted, or replaced by one with another
     /// UID): what holds per-pod state by UID needs pruning only when it
     /// moved (pruning walks every pod).
@@ -379,6 +378,7 @@ impl Model {
         self.pods_gone
     }
 
+    /// A pod by namespace and name.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodRecord> {
         self.pods.get(&Key::new(namespace, name)).map(|r| &r.record)
     }
