@@ -15,6 +15,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     mesh::alloc::no_huge_pages();
+    mesh::alloc::purge_at_once();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.cmd {
