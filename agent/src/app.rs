@@ -172,6 +172,8 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
         enrolled,
         trust_domain: cfg.trust_domain.clone(),
         current: LocalConfig::default(),
+        digest_keys: std::hash::RandomState::new(),
+        applied: None,
         state_behind: false,
         settled: false,
         freed: false,
@@ -237,9 +239,15 @@ struct NodeState {
     secrets: Option<SecretManager>,
     enrolled: Arc<RwLock<Vec<String>>>,
     trust_domain: String,
-    /// The model the data plane follows (with pods a CNI ADD enrolled
-    /// ahead of it, see [`Self::enroll_now`]).
+    /// The model the data plane follows, but for the pods of other nodes
+    /// (with pods a CNI ADD enrolled ahead of it, see [`Self::enroll_now`]).
+    /// Only `State` reads those, and it keeps what it needs: a second copy
+    /// of every pod of the cluster was a fifth of the agent's memory.
     current: LocalConfig,
+    /// Keys of [`LocalConfig::workload_digest`].
+    digest_keys: std::hash::RandomState,
+    /// The digest of the last model `state` was built from.
+    applied: Option<u64>,
     /// `state` lags `current`: a CNI ADD patched `current` only.
     state_behind: bool,
     /// The capture matches `current` (every pod enrolled, nothing to
@@ -252,17 +260,24 @@ struct NodeState {
 
 impl NodeState {
     /// Makes the data plane match `model`.
-    fn apply(&mut self, model: LocalConfig) {
-        if std::mem::take(&mut self.state_behind) || model != self.current {
+    fn apply(&mut self, mut model: LocalConfig) {
+        let digest = model.workload_digest(&self.digest_keys);
+        let rebuild = std::mem::take(&mut self.state_behind) || self.applied != Some(digest);
+        if rebuild {
             let before = self.state.snapshot();
             self.state.update(&model, &self.trust_domain);
             let after = self.state.snapshot();
             log_binding_changes(&before.bindings, &after.bindings);
             self.binding_metric.set(&after.bindings);
-            self.current = model;
+            self.applied = Some(digest);
             // Policies, labels or identities may have changed what is allowed.
             self.inpod.recheck_open_connections();
             self.freed = true;
+        }
+        let node = self.inpod.node();
+        model.pods.retain(|p| p.node == node);
+        if rebuild || model != self.current {
+            self.current = model;
             self.settled = false;
         }
         self.retry();

@@ -89,6 +89,11 @@ impl InPod {
         self.failures.get(key).map(String::as_str)
     }
 
+    /// The node this agent captures pods of.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     pub fn enrolled(&self) -> impl Iterator<Item = &str> {
         self.pods.keys().map(String::as_str)
     }

@@ -55,7 +55,7 @@ pub struct LocalConfig {
 }
 
 /// A namespace's labels.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Hash)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NamespaceSpec {
     pub name: String,
@@ -64,7 +64,7 @@ pub struct NamespaceSpec {
 }
 
 /// A waypoint: an L7 proxy the agents steer bound traffic through.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Hash)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WaypointSpec {
     pub name: String,
@@ -91,7 +91,7 @@ impl WaypointSpec {
 }
 
 /// A service (Kubernetes Service + its endpoints).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Hash)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceSpec {
     pub name: String,
@@ -127,7 +127,7 @@ impl ServiceSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Hash)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServicePort {
     pub port: u16,
@@ -142,7 +142,7 @@ pub struct ServicePort {
     pub app_protocol: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, Hash)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum LoadBalancing {
     #[default]
@@ -152,7 +152,7 @@ pub enum LoadBalancing {
 }
 
 /// Node-wide capture settings.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, Hash)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CaptureSettings {
     /// Destination ports an enrolled pod reaches directly (never redirected).
@@ -218,7 +218,7 @@ mod shared_labels {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, Hash)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum TunnelProtocol {
     #[default]
@@ -259,6 +259,24 @@ impl PodSpec {
     /// Equal but for where the pod lives (netns, cgroup): the same workload
     /// to [`crate::state::State`], which never reads those.
     pub fn same_workload(&self, other: &PodSpec) -> bool {
+        self.workload() == other.workload()
+    }
+
+    /// What [`crate::state::State`] reads of a pod: all but where it lives.
+    #[allow(clippy::type_complexity)]
+    fn workload(
+        &self,
+    ) -> (
+        &Option<String>,
+        &String,
+        &String,
+        &String,
+        &String,
+        &Vec<IpAddr>,
+        &Labels,
+        bool,
+        TunnelProtocol,
+    ) {
         // Destructured: a new field must be placed on one side or the other.
         let PodSpec {
             uid,
@@ -281,23 +299,47 @@ impl PodSpec {
             node,
             ips,
             labels,
-            healthy,
-            tunnel,
-        ) == (
-            &other.uid,
-            &other.name,
-            &other.namespace,
-            &other.service_account,
-            &other.node,
-            &other.ips,
-            &other.labels,
-            &other.healthy,
-            &other.tunnel,
+            *healthy,
+            *tunnel,
         )
     }
 }
 
 impl LocalConfig {
+    /// A keyed digest of what [`crate::state::State`] reads: all but where
+    /// pods live (see [`PodSpec::same_workload`]). Equal digests under one
+    /// process's random keys stand for equal models, so a caller can keep
+    /// the digest of a model it applied instead of the model (a copy of
+    /// every pod of the cluster). The keys are secret: whoever writes pod
+    /// labels cannot craft a change that keeps the digest.
+    pub fn workload_digest(&self, keys: &std::hash::RandomState) -> u64 {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let LocalConfig {
+            capture,
+            pods,
+            authorization_policies,
+            peer_authentications,
+            services,
+            namespaces,
+            waypoints,
+        } = self;
+        let mut h = keys.build_hasher();
+        (
+            capture,
+            authorization_policies,
+            peer_authentications,
+            services,
+            namespaces,
+            waypoints,
+        )
+            .hash(&mut h);
+        pods.len().hash(&mut h);
+        for p in pods {
+            p.workload().hash(&mut h);
+        }
+        h.finish()
+    }
+
     /// Reads, parses and validates the file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -658,6 +700,60 @@ pods:
         };
         for changed in [relabelled, renumbered, other_account, unready] {
             assert!(!pod.same_workload(&changed), "{changed:?}");
+        }
+    }
+
+    #[test]
+    fn workload_digest_changes_with_what_state_reads_only() {
+        let keys = std::hash::RandomState::new();
+        let cfg = parse(GOOD).unwrap();
+        let digest = |c: &LocalConfig| c.workload_digest(&keys);
+        let mut moved = cfg.clone();
+        moved.pods[0].netns = Some("/run/netns/elsewhere".into());
+        moved.pods[0].cgroup = None;
+        assert_eq!(digest(&cfg), digest(&moved), "where a pod lives is not State's");
+        let mut changes: Vec<LocalConfig> = Vec::new();
+        let mut c = cfg.clone();
+        Arc::make_mut(&mut c.pods[0].labels).insert("version".into(), "v2".into());
+        changes.push(c);
+        let mut c = cfg.clone();
+        c.pods[0].healthy = false;
+        changes.push(c);
+        let mut c = cfg.clone();
+        c.pods.push(PodSpec {
+            name: "server".into(),
+            ips: vec!["10.1.1.12".parse().unwrap()],
+            ..cfg.pods[0].clone()
+        });
+        changes.push(c);
+        let mut c = cfg.clone();
+        c.capture.exclude_ports.push(23);
+        changes.push(c);
+        let with_policy = parse(&format!(
+            "{GOOD}authorizationPolicies:\n  - {{name: p, namespace: default, action: DENY}}\n"
+        ))
+        .unwrap();
+        changes.push(with_policy.clone());
+        let mut c = with_policy.clone();
+        c.authorization_policies[0].action = crate::rbac::Action::Allow;
+        changes.push(c);
+        let with_service = parse(&format!(
+            "{GOOD}services:\n  - {{name: web, namespace: default, vips: [10.96.0.1], ports: [{{port: 80, targetPort: 8080}}], selector: {{app: client}}}}\n"
+        ))
+        .unwrap();
+        changes.push(with_service.clone());
+        let mut c = with_service.clone();
+        c.services[0].ports[0].target_port = 8081;
+        changes.push(c);
+        let mut c = cfg.clone();
+        c.namespaces.push(NamespaceSpec {
+            name: "default".into(),
+            labels: BTreeMap::from([("istio.io/use-waypoint".into(), "wp".into())]),
+        });
+        changes.push(c);
+        let mut seen = HashSet::from([digest(&cfg)]);
+        for (i, c) in changes.iter().enumerate() {
+            assert!(seen.insert(digest(c)), "change {i} kept a digest: {c:?}");
         }
     }
 

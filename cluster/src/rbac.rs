@@ -20,14 +20,14 @@ use crate::cidr::Cidr;
 /// Policies in this namespace without a selector apply to the whole mesh.
 pub const ROOT_NAMESPACE: &str = "istio-system";
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Hash)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
     Allow,
     Deny,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Hash)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthorizationPolicy {
     pub name: String,
@@ -40,7 +40,7 @@ pub struct AuthorizationPolicy {
     pub rules: Vec<Rule>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     #[serde(default)]
@@ -49,13 +49,13 @@ pub struct Rule {
     pub to: Vec<To>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct From {
     pub source: Source,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct To {
     pub operation: Operation,
@@ -63,7 +63,7 @@ pub struct To {
 
 /// Who is connecting. Principals are SPIFFE IDs without `spiffe://`
 /// (`cluster.local/ns/default/sa/client`); `*`, `prefix*` and `*suffix` work.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, Hash)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Source {
     #[serde(default)]
@@ -81,7 +81,7 @@ pub struct Source {
 }
 
 /// Where it connects to (ports as strings, as Istio writes them).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, Hash)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Operation {
     #[serde(default)]
@@ -91,7 +91,7 @@ pub struct Operation {
 }
 
 /// A port written as a string or a number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Hash)]
 pub struct Port(pub u16);
 
 impl<'de> Deserialize<'de> for Port {
@@ -112,14 +112,14 @@ impl<'de> Deserialize<'de> for Port {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Hash)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum MtlsMode {
     Strict,
     Permissive,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Hash)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PeerAuthentication {
     pub name: String,
