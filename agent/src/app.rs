@@ -239,10 +239,8 @@ struct NodeState {
     secrets: Option<SecretManager>,
     enrolled: Arc<RwLock<Vec<String>>>,
     trust_domain: String,
-    /// The model the data plane follows, but for the pods of other nodes
-    /// (with pods a CNI ADD enrolled ahead of it, see [`Self::enroll_now`]).
-    /// Only `State` reads those, and it keeps what it needs: a second copy
-    /// of every pod of the cluster was a fifth of the agent's memory.
+    /// What the capture follows of the model: [`node_part`] (with pods a
+    /// CNI ADD enrolled ahead of it, see [`Self::enroll_now`]).
     current: LocalConfig,
     /// Keys of [`LocalConfig::workload_digest`].
     digest_keys: std::hash::RandomState,
@@ -260,7 +258,7 @@ struct NodeState {
 
 impl NodeState {
     /// Makes the data plane match `model`.
-    fn apply(&mut self, mut model: LocalConfig) {
+    fn apply(&mut self, model: LocalConfig) {
         let digest = model.workload_digest(&self.digest_keys);
         let rebuild = std::mem::take(&mut self.state_behind) || self.applied != Some(digest);
         if rebuild {
@@ -274,8 +272,7 @@ impl NodeState {
             self.inpod.recheck_open_connections();
             self.freed = true;
         }
-        let node = self.inpod.node();
-        model.pods.retain(|p| p.node == node);
+        let model = node_part(model, self.inpod.node());
         if rebuild || model != self.current {
             self.current = model;
             self.settled = false;
@@ -350,6 +347,21 @@ impl NodeState {
             s.set_wanted(&self.inpod.identities());
         }
         *self.enrolled.write().unwrap_or_else(|e| e.into_inner()) = self.inpod.enrolled().map(str::to_string).collect();
+    }
+}
+
+/// What of `model` the capture (`InPod`) and the CNI ADD path read: the
+/// capture settings, the waypoints and the pods of `node`. The rest only
+/// `State` reads, and it keeps what it needs: a second copy of every pod
+/// of the cluster was a fifth of the agent's memory.
+fn node_part(mut model: LocalConfig, node: &str) -> LocalConfig {
+    model.pods.retain(|p| p.node == node);
+    LocalConfig {
+        services: Vec::new(),
+        authorization_policies: Vec::new(),
+        peer_authentications: Vec::new(),
+        namespaces: Vec::new(),
+        ..model
     }
 }
 
