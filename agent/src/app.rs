@@ -769,3 +769,51 @@ fn config_dump(
         })
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MODEL: &str = r#"
+capture:
+  excludePorts: [22]
+pods:
+  - {name: client, namespace: default, node: node1, netns: /run/netns/c, cgroup: /sys/fs/cgroup/c, ips: [10.1.1.11], labels: {app: client}}
+  - name: wp
+    namespace: default
+    node: node1
+    netns: /run/netns/wp
+    cgroup: /sys/fs/cgroup/wp
+    ips: [10.1.1.12]
+    labels: {gateway.networking.k8s.io/gateway-name: wp}
+  - {name: server, namespace: default, node: node2, ips: [10.1.2.11], labels: {app: server}}
+services:
+  - {name: web, namespace: default, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: server}}
+authorizationPolicies:
+  - {name: deny, namespace: default, action: DENY}
+waypoints:
+  - {name: wp, namespace: default}
+"#;
+
+    /// `InPod` and the CNI ADD path must decide alike from the node's part
+    /// as from the whole model: a waypoint's pod is never captured.
+    #[test]
+    fn node_part_keeps_what_the_capture_reads() {
+        let model = LocalConfig::parse(std::path::Path::new("model.yaml"), MODEL).unwrap();
+        let part = node_part(model.clone(), "node1");
+        let keys = |c: &LocalConfig| c.pods_on("node1").map(PodSpec::key).collect::<Vec<_>>();
+        assert_eq!(keys(&part), ["default/client"]);
+        assert_eq!(keys(&part), keys(&model));
+        for pod in &model.pods {
+            assert_eq!(
+                part.captures("node1", pod),
+                model.captures("node1", pod),
+                "{}",
+                pod.key()
+            );
+        }
+        assert_eq!(part.capture, model.capture);
+        assert_eq!(part.pods.len(), 2, "only node1's pods: {:?}", part.pods);
+        assert!(part.services.is_empty() && part.authorization_policies.is_empty());
+    }
+}
