@@ -174,7 +174,6 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
         current: LocalConfig::default(),
         digest_keys: std::hash::RandomState::new(),
         applied: None,
-        state_behind: false,
         settled: false,
         freed: false,
     };
@@ -244,10 +243,9 @@ struct NodeState {
     current: LocalConfig,
     /// Keys of [`LocalConfig::workload_digest`].
     digest_keys: std::hash::RandomState,
-    /// The digest of the last model `state` was built from.
+    /// The digest of the last model `state` was built from; `None` when
+    /// `state` lags `current` (a CNI ADD patched `current` only).
     applied: Option<u64>,
-    /// `state` lags `current`: a CNI ADD patched `current` only.
-    state_behind: bool,
     /// The capture matches `current` (every pod enrolled, nothing to
     /// sweep): a retry has nothing to do. A diff of every pod of the node,
     /// done on each reload tick, held up the CNI ADDs behind it.
@@ -260,7 +258,7 @@ impl NodeState {
     /// Makes the data plane match `model`.
     fn apply(&mut self, model: LocalConfig) {
         let digest = model.workload_digest(&self.digest_keys);
-        let rebuild = std::mem::take(&mut self.state_behind) || self.applied != Some(digest);
+        let rebuild = self.applied != Some(digest);
         if rebuild {
             let before = self.state.snapshot();
             self.state.update(&model, &self.trust_domain);
@@ -335,7 +333,9 @@ impl NodeState {
             }
         }
         let known = self.current.upsert_pod(spec);
-        self.state_behind |= !known;
+        if !known {
+            self.applied = None;
+        }
         self.publish_enrolled();
         Some(!known)
     }
