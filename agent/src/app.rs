@@ -319,7 +319,7 @@ impl NodeState {
             let snap = self.state.snapshot();
             spec.ips
                 .iter()
-                .any(|ip| snap.workloads.get(&ip.to_canonical()).is_some_and(|w| w.key != key))
+                .any(|ip| snap.workloads.get(&ip.to_canonical()).is_some_and(|w| *w.key != *key))
         };
         if taken || !self.current.captures(node, &spec) {
             return None;
@@ -661,7 +661,8 @@ impl KubeSource {
         // when one left since the last time).
         if model.pods_gone() != self.pods_gone {
             self.pods_gone = model.pods_gone();
-            let uids: HashSet<&str> = model.pods().map(|p| &*p.uid).filter(|u| !u.is_empty()).collect();
+            let uids: HashSet<&cluster::kube::records::Uid> =
+                model.pods().map(|p| &p.uid).filter(|u| !u.is_empty()).collect();
             self.locator.retain(&uids);
         }
         drop(model);
@@ -744,8 +745,8 @@ fn config_dump(
             .iter()
             .map(|(ip, w)| {
                 serde_json::json!({
-                    "ip": ip, "pod": w.key, "identity": w.identity.to_string(), "labels": *w.labels,
-                    "tunnel": if w.hbone { "HBONE" } else { "NONE" }, "waypoint": w.waypoint,
+                    "ip": ip, "pod": &*w.key, "identity": w.identity.to_string(), "labels": *w.labels,
+                    "tunnel": if w.hbone { "HBONE" } else { "NONE" }, "waypoint": w.waypoint.as_deref(),
                     "waypointEnforced": w.enforce_waypoint && w.waypoint.as_ref().is_some_and(|b| b.status.steers()),
                 })
             })
@@ -758,7 +759,7 @@ fn config_dump(
             "workloads": workloads,
             "services": snap.services.iter().map(|s| serde_json::json!({
                 "hostname": s.spec.hostname(), "vips": s.spec.vips, "ports": s.spec.ports,
-                "endpoints": s.endpoints, "loadBalancing": s.spec.load_balancing, "waypoint": s.waypoint,
+                "endpoints": &*s.endpoints, "loadBalancing": s.spec.load_balancing, "waypoint": s.waypoint,
             })).collect::<Vec<_>>(),
             "waypoints": snap.bindings.waypoints.values().collect::<Vec<_>>(),
             "bindings": snap.bindings.all().collect::<Vec<_>>(),

@@ -55,7 +55,7 @@ fn name_ns_app_version(w: Option<&Workload>) -> (String, String, String, String)
         None => (UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into()),
         Some(w) => {
             // Istio's canonical name: the `app` label, else the workload name.
-            let name = w.key.split_once('/').map_or(w.key.as_str(), |(_, n)| n);
+            let name = w.key.split_once('/').map_or(&*w.key, |(_, n)| n);
             let app = w.labels.get("app").cloned().unwrap_or_else(|| name.to_string());
             let version = w.labels.get("version").cloned().unwrap_or_else(|| UNKNOWN.into());
             (app.clone(), w.identity.namespace.clone(), app, version)
@@ -302,7 +302,7 @@ mod tests {
         let m = TcpMetrics::register(&mut reg);
         let w = Workload {
             key: "default/client-abc".into(),
-            identity: mesh::identity::SpiffeId::new("cluster.local", "default", "client"),
+            identity: mesh::identity::SpiffeId::new("cluster.local", "default", "client").into(),
             labels: BTreeMap::from([("app".into(), "client".into()), ("version".into(), "v1".into())]).into(),
             hbone: true,
             waypoint: None,

@@ -101,9 +101,10 @@ pub struct ServiceSpec {
     pub hostname: Option<String>,
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
-    /// Pods of the namespace with these labels back the service.
-    #[serde(default)]
-    pub selector: BTreeMap<String, String>,
+    /// Pods of the namespace with these labels back the service. Shared
+    /// with the Kubernetes model's record.
+    #[serde(default, with = "shared_labels")]
+    pub selector: Labels,
     /// Explicit endpoint addresses (as EndpointSlices give them); when set,
     /// they back the service instead of the selector.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -4,6 +4,7 @@
 //! cheap snapshot.
 use std::{
     collections::{BTreeMap, HashMap},
+    fmt::Write,
     net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -19,16 +20,20 @@ use crate::{
     waypoint::{Binding, BindingStatus, Bindings, WaypointKey, ENFORCEMENT_LABEL},
 };
 
-/// A mesh workload as the data path needs it.
+/// A mesh workload as the data path needs it: one per IP of every mesh pod
+/// of the cluster, cloned per connection, so its fields are shared (48
+/// bytes; a map of the owned strings took 390 bytes per pod).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
-    pub key: String,
-    pub identity: SpiffeId,
+    /// `namespace/name`.
+    pub key: Arc<str>,
+    /// Shared by the pods of one service account.
+    pub identity: Arc<SpiffeId>,
     pub labels: crate::config::Labels,
     /// Reached over HBONE (else plain TCP).
     pub hbone: bool,
     /// Its binding as a workload (pod-addressed traffic), if any.
-    pub waypoint: Option<Binding>,
+    pub waypoint: Option<Arc<Binding>>,
     /// Bound as a workload: accepts only its waypoint's identity (unless
     /// the pod opts out with `ambient-mesh.io/waypoint-enforcement: off`).
     pub enforce_waypoint: bool,
@@ -36,9 +41,11 @@ pub struct Workload {
 
 /// A service and the pods that back it.
 pub struct Service {
-    pub spec: ServiceSpec,
+    /// Without its endpoints and selector: they are read once, into
+    /// [`Self::endpoints`] (a second copy per Service otherwise).
+    pub spec: Arc<ServiceSpec>,
     /// Healthy endpoints' addresses (each pod once per family).
-    pub endpoints: Vec<IpAddr>,
+    pub endpoints: Arc<[IpAddr]>,
     /// Its binding (VIP traffic), if any.
     pub waypoint: Option<Binding>,
     next: AtomicUsize,
@@ -112,7 +119,7 @@ impl Snapshot {
         let ip = dst.ip().to_canonical();
         let binding = match self.vips.get(&ip) {
             Some(i) => self.services[*i].waypoint.as_ref(),
-            None => self.workloads.get(&ip).and_then(|w| w.waypoint.as_ref()),
+            None => self.workloads.get(&ip).and_then(|w| w.waypoint.as_deref()),
         }
         .filter(|b| b.status.steers())?;
         let unavailable = |status| Unavailable {
@@ -147,7 +154,7 @@ impl Snapshot {
 
     /// The Service whose VIP `ip` is.
     pub fn service_at(&self, ip: IpAddr) -> Option<&ServiceSpec> {
-        self.vips.get(&ip.to_canonical()).map(|i| &self.services[*i].spec)
+        self.vips.get(&ip.to_canonical()).map(|i| &*self.services[*i].spec)
     }
 
     /// Whether the workload at `dst_ip` accepts a connection from `peer`
@@ -165,7 +172,7 @@ impl Snapshot {
             return Ok(());
         }
         Err(Bypass {
-            target: w.key.clone(),
+            target: w.key.to_string(),
             waypoint: b.waypoint.clone(),
             expected: expected.map_or_else(|| "unknown".into(), ToString::to_string),
             peer: peer.map_or_else(|| "plaintext".into(), ToString::to_string),
@@ -188,6 +195,26 @@ impl Snapshot {
         }
         rbac::authorize(&self.policies, &target, conn)
     }
+}
+
+/// Whether `kept` (a snapshot's copy: no endpoints, no selector) is `spec`
+/// apart from those two.
+fn same_service(kept: &ServiceSpec, spec: &ServiceSpec) -> bool {
+    // Every field named: a new one must be decided on here.
+    let ServiceSpec {
+        name,
+        namespace,
+        hostname,
+        vips,
+        ports,
+        selector: _,
+        endpoints: _,
+        load_balancing,
+        subject_alt_names,
+        labels,
+    } = spec;
+    (&kept.name, &kept.namespace, &kept.hostname, &kept.vips, &kept.ports) == (name, namespace, hostname, vips, ports)
+        && (&kept.load_balancing, &kept.subject_alt_names, &kept.labels) == (load_balancing, subject_alt_names, labels)
 }
 
 /// Active connections per endpoint (for least-connections).
@@ -347,15 +374,38 @@ impl State {
     /// Every pod in the configuration is in the mesh (HBONE), on any node.
     pub fn update(&self, cfg: &LocalConfig, trust_domain: &str) {
         let bindings = Bindings::compute(cfg, trust_domain);
+        // What did not change is shared with the previous snapshot: a
+        // translation (one per batch of changes) allocates nothing per pod
+        // that stayed as it was, so it neither churns nor scatters the heap.
+        let old = self.snapshot();
+        let mut identities: HashMap<(&str, &str), Arc<SpiffeId>> = HashMap::new();
+        let mut key = String::new();
         let workloads: HashMap<IpAddr, Workload> = cfg
             .pods
             .iter()
             .flat_map(|p| {
-                let key = p.key();
+                key.clear();
+                let _ = write!(key, "{}/{}", p.namespace, p.name);
+                let was = p.ips.first().and_then(|ip| old.workloads.get(ip));
+                let identity = identities
+                    .entry((&p.namespace, &p.service_account))
+                    .or_insert_with(|| match was.map(|w| &w.identity) {
+                        Some(id)
+                            if (&*id.trust_domain, &*id.namespace, &*id.service_account)
+                                == (trust_domain, &*p.namespace, &*p.service_account) =>
+                        {
+                            id.clone()
+                        }
+                        _ => Arc::new(p.identity(trust_domain)),
+                    })
+                    .clone();
                 let w = Workload {
-                    waypoint: bindings.workloads.get(&key).cloned(),
-                    key,
-                    identity: p.identity(trust_domain),
+                    waypoint: bindings.workloads.get(&key).cloned().map(Arc::new),
+                    key: match was {
+                        Some(w) if *w.key == key => w.key.clone(),
+                        _ => key.as_str().into(),
+                    },
+                    identity,
                     labels: p.labels.clone(),
                     hbone: p.tunnel == crate::config::TunnelProtocol::Hbone,
                     enforce_waypoint: p.labels.get(ENFORCEMENT_LABEL).map(String::as_str) != Some("off"),
@@ -366,7 +416,8 @@ impl State {
         let services: Vec<Service> = cfg
             .services
             .iter()
-            .map(|spec| {
+            .enumerate()
+            .map(|(i, spec)| {
                 let endpoints = spec.endpoints.clone().unwrap_or_else(|| {
                     cfg.pods
                         .iter()
@@ -375,9 +426,25 @@ impl State {
                         .flat_map(|p| p.ips.iter().copied())
                         .collect()
                 });
+                // The same Service at the same place as before (the model
+                // lists them in arrival order): its copies are kept.
+                let was = old
+                    .services
+                    .get(i)
+                    .filter(|o| (&o.spec.namespace, &o.spec.name) == (&spec.namespace, &spec.name));
                 Service {
-                    spec: spec.clone(),
-                    endpoints,
+                    spec: match was {
+                        Some(o) if same_service(&o.spec, spec) => o.spec.clone(),
+                        _ => Arc::new(ServiceSpec {
+                            endpoints: None,
+                            selector: Default::default(),
+                            ..spec.clone()
+                        }),
+                    },
+                    endpoints: match was {
+                        Some(o) if *o.endpoints == *endpoints => o.endpoints.clone(),
+                        _ => endpoints.into(),
+                    },
                     waypoint: bindings
                         .services
                         .get(&format!("{}/{}", spec.namespace, spec.name))
@@ -444,10 +511,57 @@ mod tests {
         let s = State::default();
         s.update(&cfg, "td");
         let id = SpiffeId::new("td", "ns1", "sa1");
-        assert_eq!(s.by_ip("10.0.0.1".parse().unwrap()).unwrap().identity, id);
-        assert_eq!(s.by_ip("::ffff:10.0.0.1".parse().unwrap()).unwrap().identity, id);
-        assert_eq!(s.by_ip("fd00::1".parse().unwrap()).unwrap().key, "ns1/a");
+        assert_eq!(*s.by_ip("10.0.0.1".parse().unwrap()).unwrap().identity, id);
+        assert_eq!(*s.by_ip("::ffff:10.0.0.1".parse().unwrap()).unwrap().identity, id);
+        assert_eq!(&*s.by_ip("fd00::1".parse().unwrap()).unwrap().key, "ns1/a");
         assert!(s.by_ip("10.0.0.2".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn workloads_of_one_service_account_share_its_identity() {
+        let text = "pods:\n  - {name: a, namespace: ns1, serviceAccount: sa1, node: n1, ips: [\"10.0.0.1\", \"fd00::1\"]}\n  - {name: b, namespace: ns1, serviceAccount: sa1, node: n2, ips: [\"10.0.0.2\"]}\n  - {name: c, namespace: ns2, serviceAccount: sa1, node: n2, ips: [\"10.0.0.3\"]}\n";
+        let cfg = LocalConfig::parse(std::path::Path::new("m.yaml"), text).unwrap();
+        let s = State::default();
+        s.update(&cfg, "td");
+        let id = |ip: &str| s.by_ip(ip.parse().unwrap()).unwrap().identity;
+        assert!(Arc::ptr_eq(&id("10.0.0.1"), &id("10.0.0.2")));
+        assert!(Arc::ptr_eq(&id("10.0.0.1"), &id("fd00::1")));
+        assert!(!Arc::ptr_eq(&id("10.0.0.1"), &id("10.0.0.3")));
+        assert_eq!(*id("10.0.0.3"), SpiffeId::new("td", "ns2", "sa1"));
+        // One entry per IP of every mesh pod of the cluster, cloned per
+        // connection: its fields stay shared.
+        assert!(std::mem::size_of::<Workload>() <= 48);
+    }
+
+    #[test]
+    fn an_update_keeps_the_copies_of_what_did_not_change() {
+        let s = with_service("ROUND_ROBIN");
+        let before = s.snapshot();
+        let text = "pods:\n  - {name: a, namespace: ns1, node: n1, ips: [\"10.0.0.1\", \"fd00::1\"], labels: {app: web}}\n  - {name: b, namespace: ns1, serviceAccount: other, node: n2, ips: [\"10.0.0.2\"], labels: {app: web}}\nservices:\n  - {name: web, namespace: ns1, vips: [\"10.96.0.1\", \"fd96::1\"], ports: [{port: 80, targetPort: 8080}], selector: {app: web}, loadBalancing: ROUND_ROBIN}\n";
+        s.update(&LocalConfig::parse(std::path::Path::new("m.yaml"), text).unwrap(), "td");
+        let after = s.snapshot();
+        let w = |snap: &Snapshot, ip: &str| snap.workloads[&ip.parse::<IpAddr>().unwrap()].clone();
+        let (a0, a1) = (w(&before, "10.0.0.1"), w(&after, "10.0.0.1"));
+        assert!(Arc::ptr_eq(&a0.key, &a1.key) && Arc::ptr_eq(&a0.identity, &a1.identity));
+        // b changed its service account: a new identity, the same key.
+        let (b0, b1) = (w(&before, "10.0.0.2"), w(&after, "10.0.0.2"));
+        assert!(Arc::ptr_eq(&b0.key, &b1.key) && !Arc::ptr_eq(&b0.identity, &b1.identity));
+        assert_eq!(b1.identity.service_account, "other");
+        // The Service is the same; its endpoints are not (c and d left).
+        assert!(Arc::ptr_eq(&before.services[0].spec, &after.services[0].spec));
+        assert_eq!(
+            *after.services[0].endpoints,
+            ["10.0.0.1", "fd00::1", "10.0.0.2"].map(|ip| ip.parse::<IpAddr>().unwrap())
+        );
+        // Another port: a new copy.
+        s.update(
+            &LocalConfig::parse(std::path::Path::new("m.yaml"), &text.replace("8080", "9090")).unwrap(),
+            "td",
+        );
+        let again = s.snapshot();
+        assert!(!Arc::ptr_eq(&after.services[0].spec, &again.services[0].spec));
+        assert_eq!(again.services[0].spec.ports[0].target_port, 9090);
+        assert!(Arc::ptr_eq(&after.services[0].endpoints, &again.services[0].endpoints));
     }
 
     fn with_service(lb: &str) -> State {

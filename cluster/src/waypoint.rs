@@ -217,7 +217,8 @@ impl Bindings {
             .pods
             .iter()
             .filter(|p| !cfg.is_waypoint_pod(p))
-            .filter_map(|p| Some((p.key(), ctx.workload(p)?)))
+            .filter_map(|p| Some((ctx.workload(p)?, p)))
+            .map(|(b, p)| (p.key(), b))
             .collect();
         let services = cfg
             .services

@@ -84,7 +84,7 @@ impl Peer {
                 cluster: UNKNOWN.into(),
             };
         };
-        let name = w.key.split_once('/').map_or(w.key.as_str(), |(_, n)| n).to_string();
+        let name = w.key.split_once('/').map_or(&*w.key, |(_, n)| n).to_string();
         let label = |k: &str| w.labels.get(k).cloned();
         let app = label("app").unwrap_or_else(|| UNKNOWN.into());
         let version = label("version").unwrap_or_else(|| UNKNOWN.into());

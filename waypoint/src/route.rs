@@ -107,7 +107,7 @@ pub enum To {
 pub fn pick(state: &State, to: &To, tried: &[IpAddr]) -> Result<Endpoint, RouteError> {
     let service = |r: Resolved, state: &State| {
         let workload = state.by_ip(r.endpoint.ip());
-        let mut identities: Vec<SpiffeId> = workload.iter().map(|w| w.identity.clone()).collect();
+        let mut identities: Vec<SpiffeId> = workload.iter().map(|w| (*w.identity).clone()).collect();
         identities.extend(r.extra_sans.iter().cloned());
         Endpoint {
             addr: r.endpoint,
@@ -146,7 +146,7 @@ pub fn pick(state: &State, to: &To, tried: &[IpAddr]) -> Result<Endpoint, RouteE
                 .ok_or_else(|| RouteError::NoRoute(format!("{} is no workload any more", addr.ip())))?;
             Ok(Endpoint {
                 addr: *addr,
-                identities: vec![w.identity.clone()],
+                identities: vec![(*w.identity).clone()],
                 workload: Some(w),
                 service: None,
                 _active: None,

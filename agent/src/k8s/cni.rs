@@ -183,7 +183,7 @@ async fn add(req: Request, key: String, kube: &Kube, own_uid: Option<&str>, tx: 
     let deadline = tokio::time::Instant::now() + POD_WAIT;
     let pod = loop {
         match kube.pod(&req.pod_namespace, &req.pod_name) {
-            Some(p) if req.pod_uid.is_empty() || *p.uid == req.pod_uid => break p,
+            Some(p) if req.pod_uid.is_empty() || p.uid == *req.pod_uid => break p,
             _ if tokio::time::Instant::now() >= deadline => {
                 return failure(format!(
                     "pod {key} ({}) is not known to the mesh agent yet: check the agent's logs for Kubernetes API errors; the kubelet will retry the sandbox",

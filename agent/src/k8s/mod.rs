@@ -26,7 +26,7 @@ use kube::{runtime::watcher, Api, Client};
 use crate::discover::{DiscoverError, Discoverer};
 use cluster::kube::{
     model::{Change, Location, Membership},
-    records::PodRecord,
+    records::{PodRecord, Uid},
     ClusterWatch,
 };
 
@@ -210,10 +210,11 @@ impl Locator {
     }
 
     /// Forgets pods that left the API.
-    pub fn retain(&mut self, uids: &HashSet<&str>) {
-        self.found.retain(|u, _| uids.contains(u.as_str()));
-        self.torn_down.retain(|u| uids.contains(u.as_str()));
-        self.cni_ips.retain(|u, _| uids.contains(u.as_str()));
+    pub fn retain(&mut self, uids: &HashSet<&Uid>) {
+        let known = |u: &String| uids.contains(&Uid::new(u));
+        self.found.retain(|u, _| known(u));
+        self.torn_down.retain(known);
+        self.cni_ips.retain(|u, _| known(u));
     }
 }
 

@@ -206,7 +206,7 @@ pub async fn handle(
         (Direction::Outbound, Some(mesh), None) => match ctx.state.by_ip(target.ip()).filter(|w| w.hbone) {
             Some(w) => {
                 // The endpoint's own identity, or one the service vouches for.
-                let mut expected = vec![w.identity];
+                let mut expected = vec![(*w.identity).clone()];
                 expected.extend(service.iter().flat_map(|r| r.extra_sans.iter().cloned()));
                 let hbone_dst = SocketAddr::new(target.ip(), HBONE_PORT);
                 tunnel(&ctx, mesh, &mut client, peer, target, hbone_dst, expected).await

@@ -41,7 +41,7 @@ use tokio::sync::Notify;
 
 use crate::routes::{store::Kind as RouteKind, Document};
 use model::{Change, Model};
-use records::{GatewayRecord, NamespaceRecord, PodRecord, PolicyRecord, ServiceRecord, SliceRecord};
+use records::{GatewayRecord, NamespaceRecord, PodRecord, PolicyRecord, Record, ServiceRecord, SliceRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -204,51 +204,39 @@ impl ClusterWatch {
             changed: Arc::default(),
             client: client.clone(),
         };
-        let all = watcher::Config::default;
-        w.watch(
+        w.watch_model(
             "namespaces",
             Api::all(client.clone()),
-            all(),
             |n| NamespaceRecord::from_k8s(&n),
-            to_model(&w.model, Model::apply_namespaces),
+            Model::apply_namespaces,
         );
-        w.watch(
+        w.watch_model(
             "pods",
             Api::all(client.clone()),
-            all(),
             |p| PodRecord::from_k8s(&p),
-            to_model(&w.model, Model::apply_pods),
+            Model::apply_pods,
         );
-        w.watch(
+        w.watch_model(
             "services",
             Api::all(client.clone()),
-            all(),
             |s| ServiceRecord::from_k8s(&s),
-            to_model(&w.model, Model::apply_services),
+            Model::apply_services,
         );
-        w.watch(
+        w.watch_model(
             "endpointslices",
             Api::all(client.clone()),
-            all(),
             |s| SliceRecord::from_k8s(&s),
-            to_model(&w.model, Model::apply_slices),
+            Model::apply_slices,
         );
         if watches == Watches::All {
-            w.watch_istio::<crd::AuthorizationPolicy>(
-                "authorizationpolicies",
-                to_model(&w.model, Model::apply_authorization_policies),
-            );
-            w.watch_istio::<crd::PeerAuthentication>(
-                "peerauthentications",
-                to_model(&w.model, Model::apply_peer_authentications),
-            );
+            w.watch_istio::<crd::AuthorizationPolicy>("authorizationpolicies", Model::apply_authorization_policies);
+            w.watch_istio::<crd::PeerAuthentication>("peerauthentications", Model::apply_peer_authentications);
         }
-        w.watch(
+        w.watch_model(
             "gateways",
             Api::all(client.clone()),
-            all(),
             |g| GatewayRecord::from_k8s(&g),
-            to_model(&w.model, Model::apply_gateways),
+            Model::apply_gateways,
         );
         tokio::spawn(probe_while_failing(client, w.health.clone()));
         w
@@ -281,11 +269,33 @@ impl ClusterWatch {
         R: Send + 'static,
     {
         self.health.ok(name, false);
-        tokio::spawn(self.runner(name).run(async move { api }, cfg, project, sink));
+        tokio::spawn(
+            self.runner(name)
+                .run(async move { api }, cfg, project, |_: &mut R| {}, sink),
+        );
+    }
+
+    /// A watch of the model's own: records interned as they arrive.
+    fn watch_model<K, R>(
+        &self,
+        name: &'static str,
+        api: Api<K>,
+        project: fn(K) -> Option<R>,
+        apply: fn(&mut Model, Change<R>),
+    ) where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+        R: Record + Send + 'static,
+    {
+        self.health.ok(name, false);
+        let (listed, sink) = (interning(&self.model), to_model(&self.model, apply));
+        tokio::spawn(
+            self.runner(name)
+                .run(async move { api }, watcher::Config::default(), project, listed, sink),
+        );
     }
 
     /// An Istio resource, in the version the API serves (v1, else v1beta1).
-    fn watch_istio<K>(&self, name: &'static str, sink: impl FnMut(Change<PolicyRecord<K>>) + Send + 'static)
+    fn watch_istio<K>(&self, name: &'static str, apply: fn(&mut Model, Change<PolicyRecord<K>>))
     where
         K: Resource<DynamicType = crd::Version> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     {
@@ -295,9 +305,11 @@ impl ClusterWatch {
             let version = istio_version(&client, &K::plural(&crd::Version::default()), name).await;
             Api::all_with(client, &version)
         };
+        // Policies share no strings: nothing to intern.
+        let (listed, sink) = (|_: &mut PolicyRecord<K>| {}, to_model(&self.model, apply));
         tokio::spawn(
             self.runner(name)
-                .run(api, watcher::Config::default(), PolicyRecord::from_k8s, sink),
+                .run(api, watcher::Config::default(), PolicyRecord::from_k8s, listed, sink),
         );
     }
 
@@ -319,7 +331,10 @@ impl ClusterWatch {
             RouteKind::VirtualService => |o| Some(route_document(o, RouteKind::VirtualService)),
             RouteKind::DestinationRule => |o| Some(route_document(o, RouteKind::DestinationRule)),
         };
-        tokio::spawn(self.runner(name).run(api, watcher::Config::default(), project, sink));
+        tokio::spawn(
+            self.runner(name)
+                .run(api, watcher::Config::default(), project, |_: &mut Document| {}, sink),
+        );
     }
 
     fn runner(&self, name: &'static str) -> Runner {
@@ -362,6 +377,12 @@ fn to_model<R: 'static>(
     move |c| f(&mut model.lock().unwrap_or_else(|e| e.into_inner()), c)
 }
 
+/// Interns each record of a list as it arrives ([`Model::intern`]).
+fn interning<R: Record + 'static>(model: &Arc<Mutex<Model>>) -> impl FnMut(&mut R) + Send + 'static {
+    let model = model.clone();
+    move |r| model.lock().unwrap_or_else(|e| e.into_inner()).intern(r)
+}
+
 struct Runner {
     name: &'static str,
     health: Arc<Health>,
@@ -374,6 +395,7 @@ impl Runner {
         api: impl std::future::Future<Output = Api<K>>,
         cfg: watcher::Config,
         project: fn(K) -> Option<R>,
+        mut listed: impl FnMut(&mut R),
         mut sink: impl FnMut(Change<R>),
     ) where
         K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
@@ -398,7 +420,10 @@ impl Runner {
                             false
                         }
                         watcher::Event::InitApply(o) => {
-                            listing.extend(project(o));
+                            listing.extend(project(o).map(|mut r| {
+                                listed(&mut r);
+                                r
+                            }));
                             false
                         }
                         watcher::Event::InitDone => {

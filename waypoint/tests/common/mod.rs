@@ -191,7 +191,7 @@ pub fn cluster(extra: impl FnOnce(&mut LocalConfig)) -> LocalConfig {
                 port(82, Some("tcp")),
                 port(83, Some("grpc")),
             ],
-            selector: BTreeMap::from([("app".to_string(), "web".to_string())]),
+            selector: BTreeMap::from([("app".to_string(), "web".to_string())]).into(),
             endpoints: None,
             load_balancing: Default::default(),
             subject_alt_names: vec![],
