@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = cfg.pods_on(&pod.node).count();
         for ip in &pod.ips {
             let w = state.by_ip(*ip).expect("every pod address is a workload");
-            assert_eq!(w.key, pod.key());
+            assert_eq!(*w.key, *pod.key());
         }
     }
 });
