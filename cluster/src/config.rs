@@ -106,9 +106,10 @@ pub struct ServiceSpec {
     #[serde(default, with = "shared_labels")]
     pub selector: Labels,
     /// Explicit endpoint addresses (as EndpointSlices give them); when set,
-    /// they back the service instead of the selector.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub endpoints: Option<Vec<IpAddr>>,
+    /// they back the service instead of the selector. Shared with the
+    /// Kubernetes model's slice record and the data plane's `State`.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "shared_ips")]
+    pub endpoints: Option<Arc<[IpAddr]>>,
     #[serde(default)]
     pub load_balancing: LoadBalancing,
     /// Extra identities an endpoint of this service may present, besides its
@@ -216,6 +217,21 @@ mod shared_labels {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
         BTreeMap::deserialize(d).map(Labels::new)
+    }
+}
+
+/// (De)serializes shared endpoint addresses as a plain list (as
+/// [`shared_labels`]).
+mod shared_ips {
+    use super::{Arc, IpAddr};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(ips: &Option<Arc<[IpAddr]>>, s: S) -> Result<S::Ok, S::Error> {
+        ips.as_deref().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<[IpAddr]>>, D::Error> {
+        Option::<Vec<IpAddr>>::deserialize(d).map(|ips| ips.map(Into::into))
     }
 }
 

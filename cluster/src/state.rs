@@ -418,14 +418,14 @@ impl State {
             .iter()
             .enumerate()
             .map(|(i, spec)| {
-                let endpoints = spec.endpoints.clone().unwrap_or_else(|| {
+                let picked = || -> Vec<IpAddr> {
                     cfg.pods
                         .iter()
                         .filter(|p| p.healthy && p.namespace == spec.namespace)
                         .filter(|p| spec.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
                         .flat_map(|p| p.ips.iter().copied())
                         .collect()
-                });
+                };
                 // The same Service at the same place as before (the model
                 // lists them in arrival order): its copies are kept.
                 let was = old
@@ -441,9 +441,12 @@ impl State {
                             ..spec.clone()
                         }),
                     },
-                    endpoints: match was {
-                        Some(o) if *o.endpoints == *endpoints => o.endpoints.clone(),
-                        _ => endpoints.into(),
+                    // Listed (the model's, shared), else picked by the
+                    // selector (the last copy while it picks the same).
+                    endpoints: match (&spec.endpoints, was) {
+                        (Some(listed), _) => listed.clone(),
+                        (None, Some(o)) if *o.endpoints == *picked() => o.endpoints.clone(),
+                        (None, _) => picked().into(),
                     },
                     waypoint: bindings
                         .services

@@ -705,14 +705,19 @@ fn service_spec(svc: &ServiceRecord, mine: &[&SliceRecord], warnings: &mut Vec<S
     if ports.is_empty() {
         return None;
     }
-    let endpoints = (!mine.is_empty()).then(|| mine.iter().flat_map(|s| s.ready.iter().copied()).collect());
+    let endpoints: Option<Arc<[IpAddr]>> = match mine {
+        [] => None,
+        // The usual case (up to 100 endpoints): the slice's list itself.
+        [one] => Some(one.ready.clone()),
+        many => Some(many.iter().flat_map(|s| s.ready.iter().copied()).collect()),
+    };
     Some(ServiceSpec {
         labels: (*svc.labels).clone(),
         hostname: None,
         vips: svc.vips.to_vec(),
         ports,
         selector: svc.selector.clone().unwrap_or_default(),
-        endpoints: endpoints.or_else(|| svc.selector.is_none().then(Vec::new)),
+        endpoints: endpoints.or_else(|| svc.selector.is_none().then(|| Arc::from([]))),
         load_balancing: Default::default(),
         subject_alt_names: Vec::new(),
         name: name.to_string(),
@@ -1430,7 +1435,7 @@ mod tests {
         );
         assert_eq!(
             t.model.services[0].endpoints,
-            Some(ips(&["10.1.0.1", "10.1.0.2", "10.1.0.4"]))
+            Some(ips(&["10.1.0.1", "10.1.0.2", "10.1.0.4"]).into())
         );
     }
 
@@ -1444,7 +1449,7 @@ mod tests {
                 slice("other", "web", &[("", 80)], &[("10.1.0.3", Some(true))]),
             ],
         );
-        assert_eq!(t.model.services[0].endpoints, Some(ips(&["10.1.0.1"])));
+        assert_eq!(t.model.services[0].endpoints, Some(ips(&["10.1.0.1"]).into()));
     }
 
     #[test]
@@ -1452,7 +1457,7 @@ mod tests {
         let mut svc = service("apps", "manual", "10.96.0.10", vec![port(None, 80, None)]);
         svc.spec.as_mut().unwrap().selector = None;
         let t = services(vec![svc], vec![]);
-        assert_eq!(t.model.services[0].endpoints, Some(vec![]));
+        assert_eq!(t.model.services[0].endpoints, Some(Vec::new().into()));
         assert!(t.model.services[0].selector.is_empty());
     }
 
@@ -2099,6 +2104,19 @@ mod tests {
     }
 
     #[test]
+    fn a_services_only_slice_lends_its_endpoint_list_to_the_spec_and_the_data_plane() {
+        let (m, _) = small_cluster();
+        let (a, b) = (m.translate(None), m.translate(None));
+        let listed = |t: &Translated| t.model.services[0].endpoints.clone().unwrap();
+        let slice = &m.slices.iter().next().unwrap().record;
+        assert!(Arc::ptr_eq(&listed(&a), &slice.ready));
+        assert!(Arc::ptr_eq(&listed(&a), &listed(&b)));
+        let state = crate::state::State::default();
+        state.update(&a.model, "td");
+        assert!(Arc::ptr_eq(&state.snapshot().services[0].endpoints, &slice.ready));
+    }
+
+    #[test]
     fn pods_gone_counts_deleted_and_replaced_pods_only() {
         let mut m = Model::default();
         let p = pod("a", "p", "n1", &["10.0.0.1"]);
@@ -2213,7 +2231,7 @@ mod tests {
         );
         let t = m.translate(None).model;
         assert_eq!(t.pods.len(), 99);
-        assert_eq!(t.services[0].endpoints, Some(ips(&["10.0.0.0", "10.0.0.2"])));
+        assert_eq!(t.services[0].endpoints, Some(ips(&["10.0.0.0", "10.0.0.2"]).into()));
         assert_eq!(
             t.services[0].ports,
             [ServicePort {

@@ -309,7 +309,8 @@ pub struct SliceRecord {
     pub service: Option<Key>,
     /// (Service port name, "" when unnamed; number).
     pub ports: Box<[(String, Option<i32>)]>,
-    pub ready: Box<[IpAddr]>,
+    /// Shared with its Service's translation when it is the only slice.
+    pub ready: Arc<[IpAddr]>,
 }
 
 impl Record for SliceRecord {
