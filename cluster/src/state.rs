@@ -41,8 +41,9 @@ pub struct Workload {
 
 /// A service and the pods that back it.
 pub struct Service {
-    /// Without its endpoints and selector: they are read once, into
-    /// [`Self::endpoints`] (a second copy per Service otherwise).
+    /// Without its endpoints and selector (`endpoints` is `None` here even
+    /// for a Service with listed endpoints): they are read once, into
+    /// [`Self::endpoints`].
     pub spec: Arc<ServiceSpec>,
     /// Healthy endpoints' addresses (each pod once per family).
     pub endpoints: Arc<[IpAddr]>,
@@ -152,9 +153,10 @@ impl Snapshot {
         }))
     }
 
-    /// The Service whose VIP `ip` is.
-    pub fn service_at(&self, ip: IpAddr) -> Option<&ServiceSpec> {
-        self.vips.get(&ip.to_canonical()).map(|i| &*self.services[*i].spec)
+    /// The Service whose VIP `ip` is (as [`Service::spec`]: its endpoints
+    /// are [`Service::endpoints`], its selector is not kept).
+    pub fn service_at(&self, ip: IpAddr) -> Option<&Arc<ServiceSpec>> {
+        self.vips.get(&ip.to_canonical()).map(|i| &self.services[*i].spec)
     }
 
     /// Whether the workload at `dst_ip` accepts a connection from `peer`
@@ -399,8 +401,12 @@ impl State {
                         _ => Arc::new(p.identity(trust_domain)),
                     })
                     .clone();
+                let waypoint = match (bindings.workloads.get(&key), was.and_then(|w| w.waypoint.as_ref())) {
+                    (Some(b), Some(kept)) if **kept == *b => Some(kept.clone()),
+                    (b, _) => b.cloned().map(Arc::new),
+                };
                 let w = Workload {
-                    waypoint: bindings.workloads.get(&key).cloned().map(Arc::new),
+                    waypoint,
                     key: match was {
                         Some(w) if *w.key == key => w.key.clone(),
                         _ => key.as_str().into(),
@@ -413,11 +419,15 @@ impl State {
                 p.ips.iter().map(move |ip| (*ip, w.clone()))
             })
             .collect();
+        let kept: HashMap<(&str, &str), &Service> = old
+            .services
+            .iter()
+            .map(|o| ((&*o.spec.namespace, &*o.spec.name), o))
+            .collect();
         let services: Vec<Service> = cfg
             .services
             .iter()
-            .enumerate()
-            .map(|(i, spec)| {
+            .map(|spec| {
                 let picked = || -> Vec<IpAddr> {
                     cfg.pods
                         .iter()
@@ -426,12 +436,8 @@ impl State {
                         .flat_map(|p| p.ips.iter().copied())
                         .collect()
                 };
-                // The same Service at the same place as before (the model
-                // lists them in arrival order): its copies are kept.
-                let was = old
-                    .services
-                    .get(i)
-                    .filter(|o| (&o.spec.namespace, &o.spec.name) == (&spec.namespace, &spec.name));
+                // The same Service as before: its copies are kept.
+                let was = kept.get(&(&*spec.namespace, &*spec.name));
                 Service {
                     spec: match was {
                         Some(o) if same_service(&o.spec, spec) => o.spec.clone(),
@@ -443,10 +449,15 @@ impl State {
                     },
                     // Listed (the model's, shared), else picked by the
                     // selector (the last copy while it picks the same).
-                    endpoints: match (&spec.endpoints, was) {
-                        (Some(listed), _) => listed.clone(),
-                        (None, Some(o)) if *o.endpoints == *picked() => o.endpoints.clone(),
-                        (None, _) => picked().into(),
+                    endpoints: match &spec.endpoints {
+                        Some(listed) => listed.clone(),
+                        None => {
+                            let picked = picked();
+                            match was {
+                                Some(o) if *o.endpoints == *picked => o.endpoints.clone(),
+                                _ => picked.into(),
+                            }
+                        }
                     },
                     waypoint: bindings
                         .services
@@ -550,8 +561,10 @@ mod tests {
         let (b0, b1) = (w(&before, "10.0.0.2"), w(&after, "10.0.0.2"));
         assert!(Arc::ptr_eq(&b0.key, &b1.key) && !Arc::ptr_eq(&b0.identity, &b1.identity));
         assert_eq!(b1.identity.service_account, "other");
-        // The Service is the same; its endpoints are not (c and d left).
+        // The Service is the same, and so are the endpoints its selector
+        // picks (c is unhealthy, d in another namespace): both kept.
         assert!(Arc::ptr_eq(&before.services[0].spec, &after.services[0].spec));
+        assert!(Arc::ptr_eq(&before.services[0].endpoints, &after.services[0].endpoints));
         assert_eq!(
             *after.services[0].endpoints,
             ["10.0.0.1", "fd00::1", "10.0.0.2"].map(|ip| ip.parse::<IpAddr>().unwrap())

@@ -1,7 +1,8 @@
 //! The enrolment file (`cluster::config::LocalConfig::parse`: YAML, then
 //! the semantic checks) and the model the agent and the waypoint build
 //! from it (`cluster::state::State::update`). A file that parses
-//! serializes to YAML that parses back to the same configuration.
+//! serializes to YAML that parses back to the same configuration, and an
+//! update that reuses an earlier snapshot's copies equals a fresh one.
 #![no_main]
 
 use std::path::Path;
@@ -31,5 +32,26 @@ fuzz_target!(|data: &[u8]| {
             let w = state.by_ip(*ip).expect("every pod address is a workload");
             assert_eq!(*w.key, *pod.key());
         }
+    }
+    // An update from an earlier snapshot (half the pods and services, in
+    // reverse) shares what did not change, and builds exactly what a
+    // fresh one builds.
+    let mut earlier = cfg.clone();
+    earlier.pods.reverse();
+    earlier.pods.truncate(cfg.pods.len().div_ceil(2));
+    earlier.services.reverse();
+    earlier.services.truncate(cfg.services.len().div_ceil(2));
+    let reused = State::default();
+    reused.update(&earlier, "cluster.local");
+    reused.update(&cfg, "cluster.local");
+    let (fresh, reused) = (state.snapshot(), reused.snapshot());
+    assert_eq!(fresh.workloads, reused.workloads);
+    assert_eq!((&fresh.vips, &fresh.hosts), (&reused.vips, &reused.hosts));
+    assert_eq!(fresh.services.len(), reused.services.len());
+    for (f, r) in fresh.services.iter().zip(&reused.services) {
+        assert_eq!(
+            (&f.spec, &f.endpoints, &f.waypoint),
+            (&r.spec, &r.endpoints, &r.waypoint)
+        );
     }
 });

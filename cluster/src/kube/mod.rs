@@ -377,10 +377,16 @@ fn to_model<R: 'static>(
     move |c| f(&mut model.lock().unwrap_or_else(|e| e.into_inner()), c)
 }
 
-/// Interns each record of a list as it arrives ([`Model::intern`]).
+/// Interns each record of a list as it arrives ([`Model::intern`]), unless
+/// the model is busy (a translation holds it): the record is interned when
+/// the list is applied then, and a list never waits on a translation.
 fn interning<R: Record + 'static>(model: &Arc<Mutex<Model>>) -> impl FnMut(&mut R) + Send + 'static {
     let model = model.clone();
-    move |r| model.lock().unwrap_or_else(|e| e.into_inner()).intern(r)
+    move |r| match model.try_lock() {
+        Ok(mut m) => m.intern(r),
+        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().intern(r),
+        Err(std::sync::TryLockError::WouldBlock) => {}
+    }
 }
 
 struct Runner {

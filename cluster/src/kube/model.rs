@@ -170,9 +170,9 @@ impl<R: Record, O: Default> Table<R, O> {
 
     /// In arrival order (sorted here: a translation walks every row anyway).
     fn iter(&self) -> impl Iterator<Item = &Row<R, O>> {
-        let mut rows: Vec<&Row<R, O>> = self.rows.values().collect();
-        rows.sort_unstable_by_key(|r| r.seq);
-        rows.into_iter()
+        let mut rows: Vec<(u64, &Row<R, O>)> = self.rows.values().map(|r| (r.seq, r)).collect();
+        rows.sort_unstable_by_key(|(seq, _)| *seq);
+        rows.into_iter().map(|(_, r)| r)
     }
 
     /// The keys of the rows of one namespace.
@@ -2114,6 +2114,32 @@ mod tests {
         let state = crate::state::State::default();
         state.update(&a.model, "td");
         assert!(Arc::ptr_eq(&state.snapshot().services[0].endpoints, &slice.ready));
+    }
+
+    #[test]
+    fn a_namespace_change_retranslates_its_own_pods_not_those_of_a_namespace_it_prefixes() {
+        let mut m = Model::default();
+        for ns in ["a", "a-1", "a0", "b"] {
+            m.apply_namespaces(Change::Upsert(NamespaceRecord::from_k8s(&namespace(ns, &[])).unwrap()));
+            for i in 0..3 {
+                let p = pod(ns, &format!("p{i}"), NODE, &[&format!("10.{}.0.{i}", ns.len())]);
+                m.apply_pods(Change::Upsert(pod_record(&p)));
+            }
+        }
+        let before = m.retranslated();
+        let ambient = namespace("a", &[(DATAPLANE_MODE, "ambient")]);
+        m.apply_namespaces(Change::Upsert(NamespaceRecord::from_k8s(&ambient).unwrap()));
+        assert_eq!(delta(m.retranslated(), before).pods, 3);
+        let t = m.translate(None);
+        let mut meshed: Vec<String> = t
+            .model
+            .pods
+            .iter()
+            .filter(|p| p.tunnel == TunnelProtocol::Hbone)
+            .map(|p| p.key())
+            .collect();
+        meshed.sort();
+        assert_eq!(meshed, ["a/p0", "a/p1", "a/p2"]);
     }
 
     #[test]
