@@ -4,7 +4,6 @@
 //! cheap snapshot.
 use std::{
     collections::{BTreeMap, HashMap},
-    fmt::Write,
     net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -386,8 +385,7 @@ impl State {
             .pods
             .iter()
             .flat_map(|p| {
-                key.clear();
-                let _ = write!(key, "{}/{}", p.namespace, p.name);
+                p.key_into(&mut key);
                 let was = p.ips.first().and_then(|ip| old.workloads.get(ip));
                 let identity = identities
                     .entry((&p.namespace, &p.service_account))

@@ -161,7 +161,10 @@ impl std::fmt::Display for Uid {
 
 impl PartialEq<str> for Uid {
     fn eq(&self, other: &str) -> bool {
-        *self == Self::new(other)
+        match self {
+            Self::Uuid(u) => u.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()) == other,
+            Self::Other(s) => **s == *other,
+        }
     }
 }
 
