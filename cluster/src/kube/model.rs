@@ -394,9 +394,10 @@ impl Model {
         self.pods.get(&Key::new(namespace, name)).map(|r| &r.record)
     }
 
-    /// Every pod, in arrival order.
+    /// Every pod, by namespace and name (not in arrival order: no sort of
+    /// every row, for callers that only collect a set).
     pub fn pods(&self) -> impl Iterator<Item = &PodRecord> {
-        self.pods.iter().map(|r| &r.record)
+        self.pods.rows.values().map(|r| &r.record)
     }
 
     /// Whether the pod belongs in the mesh (the rule the CNI plugin applies
@@ -627,16 +628,18 @@ fn pod_spec(
         return None;
     }
     let (namespace, name) = (&*pod.key.namespace, &*pod.key.name);
-    let owned_uid = pod.uid.to_string();
-    let uid = owned_uid.as_str();
     let local = local.filter(|l| l.node == node);
     let mut ips = pod.ips.to_vec();
     if let (true, Some(l)) = (ips.is_empty(), &local) {
-        ips = l.cni_ips.get(uid).cloned().unwrap_or_default();
+        ips = l.cni_ips.get(pod.uid.to_string().as_str()).cloned().unwrap_or_default();
     }
     if ips.is_empty() {
         return None; // not started yet: nobody can reach it
     }
+    // Formatted only for a pod that gets a spec (not for every pending
+    // pod, every translation).
+    let owned_uid = pod.uid.to_string();
+    let uid = owned_uid.as_str();
     let own = local.as_ref().is_some_and(|l| l.own_uid == Some(uid));
     let in_mesh = member == Membership::Ambient && !own;
     let (netns, cgroup) = match local.filter(|_| in_mesh).map(|l| (l.locate)(uid, &ips)) {
