@@ -184,6 +184,11 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
     tracing::info!(node = %cfg.node, enrolled = ?node.inpod.enrolled().collect::<Vec<_>>(), "agent ready");
     // Loading the eBPF objects and the first translation were the burst.
     mesh::alloc::release_freed();
+    // So was the code that did it: most of the binary's resident pages.
+    match mesh::alloc::release_startup_code() {
+        Ok(bytes) => tracing::debug!(kib = bytes >> 10, "start-up code unmapped"),
+        Err(e) => tracing::warn!(error = %e, "cannot unmap the start-up code; idle memory stays higher"),
+    }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

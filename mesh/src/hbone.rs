@@ -57,7 +57,10 @@ use crate::{
 
 pub const HBONE_PORT: u16 = 15008;
 
-// Flow-control windows and frame size, as ztunnel uses.
+// Flow-control windows and frame size, as ztunnel uses. Measured against
+// the alternatives (README, "HTTP/2 frame and window sizes"): h2's default
+// 16 KiB frames cost 1.6x the agents' CPU per GB, 64 KiB frames 1.15x;
+// larger windows gained nothing.
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
 const MAX_FRAME: u32 = 1 << 20;
@@ -66,7 +69,8 @@ const MAX_FRAME: u32 = 1 << 20;
 pub const MAX_STREAMS: u32 = 100;
 /// Largest header list accepted (ztunnel's limit), both directions.
 pub const MAX_HEADER_LIST: u32 = 64 << 10;
-/// Read buffers start small and grow with the stream (ztunnel's steps).
+/// Read buffers start small and grow with the stream (ztunnel's steps). A
+/// 1 MiB top step measured worse, 64 KiB too (README, as above).
 const BUF_STEPS: [(u64, usize); 3] = [(0, 1 << 10), (128 << 10, 16 << 10), (10 << 20, 256 << 10)];
 
 #[derive(Debug, thiserror::Error)]
