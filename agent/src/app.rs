@@ -184,11 +184,7 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
     tracing::info!(node = %cfg.node, enrolled = ?node.inpod.enrolled().collect::<Vec<_>>(), "agent ready");
     // Loading the eBPF objects and the first translation were the burst.
     mesh::alloc::release_freed();
-    // So was the code that did it: most of the binary's resident pages.
-    match mesh::alloc::release_startup_code() {
-        Ok(bytes) => tracing::debug!(kib = bytes >> 10, "start-up code unmapped"),
-        Err(e) => tracing::warn!(error = %e, "cannot unmap the start-up code; idle memory stays higher"),
-    }
+    let mut startup = StartupCode::new(cfg.cert_ready_timeout);
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -200,6 +196,8 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
             _ = tick.tick() => {
                 source.tick(&mut node, &ready);
                 node.release_freed();
+                let secrets = node.secrets.as_ref();
+                startup.release_when_over(|| secrets.is_none_or(|s| s.store().missing().is_empty()));
             }
             ev = source.event() => source.handle(ev, &mut node),
             _ = term.recv() => break,
@@ -219,6 +217,39 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
         timeout: cfg.drain_timeout,
     });
     Ok(())
+}
+
+/// The code that only start-up runs, unmapped once start-up is over: the
+/// agent is ready and its pods' first certificates are in (or
+/// `cert_ready_timeout` passed). Most of it never runs again (flags,
+/// configuration, loading the eBPF objects, the first CSRs), yet it held
+/// most of an idle agent's RSS (see [`mesh::alloc::release_startup_code`]).
+struct StartupCode {
+    until: std::time::Instant,
+    done: bool,
+}
+
+impl StartupCode {
+    fn new(cert_ready_timeout: Duration) -> Self {
+        Self {
+            until: std::time::Instant::now() + cert_ready_timeout,
+            done: false,
+        }
+    }
+
+    /// Unmaps the start-up code once, the first time it is called with the
+    /// certificates in or after the timeout; says whether it did now.
+    fn release_when_over(&mut self, certs_in: impl FnOnce() -> bool) -> bool {
+        if self.done || !(std::time::Instant::now() >= self.until || certs_in()) {
+            return false;
+        }
+        self.done = true;
+        match mesh::alloc::release_startup_code() {
+            Ok(bytes) => tracing::debug!(kib = bytes >> 10, "start-up over: its code unmapped"),
+            Err(e) => tracing::warn!(error = %e, "cannot unmap the start-up code; idle memory stays higher"),
+        }
+        true
+    }
 }
 
 /// Every proxied connection holds several descriptors: use all we may.
@@ -779,6 +810,20 @@ fn config_dump(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_up_code_is_released_once_when_the_certificates_are_in_or_time_is_up() {
+        let mut waiting = StartupCode::new(Duration::from_secs(3600));
+        assert!(!waiting.release_when_over(|| false), "released before the certificates");
+        assert!(
+            waiting.release_when_over(|| true),
+            "not released with the certificates in"
+        );
+        assert!(!waiting.release_when_over(|| true), "released twice");
+        // A CA that never answers does not keep it mapped for good.
+        let mut overdue = StartupCode::new(Duration::ZERO);
+        assert!(overdue.release_when_over(|| false), "not released after the timeout");
+    }
 
     const MODEL: &str = r#"
 capture:
