@@ -244,10 +244,7 @@ impl StartupCode {
             return false;
         }
         self.done = true;
-        match mesh::alloc::release_startup_code() {
-            Ok(bytes) => tracing::debug!(kib = bytes >> 10, "start-up over: its code unmapped"),
-            Err(e) => tracing::warn!(error = %e, "cannot unmap the start-up code; idle memory stays higher"),
-        }
+        mesh::alloc::startup_over();
         true
     }
 }

@@ -78,6 +78,15 @@ pub fn release_startup_code() -> std::io::Result<u64> {
     Ok(released)
 }
 
+/// Start-up is over (the first model applied, the first certificates in):
+/// unmaps its code with [`release_startup_code`] and says how it went.
+pub fn startup_over() {
+    match release_startup_code() {
+        Ok(bytes) => tracing::debug!(kib = bytes >> 10, "start-up over: its code unmapped"),
+        Err(e) => tracing::warn!(error = %e, "cannot unmap the start-up code; idle memory stays higher"),
+    }
+}
+
 /// A mapping of the executable that [`release_startup_code`] may drop.
 #[derive(Debug, PartialEq)]
 struct Mapping {

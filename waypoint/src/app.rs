@@ -23,7 +23,12 @@ use cluster::{
     filewatch::{FileWatch, Polled},
     state::State,
 };
-use mesh::{ca::CaClient, certs::SecretManager, tls::Roots};
+use mesh::{
+    ca::CaClient,
+    certs::{CertStore, SecretManager},
+    identity::SpiffeId,
+    tls::Roots,
+};
 use prometheus_client::registry::Registry;
 
 use crate::{
@@ -40,6 +45,10 @@ const KUBE_DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// How often the enrolment file is checked for changes.
 const CONFIG_POLL: Duration = Duration::from_secs(2);
+
+/// Start-up is over once the first certificate is in, or after this (a CA
+/// that never answers; the agent's `--cert-ready-timeout` default).
+const STARTUP_BOUND: Duration = Duration::from_secs(60);
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(&cfg)?, "waypoint starting");
@@ -127,6 +136,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .spawn(move || {
                 control.block_on(async move {
                     secrets.set_wanted(&BTreeSet::from([cfg.id.clone()]));
+                    tokio::spawn(release_startup_code(secrets.store(), cfg.id.clone()));
                     let ready = {
                         let synced = synced.clone();
                         move || certs.current().is_some() && synced.load(Ordering::Relaxed)
@@ -186,6 +196,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     }
     drop(control_thread);
     Ok(())
+}
+
+/// Unmaps the code only start-up ran once the waypoint's first certificate
+/// is in (see [`mesh::alloc::release_startup_code`]): what it runs after
+/// is mapped back as it runs.
+async fn release_startup_code(store: CertStore, id: SpiffeId) {
+    store.wait(&id, STARTUP_BOUND).await;
+    mesh::alloc::startup_over();
 }
 
 /// SIGTERM or SIGINT.
