@@ -157,10 +157,18 @@ mod tests {
     /// The tests below measure this process's RSS: one at a time.
     static RSS: Mutex<()> = Mutex::new(());
 
-    fn rss_kib() -> u64 {
+    /// A KiB field of `/proc/self/status` (`VmRSS`, `RssFile`, ...).
+    fn status_kib(field: &str) -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))
+            .unwrap();
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    fn rss_kib() -> u64 {
+        status_kib("VmRSS")
     }
 
     #[test]
@@ -287,14 +295,9 @@ Anonymous:             0 kB
     #[test]
     fn release_startup_code_unmaps_the_resident_code_and_it_still_runs() {
         let _one = RSS.lock().unwrap_or_else(|e| e.into_inner());
-        let file_kib = || {
-            let status = std::fs::read_to_string("/proc/self/status").unwrap();
-            let line = status.lines().find(|l| l.starts_with("RssFile:")).unwrap();
-            line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
-        };
-        let before = file_kib();
+        let before = status_kib("RssFile");
         let released = super::release_startup_code().unwrap();
-        let after = file_kib();
+        let after = status_kib("RssFile");
         // The code that ran so far (the harness, std, this crate's other
         // tests) was resident; only what runs from here on comes back.
         assert!(released >= 256 << 10, "released only {released} bytes");
