@@ -420,7 +420,7 @@ impl LocalConfig {
                 return Err((at("ips"), "a pod needs at least one IP address".into()));
             }
             for (j, ip) in pod.ips.iter().enumerate() {
-                if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+                if !usable_pod_address(ip) {
                     return Err((format!("pods[{i}].ips[{j}]"), format!("{ip} cannot be a pod address")));
                 }
                 check_not_mapped(ip).map_err(|m| (format!("pods[{i}].ips[{j}]"), m))?;
@@ -606,6 +606,13 @@ impl LocalConfig {
     pub fn namespace_labels(&self, name: &str) -> Option<&BTreeMap<String, String>> {
         self.namespaces.iter().find(|n| n.name == name).map(|n| &n.labels)
     }
+}
+
+/// Whether `ip` can be a pod's: nothing reaches a pod at a loopback,
+/// unspecified or multicast address. (The Kubernetes translation skips
+/// such an address with a warning by the same rule.)
+pub fn usable_pod_address(ip: &IpAddr) -> bool {
+    !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast())
 }
 
 /// Addresses are looked up in their canonical form (a connection from

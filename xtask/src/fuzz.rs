@@ -1,7 +1,15 @@
-//! `cargo xtask fuzz [--time SECS] [TARGET...]`: builds every fuzz target
-//! of `fuzz/` once (cargo-fuzz, nightly), then runs each for a fixed time
-//! from a copy of its checked-in seeds; a crash fails the run with the
-//! reproducer's path and the command that replays it.
+//! `cargo xtask fuzz [--time SECS] [--seed N] [--fresh] [TARGET...]`:
+//! builds every fuzz target of `fuzz/` once (cargo-fuzz, nightly), then
+//! runs each for a fixed time from a copy of its checked-in seeds; a crash
+//! fails the run with the panic, the input (printed: a CI machine is gone
+//! once it fails) and the command that replays it.
+//!
+//! `cargo xtask test` runs every target as CI must: `--seed` fixed and
+//! `--fresh` (from the checked-in seeds only, not what earlier runs found),
+//! so a commit's CI run explores the same inputs on every machine, a
+//! slower machine a prefix of what a faster one tries, and a finding
+//! replays with the same command here. Exploring for new findings is
+//! `cargo xtask fuzz` without them (libFuzzer picks a seed per run).
 //!
 //! Build choices (README "Fuzzing"): no sanitizer (the targets and the code
 //! they reach are safe Rust: ASan finds memory errors, not panics, and
@@ -30,12 +38,25 @@ const DEFAULT_SECS: u64 = 30;
 const INPUT_TIMEOUT_SECS: u64 = 10;
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";
 
+/// The seed CI's runs use (any fixed value does; changing it changes what
+/// CI explores).
+pub const CI_SEED: u32 = 1;
+
+/// How the targets run.
+struct Opts {
+    secs: u64,
+    seed: Option<u32>,
+    /// Start from the checked-in seeds only.
+    fresh: bool,
+    wanted: Vec<String>,
+}
+
 pub fn fuzz(args: &[String]) -> Result<()> {
-    let (secs, wanted) = parse_args(args)?;
+    let opts = parse_args(args)?;
     setup()?;
     // libfuzzer-sys compiles libFuzzer (C++).
     apt_install(&["g++"])?;
-    let targets = targets(&wanted)?;
+    let targets = targets(&opts.wanted)?;
     let tool = install()?;
     check_fmt()?;
     let started = Instant::now();
@@ -43,7 +64,7 @@ pub fn fuzz(args: &[String]) -> Result<()> {
     eprintln!("fuzz: build took {:.0?}", started.elapsed());
     let mut failed = Vec::new();
     for t in &targets {
-        if let Err(e) = run_target(t, secs) {
+        if let Err(e) = run_target(t, &opts) {
             eprintln!("fuzz: {t} FAILED: {e:#}");
             failed.push(t.clone());
         }
@@ -55,22 +76,33 @@ pub fn fuzz(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn parse_args(args: &[String]) -> Result<(u64, Vec<String>)> {
-    let mut secs = DEFAULT_SECS;
-    let mut wanted = Vec::new();
+fn parse_args(args: &[String]) -> Result<Opts> {
+    let mut o = Opts {
+        secs: DEFAULT_SECS,
+        seed: None,
+        fresh: false,
+        wanted: Vec::new(),
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--time" => {
                 let v = it.next().context("--time needs a number of seconds")?;
-                secs = v
+                o.secs = v
                     .parse()
                     .with_context(|| format!("--time {v}: not a number of seconds"))?;
             }
-            t => wanted.push(t.to_string()),
+            "--seed" => {
+                let v = it.next().context("--seed needs a number")?;
+                let n = v.parse().with_context(|| format!("--seed {v}: not a number"))?;
+                o.seed = Some(n);
+            }
+            "--fresh" => o.fresh = true,
+            t if t.starts_with("--") => bail!("unknown option {t}: fuzz takes --time, --seed, --fresh"),
+            t => o.wanted.push(t.to_string()),
         }
     }
-    Ok((secs, wanted))
+    Ok(o)
 }
 
 fn fuzz_dir() -> PathBuf {
@@ -169,9 +201,12 @@ fn cargo_fuzz(tool: &Path, cmd: &str) -> Command {
 
 /// One target for `secs` seconds, from a working copy of its seeds (new
 /// inputs it finds stay there, outside the repository).
-fn run_target(t: &str, secs: u64) -> Result<()> {
+fn run_target(t: &str, opts: &Opts) -> Result<()> {
     let seeds = fuzz_dir().join("corpus").join(t);
     let corpus = work_dir().join("corpus").join(t);
+    if opts.fresh && corpus.exists() {
+        std::fs::remove_dir_all(&corpus).with_context(|| format!("cannot empty {}", corpus.display()))?;
+    }
     let artifacts = work_dir().join("artifacts").join(t);
     let log = work_dir().join("logs").join(format!("{t}.log"));
     for d in [&corpus, &artifacts, &log.parent().expect("a dir").to_path_buf()] {
@@ -181,12 +216,15 @@ fn run_target(t: &str, secs: u64) -> Result<()> {
     let bin = work_dir().join(TRIPLE).join("release").join(t);
     let mut c = Command::new(&bin);
     c.arg(&corpus)
-        .arg(format!("-max_total_time={secs}"))
+        .arg(format!("-max_total_time={}", opts.secs))
         .arg(format!("-timeout={INPUT_TIMEOUT_SECS}"))
         .arg("-rss_limit_mb=2048")
         .arg("-print_final_stats=1")
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .current_dir(root());
+    if let Some(seed) = opts.seed {
+        c.arg(format!("-seed={seed}"));
+    }
     eprintln!("+ {c:?}");
     let out = c.output().with_context(|| format!("cannot run {}", bin.display()))?;
     let text = String::from_utf8_lossy(&out.stderr);
@@ -195,16 +233,52 @@ fn run_target(t: &str, secs: u64) -> Result<()> {
     if out.status.success() {
         return Ok(());
     }
-    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+    // libFuzzer's verdict and stats; the panic itself is printed below.
+    let tail: Vec<&str> = text.lines().rev().take(12).collect();
     for l in tail.iter().rev() {
         eprintln!("  {l}");
     }
     match text.lines().find_map(|l| l.split("Test unit written to ").nth(1)) {
-        Some(unit) => bail!(
+        Some(unit) => {
+            print_finding(&text, Path::new(unit));
+            if let Some(seed) = opts.seed {
+                let fresh = if opts.fresh { " --fresh" } else { "" };
+                eprintln!(
+                    "  the same run again: cargo xtask fuzz --seed {seed}{fresh} --time {} {t}",
+                    opts.secs
+                );
+            }
+            bail!(
             "{t} crashed on {unit}\n  reproduce: {} {unit}\n  or: cargo +nightly fuzz run --fuzz-dir fuzz --sanitizer none {t} {unit}\n  then turn it into a unit test next to the code (README \"Fuzzing\")",
             bin.display()
-        ),
+            )
+        }
         None => bail!("{t} exited with {} (log: {})", out.status, log.display()),
+    }
+}
+
+/// Longest crashing input printed whole; a CI machine is gone once the run
+/// fails, so the log must carry what replays the finding.
+const MAX_PRINTED_INPUT: usize = 16 * 1024;
+
+/// The panic message (the 40-line tail is mostly backtrace) and the input,
+/// escaped as a Rust byte string literal (`b"..."` replays it exactly).
+fn print_finding(log: &str, unit: &Path) {
+    let panic: Vec<&str> = log
+        .lines()
+        .skip_while(|l| !l.contains("panicked at"))
+        .take_while(|l| !l.starts_with("stack backtrace"))
+        .take(40)
+        .collect();
+    for l in panic {
+        eprintln!("  {l}");
+    }
+    match std::fs::read(unit) {
+        Ok(bytes) if bytes.len() <= MAX_PRINTED_INPUT => {
+            eprintln!("  input ({} bytes): b\"{}\"", bytes.len(), bytes.escape_ascii())
+        }
+        Ok(bytes) => eprintln!("  input: {} bytes, too long to print", bytes.len()),
+        Err(e) => eprintln!("  input: cannot read {}: {e}", unit.display()),
     }
 }
 

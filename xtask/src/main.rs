@@ -16,7 +16,7 @@
 //!   and a waypoint, and nginx (README numbers); `--only l4|l7`, `--mode
 //!   plain|hbone|all`; installs its own tools (nginx-light, oha) first. It
 //!   runs the image's binaries (and `demo` and `bench-kube` do too)
-//! * `fuzz`        build the fuzz targets, run each `--time SECS` (30); part of `test`
+//! * `fuzz`        build the fuzz targets, run each `--time SECS` (30); part of `test` (fixed seed, fresh corpus)
 //! * `soak`        the soak run (`--quick` for a smoke run; `soak.rs`)
 mod fuzz;
 mod soak;
@@ -463,6 +463,6 @@ fn test(args: &[String]) -> Result<()> {
     // tests/tests/image.rs checks the image the manifests run.
     build_shipped()?;
     pack_image()?;
-    fuzz::fuzz(&[])?;
+    fuzz::fuzz(&["--seed".into(), fuzz::CI_SEED.to_string(), "--fresh".into()])?;
     run(cargo().args(["test", "--workspace"]).args(args))
 }

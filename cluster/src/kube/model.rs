@@ -633,6 +633,7 @@ fn pod_spec(
     if let (true, Some(l)) = (ips.is_empty(), &local) {
         ips = l.cni_ips.get(pod.uid.to_string().as_str()).cloned().unwrap_or_default();
     }
+    ips = usable_ips(ips, &pod.key, warnings);
     if ips.is_empty() {
         return None; // not started yet: nobody can reach it
     }
@@ -671,6 +672,27 @@ fn pod_spec(
         name: name.to_string(),
         namespace: namespace.to_string(),
     })
+}
+
+/// A pod's addresses the mesh can use, each once: one nothing can reach
+/// (loopback, multicast, unspecified: the API does not refuse them, the
+/// enrolment checks do) is skipped with a warning, found by the
+/// `kube_translate` fuzz target.
+fn usable_ips(mut ips: Vec<IpAddr>, pod: &Key, warnings: &mut Vec<String>) -> Vec<IpAddr> {
+    let mut seen = Vec::with_capacity(ips.len());
+    ips.retain(|ip| {
+        if !crate::config::usable_pod_address(ip) {
+            warnings.push(format!(
+                "pod {pod}: {ip} cannot be a pod address (loopback, multicast or unspecified); ignored"
+            ));
+            return false;
+        }
+        // A pod has one or two addresses: a scan beats a set.
+        let first = !seen.contains(ip);
+        seen.push(*ip);
+        first
+    });
+    ips
 }
 
 fn service_spec(svc: &ServiceRecord, mine: &[&SliceRecord], warnings: &mut Vec<String>) -> Option<ServiceSpec> {
@@ -1413,6 +1435,36 @@ mod tests {
         for w in [
             "service other/web skipped until one of them goes: 10.96.0.10 is a VIP of service apps/web",
             "service apps/on-a-pod skipped until one of them goes: 10.1.0.1 is the address of pod apps/p",
+        ] {
+            assert!(t.warnings.iter().any(|x| x == w), "no `{w}` in {:?}", t.warnings);
+        }
+        let yaml = serde_yaml::to_string(&t.model).unwrap();
+        LocalConfig::parse(std::path::Path::new("translated.yaml"), &yaml).expect("the enrolment checks accept it");
+    }
+
+    /// Found by the `kube_translate` fuzz target (CI, 2026-12-04): a pod
+    /// listing a multicast address made a model the enrolment checks
+    /// refuse. Unusable addresses are skipped with a warning, a mapped one
+    /// is the IPv4 address, each address counts once; a pod left with none
+    /// is not listed (as one not started).
+    #[test]
+    fn a_pod_address_nothing_can_reach_is_skipped_with_a_warning() {
+        let input = inputs(
+            vec![namespace("apps", &[(DATAPLANE_MODE, "ambient")])],
+            vec![
+                pod("apps", "multi", NODE, &["10.1.0.1", "ff00:1:1::11", "10.1.0.1"]),
+                pod("apps", "mapped", "node2", &["::ffff:10.1.0.2", "fd00::2"]),
+                pod("apps", "none", "node2", &["127.0.0.1", "0.0.0.0", "224.0.0.1"]),
+            ],
+        );
+        let t = run(&input);
+        assert_eq!(find(&t, "multi").unwrap().ips, ips(&["10.1.0.1"]));
+        assert_eq!(find(&t, "mapped").unwrap().ips, ips(&["10.1.0.2", "fd00::2"]));
+        assert!(find(&t, "none").is_none());
+        for w in [
+            "pod apps/multi: ff00:1:1::11 cannot be a pod address (loopback, multicast or unspecified); ignored",
+            "pod apps/none: 127.0.0.1 cannot be a pod address (loopback, multicast or unspecified); ignored",
+            "pod apps/none: 224.0.0.1 cannot be a pod address (loopback, multicast or unspecified); ignored",
         ] {
             assert!(t.warnings.iter().any(|x| x == w), "no `{w}` in {:?}", t.warnings);
         }

@@ -168,6 +168,13 @@ impl PartialEq<str> for Uid {
     }
 }
 
+/// An address as the data path sees it: an IPv4-mapped IPv6 address is
+/// the IPv4 one (a connection never shows the mapped form, and the
+/// enrolment checks refuse it); text that is no address is skipped.
+fn address(s: &str) -> Option<IpAddr> {
+    s.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
+}
+
 /// What the model reads of a Pod.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodRecord {
@@ -220,7 +227,7 @@ impl PodRecord {
             labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             phase: st.and_then(|s| s.phase.as_deref()).map(Into::into),
-            ips: listed.into_iter().filter_map(|s| s.parse().ok()).collect(),
+            ips: listed.into_iter().filter_map(address).collect(),
             ready: st
                 .and_then(|s| s.conditions.as_ref())
                 .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
@@ -285,7 +292,7 @@ impl ServiceRecord {
             key: Key::of(&svc.metadata)?,
             labels: Arc::new(labels),
             // Headless and ExternalName services have none.
-            vips: listed.into_iter().filter_map(|s| s.parse().ok()).collect(),
+            vips: listed.into_iter().filter_map(|s| address(s)).collect(),
             ports: spec
                 .and_then(|s| s.ports.as_ref())
                 .into_iter()
@@ -346,7 +353,7 @@ impl SliceRecord {
                 .endpoints
                 .iter()
                 .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-                .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()))
+                .flat_map(|e| e.addresses.iter().filter_map(|a| address(a)))
                 .collect(),
             key,
         })
