@@ -71,7 +71,7 @@ fn verdict(pod: &Pod, ns: &Namespace) -> Verdict {
     let facts = PodFacts {
         labels: pod.metadata.labels.as_ref(),
         host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
-        phase: pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        finished: membership::finished(pod.status.as_ref().and_then(|s| s.phase.as_deref())),
         // Gateways are not readable here; the controller's waypoint pods
         // are labelled dataplane-mode=none, and anything else waits for the
         // agent, which knows.

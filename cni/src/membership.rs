@@ -29,8 +29,8 @@ pub enum Membership {
 pub struct PodFacts<'a> {
     pub labels: Option<&'a BTreeMap<String, String>>,
     pub host_network: bool,
-    /// `status.phase`.
-    pub phase: Option<&'a str>,
+    /// Its containers all ended ([`finished`] of `status.phase`).
+    pub finished: bool,
     /// The pod carries the gateway-name label of a waypoint Gateway (only
     /// the agent, which watches Gateways, can tell; the waypoint controller
     /// also labels them `istio.io/dataplane-mode=none`).
@@ -52,7 +52,7 @@ pub fn membership(pod: PodFacts, ns_labels: Option<&BTreeMap<String, String>>) -
     if pod.host_network {
         return Membership::HostNetwork;
     }
-    if finished(pod.phase) {
+    if pod.finished {
         return Membership::Finished;
     }
     if pod.waypoint {
@@ -103,10 +103,13 @@ mod tests {
         for phase in ["Succeeded", "Failed"] {
             let facts = PodFacts {
                 labels: Some(&ambient),
-                phase: Some(phase),
+                finished: finished(Some(phase)),
                 ..Default::default()
             };
             assert_eq!(membership(facts, Some(&ambient)), Membership::Finished);
+        }
+        for phase in [None, Some("Pending"), Some("Running"), Some("Unknown")] {
+            assert!(!finished(phase), "{phase:?}");
         }
     }
 

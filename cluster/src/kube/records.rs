@@ -184,7 +184,8 @@ pub struct PodRecord {
     pub service_account: Str,
     pub labels: Labels,
     pub host_network: bool,
-    pub phase: Option<Str>,
+    /// `status.phase` is Succeeded or Failed (all the model reads of it).
+    pub finished: bool,
     pub ips: Box<[IpAddr]>,
     /// The Ready condition is True.
     pub ready: bool,
@@ -200,9 +201,6 @@ impl Record for PodRecord {
         i.labels(&mut self.labels);
         if let Some(n) = &mut self.node {
             i.str(n);
-        }
-        if let Some(p) = &mut self.phase {
-            i.str(p);
         }
     }
 }
@@ -226,7 +224,7 @@ impl PodRecord {
                 .into(),
             labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-            phase: st.and_then(|s| s.phase.as_deref()).map(Into::into),
+            finished: mesh_cni::membership::finished(st.and_then(|s| s.phase.as_deref())),
             ips: listed.into_iter().filter_map(address).collect(),
             ready: st
                 .and_then(|s| s.conditions.as_ref())
@@ -241,7 +239,7 @@ impl PodRecord {
         mesh_cni::membership::PodFacts {
             labels: Some(&self.labels),
             host_network: self.host_network,
-            phase: self.phase.as_deref(),
+            finished: self.finished,
             waypoint,
         }
     }
