@@ -388,7 +388,7 @@ impl NodeState {
 /// `State` reads, and it keeps what it needs: a second copy of every pod
 /// of the cluster was a fifth of the agent's memory.
 fn node_part(mut model: LocalConfig, node: &str) -> LocalConfig {
-    model.pods.retain(|p| p.node == node);
+    model.pods.retain(|p| *p.node == *node);
     // Kept until the next change: without this the list kept the capacity
     // of every pod of the cluster (208 bytes each, the pages written).
     model.pods.shrink_to_fit();
@@ -873,7 +873,7 @@ waypoints:
     #[test]
     fn node_part_keeps_no_room_for_the_clusters_pods() {
         let mut model = LocalConfig::parse(std::path::Path::new("model.yaml"), MODEL).unwrap();
-        let remote = model.pods.iter().find(|p| p.node == "node2").unwrap().clone();
+        let remote = model.pods.iter().find(|p| &*p.node == "node2").unwrap().clone();
         model.pods.extend(std::iter::repeat_n(remote, 1000));
         let part = node_part(model, "node1");
         assert_eq!(part.pods.len(), 2);

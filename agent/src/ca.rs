@@ -68,7 +68,7 @@ impl Authorizer for ConfigAuthorizer {
         let cfg = LocalConfig::load(&self.config).map_err(|e| format!("cannot read the pod list: {e}"))?;
         let found = cfg
             .mesh_pods_on(node)
-            .any(|p| p.namespace == id.namespace && p.service_account == id.service_account);
+            .any(|p| *p.namespace == *id.namespace && *p.service_account == *id.service_account);
         found.then_some(()).ok_or_else(|| not_on_node(node, id))
     }
 }

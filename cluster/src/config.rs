@@ -175,12 +175,16 @@ pub struct CaptureSettings {
 pub struct PodSpec {
     /// Kubernetes UID, when known (informational: logs and the config dump).
     #[serde(default)]
-    pub uid: Option<String>,
-    pub name: String,
-    pub namespace: String,
+    pub uid: Option<crate::kube::records::Uid>,
+    // Shared strings: the Kubernetes model's records, every translation's
+    // spec and the data plane hold one copy (a translation allocated five
+    // small strings per pod of the cluster, and their churn left the
+    // records' pages a fifth empty).
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
     #[serde(default = "default_service_account")]
-    pub service_account: String,
-    pub node: String,
+    pub service_account: Arc<str>,
+    pub node: Arc<str>,
     /// Path of the pod's network namespace (e.g. /run/netns/<name>); needed
     /// for pods of this node only (pods elsewhere are peers, not captured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -247,8 +251,8 @@ fn default_true() -> bool {
     true
 }
 
-fn default_service_account() -> String {
-    "default".to_string()
+fn default_service_account() -> Arc<str> {
+    "default".into()
 }
 
 impl PodSpec {
@@ -284,11 +288,11 @@ impl PodSpec {
     fn workload(
         &self,
     ) -> (
-        &Option<String>,
-        &String,
-        &String,
-        &String,
-        &String,
+        &Option<crate::kube::records::Uid>,
+        &Arc<str>,
+        &Arc<str>,
+        &Arc<str>,
+        &Arc<str>,
         &Vec<IpAddr>,
         &Labels,
         bool,
@@ -556,7 +560,7 @@ impl LocalConfig {
         pod.labels.get(crate::waypoint::GATEWAY_NAME_LABEL).is_some_and(|gw| {
             self.waypoints
                 .iter()
-                .any(|w| &w.name == gw && w.namespace == pod.namespace)
+                .any(|w| &w.name == gw && *w.namespace == *pod.namespace)
         })
     }
 
@@ -565,7 +569,7 @@ impl LocalConfig {
         let node = node.to_owned();
         self.pods
             .iter()
-            .filter(move |p| p.node == node && p.tunnel == TunnelProtocol::Hbone)
+            .filter(move |p| *p.node == *node && p.tunnel == TunnelProtocol::Hbone)
     }
 
     /// Pods this agent captures: in the mesh on this node, with a known
@@ -578,7 +582,7 @@ impl LocalConfig {
 
     /// Whether this agent on `node` captures `pod` (the rule of [`Self::pods_on`]).
     pub fn captures(&self, node: &str, pod: &PodSpec) -> bool {
-        pod.node == node && pod.tunnel == TunnelProtocol::Hbone && pod.netns.is_some() && !self.is_waypoint_pod(pod)
+        *pod.node == *node && pod.tunnel == TunnelProtocol::Hbone && pod.netns.is_some() && !self.is_waypoint_pod(pod)
     }
 
     /// Puts `pod` in place of the pod of the same namespace and name, or
@@ -669,7 +673,7 @@ pods:
     fn parses_the_documented_schema() {
         let cfg = parse(GOOD).unwrap();
         assert_eq!(cfg.pods[0].key(), "default/client");
-        assert_eq!(cfg.pods[0].service_account, "default");
+        assert_eq!(&*cfg.pods[0].service_account, "default");
         assert_eq!(cfg.capture.exclude_cidrs[1].prefix, 32);
         assert_eq!(cfg.pods_on("node1").count(), 1);
         assert_eq!(cfg.pods_on("node2").count(), 0);

@@ -429,7 +429,7 @@ impl State {
                 let picked = || -> Vec<IpAddr> {
                     cfg.pods
                         .iter()
-                        .filter(|p| p.healthy && p.namespace == spec.namespace)
+                        .filter(|p| p.healthy && *p.namespace == *spec.namespace)
                         .filter(|p| spec.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
                         .flat_map(|p| p.ips.iter().copied())
                         .collect()

@@ -316,7 +316,7 @@ fn info(cfg: &LocalConfig, w: &WaypointSpec, trust_domain: &str) -> WaypointInfo
     let pods = cfg
         .pods
         .iter()
-        .filter(|p| p.healthy && p.namespace == w.namespace)
+        .filter(|p| p.healthy && *p.namespace == *w.namespace)
         .filter(|p| p.labels.get(GATEWAY_NAME_LABEL) == Some(&w.name))
         .flat_map(|p| p.ips.iter().copied())
         .collect();
@@ -387,7 +387,7 @@ impl Ctx<'_> {
         if let Some(choice) = use_waypoint(&p.labels, &p.namespace) {
             return self.binding(kind, p.key(), choice?, BindingSource::OwnLabel);
         }
-        if let Some(w) = self.per_sa.get(&(p.namespace.as_str(), p.service_account.as_str())) {
+        if let Some(w) = self.per_sa.get(&(&*p.namespace, &*p.service_account)) {
             let wp = key(&w.namespace, &w.name);
             return self.binding(kind, p.key(), wp, BindingSource::ServiceAccount);
         }
@@ -442,12 +442,12 @@ pub fn service_accounts(cfg: &LocalConfig, s: &ServiceSpec) -> Vec<String> {
     let mut out: Vec<String> = cfg
         .pods
         .iter()
-        .filter(|p| p.namespace == s.namespace || s.endpoints.is_some())
+        .filter(|p| *p.namespace == *s.namespace || s.endpoints.is_some())
         .filter(|p| match &s.endpoints {
             Some(eps) => p.ips.iter().any(|ip| eps.contains(ip)),
             None => s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)),
         })
-        .map(|p| p.service_account.clone())
+        .map(|p| p.service_account.to_string())
         .collect();
     out.sort();
     out.dedup();
@@ -787,7 +787,7 @@ services:
             .iter_mut()
             .filter(|p| p.name.starts_with("wp-"))
             .for_each(|p| p.healthy = false);
-        cfg.pods.retain(|p| p.name != "web-2");
+        cfg.pods.retain(|p| &*p.name != "web-2");
         let new = Bindings::compute(&cfg, "td");
         let changes = new.changes_from(&old);
         let set: Vec<(&str, BindingStatus)> = changes
@@ -809,7 +809,7 @@ services:
             "pods:\n  - {name: wp-a, namespace: apps, node: n1, netns: /x, cgroup: /y, ips: [\"10.0.9.1\"], labels: {gateway.networking.k8s.io/gateway-name: wp}}\n  - {name: gw, namespace: apps, node: n1, netns: /x, cgroup: /y, ips: [\"10.0.9.2\"], labels: {gateway.networking.k8s.io/gateway-name: ingress}}\nwaypoints:\n  - {name: wp, namespace: apps}\n",
         )
         .unwrap();
-        let captured: Vec<&str> = cfg.pods_on("n1").map(|p| p.name.as_str()).collect();
+        let captured: Vec<&str> = cfg.pods_on("n1").map(|p| &*p.name).collect();
         assert_eq!(captured, ["gw"], "only pods of a listed waypoint are exempt");
         assert_eq!(
             cfg.mesh_pods_on("n1").count(),

@@ -22,7 +22,7 @@ const N: usize = 400;
 /// The cluster with per-pod Services; `more` edits it further.
 fn routing_cluster(c: &mut LocalConfig) {
     for p in &mut c.pods {
-        let track = match p.name.as_str() {
+        let track = match &*p.name {
             "web-a" => "a",
             "web-b" => "b",
             _ => continue,

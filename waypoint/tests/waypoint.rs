@@ -166,7 +166,7 @@ async fn unknown_authority_is_503_on_connect_and_a_vanished_route_404_nr() {
 async fn no_ready_endpoint_is_503_uh() {
     let mut w = World::with("uh", LimitArgs::default(), |c| {
         for p in &mut c.pods {
-            p.healthy = p.name == "client";
+            p.healthy = &*p.name == "client";
         }
     })
     .await;

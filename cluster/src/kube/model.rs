@@ -629,12 +629,12 @@ fn pod_spec(
     local: Option<&mut Local>,
     warnings: &mut Vec<String>,
 ) -> Option<PodSpec> {
-    let node = pod.node.as_deref()?;
+    let node = pod.node.as_ref()?;
     if matches!(member, Membership::HostNetwork | Membership::Finished) {
         return None;
     }
     let (namespace, name) = (&*pod.key.namespace, &*pod.key.name);
-    let local = local.filter(|l| l.node == node);
+    let local = local.filter(|l| l.node == &**node);
     let mut ips = pod.ips.to_vec();
     if let (true, Some(l)) = (ips.is_empty(), &local) {
         ips = l.cni_ips.get(pod.uid.to_string().as_str()).cloned().unwrap_or_default();
@@ -643,13 +643,11 @@ fn pod_spec(
     if ips.is_empty() {
         return None; // not started yet: nobody can reach it
     }
-    // Formatted only for a pod that gets a spec (not for every pending
-    // pod, every translation).
-    let owned_uid = pod.uid.to_string();
-    let uid = owned_uid.as_str();
-    let own = local.as_ref().is_some_and(|l| l.own_uid == Some(uid));
+    let uid = &pod.uid;
+    let own = local.as_ref().is_some_and(|l| l.own_uid.is_some_and(|o| *uid == *o));
     let in_mesh = member == Membership::Ambient && !own;
-    let (netns, cgroup) = match local.filter(|_| in_mesh).map(|l| (l.locate)(uid, &ips)) {
+    // The UID as text only for this node's pods in the mesh.
+    let (netns, cgroup) = match local.filter(|_| in_mesh).map(|l| (l.locate)(&uid.to_string(), &ips)) {
         Some(Some(loc)) => (Some(loc.netns), Some(loc.cgroup)),
         Some(None) => {
             warnings.push(format!(
@@ -660,9 +658,9 @@ fn pod_spec(
         None => (None, None),
     };
     Some(PodSpec {
-        uid: Some(owned_uid),
-        service_account: pod.service_account.to_string(),
-        node: node.to_string(),
+        uid: Some(uid.clone()),
+        service_account: pod.service_account.clone(),
+        node: node.clone(),
         netns,
         cgroup,
         ips,
@@ -675,8 +673,8 @@ fn pod_spec(
             TunnelProtocol::None
         },
         labels: pod.labels.clone(),
-        name: name.to_string(),
-        namespace: namespace.to_string(),
+        name: pod.key.name.clone(),
+        namespace: pod.key.namespace.clone(),
     })
 }
 
@@ -685,19 +683,21 @@ fn pod_spec(
 /// enrolment checks do) is skipped with a warning, found by the
 /// `kube_translate` fuzz target.
 fn usable_ips(mut ips: Vec<IpAddr>, pod: &Key, warnings: &mut Vec<String>) -> Vec<IpAddr> {
-    let mut seen = Vec::with_capacity(ips.len());
-    ips.retain(|ip| {
-        if !crate::config::usable_pod_address(ip) {
+    let mut i = 0;
+    while i < ips.len() {
+        let ip = ips[i];
+        if !crate::config::usable_pod_address(&ip) {
             warnings.push(format!(
                 "pod {pod}: {ip} cannot be a pod address (loopback, multicast or unspecified); ignored"
             ));
-            return false;
+            ips.remove(i);
+        } else if ips[..i].contains(&ip) {
+            // A pod has one or two addresses: a scan, no set.
+            ips.remove(i);
+        } else {
+            i += 1;
         }
-        // A pod has one or two addresses: a scan beats a set.
-        let first = !seen.contains(ip);
-        seen.push(*ip);
-        first
-    });
+    }
     ips
 }
 
@@ -1006,7 +1006,7 @@ mod tests {
     }
 
     fn find<'a>(t: &'a Translated, name: &str) -> Option<&'a PodSpec> {
-        t.model.pods.iter().find(|p| p.name == name)
+        t.model.pods.iter().find(|p| &*p.name == name)
     }
 
     fn tunnel(t: &Translated, name: &str) -> TunnelProtocol {
@@ -1027,8 +1027,8 @@ mod tests {
         ));
         let p = find(&t, "web").unwrap();
         assert_eq!(p.tunnel, TunnelProtocol::Hbone);
-        assert_eq!((p.namespace.as_str(), p.service_account.as_str()), ("apps", "sa-web"));
-        assert_eq!(p.uid.as_deref(), Some("uid-web"));
+        assert_eq!((&*p.namespace, &*p.service_account), ("apps", "sa-web"));
+        assert_eq!(p.uid.as_ref().map(ToString::to_string).as_deref(), Some("uid-web"));
         assert_eq!(p.netns, Some(location("uid-web").netns));
         assert!(t.warnings.is_empty(), "{:?}", t.warnings);
     }
@@ -1077,7 +1077,7 @@ mod tests {
                 pod("apps", "live", NODE, &["10.1.0.4"]),
             ],
         ));
-        let names: Vec<&str> = t.model.pods.iter().map(|p| p.name.as_str()).collect();
+        let names: Vec<&str> = t.model.pods.iter().map(|p| &*p.name).collect();
         assert_eq!(names, ["live"]);
     }
 
@@ -1107,7 +1107,7 @@ mod tests {
             ("uid-elsewhere".to_string(), ips(&["10.2.0.5"])),
         ]);
         let (t, _) = run_local(&input, None, &cni);
-        let names: Vec<&str> = t.model.pods.iter().map(|p| p.name.as_str()).collect();
+        let names: Vec<&str> = t.model.pods.iter().map(|p| &*p.name).collect();
         assert_eq!(names, ["new"]);
         assert_eq!(t.model.pods[0].ips, ips(&["10.1.0.5"]));
         assert_eq!(t.model.pods[0].tunnel, TunnelProtocol::Hbone);
@@ -1197,7 +1197,7 @@ mod tests {
             "{:?}",
             t.warnings
         );
-        let captured: Vec<&str> = t.model.pods_on(NODE).map(|p| p.name.as_str()).collect();
+        let captured: Vec<&str> = t.model.pods_on(NODE).map(|p| &*p.name).collect();
         assert_eq!(captured, ["found"]);
         assert_eq!(t.model.mesh_pods_on(NODE).count(), 2);
     }
@@ -1211,7 +1211,7 @@ mod tests {
                 pod("apps", "second", "node2", &["fd00::2", "10.1.0.1"]),
             ],
         ));
-        let names: Vec<&str> = t.model.pods.iter().map(|p| p.name.as_str()).collect();
+        let names: Vec<&str> = t.model.pods.iter().map(|p| &*p.name).collect();
         assert_eq!(names, ["first"]);
         assert_eq!(t.warnings.len(), 1);
         let w = &t.warnings[0];
@@ -1242,7 +1242,7 @@ mod tests {
                 with_conditions("none", "10.1.0.5", None),
             ],
         ));
-        let health: Vec<(&str, bool)> = t.model.pods.iter().map(|p| (p.name.as_str(), p.healthy)).collect();
+        let health: Vec<(&str, bool)> = t.model.pods.iter().map(|p| (&*p.name, p.healthy)).collect();
         assert_eq!(
             health,
             [
@@ -1645,7 +1645,7 @@ mod tests {
             Model::from_inputs(&input).membership(&PodRecord::from_k8s(&wp_pod).unwrap()),
             Membership::Waypoint
         );
-        let captured: Vec<&str> = t.model.pods_on(NODE).map(|p| p.name.as_str()).collect();
+        let captured: Vec<&str> = t.model.pods_on(NODE).map(|p| &*p.name).collect();
         assert_eq!(captured, ["gw-1"]);
     }
 
@@ -2164,6 +2164,24 @@ mod tests {
         assert!(Arc::ptr_eq(&m.pod("a", "new").unwrap().labels, &labels));
     }
 
+    /// A translation (one per batch of changes, over every pod of the
+    /// cluster) lends the records' strings: copied, their churn left the
+    /// records' pages partly empty (bench-kube, README "Memory").
+    #[test]
+    fn a_translated_pod_shares_the_records_strings() {
+        let (m, _) = small_cluster();
+        let t = m.translate(None);
+        assert!(!t.model.pods.is_empty());
+        for p in &t.model.pods {
+            let r = m.pod(&p.namespace, &p.name).unwrap();
+            assert!(Arc::ptr_eq(&p.name, &r.key.name), "{}", p.key());
+            assert!(Arc::ptr_eq(&p.namespace, &r.key.namespace), "{}", p.key());
+            assert!(Arc::ptr_eq(&p.service_account, &r.service_account), "{}", p.key());
+            assert!(Arc::ptr_eq(&p.node, r.node.as_ref().unwrap()), "{}", p.key());
+            assert_eq!(p.uid.as_ref(), Some(&r.uid));
+        }
+    }
+
     #[test]
     fn a_services_only_slice_lends_its_endpoint_list_to_the_spec_and_the_data_plane() {
         let (m, _) = small_cluster();
@@ -2331,7 +2349,7 @@ mod tests {
         assert!(t
             .pods
             .iter()
-            .filter(|p| p.namespace == "b")
+            .filter(|p| &*p.namespace == "b")
             .all(|p| p.tunnel == TunnelProtocol::Hbone));
         let wp_pod = t.pods.iter().find(|p| p.key() == "a/p0").unwrap();
         assert_eq!((wp_pod.tunnel, wp_pod.netns.as_ref()), (TunnelProtocol::Hbone, None));

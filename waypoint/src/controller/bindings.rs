@@ -812,7 +812,7 @@ waypoints:
 
         // No ready pod.
         let mut cfg = model("istio.io/use-waypoint: wp", "for: service", "");
-        cfg.pods.retain(|p| p.name != "wp-a");
+        cfg.pods.retain(|p| &*p.name != "wp-a");
         let c = &desired(&cfg).conditions[&svc("web")];
         assert_eq!((c.ok, c.reason.as_str()), (false, "WaypointIsNotReady"));
         assert!(c.message.starts_with("waypoint \"apps/wp\" is not ready"), "{c:?}");
@@ -895,7 +895,7 @@ waypoints:
                 .insert(waypoint::USE_WAYPOINT.into(), "none".into());
         };
         let mut cfg = model("istio.io/use-waypoint: wp", "for: service", "");
-        cfg.pods.retain(|p| p.name != "wp-a");
+        cfg.pods.retain(|p| &*p.name != "wp-a");
         opt_out(&mut cfg);
         let writes = plan(&desired(&cfg).conditions, &seen);
         let got: Vec<(String, Option<bool>, bool)> = writes
