@@ -390,7 +390,7 @@ impl NodeState {
 fn node_part(mut model: LocalConfig, node: &str) -> LocalConfig {
     model.pods.retain(|p| *p.node == *node);
     // Kept until the next change: without this the list kept the capacity
-    // of every pod of the cluster (208 bytes each, the pages written).
+    // of every pod of the cluster (176 bytes each, the pages written).
     model.pods.shrink_to_fit();
     LocalConfig {
         services: Vec::new(),

@@ -241,10 +241,7 @@ fn waypoint_gateway_of(pod: &Pod, key: &str, token_sa: &str) -> Result<String, S
             "pod {key} runs as service account {sa}, the token is {token_sa}'s; refusing"
         ));
     }
-    if matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    ) {
+    if mesh_cni::membership::finished(pod.status.as_ref().and_then(|s| s.phase.as_deref())) {
         return Err(format!("pod {key} has finished; refusing its token"));
     }
     let gateway = pod
@@ -388,10 +385,7 @@ impl Authorizer for KubeAuthorizer {
                     .and_then(|s| s.service_account_name.as_deref())
                     .unwrap_or("default")
                     == id.service_account
-                && !matches!(
-                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                    Some("Succeeded" | "Failed")
-                )
+                && !mesh_cni::membership::finished(p.status.as_ref().and_then(|s| s.phase.as_deref()))
         });
         found.then_some(()).ok_or_else(|| not_on_node(node, id))
     }

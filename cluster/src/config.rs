@@ -103,12 +103,12 @@ pub struct ServiceSpec {
     pub ports: Vec<ServicePort>,
     /// Pods of the namespace with these labels back the service. Shared
     /// with the Kubernetes model's record.
-    #[serde(default, with = "shared_labels")]
+    #[serde(default)]
     pub selector: Labels,
     /// Explicit endpoint addresses (as EndpointSlices give them); when set,
     /// they back the service instead of the selector. Shared with the
     /// Kubernetes model's slice record and the data plane's `State`.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "shared_ips")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Arc<[IpAddr]>>,
     #[serde(default)]
     pub load_balancing: LoadBalancing,
@@ -196,7 +196,7 @@ pub struct PodSpec {
     pub ips: Vec<IpAddr>,
     /// Shared: the Kubernetes model's records, this spec and the data
     /// plane's workload hold one copy per distinct set of labels.
-    #[serde(default, with = "shared_labels")]
+    #[serde(default)]
     pub labels: Labels,
     /// Unhealthy pods are no service endpoint (default: healthy).
     #[serde(default = "default_true")]
@@ -206,38 +206,9 @@ pub struct PodSpec {
     pub tunnel: TunnelProtocol,
 }
 
-/// A label map, shared between the copies of a pod.
+/// A label map, shared between the copies of a pod ((de)serialized as a
+/// plain map: serde's `rc` feature).
 pub type Labels = Arc<BTreeMap<String, String>>;
-
-/// (De)serializes [`Labels`] as a plain map (serde's own `Arc` support is a
-/// feature every crate of the workspace would recompile for).
-mod shared_labels {
-    use super::{BTreeMap, Labels};
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    pub fn serialize<S: Serializer>(labels: &Labels, s: S) -> Result<S::Ok, S::Error> {
-        labels.as_ref().serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
-        BTreeMap::deserialize(d).map(Labels::new)
-    }
-}
-
-/// (De)serializes shared endpoint addresses as a plain list (as
-/// [`shared_labels`]).
-mod shared_ips {
-    use super::{Arc, IpAddr};
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    pub fn serialize<S: Serializer>(ips: &Option<Arc<[IpAddr]>>, s: S) -> Result<S::Ok, S::Error> {
-        ips.as_deref().serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<[IpAddr]>>, D::Error> {
-        Option::<Vec<IpAddr>>::deserialize(d).map(|ips| ips.map(Into::into))
-    }
-}
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, Hash)]
 #[serde(rename_all = "UPPERCASE")]

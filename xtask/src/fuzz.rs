@@ -5,11 +5,12 @@
 //! once it fails) and the command that replays it.
 //!
 //! `cargo xtask test` runs every target as CI must: `--seed` fixed and
-//! `--fresh` (from the checked-in seeds only, not what earlier runs found),
-//! so a commit's CI run explores the same inputs on every machine, a
-//! slower machine a prefix of what a faster one tries, and a finding
-//! replays with the same command here. Exploring for new findings is
-//! `cargo xtask fuzz` without them (libFuzzer picks a seed per run).
+//! `--fresh` (from the checked-in seeds only, in a corpus of its own, not
+//! what earlier runs found), so a commit's CI run draws the same inputs on
+//! every machine (a slower one stops sooner in the sequence; as far as the
+//! targets are deterministic), and a finding replays with the same command
+//! here. Exploring for new findings is `cargo xtask fuzz` without them
+//! (libFuzzer picks a seed per run; the working corpus is kept).
 //!
 //! Build choices (README "Fuzzing"): no sanitizer (the targets and the code
 //! they reach are safe Rust: ASan finds memory errors, not panics, and
@@ -94,7 +95,11 @@ fn parse_args(args: &[String]) -> Result<Opts> {
             }
             "--seed" => {
                 let v = it.next().context("--seed needs a number")?;
-                let n = v.parse().with_context(|| format!("--seed {v}: not a number"))?;
+                let n: u32 = v.parse().with_context(|| format!("--seed {v}: not a number"))?;
+                // libFuzzer reads 0 as "pick one".
+                if n == 0 {
+                    bail!("--seed 0 means a random seed to libFuzzer: give 1 or more, or leave --seed out");
+                }
                 o.seed = Some(n);
             }
             "--fresh" => o.fresh = true,
@@ -200,10 +205,13 @@ fn cargo_fuzz(tool: &Path, cmd: &str) -> Command {
 }
 
 /// One target for `secs` seconds, from a working copy of its seeds (new
-/// inputs it finds stay there, outside the repository).
+/// inputs it finds stay there, outside the repository). A `--fresh` run
+/// works in a copy of its own, emptied first: the explorer's corpus stays.
 fn run_target(t: &str, opts: &Opts) -> Result<()> {
     let seeds = fuzz_dir().join("corpus").join(t);
-    let corpus = work_dir().join("corpus").join(t);
+    let corpus = work_dir()
+        .join(if opts.fresh { "fresh-corpus" } else { "corpus" })
+        .join(t);
     if opts.fresh && corpus.exists() {
         std::fs::remove_dir_all(&corpus).with_context(|| format!("cannot empty {}", corpus.display()))?;
     }
@@ -242,6 +250,8 @@ fn run_target(t: &str, opts: &Opts) -> Result<()> {
         Some(unit) => {
             print_finding(&text, Path::new(unit));
             if let Some(seed) = opts.seed {
+                // The same inputs in the same order, as far as this run got
+                // (a time limit: a slower machine stops sooner).
                 let fresh = if opts.fresh { " --fresh" } else { "" };
                 eprintln!(
                     "  the same run again: cargo xtask fuzz --seed {seed}{fresh} --time {} {t}",

@@ -678,13 +678,17 @@ fn pod_spec(
     })
 }
 
-/// A pod's addresses the mesh can use, each once: one nothing can reach
+/// A pod's addresses the mesh can use, each once and in IPv4 form when
+/// mapped: one nothing can reach
 /// (loopback, multicast, unspecified: the API does not refuse them, the
 /// enrolment checks do) is skipped with a warning, found by the
 /// `kube_translate` fuzz target.
 fn usable_ips(mut ips: Vec<IpAddr>, pod: &Key, warnings: &mut Vec<String>) -> Vec<IpAddr> {
     let mut i = 0;
     while i < ips.len() {
+        // The records fold mapped addresses already; the CNI plugin's
+        // come as the runtime reported them.
+        ips[i] = ips[i].to_canonical();
         let ip = ips[i];
         if !crate::config::usable_pod_address(&ip) {
             warnings.push(format!(
@@ -1476,6 +1480,12 @@ mod tests {
         }
         let yaml = serde_yaml::to_string(&t.model).unwrap();
         LocalConfig::parse(std::path::Path::new("translated.yaml"), &yaml).expect("the enrolment checks accept it");
+        // Addresses from the CNI plugin (the API has none yet) alike.
+        let mut input = input;
+        input.pods = arcs(vec![pod("apps", "cni", NODE, &[])]);
+        let cni = HashMap::from([("uid-cni".to_string(), ips(&["::ffff:10.1.0.9", "ff02::1"]))]);
+        let (t, _) = run_local(&input, None, &cni);
+        assert_eq!(find(&t, "cni").unwrap().ips, ips(&["10.1.0.9"]));
     }
 
     #[test]

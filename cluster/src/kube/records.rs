@@ -91,7 +91,8 @@ impl Interner {
     fn maybe_sweep(&mut self) {
         let n = self.strs.len() + self.labels.len();
         if n > 2 * self.swept_at.max(512) {
-            // Only the interner holds it: no record uses it any more.
+            // Only the interner holds it: no record (nor a spec translated
+            // from one) uses it any more.
             self.strs.retain(|s| Arc::strong_count(s) > 1);
             self.labels.retain(|l| Arc::strong_count(l) > 1);
             self.swept_at = self.strs.len() + self.labels.len();
@@ -159,8 +160,7 @@ impl serde::Serialize for Uid {
 
 impl<'de> serde::Deserialize<'de> for Uid {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Ok(Self::new(&s))
+        Ok(Self::new(&String::deserialize(d)?))
     }
 }
 
@@ -466,6 +466,35 @@ pub fn project_pod(pod: &mut Pod) {
 #[cfg(test)]
 mod tests {
     use super::Uid;
+
+    /// The enrolment file and the config dump carry a pod's UID as the
+    /// string it is (it was a `String` there before it was a `Uid`).
+    #[test]
+    fn a_uid_is_written_and_read_as_its_string() {
+        let canonical = "0b5e7a1c-3f2d-4e8a-9c61-5d2f4b7a8e90";
+        let upper = "0B5E7A1C-3F2D-4E8A-9C61-5D2F4B7A8E90";
+        for s in [
+            canonical,
+            upper,
+            "{0b5e7a1c-3f2d-4e8a-9c61-5d2f4b7a8e90}",
+            "uid-web",
+            "",
+        ] {
+            let uid = Uid::new(s);
+            assert_eq!(serde_json::to_string(&uid).unwrap(), serde_json::to_string(s).unwrap());
+            assert_eq!(
+                serde_yaml::from_str::<Uid>(&serde_yaml::to_string(&uid).unwrap()).unwrap(),
+                uid
+            );
+            assert_eq!(
+                serde_json::from_str::<Uid>(&serde_json::to_string(s).unwrap())
+                    .unwrap()
+                    .to_string(),
+                s
+            );
+        }
+        assert!(serde_json::from_str::<Uid>("7").is_err(), "a UID is a string");
+    }
 
     #[test]
     fn a_uid_prints_back_as_it_came_and_a_uuid_takes_no_allocation() {
