@@ -41,7 +41,7 @@ const TRIPLE: &str = "x86_64-unknown-linux-gnu";
 
 /// The seed CI's runs use (any fixed value does; changing it changes what
 /// CI explores).
-pub const CI_SEED: u32 = 1;
+const CI_SEED: u32 = 1;
 
 /// How the targets run.
 struct Opts {
@@ -52,8 +52,23 @@ struct Opts {
     wanted: Vec<String>,
 }
 
+/// `cargo xtask fuzz ARGS`.
 pub fn fuzz(args: &[String]) -> Result<()> {
-    let opts = parse_args(args)?;
+    fuzz_with(parse_args(args)?)
+}
+
+/// Every target as CI runs it (`cargo xtask test`): the fixed seed, from
+/// the checked-in seeds only, for the default time.
+pub fn ci() -> Result<()> {
+    fuzz_with(Opts {
+        secs: DEFAULT_SECS,
+        seed: Some(CI_SEED),
+        fresh: true,
+        wanted: Vec::new(),
+    })
+}
+
+fn fuzz_with(opts: Opts) -> Result<()> {
     setup()?;
     // libfuzzer-sys compiles libFuzzer (C++).
     apt_install(&["g++"])?;
@@ -271,7 +286,7 @@ fn run_target(t: &str, opts: &Opts) -> Result<()> {
 /// fails, so the log must carry what replays the finding.
 const MAX_PRINTED_INPUT: usize = 16 * 1024;
 
-/// The panic message (the 40-line tail is mostly backtrace) and the input,
+/// The panic message (libFuzzer's tail is mostly backtrace) and the input,
 /// escaped as a Rust byte string literal (`b"..."` replays it exactly).
 fn print_finding(log: &str, unit: &Path) {
     let panic: Vec<&str> = log

@@ -463,6 +463,6 @@ fn test(args: &[String]) -> Result<()> {
     // tests/tests/image.rs checks the image the manifests run.
     build_shipped()?;
     pack_image()?;
-    fuzz::fuzz(&["--seed".into(), fuzz::CI_SEED.to_string(), "--fresh".into()])?;
+    fuzz::ci()?;
     run(cargo().args(["test", "--workspace"]).args(args))
 }
