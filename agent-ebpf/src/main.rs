@@ -53,6 +53,10 @@ const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 /// `lo` has ifindex 1 in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
+/// 127.0.0.1 as the kernel stores it (network order in memory).
+const LOOPBACK4_RAW: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+/// ::1
+const LOOPBACK6: Ip6 = Ip6::from_octets([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 
@@ -423,6 +427,37 @@ fn insert_app(ctx: &SockOpsContext, netns_cookie: u64) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
 }
 
+/// The agent's accepted socket of a client hop (app -> 127.0.0.1:15001 or
+/// [::1]:15001, the agent's listeners in the pod) goes into SM_AGENT here,
+/// keyed as the app's socket sees the hop. This callback runs when the
+/// handshake's last ACK reaches the listener: on `lo` that is inside the
+/// app's connect(), so an app that writes at once finds the agent's end
+/// and is redirected from its first byte (the agent's own insert after
+/// accept() comes too late for it). It runs only when the agent's cgroup
+/// is below the cgroup these programs are attached to (the default: the
+/// cgroup v2 root); otherwise the agent's insert is the only one.
+#[inline(always)]
+fn insert_agent(ctx: &SockOpsContext, netns_cookie: u64) {
+    let own = ops_hop_key(ctx, netns_cookie);
+    // Only the agent listens on the loopback addresses' 15001 in a pod; an
+    // app may have its own 15001 on the pod's address.
+    if own.src != Ip6::from_v4_raw(LOOPBACK4_RAW) && own.src != LOOPBACK6 {
+        return;
+    }
+    let mut key = HopKey {
+        netns_cookie,
+        src: own.dst,
+        dst: own.src,
+        src_port: own.dst_port,
+        dst_port: own.src_port,
+        _pad: 0,
+    };
+    // On failure (the map full) the agent's own insert after accept() is
+    // the next chance; an app that wrote first stays on TCP.
+    // SAFETY: the context is the kernel's bpf_sock_ops for this socket.
+    let _ = SM_AGENT.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_NOEXIST));
+}
+
 /// An app socket in SM_APP reads with the kernel's tcp_bpf_recvmsg, which
 /// can fail a *blocking* recv with EAGAIN when woken without data (an ACK
 /// freeing send space wakes the same wait queue). A hop that went TCP
@@ -462,14 +497,19 @@ fn sockmap_on(netns_cookie: u64) -> bool {
     unsafe { ENROLLED_NETNS.get(netns_cookie) }.is_some_and(|p| p.flags & pod_flags::SOCKMAP != 0)
 }
 
-/// The app's accepted socket of a connection the agent made to it inside
-/// the pod (it carries the agent's mark: tcp_fwmark_accept copies the SYN's
-/// mark): the app's replies are read by the agent.
+/// A passive end of an in-pod hop. Either the app's accepted socket of a
+/// connection the agent made to it inside the pod (it carries the agent's
+/// mark: tcp_fwmark_accept copies the SYN's mark), whose replies the agent
+/// reads; or the agent's own accepted socket on 15001 (see [`insert_agent`]).
 #[inline(always)]
 fn passive_hop(ctx: &SockOpsContext) {
     // SAFETY: helper only reads the context.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if !sockmap_on(netns_cookie) {
+        return;
+    }
+    if ctx.local_port() == u32::from(OUTBOUND_PORT) {
+        insert_agent(ctx, netns_cookie);
         return;
     }
     // SAFETY: valid context; `sk` is the full socket or null.

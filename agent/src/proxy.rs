@@ -370,8 +370,14 @@ async fn accept_loop(
 /// Puts the agent's end `sock` of an in-pod hop (an accepted 15001
 /// connection, or the agent's connection to an app) into SM_AGENT when
 /// sockmap acceleration is on; from then on the app's bytes may arrive
-/// through sk_msg, so the socket must be read with recvmsg. A failed insert
-/// (the app already closed, the map full) leaves the hop on TCP.
+/// through sk_msg, so the socket must be read with recvmsg.
+///
+/// A failed insert does not mean the hop is on TCP: sockops may have put
+/// an accepted socket in already, and an app that wrote and half-closed at
+/// once leaves it in CLOSE_WAIT, where the kernel refuses the agent's own
+/// insert while its bytes wait in the socket's sk_msg queue (splice would
+/// read only the FIN). So the socket is read with recvmsg either way, which
+/// reads both queues, until its first bytes say the hop went TCP.
 pub fn accelerate(ctx: &PodCtx, sock: &TcpStream) -> Read {
     let Some(ends) = ctx.orig.sockmap() else {
         return Read::Splice;
@@ -379,20 +385,15 @@ pub fn accelerate(ctx: &PodCtx, sock: &TcpStream) -> Read {
     let (Ok(app), Ok(ours)) = (sock.peer_addr(), sock.local_addr()) else {
         return Read::Splice;
     };
-    match ends.insert(ctx.netns_cookie, sock, app, ours) {
-        Ok(()) => {
-            // A hop whose first byte found us missing stays on TCP: splice
-            // it again after the first bytes.
-            let (maps, netns) = (ctx.orig.clone(), ctx.netns_cookie);
-            let settle = move || maps.sockmap().is_some_and(|e| e.release_if_tcp(netns, app, ours));
-            Read::Recv {
-                settle: Some(Box::new(settle)),
-            }
-        }
-        Err(e) => {
-            tracing::debug!(pod = %ctx.key, app = %app, error = %e, "hop left on TCP: cannot insert the agent's socket into SM_AGENT");
-            Read::Splice
-        }
+    if let Err(e) = ends.insert(ctx.netns_cookie, sock, app, ours) {
+        tracing::debug!(pod = %ctx.key, app = %app, error = %e, "cannot insert the agent's socket into SM_AGENT: the hop is redirected only if sockops put it there");
+    }
+    // A hop whose first byte found us missing stays on TCP: splice it
+    // again after the first bytes.
+    let (maps, netns) = (ctx.orig.clone(), ctx.netns_cookie);
+    let settle = move || maps.sockmap().is_some_and(|e| e.release_if_tcp(netns, app, ours));
+    Read::Recv {
+        settle: Some(Box::new(settle)),
     }
 }
 

@@ -8,10 +8,14 @@
 //!   queue instead of through TCP on the pod's `lo`.
 //! * Who inserts what: sockops puts the app's end into SM_APP (and its hop
 //!   state into SM_HOPS) in the established callbacks, before the app can
-//!   send. The agent's sockets live in the agent's cgroup, where no sockops
-//!   of ours runs, so the agent puts its own end into SM_AGENT with a map
-//!   update ([`AgentEnds::insert`]): right after accept() on 15001, right
-//!   after connect() to the app, before it writes a byte.
+//!   send. The agent puts its own end into SM_AGENT with a map update
+//!   ([`AgentEnds::insert`]): right after accept() on 15001, right after
+//!   connect() to the app, before it writes a byte. An app that writes at
+//!   once after connect() would beat the first of these, so sockops also
+//!   puts the agent's accepted 15001 socket in when its handshake completes
+//!   (inside the app's connect() on `lo`), where the agent's cgroup is below
+//!   the one the programs are attached to (the default, the cgroup v2 root;
+//!   the testbed's agents too).
 //! * Never reorder, never drop: a hop's first sendmsg decides once (SM_HOPS):
 //!   redirected from its first byte, or TCP for good. When the agent's end is
 //!   missing the program passes (TCP), never drops.
@@ -83,8 +87,12 @@ impl AgentEnds {
     /// as seen inside the pod netns `netns_cookie`. Call before the app can
     /// have sent a byte on this hop that the agent must read (an accepted
     /// socket: at once; a connection to the app: before writing to it).
-    /// On error (the socket already closed, the map full) the hop stays on
-    /// TCP, which is correct, only slower.
+    /// An accepted 15001 socket is usually there already: sockops put it in
+    /// when the handshake completed. Only a live socket of this hop can
+    /// hold its key (the kernel drops an entry when its socket closes), so
+    /// an existing entry is this socket's. On error (the socket already
+    /// closed, the map full) the hop stays on TCP, which is correct, only
+    /// slower.
     pub fn insert(
         &self,
         netns_cookie: u64,
@@ -94,7 +102,10 @@ impl AgentEnds {
     ) -> std::io::Result<()> {
         let key = hop_key(netns_cookie, app, agent);
         let fd = sock.as_raw_fd() as u32;
-        sys::map_update(self.agent.fd().as_fd(), sys::key_bytes(&key), &fd.to_ne_bytes())
+        match sys::map_insert(self.agent.fd().as_fd(), sys::key_bytes(&key), &fd.to_ne_bytes()) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            r => r,
+        }
     }
 
     /// Once the agent has read the hop's first bytes (so the app's first

@@ -15,7 +15,7 @@ use std::{
     path::Path,
 };
 
-use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_link_info, bpf_prog_info, BPF_F_REPLACE};
+use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_link_info, bpf_prog_info, BPF_F_REPLACE, BPF_NOEXIST};
 
 /// `bpf(cmd, attr, sizeof attr)`; the kernel zero-extends a short attr.
 fn sys_bpf<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<i64> {
@@ -232,17 +232,18 @@ pub fn sk_msg_link_create(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> io::Resu
     sys_bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr).map(owned_fd)
 }
 
-/// Inserts or replaces `key` -> `value` (raw bytes) in `map`.
-pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+/// Inserts `key` -> `value` (raw bytes) into `map`; EEXIST if the key is there.
+pub fn map_insert(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
     let mut attr = MapElem {
         map_fd: map.as_raw_fd() as u32,
         _pad: 0,
         key: key.as_ptr() as u64,
         value: value.as_ptr() as u64,
-        flags: 0,
+        flags: u64::from(BPF_NOEXIST),
     };
     sys_bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
 }
+
 
 #[repr(C)]
 struct MapElem {

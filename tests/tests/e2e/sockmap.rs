@@ -6,6 +6,7 @@
 //! 15001 in the client pod (agent 1 reads it) and the server app's replies
 //! on agent 2's connection to it (agent 2 reads them).
 use std::{
+    collections::BTreeSet,
     io::Write,
     path::PathBuf,
     process::{Command, Stdio},
@@ -104,8 +105,8 @@ fn lo_capture(pod: &Pod, file: PathBuf) -> Result<Capture> {
 }
 
 /// The TCP segments with payload of a stopped capture matching `filter`
-/// (a tcpdump expression, IPv4).
-fn payload_segments(cap: &Capture, filter: &str) -> Result<usize> {
+/// (a tcpdump expression, IPv4), as tcpdump prints them.
+fn payload_lines(cap: &Capture, filter: &str) -> Result<Vec<String>> {
     let expr = format!("({filter}) and (((ip[2:2] - ((ip[0]&0xf)<<2)) - ((tcp[12]&0xf0)>>2)) != 0)");
     let out = Command::new("tcpdump")
         .args(["-nn", "-r"])
@@ -115,7 +116,20 @@ fn payload_segments(cap: &Capture, filter: &str) -> Result<usize> {
     if !out.status.success() {
         bail!("tcpdump -r: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+    Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+}
+
+fn payload_segments(cap: &Capture, filter: &str) -> Result<usize> {
+    Ok(payload_lines(cap, filter)?.len())
+}
+
+/// The distinct sources (`addr.port`) of those segments: one per connection.
+fn payload_sources(cap: &Capture, filter: &str) -> Result<BTreeSet<String>> {
+    // "12:00:00.000000 IP 127.0.0.1.41000 > 127.0.0.1.15001: Flags [P.], ..."
+    Ok(payload_lines(cap, filter)?
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(2).map(str::to_owned))
+        .collect())
 }
 
 /// The proof that bytes really skip TCP: the redirect counters move, and
@@ -150,31 +164,33 @@ fn sockmap_redirects_both_hops_and_lo_carries_no_app_payload() -> Result<()> {
         assert!(metrics.contains("mesh_agent_sockmap_peer_missing_total"), "{metrics}");
     }
 
-    // Client hop: a server that speaks first. The client writes after the
-    // greeting, which agent 1 wrote after inserting its accepted socket.
-    let _server = Server::seq(w.cluster.pod("server"), PORT + 1, true)?;
+    // Client hop: a client that writes the moment connect() returns, before
+    // agent 1 can have accepted: sockops put agent 1's accepted socket into
+    // SM_AGENT when the handshake completed, inside the app's connect().
+    // Where the kernel defers that last ACK to ksoftirqd (a loaded machine)
+    // the app's first byte may beat it, and that hop stays on TCP: most
+    // hops, not all, are asserted redirected.
+    const CONNS: usize = 20;
+    let _server = Server::seq(w.cluster.pod("server"), PORT, false)?;
     let mut cap = lo_capture(w.cluster.pod("client"), w.dir.join("client-lo.pcap"))?;
-    let port = (PORT + 1).to_string();
-    let out = seq_client(
-        w.cluster.pod("client"),
-        &w.server_ip(),
-        &["--count", "20", "--size", "65536", "--greet"],
-    )?
-    .args(["--port", &port])
-    .output()?;
-    let r: Value = serde_json::from_slice(&out.stdout).context("client report")?;
+    let r = w.client("client", &["--count", &CONNS.to_string(), "--size", "65536"])?;
     no_failures(&r)?;
     cap.stop()?;
-    let app_to_agent = payload_segments(&cap, "tcp dst port 15001")?;
+    let tcp_hops = payload_sources(&cap, "tcp dst port 15001")?;
     let agent_to_app = payload_segments(&cap, "tcp src port 15001")?;
-    assert_eq!(app_to_agent, 0, "the app's bytes to 15001 crossed lo as TCP payload");
     assert!(
-        agent_to_app > 0,
-        "the capture saw no greeting either: it proves nothing"
+        tcp_hops.len() <= CONNS / 4,
+        "{} of {CONNS} client hops that wrote at once crossed lo as TCP payload: {tcp_hops:?}",
+        tcp_hops.len()
     );
+    assert!(agent_to_app > 0, "the capture saw no echo either: it proves nothing");
     let s1 = a1.status()?;
-    assert!(sm_stat(&s1, "redirected") >= 20, "{s1}");
-    assert!(sm_stat(&s1, "app_inserted") >= 20, "{s1}");
+    assert!(
+        sm_stat(&s1, "peer_missing") <= tcp_hops.len() as u64,
+        "more hops went TCP than lo shows: {s1}"
+    );
+    assert!(sm_stat(&s1, "redirected") >= (CONNS - tcp_hops.len()) as u64, "{s1}");
+    assert!(sm_stat(&s1, "app_inserted") >= CONNS as u64, "{s1}");
     Ok(())
 }
 
