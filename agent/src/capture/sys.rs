@@ -244,7 +244,6 @@ pub fn map_insert(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<(
     sys_bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
 }
 
-
 #[repr(C)]
 struct MapElem {
     map_fd: u32,

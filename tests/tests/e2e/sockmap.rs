@@ -116,7 +116,10 @@ fn payload_lines(cap: &Capture, filter: &str) -> Result<Vec<String>> {
     if !out.status.success() {
         bail!("tcpdump -r: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect())
 }
 
 fn payload_segments(cap: &Capture, filter: &str) -> Result<usize> {
