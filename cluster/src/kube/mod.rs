@@ -389,6 +389,47 @@ fn interning<R: Record + 'static>(model: &Arc<Mutex<Model>>) -> impl FnMut(&mut 
     }
 }
 
+/// One watch event in the model's terms; whether the model changed. A
+/// (re-)list collects its records (each through `listed` as it arrives)
+/// and hands them over whole when it is done.
+fn on_event<K, R>(
+    ev: watcher::Event<K>,
+    listing: &mut Vec<R>,
+    project: fn(K) -> Option<R>,
+    listed: &mut impl FnMut(&mut R),
+    sink: &mut impl FnMut(Change<R>),
+) -> bool {
+    match ev {
+        watcher::Event::Init => {
+            listing.clear();
+            false
+        }
+        watcher::Event::InitApply(o) => {
+            listing.extend(project(o).map(|mut r| {
+                listed(&mut r);
+                r
+            }));
+            false
+        }
+        watcher::Event::InitDone => {
+            sink(Change::Relisted(std::mem::take(listing)));
+            true
+        }
+        watcher::Event::Apply(o) => {
+            if let Some(r) = project(o) {
+                sink(Change::Upsert(r));
+            }
+            true
+        }
+        watcher::Event::Delete(o) => {
+            if let Some(r) = project(o) {
+                sink(Change::Delete(r));
+            }
+            true
+        }
+    }
+}
+
 struct Runner {
     name: &'static str,
     health: Arc<Health>,
@@ -420,36 +461,7 @@ impl Runner {
                         tracing::info!(watch = self.name, "watch {}", if done { "listed" } else { "resumed" });
                     }
                     self.health.ok(self.name, done);
-                    let notify = match ev {
-                        watcher::Event::Init => {
-                            listing.clear();
-                            false
-                        }
-                        watcher::Event::InitApply(o) => {
-                            listing.extend(project(o).map(|mut r| {
-                                listed(&mut r);
-                                r
-                            }));
-                            false
-                        }
-                        watcher::Event::InitDone => {
-                            sink(Change::Relisted(std::mem::take(&mut listing)));
-                            true
-                        }
-                        watcher::Event::Apply(o) => {
-                            if let Some(r) = project(o) {
-                                sink(Change::Upsert(r));
-                            }
-                            true
-                        }
-                        watcher::Event::Delete(o) => {
-                            if let Some(r) = project(o) {
-                                sink(Change::Delete(r));
-                            }
-                            true
-                        }
-                    };
-                    if notify {
+                    if on_event(ev, &mut listing, project, &mut listed, &mut sink) {
                         self.changed.notify_one();
                     }
                 }
@@ -559,6 +571,102 @@ async fn probe_while_failing(client: Client, health: Arc<Health>) {
         tokio::time::sleep(Duration::from_secs(2)).await;
         if health.failing() && client.apiserver_version().await.is_ok() {
             health.recovered();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+
+    use super::*;
+    use crate::kube::records::NamespaceRecord;
+
+    fn ns(name: &str) -> Namespace {
+        Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn project(n: Namespace) -> Option<NamespaceRecord> {
+        NamespaceRecord::from_k8s(&n)
+    }
+
+    fn names(rs: &[NamespaceRecord]) -> Vec<&str> {
+        rs.iter().map(|r| &*r.key.name).collect()
+    }
+
+    #[test]
+    fn a_list_passes_each_record_through_listed_and_reaches_the_model_whole() {
+        let mut listing = Vec::new();
+        let mut seen = Vec::new();
+        let mut sunk = Vec::new();
+        let mut listed = |r: &mut NamespaceRecord| seen.push(r.key.name.to_string());
+        let mut sink = |c: Change<NamespaceRecord>| sunk.push(c);
+        let events = [
+            watcher::Event::Init,
+            watcher::Event::InitApply(ns("a")),
+            watcher::Event::InitApply(ns("b")),
+        ];
+        for ev in events {
+            assert!(
+                !on_event(ev, &mut listing, project, &mut listed, &mut sink),
+                "a partial list changed the model"
+            );
+        }
+        assert!(on_event(
+            watcher::Event::InitDone,
+            &mut listing,
+            project,
+            &mut listed,
+            &mut sink
+        ));
+        assert!(on_event(
+            watcher::Event::Apply(ns("c")),
+            &mut listing,
+            project,
+            &mut listed,
+            &mut sink
+        ));
+        assert!(on_event(
+            watcher::Event::Delete(ns("a")),
+            &mut listing,
+            project,
+            &mut listed,
+            &mut sink
+        ));
+        assert_eq!(seen, ["a", "b"], "listed once per listed record, and only those");
+        assert!(listing.is_empty());
+        match &sunk[..] {
+            [Change::Relisted(l), Change::Upsert(c), Change::Delete(a)] => {
+                assert_eq!(names(l), ["a", "b"]);
+                assert_eq!((&*c.key.name, &*a.key.name), ("c", "a"));
+            }
+            other => panic!("sunk {} changes, not a list, an upsert and a delete", other.len()),
+        }
+    }
+
+    #[test]
+    fn a_relist_starts_over() {
+        let mut listing = Vec::new();
+        let mut sunk = Vec::new();
+        let mut sink = |c: Change<NamespaceRecord>| sunk.push(c);
+        for ev in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(ns("old")),
+            watcher::Event::Init,
+            watcher::Event::InitApply(ns("new")),
+            watcher::Event::InitDone,
+        ] {
+            on_event(ev, &mut listing, project, &mut |_| {}, &mut sink);
+        }
+        match &sunk[..] {
+            [Change::Relisted(l)] => assert_eq!(names(l), ["new"]),
+            other => panic!("sunk {} changes", other.len()),
         }
     }
 }
