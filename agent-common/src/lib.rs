@@ -98,6 +98,13 @@ pub mod hop {
     /// The first byte found no agent end: the hop stays on TCP for good
     /// (switching later could deliver newer bytes before older ones).
     pub const TCP: u32 = 2;
+    /// Redirected, then sent back to TCP for good by the agent because
+    /// bytes piled up in its socket (a redirected send never blocks, so a
+    /// bulk sender would take the CPU its bytes need, and their memory is
+    /// not bounded by any buffer). The agent's socket stays in SM_AGENT and
+    /// is read with recvmsg, which returns the redirected bytes before the
+    /// TCP ones: nothing is reordered.
+    pub const FALLBACK: u32 = 3;
 }
 
 /// An IP address in IPv6 form (IPv4 as `::ffff:a.b.c.d`), stored as the kernel

@@ -465,17 +465,22 @@ fn insert_agent(ctx: &SockOpsContext, netns_cookie: u64) {
 /// the plain TCP functions back) at the first ACK of its TCP bytes: before
 /// the app can have filled its send buffer, whose space wake-ups are what
 /// fails such a recv. The sk_msg program that decides cannot do it itself
-/// (the verifier refuses sockmap deletes there). A redirected hop stays.
+/// (the verifier refuses sockmap deletes there). A redirected hop stays,
+/// until the agent sends it back to TCP (`hop::FALLBACK`): its next ACK.
 #[inline(always)]
 fn release_tcp_hop(ctx: &SockOpsContext) {
     // SAFETY: helpers only read the context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup of plain data.
     let state = unsafe { SM_HOPS.get(ops_hop_key(ctx, netns)) }.copied();
-    if state == Some(hop::UNDECIDED) {
+    // Undecided, or redirected (which the agent may still send back to
+    // TCP): keep the callback.
+    if state == Some(hop::UNDECIDED) || state == Some(hop::REDIRECT) {
         return;
     }
-    if state == Some(hop::TCP) {
+    // A hop the agent sent back to TCP (FALLBACK) leaves too: its app
+    // socket now sends through TCP, and nothing was ever redirected to it.
+    if state == Some(hop::TCP) || state == Some(hop::FALLBACK) {
         let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         // SAFETY: SM_APP is a map definition (repr(transparent) over it)
         // and the key a u64 on this stack; sock_ops may delete from a
@@ -535,14 +540,18 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: map value of this socket; sk_msg runs under the socket lock,
     // so this socket's sends see and set the state one at a time.
     let now = unsafe { *state };
-    if now == hop::TCP {
+    if now == hop::TCP || now == hop::FALLBACK {
         return SK_PASS;
     }
     // The helper answers SK_PASS only when it found the agent's socket;
     // otherwise its SK_DROP is never returned: the bytes go through TCP.
     if SM_AGENT.redirect_msg(&ctx, key, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
-        // SAFETY: as above.
-        unsafe { *state = hop::REDIRECT };
+        // Written once: the agent may set FALLBACK at any time, and a
+        // rewrite here must not undo it.
+        if now == hop::UNDECIDED {
+            // SAFETY: as above.
+            unsafe { *state = hop::REDIRECT };
+        }
         count_sm(sockmap_stats::REDIRECTED);
         return SK_PASS;
     }

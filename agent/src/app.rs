@@ -141,6 +141,13 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
     if capture.sockmap_stats().is_some() {
         crate::metrics::SockmapCounters::register(&mut registry, capture.pins().clone());
     }
+    if let Some(ends) = orig.sockmap() {
+        registry.sub_registry_with_prefix("mesh_agent").register(
+            "sockmap_fallback",
+            "Redirected in-pod hops sent back to TCP because bytes piled up in the agent's socket",
+            ends.fallbacks().clone(),
+        );
+    }
     let certs = secrets.as_ref().map(SecretManager::store);
     let ready = Arc::new(Readiness::new(certs.clone(), cfg.cert_ready_timeout));
     let enrolled = Arc::new(RwLock::new(Vec::<String>::new()));

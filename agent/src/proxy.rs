@@ -392,8 +392,20 @@ pub fn accelerate(ctx: &PodCtx, sock: &TcpStream) -> Read {
     // again after the first bytes.
     let (maps, netns) = (ctx.orig.clone(), ctx.netns_cookie);
     let settle = move || maps.sockmap().is_some_and(|e| e.release_if_tcp(netns, app, ours));
+    // A redirected hop whose bytes pile up goes back to TCP. The reader
+    // calls this only while it reads `sock`, so the fd is still this one.
+    let (maps, fd) = (ctx.orig.clone(), sock.as_raw_fd());
+    let mut fell_back = false;
+    let backlog = move || {
+        if !fell_back {
+            fell_back = maps
+                .sockmap()
+                .is_some_and(|e| e.fall_back_if_backlogged(netns, fd, app, ours));
+        }
+    };
     Read::Recv {
         settle: Some(Box::new(settle)),
+        backlog: Some(Box::new(backlog)),
     }
 }
 

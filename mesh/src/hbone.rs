@@ -51,7 +51,7 @@ use tokio::{
 
 use crate::{
     identity::SpiffeId,
-    splice::{both, Copied},
+    splice::{both, Backlog, Copied},
     tls,
 };
 
@@ -339,9 +339,10 @@ fn traceparent() -> String {
 
 impl Tunnel {
     /// Copies between the tunnel and `tcp` until both directions are done.
-    /// `sent` counts tcp -> tunnel bytes.
-    pub async fn bridge(self, tcp: &mut TcpStream) -> Copied {
-        self.io.bridge(tcp).await
+    /// `sent` counts tcp -> tunnel bytes. `backlog`: see
+    /// [`crate::splice::Read::Recv`].
+    pub async fn bridge(self, tcp: &mut TcpStream, backlog: Option<Backlog>) -> Copied {
+        self.io.bridge(tcp, backlog).await
     }
 
     /// The stream as plain AsyncRead + AsyncWrite.
@@ -392,14 +393,15 @@ impl H2Stream {
 
     /// Copies between the stream and `tcp` until both directions are done
     /// (buffers handed to h2 without a copy). `sent` counts tcp -> stream.
-    pub async fn bridge(self, tcp: &mut TcpStream) -> Copied {
+    /// `backlog`: see [`crate::splice::Read::Recv`].
+    pub async fn bridge(self, tcp: &mut TcpStream, backlog: Option<Backlog>) -> Copied {
         let H2Stream { send, recv, unread, .. } = self;
         if !unread.is_empty() {
             if let Err(e) = tcp.write_all(&unread).await {
                 return Copied::failed(format!("error: {e}"));
             }
         }
-        bridge(send, recv, tcp).await
+        bridge(send, recv, tcp, backlog).await
     }
 }
 
@@ -461,10 +463,10 @@ impl AsyncWrite for H2Stream {
     }
 }
 
-async fn bridge(send: SendStream<Bytes>, recv: RecvStream, tcp: &mut TcpStream) -> Copied {
+async fn bridge(send: SendStream<Bytes>, recv: RecvStream, tcp: &mut TcpStream, backlog: Option<Backlog>) -> Copied {
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let (rd, wr) = tcp.split();
-    let r = both(tcp_to_h2(rd, send, &sent), h2_to_tcp(recv, wr, &received)).await;
+    let r = both(tcp_to_h2(rd, send, &sent, backlog), h2_to_tcp(recv, wr, &received)).await;
     Copied::new(r, &sent, &received)
 }
 
@@ -479,7 +481,13 @@ fn h2_io(e: h2::Error) -> io::Error {
 }
 
 /// TCP -> DATA frames; the read buffer is handed to h2 without a copy.
-async fn tcp_to_h2(mut rd: ReadHalf<'_>, mut send: SendStream<Bytes>, count: &AtomicU64) -> io::Result<()> {
+/// `backlog` is called after each read that filled the buffer.
+async fn tcp_to_h2(
+    mut rd: ReadHalf<'_>,
+    mut send: SendStream<Bytes>,
+    count: &AtomicU64,
+    mut backlog: Option<Backlog>,
+) -> io::Result<()> {
     let mut buf = BytesMut::new();
     loop {
         let total = count.load(Ordering::Relaxed);
@@ -489,9 +497,15 @@ async fn tcp_to_h2(mut rd: ReadHalf<'_>, mut send: SendStream<Bytes>, count: &At
             .find(|(after, _)| total >= *after)
             .map_or(1 << 10, |s| s.1);
         buf.reserve(size);
+        let room = buf.capacity() - buf.len();
         let n = rd.read_buf(&mut buf).await?;
         if n == 0 {
             return send.send_data(Bytes::new(), true).map_err(h2_io);
+        }
+        if n == room {
+            if let Some(b) = backlog.as_mut() {
+                b();
+            }
         }
         let mut chunk = buf.split().freeze();
         while !chunk.is_empty() {
@@ -723,8 +737,9 @@ pub struct Refusal {
 /// streams by bridging each to a socket (the agent's inbound role; built
 /// on [`serve_streams`], same bounds and drain). For each, `open`
 /// authorizes and connects to the application, returning the upstream
-/// socket and a guard kept until the stream ends; `done` gets the outcome
-/// when the stream ends.
+/// socket, its backlog hook (see [`crate::splice::Read::Recv`]) and a
+/// guard kept until the stream ends; `done` gets the outcome when the
+/// stream ends.
 pub async fn serve<O, F, G, D>(
     tcp: TcpStream,
     tls: Arc<ServerConfig>,
@@ -735,7 +750,7 @@ pub async fn serve<O, F, G, D>(
 ) -> Result<(), HboneError>
 where
     O: Fn(Inbound) -> F + Clone + Send + 'static,
-    F: Future<Output = Result<(TcpStream, G), Refusal>> + Send + 'static,
+    F: Future<Output = Result<(TcpStream, Option<Backlog>, G), Refusal>> + Send + 'static,
     G: Send + 'static,
     D: Fn(Inbound, Result<Copied, Refusal>) + Clone + Send + Sync + 'static,
 {
@@ -749,7 +764,7 @@ where
 async fn bridge_task<O, F, G, D>(incoming: Incoming, open: O, done: D)
 where
     O: Fn(Inbound) -> F,
-    F: Future<Output = Result<(TcpStream, G), Refusal>>,
+    F: Future<Output = Result<(TcpStream, Option<Backlog>, G), Refusal>>,
     D: Fn(Inbound, Result<Copied, Refusal>),
 {
     let r = &incoming.request;
@@ -766,9 +781,9 @@ where
         started: r.started,
     };
     match open(inbound.clone()).await {
-        Ok((mut upstream, guard)) => match incoming.accept() {
+        Ok((mut upstream, backlog, guard)) => match incoming.accept() {
             Ok(stream) => {
-                let copied = stream.bridge(&mut upstream).await;
+                let copied = stream.bridge(&mut upstream, backlog).await;
                 drop(guard);
                 done(inbound, Ok(copied));
             }

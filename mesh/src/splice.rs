@@ -43,12 +43,29 @@ pub enum Read {
     /// After the first bytes (when the sender's first byte has decided how
     /// the hop goes) `settle` is asked once: `true` means the bytes come
     /// through TCP for good and the socket left the sockmap, so the rest is
-    /// spliced.
-    Recv { settle: Option<Settle> },
+    /// spliced. `backlog` is called after every read that filled the
+    /// buffer (more may be waiting): the owner of the sockmap may send the
+    /// hop back to TCP, where its sender blocks on a full buffer again.
+    Recv {
+        settle: Option<Settle>,
+        backlog: Option<Backlog>,
+    },
 }
 
 /// See [`Read::Recv`].
 pub type Settle = Box<dyn FnOnce() -> bool + Send>;
+/// See [`Read::Recv`].
+pub type Backlog = Box<dyn FnMut() + Send>;
+
+impl Read {
+    /// The backlog hook of a socket read with recvmsg (see [`Read::Recv`]).
+    pub fn into_backlog(self) -> Option<Backlog> {
+        match self {
+            Read::Splice => None,
+            Read::Recv { backlog, .. } => backlog,
+        }
+    }
+}
 
 impl std::fmt::Debug for Read {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -78,7 +95,7 @@ pub async fn forward_reading(
 async fn direction(from: &TcpStream, read: Read, to: &TcpStream, count: &AtomicU64) -> io::Result<()> {
     match read {
         Read::Splice => pump(from, to, count).await,
-        Read::Recv { settle } => copy(from, to, count, settle).await,
+        Read::Recv { settle, backlog } => copy(from, to, count, settle, backlog).await,
     }
 }
 
@@ -87,7 +104,13 @@ const COPY_BUF: usize = 64 * 1024;
 
 /// One direction through user space: recvmsg until EOF, then half-close;
 /// spliced from the point `settle` says the bytes come through TCP only.
-async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, mut settle: Option<Settle>) -> io::Result<()> {
+async fn copy(
+    from: &TcpStream,
+    to: &TcpStream,
+    count: &AtomicU64,
+    mut settle: Option<Settle>,
+    mut backlog: Option<Backlog>,
+) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
         let n = retry(from, Interest::READABLE, || {
@@ -102,6 +125,11 @@ async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, mut settle: O
         .await?;
         if n == 0 {
             return socket2::SockRef::from(to).shutdown(Shutdown::Write);
+        }
+        if n == buf.len() {
+            if let Some(b) = backlog.as_mut() {
+                b();
+            }
         }
         let mut at = 0;
         while at < n {

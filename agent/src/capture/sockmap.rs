@@ -28,7 +28,7 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, AsRawFd, RawFd},
     path::PathBuf,
 };
 
@@ -39,6 +39,8 @@ use aya::{
     sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
     Ebpf,
 };
+use aya_obj::generated::BPF_EXIST;
+use prometheus_client::metrics::counter::Counter;
 
 use super::{bpf_err, chain, links, program, sys, to_ip6, CaptureError, Pins};
 
@@ -74,11 +76,19 @@ pub fn probe() -> Result<(), String> {
     Ok(())
 }
 
+/// Bytes waiting in the agent's socket of a redirected hop above which the
+/// hop goes back to TCP ([`AgentEnds::fall_back_if_backlogged`]): four of
+/// the plain path's reads; a request or reply of an ordinary protocol
+/// stays below it, a bulk sender passes it at once.
+pub const BACKLOG_BOUND: usize = 256 * 1024;
+
 /// The agent's sockhash of its own ends of the hops (and the hops' states),
 /// shared by every connection handler.
 pub struct AgentEnds {
     agent: MapData,
-    hops: aya::maps::HashMap<MapData, HopKey, u32>,
+    /// Read per connection, written when a hop falls back (rare).
+    hops: std::sync::Mutex<aya::maps::HashMap<MapData, HopKey, u32>>,
+    fallbacks: Counter,
 }
 
 impl AgentEnds {
@@ -116,10 +126,49 @@ impl AgentEnds {
     /// still be queued), stays where it is and is read with recvmsg.
     pub fn release_if_tcp(&self, netns_cookie: u64, app: SocketAddr, agent: SocketAddr) -> bool {
         let key = hop_key(netns_cookie, app, agent);
-        if self.hops.get(&key, 0).ok() != Some(hop::TCP) {
+        if self.state(&key) != Some(hop::TCP) {
             return false;
         }
         sys::map_delete(self.agent.fd().as_fd(), sys::key_bytes(&key)).is_ok()
+    }
+
+    /// After a read that filled the agent's buffer on a hop: when more than
+    /// [`BACKLOG_BOUND`] bytes still wait in `sock` (FIONREAD counts the
+    /// sk_msg queue too) and the hop is redirected, sends it back to TCP
+    /// for good (`hop::FALLBACK`). A redirected send never blocks, so the
+    /// app would go on queueing into the agent's socket, unbounded, taking
+    /// the CPU the agent needs to forward it; through TCP it blocks on a
+    /// full buffer again. The socket stays in SM_AGENT (leaving would drop
+    /// its queue) and is read with recvmsg, which returns the redirected
+    /// bytes before the TCP ones. Returns whether it fell back.
+    pub fn fall_back_if_backlogged(&self, netns_cookie: u64, sock: RawFd, app: SocketAddr, agent: SocketAddr) -> bool {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int; `sock` is the caller's live socket.
+        if unsafe { libc::ioctl(sock, libc::FIONREAD, &mut queued) } != 0 || (queued as usize) <= BACKLOG_BOUND {
+            return false;
+        }
+        let key = hop_key(netns_cookie, app, agent);
+        let mut hops = self.hops.lock().unwrap_or_else(|e| e.into_inner());
+        if hops.get(&key, 0).ok() != Some(hop::REDIRECT) {
+            return false;
+        }
+        // BPF_EXIST: an app socket that closed meanwhile took its entry
+        // along, and must not get an orphan one back.
+        if hops.insert(key, hop::FALLBACK, u64::from(BPF_EXIST)).is_err() {
+            return false;
+        }
+        self.fallbacks.inc();
+        tracing::debug!(app = %app, queued, "sockmap hop sent back to TCP: bytes pile up in the agent's socket");
+        true
+    }
+
+    /// Hops sent back to TCP, for the metrics.
+    pub fn fallbacks(&self) -> &Counter {
+        &self.fallbacks
+    }
+
+    fn state(&self, key: &HopKey) -> Option<u32> {
+        self.hops.lock().unwrap_or_else(|e| e.into_inner()).get(key, 0).ok()
     }
 }
 
@@ -164,7 +213,12 @@ impl Sockmap {
             })
         })?;
         tracing::info!(outcome = ?outcome, "sk_msg program attached to SM_APP");
-        Ok((Self { stats }, AgentEnds { agent, hops }))
+        let ends = AgentEnds {
+            agent,
+            hops: std::sync::Mutex::new(hops),
+            fallbacks: Counter::default(),
+        };
+        Ok((Self { stats }, ends))
     }
 
     pub fn stats(&self) -> BTreeMap<&'static str, u64> {

@@ -189,11 +189,18 @@ pub async fn handle(
     let logged = (svc.is_some() || via.is_some()).then_some((hostname.as_str(), endpoint));
     ctx.metrics.opened(&labels);
     let outcome = match (dir, &ctx.mesh, via) {
-        (Direction::Outbound, Some(mesh), Some(v)) => {
-            tunnel(&ctx, mesh, &mut client, peer, v.authority, v.pod, vec![v.identity])
-                .await
-                .through(&v.waypoint)
-        }
+        (Direction::Outbound, Some(mesh), Some(v)) => tunnel(
+            &ctx,
+            mesh,
+            &mut client,
+            read,
+            peer,
+            v.authority,
+            v.pod,
+            vec![v.identity],
+        )
+        .await
+        .through(&v.waypoint),
         (Direction::Outbound, None, Some(v)) => Outcome::refused(
             "tcp",
             Reason::WaypointUnavailable,
@@ -209,7 +216,7 @@ pub async fn handle(
                 let mut expected = vec![(*w.identity).clone()];
                 expected.extend(service.iter().flat_map(|r| r.extra_sans.iter().cloned()));
                 let hbone_dst = SocketAddr::new(target.ip(), HBONE_PORT);
-                tunnel(&ctx, mesh, &mut client, peer, target, hbone_dst, expected).await
+                tunnel(&ctx, mesh, &mut client, read, peer, target, hbone_dst, expected).await
             }
             None => plain(&ctx, &client, read, target, None).await,
         },
@@ -368,10 +375,14 @@ async fn plain(ctx: &PodCtx, client: &TcpStream, read: Read, dst: SocketAddr, po
 /// HBONE to `hbone_dst` (the destination pod's, or a waypoint pod's, HBONE
 /// port) with CONNECT `dst`, as this pod's identity, accepting only
 /// `expected` identities.
+/// `read`: how `client` is read (see [`handle`]); the bridge reads it
+/// with recvmsg either way, and calls its backlog hook.
+#[allow(clippy::too_many_arguments)]
 async fn tunnel(
     ctx: &PodCtx,
     mesh: &MeshCtx,
     client: &mut TcpStream,
+    read: Read,
     peer: SocketAddr,
     dst: SocketAddr,
     hbone_dst: SocketAddr,
@@ -421,7 +432,7 @@ async fn tunnel(
     match mesh.pool.connect(&key, &cert.serial, &headers, dial).await {
         Ok((t, _stream)) => {
             let peer_identity = t.peer.as_ref().map(ToString::to_string);
-            Outcome::carried("hbone", peer_identity, t.bridge(client).await)
+            Outcome::carried("hbone", peer_identity, t.bridge(client, read.into_backlog()).await)
         }
         Err(HboneError::Status { status, .. }) if status == StatusCode::BAD_REQUEST => {
             Outcome::refused("hbone", Reason::BadRequest, format!("{hbone_dst} answered 400"))
@@ -501,7 +512,14 @@ fn refuse(ctx: &PodCtx, reason: Reason, status: StatusCode, detail: impl std::fm
 async fn open_stream(
     ctx: &Arc<PodCtx>,
     i: &Inbound,
-) -> Result<(TcpStream, (crate::proxy::policed::Registration, Admitted)), Refusal> {
+) -> Result<
+    (
+        TcpStream,
+        Option<splice::Backlog>,
+        (crate::proxy::policed::Registration, Admitted),
+    ),
+    Refusal,
+> {
     // Only connections for this pod: never a relay to elsewhere.
     if !ctx.ips.contains(&i.authority.ip().to_canonical()) {
         let detail = format!("{} is not an address of pod {}", i.authority, ctx.key);
@@ -530,8 +548,9 @@ async fn open_stream(
     if let Err(denied) = snap.authorize(i.authority.ip(), &conn) {
         return Err(refuse(ctx, Reason::Denied, StatusCode::UNAUTHORIZED, denied.0));
     }
-    // The HBONE bridge reads the app with recvmsg whatever `accelerate` says.
-    let (upstream, _read) = connect_to_app(ctx, i.remote.ip(), i.authority)
+    // The HBONE bridge reads the app with recvmsg whatever `accelerate`
+    // says; it calls the backlog hook.
+    let (upstream, read) = connect_to_app(ctx, i.remote.ip(), i.authority)
         .await
         .map_err(|e| refuse(ctx, Reason::Unreachable, StatusCode::SERVICE_UNAVAILABLE, e))?;
     tune(&upstream);
@@ -544,7 +563,7 @@ async fn open_stream(
         i.authority.ip(),
         Some(i.peer.to_string()),
     ));
-    Ok((upstream, (registration, admitted)))
+    Ok((upstream, read.into_backlog(), (registration, admitted)))
 }
 
 /// Metrics and the access-log line of a finished (or refused) stream.

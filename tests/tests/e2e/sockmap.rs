@@ -353,3 +353,35 @@ fn sockmap_hops_that_went_tcp_leave_sm_app() -> Result<()> {
     assert!(tcp1 + tcp2 > 0, "no hop went TCP: this run proves nothing");
     Ok(())
 }
+
+/// A redirected send never blocks: a bulk sender would queue into the
+/// agent's socket without bound and take the CPU its bytes need. Once
+/// bytes pile up there, the agent sends the hop back to TCP, where the
+/// sender blocks on a full buffer again: a 32 MiB sequence-checked echo
+/// arrives whole and in order, the hops fell back (the metric), and no
+/// entry is left once it closed.
+#[test]
+fn sockmap_bulk_hops_fall_back_to_tcp_without_losing_order() -> Result<()> {
+    let w = Sm::new("smbulk")?;
+    let a1 = w.agent("node1")?;
+    let a2 = w.agent("node2")?;
+    let _server = Server::seq(w.cluster.pod("server"), PORT, false)?;
+    let r = w.client("client", &["--count", "1", "--size", "33554432", "--writes", "64"])?;
+    no_failures(&r)?;
+    let fallbacks = |node: &str| -> Result<u64> {
+        let (metrics, _) = crate::node_get(&w.cluster, node, "http://127.0.0.1:15020/metrics")?;
+        Ok(crate::sum_samples(&metrics, "mesh_agent_sockmap_fallback_total"))
+    };
+    let s1 = a1.status()?;
+    assert!(
+        sm_stat(&s1, "redirected") > 0,
+        "the client hop was never redirected: {s1}"
+    );
+    assert!(fallbacks("node1")? >= 1, "the bulk client hop stayed redirected: {s1}");
+    mesh::poll(WAIT, || {
+        let (s1, s2) = (a1.status()?, a2.status()?);
+        Ok((entries(&s1) == 0 && entries(&s2) == 0).then_some(()))
+    })
+    .with_context(|| format!("entries left: {:?} {:?}", a1.status(), a2.status()))?;
+    Ok(())
+}

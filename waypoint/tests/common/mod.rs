@@ -133,10 +133,13 @@ pub async fn hbone_pod(
                                 reason: "no such port".into(),
                             });
                         }
-                        TcpStream::connect(echo).await.map(|s| (s, ())).map_err(|e| Refusal {
-                            status: StatusCode::SERVICE_UNAVAILABLE,
-                            reason: e.to_string(),
-                        })
+                        TcpStream::connect(echo)
+                            .await
+                            .map(|s| (s, None, ()))
+                            .map_err(|e| Refusal {
+                                status: StatusCode::SERVICE_UNAVAILABLE,
+                                reason: e.to_string(),
+                            })
                     }
                 };
                 let _ = hbone::serve(s, cfg, WAIT, std::future::pending(), open, |_, _| {}).await;
