@@ -395,12 +395,12 @@ pub fn accelerate(ctx: &PodCtx, sock: &TcpStream) -> Read {
     // A redirected hop whose bytes pile up goes back to TCP. The reader
     // calls this only while it reads `sock`, so the fd is still this one.
     let (maps, fd) = (ctx.orig.clone(), sock.as_raw_fd());
-    let mut fell_back = false;
+    let mut settled = false;
     let backlog = move || {
-        if !fell_back {
-            fell_back = maps
+        if !settled {
+            settled = maps
                 .sockmap()
-                .is_some_and(|e| e.fall_back_if_backlogged(netns, fd, app, ours));
+                .is_none_or(|e| e.fall_back_if_backlogged(netns, fd, app, ours));
         }
     };
     Read::Recv {

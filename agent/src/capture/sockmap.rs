@@ -18,7 +18,10 @@
 //!   the testbed's agents too).
 //! * Never reorder, never drop: a hop's first sendmsg decides once (SM_HOPS):
 //!   redirected from its first byte, or TCP for good. When the agent's end is
-//!   missing the program passes (TCP), never drops.
+//!   missing the program passes (TCP), never drops. A redirected hop whose
+//!   bytes pile up in the agent's socket goes back to TCP for good
+//!   ([`AgentEnds::fall_back_if_backlogged`]): the agent reads the redirected
+//!   bytes first, so that switch keeps the order.
 //! * The agent must read its ends with recvmsg, never splice: splice reads
 //!   only the TCP queue and would never see redirected bytes.
 //! * The program is attached to SM_APP through a pinned bpf_link
@@ -140,7 +143,9 @@ impl AgentEnds {
     /// the CPU the agent needs to forward it; through TCP it blocks on a
     /// full buffer again. The socket stays in SM_AGENT (leaving would drop
     /// its queue) and is read with recvmsg, which returns the redirected
-    /// bytes before the TCP ones. Returns whether it fell back.
+    /// bytes before the TCP ones. Returns whether the hop is settled (fell
+    /// back, or not redirected: TCP, or gone with its app socket), so that
+    /// the caller stops asking.
     pub fn fall_back_if_backlogged(&self, netns_cookie: u64, sock: RawFd, app: SocketAddr, agent: SocketAddr) -> bool {
         let mut queued: libc::c_int = 0;
         // SAFETY: FIONREAD writes one int; `sock` is the caller's live socket.
@@ -150,12 +155,12 @@ impl AgentEnds {
         let key = hop_key(netns_cookie, app, agent);
         let mut hops = self.hops.lock().unwrap_or_else(|e| e.into_inner());
         if hops.get(&key, 0).ok() != Some(hop::REDIRECT) {
-            return false;
+            return true;
         }
         // BPF_EXIST: an app socket that closed meanwhile took its entry
         // along, and must not get an orphan one back.
         if hops.insert(key, hop::FALLBACK, u64::from(BPF_EXIST)).is_err() {
-            return false;
+            return true;
         }
         self.fallbacks.inc();
         tracing::debug!(app = %app, queued, "sockmap hop sent back to TCP: bytes pile up in the agent's socket");
