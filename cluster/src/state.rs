@@ -119,6 +119,15 @@ impl<'a> FromIterator<(Workload, &'a [IpAddr])> for Workloads {
     }
 }
 
+/// The same workload at every IP, whatever the order they were listed in.
+impl PartialEq for Workloads {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().all(|(ip, w)| other.get(ip) == Some(w))
+    }
+}
+
+impl Eq for Workloads {}
+
 impl std::ops::Index<&IpAddr> for Workloads {
     type Output = Workload;
     fn index(&self, ip: &IpAddr) -> &Workload {
@@ -631,6 +640,20 @@ mod tests {
             ]
         );
         assert!(snap.workloads.get(&"10.0.0.9".parse().unwrap()).is_none());
+        // Equal whatever the order the pods were listed in; not with a
+        // workload changed.
+        let reordered = "pods:\n  - {name: b, namespace: ns1, serviceAccount: sa1, node: n2, ips: [\"10.0.0.2\"]}\n  - {name: a, namespace: ns1, serviceAccount: sa1, node: n1, ips: [\"10.0.0.1\", \"fd00::1\"]}\n";
+        let other = State::default();
+        other.update(
+            &LocalConfig::parse(std::path::Path::new("m.yaml"), reordered).unwrap(),
+            "td",
+        );
+        assert!(other.snapshot().workloads == snap.workloads);
+        other.update(
+            &LocalConfig::parse(std::path::Path::new("m.yaml"), &reordered.replace("sa1", "sa2")).unwrap(),
+            "td",
+        );
+        assert!(other.snapshot().workloads != snap.workloads);
     }
 
     #[test]
