@@ -90,6 +90,16 @@ fn entries(status: &Value) -> u64 {
         .sum()
 }
 
+/// Waits (bounded) until neither agent has an entry in SM_APP, SM_AGENT or
+/// SM_HOPS: they leave with their sockets.
+fn no_entries_left(a1: &Agent, a2: &Agent) -> Result<()> {
+    mesh::poll(WAIT, || {
+        let (s1, s2) = (a1.status()?, a2.status()?);
+        Ok((entries(&s1) == 0 && entries(&s2) == 0).then_some(()))
+    })
+    .with_context(|| format!("entries left: {:?} {:?}", a1.status(), a2.status()))
+}
+
 fn no_failures(r: &Value) -> Result<()> {
     if r["failed"] != 0 || r["load_errors"].as_array().is_some_and(|e| !e.is_empty()) {
         bail!("the client saw failures: {r}");
@@ -229,12 +239,7 @@ fn sockmap_immediate_writes_never_reorder_or_drop_and_nothing_leaks() -> Result<
     assert!(sm_stat(&s2, "redirected") > 0, "{s2}");
     assert!(sm_stat(&s1, "peer_missing") + sm_stat(&s1, "redirected") > 0, "{s1}");
     // Entries leave with their sockets (the agents close theirs at once).
-    mesh::poll(WAIT, || {
-        let (s1, s2) = (a1.status()?, a2.status()?);
-        Ok((entries(&s1) == 0 && entries(&s2) == 0).then_some(()))
-    })
-    .with_context(|| format!("entries left: {:?} {:?}", a1.status(), a2.status()))?;
-    Ok(())
+    no_entries_left(&a1, &a2)
 }
 
 /// Two pods whose client hops are both `127.0.0.1:P -> 127.0.0.1:15001`,
@@ -378,10 +383,5 @@ fn sockmap_bulk_hops_fall_back_to_tcp_without_losing_order() -> Result<()> {
         "the client hop was never redirected: {s1}"
     );
     assert!(fallbacks("node1")? >= 1, "the bulk client hop stayed redirected: {s1}");
-    mesh::poll(WAIT, || {
-        let (s1, s2) = (a1.status()?, a2.status()?);
-        Ok((entries(&s1) == 0 && entries(&s2) == 0).then_some(()))
-    })
-    .with_context(|| format!("entries left: {:?} {:?}", a1.status(), a2.status()))?;
-    Ok(())
+    no_entries_left(&a1, &a2)
 }
