@@ -232,7 +232,8 @@ pub struct HopKey {
 pub mod sockmap_stats {
     /// Messages (sendmsg calls) redirected into the agent's socket.
     pub const REDIRECTED: u32 = 0;
-    /// Hops whose first message found no agent end: they stay on TCP.
+    /// Hops left on TCP for good: their first message found no agent end,
+    /// or their first bytes reached TCP without sk_msg (TCP Fast Open).
     pub const PEER_MISSING: u32 = 1;
     /// Messages of a redirected hop passed to TCP because the agent's end
     /// had left SM_AGENT (it closed): never a drop.

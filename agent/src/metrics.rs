@@ -223,7 +223,9 @@ impl SockmapCounters {
     fn help(slot: &str) -> &'static str {
         match slot {
             "redirected" => "Messages (sendmsg calls) of applications moved by sk_msg straight into the agent's socket",
-            "peer_missing" => "In-pod hops whose first message found no agent socket in SM_AGENT: they stay on TCP",
+            "peer_missing" => {
+                "In-pod hops left on TCP: their first message found no agent socket in SM_AGENT, or their first bytes reached TCP without sk_msg (TCP Fast Open)"
+            }
             "peer_gone" => "Messages of redirected hops passed to TCP because the agent's socket had closed",
             "app_inserted" => "Application sockets put into SM_APP by sockops",
             "app_insert_failed" => {

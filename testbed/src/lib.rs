@@ -155,6 +155,23 @@ impl Node {
     pub fn try_command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
         try_command_in(program.as_ref(), &self.netns_path, &self.agent_cgroup)
     }
+
+    /// A cgroup beside this node's pod parent (`<cluster>/<node>-outside`),
+    /// removed with the cluster's: an agent there is not seen by the cgroup
+    /// programs it attaches to the pod parent.
+    pub fn outside_cgroup(&self) -> PathBuf {
+        let name = format!(
+            "{}-outside",
+            self.cgroup.file_name().unwrap_or_default().to_string_lossy()
+        );
+        self.cgroup.with_file_name(name)
+    }
+
+    /// Like [`Node::try_command`], in another cgroup (created if missing).
+    pub fn try_command_in(&self, program: impl AsRef<OsStr>, cgroup: &Path) -> Result<Command> {
+        fs::create_dir_all(cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        try_command_in(program.as_ref(), &self.netns_path, cgroup)
+    }
 }
 
 impl Pod {

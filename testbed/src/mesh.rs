@@ -151,7 +151,23 @@ impl Agent {
         extra: &[&str],
     ) -> Result<Agent> {
         let source = [std::ffi::OsStr::new("--config"), config.as_os_str()];
-        Agent::start_with(bin, cluster, node, &source, log_dir, extra)
+        Agent::start_with(bin, cluster, node, &source, log_dir, extra, None)
+    }
+
+    /// Like [`Agent::start`], in a cgroup outside the node's pod parent
+    /// ([`crate::Node::outside_cgroup`]): as on a node whose
+    /// `--cgroup-parent` leaves the agent out, our cgroup programs never
+    /// see the agent's own sockets.
+    pub fn start_outside(
+        cluster: &Cluster,
+        node: &str,
+        config: &Path,
+        log_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let source = [std::ffi::OsStr::new("--config"), config.as_os_str()];
+        let cgroup = cluster.node(node).outside_cgroup();
+        Agent::start_with("agent", cluster, node, &source, log_dir, extra, Some(&cgroup))
     }
 
     /// Starts the agent of `node` with the Kubernetes source: `kubeconfig`
@@ -171,7 +187,7 @@ impl Agent {
             "--host-netns".as_ref(),
             n.netns_path.as_os_str(),
         ];
-        Agent::start_with("agent", cluster, node, &source, log_dir, extra)
+        Agent::start_with("agent", cluster, node, &source, log_dir, extra, None)
     }
 
     fn start_with(
@@ -181,6 +197,7 @@ impl Agent {
         source: &[&std::ffi::OsStr],
         log_dir: &Path,
         extra: &[&str],
+        cgroup: Option<&Path>,
     ) -> Result<Agent> {
         let n = cluster.node(node);
         let pin_name = format!("{}-{}", cluster.prefix(), node);
@@ -191,7 +208,10 @@ impl Agent {
             .find(|p| !p.exists())
             .expect("unbounded");
         let file = fs::File::create(&log)?;
-        let mut cmd = n.try_command(binary(bin)?)?;
+        let mut cmd = match cgroup {
+            Some(c) => n.try_command_in(binary(bin)?, c)?,
+            None => n.try_command(binary(bin)?)?,
+        };
         cmd.args(["--log-format", "json", "run", "--node", node])
             .args(source)
             .arg("--netns")
