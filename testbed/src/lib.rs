@@ -169,8 +169,7 @@ impl Node {
 
     /// Like [`Node::try_command`], in another cgroup (created if missing).
     pub fn try_command_in(&self, program: impl AsRef<OsStr>, cgroup: &Path) -> Result<Command> {
-        fs::create_dir_all(cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
-        try_command_in(program.as_ref(), &self.netns_path, cgroup)
+        try_command_created(program.as_ref(), &self.netns_path, cgroup)
     }
 }
 
@@ -191,9 +190,14 @@ impl Pod {
     /// Like [`Pod::try_command`], in another cgroup (created if missing):
     /// a pod laid out as a kubelet would ([`kube::container_cgroup`]).
     pub fn try_command_in(&self, program: impl AsRef<OsStr>, cgroup: &Path) -> Result<Command> {
-        fs::create_dir_all(cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
-        try_command_in(program.as_ref(), &self.netns_path, cgroup)
+        try_command_created(program.as_ref(), &self.netns_path, cgroup)
     }
+}
+
+/// [`try_command_in`], creating `cgroup` first if it is missing.
+fn try_command_created(program: &OsStr, netns_path: &Path, cgroup: &Path) -> Result<Command> {
+    fs::create_dir_all(cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+    try_command_in(program, netns_path, cgroup)
 }
 
 fn try_command_in(program: &OsStr, netns_path: &Path, cgroup: &Path) -> Result<Command> {

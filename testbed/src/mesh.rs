@@ -150,8 +150,7 @@ impl Agent {
         log_dir: &Path,
         extra: &[&str],
     ) -> Result<Agent> {
-        let source = [std::ffi::OsStr::new("--config"), config.as_os_str()];
-        Agent::start_with(bin, cluster, node, &source, log_dir, extra, None)
+        Agent::start_file(bin, cluster, node, config, log_dir, extra, None)
     }
 
     /// Like [`Agent::start`], in a cgroup outside the node's pod parent
@@ -165,9 +164,23 @@ impl Agent {
         log_dir: &Path,
         extra: &[&str],
     ) -> Result<Agent> {
-        let source = [std::ffi::OsStr::new("--config"), config.as_os_str()];
         let cgroup = cluster.node(node).outside_cgroup();
-        Agent::start_with("agent", cluster, node, &source, log_dir, extra, Some(&cgroup))
+        Agent::start_file("agent", cluster, node, config, log_dir, extra, Some(&cgroup))
+    }
+
+    /// The agent `bin` with the enrolment file `config`, in `cgroup` (the
+    /// node's agent cgroup when `None`).
+    fn start_file(
+        bin: &str,
+        cluster: &Cluster,
+        node: &str,
+        config: &Path,
+        log_dir: &Path,
+        extra: &[&str],
+        cgroup: Option<&Path>,
+    ) -> Result<Agent> {
+        let source = [std::ffi::OsStr::new("--config"), config.as_os_str()];
+        Agent::start_with(bin, cluster, node, &source, log_dir, extra, cgroup)
     }
 
     /// Starts the agent of `node` with the Kubernetes source: `kubeconfig`
