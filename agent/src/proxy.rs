@@ -28,7 +28,11 @@ use std::{
 };
 
 use agent_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
-use mesh::{identity::SpiffeId, splice::Read, tls};
+use mesh::{
+    identity::SpiffeId,
+    splice::{Hooks, Read},
+    tls,
+};
 use socket2::{Domain, Socket, Type};
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -403,10 +407,10 @@ pub fn accelerate(ctx: &PodCtx, sock: &TcpStream) -> Read {
                 .is_none_or(|e| e.fall_back_if_backlogged(netns, fd, app, ours));
         }
     };
-    Read::Recv {
+    Read::Recv(Hooks {
         settle: Some(Box::new(settle)),
         backlog: Some(Box::new(backlog)),
-    }
+    })
 }
 
 /// Resolves once the pod is unenrolled (`stopped`) or the agent shuts down.

@@ -51,7 +51,7 @@ use tokio::{
 
 use crate::{
     identity::SpiffeId,
-    splice::{both, Backlog, Copied},
+    splice::{both, Copied, Hooks},
     tls,
 };
 
@@ -339,10 +339,9 @@ fn traceparent() -> String {
 
 impl Tunnel {
     /// Copies between the tunnel and `tcp` until both directions are done.
-    /// `sent` counts tcp -> tunnel bytes. `backlog`: see
-    /// [`crate::splice::Read::Recv`].
-    pub async fn bridge(self, tcp: &mut TcpStream, backlog: Option<Backlog>) -> Copied {
-        self.io.bridge(tcp, backlog).await
+    /// `sent` counts tcp -> tunnel bytes. `hooks`: see [`Hooks`].
+    pub async fn bridge(self, tcp: &mut TcpStream, hooks: Hooks) -> Copied {
+        self.io.bridge(tcp, hooks).await
     }
 
     /// The stream as plain AsyncRead + AsyncWrite.
@@ -393,15 +392,15 @@ impl H2Stream {
 
     /// Copies between the stream and `tcp` until both directions are done
     /// (buffers handed to h2 without a copy). `sent` counts tcp -> stream.
-    /// `backlog`: see [`crate::splice::Read::Recv`].
-    pub async fn bridge(self, tcp: &mut TcpStream, backlog: Option<Backlog>) -> Copied {
+    /// `tcp` is read with recvmsg, its `hooks` called (see [`Hooks`]).
+    pub async fn bridge(self, tcp: &mut TcpStream, hooks: Hooks) -> Copied {
         let H2Stream { send, recv, unread, .. } = self;
         if !unread.is_empty() {
             if let Err(e) = tcp.write_all(&unread).await {
                 return Copied::failed(format!("error: {e}"));
             }
         }
-        bridge(send, recv, tcp, backlog).await
+        bridge(send, recv, tcp, hooks).await
     }
 }
 
@@ -463,10 +462,10 @@ impl AsyncWrite for H2Stream {
     }
 }
 
-async fn bridge(send: SendStream<Bytes>, recv: RecvStream, tcp: &mut TcpStream, backlog: Option<Backlog>) -> Copied {
+async fn bridge(send: SendStream<Bytes>, recv: RecvStream, tcp: &mut TcpStream, hooks: Hooks) -> Copied {
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let (rd, wr) = tcp.split();
-    let r = both(tcp_to_h2(rd, send, &sent, backlog), h2_to_tcp(recv, wr, &received)).await;
+    let r = both(tcp_to_h2(rd, send, &sent, hooks), h2_to_tcp(recv, wr, &received)).await;
     Copied::new(r, &sent, &received)
 }
 
@@ -481,12 +480,13 @@ fn h2_io(e: h2::Error) -> io::Error {
 }
 
 /// TCP -> DATA frames; the read buffer is handed to h2 without a copy.
-/// `backlog` is called after each read that filled the buffer.
+/// `hooks` are called as [`Hooks`] says; a hop that settled on TCP leaves
+/// the sockmap, and its backlog hook stops.
 async fn tcp_to_h2(
     mut rd: ReadHalf<'_>,
     mut send: SendStream<Bytes>,
     count: &AtomicU64,
-    mut backlog: Option<Backlog>,
+    mut hooks: Hooks,
 ) -> io::Result<()> {
     let mut buf = BytesMut::new();
     loop {
@@ -502,11 +502,7 @@ async fn tcp_to_h2(
         if n == 0 {
             return send.send_data(Bytes::new(), true).map_err(h2_io);
         }
-        if n == room {
-            if let Some(b) = backlog.as_mut() {
-                b();
-            }
-        }
+        hooks.read(n, room);
         let mut chunk = buf.split().freeze();
         while !chunk.is_empty() {
             send.reserve_capacity(chunk.len());
@@ -519,6 +515,7 @@ async fn tcp_to_h2(
             send.send_data(part, false).map_err(h2_io)?;
             count.fetch_add(len, Ordering::Relaxed);
         }
+        hooks.settled();
     }
 }
 
@@ -737,7 +734,7 @@ pub struct Refusal {
 /// streams by bridging each to a socket (the agent's inbound role; built
 /// on [`serve_streams`], same bounds and drain). For each, `open`
 /// authorizes and connects to the application, returning the upstream
-/// socket, its backlog hook (see [`crate::splice::Read::Recv`]) and a
+/// socket, its reader's hooks (see [`Hooks`]) and a
 /// guard kept until the stream ends; `done` gets the outcome when the
 /// stream ends.
 pub async fn serve<O, F, G, D>(
@@ -750,7 +747,7 @@ pub async fn serve<O, F, G, D>(
 ) -> Result<(), HboneError>
 where
     O: Fn(Inbound) -> F + Clone + Send + 'static,
-    F: Future<Output = Result<(TcpStream, Option<Backlog>, G), Refusal>> + Send + 'static,
+    F: Future<Output = Result<(TcpStream, Hooks, G), Refusal>> + Send + 'static,
     G: Send + 'static,
     D: Fn(Inbound, Result<Copied, Refusal>) + Clone + Send + Sync + 'static,
 {
@@ -764,7 +761,7 @@ where
 async fn bridge_task<O, F, G, D>(incoming: Incoming, open: O, done: D)
 where
     O: Fn(Inbound) -> F,
-    F: Future<Output = Result<(TcpStream, Option<Backlog>, G), Refusal>>,
+    F: Future<Output = Result<(TcpStream, Hooks, G), Refusal>>,
     D: Fn(Inbound, Result<Copied, Refusal>),
 {
     let r = &incoming.request;
@@ -781,9 +778,9 @@ where
         started: r.started,
     };
     match open(inbound.clone()).await {
-        Ok((mut upstream, backlog, guard)) => match incoming.accept() {
+        Ok((mut upstream, hooks, guard)) => match incoming.accept() {
             Ok(stream) => {
-                let copied = stream.bridge(&mut upstream, backlog).await;
+                let copied = stream.bridge(&mut upstream, hooks).await;
                 drop(guard);
                 done(inbound, Ok(copied));
             }

@@ -40,30 +40,57 @@ pub enum Read {
     /// Zero-copy: only for sockets that receive through TCP alone.
     Splice,
     /// recvmsg into a buffer: for sockets that may receive through sk_msg.
-    /// After the first bytes (when the sender's first byte has decided how
-    /// the hop goes) `settle` is asked once: `true` means the bytes come
-    /// through TCP for good and the socket left the sockmap, so the rest is
-    /// spliced. `backlog` is called after every read that filled the
-    /// buffer (more may be waiting): the owner of the sockmap may send the
-    /// hop back to TCP, where its sender blocks on a full buffer again.
-    Recv {
-        settle: Option<Settle>,
-        backlog: Option<Backlog>,
-    },
+    Recv(Hooks),
 }
 
-/// See [`Read::Recv`].
+/// What the owner of the sockmap asks of the reader of a socket that may
+/// receive through sk_msg (the agent's end of an accelerated hop).
+#[derive(Default)]
+pub struct Hooks {
+    /// Asked once, after the first bytes (when the sender's first byte has
+    /// decided how the hop goes): `true` means the bytes come through TCP
+    /// for good and the socket left the sockmap, so a plain copy splices
+    /// the rest, and `backlog` is not called again.
+    pub settle: Option<Settle>,
+    /// Called after every read that filled the buffer (more may be
+    /// waiting): the owner may send the hop back to TCP, where its sender
+    /// blocks on a full buffer again.
+    pub backlog: Option<Backlog>,
+}
+
+/// See [`Hooks::settle`].
 pub type Settle = Box<dyn FnOnce() -> bool + Send>;
-/// See [`Read::Recv`].
+/// See [`Hooks::backlog`].
 pub type Backlog = Box<dyn FnMut() + Send>;
 
 impl Read {
-    /// The backlog hook of a socket read with recvmsg (see [`Read::Recv`]).
-    pub fn into_backlog(self) -> Option<Backlog> {
+    /// The hooks of a socket read with recvmsg (none for [`Read::Splice`]).
+    pub fn into_hooks(self) -> Hooks {
         match self {
-            Read::Splice => None,
-            Read::Recv { backlog, .. } => backlog,
+            Read::Splice => Hooks::default(),
+            Read::Recv(hooks) => hooks,
         }
+    }
+}
+
+impl Hooks {
+    /// After a read of `n` bytes into `room` free bytes of buffer.
+    pub fn read(&mut self, n: usize, room: usize) {
+        if n == room {
+            if let Some(b) = self.backlog.as_mut() {
+                b();
+            }
+        }
+    }
+
+    /// After the bytes of a read went on: asks `settle` the first time;
+    /// whether the hop is on TCP for good.
+    pub fn settled(&mut self) -> bool {
+        let tcp = self.settle.take().is_some_and(|settle| settle());
+        if tcp {
+            self.backlog = None;
+        }
+        tcp
     }
 }
 
@@ -71,7 +98,7 @@ impl std::fmt::Debug for Read {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Read::Splice => "splice",
-            Read::Recv { .. } => "recv",
+            Read::Recv(_) => "recv",
         })
     }
 }
@@ -95,7 +122,7 @@ pub async fn forward_reading(
 async fn direction(from: &TcpStream, read: Read, to: &TcpStream, count: &AtomicU64) -> io::Result<()> {
     match read {
         Read::Splice => pump(from, to, count).await,
-        Read::Recv { settle, backlog } => copy(from, to, count, settle, backlog).await,
+        Read::Recv(hooks) => copy(from, to, count, hooks).await,
     }
 }
 
@@ -104,13 +131,7 @@ const COPY_BUF: usize = 64 * 1024;
 
 /// One direction through user space: recvmsg until EOF, then half-close;
 /// spliced from the point `settle` says the bytes come through TCP only.
-async fn copy(
-    from: &TcpStream,
-    to: &TcpStream,
-    count: &AtomicU64,
-    mut settle: Option<Settle>,
-    mut backlog: Option<Backlog>,
-) -> io::Result<()> {
+async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, mut hooks: Hooks) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
         let n = retry(from, Interest::READABLE, || {
@@ -126,11 +147,7 @@ async fn copy(
         if n == 0 {
             return socket2::SockRef::from(to).shutdown(Shutdown::Write);
         }
-        if n == buf.len() {
-            if let Some(b) = backlog.as_mut() {
-                b();
-            }
-        }
+        hooks.read(n, buf.len());
         let mut at = 0;
         while at < n {
             at += retry(to, Interest::WRITABLE, || {
@@ -145,7 +162,7 @@ async fn copy(
             .await?;
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
-        if settle.take().is_some_and(|settle| settle()) {
+        if hooks.settled() {
             return pump(from, to, count).await;
         }
     }

@@ -16,6 +16,7 @@ use mesh::{
     hbone::{self, ConnectHeaders, Inbound, Refusal, Timeouts},
     identity::{new_csr, SpiffeId, WorkloadCert},
     pool::{Pool, PoolKey},
+    splice::Hooks,
     tls::{self, Roots},
 };
 use tokio::{
@@ -117,7 +118,7 @@ async fn server(pki: &Pki, cert: &str, refuse: Option<u16>) -> TestServer {
                             }),
                             None => TcpStream::connect(i.authority)
                                 .await
-                                .map(|s| (s, None, ()))
+                                .map(|s| (s, Hooks::default(), ()))
                                 .map_err(|e| Refusal {
                                     status: http::StatusCode::SERVICE_UNAVAILABLE,
                                     reason: e.to_string(),
@@ -181,7 +182,7 @@ async fn dial(
 /// Sends `msg` through a bridged tunnel and returns the echo.
 async fn echo_through(tunnel: hbone::Tunnel, msg: &[u8]) -> Vec<u8> {
     let (mut ours, mut app_client) = tcp_pair().await;
-    let bridge = tokio::spawn(async move { tunnel.bridge(&mut ours, None).await });
+    let bridge = tokio::spawn(async move { tunnel.bridge(&mut ours, Hooks::default()).await });
     app_client.write_all(msg).await.unwrap();
     app_client.shutdown().await.unwrap();
     let mut echo = Vec::new();
@@ -208,7 +209,7 @@ async fn tunnel_carries_bytes_both_ways_with_half_close_and_identities() {
     assert_eq!(inbound.forwarded_for.as_deref(), Some("for=\"10.1.1.11:40000\""));
 
     let (mut ours, mut client) = tcp_pair().await;
-    let bridge = tokio::spawn(async move { tunnel.bridge(&mut ours, None).await });
+    let bridge = tokio::spawn(async move { tunnel.bridge(&mut ours, Hooks::default()).await });
     let payload: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
     let (mut r, mut w) = client.split();
     let send = async {
@@ -702,7 +703,7 @@ async fn a_draining_server_sends_goaway_and_the_pool_moves_new_streams_while_ope
     let s = PoolSetup::new("drain").await;
     let (held, held_guard) = s.open(&s.cert).await.unwrap();
     let (mut ours, mut app_client) = tcp_pair().await;
-    let bridge = tokio::spawn(async move { held.bridge(&mut ours, None).await });
+    let bridge = tokio::spawn(async move { held.bridge(&mut ours, Hooks::default()).await });
     app_client.write_all(b"before ").await.unwrap();
 
     s.srv.drain.send(true).unwrap();

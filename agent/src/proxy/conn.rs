@@ -376,7 +376,7 @@ async fn plain(ctx: &PodCtx, client: &TcpStream, read: Read, dst: SocketAddr, po
 /// port) with CONNECT `dst`, as this pod's identity, accepting only
 /// `expected` identities.
 /// `read`: how `client` is read (see [`handle`]); the bridge reads it
-/// with recvmsg either way, and calls its backlog hook.
+/// with recvmsg either way, and calls its hooks.
 #[allow(clippy::too_many_arguments)]
 async fn tunnel(
     ctx: &PodCtx,
@@ -432,7 +432,7 @@ async fn tunnel(
     match mesh.pool.connect(&key, &cert.serial, &headers, dial).await {
         Ok((t, _stream)) => {
             let peer_identity = t.peer.as_ref().map(ToString::to_string);
-            Outcome::carried("hbone", peer_identity, t.bridge(client, read.into_backlog()).await)
+            Outcome::carried("hbone", peer_identity, t.bridge(client, read.into_hooks()).await)
         }
         Err(HboneError::Status { status, .. }) if status == StatusCode::BAD_REQUEST => {
             Outcome::refused("hbone", Reason::BadRequest, format!("{hbone_dst} answered 400"))
@@ -515,7 +515,7 @@ async fn open_stream(
 ) -> Result<
     (
         TcpStream,
-        Option<splice::Backlog>,
+        splice::Hooks,
         (crate::proxy::policed::Registration, Admitted),
     ),
     Refusal,
@@ -549,7 +549,7 @@ async fn open_stream(
         return Err(refuse(ctx, Reason::Denied, StatusCode::UNAUTHORIZED, denied.0));
     }
     // The HBONE bridge reads the app with recvmsg whatever `accelerate`
-    // says; it calls the backlog hook.
+    // says; it calls its hooks.
     let (upstream, read) = connect_to_app(ctx, i.remote.ip(), i.authority)
         .await
         .map_err(|e| refuse(ctx, Reason::Unreachable, StatusCode::SERVICE_UNAVAILABLE, e))?;
@@ -563,7 +563,7 @@ async fn open_stream(
         i.authority.ip(),
         Some(i.peer.to_string()),
     ));
-    Ok((upstream, read.into_backlog(), (registration, admitted)))
+    Ok((upstream, read.into_hooks(), (registration, admitted)))
 }
 
 /// Metrics and the access-log line of a finished (or refused) stream.

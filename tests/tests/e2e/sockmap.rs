@@ -15,7 +15,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use testbed::{
-    mesh::{self, Agent, Server, Settings},
+    mesh::{self, Agent, MeshCa, Server, Settings},
     wire::Capture,
     Cluster, ClusterSpec, NodeSpec, Pod,
 };
@@ -321,13 +321,47 @@ sys.stdin.read()
 /// once, which go TCP whenever the app writes before the agent's own
 /// insert: agent 1 runs outside the pods' cgroup parent, where sockops
 /// cannot insert its socket first, and measured 14 of 20 such hops TCP).
+/// The agent's end of such a hop leaves SM_AGENT once its first bytes are
+/// read, so that its reader stops watching a sk_msg queue that stays empty.
 #[test]
 fn sockmap_hops_that_went_tcp_leave_sm_app() -> Result<()> {
+    went_tcp_hops_leave_the_maps("smtcp", false)
+}
+
+/// [`sockmap_hops_that_went_tcp_leave_sm_app`] through HBONE: the tunnel's
+/// bridge, not the plain copy, reads both hops.
+#[test]
+fn sockmap_hbone_hops_that_went_tcp_leave_the_maps() -> Result<()> {
+    went_tcp_hops_leave_the_maps("smtcph", true)
+}
+
+fn went_tcp_hops_leave_the_maps(label: &str, hbone: bool) -> Result<()> {
     const CONNS: u64 = 50;
-    let w = Sm::new("smtcp")?;
-    let mut a1 = Agent::start_outside(&w.cluster, "node1", &w.config, &w.dir, &["--sockmap"])?;
-    a1.wait_for("agent ready", WAIT)?;
-    let a2 = w.agent("node2")?;
+    let w = Sm::new(label)?;
+    let ca = hbone
+        .then(|| MeshCa::start(&w.cluster, "node1", &w.dir.join("ca"), &w.config))
+        .transpose()?;
+    let args = |node: &str| -> Vec<String> {
+        let mut a = ca.as_ref().map(|ca| ca.client_args(node)).unwrap_or_default();
+        a.push("--sockmap".into());
+        a
+    };
+    let (args1, args2) = (args("node1"), args("node2"));
+    let args1: Vec<&str> = args1.iter().map(String::as_str).collect();
+    let args2: Vec<&str> = args2.iter().map(String::as_str).collect();
+    let mut a1 = Agent::start_outside(&w.cluster, "node1", &w.config, &w.dir, &args1)?;
+    let mut a2 = Agent::start(&w.cluster, "node2", &w.config, &w.dir, &args2)?;
+    for (a, sa) in [(&mut a1, "client"), (&mut a2, "server")] {
+        a.wait_for("agent ready", WAIT)?;
+        if hbone {
+            let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
+            a.wait_access(WAIT, |_| {
+                a.logs()
+                    .iter()
+                    .any(|l| l["message"] == "workload certificate ready" && l["identity"] == id)
+            })?;
+        }
+    }
     let _server = Server::start(w.cluster.pod("server"), &[PORT])?;
     let mut held = w
         .cluster
@@ -346,20 +380,28 @@ fn sockmap_hops_that_went_tcp_leave_sm_app() -> Result<()> {
         .spawn()?;
     let line = mesh::first_line(&mut held)?;
     assert_eq!(line["open"], CONNS, "{line}");
-    // Held open: each node's SM_APP keeps exactly its redirected hops.
-    let apps = |s: &Value| s["sockmap_entries"]["SM_APP"].as_u64().unwrap_or(u64::MAX);
+    // Held open: each node's SM_APP and SM_AGENT keep exactly its
+    // redirected hops.
+    let kept = |s: &Value| {
+        let n = |m: &str| s["sockmap_entries"][m].as_u64().unwrap_or(u64::MAX);
+        (n("SM_APP"), n("SM_AGENT"))
+    };
     let settled = mesh::poll(WAIT, || {
         let (s1, s2) = (a1.status()?, a2.status()?);
         let tcp = (sm_stat(&s1, "peer_missing"), sm_stat(&s2, "peer_missing"));
-        let want = (CONNS - tcp.0, CONNS - tcp.1);
-        Ok(((apps(&s1), apps(&s2)) == want).then_some(tcp))
+        let want = |t: u64| (CONNS - t, CONNS - t);
+        Ok(((kept(&s1), kept(&s2)) == (want(tcp.0), want(tcp.1))).then_some(tcp))
     })
-    .with_context(|| format!("SM_APP keeps TCP hops: {:?} {:?}", a1.status(), a2.status()));
+    .with_context(|| format!("the maps keep TCP hops: {:?} {:?}", a1.status(), a2.status()));
     drop(held.stdin.take());
     let out = mesh::wait_output(held, WAIT)?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (tcp1, tcp2) = settled?;
     assert!(tcp1 + tcp2 > 0, "no hop went TCP: this run proves nothing");
+    if hbone {
+        a1.wait_access(WAIT, |logs| logs.iter().any(|l| l["protocol"] == "hbone"))
+            .context("no connection went through HBONE")?;
+    }
     Ok(())
 }
 

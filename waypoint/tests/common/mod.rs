@@ -135,7 +135,7 @@ pub async fn hbone_pod(
                         }
                         TcpStream::connect(echo)
                             .await
-                            .map(|s| (s, None, ()))
+                            .map(|s| (s, mesh::splice::Hooks::default(), ()))
                             .map_err(|e| Refusal {
                                 status: StatusCode::SERVICE_UNAVAILABLE,
                                 reason: e.to_string(),
