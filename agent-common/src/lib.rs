@@ -66,6 +66,13 @@ pub mod maps {
     pub const SM_HOPS: &str = "SM_HOPS";
     /// Sockmap counters, see [`super::sockmap_stats`].
     pub const SM_STATS: &str = "SM_STATS";
+    /// Companion of SM_HOPS: the bytes the agent has read from each hop
+    /// (u64, keyed by [`super::HopKey`]), which bounds what waits in its
+    /// socket ([`super::hop::BACKLOG_BOUND`]). sockops creates the entry
+    /// with the hop state and removes it when the socket closes; the agent
+    /// only updates it; the sk_msg program removes it when the hop falls
+    /// back.
+    pub const SM_READ: &str = "SM_READ";
 }
 
 /// Program names (the Rust function names in agent-ebpf).
@@ -98,13 +105,55 @@ pub mod hop {
     /// The first byte found no agent end: the hop stays on TCP for good
     /// (switching later could deliver newer bytes before older ones).
     pub const TCP: u32 = 2;
-    /// Redirected, then sent back to TCP for good by the agent because
-    /// bytes piled up in its socket (a redirected send never blocks, so a
-    /// bulk sender would take the CPU its bytes need, and their memory is
-    /// not bounded by any buffer). The agent's socket stays in SM_AGENT and
+    /// Redirected, then sent back to TCP for good by the sk_msg program,
+    /// because more than [`BACKLOG_BOUND`] bytes wait in the agent's socket
+    /// (a redirected send never blocks, so a bulk sender would take the
+    /// CPU its bytes need, and their memory is not bounded by any buffer). The agent's socket stays in SM_AGENT and
     /// is read with recvmsg, which returns the redirected bytes before the
     /// TCP ones: nothing is reordered.
     pub const FALLBACK: u32 = 3;
+
+    /// A SM_HOPS value holds the state in its low two bits and, above
+    /// them, the bytes redirected so far modulo 2^30 (written by the sk_msg
+    /// program). Values of releases that stored the state alone read the
+    /// same (nothing redirected counted).
+    pub const STATE_BITS: u32 = 2;
+    const STATE_MASK: u32 = (1 << STATE_BITS) - 1;
+    const SENT_MASK: u32 = u32::MAX >> STATE_BITS;
+
+    /// Redirected bytes that may wait in the agent's socket, unread: beyond
+    /// it the sk_msg program sends the hop back to TCP ([`FALLBACK`]). A
+    /// redirected send never blocks and the kernel bounds that queue by no
+    /// buffer, so without it a sender whose agent is not reading (its
+    /// downstream is full, or it is starved of CPU) would queue without
+    /// limit. Four of the agent's reads: a request or reply of an ordinary
+    /// protocol stays below it, a bulk sender passes it at once.
+    pub const BACKLOG_BOUND: u32 = 256 * 1024;
+
+    /// The agent reports the bytes it has read (SM_READ) at least every
+    /// this many bytes, so the program's view lags by at most this much.
+    pub const READ_REPORT_STEP: u64 = 64 * 1024;
+
+    /// The state of a SM_HOPS value.
+    pub const fn state(value: u32) -> u32 {
+        value & STATE_MASK
+    }
+
+    /// `state` with `sent` redirected bytes (modulo 2^30).
+    pub const fn with_sent(state: u32, sent: u32) -> u32 {
+        (sent & SENT_MASK) << STATE_BITS | (state & STATE_MASK)
+    }
+
+    /// The redirected bytes (modulo 2^30) of a SM_HOPS value.
+    pub const fn sent(value: u32) -> u32 {
+        value >> STATE_BITS
+    }
+
+    /// Bytes redirected but not yet reported read: `sent - read` modulo
+    /// 2^30, exact while fewer than 2^30 wait (the bound keeps far below).
+    pub const fn unread(value: u32, read: u64) -> u32 {
+        sent(value).wrapping_sub(read as u32) & SENT_MASK
+    }
 }
 
 /// An IP address in IPv6 form (IPv4 as `::ffff:a.b.c.d`), stored as the kernel
@@ -332,11 +381,32 @@ mod tests {
             maps::SM_AGENT,
             maps::SM_HOPS,
             maps::SM_STATS,
+            maps::SM_READ,
         ] {
             assert!(name.len() <= 15, "{name}: the kernel keeps 15 characters");
         }
         assert!(stats::NAMES.len() >= stats::COUNT as usize);
         assert_eq!(sockmap_stats::NAMES.len(), sockmap_stats::COUNT as usize);
+    }
+
+    #[test]
+    fn a_hop_value_keeps_its_state_and_counts_unread_bytes_across_the_wrap() {
+        // Values of releases that stored the state alone.
+        for st in [hop::UNDECIDED, hop::REDIRECT, hop::TCP, hop::FALLBACK] {
+            assert_eq!(hop::state(st), st);
+            assert_eq!(hop::unread(st, 0), 0);
+        }
+        let v = hop::with_sent(hop::REDIRECT, 300_000);
+        assert_eq!((hop::state(v), hop::sent(v)), (hop::REDIRECT, 300_000));
+        assert_eq!(hop::unread(v, 100_000), 200_000);
+        // 2^30 + 10 bytes redirected (stored as 10), all but 5 of them read.
+        let wrapped = hop::with_sent(hop::REDIRECT, (1u64 << 30) as u32 + 10);
+        assert_eq!(hop::sent(wrapped), 10);
+        assert_eq!(hop::unread(wrapped, (1u64 << 30) + 5), 5);
+        assert_eq!(hop::unread(wrapped, 1u64 << 30), 10);
+        // Read reported past a gigabyte boundary while sent is just below.
+        let below = hop::with_sent(hop::REDIRECT, (1u32 << 30) - 4);
+        assert_eq!(hop::unread(below, (1u64 << 30) - 4), 0);
     }
 
     #[test]

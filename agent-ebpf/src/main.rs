@@ -112,6 +112,11 @@ static SM_HOPS: HashMap<HopKey, u32> = HashMap::pinned(65536, 0);
 /// Sockmap counters, see `agent_common::sockmap_stats`.
 #[map]
 static SM_STATS: PerCpuArray<u64> = PerCpuArray::pinned(sockmap_stats::COUNT, 0);
+/// The bytes the agent has read from each hop (`agent_common::maps::SM_READ`):
+/// created with the hop state, updated by the agent, gone at close or
+/// fallback.
+#[map]
+static SM_READ: HashMap<HopKey, u64> = HashMap::pinned(65536, 0);
 
 #[inline(always)]
 fn count_sm(idx: u32) {
@@ -337,7 +342,9 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
             // The hop state leaves with its socket (SM_APP's entry is
             // dropped by the kernel itself).
             let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-            let _ = SM_HOPS.remove(ops_hop_key(&ctx, netns));
+            let key = ops_hop_key(&ctx, netns);
+            let _ = SM_HOPS.remove(key);
+            let _ = SM_READ.remove(key);
         }
         _ => {}
     }
@@ -414,11 +421,18 @@ fn insert_app(ctx: &SockOpsContext, netns_cookie: u64) {
         count_sm(sockmap_stats::APP_INSERT_FAILED);
         return;
     }
+    // Without its read count a hop would have no bound: then no hop.
+    if SM_READ.insert(key, 0, 0).is_err() {
+        let _ = SM_HOPS.remove(key);
+        count_sm(sockmap_stats::APP_INSERT_FAILED);
+        return;
+    }
     // SAFETY: helper only reads the context.
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the context is the kernel's bpf_sock_ops for this socket.
     if SM_APP.update(&mut cookie, unsafe { &mut *ctx.ops }, 0).is_err() {
         let _ = SM_HOPS.remove(key);
+        let _ = SM_READ.remove(key);
         count_sm(sockmap_stats::APP_INSERT_FAILED);
         return;
     }
@@ -449,7 +463,7 @@ fn tcp_bytes_before_sk_msg(ctx: &SockOpsContext) {
         let payload = unsafe { read_volatile(&(*ctx.ops).skb_len) };
         // SAFETY: map value of this socket, under its lock (as sk_msg).
         unsafe {
-            if *state == hop::UNDECIDED {
+            if hop::state(*state) == hop::UNDECIDED {
                 if payload == 0 {
                     return; // an ACK: still undecided
                 }
@@ -506,7 +520,7 @@ fn release_tcp_hop(ctx: &SockOpsContext) {
     // SAFETY: helpers only read the context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup of plain data.
-    let state = unsafe { SM_HOPS.get(ops_hop_key(ctx, netns)) }.copied();
+    let state = unsafe { SM_HOPS.get(ops_hop_key(ctx, netns)) }.map(|v| hop::state(*v));
     // Undecided, or redirected (which the agent may still send back to
     // TCP): keep the callback.
     if state == Some(hop::UNDECIDED) || state == Some(hop::REDIRECT) {
@@ -573,19 +587,27 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     };
     // SAFETY: map value of this socket; sk_msg runs under the socket lock,
     // so this socket's sends see and set the state one at a time.
-    let now = unsafe { *state };
+    let value = unsafe { *state };
+    let now = hop::state(value);
     if now == hop::TCP || now == hop::FALLBACK {
+        return SK_PASS;
+    }
+    let size = ctx.size();
+    if now == hop::REDIRECT && over_bound(&key, value, size) {
+        // Back to TCP for good, where the sender blocks on a full buffer
+        // again. The agent reads what is queued first: no reorder.
+        // SAFETY: as above.
+        unsafe { *state = hop::FALLBACK };
+        let _ = SM_READ.remove(key);
         return SK_PASS;
     }
     // The helper answers SK_PASS only when it found the agent's socket;
     // otherwise its SK_DROP is never returned: the bytes go through TCP.
     if SM_AGENT.redirect_msg(&ctx, key, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
-        // Written once: the agent may set FALLBACK at any time, and a
-        // rewrite here must not undo it.
-        if now == hop::UNDECIDED {
-            // SAFETY: as above.
-            unsafe { *state = hop::REDIRECT };
-        }
+        // SAFETY: as above. Only this program writes a redirected hop's
+        // value (an agent of an older release may set FALLBACK between two
+        // sends; the next one then sees it).
+        unsafe { *state = hop::with_sent(hop::REDIRECT, hop::sent(value).wrapping_add(size)) };
         count_sm(sockmap_stats::REDIRECTED);
         return SK_PASS;
     }
@@ -600,6 +622,18 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
         count_sm(sockmap_stats::PEER_GONE);
     }
     SK_PASS
+}
+
+/// Whether redirecting `size` more bytes would leave more than
+/// `hop::BACKLOG_BOUND` unread in the agent's socket. A hop inserted by an
+/// older release's sockops has no read count: its agent bounds it.
+#[inline(always)]
+fn over_bound(key: &HopKey, value: u32, size: u32) -> bool {
+    // SAFETY: read-only lookup of plain data.
+    let Some(read) = (unsafe { SM_READ.get(key) }) else {
+        return false;
+    };
+    u64::from(hop::unread(value, *read)) + u64::from(size) > u64::from(hop::BACKLOG_BOUND)
 }
 
 /// The hop key of the sending socket.

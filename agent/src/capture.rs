@@ -697,7 +697,7 @@ impl Capture {
 }
 
 /// The maps this release pins, by the names its programs use.
-const MAP_NAMES: [&str; 14] = [
+const MAP_NAMES: [&str; 15] = [
     names::ENROLLED_NETNS,
     names::ORIG_DST,
     names::CONN_ORIG,
@@ -712,6 +712,7 @@ const MAP_NAMES: [&str; 14] = [
     names::SM_AGENT,
     names::SM_HOPS,
     names::SM_STATS,
+    names::SM_READ,
 ];
 
 /// Converges the cgroup link of `name` on `prog` (attaching it at `cgroup`

@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use agent_common::{hop, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use mesh::{
     identity::SpiffeId,
     splice::{Hooks, Read},
@@ -396,20 +396,22 @@ pub fn accelerate(ctx: &PodCtx, sock: &TcpStream) -> Read {
     // again after the first bytes.
     let (maps, netns) = (ctx.orig.clone(), ctx.netns_cookie);
     let settle = move || maps.sockmap().is_some_and(|e| e.release_if_tcp(netns, app, ours));
-    // A redirected hop whose bytes pile up goes back to TCP. The reader
-    // calls this only while it reads `sock`, so the fd is still this one.
-    let (maps, fd) = (ctx.orig.clone(), sock.as_raw_fd());
-    let mut settled = false;
-    let backlog = move || {
-        if !settled {
-            settled = maps
-                .sockmap()
-                .is_none_or(|e| e.fall_back_if_backlogged(netns, fd, app, ours));
+    // What the agent has read bounds what may wait in its socket: the
+    // sk_msg program sends a hop back to TCP beyond it (a redirected send
+    // never blocks). Reported every READ_REPORT_STEP bytes, until the hop
+    // has no count any more (it fell back, went TCP or closed).
+    let maps = ctx.orig.clone();
+    let (mut read, mut reported, mut counted) = (0u64, 0u64, true);
+    let progress = move |n: usize| {
+        read += n as u64;
+        if counted && read - reported >= hop::READ_REPORT_STEP {
+            reported = read;
+            counted = maps.sockmap().is_some_and(|e| e.report_read(netns, app, ours, read));
         }
     };
     Read::Recv(Hooks {
         settle: Some(Box::new(settle)),
-        backlog: Some(Box::new(backlog)),
+        progress: Some(Box::new(progress)),
     })
 }
 

@@ -481,7 +481,7 @@ fn h2_io(e: h2::Error) -> io::Error {
 
 /// TCP -> DATA frames; the read buffer is handed to h2 without a copy.
 /// `hooks` are called as [`Hooks`] says; a hop that settled on TCP leaves
-/// the sockmap, and its backlog hook stops.
+/// the sockmap, and its progress hook stops.
 async fn tcp_to_h2(
     mut rd: ReadHalf<'_>,
     mut send: SendStream<Bytes>,
@@ -497,12 +497,11 @@ async fn tcp_to_h2(
             .find(|(after, _)| total >= *after)
             .map_or(1 << 10, |s| s.1);
         buf.reserve(size);
-        let room = buf.capacity() - buf.len();
         let n = rd.read_buf(&mut buf).await?;
         if n == 0 {
             return send.send_data(Bytes::new(), true).map_err(h2_io);
         }
-        hooks.read(n, room);
+        hooks.read(n);
         let mut chunk = buf.split().freeze();
         while !chunk.is_empty() {
             send.reserve_capacity(chunk.len());

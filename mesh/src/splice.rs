@@ -50,18 +50,18 @@ pub struct Hooks {
     /// Asked once, after the first bytes (when the sender's first byte has
     /// decided how the hop goes): `true` means the bytes come through TCP
     /// for good and the socket left the sockmap, so a plain copy splices
-    /// the rest, and `backlog` is not called again.
+    /// the rest, and `progress` is not called again.
     pub settle: Option<Settle>,
-    /// Called after every read that filled the buffer (more may be
-    /// waiting): the owner may send the hop back to TCP, where its sender
-    /// blocks on a full buffer again.
-    pub backlog: Option<Backlog>,
+    /// Called with the size of every read: the owner tells the sk_msg
+    /// program how much has left the socket, which bounds what may wait in
+    /// it.
+    pub progress: Option<Progress>,
 }
 
 /// See [`Hooks::settle`].
 pub type Settle = Box<dyn FnOnce() -> bool + Send>;
-/// See [`Hooks::backlog`].
-pub type Backlog = Box<dyn FnMut() + Send>;
+/// See [`Hooks::progress`].
+pub type Progress = Box<dyn FnMut(usize) + Send>;
 
 impl Read {
     /// The hooks of a socket read with recvmsg (none for [`Read::Splice`]).
@@ -74,12 +74,10 @@ impl Read {
 }
 
 impl Hooks {
-    /// After a read of `n` bytes into `room` free bytes of buffer.
-    pub fn read(&mut self, n: usize, room: usize) {
-        if n == room {
-            if let Some(b) = self.backlog.as_mut() {
-                b();
-            }
+    /// After a read of `n` bytes.
+    pub fn read(&mut self, n: usize) {
+        if let Some(p) = self.progress.as_mut() {
+            p(n);
         }
     }
 
@@ -88,7 +86,7 @@ impl Hooks {
     pub fn settled(&mut self) -> bool {
         let tcp = self.settle.take().is_some_and(|settle| settle());
         if tcp {
-            self.backlog = None;
+            self.progress = None;
         }
         tcp
     }
@@ -147,7 +145,7 @@ async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, mut hooks: Ho
         if n == 0 {
             return socket2::SockRef::from(to).shutdown(Shutdown::Write);
         }
-        hooks.read(n, buf.len());
+        hooks.read(n);
         let mut at = 0;
         while at < n {
             at += retry(to, Interest::WRITABLE, || {

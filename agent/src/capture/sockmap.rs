@@ -1,6 +1,6 @@
 //! Sockmap acceleration of the in-pod hops whose reader is the agent
 //! (`agent run --sockmap`): the owner of the sk_msg program and of the
-//! SM_APP, SM_AGENT, SM_HOPS and SM_STATS maps (see agent-ebpf).
+//! SM_APP, SM_AGENT, SM_HOPS, SM_READ and SM_STATS maps (see agent-ebpf).
 //!
 //! * The hops: app -> 127.0.0.1:15001 in the client pod, and the app's
 //!   replies on the agent's connection to it in the server pod. The app's
@@ -19,9 +19,10 @@
 //! * Never reorder, never drop: a hop's first sendmsg decides once (SM_HOPS):
 //!   redirected from its first byte, or TCP for good. When the agent's end is
 //!   missing the program passes (TCP), never drops. A redirected hop whose
-//!   bytes pile up in the agent's socket goes back to TCP for good
-//!   ([`AgentEnds::fall_back_if_backlogged`]): the agent reads the redirected
-//!   bytes first, so that switch keeps the order.
+//!   bytes pile up in the agent's socket (more than `hop::BACKLOG_BOUND`
+//!   unread, by the read count the agent reports, [`AgentEnds::report_read`])
+//!   goes back to TCP for good: the agent reads the redirected bytes first,
+//!   so that switch keeps the order.
 //! * The agent must read its ends with recvmsg, never splice: splice reads
 //!   only the TCP queue and would never see redirected bytes.
 //! * The program is attached to SM_APP through a pinned bpf_link
@@ -31,7 +32,7 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    os::fd::{AsFd, AsRawFd, RawFd},
+    os::fd::{AsFd, AsRawFd},
     path::PathBuf,
 };
 
@@ -42,7 +43,6 @@ use aya::{
     sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
     Ebpf,
 };
-use aya_obj::generated::BPF_EXIST;
 use prometheus_client::metrics::counter::Counter;
 
 use super::{bpf_err, chain, links, program, sys, to_ip6, CaptureError, Pins};
@@ -79,17 +79,15 @@ pub fn probe() -> Result<(), String> {
     Ok(())
 }
 
-/// Bytes waiting in the agent's socket of a redirected hop above which the
-/// hop goes back to TCP ([`AgentEnds::fall_back_if_backlogged`]): four of
-/// the plain path's reads; a request or reply of an ordinary protocol
-/// stays below it, a bulk sender passes it at once.
-pub const BACKLOG_BOUND: usize = 256 * 1024;
-
 /// The agent's sockhash of its own ends of the hops (and the hops' states),
 /// shared by every connection handler.
 pub struct AgentEnds {
     agent: MapData,
-    /// Read per connection, written when a hop falls back (rare).
+    /// SM_READ: the bytes read per hop, updated every
+    /// [`hop::READ_REPORT_STEP`] bytes.
+    read: MapData,
+    /// Read per connection (after its first bytes, and when a hop's read
+    /// count is gone).
     hops: std::sync::Mutex<aya::maps::HashMap<MapData, HopKey, u32>>,
     fallbacks: Counter,
 }
@@ -135,45 +133,41 @@ impl AgentEnds {
         sys::map_delete(self.agent.fd().as_fd(), sys::key_bytes(&key)).is_ok()
     }
 
-    /// After a read that filled the agent's buffer on a hop: when more than
-    /// [`BACKLOG_BOUND`] bytes still wait in `sock` (FIONREAD counts the
-    /// sk_msg queue too) and the hop is redirected, sends it back to TCP
-    /// for good (`hop::FALLBACK`). A redirected send never blocks, so the
-    /// app would go on queueing into the agent's socket, unbounded, taking
-    /// the CPU the agent needs to forward it; through TCP it blocks on a
-    /// full buffer again. The socket stays in SM_AGENT (leaving would drop
-    /// its queue) and is read with recvmsg, which returns the redirected
-    /// bytes before the TCP ones. Returns whether the hop is settled (fell
-    /// back, or not redirected: TCP, or gone with its app socket), so that
-    /// the caller stops asking.
-    pub fn fall_back_if_backlogged(&self, netns_cookie: u64, sock: RawFd, app: SocketAddr, agent: SocketAddr) -> bool {
-        let mut queued: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one int; `sock` is the caller's live socket.
-        if unsafe { libc::ioctl(sock, libc::FIONREAD, &mut queued) } != 0 || (queued as usize) <= BACKLOG_BOUND {
-            return false;
-        }
+    /// Tells the sk_msg program that the agent has read `read` bytes from
+    /// the hop (all of them redirected: a hop is redirected from its first
+    /// byte), so that it keeps what waits unread in the agent's socket
+    /// under [`hop::BACKLOG_BOUND`] (beyond it the program sends the hop
+    /// back to TCP, and removes the count). Returns `false` once the count
+    /// is gone (the hop fell back, went TCP, or its app socket closed):
+    /// the caller stops reporting. A fallback is counted then.
+    pub fn report_read(&self, netns_cookie: u64, app: SocketAddr, agent: SocketAddr, read: u64) -> bool {
         let key = hop_key(netns_cookie, app, agent);
-        let mut hops = self.hops.lock().unwrap_or_else(|e| e.into_inner());
-        if hops.get(&key, 0).ok() != Some(hop::REDIRECT) {
-            return true;
+        match sys::map_replace(self.read.fd().as_fd(), sys::key_bytes(&key), &read.to_ne_bytes()) {
+            Ok(()) => true,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                if self.state(&key) == Some(hop::FALLBACK) {
+                    self.fallbacks.inc();
+                    tracing::debug!(app = %app, read, "sockmap hop sent back to TCP: bytes piled up in the agent's socket");
+                }
+                false
+            }
+            Err(e) => {
+                tracing::debug!(app = %app, error = %e, "cannot report a sockmap hop's read bytes; its sender falls back to TCP at the bound");
+                false
+            }
         }
-        // BPF_EXIST: an app socket that closed meanwhile took its entry
-        // along, and must not get an orphan one back.
-        if hops.insert(key, hop::FALLBACK, u64::from(BPF_EXIST)).is_err() {
-            return true;
-        }
-        self.fallbacks.inc();
-        tracing::debug!(app = %app, queued, "sockmap hop sent back to TCP: bytes pile up in the agent's socket");
-        true
     }
 
-    /// Hops sent back to TCP, for the metrics.
+    /// Hops sent back to TCP, as their agent saw them (a hop whose app
+    /// closed before the agent's next report is not counted), for the
+    /// metrics.
     pub fn fallbacks(&self) -> &Counter {
         &self.fallbacks
     }
 
     fn state(&self, key: &HopKey) -> Option<u32> {
-        self.hops.lock().unwrap_or_else(|e| e.into_inner()).get(key, 0).ok()
+        let value = self.hops.lock().unwrap_or_else(|e| e.into_inner()).get(key, 0).ok();
+        value.map(hop::state)
     }
 }
 
@@ -203,6 +197,7 @@ impl Sockmap {
         let app = map_data(ebpf, names::SM_APP)?;
         let agent = map_data(ebpf, names::SM_AGENT)?;
         let hops = map_data(ebpf, names::SM_HOPS)?;
+        let read = map_data(ebpf, names::SM_READ)?;
         let hops = bpf!("map SM_HOPS", aya::maps::HashMap::try_from(Map::HashMap(hops)))?;
         let stats = map_data(ebpf, names::SM_STATS)?;
         let stats: PerCpuArray<MapData, u64> = bpf!("map SM_STATS", PerCpuArray::try_from(Map::PerCpuArray(stats)))?;
@@ -220,6 +215,7 @@ impl Sockmap {
         tracing::info!(outcome = ?outcome, "sk_msg program attached to SM_APP");
         let ends = AgentEnds {
             agent,
+            read,
             hops: std::sync::Mutex::new(hops),
             fallbacks: Counter::default(),
         };
@@ -282,7 +278,7 @@ pub fn pinned_stats(pins: &Pins) -> BTreeMap<&'static str, u64> {
         .unwrap_or_default()
 }
 
-/// How many entries SM_APP, SM_AGENT and SM_HOPS hold: all three empty
+/// How many entries SM_APP, SM_AGENT, SM_HOPS and SM_READ hold: all empty
 /// once every accelerated socket has closed (`agent status`).
 pub fn pinned_entries(pins: &Pins) -> BTreeMap<&'static str, usize> {
     let count = |name: &'static str| -> Option<(&'static str, usize)> {
@@ -296,6 +292,10 @@ pub fn pinned_entries(pins: &Pins) -> BTreeMap<&'static str, usize> {
                 .ok()?
                 .keys()
                 .count(),
+            names::SM_READ => aya::maps::HashMap::<MapData, HopKey, u64>::try_from(Map::HashMap(data))
+                .ok()?
+                .keys()
+                .count(),
             _ => aya::maps::HashMap::<MapData, HopKey, u32>::try_from(Map::HashMap(data))
                 .ok()?
                 .keys()
@@ -303,7 +303,7 @@ pub fn pinned_entries(pins: &Pins) -> BTreeMap<&'static str, usize> {
         };
         Some((name, n))
     };
-    [names::SM_APP, names::SM_AGENT, names::SM_HOPS]
+    [names::SM_APP, names::SM_AGENT, names::SM_HOPS, names::SM_READ]
         .into_iter()
         .filter_map(count)
         .collect()

@@ -15,7 +15,9 @@ use std::{
     path::Path,
 };
 
-use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_link_info, bpf_prog_info, BPF_F_REPLACE, BPF_NOEXIST};
+use aya_obj::generated::{
+    bpf_attach_type, bpf_cmd, bpf_link_info, bpf_prog_info, BPF_EXIST, BPF_F_REPLACE, BPF_NOEXIST,
+};
 
 /// `bpf(cmd, attr, sizeof attr)`; the kernel zero-extends a short attr.
 fn sys_bpf<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<i64> {
@@ -234,12 +236,22 @@ pub fn sk_msg_link_create(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> io::Resu
 
 /// Inserts `key` -> `value` (raw bytes) into `map`; EEXIST if the key is there.
 pub fn map_insert(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+    map_update_flags(map, key, value, BPF_NOEXIST)
+}
+
+/// Replaces the value of `key` (raw bytes) in `map`; ENOENT if the key is
+/// not there (it is never created).
+pub fn map_replace(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+    map_update_flags(map, key, value, BPF_EXIST)
+}
+
+fn map_update_flags(map: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u32) -> io::Result<()> {
     let mut attr = MapElem {
         map_fd: map.as_raw_fd() as u32,
         _pad: 0,
         key: key.as_ptr() as u64,
         value: value.as_ptr() as u64,
-        flags: u64::from(BPF_NOEXIST),
+        flags: u64::from(flags),
     };
     sys_bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
 }

@@ -84,14 +84,14 @@ fn sm_stat(status: &Value, name: &str) -> u64 {
 }
 
 fn entries(status: &Value) -> u64 {
-    ["SM_APP", "SM_AGENT", "SM_HOPS"]
+    ["SM_APP", "SM_AGENT", "SM_HOPS", "SM_READ"]
         .iter()
         .map(|m| status["sockmap_entries"][m].as_u64().unwrap_or(u64::MAX))
         .sum()
 }
 
-/// Waits (bounded) until neither agent has an entry in SM_APP, SM_AGENT or
-/// SM_HOPS: they leave with their sockets.
+/// Waits (bounded) until neither agent has an entry in SM_APP, SM_AGENT,
+/// SM_HOPS or SM_READ: they leave with their sockets.
 fn no_entries_left(a1: &Agent, a2: &Agent) -> Result<()> {
     mesh::poll(WAIT, || {
         let (s1, s2) = (a1.status()?, a2.status()?);
@@ -429,6 +429,121 @@ fn sockmap_bulk_hops_fall_back_to_tcp_without_losing_order() -> Result<()> {
         "the client hop was never redirected: {s1}"
     );
     assert!(fallbacks("node1")? >= 1, "the bulk client hop stayed redirected: {s1}");
+    no_entries_left(&a1, &a2)
+}
+
+/// One connection: a first exchange (its hop decided), `{"ready": true}`;
+/// after a line on stdin, writes without blocking until the socket refuses
+/// more or `cap` bytes went, `{"queued": n}`; after another line, sends the
+/// rest of `cap` bytes (a sequence of 64-bit counters) while a thread
+/// reads the echo, and prints `{"echoed_intact": bool, "bytes": n}`.
+const STALLED_READER_CLIENT: &str = r#"
+import array, json, socket, sys, threading
+host, port, cap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+data = array.array("Q", range(cap // 8)).tobytes()
+s = socket.create_connection((host, port), timeout=20)
+s.sendall(b"hello")
+got = b""
+while len(got) < 5:
+    got += s.recv(5 - len(got))
+print(json.dumps({"ready": got == b"hello"}), flush=True)
+sys.stdin.readline()
+s.setblocking(False)
+queued = 0
+while queued < len(data):
+    try:
+        queued += s.send(data[queued:queued + (1 << 20)])
+    except BlockingIOError:
+        break
+print(json.dumps({"queued": queued}), flush=True)
+sys.stdin.readline()
+s.settimeout(20)
+echo = bytearray()
+def read():
+    while len(echo) < len(data):
+        d = s.recv(1 << 20)
+        if not d:
+            break
+        echo.extend(d)
+reader = threading.Thread(target=read)
+reader.start()
+s.sendall(data[queued:])
+reader.join(30)
+print(json.dumps({"echoed_intact": bytes(echo) == data, "bytes": len(echo)}), flush=True)
+"#;
+
+/// Resumes a stopped process when dropped, whatever the test did.
+struct Stopped(u32);
+
+impl Stopped {
+    fn stop(pid: u32) -> Stopped {
+        // SAFETY: plain signal to our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
+/// A redirected send never blocks, so an agent that does not read (its
+/// downstream is full, or it gets no CPU) must not let its app queue
+/// without bound: the sk_msg program counts what it redirects against what
+/// the agent reports read and sends the hop back to TCP beyond the bound,
+/// where the app blocks on full buffers. With agent 1 stopped, an app that
+/// writes 64 MiB without blocking gets only what TCP's buffers take (plus
+/// the bound) accepted; once the agent runs again, all of it arrives in
+/// order, the fallback is counted, and no entry is left.
+#[test]
+fn sockmap_an_app_cannot_queue_without_bound_into_an_agent_that_does_not_read() -> Result<()> {
+    const CAP: usize = 64 << 20;
+    let w = Sm::new("smstall")?;
+    let a1 = w.agent("node1")?;
+    let a2 = w.agent("node2")?;
+    let _server = Server::seq(w.cluster.pod("server"), PORT, false)?;
+    let mut client = w
+        .cluster
+        .pod("client")
+        .try_command("python3")?
+        .args([
+            "-c",
+            STALLED_READER_CLIENT,
+            &w.server_ip(),
+            &PORT.to_string(),
+            &CAP.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let ready = mesh::first_line(&mut client)?;
+    assert_eq!(ready["ready"], true, "{ready}");
+    let s1 = a1.status()?;
+    assert!(sm_stat(&s1, "redirected") >= 1, "the hop was not redirected: {s1}");
+    let mut stdin = client.stdin.take().context("stdin")?;
+    let stopped = Stopped::stop(a1.pid().context("agent 1 has no pid")?);
+    writeln!(stdin, "go")?;
+    let queued = mesh::first_line(&mut client)?;
+    drop(stopped);
+    writeln!(stdin, "go")?;
+    let out = mesh::wait_output(client, WAIT * 6)?;
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("client printed {:?}", String::from_utf8_lossy(&out.stderr)))?;
+    let queued = queued["queued"].as_u64().context("queued")?;
+    assert!(
+        queued < (CAP / 4) as u64,
+        "{queued} bytes went into a stopped agent's socket without blocking"
+    );
+    assert_eq!(report["echoed_intact"], true, "{report}");
+    let (metrics, _) = crate::node_get(&w.cluster, "node1", "http://127.0.0.1:15020/metrics")?;
+    assert!(
+        crate::sum_samples(&metrics, "mesh_agent_sockmap_fallback_total") >= 1,
+        "the fallback was not counted"
+    );
     no_entries_left(&a1, &a2)
 }
 
