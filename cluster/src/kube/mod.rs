@@ -15,13 +15,15 @@
 //! EndpointSlices, Istio AuthorizationPolicy and PeerAuthentication, and
 //! Gateway API Gateways (waypoints; like Istio's CRDs optional: not
 //! installed is an empty list). Each event is projected into a compact
-//! record at once ([`records`]); no k8s object is kept. A binary adds
+//! record at once ([`records`]); no k8s object is kept, and a Pod is
+//! decoded with only the fields its record reads ([`slim`]). A binary adds
 //! watches of its own (the agent: its Node) with [`ClusterWatch::watch`],
 //! sharing health and change notification.
 pub mod crd;
 pub mod gateway;
 pub mod model;
 pub mod records;
+pub mod slim;
 
 use std::{
     collections::BTreeMap,
@@ -213,7 +215,7 @@ impl ClusterWatch {
         w.watch_model(
             "pods",
             Api::all(client.clone()),
-            |p| PodRecord::from_k8s(&p),
+            |p: slim::Pod| PodRecord::from_slim(&p),
             Model::apply_pods,
         );
         w.watch_model(

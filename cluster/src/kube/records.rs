@@ -220,7 +220,13 @@ impl Record for PodRecord {
 }
 
 impl PodRecord {
+    /// The record of a whole Pod (inputs built in code, tests); the
+    /// watches decode [`super::slim::Pod`] instead.
     pub fn from_k8s(pod: &Pod) -> Option<Self> {
+        Self::from_slim(&super::slim::Pod::from(pod))
+    }
+
+    pub fn from_slim(pod: &super::slim::Pod) -> Option<Self> {
         let spec = pod.spec.as_ref();
         let st = pod.status.as_ref();
         let listed: Vec<&str> = match st.and_then(|s| s.pod_ips.as_ref()) {
