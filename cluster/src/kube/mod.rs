@@ -15,8 +15,9 @@
 //! EndpointSlices, Istio AuthorizationPolicy and PeerAuthentication, and
 //! Gateway API Gateways (waypoints; like Istio's CRDs optional: not
 //! installed is an empty list). Each event is projected into a compact
-//! record at once ([`records`]); no k8s object is kept, and a Pod is
-//! decoded with only the fields its record reads ([`slim`]). A binary adds
+//! record at once ([`records`]); no k8s object is kept, and Pods and
+//! EndpointSlices are decoded with only the fields their records read
+//! ([`slim`]). A binary adds
 //! watches of its own (the agent: its Node) with [`ClusterWatch::watch`],
 //! sharing health and change notification.
 pub mod crd;
@@ -227,7 +228,7 @@ impl ClusterWatch {
         w.watch_model(
             "endpointslices",
             Api::all(client.clone()),
-            |s| SliceRecord::from_k8s(&s),
+            |s: slim::EndpointSlice| SliceRecord::from_slim(&s),
             Model::apply_slices,
         );
         if watches == Watches::All {

@@ -348,7 +348,13 @@ impl Record for SliceRecord {
 }
 
 impl SliceRecord {
+    /// The record of a whole EndpointSlice (inputs built in code, tests);
+    /// the watches decode [`super::slim::EndpointSlice`] instead.
     pub fn from_k8s(s: &EndpointSlice) -> Option<Self> {
+        Self::from_slim(&super::slim::EndpointSlice::from(s))
+    }
+
+    pub fn from_slim(s: &super::slim::EndpointSlice) -> Option<Self> {
         let key = Key::of(&s.metadata)?;
         let service = s
             .metadata
