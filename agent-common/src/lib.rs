@@ -115,8 +115,8 @@ pub mod hop {
 
     /// A SM_HOPS value holds the state in its low two bits and, above
     /// them, the bytes redirected so far modulo 2^30 (written by the sk_msg
-    /// program). Values of releases that stored the state alone read the
-    /// same (nothing redirected counted).
+    /// program, kept when the hop falls back). Values of releases that
+    /// stored the state alone read the same (nothing redirected counted).
     pub const STATE_BITS: u32 = 2;
     const STATE_MASK: u32 = (1 << STATE_BITS) - 1;
     const SENT_MASK: u32 = u32::MAX >> STATE_BITS;
@@ -153,6 +153,13 @@ pub mod hop {
     /// 2^30, exact while fewer than 2^30 wait (the bound keeps far below).
     pub const fn unread(value: u32, read: u64) -> u32 {
         sent(value).wrapping_sub(read as u32) & SENT_MASK
+    }
+
+    /// Whether `read` bytes cover the `sent` redirected ones of a hop that
+    /// fell back (both modulo 2^30; the reader is never more than 2^29
+    /// bytes past them when it asks: it asks after every read).
+    pub const fn read_all(sent: u32, read: u64) -> bool {
+        (read as u32).wrapping_sub(sent) & SENT_MASK < 1 << 29
     }
 }
 
@@ -407,6 +414,15 @@ mod tests {
         // Read reported past a gigabyte boundary while sent is just below.
         let below = hop::with_sent(hop::REDIRECT, (1u32 << 30) - 4);
         assert_eq!(hop::unread(below, (1u64 << 30) - 4), 0);
+        // A hop that fell back after 3 GiB + 100 bytes redirected.
+        let sent = hop::sent(hop::with_sent(hop::FALLBACK, ((3u64 << 30) + 100) as u32));
+        assert!(!hop::read_all(sent, (3 << 30) + 99));
+        assert!(hop::read_all(sent, (3 << 30) + 100));
+        assert!(hop::read_all(sent, (3 << 30) + 100 + (1 << 20)));
+        assert!(!hop::read_all(
+            hop::sent(hop::with_sent(hop::FALLBACK, 5)),
+            (1 << 30) + 4
+        ));
     }
 
     #[test]

@@ -597,7 +597,9 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
         // Back to TCP for good, where the sender blocks on a full buffer
         // again. The agent reads what is queued first: no reorder.
         // SAFETY: as above.
-        unsafe { *state = hop::FALLBACK };
+        // The count stays: the agent splices again once it has read as
+        // many bytes (every redirected byte was queued before this send).
+        unsafe { *state = hop::with_sent(hop::FALLBACK, hop::sent(value)) };
         let _ = SM_READ.remove(key);
         return SK_PASS;
     }

@@ -147,6 +147,11 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
             "Redirected in-pod hops sent back to TCP because bytes piled up in the agent's socket",
             ends.fallbacks().clone(),
         );
+        registry.sub_registry_with_prefix("mesh_agent").register(
+            "sockmap_respliced",
+            "In-pod hops sent back to TCP whose redirected bytes were all read, spliced from then on",
+            ends.respliced().clone(),
+        );
     }
     let certs = secrets.as_ref().map(SecretManager::store);
     let ready = Arc::new(Readiness::new(certs.clone(), cfg.cert_ready_timeout));

@@ -42,6 +42,7 @@ use tokio::{
 };
 
 use crate::{
+    capture::sockmap::Reported,
     capture::ProxyMaps,
     identity::CertStore,
     metrics::{Reason, Refusals},
@@ -399,15 +400,25 @@ pub fn accelerate(ctx: &PodCtx, sock: &TcpStream) -> Read {
     // What the agent has read bounds what may wait in its socket: the
     // sk_msg program sends a hop back to TCP beyond it (a redirected send
     // never blocks). Reported every READ_REPORT_STEP bytes, until the hop
-    // has no count any more (it fell back, went TCP or closed).
+    // has no count any more (it fell back, went TCP or closed). A hop that
+    // fell back is spliced again once its redirected bytes are read.
     let maps = ctx.orig.clone();
-    let (mut read, mut reported, mut counted) = (0u64, 0u64, true);
+    let (mut read, mut reported, mut now) = (0u64, 0u64, Reported::Counting);
     let progress = move |n: usize| {
         read += n as u64;
-        if counted && read - reported >= hop::READ_REPORT_STEP {
+        if now == Reported::Counting && read - reported >= hop::READ_REPORT_STEP {
             reported = read;
-            counted = maps.sockmap().is_some_and(|e| e.report_read(netns, app, ours, read));
+            now = maps
+                .sockmap()
+                .map_or(Reported::Gone, |e| e.report_read(netns, app, ours, read));
         }
+        let drained = matches!(now, Reported::FellBack { sent } if hop::read_all(sent, read));
+        if drained {
+            if let Some(e) = maps.sockmap() {
+                e.respliced().inc();
+            }
+        }
+        drained
     };
     Read::Recv(Hooks {
         settle: Some(Box::new(settle)),

@@ -54,14 +54,16 @@ pub struct Hooks {
     pub settle: Option<Settle>,
     /// Called with the size of every read: the owner tells the sk_msg
     /// program how much has left the socket, which bounds what may wait in
-    /// it.
+    /// it. `true` once the hop went back to TCP and every byte it
+    /// redirected has been read: a plain copy splices from then on (see
+    /// [`pump`]), and the hook is not called again.
     pub progress: Option<Progress>,
 }
 
 /// See [`Hooks::settle`].
 pub type Settle = Box<dyn FnOnce() -> bool + Send>;
 /// See [`Hooks::progress`].
-pub type Progress = Box<dyn FnMut(usize) + Send>;
+pub type Progress = Box<dyn FnMut(usize) -> bool + Send>;
 
 impl Read {
     /// The hooks of a socket read with recvmsg (none for [`Read::Splice`]).
@@ -74,11 +76,14 @@ impl Read {
 }
 
 impl Hooks {
-    /// After a read of `n` bytes.
-    pub fn read(&mut self, n: usize) {
-        if let Some(p) = self.progress.as_mut() {
-            p(n);
+    /// After a read of `n` bytes: whether the hop fell back to TCP and its
+    /// redirected bytes are all read.
+    pub fn read(&mut self, n: usize) -> bool {
+        let drained = self.progress.as_mut().is_some_and(|p| p(n));
+        if drained {
+            self.progress = None;
         }
+        drained
     }
 
     /// After the bytes of a read went on: asks `settle` the first time;
@@ -119,7 +124,7 @@ pub async fn forward_reading(
 
 async fn direction(from: &TcpStream, read: Read, to: &TcpStream, count: &AtomicU64) -> io::Result<()> {
     match read {
-        Read::Splice => pump(from, to, count).await,
+        Read::Splice => pump(from, to, count, TcpOnly::Yes).await,
         Read::Recv(hooks) => copy(from, to, count, hooks).await,
     }
 }
@@ -128,42 +133,80 @@ async fn direction(from: &TcpStream, read: Read, to: &TcpStream, count: &AtomicU
 const COPY_BUF: usize = 64 * 1024;
 
 /// One direction through user space: recvmsg until EOF, then half-close;
-/// spliced from the point `settle` says the bytes come through TCP only.
+/// spliced from the point `settle` says the bytes come through TCP only,
+/// or `progress` that a hop that went back to TCP has no redirected byte
+/// left to read.
 async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, mut hooks: Hooks) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
-        let n = retry(from, Interest::READABLE, || {
-            // SAFETY: a valid fd and a buffer of `buf.len()` bytes.
-            let n = unsafe { libc::recv(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        })
-        .await?;
+        let n = recv_send(from, to, &mut buf).await?;
         if n == 0 {
             return socket2::SockRef::from(to).shutdown(Shutdown::Write);
         }
-        hooks.read(n);
-        let mut at = 0;
-        while at < n {
-            at += retry(to, Interest::WRITABLE, || {
-                // SAFETY: a valid fd and the unsent part of what was read.
-                let w = unsafe { libc::send(to.as_raw_fd(), buf[at..n].as_ptr().cast(), n - at, libc::MSG_NOSIGNAL) };
-                if w < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(w as usize)
-                }
-            })
-            .await?;
-        }
+        let drained = hooks.read(n);
         count.fetch_add(n as u64, Ordering::Relaxed);
         if hooks.settled() {
-            return pump(from, to, count).await;
+            return pump(from, to, count, TcpOnly::Yes).await;
+        }
+        if drained {
+            return pump(from, to, count, TcpOnly::NotSure).await;
         }
     }
+}
+
+/// One recvmsg from `from` into `buf`, all of it sent on to `to`; the
+/// bytes moved (0: EOF).
+async fn recv_send(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let n = retry(from, Interest::READABLE, || {
+        // SAFETY: a valid fd and a buffer of `buf.len()` bytes.
+        let n = unsafe { libc::recv(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    })
+    .await?;
+    let mut at = 0;
+    while at < n {
+        at += retry(to, Interest::WRITABLE, || {
+            // SAFETY: a valid fd and the unsent part of what was read.
+            let w = unsafe { libc::send(to.as_raw_fd(), buf[at..n].as_ptr().cast(), n - at, libc::MSG_NOSIGNAL) };
+            if w < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(w as usize)
+            }
+        })
+        .await?;
+    }
+    Ok(n)
+}
+
+/// Whether a socket spliced by [`pump`] receives through TCP alone.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TcpOnly {
+    Yes,
+    /// An accelerated hop that went back to TCP: a send of the app that
+    /// raced its fallback from another thread may still land in the
+    /// socket's sk_msg queue, which splice never reads. On a socket in a
+    /// sockmap FIONREAD counts that queue (Linux 6.18's `tcp_bpf_ioctl`;
+    /// where it counts the TCP queue instead, the check only makes the
+    /// pump read with recvmsg more often), so before each splice whatever
+    /// waits there is read with recvmsg first. A single writer's
+    /// redirected bytes were all queued before its first TCP byte was
+    /// sent, and read before the pump started.
+    NotSure,
+}
+
+/// Bytes in `sock`'s sk_msg queue (see [`TcpOnly::NotSure`]).
+fn sk_msg_queued(sock: &TcpStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int; a valid fd.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut n) } != 0 {
+        return 0;
+    }
+    n.max(0) as usize
 }
 
 /// Runs two directions of one connection; the first failure ends both.
@@ -203,13 +246,25 @@ impl Copied {
 }
 
 /// One direction: splice until EOF, then half-close the destination.
-async fn pump(from: &TcpStream, to: &TcpStream, count: &AtomicU64) -> io::Result<()> {
+async fn pump(from: &TcpStream, to: &TcpStream, count: &AtomicU64, tcp_only: TcpOnly) -> io::Result<()> {
+    /// What the read step returns when the sk_msg queue holds bytes.
+    const IN_SK_MSG: usize = usize::MAX;
     let pipe = Pipe::new()?;
+    let mut buf = Vec::new();
     loop {
         let mut queued = retry(from, Interest::READABLE, || {
+            if tcp_only == TcpOnly::NotSure && sk_msg_queued(from) > 0 {
+                return Ok(IN_SK_MSG);
+            }
             splice(from.as_raw_fd(), pipe.write(), CHUNK)
         })
         .await?;
+        if queued == IN_SK_MSG {
+            buf.resize(COPY_BUF, 0);
+            let n = recv_send(from, to, &mut buf).await?;
+            count.fetch_add(n as u64, Ordering::Relaxed);
+            continue;
+        }
         if queued == 0 {
             return socket2::SockRef::from(to).shutdown(Shutdown::Write);
         }

@@ -90,6 +90,8 @@ pub struct AgentEnds {
     /// count is gone).
     hops: std::sync::Mutex<aya::maps::HashMap<MapData, HopKey, u32>>,
     fallbacks: Counter,
+    /// Hops that fell back and are spliced again.
+    respliced: Counter,
 }
 
 impl AgentEnds {
@@ -137,23 +139,24 @@ impl AgentEnds {
     /// the hop (all of them redirected: a hop is redirected from its first
     /// byte), so that it keeps what waits unread in the agent's socket
     /// under [`hop::BACKLOG_BOUND`] (beyond it the program sends the hop
-    /// back to TCP, and removes the count). Returns `false` once the count
-    /// is gone (the hop fell back, went TCP, or its app socket closed):
-    /// the caller stops reporting. A fallback is counted then.
-    pub fn report_read(&self, netns_cookie: u64, app: SocketAddr, agent: SocketAddr, read: u64) -> bool {
+    /// back to TCP, and removes the count). Once the count is gone the
+    /// caller stops reporting: the hop fell back (counted, with how many
+    /// bytes were redirected before), went TCP, or its app socket closed.
+    pub fn report_read(&self, netns_cookie: u64, app: SocketAddr, agent: SocketAddr, read: u64) -> Reported {
         let key = hop_key(netns_cookie, app, agent);
         match sys::map_replace(self.read.fd().as_fd(), sys::key_bytes(&key), &read.to_ne_bytes()) {
-            Ok(()) => true,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                if self.state(&key) == Some(hop::FALLBACK) {
+            Ok(()) => Reported::Counting,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => match self.value(&key) {
+                Some(v) if hop::state(v) == hop::FALLBACK => {
                     self.fallbacks.inc();
                     tracing::debug!(app = %app, read, "sockmap hop sent back to TCP: bytes piled up in the agent's socket");
+                    Reported::FellBack { sent: hop::sent(v) }
                 }
-                false
-            }
+                _ => Reported::Gone,
+            },
             Err(e) => {
                 tracing::debug!(app = %app, error = %e, "cannot report a sockmap hop's read bytes; its sender falls back to TCP at the bound");
-                false
+                Reported::Gone
             }
         }
     }
@@ -165,10 +168,32 @@ impl AgentEnds {
         &self.fallbacks
     }
 
-    fn state(&self, key: &HopKey) -> Option<u32> {
-        let value = self.hops.lock().unwrap_or_else(|e| e.into_inner()).get(key, 0).ok();
-        value.map(hop::state)
+    /// Hops sent back to TCP whose agent read all their redirected bytes
+    /// and splices the rest (zero-copy again), for the metrics.
+    pub fn respliced(&self) -> &Counter {
+        &self.respliced
     }
+
+    fn state(&self, key: &HopKey) -> Option<u32> {
+        self.value(key).map(hop::state)
+    }
+
+    fn value(&self, key: &HopKey) -> Option<u32> {
+        self.hops.lock().unwrap_or_else(|e| e.into_inner()).get(key, 0).ok()
+    }
+}
+
+/// What [`AgentEnds::report_read`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reported {
+    /// The program counts the hop's redirected bytes against the report.
+    Counting,
+    /// The hop went back to TCP after `sent` redirected bytes (modulo
+    /// 2^30, `hop::sent`): once the agent has read as many, nothing more
+    /// waits in the socket's sk_msg queue.
+    FellBack { sent: u32 },
+    /// No count any more (TCP from the first byte, or closed).
+    Gone,
 }
 
 /// The key of a hop as the app's socket sees it (src = the app).
@@ -218,6 +243,7 @@ impl Sockmap {
             read,
             hops: std::sync::Mutex::new(hops),
             fallbacks: Counter::default(),
+            respliced: Counter::default(),
         };
         Ok((Self { stats }, ends))
     }

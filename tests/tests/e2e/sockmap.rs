@@ -409,8 +409,9 @@ fn went_tcp_hops_leave_the_maps(label: &str, hbone: bool) -> Result<()> {
 /// agent's socket without bound and take the CPU its bytes need. Once
 /// bytes pile up there, the agent sends the hop back to TCP, where the
 /// sender blocks on a full buffer again: a 32 MiB sequence-checked echo
-/// arrives whole and in order, the hops fell back (the metric), and no
-/// entry is left once it closed.
+/// arrives whole and in order, the hops fell back (the metric) and were
+/// spliced again once their redirected bytes were read (the other
+/// metric), and no entry is left once it closed.
 #[test]
 fn sockmap_bulk_hops_fall_back_to_tcp_without_losing_order() -> Result<()> {
     let w = Sm::new("smbulk")?;
@@ -429,6 +430,13 @@ fn sockmap_bulk_hops_fall_back_to_tcp_without_losing_order() -> Result<()> {
         "the client hop was never redirected: {s1}"
     );
     assert!(fallbacks("node1")? >= 1, "the bulk client hop stayed redirected: {s1}");
+    // Once its redirected bytes were read, the rest was spliced: the order
+    // checked above held through that switch too.
+    let (metrics, _) = crate::node_get(&w.cluster, "node1", "http://127.0.0.1:15020/metrics")?;
+    assert!(
+        crate::sum_samples(&metrics, "mesh_agent_sockmap_respliced_total") >= 1,
+        "the hop that fell back was not spliced again"
+    );
     no_entries_left(&a1, &a2)
 }
 
