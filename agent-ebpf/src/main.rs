@@ -595,10 +595,10 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     let size = ctx.size();
     if now == hop::REDIRECT && over_bound(&key, value, size) {
         // Back to TCP for good, where the sender blocks on a full buffer
-        // again. The agent reads what is queued first: no reorder.
+        // again. The agent reads what is queued first: no reorder. The
+        // count stays: the agent splices again once it has read as many
+        // bytes (every redirected byte was queued before this send).
         // SAFETY: as above.
-        // The count stays: the agent splices again once it has read as
-        // many bytes (every redirected byte was queued before this send).
         unsafe { *state = hop::with_sent(hop::FALLBACK, hop::sent(value)) };
         let _ = SM_READ.remove(key);
         return SK_PASS;
@@ -607,8 +607,9 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     // otherwise its SK_DROP is never returned: the bytes go through TCP.
     if SM_AGENT.redirect_msg(&ctx, key, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
         // SAFETY: as above. Only this program writes a redirected hop's
-        // value (an agent of an older release may set FALLBACK between two
-        // sends; the next one then sees it).
+        // value. (An agent of an older release writes FALLBACK over it,
+        // which a racing write here may undo; such an agent reports no
+        // reads, so the bound sends the hop back after 256 KiB anyway.)
         unsafe { *state = hop::with_sent(hop::REDIRECT, hop::sent(value).wrapping_add(size)) };
         count_sm(sockmap_stats::REDIRECTED);
         return SK_PASS;
