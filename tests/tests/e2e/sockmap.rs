@@ -54,6 +54,12 @@ impl Sm {
         Ok(a)
     }
 
+    /// The sum of a metric's samples on `node`'s agent.
+    fn metric(&self, node: &str, name: &str) -> Result<u64> {
+        let (metrics, _) = crate::node_get(&self.cluster, node, "http://127.0.0.1:15020/metrics")?;
+        Ok(crate::sum_samples(&metrics, name))
+    }
+
     fn server_ip(&self) -> String {
         self.cluster.pod("server").ip4.to_string()
     }
@@ -420,21 +426,19 @@ fn sockmap_bulk_hops_fall_back_to_tcp_without_losing_order() -> Result<()> {
     let _server = Server::seq(w.cluster.pod("server"), PORT, false)?;
     let r = w.client("client", &["--count", "1", "--size", "33554432", "--writes", "64"])?;
     no_failures(&r)?;
-    let fallbacks = |node: &str| -> Result<u64> {
-        let (metrics, _) = crate::node_get(&w.cluster, node, "http://127.0.0.1:15020/metrics")?;
-        Ok(crate::sum_samples(&metrics, "mesh_agent_sockmap_fallback_total"))
-    };
     let s1 = a1.status()?;
     assert!(
         sm_stat(&s1, "redirected") > 0,
         "the client hop was never redirected: {s1}"
     );
-    assert!(fallbacks("node1")? >= 1, "the bulk client hop stayed redirected: {s1}");
+    assert!(
+        w.metric("node1", "mesh_agent_sockmap_fallback_total")? >= 1,
+        "the bulk client hop stayed redirected: {s1}"
+    );
     // Once its redirected bytes were read, the rest was spliced: the order
     // checked above held through that switch too.
-    let (metrics, _) = crate::node_get(&w.cluster, "node1", "http://127.0.0.1:15020/metrics")?;
     assert!(
-        crate::sum_samples(&metrics, "mesh_agent_sockmap_respliced_total") >= 1,
+        w.metric("node1", "mesh_agent_sockmap_respliced_total")? >= 1,
         "the hop that fell back was not spliced again"
     );
     no_entries_left(&a1, &a2)
@@ -547,9 +551,8 @@ fn sockmap_an_app_cannot_queue_without_bound_into_an_agent_that_does_not_read() 
         "{queued} bytes went into a stopped agent's socket without blocking"
     );
     assert_eq!(report["echoed_intact"], true, "{report}");
-    let (metrics, _) = crate::node_get(&w.cluster, "node1", "http://127.0.0.1:15020/metrics")?;
     assert!(
-        crate::sum_samples(&metrics, "mesh_agent_sockmap_fallback_total") >= 1,
+        w.metric("node1", "mesh_agent_sockmap_fallback_total")? >= 1,
         "the fallback was not counted"
     );
     no_entries_left(&a1, &a2)
