@@ -87,8 +87,8 @@ pub struct AgentEnds {
     /// [`hop::READ_REPORT_STEP`] bytes.
     read: MapData,
     /// Read per connection (after its first bytes, and when a hop's read
-    /// count is gone).
-    hops: std::sync::Mutex<aya::maps::HashMap<MapData, HopKey, u32>>,
+    /// count is gone); only the programs write it.
+    hops: aya::maps::HashMap<MapData, HopKey, u32>,
     fallbacks: Counter,
     /// Hops that fell back and are spliced again.
     respliced: Counter,
@@ -179,7 +179,7 @@ impl AgentEnds {
     }
 
     fn value(&self, key: &HopKey) -> Option<u32> {
-        self.hops.lock().unwrap_or_else(|e| e.into_inner()).get(key, 0).ok()
+        self.hops.get(key, 0).ok()
     }
 }
 
@@ -241,7 +241,7 @@ impl Sockmap {
         let ends = AgentEnds {
             agent,
             read,
-            hops: std::sync::Mutex::new(hops),
+            hops,
             fallbacks: Counter::default(),
             respliced: Counter::default(),
         };

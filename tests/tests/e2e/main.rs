@@ -102,17 +102,24 @@ impl World {
 /// An agent on `node` with CA flags `ca_args` (plus `extra`), once ready and
 /// holding the certificate of service account `sa`.
 pub fn agent_with_ca(w: &World, node: &str, sa: &str, ca_args: &[String], extra: &[&str]) -> Result<Agent> {
-    let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
     let mut args: Vec<&str> = ca_args.iter().map(String::as_str).collect();
     args.extend_from_slice(extra);
     let mut a = Agent::start(&w.cluster, node, &w.config, &w.dir, &args)?;
     a.wait_for("agent ready", WAIT)?;
+    wait_certificate(&a, sa)?;
+    Ok(a)
+}
+
+/// Waits (bounded) until `a` has the certificate of service account `sa`
+/// (namespace `default`).
+pub fn wait_certificate(a: &Agent, sa: &str) -> Result<()> {
+    let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
     a.wait_access(WAIT, |_| {
         a.logs()
             .iter()
             .any(|l| l["message"] == "workload certificate ready" && l["identity"] == id)
     })?;
-    Ok(a)
+    Ok(())
 }
 
 /// Agents on node1 (client's certificate) and node2 (server's) with the CA

@@ -360,12 +360,7 @@ fn went_tcp_hops_leave_the_maps(label: &str, hbone: bool) -> Result<()> {
     for (a, sa) in [(&mut a1, "client"), (&mut a2, "server")] {
         a.wait_for("agent ready", WAIT)?;
         if hbone {
-            let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
-            a.wait_access(WAIT, |_| {
-                a.logs()
-                    .iter()
-                    .any(|l| l["message"] == "workload certificate ready" && l["identity"] == id)
-            })?;
+            crate::wait_certificate(a, sa)?;
         }
     }
     let _server = Server::start(w.cluster.pod("server"), &[PORT])?;
