@@ -232,6 +232,30 @@ fn agent_carries_its_kernel_programs() {
     );
 }
 
+/// The data-path binaries define `memmove` themselves (crate `memmove`):
+/// musl's copies byte by byte backwards whenever source and destination are
+/// equal, which rustls asks for after every TLS read. Musl's is assembly
+/// whose symbol has no size; the crate's is a compiled function.
+#[test]
+fn agent_and_waypoint_replace_musls_memmove() {
+    for b in ["agent", "waypoint"] {
+        let symbols = sh(Command::new("readelf")
+            .arg("-sW")
+            .arg(image().rootfs.join(BIN_DIR).join(b)));
+        let memmove: Vec<Vec<&str>> = symbols
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.get(7) == Some(&"memmove"))
+            .collect();
+        assert_eq!(memmove.len(), 1, "{b}: one memmove symbol, found {memmove:?}");
+        assert_eq!(memmove[0][3], "FUNC", "{b}: {:?}", memmove[0]);
+        assert_ne!(
+            memmove[0][2], "0",
+            "{b}: memmove has no size, so it is musl's assembly: is `extern crate memmove;` gone from its main.rs?"
+        );
+    }
+}
+
 /// Each container of deploy/ runs this image, and the program it names
 /// (its `command`, else the image's entrypoint) is in it, on the image's PATH.
 #[test]

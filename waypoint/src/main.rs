@@ -8,6 +8,11 @@ use waypoint::config::{Cli, Cmd, LogFormat};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+// The same for musl's memmove, which copies byte by byte backwards when
+// source and destination are equal (rustls does that after every TLS read).
+// Linked by name: nothing calls the crate, the linker resolves `memmove` to it.
+extern crate memmove;
+
 fn main() -> anyhow::Result<()> {
     mesh::alloc::no_huge_pages();
     let cli = Cli::parse();
