@@ -45,6 +45,16 @@ pub fn clock_ticks() -> Result<f64> {
 
 /// utime + stime of a process (all its threads), in clock ticks.
 pub fn cpu_ticks(pid: u32) -> Result<u64> {
+    let (user, system) = user_system_ticks(pid)?;
+    Ok(user + system)
+}
+
+/// utime and stime of a process (all its threads), in clock ticks. User
+/// time is the process's own code alone; system time also holds kernel
+/// work it happened to run for others (a send on a veth delivers the
+/// segment to the receiver in the sender's system call), so it moves with
+/// the scheduler more than with the program.
+pub fn user_system_ticks(pid: u32) -> Result<(u64, u64)> {
     let stat =
         std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("process {pid} is gone"))?;
     // Fields after the command name (which may contain spaces) start at field 3.
@@ -52,7 +62,7 @@ pub fn cpu_ticks(pid: u32) -> Result<u64> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     ensure!(f.len() > 12, "short /proc/{pid}/stat");
     ensure!(f[0] != "Z", "process {pid} is a zombie");
-    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
+    Ok((f[11].parse::<u64>()?, f[12].parse::<u64>()?))
 }
 
 /// utime + stime of a process, in seconds.
@@ -76,5 +86,11 @@ mod tests {
             x = x.wrapping_add(std::hint::black_box(1));
         }
         assert!(cpu_seconds(me).unwrap() > 0.0, "{x}");
+        // That loop runs in user space: its ticks are user time.
+        while user_system_ticks(me).unwrap().0 == 0 {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        let (user, system) = user_system_ticks(me).unwrap();
+        assert!(user > 0 && user + system <= cpu_ticks(me).unwrap(), "{x}");
     }
 }

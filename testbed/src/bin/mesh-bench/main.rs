@@ -35,7 +35,10 @@
 //! Each measurement runs as R rounds; the table shows medians.
 //! 1. 16-byte TCP request/response round trip (sockperf ping-pong --full-rtt), p50/p99;
 //! 2. bulk TCP throughput, one stream (iperf3), and the CPU of both agents of
-//!    the column's cluster (utime+stime from /proc/<pid>/stat) per GB carried;
+//!    the column's cluster (utime+stime from /proc/<pid>/stat) per GB carried,
+//!    and of it their user time alone (the agents' own code: it resolves a
+//!    change to the agent that the kernel's share, which follows the
+//!    scheduler, hides);
 //! 3. new connections per second: a sequential Python loop in the client pod
 //!    (connect, 1 byte there and back, the server closes, close) against a
 //!    Python echo server, S seconds; agent CPU per 1000 connections, and the
@@ -64,7 +67,7 @@ use serde_json::{json, Value};
 use testbed::{
     args::Args,
     mesh::{self, Agent, MeshCa, Settings},
-    procfs::{clock_ticks, cpu_ticks, settled_rss_kb, status_kb},
+    procfs::{clock_ticks, cpu_ticks, settled_rss_kb, status_kb, user_system_ticks},
     Cluster, ClusterSpec, NodeSpec, Pod,
 };
 
@@ -568,6 +571,7 @@ fn run(meshes: &[Mesh], opts: &Opts) -> Result<(Vec<Value>, Value)> {
                 "retransmits": bulk.retransmits,
                 "agent_cpu_s": cpu.agent_s,
                 "agent_cpu_s_per_gb": per_gb,
+                "agent_user_cpu_s_per_gb": cpu.agent_user_s / (bulk.bytes as f64 / 1e9),
                 "agent_cgroup_cpu_s": cpu.agent_cgroup_s,
                 "client_pod_cpu_s": cpu.client_s,
                 "server_pod_cpu_s": cpu.server_s,
@@ -711,11 +715,12 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
     }
     // (label, key, decimals, whether <captured>/direct means something): the
     // agents are not on the direct path, their CPU there is idle housekeeping.
-    let rows: [(&str, &str, usize, bool); 9] = [
+    let rows: [(&str, &str, usize, bool); 10] = [
         ("RTT p50 (us)", "rtt/p50_us", 1, true),
         ("RTT p99 (us)", "rtt/p99_us", 1, true),
         ("bulk (Gb/s)", "bulk/gbps", 2, true),
         ("agent CPU-s/GB", "bulk/agent_cpu_s_per_gb", 3, false),
+        ("agent user CPU-s/GB", "bulk/agent_user_cpu_s_per_gb", 3, false),
         ("new connections/s", "conn/per_s", 0, true),
         (
             "agent CPU-s per 1000 connections",
@@ -1294,6 +1299,7 @@ fn host_jiffies() -> (u64, u64) {
 
 struct CpuSnapshot {
     agent_ticks: u64,
+    agent_user_ticks: u64,
     agent_cg_usec: u64,
     client_usec: u64,
     server_usec: u64,
@@ -1302,6 +1308,10 @@ struct CpuSnapshot {
 
 struct CpuUse {
     agent_s: f64,
+    /// Of `agent_s`, the agents' own code (TLS, HTTP/2, copies): what a
+    /// change to the agent moves, without the kernel's share that follows
+    /// the scheduler.
+    agent_user_s: f64,
     agent_cgroup_s: f64,
     client_s: f64,
     server_s: f64,
@@ -1311,8 +1321,15 @@ struct CpuUse {
 impl CpuSnapshot {
     /// The agents of `r`'s cluster (their cgroups also hold its CA, if any), its pods, the host.
     fn take(r: &Column) -> Result<CpuSnapshot> {
+        let agents = r
+            .mesh
+            .pids
+            .iter()
+            .map(|p| user_system_ticks(*p))
+            .collect::<Result<Vec<_>>>()?;
         Ok(CpuSnapshot {
-            agent_ticks: r.mesh.pids.iter().map(|p| cpu_ticks(*p)).sum::<Result<u64>>()?,
+            agent_ticks: agents.iter().map(|(u, s)| u + s).sum(),
+            agent_user_ticks: agents.iter().map(|(u, _)| u).sum(),
             agent_cg_usec: r.mesh.agent_cgroups.iter().map(|c| cgroup_usec(c)).sum(),
             client_usec: cgroup_usec(&r.client.cgroup),
             server_usec: cgroup_usec(&r.server.cgroup),
@@ -1325,6 +1342,7 @@ impl CpuSnapshot {
         let total = self.host.1.saturating_sub(before.host.1) as f64;
         CpuUse {
             agent_s: self.agent_ticks.saturating_sub(before.agent_ticks) as f64 / ticks,
+            agent_user_s: self.agent_user_ticks.saturating_sub(before.agent_user_ticks) as f64 / ticks,
             agent_cgroup_s: self.agent_cg_usec.saturating_sub(before.agent_cg_usec) as f64 / 1e6,
             client_s: self.client_usec.saturating_sub(before.client_usec) as f64 / 1e6,
             server_s: self.server_usec.saturating_sub(before.server_usec) as f64 / 1e6,
