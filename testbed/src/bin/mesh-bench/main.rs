@@ -803,13 +803,16 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
          Python echo server (its own CPU is the last row: it bounds the direct column, and client, \
          server and agents share the {cores} cores); \"32 at once\" = mesh-echo connect-load, 32 such \
          connections in setup at once against mesh-echo tcp-echo. Agent CPU = utime+stime of both agents of the \
-         column's cluster (in the direct column: their idle housekeeping, they are not on that path).",
+         column's cluster (in the direct column: their idle housekeeping, they are not on that path); \
+         agent user CPU = their utime alone.",
         busy("bulk"),
         busy("conn")
     );
     let command = format!(
-        "cargo xtask bench -- --mode {} --rounds {} --seconds {}",
+        "cargo xtask bench -- {}--mode {}{} --rounds {} --seconds {}",
+        if opts.only == Only::L4 { "--only l4 " } else { "" },
         opts.mode.as_str(),
+        if opts.sockmap { " --sockmap" } else { "" },
         opts.rounds,
         opts.seconds
     );
