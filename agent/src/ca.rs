@@ -195,7 +195,7 @@ impl WaypointCaller {
     }
 
     fn may_have(&self, id: &SpiffeId) -> Result<(), String> {
-        if id.namespace == self.namespace && id.service_account == self.service_account {
+        if *id.namespace == *self.namespace && *id.service_account == *self.service_account {
             return Ok(());
         }
         Err(format!(
@@ -384,7 +384,7 @@ impl Authorizer for KubeAuthorizer {
                 && spec
                     .and_then(|s| s.service_account_name.as_deref())
                     .unwrap_or("default")
-                    == id.service_account
+                    == &*id.service_account
                 && !mesh_cni::membership::finished(p.status.as_ref().and_then(|s| s.phase.as_deref()))
         });
         found.then_some(()).ok_or_else(|| not_on_node(node, id))

@@ -58,7 +58,7 @@ fn name_ns_app_version(w: Option<&Workload>) -> (String, String, String, String)
             let name = w.key.split_once('/').map_or(&*w.key, |(_, n)| n);
             let app = w.labels.get("app").cloned().unwrap_or_else(|| name.to_string());
             let version = w.labels.get("version").cloned().unwrap_or_else(|| UNKNOWN.into());
-            (app.clone(), w.identity.namespace.clone(), app, version)
+            (app.clone(), w.identity.namespace.to_string(), app, version)
         }
     }
 }

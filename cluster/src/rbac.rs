@@ -206,7 +206,7 @@ impl Source {
             .principal
             .as_ref()
             .map(|p| p.to_string().trim_start_matches("spiffe://").to_string());
-        let ns = c.principal.as_ref().map(|p| p.namespace.as_str());
+        let ns = c.principal.as_ref().map(|p| &*p.namespace);
         let any = |pats: &[String], v: Option<&str>| v.is_some_and(|v| pats.iter().any(|p| glob(p, v)));
         let in_block = |blocks: &[Cidr]| blocks.iter().any(|b| b.contains(c.src_ip));
         (self.principals.is_empty() || any(&self.principals, principal.as_deref()))

@@ -452,6 +452,12 @@ impl State {
         // that stayed as it was, so it neither churns nor scatters the heap.
         let old = self.snapshot();
         let mut identities: HashMap<(&str, &str), Arc<SpiffeId>> = HashMap::new();
+        // One copy of the trust domain for every identity (the last
+        // snapshot's while it names the same one).
+        let td: Arc<str> = match old.workloads.iter().next() {
+            Some((_, w)) if *w.identity.trust_domain == *trust_domain => w.identity.trust_domain.clone(),
+            _ => trust_domain.into(),
+        };
         let mut key = String::new();
         let workloads: Workloads = cfg
             .pods
@@ -468,7 +474,7 @@ impl State {
                         {
                             id.clone()
                         }
-                        _ => Arc::new(p.identity(trust_domain)),
+                        _ => Arc::new(SpiffeId::shared(&td, &p.namespace, &p.service_account)),
                     })
                     .clone();
                 let waypoint = match (bindings.workloads.get(&key), was.and_then(|w| w.waypoint.as_ref())) {
@@ -618,6 +624,26 @@ mod tests {
     }
 
     #[test]
+    fn identities_hold_no_copy_of_the_specs_strings() {
+        let text = "pods:\n  - {name: a, namespace: ns1, serviceAccount: sa1, node: n1, ips: [\"10.0.0.1\"]}\n  - {name: c, namespace: ns2, serviceAccount: sa2, node: n2, ips: [\"10.0.0.3\"]}\n";
+        let cfg = LocalConfig::parse(std::path::Path::new("m.yaml"), text).unwrap();
+        let s = State::default();
+        s.update(&cfg, "td");
+        let id = |ip: &str| s.by_ip(ip.parse().unwrap()).unwrap().identity;
+        let (a, c) = (id("10.0.0.1"), id("10.0.0.3"));
+        // The namespace and service account are the spec's own strings
+        // (the Kubernetes model's records lend them to the spec) ...
+        assert!(Arc::ptr_eq(&a.namespace, &cfg.pods[0].namespace));
+        assert!(Arc::ptr_eq(&a.service_account, &cfg.pods[0].service_account));
+        // ... and every identity shares one trust domain, kept across updates.
+        assert!(Arc::ptr_eq(&a.trust_domain, &c.trust_domain));
+        s.update(&LocalConfig::parse(std::path::Path::new("m.yaml"), text).unwrap(), "td");
+        assert!(Arc::ptr_eq(&id("10.0.0.3").trust_domain, &a.trust_domain));
+        s.update(&cfg, "other.td");
+        assert_eq!(id("10.0.0.1").to_string(), "spiffe://other.td/ns/ns1/sa/sa1");
+    }
+
+    #[test]
     fn a_pod_with_two_ips_is_one_workload_found_by_either() {
         let text = "pods:\n  - {name: a, namespace: ns1, serviceAccount: sa1, node: n1, ips: [\"10.0.0.1\", \"fd00::1\"]}\n  - {name: b, namespace: ns1, serviceAccount: sa1, node: n2, ips: [\"10.0.0.2\"]}\n";
         let cfg = LocalConfig::parse(std::path::Path::new("m.yaml"), text).unwrap();
@@ -669,7 +695,7 @@ mod tests {
         // b changed its service account: a new identity, the same key.
         let (b0, b1) = (w(&before, "10.0.0.2"), w(&after, "10.0.0.2"));
         assert!(Arc::ptr_eq(&b0.key, &b1.key) && !Arc::ptr_eq(&b0.identity, &b1.identity));
-        assert_eq!(b1.identity.service_account, "other");
+        assert_eq!(&*b1.identity.service_account, "other");
         // The Service is the same, and so are the endpoints its selector
         // picks (c is unhealthy, d in another namespace): both kept.
         assert!(Arc::ptr_eq(&before.services[0].spec, &after.services[0].spec));

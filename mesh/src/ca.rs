@@ -330,7 +330,7 @@ pub struct Requested {
 /// lifetime it wants. The CSR itself is read by [`Signer::sign`].
 pub fn requested(body: &IstioCertificateRequest, trust_domain: &str, default: Duration) -> Result<Requested, Status> {
     let id = impersonated(body)?;
-    if id.trust_domain != trust_domain {
+    if *id.trust_domain != *trust_domain {
         return Err(Status::permission_denied(format!(
             "{id} is not in this CA's trust domain {trust_domain}"
         )));

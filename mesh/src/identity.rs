@@ -1,6 +1,6 @@
 //! Mesh identities: SPIFFE IDs per service account, workload keys (made here,
 //! never written anywhere) and the certificates the CA issues for them.
-use std::{fmt, str::FromStr, time::SystemTime};
+use std::{fmt, str::FromStr, sync::Arc, time::SystemTime};
 
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
 
@@ -17,20 +17,33 @@ pub enum IdentityError {
     BadCertificate(String),
 }
 
-/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`. Its
+/// parts are shared strings: the agent holds one identity per service
+/// account of the cluster, and [`Self::shared`] makes one from the strings
+/// its records already hold (48 bytes, where three owned strings took 72
+/// plus three allocations).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    pub trust_domain: String,
-    pub namespace: String,
-    pub service_account: String,
+    pub trust_domain: Arc<str>,
+    pub namespace: Arc<str>,
+    pub service_account: Arc<str>,
 }
 
 impl SpiffeId {
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
         Self {
-            trust_domain: trust_domain.to_string(),
-            namespace: namespace.to_string(),
-            service_account: service_account.to_string(),
+            trust_domain: trust_domain.into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+        }
+    }
+
+    /// Without a copy of the strings.
+    pub fn shared(trust_domain: &Arc<str>, namespace: &Arc<str>, service_account: &Arc<str>) -> Self {
+        Self {
+            trust_domain: trust_domain.clone(),
+            namespace: namespace.clone(),
+            service_account: service_account.clone(),
         }
     }
 }

@@ -83,7 +83,7 @@ pub fn server_config(cert: &WorkloadCert, roots: &Roots) -> Result<Arc<ServerCon
         .map_err(|e| TlsError::Root(e.to_string()))?;
     let verifier = Arc::new(TrustDomainClientVerifier {
         inner: webpki,
-        trust_domain: cert.id.trust_domain.clone(),
+        trust_domain: cert.id.trust_domain.to_string(),
     });
     let (chain, key) = cert_and_key(cert)?;
     let mut cfg = ServerConfig::builder_with_provider(provider())
@@ -205,7 +205,7 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
         match peer_identity(end_entity) {
-            Some(id) if id.trust_domain == self.trust_domain => Ok(verified),
+            Some(id) if *id.trust_domain == *self.trust_domain => Ok(verified),
             Some(id) => Err(rustls::Error::General(format!(
                 "client {id} is not in trust domain {}",
                 self.trust_domain

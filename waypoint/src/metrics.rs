@@ -96,7 +96,7 @@ impl Peer {
                 .or_else(|| label("version"))
                 .unwrap_or_else(|| "latest".into()),
             workload: label("app").unwrap_or(name),
-            namespace: w.identity.namespace.clone(),
+            namespace: w.identity.namespace.to_string(),
             principal,
             app,
             version,

@@ -3,7 +3,10 @@
 //! N pods (10,000 by default) spread over 100 nodes and 100 ambient
 //! namespaces, one Service + EndpointSlice per 10 pods; the agent must learn
 //! them all (its config dump lists every workload and service). Prints the
-//! agent's RSS before and after, per 1,000 pods, and the time to catch up.
+//! agent's RSS before and after, per 1,000 pods, and the time to catch up;
+//! beside it the anonymous part alone (heap and stacks: the pages of the
+//! agent's program that handling pods faults back in are a fixed cost, not
+//! one per pod) and the growth over the second half of the pods alone.
 //!
 //! `--enroll N [--measure M]`: enroll-to-capture (issue #11). N pods of the
 //! agent's own node are enrolled through the CNI socket one after another,
@@ -28,7 +31,7 @@ use k8s_openapi::{
 use testbed::{
     apiserver::{meta, ApiServer},
     mesh::{poll, Agent},
-    procfs::{cpu_seconds, settled_rss_kb},
+    procfs::{cpu_seconds, settled_rss_kb, status_kb},
     Cluster, ClusterSpec, NodeSpec,
 };
 
@@ -140,6 +143,29 @@ fn arg(args: &[String], name: &str, default: Option<usize>) -> Result<Option<usi
     }
 }
 
+/// The agent's resident memory (kB) once it has settled: all of it, its
+/// heap and stacks (anonymous), and the pages of its program (file).
+#[derive(Clone, Copy)]
+struct Memory {
+    rss: u64,
+    anon: u64,
+    file: u64,
+}
+
+impl Memory {
+    fn read(pid: u32) -> Result<Self> {
+        Ok(Self {
+            rss: settled_rss_kb(pid)?,
+            anon: status_kb(pid, "RssAnon")?,
+            file: status_kb(pid, "RssFile")?,
+        })
+    }
+}
+
+fn mb(kb: u64) -> f64 {
+    kb as f64 / 1024.0
+}
+
 // The shipped binaries' allocator (see agent/src/main.rs), here too, so that
 // the benchmark's own load and echo processes are not slowed by musl's malloc.
 #[global_allocator]
@@ -167,30 +193,47 @@ fn main() -> Result<()> {
     let mut agent = Agent::start_kube(&cluster, "node1", &kubeconfig, &dir, &[])?;
     agent.wait_for("agent ready", Duration::from_secs(30))?;
     let pid = agent.pid().context("agent pid")?;
-    let before = settled_rss_kb(pid)?;
+    let before = Memory::read(pid)?;
 
-    for i in 0..pods {
-        api.apply(&pod(i))?;
-    }
+    // The cluster grows in two halves, RSS read after each: the second
+    // half's growth is what a pod costs once the code that handles pods is
+    // resident (the first half also faults back pages of the agent's own
+    // program, unmapped when it went idle, which 1,000 more pods do not).
     let services = pods / 10;
-    for s in 0..services {
-        let (svc, slice) = service(s, &format!("ns-{}", s * 10 % 100));
-        api.apply(&svc)?;
-        api.apply(&slice)?;
+    let half = pods / 2;
+    let mut caught_up = Duration::ZERO;
+    let mut at = Vec::new();
+    for (from, to) in [(0, half), (half, pods)] {
+        for i in from..to {
+            api.apply(&pod(i))?;
+        }
+        for s in from / 10..to / 10 {
+            let (svc, slice) = service(s, &format!("ns-{}", s * 10 % 100));
+            api.apply(&svc)?;
+            api.apply(&slice)?;
+        }
+        let start = Instant::now();
+        poll(Duration::from_secs(300), || {
+            Ok((counts(&cluster)? == (to, to / 10)).then_some(()))
+        })?;
+        caught_up = start.elapsed();
+        at.push(Memory::read(pid)?);
     }
-    let start = Instant::now();
-    poll(Duration::from_secs(300), || {
-        Ok((counts(&cluster)? == (pods, services)).then_some(()))
-    })?;
-    let caught_up = start.elapsed();
-    let after = settled_rss_kb(pid)?;
-    let per_1k = (after.saturating_sub(before)) as f64 / 1024.0 / (pods as f64 / 1000.0);
+    let (mid, after) = (at[0], at[1]);
+    let per_1k = |a: u64, b: u64, n: usize| {
+        let mb = a.saturating_sub(b) as f64 / 1024.0 / (n as f64 / 1000.0);
+        (mb * 100.0).round() / 100.0
+    };
     println!(
         "{}",
         serde_json::json!({
             "pods": pods, "services": services, "nodes": 100, "namespaces": 100,
-            "rss_before_mb": before as f64 / 1024.0, "rss_after_mb": after as f64 / 1024.0,
-            "mb_per_1000_pods": (per_1k * 100.0).round() / 100.0,
+            "rss_before_mb": mb(before.rss), "rss_after_mb": mb(after.rss),
+            "anon_before_mb": mb(before.anon), "anon_after_mb": mb(after.anon),
+            "file_before_mb": mb(before.file), "file_after_mb": mb(after.file),
+            "mb_per_1000_pods": per_1k(after.rss, before.rss, pods),
+            "anon_mb_per_1000_pods": per_1k(after.anon, before.anon, pods),
+            "second_half_mb_per_1000_pods": per_1k(after.rss, mid.rss, pods - half),
             "catch_up_s": caught_up.as_secs_f64(),
         })
     );
