@@ -305,7 +305,9 @@ mod tests {
         let w = Workload {
             key: "default/client-abc".into(),
             identity: mesh::identity::SpiffeId::new("cluster.local", "default", "client").into(),
-            labels: BTreeMap::from([("app".into(), "client".into()), ("version".into(), "v1".into())]).into(),
+            labels: std::sync::Arc::new(
+                BTreeMap::from([("app".into(), "client".into()), ("version".into(), "v1".into())]).into(),
+            ),
             hbone: true,
             waypoint: None,
             enforce_waypoint: true,

@@ -206,9 +206,7 @@ pub struct PodSpec {
     pub tunnel: TunnelProtocol,
 }
 
-/// A label map, shared between the copies of a pod ((de)serialized as a
-/// plain map: serde's `rc` feature).
-pub type Labels = Arc<BTreeMap<String, String>>;
+pub use crate::labels::{LabelMap, Labels};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, Hash)]
 #[serde(rename_all = "UPPERCASE")]

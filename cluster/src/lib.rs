@@ -1,7 +1,7 @@
 //! The cluster model shared by the agent and the waypoint, one
 //! implementation each: the local enrolment file (`config`, polled by
 //! `filewatch`), CIDRs, Istio
-//! L4 authorization (`rbac`) and the snapshot the data paths consult
+//! L4 authorization (`rbac`), shared label maps (`labels`) and the snapshot the data paths consult
 //! (`state`: workloads, services, endpoints, policies) and waypoint binding
 //! (`waypoint`), HTTP routing rules (`routes`: HTTPRoute and VirtualService
 //! in one model), and the Kubernetes source that feeds it (`kube`: watches
@@ -11,6 +11,7 @@ pub mod cidr;
 pub mod config;
 pub mod filewatch;
 pub mod kube;
+pub mod labels;
 pub mod rbac;
 pub mod routes;
 pub mod state;

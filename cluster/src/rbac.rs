@@ -132,7 +132,7 @@ pub struct PeerAuthentication {
 /// The destination workload a connection is for.
 pub struct Target<'a> {
     pub namespace: &'a str,
-    pub labels: &'a BTreeMap<String, String>,
+    pub labels: &'a crate::labels::LabelMap,
 }
 
 /// What is known about a connection when it is authorized.
@@ -254,8 +254,11 @@ mod tests {
         }
     }
 
-    fn target() -> (BTreeMap<String, String>, &'static str) {
-        (BTreeMap::from([("app".to_string(), "server".to_string())]), "default")
+    fn target() -> (crate::labels::LabelMap, &'static str) {
+        (
+            BTreeMap::from([("app".to_string(), "server".to_string())]).into(),
+            "default",
+        )
     }
 
     fn decide(p: &[AuthorizationPolicy], c: &Conn) -> Result<(), Denied> {

@@ -27,7 +27,10 @@ use std::{
 use mesh::identity::SpiffeId;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{LocalConfig, PodSpec, ServiceSpec, WaypointSpec};
+use crate::{
+    config::{LocalConfig, PodSpec, ServiceSpec, WaypointSpec},
+    labels::LabelGet,
+};
 
 /// Selects a waypoint (namespace, service or pod label); `none` opts out.
 pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
@@ -336,12 +339,12 @@ struct Ctx<'a> {
 
 /// The waypoint a `use-waypoint` label (and `use-waypoint-namespace`) on an
 /// object of `namespace` names: `None` when absent, `Some(None)` for `none`.
-pub fn use_waypoint(labels: &BTreeMap<String, String>, namespace: &str) -> Option<Option<WaypointKey>> {
-    let name = labels.get(USE_WAYPOINT)?;
+pub fn use_waypoint(labels: &(impl LabelGet + ?Sized), namespace: &str) -> Option<Option<WaypointKey>> {
+    let name = labels.label(USE_WAYPOINT)?;
     if name == "none" {
         return Some(None);
     }
-    let ns = labels.get(USE_WAYPOINT_NAMESPACE).map_or(namespace, String::as_str);
+    let ns = labels.label(USE_WAYPOINT_NAMESPACE).map_or(namespace, String::as_str);
     Some(Some(key(ns, name)))
 }
 
@@ -384,7 +387,7 @@ impl Ctx<'_> {
     /// Pod label > per service account > namespace label.
     fn workload(&self, p: &PodSpec) -> Option<Binding> {
         let kind = TargetKind::Workload;
-        if let Some(choice) = use_waypoint(&p.labels, &p.namespace) {
+        if let Some(choice) = use_waypoint(&*p.labels, &p.namespace) {
             return self.binding(kind, p.key(), choice?, BindingSource::OwnLabel);
         }
         if let Some(w) = self.per_sa.get(&(&*p.namespace, &*p.service_account)) {

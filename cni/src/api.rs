@@ -69,7 +69,12 @@ async fn client(kubeconfig: &Path) -> Result<Client, String> {
 
 fn verdict(pod: &Pod, ns: &Namespace) -> Verdict {
     let facts = PodFacts {
-        labels: pod.metadata.labels.as_ref(),
+        dataplane_mode: pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(DATAPLANE_MODE))
+            .map(String::as_str),
         host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
         finished: membership::finished(pod.status.as_ref().and_then(|s| s.phase.as_deref())),
         // Gateways are not readable here; the controller's waypoint pods
@@ -77,9 +82,9 @@ fn verdict(pod: &Pod, ns: &Namespace) -> Verdict {
         // agent, which knows.
         waypoint: false,
     };
-    let ns_labels = ns.metadata.labels.as_ref();
-    let m = membership::membership(facts, ns_labels);
-    let pod_mode = facts.labels.and_then(|l| l.get(DATAPLANE_MODE));
+    let ns_mode = ns.metadata.labels.as_ref().and_then(|l| l.get(DATAPLANE_MODE));
+    let m = membership::membership(facts, ns_mode.map(String::as_str));
+    let pod_mode = facts.dataplane_mode;
     let ns_name = ns.metadata.name.as_deref().unwrap_or_default();
     let why = match (m, pod_mode) {
         (Membership::HostNetwork, _) => "the pod uses the host network".to_string(),

@@ -27,7 +27,8 @@ pub enum Membership {
 /// What the rule reads of a pod.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PodFacts<'a> {
-    pub labels: Option<&'a BTreeMap<String, String>>,
+    /// Its `istio.io/dataplane-mode` label (the only one the rule reads).
+    pub dataplane_mode: Option<&'a str>,
     pub host_network: bool,
     /// Its containers all ended ([`finished`] of `status.phase`).
     pub finished: bool,
@@ -47,8 +48,9 @@ pub fn finished(phase: Option<&str>) -> bool {
     matches!(phase, Some("Succeeded" | "Failed"))
 }
 
-/// Whether the pod belongs in the mesh, its namespace's labels given.
-pub fn membership(pod: PodFacts, ns_labels: Option<&BTreeMap<String, String>>) -> Membership {
+/// Whether the pod belongs in the mesh, its namespace's
+/// `istio.io/dataplane-mode` label given.
+pub fn membership(pod: PodFacts, ns_mode: Option<&str>) -> Membership {
     if pod.host_network {
         return Membership::HostNetwork;
     }
@@ -58,10 +60,10 @@ pub fn membership(pod: PodFacts, ns_labels: Option<&BTreeMap<String, String>>) -
     if pod.waypoint {
         return Membership::Waypoint;
     }
-    match pod.labels.and_then(|l| l.get(DATAPLANE_MODE)).map(String::as_str) {
+    match pod.dataplane_mode {
         Some("none") => Membership::OptedOut,
         Some("ambient") => Membership::Ambient,
-        _ if ns_labels.is_some_and(namespace_is_ambient) => Membership::Ambient,
+        _ if ns_mode == Some("ambient") => Membership::Ambient,
         _ => Membership::NotLabelled,
     }
 }
@@ -70,43 +72,38 @@ pub fn membership(pod: PodFacts, ns_labels: Option<&BTreeMap<String, String>>) -
 mod tests {
     use super::*;
 
-    fn labels(mode: Option<&str>) -> BTreeMap<String, String> {
-        mode.map(|m| (DATAPLANE_MODE.to_string(), m.to_string()))
-            .into_iter()
-            .collect()
-    }
-
     #[test]
     fn pod_label_wins_over_the_namespace() {
-        let (ambient, none, plain) = (labels(Some("ambient")), labels(Some("none")), labels(None));
-        let pod = |l| PodFacts {
-            labels: Some(l),
+        let (ambient, none, plain) = (Some("ambient"), Some("none"), None);
+        let pod = |mode| PodFacts {
+            dataplane_mode: mode,
             ..Default::default()
         };
-        assert_eq!(membership(pod(&ambient), Some(&plain)), Membership::Ambient);
-        assert_eq!(membership(pod(&ambient), None), Membership::Ambient);
-        assert_eq!(membership(pod(&none), Some(&ambient)), Membership::OptedOut);
-        assert_eq!(membership(pod(&plain), Some(&ambient)), Membership::Ambient);
-        assert_eq!(membership(pod(&plain), Some(&plain)), Membership::NotLabelled);
+        assert_eq!(membership(pod(ambient), plain), Membership::Ambient);
+        assert_eq!(membership(pod(ambient), Some("other")), Membership::Ambient);
+        assert_eq!(membership(pod(none), ambient), Membership::OptedOut);
+        assert_eq!(membership(pod(plain), ambient), Membership::Ambient);
+        assert_eq!(membership(pod(plain), plain), Membership::NotLabelled);
+        assert_eq!(membership(pod(Some("other")), plain), Membership::NotLabelled);
         assert_eq!(membership(PodFacts::default(), None), Membership::NotLabelled);
     }
 
     #[test]
     fn host_network_and_finished_pods_are_never_in() {
-        let ambient = labels(Some("ambient"));
+        let ambient = Some("ambient");
         let facts = PodFacts {
-            labels: Some(&ambient),
+            dataplane_mode: ambient,
             host_network: true,
             ..Default::default()
         };
-        assert_eq!(membership(facts, Some(&ambient)), Membership::HostNetwork);
+        assert_eq!(membership(facts, ambient), Membership::HostNetwork);
         for phase in ["Succeeded", "Failed"] {
             let facts = PodFacts {
-                labels: Some(&ambient),
+                dataplane_mode: ambient,
                 finished: finished(Some(phase)),
                 ..Default::default()
             };
-            assert_eq!(membership(facts, Some(&ambient)), Membership::Finished);
+            assert_eq!(membership(facts, ambient), Membership::Finished);
         }
         for phase in [None, Some("Pending"), Some("Running"), Some("Unknown")] {
             assert!(!finished(phase), "{phase:?}");
@@ -115,12 +112,12 @@ mod tests {
 
     #[test]
     fn waypoint_pods_are_never_in_even_when_labelled_ambient() {
-        let ambient = labels(Some("ambient"));
+        let ambient = Some("ambient");
         let facts = PodFacts {
-            labels: Some(&ambient),
+            dataplane_mode: ambient,
             waypoint: true,
             ..Default::default()
         };
-        assert_eq!(membership(facts, Some(&ambient)), Membership::Waypoint);
+        assert_eq!(membership(facts, ambient), Membership::Waypoint);
     }
 }

@@ -36,7 +36,9 @@ fn routing_cluster(c: &mut LocalConfig) {
             hostname: None,
             vips: vec![vip.parse().unwrap()],
             ports: vec![port(80, None)],
-            selector: BTreeMap::from([("app".into(), "web".into()), ("track".into(), track.into())]).into(),
+            selector: std::sync::Arc::new(
+                BTreeMap::from([("app".into(), "web".into()), ("track".into(), track.into())]).into(),
+            ),
             endpoints: None,
             load_balancing: Default::default(),
             subject_alt_names: vec![],
@@ -616,9 +618,7 @@ fn mirrors_arrive_and_a_hanging_mirror_never_slows_the_primary() {
         let mut w = World::with("mirror", LimitArgs::default(), |c| {
             routing_cluster(c);
             let mut hang = pod_spec("hang", "127.0.0.5", "hang", "hang");
-            let labels = std::sync::Arc::make_mut(&mut hang.labels);
-            labels.clear();
-            labels.insert("app".into(), "hang".into());
+            hang.labels = std::sync::Arc::new(BTreeMap::from([("app".into(), "hang".into())]).into());
             c.pods.push(hang);
             c.services.push(ServiceSpec {
                 name: "hang".into(),
@@ -626,7 +626,7 @@ fn mirrors_arrive_and_a_hanging_mirror_never_slows_the_primary() {
                 hostname: None,
                 vips: vec!["10.96.0.23".parse().unwrap()],
                 ports: vec![port(80, None)],
-                selector: BTreeMap::from([("app".into(), "hang".into())]).into(),
+                selector: std::sync::Arc::new(BTreeMap::from([("app".into(), "hang".into())]).into()),
                 endpoints: None,
                 load_balancing: Default::default(),
                 subject_alt_names: vec![],

@@ -123,7 +123,7 @@ impl NamespaceRecord {
         labels.retain(|k, _| k == DATAPLANE_MODE || BINDING_LABELS.contains(&k.as_str()));
         Some(Self {
             key: Key::of(&n.metadata)?,
-            labels: Arc::new(labels),
+            labels: Arc::new(labels.into()),
         })
     }
 }
@@ -242,7 +242,7 @@ impl PodRecord {
                 .and_then(|s| s.service_account_name.as_deref())
                 .unwrap_or("default")
                 .into(),
-            labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
+            labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default().into()),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             finished: mesh_cni::membership::finished(st.and_then(|s| s.phase.as_deref())),
             ips: listed.into_iter().filter_map(address).collect(),
@@ -257,7 +257,7 @@ impl PodRecord {
     /// pod of a waypoint Gateway.
     pub fn facts(&self, waypoint: bool) -> mesh_cni::membership::PodFacts<'_> {
         mesh_cni::membership::PodFacts {
-            labels: Some(&self.labels),
+            dataplane_mode: self.labels.get(DATAPLANE_MODE).map(String::as_str),
             host_network: self.host_network,
             finished: self.finished,
             waypoint,
@@ -308,7 +308,7 @@ impl ServiceRecord {
         labels.retain(|k, _| BINDING_LABELS.contains(&k.as_str()));
         Some(Self {
             key: Key::of(&svc.metadata)?,
-            labels: Arc::new(labels),
+            labels: Arc::new(labels.into()),
             // Headless and ExternalName services have none.
             vips: listed.into_iter().filter_map(|s| address(s)).collect(),
             ports: spec
@@ -323,7 +323,7 @@ impl ServiceRecord {
                     app_protocol: p.app_protocol.clone(),
                 })
                 .collect(),
-            selector: spec.and_then(|s| s.selector.clone()).map(Arc::new),
+            selector: spec.and_then(|s| s.selector.clone()).map(|s| Arc::new(s.into())),
         })
     }
 }

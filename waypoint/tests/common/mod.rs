@@ -159,7 +159,9 @@ pub fn pod_spec(name: &str, ip: &str, sa: &str, app: &str) -> PodSpec {
         netns: None,
         cgroup: None,
         ips: vec![ip.parse().unwrap()],
-        labels: BTreeMap::from([("app".to_string(), app.to_string()), ("version".into(), "v1".into())]).into(),
+        labels: std::sync::Arc::new(
+            BTreeMap::from([("app".to_string(), app.to_string()), ("version".into(), "v1".into())]).into(),
+        ),
         healthy: true,
         tunnel: Default::default(),
     }
@@ -194,7 +196,7 @@ pub fn cluster(extra: impl FnOnce(&mut LocalConfig)) -> LocalConfig {
                 port(82, Some("tcp")),
                 port(83, Some("grpc")),
             ],
-            selector: BTreeMap::from([("app".to_string(), "web".to_string())]).into(),
+            selector: std::sync::Arc::new(BTreeMap::from([("app".to_string(), "web".to_string())]).into()),
             endpoints: None,
             load_balancing: Default::default(),
             subject_alt_names: vec![],
