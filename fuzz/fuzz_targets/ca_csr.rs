@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
     let signer = signer();
     if let Ok(body) = IstioCertificateRequest::decode(data) {
         if let Ok(Requested { id, lifetime }) = requested(&body, TRUST_DOMAIN, MAX_LIFETIME) {
-            assert_eq!(id.trust_domain, TRUST_DOMAIN);
+            assert_eq!(&*id.trust_domain, TRUST_DOMAIN);
             assert_eq!(id.to_string().parse::<SpiffeId>().ok().as_ref(), Some(&id));
             issue(signer, &body.csr, &id, lifetime);
         }

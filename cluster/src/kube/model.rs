@@ -925,8 +925,8 @@ mod tests {
     #[test]
     fn a_pods_row_keeps_the_tables_nodes_in_a_smaller_size_class() {
         // A B-tree leaf: parent pointer, index and length, eleven keys and
-        // eleven values. 1,864 bytes took mimalloc's 2 KiB class (a tenth
-        // of what the agent held per pod of the cluster).
+        // eleven values. 1,864 bytes took mimalloc's 2 KiB class: at
+        // 10,000 pods, 3.1 of the 12 MB the agent held for the cluster.
         let entry = std::mem::size_of::<Key>() + std::mem::size_of::<Row<PodRecord, Option<Membership>>>();
         assert!(
             8 + 4 + 11 * entry <= 1792,
