@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, Pod, PodCondition, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec},
@@ -213,9 +213,29 @@ fn main() -> Result<()> {
             api.apply(&slice)?;
         }
         let start = Instant::now();
-        poll(Duration::from_secs(300), || {
-            Ok((counts(&cluster)? == (to, to / 10)).then_some(()))
-        })?;
+        let mut listed = (0, 0);
+        let caught = poll(Duration::from_secs(300), || {
+            listed = counts(&cluster)?;
+            Ok((listed == (to, to / 10)).then_some(()))
+        });
+        if let Err(e) = caught {
+            // What the next engineer needs: how far it got, whether it
+            // still runs, and what it said last.
+            let log = agent.raw_log();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            let state = if Path::new(&format!("/proc/{pid}")).exists() {
+                "running"
+            } else {
+                "gone"
+            };
+            bail!(
+                "{e}: the agent ({state}) lists {} of {to} pods and {} of {} services; its log ends:\n{}",
+                listed.0,
+                listed.1,
+                to / 10,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         caught_up = start.elapsed();
         at.push(Memory::read(pid)?);
     }
