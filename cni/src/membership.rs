@@ -8,7 +8,6 @@
 //! terminate HBONE themselves; capturing them would loop). (The agent also
 //! never enrolls its own pod; the plugin never sees it, its namespace being
 //! excluded.)
-use std::collections::BTreeMap;
 
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 
@@ -36,11 +35,6 @@ pub struct PodFacts<'a> {
     /// the agent, which watches Gateways, can tell; the waypoint controller
     /// also labels them `istio.io/dataplane-mode=none`).
     pub waypoint: bool,
-}
-
-/// Whether a namespace with these labels is enrolled.
-pub fn namespace_is_ambient(labels: &BTreeMap<String, String>) -> bool {
-    labels.get(DATAPLANE_MODE).map(String::as_str) == Some("ambient")
 }
 
 /// A pod whose containers all ended (its IP may already be reused).

@@ -72,7 +72,7 @@ pub use crate::waypoint::{
     WaypointFor, FOR_SERVICE_ACCOUNT, GATEWAY_NAME_LABEL, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE, WAYPOINT_CLASS,
     WAYPOINT_FOR,
 };
-pub use mesh_cni::membership::{namespace_is_ambient, Membership, DATAPLANE_MODE};
+pub use mesh_cni::membership::{Membership, DATAPLANE_MODE};
 
 /// What a watch delivers to the model.
 #[derive(Debug)]
