@@ -222,7 +222,7 @@ fn main() -> Result<()> {
             // What the next engineer needs: how far it got, whether it
             // still runs, and what it said last.
             let log = agent.raw_log();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            let lines: Vec<&str> = log.lines().collect();
             let state = if Path::new(&format!("/proc/{pid}")).exists() {
                 "running"
             } else {
@@ -233,17 +233,14 @@ fn main() -> Result<()> {
                 listed.0,
                 listed.1,
                 to / 10,
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                lines[lines.len().saturating_sub(30)..].join("\n")
             );
         }
         caught_up = start.elapsed();
         at.push(Memory::read(pid)?);
     }
     let (mid, after) = (at[0], at[1]);
-    let per_1k = |a: u64, b: u64, n: usize| {
-        let mb = a.saturating_sub(b) as f64 / 1024.0 / (n as f64 / 1000.0);
-        (mb * 100.0).round() / 100.0
-    };
+    let per_1k = |a: u64, b: u64, n: usize| (mb(a.saturating_sub(b)) / (n as f64 / 1000.0) * 100.0).round() / 100.0;
     println!(
         "{}",
         serde_json::json!({
