@@ -149,6 +149,8 @@ impl Admin {
         .map(|(addr, role)| bind(addr).map(|l| (l, role)))
         .collect::<anyhow::Result<Vec<_>>>()?;
         std::thread::Builder::new().name("admin".into()).spawn(move || {
+            // Its config dumps are a large string each.
+            mesh::alloc::control_thread();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -66,6 +66,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let control = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || -> anyhow::Result<()> {
+            mesh::alloc::control_thread();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -134,6 +134,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("waypoint-control".into())
             .spawn(move || {
+                mesh::alloc::control_thread();
                 control.block_on(async move {
                     secrets.set_wanted(&BTreeSet::from([cfg.id.clone()]));
                     tokio::spawn(release_startup_code(secrets.store(), cfg.id.clone()));

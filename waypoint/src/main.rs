@@ -5,8 +5,9 @@ use waypoint::config::{Cli, Cmd, LogFormat};
 
 // mimalloc in every build, so that the benchmark measures the allocator the
 // image ships: its static musl binaries would otherwise get musl's slow malloc.
+// The control path's large tables get pages of their own (see the type).
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: mesh::alloc::Allocator = mesh::alloc::Allocator;
 
 // The same for musl's memmove, which copies byte by byte backwards when
 // source and destination are equal (rustls does that after every TLS read).
