@@ -1,5 +1,5 @@
 //! What the benchmarks read of a process from /proc: memory and CPU time.
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 /// A `kB` line of /proc/<pid>/status (VmRSS, VmHWM).
 pub fn status_kb(pid: u32, field: &str) -> Result<u64> {
@@ -55,19 +55,36 @@ pub fn cpu_ticks(pid: u32) -> Result<u64> {
 /// segment to the receiver in the sender's system call), so it moves with
 /// the scheduler more than with the program.
 pub fn user_system_ticks(pid: u32) -> Result<(u64, u64)> {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("process {pid} is gone"))?;
+    stat_ticks(&format!("/proc/{pid}/stat"))
+}
+
+/// utime and stime from the `stat` file at `path` (a process's or a thread's).
+fn stat_ticks(path: &str) -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}: gone?"))?;
     // Fields after the command name (which may contain spaces) start at field 3.
     let rest = stat.rsplit_once(')').context("malformed stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    ensure!(f.len() > 12, "short /proc/{pid}/stat");
-    ensure!(f[0] != "Z", "process {pid} is a zombie");
+    ensure!(f.len() > 12, "short {path}");
+    ensure!(f[0] != "Z", "{path}: a zombie");
     Ok((f[11].parse::<u64>()?, f[12].parse::<u64>()?))
 }
 
 /// utime + stime of a process, in seconds.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(cpu_ticks(pid)? as f64 / clock_ticks()?)
+}
+
+/// utime + stime, in seconds, of the thread of process `pid` named `name`
+/// (its `comm`; the first one found if several share it).
+pub fn thread_cpu_seconds(pid: u32, name: &str) -> Result<f64> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).with_context(|| format!("process {pid} is gone"))? {
+        let dir = task?.path();
+        if std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim_end() == name) {
+            let (user, system) = stat_ticks(&dir.join("stat").to_string_lossy())?;
+            return Ok((user + system) as f64 / clock_ticks()?);
+        }
+    }
+    bail!("process {pid} has no thread named {name}")
 }
 
 #[cfg(test)]
@@ -92,5 +109,28 @@ mod tests {
         }
         let (user, system) = user_system_ticks(me).unwrap();
         assert!(user > 0 && user + system <= cpu_ticks(me).unwrap(), "{x}");
+    }
+
+    #[test]
+    fn reads_one_thread_by_name() {
+        let me = std::process::id();
+        let (ready, stop) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        let busy = std::thread::Builder::new()
+            .name("procfs-busy".into())
+            .spawn(move || {
+                // Spins until it has a tick of CPU, then waits to be read.
+                while thread_cpu_seconds(me, "procfs-busy").unwrap() == 0.0 {
+                    std::hint::black_box(0u64);
+                }
+                ready.0.send(()).unwrap();
+                stop.1.recv().unwrap();
+            })
+            .unwrap();
+        ready.1.recv().unwrap();
+        let busy_s = thread_cpu_seconds(me, "procfs-busy").unwrap();
+        assert!(busy_s > 0.0 && busy_s <= cpu_seconds(me).unwrap(), "{busy_s}");
+        assert!(thread_cpu_seconds(me, "no-such-thread").is_err());
+        stop.0.send(()).unwrap();
+        busy.join().unwrap();
     }
 }
