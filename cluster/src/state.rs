@@ -500,14 +500,30 @@ impl State {
             .iter()
             .map(|o| ((&*o.spec.namespace, &*o.spec.name), o))
             .collect();
+        // The healthy pods by namespace, for the Services whose selector
+        // picks their endpoints; built at the first such Service (those from
+        // Kubernetes list their endpoints). Scanning every pod per Service
+        // cost Services x pods per batch.
+        let by_namespace = std::cell::OnceCell::new();
+        let healthy_in = |ns: &str| -> &[&crate::config::PodSpec] {
+            by_namespace
+                .get_or_init(|| {
+                    let mut m: HashMap<&str, Vec<&crate::config::PodSpec>> = HashMap::new();
+                    for p in cfg.pods.iter().filter(|p| p.healthy) {
+                        m.entry(&p.namespace).or_default().push(p);
+                    }
+                    m
+                })
+                .get(ns)
+                .map_or(&[], Vec::as_slice)
+        };
         let services: Vec<Service> = cfg
             .services
             .iter()
             .map(|spec| {
                 let picked = || -> Vec<IpAddr> {
-                    cfg.pods
+                    healthy_in(&spec.namespace)
                         .iter()
-                        .filter(|p| p.healthy && *p.namespace == *spec.namespace)
                         .filter(|p| spec.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
                         .flat_map(|p| p.ips.iter().copied())
                         .collect()
