@@ -29,9 +29,10 @@ use libmimalloc_sys::{mi_free, mi_malloc_aligned, mi_realloc_aligned, mi_zalloc_
 /// per connection cost a third of the HBONE throughput when tried.
 pub struct Allocator;
 
-/// Control-thread blocks of at least this size get pages of their own: the
-/// smallest size mimalloc places in pages shared by several blocks of
-/// 64 KiB or more.
+/// Control-thread blocks of at least this size get pages of their own.
+/// mimalloc shares its pages among blocks up to 512 KiB (its 512 KiB pages
+/// hold those up to 84 KiB, its 4 MiB pages the larger ones); it maps a
+/// larger block pages of its own already.
 const OWN_PAGES_FROM: usize = 64 << 10;
 
 /// An alignment above mimalloc's over-allocation limit (64 KiB): it then
