@@ -41,6 +41,12 @@ impl LabelMap {
         self.0.is_empty()
     }
 
+    /// Whether every label of `selector` is here with the same value (an
+    /// empty selector selects everything).
+    pub fn has_all<'a>(&self, selector: impl IntoIterator<Item = (&'a String, &'a String)>) -> bool {
+        selector.into_iter().all(|(k, v)| self.get(k) == Some(v))
+    }
+
     /// Sets `key` (a copy of the pairs: maps are built once and shared, so
     /// this is for the rare edit, through `Arc::make_mut`).
     pub fn insert(&mut self, key: String, value: String) {
@@ -170,6 +176,16 @@ mod tests {
         l.insert("b".into(), "2".into());
         assert_eq!(l, map(&[("a", "0"), ("b", "2"), ("c", "3")]));
         assert_eq!(l.to_map_of(|k| k != "b"), map(&[("a", "0"), ("c", "3")]));
+    }
+
+    #[test]
+    fn has_all_is_a_subset_test() {
+        let l = LabelMap::from(map(&[("app", "web"), ("tier", "front")]));
+        assert!(l.has_all(&map(&[])));
+        assert!(l.has_all(&map(&[("app", "web")])));
+        assert!(l.has_all(&LabelMap::from(map(&[("tier", "front"), ("app", "web")]))));
+        assert!(!l.has_all(&map(&[("app", "api")])));
+        assert!(!l.has_all(&map(&[("app", "web"), ("zone", "a")])));
     }
 
     #[test]

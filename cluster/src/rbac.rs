@@ -151,7 +151,7 @@ pub struct Denied(pub String);
 fn applies(ns: &str, selector: &Option<BTreeMap<String, String>>, t: &Target) -> bool {
     match selector {
         None => ns == ROOT_NAMESPACE || ns == t.namespace,
-        Some(sel) => ns == t.namespace && sel.iter().all(|(k, v)| t.labels.get(k) == Some(v)),
+        Some(sel) => ns == t.namespace && t.labels.has_all(sel),
     }
 }
 

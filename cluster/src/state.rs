@@ -363,11 +363,9 @@ impl Snapshot {
             port: want.port.or(want.fallback_port).unwrap_or(0),
         })?;
         let labels_ok = |ip: &IpAddr| {
-            want.labels.as_ref().is_none_or(|l| {
-                self.workloads
-                    .get(ip)
-                    .is_some_and(|w| l.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-            })
+            want.labels
+                .as_ref()
+                .is_none_or(|l| self.workloads.get(ip).is_some_and(|w| w.labels.has_all(l)))
         };
         let family: Vec<IpAddr> = svc
             .endpoints
@@ -524,7 +522,7 @@ impl State {
                 let picked = || -> Vec<IpAddr> {
                     healthy_in(&spec.namespace)
                         .iter()
-                        .filter(|p| spec.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+                        .filter(|p| p.labels.has_all(&*spec.selector))
                         .flat_map(|p| p.ips.iter().copied())
                         .collect()
                 };

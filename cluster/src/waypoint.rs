@@ -471,7 +471,7 @@ fn accounts(cfg: &LocalConfig, pods: &PodsByIp, s: &ServiceSpec) -> Vec<String> 
             .pods
             .iter()
             .filter(|p| *p.namespace == *s.namespace)
-            .filter(|p| s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+            .filter(|p| p.labels.has_all(&*s.selector))
             .map(|p| p.service_account.to_string())
             .collect(),
     };

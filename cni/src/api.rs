@@ -8,7 +8,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use kube::{Api, Client};
 use mesh_cni::membership::{self, Membership, PodFacts, DATAPLANE_MODE};
 
@@ -67,14 +70,14 @@ async fn client(kubeconfig: &Path) -> Result<Client, String> {
     Client::try_from(config).map_err(|e| err(&e))
 }
 
+/// An object's `istio.io/dataplane-mode` label.
+fn dataplane_mode(meta: &ObjectMeta) -> Option<&str> {
+    meta.labels.as_ref()?.get(DATAPLANE_MODE).map(String::as_str)
+}
+
 fn verdict(pod: &Pod, ns: &Namespace) -> Verdict {
     let facts = PodFacts {
-        dataplane_mode: pod
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(DATAPLANE_MODE))
-            .map(String::as_str),
+        dataplane_mode: dataplane_mode(&pod.metadata),
         host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
         finished: membership::finished(pod.status.as_ref().and_then(|s| s.phase.as_deref())),
         // Gateways are not readable here; the controller's waypoint pods
@@ -82,8 +85,7 @@ fn verdict(pod: &Pod, ns: &Namespace) -> Verdict {
         // agent, which knows.
         waypoint: false,
     };
-    let ns_mode = ns.metadata.labels.as_ref().and_then(|l| l.get(DATAPLANE_MODE));
-    let m = membership::membership(facts, ns_mode.map(String::as_str));
+    let m = membership::membership(facts, dataplane_mode(&ns.metadata));
     let pod_mode = facts.dataplane_mode;
     let ns_name = ns.metadata.name.as_deref().unwrap_or_default();
     let why = match (m, pod_mode) {
@@ -99,8 +101,6 @@ fn verdict(pod: &Pod, ns: &Namespace) -> Verdict {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-
     use super::*;
 
     fn meta(name: &str, mode: Option<&str>) -> ObjectMeta {
