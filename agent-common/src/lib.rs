@@ -73,6 +73,25 @@ pub mod maps {
     /// only updates it; the sk_msg program removes it when the hop falls
     /// back.
     pub const SM_READ: &str = "SM_READ";
+    /// Phase two (agent to app, `agent run --sockmap-to-app`): the state of
+    /// each hop's agent -> app direction ([`super::ToApp`]), keyed by
+    /// [`super::HopKey`] *as the agent's socket sees it* (src = the agent).
+    /// sockops creates it beside the app's SM_HOPS entry and removes it when
+    /// the app's socket closes; the sk_msg program decides and counts in it.
+    pub const SM_TO_APP: &str = "SM_TO_APP";
+    /// Phase two: the bytes each app socket has read (u64, keyed by the
+    /// app socket's cookie), counted by the program on the
+    /// `sock_recv_length` tracepoint; bounds what waits unread in the app's
+    /// socket as SM_READ does in the agent's. Created and removed with the
+    /// SM_TO_APP entry.
+    pub const SM_APP_READ: &str = "SM_APP_READ";
+    /// Phase two: the agent's own ends of the hops whose agent -> app
+    /// direction sockops prepared, keyed by socket cookie. The sk_msg
+    /// program is attached here too (a second link), so it runs on the
+    /// agent's sends; SM_APP keeps only the apps' sockets.
+    pub const SM_AGENT_TX: &str = "SM_AGENT_TX";
+    /// Phase two's counters, see [`super::to_app_stats`].
+    pub const SM_TO_APP_STATS: &str = "SM_TO_APP_STATS";
 }
 
 /// Program names (the Rust function names in agent-ebpf).
@@ -83,8 +102,14 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "mesh_getpeer6";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
-    /// sk_msg verdict program, attached to the SM_APP sockhash.
+    /// sk_msg verdict program, attached to the SM_APP sockhash (and, with
+    /// phase two, to SM_AGENT_TX).
     pub const SK_MSG: &str = "mesh_sk_msg";
+    /// On the `sock_recv_length` tracepoint: counts what each phase-two
+    /// app socket reads (SM_APP_READ).
+    pub const APP_READ: &str = "mesh_app_read";
+    /// The tracepoint [`APP_READ`] runs on (Linux 6.3+).
+    pub const APP_READ_TRACEPOINT: &str = "sock_recv_length";
 }
 
 /// `PodEntry::flags` bits.
@@ -92,6 +117,10 @@ pub mod pod_flags {
     /// Sockmap acceleration is on for this pod: sockops puts the app's ends
     /// of the in-pod hops into SM_APP.
     pub const SOCKMAP: u32 = 1;
+    /// Phase two is on too (with [`SOCKMAP`]): sockops also prepares the
+    /// agent -> app direction of each hop (SM_TO_APP, SM_APP_READ), which
+    /// the agent may then redirect into the app's socket.
+    pub const SOCKMAP_TO_APP: u32 = 2;
 }
 
 /// States of an application socket in SM_HOPS. A hop is redirected from its
@@ -284,6 +313,56 @@ pub struct HopKey {
     pub _pad: u32,
 }
 
+impl HopKey {
+    /// The same hop as its other end sees it (src and dst swapped): the key
+    /// of the agent's socket for an app's key, and back.
+    pub const fn reversed(&self) -> Self {
+        HopKey {
+            netns_cookie: self.netns_cookie,
+            src: self.dst,
+            dst: self.src,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            _pad: 0,
+        }
+    }
+}
+
+/// The agent -> app direction of an in-pod hop (phase two), in SM_TO_APP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ToApp {
+    /// A [`hop`] state with the bytes redirected so far, as in SM_HOPS.
+    /// Written only by the sk_msg program, on the agent's sends.
+    pub value: u32,
+    /// Non-zero once the app's own direction sends through TCP (it went
+    /// TCP or fell back): the agent's next send stops redirecting, so that
+    /// the app's socket can leave SM_APP once it has read what was
+    /// redirected. Written only on the app's side.
+    pub app_tcp: u32,
+    /// The app socket's cookie: its key in SM_APP (where the redirect
+    /// goes) and in SM_APP_READ.
+    pub app_cookie: u64,
+}
+
+/// Indexes of the per-CPU counters in SM_TO_APP_STATS (slots only append).
+pub mod to_app_stats {
+    /// Agent sends redirected into the app's socket.
+    pub const REDIRECTED: u32 = 0;
+    /// Directions left on TCP for good: the agent's first send found no app
+    /// socket in SM_APP, or the app's own direction had gone TCP first.
+    pub const PEER_MISSING: u32 = 1;
+    /// Redirected directions sent back to TCP: more than
+    /// [`super::hop::BACKLOG_BOUND`] unread in the app's socket, or the
+    /// app's own direction went TCP (its socket must leave SM_APP).
+    pub const FALLBACK: u32 = 2;
+    /// Sends of a redirected direction passed to TCP because the app's
+    /// socket had left SM_APP (it closed): never a drop.
+    pub const PEER_GONE: u32 = 3;
+    pub const COUNT: u32 = 4;
+    pub const NAMES: [&str; 4] = ["redirected", "peer_missing", "fallback", "peer_gone"];
+}
+
 /// Indexes of the per-CPU counters in the SM_STATS map (slots only append).
 pub mod sockmap_stats {
     /// Messages (sendmsg calls) redirected into the agent's socket.
@@ -355,6 +434,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::HopKey {}
+    unsafe impl aya::Pod for super::ToApp {}
 }
 
 #[cfg(test)]
@@ -389,11 +469,16 @@ mod tests {
             maps::SM_HOPS,
             maps::SM_STATS,
             maps::SM_READ,
+            maps::SM_TO_APP,
+            maps::SM_APP_READ,
+            maps::SM_AGENT_TX,
+            maps::SM_TO_APP_STATS,
         ] {
             assert!(name.len() <= 15, "{name}: the kernel keeps 15 characters");
         }
         assert!(stats::NAMES.len() >= stats::COUNT as usize);
         assert_eq!(sockmap_stats::NAMES.len(), sockmap_stats::COUNT as usize);
+        assert_eq!(to_app_stats::NAMES.len(), to_app_stats::COUNT as usize);
     }
 
     #[test]

@@ -17,6 +17,11 @@
 //!   SM_APP, moves the app's bytes straight into the agent's socket
 //!   (SM_AGENT, inserted by the agent itself) instead of through TCP on
 //!   `lo`. A hop is redirected from its first byte or never (SM_HOPS).
+//! * Phase two (pods with `pod_flags::SOCKMAP_TO_APP`): the same program,
+//!   attached to SM_AGENT_TX too, moves the agent's writes into the app's
+//!   socket (SM_TO_APP, under the same rules), and `mesh_app_read` on the
+//!   `sock_recv_length` tracepoint counts what the apps read (SM_APP_READ),
+//!   which bounds what waits unread in their sockets.
 //!
 //! Every decision is also logged at debug level with aya-log (the reason a
 //! connection was or was not captured). The agent sets `AYA_LOG_LEVEL` at
@@ -30,8 +35,8 @@
 use core::ptr::read_volatile;
 
 use agent_common::{
-    hop, pod_flags, sockmap_stats, stats, ConnKey, HopKey, Ip6, OrigDst, PodEntry, SockKey, AGENT_MARK, FORWARD_MARK,
-    HBONE_PORT, OUTBOUND_PORT,
+    hop, pod_flags, sockmap_stats, stats, to_app_stats, ConnKey, HopKey, Ip6, OrigDst, PodEntry, SockKey, ToApp,
+    AGENT_MARK, FORWARD_MARK, HBONE_PORT, OUTBOUND_PORT,
 };
 use aya_ebpf::{
     bindings::{
@@ -41,9 +46,9 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_delete_elem},
-    macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
+    macros::{btf_tracepoint, cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{BtfTracePointContext, SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
@@ -57,6 +62,8 @@ const LOOPBACK_IFINDEX: u32 = 1;
 const LOOPBACK4_RAW: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 /// ::1
 const LOOPBACK6: Ip6 = Ip6::from_octets([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+/// recv(2)'s MSG_PEEK: a peek leaves the bytes queued.
+const MSG_PEEK: i32 = 2;
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 
@@ -117,10 +124,33 @@ static SM_STATS: PerCpuArray<u64> = PerCpuArray::pinned(sockmap_stats::COUNT, 0)
 /// fallback.
 #[map]
 static SM_READ: HashMap<HopKey, u64> = HashMap::pinned(65536, 0);
+/// Phase two: each hop's agent -> app direction (`agent_common::ToApp`),
+/// keyed as the agent's socket sees the hop. A plain hash, as SM_HOPS.
+#[map]
+static SM_TO_APP: HashMap<HopKey, ToApp> = HashMap::pinned(65536, 0);
+/// Phase two: what each app socket has read out of its sk_msg queue (key:
+/// its cookie), counted by `mesh_app_read`.
+#[map]
+static SM_APP_READ: HashMap<u64, u64> = HashMap::pinned(65536, 0);
+/// Phase two: the agent's ends whose agent -> app direction is prepared
+/// (key: socket cookie); sk_msg is attached here too.
+#[map]
+static SM_AGENT_TX: SockHash<u64> = SockHash::pinned(65536, 0);
+/// Phase two's counters, see `agent_common::to_app_stats`.
+#[map]
+static SM_TO_APP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(to_app_stats::COUNT, 0);
 
 #[inline(always)]
 fn count_sm(idx: u32) {
     if let Some(c) = SM_STATS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn count_to_app(idx: u32) {
+    if let Some(c) = SM_TO_APP_STATS.get_ptr_mut(idx) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *c += 1 };
     }
@@ -334,7 +364,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => publish_conn(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => passive_hop(&ctx),
         BPF_SOCK_OPS_RTT_CB => release_tcp_hop(&ctx),
-        BPF_SOCK_OPS_HDR_OPT_LEN_CB => tcp_bytes_before_sk_msg(&ctx),
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => segment_out(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             // SAFETY: helper only reads the context.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -345,6 +375,9 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
             let key = ops_hop_key(&ctx, netns);
             let _ = SM_HOPS.remove(key);
             let _ = SM_READ.remove(key);
+            // An app socket's phase-two entries (none for other sockets).
+            let _ = SM_TO_APP.remove(&key.reversed());
+            let _ = SM_APP_READ.remove(&cookie);
         }
         _ => {}
     }
@@ -437,12 +470,61 @@ fn insert_app(ctx: &SockOpsContext, netns_cookie: u64) {
         return;
     }
     count_sm(sockmap_stats::APP_INSERTED);
+    if to_app_on(netns_cookie) {
+        prepare_to_app(&key, cookie);
+    }
     // The close callback frees the hop state; the RTT callback (the first
     // ACK of bytes the app sent through TCP) lets a TCP hop go; the header
     // callback of each segment sent until the hop is decided catches bytes
     // that reached TCP without sk_msg (see tcp_bytes_before_sk_msg).
     let flags = BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
     let _ = ctx.set_cb_flags((ctx.cb_flags() | flags) as i32);
+}
+
+/// Phase two: the agent -> app direction of the hop whose app socket (key
+/// `app`, cookie `app_cookie`) just entered SM_APP, undecided. The agent
+/// puts its own socket into SM_APP (so this program runs on its sends)
+/// only when it finds this entry; its first send decides. Read count
+/// first: a direction without one would have no bound.
+#[inline(always)]
+fn prepare_to_app(app: &HopKey, app_cookie: u64) {
+    if SM_APP_READ.insert(&app_cookie, &0, 0).is_err() {
+        count_sm(sockmap_stats::APP_INSERT_FAILED);
+        return;
+    }
+    let to = ToApp {
+        value: hop::UNDECIDED,
+        app_tcp: 0,
+        app_cookie,
+    };
+    // A stale entry of this 4-tuple belongs to a connection that closed.
+    if SM_TO_APP.insert(&app.reversed(), &to, 0).is_err() {
+        let _ = SM_APP_READ.remove(&app_cookie);
+        count_sm(sockmap_stats::APP_INSERT_FAILED);
+    }
+}
+
+/// Whether the pod of this netns has phase two (agent -> app) on too.
+#[inline(always)]
+fn to_app_on(netns_cookie: u64) -> bool {
+    // SAFETY: read-only lookup of plain data.
+    unsafe { ENROLLED_NETNS.get(netns_cookie) }.is_some_and(|p| p.flags & pod_flags::SOCKMAP_TO_APP != 0)
+}
+
+/// A segment leaves an app socket of SM_APP while the header callback is
+/// asked for: before its hop is decided, or (phase two) while its socket
+/// waits to leave SM_APP.
+#[inline(always)]
+fn segment_out(ctx: &SockOpsContext) {
+    // SAFETY: helper only reads the context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup of plain data.
+    let state = unsafe { SM_HOPS.get(ops_hop_key(ctx, netns)) }.map(|v| hop::state(*v));
+    if state == Some(hop::TCP) || state == Some(hop::FALLBACK) {
+        release_tcp_hop(ctx);
+    } else {
+        tcp_bytes_before_sk_msg(ctx);
+    }
 }
 
 /// A segment leaves an app socket of SM_APP. Bytes can reach TCP without
@@ -469,6 +551,7 @@ fn tcp_bytes_before_sk_msg(ctx: &SockOpsContext) {
                 }
                 *state = hop::TCP;
                 count_sm(sockmap_stats::PEER_MISSING);
+                app_sends_tcp(&key);
             }
         }
     }
@@ -492,18 +575,23 @@ fn insert_agent(ctx: &SockOpsContext, netns_cookie: u64) {
     if own.src != Ip6::from_v4_raw(LOOPBACK4_RAW) && own.src != LOOPBACK6 {
         return;
     }
-    let mut key = HopKey {
-        netns_cookie,
-        src: own.dst,
-        dst: own.src,
-        src_port: own.dst_port,
-        dst_port: own.src_port,
-        _pad: 0,
-    };
+    let mut key = own.reversed();
     // On failure (the map full) the agent's own insert after accept() is
     // the next chance; an app that wrote first stays on TCP.
     // SAFETY: the context is the kernel's bpf_sock_ops for this socket.
     let _ = SM_AGENT.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_NOEXIST));
+    // Phase two: into SM_AGENT_TX too, before the agent can have written,
+    // when the app's connect prepared the agent -> app direction (its
+    // callback ran before this one). The agent's own insert after accept()
+    // comes too late for an app that wrote and half-closed at once: the
+    // kernel refuses a socket in CLOSE_WAIT.
+    // SAFETY: read-only lookup of plain data.
+    if unsafe { SM_TO_APP.get(&own) }.is_some() {
+        // SAFETY: helper only reads the context.
+        let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // SAFETY: as above.
+        let _ = SM_AGENT_TX.update(&mut cookie, unsafe { &mut *ctx.ops }, u64::from(BPF_NOEXIST));
+    }
 }
 
 /// An app socket in SM_APP reads with the kernel's tcp_bpf_recvmsg, which
@@ -515,6 +603,12 @@ fn insert_agent(ctx: &SockOpsContext, netns_cookie: u64) {
 /// fails such a recv. The sk_msg program that decides cannot do it itself
 /// (the verifier refuses sockmap deletes there). A redirected hop stays,
 /// until the agent sends it back to TCP (`hop::FALLBACK`): its next ACK.
+/// With phase two, leaving SM_APP would drop what waits in the socket's
+/// sk_msg queue: the socket waits until the agent's next send has stopped
+/// redirecting into it (`agent_sends` sees `app_tcp`) and the app has read
+/// every redirected byte (`to_app_drained`), checking at each segment it
+/// sends (`segment_out`). Until then a blocking recv of the app may still fail with
+/// EAGAIN, which is why phase two is off by default.
 #[inline(always)]
 fn release_tcp_hop(ctx: &SockOpsContext) {
     // SAFETY: helpers only read the context.
@@ -527,8 +621,17 @@ fn release_tcp_hop(ctx: &SockOpsContext) {
         return;
     }
     // A hop the agent sent back to TCP (FALLBACK) leaves too: its app
-    // socket now sends through TCP, and nothing was ever redirected to it.
+    // socket now sends through TCP. Unless phase two redirects into it:
+    // leaving SM_APP would drop what waits in its sk_msg queue.
     if state == Some(hop::TCP) || state == Some(hop::FALLBACK) {
+        if !to_app_drained(ctx, &ops_hop_key(ctx, netns)) {
+            // Check again at each segment the socket sends (its ACK of the
+            // agent's bytes, which come through TCP once the agent's next
+            // send has decided or ended its direction) and at each ACK of
+            // the app's bytes.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+            return;
+        }
         let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         // SAFETY: SM_APP is a map definition (repr(transparent) over it)
         // and the key a u64 on this stack; sock_ops may delete from a
@@ -540,7 +643,39 @@ fn release_tcp_hop(ctx: &SockOpsContext) {
             )
         };
     }
-    let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+    done_releasing(ctx);
+}
+
+/// The callbacks of [`release_tcp_hop`] are no longer needed.
+#[inline(always)]
+fn done_releasing(ctx: &SockOpsContext) {
+    let flags = BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+    let _ = ctx.set_cb_flags((ctx.cb_flags() & !flags) as i32);
+}
+
+/// Whether the app socket (key `app`) can leave SM_APP as far as phase
+/// two is concerned: no agent -> app direction, one decided TCP before any
+/// byte, or one the agent stopped redirecting (only the sk_msg program
+/// writes that, after the enqueue of every earlier redirect finished) whose
+/// redirected bytes the app has all read (it reads its sk_msg queue before
+/// any TCP byte, and every TCP byte was sent after the last redirect).
+/// Undecided or still redirected: not yet.
+#[inline(always)]
+fn to_app_drained(ctx: &SockOpsContext, app: &HopKey) -> bool {
+    // SAFETY: read-only lookup of plain data.
+    let Some(to) = (unsafe { SM_TO_APP.get(&app.reversed()) }) else {
+        return true;
+    };
+    match hop::state(to.value) {
+        hop::TCP => true,
+        hop::FALLBACK => {
+            // SAFETY: helper only reads the context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            // SAFETY: read-only lookup of plain data.
+            unsafe { SM_APP_READ.get(&cookie) }.is_some_and(|read| hop::read_all(hop::sent(to.value), *read))
+        }
+        _ => false,
+    }
 }
 
 /// Whether the pod of this netns has sockmap acceleration on.
@@ -581,10 +716,19 @@ fn passive_hop(ctx: &SockOpsContext) {
 #[sk_msg]
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     let key = msg_hop_key(&ctx);
-    let Some(state) = SM_HOPS.get_ptr_mut(key) else {
-        // Not a hop of ours (or its state is gone): plain TCP.
-        return SK_PASS;
-    };
+    if let Some(state) = SM_HOPS.get_ptr_mut(key) {
+        return app_sends(&ctx, &key, state);
+    }
+    if let Some(to) = SM_TO_APP.get_ptr_mut(key) {
+        return agent_sends(&ctx, to);
+    }
+    // Not a hop of ours (or its state is gone): plain TCP.
+    SK_PASS
+}
+
+/// A send of an app socket (phase one): into the agent's socket, or TCP.
+#[inline(always)]
+fn app_sends(ctx: &SkMsgContext, key: &HopKey, state: *mut u32) -> u32 {
     // SAFETY: map value of this socket; sk_msg runs under the socket lock,
     // so this socket's sends see and set the state one at a time.
     let value = unsafe { *state };
@@ -593,7 +737,7 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
         return SK_PASS;
     }
     let size = ctx.size();
-    if now == hop::REDIRECT && over_bound(&key, value, size) {
+    if now == hop::REDIRECT && over_bound(key, value, size) {
         // Back to TCP for good, where the sender blocks on a full buffer
         // again. The agent reads what is queued first: no reorder. The
         // count stays: the agent splices again once it has read as many
@@ -601,11 +745,12 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
         // SAFETY: as above.
         unsafe { *state = hop::with_sent(hop::FALLBACK, hop::sent(value)) };
         let _ = SM_READ.remove(key);
+        app_sends_tcp(key);
         return SK_PASS;
     }
     // The helper answers SK_PASS only when it found the agent's socket;
     // otherwise its SK_DROP is never returned: the bytes go through TCP.
-    if SM_AGENT.redirect_msg(&ctx, key, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+    if SM_AGENT.redirect_msg(ctx, *key, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
         // SAFETY: as above. Only this program writes a redirected hop's
         // value. (An agent of an older release writes FALLBACK over it,
         // which a racing write here may undo; such an agent reports no
@@ -619,12 +764,115 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
         // SAFETY: as above.
         unsafe { *state = hop::TCP };
         count_sm(sockmap_stats::PEER_MISSING);
+        app_sends_tcp(key);
     } else {
         // The agent's end closed: bytes queued earlier are read first
         // (the kernel reads the redirect queue before the TCP one).
         count_sm(sockmap_stats::PEER_GONE);
     }
     SK_PASS
+}
+
+/// A send of the agent's socket `key` (phase two, its entry `to`): into the
+/// app's socket, or TCP. The same rules as the app's sends: the first send
+/// decides, once; a redirected direction goes back to TCP for good beyond
+/// `hop::BACKLOG_BOUND` unread (the app reads its sk_msg queue before TCP:
+/// no reorder); a missing peer means TCP, never a drop. This program is
+/// the only writer of the value, and the agent sends on a socket from one
+/// task at a time, under the socket lock.
+#[inline(always)]
+fn agent_sends(ctx: &SkMsgContext, to: *mut ToApp) -> u32 {
+    // SAFETY: map value of this socket's hop, written only here.
+    let (value, mut app_cookie) = unsafe { ((*to).value, (*to).app_cookie) };
+    let now = hop::state(value);
+    if now == hop::TCP || now == hop::FALLBACK {
+        return SK_PASS;
+    }
+    let size = ctx.size();
+    // The app's socket sends through TCP now, so it must leave SM_APP
+    // (release_tcp_hop), which it can only do once its sk_msg queue is
+    // read: redirect nothing more into it.
+    // SAFETY: as above; written on the app's side only.
+    if unsafe { (*to).app_tcp } != 0 {
+        if now == hop::UNDECIDED {
+            // SAFETY: as above.
+            unsafe { (*to).value = hop::TCP };
+            count_to_app(to_app_stats::PEER_MISSING);
+        } else {
+            // SAFETY: as above.
+            unsafe { (*to).value = hop::with_sent(hop::FALLBACK, hop::sent(value)) };
+            count_to_app(to_app_stats::FALLBACK);
+        }
+        return SK_PASS;
+    }
+    if now == hop::REDIRECT && app_over_bound(app_cookie, value, size) {
+        // SAFETY: as above.
+        unsafe { (*to).value = hop::with_sent(hop::FALLBACK, hop::sent(value)) };
+        count_to_app(to_app_stats::FALLBACK);
+        return SK_PASS;
+    }
+    if SM_APP.redirect_msg(ctx, &mut app_cookie, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        // SAFETY: as above.
+        unsafe { (*to).value = hop::with_sent(hop::REDIRECT, hop::sent(value).wrapping_add(size)) };
+        count_to_app(to_app_stats::REDIRECTED);
+        return SK_PASS;
+    }
+    if now == hop::UNDECIDED {
+        // SAFETY: as above.
+        unsafe { (*to).value = hop::TCP };
+        count_to_app(to_app_stats::PEER_MISSING);
+    } else {
+        // The app's socket closed: earlier bytes are read first.
+        count_to_app(to_app_stats::PEER_GONE);
+    }
+    SK_PASS
+}
+
+/// The app's own direction of the hop (its key `app`) now sends through
+/// TCP: tells the agent's side (phase two), whose next send stops
+/// redirecting into the app's socket.
+#[inline(always)]
+fn app_sends_tcp(app: &HopKey) {
+    if let Some(to) = SM_TO_APP.get_ptr_mut(app.reversed()) {
+        // SAFETY: map value of this hop; only the app's side writes it.
+        unsafe { (*to).app_tcp = 1 };
+    }
+}
+
+/// Whether redirecting `size` more bytes would leave more than
+/// `hop::BACKLOG_BOUND` unread in the app's socket (its read count is
+/// `mesh_app_read`'s). No count: no bound, so no redirect.
+#[inline(always)]
+fn app_over_bound(app_cookie: u64, value: u32, size: u32) -> bool {
+    // SAFETY: read-only lookup of plain data.
+    let Some(read) = (unsafe { SM_APP_READ.get(&app_cookie) }) else {
+        return true;
+    };
+    u64::from(hop::unread(value, *read)) + u64::from(size) > u64::from(hop::BACKLOG_BOUND)
+}
+
+/// Phase two's read count, on the `sock_recv_length` tracepoint (every
+/// socket read through recvmsg(2), read(2) or io_uring's recv, with what it
+/// returned). Adds what an app socket read (a peek takes nothing) to its
+/// SM_APP_READ entry; other sockets have none. While its agent -> app
+/// direction is redirected, every byte the app reads comes out of its
+/// sk_msg queue: nothing reaches it through TCP before the fallback. The
+/// reader holds the socket lock, and reads of one socket are serialised.
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn mesh_app_read(ctx: BtfTracePointContext) -> i32 {
+    let copied: i32 = ctx.arg(1);
+    let flags: i32 = ctx.arg(2);
+    if copied <= 0 || flags & MSG_PEEK != 0 {
+        return 0;
+    }
+    let sk: *mut core::ffi::c_void = ctx.arg(0);
+    // SAFETY: `sk` is the tracepoint's socket (a BTF pointer).
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    if let Some(read) = SM_APP_READ.get_ptr_mut(&cookie) {
+        // SAFETY: this socket's entry, written here only.
+        unsafe { *read += copied as u64 };
+    }
+    0
 }
 
 /// Whether redirecting `size` more bytes would leave more than

@@ -113,6 +113,7 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
         &cfg.cgroup_parent,
         cfg.bpf_log,
         cfg.sockmap,
+        cfg.sockmap_to_app,
     )?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);

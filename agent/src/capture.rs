@@ -443,7 +443,9 @@ pub struct Status {
     pub stats: BTreeMap<String, u64>,
     /// SM_STATS counters (empty when no sockmap-aware agent ran here).
     pub sockmap: BTreeMap<&'static str, u64>,
-    /// Entries of SM_APP, SM_AGENT and SM_HOPS (0 once the sockets closed).
+    /// SM_TO_APP_STATS counters (phase two; empty when never on here).
+    pub sockmap_to_app: BTreeMap<&'static str, u64>,
+    /// Entries of the SM_* maps of sockets (0 once the sockets closed).
     pub sockmap_entries: BTreeMap<&'static str, usize>,
 }
 
@@ -455,7 +457,8 @@ impl Capture {
     /// until ours have filled their maps. `bpf_log` turns on the programs'
     /// aya-log records (see [`bpflog`]). `sockmap` asks for sockmap
     /// acceleration: probed, and off (logged with the reason) when the
-    /// kernel cannot do it.
+    /// kernel cannot do it; `sockmap_to_app` for its phase two as well
+    /// (likewise).
     pub fn start(
         object: &[u8],
         bpffs: &Path,
@@ -463,6 +466,7 @@ impl Capture {
         cgroup_parent: &Path,
         bpf_log: bool,
         sockmap: bool,
+        sockmap_to_app: bool,
     ) -> Result<(Self, ProxyMaps), CaptureError> {
         probe::ensure_bpffs(bpffs)?;
         probe::check_cgroup2(cgroup_parent)?;
@@ -514,7 +518,7 @@ impl Capture {
                 None
             }
             true => match sockmap::probe()
-                .and_then(|()| sockmap::Sockmap::start(&mut ebpf, &pins).map_err(|e| e.to_string()))
+                .and_then(|()| sockmap::Sockmap::start(&mut ebpf, &pins, sockmap_to_app).map_err(|e| e.to_string()))
             {
                 Ok((s, ends)) => {
                     tracing::info!("sockmap acceleration on: the in-pod hops to the agent skip TCP on lo");
@@ -555,7 +559,11 @@ impl Capture {
         ips: &[IpAddr],
         inbound: &impl AsRawFd,
     ) -> Result<(), CaptureError> {
-        let flags = if self.sockmap.is_some() { pod_flags::SOCKMAP } else { 0 };
+        let flags = match &self.sockmap {
+            Some(s) if s.to_app() => pod_flags::SOCKMAP | pod_flags::SOCKMAP_TO_APP,
+            Some(_) => pod_flags::SOCKMAP,
+            None => 0,
+        };
         self.maps.enroll(pod_id, netns_cookie, ips, inbound, flags)?;
         let pin = self.pins.sk_lookup_link(netns_cookie);
         let prog: &mut SkLookup = program(&mut self.ebpf, progs::SK_LOOKUP)?;
@@ -908,6 +916,7 @@ pub fn status(bpffs: &Path, pin_name: &str) -> Result<Status, CaptureError> {
         maps: list(pins.maps()),
         stats: maps.stats(),
         sockmap: sockmap::pinned_stats(&pins),
+        sockmap_to_app: sockmap::pinned_to_app_stats(&pins),
         sockmap_entries: sockmap::pinned_entries(&pins),
     })
 }

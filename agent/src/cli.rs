@@ -246,6 +246,12 @@ pub struct RunArgs {
     /// cannot). Off by default until the benchmark shows a gain.
     #[arg(long, env = "AGENT_SOCKMAP")]
     pub sockmap: bool,
+    /// Phase two of the sockmap acceleration (needs --sockmap): the
+    /// agent's writes to an app move straight into the app's socket too.
+    /// Off by default: an app that reads with splice(2) never sees those
+    /// bytes, and a blocking recv may fail with EAGAIN (ARCHITECTURE.md).
+    #[arg(long, env = "AGENT_SOCKMAP_TO_APP", requires = "sockmap")]
+    pub sockmap_to_app: bool,
     /// How long open connections may finish after SIGTERM.
     #[arg(long, env = "AGENT_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -319,6 +325,7 @@ impl RunArgs {
             bpf_object: self.bpf_object,
             bpf_log: self.bpf_log,
             sockmap: self.sockmap,
+            sockmap_to_app: self.sockmap_to_app,
             drain_timeout: self.drain_timeout,
             reload_interval: self.reload_interval,
             worker_threads: self.worker_threads,

@@ -32,6 +32,8 @@ pub struct AgentConfig {
     pub bpf_log: bool,
     /// Sockmap acceleration of the in-pod hops whose reader is the agent.
     pub sockmap: bool,
+    /// Phase two: the hops whose reader is the app too (needs `sockmap`).
+    pub sockmap_to_app: bool,
     /// How long open connections may finish after SIGTERM.
     #[serde(serialize_with = "human")]
     pub drain_timeout: Duration,

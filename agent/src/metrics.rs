@@ -208,7 +208,8 @@ impl WaypointBindings {
 }
 
 /// The kernel's sockmap counters (SM_STATS), read at each scrape:
-/// `mesh_agent_sockmap_<slot>_total`.
+/// `mesh_agent_sockmap_<slot>_total`; phase two's (SM_TO_APP_STATS) as
+/// `mesh_agent_sockmap_to_app_<slot>_total`.
 #[derive(Debug)]
 pub struct SockmapCounters(crate::capture::Pins);
 
@@ -234,6 +235,20 @@ impl SockmapCounters {
             _ => "sockmap counter",
         }
     }
+
+    fn to_app_help(slot: &str) -> &'static str {
+        match slot {
+            "redirected" => "Agent sends moved by sk_msg straight into the application's socket (phase two)",
+            "peer_missing" => {
+                "Agent-to-app directions left on TCP: the first send found no app socket in SM_APP, or the app's own direction had gone TCP"
+            }
+            "fallback" => {
+                "Redirected agent-to-app directions sent back to TCP: bytes piled up unread in the application's socket"
+            }
+            "peer_gone" => "Agent sends of redirected directions passed to TCP because the application's socket had closed",
+            _ => "sockmap phase two counter",
+        }
+    }
 }
 
 impl prometheus_client::collector::Collector for SockmapCounters {
@@ -243,6 +258,12 @@ impl prometheus_client::collector::Collector for SockmapCounters {
             let counter = ConstCounter::new(value);
             let name = format!("sockmap_{slot}");
             let metric = encoder.encode_descriptor(&name, Self::help(slot), None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        for (slot, value) in crate::capture::sockmap::pinned_to_app_stats(&self.0) {
+            let counter = ConstCounter::new(value);
+            let name = format!("sockmap_to_app_{slot}");
+            let metric = encoder.encode_descriptor(&name, Self::to_app_help(slot), None, counter.metric_type())?;
             counter.encode(metric)?;
         }
         Ok(())

@@ -375,7 +375,9 @@ async fn accept_loop(
 /// Puts the agent's end `sock` of an in-pod hop (an accepted 15001
 /// connection, or the agent's connection to an app) into SM_AGENT when
 /// sockmap acceleration is on; from then on the app's bytes may arrive
-/// through sk_msg, so the socket must be read with recvmsg.
+/// through sk_msg, so the socket must be read with recvmsg. With phase two
+/// on, it also goes into SM_APP, so what the agent writes may skip TCP.
+/// Called before the agent writes to `sock`.
 ///
 /// A failed insert does not mean the hop is on TCP: sockops may have put
 /// an accepted socket in already, and an app that wrote and half-closed at
@@ -393,6 +395,8 @@ pub fn accelerate(ctx: &PodCtx, sock: &TcpStream) -> Read {
     if let Err(e) = ends.insert(ctx.netns_cookie, sock, app, ours) {
         tracing::debug!(pod = %ctx.key, app = %app, error = %e, "cannot insert the agent's socket into SM_AGENT: the hop is redirected only if sockops put it there");
     }
+    // Phase two: the agent has not written to the app yet.
+    ends.to_app(ctx.netns_cookie, sock, app, ours);
     // A hop whose first byte found us missing stays on TCP: splice it
     // again after the first bytes.
     let (maps, netns) = (ctx.orig.clone(), ctx.netns_cookie);

@@ -45,7 +45,21 @@ impl Capture {
     /// pod's `lo`) writing to `file`; returns once it says it is listening.
     pub fn start_in(netns: &str, iface: &str, file: PathBuf) -> Result<Capture> {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", netns, "tcpdump", "-i", iface, "-U", "-n"])
+            // --immediate-mode: each packet reaches tcpdump at once. Without
+            // it a short capture's packets wait in a half-filled ring block
+            // that is never handed over before SIGINT: "242 packets received
+            // by filter, 0 captured", and an empty file that proves nothing.
+            .args([
+                "netns",
+                "exec",
+                netns,
+                "tcpdump",
+                "-i",
+                iface,
+                "-U",
+                "-n",
+                "--immediate-mode",
+            ])
             .args(["-B", BUFFER_KIB, "-w"])
             .arg(&file)
             .arg("tcp")

@@ -1,6 +1,10 @@
 //! Sockmap acceleration of the in-pod hops whose reader is the agent
 //! (`agent run --sockmap`): the owner of the sk_msg program and of the
-//! SM_APP, SM_AGENT, SM_HOPS, SM_READ and SM_STATS maps (see agent-ebpf).
+//! SM_APP, SM_AGENT, SM_HOPS, SM_READ and SM_STATS maps (see agent-ebpf);
+//! with phase two (`--sockmap-to-app`, the hops whose reader is the app)
+//! also of the read-count program (`mesh_app_read`, tp_btf on
+//! `sock_recv_length`) and of SM_AGENT_TX, SM_TO_APP, SM_APP_READ and
+//! SM_TO_APP_STATS (ARCHITECTURE.md, "Phase two").
 //!
 //! * The hops: app -> 127.0.0.1:15001 in the client pod, and the app's
 //!   replies on the agent's connection to it in the server pod. The app's
@@ -32,16 +36,16 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    os::fd::{AsFd, AsRawFd},
-    path::PathBuf,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    path::{Path, PathBuf},
 };
 
-use agent_common::{hop, maps as names, programs as progs, sockmap_stats, HopKey};
+use agent_common::{hop, maps as names, programs as progs, sockmap_stats, to_app_stats, HopKey, ToApp};
 use aya::{
     maps::{Map, MapData, MapType, PerCpuArray},
-    programs::{ProgramType, SkMsg},
+    programs::{links::FdLink, BtfTracePoint, ProgramType, SkMsg},
     sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
-    Ebpf,
+    Btf, Ebpf,
 };
 use prometheus_client::metrics::counter::Counter;
 
@@ -92,6 +96,17 @@ pub struct AgentEnds {
     fallbacks: Counter,
     /// Hops that fell back and are spliced again.
     respliced: Counter,
+    /// Phase two, when `--sockmap-to-app` is on.
+    to_app: Option<ToAppMaps>,
+}
+
+/// Phase two's maps as the agent uses them.
+struct ToAppMaps {
+    /// SM_AGENT_TX: the agent's own socket goes in (keyed by its cookie),
+    /// so the sk_msg program runs on the agent's sends too.
+    tx: MapData,
+    /// SM_TO_APP: whether sockops prepared a hop's agent -> app direction.
+    to_app: aya::maps::HashMap<MapData, HopKey, ToApp>,
 }
 
 impl AgentEnds {
@@ -118,6 +133,45 @@ impl AgentEnds {
         match sys::map_insert(self.agent.fd().as_fd(), sys::key_bytes(&key), &fd.to_ne_bytes()) {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
             r => r,
+        }
+    }
+
+    /// Phase two (`--sockmap-to-app`): puts the agent's socket `sock` of a
+    /// hop into SM_AGENT_TX, so that the sk_msg program moves what the
+    /// agent writes straight into the app's socket, when sockops prepared
+    /// this hop's agent -> app direction (SM_TO_APP, undecided). Call
+    /// before the agent writes its first byte to the app: that send
+    /// decides, and a socket put in after bytes went through TCP would
+    /// reorder them. An accepted 15001 socket is usually there already
+    /// (sockops put it in with its SM_AGENT entry). Without the entry
+    /// (phase two off for the pod, the app's socket not in SM_APP, or the
+    /// app's established callback not run yet) the socket stays out and
+    /// the direction is TCP.
+    pub fn to_app(&self, netns_cookie: u64, sock: &impl AsRawFd, app: SocketAddr, agent: SocketAddr) -> bool {
+        let Some(maps) = &self.to_app else {
+            return false;
+        };
+        let key = hop_key(netns_cookie, agent, app);
+        match maps.to_app.get(&key, 0) {
+            Ok(t) if hop::state(t.value) == hop::UNDECIDED => {}
+            _ => return false,
+        }
+        let cookie = match sys::socket_cookie(sock.as_raw_fd()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(app = %app, error = %e, "cannot read the socket cookie: the agent -> app direction stays on TCP");
+                return false;
+            }
+        };
+        let fd = sock.as_raw_fd() as u32;
+        match sys::map_insert(maps.tx.fd().as_fd(), &cookie.to_ne_bytes(), &fd.to_ne_bytes()) {
+            Ok(()) => true,
+            // sockops put an accepted 15001 socket in already.
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => true,
+            Err(e) => {
+                tracing::debug!(app = %app, error = %e, "cannot put the agent's socket into SM_AGENT_TX: the agent -> app direction stays on TCP");
+                false
+            }
         }
     }
 
@@ -211,6 +265,8 @@ pub fn hop_key(netns_cookie: u64, app: SocketAddr, peer: SocketAddr) -> HopKey {
 /// The running acceleration: the sk_msg link converged on our program.
 pub struct Sockmap {
     stats: PerCpuArray<MapData, u64>,
+    /// Phase two is on (asked for, and the kernel can).
+    to_app: bool,
 }
 
 impl Sockmap {
@@ -218,7 +274,9 @@ impl Sockmap {
     /// (attached, or swapped in place of a previous agent's). Runs before
     /// any pod is enrolled with the sockmap flag, so no app socket enters
     /// SM_APP before a program is attached (one that did would stay on TCP).
-    pub fn start(ebpf: &mut Ebpf, pins: &Pins) -> Result<(Self, AgentEnds), CaptureError> {
+    /// `to_app` turns on phase two (agent to app) as well: the read-count
+    /// program is attached too (or, off, a previous agent's is detached).
+    pub fn start(ebpf: &mut Ebpf, pins: &Pins, to_app: bool) -> Result<(Self, AgentEnds), CaptureError> {
         let app = map_data(ebpf, names::SM_APP)?;
         let agent = map_data(ebpf, names::SM_AGENT)?;
         let hops = map_data(ebpf, names::SM_HOPS)?;
@@ -231,26 +289,147 @@ impl Sockmap {
         let fd = bpf!("sk_msg fd", prog.fd())?
             .try_clone()
             .map_err(|e| bpf_err("sk_msg fd")(e.to_string()))?;
-        let pin = link_pin(pins);
-        let outcome = links::converge(&pin, fd.as_fd(), &mut || {
-            sys::sk_msg_link_create(fd.as_fd(), app.fd().as_fd()).map_err(|e| {
-                bpf_err("attach sk_msg to SM_APP as a bpf_link")(format!("{e} (sockmap links need Linux 6.10+)"))
-            })
-        })?;
+        let outcome = attach_sk_msg(&link_pin(pins), fd.as_fd(), &app, names::SM_APP)?;
         tracing::info!(outcome = ?outcome, "sk_msg program attached to SM_APP");
+        let to_app = match to_app {
+            // Phase two needs more of the kernel (tp_btf, Linux 6.3+):
+            // without it phase one stays on.
+            true => match start_to_app(ebpf, pins, fd.as_fd()) {
+                Ok(maps) => Some(maps),
+                Err(e) => {
+                    tracing::warn!(reason = %e, "sockmap phase two unavailable on this kernel: off; the agent's writes to the apps stay on TCP");
+                    stop_to_app(pins);
+                    None
+                }
+            },
+            false => {
+                stop_to_app(pins);
+                None
+            }
+        };
+        let stats = Self {
+            stats,
+            to_app: to_app.is_some(),
+        };
         let ends = AgentEnds {
             agent,
             read,
             hops,
             fallbacks: Counter::default(),
             respliced: Counter::default(),
+            to_app,
         };
-        Ok((Self { stats }, ends))
+        Ok((stats, ends))
+    }
+
+    /// Whether phase two runs too.
+    pub fn to_app(&self) -> bool {
+        self.to_app
     }
 
     pub fn stats(&self) -> BTreeMap<&'static str, u64> {
-        read_stats(&self.stats)
+        read_stats(&self.stats, sockmap_stats::NAMES.as_slice())
     }
+}
+
+/// Phase two: loads the read-count program (on the `sock_recv_length`
+/// tracepoint, Linux 6.3+) and attaches it through a pinned link
+/// (`links/sm_app_read`), kept as it is when a previous agent's program
+/// behaves the same.
+fn start_to_app(ebpf: &mut Ebpf, pins: &Pins, sk_msg: BorrowedFd<'_>) -> Result<ToAppMaps, CaptureError> {
+    let tx = map_data(ebpf, names::SM_AGENT_TX)?;
+    let outcome = attach_sk_msg(&tx_link_pin(pins), sk_msg, &tx, names::SM_AGENT_TX)?;
+    tracing::info!(outcome = ?outcome, "sk_msg program attached to SM_AGENT_TX");
+    let to_app = map_data(ebpf, names::SM_TO_APP)?;
+    let to_app = bpf!("map SM_TO_APP", aya::maps::HashMap::try_from(Map::HashMap(to_app)))?;
+    let btf = bpf!("read the kernel's BTF", Btf::from_sys_fs())?;
+    let prog: &mut BtfTracePoint = program(ebpf, progs::APP_READ)?;
+    prog.load(progs::APP_READ_TRACEPOINT, &btf).map_err(|e| {
+        bpf_err(format!(
+            "load {} (tp_btf/{})",
+            progs::APP_READ,
+            progs::APP_READ_TRACEPOINT
+        ))(format!(
+            "{}; phase two needs it (Linux 6.3+) to count what apps read: run without --sockmap-to-app",
+            chain(&e)
+        ))
+    })?;
+    let outcome = converge_tracing(&app_read_pin(pins), prog)?;
+    tracing::info!(outcome = ?outcome, "phase two on: the agent's writes to the apps skip TCP on lo; app reads counted");
+    Ok(ToAppMaps { tx, to_app })
+}
+
+/// Makes the sk_msg link pinned at `pin` on sockhash `map` run `prog`
+/// (attached, or swapped in place of a previous agent's).
+fn attach_sk_msg(
+    pin: &Path,
+    prog: BorrowedFd<'_>,
+    map: &MapData,
+    name: &str,
+) -> Result<links::Converged, CaptureError> {
+    links::converge(pin, prog, &mut || {
+        sys::sk_msg_link_create(prog, map.fd().as_fd()).map_err(|e| {
+            bpf_err(format!("attach sk_msg to {name} as a bpf_link"))(format!("{e} (sockmap links need Linux 6.10+)"))
+        })
+    })
+}
+
+/// A tracing link cannot swap its program (no BPF_LINK_UPDATE): keep the
+/// pinned one when its program behaves as ours (a restart), leave it to a
+/// newer agent's program, else detach it first and attach ours. Between
+/// the two, reads are not counted, which only makes the bound stricter for
+/// the hops open then (they fall back to TCP sooner), never looser.
+fn converge_tracing(pin: &Path, prog: &mut BtfTracePoint) -> Result<links::Converged, CaptureError> {
+    let fd = bpf!("tp_btf fd", prog.fd())?;
+    let ours = sys::prog_info(fd.as_fd()).map_err(|e| bpf_err("read our tp_btf program")(e.to_string()))?;
+    let mut replaced = None;
+    if let Ok(link) = sys::obj_get(pin) {
+        if let Ok(current) = sys::link_prog_id(link.as_fd()) {
+            if current == ours.id {
+                return Ok(links::Converged::Kept);
+            }
+            if let Ok(old) = sys::prog_fd_by_id(current).and_then(|fd| sys::prog_info(fd.as_fd())) {
+                if old.same_behaviour(&ours) {
+                    return Ok(links::Converged::Kept);
+                }
+                if old.load_time > ours.load_time {
+                    return Ok(links::Converged::Newer { attached: old.id });
+                }
+                replaced = Some(old.id);
+            }
+        }
+        drop(link);
+        std::fs::remove_file(pin).map_err(|e| bpf_err(format!("detach {}", pin.display()))(e.to_string()))?;
+    }
+    let id = bpf!("attach tp_btf", prog.attach())?;
+    let link = FdLink::from(bpf!("tp_btf link", prog.take_link(id))?);
+    links::NewLink::pin_at(link, pin)?;
+    Ok(match replaced {
+        Some(old) => links::Converged::Replaced { old },
+        None => links::Converged::Attached,
+    })
+}
+
+/// Phase two off: detach a previous agent's read-count program. Hops it
+/// prepared keep their state; their agent -> app directions that were
+/// redirected fall back to TCP at the bound (nothing counts reads now).
+fn stop_to_app(pins: &Pins) {
+    for pin in [app_read_pin(pins), tx_link_pin(pins)] {
+        if pin.exists() {
+            match std::fs::remove_file(&pin) {
+                Ok(()) => tracing::info!(pin = %pin.display(), "phase two off: detached a previous agent's program"),
+                Err(e) => tracing::warn!(error = %e, pin = %pin.display(), "cannot detach a phase-two program"),
+            }
+        }
+    }
+}
+
+fn app_read_pin(pins: &Pins) -> PathBuf {
+    pins.links().join("sm_app_read")
+}
+
+fn tx_link_pin(pins: &Pins) -> PathBuf {
+    pins.links().join("sm_msg_tx")
 }
 
 /// `--sockmap` off: detach the sk_msg program a previous agent left, so no
@@ -258,6 +437,7 @@ impl Sockmap {
 /// program (the kernel copies it into each socket at insertion) and their
 /// agent keeps reading them with recvmsg until they close.
 pub fn stop(pins: &Pins) {
+    stop_to_app(pins);
     let pin = link_pin(pins);
     if pin.exists() {
         match std::fs::remove_file(&pin) {
@@ -281,9 +461,10 @@ fn map_data(ebpf: &mut Ebpf, name: &str) -> Result<MapData, CaptureError> {
     }
 }
 
-/// Every SM_STATS slot, summed over the CPUs.
-pub fn read_stats(stats: &PerCpuArray<MapData, u64>) -> BTreeMap<&'static str, u64> {
-    sockmap_stats::NAMES
+/// Every slot of a counters map (`names` in slot order), summed over the
+/// CPUs.
+pub fn read_stats(stats: &PerCpuArray<MapData, u64>, names: &[&'static str]) -> BTreeMap<&'static str, u64> {
+    names
         .iter()
         .enumerate()
         .map(|(i, name)| {
@@ -296,21 +477,32 @@ pub fn read_stats(stats: &PerCpuArray<MapData, u64>) -> BTreeMap<&'static str, u
 /// The counters of the pinned SM_STATS, for `agent status` and metrics
 /// (empty when no agent of a sockmap-aware release ever ran here).
 pub fn pinned_stats(pins: &Pins) -> BTreeMap<&'static str, u64> {
-    let path = pins.maps().join(names::SM_STATS);
-    MapData::from_pin(path)
+    pinned_counters(pins, names::SM_STATS, sockmap_stats::NAMES.as_slice())
+}
+
+/// The counters of the pinned SM_TO_APP_STATS (phase two), for `agent
+/// status` and metrics (empty when no agent of a release with phase two
+/// ever ran here).
+pub fn pinned_to_app_stats(pins: &Pins) -> BTreeMap<&'static str, u64> {
+    pinned_counters(pins, names::SM_TO_APP_STATS, to_app_stats::NAMES.as_slice())
+}
+
+fn pinned_counters(pins: &Pins, map: &str, slots: &[&'static str]) -> BTreeMap<&'static str, u64> {
+    MapData::from_pin(pins.maps().join(map))
         .ok()
         .and_then(|d| PerCpuArray::<MapData, u64>::try_from(Map::PerCpuArray(d)).ok())
-        .map(|s| read_stats(&s))
+        .map(|s| read_stats(&s, slots))
         .unwrap_or_default()
 }
 
-/// How many entries SM_APP, SM_AGENT, SM_HOPS and SM_READ hold: all empty
-/// once every accelerated socket has closed (`agent status`).
+/// How many entries SM_APP, SM_AGENT, SM_HOPS, SM_READ and phase two's
+/// SM_TO_APP, SM_APP_READ and SM_AGENT_TX hold: all empty once every accelerated socket
+/// has closed (`agent status`).
 pub fn pinned_entries(pins: &Pins) -> BTreeMap<&'static str, usize> {
     let count = |name: &'static str| -> Option<(&'static str, usize)> {
         let data = MapData::from_pin(pins.maps().join(name)).ok()?;
         let n = match name {
-            names::SM_APP => aya::maps::SockHash::<MapData, u64>::try_from(Map::SockHash(data))
+            names::SM_APP | names::SM_AGENT_TX => aya::maps::SockHash::<MapData, u64>::try_from(Map::SockHash(data))
                 .ok()?
                 .keys()
                 .count(),
@@ -322,6 +514,14 @@ pub fn pinned_entries(pins: &Pins) -> BTreeMap<&'static str, usize> {
                 .ok()?
                 .keys()
                 .count(),
+            names::SM_TO_APP => aya::maps::HashMap::<MapData, HopKey, ToApp>::try_from(Map::HashMap(data))
+                .ok()?
+                .keys()
+                .count(),
+            names::SM_APP_READ => aya::maps::HashMap::<MapData, u64, u64>::try_from(Map::HashMap(data))
+                .ok()?
+                .keys()
+                .count(),
             _ => aya::maps::HashMap::<MapData, HopKey, u32>::try_from(Map::HashMap(data))
                 .ok()?
                 .keys()
@@ -329,10 +529,18 @@ pub fn pinned_entries(pins: &Pins) -> BTreeMap<&'static str, usize> {
         };
         Some((name, n))
     };
-    [names::SM_APP, names::SM_AGENT, names::SM_HOPS, names::SM_READ]
-        .into_iter()
-        .filter_map(count)
-        .collect()
+    [
+        names::SM_APP,
+        names::SM_AGENT,
+        names::SM_HOPS,
+        names::SM_READ,
+        names::SM_TO_APP,
+        names::SM_APP_READ,
+        names::SM_AGENT_TX,
+    ]
+    .into_iter()
+    .filter_map(count)
+    .collect()
 }
 
 #[cfg(test)]
@@ -375,7 +583,7 @@ mod tests {
         pins.prepare().unwrap();
 
         let mut a = load(&pins);
-        Sockmap::start(&mut a, &pins).unwrap();
+        Sockmap::start(&mut a, &pins, false).unwrap();
         let link = sys::obj_get(&link_pin(&pins)).unwrap();
         let a_fd = sk_msg_fd(&mut a);
         let a_id = sys::prog_info(a_fd.as_fd()).unwrap().id;
@@ -386,7 +594,7 @@ mod tests {
 
         // A restarted agent with the same program keeps the link as it is.
         let mut b = load(&pins);
-        Sockmap::start(&mut b, &pins).unwrap();
+        Sockmap::start(&mut b, &pins, false).unwrap();
         assert_eq!(sys::link_prog_id(link.as_fd()).unwrap(), a_id);
 
         // Swaps are atomic and refused when the old program is stale.
@@ -402,6 +610,92 @@ mod tests {
         // --sockmap off detaches it.
         stop(&pins);
         assert!(!link_pin(&pins).exists());
+    }
+
+    /// Phase two's read count and the sk_msg link on the agent's sockets:
+    /// attached through pinned links that a restarted agent with the same
+    /// programs keeps, and that turning phase two off removes (the sk_msg
+    /// link on the apps' sockets stays).
+    #[test]
+    fn the_read_count_link_is_pinned_kept_on_restart_and_removed_when_off() {
+        let scratch = super::super::TestPins::new("smread");
+        let name = scratch.0.file_name().unwrap().to_str().unwrap();
+        let pins = Pins::new(scratch.0.parent().unwrap(), name);
+        pins.prepare().unwrap();
+
+        let mut a = load(&pins);
+        Sockmap::start(&mut a, &pins, true).unwrap();
+        let link = sys::obj_get(&app_read_pin(&pins)).unwrap();
+        let first = sys::link_prog_id(link.as_fd()).unwrap();
+        // The sk_msg program runs on the agent's sends too.
+        let tx = sys::obj_get(&tx_link_pin(&pins)).unwrap();
+        let on_apps = sys::obj_get(&link_pin(&pins)).unwrap();
+        assert_eq!(
+            sys::link_prog_id(tx.as_fd()).unwrap(),
+            sys::link_prog_id(on_apps.as_fd()).unwrap()
+        );
+        drop(a);
+        assert_eq!(sys::link_prog_id(link.as_fd()).unwrap(), first);
+
+        let mut b = load(&pins);
+        Sockmap::start(&mut b, &pins, true).unwrap();
+        let again = sys::obj_get(&app_read_pin(&pins)).unwrap();
+        assert_eq!(
+            sys::link_id(again.as_fd()).unwrap(),
+            sys::link_id(link.as_fd()).unwrap()
+        );
+        assert_eq!(sys::link_prog_id(again.as_fd()).unwrap(), first);
+
+        let mut c = load(&pins);
+        Sockmap::start(&mut c, &pins, false).unwrap();
+        assert!(!app_read_pin(&pins).exists());
+        assert!(!tx_link_pin(&pins).exists());
+        assert!(link_pin(&pins).exists());
+        stop(&pins);
+        assert!(!link_pin(&pins).exists());
+    }
+
+    /// The read count (on the `sock_recv_length` tracepoint) adds what a
+    /// socket with a SM_APP_READ entry reads, through read(2) and recv(2),
+    /// and nothing of what it peeks; a socket without an entry gets none.
+    #[test]
+    fn the_read_count_adds_what_a_socket_reads_and_not_what_it_peeks() {
+        use std::io::{Read, Write};
+        let scratch = super::super::TestPins::new("smcount");
+        let name = scratch.0.file_name().unwrap().to_str().unwrap();
+        let pins = Pins::new(scratch.0.parent().unwrap(), name);
+        pins.prepare().unwrap();
+        let mut a = load(&pins);
+        Sockmap::start(&mut a, &pins, true).unwrap();
+        let data = MapData::from_pin(pins.maps().join(names::SM_APP_READ)).unwrap();
+        let mut reads = aya::maps::HashMap::<MapData, u64, u64>::try_from(Map::HashMap(data)).unwrap();
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut app, _) = listener.accept().unwrap();
+        let mut other = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let cookie = sys::socket_cookie(app.as_raw_fd()).unwrap();
+        reads.insert(cookie, 0, 0).unwrap();
+
+        client.write_all(&[7; 1000]).unwrap();
+        let mut buf = [0u8; 1000];
+        let peeked = app.peek(&mut buf[..400]).unwrap();
+        assert!(peeked > 0);
+        assert_eq!(reads.get(&cookie, 0).unwrap(), 0, "a peek was counted");
+        app.read_exact(&mut buf[..400]).unwrap();
+        // SAFETY: recv(2) into a buffer of the length passed.
+        let n = unsafe { libc::recv(app.as_raw_fd(), buf.as_mut_ptr().cast(), 600, libc::MSG_WAITALL) };
+        assert_eq!(n, 600);
+        assert_eq!(reads.get(&cookie, 0).unwrap(), 1000);
+
+        let (mut accepted, _) = listener.accept().unwrap();
+        accepted.write_all(b"x").unwrap();
+        other.read_exact(&mut buf[..1]).unwrap();
+        let other_cookie = sys::socket_cookie(other.as_raw_fd()).unwrap();
+        assert!(
+            reads.get(&other_cookie, 0).is_err(),
+            "a socket without an entry got one"
+        );
     }
 
     #[test]

@@ -280,6 +280,27 @@ pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
     }
 }
 
+/// A socket's cookie (`SO_COOKIE`): the key the programs give it
+/// (`bpf_get_socket_cookie`), e.g. in SM_APP.
+pub fn socket_cookie(fd: std::os::fd::RawFd) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a u64 out-parameter of the size passed.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// The bytes of a `#[repr(C)]` key without padding holes (agent-common's).
 pub fn key_bytes<K: aya::Pod>(key: &K) -> &[u8] {
     // SAFETY: aya::Pod types are plain data with explicit padding fields.

@@ -8,7 +8,9 @@ use testbed::{
     Cluster, ClusterSpec, NodeSpec,
 };
 
-use crate::{access_to, sockmap_redirected, stat, succeeded, World, APP_PORT, ENROLLED, WAIT};
+use crate::{
+    access_to, sockmap_redirected, stat, succeeded, to_app_redirected, Accel, World, APP_PORT, ENROLLED, WAIT,
+};
 
 #[test]
 fn outbound_is_captured_transparently_for_ipv4_ipv6_and_mapped() -> Result<()> {
@@ -175,16 +177,21 @@ fn inbound_goes_through_15006_except_hbone_port_loopback_and_node_probes() -> Re
 
 #[test]
 fn cross_node_both_enrolled_is_captured_on_both_sides() -> Result<()> {
-    cross_node_both_enrolled_is_captured_on_both_sides_with(false)
+    cross_node_both_enrolled_is_captured_on_both_sides_with(Accel::Off)
 }
 
 #[test]
 fn cross_node_both_enrolled_is_captured_on_both_sides_with_sockmap() -> Result<()> {
-    cross_node_both_enrolled_is_captured_on_both_sides_with(true)
+    cross_node_both_enrolled_is_captured_on_both_sides_with(Accel::Sockmap)
 }
 
-fn cross_node_both_enrolled_is_captured_on_both_sides_with(sockmap: bool) -> Result<()> {
-    let w = World::with_sockmap("both", sockmap)?;
+#[test]
+fn cross_node_both_enrolled_is_captured_on_both_sides_with_sockmap_to_app() -> Result<()> {
+    cross_node_both_enrolled_is_captured_on_both_sides_with(Accel::ToApp)
+}
+
+fn cross_node_both_enrolled_is_captured_on_both_sides_with(accel: Accel) -> Result<()> {
+    let w = World::with_sockmap("both", accel)?;
     let _server = Server::start(w.cluster.pod("server"), &[APP_PORT])?;
     let (a1, a2) = (w.agent("node1")?, w.agent("node2")?);
     let dst = format!("{}:{APP_PORT}", w.ip4("server"));
@@ -234,30 +241,40 @@ fn cross_node_both_enrolled_is_captured_on_both_sides_with(sockmap: bool) -> Res
     // byte; on a loaded machine a few connections can all miss that (they
     // stay TCP, by design), so more are made, a bounded number, before
     // judging.
-    if sockmap {
+    // Phase two redirects the agents' writes too: the echo agent 1 writes
+    // to the client, the requests agent 2 writes to the server.
+    let accelerated = |a: &Agent| -> Result<bool> {
+        Ok(sockmap_redirected(a)? > 0 && (accel != Accel::ToApp || to_app_redirected(a)? > 0))
+    };
+    if accel != Accel::Off {
         for _ in 0..50 {
-            if sockmap_redirected(&a1)? > 0 && sockmap_redirected(&a2)? > 0 {
+            if accelerated(&a1)? && accelerated(&a2)? {
                 break;
             }
             assert!(succeeded(&w.once("client", &w.ip4("server"), APP_PORT)?));
         }
-        assert!(sockmap_redirected(&a1)? > 0 && sockmap_redirected(&a2)? > 0);
+        assert!(accelerated(&a1)? && accelerated(&a2)?);
     }
     Ok(())
 }
 
 #[test]
 fn restart_fails_closed_then_resumes_from_pins() -> Result<()> {
-    restart_fails_closed_then_resumes_from_pins_with(false)
+    restart_fails_closed_then_resumes_from_pins_with(Accel::Off)
 }
 
 #[test]
 fn restart_fails_closed_then_resumes_from_pins_with_sockmap() -> Result<()> {
-    restart_fails_closed_then_resumes_from_pins_with(true)
+    restart_fails_closed_then_resumes_from_pins_with(Accel::Sockmap)
 }
 
-fn restart_fails_closed_then_resumes_from_pins_with(sockmap: bool) -> Result<()> {
-    let w = World::with_sockmap("restart", sockmap)?;
+#[test]
+fn restart_fails_closed_then_resumes_from_pins_with_sockmap_to_app() -> Result<()> {
+    restart_fails_closed_then_resumes_from_pins_with(Accel::ToApp)
+}
+
+fn restart_fails_closed_then_resumes_from_pins_with(accel: Accel) -> Result<()> {
+    let w = World::with_sockmap("restart", accel)?;
     let _backend = Server::start(w.cluster.pod("backend"), &[APP_PORT])?;
     let _server = Server::start(w.cluster.pod("server"), &[7777])?;
     let mut a1 = w.agent("node1")?;
@@ -287,11 +304,17 @@ fn restart_fails_closed_then_resumes_from_pins_with(sockmap: bool) -> Result<()>
     let a1b = w.agent("node1")?;
     let a2b = w.agent("node2")?;
     let redirected = sockmap_redirected(&a1b)?;
+    let to_app = to_app_redirected(&a1b)?;
     assert!(succeeded(&w.once("client", &w.ip4("backend"), APP_PORT)?));
     // ... and with sockmap on, accelerate again: the restarted agent's
-    // sockets are found by the sk_msg program the pinned link kept.
-    if sockmap {
+    // sockets are found by the sk_msg program the pinned link kept (and
+    // with phase two, the app's reads are counted by the kept tracepoint
+    // program: without them the echo would have no bound).
+    if accel != Accel::Off {
         assert!(sockmap_redirected(&a1b)? > redirected);
+    }
+    if accel == Accel::ToApp {
+        assert!(to_app_redirected(&a1b)? > to_app);
     }
     assert!(succeeded(&w.once("outsider", &w.ip4("server"), 7777)?));
     a1b.wait_access(WAIT, |l| l.len() == 1)?;
@@ -301,16 +324,21 @@ fn restart_fails_closed_then_resumes_from_pins_with(sockmap: bool) -> Result<()>
 
 #[test]
 fn graceful_handover_refuses_no_connection_and_keeps_open_ones() -> Result<()> {
-    graceful_handover_refuses_no_connection_and_keeps_open_ones_with(false)
+    graceful_handover_refuses_no_connection_and_keeps_open_ones_with(Accel::Off)
 }
 
 #[test]
 fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with_sockmap() -> Result<()> {
-    graceful_handover_refuses_no_connection_and_keeps_open_ones_with(true)
+    graceful_handover_refuses_no_connection_and_keeps_open_ones_with(Accel::Sockmap)
 }
 
-fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with(sockmap: bool) -> Result<()> {
-    let w = World::with_sockmap("handover", sockmap)?;
+#[test]
+fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with_sockmap_to_app() -> Result<()> {
+    graceful_handover_refuses_no_connection_and_keeps_open_ones_with(Accel::ToApp)
+}
+
+fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with(accel: Accel) -> Result<()> {
+    let w = World::with_sockmap("handover", accel)?;
     let _backend = Server::start(w.cluster.pod("backend"), &[APP_PORT])?;
     let mut old = w.agent("node1")?;
     let client = w.cluster.pod("client");

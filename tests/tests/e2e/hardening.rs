@@ -7,7 +7,7 @@ use anyhow::Result;
 use serde_json::Value;
 use testbed::mesh::{self, Agent, MeshCa, Server};
 
-use crate::{access_to, agent_with_ca, agents, node_get, stat, succeeded, World, APP_PORT, WAIT};
+use crate::{access_to, agent_with_ca, agents, node_get, stat, succeeded, Accel, World, APP_PORT, WAIT};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 
@@ -148,16 +148,21 @@ fn admin_routes_stay_on_their_listener_and_one_pod_cannot_take_every_connection(
 
 #[test]
 fn graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_ones() -> Result<()> {
-    graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_ones_with(false)
+    graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_ones_with(Accel::Off)
 }
 
 #[test]
 fn graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_ones_with_sockmap() -> Result<()> {
-    graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_ones_with(true)
+    graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_ones_with(Accel::Sockmap)
 }
 
-fn graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_ones_with(sockmap: bool) -> Result<()> {
-    let w = World::with_sockmap("hbhandover", sockmap)?;
+#[test]
+fn graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_ones_with_sockmap_to_app() -> Result<()> {
+    graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_ones_with(Accel::ToApp)
+}
+
+fn graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_ones_with(accel: Accel) -> Result<()> {
+    let w = World::with_sockmap("hbhandover", accel)?;
     let ca = MeshCa::start(&w.cluster, "node1", &w.dir.join("ca"), &w.config)?;
     let _server = Server::start(w.cluster.pod("server"), &[APP_PORT])?;
     let (mut old1, mut old2) = agents(&w, &ca)?;

@@ -10,7 +10,9 @@ use testbed::{
     wire::Capture,
 };
 
-use crate::{access_to, agent_with_ca, agents, hbone_connections, succeeded, World, APP_PORT, WAIT};
+use crate::{
+    access_to, agent_with_ca, agents, hbone_connections, succeeded, to_app_redirected, Accel, World, APP_PORT, WAIT,
+};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
@@ -22,16 +24,21 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire() -> Result<()> {
-    pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_with(false)
+    pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_with(Accel::Off)
 }
 
 #[test]
 fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_with_sockmap() -> Result<()> {
-    pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_with(true)
+    pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_with(Accel::Sockmap)
 }
 
-fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_with(sockmap: bool) -> Result<()> {
-    let w = World::with_sockmap("hbone", sockmap)?;
+#[test]
+fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_with_sockmap_to_app() -> Result<()> {
+    pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_with(Accel::ToApp)
+}
+
+fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_with(accel: Accel) -> Result<()> {
+    let w = World::with_sockmap("hbone", accel)?;
     let ca = MeshCa::start(&w.cluster, "node1", &w.dir.join("ca"), &w.config)?;
     let _server = Server::start(w.cluster.pod("server"), &[APP_PORT])?;
     let _backend = Server::start(w.cluster.pod("backend"), &[APP_PORT])?;
@@ -110,6 +117,10 @@ fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_w
             .starts_with(&format!("[{}]:", w.ip6("client"))),
         "{big}"
     );
+    // Phase two carried the agents' writes to both apps.
+    if accel == Accel::ToApp {
+        assert!(to_app_redirected(&a1)? > 0 && to_app_redirected(&a2)? > 0);
+    }
     // Both agents saw mTLS with the right identities.
     let dst = format!("{server4}:{APP_PORT}");
     let out = a1.wait_access(WAIT, |l| !access_to(l, &dst).is_empty())?;

@@ -39,27 +39,47 @@ pub struct World {
     pub dir: PathBuf,
     pub config: PathBuf,
     /// Extra `agent run` flags of every agent the test starts
-    /// (`--sockmap` for the sockmap-on runs of the sockmap-sensitive tests).
+    /// ([`Accel::flags`] for the sockmap runs of the sockmap-sensitive tests).
     pub extra: Vec<&'static str>,
 }
 
-/// The agent flags of a run with sockmap acceleration on or off: the
-/// capture, restart, handover and wire tests run both ways.
-pub fn sockmap_flags(on: bool) -> Vec<&'static str> {
-    if on {
-        vec!["--sockmap"]
-    } else {
-        vec![]
+/// How a run accelerates the in-pod hops: the capture, restart, handover
+/// and wire tests run every way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// No sockmap.
+    Off,
+    /// `--sockmap`: phase one (the hops whose reader is the agent).
+    Sockmap,
+    /// `--sockmap --sockmap-to-app`: phase two too (agent to app).
+    ToApp,
+}
+
+impl Accel {
+    /// The `agent run` flags.
+    pub fn flags(self) -> Vec<&'static str> {
+        match self {
+            Accel::Off => vec![],
+            Accel::Sockmap => vec!["--sockmap"],
+            Accel::ToApp => vec!["--sockmap", "--sockmap-to-app"],
+        }
+    }
+
+    /// A label suffix (labels name netns and pins).
+    fn suffix(self) -> &'static str {
+        match self {
+            Accel::Off => "",
+            Accel::Sockmap => "sm",
+            Accel::ToApp => "s2",
+        }
     }
 }
 
 impl World {
-    /// [`World::new`] whose agents run with `--sockmap` when `on`; the
-    /// label gets an `sm` suffix then (labels name netns and pins).
-    pub fn with_sockmap(label: &str, on: bool) -> Result<World> {
-        let label = if on { format!("{label}sm") } else { label.to_string() };
-        let mut w = World::new(&label)?;
-        w.extra = sockmap_flags(on);
+    /// [`World::new`] whose agents accelerate as `accel` says.
+    pub fn with_sockmap(label: &str, accel: Accel) -> Result<World> {
+        let mut w = World::new(&format!("{label}{}", accel.suffix()))?;
+        w.extra = accel.flags();
         Ok(w)
     }
 
@@ -173,6 +193,12 @@ pub fn access_to(logs: &[Value], dst: &str) -> Vec<Value> {
 /// sockmap-on runs check that they really took the accelerated path.
 pub fn sockmap_redirected(agent: &Agent) -> Result<u64> {
     Ok(agent.status()?["sockmap"]["redirected"].as_u64().unwrap_or(0))
+}
+
+/// Sends of `agent` that the sk_msg program redirected into an app's
+/// socket (phase two): the `Accel::ToApp` runs check them.
+pub fn to_app_redirected(agent: &Agent) -> Result<u64> {
+    Ok(agent.status()?["sockmap_to_app"]["redirected"].as_u64().unwrap_or(0))
 }
 
 pub fn stat(status: &Value, name: &str) -> u64 {

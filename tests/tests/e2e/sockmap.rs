@@ -28,9 +28,22 @@ struct Sm {
     cluster: Cluster,
     dir: PathBuf,
     config: PathBuf,
+    /// The agents' sockmap flags: phase one alone, or phase two too.
+    flags: &'static [&'static str],
 }
 
+const PHASE_ONE: &[&str] = &["--sockmap"];
+const PHASE_TWO: &[&str] = &["--sockmap", "--sockmap-to-app"];
+
 impl Sm {
+    /// Agents with phase two on as well (`--sockmap-to-app`).
+    fn to_app(label: &str) -> Result<Sm> {
+        Ok(Sm {
+            flags: PHASE_TWO,
+            ..Sm::new(label)?
+        })
+    }
+
     fn new(label: &str) -> Result<Sm> {
         let spec = ClusterSpec::new(vec![
             NodeSpec::new("node1", &["client", "client2"]),
@@ -45,11 +58,16 @@ impl Sm {
             &["client", "client2", "server"],
             &Settings::default(),
         )?;
-        Ok(Sm { cluster, dir, config })
+        Ok(Sm {
+            cluster,
+            dir,
+            config,
+            flags: PHASE_ONE,
+        })
     }
 
     fn agent(&self, node: &str) -> Result<Agent> {
-        let mut a = Agent::start(&self.cluster, node, &self.config, &self.dir, &["--sockmap"])?;
+        let mut a = Agent::start(&self.cluster, node, &self.config, &self.dir, self.flags)?;
         a.wait_for("agent ready", WAIT)?;
         Ok(a)
     }
@@ -89,15 +107,20 @@ fn sm_stat(status: &Value, name: &str) -> u64 {
     status["sockmap"][name].as_u64().unwrap_or(0)
 }
 
+fn to_app_stat(status: &Value, name: &str) -> u64 {
+    status["sockmap_to_app"][name].as_u64().unwrap_or(0)
+}
+
 fn entries(status: &Value) -> u64 {
-    ["SM_APP", "SM_AGENT", "SM_HOPS", "SM_READ"]
+    ["SM_APP", "SM_AGENT", "SM_HOPS", "SM_READ", "SM_TO_APP", "SM_APP_READ"]
         .iter()
         .map(|m| status["sockmap_entries"][m].as_u64().unwrap_or(u64::MAX))
         .sum()
 }
 
 /// Waits (bounded) until neither agent has an entry in SM_APP, SM_AGENT,
-/// SM_HOPS or SM_READ: they leave with their sockets.
+/// SM_HOPS, SM_READ, SM_TO_APP or SM_APP_READ: they leave with their
+/// sockets.
 fn no_entries_left(a1: &Agent, a2: &Agent) -> Result<()> {
     mesh::poll(WAIT, || {
         let (s1, s2) = (a1.status()?, a2.status()?);
@@ -144,11 +167,35 @@ fn payload_segments(cap: &Capture, filter: &str) -> Result<usize> {
 
 /// The distinct sources (`addr.port`) of those segments: one per connection.
 fn payload_sources(cap: &Capture, filter: &str) -> Result<BTreeSet<String>> {
+    payload_ends(cap, filter, 2)
+}
+
+/// The distinct sources (`nth` 2) or destinations (4) of those segments.
+fn payload_ends(cap: &Capture, filter: &str, nth: usize) -> Result<BTreeSet<String>> {
     // "12:00:00.000000 IP 127.0.0.1.41000 > 127.0.0.1.15001: Flags [P.], ..."
     Ok(payload_lines(cap, filter)?
         .iter()
-        .filter_map(|l| l.split_whitespace().nth(2).map(str::to_owned))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(nth)
+                .map(|e| e.trim_end_matches(':').to_owned())
+        })
         .collect())
+}
+
+/// The SYN segments of a stopped capture matching `filter`: handshakes
+/// crossed the capture's `lo` (so an empty payload count means something).
+fn syn_segments(cap: &Capture, filter: &str) -> Result<usize> {
+    let expr = format!("({filter}) and (tcp[tcpflags] & tcp-syn != 0)");
+    let out = Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(cap.file())
+        .arg(expr)
+        .output()?;
+    if !out.status.success() {
+        bail!("tcpdump -r: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
 }
 
 /// The proof that bytes really skip TCP: the redirect counters move, and
@@ -213,6 +260,60 @@ fn sockmap_redirects_both_hops_and_lo_carries_no_app_payload() -> Result<()> {
     Ok(())
 }
 
+/// Phase two (`--sockmap-to-app`): what the agents write to the apps skips
+/// TCP on `lo` too. Server pod: neither the requests (agent 2 -> app) nor
+/// the replies cross `lo` as payload, while the handshakes do (the capture
+/// works). Client pod: the echo (agent 1 -> app) crosses `lo` only on
+/// connections whose own client hop went TCP (the app wrote before agent
+/// 1's end was in: the agent's first send then keeps that direction on TCP
+/// too, since the app's socket must leave SM_APP). The phase-two counters
+/// and metric move, and every entry leaves with its socket.
+#[test]
+fn sockmap_to_app_redirects_the_agents_writes_and_lo_carries_none() -> Result<()> {
+    const CONNS: usize = 20;
+    let w = Sm::to_app("sm2proof")?;
+    let a1 = w.agent("node1")?;
+    let a2 = w.agent("node2")?;
+    let _server = Server::seq(w.cluster.pod("server"), PORT, false)?;
+    let mut server_lo = lo_capture(w.cluster.pod("server"), w.dir.join("server-lo.pcap"))?;
+    let mut client_lo = lo_capture(w.cluster.pod("client"), PathBuf::from("/tmp/dbg-client-lo.pcap"))?;
+    let r = w.client("client", &["--count", &CONNS.to_string(), "--size", "65536"])?;
+    no_failures(&r)?;
+    server_lo.stop()?;
+    client_lo.stop()?;
+
+    let port = format!("tcp port {PORT}");
+    assert_eq!(
+        payload_segments(&server_lo, &port)?,
+        0,
+        "the server pod's lo carried payload: {:?}",
+        a2.status()?
+    );
+    let syns = syn_segments(&server_lo, &port)?;
+    assert!(syns >= CONNS, "the capture saw {syns} SYNs: it proves nothing");
+    let s2 = a2.status()?;
+    assert!(to_app_stat(&s2, "redirected") >= CONNS as u64, "{s2}");
+    assert!(sm_stat(&s2, "redirected") >= CONNS as u64, "{s2}");
+
+    let client_tcp = payload_sources(&client_lo, "tcp dst port 15001")?;
+    let echo_tcp = payload_ends(&client_lo, "tcp src port 15001", 4)?;
+    assert!(
+        echo_tcp.is_subset(&client_tcp),
+        "echoes crossed lo on connections whose client hop was redirected: {echo_tcp:?} vs {client_tcp:?}"
+    );
+    assert!(client_tcp.len() <= CONNS / 4, "{client_tcp:?}");
+    let s1 = a1.status()?;
+    assert!(
+        to_app_stat(&s1, "redirected") >= (CONNS - client_tcp.len()) as u64,
+        "{s1}"
+    );
+    assert!(
+        w.metric("node2", "mesh_agent_sockmap_to_app_redirected_total")? >= CONNS as u64,
+        "the metric does not show it"
+    );
+    no_entries_left(&a1, &a2)
+}
+
 /// Never reorder, never drop: 10,000 connections that write at once after
 /// connect (mostly before the agent has accepted, so their client hop must
 /// stay on TCP, while their server hop is redirected), sequence-checked,
@@ -220,7 +321,19 @@ fn sockmap_redirects_both_hops_and_lo_carries_no_app_payload() -> Result<()> {
 /// entry of SM_APP, SM_AGENT or SM_HOPS is left.
 #[test]
 fn sockmap_immediate_writes_never_reorder_or_drop_and_nothing_leaks() -> Result<()> {
-    let w = Sm::new("smseq")?;
+    immediate_writes_never_reorder_or_drop(&Sm::new("smseq")?)
+}
+
+/// [`sockmap_immediate_writes_never_reorder_or_drop_and_nothing_leaks`]
+/// with phase two: the agents' writes of every connection (the requests
+/// into the server, the echoes into the client) are redirected too, each
+/// from its first byte or never.
+#[test]
+fn sockmap_to_app_immediate_writes_never_reorder_or_drop_and_nothing_leaks() -> Result<()> {
+    immediate_writes_never_reorder_or_drop(&Sm::to_app("sm2seq")?)
+}
+
+fn immediate_writes_never_reorder_or_drop(w: &Sm) -> Result<()> {
     let a1 = w.agent("node1")?;
     let a2 = w.agent("node2")?;
     let _server = Server::seq(w.cluster.pod("server"), PORT, false)?;
@@ -244,6 +357,10 @@ fn sockmap_immediate_writes_never_reorder_or_drop_and_nothing_leaks() -> Result<
     // Both outcomes of the first-byte decision happened, and were safe.
     assert!(sm_stat(&s2, "redirected") > 0, "{s2}");
     assert!(sm_stat(&s1, "peer_missing") + sm_stat(&s1, "redirected") > 0, "{s1}");
+    if w.flags == PHASE_TWO {
+        assert!(to_app_stat(&s1, "redirected") > 0, "{s1}");
+        assert!(to_app_stat(&s2, "redirected") > 0, "{s2}");
+    }
     // Entries leave with their sockets (the agents close theirs at once).
     no_entries_left(&a1, &a2)
 }
@@ -253,7 +370,18 @@ fn sockmap_immediate_writes_never_reorder_or_drop_and_nothing_leaks() -> Result<
 /// key carries the netns cookie) and come back to it alone.
 #[test]
 fn sockmap_two_pods_with_the_same_ephemeral_port_stay_apart() -> Result<()> {
-    let w = Sm::new("smport")?;
+    two_pods_with_the_same_ephemeral_port_stay_apart(&Sm::new("smport")?)
+}
+
+/// [`sockmap_two_pods_with_the_same_ephemeral_port_stay_apart`] with phase
+/// two: agent 1's answers go into the right pod's socket too (the agent's
+/// key is the app's reversed, netns cookie included).
+#[test]
+fn sockmap_to_app_two_pods_with_the_same_ephemeral_port_stay_apart() -> Result<()> {
+    two_pods_with_the_same_ephemeral_port_stay_apart(&Sm::to_app("sm2port")?)
+}
+
+fn two_pods_with_the_same_ephemeral_port_stay_apart(w: &Sm) -> Result<()> {
     let a1 = w.agent("node1")?;
     let _a2 = w.agent("node2")?;
     let _server = Server::seq(w.cluster.pod("server"), PORT, true)?;
@@ -292,6 +420,9 @@ fn sockmap_two_pods_with_the_same_ephemeral_port_stay_apart() -> Result<()> {
     }
     let s1 = a1.status()?;
     assert!(sm_stat(&s1, "redirected") >= 2, "{s1}");
+    if w.flags == PHASE_TWO {
+        assert!(to_app_stat(&s1, "redirected") >= 2, "{s1}");
+    }
     Ok(())
 }
 
@@ -331,17 +462,26 @@ sys.stdin.read()
 /// read, so that its reader stops watching a sk_msg queue that stays empty.
 #[test]
 fn sockmap_hops_that_went_tcp_leave_sm_app() -> Result<()> {
-    went_tcp_hops_leave_the_maps("smtcp", false)
+    went_tcp_hops_leave_the_maps("smtcp", false, PHASE_ONE)
 }
 
 /// [`sockmap_hops_that_went_tcp_leave_sm_app`] through HBONE: the tunnel's
 /// bridge, not the plain copy, reads both hops.
 #[test]
 fn sockmap_hbone_hops_that_went_tcp_leave_the_maps() -> Result<()> {
-    went_tcp_hops_leave_the_maps("smtcph", true)
+    went_tcp_hops_leave_the_maps("smtcph", true, PHASE_ONE)
 }
 
-fn went_tcp_hops_leave_the_maps(label: &str, hbone: bool) -> Result<()> {
+/// [`sockmap_hops_that_went_tcp_leave_sm_app`] with phase two: the agent
+/// never redirects into the app socket of a hop that went TCP (its first
+/// send to it sees that and stays on TCP too), so that socket still leaves
+/// SM_APP, at the first segment the agent sends it.
+#[test]
+fn sockmap_to_app_hops_that_went_tcp_still_leave_sm_app() -> Result<()> {
+    went_tcp_hops_leave_the_maps("sm2tcp", false, PHASE_TWO)
+}
+
+fn went_tcp_hops_leave_the_maps(label: &str, hbone: bool, flags: &[&'static str]) -> Result<()> {
     const CONNS: u64 = 50;
     let w = Sm::new(label)?;
     let ca = hbone
@@ -349,7 +489,7 @@ fn went_tcp_hops_leave_the_maps(label: &str, hbone: bool) -> Result<()> {
         .transpose()?;
     let args = |node: &str| -> Vec<String> {
         let mut a = ca.as_ref().map(|ca| ca.client_args(node)).unwrap_or_default();
-        a.push("--sockmap".into());
+        a.extend(flags.iter().map(|f| f.to_string()));
         a
     };
     let (args1, args2) = (args("node1"), args("node2"));
@@ -399,6 +539,12 @@ fn went_tcp_hops_leave_the_maps(label: &str, hbone: bool) -> Result<()> {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (tcp1, tcp2) = settled?;
     assert!(tcp1 + tcp2 > 0, "no hop went TCP: this run proves nothing");
+    if flags == PHASE_TWO {
+        // Each TCP hop's agent -> app direction was decided TCP as well.
+        let (s1, s2) = (a1.status()?, a2.status()?);
+        assert!(to_app_stat(&s1, "peer_missing") >= tcp1, "{s1}");
+        assert!(to_app_stat(&s2, "peer_missing") >= tcp2, "{s2}");
+    }
     if hbone {
         a1.wait_access(WAIT, |logs| logs.iter().any(|l| l["protocol"] == "hbone"))
             .context("no connection went through HBONE")?;
@@ -413,6 +559,27 @@ fn went_tcp_hops_leave_the_maps(label: &str, hbone: bool) -> Result<()> {
 /// arrives whole and in order, the hops fell back (the metric) and were
 /// spliced again once their redirected bytes were read (the other
 /// metric), and no entry is left once it closed.
+/// A 32 MiB sequence-checked echo with phase two: what agent 2 writes to
+/// the server is redirected, and falls back to TCP whenever more than the
+/// bound waits unread in the server's socket; it arrives whole and in
+/// order, and no entry is left.
+#[test]
+fn sockmap_to_app_bulk_arrives_whole_and_in_order() -> Result<()> {
+    let w = Sm::to_app("sm2bulk")?;
+    let a1 = w.agent("node1")?;
+    let a2 = w.agent("node2")?;
+    let _server = Server::seq(w.cluster.pod("server"), PORT, false)?;
+    let r = w.client("client", &["--count", "1", "--size", "33554432", "--writes", "64"])?;
+    no_failures(&r)?;
+    // Agent 2's writes to the server were redirected from its first send.
+    // (Agent 1's echo to the client is not: the client's own bulk hop fell
+    // back to TCP first, and a socket that sends through TCP must be able
+    // to leave SM_APP, so nothing is redirected into it.)
+    let s2 = a2.status()?;
+    assert!(to_app_stat(&s2, "redirected") > 0, "{s2}");
+    no_entries_left(&a1, &a2)
+}
+
 #[test]
 fn sockmap_bulk_hops_fall_back_to_tcp_without_losing_order() -> Result<()> {
     let w = Sm::new("smbulk")?;
@@ -553,6 +720,126 @@ fn sockmap_an_app_cannot_queue_without_bound_into_an_agent_that_does_not_read() 
     no_entries_left(&a1, &a2)
 }
 
+/// A server for one connection on port `argv[1]`: prints `listening`;
+/// echoes the client's first 5 bytes and prints `{"greeted": true}`; then
+/// reads nothing until a line arrives on its stdin, prints what waits
+/// unread in its socket (`{"unread": n}`, FIONREAD, which counts the sk_msg
+/// queue too), and from then on echoes everything until the client
+/// half-closes.
+const STALLING_SERVER: &str = r#"
+import array, fcntl, json, socket, sys, termios
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", int(sys.argv[1])))
+l.listen(1)
+print("listening", flush=True)
+c, _ = l.accept()
+got = b""
+while len(got) < 5:
+    got += c.recv(5 - len(got))
+c.sendall(got)
+print(json.dumps({"greeted": True}), flush=True)
+sys.stdin.readline()
+n = array.array("i", [0])
+fcntl.ioctl(c.fileno(), termios.FIONREAD, n)
+print(json.dumps({"unread": n[0]}), flush=True)
+while True:
+    d = c.recv(1 << 20)
+    if not d:
+        break
+    c.sendall(d)
+c.close()
+"#;
+
+/// Phase two's bound: a redirected send never blocks, so what the agent
+/// writes to an app that does not read must not queue without bound in the
+/// app's socket (no receive buffer limits it). The tracepoint program
+/// counts what the app reads; beyond the bound the sk_msg program sends the
+/// direction back to TCP, where the agent blocks on the app's full buffer
+/// and the back-pressure reaches the client. With the server app not
+/// reading (it waits for a line on its stdin; a stopped process would not
+/// do: a signal wakes a blocking recv of a socket in a sockmap with EAGAIN,
+/// see ARCHITECTURE.md) while the client pushes 64 MiB, the fallback comes
+/// (without the bound it never does: the agent would queue all of it), and
+/// what waits unread in the server's socket is the bound plus a TCP receive
+/// buffer; once the app reads again, all of it comes back in order and no
+/// entry is left.
+#[test]
+fn sockmap_to_app_an_agent_cannot_queue_without_bound_into_an_app_that_does_not_read() -> Result<()> {
+    const CAP: usize = 64 << 20;
+    let w = Sm::to_app("sm2stall")?;
+    let a1 = w.agent("node1")?;
+    let a2 = w.agent("node2")?;
+    let mut server = w
+        .cluster
+        .pod("server")
+        .try_command("python3")?
+        .args(["-c", STALLING_SERVER, &PORT.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut server_in = server.stdin.take().context("stdin")?;
+    let mut server_out = std::io::BufReader::new(server.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut server_out, &mut line)?;
+    assert_eq!(line.trim(), "listening");
+    let mut client = w
+        .cluster
+        .pod("client")
+        .try_command("python3")?
+        .args([
+            "-c",
+            STALLED_READER_CLIENT,
+            &w.server_ip(),
+            &PORT.to_string(),
+            &CAP.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let ready = mesh::first_line(&mut client)?;
+    assert_eq!(ready["ready"], true, "{ready}");
+    line.clear();
+    std::io::BufRead::read_line(&mut server_out, &mut line)?;
+    assert!(line.contains("greeted"), "{line}");
+    let s2 = a2.status()?;
+    assert!(
+        to_app_stat(&s2, "redirected") >= 1,
+        "the request was not redirected: {s2}"
+    );
+    // The client sends all of it (what goes without blocking, then the
+    // rest while it reads the echo), blocking once the back-pressure
+    // reaches it.
+    let mut stdin = client.stdin.take().context("stdin")?;
+    writeln!(stdin, "go")?;
+    mesh::first_line(&mut client)?;
+    writeln!(stdin, "go")?;
+    let fell_back = mesh::poll(WAIT, || {
+        let n = w.metric("node2", "mesh_agent_sockmap_to_app_fallback_total")?;
+        Ok((n >= 1).then_some(()))
+    });
+    writeln!(server_in, "go")?;
+    fell_back.context("no fallback while the app did not read: the agent queues without bound")?;
+    line.clear();
+    std::io::BufRead::read_line(&mut server_out, &mut line)?;
+    let unread: Value = serde_json::from_str(&line).with_context(|| format!("server printed {line:?}"))?;
+    let out = mesh::wait_output(client, WAIT * 6)?;
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("client printed {:?}", String::from_utf8_lossy(&out.stderr)))?;
+    let status = mesh::wait_bounded(&mut server, WAIT)?;
+    assert!(status.success(), "the server failed: {status}");
+    let unread = unread["unread"].as_u64().context("unread")?;
+    eprintln!("DBG unread {unread}");
+    assert!(
+        unread < (CAP / 4) as u64,
+        "{unread} bytes waited unread in the server's socket"
+    );
+    assert_eq!(report["echoed_intact"], true, "{report}");
+    no_entries_left(&a1, &a2)
+}
+
 /// `n` TCP Fast Open connections (`sendto(MSG_FASTOPEN)`: the data goes
 /// through the plain TCP sendmsg, which connects first), each followed by
 /// more writes, sequence-checked in the echo; prints `{"bad": k}`.
@@ -588,8 +875,19 @@ print(json.dumps({"bad": bad}), flush=True)
 /// its first payload segment.
 #[test]
 fn sockmap_tcp_fast_open_connects_stay_in_order() -> Result<()> {
+    tcp_fast_open_connects_stay_in_order(&Sm::new("smtfo")?)
+}
+
+/// [`sockmap_tcp_fast_open_connects_stay_in_order`] with phase two: the
+/// hop that TCP Fast Open decided TCP keeps the agent's answers on TCP too
+/// (they are not redirected into a socket that sends through TCP).
+#[test]
+fn sockmap_to_app_tcp_fast_open_connects_stay_in_order() -> Result<()> {
+    tcp_fast_open_connects_stay_in_order(&Sm::to_app("sm2tfo")?)
+}
+
+fn tcp_fast_open_connects_stay_in_order(w: &Sm) -> Result<()> {
     const CONNS: u64 = 50;
-    let w = Sm::new("smtfo")?;
     let a1 = w.agent("node1")?;
     let _a2 = w.agent("node2")?;
     let _server = Server::seq(w.cluster.pod("server"), PORT, false)?;
@@ -611,5 +909,11 @@ fn sockmap_tcp_fast_open_connects_stay_in_order() -> Result<()> {
         sm_stat(&s1, "peer_missing") >= CONNS,
         "the hops were not decided TCP: {s1}"
     );
+    if w.flags == PHASE_TWO {
+        assert!(
+            to_app_stat(&s1, "peer_missing") >= CONNS,
+            "answers were redirected into sockets that send through TCP: {s1}"
+        );
+    }
     Ok(())
 }

@@ -145,8 +145,8 @@ impl World {
         write_mesh(&cluster, &config)?;
         let ca = MeshCa::start(&cluster, "node1", &dir.join("ca"), &config)?;
         let agents = vec![
-            start_agent(&cluster, "node1", &config, &dir, Some(&ca), "cmesh", false)?,
-            start_agent(&cluster, "node2", &config, &dir, Some(&ca), "smesh", false)?,
+            start_agent(&cluster, "node1", &config, &dir, Some(&ca), "cmesh", super::NO_SOCKMAP)?,
+            start_agent(&cluster, "node2", &config, &dir, Some(&ca), "smesh", super::NO_SOCKMAP)?,
         ];
         let echo = ["sdirect", "smesh"]
             .iter()

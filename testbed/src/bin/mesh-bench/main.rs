@@ -165,7 +165,7 @@ fn main() {
 }
 
 const USAGE: &str =
-    "usage: mesh-bench [--] [--only l4|l7] [--mode plain|hbone|all] [--sockmap] [--rounds N] [--seconds S]
+    "usage: mesh-bench [--] [--only l4|l7] [--mode plain|hbone|all] [--sockmap] [--sockmap-to-app] [--rounds N] [--seconds S]
                   [--json PATH] [--l7-rounds N] [--l7-seconds S] [--rate R] [--connections C] [--l7-json PATH]
   --only P        run only that half (default: both, L4 first)
  L4 (TCP: sockperf, iperf3, new connections):
@@ -174,6 +174,8 @@ const USAGE: &str =
                   the CA (HTTP/2 CONNECT over mTLS to :15008), all = both
   --sockmap       also each captured path with `agent run --sockmap` (columns
                   plainsm, hbonesm: a cluster of their own, measured in the same rounds)
+  --sockmap-to-app  also each captured path with phase two, `agent run --sockmap
+                  --sockmap-to-app` (columns plains2, hbones2, the same way)
   --rounds N      rounds of direct-then-captured per measurement, median reported (default 5)
   --seconds S     duration of each measurement in whole seconds (default 3)
   --json PATH     raw per-round numbers (default <workspace>/target/bench/capture.json)
@@ -184,6 +186,11 @@ const USAGE: &str =
   --connections C keep-alive connections of the load generator (default 16)
   --l7-json PATH  raw per-round numbers (default <workspace>/target/bench/l7.json)
 Set MESH_KEEP_LOGS=1 to keep the agents' logs.";
+
+/// The agents' sockmap flags of a column: none, phase one, phase two.
+const NO_SOCKMAP: &[&str] = &[];
+const PHASE_ONE: &[&str] = &["--sockmap"];
+const PHASE_TWO: &[&str] = &["--sockmap", "--sockmap-to-app"];
 
 /// Which halves run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,18 +226,24 @@ impl Mode {
     }
 
     /// The captured columns, in measuring order: (name, agents with the CA,
-    /// agents with `--sockmap`). With `sockmap`, each column is followed by
-    /// its sockmap-accelerated twin (`plainsm`, `hbonesm`) in the same run.
-    fn meshes(self, sockmap: bool) -> Vec<(&'static str, bool, bool)> {
-        let base: &[(&'static str, &'static str, bool)] = match self {
-            Mode::Plain => &[("plain", "plainsm", false)],
-            Mode::Hbone => &[("hbone", "hbonesm", true)],
-            Mode::All => &[("plain", "plainsm", false), ("hbone", "hbonesm", true)],
+    /// the agents' sockmap flags). With `sockmap`, each column is followed
+    /// by its sockmap-accelerated twin (`plainsm`, `hbonesm`), with
+    /// `to_app` by its phase-two twin (`plains2`, `hbones2`), in the same
+    /// run.
+    fn meshes(self, sockmap: bool, to_app: bool) -> Vec<(&'static str, bool, &'static [&'static str])> {
+        let base: &[(&'static str, &'static str, &'static str, bool)] = match self {
+            Mode::Plain => &[("plain", "plainsm", "plains2", false)],
+            Mode::Hbone => &[("hbone", "hbonesm", "hbones2", true)],
+            Mode::All => &[
+                ("plain", "plainsm", "plains2", false),
+                ("hbone", "hbonesm", "hbones2", true),
+            ],
         };
         base.iter()
-            .flat_map(|&(name, sm, ca)| {
-                let twin = sockmap.then_some((sm, ca, true));
-                std::iter::once((name, ca, false)).chain(twin)
+            .flat_map(|&(name, sm, s2, ca)| {
+                let one = sockmap.then_some((sm, ca, PHASE_ONE));
+                let two = to_app.then_some((s2, ca, PHASE_TWO));
+                std::iter::once((name, ca, NO_SOCKMAP)).chain(one).chain(two)
             })
             .collect()
     }
@@ -245,6 +258,8 @@ struct Opts {
     json: PathBuf,
     /// Also measure each captured path with `agent run --sockmap`.
     sockmap: bool,
+    /// Also measure each captured path with phase two on.
+    to_app: bool,
     l7: l7::Opts,
 }
 
@@ -258,6 +273,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
         seconds: 3,
         json: bench_dir.join("capture.json"),
         sockmap: false,
+        to_app: false,
         l7: l7::Opts {
             rounds: 3,
             seconds: 10,
@@ -283,6 +299,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
             }
             "--mode" => opts.mode = Mode::parse(&args.value()?)?,
             "--sockmap" => opts.sockmap = true,
+            "--sockmap-to-app" => opts.to_app = true,
             "--rounds" => opts.rounds = args.number(1..=1000)? as usize,
             "--seconds" => opts.seconds = args.number(1..=600)? as u32,
             "--json" => opts.json = PathBuf::from(args.value()?),
@@ -322,7 +339,7 @@ fn bench_l4(opts: &Opts) -> Result<()> {
     testbed::sweep_stale()?;
     let started = Instant::now();
     let mut meshes = Vec::new();
-    for (i, (name, with_ca, sockmap)) in opts.mode.meshes(opts.sockmap).into_iter().enumerate() {
+    for (i, (name, with_ca, sockmap)) in opts.mode.meshes(opts.sockmap, opts.to_app).into_iter().enumerate() {
         // The direct pair lives in the first cluster.
         meshes.push(Mesh::start(name, with_ca, i == 0, sockmap)?);
     }
@@ -361,7 +378,7 @@ impl Mesh {
     /// Builds the cluster, enrols c<name> and s<name>, and starts both agents
     /// (with the CA if `with_ca`), waiting until they are ready and, with the
     /// CA, until each holds its pod's workload certificate.
-    fn start(name: &'static str, with_ca: bool, with_direct: bool, sockmap: bool) -> Result<Mesh> {
+    fn start(name: &'static str, with_ca: bool, with_direct: bool, sockmap: &[&str]) -> Result<Mesh> {
         let (client, server) = (format!("c{name}"), format!("s{name}"));
         let pods = |direct: &'static str, mesh: &str| -> Vec<String> {
             let mut v = Vec::new();
@@ -419,7 +436,7 @@ impl Mesh {
     }
 }
 
-/// Starts the agent of `node` (with `--sockmap` when `sockmap`) and waits
+/// Starts the agent of `node` (with the `sockmap` flags) and waits
 /// until it is ready and, with a CA, until it holds the workload
 /// certificate of its pod `pod`.
 fn start_agent(
@@ -429,12 +446,10 @@ fn start_agent(
     dir: &Path,
     ca: Option<&MeshCa>,
     pod: &str,
-    sockmap: bool,
+    sockmap: &[&str],
 ) -> Result<Agent> {
     let mut args = ca.map(|c| c.client_args(node)).unwrap_or_default();
-    if sockmap {
-        args.push("--sockmap".into());
-    }
+    args.extend(sockmap.iter().map(|f| f.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut a = Agent::start(cluster, node, config, dir, &args)?;
     a.wait_for("agent ready", READY_TIMEOUT)?;
@@ -809,10 +824,11 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
         busy("conn")
     );
     let command = format!(
-        "cargo xtask bench -- {}--mode {}{} --rounds {} --seconds {}",
+        "cargo xtask bench -- {}--mode {}{}{} --rounds {} --seconds {}",
         if opts.only == Only::L4 { "--only l4 " } else { "" },
         opts.mode.as_str(),
         if opts.sockmap { " --sockmap" } else { "" },
+        if opts.to_app { " --sockmap-to-app" } else { "" },
         opts.rounds,
         opts.seconds
     );
