@@ -90,8 +90,20 @@ pub mod maps {
     /// program is attached here too (a second link), so it runs on the
     /// agent's sends; SM_APP keeps only the apps' sockets.
     pub const SM_AGENT_TX: &str = "SM_AGENT_TX";
+    /// Phase two: the generation of the read-count program that counts (an
+    /// array of one u64). Each agent loads its object with its own
+    /// [`super::globals::READ_GEN`] and writes it here once its program is
+    /// attached: a replaced program that something still holds attached
+    /// stops counting at once, so no read is counted twice.
+    pub const SM_READ_GEN: &str = "SM_READ_GEN";
     /// Phase two's counters, see [`super::to_app_stats`].
     pub const SM_TO_APP_STATS: &str = "SM_TO_APP_STATS";
+}
+
+/// Globals of the kernel object that the agent sets at load.
+pub mod globals {
+    /// The read-count generation of this load (see `maps::SM_READ_GEN`).
+    pub const READ_GEN: &str = "READ_GEN";
 }
 
 /// Program names (the Rust function names in agent-ebpf).
@@ -473,6 +485,7 @@ mod tests {
             maps::SM_APP_READ,
             maps::SM_AGENT_TX,
             maps::SM_TO_APP_STATS,
+            maps::SM_READ_GEN,
         ] {
             assert!(name.len() <= 15, "{name}: the kernel keeps 15 characters");
         }

@@ -47,7 +47,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_delete_elem},
     macros::{btf_tracepoint, cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
     programs::{BtfTracePointContext, SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
@@ -64,6 +64,10 @@ const LOOPBACK4_RAW: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 const LOOPBACK6: Ip6 = Ip6::from_octets([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
 /// recv(2)'s MSG_PEEK: a peek leaves the bytes queued.
 const MSG_PEEK: i32 = 2;
+/// recv(2)'s MSG_ERRQUEUE: reads the error queue, not the data.
+const MSG_ERRQUEUE: i32 = 0x2000;
+/// A map insert's answer when the key exists (BPF_NOEXIST).
+const EEXIST: i32 = 17;
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 
@@ -136,6 +140,19 @@ static SM_APP_READ: HashMap<u64, u64> = HashMap::pinned(65536, 0);
 /// (key: socket cookie); sk_msg is attached here too.
 #[map]
 static SM_AGENT_TX: SockHash<u64> = SockHash::pinned(65536, 0);
+/// Phase two: the generation of the read-count program that counts (one
+/// u64): the agent that attaches its program writes its [`READ_GEN`] here,
+/// so that two attached programs never count the same read twice.
+#[map]
+static SM_READ_GEN: Array<u64> = Array::pinned(1, 0);
+/// This object's read-count generation, set by the agent at load. Its
+/// initial value is an unlikely one on purpose: LLVM may let another
+/// constant of equal bytes share a named global's storage, which the
+/// override then changes too (seen: with 0 here, a random value written at
+/// load sent phase-two directions to TCP after their first send; with 0
+/// written, or with this initial value, it does not).
+#[no_mangle]
+static READ_GEN: u64 = 0x5245_4144_5f47_454e;
 /// Phase two's counters, see `agent_common::to_app_stats`.
 #[map]
 static SM_TO_APP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(to_app_stats::COUNT, 0);
@@ -483,7 +500,7 @@ fn insert_app(ctx: &SockOpsContext, netns_cookie: u64) {
 
 /// Phase two: the agent -> app direction of the hop whose app socket (key
 /// `app`, cookie `app_cookie`) just entered SM_APP, undecided. The agent
-/// puts its own socket into SM_APP (so this program runs on its sends)
+/// puts its own socket into SM_AGENT_TX (so this program runs on its sends)
 /// only when it finds this entry; its first send decides. Read count
 /// first: a direction without one would have no bound.
 #[inline(always)]
@@ -497,10 +514,13 @@ fn prepare_to_app(app: &HopKey, app_cookie: u64) {
         app_tcp: 0,
         app_cookie,
     };
-    // A stale entry of this 4-tuple belongs to a connection that closed.
-    if SM_TO_APP.insert(&app.reversed(), &to, 0).is_err() {
+    // Never over an entry: the agent decides a direction TCP itself when
+    // it finds none yet (`AgentEnds::to_app`), and that must stand.
+    if let Err(e) = SM_TO_APP.insert(&app.reversed(), &to, u64::from(BPF_NOEXIST)) {
         let _ = SM_APP_READ.remove(&app_cookie);
-        count_sm(sockmap_stats::APP_INSERT_FAILED);
+        if e != -EEXIST {
+            count_sm(sockmap_stats::APP_INSERT_FAILED);
+        }
     }
 }
 
@@ -607,8 +627,8 @@ fn insert_agent(ctx: &SockOpsContext, netns_cookie: u64) {
 /// sk_msg queue: the socket waits until the agent's next send has stopped
 /// redirecting into it (`agent_sends` sees `app_tcp`) and the app has read
 /// every redirected byte (`to_app_drained`), checking at each segment it
-/// sends (`segment_out`). Until then a blocking recv of the app may still fail with
-/// EAGAIN, which is why phase two is off by default.
+/// sends (`segment_out`). Until then a blocking recv of the app may still
+/// fail with EAGAIN, which is why phase two is off by default.
 #[inline(always)]
 fn release_tcp_hop(ctx: &SockOpsContext) {
     // SAFETY: helpers only read the context.
@@ -656,10 +676,12 @@ fn done_releasing(ctx: &SockOpsContext) {
 /// Whether the app socket (key `app`) can leave SM_APP as far as phase
 /// two is concerned: no agent -> app direction, one decided TCP before any
 /// byte, or one the agent stopped redirecting (only the sk_msg program
-/// writes that, after the enqueue of every earlier redirect finished) whose
-/// redirected bytes the app has all read (it reads its sk_msg queue before
-/// any TCP byte, and every TCP byte was sent after the last redirect).
-/// Undecided or still redirected: not yet.
+/// writes that, on a send that starts after every earlier redirect was
+/// queued) whose redirected bytes the app has all read (it reads its sk_msg
+/// queue before any TCP byte, and every TCP byte was sent after the last
+/// redirect). Undecided or still redirected: not yet. The read count never
+/// runs ahead: one program counts at a time (SM_READ_GEN), peeks and
+/// error-queue reads are not counted, and a lost addition only delays.
 #[inline(always)]
 fn to_app_drained(ctx: &SockOpsContext, app: &HopKey) -> bool {
     // SAFETY: read-only lookup of plain data.
@@ -853,23 +875,30 @@ fn app_over_bound(app_cookie: u64, value: u32, size: u32) -> bool {
 
 /// Phase two's read count, on the `sock_recv_length` tracepoint (every
 /// socket read through recvmsg(2), read(2) or io_uring's recv, with what it
-/// returned). Adds what an app socket read (a peek takes nothing) to its
-/// SM_APP_READ entry; other sockets have none. While its agent -> app
-/// direction is redirected, every byte the app reads comes out of its
-/// sk_msg queue: nothing reaches it through TCP before the fallback. The
-/// reader holds the socket lock, and reads of one socket are serialised.
+/// returned). Adds what an app socket read (a peek or an error-queue read
+/// takes nothing) to its SM_APP_READ entry; other sockets have none. While
+/// its agent -> app direction is redirected, every byte the app reads
+/// comes out of its sk_msg queue: nothing reaches it through TCP before the
+/// fallback. The count only bounds that queue: two threads reading one
+/// socket at once may lose an addition (the tracepoint runs after the
+/// socket lock is released), which makes the bound stricter, never looser.
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn mesh_app_read(ctx: BtfTracePointContext) -> i32 {
+    // SAFETY: a constant of this object, set by the loader.
+    let gen = unsafe { read_volatile(&READ_GEN) };
+    if SM_READ_GEN.get(0).copied() != Some(gen) {
+        return 0;
+    }
     let copied: i32 = ctx.arg(1);
     let flags: i32 = ctx.arg(2);
-    if copied <= 0 || flags & MSG_PEEK != 0 {
+    if copied <= 0 || flags & (MSG_PEEK | MSG_ERRQUEUE) != 0 {
         return 0;
     }
     let sk: *mut core::ffi::c_void = ctx.arg(0);
     // SAFETY: `sk` is the tracepoint's socket (a BTF pointer).
     let cookie = unsafe { bpf_get_socket_cookie(sk) };
     if let Some(read) = SM_APP_READ.get_ptr_mut(&cookie) {
-        // SAFETY: this socket's entry, written here only.
+        // SAFETY: this socket's entry, written here only (see above).
         unsafe { *read += copied as u64 };
     }
     0

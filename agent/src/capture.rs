@@ -443,7 +443,8 @@ pub struct Status {
     pub stats: BTreeMap<String, u64>,
     /// SM_STATS counters (empty when no sockmap-aware agent ran here).
     pub sockmap: BTreeMap<&'static str, u64>,
-    /// SM_TO_APP_STATS counters (phase two; empty when never on here).
+    /// SM_TO_APP_STATS counters (phase two; zeros when it never ran here,
+    /// empty where no release with phase two ran).
     pub sockmap_to_app: BTreeMap<&'static str, u64>,
     /// Entries of the SM_* maps of sockets (0 once the sockets closed).
     pub sockmap_entries: BTreeMap<&'static str, usize>,
@@ -478,11 +479,13 @@ impl Capture {
         pins.prepare()?;
         check_map_shapes(object, &pins)?;
         let level = if bpf_log { bpflog::DEBUG } else { bpflog::OFF };
+        let read_gen = sockmap::ReadGen::new();
         let mut ebpf = bpf!(
             "load",
             EbpfLoader::new()
                 .default_map_pin_directory(pins.maps())
                 .override_global(aya_log::LEVEL, &level, true)
+                .override_global(agent_common::globals::READ_GEN, &read_gen.value(), true)
                 .load(object)
         )?;
         let cgroup = std::fs::File::open(cgroup_parent).map_err(|source| CaptureError::Io {
@@ -517,9 +520,9 @@ impl Capture {
                 sockmap::stop(&pins);
                 None
             }
-            true => match sockmap::probe()
-                .and_then(|()| sockmap::Sockmap::start(&mut ebpf, &pins, sockmap_to_app).map_err(|e| e.to_string()))
-            {
+            true => match sockmap::probe().and_then(|()| {
+                sockmap::Sockmap::start(&mut ebpf, &pins, sockmap_to_app.then_some(read_gen)).map_err(|e| e.to_string())
+            }) {
                 Ok((s, ends)) => {
                     tracing::info!("sockmap acceleration on: the in-pod hops to the agent skip TCP on lo");
                     orig.2 = Some(ends);
@@ -705,7 +708,7 @@ impl Capture {
 }
 
 /// The maps this release pins, by the names its programs use.
-const MAP_NAMES: [&str; 15] = [
+const MAP_NAMES: [&str; 20] = [
     names::ENROLLED_NETNS,
     names::ORIG_DST,
     names::CONN_ORIG,
@@ -721,6 +724,11 @@ const MAP_NAMES: [&str; 15] = [
     names::SM_HOPS,
     names::SM_STATS,
     names::SM_READ,
+    names::SM_TO_APP,
+    names::SM_APP_READ,
+    names::SM_AGENT_TX,
+    names::SM_TO_APP_STATS,
+    names::SM_READ_GEN,
 ];
 
 /// Converges the cgroup link of `name` on `prog` (attaching it at `cgroup`

@@ -376,7 +376,7 @@ async fn accept_loop(
 /// connection, or the agent's connection to an app) into SM_AGENT when
 /// sockmap acceleration is on; from then on the app's bytes may arrive
 /// through sk_msg, so the socket must be read with recvmsg. With phase two
-/// on, it also goes into SM_APP, so what the agent writes may skip TCP.
+/// on, it also goes into SM_AGENT_TX, so what the agent writes may skip TCP.
 /// Called before the agent writes to `sock`.
 ///
 /// A failed insert does not mean the hop is on TCP: sockops may have put
@@ -395,8 +395,11 @@ pub fn accelerate(ctx: &PodCtx, sock: &TcpStream) -> Read {
     if let Err(e) = ends.insert(ctx.netns_cookie, sock, app, ours) {
         tracing::debug!(pod = %ctx.key, app = %app, error = %e, "cannot insert the agent's socket into SM_AGENT: the hop is redirected only if sockops put it there");
     }
-    // Phase two: the agent has not written to the app yet.
-    ends.to_app(ctx.netns_cookie, sock, app, ours);
+    // Phase two: the agent has not written to the app yet. A direction the
+    // agent had to create (decided TCP) leaves with the connection.
+    let created = ends
+        .to_app(ctx.netns_cookie, sock, app, ours)
+        .map(|c| ForgetOnDrop(ctx.orig.clone(), c));
     // A hop whose first byte found us missing stays on TCP: splice it
     // again after the first bytes.
     let (maps, netns) = (ctx.orig.clone(), ctx.netns_cookie);
@@ -427,7 +430,22 @@ pub fn accelerate(ctx: &PodCtx, sock: &TcpStream) -> Read {
     Read::Recv(Hooks {
         settle: Some(Box::new(settle)),
         progress: Some(Box::new(progress)),
+        hold: created.map(|c| Box::new(c) as Box<dyn std::any::Any + Send>),
     })
+}
+
+/// An SM_TO_APP entry the agent created for a connection, removed when the
+/// agent stops reading the app's side (the hooks that hold it drop then;
+/// the entry matters only while the app's socket is in SM_APP, and the
+/// app's close callback removes it too).
+struct ForgetOnDrop(Arc<ProxyMaps>, crate::capture::sockmap::CreatedTcp);
+
+impl Drop for ForgetOnDrop {
+    fn drop(&mut self) {
+        if let Some(ends) = self.0.sockmap() {
+            ends.forget_to_app(&self.1);
+        }
+    }
 }
 
 /// Resolves once the pod is unenrolled (`stopped`) or the agent shuts down.

@@ -58,6 +58,9 @@ pub struct Hooks {
     /// redirected has been read: a plain copy splices from then on (see
     /// [`pump`]), and the hook is not called again.
     pub progress: Option<Progress>,
+    /// Whatever the owner keeps for as long as the socket is read (dropped
+    /// with the hooks).
+    pub hold: Option<Box<dyn std::any::Any + Send>>,
 }
 
 /// See [`Hooks::settle`].

@@ -105,8 +105,9 @@ struct ToAppMaps {
     /// SM_AGENT_TX: the agent's own socket goes in (keyed by its cookie),
     /// so the sk_msg program runs on the agent's sends too.
     tx: MapData,
-    /// SM_TO_APP: whether sockops prepared a hop's agent -> app direction.
-    to_app: aya::maps::HashMap<MapData, HopKey, ToApp>,
+    /// SM_TO_APP: whether sockops prepared a hop's agent -> app direction;
+    /// the agent decides one TCP here when its socket cannot join.
+    to_app: MapData,
 }
 
 impl AgentEnds {
@@ -143,35 +144,86 @@ impl AgentEnds {
     /// before the agent writes its first byte to the app: that send
     /// decides, and a socket put in after bytes went through TCP would
     /// reorder them. An accepted 15001 socket is usually there already
-    /// (sockops put it in with its SM_AGENT entry). Without the entry
-    /// (phase two off for the pod, the app's socket not in SM_APP, or the
-    /// app's established callback not run yet) the socket stays out and
-    /// the direction is TCP.
-    pub fn to_app(&self, netns_cookie: u64, sock: &impl AsRawFd, app: SocketAddr, agent: SocketAddr) -> bool {
-        let Some(maps) = &self.to_app else {
-            return false;
-        };
+    /// (sockops put it in with its SM_AGENT entry).
+    ///
+    /// A direction the agent's socket cannot join is decided TCP here, so
+    /// that the app's socket can leave SM_APP when its own bytes go through
+    /// TCP (it waits for an undecided direction): until the agent writes,
+    /// nothing else writes the state of a socket outside SM_AGENT_TX. When
+    /// sockops has not prepared the direction yet (the handshake's last ACK
+    /// deferred), the agent creates it decided TCP, which the app's
+    /// callback then leaves as it is; the returned entry removes it when
+    /// dropped (with the connection). Only a socket the kernel refuses for
+    /// its state (CLOSE_WAIT: the app wrote and half-closed at once) is left
+    /// undecided, since sockops may have put it in already.
+    pub fn to_app(
+        &self,
+        netns_cookie: u64,
+        sock: &impl AsRawFd,
+        app: SocketAddr,
+        agent: SocketAddr,
+    ) -> Option<CreatedTcp> {
+        let maps = self.to_app.as_ref()?;
         let key = hop_key(netns_cookie, agent, app);
-        match maps.to_app.get(&key, 0) {
-            Ok(t) if hop::state(t.value) == hop::UNDECIDED => {}
-            _ => return false,
-        }
-        let cookie = match sys::socket_cookie(sock.as_raw_fd()) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(app = %app, error = %e, "cannot read the socket cookie: the agent -> app direction stays on TCP");
-                return false;
+        // Twice at most: sockops may create the entry between our lookup
+        // and our own insert.
+        for _ in 0..2 {
+            match maps.get(&key) {
+                Ok(t) if hop::state(t.value) == hop::UNDECIDED => {
+                    self.join(maps, &key, t, sock, app);
+                    return None;
+                }
+                Ok(_) => return None,
+                Err(_) => {}
             }
-        };
-        let fd = sock.as_raw_fd() as u32;
-        match sys::map_insert(maps.tx.fd().as_fd(), &cookie.to_ne_bytes(), &fd.to_ne_bytes()) {
-            Ok(()) => true,
-            // sockops put an accepted 15001 socket in already.
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => true,
+            // The app's socket was prepared without phase two (sockops put
+            // both in one callback): nothing to decide.
+            if self.hops.get(&hop_key(netns_cookie, app, agent), 0).is_ok() {
+                return None;
+            }
+            let tcp = ToApp {
+                value: hop::TCP,
+                app_tcp: 0,
+                app_cookie: 0,
+            };
+            match sys::map_insert(maps.to_app.fd().as_fd(), sys::key_bytes(&key), sys::key_bytes(&tcp)) {
+                Ok(()) => return Some(CreatedTcp(key)),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Puts the agent's socket into SM_AGENT_TX for the undecided direction
+    /// `key` (value `now`), or decides it TCP.
+    fn join(&self, maps: &ToAppMaps, key: &HopKey, now: ToApp, sock: &impl AsRawFd, app: SocketAddr) {
+        let inserted = sys::socket_cookie(sock.as_raw_fd()).and_then(|cookie| {
+            let fd = sock.as_raw_fd() as u32;
+            sys::map_insert(maps.tx.fd().as_fd(), &cookie.to_ne_bytes(), &fd.to_ne_bytes())
+        });
+        match inserted {
+            Ok(()) => {}
+            // sockops put an accepted 15001 socket in already: the kernel
+            // says EBUSY (the socket has an sk_msg program, which only
+            // SM_AGENT_TX gives an agent's socket) before it looks for the
+            // key.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EEXIST)) => {}
+            // Refused for its state before any other check: sockops may
+            // have put it in at the handshake; the first send decides.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
             Err(e) => {
                 tracing::debug!(app = %app, error = %e, "cannot put the agent's socket into SM_AGENT_TX: the agent -> app direction stays on TCP");
-                false
+                let tcp = ToApp { value: hop::TCP, ..now };
+                let _ = sys::map_replace(maps.to_app.fd().as_fd(), sys::key_bytes(key), sys::key_bytes(&tcp));
             }
+        }
+    }
+
+    /// Removes an SM_TO_APP entry the agent created ([`CreatedTcp`]).
+    pub fn forget_to_app(&self, created: &CreatedTcp) {
+        if let Some(maps) = &self.to_app {
+            let _ = sys::map_delete(maps.to_app.fd().as_fd(), sys::key_bytes(&created.0));
         }
     }
 
@@ -237,6 +289,28 @@ impl AgentEnds {
     }
 }
 
+/// An agent -> app direction the agent created itself, decided TCP (see
+/// [`AgentEnds::to_app`]); [`AgentEnds::forget_to_app`] removes it.
+#[derive(Debug)]
+pub struct CreatedTcp(HopKey);
+
+impl ToAppMaps {
+    /// The SM_TO_APP entry of `key`.
+    fn get(&self, key: &HopKey) -> std::io::Result<ToApp> {
+        let mut value = ToApp::default();
+        // SAFETY: ToApp is #[repr(C)] plain data of the map's value size,
+        // every bit pattern valid.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(
+                std::ptr::from_mut(&mut value).cast::<u8>(),
+                std::mem::size_of::<ToApp>(),
+            )
+        };
+        sys::map_lookup(self.to_app.fd().as_fd(), sys::key_bytes(key), bytes)?;
+        Ok(value)
+    }
+}
+
 /// What [`AgentEnds::report_read`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reported {
@@ -274,9 +348,10 @@ impl Sockmap {
     /// (attached, or swapped in place of a previous agent's). Runs before
     /// any pod is enrolled with the sockmap flag, so no app socket enters
     /// SM_APP before a program is attached (one that did would stay on TCP).
-    /// `to_app` turns on phase two (agent to app) as well: the read-count
-    /// program is attached too (or, off, a previous agent's is detached).
-    pub fn start(ebpf: &mut Ebpf, pins: &Pins, to_app: bool) -> Result<(Self, AgentEnds), CaptureError> {
+    /// `to_app` turns on phase two (agent to app) as well, with the
+    /// read-count generation `ebpf` was loaded with: the read-count program
+    /// is attached too (or, off, a previous agent's is detached).
+    pub fn start(ebpf: &mut Ebpf, pins: &Pins, to_app: Option<ReadGen>) -> Result<(Self, AgentEnds), CaptureError> {
         let app = map_data(ebpf, names::SM_APP)?;
         let agent = map_data(ebpf, names::SM_AGENT)?;
         let hops = map_data(ebpf, names::SM_HOPS)?;
@@ -294,15 +369,15 @@ impl Sockmap {
         let to_app = match to_app {
             // Phase two needs more of the kernel (tp_btf, Linux 6.3+):
             // without it phase one stays on.
-            true => match start_to_app(ebpf, pins, fd.as_fd()) {
+            Some(gen) => match start_to_app(ebpf, pins, fd.as_fd(), gen) {
                 Ok(maps) => Some(maps),
+                // Pins another agent may use are left alone.
                 Err(e) => {
-                    tracing::warn!(reason = %e, "sockmap phase two unavailable on this kernel: off; the agent's writes to the apps stay on TCP");
-                    stop_to_app(pins);
+                    tracing::warn!(reason = %e, "sockmap phase two unavailable: off; the agent's writes to the apps stay on TCP");
                     None
                 }
             },
-            false => {
+            None => {
                 stop_to_app(pins);
                 None
             }
@@ -332,16 +407,39 @@ impl Sockmap {
     }
 }
 
+/// The read-count generation of one load of the kernel object (its
+/// `READ_GEN` global): random, never 0 (the value of an object loaded
+/// without one, and of a fresh SM_READ_GEN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadGen(u64);
+
+impl ReadGen {
+    pub fn new() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        ReadGen(random.max(1))
+    }
+
+    pub fn value(self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for ReadGen {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Phase two: loads the read-count program (on the `sock_recv_length`
 /// tracepoint, Linux 6.3+) and attaches it through a pinned link
 /// (`links/sm_app_read`), kept as it is when a previous agent's program
 /// behaves the same.
-fn start_to_app(ebpf: &mut Ebpf, pins: &Pins, sk_msg: BorrowedFd<'_>) -> Result<ToAppMaps, CaptureError> {
+fn start_to_app(ebpf: &mut Ebpf, pins: &Pins, sk_msg: BorrowedFd<'_>, gen: ReadGen) -> Result<ToAppMaps, CaptureError> {
     let tx = map_data(ebpf, names::SM_AGENT_TX)?;
     let outcome = attach_sk_msg(&tx_link_pin(pins), sk_msg, &tx, names::SM_AGENT_TX)?;
     tracing::info!(outcome = ?outcome, "sk_msg program attached to SM_AGENT_TX");
     let to_app = map_data(ebpf, names::SM_TO_APP)?;
-    let to_app = bpf!("map SM_TO_APP", aya::maps::HashMap::try_from(Map::HashMap(to_app)))?;
     let btf = bpf!("read the kernel's BTF", Btf::from_sys_fs())?;
     let prog: &mut BtfTracePoint = program(ebpf, progs::APP_READ)?;
     prog.load(progs::APP_READ_TRACEPOINT, &btf).map_err(|e| {
@@ -355,6 +453,13 @@ fn start_to_app(ebpf: &mut Ebpf, pins: &Pins, sk_msg: BorrowedFd<'_>) -> Result<
         ))
     })?;
     let outcome = converge_tracing(&app_read_pin(pins), prog)?;
+    // Our program counts from now on (the one it replaced, if something
+    // still holds it attached, stops); a kept one was ours already.
+    if matches!(outcome, links::Converged::Attached | links::Converged::Replaced { .. }) {
+        let read_gen = map_data(ebpf, names::SM_READ_GEN)?;
+        sys::map_replace(read_gen.fd().as_fd(), &0u32.to_ne_bytes(), &gen.0.to_ne_bytes())
+            .map_err(|e| bpf_err("write SM_READ_GEN")(e.to_string()))?;
+    }
     tracing::info!(outcome = ?outcome, "phase two on: the agent's writes to the apps skip TCP on lo; app reads counted");
     Ok(ToAppMaps { tx, to_app })
 }
@@ -375,40 +480,63 @@ fn attach_sk_msg(
 }
 
 /// A tracing link cannot swap its program (no BPF_LINK_UPDATE): keep the
-/// pinned one when its program behaves as ours (a restart), leave it to a
-/// newer agent's program, else detach it first and attach ours. Between
-/// the two, reads are not counted, which only makes the bound stricter for
-/// the hops open then (they fall back to TCP sooner), never looser.
+/// pinned one when it is ours, leave it to a newer agent's program, else
+/// detach it first and attach ours (each load has its own `READ_GEN`, so a
+/// restart replaces it). Reads between the two are not counted, which only
+/// makes the bound stricter for the hops open then (they fall back to TCP
+/// sooner) and delays their sockets' release; a process that holds the
+/// old link meanwhile keeps it attached, but it stops counting once the
+/// caller writes our generation.
 fn converge_tracing(pin: &Path, prog: &mut BtfTracePoint) -> Result<links::Converged, CaptureError> {
     let fd = bpf!("tp_btf fd", prog.fd())?;
     let ours = sys::prog_info(fd.as_fd()).map_err(|e| bpf_err("read our tp_btf program")(e.to_string()))?;
     let mut replaced = None;
-    if let Ok(link) = sys::obj_get(pin) {
-        if let Ok(current) = sys::link_prog_id(link.as_fd()) {
-            if current == ours.id {
-                return Ok(links::Converged::Kept);
-            }
-            if let Ok(old) = sys::prog_fd_by_id(current).and_then(|fd| sys::prog_info(fd.as_fd())) {
-                if old.same_behaviour(&ours) {
+    for _ in 0..MAX_PIN_TRIES {
+        if let Ok(link) = sys::obj_get(pin) {
+            if let Ok(current) = sys::link_prog_id(link.as_fd()) {
+                if current == ours.id {
                     return Ok(links::Converged::Kept);
                 }
-                if old.load_time > ours.load_time {
-                    return Ok(links::Converged::Newer { attached: old.id });
+                if let Ok(old) = sys::prog_fd_by_id(current).and_then(|fd| sys::prog_info(fd.as_fd())) {
+                    if old.same_behaviour(&ours) {
+                        return Ok(links::Converged::Kept);
+                    }
+                    if old.load_time > ours.load_time {
+                        return Ok(links::Converged::Newer { attached: old.id });
+                    }
+                    replaced = Some(old.id);
                 }
-                replaced = Some(old.id);
+            }
+            drop(link);
+            match std::fs::remove_file(pin) {
+                Ok(()) => {}
+                // Another agent removed it first.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(bpf_err(format!("detach {}", pin.display()))(e.to_string())),
             }
         }
-        drop(link);
-        std::fs::remove_file(pin).map_err(|e| bpf_err(format!("detach {}", pin.display()))(e.to_string()))?;
+        let id = bpf!("attach tp_btf", prog.attach())?;
+        let link = FdLink::from(bpf!("tp_btf link", prog.take_link(id))?);
+        match links::NewLink::pin_at(link, pin) {
+            Ok(()) => {
+                return Ok(match replaced {
+                    Some(old) => links::Converged::Replaced { old },
+                    None => links::Converged::Attached,
+                })
+            }
+            // Another agent pinned a link first: ours is dropped
+            // (detached); converge on theirs.
+            Err(_) if pin.exists() => continue,
+            Err(e) => return Err(e),
+        }
     }
-    let id = bpf!("attach tp_btf", prog.attach())?;
-    let link = FdLink::from(bpf!("tp_btf link", prog.take_link(id))?);
-    links::NewLink::pin_at(link, pin)?;
-    Ok(match replaced {
-        Some(old) => links::Converged::Replaced { old },
-        None => links::Converged::Attached,
-    })
+    Err(bpf_err(format!("link {}", pin.display()))(format!(
+        "another agent keeps replacing it ({MAX_PIN_TRIES} tries): is another agent with the same --pin-name restarting in a loop?"
+    )))
 }
+
+/// Attempts of [`converge_tracing`] against agents pinning at the same time.
+const MAX_PIN_TRIES: usize = 8;
 
 /// Phase two off: detach a previous agent's read-count program. Hops it
 /// prepared keep their state; their agent -> app directions that were
@@ -456,7 +584,7 @@ fn map_data(ebpf: &mut Ebpf, name: &str) -> Result<MapData, CaptureError> {
         bpf_err(format!("map {name}"))("missing from the object; rebuild it with `cargo xtask build-ebpf`".into())
     })?;
     match map {
-        Map::SockHash(d) | Map::PerCpuArray(d) | Map::HashMap(d) => Ok(d),
+        Map::SockHash(d) | Map::PerCpuArray(d) | Map::HashMap(d) | Map::Array(d) => Ok(d),
         other => Err(bpf_err(format!("map {name}"))(format!("unexpected type {other:?}"))),
     }
 }
@@ -556,11 +684,24 @@ mod tests {
 
     /// One "agent": the object loaded against the scratch pins.
     fn load(pins: &Pins) -> Ebpf {
+        load_gen(pins, ReadGen::new())
+    }
+
+    /// [`load`] with the read-count generation `gen`.
+    fn load_gen(pins: &Pins, gen: ReadGen) -> Ebpf {
         aya::EbpfLoader::new()
             .default_map_pin_directory(pins.maps())
             .override_global(aya_log::LEVEL, &0u8, true)
+            .override_global(agent_common::globals::READ_GEN, &gen.value(), true)
             .load(OBJECT)
             .expect("run `cargo xtask build-ebpf` before the unit tests")
+    }
+
+    /// SM_READ_GEN's value.
+    fn read_gen(pins: &Pins) -> u64 {
+        let data = MapData::from_pin(pins.maps().join(names::SM_READ_GEN)).unwrap();
+        let gens = aya::maps::Array::<MapData, u64>::try_from(Map::Array(data)).unwrap();
+        gens.get(&0, 0).unwrap()
     }
 
     fn sk_msg_fd(ebpf: &mut Ebpf) -> aya::programs::ProgramFd {
@@ -583,7 +724,7 @@ mod tests {
         pins.prepare().unwrap();
 
         let mut a = load(&pins);
-        Sockmap::start(&mut a, &pins, false).unwrap();
+        Sockmap::start(&mut a, &pins, None).unwrap();
         let link = sys::obj_get(&link_pin(&pins)).unwrap();
         let a_fd = sk_msg_fd(&mut a);
         let a_id = sys::prog_info(a_fd.as_fd()).unwrap().id;
@@ -594,7 +735,7 @@ mod tests {
 
         // A restarted agent with the same program keeps the link as it is.
         let mut b = load(&pins);
-        Sockmap::start(&mut b, &pins, false).unwrap();
+        Sockmap::start(&mut b, &pins, None).unwrap();
         assert_eq!(sys::link_prog_id(link.as_fd()).unwrap(), a_id);
 
         // Swaps are atomic and refused when the old program is stale.
@@ -613,18 +754,22 @@ mod tests {
     }
 
     /// Phase two's read count and the sk_msg link on the agent's sockets:
-    /// attached through pinned links that a restarted agent with the same
-    /// programs keeps, and that turning phase two off removes (the sk_msg
-    /// link on the apps' sockets stays).
+    /// attached through pinned links. A restarted agent (another load, so
+    /// another read-count generation) replaces the read count and makes its
+    /// own generation the one that counts, and turning phase two off
+    /// removes both phase-two links (the sk_msg link on the apps' sockets
+    /// stays).
     #[test]
-    fn the_read_count_link_is_pinned_kept_on_restart_and_removed_when_off() {
+    fn phase_two_links_are_pinned_replaced_on_restart_and_removed_when_off() {
         let scratch = super::super::TestPins::new("smread");
         let name = scratch.0.file_name().unwrap().to_str().unwrap();
         let pins = Pins::new(scratch.0.parent().unwrap(), name);
         pins.prepare().unwrap();
 
-        let mut a = load(&pins);
-        Sockmap::start(&mut a, &pins, true).unwrap();
+        let gen_a = ReadGen::new();
+        let mut a = load_gen(&pins, gen_a);
+        Sockmap::start(&mut a, &pins, Some(gen_a)).unwrap();
+        assert_eq!(read_gen(&pins), gen_a.value());
         let link = sys::obj_get(&app_read_pin(&pins)).unwrap();
         let first = sys::link_prog_id(link.as_fd()).unwrap();
         // The sk_msg program runs on the agent's sends too.
@@ -635,19 +780,20 @@ mod tests {
             sys::link_prog_id(on_apps.as_fd()).unwrap()
         );
         drop(a);
+        // The pin keeps it attached while no agent runs.
         assert_eq!(sys::link_prog_id(link.as_fd()).unwrap(), first);
+        drop(link);
 
-        let mut b = load(&pins);
-        Sockmap::start(&mut b, &pins, true).unwrap();
+        let gen_b = ReadGen::new();
+        let mut b = load_gen(&pins, gen_b);
+        Sockmap::start(&mut b, &pins, Some(gen_b)).unwrap();
         let again = sys::obj_get(&app_read_pin(&pins)).unwrap();
-        assert_eq!(
-            sys::link_id(again.as_fd()).unwrap(),
-            sys::link_id(link.as_fd()).unwrap()
-        );
-        assert_eq!(sys::link_prog_id(again.as_fd()).unwrap(), first);
+        assert_ne!(sys::link_prog_id(again.as_fd()).unwrap(), first);
+        assert_eq!(read_gen(&pins), gen_b.value());
+        drop(again);
 
         let mut c = load(&pins);
-        Sockmap::start(&mut c, &pins, false).unwrap();
+        Sockmap::start(&mut c, &pins, None).unwrap();
         assert!(!app_read_pin(&pins).exists());
         assert!(!tx_link_pin(&pins).exists());
         assert!(link_pin(&pins).exists());
@@ -657,7 +803,8 @@ mod tests {
 
     /// The read count (on the `sock_recv_length` tracepoint) adds what a
     /// socket with a SM_APP_READ entry reads, through read(2) and recv(2),
-    /// and nothing of what it peeks; a socket without an entry gets none.
+    /// and nothing of what it peeks; a socket without an entry gets none;
+    /// and only the program of the generation in SM_READ_GEN counts.
     #[test]
     fn the_read_count_adds_what_a_socket_reads_and_not_what_it_peeks() {
         use std::io::{Read, Write};
@@ -665,8 +812,9 @@ mod tests {
         let name = scratch.0.file_name().unwrap().to_str().unwrap();
         let pins = Pins::new(scratch.0.parent().unwrap(), name);
         pins.prepare().unwrap();
-        let mut a = load(&pins);
-        Sockmap::start(&mut a, &pins, true).unwrap();
+        let gen = ReadGen::new();
+        let mut a = load_gen(&pins, gen);
+        Sockmap::start(&mut a, &pins, Some(gen)).unwrap();
         let data = MapData::from_pin(pins.maps().join(names::SM_APP_READ)).unwrap();
         let mut reads = aya::maps::HashMap::<MapData, u64, u64>::try_from(Map::HashMap(data)).unwrap();
 
@@ -695,6 +843,18 @@ mod tests {
         assert!(
             reads.get(&other_cookie, 0).is_err(),
             "a socket without an entry got one"
+        );
+
+        // Another generation counts now: this program no longer does.
+        let data = MapData::from_pin(pins.maps().join(names::SM_READ_GEN)).unwrap();
+        let mut gens = aya::maps::Array::<MapData, u64>::try_from(Map::Array(data)).unwrap();
+        gens.set(0, gen.value() + 1, 0).unwrap();
+        client.write_all(&[7; 100]).unwrap();
+        app.read_exact(&mut buf[..100]).unwrap();
+        assert_eq!(
+            reads.get(&cookie, 0).unwrap(),
+            1000,
+            "a program of another generation counted"
         );
     }
 

@@ -265,6 +265,19 @@ struct MapElem {
     flags: u64,
 }
 
+/// Reads the value of `key` (raw bytes) into `value`, which must be the
+/// map's value size; ENOENT when the key is not there.
+pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<()> {
+    let mut attr = MapElem {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_ELEM, &mut attr).map(drop)
+}
+
 /// Deletes `key` (raw bytes) whatever the map's value size; ENOENT is not an error.
 pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
     let mut attr = MapElem {

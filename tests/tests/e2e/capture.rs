@@ -308,8 +308,8 @@ fn restart_fails_closed_then_resumes_from_pins_with(accel: Accel) -> Result<()> 
     assert!(succeeded(&w.once("client", &w.ip4("backend"), APP_PORT)?));
     // ... and with sockmap on, accelerate again: the restarted agent's
     // sockets are found by the sk_msg program the pinned link kept (and
-    // with phase two, the app's reads are counted by the kept tracepoint
-    // program: without them the echo would have no bound).
+    // with phase two, its writes to the client go the same way, through
+    // the links on SM_AGENT_TX and the read count it converged on).
     if accel != Accel::Off {
         assert!(sockmap_redirected(&a1b)? > redirected);
     }
@@ -371,6 +371,10 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with(accel: Accel
     assert_eq!((h["ok"].as_u64(), &h["error"]), (Some(40), &Value::Null), "{h}");
     assert!(old.wait_exit(WAIT)?.success());
     assert!(!new.access_logs().is_empty(), "the new agent took over new connections");
+    // ... with phase two on: its writes to the client skipped lo.
+    if accel == Accel::ToApp {
+        assert!(to_app_redirected(&new)? > 0);
+    }
 
     // kill -9 instead: connections open through the killed agent break (the
     // agent held both halves); new ones are refused until an agent is back.

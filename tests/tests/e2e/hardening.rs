@@ -7,7 +7,9 @@ use anyhow::Result;
 use serde_json::Value;
 use testbed::mesh::{self, Agent, MeshCa, Server};
 
-use crate::{access_to, agent_with_ca, agents, node_get, stat, succeeded, Accel, World, APP_PORT, WAIT};
+use crate::{
+    access_to, agent_with_ca, agents, node_get, stat, succeeded, to_app_redirected, Accel, World, APP_PORT, WAIT,
+};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 
@@ -217,6 +219,10 @@ fn graceful_handover_with_hbone_on_both_nodes_fails_no_connect_and_keeps_open_on
         );
     }
     assert!(succeeded(&w.once("client", &server, APP_PORT)?));
+    // ... with phase two on: their writes to both apps skipped lo.
+    if accel == Accel::ToApp {
+        assert!(to_app_redirected(&new1)? > 0 && to_app_redirected(&new2)? > 0);
+    }
     Ok(())
 }
 
