@@ -799,12 +799,14 @@ fn app_sends(ctx: &SkMsgContext, key: &HopKey, state: *mut u32) -> u32 {
 /// app's socket, or TCP. The same rules as the app's sends: the first send
 /// decides, once; a redirected direction goes back to TCP for good beyond
 /// `hop::BACKLOG_BOUND` unread (the app reads its sk_msg queue before TCP:
-/// no reorder); a missing peer means TCP, never a drop. This program is
-/// the only writer of the value, and the agent sends on a socket from one
-/// task at a time, under the socket lock.
+/// no reorder); a missing peer means TCP, never a drop. Once the agent's
+/// socket is in SM_AGENT_TX this program is the only writer of the value
+/// (the agent decides TCP itself only for a socket that never joined), and
+/// the agent sends on a socket from one task at a time, under its lock.
 #[inline(always)]
 fn agent_sends(ctx: &SkMsgContext, to: *mut ToApp) -> u32 {
-    // SAFETY: map value of this socket's hop, written only here.
+    // SAFETY: map value of this socket's hop; only this program writes it
+    // once the socket is in SM_AGENT_TX.
     let (value, mut app_cookie) = unsafe { ((*to).value, (*to).app_cookie) };
     let now = hop::state(value);
     if now == hop::TCP || now == hop::FALLBACK {

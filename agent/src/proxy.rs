@@ -354,6 +354,8 @@ async fn accept_loop(
                     _ => Read::Splice,
                 };
                 let Some(admitted) = ctx.admit(dir) else {
+                    // The hooks first: what they hold refers to this socket.
+                    drop(read);
                     reset(stream);
                     continue;
                 };

@@ -153,9 +153,10 @@ impl AgentEnds {
     /// sockops has not prepared the direction yet (the handshake's last ACK
     /// deferred), the agent creates it decided TCP, which the app's
     /// callback then leaves as it is; the returned entry removes it when
-    /// dropped (with the connection). Only a socket the kernel refuses for
-    /// its state (CLOSE_WAIT: the app wrote and half-closed at once) is left
-    /// undecided, since sockops may have put it in already.
+    /// dropped (with the connection). A socket the kernel refuses for its
+    /// state (CLOSE_WAIT: the app wrote and half-closed at once) is left
+    /// undecided, since sockops may have put it in already (then its first
+    /// send decides), as is one already in SM_AGENT_TX (EBUSY).
     pub fn to_app(
         &self,
         netns_cookie: u64,
@@ -176,11 +177,11 @@ impl AgentEnds {
                 Ok(_) => return None,
                 Err(_) => {}
             }
-            // The app's socket was prepared without phase two (sockops put
-            // both in one callback): nothing to decide.
-            if self.hops.get(&hop_key(netns_cookie, app, agent), 0).is_ok() {
-                return None;
-            }
+            // None yet (or none will come: the pod without phase two, the
+            // app's socket not accelerated): decided TCP here, which
+            // sockops's own insert (BPF_NOEXIST) then leaves as it is. An
+            // SM_HOPS entry proves nothing: sockops writes it before this
+            // one, in the same callback.
             let tcp = ToApp {
                 value: hop::TCP,
                 app_tcp: 0,
@@ -212,6 +213,11 @@ impl AgentEnds {
             // Refused for its state before any other check: sockops may
             // have put it in at the handshake; the first send decides.
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+            // Not in SM_AGENT_TX (the kernel answers EBUSY or EEXIST for a
+            // socket that is): no program writes this direction's state, and
+            // the agent has not written to the socket yet, so it decides.
+            // The whole value is replaced: an `app_tcp` set meanwhile is
+            // lost, which changes nothing for a direction on TCP.
             Err(e) => {
                 tracing::debug!(app = %app, error = %e, "cannot put the agent's socket into SM_AGENT_TX: the agent -> app direction stays on TCP");
                 let tcp = ToApp { value: hop::TCP, ..now };
@@ -408,8 +414,7 @@ impl Sockmap {
 }
 
 /// The read-count generation of one load of the kernel object (its
-/// `READ_GEN` global): random, never 0 (the value of an object loaded
-/// without one, and of a fresh SM_READ_GEN).
+/// `READ_GEN` global): random, never 0 (the value of a fresh SM_READ_GEN).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadGen(u64);
 
@@ -454,7 +459,11 @@ fn start_to_app(ebpf: &mut Ebpf, pins: &Pins, sk_msg: BorrowedFd<'_>, gen: ReadG
     })?;
     let outcome = converge_tracing(&app_read_pin(pins), prog)?;
     // Our program counts from now on (the one it replaced, if something
-    // still holds it attached, stops); a kept one was ours already.
+    // still holds it attached, stops); a kept one was ours already. Two
+    // agents starting at once with the same pins may leave the generation
+    // of the one whose program lost the link: then nothing counts, the
+    // directions fall back at the bound and their sockets leave SM_APP
+    // only when they close, until the next agent start writes it again.
     if matches!(outcome, links::Converged::Attached | links::Converged::Replaced { .. }) {
         let read_gen = map_data(ebpf, names::SM_READ_GEN)?;
         sys::map_replace(read_gen.fd().as_fd(), &0u32.to_ne_bytes(), &gen.0.to_ne_bytes())
@@ -682,6 +691,15 @@ mod tests {
 
     static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
 
+    /// A prepared pin directory of the test's own (removed with the first).
+    fn scratch_pins(label: &str) -> (super::super::TestPins, Pins) {
+        let scratch = super::super::TestPins::new(label);
+        let name = scratch.0.file_name().unwrap().to_str().unwrap().to_string();
+        let pins = Pins::new(scratch.0.parent().unwrap(), &name);
+        pins.prepare().unwrap();
+        (scratch, pins)
+    }
+
     /// One "agent": the object loaded against the scratch pins.
     fn load(pins: &Pins) -> Ebpf {
         load_gen(pins, ReadGen::new())
@@ -718,10 +736,7 @@ mod tests {
     /// replace the program with no moment without one.
     #[test]
     fn the_sk_msg_link_is_pinned_kept_and_swapped_by_compare_and_swap() {
-        let scratch = super::super::TestPins::new("smlink");
-        let name = scratch.0.file_name().unwrap().to_str().unwrap();
-        let pins = Pins::new(scratch.0.parent().unwrap(), name);
-        pins.prepare().unwrap();
+        let (_scratch, pins) = scratch_pins("smlink");
 
         let mut a = load(&pins);
         Sockmap::start(&mut a, &pins, None).unwrap();
@@ -761,10 +776,7 @@ mod tests {
     /// stays).
     #[test]
     fn phase_two_links_are_pinned_replaced_on_restart_and_removed_when_off() {
-        let scratch = super::super::TestPins::new("smread");
-        let name = scratch.0.file_name().unwrap().to_str().unwrap();
-        let pins = Pins::new(scratch.0.parent().unwrap(), name);
-        pins.prepare().unwrap();
+        let (_scratch, pins) = scratch_pins("smread");
 
         let gen_a = ReadGen::new();
         let mut a = load_gen(&pins, gen_a);
@@ -808,10 +820,7 @@ mod tests {
     #[test]
     fn the_read_count_adds_what_a_socket_reads_and_not_what_it_peeks() {
         use std::io::{Read, Write};
-        let scratch = super::super::TestPins::new("smcount");
-        let name = scratch.0.file_name().unwrap().to_str().unwrap();
-        let pins = Pins::new(scratch.0.parent().unwrap(), name);
-        pins.prepare().unwrap();
+        let (_scratch, pins) = scratch_pins("smcount");
         let gen = ReadGen::new();
         let mut a = load_gen(&pins, gen);
         Sockmap::start(&mut a, &pins, Some(gen)).unwrap();

@@ -371,9 +371,12 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with(accel: Accel
     assert_eq!((h["ok"].as_u64(), &h["error"]), (Some(40), &Value::Null), "{h}");
     assert!(old.wait_exit(WAIT)?.success());
     assert!(!new.access_logs().is_empty(), "the new agent took over new connections");
-    // ... with phase two on: its writes to the client skipped lo.
+    // ... with phase two on: its writes to the client skip lo (the counters
+    // are the node's, shared with the old agent: they must grow now).
     if accel == Accel::ToApp {
-        assert!(to_app_redirected(&new)? > 0);
+        let before = to_app_redirected(&new)?;
+        assert!(succeeded(&w.once("client", &backend, APP_PORT)?));
+        assert!(to_app_redirected(&new)? > before);
     }
 
     // kill -9 instead: connections open through the killed agent break (the

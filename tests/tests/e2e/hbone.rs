@@ -117,9 +117,19 @@ fn pod_to_pod_across_nodes_is_mutual_tls_hbone_and_never_plaintext_on_the_wire_w
             .starts_with(&format!("[{}]:", w.ip6("client"))),
         "{big}"
     );
-    // Phase two carried the agents' writes to both apps.
+    // Phase two carried the agents' writes to both apps. A connection
+    // whose agent found the app's side not prepared yet (its handshake's
+    // last ACK deferred, on a loaded machine) stays on TCP by design, so a
+    // bounded number more are made before judging.
     if accel == Accel::ToApp {
-        assert!(to_app_redirected(&a1)? > 0 && to_app_redirected(&a2)? > 0);
+        let both = || -> Result<bool> { Ok(to_app_redirected(&a1)? > 0 && to_app_redirected(&a2)? > 0) };
+        for _ in 0..50 {
+            if both()? {
+                break;
+            }
+            assert!(succeeded(&w.once("client", &server4, APP_PORT)?));
+        }
+        assert!(both()?);
     }
     // Both agents saw mTLS with the right identities.
     let dst = format!("{server4}:{APP_PORT}");

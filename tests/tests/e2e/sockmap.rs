@@ -261,9 +261,9 @@ fn sockmap_redirects_both_hops_and_lo_carries_no_app_payload() -> Result<()> {
 }
 
 /// Phase two (`--sockmap-to-app`): what the agents write to the apps skips
-/// TCP on `lo` too. Server pod: neither the requests (agent 2 -> app) nor
-/// the replies cross `lo` as payload, while the handshakes do (the capture
-/// works). Client pod: the echo (agent 1 -> app) crosses `lo` only on
+/// TCP on `lo` too. Server pod: the replies never cross `lo` as payload,
+/// the requests (agent 2 -> app) on a few connections at most (below),
+/// while the handshakes do (the capture works). Client pod: the echo (agent 1 -> app) crosses `lo` only on
 /// connections whose own client hop went TCP (the app wrote before agent
 /// 1's end was in: the agent's first send then keeps that direction on TCP
 /// too, since the app's socket must leave SM_APP). The phase-two counters
@@ -282,17 +282,26 @@ fn sockmap_to_app_redirects_the_agents_writes_and_lo_carries_none() -> Result<()
     server_lo.stop()?;
     client_lo.stop()?;
 
+    // Server pod: the replies never cross lo (phase one: agent 2's end is
+    // in before it writes); the requests cross it only where agent 2's
+    // connect() returned before the app's side was prepared (the
+    // handshake's last ACK deferred on a loaded machine: agent 2 then
+    // decides that direction TCP), a few at most.
     let port = format!("tcp port {PORT}");
+    let s2 = a2.status()?;
     assert_eq!(
-        payload_segments(&server_lo, &port)?,
+        payload_segments(&server_lo, &format!("tcp src port {PORT}"))?,
         0,
-        "the server pod's lo carried payload: {:?}",
-        a2.status()?
+        "the server's replies crossed lo: {s2}"
     );
+    let requests_tcp = payload_sources(&server_lo, &format!("tcp dst port {PORT}"))?;
+    assert!(requests_tcp.len() <= CONNS / 4, "{requests_tcp:?}: {s2}");
     let syns = syn_segments(&server_lo, &port)?;
     assert!(syns >= CONNS, "the capture saw {syns} SYNs: it proves nothing");
-    let s2 = a2.status()?;
-    assert!(to_app_stat(&s2, "redirected") >= CONNS as u64, "{s2}");
+    assert!(
+        to_app_stat(&s2, "redirected") >= (CONNS - requests_tcp.len()) as u64,
+        "{s2}"
+    );
     assert!(sm_stat(&s2, "redirected") >= CONNS as u64, "{s2}");
 
     let client_tcp = payload_sources(&client_lo, "tcp dst port 15001")?;
@@ -648,6 +657,29 @@ reader.join(30)
 print(json.dumps({"echoed_intact": bytes(echo) == data, "bytes": len(echo)}), flush=True)
 "#;
 
+/// [`STALLED_READER_CLIENT`] in the client pod sending `cap` bytes, once
+/// it has said it is ready.
+fn stalled_reader_client(w: &Sm, cap: usize) -> Result<std::process::Child> {
+    let mut client = w
+        .cluster
+        .pod("client")
+        .try_command("python3")?
+        .args([
+            "-c",
+            STALLED_READER_CLIENT,
+            &w.server_ip(),
+            &PORT.to_string(),
+            &cap.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let ready = mesh::first_line(&mut client)?;
+    assert_eq!(ready["ready"], true, "{ready}");
+    Ok(client)
+}
+
 /// Resumes a stopped process when dropped, whatever the test did.
 struct Stopped(u32);
 
@@ -681,23 +713,7 @@ fn sockmap_an_app_cannot_queue_without_bound_into_an_agent_that_does_not_read() 
     let a1 = w.agent("node1")?;
     let a2 = w.agent("node2")?;
     let _server = Server::seq(w.cluster.pod("server"), PORT, false)?;
-    let mut client = w
-        .cluster
-        .pod("client")
-        .try_command("python3")?
-        .args([
-            "-c",
-            STALLED_READER_CLIENT,
-            &w.server_ip(),
-            &PORT.to_string(),
-            &CAP.to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let ready = mesh::first_line(&mut client)?;
-    assert_eq!(ready["ready"], true, "{ready}");
+    let mut client = stalled_reader_client(&w, CAP)?;
     let s1 = a1.status()?;
     assert!(sm_stat(&s1, "redirected") >= 1, "the hop was not redirected: {s1}");
     let mut stdin = client.stdin.take().context("stdin")?;
@@ -786,23 +802,7 @@ fn sockmap_to_app_an_agent_cannot_queue_without_bound_into_an_app_that_does_not_
     let mut line = String::new();
     std::io::BufRead::read_line(&mut server_out, &mut line)?;
     assert_eq!(line.trim(), "listening");
-    let mut client = w
-        .cluster
-        .pod("client")
-        .try_command("python3")?
-        .args([
-            "-c",
-            STALLED_READER_CLIENT,
-            &w.server_ip(),
-            &PORT.to_string(),
-            &CAP.to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let ready = mesh::first_line(&mut client)?;
-    assert_eq!(ready["ready"], true, "{ready}");
+    let mut client = stalled_reader_client(&w, CAP)?;
     line.clear();
     std::io::BufRead::read_line(&mut server_out, &mut line)?;
     assert!(line.contains("greeted"), "{line}");
