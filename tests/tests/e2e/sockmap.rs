@@ -563,6 +563,17 @@ fn went_tcp_hops_leave_the_maps(label: &str, hbone: bool, flags: &[&'static str]
     Ok(())
 }
 
+/// Both agents, after a 32 MiB sequence-checked echo (in 64 writes) that
+/// arrived whole and in order.
+fn bulk_echo(w: &Sm) -> Result<(Agent, Agent)> {
+    let a1 = w.agent("node1")?;
+    let a2 = w.agent("node2")?;
+    let _server = Server::seq(w.cluster.pod("server"), PORT, false)?;
+    let r = w.client("client", &["--count", "1", "--size", "33554432", "--writes", "64"])?;
+    no_failures(&r)?;
+    Ok((a1, a2))
+}
+
 /// A 32 MiB sequence-checked echo with phase two: what agent 2 writes to
 /// the server is redirected, and falls back to TCP whenever more than the
 /// bound waits unread in the server's socket; it arrives whole and in
@@ -570,11 +581,7 @@ fn went_tcp_hops_leave_the_maps(label: &str, hbone: bool, flags: &[&'static str]
 #[test]
 fn sockmap_to_app_bulk_arrives_whole_and_in_order() -> Result<()> {
     let w = Sm::to_app("sm2bulk")?;
-    let a1 = w.agent("node1")?;
-    let a2 = w.agent("node2")?;
-    let _server = Server::seq(w.cluster.pod("server"), PORT, false)?;
-    let r = w.client("client", &["--count", "1", "--size", "33554432", "--writes", "64"])?;
-    no_failures(&r)?;
+    let (a1, a2) = bulk_echo(&w)?;
     // Agent 2's writes to the server were redirected from its first send.
     // (Agent 1's echo to the client may not be: when the client's own bulk
     // hop fell back to TCP before agent 1's first send, its socket must be
@@ -594,11 +601,7 @@ fn sockmap_to_app_bulk_arrives_whole_and_in_order() -> Result<()> {
 #[test]
 fn sockmap_bulk_hops_fall_back_to_tcp_without_losing_order() -> Result<()> {
     let w = Sm::new("smbulk")?;
-    let a1 = w.agent("node1")?;
-    let a2 = w.agent("node2")?;
-    let _server = Server::seq(w.cluster.pod("server"), PORT, false)?;
-    let r = w.client("client", &["--count", "1", "--size", "33554432", "--writes", "64"])?;
-    no_failures(&r)?;
+    let (a1, a2) = bulk_echo(&w)?;
     let s1 = a1.status()?;
     assert!(
         sm_stat(&s1, "redirected") > 0,
