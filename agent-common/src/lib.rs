@@ -196,6 +196,13 @@ pub mod hop {
         sent(value).wrapping_sub(read as u32) & SENT_MASK
     }
 
+    /// Whether redirecting `size` more bytes would leave more than
+    /// [`BACKLOG_BOUND`] unread, `read` of the hop's (value `value`)
+    /// redirected bytes being read: the bound of both directions.
+    pub const fn over_bound(value: u32, read: u64, size: u32) -> bool {
+        unread(value, read) as u64 + size as u64 > BACKLOG_BOUND as u64
+    }
+
     /// Whether `read` bytes cover the `sent` redirected ones of a hop that
     /// fell back (both modulo 2^30; the reader is never more than 2^29
     /// bytes past them when it asks: it asks after every read).
@@ -521,6 +528,12 @@ mod tests {
             hop::sent(hop::with_sent(hop::FALLBACK, 5)),
             (1 << 30) + 4
         ));
+        // The bound: 256 KiB may wait unread, not a byte more (200,000 of
+        // 300,000 redirected bytes unread).
+        let v = hop::with_sent(hop::REDIRECT, 300_000);
+        let room = hop::BACKLOG_BOUND - 200_000;
+        assert!(!hop::over_bound(v, 100_000, room));
+        assert!(hop::over_bound(v, 100_000, room + 1));
     }
 
     #[test]

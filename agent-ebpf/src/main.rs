@@ -157,28 +157,28 @@ static READ_GEN: u64 = 0x5245_4144_5f47_454e;
 #[map]
 static SM_TO_APP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(to_app_stats::COUNT, 0);
 
+/// Adds one to slot `idx` of a per-CPU counters map.
 #[inline(always)]
-fn count_sm(idx: u32) {
-    if let Some(c) = SM_STATS.get_ptr_mut(idx) {
+fn bump(counters: &PerCpuArray<u64>, idx: u32) {
+    if let Some(c) = counters.get_ptr_mut(idx) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *c += 1 };
     }
+}
+
+#[inline(always)]
+fn count_sm(idx: u32) {
+    bump(&SM_STATS, idx);
 }
 
 #[inline(always)]
 fn count_to_app(idx: u32) {
-    if let Some(c) = SM_TO_APP_STATS.get_ptr_mut(idx) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *c += 1 };
-    }
+    bump(&SM_TO_APP_STATS, idx);
 }
 
 #[inline(always)]
 fn count(idx: u32) {
-    if let Some(c) = STATS.get_ptr_mut(idx) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *c += 1 };
-    }
+    bump(&STATS, idx);
 }
 
 enum Outbound {
@@ -817,19 +817,14 @@ fn agent_sends(ctx: &SkMsgContext, to: *mut ToApp) -> u32 {
     // (release_tcp_hop), which it can only do once its sk_msg queue is
     // read: redirect nothing more into it.
     // SAFETY: as above; written on the app's side only.
-    if unsafe { (*to).app_tcp } != 0 {
-        if now == hop::UNDECIDED {
-            // SAFETY: as above.
-            unsafe { (*to).value = hop::TCP };
-            count_to_app(to_app_stats::PEER_MISSING);
-        } else {
-            // SAFETY: as above.
-            unsafe { (*to).value = hop::with_sent(hop::FALLBACK, hop::sent(value)) };
-            count_to_app(to_app_stats::FALLBACK);
-        }
+    let app_tcp = unsafe { (*to).app_tcp } != 0;
+    if now == hop::UNDECIDED && app_tcp {
+        // SAFETY: as above.
+        unsafe { (*to).value = hop::TCP };
+        count_to_app(to_app_stats::PEER_MISSING);
         return SK_PASS;
     }
-    if now == hop::REDIRECT && app_over_bound(app_cookie, value, size) {
+    if now == hop::REDIRECT && (app_tcp || app_over_bound(app_cookie, value, size)) {
         // SAFETY: as above.
         unsafe { (*to).value = hop::with_sent(hop::FALLBACK, hop::sent(value)) };
         count_to_app(to_app_stats::FALLBACK);
@@ -872,7 +867,7 @@ fn app_over_bound(app_cookie: u64, value: u32, size: u32) -> bool {
     let Some(read) = (unsafe { SM_APP_READ.get(&app_cookie) }) else {
         return true;
     };
-    u64::from(hop::unread(value, *read)) + u64::from(size) > u64::from(hop::BACKLOG_BOUND)
+    hop::over_bound(value, *read, size)
 }
 
 /// Phase two's read count, on the `sock_recv_length` tracepoint (every
@@ -915,7 +910,7 @@ fn over_bound(key: &HopKey, value: u32, size: u32) -> bool {
     let Some(read) = (unsafe { SM_READ.get(key) }) else {
         return false;
     };
-    u64::from(hop::unread(value, *read)) + u64::from(size) > u64::from(hop::BACKLOG_BOUND)
+    hop::over_bound(value, *read, size)
 }
 
 /// The hop key of the sending socket.

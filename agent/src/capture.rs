@@ -576,7 +576,7 @@ impl Capture {
                 what: "sk_lookup fd".into(),
                 message: e.to_string(),
             })?;
-        let outcome = links::converge(&pin, fd.as_fd(), &mut || {
+        let outcome = links::converge(&pin, fd.as_fd(), links::Swap::InPlace, &mut || {
             let id = bpf!("attach sk_lookup", prog.attach(netns.file()))?;
             Ok(FdLink::from(bpf!("sk_lookup", prog.take_link(id))?))
         })?;
@@ -744,7 +744,7 @@ where
 {
     let pin = pins.links().join(format!("cg_{name}"));
     let fd = prog.prog_fd()?;
-    links::converge(&pin, fd.as_fd(), &mut || prog.attach_link(cgroup))
+    links::converge(&pin, fd.as_fd(), links::Swap::InPlace, &mut || prog.attach_link(cgroup))
 }
 
 /// The two kinds of cgroup programs, as [`converge_cgroup`] needs them.

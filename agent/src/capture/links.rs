@@ -52,6 +52,18 @@ use super::{sys, CaptureError};
 /// changing under us (two agents take a handful at most).
 const MAX_TRIES: usize = 8;
 
+/// How [`converge`] replaces the program of a pinned link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Swap {
+    /// `BPF_LINK_UPDATE` with `BPF_F_REPLACE`: atomic, no moment without a
+    /// program (cgroup, sk_lookup and sockmap links).
+    InPlace,
+    /// Unpin the old link, then attach and pin a new one: for links that
+    /// cannot swap their program (tracing links). In between no program
+    /// runs there.
+    Reattach,
+}
+
 /// What [`converge`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Converged {
@@ -74,20 +86,27 @@ fn io_err<'a>(what: &'a str, pin: &'a Path) -> impl FnOnce(io::Error) -> Capture
 
 /// Makes the link pinned at `pin` run `prog` (see the module doc for when it
 /// does not); attaches and pins a new link through `attach` when none is
-/// pinned there.
+/// pinned there. `swap` says how a program is replaced.
 pub fn converge<L: NewLink>(
     pin: &Path,
     prog: BorrowedFd<'_>,
+    swap: Swap,
     attach: &mut dyn FnMut() -> Result<L, CaptureError>,
 ) -> Result<Converged, CaptureError> {
     let ours = sys::prog_info(prog).map_err(io_err("read our program for", pin))?;
+    let mut replaced = None;
     for _ in 0..MAX_TRIES {
         let link = match sys::obj_get(pin) {
             Ok(fd) => fd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let link = attach()?;
                 match link.pin_at(pin) {
-                    Ok(()) => return Ok(Converged::Attached),
+                    Ok(()) => {
+                        return Ok(match replaced {
+                            Some(old) => Converged::Replaced { old },
+                            None => Converged::Attached,
+                        })
+                    }
                     // Another agent pinned a link first: dropping ours
                     // detaches it; converge on theirs.
                     Err(_) if pin.exists() => continue,
@@ -112,6 +131,18 @@ pub fn converge<L: NewLink>(
         }
         if old.load_time > ours.load_time {
             return Ok(Converged::Newer { attached: old.id });
+        }
+        if swap == Swap::Reattach {
+            // Unpinned, the old link detaches once no one holds it; ours
+            // is attached on the next turn.
+            drop(link);
+            match std::fs::remove_file(pin) {
+                Ok(()) => replaced = Some(old.id),
+                // Another agent removed it first.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("detach", pin)(e)),
+            }
+            continue;
         }
         match sys::link_update(link.as_fd(), prog, old_fd.as_fd()) {
             Ok(()) => return Ok(Converged::Replaced { old: old.id }),
@@ -267,20 +298,20 @@ mod tests {
         let (mut old, old_fd) = s.load();
         let (_new, new_fd) = s.load();
 
-        let r = converge(&pin, old_fd.as_fd(), &mut || s.attach(&mut old)).unwrap();
+        let r = converge(&pin, old_fd.as_fd(), Swap::InPlace, &mut || s.attach(&mut old)).unwrap();
         assert_eq!((r, s.attached()), (Converged::Attached, id(&old_fd)));
         let link_before = sys::link_id(sys::obj_get(&pin).unwrap().as_fd()).unwrap();
 
         // The newer program replaces the older one in the same link.
-        let r = converge::<FdLink>(&pin, new_fd.as_fd(), &mut || panic!("a link is pinned")).unwrap();
+        let r = converge::<FdLink>(&pin, new_fd.as_fd(), Swap::InPlace, &mut || panic!("a link is pinned")).unwrap();
         assert_eq!(r, Converged::Replaced { old: id(&old_fd) });
         assert_eq!(s.attached(), id(&new_fd));
         assert_eq!(sys::link_id(sys::obj_get(&pin).unwrap().as_fd()).unwrap(), link_before);
 
         // Converging again changes nothing; the older agent does not win it back.
-        let r = converge::<FdLink>(&pin, new_fd.as_fd(), &mut || panic!("a link is pinned")).unwrap();
+        let r = converge::<FdLink>(&pin, new_fd.as_fd(), Swap::InPlace, &mut || panic!("a link is pinned")).unwrap();
         assert_eq!(r, Converged::Kept);
-        let r = converge::<FdLink>(&pin, old_fd.as_fd(), &mut || panic!("a link is pinned")).unwrap();
+        let r = converge::<FdLink>(&pin, old_fd.as_fd(), Swap::InPlace, &mut || panic!("a link is pinned")).unwrap();
         assert_eq!(r, Converged::Newer { attached: id(&new_fd) });
         assert_eq!(s.attached(), id(&new_fd));
     }
@@ -292,7 +323,7 @@ mod tests {
         let (mut a, a_fd) = s.load();
         let (_b, b_fd) = s.load();
         let (_c, c_fd) = s.load();
-        converge(&pin, a_fd.as_fd(), &mut || s.attach(&mut a)).unwrap();
+        converge(&pin, a_fd.as_fd(), Swap::InPlace, &mut || s.attach(&mut a)).unwrap();
         let link = sys::obj_get(&pin).unwrap();
         // Two agents both read "a is attached"; b swaps first...
         sys::link_update(link.as_fd(), b_fd.as_fd(), a_fd.as_fd()).unwrap();
@@ -301,7 +332,7 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
         assert_eq!(s.attached(), id(&b_fd));
         // The loser converges instead of failing: it reads again and swaps.
-        let r = converge::<FdLink>(&pin, c_fd.as_fd(), &mut || panic!("a link is pinned")).unwrap();
+        let r = converge::<FdLink>(&pin, c_fd.as_fd(), Swap::InPlace, &mut || panic!("a link is pinned")).unwrap();
         assert_eq!(r, Converged::Replaced { old: id(&b_fd) });
     }
 
@@ -320,7 +351,7 @@ mod tests {
                     let (s, pin, start) = (&s, &pin, &start);
                     scope.spawn(move || {
                         start.wait();
-                        converge(pin, fd.as_fd(), &mut || s.attach(ebpf)).unwrap()
+                        converge(pin, fd.as_fd(), Swap::InPlace, &mut || s.attach(ebpf)).unwrap()
                     });
                 }
             });

@@ -436,10 +436,10 @@ impl Default for ReadGen {
     }
 }
 
-/// Phase two: loads the read-count program (on the `sock_recv_length`
-/// tracepoint, Linux 6.3+) and attaches it through a pinned link
-/// (`links/sm_app_read`), kept as it is when a previous agent's program
-/// behaves the same.
+/// Phase two: attaches the sk_msg program to SM_AGENT_TX, loads the
+/// read-count program (on the `sock_recv_length` tracepoint, Linux 6.3+),
+/// attaches it through a pinned link (`links/sm_app_read`) and makes its
+/// generation the one that counts.
 fn start_to_app(ebpf: &mut Ebpf, pins: &Pins, sk_msg: BorrowedFd<'_>, gen: ReadGen) -> Result<ToAppMaps, CaptureError> {
     let tx = map_data(ebpf, names::SM_AGENT_TX)?;
     let outcome = attach_sk_msg(&tx_link_pin(pins), sk_msg, &tx, names::SM_AGENT_TX)?;
@@ -481,71 +481,30 @@ fn attach_sk_msg(
     map: &MapData,
     name: &str,
 ) -> Result<links::Converged, CaptureError> {
-    links::converge(pin, prog, &mut || {
+    links::converge(pin, prog, links::Swap::InPlace, &mut || {
         sys::sk_msg_link_create(prog, map.fd().as_fd()).map_err(|e| {
             bpf_err(format!("attach sk_msg to {name} as a bpf_link"))(format!("{e} (sockmap links need Linux 6.10+)"))
         })
     })
 }
 
-/// A tracing link cannot swap its program (no BPF_LINK_UPDATE): keep the
-/// pinned one when it is ours, leave it to a newer agent's program, else
-/// detach it first and attach ours (each load has its own `READ_GEN`, so a
+/// The read count's pinned link runs `prog`. A tracing link cannot swap
+/// its program, so a previous agent's is detached first and ours attached
+/// ([`links::Swap::Reattach`]; each load has its own `READ_GEN`, so a
 /// restart replaces it). Reads between the two are not counted, which only
 /// makes the bound stricter for the hops open then (they fall back to TCP
-/// sooner) and delays their sockets' release; a process that holds the
-/// old link meanwhile keeps it attached, but it stops counting once the
-/// caller writes our generation.
+/// sooner) and delays their sockets' release; a process that holds the old
+/// link meanwhile keeps it attached, but it stops counting once the caller
+/// writes our generation.
 fn converge_tracing(pin: &Path, prog: &mut BtfTracePoint) -> Result<links::Converged, CaptureError> {
-    let fd = bpf!("tp_btf fd", prog.fd())?;
-    let ours = sys::prog_info(fd.as_fd()).map_err(|e| bpf_err("read our tp_btf program")(e.to_string()))?;
-    let mut replaced = None;
-    for _ in 0..MAX_PIN_TRIES {
-        if let Ok(link) = sys::obj_get(pin) {
-            if let Ok(current) = sys::link_prog_id(link.as_fd()) {
-                if current == ours.id {
-                    return Ok(links::Converged::Kept);
-                }
-                if let Ok(old) = sys::prog_fd_by_id(current).and_then(|fd| sys::prog_info(fd.as_fd())) {
-                    if old.same_behaviour(&ours) {
-                        return Ok(links::Converged::Kept);
-                    }
-                    if old.load_time > ours.load_time {
-                        return Ok(links::Converged::Newer { attached: old.id });
-                    }
-                    replaced = Some(old.id);
-                }
-            }
-            drop(link);
-            match std::fs::remove_file(pin) {
-                Ok(()) => {}
-                // Another agent removed it first.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(bpf_err(format!("detach {}", pin.display()))(e.to_string())),
-            }
-        }
+    let fd = bpf!("tp_btf fd", prog.fd())?
+        .try_clone()
+        .map_err(|e| bpf_err("tp_btf fd")(e.to_string()))?;
+    links::converge(pin, fd.as_fd(), links::Swap::Reattach, &mut || {
         let id = bpf!("attach tp_btf", prog.attach())?;
-        let link = FdLink::from(bpf!("tp_btf link", prog.take_link(id))?);
-        match links::NewLink::pin_at(link, pin) {
-            Ok(()) => {
-                return Ok(match replaced {
-                    Some(old) => links::Converged::Replaced { old },
-                    None => links::Converged::Attached,
-                })
-            }
-            // Another agent pinned a link first: ours is dropped
-            // (detached); converge on theirs.
-            Err(_) if pin.exists() => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(bpf_err(format!("link {}", pin.display()))(format!(
-        "another agent keeps replacing it ({MAX_PIN_TRIES} tries): is another agent with the same --pin-name restarting in a loop?"
-    )))
+        Ok(FdLink::from(bpf!("tp_btf link", prog.take_link(id))?))
+    })
 }
-
-/// Attempts of [`converge_tracing`] against agents pinning at the same time.
-const MAX_PIN_TRIES: usize = 8;
 
 /// Phase two off: detach a previous agent's read-count program. Hops it
 /// prepared keep their state; their agent -> app directions that were

@@ -78,6 +78,18 @@ impl Sm {
         Ok(crate::sum_samples(&metrics, name))
     }
 
+    /// `python3 -c script args` in `pod`, every stdio piped.
+    fn python(&self, pod: &str, script: &str, args: &[&str]) -> Result<Command> {
+        let mut c = self.cluster.pod(pod).try_command("python3")?;
+        c.arg("-c")
+            .arg(script)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Ok(c)
+    }
+
     fn server_ip(&self) -> String {
         self.cluster.pod("server").ip4.to_string()
     }
@@ -516,19 +528,11 @@ fn went_tcp_hops_leave_the_maps(label: &str, hbone: bool, flags: &[&'static str]
     }
     let _server = Server::start(w.cluster.pod("server"), &[PORT])?;
     let mut held = w
-        .cluster
-        .pod("client")
-        .try_command("python3")?
-        .args([
-            "-c",
+        .python(
+            "client",
             HOLD_TCP_HOPS,
-            &w.server_ip(),
-            &PORT.to_string(),
-            &CONNS.to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+            &[&w.server_ip(), &PORT.to_string(), &CONNS.to_string()],
+        )?
         .spawn()?;
     let line = mesh::first_line(&mut held)?;
     assert_eq!(line["open"], CONNS, "{line}");
@@ -664,19 +668,11 @@ print(json.dumps({"echoed_intact": bytes(echo) == data, "bytes": len(echo)}), fl
 /// it has said it is ready.
 fn stalled_reader_client(w: &Sm, cap: usize) -> Result<std::process::Child> {
     let mut client = w
-        .cluster
-        .pod("client")
-        .try_command("python3")?
-        .args([
-            "-c",
+        .python(
+            "client",
             STALLED_READER_CLIENT,
-            &w.server_ip(),
-            &PORT.to_string(),
-            &cap.to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+            &[&w.server_ip(), &PORT.to_string(), &cap.to_string()],
+        )?
         .spawn()?;
     let ready = mesh::first_line(&mut client)?;
     assert_eq!(ready["ready"], true, "{ready}");
@@ -791,15 +787,7 @@ fn sockmap_to_app_an_agent_cannot_queue_without_bound_into_an_app_that_does_not_
     let w = Sm::to_app("sm2stall")?;
     let a1 = w.agent("node1")?;
     let a2 = w.agent("node2")?;
-    let mut server = w
-        .cluster
-        .pod("server")
-        .try_command("python3")?
-        .args(["-c", STALLING_SERVER, &PORT.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut server = w.python("server", STALLING_SERVER, &[&PORT.to_string()])?.spawn()?;
     let mut server_in = server.stdin.take().context("stdin")?;
     let mut server_out = std::io::BufReader::new(server.stdout.take().context("stdout")?);
     let mut line = String::new();
@@ -896,10 +884,11 @@ fn tcp_fast_open_connects_stay_in_order(w: &Sm) -> Result<()> {
     let _a2 = w.agent("node2")?;
     let _server = Server::seq(w.cluster.pod("server"), PORT, false)?;
     let out = w
-        .cluster
-        .pod("client")
-        .try_command("python3")?
-        .args(["-c", TFO_CLIENT, &w.server_ip(), &PORT.to_string(), &CONNS.to_string()])
+        .python(
+            "client",
+            TFO_CLIENT,
+            &[&w.server_ip(), &PORT.to_string(), &CONNS.to_string()],
+        )?
         .output()?;
     let r: Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("client printed {:?}", String::from_utf8_lossy(&out.stderr)))?;
