@@ -597,32 +597,8 @@ fn pinned_counters(pins: &Pins, map: &str, slots: &[&'static str]) -> BTreeMap<&
 pub fn pinned_entries(pins: &Pins) -> BTreeMap<&'static str, usize> {
     let count = |name: &'static str| -> Option<(&'static str, usize)> {
         let data = MapData::from_pin(pins.maps().join(name)).ok()?;
-        let n = match name {
-            names::SM_APP | names::SM_AGENT_TX => aya::maps::SockHash::<MapData, u64>::try_from(Map::SockHash(data))
-                .ok()?
-                .keys()
-                .count(),
-            names::SM_AGENT => aya::maps::SockHash::<MapData, HopKey>::try_from(Map::SockHash(data))
-                .ok()?
-                .keys()
-                .count(),
-            names::SM_READ => aya::maps::HashMap::<MapData, HopKey, u64>::try_from(Map::HashMap(data))
-                .ok()?
-                .keys()
-                .count(),
-            names::SM_TO_APP => aya::maps::HashMap::<MapData, HopKey, ToApp>::try_from(Map::HashMap(data))
-                .ok()?
-                .keys()
-                .count(),
-            names::SM_APP_READ => aya::maps::HashMap::<MapData, u64, u64>::try_from(Map::HashMap(data))
-                .ok()?
-                .keys()
-                .count(),
-            _ => aya::maps::HashMap::<MapData, HopKey, u32>::try_from(Map::HashMap(data))
-                .ok()?
-                .keys()
-                .count(),
-        };
+        let info = data.info().ok()?;
+        let n = sys::map_key_count(data.fd().as_fd(), info.key_size() as usize, info.max_entries() as usize).ok()?;
         Some((name, n))
     };
     [
@@ -792,6 +768,9 @@ mod tests {
         let mut other = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let cookie = sys::socket_cookie(app.as_raw_fd()).unwrap();
         reads.insert(cookie, 0, 0).unwrap();
+        let counted = pinned_entries(&pins);
+        assert_eq!(counted.get(names::SM_APP_READ), Some(&1), "{counted:?}");
+        assert_eq!(counted.get(names::SM_APP), Some(&0), "{counted:?}");
 
         client.write_all(&[7; 1000]).unwrap();
         let mut buf = [0u8; 1000];

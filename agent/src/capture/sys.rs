@@ -293,6 +293,30 @@ pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
     }
 }
 
+/// How many keys a map holds, whatever its key and value types
+/// (`BPF_MAP_GET_NEXT_KEY` from the start). At most `max_entries` are
+/// counted: a hash walk restarts from its first key when the key it stands
+/// on is deleted meanwhile, so a busy map could otherwise be walked forever.
+pub fn map_key_count(map: BorrowedFd<'_>, key_size: usize, max_entries: usize) -> io::Result<usize> {
+    let (mut key, mut next) = (vec![0u8; key_size], vec![0u8; key_size]);
+    for n in 0..max_entries {
+        let mut attr = MapElem {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            // No key (0) asks for the first one.
+            key: if n == 0 { 0 } else { key.as_ptr() as u64 },
+            value: next.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        match sys_bpf(bpf_cmd::BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => std::mem::swap(&mut key, &mut next),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(max_entries)
+}
+
 /// A socket's cookie (`SO_COOKIE`): the key the programs give it
 /// (`bpf_get_socket_cookie`), e.g. in SM_APP.
 pub fn socket_cookie(fd: std::os::fd::RawFd) -> io::Result<u64> {
