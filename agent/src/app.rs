@@ -93,12 +93,16 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 /// until a signal, then stops the listeners and hands over the drain.
 async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(&cfg)?, "agent starting");
-    let object = match &cfg.bpf_object {
-        Some(p) => std::fs::read(p).map_err(|source| crate::capture::CaptureError::ReadObject {
-            path: p.clone(),
-            source,
-        })?,
-        None => EBPF_OBJECT.to_vec(),
+    // The built-in object is read in place (it is part of the binary); a
+    // file's copy is freed once loaded.
+    let object: std::borrow::Cow<'static, [u8]> = match &cfg.bpf_object {
+        Some(p) => std::fs::read(p)
+            .map_err(|source| crate::capture::CaptureError::ReadObject {
+                path: p.clone(),
+                source,
+            })?
+            .into(),
+        None => EBPF_OBJECT.into(),
     };
     let mut registry = prometheus_client::registry::Registry::default();
     // Read the source before touching the kernel, so a bad file fails fast.
@@ -115,6 +119,7 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
         cfg.sockmap,
         cfg.sockmap_to_app,
     )?;
+    drop(object);
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let tracker = Arc::new(Tracker::default());

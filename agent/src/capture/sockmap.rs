@@ -153,10 +153,13 @@ impl AgentEnds {
     /// sockops has not prepared the direction yet (the handshake's last ACK
     /// deferred), the agent creates it decided TCP, which the app's
     /// callback then leaves as it is; the returned entry removes it when
-    /// dropped (with the connection). A socket the kernel refuses for its
-    /// state (CLOSE_WAIT: the app wrote and half-closed at once) is left
-    /// undecided, since sockops may have put it in already (then its first
-    /// send decides), as is one already in SM_AGENT_TX (EBUSY).
+    /// dropped (with the connection). A socket already in SM_AGENT_TX
+    /// (EBUSY: sockops put an accepted 15001 socket in) is left undecided,
+    /// for its first send to decide. One the kernel refuses for its state
+    /// (CLOSE_WAIT: the app wrote and half-closed at once) is decided TCP,
+    /// like any other that cannot join: left undecided, an agent socket
+    /// outside SM_AGENT_TX would never decide it, and the app's socket
+    /// would stay in SM_APP until it closed.
     pub fn to_app(
         &self,
         netns_cookie: u64,
@@ -210,14 +213,13 @@ impl AgentEnds {
             // SM_AGENT_TX gives an agent's socket) before it looks for the
             // key.
             Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EEXIST)) => {}
-            // Refused for its state before any other check: sockops may
-            // have put it in at the handshake; the first send decides.
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
             // Not in SM_AGENT_TX (the kernel answers EBUSY or EEXIST for a
-            // socket that is): no program writes this direction's state, and
-            // the agent has not written to the socket yet, so it decides.
-            // The whole value is replaced: an `app_tcp` set meanwhile is
-            // lost, which changes nothing for a direction on TCP.
+            // socket that is), or refused for its state (EOPNOTSUPP, before
+            // any other check, so it may be in: then its sends find the
+            // direction decided and pass). The agent has not written to the
+            // socket yet, so TCP decided here reorders nothing. The whole
+            // value is replaced: an `app_tcp` set meanwhile is lost, which
+            // changes nothing for a direction on TCP.
             Err(e) => {
                 tracing::debug!(app = %app, error = %e, "cannot put the agent's socket into SM_AGENT_TX: the agent -> app direction stays on TCP");
                 let tcp = ToApp { value: hop::TCP, ..now };
@@ -803,6 +805,42 @@ mod tests {
             1000,
             "a program of another generation counted"
         );
+    }
+
+    /// An agent socket the kernel will not put into SM_AGENT_TX for its
+    /// state (CLOSE_WAIT: the app half-closed before the agent got to it)
+    /// decides its undecided direction TCP: nothing else ever would, and
+    /// the app's socket would wait in SM_APP for it until it closed.
+    #[test]
+    fn an_agent_socket_refused_for_its_state_decides_its_direction_tcp() {
+        use std::net::Shutdown;
+        let (_scratch, pins) = scratch_pins("smclosewait");
+        let gen = ReadGen::new();
+        let mut a = load_gen(&pins, gen);
+        let (_sockmap, ends) = Sockmap::start(&mut a, &pins, Some(gen)).unwrap();
+        let data = MapData::from_pin(pins.maps().join(names::SM_TO_APP)).unwrap();
+        let mut to_app = aya::maps::HashMap::<MapData, HopKey, ToApp>::try_from(Map::HashMap(data)).unwrap();
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let agent = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (app, _) = listener.accept().unwrap();
+        app.shutdown(Shutdown::Write).unwrap();
+        // The FIN is in once a read sees the end: the agent's socket is in
+        // CLOSE_WAIT.
+        assert_eq!(std::io::Read::read(&mut &agent, &mut [0u8; 1]).unwrap(), 0);
+        let (ours, theirs) = (agent.local_addr().unwrap(), agent.peer_addr().unwrap());
+        let key = hop_key(42, ours, theirs);
+        let undecided = ToApp {
+            value: hop::UNDECIDED,
+            app_tcp: 0,
+            app_cookie: 7,
+        };
+        to_app.insert(key, undecided, 0).unwrap();
+
+        assert!(ends.to_app(42, &agent, theirs, ours).is_none(), "the entry was there");
+        let now = to_app.get(&key, 0).unwrap();
+        assert_eq!(hop::state(now.value), hop::TCP, "{:#x}", now.value);
+        assert_eq!(now.app_cookie, 7);
     }
 
     #[test]

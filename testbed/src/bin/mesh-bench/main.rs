@@ -563,12 +563,19 @@ fn run(meshes: &[Mesh], opts: &Opts) -> Result<(Vec<Value>, Value)> {
     for round in 1..=n {
         let mut rec = json!({ "round": round });
         for c in &cols {
+            let before = CpuSnapshot::take(c)?;
             let rtt = sockperf(c, opts.seconds).with_context(|| format!("round {round}: {} latency", c.name))?;
+            let cpu = CpuSnapshot::take(c)?.since(&before, ticks);
+            // What both agents spend per message and its answer: the part
+            // of the added latency that is their work, not waiting.
+            let per_rt_us = cpu.agent_s * 1e6 / rtt.observations as f64;
             eprintln!(
-                "  round {round}/{n}: {:<6} rtt p50 {:>8.1} us  p99 {:>8.1} us",
+                "  round {round}/{n}: {:<6} rtt p50 {:>8.1} us  p99 {:>8.1} us  agents {per_rt_us:.1} CPU-us per round trip",
                 c.name, rtt.p50, rtt.p99
             );
             rec[c.name]["rtt"] = rtt.to_json();
+            rec[c.name]["rtt"]["agent_cpu_s"] = json!(cpu.agent_s);
+            rec[c.name]["rtt"]["agent_cpu_us_per_round_trip"] = json!(per_rt_us);
         }
         for c in &cols {
             let before = CpuSnapshot::take(c)?;
@@ -730,9 +737,15 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
     }
     // (label, key, decimals, whether <captured>/direct means something): the
     // agents are not on the direct path, their CPU there is idle housekeeping.
-    let rows: [(&str, &str, usize, bool); 10] = [
+    let rows: [(&str, &str, usize, bool); 11] = [
         ("RTT p50 (us)", "rtt/p50_us", 1, true),
         ("RTT p99 (us)", "rtt/p99_us", 1, true),
+        (
+            "agent CPU-us per round trip",
+            "rtt/agent_cpu_us_per_round_trip",
+            1,
+            false,
+        ),
         ("bulk (Gb/s)", "bulk/gbps", 2, true),
         ("agent CPU-s/GB", "bulk/agent_cpu_s_per_gb", 3, false),
         ("agent user CPU-s/GB", "bulk/agent_user_cpu_s_per_gb", 3, false),
@@ -819,7 +832,8 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
          server and agents share the {cores} cores); \"32 at once\" = mesh-echo connect-load, 32 such \
          connections in setup at once against mesh-echo tcp-echo. Agent CPU = utime+stime of both agents of the \
          column's cluster (in the direct column: their idle housekeeping, they are not on that path); \
-         agent user CPU = their utime alone.",
+         agent user CPU = their utime alone; per round trip = over the ping-pong, divided by sockperf's \
+         observations.",
         busy("bulk"),
         busy("conn")
     );
