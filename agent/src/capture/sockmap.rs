@@ -155,11 +155,12 @@ impl AgentEnds {
     /// callback then leaves as it is; the returned entry removes it when
     /// dropped (with the connection). A socket already in SM_AGENT_TX
     /// (EBUSY: sockops put an accepted 15001 socket in) is left undecided,
-    /// for its first send to decide. One the kernel refuses for its state
-    /// (CLOSE_WAIT: the app wrote and half-closed at once) is decided TCP,
-    /// like any other that cannot join: left undecided, an agent socket
-    /// outside SM_AGENT_TX would never decide it, and the app's socket
-    /// would stay in SM_APP until it closed.
+    /// for its first send to decide, and so is an accepted 15001 socket the
+    /// kernel refuses for its state (CLOSE_WAIT, checked first: sockops may
+    /// have put it in). A connection to an app refused for its state is
+    /// decided TCP, like any other socket that cannot join: sockops never
+    /// inserts it, so left undecided nothing would decide it, and the app's
+    /// socket would stay in SM_APP until it closed.
     pub fn to_app(
         &self,
         netns_cookie: u64,
@@ -174,7 +175,7 @@ impl AgentEnds {
         for _ in 0..2 {
             match maps.get(&key) {
                 Ok(t) if hop::state(t.value) == hop::UNDECIDED => {
-                    self.join(maps, &key, t, sock, app);
+                    self.join(maps, &key, t, sock, app, agent);
                     return None;
                 }
                 Ok(_) => return None,
@@ -199,9 +200,17 @@ impl AgentEnds {
         None
     }
 
-    /// Puts the agent's socket into SM_AGENT_TX for the undecided direction
-    /// `key` (value `now`), or decides it TCP.
-    fn join(&self, maps: &ToAppMaps, key: &HopKey, now: ToApp, sock: &impl AsRawFd, app: SocketAddr) {
+    /// Puts the agent's socket (its end `agent`) into SM_AGENT_TX for the
+    /// undecided direction `key` (value `now`), or decides it TCP.
+    fn join(
+        &self,
+        maps: &ToAppMaps,
+        key: &HopKey,
+        now: ToApp,
+        sock: &impl AsRawFd,
+        app: SocketAddr,
+        agent: SocketAddr,
+    ) {
         let inserted = sys::socket_cookie(sock.as_raw_fd()).and_then(|cookie| {
             let fd = sock.as_raw_fd() as u32;
             sys::map_insert(maps.tx.fd().as_fd(), &cookie.to_ne_bytes(), &fd.to_ne_bytes())
@@ -213,13 +222,18 @@ impl AgentEnds {
             // SM_AGENT_TX gives an agent's socket) before it looks for the
             // key.
             Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EEXIST)) => {}
+            // Refused for its state (CLOSE_WAIT: the app wrote and
+            // half-closed at once) before any other check. An accepted
+            // 15001 socket, the one sockops inserts, is most likely in
+            // already: its first send decides, redirected as sockops meant.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && agent.port() == agent_common::OUTBOUND_PORT => {}
             // Not in SM_AGENT_TX (the kernel answers EBUSY or EEXIST for a
-            // socket that is), or refused for its state (EOPNOTSUPP, before
-            // any other check, so it may be in: then its sends find the
-            // direction decided and pass). The agent has not written to the
-            // socket yet, so TCP decided here reorders nothing. The whole
-            // value is replaced: an `app_tcp` set meanwhile is lost, which
-            // changes nothing for a direction on TCP.
+            // socket that is), or a connection to an app refused for its
+            // state, which sockops never inserts: nothing else would ever
+            // decide it. The agent has not written to the socket yet, so
+            // TCP decided here reorders nothing. The whole value is
+            // replaced: an `app_tcp` set meanwhile is lost, which changes
+            // nothing for a direction on TCP.
             Err(e) => {
                 tracing::debug!(app = %app, error = %e, "cannot put the agent's socket into SM_AGENT_TX: the agent -> app direction stays on TCP");
                 let tcp = ToApp { value: hop::TCP, ..now };
@@ -807,12 +821,13 @@ mod tests {
         );
     }
 
-    /// An agent socket the kernel will not put into SM_AGENT_TX for its
-    /// state (CLOSE_WAIT: the app half-closed before the agent got to it)
-    /// decides its undecided direction TCP: nothing else ever would, and
-    /// the app's socket would wait in SM_APP for it until it closed.
+    /// The agent's connection to an app, which the kernel will not put
+    /// into SM_AGENT_TX for its state (CLOSE_WAIT: the app half-closed
+    /// before the agent got to it), decides its undecided direction TCP:
+    /// sockops never inserts such a socket, so nothing else would, and the
+    /// app's socket would wait in SM_APP for it until it closed.
     #[test]
-    fn an_agent_socket_refused_for_its_state_decides_its_direction_tcp() {
+    fn a_connection_to_an_app_refused_for_its_state_decides_its_direction_tcp() {
         use std::net::Shutdown;
         let (_scratch, pins) = scratch_pins("smclosewait");
         let gen = ReadGen::new();

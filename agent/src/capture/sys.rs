@@ -296,7 +296,9 @@ pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
 /// How many keys a map holds, whatever its key and value types
 /// (`BPF_MAP_GET_NEXT_KEY` from the start). At most `max_entries` are
 /// counted: a hash walk restarts from its first key when the key it stands
-/// on is deleted meanwhile, so a busy map could otherwise be walked forever.
+/// on is deleted meanwhile, so a busy map could otherwise be walked forever
+/// (and a walk that restarted counts some keys twice: a count of a map
+/// that changes meanwhile is approximate).
 pub fn map_key_count(map: BorrowedFd<'_>, key_size: usize, max_entries: usize) -> io::Result<usize> {
     let (mut key, mut next) = (vec![0u8; key_size], vec![0u8; key_size]);
     for n in 0..max_entries {

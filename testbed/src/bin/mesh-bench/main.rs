@@ -566,9 +566,10 @@ fn run(meshes: &[Mesh], opts: &Opts) -> Result<(Vec<Value>, Value)> {
             let before = CpuSnapshot::take(c)?;
             let rtt = sockperf(c, opts.seconds).with_context(|| format!("round {round}: {} latency", c.name))?;
             let cpu = CpuSnapshot::take(c)?.since(&before, ticks);
-            // What both agents spend per message and its answer: the part
-            // of the added latency that is their work, not waiting.
-            let per_rt_us = cpu.agent_s * 1e6 / rtt.observations as f64;
+            // What both agents spend per message and its answer, over the
+            // whole run (the CPU window holds the warm-up too). CPU, not a
+            // part of the latency: some of it runs after the hand-off.
+            let per_rt_us = cpu.agent_s * 1e6 / rtt.replies.max(1) as f64;
             eprintln!(
                 "  round {round}/{n}: {:<6} rtt p50 {:>8.1} us  p99 {:>8.1} us  agents {per_rt_us:.1} CPU-us per round trip",
                 c.name, rtt.p50, rtt.p99
@@ -832,8 +833,8 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
          server and agents share the {cores} cores); \"32 at once\" = mesh-echo connect-load, 32 such \
          connections in setup at once against mesh-echo tcp-echo. Agent CPU = utime+stime of both agents of the \
          column's cluster (in the direct column: their idle housekeeping, they are not on that path); \
-         agent user CPU = their utime alone; per round trip = over the ping-pong, divided by sockperf's \
-         observations.",
+         agent user CPU = their utime alone; per round trip = over the whole ping-pong, divided by the \
+         replies of its whole run (warm-up included).",
         busy("bulk"),
         busy("conn")
     );
@@ -1039,11 +1040,17 @@ struct Rtt {
     p99: f64,
     avg: f64,
     observations: u64,
+    /// Replies over the whole run, warm-up and cool-down included (the
+    /// observations cover only the valid window).
+    replies: u64,
 }
 
 impl Rtt {
     fn to_json(&self) -> Value {
-        json!({ "p50_us": self.p50, "p99_us": self.p99, "avg_us": self.avg, "observations": self.observations })
+        json!({
+            "p50_us": self.p50, "p99_us": self.p99, "avg_us": self.avg,
+            "observations": self.observations, "replies": self.replies,
+        })
     }
 }
 
@@ -1085,6 +1092,7 @@ fn parse_sockperf(text: &str) -> Result<Rtt> {
     let mut p99 = None;
     let mut avg = None;
     let mut observations = None;
+    let mut replies = None;
     for line in text.lines() {
         if let Some(rest) = line.split("---> percentile ").nth(1) {
             let (pct, val) = rest.split_once('=').context("percentile line without '='")?;
@@ -1096,6 +1104,13 @@ fn parse_sockperf(text: &str) -> Result<Rtt> {
             }
         } else if let Some(rest) = line.split("avg-rtt=").nth(1) {
             avg = rest.split_whitespace().next().and_then(|v| v.parse().ok());
+        } else if line.contains("[Total Run]") {
+            // "... SentMessages=20560; ReceivedMessages=20559"
+            replies = line
+                .split("ReceivedMessages=")
+                .nth(1)
+                .and_then(|v| v.trim().split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|v| v.parse().ok());
         } else if let Some(rest) = line.split("Total ").nth(1) {
             // "Total 31142 observations" (not "[Total Run] ...").
             if let Some(n) = rest.split_whitespace().next().and_then(|v| v.parse().ok()) {
@@ -1110,6 +1125,7 @@ fn parse_sockperf(text: &str) -> Result<Rtt> {
         p99: p99.context("no 99th percentile")?,
         avg: avg.unwrap_or(f64::NAN),
         observations,
+        replies: replies.context("no [Total Run] message count")?,
     })
 }
 
@@ -1399,4 +1415,27 @@ fn utc_now() -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", rem / 3600, rem % 3600 / 60)
+}
+
+#[cfg(test)]
+mod tests {
+    /// sockperf 3.x's summary (colour codes stripped), one percentile kept
+    /// short.
+    const OUTPUT: &str =
+        "sockperf: [Total Run] RunTime=1.000 sec; Warm up time=400 msec; SentMessages=20560; ReceivedMessages=20559
+sockperf: [Valid Duration] RunTime=0.550 sec; SentMessages=9452; ReceivedMessages=9452
+sockperf: ====> avg-rtt=57.123 (std-dev=3.1)
+sockperf: Total 9452 observations; each percentile contains 94.52 observations
+sockperf: ---> percentile 99.000 =   81.234
+sockperf: ---> percentile 50.000 =   55.012
+sockperf: Round trip is measured
+";
+
+    #[test]
+    fn a_sockperf_summary_gives_percentiles_observations_and_all_replies() {
+        let r = super::parse_sockperf(OUTPUT).unwrap();
+        assert_eq!((r.p50, r.p99, r.avg), (55.012, 81.234, 57.123));
+        assert_eq!(r.observations, 9452);
+        assert_eq!(r.replies, 20559);
+    }
 }
