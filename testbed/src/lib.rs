@@ -31,6 +31,7 @@ mod names;
 pub mod procfs;
 pub mod signals;
 pub mod soakload;
+pub mod sockperf;
 mod sys;
 pub mod waypoint;
 pub mod wire;

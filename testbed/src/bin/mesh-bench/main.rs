@@ -1035,25 +1035,6 @@ fn conn_rate(c: &Column, seconds: u32) -> Result<Conns> {
     Conns::run(cmd, "the connection loop", seconds)
 }
 
-struct Rtt {
-    p50: f64,
-    p99: f64,
-    avg: f64,
-    observations: u64,
-    /// Replies over the whole run, warm-up and cool-down included (the
-    /// observations cover only the valid window).
-    replies: u64,
-}
-
-impl Rtt {
-    fn to_json(&self) -> Value {
-        json!({
-            "p50_us": self.p50, "p99_us": self.p99, "avg_us": self.avg,
-            "observations": self.observations, "replies": self.replies,
-        })
-    }
-}
-
 fn conn_burst(c: &Column, echo_bin: &str, seconds: u32) -> Result<Conns> {
     let mut cmd = c.client.try_command(echo_bin)?;
     cmd.args(["connect-load", "--addr"])
@@ -1065,7 +1046,7 @@ fn conn_burst(c: &Column, echo_bin: &str, seconds: u32) -> Result<Conns> {
     Conns::run(cmd, "connect-load", seconds)
 }
 
-fn sockperf(r: &Column, seconds: u32) -> Result<Rtt> {
+fn sockperf(r: &Column, seconds: u32) -> Result<testbed::sockperf::Rtt> {
     let mut cmd = r.client.try_command("sockperf")?;
     cmd.args(["ping-pong", "--tcp", "--full-rtt", "-i"])
         .arg(r.server.ip4.to_string())
@@ -1080,53 +1061,7 @@ fn sockperf(r: &Column, seconds: u32) -> Result<Rtt> {
     if !out.status.success() {
         bail!("sockperf ping-pong failed ({}):\n{text}", out.status);
     }
-    parse_sockperf(&text).with_context(|| format!("unexpected sockperf output:\n{text}"))
-}
-
-fn parse_sockperf(text: &str) -> Result<Rtt> {
-    ensure!(
-        text.contains("Round trip is"),
-        "no round-trip summary (was --full-rtt honoured?)"
-    );
-    let mut p50 = None;
-    let mut p99 = None;
-    let mut avg = None;
-    let mut observations = None;
-    let mut replies = None;
-    for line in text.lines() {
-        if let Some(rest) = line.split("---> percentile ").nth(1) {
-            let (pct, val) = rest.split_once('=').context("percentile line without '='")?;
-            let val: f64 = val.trim().parse()?;
-            match pct.trim() {
-                "50.000" => p50 = Some(val),
-                "99.000" => p99 = Some(val),
-                _ => {}
-            }
-        } else if let Some(rest) = line.split("avg-rtt=").nth(1) {
-            avg = rest.split_whitespace().next().and_then(|v| v.parse().ok());
-        } else if line.contains("[Total Run]") {
-            // "... SentMessages=20560; ReceivedMessages=20559"
-            replies = line
-                .split("ReceivedMessages=")
-                .nth(1)
-                .and_then(|v| v.trim().split(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|v| v.parse().ok());
-        } else if let Some(rest) = line.split("Total ").nth(1) {
-            // "Total 31142 observations" (not "[Total Run] ...").
-            if let Some(n) = rest.split_whitespace().next().and_then(|v| v.parse().ok()) {
-                observations = Some(n);
-            }
-        }
-    }
-    let observations: u64 = observations.context("no observation count")?;
-    ensure!(observations > 0, "no round trips completed");
-    Ok(Rtt {
-        p50: p50.context("no 50th percentile")?,
-        p99: p99.context("no 99th percentile")?,
-        avg: avg.unwrap_or(f64::NAN),
-        observations,
-        replies: replies.context("no [Total Run] message count")?,
-    })
+    testbed::sockperf::parse(&text).with_context(|| format!("unexpected sockperf output:\n{text}"))
 }
 
 fn strip_ansi(s: &str) -> String {
@@ -1415,27 +1350,4 @@ fn utc_now() -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", rem / 3600, rem % 3600 / 60)
-}
-
-#[cfg(test)]
-mod tests {
-    /// sockperf 3.x's summary (colour codes stripped), one percentile kept
-    /// short.
-    const OUTPUT: &str =
-        "sockperf: [Total Run] RunTime=1.000 sec; Warm up time=400 msec; SentMessages=20560; ReceivedMessages=20559
-sockperf: [Valid Duration] RunTime=0.550 sec; SentMessages=9452; ReceivedMessages=9452
-sockperf: ====> avg-rtt=57.123 (std-dev=3.1)
-sockperf: Total 9452 observations; each percentile contains 94.52 observations
-sockperf: ---> percentile 99.000 =   81.234
-sockperf: ---> percentile 50.000 =   55.012
-sockperf: Round trip is measured
-";
-
-    #[test]
-    fn a_sockperf_summary_gives_percentiles_observations_and_all_replies() {
-        let r = super::parse_sockperf(OUTPUT).unwrap();
-        assert_eq!((r.p50, r.p99, r.avg), (55.012, 81.234, 57.123));
-        assert_eq!(r.observations, 9452);
-        assert_eq!(r.replies, 20559);
-    }
 }
