@@ -858,6 +858,64 @@ mod tests {
         assert_eq!(now.app_cookie, 7);
     }
 
+    /// An accepted 15001 socket the kernel refuses for its state stays
+    /// undecided: sockops most likely put it in SM_AGENT_TX at the
+    /// handshake, and its first send decides. (In a network namespace of
+    /// the test's own, where 127.0.0.1:15001 is free.)
+    #[test]
+    fn an_accepted_15001_socket_refused_for_its_state_stays_undecided() {
+        use std::net::Shutdown;
+        let (_scratch, pins) = scratch_pins("smclosewait15001");
+        let gen = ReadGen::new();
+        let mut a = load_gen(&pins, gen);
+        let (_sockmap, ends) = Sockmap::start(&mut a, &pins, Some(gen)).unwrap();
+        let data = MapData::from_pin(pins.maps().join(names::SM_TO_APP)).unwrap();
+        let mut to_app = aya::maps::HashMap::<MapData, HopKey, ToApp>::try_from(Map::HashMap(data)).unwrap();
+
+        // The sockets live in a fresh namespace, made and kept by this thread.
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
+                loopback_up();
+                let listener = std::net::TcpListener::bind(("127.0.0.1", agent_common::OUTBOUND_PORT)).unwrap();
+                let app = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+                let (agent, _) = listener.accept().unwrap();
+                app.shutdown(Shutdown::Write).unwrap();
+                assert_eq!(std::io::Read::read(&mut &agent, &mut [0u8; 1]).unwrap(), 0);
+                let (ours, theirs) = (agent.local_addr().unwrap(), agent.peer_addr().unwrap());
+                let key = hop_key(42, ours, theirs);
+                let undecided = ToApp {
+                    value: hop::UNDECIDED,
+                    app_tcp: 0,
+                    app_cookie: 7,
+                };
+                to_app.insert(key, undecided, 0).unwrap();
+                assert!(ends.to_app(42, &agent, theirs, ours).is_none(), "the entry was there");
+                let now = to_app.get(&key, 0).unwrap();
+                assert_eq!(hop::state(now.value), hop::UNDECIDED, "{:#x}", now.value);
+            })
+            .join()
+            .unwrap();
+        });
+    }
+
+    /// Brings this thread's namespace's `lo` up (a fresh one starts down).
+    fn loopback_up() {
+        // SAFETY: a datagram socket of our own, and an ifreq that names `lo`
+        // and holds the flags the first ioctl read into it.
+        unsafe {
+            let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            assert!(s >= 0);
+            let mut req: libc::ifreq = std::mem::zeroed();
+            req.ifr_name[0] = b'l' as libc::c_char;
+            req.ifr_name[1] = b'o' as libc::c_char;
+            assert_eq!(libc::ioctl(s, libc::SIOCGIFFLAGS, &mut req), 0);
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            assert_eq!(libc::ioctl(s, libc::SIOCSIFFLAGS, &req), 0);
+            libc::close(s);
+        }
+    }
+
     #[test]
     fn hop_keys_fold_ipv4_mapped_addresses() {
         let v4 = hop_key(
