@@ -821,66 +821,26 @@ mod tests {
         );
     }
 
-    /// The agent's connection to an app, which the kernel will not put
-    /// into SM_AGENT_TX for its state (CLOSE_WAIT: the app half-closed
-    /// before the agent got to it), decides its undecided direction TCP:
-    /// sockops never inserts such a socket, so nothing else would, and the
-    /// app's socket would wait in SM_APP for it until it closed.
-    #[test]
-    fn a_connection_to_an_app_refused_for_its_state_decides_its_direction_tcp() {
-        use std::net::Shutdown;
-        let (_scratch, pins) = scratch_pins("smclosewait");
+    /// What [`AgentEnds::to_app`] leaves of an undecided direction (its
+    /// `app_cookie` 7) whose agent socket is in CLOSE_WAIT. `pair` makes
+    /// the agent's socket and the app's, on a thread of their own that it
+    /// may move to a network namespace of its own; the app then half-closes.
+    fn to_app_in_close_wait(
+        label: &str,
+        pair: impl FnOnce() -> (std::net::TcpStream, std::net::TcpStream) + Send,
+    ) -> ToApp {
+        let (_scratch, pins) = scratch_pins(label);
         let gen = ReadGen::new();
         let mut a = load_gen(&pins, gen);
         let (_sockmap, ends) = Sockmap::start(&mut a, &pins, Some(gen)).unwrap();
         let data = MapData::from_pin(pins.maps().join(names::SM_TO_APP)).unwrap();
         let mut to_app = aya::maps::HashMap::<MapData, HopKey, ToApp>::try_from(Map::HashMap(data)).unwrap();
-
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let agent = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (app, _) = listener.accept().unwrap();
-        app.shutdown(Shutdown::Write).unwrap();
-        // The FIN is in once a read sees the end: the agent's socket is in
-        // CLOSE_WAIT.
-        assert_eq!(std::io::Read::read(&mut &agent, &mut [0u8; 1]).unwrap(), 0);
-        let (ours, theirs) = (agent.local_addr().unwrap(), agent.peer_addr().unwrap());
-        let key = hop_key(42, ours, theirs);
-        let undecided = ToApp {
-            value: hop::UNDECIDED,
-            app_tcp: 0,
-            app_cookie: 7,
-        };
-        to_app.insert(key, undecided, 0).unwrap();
-
-        assert!(ends.to_app(42, &agent, theirs, ours).is_none(), "the entry was there");
-        let now = to_app.get(&key, 0).unwrap();
-        assert_eq!(hop::state(now.value), hop::TCP, "{:#x}", now.value);
-        assert_eq!(now.app_cookie, 7);
-    }
-
-    /// An accepted 15001 socket the kernel refuses for its state stays
-    /// undecided: sockops most likely put it in SM_AGENT_TX at the
-    /// handshake, and its first send decides. (In a network namespace of
-    /// the test's own, where 127.0.0.1:15001 is free.)
-    #[test]
-    fn an_accepted_15001_socket_refused_for_its_state_stays_undecided() {
-        use std::net::Shutdown;
-        let (_scratch, pins) = scratch_pins("smclosewait15001");
-        let gen = ReadGen::new();
-        let mut a = load_gen(&pins, gen);
-        let (_sockmap, ends) = Sockmap::start(&mut a, &pins, Some(gen)).unwrap();
-        let data = MapData::from_pin(pins.maps().join(names::SM_TO_APP)).unwrap();
-        let mut to_app = aya::maps::HashMap::<MapData, HopKey, ToApp>::try_from(Map::HashMap(data)).unwrap();
-
-        // The sockets live in a fresh namespace, made and kept by this thread.
         std::thread::scope(|t| {
             t.spawn(|| {
-                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
-                loopback_up();
-                let listener = std::net::TcpListener::bind(("127.0.0.1", agent_common::OUTBOUND_PORT)).unwrap();
-                let app = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-                let (agent, _) = listener.accept().unwrap();
-                app.shutdown(Shutdown::Write).unwrap();
+                let (agent, app) = pair();
+                app.shutdown(std::net::Shutdown::Write).unwrap();
+                // The FIN is in once a read sees the end: the agent's
+                // socket is in CLOSE_WAIT.
                 assert_eq!(std::io::Read::read(&mut &agent, &mut [0u8; 1]).unwrap(), 0);
                 let (ours, theirs) = (agent.local_addr().unwrap(), agent.peer_addr().unwrap());
                 let key = hop_key(42, ours, theirs);
@@ -891,12 +851,43 @@ mod tests {
                 };
                 to_app.insert(key, undecided, 0).unwrap();
                 assert!(ends.to_app(42, &agent, theirs, ours).is_none(), "the entry was there");
-                let now = to_app.get(&key, 0).unwrap();
-                assert_eq!(hop::state(now.value), hop::UNDECIDED, "{:#x}", now.value);
+                to_app.get(&key, 0).unwrap()
             })
             .join()
-            .unwrap();
+            .unwrap()
+        })
+    }
+
+    /// The agent's connection to an app, which the kernel will not put
+    /// into SM_AGENT_TX for its state (CLOSE_WAIT: the app half-closed
+    /// before the agent got to it), decides its undecided direction TCP:
+    /// sockops never inserts such a socket, so nothing else would, and the
+    /// app's socket would wait in SM_APP for it until it closed.
+    #[test]
+    fn a_connection_to_an_app_refused_for_its_state_decides_its_direction_tcp() {
+        let now = to_app_in_close_wait("smclosewait", || {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let agent = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            (agent, listener.accept().unwrap().0)
         });
+        assert_eq!(hop::state(now.value), hop::TCP, "{:#x}", now.value);
+        assert_eq!(now.app_cookie, 7);
+    }
+
+    /// An accepted 15001 socket the kernel refuses for its state stays
+    /// undecided: sockops most likely put it in SM_AGENT_TX at the
+    /// handshake, and its first send decides. (In a network namespace of
+    /// the test's own, where 127.0.0.1:15001 is free.)
+    #[test]
+    fn an_accepted_15001_socket_refused_for_its_state_stays_undecided() {
+        let now = to_app_in_close_wait("smclosewait15001", || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
+            loopback_up();
+            let listener = std::net::TcpListener::bind(("127.0.0.1", agent_common::OUTBOUND_PORT)).unwrap();
+            let app = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            (listener.accept().unwrap().0, app)
+        });
+        assert_eq!(hop::state(now.value), hop::UNDECIDED, "{:#x}", now.value);
     }
 
     /// Brings this thread's namespace's `lo` up (a fresh one starts down).
