@@ -25,6 +25,7 @@ pub mod apiserver;
 pub mod args;
 pub mod connload;
 pub mod echo;
+pub mod idle;
 pub mod kube;
 pub mod mesh;
 mod names;

@@ -15,6 +15,9 @@ use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal
 static STOP: AtomicBool = AtomicBool::new(false);
 /// Files an interrupted program removes before it exits (a run's lock file).
 static FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Settings an interrupted program writes back before it exits (the guest's
+/// halt polling a benchmark set: `crate::idle::HaltPoll`).
+static RESTORE: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
@@ -33,6 +36,14 @@ pub fn teardown_on_signal(what: &'static str) {
             for f in FILES.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                 let _ = std::fs::remove_file(f);
             }
+            for (path, value) in RESTORE.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                if let Err(e) = std::fs::write(path, value) {
+                    eprintln!(
+                        "cannot restore {} to {value}: {e} (write it back by hand)",
+                        path.display()
+                    );
+                }
+            }
             if let Err(e) = crate::teardown_all() {
                 eprintln!("teardown: {e:#}");
             }
@@ -45,6 +56,19 @@ pub fn teardown_on_signal(what: &'static str) {
 /// Removes `file` too when a signal stops the program.
 pub fn remove_when_interrupted(file: PathBuf) {
     FILES.lock().unwrap_or_else(|e| e.into_inner()).push(file);
+}
+
+/// Writes `value` back to `path` too when a signal stops the program.
+pub fn restore_when_interrupted(path: PathBuf, value: String) {
+    RESTORE.lock().unwrap_or_else(|e| e.into_inner()).push((path, value));
+}
+
+/// `path` was restored by its owner: a signal must not write it again.
+pub fn forget_restore(path: &std::path::Path) {
+    RESTORE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|(p, _)| p != path);
 }
 
 /// Whether a signal asked the program to stop.

@@ -91,6 +91,8 @@ pub struct Opts {
     pub rate: u32,
     pub connections: u32,
     pub json: PathBuf,
+    /// Guest halt polling set for the run (`testbed::idle`).
+    pub halt_poll_ns: Option<u64>,
 }
 
 const PATHS: [&str; 4] = ["direct", "mesh", "waypoint", "nginx"];
@@ -720,6 +722,7 @@ fn report(opts: &Opts, m: Measured, nginx: &str, load_before: Value, started: In
     let kernel = kernel.trim();
     let date = utc_now();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let idle = testbed::idle::Idle::read(opts.halt_poll_ns.is_some());
     let load_after = machine_load();
     let cell = |v: f64, d: usize| {
         if v.is_finite() {
@@ -769,8 +772,9 @@ fn report(opts: &Opts, m: Measured, nginx: &str, load_before: Value, started: In
         ),
     ];
     let mut table = format!(
-        "L7: HTTP/1.1 keep-alive GET, 1 KB answers, {date}, kernel {kernel}, {cores} cores, median of {} rounds x {} s \
+        "L7: HTTP/1.1 keep-alive GET, 1 KB answers, {date}, kernel {kernel}, {cores} cores, {}, median of {} rounds x {} s \
          per path and mode ({}, {} connections, 1 worker thread)\n\n| metric | {} |\n|---|{}\n",
+        idle.describe(),
         opts.rounds,
         opts.seconds,
         m.oha_version,
@@ -876,14 +880,19 @@ fn report(opts: &Opts, m: Measured, nginx: &str, load_before: Value, started: In
         load_after["loadavg"].as_str().unwrap_or(""),
     );
     let command = format!(
-        "cargo xtask bench -- --only l7 --l7-rounds {} --l7-seconds {} --rate {} --connections {}",
-        opts.rounds, opts.seconds, opts.rate, opts.connections
+        "cargo xtask bench -- --only l7 --l7-rounds {} --l7-seconds {} --rate {} --connections {}{}",
+        opts.rounds,
+        opts.seconds,
+        opts.rate,
+        opts.connections,
+        super::halt_poll_arg(opts.halt_poll_ns),
     );
     println!("Reproduce: {command}");
     let doc = json!({
         "date": date,
         "kernel": kernel,
         "cores": cores,
+        "idle": idle.to_json(),
         "binaries": super::binaries(),
         "oha": m.oha_version,
         "nginx": nginx,

@@ -1,5 +1,5 @@
 //! `cargo xtask bench [--only l4|l7] [--mode plain|hbone|all] [--rounds N] [--seconds S] [--json PATH]
-//! [--l7-rounds N] [--l7-seconds S] [--rate R] [--connections C] [--l7-json PATH]`:
+//! [--l7-rounds N] [--l7-seconds S] [--rate R] [--connections C] [--l7-json PATH] [--halt-poll-ns NS]`:
 //! pod to pod across two nodes, the direct path against the captured paths
 //! (both agents in the way), interleaved in one run. This file is the L4
 //! half (below); `l7.rs` the L7 half (HTTP through the mesh, a waypoint and
@@ -167,7 +167,12 @@ fn main() {
 const USAGE: &str =
     "usage: mesh-bench [--] [--only l4|l7] [--mode plain|hbone|all] [--sockmap] [--sockmap-to-app] [--rounds N] [--seconds S]
                   [--json PATH] [--l7-rounds N] [--l7-seconds S] [--rate R] [--connections C] [--l7-json PATH]
+                  [--halt-poll-ns NS]
   --only P        run only that half (default: both, L4 first)
+  --halt-poll-ns NS  poll NS ns before an idle vCPU halts, for this run (the guest haltpoll
+                  driver's guest_halt_poll_ns, restored afterwards): on VMs whose idle vCPUs
+                  halt at once every wake-up pays a trip through the host, and the mesh's
+                  hops are wake-ups; every run's header says the setting it ran under
  L4 (TCP: sockperf, iperf3, new connections):
   --mode M        captured paths to measure against direct (default all):
                   plain = agents without a CA (splice forward), hbone = agents with
@@ -260,6 +265,8 @@ struct Opts {
     sockmap: bool,
     /// Also measure each captured path with phase two on.
     to_app: bool,
+    /// Guest halt polling for the run (`testbed::idle`).
+    halt_poll_ns: Option<u64>,
     l7: l7::Opts,
 }
 
@@ -274,12 +281,14 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
         json: bench_dir.join("capture.json"),
         sockmap: false,
         to_app: false,
+        halt_poll_ns: None,
         l7: l7::Opts {
             rounds: 3,
             seconds: 10,
             rate: 1000,
             connections: 16,
             json: bench_dir.join("l7.json"),
+            halt_poll_ns: None,
         },
     };
     let mut args = Args::new(args);
@@ -308,6 +317,12 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
             "--rate" => opts.l7.rate = args.number(1..=1_000_000)? as u32,
             "--connections" => opts.l7.connections = args.number(1..=1000)? as u32,
             "--l7-json" => opts.l7.json = PathBuf::from(args.value()?),
+            "--halt-poll-ns" => {
+                // The haltpoll driver's own ceiling is far above this.
+                let ns = args.number(0..=10_000_000)?;
+                opts.halt_poll_ns = Some(ns);
+                opts.l7.halt_poll_ns = Some(ns);
+            }
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -315,6 +330,8 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
 }
 
 fn bench(opts: &Opts) -> Result<()> {
+    // Restored when the run ends, fails or is interrupted.
+    let _halt_poll = opts.halt_poll_ns.map(testbed::idle::HaltPoll::set).transpose()?;
     if opts.only != Only::L7 {
         bench_l4(opts)?;
     }
@@ -719,11 +736,17 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
+/// The `--halt-poll-ns` of a run's "Reproduce" line.
+fn halt_poll_arg(ns: Option<u64>) -> String {
+    ns.map(|ns| format!(" --halt-poll-ns {ns}")).unwrap_or_default()
+}
+
 fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started: Instant) -> Result<()> {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let kernel = kernel.trim();
     let date = utc_now();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let idle = testbed::idle::Idle::read(opts.halt_poll_ns.is_some());
     let meshes = &columns[1..];
     // Ratio columns: each captured path to direct, and hbone to plain.
     let mut ratios: Vec<(&str, &str)> = meshes.iter().map(|m| (*m, "direct")).collect();
@@ -773,8 +796,9 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
     ];
     let mut summary = json!({});
     let mut table = format!(
-        "Pod to pod across two nodes, {date}, kernel {kernel}, {cores} cores, median of {} rounds x {} s \
+        "Pod to pod across two nodes, {date}, kernel {kernel}, {cores} cores, {}, median of {} rounds x {} s \
          ({} interleaved)\n\n| metric | {} | {} |\n|---|{}\n",
+        idle.describe(),
         opts.rounds,
         opts.seconds,
         columns.join(", "),
@@ -839,13 +863,14 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
         busy("conn")
     );
     let command = format!(
-        "cargo xtask bench -- {}--mode {}{}{} --rounds {} --seconds {}",
+        "cargo xtask bench -- {}--mode {}{}{} --rounds {} --seconds {}{}",
         if opts.only == Only::L4 { "--only l4 " } else { "" },
         opts.mode.as_str(),
         if opts.sockmap { " --sockmap" } else { "" },
         if opts.to_app { " --sockmap-to-app" } else { "" },
         opts.rounds,
-        opts.seconds
+        opts.seconds,
+        halt_poll_arg(opts.halt_poll_ns),
     );
     println!("Reproduce: {command}");
 
@@ -853,6 +878,7 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
         "date": date,
         "kernel": kernel,
         "cores": cores,
+        "idle": idle.to_json(),
         "binaries": binaries(),
         "mode": opts.mode.as_str(),
         "columns": columns,
