@@ -55,6 +55,7 @@
 //! with the expected SPIFFE identities for hbone), and none of the direct
 //! ones, or the run fails.
 use std::{
+    collections::BTreeMap,
     fs::{self, File},
     io::Read,
     path::{Path, PathBuf},
@@ -383,6 +384,8 @@ struct Mesh {
     name: &'static str,
     agents: Vec<Agent>,
     ca: Option<MeshCa>,
+    /// The agents run with sockmap flags (phase one or two).
+    sockmap: bool,
     pids: Vec<u32>,
     agent_cgroups: Vec<PathBuf>,
     client: String,
@@ -438,6 +441,7 @@ impl Mesh {
             name,
             agents,
             ca,
+            sockmap: !sockmap.is_empty(),
             pids,
             agent_cgroups,
             client,
@@ -451,6 +455,30 @@ impl Mesh {
     fn rss_kb(&self, field: &str) -> Result<Vec<u64>> {
         self.pids.iter().map(|p| status_kb(*p, field)).collect()
     }
+
+    /// Both agents' sockmap counters (`agent status`: phase one's as
+    /// `sockmap/<slot>`, phase two's as `to_app/<slot>`), summed.
+    fn sockmap_counts(&self) -> Result<BTreeMap<String, u64>> {
+        let mut sum = BTreeMap::new();
+        for a in &self.agents {
+            let status = a.status()?;
+            for (field, prefix) in [("sockmap", "sockmap"), ("sockmap_to_app", "to_app")] {
+                for (slot, n) in status[field].as_object().into_iter().flatten() {
+                    *sum.entry(format!("{prefix}/{slot}")).or_default() += n.as_u64().unwrap_or(0);
+                }
+            }
+        }
+        Ok(sum)
+    }
+}
+
+/// What the counters of [`Mesh::sockmap_counts`] moved by between two reads.
+fn counts_since(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> Value {
+    after
+        .iter()
+        .map(|(k, n)| (k.clone(), json!(n.saturating_sub(before.get(k).copied().unwrap_or(0)))))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// Starts the agent of `node` (with the `sockmap` flags) and waits
@@ -580,6 +608,10 @@ fn run(meshes: &[Mesh], opts: &Opts) -> Result<(Vec<Value>, Value)> {
     for round in 1..=n {
         let mut rec = json!({ "round": round });
         for c in &cols {
+            // Whether this round's connection was redirected at all: each
+            // round is one connection, decided at its first bytes.
+            let sockmap = c.name != "direct" && c.mesh.sockmap;
+            let counts_before = sockmap.then(|| c.mesh.sockmap_counts()).transpose()?;
             let before = CpuSnapshot::take(c)?;
             let rtt = sockperf(c, opts.seconds).with_context(|| format!("round {round}: {} latency", c.name))?;
             let cpu = CpuSnapshot::take(c)?.since(&before, ticks);
@@ -594,6 +626,11 @@ fn run(meshes: &[Mesh], opts: &Opts) -> Result<(Vec<Value>, Value)> {
             rec[c.name]["rtt"] = rtt.to_json();
             rec[c.name]["rtt"]["agent_cpu_s"] = json!(cpu.agent_s);
             rec[c.name]["rtt"]["agent_cpu_us_per_round_trip"] = json!(per_rt_us);
+            if let Some(before) = counts_before {
+                let moved = counts_since(&before, &c.mesh.sockmap_counts()?);
+                eprintln!("  round {round}/{n}: {:<6} rtt sockmap counters {moved}", c.name);
+                rec[c.name]["rtt"]["sockmap"] = moved;
+            }
         }
         for c in &cols {
             let before = CpuSnapshot::take(c)?;
