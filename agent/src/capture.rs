@@ -702,6 +702,13 @@ impl Capture {
         self.sockmap.as_ref().map(sockmap::Sockmap::stats)
     }
 
+    /// Phase two's read count keeps counting (`sockmap::Sockmap::keep_read_count`).
+    pub fn keep_read_count(&self) {
+        if let Some(s) = &self.sockmap {
+            s.keep_read_count();
+        }
+    }
+
     pub fn pins(&self) -> &Pins {
         &self.pins
     }

@@ -2,12 +2,11 @@
 //!
 //! On the development VMs (Firecracker, `cpuidle_haltpoll.force=1
 //! haltpoll.guest_halt_poll_ns=0` on the kernel command line) an idle vCPU
-//! halts at once, and waking it costs a trip through the host: a 16-byte
-//! ping-pong between two network namespaces measured p50 50 to 60 us with
-//! halting, 13 to 18 us with 200 us of guest halt polling, the same minute.
-//! Every hop of the mesh adds such wake-ups, so a benchmark records the
-//! setting it ran under, and `mesh-bench --halt-poll-ns` can set it for
-//! one run (restored afterwards, also when the run is interrupted).
+//! halts at once, and waking it costs a trip through the host (measured in
+//! README, "Idle vCPUs"). Every hop of the mesh adds such wake-ups, so a
+//! benchmark records the setting it ran under, and `mesh-bench
+//! --halt-poll-ns` can set it for one run (restored afterwards, also when
+//! the run is interrupted).
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -63,6 +62,24 @@ impl Idle {
         }
     }
 
+    /// The `--halt-poll-ns` of a run's "Reproduce" line.
+    pub fn halt_poll_arg(&self) -> String {
+        match (self.set_for_run, self.halt_poll_ns) {
+            (true, Some(ns)) => format!(" --halt-poll-ns {ns}"),
+            _ => String::new(),
+        }
+    }
+
+    /// For a report's header, read again at its end: says so if the
+    /// setting changed during the run.
+    pub fn describe_run(&self) -> String {
+        let now = Self::read(self.set_for_run);
+        match now == *self {
+            true => self.describe(),
+            false => format!("{} (changed during the run: {})", self.describe(), now.describe()),
+        }
+    }
+
     /// For a run's raw numbers.
     pub fn to_json(&self) -> Value {
         json!({
@@ -75,8 +92,9 @@ impl Idle {
 
 /// Guest halt polling set for a run; the value found is written back when
 /// this is dropped, or by the signal watcher if the run is interrupted
-/// ([`crate::signals::restore_when_interrupted`]). A run killed with
-/// SIGKILL leaves it set: the next run's header shows the value it found.
+/// ([`crate::signals::restore_when_interrupted`]: SIGINT, SIGTERM,
+/// SIGHUP). A run killed with SIGKILL leaves it set: the next run's header
+/// shows the value it found. One guard per path at a time.
 pub struct HaltPoll {
     path: PathBuf,
     previous: String,
@@ -85,10 +103,19 @@ pub struct HaltPoll {
 impl HaltPoll {
     /// Sets [`HALT_POLL_NS`] to `ns` for as long as the guard lives.
     pub fn set(ns: u64) -> Result<Self> {
-        Self::set_at(Path::new(HALT_POLL_NS), ns)
+        Self::set_at(Path::new(CPUIDLE_DRIVER), Path::new(HALT_POLL_NS), ns)
     }
 
-    fn set_at(path: &Path, ns: u64) -> Result<Self> {
+    fn set_at(driver: &Path, path: &Path, ns: u64) -> Result<Self> {
+        // The parameter exists wherever the module is built in, but only
+        // the haltpoll driver polls.
+        let found = fs::read_to_string(driver).unwrap_or_default();
+        anyhow::ensure!(
+            found.trim() == "haltpoll",
+            "--halt-poll-ns needs the haltpoll cpuidle driver, and this machine's is {:?} ({}): run without the option",
+            found.trim(),
+            driver.display()
+        );
         let previous = fs::read_to_string(path)
             .with_context(|| {
                 format!(
@@ -99,9 +126,12 @@ impl HaltPoll {
             })?
             .trim()
             .to_string();
-        fs::write(path, ns.to_string())
-            .with_context(|| format!("cannot set {} to {ns} (run as root)", path.display()))?;
+        // Registered first: a signal between the two still restores it.
         crate::signals::restore_when_interrupted(path.to_path_buf(), previous.clone());
+        if let Err(e) = fs::write(path, ns.to_string()) {
+            crate::signals::forget_restore(path);
+            return Err(e).with_context(|| format!("cannot set {} to {ns} (run as root)", path.display()));
+        }
         Ok(Self {
             path: path.to_path_buf(),
             previous,
@@ -112,13 +142,7 @@ impl HaltPoll {
 impl Drop for HaltPoll {
     fn drop(&mut self) {
         crate::signals::forget_restore(&self.path);
-        if let Err(e) = fs::write(&self.path, &self.previous) {
-            eprintln!(
-                "warning: cannot restore {} to {}: {e} (write it back by hand)",
-                self.path.display(),
-                self.previous
-            );
-        }
+        crate::signals::restore(&self.path, &self.previous);
     }
 }
 
@@ -154,7 +178,7 @@ mod tests {
             "idle: haltpoll, guest halt polling 0 ns (as found)"
         );
         {
-            let _guard = HaltPoll::set_at(&poll, 200_000).unwrap();
+            let _guard = HaltPoll::set_at(&driver, &poll, 200_000).unwrap();
             let set = Idle::read_from(&driver, &poll, true);
             assert_eq!(set.halt_poll_ns, Some(200_000));
             assert_eq!(set.to_json()["guest_halt_poll_ns"], 200_000);
@@ -168,7 +192,16 @@ mod tests {
         let missing = dir.0.join("guest_halt_poll_ns");
         let idle = Idle::read_from(&dir.0.join("current_driver"), &missing, false);
         assert_eq!(idle.describe(), "idle: no cpuidle driver");
-        let e = HaltPoll::set_at(&missing, 1).err().unwrap();
+        let e = HaltPoll::set_at(&dir.0.join("current_driver"), &missing, 1)
+            .err()
+            .unwrap();
         assert!(format!("{e:#}").contains("run without the option"), "{e:#}");
+        // The parameter is there, the driver is another: nothing would poll.
+        fs::write(&missing, "0\n").unwrap();
+        let other = dir.0.join("other_driver");
+        fs::write(&other, "acpi_idle\n").unwrap();
+        let e = HaltPoll::set_at(&other, &missing, 1).err().unwrap();
+        assert!(format!("{e:#}").contains("acpi_idle"), "{e:#}");
+        assert_eq!(fs::read_to_string(&missing).unwrap(), "0\n", "written anyway");
     }
 }

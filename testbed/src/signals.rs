@@ -26,7 +26,8 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// Installs the handlers; `what` names what is torn down in the message.
 pub fn teardown_on_signal(what: &'static str) {
     let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+    // SIGHUP too: a dropped session must not leave clusters or settings.
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         // SAFETY: the handler only stores to an atomic.
         unsafe { sigaction(sig, &action) }.expect("install signal handler");
     }
@@ -37,12 +38,7 @@ pub fn teardown_on_signal(what: &'static str) {
                 let _ = std::fs::remove_file(f);
             }
             for (path, value) in RESTORE.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                if let Err(e) = std::fs::write(path, value) {
-                    eprintln!(
-                        "cannot restore {} to {value}: {e} (write it back by hand)",
-                        path.display()
-                    );
-                }
+                restore(path, value);
             }
             if let Err(e) = crate::teardown_all() {
                 eprintln!("teardown: {e:#}");
@@ -63,7 +59,18 @@ pub fn restore_when_interrupted(path: PathBuf, value: String) {
     RESTORE.lock().unwrap_or_else(|e| e.into_inner()).push((path, value));
 }
 
-/// `path` was restored by its owner: a signal must not write it again.
+/// Writes `value` back to `path`, or says what to write by hand.
+pub fn restore(path: &std::path::Path, value: &str) {
+    if let Err(e) = std::fs::write(path, value) {
+        eprintln!(
+            "warning: cannot restore {} to {value}: {e} (write it back by hand)",
+            path.display()
+        );
+    }
+}
+
+/// `path` is restored by its owner: a signal must not write it again (one
+/// registration per path at a time).
 pub fn forget_restore(path: &std::path::Path) {
     RESTORE
         .lock()

@@ -363,6 +363,8 @@ pub struct Sockmap {
     stats: PerCpuArray<MapData, u64>,
     /// Phase two is on (asked for, and the kernel can).
     to_app: bool,
+    /// Phase two's read count, when this agent attached it.
+    read_count: Option<ReadCount>,
 }
 
 impl Sockmap {
@@ -388,11 +390,15 @@ impl Sockmap {
             .map_err(|e| bpf_err("sk_msg fd")(e.to_string()))?;
         let outcome = attach_sk_msg(&link_pin(pins), fd.as_fd(), &app, names::SM_APP)?;
         tracing::info!(outcome = ?outcome, "sk_msg program attached to SM_APP");
+        let mut read_count = None;
         let to_app = match to_app {
             // Phase two needs more of the kernel (tp_btf, Linux 6.3+):
             // without it phase one stays on.
             Some(gen) => match start_to_app(ebpf, pins, fd.as_fd(), gen) {
-                Ok(maps) => Some(maps),
+                Ok((maps, count)) => {
+                    read_count = count;
+                    Some(maps)
+                }
                 // Pins another agent may use are left alone.
                 Err(e) => {
                     tracing::warn!(reason = %e, "sockmap phase two unavailable: off; the agent's writes to the apps stay on TCP");
@@ -407,6 +413,7 @@ impl Sockmap {
         let stats = Self {
             stats,
             to_app: to_app.is_some(),
+            read_count,
         };
         let ends = AgentEnds {
             agent,
@@ -422,6 +429,12 @@ impl Sockmap {
     /// Whether phase two runs too.
     pub fn to_app(&self) -> bool {
         self.to_app
+    }
+
+    /// Called on each reload tick: see [`ReadCount::keep`]. `true`: it
+    /// wrote our generation back.
+    pub fn keep_read_count(&self) -> bool {
+        self.read_count.as_ref().is_some_and(ReadCount::keep)
     }
 
     pub fn stats(&self) -> BTreeMap<&'static str, u64> {
@@ -452,11 +465,58 @@ impl Default for ReadGen {
     }
 }
 
+/// The read count this agent attached: its program and its generation.
+struct ReadCount {
+    gen: ReadGen,
+    prog_id: u32,
+    gens: MapData,
+    pin: PathBuf,
+}
+
+impl ReadCount {
+    /// While our program is the one on the pinned link, SM_READ_GEN must
+    /// hold our generation, or nothing counts. Two agents starting at once
+    /// on the same pins can leave it wrong: the one whose program lost the
+    /// link may write its own generation after ours. So the agent whose
+    /// program runs writes its generation back (on each reload tick); an
+    /// agent whose program does not run never writes. `true`: it wrote.
+    fn keep(&self) -> bool {
+        let Ok(link) = sys::obj_get(&self.pin) else {
+            return false;
+        };
+        if sys::link_prog_id(link.as_fd()).ok() != Some(self.prog_id) {
+            return false;
+        }
+        let (key, mut now) = (0u32.to_ne_bytes(), [0u8; 8]);
+        if sys::map_lookup(self.gens.fd().as_fd(), &key, &mut now).is_err() || u64::from_ne_bytes(now) == self.gen.0 {
+            return false;
+        }
+        match sys::map_replace(self.gens.fd().as_fd(), &key, &self.gen.0.to_ne_bytes()) {
+            Ok(()) => {
+                tracing::warn!(
+                    found = u64::from_ne_bytes(now),
+                    "the read count's generation was another agent's while this agent's program counts (two agents started at once): written back; app reads between were not counted"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot write the read count's generation back; nothing counts app reads until it is");
+                false
+            }
+        }
+    }
+}
+
 /// Phase two: attaches the sk_msg program to SM_AGENT_TX, loads the
 /// read-count program (on the `sock_recv_length` tracepoint, Linux 6.3+),
 /// attaches it through a pinned link (`links/sm_app_read`) and makes its
 /// generation the one that counts.
-fn start_to_app(ebpf: &mut Ebpf, pins: &Pins, sk_msg: BorrowedFd<'_>, gen: ReadGen) -> Result<ToAppMaps, CaptureError> {
+fn start_to_app(
+    ebpf: &mut Ebpf,
+    pins: &Pins,
+    sk_msg: BorrowedFd<'_>,
+    gen: ReadGen,
+) -> Result<(ToAppMaps, Option<ReadCount>), CaptureError> {
     let tx = map_data(ebpf, names::SM_AGENT_TX)?;
     let outcome = attach_sk_msg(&tx_link_pin(pins), sk_msg, &tx, names::SM_AGENT_TX)?;
     tracing::info!(outcome = ?outcome, "sk_msg program attached to SM_AGENT_TX");
@@ -473,20 +533,32 @@ fn start_to_app(ebpf: &mut Ebpf, pins: &Pins, sk_msg: BorrowedFd<'_>, gen: ReadG
             chain(&e)
         ))
     })?;
+    let prog_id = {
+        let fd = bpf!("tp_btf fd", prog.fd())?;
+        sys::prog_info(fd.as_fd())
+            .map_err(|e| bpf_err("read the tp_btf program")(e.to_string()))?
+            .id
+    };
     let outcome = converge_tracing(&app_read_pin(pins), prog)?;
     // Our program counts from now on (the one it replaced, if something
     // still holds it attached, stops); a kept one was ours already. Two
     // agents starting at once with the same pins may leave the generation
-    // of the one whose program lost the link: then nothing counts, the
-    // directions fall back at the bound and their sockets leave SM_APP
-    // only when they close, until the next agent start writes it again.
-    if matches!(outcome, links::Converged::Attached | links::Converged::Replaced { .. }) {
-        let read_gen = map_data(ebpf, names::SM_READ_GEN)?;
-        sys::map_replace(read_gen.fd().as_fd(), &0u32.to_ne_bytes(), &gen.0.to_ne_bytes())
+    // of the one whose program lost the link: `ReadCount::keep` mends it.
+    let count = if matches!(outcome, links::Converged::Attached | links::Converged::Replaced { .. }) {
+        let gens = map_data(ebpf, names::SM_READ_GEN)?;
+        sys::map_replace(gens.fd().as_fd(), &0u32.to_ne_bytes(), &gen.0.to_ne_bytes())
             .map_err(|e| bpf_err("write SM_READ_GEN")(e.to_string()))?;
-    }
+        Some(ReadCount {
+            gen,
+            prog_id,
+            gens,
+            pin: app_read_pin(pins),
+        })
+    } else {
+        None
+    };
     tracing::info!(outcome = ?outcome, "phase two on: the agent's writes to the apps skip TCP on lo; app reads counted");
-    Ok(ToAppMaps { tx, to_app })
+    Ok((ToAppMaps { tx, to_app }, count))
 }
 
 /// Makes the sk_msg link pinned at `pin` on sockhash `map` run `prog`
@@ -762,6 +834,31 @@ mod tests {
         assert!(link_pin(&pins).exists());
         stop(&pins);
         assert!(!link_pin(&pins).exists());
+    }
+
+    /// Two agents starting at once: the one whose read-count program lost
+    /// the link writes its generation after the winner's. The winner's
+    /// next reload tick writes its own back; the loser's never writes.
+    #[test]
+    fn the_read_count_generation_is_kept_by_the_agent_whose_program_counts() {
+        let (_scratch, pins) = scratch_pins("smkeep");
+        let gen_a = ReadGen::new();
+        let mut a = load_gen(&pins, gen_a);
+        let (lost, _ends_a) = Sockmap::start(&mut a, &pins, Some(gen_a)).unwrap();
+        let gen_b = ReadGen::new();
+        let mut b = load_gen(&pins, gen_b);
+        let (won, _ends_b) = Sockmap::start(&mut b, &pins, Some(gen_b)).unwrap();
+        assert_eq!(read_gen(&pins), gen_b.value());
+        assert!(!won.keep_read_count(), "wrote a generation that was right");
+        assert!(!lost.keep_read_count(), "the agent whose program lost the link wrote");
+        assert_eq!(read_gen(&pins), gen_b.value());
+
+        // The loser's start wrote its generation last.
+        let data = MapData::from_pin(pins.maps().join(names::SM_READ_GEN)).unwrap();
+        let mut gens = aya::maps::Array::<MapData, u64>::try_from(Map::Array(data)).unwrap();
+        gens.set(0, gen_a.value(), 0).unwrap();
+        assert!(won.keep_read_count(), "the generation was not written back");
+        assert_eq!(read_gen(&pins), gen_b.value());
     }
 
     /// The read count (on the `sock_recv_length` tracepoint) adds what a

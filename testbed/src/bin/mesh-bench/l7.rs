@@ -58,6 +58,7 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use testbed::{
+    idle::Idle,
     mesh::{self, Agent, MeshCa, Server, Settings},
     waypoint::WaypointPod,
     Cluster, ClusterSpec, NodeSpec, Pod,
@@ -91,8 +92,6 @@ pub struct Opts {
     pub rate: u32,
     pub connections: u32,
     pub json: PathBuf,
-    /// Guest halt polling set for the run (`testbed::idle`).
-    pub halt_poll_ns: Option<u64>,
 }
 
 const PATHS: [&str; 4] = ["direct", "mesh", "waypoint", "nginx"];
@@ -110,7 +109,7 @@ struct World {
     cluster: Cluster,
 }
 
-pub fn bench(opts: &Opts) -> Result<()> {
+pub fn bench(opts: &Opts, idle: &Idle) -> Result<()> {
     let oha = oha_binary()?;
     let nginx_version = tool_version(Command::new("nginx").arg("-v"))
         .context("`nginx` is not installed: `cargo xtask bench` installs nginx-light")?;
@@ -132,7 +131,7 @@ pub fn bench(opts: &Opts) -> Result<()> {
     }
     let measured = result?;
     drop(w);
-    report(opts, measured, &nginx_version, load_before, started)
+    report(opts, idle, measured, &nginx_version, load_before, started)
 }
 
 impl World {
@@ -716,13 +715,12 @@ fn mb(kb: &Value) -> f64 {
     kb.as_f64().unwrap_or(f64::NAN) / 1024.0
 }
 
-fn report(opts: &Opts, m: Measured, nginx: &str, load_before: Value, started: Instant) -> Result<()> {
+fn report(opts: &Opts, idle: &Idle, m: Measured, nginx: &str, load_before: Value, started: Instant) -> Result<()> {
     let raw = &m.raw;
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let kernel = kernel.trim();
     let date = utc_now();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let idle = testbed::idle::Idle::read(opts.halt_poll_ns.is_some());
     let load_after = machine_load();
     let cell = |v: f64, d: usize| {
         if v.is_finite() {
@@ -774,7 +772,7 @@ fn report(opts: &Opts, m: Measured, nginx: &str, load_before: Value, started: In
     let mut table = format!(
         "L7: HTTP/1.1 keep-alive GET, 1 KB answers, {date}, kernel {kernel}, {cores} cores, {}, median of {} rounds x {} s \
          per path and mode ({}, {} connections, 1 worker thread)\n\n| metric | {} |\n|---|{}\n",
-        idle.describe(),
+        idle.describe_run(),
         opts.rounds,
         opts.seconds,
         m.oha_version,
@@ -885,7 +883,7 @@ fn report(opts: &Opts, m: Measured, nginx: &str, load_before: Value, started: In
         opts.seconds,
         opts.rate,
         opts.connections,
-        super::halt_poll_arg(opts.halt_poll_ns),
+        idle.halt_poll_arg(),
     );
     println!("Reproduce: {command}");
     let doc = json!({

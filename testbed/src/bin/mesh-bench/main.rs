@@ -67,6 +67,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use testbed::{
     args::Args,
+    idle::Idle,
     mesh::{self, Agent, MeshCa, Settings},
     procfs::{clock_ticks, cpu_ticks, settled_rss_kb, status_kb, user_system_ticks},
     Cluster, ClusterSpec, NodeSpec, Pod,
@@ -289,7 +290,6 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
             rate: 1000,
             connections: 16,
             json: bench_dir.join("l7.json"),
-            halt_poll_ns: None,
         },
     };
     let mut args = Args::new(args);
@@ -322,7 +322,6 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
                 // The haltpoll driver's own ceiling is far above this.
                 let ns = args.number(0..=10_000_000)?;
                 opts.halt_poll_ns = Some(ns);
-                opts.l7.halt_poll_ns = Some(ns);
             }
             other => bail!("unknown argument {other:?}"),
         }
@@ -333,18 +332,19 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
 fn bench(opts: &Opts) -> Result<()> {
     // Restored when the run ends, fails or is interrupted.
     let _halt_poll = opts.halt_poll_ns.map(testbed::idle::HaltPoll::set).transpose()?;
+    let idle = Idle::read(opts.halt_poll_ns.is_some());
     if opts.only != Only::L7 {
-        bench_l4(opts)?;
+        bench_l4(opts, &idle)?;
     }
     if opts.only != Only::L4 {
-        l7::bench(&opts.l7)?;
+        l7::bench(&opts.l7, &idle)?;
     }
     Ok(())
 }
 
 /// The L4 half: every cluster it builds is gone when it returns, so the
 /// L7 half after it has the machine to itself.
-fn bench_l4(opts: &Opts) -> Result<()> {
+fn bench_l4(opts: &Opts, idle: &Idle) -> Result<()> {
     for tool in ["sockperf", "iperf3", "python3"] {
         Command::new(tool)
             .arg("--version")
@@ -373,7 +373,7 @@ fn bench_l4(opts: &Opts) -> Result<()> {
             }
         }
     }
-    report(opts, &columns, &raw, capture, started)
+    report(opts, idle, &columns, &raw, capture, started)
 }
 
 /// One cluster with its two agents (and its CA for HBONE); carries the
@@ -457,26 +457,34 @@ impl Mesh {
     }
 
     /// Both agents' sockmap counters (`agent status`: phase one's as
-    /// `sockmap/<slot>`, phase two's as `to_app/<slot>`), summed.
-    fn sockmap_counts(&self) -> Result<BTreeMap<String, u64>> {
+    /// `sockmap/<slot>`, phase two's as `to_app/<slot>`), summed; `None`
+    /// (said) when `agent status` fails: they only explain a round.
+    fn sockmap_counts(&self) -> Option<BTreeMap<String, u64>> {
         let mut sum = BTreeMap::new();
         for a in &self.agents {
-            let status = a.status()?;
+            let status = match a.status() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("warning: {} agent on {}: no sockmap counters: {e:#}", self.name, a.node);
+                    return None;
+                }
+            };
             for (field, prefix) in [("sockmap", "sockmap"), ("sockmap_to_app", "to_app")] {
                 for (slot, n) in status[field].as_object().into_iter().flatten() {
                     *sum.entry(format!("{prefix}/{slot}")).or_default() += n.as_u64().unwrap_or(0);
                 }
             }
         }
-        Ok(sum)
+        Some(sum)
     }
 }
 
-/// What the counters of [`Mesh::sockmap_counts`] moved by between two reads.
+/// What the counters of [`Mesh::sockmap_counts`] moved by between two reads
+/// (`null` for one that went backwards: its map was made anew).
 fn counts_since(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> Value {
     after
         .iter()
-        .map(|(k, n)| (k.clone(), json!(n.saturating_sub(before.get(k).copied().unwrap_or(0)))))
+        .map(|(k, n)| (k.clone(), json!(n.checked_sub(before.get(k).copied().unwrap_or(0)))))
         .collect::<serde_json::Map<_, _>>()
         .into()
 }
@@ -611,7 +619,7 @@ fn run(meshes: &[Mesh], opts: &Opts) -> Result<(Vec<Value>, Value)> {
             // Whether this round's connection was redirected at all: each
             // round is one connection, decided at its first bytes.
             let sockmap = c.name != "direct" && c.mesh.sockmap;
-            let counts_before = sockmap.then(|| c.mesh.sockmap_counts()).transpose()?;
+            let counts_before = sockmap.then(|| c.mesh.sockmap_counts()).flatten();
             let before = CpuSnapshot::take(c)?;
             let rtt = sockperf(c, opts.seconds).with_context(|| format!("round {round}: {} latency", c.name))?;
             let cpu = CpuSnapshot::take(c)?.since(&before, ticks);
@@ -626,8 +634,8 @@ fn run(meshes: &[Mesh], opts: &Opts) -> Result<(Vec<Value>, Value)> {
             rec[c.name]["rtt"] = rtt.to_json();
             rec[c.name]["rtt"]["agent_cpu_s"] = json!(cpu.agent_s);
             rec[c.name]["rtt"]["agent_cpu_us_per_round_trip"] = json!(per_rt_us);
-            if let Some(before) = counts_before {
-                let moved = counts_since(&before, &c.mesh.sockmap_counts()?);
+            if let Some((before, after)) = counts_before.zip(sockmap.then(|| c.mesh.sockmap_counts()).flatten()) {
+                let moved = counts_since(&before, &after);
                 eprintln!("  round {round}/{n}: {:<6} rtt sockmap counters {moved}", c.name);
                 rec[c.name]["rtt"]["sockmap"] = moved;
             }
@@ -773,17 +781,11 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-/// The `--halt-poll-ns` of a run's "Reproduce" line.
-fn halt_poll_arg(ns: Option<u64>) -> String {
-    ns.map(|ns| format!(" --halt-poll-ns {ns}")).unwrap_or_default()
-}
-
-fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started: Instant) -> Result<()> {
+fn report(opts: &Opts, idle: &Idle, columns: &[&str], raw: &[Value], capture: Value, started: Instant) -> Result<()> {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let kernel = kernel.trim();
     let date = utc_now();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let idle = testbed::idle::Idle::read(opts.halt_poll_ns.is_some());
     let meshes = &columns[1..];
     // Ratio columns: each captured path to direct, and hbone to plain.
     let mut ratios: Vec<(&str, &str)> = meshes.iter().map(|m| (*m, "direct")).collect();
@@ -835,7 +837,7 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
     let mut table = format!(
         "Pod to pod across two nodes, {date}, kernel {kernel}, {cores} cores, {}, median of {} rounds x {} s \
          ({} interleaved)\n\n| metric | {} | {} |\n|---|{}\n",
-        idle.describe(),
+        idle.describe_run(),
         opts.rounds,
         opts.seconds,
         columns.join(", "),
@@ -907,7 +909,7 @@ fn report(opts: &Opts, columns: &[&str], raw: &[Value], capture: Value, started:
         if opts.to_app { " --sockmap-to-app" } else { "" },
         opts.rounds,
         opts.seconds,
-        halt_poll_arg(opts.halt_poll_ns),
+        idle.halt_poll_arg(),
     );
     println!("Reproduce: {command}");
 
