@@ -255,7 +255,9 @@ pub struct RunArgs {
     /// How long open connections may finish after SIGTERM.
     #[arg(long, env = "AGENT_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
-    /// How often the enrolment file is re-read.
+    /// How often the control loop's periodic work runs: the enrolment
+    /// file is re-read, pods that failed to enroll are retried, and phase
+    /// two's read count is checked to be this agent's.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
     /// Data-plane threads; 0 = one thread that polls and forwards itself.
