@@ -738,11 +738,15 @@ mod tests {
             .expect("run `cargo xtask build-ebpf` before the unit tests")
     }
 
+    /// SM_READ_GEN, the pinned one.
+    fn read_gens(pins: &Pins) -> aya::maps::Array<MapData, u64> {
+        let data = MapData::from_pin(pins.maps().join(names::SM_READ_GEN)).unwrap();
+        aya::maps::Array::try_from(Map::Array(data)).unwrap()
+    }
+
     /// SM_READ_GEN's value.
     fn read_gen(pins: &Pins) -> u64 {
-        let data = MapData::from_pin(pins.maps().join(names::SM_READ_GEN)).unwrap();
-        let gens = aya::maps::Array::<MapData, u64>::try_from(Map::Array(data)).unwrap();
-        gens.get(&0, 0).unwrap()
+        read_gens(pins).get(&0, 0).unwrap()
     }
 
     fn sk_msg_fd(ebpf: &mut Ebpf) -> aya::programs::ProgramFd {
@@ -854,9 +858,7 @@ mod tests {
         assert_eq!(read_gen(&pins), gen_b.value());
 
         // The loser's start wrote its generation last.
-        let data = MapData::from_pin(pins.maps().join(names::SM_READ_GEN)).unwrap();
-        let mut gens = aya::maps::Array::<MapData, u64>::try_from(Map::Array(data)).unwrap();
-        gens.set(0, gen_a.value(), 0).unwrap();
+        read_gens(&pins).set(0, gen_a.value(), 0).unwrap();
         assert!(won.keep_read_count(), "the generation was not written back");
         assert_eq!(read_gen(&pins), gen_b.value());
     }
@@ -906,9 +908,7 @@ mod tests {
         );
 
         // Another generation counts now: this program no longer does.
-        let data = MapData::from_pin(pins.maps().join(names::SM_READ_GEN)).unwrap();
-        let mut gens = aya::maps::Array::<MapData, u64>::try_from(Map::Array(data)).unwrap();
-        gens.set(0, gen.value() + 1, 0).unwrap();
+        read_gens(&pins).set(0, gen.value() + 1, 0).unwrap();
         client.write_all(&[7; 100]).unwrap();
         app.read_exact(&mut buf[..100]).unwrap();
         assert_eq!(

@@ -634,7 +634,7 @@ fn run(meshes: &[Mesh], opts: &Opts) -> Result<(Vec<Value>, Value)> {
             rec[c.name]["rtt"] = rtt.to_json();
             rec[c.name]["rtt"]["agent_cpu_s"] = json!(cpu.agent_s);
             rec[c.name]["rtt"]["agent_cpu_us_per_round_trip"] = json!(per_rt_us);
-            if let Some((before, after)) = counts_before.zip(sockmap.then(|| c.mesh.sockmap_counts()).flatten()) {
+            if let Some((before, after)) = counts_before.and_then(|b| Some((b, c.mesh.sockmap_counts()?))) {
                 let moved = counts_since(&before, &after);
                 eprintln!("  round {round}/{n}: {:<6} rtt sockmap counters {moved}", c.name);
                 rec[c.name]["rtt"]["sockmap"] = moved;
