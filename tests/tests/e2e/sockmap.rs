@@ -910,3 +910,48 @@ fn tcp_fast_open_connects_stay_in_order(w: &Sm) -> Result<()> {
     }
     Ok(())
 }
+
+/// Asks for `FIONREAD` on connections to `argv[1]:argv[2]` the moment each
+/// has a reply to read, then reads it: `[[fionread, read], ...]`.
+const FIONREAD_PROBE: &str = r#"
+import fcntl, json, select, socket, struct, sys, termios
+out = []
+for _ in range(5):
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: server\r\n\r\n")
+    if not select.select([s], [], [], 10)[0]:
+        sys.exit("no reply within 10 s")
+    n = struct.unpack("i", fcntl.ioctl(s, termios.FIONREAD, b"\0\0\0\0"))[0]
+    s.setblocking(False)
+    out.append([n, len(s.recv(65536))])
+    s.close()
+print(json.dumps(out))
+"#;
+
+/// `FIONREAD` (`SIOCINQ`) on an enrolled app's socket. The kernel answers
+/// it for a socket in a sockhash from the socket's sk_msg queue alone. With
+/// phase two the replies wait there, and it counts them. With phase one
+/// alone they come through TCP, and it answers 0 while they wait: a limit
+/// of phase one that README states ("Sockmap"), asserted here so that a
+/// kernel that changes it shows.
+#[test]
+fn fionread_counts_a_waiting_reply_with_phase_two_and_reads_0_with_phase_one() -> Result<()> {
+    for (label, to_app) in [("fion1", false), ("fion2", true)] {
+        let w = if to_app { Sm::to_app(label)? } else { Sm::new(label)? };
+        let _a1 = w.agent("node1")?;
+        let _a2 = w.agent("node2")?;
+        let _server = Server::echo(w.cluster.pod("server"), PORT)?;
+        let out = w
+            .python("client", FIONREAD_PROBE, &[&w.server_ip(), &PORT.to_string()])?
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let probes: Vec<(i64, i64)> = serde_json::from_str(text.trim())
+            .with_context(|| format!("probe printed {text:?}, {:?}", String::from_utf8_lossy(&out.stderr)))?;
+        for (fionread, read) in probes {
+            assert!(read > 0, "to_app={to_app}: readable, but nothing to read");
+            let want = if to_app { read } else { 0 };
+            assert_eq!(fionread, want, "to_app={to_app}: FIONREAD with {read} bytes waiting");
+        }
+    }
+    Ok(())
+}
