@@ -4,7 +4,8 @@
 # Builds relay.c with cc, makes two network namespaces joined by a veth pair
 # (removed on exit, also on failure), runs the five modes interleaved ROUNDS
 # times (default 5) with ROUND_TRIPS ping-pongs each (default 20000), then
-# the flood checks of the paths that differ in backpressure. See README.md.
+# the checks (flood, up, hold) and, where perf is installed, the kernel
+# work items of two modes. See README.md.
 set -euo pipefail
 rounds=${1:-5}
 n=${2:-20000}
@@ -33,8 +34,18 @@ for r in $(seq "$rounds"); do
         timeout 120 "$bin/relay" "$c" "$s" "$m" "$n"
     done
 done
-for m in user half kernel; do
-    timeout 60 "$bin/relay" "$c" "$s" "$m" 1 flood | tail -2
+for m in direct user half kernel; do
+    timeout 60 "$bin/relay" "$c" "$s" "$m" 1 flood
     timeout 60 "$bin/relay" "$c" "$s" "$m" 1 up
 done
 timeout 60 "$bin/relay" "$c" "$s" kernel 1 hold
+# Kernel work items run while each mode carries 20,000 round trips (plus
+# the warm-up): an sk_skb redirect into another socket queues one per
+# message.
+if command -v perf >/dev/null; then
+    for m in user kernel; do
+        perf stat -x, -e workqueue:workqueue_execute_start -a -- \
+            timeout 120 "$bin/relay" "$c" "$s" "$m" 20000 2>&1 |
+            sed "s/^\([0-9]*\),.*workqueue:workqueue_execute_start.*/$m: \1 kernel work items (all CPUs)/"
+    done
+fi
