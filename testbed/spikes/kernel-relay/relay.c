@@ -27,6 +27,12 @@
 //           how much the path takes in before the sender blocks; then every
 //           byte is read and checked in sequence;
 //   up      the same the other way: the client sends, the server waits 4 s;
+//   greet, greet-kick
+//           (kernel mode) the server sends 16 bytes first, which wait on the
+//           relay's onward socket before it joins the sockmap: do they reach
+//           the client with no further segment? greet-kick sets SO_RCVLOWAT
+//           on the onward socket after the insert (Linux runs the socket's
+//           data_ready then, which is the verdict's).
 //   hold    (kernel mode) the verdict program answers SK_PASS instead of
 //           redirecting, so what arrives stays in the onward socket's own
 //           queue, which nobody reads: how much the server sends before it
@@ -188,7 +194,9 @@ static enum mode mode;
 // the app hop. HALF, KERNEL: app_map the client's socket, net_map the
 // relay's onward socket.
 static int app_map, relay_map, net_map;
-static volatile int relay_listening, relay_set_up;
+static volatile int relay_listening, relay_set_up, client_in;
+// 0: no greeting; 1: the server greets; 2: and the relay kicks the verdict.
+static int greet;
 
 // Waits for another thread's flag, 10 s at most.
 static void wait_flag(volatile int *flag, const char *what) {
@@ -257,6 +265,7 @@ static void *server(void *arg) {
     for (;;) {
         int c = accept(l, NULL, NULL);
         nodelay(c);
+        if (greet) send(c, "greeting........", MSG, 0);
         char b[MSG];
         while (readn(c, b, MSG) == MSG) {
             if (b[0] == 'F') {
@@ -291,7 +300,18 @@ static void *relay(void *arg) {
     // The client reads this byte over TCP, then puts its socket in app_map.
     send(a, "G", 1, 0);
     if (mode == SOCKMAP) put(relay_map, a);
+    if (greet) {
+        // The greeting waits on u before u joins the sockmap, and the
+        // client's socket is in app_map before the verdict can redirect.
+        struct pollfd g = {.fd = u, .events = POLLIN};
+        if (poll(&g, 1, 5000) != 1) die("greeting not queued within 5 s");
+        wait_flag(&client_in, "client in app_map");
+    }
     if (mode == HALF || mode == KERNEL) put(net_map, u);
+    if (greet == 2) {
+        int one = 1;
+        if (setsockopt(u, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one)) die("SO_RCVLOWAT");
+    }
     relay_set_up = 1;
     // KERNEL: nothing to carry; wait for the client's EOF.
     struct pollfd p[2] = {{.fd = a, .events = POLLIN}, {.fd = u, .events = POLLIN}};
@@ -435,8 +455,9 @@ int main(int argc, char **argv) {
     mode = m;
     int n = atoi(argv[4]);
     int hold = argc > 5 && !strcmp(argv[5], "hold");
-    if (hold && mode != KERNEL) {
-        fprintf(stderr, "hold is a check of the kernel mode\n");
+    greet = argc > 5 && !strcmp(argv[5], "greet") ? 1 : argc > 5 && !strcmp(argv[5], "greet-kick") ? 2 : 0;
+    if ((hold || greet) && mode != KERNEL) {
+        fprintf(stderr, "%s is a check of the kernel mode\n", argv[5]);
         return 2;
     }
 
@@ -467,10 +488,24 @@ int main(int argc, char **argv) {
         c = tcp_connect("127.0.0.1", RELAY_PORT);
         char g;
         if (recv(c, &g, 1, 0) != 1) die("relay's go");
+        if (greet) {
+            put(app_map, c);
+            client_in = 1;
+        }
         wait_flag(&relay_set_up, "relay set up");
-        if (mode != USER) put(app_map, c);
+        if (mode != USER && !greet) put(app_map, c);
     }
     if (hold) return hold_check(c);
+    if (greet) {
+        struct pollfd g = {.fd = c, .events = POLLIN};
+        int ready = poll(&g, 1, 2000);
+        char b[MSG];
+        int got = ready == 1 ? recv(c, b, MSG, MSG_DONTWAIT) : 0;
+        printf("%-7s %s: the client got %d bytes of the server's greeting within 2 s\n", mode_name[mode], argv[5],
+               got < 0 ? 0 : got);
+        fflush(stdout);
+        _exit(0);
+    }
     if (argc > 5 && !strcmp(argv[5], "flood")) return flood_check(c);
     if (argc > 5 && !strcmp(argv[5], "up")) return up_check(c);
     return ping_pong(c, n);

@@ -39,6 +39,8 @@ for m in direct user half kernel; do
     timeout 60 "$bin/relay" "$c" "$s" "$m" 1 up
 done
 timeout 60 "$bin/relay" "$c" "$s" kernel 1 hold
+timeout 60 "$bin/relay" "$c" "$s" kernel 1 greet
+timeout 60 "$bin/relay" "$c" "$s" kernel 1 greet-kick
 # Kernel work items run while each mode carries 20,000 round trips (plus
 # the warm-up): an sk_skb redirect into another socket queues one per
 # message.
