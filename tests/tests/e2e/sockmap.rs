@@ -912,8 +912,9 @@ fn tcp_fast_open_connects_stay_in_order(w: &Sm) -> Result<()> {
 }
 
 /// Asks for `FIONREAD` on connections to `argv[1]:argv[2]` the moment each
-/// has a reply to read, then reads it: `[[fionread, read], ...]`. Every
-/// wait is bounded (10 s).
+/// has a reply to read, peeks at it (`MSG_PEEK`), then reads it:
+/// `[[fionread, read, peeked, whether the peek was the read's start], ...]`.
+/// Every wait is bounded (10 s).
 const FIONREAD_PROBE: &str = r#"
 import fcntl, json, select, socket, struct, sys, termios
 out = []
@@ -924,7 +925,9 @@ for _ in range(5):
         sys.exit("no reply within 10 s")
     n = struct.unpack("i", fcntl.ioctl(s, termios.FIONREAD, b"\0\0\0\0"))[0]
     s.setblocking(False)
-    out.append([n, len(s.recv(65536))])
+    peeked = s.recv(65536, socket.MSG_PEEK)
+    got = s.recv(65536)
+    out.append([n, len(got), len(peeked), got.startswith(peeked)])
     s.close()
 print(json.dumps(out))
 "#;
@@ -936,9 +939,10 @@ print(json.dumps(out))
 /// of phase one that README states ("Sockmap"), asserted here so that a
 /// kernel that changes it shows. A hop whose first byte beat the agent's
 /// end stays on TCP and leaves the sockhash (`peer_missing`): its FIONREAD
-/// may be the plain one, so such hops are allowed either way.
+/// may be the plain one, so such hops are allowed either way. A `MSG_PEEK`
+/// sees the reply without taking it, with either phase.
 #[test]
-fn fionread_counts_a_waiting_reply_with_phase_two_and_reads_0_with_phase_one() -> Result<()> {
+fn fionread_counts_a_waiting_reply_only_with_phase_two_and_msg_peek_sees_it() -> Result<()> {
     for (label, to_app) in [("fion1", false), ("fion2", true)] {
         let w = if to_app { Sm::to_app(label)? } else { Sm::new(label)? };
         let a1 = w.agent("node1")?;
@@ -949,13 +953,17 @@ fn fionread_counts_a_waiting_reply_with_phase_two_and_reads_0_with_phase_one() -
             .spawn()?;
         let out = mesh::wait_output(probe, WAIT)?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let probes: Vec<(i64, i64)> = serde_json::from_str(text.trim())
+        let probes: Vec<(i64, i64, i64, bool)> = serde_json::from_str(text.trim())
             .with_context(|| format!("probe printed {text:?}, {:?}", String::from_utf8_lossy(&out.stderr)))?;
         let s1 = a1.status()?;
         let on_tcp = sm_stat(&s1, "peer_missing") as usize;
         let counters = format!("sockmap {}, to_app {}", s1["sockmap"], s1["sockmap_to_app"]);
-        for &(fionread, read) in &probes {
+        for &(fionread, read, peeked, prefix) in &probes {
             assert!(read > 0, "to_app={to_app}: readable, but nothing to read: {probes:?}");
+            assert!(
+                peeked > 0 && prefix,
+                "to_app={to_app}: MSG_PEEK did not see what was then read: {probes:?}"
+            );
             assert!(
                 fionread <= read,
                 "to_app={to_app}: FIONREAD above what was read: {probes:?}"
@@ -963,7 +971,7 @@ fn fionread_counts_a_waiting_reply_with_phase_two_and_reads_0_with_phase_one() -
         }
         // Phase one: a redirected hop's socket reads 0. Phase two: it
         // counts the reply waiting in its sk_msg queue.
-        let off = |&&(fionread, _): &&(i64, i64)| (fionread == 0) == to_app;
+        let off = |&&(fionread, ..): &&(i64, i64, i64, bool)| (fionread == 0) == to_app;
         let unlike = probes.iter().filter(off).count();
         assert!(
             unlike <= on_tcp,
