@@ -66,7 +66,7 @@ use testbed::{
 
 use super::{
     cgroup_usec, clock_ticks, cpu_ticks, host_jiffies, json_stdout, median, run_bounded, start_agent, status_kb,
-    utc_now, write_json, Background, ACCESS_TIMEOUT, CLIENT_SLACK, READY_TIMEOUT, TRUST_DOMAIN_NS,
+    write_json, Background, Machine, ACCESS_TIMEOUT, CLIENT_SLACK, READY_TIMEOUT, TRUST_DOMAIN_NS,
 };
 
 /// Where the echo backends and nginx listen.
@@ -717,10 +717,8 @@ fn mb(kb: &Value) -> f64 {
 
 fn report(opts: &Opts, idle: &Idle, m: Measured, nginx: &str, load_before: Value, started: Instant) -> Result<()> {
     let raw = &m.raw;
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let kernel = kernel.trim();
-    let date = utc_now();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let machine = Machine::now(idle);
+    let cores = machine.cores;
     let load_after = machine_load();
     let cell = |v: f64, d: usize| {
         if v.is_finite() {
@@ -770,9 +768,9 @@ fn report(opts: &Opts, idle: &Idle, m: Measured, nginx: &str, load_before: Value
         ),
     ];
     let mut table = format!(
-        "L7: HTTP/1.1 keep-alive GET, 1 KB answers, {date}, kernel {kernel}, {cores} cores, {}, median of {} rounds x {} s \
+        "L7: HTTP/1.1 keep-alive GET, 1 KB answers, {}, median of {} rounds x {} s \
          per path and mode ({}, {} connections, 1 worker thread)\n\n| metric | {} |\n|---|{}\n",
-        idle.describe_run(),
+        machine.header(),
         opts.rounds,
         opts.seconds,
         m.oha_version,
@@ -886,11 +884,7 @@ fn report(opts: &Opts, idle: &Idle, m: Measured, nginx: &str, load_before: Value
         idle.halt_poll_arg(),
     );
     println!("Reproduce: {command}");
-    let doc = json!({
-        "date": date,
-        "kernel": kernel,
-        "cores": cores,
-        "idle": idle.to_json(),
+    let mut doc = json!({
         "binaries": super::binaries(),
         "oha": m.oha_version,
         "nginx": nginx,
@@ -909,6 +903,7 @@ fn report(opts: &Opts, idle: &Idle, m: Measured, nginx: &str, load_before: Value
         "capture_check": m.capture,
         "per_round": raw,
     });
+    machine.stamp(&mut doc);
     let shown = write_json(&opts.json, &doc)?;
     println!("Raw numbers: {} (L7 took {elapsed:.0} s)", shown.display());
     Ok(())

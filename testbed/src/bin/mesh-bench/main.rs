@@ -781,11 +781,49 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
+/// When and on what a report was made: both halves give it in their
+/// header and JSON.
+struct Machine<'a> {
+    date: String,
+    kernel: String,
+    cores: usize,
+    idle: &'a Idle,
+}
+
+impl<'a> Machine<'a> {
+    fn now(idle: &'a Idle) -> Machine<'a> {
+        let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        Machine {
+            date: utc_now(),
+            kernel: kernel.trim().to_string(),
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            idle,
+        }
+    }
+
+    /// `<date>, kernel <release>, <n> cores, <idle setting>`.
+    fn header(&self) -> String {
+        format!(
+            "{}, kernel {}, {} cores, {}",
+            self.date,
+            self.kernel,
+            self.cores,
+            self.idle.describe_run()
+        )
+    }
+
+    /// Adds `date`, `kernel`, `cores` and `idle` to a report's JSON object.
+    fn stamp(&self, doc: &mut Value) {
+        doc["date"] = json!(self.date);
+        doc["kernel"] = json!(self.kernel);
+        doc["cores"] = json!(self.cores);
+        doc["idle"] = self.idle.to_json();
+    }
+}
+
 fn report(opts: &Opts, idle: &Idle, columns: &[&str], raw: &[Value], capture: Value, started: Instant) -> Result<()> {
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let kernel = kernel.trim();
-    let date = utc_now();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let machine = Machine::now(idle);
+    let cores = machine.cores;
     let meshes = &columns[1..];
     // Ratio columns: each captured path to direct, and hbone to plain.
     let mut ratios: Vec<(&str, &str)> = meshes.iter().map(|m| (*m, "direct")).collect();
@@ -835,9 +873,9 @@ fn report(opts: &Opts, idle: &Idle, columns: &[&str], raw: &[Value], capture: Va
     ];
     let mut summary = json!({});
     let mut table = format!(
-        "Pod to pod across two nodes, {date}, kernel {kernel}, {cores} cores, {}, median of {} rounds x {} s \
+        "Pod to pod across two nodes, {}, median of {} rounds x {} s \
          ({} interleaved)\n\n| metric | {} | {} |\n|---|{}\n",
-        idle.describe_run(),
+        machine.header(),
         opts.rounds,
         opts.seconds,
         columns.join(", "),
@@ -913,11 +951,7 @@ fn report(opts: &Opts, idle: &Idle, columns: &[&str], raw: &[Value], capture: Va
     );
     println!("Reproduce: {command}");
 
-    let doc = json!({
-        "date": date,
-        "kernel": kernel,
-        "cores": cores,
-        "idle": idle.to_json(),
+    let mut doc = json!({
         "binaries": binaries(),
         "mode": opts.mode.as_str(),
         "columns": columns,
@@ -930,6 +964,7 @@ fn report(opts: &Opts, idle: &Idle, columns: &[&str], raw: &[Value], capture: Va
         "capture_check": capture,
         "per_round": raw,
     });
+    machine.stamp(&mut doc);
     let shown = write_json(&opts.json, &doc)?;
     println!("Raw numbers: {} (run took {elapsed:.0} s)", shown.display());
     Ok(())
