@@ -28,11 +28,15 @@
 //           byte is read and checked in sequence;
 //   up      the same the other way: the client sends, the server waits 4 s;
 //   greet, greet-kick
-//           (kernel mode) the server sends 16 bytes first, which wait on the
-//           relay's onward socket before it joins the sockmap: do they reach
-//           the client with no further segment? greet-kick sets SO_RCVLOWAT
-//           on the onward socket after the insert (Linux runs the socket's
-//           data_ready then, which is the verdict's).
+//           (kernel mode) the server sends three 16-byte segments first,
+//           which wait on the relay's onward socket before it joins the
+//           sockmap: how many reach the client within 2 s, with no further
+//           segment? Then the client sends a message, the server's echo
+//           is the next segment, and all 64 bytes must arrive in order.
+//           greet-kick sets SO_RCVLOWAT on the onward socket after the
+//           insert (Linux runs the socket's data_ready then, which is the
+//           verdict's). Exits 1 where greet gets any byte in the 2 s,
+//           greet-kick fewer than 48, or the 64 bytes are not in order.
 //   hold    (kernel mode) the verdict program answers SK_PASS instead of
 //           redirecting, so what arrives stays in the onward socket's own
 //           queue, which nobody reads: how much the server sends before it
@@ -265,7 +269,11 @@ static void *server(void *arg) {
     for (;;) {
         int c = accept(l, NULL, NULL);
         nodelay(c);
-        if (greet) send(c, "greeting........", MSG, 0);
+        if (greet) {
+            send(c, "greeting 1......", MSG, 0);
+            send(c, "greeting 2......", MSG, 0);
+            send(c, "greeting 3......", MSG, 0);
+        }
         char b[MSG];
         while (readn(c, b, MSG) == MSG) {
             if (b[0] == 'F') {
@@ -303,8 +311,11 @@ static void *relay(void *arg) {
     if (greet) {
         // The greeting waits on u before u joins the sockmap, and the
         // client's socket is in app_map before the verdict can redirect.
-        struct pollfd g = {.fd = u, .events = POLLIN};
-        if (poll(&g, 1, 5000) != 1) die("greeting not queued within 5 s");
+        for (int i = 0, q = 0; q < 3 * MSG; i++) {
+            if (i == 5000) die("greeting not queued within 5 s");
+            if (ioctl(u, FIONREAD, &q)) die("FIONREAD");
+            usleep(1000);
+        }
         wait_flag(&client_in, "client in app_map");
     }
     if (mode == HALF || mode == KERNEL) put(net_map, u);
@@ -396,6 +407,34 @@ static int hold_check(int c) {
     _exit(0);
 }
 
+// Reads until `want` bytes are in `buf` or `ms` pass; the count held.
+static int read_for(int c, char *buf, int have, int want, int ms) {
+    double end = now_us() + ms * 1000.0;
+    while (have < want && now_us() < end) {
+        struct pollfd p = {.fd = c, .events = POLLIN};
+        if (poll(&p, 1, (int)((end - now_us()) / 1000) + 1) != 1) continue;
+        int r = recv(c, buf + have, want - have, MSG_DONTWAIT);
+        if (r > 0) have += r;
+        if (r == 0) break;
+    }
+    return have;
+}
+
+static int greet_check(int c, const char *name) {
+    char got[4 * MSG], msg[MSG];
+    int first = read_for(c, got, 0, 3 * MSG, 2000);
+    memcpy(msg, "after...........", MSG);
+    if (send(c, msg, MSG, 0) != MSG) die("send");
+    int all = read_for(c, got, first, 4 * MSG, 2000);
+    int in_order = all == 4 * MSG && !memcmp(got, "greeting 1......greeting 2......greeting 3......after...........", 4 * MSG);
+    printf("%-7s %s: the client got %d of the greeting's 48 bytes within 2 s; after its own message %d of 64, %s\n",
+           mode_name[mode], name, first, all, in_order ? "in order" : "NOT in order");
+    int expected = greet == 1 ? first == 0 : first == 3 * MSG;
+    fflush(stdout);
+    // The relay still polls its end: leave without the usual teardown.
+    _exit(in_order && expected ? 0 : 1);
+}
+
 static int flood_check(int c) {
     char b[MSG] = {'F'};
     send(c, b, MSG, 0);
@@ -439,7 +478,7 @@ static int up_check(int c) {
 
 int main(int argc, char **argv) {
     if (argc < 5) {
-        fprintf(stderr, "usage: relay NS_C NS_S direct|user|sockmap|half|kernel N [flood|up|hold]\n");
+        fprintf(stderr, "usage: relay NS_C NS_S direct|user|sockmap|half|kernel N [flood|up|hold|greet|greet-kick]\n");
         return 2;
     }
     // Line by line, so that a run stopped by timeout(1) keeps what it printed.
@@ -496,16 +535,7 @@ int main(int argc, char **argv) {
         if (mode != USER && !greet) put(app_map, c);
     }
     if (hold) return hold_check(c);
-    if (greet) {
-        struct pollfd g = {.fd = c, .events = POLLIN};
-        int ready = poll(&g, 1, 2000);
-        char b[MSG];
-        int got = ready == 1 ? recv(c, b, MSG, MSG_DONTWAIT) : 0;
-        printf("%-7s %s: the client got %d bytes of the server's greeting within 2 s\n", mode_name[mode], argv[5],
-               got < 0 ? 0 : got);
-        fflush(stdout);
-        _exit(0);
-    }
+    if (greet) return greet_check(c, argv[5]);
     if (argc > 5 && !strcmp(argv[5], "flood")) return flood_check(c);
     if (argc > 5 && !strcmp(argv[5], "up")) return up_check(c);
     return ping_pong(c, n);

@@ -4,7 +4,7 @@
 # Builds relay.c with cc, makes two network namespaces joined by a veth pair
 # (removed on exit, also on failure), runs the five modes interleaved ROUNDS
 # times (default 5) with ROUND_TRIPS ping-pongs each (default 20000), then
-# the checks (flood, up, hold) and, where perf is installed, the kernel
+# the checks (flood, up, hold, greet) and, where perf is installed, the kernel
 # work items of two modes. See README.md.
 set -euo pipefail
 rounds=${1:-5}

@@ -961,7 +961,7 @@ fn fionread_counts_a_waiting_reply_only_with_phase_two_and_msg_peek_sees_it() ->
         for &(fionread, read, peeked, prefix) in &probes {
             assert!(read > 0, "to_app={to_app}: readable, but nothing to read: {probes:?}");
             assert!(
-                peeked > 0 && prefix,
+                peeked > 0 && peeked >= fionread && prefix,
                 "to_app={to_app}: MSG_PEEK did not see what was then read: {probes:?}"
             );
             assert!(

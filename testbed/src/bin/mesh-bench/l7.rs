@@ -884,7 +884,7 @@ fn report(opts: &Opts, idle: &Idle, m: Measured, nginx: &str, load_before: Value
         idle.halt_poll_arg(),
     );
     println!("Reproduce: {command}");
-    let mut doc = json!({
+    let doc = machine.stamp(json!({
         "binaries": super::binaries(),
         "oha": m.oha_version,
         "nginx": nginx,
@@ -902,8 +902,7 @@ fn report(opts: &Opts, idle: &Idle, m: Measured, nginx: &str, load_before: Value
         "targets": targets,
         "capture_check": m.capture,
         "per_round": raw,
-    });
-    machine.stamp(&mut doc);
+    }));
     let shown = write_json(&opts.json, &doc)?;
     println!("Raw numbers: {} (L7 took {elapsed:.0} s)", shown.display());
     Ok(())

@@ -812,12 +812,20 @@ impl<'a> Machine<'a> {
         )
     }
 
-    /// Adds `date`, `kernel`, `cores` and `idle` to a report's JSON object.
-    fn stamp(&self, doc: &mut Value) {
-        doc["date"] = json!(self.date);
-        doc["kernel"] = json!(self.kernel);
-        doc["cores"] = json!(self.cores);
-        doc["idle"] = self.idle.to_json();
+    /// A report's JSON object `doc`, led by `date`, `kernel`, `cores` and
+    /// `idle` (serde_json keeps the order here: a dependency turns on its
+    /// `preserve_order`).
+    fn stamp(&self, doc: Value) -> Value {
+        let mut out = json!({
+            "date": self.date,
+            "kernel": self.kernel,
+            "cores": self.cores,
+            "idle": self.idle.to_json(),
+        });
+        if let (Some(out), Value::Object(rest)) = (out.as_object_mut(), doc) {
+            out.extend(rest);
+        }
+        out
     }
 }
 
@@ -951,7 +959,7 @@ fn report(opts: &Opts, idle: &Idle, columns: &[&str], raw: &[Value], capture: Va
     );
     println!("Reproduce: {command}");
 
-    let mut doc = json!({
+    let doc = machine.stamp(json!({
         "binaries": binaries(),
         "mode": opts.mode.as_str(),
         "columns": columns,
@@ -963,8 +971,7 @@ fn report(opts: &Opts, idle: &Idle, columns: &[&str], raw: &[Value], capture: Va
         "median": summary,
         "capture_check": capture,
         "per_round": raw,
-    });
-    machine.stamp(&mut doc);
+    }));
     let shown = write_json(&opts.json, &doc)?;
     println!("Raw numbers: {} (run took {elapsed:.0} s)", shown.display());
     Ok(())
