@@ -98,6 +98,21 @@ pub mod maps {
     pub const SM_READ_GEN: &str = "SM_READ_GEN";
     /// Phase two's counters, see [`super::to_app_stats`].
     pub const SM_TO_APP_STATS: &str = "SM_TO_APP_STATS";
+    /// The kernel path (`agent run --sockmap-forward`): the agent's other
+    /// socket of each forwarded hop (to the peer off the pod, or the
+    /// accepted one from it), keyed by the hop's [`super::HopKey`] as the
+    /// app's socket sees it (as SM_HOPS). The sk_skb verdict program is
+    /// attached here; the app's sends go to these sockets' egress.
+    pub const SM_NET: &str = "SM_NET";
+    /// The kernel path: each forwarded hop's [`super::Fwd`], keyed by the
+    /// app's [`super::HopKey`]. The agent creates it when its socket joins
+    /// SM_NET and removes it when the connection ends.
+    pub const SM_FWD: &str = "SM_FWD";
+    /// The kernel path: a SM_NET socket's cookie -> its hop's app key (the
+    /// verdict program knows only the socket it runs on).
+    pub const SM_NET_HOP: &str = "SM_NET_HOP";
+    /// The kernel path's counters, see [`super::fwd_stats`].
+    pub const SM_FWD_STATS: &str = "SM_FWD_STATS";
 }
 
 /// Globals of the kernel object that the agent sets at load.
@@ -122,6 +137,10 @@ pub mod programs {
     pub const APP_READ: &str = "mesh_app_read";
     /// The tracepoint [`APP_READ`] runs on (Linux 6.3+).
     pub const APP_READ_TRACEPOINT: &str = "sock_recv_length";
+    /// sk_skb verdict program, attached to SM_NET (the kernel path): moves
+    /// what arrives on the agent's other socket of a forwarded hop into the
+    /// app's socket.
+    pub const SK_SKB: &str = "mesh_sk_skb";
 }
 
 /// `PodEntry::flags` bits.
@@ -364,6 +383,55 @@ pub struct ToApp {
     pub app_cookie: u64,
 }
 
+/// A hop forwarded in the kernel (`agent run --sockmap-forward`), in SM_FWD.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fwd {
+    /// [`fwd::FORWARD`] while the verdict program moves what arrives on the
+    /// agent's other socket into the app's, [`fwd::PASSED`] once it passed
+    /// a segment to that socket (for good: the agent reads it from then on).
+    /// Written by the verdict program only.
+    pub replies: u32,
+    /// Non-zero once the app's socket closed (written by sockops): the entry
+    /// then belongs to no socket that may send, and its agent still reads
+    /// its counts. A later connection of the same hop never uses it.
+    pub app_gone: u32,
+    /// The app socket's cookie: its key in SM_APP and SM_APP_READ.
+    pub app_cookie: u64,
+    /// The cookie of the agent's other socket: the verdict acts only on the
+    /// entry of the socket it runs on.
+    pub net_cookie: u64,
+    /// Bytes the app's sends moved straight to the other socket (written
+    /// by the sk_msg program, under the app socket's lock).
+    pub sent: u64,
+    /// Bytes the verdict moved into the app's socket.
+    pub received: u64,
+}
+
+/// [`Fwd::replies`] states.
+pub mod fwd {
+    /// The verdict moves each segment into the app's socket.
+    pub const FORWARD: u32 = 0;
+    /// The verdict passed a segment to the agent's socket: it passes every
+    /// later one too, and the agent reads them, once the app has read all
+    /// it was given.
+    pub const PASSED: u32 = 1;
+}
+
+/// Indexes of the per-CPU counters in SM_FWD_STATS (slots only append).
+pub mod fwd_stats {
+    /// App sends moved straight to the egress of the agent's other socket.
+    pub const SENT: u32 = 0;
+    /// Segments moved by the verdict into the app's socket.
+    pub const RECEIVED: u32 = 1;
+    /// Hops whose replies the verdict passed to the agent for good: more
+    /// than [`super::hop::BACKLOG_BOUND`] unread in the app's socket, the
+    /// app's socket gone, or its direction no longer redirected.
+    pub const PASSED: u32 = 2;
+    pub const COUNT: u32 = 3;
+    pub const NAMES: [&str; 3] = ["sent", "received", "passed"];
+}
+
 /// Indexes of the per-CPU counters in SM_TO_APP_STATS (slots only append).
 pub mod to_app_stats {
     /// Agent sends redirected into the app's socket.
@@ -454,6 +522,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::HopKey {}
     unsafe impl aya::Pod for super::ToApp {}
+    unsafe impl aya::Pod for super::Fwd {}
 }
 
 #[cfg(test)]
@@ -468,6 +537,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<PodEntry>(), 8);
         assert_eq!(core::mem::size_of::<SockKey>(), 24);
         assert_eq!(core::mem::size_of::<HopKey>(), 48);
+        assert_eq!(core::mem::size_of::<Fwd>(), 40);
     }
 
     #[test]
@@ -493,12 +563,17 @@ mod tests {
             maps::SM_AGENT_TX,
             maps::SM_TO_APP_STATS,
             maps::SM_READ_GEN,
+            maps::SM_NET,
+            maps::SM_FWD,
+            maps::SM_NET_HOP,
+            maps::SM_FWD_STATS,
         ] {
             assert!(name.len() <= 15, "{name}: the kernel keeps 15 characters");
         }
         assert!(stats::NAMES.len() >= stats::COUNT as usize);
         assert_eq!(sockmap_stats::NAMES.len(), sockmap_stats::COUNT as usize);
         assert_eq!(to_app_stats::NAMES.len(), to_app_stats::COUNT as usize);
+        assert_eq!(fwd_stats::NAMES.len(), fwd_stats::COUNT as usize);
     }
 
     #[test]

@@ -35,8 +35,8 @@
 use core::ptr::read_volatile;
 
 use agent_common::{
-    hop, pod_flags, sockmap_stats, stats, to_app_stats, ConnKey, HopKey, Ip6, OrigDst, PodEntry, SockKey, ToApp,
-    AGENT_MARK, FORWARD_MARK, HBONE_PORT, OUTBOUND_PORT,
+    fwd, fwd_stats, hop, pod_flags, sockmap_stats, stats, to_app_stats, ConnKey, Fwd, HopKey, Ip6, OrigDst, PodEntry,
+    SockKey, ToApp, AGENT_MARK, FORWARD_MARK, HBONE_PORT, OUTBOUND_PORT,
 };
 use aya_ebpf::{
     bindings::{
@@ -46,9 +46,9 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_delete_elem},
-    macros::{btf_tracepoint, cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
+    macros::{btf_tracepoint, cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops, stream_verdict},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
-    programs::{BtfTracePointContext, SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{BtfTracePointContext, SkBuffContext, SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
@@ -157,6 +157,25 @@ static READ_GEN: u64 = 0x5245_4144_5f47_454e;
 #[map]
 static SM_TO_APP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(to_app_stats::COUNT, 0);
 
+/// The kernel path (`agent run --sockmap-forward`): the agent's other
+/// socket of each forwarded hop, keyed by the app's hop key; the verdict
+/// program is attached here.
+#[map]
+static SM_NET: SockHash<HopKey> = SockHash::pinned(65536, 0);
+/// The kernel path: each forwarded hop's state and byte counts, keyed by
+/// the app's hop key. The agent creates and removes it; LRU, so that the
+/// entries of an agent that died never fill it (an evicted live entry only
+/// sends its hop back through the agent, in order).
+#[map]
+static SM_FWD: LruHashMap<HopKey, Fwd> = LruHashMap::pinned(65536, 0);
+/// The kernel path: a SM_NET socket's cookie -> its hop's app key. LRU
+/// for the same reason.
+#[map]
+static SM_NET_HOP: LruHashMap<u64, HopKey> = LruHashMap::pinned(65536, 0);
+/// The kernel path's counters, see `agent_common::fwd_stats`.
+#[map]
+static SM_FWD_STATS: PerCpuArray<u64> = PerCpuArray::pinned(fwd_stats::COUNT, 0);
+
 /// Adds one to slot `idx` of a per-CPU counters map.
 #[inline(always)]
 fn bump(counters: &PerCpuArray<u64>, idx: u32) {
@@ -174,6 +193,11 @@ fn count_sm(idx: u32) {
 #[inline(always)]
 fn count_to_app(idx: u32) {
     bump(&SM_TO_APP_STATS, idx);
+}
+
+#[inline(always)]
+fn count_fwd(idx: u32) {
+    bump(&SM_FWD_STATS, idx);
 }
 
 #[inline(always)]
@@ -395,6 +419,17 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
             // An app socket's phase-two entries (none for other sockets).
             let _ = SM_TO_APP.remove(&key.reversed());
             let _ = SM_APP_READ.remove(&cookie);
+            // Its kernel-path entry stays for its agent to count, marked,
+            // so that a later socket on the same addresses and ports never
+            // takes it for its own (see forward_send).
+            if let Some(f) = SM_FWD.get_ptr_mut(key) {
+                // SAFETY: the entry's plain data.
+                unsafe {
+                    if (*f).app_cookie == cookie {
+                        (*f).app_gone = 1;
+                    }
+                }
+            }
         }
         _ => {}
     }
@@ -759,6 +794,9 @@ fn app_sends(ctx: &SkMsgContext, key: &HopKey, state: *mut u32) -> u32 {
         return SK_PASS;
     }
     let size = ctx.size();
+    if now == hop::REDIRECT && forward_send(ctx, key, value, size) {
+        return SK_PASS;
+    }
     if now == hop::REDIRECT && over_bound(key, value, size) {
         // Back to TCP for good, where the sender blocks on a full buffer
         // again. The agent reads what is queued first: no reorder. The
@@ -792,6 +830,111 @@ fn app_sends(ctx: &SkMsgContext, key: &HopKey, state: *mut u32) -> u32 {
         // (the kernel reads the redirect queue before the TCP one).
         count_sm(sockmap_stats::PEER_GONE);
     }
+    SK_PASS
+}
+
+/// The kernel path: a send of a redirected hop goes straight to the egress
+/// of the agent's other socket (SM_NET), where it blocks on that socket's
+/// send buffer as a direct connection would, once the hop is forwarded
+/// (SM_FWD) and the agent has forwarded every byte redirected to it before
+/// (its SM_READ count, reported after each forward, covers them all): so
+/// nothing overtakes a byte the agent still holds. `true`: sent.
+#[inline(always)]
+fn forward_send(ctx: &SkMsgContext, key: &HopKey, value: u32, size: u32) -> bool {
+    let Some(f) = SM_FWD.get_ptr_mut(key) else {
+        return false;
+    };
+    // An entry whose app socket closed is an earlier connection's on the
+    // same addresses and ports, which its agent has not removed yet (sk_msg
+    // cannot read a socket's cookie to tell them apart).
+    // SAFETY: the entry's plain data.
+    if unsafe { (*f).app_gone } != 0 {
+        return false;
+    }
+    // SAFETY: read-only lookup of plain data.
+    let forwarded_all = unsafe { SM_READ.get(key) }.is_some_and(|read| hop::unread(value, *read) == 0);
+    if !forwarded_all || SM_NET.redirect_msg(ctx, *key, 0) != i64::from(SK_PASS) {
+        return false;
+    }
+    // SAFETY: this hop's entry; only the app's sends write `sent`, under
+    // its socket's lock.
+    unsafe { (*f).sent += u64::from(size) };
+    count_fwd(fwd_stats::SENT);
+    true
+}
+
+/// The kernel path's verdict, on each segment that reaches an agent socket
+/// of SM_NET: into the app's socket (SM_APP, ingress) while the hop's
+/// agent -> app direction is redirected and the app's unread bytes stay
+/// under `hop::BACKLOG_BOUND`, counted as that direction's (it continues
+/// the count the agent's redirected writes began, which SM_APP_READ is
+/// compared with). Otherwise `SK_PASS` for this segment and every later
+/// one: it waits in the agent socket's own queue, bounded by its receive
+/// buffer (backpressure again), and the agent reads it once the app has
+/// read everything moved before. A segment without payload (a FIN) always
+/// stays with the agent's socket, which passes the half-close on once the
+/// app has read all. The agent writes nothing to the app while its hop
+/// forwards, so this is the only writer of the direction's value then.
+#[stream_verdict]
+pub fn mesh_sk_skb(ctx: SkBuffContext) -> u32 {
+    // SAFETY: helper only reads the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    // SAFETY: read-only lookup of plain data.
+    let Some(key) = (unsafe { SM_NET_HOP.get(&cookie) }).copied() else {
+        return SK_PASS;
+    };
+    let Some(f) = SM_FWD.get_ptr_mut(&key) else {
+        return SK_PASS;
+    };
+    // SAFETY: this hop's entry; only this program writes `replies` and
+    // `received`, under the agent socket's lock. An entry of another socket
+    // (a later connection of the same hop that joined while this one still
+    // receives) is not ours to use.
+    if unsafe { (*f).net_cookie != cookie || (*f).replies != fwd::FORWARD } {
+        return SK_PASS;
+    }
+    let size = ctx.len();
+    if size == 0 {
+        return SK_PASS;
+    }
+    // SAFETY: as above.
+    let mut app_cookie = unsafe { (*f).app_cookie };
+    let Some(to) = SM_TO_APP.get_ptr_mut(key.reversed()) else {
+        return pass_for_good(f);
+    };
+    // SAFETY: map value of this hop's agent -> app direction (see above).
+    let (value, app_tcp) = unsafe { ((*to).value, (*to).app_tcp != 0) };
+    if hop::state(value) != hop::REDIRECT {
+        return pass_for_good(f);
+    }
+    if app_tcp || app_over_bound(app_cookie, value, size) {
+        // As the agent's own send would: its later writes go through TCP,
+        // which the app reads after its sk_msg queue.
+        // SAFETY: as above.
+        unsafe { (*to).value = hop::with_sent(hop::FALLBACK, hop::sent(value)) };
+        count_to_app(to_app_stats::FALLBACK);
+        return pass_for_good(f);
+    }
+    if SM_APP.redirect_skb(&ctx, &mut app_cookie, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        // SAFETY: as above.
+        unsafe {
+            (*to).value = hop::with_sent(hop::REDIRECT, hop::sent(value).wrapping_add(size));
+            (*f).received += u64::from(size);
+        }
+        count_fwd(fwd_stats::RECEIVED);
+        return SK_PASS;
+    }
+    // The app's socket left SM_APP (it closed).
+    pass_for_good(f)
+}
+
+/// The verdict passes this segment and every later one of the hop `f` to
+/// the agent's socket.
+#[inline(always)]
+fn pass_for_good(f: *mut Fwd) -> u32 {
+    // SAFETY: the hop's entry, written by the verdict program only.
+    unsafe { (*f).replies = fwd::PASSED };
+    count_fwd(fwd_stats::PASSED);
     SK_PASS
 }
 
@@ -876,9 +1019,12 @@ fn app_over_bound(app_cookie: u64, value: u32, size: u32) -> bool {
 /// takes nothing) to its SM_APP_READ entry; other sockets have none. While
 /// its agent -> app direction is redirected, every byte the app reads
 /// comes out of its sk_msg queue: nothing reaches it through TCP before the
-/// fallback. The count only bounds that queue: two threads reading one
+/// fallback. The count bounds that queue, and tells a forwarding agent
+/// when the app has read everything moved into it. Two threads reading one
 /// socket at once may lose an addition (the tracepoint runs after the
-/// socket lock is released), which makes the bound stricter, never looser.
+/// socket lock is released; this target has no atomic add in Rust): that
+/// makes the bound stricter, and holds such a hop's forwarding agent back
+/// once the verdict hands bytes back (ARCHITECTURE.md, "The kernel path").
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn mesh_app_read(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: a constant of this object, set by the loader.

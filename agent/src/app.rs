@@ -116,8 +116,11 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
         &cfg.pin_name,
         &cfg.cgroup_parent,
         cfg.bpf_log,
-        cfg.sockmap,
-        cfg.sockmap_to_app,
+        crate::capture::sockmap::Phases {
+            on: cfg.sockmap,
+            to_app: cfg.sockmap_to_app,
+            forward: cfg.sockmap_forward,
+        },
     )?;
     drop(object);
 

@@ -446,6 +446,9 @@ pub struct Status {
     /// SM_TO_APP_STATS counters (phase two; zeros when it never ran here,
     /// empty where no release with phase two ran).
     pub sockmap_to_app: BTreeMap<&'static str, u64>,
+    /// SM_FWD_STATS counters (the kernel path; empty where no release with
+    /// it ran).
+    pub sockmap_forward: BTreeMap<&'static str, u64>,
     /// Entries of the SM_* maps of sockets (0 once the sockets closed).
     pub sockmap_entries: BTreeMap<&'static str, usize>,
 }
@@ -458,7 +461,7 @@ impl Capture {
     /// until ours have filled their maps. `bpf_log` turns on the programs'
     /// aya-log records (see [`bpflog`]). `sockmap` asks for sockmap
     /// acceleration: probed, and off (logged with the reason) when the
-    /// kernel cannot do it; `sockmap_to_app` for its phase two as well
+    /// kernel cannot do it; its phase two and kernel path as well
     /// (likewise).
     pub fn start(
         object: &[u8],
@@ -466,8 +469,7 @@ impl Capture {
         pin_name: &str,
         cgroup_parent: &Path,
         bpf_log: bool,
-        sockmap: bool,
-        sockmap_to_app: bool,
+        sockmap: sockmap::Phases,
     ) -> Result<(Self, ProxyMaps), CaptureError> {
         probe::ensure_bpffs(bpffs)?;
         probe::check_cgroup2(cgroup_parent)?;
@@ -514,14 +516,15 @@ impl Capture {
             true,
         )?;
         let mut orig = orig.expect("asked for the proxy maps");
-        let sockmap = match sockmap {
+        let sockmap = match sockmap.on {
             false => {
                 tracing::info!("sockmap acceleration off (--sockmap not given)");
                 sockmap::stop(&pins);
                 None
             }
             true => match sockmap::probe().and_then(|()| {
-                sockmap::Sockmap::start(&mut ebpf, &pins, sockmap_to_app.then_some(read_gen)).map_err(|e| e.to_string())
+                let to_app = sockmap.to_app.then_some(read_gen);
+                sockmap::Sockmap::start(&mut ebpf, &pins, to_app, sockmap.forward).map_err(|e| e.to_string())
             }) {
                 Ok((s, ends)) => {
                     tracing::info!("sockmap acceleration on: the in-pod hops to the agent skip TCP on lo");
@@ -715,7 +718,7 @@ impl Capture {
 }
 
 /// The maps this release pins, by the names its programs use.
-const MAP_NAMES: [&str; 20] = [
+const MAP_NAMES: [&str; 24] = [
     names::ENROLLED_NETNS,
     names::ORIG_DST,
     names::CONN_ORIG,
@@ -736,6 +739,10 @@ const MAP_NAMES: [&str; 20] = [
     names::SM_AGENT_TX,
     names::SM_TO_APP_STATS,
     names::SM_READ_GEN,
+    names::SM_NET,
+    names::SM_FWD,
+    names::SM_NET_HOP,
+    names::SM_FWD_STATS,
 ];
 
 /// Converges the cgroup link of `name` on `prog` (attaching it at `cgroup`
@@ -932,6 +939,7 @@ pub fn status(bpffs: &Path, pin_name: &str) -> Result<Status, CaptureError> {
         stats: maps.stats(),
         sockmap: sockmap::pinned_stats(&pins),
         sockmap_to_app: sockmap::pinned_to_app_stats(&pins),
+        sockmap_forward: sockmap::pinned_fwd_stats(&pins),
         sockmap_entries: sockmap::pinned_entries(&pins),
     })
 }

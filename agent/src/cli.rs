@@ -252,6 +252,14 @@ pub struct RunArgs {
     /// bytes, and a blocking recv may fail with EAGAIN (ARCHITECTURE.md).
     #[arg(long, env = "AGENT_SOCKMAP_TO_APP", requires = "sockmap")]
     pub sockmap_to_app: bool,
+    /// The sockmap kernel path (needs --sockmap-to-app): a plain hop (no
+    /// HBONE) whose both in-pod directions are redirected is forwarded in
+    /// the kernel, the app's sends straight to the agent's other socket and
+    /// what arrives there straight into the app's socket; the agent only
+    /// opens, polices, counts and closes. Off by default, with phase two's
+    /// caveats (ARCHITECTURE.md, "The kernel path").
+    #[arg(long, env = "AGENT_SOCKMAP_FORWARD", requires = "sockmap_to_app")]
+    pub sockmap_forward: bool,
     /// How long open connections may finish after SIGTERM.
     #[arg(long, env = "AGENT_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -328,6 +336,7 @@ impl RunArgs {
             bpf_log: self.bpf_log,
             sockmap: self.sockmap,
             sockmap_to_app: self.sockmap_to_app,
+            sockmap_forward: self.sockmap_forward,
             drain_timeout: self.drain_timeout,
             reload_interval: self.reload_interval,
             worker_threads: self.worker_threads,

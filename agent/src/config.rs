@@ -34,6 +34,9 @@ pub struct AgentConfig {
     pub sockmap: bool,
     /// Phase two: the hops whose reader is the app too (needs `sockmap`).
     pub sockmap_to_app: bool,
+    /// The kernel path: plain hops forwarded in the kernel (needs
+    /// `sockmap_to_app`).
+    pub sockmap_forward: bool,
     /// How long open connections may finish after SIGTERM.
     #[serde(serialize_with = "human")]
     pub drain_timeout: Duration,

@@ -209,7 +209,8 @@ impl WaypointBindings {
 
 /// The kernel's sockmap counters (SM_STATS), read at each scrape:
 /// `mesh_agent_sockmap_<slot>_total`; phase two's (SM_TO_APP_STATS) as
-/// `mesh_agent_sockmap_to_app_<slot>_total`.
+/// `mesh_agent_sockmap_to_app_<slot>_total`; the kernel path's
+/// (SM_FWD_STATS) as `mesh_agent_sockmap_forward_<slot>_total`.
 #[derive(Debug)]
 pub struct SockmapCounters(crate::capture::Pins);
 
@@ -249,6 +250,17 @@ impl SockmapCounters {
             _ => "sockmap phase two counter",
         }
     }
+
+    fn forward_help(slot: &str) -> &'static str {
+        match slot {
+            "sent" => "Application sends of forwarded hops moved by sk_msg straight to the agent's other socket (kernel path)",
+            "received" => "Segments of forwarded hops moved by the sk_skb verdict straight into the application's socket (kernel path)",
+            "passed" => {
+                "Forwarded hops whose incoming bytes the verdict left to the agent: unread bytes piled up in the application's socket, or it closed"
+            }
+            _ => "sockmap kernel path counter",
+        }
+    }
 }
 
 impl prometheus_client::collector::Collector for SockmapCounters {
@@ -264,6 +276,12 @@ impl prometheus_client::collector::Collector for SockmapCounters {
             let counter = ConstCounter::new(value);
             let name = format!("sockmap_to_app_{slot}");
             let metric = encoder.encode_descriptor(&name, Self::to_app_help(slot), None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        for (slot, value) in crate::capture::sockmap::pinned_fwd_stats(&self.0) {
+            let counter = ConstCounter::new(value);
+            let name = format!("sockmap_forward_{slot}");
+            let metric = encoder.encode_descriptor(&name, Self::forward_help(slot), None, counter.metric_type())?;
             counter.encode(metric)?;
         }
         Ok(())

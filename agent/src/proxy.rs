@@ -15,6 +15,7 @@
 //! sockets and HBONE streams) open through the agent; more are reset and
 //! counted, so one pod cannot starve the others of file descriptors.
 pub mod conn;
+pub mod forward;
 pub mod policed;
 
 use std::{
@@ -409,13 +410,19 @@ pub fn accelerate(ctx: &PodCtx, sock: &TcpStream) -> Read {
     // What the agent has read bounds what may wait in its socket: the
     // sk_msg program sends a hop back to TCP beyond it (a redirected send
     // never blocks). Reported every READ_REPORT_STEP bytes, until the hop
-    // has no count any more (it fell back, went TCP or closed). A hop that
+    // has no count any more (it fell back, went TCP or closed); after every
+    // read once the hop forwards in the kernel (the app's sends switch when
+    // the report covers all). Called after the bytes went on. A hop that
     // fell back is spliced again once its redirected bytes are read.
     let maps = ctx.orig.clone();
+    let report = Arc::new(forward::Report::default());
+    let shared = report.clone();
     let (mut read, mut reported, mut now) = (0u64, 0u64, Reported::Counting);
     let progress = move |n: usize| {
         read += n as u64;
-        if now == Reported::Counting && read - reported >= hop::READ_REPORT_STEP {
+        shared.forwarded.store(read, Ordering::SeqCst);
+        let eager = shared.eager.load(Ordering::SeqCst);
+        if now == Reported::Counting && (eager || read - reported >= hop::READ_REPORT_STEP) {
             reported = read;
             now = maps
                 .sockmap()
@@ -432,7 +439,7 @@ pub fn accelerate(ctx: &PodCtx, sock: &TcpStream) -> Read {
     Read::Recv(Hooks {
         settle: Some(Box::new(settle)),
         progress: Some(Box::new(progress)),
-        hold: created.map(|c| Box::new(c) as Box<dyn std::any::Any + Send>),
+        hold: Some(Box::new(forward::Held { created, report })),
     })
 }
 
@@ -440,7 +447,7 @@ pub fn accelerate(ctx: &PodCtx, sock: &TcpStream) -> Read {
 /// agent stops reading the app's side (the hooks that hold it drop then;
 /// the entry matters only while the app's socket is in SM_APP, and the
 /// app's close callback removes it too).
-struct ForgetOnDrop(Arc<ProxyMaps>, crate::capture::sockmap::CreatedTcp);
+pub struct ForgetOnDrop(Arc<ProxyMaps>, crate::capture::sockmap::CreatedTcp);
 
 impl Drop for ForgetOnDrop {
     fn drop(&mut self) {

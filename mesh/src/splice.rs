@@ -118,14 +118,16 @@ pub async fn forward_reading(
 ) -> Copied {
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let r = both(
-        direction(client, client_read, upstream, &sent),
-        direction(upstream, upstream_read, client, &received),
+        one_way(client, client_read, upstream, &sent),
+        one_way(upstream, upstream_read, client, &received),
     )
     .await;
     Copied::new(r, &sent, &received)
 }
 
-async fn direction(from: &TcpStream, read: Read, to: &TcpStream, count: &AtomicU64) -> io::Result<()> {
+/// One direction of [`forward_reading`]: `from` read as told, until EOF,
+/// then `to` half-closed; `count` adds what moved.
+pub async fn one_way(from: &TcpStream, read: Read, to: &TcpStream, count: &AtomicU64) -> io::Result<()> {
     match read {
         Read::Splice => pump(from, to, count, TcpOnly::Yes).await,
         Read::Recv(hooks) => copy(from, to, count, hooks).await,
@@ -133,7 +135,7 @@ async fn direction(from: &TcpStream, read: Read, to: &TcpStream, count: &AtomicU
 }
 
 /// Bytes read per recvmsg in [`copy`].
-const COPY_BUF: usize = 64 * 1024;
+pub const COPY_BUF: usize = 64 * 1024;
 
 /// One direction through user space: recvmsg until EOF, then half-close;
 /// spliced from the point `settle` says the bytes come through TCP only,
@@ -159,7 +161,7 @@ async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, mut hooks: Ho
 
 /// One recvmsg from `from` into `buf`, all of it sent on to `to`; the
 /// bytes moved (0: EOF).
-async fn recv_send(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+pub async fn recv_send(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     let n = retry(from, Interest::READABLE, || {
         // SAFETY: a valid fd and a buffer of `buf.len()` bytes.
         let n = unsafe { libc::recv(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };

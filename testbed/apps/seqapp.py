@@ -13,6 +13,11 @@ client --host H --port P: COUNT connections over THREADS threads; each
         --bind-port P: the client's local port (two pods, one port).
         --wait-go: connect (and read the greeting), print {"connected": true},
         wait for a line on stdin, then send.
+        --pingpong: read each write's echo before the next write (a
+        request/response protocol), then half-close and expect the end.
+        --tail N (with --pingpong): after the exchanges, N more bytes in one
+        write, read back only after it; --tail-wait: print
+        {"tail_sent": true} and wait for a line on stdin before reading.
 Output: one JSON object on stdout; every socket has a timeout.
 """
 import argparse
@@ -77,12 +82,34 @@ def one(a, conn_id, go=None):
             go()
         data = payload(conn_id, a.size)
         step = max(1, (len(data) + a.writes - 1) // a.writes)
+        if a.pingpong:
+            for i in range(0, len(data), step):
+                s.sendall(data[i : i + step])
+                echo = recv_exact(s, len(data[i : i + step]))
+                if echo != data[i : i + step]:
+                    return f"connection {conn_id}: echo of bytes {i}.. differs (got {len(echo)} bytes)"
+            if a.tail:
+                tail = payload(conn_id, a.size + a.tail)[a.size :]
+                s.sendall(tail)
+                if a.tail_wait:
+                    print(json.dumps({"tail_sent": True}), flush=True)
+                    sys.stdin.readline()
+                echo = recv_exact(s, len(tail))
+                if echo != tail:
+                    return f"connection {conn_id}: echo of the tail differs (got {len(echo)} of {len(tail)} bytes)"
+            s.shutdown(socket.SHUT_WR)
+            rest = recv_exact(s, 1)
+            return f"connection {conn_id}: {len(rest)} bytes after the echo" if rest else None
         for i in range(0, len(data), step):
             s.sendall(data[i : i + step])
         s.shutdown(socket.SHUT_WR)
         echo = recv_exact(s, len(data) + 1)
         if echo != data:
-            return f"connection {conn_id}: echo differs (got {len(echo)} of {len(data)} bytes)"
+            at = next((i for i, (x, y) in enumerate(zip(echo, data)) if x != y), min(len(echo), len(data)))
+            return (
+                f"connection {conn_id}: echo differs (got {len(echo)} of {len(data)} bytes), first at {at}: "
+                f"got {echo[at:at + 8].hex()} for {data[at:at + 8].hex()}"
+            )
         return None
     except OSError as e:
         return f"connection {conn_id}: {e}"
@@ -95,7 +122,9 @@ def load(a, stop, errors):
     n = 0
     while not stop.is_set() and n < 10000:
         n += 1
-        big = argparse.Namespace(**{**vars(a), "size": a.load_bytes, "writes": 16, "greet": a.greet, "bind_port": 0})
+        big = argparse.Namespace(
+            **{**vars(a), "size": a.load_bytes, "writes": 16, "greet": a.greet, "bind_port": 0, "pingpong": False}
+        )
         err = one(big, 1_000_000 + n)
         if err:
             errors.append("load " + err)
@@ -156,6 +185,9 @@ def main():
     p.add_argument("--load-bytes", type=int, default=1 << 20)
     p.add_argument("--bind-port", type=int, default=0)
     p.add_argument("--wait-go", action="store_true")
+    p.add_argument("--pingpong", action="store_true")
+    p.add_argument("--tail", type=int, default=0)
+    p.add_argument("--tail-wait", action="store_true")
     p.add_argument("--id", type=int, default=1)
     a = p.parse_args()
     server(a) if a.mode == "server" else client(a)

@@ -40,10 +40,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{hop, maps as names, programs as progs, sockmap_stats, to_app_stats, HopKey, ToApp};
+use agent_common::{
+    fwd, fwd_stats, hop, maps as names, programs as progs, sockmap_stats, to_app_stats, Fwd, HopKey, ToApp,
+};
 use aya::{
     maps::{Map, MapData, MapType, PerCpuArray},
-    programs::{links::FdLink, BtfTracePoint, ProgramType, SkMsg},
+    programs::{links::FdLink, BtfTracePoint, ProgramType, SkMsg, SkSkb},
     sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
     Btf, Ebpf,
 };
@@ -83,6 +85,15 @@ pub fn probe() -> Result<(), String> {
     Ok(())
 }
 
+/// Which parts of the acceleration are asked for (`agent run --sockmap`,
+/// `--sockmap-to-app`, `--sockmap-forward`); each needs the one before.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Phases {
+    pub on: bool,
+    pub to_app: bool,
+    pub forward: bool,
+}
+
 /// The agent's sockhash of its own ends of the hops (and the hops' states),
 /// shared by every connection handler.
 pub struct AgentEnds {
@@ -98,6 +109,20 @@ pub struct AgentEnds {
     respliced: Counter,
     /// Phase two, when `--sockmap-to-app` is on.
     to_app: Option<ToAppMaps>,
+    /// The kernel path, when `--sockmap-forward` is on (with phase two).
+    fwd: Option<FwdMaps>,
+}
+
+/// The kernel path's maps as the agent uses them (ARCHITECTURE.md, "The
+/// kernel path").
+struct FwdMaps {
+    /// SM_NET: the agent's other socket of a forwarded hop, keyed by the
+    /// app's hop key.
+    net: MapData,
+    /// SM_FWD: the hop's [`Fwd`], created first, read and removed at the end.
+    fwd: MapData,
+    /// SM_NET_HOP: the other socket's cookie -> the app's hop key.
+    net_hop: MapData,
 }
 
 /// Phase two's maps as the agent uses them.
@@ -108,6 +133,9 @@ struct ToAppMaps {
     /// SM_TO_APP: whether sockops prepared a hop's agent -> app direction;
     /// the agent decides one TCP here when its socket cannot join.
     to_app: MapData,
+    /// SM_APP_READ: what each app socket has read (the kernel path waits
+    /// on it before the agent writes to the app again).
+    app_read: MapData,
 }
 
 impl AgentEnds {
@@ -302,6 +330,120 @@ impl AgentEnds {
         &self.respliced
     }
 
+    /// Whether the kernel path is on (`--sockmap-forward`).
+    pub fn forwarding(&self) -> bool {
+        self.fwd.is_some()
+    }
+
+    /// The kernel path: whether the hop's agent -> app direction (the
+    /// agent's socket `agent`, its peer `app`) is redirected into the app's
+    /// socket, so that what arrives for the app may be moved there by the
+    /// verdict program. Asked after the agent's first write to the app (it
+    /// decided the direction).
+    pub fn to_app_state(&self, netns_cookie: u64, app: SocketAddr, agent: SocketAddr) -> ToAppNow {
+        let Some(maps) = &self.to_app else {
+            return ToAppNow::Never;
+        };
+        match maps.get(&hop_key(netns_cookie, agent, app)) {
+            Ok(t) if hop::state(t.value) == hop::REDIRECT && t.app_tcp == 0 => ToAppNow::Redirected(t.app_cookie),
+            Ok(t) if hop::state(t.value) == hop::UNDECIDED => ToAppNow::Undecided,
+            _ => ToAppNow::Never,
+        }
+    }
+
+    /// The kernel path: the agent's other socket `net` of the hop (the app's
+    /// end `app`, the agent's `agent`) joins SM_NET, so that the verdict
+    /// program moves what arrives on it into the app's socket (cookie
+    /// `app_cookie`), and the app's sends may go straight to its egress.
+    /// The caller has stopped reading `net` and has written to the app every
+    /// byte it read from it; it sets `SO_RCVLOWAT` next, so that the verdict
+    /// runs over what already waits. On error nothing is left behind, and
+    /// the hop goes on through the agent (a socket that is no longer
+    /// established, the remote having half-closed, is refused).
+    pub fn join_forward(
+        &self,
+        netns_cookie: u64,
+        app: SocketAddr,
+        agent: SocketAddr,
+        net: &impl AsRawFd,
+        app_cookie: u64,
+    ) -> std::io::Result<Forwarded> {
+        let maps = self
+            .fwd
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("the kernel path is off"))?;
+        let key = hop_key(netns_cookie, app, agent);
+        let net_cookie = sys::socket_cookie(net.as_raw_fd())?;
+        let entry = Fwd {
+            replies: fwd::FORWARD,
+            app_cookie,
+            net_cookie,
+            ..Fwd::default()
+        };
+        sys::map_update(maps.fwd.fd().as_fd(), sys::key_bytes(&key), sys::key_bytes(&entry))?;
+        let joined = Forwarded { key, net_cookie };
+        // A later insert of the same key replaces this entry: only ours is
+        // removed at the end (see forget_forward).
+        sys::map_update(
+            maps.net_hop.fd().as_fd(),
+            &net_cookie.to_ne_bytes(),
+            sys::key_bytes(&key),
+        )
+        .and_then(|()| {
+            let fd = net.as_raw_fd() as u32;
+            sys::map_update(maps.net.fd().as_fd(), sys::key_bytes(&key), &fd.to_ne_bytes())
+        })
+        .inspect_err(|_| self.forget_forward(&joined))?;
+        Ok(joined)
+    }
+
+    /// The kernel path: whether the app has read every byte redirected into
+    /// its socket on the hop (the app's end `app`, the agent's `agent`), so
+    /// that what the agent writes next cannot overtake any. A direction
+    /// whose entries are gone (the app's socket closed) has nothing waiting.
+    pub fn app_read_all(&self, netns_cookie: u64, app: SocketAddr, agent: SocketAddr) -> bool {
+        let Some(maps) = &self.to_app else {
+            return true;
+        };
+        let Ok(t) = maps.get(&hop_key(netns_cookie, agent, app)) else {
+            return true;
+        };
+        let mut read = [0u8; 8];
+        if sys::map_lookup(maps.app_read.fd().as_fd(), &t.app_cookie.to_ne_bytes(), &mut read).is_err() {
+            return true;
+        }
+        hop::read_all(hop::sent(t.value), u64::from_ne_bytes(read))
+    }
+
+    /// The kernel path: the bytes a forwarded hop moved without the agent,
+    /// read before its entries go (see [`Forwarded`]); `None` once the
+    /// entry is gone or another connection's.
+    pub fn forwarded_bytes(&self, joined: &Forwarded) -> Option<Fwd> {
+        let maps = self.fwd.as_ref()?;
+        let mut value = Fwd::default();
+        // SAFETY: Fwd is #[repr(C)] plain data of the map's value size.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(std::ptr::from_mut(&mut value).cast::<u8>(), std::mem::size_of::<Fwd>())
+        };
+        sys::map_lookup(maps.fwd.fd().as_fd(), sys::key_bytes(&joined.key), bytes).ok()?;
+        (value.net_cookie == joined.net_cookie).then_some(value)
+    }
+
+    /// The kernel path: removes a forwarded hop's SM_FWD entry, when it is
+    /// still this connection's (a later connection of the same hop may
+    /// have joined since: between the look and the delete only this
+    /// agent writes it, and a lost entry only sends a hop back through its
+    /// agent), and its SM_NET_HOP entry (its SM_NET one leaves with the
+    /// socket).
+    pub fn forget_forward(&self, joined: &Forwarded) {
+        if let Some(maps) = &self.fwd {
+            if self.forwarded_bytes(joined).is_some() {
+                let _ = sys::map_delete(maps.fwd.fd().as_fd(), sys::key_bytes(&joined.key));
+            }
+            let _ = sys::map_delete(maps.net_hop.fd().as_fd(), &joined.net_cookie.to_ne_bytes());
+        }
+    }
+
     fn state(&self, key: &HopKey) -> Option<u32> {
         self.value(key).map(hop::state)
     }
@@ -309,6 +451,24 @@ impl AgentEnds {
     fn value(&self, key: &HopKey) -> Option<u32> {
         self.hops.get(key, 0).ok()
     }
+}
+
+/// What [`AgentEnds::to_app_state`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToAppNow {
+    /// Redirected into the app's socket (its cookie).
+    Redirected(u64),
+    /// Not decided yet.
+    Undecided,
+    /// On TCP, going there, or not a phase-two hop.
+    Never,
+}
+
+/// A hop that joined the kernel path ([`AgentEnds::join_forward`]).
+#[derive(Debug)]
+pub struct Forwarded {
+    key: HopKey,
+    net_cookie: u64,
 }
 
 /// An agent -> app direction the agent created itself, decided TCP (see
@@ -363,6 +523,8 @@ pub struct Sockmap {
     stats: PerCpuArray<MapData, u64>,
     /// Phase two is on (asked for, and the kernel can).
     to_app: bool,
+    /// The kernel path is on.
+    forward: bool,
     /// Phase two's read count, when this agent attached it.
     read_count: Option<ReadCount>,
 }
@@ -374,8 +536,14 @@ impl Sockmap {
     /// SM_APP before a program is attached (one that did would stay on TCP).
     /// `to_app` turns on phase two (agent to app) as well, with the
     /// read-count generation `ebpf` was loaded with: the read-count program
-    /// is attached too (or, off, a previous agent's is detached).
-    pub fn start(ebpf: &mut Ebpf, pins: &Pins, to_app: Option<ReadGen>) -> Result<(Self, AgentEnds), CaptureError> {
+    /// is attached too (or, off, a previous agent's is detached). `forward`
+    /// turns on the kernel path as well (with phase two only).
+    pub fn start(
+        ebpf: &mut Ebpf,
+        pins: &Pins,
+        to_app: Option<ReadGen>,
+        forward: bool,
+    ) -> Result<(Self, AgentEnds), CaptureError> {
         let app = map_data(ebpf, names::SM_APP)?;
         let agent = map_data(ebpf, names::SM_AGENT)?;
         let hops = map_data(ebpf, names::SM_HOPS)?;
@@ -410,9 +578,28 @@ impl Sockmap {
                 None
             }
         };
+        let fwd = match (forward, &to_app) {
+            (true, Some(_)) => match start_forward(ebpf, pins) {
+                Ok(maps) => Some(maps),
+                Err(e) => {
+                    tracing::warn!(reason = %e, "sockmap kernel path unavailable: off; forwarded bytes wake the agent");
+                    None
+                }
+            },
+            (true, None) => {
+                tracing::warn!("the sockmap kernel path needs phase two, which is off: off");
+                stop_forward(pins);
+                None
+            }
+            (false, _) => {
+                stop_forward(pins);
+                None
+            }
+        };
         let stats = Self {
             stats,
             to_app: to_app.is_some(),
+            forward: fwd.is_some(),
             read_count,
         };
         let ends = AgentEnds {
@@ -422,6 +609,7 @@ impl Sockmap {
             fallbacks: Counter::default(),
             respliced: Counter::default(),
             to_app,
+            fwd,
         };
         Ok((stats, ends))
     }
@@ -429,6 +617,11 @@ impl Sockmap {
     /// Whether phase two runs too.
     pub fn to_app(&self) -> bool {
         self.to_app
+    }
+
+    /// Whether the kernel path runs too.
+    pub fn forward(&self) -> bool {
+        self.forward
     }
 
     /// Called on each reload tick: see [`ReadCount::keep`]. `true`: it
@@ -558,7 +751,8 @@ fn start_to_app(
         None
     };
     tracing::info!(outcome = ?outcome, "phase two on: the agent's writes to the apps skip TCP on lo; app reads counted");
-    Ok((ToAppMaps { tx, to_app }, count))
+    let app_read = map_data(ebpf, names::SM_APP_READ)?;
+    Ok((ToAppMaps { tx, to_app, app_read }, count))
 }
 
 /// Makes the sk_msg link pinned at `pin` on sockhash `map` run `prog`
@@ -569,11 +763,65 @@ fn attach_sk_msg(
     map: &MapData,
     name: &str,
 ) -> Result<links::Converged, CaptureError> {
+    attach_to_map(pin, prog, map, name, sys::SockmapHook::Msg)
+}
+
+/// Makes the link pinned at `pin` run `prog` at `hook` of sockhash `map`
+/// (attached, or swapped in place of a previous agent's).
+fn attach_to_map(
+    pin: &Path,
+    prog: BorrowedFd<'_>,
+    map: &MapData,
+    name: &str,
+    hook: sys::SockmapHook,
+) -> Result<links::Converged, CaptureError> {
     links::converge(pin, prog, links::Swap::InPlace, &mut || {
-        sys::sk_msg_link_create(prog, map.fd().as_fd()).map_err(|e| {
-            bpf_err(format!("attach sk_msg to {name} as a bpf_link"))(format!("{e} (sockmap links need Linux 6.10+)"))
+        sys::sockmap_link_create(prog, map.fd().as_fd(), hook).map_err(|e| {
+            bpf_err(format!("attach {hook:?} to {name} as a bpf_link"))(format!("{e} (sockmap links need Linux 6.10+)"))
         })
     })
+}
+
+/// The kernel path: loads the verdict program and makes the pinned link on
+/// SM_NET (`links/sm_net`) run it. Sockets join SM_NET only after this, one
+/// hop at a time ([`AgentEnds::join_forward`]).
+fn start_forward(ebpf: &mut Ebpf, pins: &Pins) -> Result<FwdMaps, CaptureError> {
+    let net = map_data(ebpf, names::SM_NET)?;
+    let prog: &mut SkSkb = program(ebpf, progs::SK_SKB)?;
+    bpf!("load sk_skb verdict", prog.load())?;
+    let fd = bpf!("sk_skb fd", prog.fd())?
+        .try_clone()
+        .map_err(|e| bpf_err("sk_skb fd")(e.to_string()))?;
+    let outcome = attach_to_map(
+        &net_link_pin(pins),
+        fd.as_fd(),
+        &net,
+        names::SM_NET,
+        sys::SockmapHook::SkbVerdict,
+    )?;
+    tracing::info!(outcome = ?outcome, "kernel path on: sk_skb verdict attached to SM_NET; plain hops forward in the kernel");
+    Ok(FwdMaps {
+        net,
+        fwd: map_data(ebpf, names::SM_FWD)?,
+        net_hop: map_data(ebpf, names::SM_NET_HOP)?,
+    })
+}
+
+/// The kernel path off: detach a previous agent's verdict program. Hops
+/// that joined SM_NET keep it until they close (the kernel copies it into
+/// each socket at insertion), and their agent reads them to the end.
+fn stop_forward(pins: &Pins) {
+    let pin = net_link_pin(pins);
+    if pin.exists() {
+        match std::fs::remove_file(&pin) {
+            Ok(()) => tracing::info!("sockmap kernel path off: detached a previous agent's verdict program"),
+            Err(e) => tracing::warn!(error = %e, pin = %pin.display(), "cannot detach the verdict program"),
+        }
+    }
+}
+
+fn net_link_pin(pins: &Pins) -> PathBuf {
+    pins.links().join("sm_net")
 }
 
 /// The read count's pinned link runs `prog`. A tracing link cannot swap
@@ -621,6 +869,7 @@ fn tx_link_pin(pins: &Pins) -> PathBuf {
 /// program (the kernel copies it into each socket at insertion) and their
 /// agent keeps reading them with recvmsg until they close.
 pub fn stop(pins: &Pins) {
+    stop_forward(pins);
     stop_to_app(pins);
     let pin = link_pin(pins);
     if pin.exists() {
@@ -640,7 +889,7 @@ fn map_data(ebpf: &mut Ebpf, name: &str) -> Result<MapData, CaptureError> {
         bpf_err(format!("map {name}"))("missing from the object; rebuild it with `cargo xtask build-ebpf`".into())
     })?;
     match map {
-        Map::SockHash(d) | Map::PerCpuArray(d) | Map::HashMap(d) | Map::Array(d) => Ok(d),
+        Map::SockHash(d) | Map::PerCpuArray(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) => Ok(d),
         other => Err(bpf_err(format!("map {name}"))(format!("unexpected type {other:?}"))),
     }
 }
@@ -679,6 +928,12 @@ fn pinned_counters(pins: &Pins, map: &str, slots: &[&'static str]) -> BTreeMap<&
         .unwrap_or_default()
 }
 
+/// The counters of the pinned SM_FWD_STATS (the kernel path), for `agent
+/// status` and metrics (empty when no agent of a release with it ran here).
+pub fn pinned_fwd_stats(pins: &Pins) -> BTreeMap<&'static str, u64> {
+    pinned_counters(pins, names::SM_FWD_STATS, fwd_stats::NAMES.as_slice())
+}
+
 /// How many entries SM_APP, SM_AGENT, SM_HOPS, SM_READ and phase two's
 /// SM_TO_APP, SM_APP_READ and SM_AGENT_TX hold: all empty once every accelerated socket
 /// has closed (`agent status`).
@@ -697,6 +952,9 @@ pub fn pinned_entries(pins: &Pins) -> BTreeMap<&'static str, usize> {
         names::SM_TO_APP,
         names::SM_APP_READ,
         names::SM_AGENT_TX,
+        names::SM_NET,
+        names::SM_FWD,
+        names::SM_NET_HOP,
     ]
     .into_iter()
     .filter_map(count)
@@ -766,7 +1024,7 @@ mod tests {
         let (_scratch, pins) = scratch_pins("smlink");
 
         let mut a = load(&pins);
-        Sockmap::start(&mut a, &pins, None).unwrap();
+        Sockmap::start(&mut a, &pins, None, false).unwrap();
         let link = sys::obj_get(&link_pin(&pins)).unwrap();
         let a_fd = sk_msg_fd(&mut a);
         let a_id = sys::prog_info(a_fd.as_fd()).unwrap().id;
@@ -777,7 +1035,7 @@ mod tests {
 
         // A restarted agent with the same program keeps the link as it is.
         let mut b = load(&pins);
-        Sockmap::start(&mut b, &pins, None).unwrap();
+        Sockmap::start(&mut b, &pins, None, false).unwrap();
         assert_eq!(sys::link_prog_id(link.as_fd()).unwrap(), a_id);
 
         // Swaps are atomic and refused when the old program is stale.
@@ -807,7 +1065,7 @@ mod tests {
 
         let gen_a = ReadGen::new();
         let mut a = load_gen(&pins, gen_a);
-        Sockmap::start(&mut a, &pins, Some(gen_a)).unwrap();
+        Sockmap::start(&mut a, &pins, Some(gen_a), false).unwrap();
         assert_eq!(read_gen(&pins), gen_a.value());
         let link = sys::obj_get(&app_read_pin(&pins)).unwrap();
         let first = sys::link_prog_id(link.as_fd()).unwrap();
@@ -825,19 +1083,53 @@ mod tests {
 
         let gen_b = ReadGen::new();
         let mut b = load_gen(&pins, gen_b);
-        Sockmap::start(&mut b, &pins, Some(gen_b)).unwrap();
+        Sockmap::start(&mut b, &pins, Some(gen_b), false).unwrap();
         let again = sys::obj_get(&app_read_pin(&pins)).unwrap();
         assert_ne!(sys::link_prog_id(again.as_fd()).unwrap(), first);
         assert_eq!(read_gen(&pins), gen_b.value());
         drop(again);
 
         let mut c = load(&pins);
-        Sockmap::start(&mut c, &pins, None).unwrap();
+        Sockmap::start(&mut c, &pins, None, false).unwrap();
         assert!(!app_read_pin(&pins).exists());
         assert!(!tx_link_pin(&pins).exists());
         assert!(link_pin(&pins).exists());
         stop(&pins);
         assert!(!link_pin(&pins).exists());
+    }
+
+    /// The kernel path's verdict program: attached to SM_NET through a
+    /// pinned link (it loads: the verifier accepts it), kept by the next
+    /// agent whose program is the same (links::converge compares content;
+    /// the swap itself is the sk_msg link's test), removed when the kernel
+    /// path is off, and never attached without phase two.
+    #[test]
+    fn the_kernel_path_link_is_pinned_kept_on_restart_and_removed_when_off() {
+        let (_scratch, pins) = scratch_pins("smnet");
+        let gen = ReadGen::new();
+        let mut a = load_gen(&pins, gen);
+        let (s, ends) = Sockmap::start(&mut a, &pins, Some(gen), true).unwrap();
+        assert!(s.forward() && ends.forwarding());
+        let link = sys::obj_get(&net_link_pin(&pins)).unwrap();
+        let first = sys::link_prog_id(link.as_fd()).unwrap();
+        drop((a, s, ends));
+        assert_eq!(sys::link_prog_id(link.as_fd()).unwrap(), first, "the pin keeps it");
+
+        let gen = ReadGen::new();
+        let mut b = load_gen(&pins, gen);
+        let (s, _ends) = Sockmap::start(&mut b, &pins, Some(gen), true).unwrap();
+        assert!(s.forward());
+        assert_eq!(
+            sys::link_prog_id(link.as_fd()).unwrap(),
+            first,
+            "the same program is kept"
+        );
+
+        let mut c = load(&pins);
+        let (s, ends) = Sockmap::start(&mut c, &pins, None, true).unwrap();
+        assert!(!s.forward() && !ends.forwarding(), "no kernel path without phase two");
+        assert!(!net_link_pin(&pins).exists());
+        stop(&pins);
     }
 
     /// Two agents starting at once: the one whose read-count program lost
@@ -848,10 +1140,10 @@ mod tests {
         let (_scratch, pins) = scratch_pins("smkeep");
         let gen_a = ReadGen::new();
         let mut a = load_gen(&pins, gen_a);
-        let (lost, _ends_a) = Sockmap::start(&mut a, &pins, Some(gen_a)).unwrap();
+        let (lost, _ends_a) = Sockmap::start(&mut a, &pins, Some(gen_a), false).unwrap();
         let gen_b = ReadGen::new();
         let mut b = load_gen(&pins, gen_b);
-        let (won, _ends_b) = Sockmap::start(&mut b, &pins, Some(gen_b)).unwrap();
+        let (won, _ends_b) = Sockmap::start(&mut b, &pins, Some(gen_b), false).unwrap();
         assert_eq!(read_gen(&pins), gen_b.value());
         assert!(!won.keep_read_count(), "wrote a generation that was right");
         assert!(!lost.keep_read_count(), "the agent whose program lost the link wrote");
@@ -873,7 +1165,7 @@ mod tests {
         let (_scratch, pins) = scratch_pins("smcount");
         let gen = ReadGen::new();
         let mut a = load_gen(&pins, gen);
-        Sockmap::start(&mut a, &pins, Some(gen)).unwrap();
+        Sockmap::start(&mut a, &pins, Some(gen), false).unwrap();
         let data = MapData::from_pin(pins.maps().join(names::SM_APP_READ)).unwrap();
         let mut reads = aya::maps::HashMap::<MapData, u64, u64>::try_from(Map::HashMap(data)).unwrap();
 
@@ -929,7 +1221,7 @@ mod tests {
         let (_scratch, pins) = scratch_pins(label);
         let gen = ReadGen::new();
         let mut a = load_gen(&pins, gen);
-        let (_sockmap, ends) = Sockmap::start(&mut a, &pins, Some(gen)).unwrap();
+        let (_sockmap, ends) = Sockmap::start(&mut a, &pins, Some(gen), false).unwrap();
         let data = MapData::from_pin(pins.maps().join(names::SM_TO_APP)).unwrap();
         let mut to_app = aya::maps::HashMap::<MapData, HopKey, ToApp>::try_from(Map::HashMap(data)).unwrap();
         std::thread::scope(|t| {

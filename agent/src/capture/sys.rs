@@ -16,7 +16,7 @@ use std::{
 };
 
 use aya_obj::generated::{
-    bpf_attach_type, bpf_cmd, bpf_link_info, bpf_prog_info, BPF_EXIST, BPF_F_REPLACE, BPF_NOEXIST,
+    bpf_attach_type, bpf_cmd, bpf_link_info, bpf_prog_info, BPF_ANY, BPF_EXIST, BPF_F_REPLACE, BPF_NOEXIST,
 };
 
 /// `bpf(cmd, attr, sizeof attr)`; the kernel zero-extends a short attr.
@@ -199,7 +199,7 @@ struct ObjPin {
     _pad: u32,
 }
 
-/// Pins the object behind `fd` (a link made by [`sk_msg_link_create`]) at `path`.
+/// Pins the object behind `fd` (a link made by [`sockmap_link_create`]) at `path`.
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut attr = ObjPin {
@@ -220,15 +220,28 @@ struct LinkCreate {
     flags: u32,
 }
 
-/// A bpf_link running the sk_msg program `prog` on every socket of the
+/// Which sockmap hook a link runs its program on.
+#[derive(Debug, Clone, Copy)]
+pub enum SockmapHook {
+    /// sk_msg, on each sendmsg of the map's sockets.
+    Msg,
+    /// sk_skb verdict, on each segment the map's sockets receive.
+    SkbVerdict,
+}
+
+/// A bpf_link running the program `prog` at `hook` on every socket of the
 /// sockmap or sockhash `map` (Linux 6.10+; older kernels answer EINVAL).
 /// Unlike BPF_PROG_ATTACH to a map, such a link can be pinned and swapped
 /// atomically with BPF_LINK_UPDATE, like every other hook of ours.
-pub fn sk_msg_link_create(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+pub fn sockmap_link_create(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, hook: SockmapHook) -> io::Result<OwnedFd> {
+    let attach_type = match hook {
+        SockmapHook::Msg => bpf_attach_type::BPF_SK_MSG_VERDICT,
+        SockmapHook::SkbVerdict => bpf_attach_type::BPF_SK_SKB_VERDICT,
+    };
     let mut attr = LinkCreate {
         prog_fd: prog.as_raw_fd() as u32,
         target_fd: map.as_raw_fd() as u32,
-        attach_type: bpf_attach_type::BPF_SK_MSG_VERDICT as u32,
+        attach_type: attach_type as u32,
         flags: 0,
     };
     sys_bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr).map(owned_fd)
@@ -237,6 +250,11 @@ pub fn sk_msg_link_create(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> io::Resu
 /// Inserts `key` -> `value` (raw bytes) into `map`; EEXIST if the key is there.
 pub fn map_insert(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
     map_update_flags(map, key, value, BPF_NOEXIST)
+}
+
+/// Sets `key` -> `value` (raw bytes) in `map`, created or replaced.
+pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+    map_update_flags(map, key, value, BPF_ANY)
 }
 
 /// Replaces the value of `key` (raw bytes) in `map`; ENOENT if the key is

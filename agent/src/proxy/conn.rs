@@ -364,8 +364,16 @@ async fn plain(ctx: &PodCtx, client: &TcpStream, read: Read, dst: SocketAddr, po
     match upstream {
         Ok((upstream, upstream_read)) => {
             tune(&upstream);
+            let inbound = policed.is_some();
             let _registration = policed.map(|c| ctx.open.register(&ctx.key, dst.ip(), c, &[client, &upstream]));
-            let copied = splice::forward_reading(client, read, &upstream, upstream_read).await;
+            let kernel = ctx.orig.sockmap().is_some_and(|e| e.forwarding());
+            let copied = match (kernel, inbound) {
+                (false, _) => splice::forward_reading(client, read, &upstream, upstream_read).await,
+                // The in-pod hop is the client's side outbound, the
+                // upstream's inbound.
+                (true, false) => super::forward::forward(ctx, client, read, &upstream, upstream_read, true).await,
+                (true, true) => super::forward::forward(ctx, &upstream, upstream_read, client, read, false).await,
+            };
             Outcome::carried("tcp", None, copied)
         }
         Err(e) => Outcome::refused("tcp", Reason::Unreachable, format!("connect failed: {e}")),

@@ -9,7 +9,8 @@ use testbed::{
 };
 
 use crate::{
-    access_to, sockmap_redirected, stat, succeeded, to_app_redirected, Accel, World, APP_PORT, ENROLLED, WAIT,
+    access_to, forward_moved, sockmap_redirected, stat, succeeded, to_app_redirected, Accel, World, APP_PORT, ENROLLED,
+    WAIT,
 };
 
 #[test]
@@ -273,6 +274,11 @@ fn restart_fails_closed_then_resumes_from_pins_with_sockmap_to_app() -> Result<(
     restart_fails_closed_then_resumes_from_pins_with(Accel::ToApp)
 }
 
+#[test]
+fn restart_fails_closed_then_resumes_from_pins_with_sockmap_forward() -> Result<()> {
+    restart_fails_closed_then_resumes_from_pins_with(Accel::Forward)
+}
+
 fn restart_fails_closed_then_resumes_from_pins_with(accel: Accel) -> Result<()> {
     let w = World::with_sockmap("restart", accel)?;
     let _backend = Server::start(w.cluster.pod("backend"), &[APP_PORT])?;
@@ -313,12 +319,22 @@ fn restart_fails_closed_then_resumes_from_pins_with(accel: Accel) -> Result<()> 
     if accel != Accel::Off {
         assert!(sockmap_redirected(&a1b)? > redirected);
     }
-    if accel == Accel::ToApp {
+    if matches!(accel, Accel::ToApp | Accel::Forward) {
         assert!(to_app_redirected(&a1b)? > to_app);
     }
     assert!(succeeded(&w.once("outsider", &w.ip4("server"), 7777)?));
     a1b.wait_access(WAIT, |l| l.len() == 1)?;
     a2b.wait_access(WAIT, |l| l.len() == 1)?;
+    // ... and with the kernel path, a held connection's exchanges after its
+    // first skip the restarted agent 1 (the verdict's pinned link, kept;
+    // backend is not enrolled, so agent 2 is not on this path).
+    if accel == Accel::Forward {
+        let moved = forward_moved(&a1b)?;
+        let held = mesh::held_client(w.cluster.pod("client"), &w.ip4("backend"), APP_PORT, 5)?;
+        let h = mesh::client_report(held)?;
+        assert_eq!((h["ok"].as_u64(), &h["error"]), (Some(5), &Value::Null), "{h}");
+        assert!(forward_moved(&a1b)? > moved, "{}", a1b.status()?["sockmap_forward"]);
+    }
     Ok(())
 }
 
@@ -335,6 +351,13 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with_sockmap() ->
 #[test]
 fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with_sockmap_to_app() -> Result<()> {
     graceful_handover_refuses_no_connection_and_keeps_open_ones_with(Accel::ToApp)
+}
+
+/// With the kernel path: the held connection's exchanges skip the old
+/// agent while it drains, and the connection still ends through it.
+#[test]
+fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with_sockmap_forward() -> Result<()> {
+    graceful_handover_refuses_no_connection_and_keeps_open_ones_with(Accel::Forward)
 }
 
 fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with(accel: Accel) -> Result<()> {
@@ -370,10 +393,13 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with(accel: Accel
     let h = mesh::client_report(held)?;
     assert_eq!((h["ok"].as_u64(), &h["error"]), (Some(40), &Value::Null), "{h}");
     assert!(old.wait_exit(WAIT)?.success());
+    if accel == Accel::Forward {
+        assert!(forward_moved(&new)? > 0, "{}", new.status()?["sockmap_forward"]);
+    }
     assert!(!new.access_logs().is_empty(), "the new agent took over new connections");
     // ... with phase two on: its writes to the client skip lo (the counters
     // are the node's, shared with the old agent: they must grow now).
-    if accel == Accel::ToApp {
+    if matches!(accel, Accel::ToApp | Accel::Forward) {
         let before = to_app_redirected(&new)?;
         assert!(succeeded(&w.once("client", &backend, APP_PORT)?));
         assert!(to_app_redirected(&new)? > before);

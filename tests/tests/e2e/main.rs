@@ -53,6 +53,9 @@ pub enum Accel {
     Sockmap,
     /// `--sockmap --sockmap-to-app`: phase two too (agent to app).
     ToApp,
+    /// `--sockmap --sockmap-to-app --sockmap-forward`: the kernel path too
+    /// (plain hops forwarded in the kernel).
+    Forward,
 }
 
 impl Accel {
@@ -62,6 +65,7 @@ impl Accel {
             Accel::Off => vec![],
             Accel::Sockmap => vec!["--sockmap"],
             Accel::ToApp => vec!["--sockmap", "--sockmap-to-app"],
+            Accel::Forward => vec!["--sockmap", "--sockmap-to-app", "--sockmap-forward"],
         }
     }
 
@@ -71,6 +75,7 @@ impl Accel {
             Accel::Off => "",
             Accel::Sockmap => "sm",
             Accel::ToApp => "s2",
+            Accel::Forward => "sk",
         }
     }
 }
@@ -199,6 +204,16 @@ pub fn sockmap_redirected(agent: &Agent) -> Result<u64> {
 /// socket (phase two): the `Accel::ToApp` runs check them.
 pub fn to_app_redirected(agent: &Agent) -> Result<u64> {
     Ok(agent.status()?["sockmap_to_app"]["redirected"].as_u64().unwrap_or(0))
+}
+
+/// What the kernel path moved without the agents, on `agent`'s node: the
+/// apps' sends and the segments moved into the apps (`Accel::Forward`).
+pub fn forward_moved(agent: &Agent) -> Result<u64> {
+    let s = agent.status()?;
+    Ok(["sent", "received"]
+        .iter()
+        .map(|k| s["sockmap_forward"][k].as_u64().unwrap_or(0))
+        .sum())
 }
 
 pub fn stat(status: &Value, name: &str) -> u64 {

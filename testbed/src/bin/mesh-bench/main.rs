@@ -167,7 +167,8 @@ fn main() {
 }
 
 const USAGE: &str =
-    "usage: mesh-bench [--] [--only l4|l7] [--mode plain|hbone|all] [--sockmap] [--sockmap-to-app] [--rounds N] [--seconds S]
+    "usage: mesh-bench [--] [--only l4|l7] [--mode plain|hbone|all] [--sockmap] [--sockmap-to-app] [--sockmap-forward]
+                  [--rounds N] [--seconds S]
                   [--json PATH] [--l7-rounds N] [--l7-seconds S] [--rate R] [--connections C] [--l7-json PATH]
                   [--halt-poll-ns NS]
   --only P        run only that half (default: both, L4 first)
@@ -183,6 +184,9 @@ const USAGE: &str =
                   plainsm, hbonesm: a cluster of their own, measured in the same rounds)
   --sockmap-to-app  also each captured path with phase two, `agent run --sockmap
                   --sockmap-to-app` (columns plains2, hbones2, the same way)
+  --sockmap-forward  also the plain path with the kernel path, `agent run --sockmap
+                  --sockmap-to-app --sockmap-forward` (column plainsk, the same way;
+                  HBONE never takes it)
   --rounds N      rounds of direct-then-captured per measurement, median reported (default 5)
   --seconds S     duration of each measurement in whole seconds (default 3)
   --json PATH     raw per-round numbers (default <workspace>/target/bench/capture.json)
@@ -198,6 +202,7 @@ Set MESH_KEEP_LOGS=1 to keep the agents' logs.";
 const NO_SOCKMAP: &[&str] = &[];
 const PHASE_ONE: &[&str] = &["--sockmap"];
 const PHASE_TWO: &[&str] = &["--sockmap", "--sockmap-to-app"];
+const KERNEL_PATH: &[&str] = &["--sockmap", "--sockmap-to-app", "--sockmap-forward"];
 
 /// Which halves run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,9 +240,10 @@ impl Mode {
     /// The captured columns, in measuring order: (name, agents with the CA,
     /// the agents' sockmap flags). With `sockmap`, each column is followed
     /// by its sockmap-accelerated twin (`plainsm`, `hbonesm`), with
-    /// `to_app` by its phase-two twin (`plains2`, `hbones2`), in the same
+    /// `to_app` by its phase-two twin (`plains2`, `hbones2`), with `forward`
+    /// the plain column by its kernel-path twin (`plainsk`), in the same
     /// run.
-    fn meshes(self, sockmap: bool, to_app: bool) -> Vec<(&'static str, bool, &'static [&'static str])> {
+    fn meshes(self, sockmap: bool, to_app: bool, forward: bool) -> Vec<(&'static str, bool, &'static [&'static str])> {
         let base: &[(&'static str, &'static str, &'static str, bool)] = match self {
             Mode::Plain => &[("plain", "plainsm", "plains2", false)],
             Mode::Hbone => &[("hbone", "hbonesm", "hbones2", true)],
@@ -250,7 +256,11 @@ impl Mode {
             .flat_map(|&(name, sm, s2, ca)| {
                 let one = sockmap.then_some((sm, ca, PHASE_ONE));
                 let two = to_app.then_some((s2, ca, PHASE_TWO));
-                std::iter::once((name, ca, NO_SOCKMAP)).chain(one).chain(two)
+                let kernel = (forward && !ca).then_some(("plainsk", ca, KERNEL_PATH));
+                std::iter::once((name, ca, NO_SOCKMAP))
+                    .chain(one)
+                    .chain(two)
+                    .chain(kernel)
             })
             .collect()
     }
@@ -267,6 +277,8 @@ struct Opts {
     sockmap: bool,
     /// Also measure each captured path with phase two on.
     to_app: bool,
+    /// Also measure the plain path with the kernel path on.
+    forward: bool,
     /// Guest halt polling for the run (`testbed::idle`).
     halt_poll_ns: Option<u64>,
     l7: l7::Opts,
@@ -283,6 +295,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
         json: bench_dir.join("capture.json"),
         sockmap: false,
         to_app: false,
+        forward: false,
         halt_poll_ns: None,
         l7: l7::Opts {
             rounds: 3,
@@ -310,6 +323,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>> {
             "--mode" => opts.mode = Mode::parse(&args.value()?)?,
             "--sockmap" => opts.sockmap = true,
             "--sockmap-to-app" => opts.to_app = true,
+            "--sockmap-forward" => opts.forward = true,
             "--rounds" => opts.rounds = args.number(1..=1000)? as usize,
             "--seconds" => opts.seconds = args.number(1..=600)? as u32,
             "--json" => opts.json = PathBuf::from(args.value()?),
@@ -357,7 +371,12 @@ fn bench_l4(opts: &Opts, idle: &Idle) -> Result<()> {
     testbed::sweep_stale()?;
     let started = Instant::now();
     let mut meshes = Vec::new();
-    for (i, (name, with_ca, sockmap)) in opts.mode.meshes(opts.sockmap, opts.to_app).into_iter().enumerate() {
+    for (i, (name, with_ca, sockmap)) in opts
+        .mode
+        .meshes(opts.sockmap, opts.to_app, opts.forward)
+        .into_iter()
+        .enumerate()
+    {
         // The direct pair lives in the first cluster.
         meshes.push(Mesh::start(name, with_ca, i == 0, sockmap)?);
     }
@@ -469,7 +488,11 @@ impl Mesh {
                     return None;
                 }
             };
-            for (field, prefix) in [("sockmap", "sockmap"), ("sockmap_to_app", "to_app")] {
+            for (field, prefix) in [
+                ("sockmap", "sockmap"),
+                ("sockmap_to_app", "to_app"),
+                ("sockmap_forward", "forward"),
+            ] {
                 for (slot, n) in status[field].as_object().into_iter().flatten() {
                     *sum.entry(format!("{prefix}/{slot}")).or_default() += n.as_u64().unwrap_or(0);
                 }
@@ -839,7 +862,12 @@ fn report(opts: &Opts, idle: &Idle, columns: &[&str], raw: &[Value], capture: Va
         ratios.push(("hbone", "plain"));
     }
     // Sockmap on against off, same path, same rounds.
-    for (on, off) in [("plainsm", "plain"), ("hbonesm", "hbone")] {
+    for (on, off) in [
+        ("plainsm", "plain"),
+        ("hbonesm", "hbone"),
+        ("plainsk", "plain"),
+        ("plainsk", "plains2"),
+    ] {
         if meshes.contains(&on) && meshes.contains(&off) {
             ratios.push((on, off));
         }
@@ -948,11 +976,12 @@ fn report(opts: &Opts, idle: &Idle, columns: &[&str], raw: &[Value], capture: Va
         busy("conn")
     );
     let command = format!(
-        "cargo xtask bench -- {}--mode {}{}{} --rounds {} --seconds {}{}",
+        "cargo xtask bench -- {}--mode {}{}{}{} --rounds {} --seconds {}{}",
         if opts.only == Only::L4 { "--only l4 " } else { "" },
         opts.mode.as_str(),
         if opts.sockmap { " --sockmap" } else { "" },
         if opts.to_app { " --sockmap-to-app" } else { "" },
+        if opts.forward { " --sockmap-forward" } else { "" },
         opts.rounds,
         opts.seconds,
         idle.halt_poll_arg(),
