@@ -31,6 +31,10 @@
 //! The user-space owner of every program and map is `agent::capture`.
 #![no_std]
 #![no_main]
+// An atomic add on a map value: this target has no atomics in `core`, but
+// the BPF instruction set has one (`lock xadd`), which the intrinsic emits.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 use core::ptr::read_volatile;
 
@@ -715,8 +719,9 @@ fn done_releasing(ctx: &SockOpsContext) {
 /// queued) whose redirected bytes the app has all read (it reads its sk_msg
 /// queue before any TCP byte, and every TCP byte was sent after the last
 /// redirect). Undecided or still redirected: not yet. The read count never
-/// runs ahead: one program counts at a time (SM_READ_GEN), peeks and
-/// error-queue reads are not counted, and a lost addition only delays.
+/// runs ahead: one program counts at a time (SM_READ_GEN), and peeks and
+/// error-queue reads are not counted; reads while a restart swaps the
+/// program are lost, which only delays.
 #[inline(always)]
 fn to_app_drained(ctx: &SockOpsContext, app: &HopKey) -> bool {
     // SAFETY: read-only lookup of plain data.
@@ -1020,11 +1025,8 @@ fn app_over_bound(app_cookie: u64, value: u32, size: u32) -> bool {
 /// its agent -> app direction is redirected, every byte the app reads
 /// comes out of its sk_msg queue: nothing reaches it through TCP before the
 /// fallback. The count bounds that queue, and tells a forwarding agent
-/// when the app has read everything moved into it. Two threads reading one
-/// socket at once may lose an addition (the tracepoint runs after the
-/// socket lock is released; this target has no atomic add in Rust): that
-/// makes the bound stricter, and holds such a hop's forwarding agent back
-/// once the verdict hands bytes back (ARCHITECTURE.md, "The kernel path").
+/// when the app has read everything moved into it. The addition is atomic:
+/// two threads reading one socket at once both count.
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn mesh_app_read(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: a constant of this object, set by the loader.
@@ -1041,8 +1043,16 @@ pub fn mesh_app_read(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: `sk` is the tracepoint's socket (a BTF pointer).
     let cookie = unsafe { bpf_get_socket_cookie(sk) };
     if let Some(read) = SM_APP_READ.get_ptr_mut(&cookie) {
-        // SAFETY: this socket's entry, written here only (see above).
-        unsafe { *read += copied as u64 };
+        // Atomic: two threads reading one socket at once run this at once
+        // (after the socket lock is released), and a lost addition would
+        // hold a forwarding agent back (ARCHITECTURE.md, "The kernel path").
+        // SAFETY: this socket's entry, an aligned u64 in map memory.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                read,
+                copied as u64,
+            )
+        };
     }
     0
 }

@@ -162,7 +162,15 @@ async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, mut hooks: Ho
 /// One recvmsg from `from` into `buf`, all of it sent on to `to`; the
 /// bytes moved (0: EOF).
 pub async fn recv_send(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    let n = retry(from, Interest::READABLE, || {
+    let n = recv(from, buf).await?;
+    send_all(to, &buf[..n]).await?;
+    Ok(n)
+}
+
+/// One recvmsg from `from` into `buf`, once there is something: the bytes
+/// read (0: EOF).
+pub async fn recv(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    retry(from, Interest::READABLE, || {
         // SAFETY: a valid fd and a buffer of `buf.len()` bytes.
         let n = unsafe { libc::recv(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
@@ -171,12 +179,23 @@ pub async fn recv_send(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::
             Ok(n as usize)
         }
     })
-    .await?;
+    .await
+}
+
+/// Sends all of `bytes` to `to`.
+pub async fn send_all(to: &TcpStream, bytes: &[u8]) -> io::Result<()> {
     let mut at = 0;
-    while at < n {
+    while at < bytes.len() {
         at += retry(to, Interest::WRITABLE, || {
-            // SAFETY: a valid fd and the unsent part of what was read.
-            let w = unsafe { libc::send(to.as_raw_fd(), buf[at..n].as_ptr().cast(), n - at, libc::MSG_NOSIGNAL) };
+            // SAFETY: a valid fd and the unsent part of `bytes`.
+            let w = unsafe {
+                libc::send(
+                    to.as_raw_fd(),
+                    bytes[at..].as_ptr().cast(),
+                    bytes.len() - at,
+                    libc::MSG_NOSIGNAL,
+                )
+            };
             if w < 0 {
                 Err(io::Error::last_os_error())
             } else {
@@ -185,7 +204,7 @@ pub async fn recv_send(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::
         })
         .await?;
     }
-    Ok(n)
+    Ok(())
 }
 
 /// Whether a socket spliced by [`pump`] receives through TCP alone.
@@ -206,12 +225,19 @@ enum TcpOnly {
 
 /// Bytes in `sock`'s sk_msg queue (see [`TcpOnly::NotSure`]).
 fn sk_msg_queued(sock: &TcpStream) -> usize {
+    unread(sock).unwrap_or(0)
+}
+
+/// What FIONREAD (SIOCINQ) says of `sock`: on a socket in no sockmap,
+/// TCP's bytes received and not read; on one in a sockmap with an sk_msg
+/// program, its sk_msg queue (Linux 6.18's `tcp_bpf_ioctl`).
+pub fn unread(sock: &TcpStream) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int; a valid fd.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut n) } != 0 {
-        return 0;
+        return Err(io::Error::last_os_error());
     }
-    n.max(0) as usize
+    Ok(n.max(0) as usize)
 }
 
 /// Runs two directions of one connection; the first failure ends both.

@@ -380,6 +380,10 @@ impl AgentEnds {
             net_cookie,
             ..Fwd::default()
         };
+        // A socket already under this key is an earlier connection's on the
+        // same ports (the key is a live app socket's): out first, so that
+        // no send finds our entry and that socket together.
+        let _ = sys::map_delete(maps.net.fd().as_fd(), sys::key_bytes(&key));
         sys::map_update(maps.fwd.fd().as_fd(), sys::key_bytes(&key), sys::key_bytes(&entry))?;
         let joined = Forwarded { key, net_cookie };
         // A later insert of the same key replaces this entry: only ours is
@@ -397,17 +401,21 @@ impl AgentEnds {
         Ok(joined)
     }
 
-    /// The kernel path: whether the app has read every byte redirected into
-    /// its socket on the hop (the app's end `app`, the agent's `agent`), so
-    /// that what the agent writes next cannot overtake any. A direction
-    /// whose entries are gone (the app's socket closed) has nothing waiting.
-    pub fn app_read_all(&self, netns_cookie: u64, app: SocketAddr, agent: SocketAddr) -> bool {
+    /// The kernel path: whether the app socket `app_cookie` has read every
+    /// byte redirected into it on the hop (the app's end `app`, the agent's
+    /// `agent`), so that what the agent writes next cannot overtake any. A
+    /// direction whose entries are gone, or are a later socket's on the
+    /// same ports, has nothing waiting for this one (its socket closed).
+    pub fn app_read_all(&self, netns_cookie: u64, app: SocketAddr, agent: SocketAddr, app_cookie: u64) -> bool {
         let Some(maps) = &self.to_app else {
             return true;
         };
         let Ok(t) = maps.get(&hop_key(netns_cookie, agent, app)) else {
             return true;
         };
+        if t.app_cookie != app_cookie {
+            return true;
+        }
         let mut read = [0u8; 8];
         if sys::map_lookup(maps.app_read.fd().as_fd(), &t.app_cookie.to_ne_bytes(), &mut read).is_err() {
             return true;
@@ -431,10 +439,9 @@ impl AgentEnds {
 
     /// The kernel path: removes a forwarded hop's SM_FWD entry, when it is
     /// still this connection's (a later connection of the same hop may
-    /// have joined since: between the look and the delete only this
-    /// agent writes it, and a lost entry only sends a hop back through its
-    /// agent), and its SM_NET_HOP entry (its SM_NET one leaves with the
-    /// socket).
+    /// have joined since; should it join between the look and the delete,
+    /// its entry goes, which only sends that hop back through its agent),
+    /// and its SM_NET_HOP entry (its SM_NET one leaves with the socket).
     pub fn forget_forward(&self, joined: &Forwarded) {
         if let Some(maps) = &self.fwd {
             if self.forwarded_bytes(joined).is_some() {
@@ -934,9 +941,10 @@ pub fn pinned_fwd_stats(pins: &Pins) -> BTreeMap<&'static str, u64> {
     pinned_counters(pins, names::SM_FWD_STATS, fwd_stats::NAMES.as_slice())
 }
 
-/// How many entries SM_APP, SM_AGENT, SM_HOPS, SM_READ and phase two's
-/// SM_TO_APP, SM_APP_READ and SM_AGENT_TX hold: all empty once every accelerated socket
-/// has closed (`agent status`).
+/// How many entries SM_APP, SM_AGENT, SM_HOPS, SM_READ, phase two's
+/// SM_TO_APP, SM_APP_READ and SM_AGENT_TX, and the kernel path's SM_NET,
+/// SM_FWD and SM_NET_HOP hold: all empty once every accelerated socket has
+/// closed and its connection ended (`agent status`).
 pub fn pinned_entries(pins: &Pins) -> BTreeMap<&'static str, usize> {
     let count = |name: &'static str| -> Option<(&'static str, usize)> {
         let data = MapData::from_pin(pins.maps().join(name)).ok()?;

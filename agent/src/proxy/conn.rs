@@ -371,8 +371,12 @@ async fn plain(ctx: &PodCtx, client: &TcpStream, read: Read, dst: SocketAddr, po
                 (false, _) => splice::forward_reading(client, read, &upstream, upstream_read).await,
                 // The in-pod hop is the client's side outbound, the
                 // upstream's inbound.
-                (true, false) => super::forward::forward(ctx, client, read, &upstream, upstream_read, true).await,
-                (true, true) => super::forward::forward(ctx, &upstream, upstream_read, client, read, false).await,
+                (true, false) => {
+                    super::forward::forward(ctx, Direction::Outbound, client, read, &upstream, upstream_read).await
+                }
+                (true, true) => {
+                    super::forward::forward(ctx, Direction::Inbound, &upstream, upstream_read, client, read).await
+                }
             };
             Outcome::carried("tcp", None, copied)
         }

@@ -32,9 +32,9 @@ use std::{
 };
 
 use mesh::splice::{self, Copied, Hooks, Read};
-use tokio::{io::Interest, net::TcpStream};
+use tokio::net::TcpStream;
 
-use super::{ForgetOnDrop, PodCtx};
+use super::{Direction, ForgetOnDrop, PodCtx};
 use crate::capture::{
     sockmap::{Forwarded, ToAppNow},
     ProxyMaps,
@@ -67,18 +67,22 @@ const JOIN_TRIES: u32 = 8;
 /// Longest pause between two looks at what the app has read.
 const MAX_POLL: Duration = Duration::from_millis(20);
 
+/// A wait for the app's reads longer than this is logged.
+const SLOW_READER: Duration = Duration::from_secs(1);
+
 /// Forwards a plain connection between the agent's in-pod socket `hop`
 /// (read as `hop_read` says) and its other socket `net` (read as
-/// `net_read` says), in the kernel where the hop allows it. `hop_is_client`:
-/// `hop` is the connection's client side (outbound), else `net` is.
+/// `net_read` says), in the kernel where the hop allows it. `dir`: outbound,
+/// `hop` is the connection's client side; inbound, `net` is.
 pub async fn forward(
     ctx: &PodCtx,
+    dir: Direction,
     hop: &TcpStream,
     hop_read: Read,
     net: &TcpStream,
     net_read: Read,
-    hop_is_client: bool,
 ) -> Copied {
+    let hop_is_client = matches!(dir, Direction::Outbound);
     let report = match &hop_read {
         Read::Recv(h) => h
             .hold
@@ -129,6 +133,8 @@ struct Kernel {
 struct Joined {
     maps: Arc<ProxyMaps>,
     fwd: Forwarded,
+    /// The app socket's cookie: its read count is this one's.
+    app_cookie: u64,
 }
 
 impl Drop for Joined {
@@ -139,75 +145,100 @@ impl Drop for Joined {
     }
 }
 
+/// How the warm-up of a connection's `net` -> app direction ended.
+enum WarmUp {
+    /// `net` is in SM_NET: the kernel forwards.
+    Joined,
+    /// The stream ended (and was passed on) before it could join.
+    Ended,
+    /// It will not join: go on through the agent, read as said.
+    Agent(Read),
+}
+
 impl Kernel {
-    /// `net` -> `hop`: through the agent until the agent -> app direction
-    /// is decided. Redirected: `net` joins, and the agent waits until the
-    /// verdict hands something back or the stream ends, then until the app
-    /// has read all that was moved, and reads `net` itself from then on.
+    /// `net` -> `hop`. Through the agent during the warm-up; once joined,
+    /// the agent waits until the verdict hands something back or the
+    /// stream ends, then until the app has read all that was moved, and
+    /// reads `net` itself from then on (with recvmsg: `net` stays in a
+    /// sockhash, whose queue splice never reads).
     async fn replies(&self, net: &TcpStream, hop: &TcpStream, count: &AtomicU64) -> io::Result<()> {
         let mut buf = vec![0u8; splice::COPY_BUF];
-        let mut reads = 0u32;
-        loop {
-            let n = splice::recv_send(net, hop, &mut buf).await?;
+        match self.warm_up(net, hop, count, &mut buf).await? {
+            WarmUp::Ended => return Ok(()),
+            WarmUp::Agent(read) => return splice::one_way(net, read, hop, count).await,
+            WarmUp::Joined => {}
+        }
+        // A forwarding verdict leaves nothing to read: this waits for bytes
+        // it passed, or the end.
+        let n = splice::recv(net, &mut buf).await?;
+        self.app_read_all().await;
+        if n == 0 {
+            return socket2::SockRef::from(hop).shutdown(std::net::Shutdown::Write);
+        }
+        splice::send_all(hop, &buf[..n]).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        splice::one_way(net, Read::Recv(Hooks::default()), hop, count).await
+    }
+
+    /// Copies `net` -> `hop` through the agent until the connection joins
+    /// the kernel path, or shows it never will.
+    async fn warm_up(&self, net: &TcpStream, hop: &TcpStream, count: &AtomicU64, buf: &mut [u8]) -> io::Result<WarmUp> {
+        for reads in 1..=JOIN_TRIES {
+            let n = splice::recv_send(net, hop, buf).await?;
             if n == 0 {
-                return socket2::SockRef::from(hop).shutdown(std::net::Shutdown::Write);
+                socket2::SockRef::from(hop).shutdown(std::net::Shutdown::Write)?;
+                return Ok(WarmUp::Ended);
             }
             count.fetch_add(n as u64, Ordering::Relaxed);
-            reads += 1;
-            // A stream that has not joined within a few reads (it never
-            // pauses, or never goes the other way) goes on through the
-            // agent, zero-copy.
-            if reads > JOIN_TRIES {
-                return splice::one_way(net, Read::Splice, hop, count).await;
-            }
             // Only a conversation joins: bytes both ways, and more than one
-            // read this way. A one-shot exchange would pay the join for
+            // read this way. A single exchange would pay the join for
             // nothing.
             if reads < JOIN_AFTER_READS || self.report.forwarded.load(Ordering::SeqCst) == 0 {
                 continue;
             }
             let Some(ends) = self.maps.sockmap() else {
-                return splice::one_way(net, Read::Splice, hop, count).await;
+                return Ok(WarmUp::Agent(Read::Splice));
             };
-            match ends.to_app_state(self.netns, self.app, self.agent) {
+            let app_cookie = match ends.to_app_state(self.netns, self.app, self.agent) {
                 ToAppNow::Undecided => continue,
-                ToAppNow::Never => return splice::one_way(net, Read::Splice, hop, count).await,
-                // The verdict takes whole segments from the receive queue:
-                // one the agent has read in part would be moved again from
-                // its start. So join only with nothing unread on `net`
-                // (every read segment freed); more may arrive meanwhile, as
-                // whole segments the agent never touches.
-                ToAppNow::Redirected(_) if unread(net)? > 0 => continue,
-                ToAppNow::Redirected(app_cookie) => match self.join(net, app_cookie) {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::debug!(app = %self.app, error = %e, "cannot forward the hop in the kernel: it goes on through the agent");
-                        return splice::one_way(net, Read::Recv(Hooks::default()), hop, count).await;
-                    }
-                },
+                ToAppNow::Never => return Ok(WarmUp::Agent(Read::Splice)),
+                ToAppNow::Redirected(app_cookie) => app_cookie,
+            };
+            // The verdict takes whole segments from the receive queue: one
+            // the agent has read in part would be moved again from its
+            // start. So join only with nothing unread on `net` (every read
+            // segment freed); what arrives meanwhile comes as whole
+            // segments the agent never touches. Unknown: not now.
+            if splice::unread(net).map_or(true, |n| n > 0) {
+                continue;
             }
+            return Ok(match self.join(net, app_cookie) {
+                Ok(()) => WarmUp::Joined,
+                Err(e) => {
+                    tracing::debug!(app = %self.app, error = %e, "cannot forward the hop in the kernel: it goes on through the agent");
+                    // A failed insert may have left `net` in no sockmap or
+                    // in one (the entry removed again): recvmsg reads both.
+                    WarmUp::Agent(Read::Recv(Hooks::default()))
+                }
+            });
         }
-        // `net` is in a sockhash: recvmsg reads what the verdict passed (a
-        // forwarding verdict leaves nothing to read), or the end.
-        let n = recv(net, &mut buf).await?;
-        self.app_read_all().await;
-        if n == 0 {
-            return socket2::SockRef::from(hop).shutdown(std::net::Shutdown::Write);
-        }
-        send_all(hop, &buf[..n]).await?;
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        splice::one_way(net, Read::Recv(Hooks::default()), hop, count).await
+        // Not joined within a few reads (a stream that never pauses, or
+        // never answers): zero-copy through the agent, as without the path.
+        Ok(WarmUp::Agent(Read::Splice))
     }
 
     /// `net` joins SM_NET; the app's sends may switch once the agent has
     /// reported all it forwarded, which it does from now on after each
     /// forward, and once here.
-    fn join(&self, net: &TcpStream, app_cookie: u64) -> io::Result<()> {
-        let ends = self.maps.sockmap().ok_or_else(|| io::Error::other("sockmap off"))?;
-        let fwd = ends.join_forward(self.netns, self.app, self.agent, net, app_cookie)?;
+    fn join(&self, net: &TcpStream, app_cookie: u64) -> Result<(), ForwardError> {
+        let ends = self.maps.sockmap().ok_or(ForwardError::Off)?;
+        let fwd = ends
+            .join_forward(self.netns, self.app, self.agent, net, app_cookie)
+            .map_err(ForwardError::Join)?;
         *self.joined.lock().unwrap_or_else(|e| e.into_inner()) = Some(Joined {
             maps: self.maps.clone(),
             fwd,
+            app_cookie,
         });
         self.report.eager.store(true, Ordering::SeqCst);
         let _ = ends.report_read(
@@ -227,14 +258,27 @@ impl Kernel {
 
     /// Until the app has read every byte moved into its socket (or its
     /// socket closed). Polled: nothing wakes the agent when the app reads.
-    /// It ends with the app's reads, as a TCP sender's wait for window does.
+    /// It ends with the app's reads, as a TCP sender's wait for window
+    /// does; a wait of over a second is logged (an app that stopped
+    /// reading, or a read count that fell short: ARCHITECTURE.md).
     async fn app_read_all(&self) {
+        let app_cookie = self
+            .joined
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0, |j| j.app_cookie);
+        let (start, mut logged) = (std::time::Instant::now(), false);
         let mut pause = Duration::from_micros(100);
         while self
             .maps
             .sockmap()
-            .is_some_and(|e| !e.app_read_all(self.netns, self.app, self.agent))
+            .is_some_and(|e| !e.app_read_all(self.netns, self.app, self.agent, app_cookie))
         {
+            if !logged && start.elapsed() > SLOW_READER {
+                logged = true;
+                tracing::info!(app = %self.app, "a forwarded hop waits for its app to read what the kernel moved into it before the agent writes more");
+            }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(MAX_POLL);
         }
@@ -247,49 +291,13 @@ impl Kernel {
     }
 }
 
-/// One recv from `sock` into `buf`, waiting for it: the bytes read (0: the
-/// end of the stream).
-async fn recv(sock: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        sock.ready(Interest::READABLE).await?;
-        let r = sock.try_io(Interest::READABLE, || {
-            // SAFETY: a valid fd and a buffer of `buf.len()` bytes.
-            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        });
-        match r {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            r => return r,
-        }
-    }
-}
-
-/// Writes all of `bytes` to `sock`.
-async fn send_all(sock: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        sock.writable().await?;
-        match sock.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Bytes received on `sock` and not read yet (SIOCINQ; on a socket in no
-/// sockmap, TCP's own count).
-fn unread(sock: &TcpStream) -> io::Result<usize> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int; a valid fd.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut n) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n.max(0) as usize)
+/// Why a hop could not join the kernel path.
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error("sockmap acceleration is off")]
+    Off,
+    #[error("cannot put the hop into the kernel path's maps: {0}")]
+    Join(#[source] io::Error),
 }
 
 /// SO_RCVLOWAT: setting it runs the socket's data-ready callback.

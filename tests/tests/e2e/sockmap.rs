@@ -1007,7 +1007,7 @@ fn fionread_counts_a_waiting_reply_only_with_phase_two_and_msg_peek_sees_it() ->
 }
 
 /// The kernel path (`--sockmap-forward`): a request/response protocol over
-/// plain hops. After the first exchange of each connection, the apps'
+/// plain hops. After the first two exchanges of each connection, the apps'
 /// sends go straight to the agents' other sockets and what arrives there
 /// straight into the apps' sockets, on both nodes: the counters of both
 /// directions move on both agents, every byte arrives in order
@@ -1041,7 +1041,7 @@ fn sockmap_forward_carries_request_response_in_the_kernel_in_order_and_counts_ev
     let r = w.client("client", &pingpong)?;
     no_failures(&r)?;
     let (s1, s2) = (a1.status()?, a2.status()?);
-    // 50 exchanges a connection; the first goes through the agents.
+    // 50 exchanges a connection; the first two go through the agents.
     for (node, s) in [("node1", &s1), ("node2", &s2)] {
         assert!(fwd_stat(s, "sent") >= CONNS * 40, "{node}: {}", s["sockmap_forward"]);
         assert!(
@@ -1089,16 +1089,17 @@ fn sockmap_forward_carries_request_response_in_the_kernel_in_order_and_counts_ev
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
     .spawn()?;
+    let passed = fwd_stat(&a1.status()?, "passed");
     let line = mesh::first_line(&mut c)?;
     assert_eq!(line["tail_sent"], true, "{line}");
-    let handed_back = mesh::poll(WAIT, || Ok((fwd_stat(&a1.status()?, "passed") > 0).then_some(())));
+    let handed_back = mesh::poll(WAIT, || Ok((fwd_stat(&a1.status()?, "passed") > passed).then_some(())));
     writeln!(c.stdin.as_mut().context("stdin")?, "go")?;
     let out = mesh::wait_output(c, WAIT)?;
     let r: Value = serde_json::from_slice(&out.stdout).context("client report")?;
     no_failures(&r)?;
     handed_back.with_context(|| format!("no reply was handed back: {}", a1.status().unwrap_or_default()))?;
     assert!(
-        w.metric("node1", "mesh_agent_sockmap_forward_passed_total")? > 0,
+        w.metric("node1", "mesh_agent_sockmap_forward_passed_total")? > passed,
         "the metric does not show it"
     );
     no_entries_left(&a1, &a2)
