@@ -721,7 +721,7 @@ fn done_releasing(ctx: &SockOpsContext) {
 /// redirect). Undecided or still redirected: not yet. The read count never
 /// runs ahead: one program counts at a time (SM_READ_GEN), and peeks and
 /// error-queue reads are not counted; reads while a restart swaps the
-/// program are lost, which only delays.
+/// program are lost, which keeps such a socket in SM_APP until it closes.
 #[inline(always)]
 fn to_app_drained(ctx: &SockOpsContext, app: &HopKey) -> bool {
     // SAFETY: read-only lookup of plain data.

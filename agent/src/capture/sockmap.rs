@@ -388,17 +388,40 @@ impl AgentEnds {
         let joined = Forwarded { key, net_cookie };
         // A later insert of the same key replaces this entry: only ours is
         // removed at the end (see forget_forward).
-        sys::map_update(
-            maps.net_hop.fd().as_fd(),
-            &net_cookie.to_ne_bytes(),
-            sys::key_bytes(&key),
-        )
-        .and_then(|()| {
-            let fd = net.as_raw_fd() as u32;
-            sys::map_update(maps.net.fd().as_fd(), sys::key_bytes(&key), &fd.to_ne_bytes())
-        })
-        .inspect_err(|_| self.forget_forward(&joined))?;
+        self.app_still_there(&key, app_cookie)
+            .and_then(|()| {
+                sys::map_update(
+                    maps.net_hop.fd().as_fd(),
+                    &net_cookie.to_ne_bytes(),
+                    sys::key_bytes(&key),
+                )
+            })
+            .and_then(|()| {
+                let fd = net.as_raw_fd() as u32;
+                sys::map_update(maps.net.fd().as_fd(), sys::key_bytes(&key), &fd.to_ne_bytes())
+            })
+            .inspect_err(|_| self.forget_forward(&joined))?;
         Ok(joined)
+    }
+
+    /// After the SM_FWD entry of `key` is written: whether the app socket
+    /// `app_cookie` is still open. Its close callback removes the hop's
+    /// SM_TO_APP entry and then marks SM_FWD's (`app_gone`), so either this
+    /// look finds the entry gone, or the callback finds ours and marks it:
+    /// an entry of a closed app never stays unmarked for a later socket on
+    /// the same ports.
+    fn app_still_there(&self, key: &HopKey, app_cookie: u64) -> std::io::Result<()> {
+        let maps = self
+            .to_app
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("phase two is off"))?;
+        match maps.get(&key.reversed()) {
+            Ok(t) if t.app_cookie == app_cookie => Ok(()),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the app's socket closed",
+            )),
+        }
     }
 
     /// The kernel path: whether the app socket `app_cookie` has read every
@@ -818,13 +841,7 @@ fn start_forward(ebpf: &mut Ebpf, pins: &Pins) -> Result<FwdMaps, CaptureError> 
 /// that joined SM_NET keep it until they close (the kernel copies it into
 /// each socket at insertion), and their agent reads them to the end.
 fn stop_forward(pins: &Pins) {
-    let pin = net_link_pin(pins);
-    if pin.exists() {
-        match std::fs::remove_file(&pin) {
-            Ok(()) => tracing::info!("sockmap kernel path off: detached a previous agent's verdict program"),
-            Err(e) => tracing::warn!(error = %e, pin = %pin.display(), "cannot detach the verdict program"),
-        }
-    }
+    detach(&net_link_pin(pins), "the sockmap kernel path");
 }
 
 fn net_link_pin(pins: &Pins) -> PathBuf {
@@ -834,11 +851,12 @@ fn net_link_pin(pins: &Pins) -> PathBuf {
 /// The read count's pinned link runs `prog`. A tracing link cannot swap
 /// its program, so a previous agent's is detached first and ours attached
 /// ([`links::Swap::Reattach`]; each load has its own `READ_GEN`, so a
-/// restart replaces it). Reads between the two are not counted, which only
+/// restart replaces it). Reads between the two are not counted, which
 /// makes the bound stricter for the hops open then (they fall back to TCP
-/// sooner) and delays their sockets' release; a process that holds the old
-/// link meanwhile keeps it attached, but it stops counting once the caller
-/// writes our generation.
+/// sooner), holds their sockets in SM_APP until they close, and holds back
+/// a forwarding agent that waits for those reads (ARCHITECTURE.md, "The
+/// kernel path"); a process that holds the old link meanwhile keeps it
+/// attached, but it stops counting once the caller writes our generation.
 fn converge_tracing(pin: &Path, prog: &mut BtfTracePoint) -> Result<links::Converged, CaptureError> {
     let fd = bpf!("tp_btf fd", prog.fd())?
         .try_clone()
@@ -854,12 +872,19 @@ fn converge_tracing(pin: &Path, prog: &mut BtfTracePoint) -> Result<links::Conve
 /// redirected fall back to TCP at the bound (nothing counts reads now).
 fn stop_to_app(pins: &Pins) {
     for pin in [app_read_pin(pins), tx_link_pin(pins)] {
-        if pin.exists() {
-            match std::fs::remove_file(&pin) {
-                Ok(()) => tracing::info!(pin = %pin.display(), "phase two off: detached a previous agent's program"),
-                Err(e) => tracing::warn!(error = %e, pin = %pin.display(), "cannot detach a phase-two program"),
-            }
-        }
+        detach(&pin, "phase two");
+    }
+}
+
+/// Removes the pinned link `pin` (of `part` of the acceleration) a previous
+/// agent left: its program detaches at once (the agent holds no fd on it).
+fn detach(pin: &Path, part: &str) {
+    if !pin.exists() {
+        return;
+    }
+    match std::fs::remove_file(pin) {
+        Ok(()) => tracing::info!(pin = %pin.display(), "{part} off: detached a previous agent's program"),
+        Err(e) => tracing::warn!(error = %e, pin = %pin.display(), "cannot detach a program of {part}"),
     }
 }
 
@@ -878,13 +903,7 @@ fn tx_link_pin(pins: &Pins) -> PathBuf {
 pub fn stop(pins: &Pins) {
     stop_forward(pins);
     stop_to_app(pins);
-    let pin = link_pin(pins);
-    if pin.exists() {
-        match std::fs::remove_file(&pin) {
-            Ok(()) => tracing::info!("sockmap off: detached a previous agent's sk_msg program"),
-            Err(e) => tracing::warn!(error = %e, pin = %pin.display(), "cannot detach the sk_msg program"),
-        }
-    }
+    detach(&link_pin(pins), "sockmap");
 }
 
 fn link_pin(pins: &Pins) -> PathBuf {

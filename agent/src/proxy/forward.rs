@@ -133,8 +133,6 @@ struct Kernel {
 struct Joined {
     maps: Arc<ProxyMaps>,
     fwd: Forwarded,
-    /// The app socket's cookie: its read count is this one's.
-    app_cookie: u64,
 }
 
 impl Drop for Joined {
@@ -147,8 +145,9 @@ impl Drop for Joined {
 
 /// How the warm-up of a connection's `net` -> app direction ended.
 enum WarmUp {
-    /// `net` is in SM_NET: the kernel forwards.
-    Joined,
+    /// `net` is in SM_NET: the kernel forwards into the app socket of this
+    /// cookie.
+    Joined(u64),
     /// The stream ended (and was passed on) before it could join.
     Ended,
     /// It will not join: go on through the agent, read as said.
@@ -163,15 +162,15 @@ impl Kernel {
     /// sockhash, whose queue splice never reads).
     async fn replies(&self, net: &TcpStream, hop: &TcpStream, count: &AtomicU64) -> io::Result<()> {
         let mut buf = vec![0u8; splice::COPY_BUF];
-        match self.warm_up(net, hop, count, &mut buf).await? {
+        let app_cookie = match self.warm_up(net, hop, count, &mut buf).await? {
             WarmUp::Ended => return Ok(()),
             WarmUp::Agent(read) => return splice::one_way(net, read, hop, count).await,
-            WarmUp::Joined => {}
-        }
+            WarmUp::Joined(app_cookie) => app_cookie,
+        };
         // A forwarding verdict leaves nothing to read: this waits for bytes
         // it passed, or the end.
         let n = splice::recv(net, &mut buf).await?;
-        self.app_read_all().await;
+        self.app_read_all(app_cookie).await;
         if n == 0 {
             return socket2::SockRef::from(hop).shutdown(std::net::Shutdown::Write);
         }
@@ -213,12 +212,12 @@ impl Kernel {
                 continue;
             }
             return Ok(match self.join(net, app_cookie) {
-                Ok(()) => WarmUp::Joined,
+                Ok(()) => WarmUp::Joined(app_cookie),
                 Err(e) => {
                     tracing::debug!(app = %self.app, error = %e, "cannot forward the hop in the kernel: it goes on through the agent");
-                    // A failed insert may have left `net` in no sockmap or
-                    // in one (the entry removed again): recvmsg reads both.
-                    WarmUp::Agent(Read::Recv(Hooks::default()))
+                    // The insert into SM_NET is the join's last step: on
+                    // any failure `net` is in no sockmap.
+                    WarmUp::Agent(Read::Splice)
                 }
             });
         }
@@ -238,7 +237,6 @@ impl Kernel {
         *self.joined.lock().unwrap_or_else(|e| e.into_inner()) = Some(Joined {
             maps: self.maps.clone(),
             fwd,
-            app_cookie,
         });
         self.report.eager.store(true, Ordering::SeqCst);
         let _ = ends.report_read(
@@ -261,13 +259,7 @@ impl Kernel {
     /// It ends with the app's reads, as a TCP sender's wait for window
     /// does; a wait of over a second is logged (an app that stopped
     /// reading, or a read count that fell short: ARCHITECTURE.md).
-    async fn app_read_all(&self) {
-        let app_cookie = self
-            .joined
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map_or(0, |j| j.app_cookie);
+    async fn app_read_all(&self, app_cookie: u64) {
         let (start, mut logged) = (std::time::Instant::now(), false);
         let mut pause = Duration::from_micros(100);
         while self
