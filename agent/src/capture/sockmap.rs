@@ -744,6 +744,7 @@ fn start_to_app(
     let outcome = attach_sk_msg(&tx_link_pin(pins), sk_msg, &tx, names::SM_AGENT_TX)?;
     tracing::info!(outcome = ?outcome, "sk_msg program attached to SM_AGENT_TX");
     let to_app = map_data(ebpf, names::SM_TO_APP)?;
+    let app_read = map_data(ebpf, names::SM_APP_READ)?;
     let btf = bpf!("read the kernel's BTF", Btf::from_sys_fs())?;
     let prog: &mut BtfTracePoint = program(ebpf, progs::APP_READ)?;
     prog.load(progs::APP_READ_TRACEPOINT, &btf).map_err(|e| {
@@ -756,6 +757,16 @@ fn start_to_app(
             chain(&e)
         ))
     })?;
+    // A read count a previous agent attached is kept, program and
+    // generation: replacing it would leave the reads in between uncounted
+    // (a tracing link cannot swap its program in place), and a forwarding
+    // agent waits for every read of its apps (ARCHITECTURE.md, "The kernel
+    // path"). So a changed read-count program takes over only where none
+    // runs (a fresh node, or after phase two was off).
+    if let Some(kept) = attached_prog(&app_read_pin(pins)) {
+        tracing::info!(prog_id = kept, "phase two on: the agent's writes to the apps skip TCP on lo; app reads counted by the program a previous agent attached (kept)");
+        return Ok((ToAppMaps { tx, to_app, app_read }, None));
+    }
     let prog_id = {
         let fd = bpf!("tp_btf fd", prog.fd())?;
         sys::prog_info(fd.as_fd())
@@ -781,8 +792,13 @@ fn start_to_app(
         None
     };
     tracing::info!(outcome = ?outcome, "phase two on: the agent's writes to the apps skip TCP on lo; app reads counted");
-    let app_read = map_data(ebpf, names::SM_APP_READ)?;
     Ok((ToAppMaps { tx, to_app, app_read }, count))
+}
+
+/// The id of the program the link pinned at `pin` runs, if one is pinned.
+fn attached_prog(pin: &Path) -> Option<u32> {
+    let link = sys::obj_get(pin).ok()?;
+    sys::link_prog_id(link.as_fd()).ok()
 }
 
 /// Makes the sk_msg link pinned at `pin` on sockhash `map` run `prog`
@@ -848,15 +864,15 @@ fn net_link_pin(pins: &Pins) -> PathBuf {
     pins.links().join("sm_net")
 }
 
-/// The read count's pinned link runs `prog`. A tracing link cannot swap
-/// its program, so a previous agent's is detached first and ours attached
-/// ([`links::Swap::Reattach`]; each load has its own `READ_GEN`, so a
-/// restart replaces it). Reads between the two are not counted, which
-/// makes the bound stricter for the hops open then (they fall back to TCP
-/// sooner), holds their sockets in SM_APP until they close, and holds back
-/// a forwarding agent that waits for those reads (ARCHITECTURE.md, "The
-/// kernel path"); a process that holds the old link meanwhile keeps it
-/// attached, but it stops counting once the caller writes our generation.
+/// The read count's pinned link runs `prog`: attached where none is
+/// pinned. Should two agents starting at once both attach, a tracing link
+/// cannot swap its program, so the later detaches the earlier's and
+/// attaches its own ([`links::Swap::Reattach`]); reads between the two are
+/// not counted, which makes the bound stricter for the hops open then,
+/// holds their sockets in SM_APP until they close, and holds back a
+/// forwarding agent that waits for those reads (ARCHITECTURE.md, "The
+/// kernel path"). A restart keeps a running read count instead (see
+/// `start_to_app`).
 fn converge_tracing(pin: &Path, prog: &mut BtfTracePoint) -> Result<links::Converged, CaptureError> {
     let fd = bpf!("tp_btf fd", prog.fd())?
         .try_clone()
@@ -1087,7 +1103,7 @@ mod tests {
     /// removes both phase-two links (the sk_msg link on the apps' sockets
     /// stays).
     #[test]
-    fn phase_two_links_are_pinned_replaced_on_restart_and_removed_when_off() {
+    fn phase_two_links_are_pinned_kept_on_restart_and_removed_when_off() {
         let (_scratch, pins) = scratch_pins("smread");
 
         let gen_a = ReadGen::new();
@@ -1108,12 +1124,15 @@ mod tests {
         assert_eq!(sys::link_prog_id(link.as_fd()).unwrap(), first);
         drop(link);
 
+        // A restart keeps the running read count, program and generation:
+        // no read goes uncounted in between.
         let gen_b = ReadGen::new();
         let mut b = load_gen(&pins, gen_b);
-        Sockmap::start(&mut b, &pins, Some(gen_b), false).unwrap();
+        let (restarted, _ends) = Sockmap::start(&mut b, &pins, Some(gen_b), false).unwrap();
         let again = sys::obj_get(&app_read_pin(&pins)).unwrap();
-        assert_ne!(sys::link_prog_id(again.as_fd()).unwrap(), first);
-        assert_eq!(read_gen(&pins), gen_b.value());
+        assert_eq!(sys::link_prog_id(again.as_fd()).unwrap(), first);
+        assert_eq!(read_gen(&pins), gen_a.value());
+        assert!(!restarted.keep_read_count(), "an agent that kept another's count wrote");
         drop(again);
 
         let mut c = load(&pins);
@@ -1167,19 +1186,25 @@ mod tests {
         let (_scratch, pins) = scratch_pins("smkeep");
         let gen_a = ReadGen::new();
         let mut a = load_gen(&pins, gen_a);
-        let (lost, _ends_a) = Sockmap::start(&mut a, &pins, Some(gen_a), false).unwrap();
+        let (counts, _ends_a) = Sockmap::start(&mut a, &pins, Some(gen_a), false).unwrap();
+        assert_eq!(read_gen(&pins), gen_a.value());
+        assert!(!counts.keep_read_count(), "wrote a generation that was right");
+
+        // Two agents starting at once: the other one, whose program lost
+        // the link, wrote its generation last.
+        let other = ReadGen::new();
+        read_gens(&pins).set(0, other.value(), 0).unwrap();
+        assert!(counts.keep_read_count(), "the generation was not written back");
+        assert_eq!(read_gen(&pins), gen_a.value());
+
+        // An agent started later keeps that count and never writes.
         let gen_b = ReadGen::new();
         let mut b = load_gen(&pins, gen_b);
-        let (won, _ends_b) = Sockmap::start(&mut b, &pins, Some(gen_b), false).unwrap();
-        assert_eq!(read_gen(&pins), gen_b.value());
-        assert!(!won.keep_read_count(), "wrote a generation that was right");
-        assert!(!lost.keep_read_count(), "the agent whose program lost the link wrote");
-        assert_eq!(read_gen(&pins), gen_b.value());
-
-        // The loser's start wrote its generation last.
-        read_gens(&pins).set(0, gen_a.value(), 0).unwrap();
-        assert!(won.keep_read_count(), "the generation was not written back");
-        assert_eq!(read_gen(&pins), gen_b.value());
+        let (kept, _ends_b) = Sockmap::start(&mut b, &pins, Some(gen_b), false).unwrap();
+        read_gens(&pins).set(0, other.value(), 0).unwrap();
+        assert!(!kept.keep_read_count(), "the agent whose program does not count wrote");
+        assert!(counts.keep_read_count());
+        assert_eq!(read_gen(&pins), gen_a.value());
     }
 
     /// The read count (on the `sock_recv_length` tracepoint) adds what a
