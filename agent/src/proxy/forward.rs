@@ -4,16 +4,19 @@
 //! sk_msg straight to the egress of the agent's other socket (`net`: the
 //! connection to the peer, or the one accepted from it), and an sk_skb
 //! verdict on `net` moves what arrives there straight into the app's
-//! socket. The agent then only polices, counts and closes; it wakes again
+//! socket. The agent then only polices, counts and closes; it acts again
 //! when the verdict hands a segment back (the app stopped reading, or left)
-//! and at the end of the stream (ARCHITECTURE.md, "The kernel path").
+//! and at the end of the stream. (It is still woken at each segment the
+//! verdict moves, and finds nothing to read: ARCHITECTURE.md, "The kernel
+//! path".)
 //!
 //! Order is kept by three rules:
 //! * `net` joins only once the agent -> app direction is redirected (the
 //!   app reads its sk_msg queue before TCP, so the verdict's bytes would
 //!   overtake agent writes still waiting on TCP), after the agent has
-//!   written on every byte it read from `net`, and it stops reading `net`
-//!   before the join. `SO_RCVLOWAT` then runs the verdict over what waits.
+//!   written on every byte it read from `net`, with nothing unread on `net`
+//!   (the verdict takes whole segments), and it stops reading `net` before
+//!   the join. `SO_RCVLOWAT` then runs the verdict over what waits.
 //! * The app's sends switch only when the agent has reported forwarding
 //!   every byte redirected to it (the sk_msg program checks, under the app
 //!   socket's lock).
