@@ -439,7 +439,12 @@ pub fn accelerate(ctx: &PodCtx, sock: &TcpStream) -> Read {
     Read::Recv(Hooks {
         settle: Some(Box::new(settle)),
         progress: Some(Box::new(progress)),
-        hold: Some(Box::new(forward::Held { created, report })),
+        hold: Some(Box::new(forward::Held {
+            created,
+            report,
+            app,
+            agent: ours,
+        })),
     })
 }
 

@@ -57,6 +57,10 @@ pub struct Held {
     /// An SM_TO_APP entry the agent created (removed when dropped).
     pub created: Option<ForgetOnDrop>,
     pub report: Arc<Report>,
+    /// The hop as the agent's socket sees it (its peer, the app; its own
+    /// address).
+    pub app: SocketAddr,
+    pub agent: SocketAddr,
 }
 
 /// Reads of `net` before a connection may join (with bytes forwarded the
@@ -66,6 +70,9 @@ const JOIN_AFTER_READS: u32 = 2;
 /// Reads of `net` after which a connection that has not joined stops
 /// trying (it is spliced instead).
 const JOIN_TRIES: u32 = 8;
+
+/// The warm-up's read buffer (a bulk stream is spliced after a few reads).
+const WARM_UP_BUF: usize = 16 * 1024;
 
 /// Longest pause between two looks at what the app has read.
 const MAX_POLL: Duration = Duration::from_millis(20);
@@ -86,15 +93,15 @@ pub async fn forward(
     net_read: Read,
 ) -> Copied {
     let hop_is_client = matches!(dir, Direction::Outbound);
-    let report = match &hop_read {
+    let held = match &hop_read {
         Read::Recv(h) => h
             .hold
             .as_ref()
             .and_then(|h| h.downcast_ref::<Held>())
-            .map(|h| h.report.clone()),
+            .map(|h| (h.report.clone(), h.app, h.agent)),
         Read::Splice => None,
     };
-    let (Some(report), Ok(app), Ok(agent)) = (report, hop.peer_addr(), hop.local_addr()) else {
+    let Some((report, app, agent)) = held else {
         return match hop_is_client {
             true => splice::forward_reading(hop, hop_read, net, net_read).await,
             false => splice::forward_reading(net, net_read, hop, hop_read).await,
@@ -164,7 +171,9 @@ impl Kernel {
     /// reads `net` itself from then on (with recvmsg: `net` stays in a
     /// sockhash, whose queue splice never reads).
     async fn replies(&self, net: &TcpStream, hop: &TcpStream, count: &AtomicU64) -> io::Result<()> {
-        let mut buf = vec![0u8; splice::COPY_BUF];
+        // Warm-up reads are a conversation's: small. What comes after has
+        // a buffer of its own.
+        let mut buf = vec![0u8; WARM_UP_BUF];
         let app_cookie = match self.warm_up(net, hop, count, &mut buf).await? {
             WarmUp::Ended => return Ok(()),
             WarmUp::Agent(read) => return splice::one_way(net, read, hop, count).await,
