@@ -400,7 +400,9 @@ impl AgentEnds {
                 let fd = net.as_raw_fd() as u32;
                 sys::map_update(maps.net.fd().as_fd(), sys::key_bytes(&key), &fd.to_ne_bytes())
             })
-            .inspect_err(|_| self.forget_forward(&joined))?;
+            .inspect_err(|_| {
+                self.forget_forward(&joined);
+            })?;
         Ok(joined)
     }
 
@@ -446,32 +448,27 @@ impl AgentEnds {
         hop::read_all(hop::sent(t.value), u64::from_ne_bytes(read))
     }
 
-    /// The kernel path: the bytes a forwarded hop moved without the agent,
-    /// read before its entries go (see [`Forwarded`]); `None` once the
-    /// entry is gone or another connection's.
-    pub fn forwarded_bytes(&self, joined: &Forwarded) -> Option<Fwd> {
+    /// The kernel path: a forwarded hop's end. Returns the bytes it moved
+    /// without the agent (`None` once its SM_FWD entry is gone, or is a
+    /// later connection's of the same hop), and removes that entry when it
+    /// is still this connection's (should a later one join between the
+    /// look and the delete, its entry goes, which only sends that hop back
+    /// through its agent), and its SM_NET_HOP entry (its SM_NET one leaves
+    /// with the socket).
+    pub fn forget_forward(&self, joined: &Forwarded) -> Option<Fwd> {
         let maps = self.fwd.as_ref()?;
         let mut value = Fwd::default();
         // SAFETY: Fwd is #[repr(C)] plain data of the map's value size.
         let bytes = unsafe {
             std::slice::from_raw_parts_mut(std::ptr::from_mut(&mut value).cast::<u8>(), std::mem::size_of::<Fwd>())
         };
-        sys::map_lookup(maps.fwd.fd().as_fd(), sys::key_bytes(&joined.key), bytes).ok()?;
-        (value.net_cookie == joined.net_cookie).then_some(value)
-    }
-
-    /// The kernel path: removes a forwarded hop's SM_FWD entry, when it is
-    /// still this connection's (a later connection of the same hop may
-    /// have joined since; should it join between the look and the delete,
-    /// its entry goes, which only sends that hop back through its agent),
-    /// and its SM_NET_HOP entry (its SM_NET one leaves with the socket).
-    pub fn forget_forward(&self, joined: &Forwarded) {
-        if let Some(maps) = &self.fwd {
-            if self.forwarded_bytes(joined).is_some() {
-                let _ = sys::map_delete(maps.fwd.fd().as_fd(), sys::key_bytes(&joined.key));
-            }
-            let _ = sys::map_delete(maps.net_hop.fd().as_fd(), &joined.net_cookie.to_ne_bytes());
+        let ours = sys::map_lookup(maps.fwd.fd().as_fd(), sys::key_bytes(&joined.key), bytes).is_ok()
+            && value.net_cookie == joined.net_cookie;
+        if ours {
+            let _ = sys::map_delete(maps.fwd.fd().as_fd(), sys::key_bytes(&joined.key));
         }
+        let _ = sys::map_delete(maps.net_hop.fd().as_fd(), &joined.net_cookie.to_ne_bytes());
+        ours.then_some(value)
     }
 
     fn state(&self, key: &HopKey) -> Option<u32> {
@@ -553,8 +550,6 @@ pub struct Sockmap {
     stats: PerCpuArray<MapData, u64>,
     /// Phase two is on (asked for, and the kernel can).
     to_app: bool,
-    /// The kernel path is on.
-    forward: bool,
     /// Phase two's read count, when this agent attached it.
     read_count: Option<ReadCount>,
 }
@@ -629,7 +624,6 @@ impl Sockmap {
         let stats = Self {
             stats,
             to_app: to_app.is_some(),
-            forward: fwd.is_some(),
             read_count,
         };
         let ends = AgentEnds {
@@ -647,11 +641,6 @@ impl Sockmap {
     /// Whether phase two runs too.
     pub fn to_app(&self) -> bool {
         self.to_app
-    }
-
-    /// Whether the kernel path runs too.
-    pub fn forward(&self) -> bool {
-        self.forward
     }
 
     /// Called on each reload tick: see [`ReadCount::keep`]. `true`: it
@@ -1155,7 +1144,7 @@ mod tests {
         let gen = ReadGen::new();
         let mut a = load_gen(&pins, gen);
         let (s, ends) = Sockmap::start(&mut a, &pins, Some(gen), true).unwrap();
-        assert!(s.forward() && ends.forwarding());
+        assert!(ends.forwarding());
         let link = sys::obj_get(&net_link_pin(&pins)).unwrap();
         let first = sys::link_prog_id(link.as_fd()).unwrap();
         drop((a, s, ends));
@@ -1163,8 +1152,8 @@ mod tests {
 
         let gen = ReadGen::new();
         let mut b = load_gen(&pins, gen);
-        let (s, _ends) = Sockmap::start(&mut b, &pins, Some(gen), true).unwrap();
-        assert!(s.forward());
+        let (_s, ends) = Sockmap::start(&mut b, &pins, Some(gen), true).unwrap();
+        assert!(ends.forwarding());
         assert_eq!(
             sys::link_prog_id(link.as_fd()).unwrap(),
             first,
@@ -1172,8 +1161,8 @@ mod tests {
         );
 
         let mut c = load(&pins);
-        let (s, ends) = Sockmap::start(&mut c, &pins, None, true).unwrap();
-        assert!(!s.forward() && !ends.forwarding(), "no kernel path without phase two");
+        let (_s, ends) = Sockmap::start(&mut c, &pins, None, true).unwrap();
+        assert!(!ends.forwarding(), "no kernel path without phase two");
         assert!(!net_link_pin(&pins).exists());
         stop(&pins);
     }

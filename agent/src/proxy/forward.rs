@@ -139,16 +139,25 @@ struct Kernel {
     joined: Mutex<Option<Joined>>,
 }
 
-/// A hop in the kernel path; its entries go when dropped.
+/// A hop in the kernel path; its entries go at [`Joined::end`], or when
+/// dropped.
 struct Joined {
     maps: Arc<ProxyMaps>,
-    fwd: Forwarded,
+    fwd: Option<Forwarded>,
+}
+
+impl Joined {
+    /// The bytes the kernel moved; the hop's entries removed.
+    fn end(mut self) -> Option<agent_common::Fwd> {
+        let fwd = self.fwd.take()?;
+        self.maps.sockmap()?.forget_forward(&fwd)
+    }
 }
 
 impl Drop for Joined {
     fn drop(&mut self) {
-        if let Some(ends) = self.maps.sockmap() {
-            ends.forget_forward(&self.fwd);
+        if let (Some(fwd), Some(ends)) = (self.fwd.take(), self.maps.sockmap()) {
+            ends.forget_forward(&fwd);
         }
     }
 }
@@ -248,7 +257,7 @@ impl Kernel {
             .map_err(ForwardError::Join)?;
         *self.joined.lock().unwrap_or_else(|e| e.into_inner()) = Some(Joined {
             maps: self.maps.clone(),
-            fwd,
+            fwd: Some(fwd),
         });
         self.report.eager.store(true, Ordering::SeqCst);
         let _ = ends.report_read(
@@ -290,8 +299,7 @@ impl Kernel {
 
     /// The bytes the kernel moved, and the hop's entries removed.
     fn finish(&self) -> Option<agent_common::Fwd> {
-        let joined = self.joined.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-        self.maps.sockmap()?.forwarded_bytes(&joined.fwd)
+        self.joined.lock().unwrap_or_else(|e| e.into_inner()).take()?.end()
     }
 }
 
