@@ -113,6 +113,11 @@ pub mod maps {
     pub const SM_NET_HOP: &str = "SM_NET_HOP";
     /// The kernel path's counters, see [`super::fwd_stats`].
     pub const SM_FWD_STATS: &str = "SM_FWD_STATS";
+    /// The kernel path's hand-backs (a ring buffer of SM_NET socket
+    /// cookies); not pinned: each agent reads its own.
+    pub const SM_FWD_EVENTS: &str = "SM_FWD_EVENTS";
+    /// Hand-backs the full ring could not take (one per-CPU counter).
+    pub const SM_FWD_LOST: &str = "SM_FWD_LOST";
 }
 
 /// Globals of the kernel object that the agent sets at load.

@@ -51,7 +51,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_delete_elem},
     macros::{btf_tracepoint, cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops, stream_verdict},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
     programs::{BtfTracePointContext, SkBuffContext, SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
@@ -179,6 +179,20 @@ static SM_NET_HOP: LruHashMap<u64, HopKey> = LruHashMap::pinned(65536, 0);
 /// The kernel path's counters, see `agent_common::fwd_stats`.
 #[map]
 static SM_FWD_STATS: PerCpuArray<u64> = PerCpuArray::pinned(fwd_stats::COUNT, 0);
+/// The kernel path's hand-backs: the cookie of each SM_NET socket whose
+/// verdict passed a segment to it for good, or passed a segment of a
+/// socket whose hop entries are gone or another connection's (once). The
+/// agent watches a forwarding socket without read interest (the socket's
+/// data-ready callback runs after every segment the verdict moves, and
+/// would wake it for nothing), so this is what tells it to read again.
+/// Not pinned: a socket keeps the verdict program, and so the ring, of the
+/// agent that inserted it.
+#[map]
+static SM_FWD_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+/// Hand-backs that found SM_FWD_EVENTS full: the agent then looks at every
+/// parked socket. Not pinned, as the ring.
+#[map]
+static SM_FWD_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Adds one to slot `idx` of a per-CPU counters map.
 #[inline(always)]
@@ -880,37 +894,46 @@ fn forward_send(ctx: &SkMsgContext, key: &HopKey, value: u32, size: u32) -> bool
 /// stays with the agent's socket, which passes the half-close on once the
 /// app has read all. The agent writes nothing to the app while its hop
 /// forwards, so this is the only writer of the direction's value then.
+/// Every segment with payload passed to the agent's socket is told to the
+/// agent (SM_FWD_EVENTS), which does not watch that socket for reads while
+/// it forwards; a passed FIN changes the socket's state, which wakes it.
 #[stream_verdict]
 pub fn mesh_sk_skb(ctx: SkBuffContext) -> u32 {
     // SAFETY: helper only reads the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let size = ctx.len();
     // SAFETY: read-only lookup of plain data.
     let Some(key) = (unsafe { SM_NET_HOP.get(&cookie) }).copied() else {
-        return SK_PASS;
+        return pass_unowned(cookie, size);
     };
-    let Some(f) = SM_FWD.get_ptr_mut(&key) else {
+    if key.netns_cookie == 0 {
+        // Told already (see pass_unowned).
         return SK_PASS;
+    }
+    let Some(f) = SM_FWD.get_ptr_mut(&key) else {
+        return pass_unowned(cookie, size);
     };
     // SAFETY: this hop's entry; only this program writes `replies` and
     // `received`, under the agent socket's lock. An entry of another socket
     // (a later connection of the same hop that joined while this one still
     // receives) is not ours to use.
-    if unsafe { (*f).net_cookie != cookie || (*f).replies != fwd::FORWARD } {
-        return SK_PASS;
+    let (owner, replies) = unsafe { ((*f).net_cookie, (*f).replies) };
+    if owner != cookie {
+        return pass_unowned(cookie, size);
     }
-    let size = ctx.len();
-    if size == 0 {
+    // Passed for good already: the agent reads this socket again.
+    if replies != fwd::FORWARD || size == 0 {
         return SK_PASS;
     }
     // SAFETY: as above.
     let mut app_cookie = unsafe { (*f).app_cookie };
     let Some(to) = SM_TO_APP.get_ptr_mut(key.reversed()) else {
-        return pass_for_good(f);
+        return pass_for_good(f, cookie);
     };
     // SAFETY: map value of this hop's agent -> app direction (see above).
     let (value, app_tcp) = unsafe { ((*to).value, (*to).app_tcp != 0) };
     if hop::state(value) != hop::REDIRECT {
-        return pass_for_good(f);
+        return pass_for_good(f, cookie);
     }
     if app_tcp || app_over_bound(app_cookie, value, size) {
         // As the agent's own send would: its later writes go through TCP,
@@ -918,7 +941,7 @@ pub fn mesh_sk_skb(ctx: SkBuffContext) -> u32 {
         // SAFETY: as above.
         unsafe { (*to).value = hop::with_sent(hop::FALLBACK, hop::sent(value)) };
         count_to_app(to_app_stats::FALLBACK);
-        return pass_for_good(f);
+        return pass_for_good(f, cookie);
     }
     if SM_APP.redirect_skb(&ctx, &mut app_cookie, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
         // SAFETY: as above.
@@ -930,17 +953,41 @@ pub fn mesh_sk_skb(ctx: SkBuffContext) -> u32 {
         return SK_PASS;
     }
     // The app's socket left SM_APP (it closed).
-    pass_for_good(f)
+    pass_for_good(f, cookie)
 }
 
 /// The verdict passes this segment and every later one of the hop `f` to
-/// the agent's socket.
+/// the agent's socket (cookie `net`), and tells the agent.
 #[inline(always)]
-fn pass_for_good(f: *mut Fwd) -> u32 {
+fn pass_for_good(f: *mut Fwd, net: u64) -> u32 {
     // SAFETY: the hop's entry, written by the verdict program only.
     unsafe { (*f).replies = fwd::PASSED };
     count_fwd(fwd_stats::PASSED);
+    tell_agent(net);
     SK_PASS
+}
+
+/// A segment of a socket whose hop entry is gone (evicted from the LRU
+/// map, or removed at its connection's end) or is a later connection's:
+/// it stays with the agent's socket, and the agent is told if it carries
+/// payload, once: the socket's SM_NET_HOP entry becomes a key of netns 0
+/// (no netns has that cookie), which later segments pass silently, and
+/// which tells the agent's look at its entries that they are not its own.
+#[inline(always)]
+fn pass_unowned(net: u64, size: u32) -> u32 {
+    if size > 0 {
+        tell_agent(net);
+        let _ = SM_NET_HOP.insert(&net, &HopKey::default(), 0);
+    }
+    SK_PASS
+}
+
+/// Tells the agent that its socket `net` has bytes to read (SM_FWD_EVENTS).
+#[inline(always)]
+fn tell_agent(net: u64) {
+    if SM_FWD_EVENTS.output::<u64>(net, 0).is_err() {
+        bump(&SM_FWD_LOST, 0);
+    }
 }
 
 /// A send of the agent's socket `key` (phase two, its entry `to`): into the

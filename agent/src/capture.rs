@@ -23,6 +23,9 @@ pub mod links;
 pub mod probe;
 mod sys;
 
+/// poll(2) on one fd (the proxy's kernel path asks a parked socket).
+pub use sys::poll;
+
 use std::{
     collections::{BTreeMap, HashSet},
     net::{IpAddr, Ipv6Addr},

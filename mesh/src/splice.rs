@@ -8,13 +8,50 @@
 //! sockmap-accelerated hop) is read with recvmsg instead ([`Read::Recv`]):
 //! splice reads only the TCP receive queue and would never see them.
 use std::{
+    future::Future,
     io::{self, ErrorKind},
     net::Shutdown,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use tokio::{io::Interest, net::TcpStream};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    net::TcpStream,
+};
+
+/// A socket the copy loops read or write: a runtime [`TcpStream`], or an
+/// [`AsyncFd`] registered for one interest alone (the agent's kernel path
+/// watches a socket it must not be woken on for reads).
+pub trait Io: AsFd + AsRawFd + Sync {
+    /// Runs the non-blocking `op` whenever the socket is ready for
+    /// `interest`, until it does not return `WouldBlock`.
+    fn io<R: Send>(
+        &self,
+        interest: Interest,
+        op: impl FnMut() -> io::Result<R> + Send,
+    ) -> impl Future<Output = io::Result<R>> + Send;
+}
+
+impl Io for TcpStream {
+    fn io<R: Send>(
+        &self,
+        interest: Interest,
+        op: impl FnMut() -> io::Result<R> + Send,
+    ) -> impl Future<Output = io::Result<R>> + Send {
+        self.async_io(interest, op)
+    }
+}
+
+impl<T: AsRawFd + Send + Sync> Io for AsyncFd<T> {
+    fn io<R: Send>(
+        &self,
+        interest: Interest,
+        mut op: impl FnMut() -> io::Result<R> + Send,
+    ) -> impl Future<Output = io::Result<R>> + Send {
+        self.async_io(interest, move |_| op())
+    }
+}
 
 /// Bytes moved per splice call; the pipe is sized to hold it.
 const CHUNK: usize = 256 * 1024;
@@ -127,7 +164,7 @@ pub async fn forward_reading(
 
 /// One direction of [`forward_reading`]: `from` read as told, until EOF,
 /// then `to` half-closed; `count` adds what moved.
-pub async fn one_way(from: &TcpStream, read: Read, to: &TcpStream, count: &AtomicU64) -> io::Result<()> {
+pub async fn one_way(from: &impl Io, read: Read, to: &impl Io, count: &AtomicU64) -> io::Result<()> {
     match read {
         Read::Splice => pump(from, to, count, TcpOnly::Yes).await,
         Read::Recv(hooks) => copy(from, to, count, hooks).await,
@@ -141,7 +178,7 @@ pub const COPY_BUF: usize = 64 * 1024;
 /// spliced from the point `settle` says the bytes come through TCP only,
 /// or `progress` that a hop that went back to TCP has no redirected byte
 /// left to read.
-async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, mut hooks: Hooks) -> io::Result<()> {
+async fn copy(from: &impl Io, to: &impl Io, count: &AtomicU64, mut hooks: Hooks) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
         let n = recv_send(from, to, &mut buf).await?;
@@ -161,7 +198,7 @@ async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, mut hooks: Ho
 
 /// One recvmsg from `from` into `buf`, all of it sent on to `to`; the
 /// bytes moved (0: EOF).
-pub async fn recv_send(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+pub async fn recv_send(from: &impl Io, to: &impl Io, buf: &mut [u8]) -> io::Result<usize> {
     let n = recv(from, buf).await?;
     send_all(to, &buf[..n]).await?;
     Ok(n)
@@ -169,8 +206,8 @@ pub async fn recv_send(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::
 
 /// One recvmsg from `from` into `buf`, once there is something: the bytes
 /// read (0: EOF).
-pub async fn recv(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    retry(from, Interest::READABLE, || {
+pub async fn recv(from: &impl Io, buf: &mut [u8]) -> io::Result<usize> {
+    from.io(Interest::READABLE, || {
         // SAFETY: a valid fd and a buffer of `buf.len()` bytes.
         let n = unsafe { libc::recv(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
@@ -183,26 +220,27 @@ pub async fn recv(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Sends all of `bytes` to `to`.
-pub async fn send_all(to: &TcpStream, bytes: &[u8]) -> io::Result<()> {
+pub async fn send_all(to: &impl Io, bytes: &[u8]) -> io::Result<()> {
     let mut at = 0;
     while at < bytes.len() {
-        at += retry(to, Interest::WRITABLE, || {
-            // SAFETY: a valid fd and the unsent part of `bytes`.
-            let w = unsafe {
-                libc::send(
-                    to.as_raw_fd(),
-                    bytes[at..].as_ptr().cast(),
-                    bytes.len() - at,
-                    libc::MSG_NOSIGNAL,
-                )
-            };
-            if w < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(w as usize)
-            }
-        })
-        .await?;
+        at += to
+            .io(Interest::WRITABLE, || {
+                // SAFETY: a valid fd and the unsent part of `bytes`.
+                let w = unsafe {
+                    libc::send(
+                        to.as_raw_fd(),
+                        bytes[at..].as_ptr().cast(),
+                        bytes.len() - at,
+                        libc::MSG_NOSIGNAL,
+                    )
+                };
+                if w < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(w as usize)
+                }
+            })
+            .await?;
     }
     Ok(())
 }
@@ -224,14 +262,14 @@ enum TcpOnly {
 }
 
 /// Bytes in `sock`'s sk_msg queue (see [`TcpOnly::NotSure`]).
-fn sk_msg_queued(sock: &TcpStream) -> usize {
+fn sk_msg_queued(sock: &impl AsRawFd) -> usize {
     unread(sock).unwrap_or(0)
 }
 
 /// What FIONREAD (SIOCINQ) says of `sock`: on a socket in no sockmap,
 /// TCP's bytes received and not read; on one in a sockmap with an sk_msg
 /// program, its sk_msg queue (Linux 6.18's `tcp_bpf_ioctl`).
-pub fn unread(sock: &TcpStream) -> io::Result<usize> {
+pub fn unread(sock: &impl AsRawFd) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int; a valid fd.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut n) } != 0 {
@@ -277,19 +315,20 @@ impl Copied {
 }
 
 /// One direction: splice until EOF, then half-close the destination.
-async fn pump(from: &TcpStream, to: &TcpStream, count: &AtomicU64, tcp_only: TcpOnly) -> io::Result<()> {
+async fn pump(from: &impl Io, to: &impl Io, count: &AtomicU64, tcp_only: TcpOnly) -> io::Result<()> {
     /// What the read step returns when the sk_msg queue holds bytes.
     const IN_SK_MSG: usize = usize::MAX;
     let pipe = Pipe::new()?;
     let mut buf = Vec::new();
     loop {
-        let mut queued = retry(from, Interest::READABLE, || {
-            if tcp_only == TcpOnly::NotSure && sk_msg_queued(from) > 0 {
-                return Ok(IN_SK_MSG);
-            }
-            splice(from.as_raw_fd(), pipe.write(), CHUNK)
-        })
-        .await?;
+        let mut queued = from
+            .io(Interest::READABLE, || {
+                if tcp_only == TcpOnly::NotSure && sk_msg_queued(from) > 0 {
+                    return Ok(IN_SK_MSG);
+                }
+                splice(from.as_raw_fd(), pipe.write(), CHUNK)
+            })
+            .await?;
         if queued == IN_SK_MSG {
             buf.resize(COPY_BUF, 0);
             let n = recv_send(from, to, &mut buf).await?;
@@ -300,20 +339,11 @@ async fn pump(from: &TcpStream, to: &TcpStream, count: &AtomicU64, tcp_only: Tcp
             return socket2::SockRef::from(to).shutdown(Shutdown::Write);
         }
         while queued > 0 {
-            let n = retry(to, Interest::WRITABLE, || splice(pipe.read(), to.as_raw_fd(), queued)).await?;
+            let n = to
+                .io(Interest::WRITABLE, || splice(pipe.read(), to.as_raw_fd(), queued))
+                .await?;
             queued -= n;
             count.fetch_add(n as u64, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Runs a non-blocking syscall on `sock` whenever it is ready for `interest`.
-async fn retry(sock: &TcpStream, interest: Interest, mut op: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
-    loop {
-        sock.ready(interest).await?;
-        match sock.try_io(interest, &mut op) {
-            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-            r => return r,
         }
     }
 }

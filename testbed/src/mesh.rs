@@ -459,6 +459,14 @@ impl Server {
         Server::spawn(cmd, pod)
     }
 
+    /// `python3 -c script args` in `pod`: a test's own server, which prints
+    /// a line with "listening" once it listens.
+    pub fn script(pod: &Pod, script: &str, args: &[&str]) -> Result<Server> {
+        let mut cmd = pod.try_command("python3")?;
+        cmd.arg("-c").arg(script).args(args);
+        Server::spawn(cmd, pod)
+    }
+
     /// `mesh-echo serve` (HTTP/1.1, h2, gRPC) on `port` of `pod`, answering
     /// as the pod's name.
     pub fn echo(pod: &Pod, port: u16) -> Result<Server> {

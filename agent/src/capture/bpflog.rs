@@ -5,10 +5,7 @@
 //! Off by default: the programs are then loaded with `AYA_LOG_LEVEL` = 0,
 //! which lives in frozen read-only data, so the verifier removes the logging
 //! code and nothing reaches the ring buffer.
-use std::{
-    os::fd::{AsFd, AsRawFd},
-    time::Duration,
-};
+use std::{os::fd::AsFd, time::Duration};
 
 use aya::Ebpf;
 use aya_log::EbpfLogger;
@@ -67,14 +64,7 @@ pub fn start(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
 
 /// Blocks until the ring has records or [`POLL`] passes.
 fn wait_readable(fd: &impl AsFd) {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_fd().as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&mut pfd, 1, POLL.as_millis() as libc::c_int) };
-    if r < 0 {
+    if super::sys::poll(fd.as_fd(), libc::POLLIN, Some(POLL)).is_err() {
         // EINTR or the like: do not spin.
         std::thread::sleep(POLL);
     }

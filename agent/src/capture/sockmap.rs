@@ -38,13 +38,14 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use agent_common::{
     fwd, fwd_stats, hop, maps as names, programs as progs, sockmap_stats, to_app_stats, Fwd, HopKey, ToApp,
 };
 use aya::{
-    maps::{Map, MapData, MapType, PerCpuArray},
+    maps::{Map, MapData, MapType, PerCpuArray, RingBuf},
     programs::{links::FdLink, BtfTracePoint, ProgramType, SkMsg, SkSkb},
     sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
     Btf, Ebpf,
@@ -52,6 +53,11 @@ use aya::{
 use prometheus_client::metrics::counter::Counter;
 
 use super::{bpf_err, chain, links, program, sys, to_ip6, CaptureError, Pins};
+
+mod handback;
+
+pub use handback::Park;
+use handback::Parked;
 
 /// Whether this kernel can run the sk_msg program: program and map types,
 /// the helpers it calls. Loading it (the verifier) and attaching it as a
@@ -123,6 +129,13 @@ struct FwdMaps {
     fwd: MapData,
     /// SM_NET_HOP: the other socket's cookie -> the app's hop key.
     net_hop: MapData,
+    /// The joined connections, woken at a hand-back (SM_FWD_EVENTS).
+    parked: Arc<Parked>,
+    /// The id of this agent's verdict program, and the pin of its link:
+    /// a socket joins under the program the link runs at its insertion,
+    /// and tells that program's agent.
+    verdict: u32,
+    link: PathBuf,
 }
 
 /// Phase two's maps as the agent uses them.
@@ -382,10 +395,22 @@ impl AgentEnds {
         };
         // A socket already under this key is an earlier connection's on the
         // same ports (the key is a live app socket's): out first, so that
-        // no send finds our entry and that socket together.
+        // no send finds our entry and that socket together. Leaving SM_NET
+        // takes its verdict away, so what arrives on it next wakes no one
+        // that waits parked: its connection, if this agent's and its entry
+        // still there, is told. (Its app closed, since the key is a live
+        // app socket's: the connection stops parking then anyway.)
+        let stale = fwd_entry(maps, &key);
         let _ = sys::map_delete(maps.net.fd().as_fd(), sys::key_bytes(&key));
         sys::map_update(maps.fwd.fd().as_fd(), sys::key_bytes(&key), sys::key_bytes(&entry))?;
-        let joined = Forwarded { key, net_cookie };
+        if let Some(stale) = stale {
+            maps.parked.tell(stale.net_cookie);
+        }
+        let mut joined = Forwarded {
+            key,
+            net_cookie,
+            handed_back: maps.parked.park(net_cookie),
+        };
         // A later insert of the same key replaces this entry: only ours is
         // removed at the end (see forget_forward).
         self.app_still_there(&key, app_cookie)
@@ -403,7 +428,29 @@ impl AgentEnds {
             .inspect_err(|_| {
                 self.forget_forward(&joined);
             })?;
+        // The link runs this agent's verdict now, so it did at the insert
+        // (a link only ever swaps to a newer agent's). Else a newer agent
+        // took over meanwhile, and its ring gets this socket's hand-backs:
+        // the connection does not park.
+        if attached_prog(&maps.link) != Some(maps.verdict) {
+            maps.parked.leave(net_cookie);
+            joined.handed_back = None;
+        }
         Ok(joined)
+    }
+
+    /// The kernel path: whether a joined hop's verdict still forwards: its
+    /// entries are there and its own, and it has handed nothing back.
+    pub fn still_forwarding(&self, joined: &Forwarded) -> bool {
+        let Some(maps) = &self.fwd else {
+            return false;
+        };
+        let mut key = [0u8; std::mem::size_of::<HopKey>()];
+        let hop = sys::map_lookup(maps.net_hop.fd().as_fd(), &joined.net_cookie.to_ne_bytes(), &mut key);
+        hop.is_ok()
+            && key == sys::key_bytes(&joined.key)
+            && fwd_entry(maps, &joined.key)
+                .is_some_and(|f| f.net_cookie == joined.net_cookie && f.replies == fwd::FORWARD)
     }
 
     /// After the SM_FWD entry of `key` is written: whether the app socket
@@ -457,18 +504,13 @@ impl AgentEnds {
     /// with the socket).
     pub fn forget_forward(&self, joined: &Forwarded) -> Option<Fwd> {
         let maps = self.fwd.as_ref()?;
-        let mut value = Fwd::default();
-        // SAFETY: Fwd is #[repr(C)] plain data of the map's value size.
-        let bytes = unsafe {
-            std::slice::from_raw_parts_mut(std::ptr::from_mut(&mut value).cast::<u8>(), std::mem::size_of::<Fwd>())
-        };
-        let ours = sys::map_lookup(maps.fwd.fd().as_fd(), sys::key_bytes(&joined.key), bytes).is_ok()
-            && value.net_cookie == joined.net_cookie;
-        if ours {
+        let ours = fwd_entry(maps, &joined.key).filter(|f| f.net_cookie == joined.net_cookie);
+        if ours.is_some() {
             let _ = sys::map_delete(maps.fwd.fd().as_fd(), sys::key_bytes(&joined.key));
         }
         let _ = sys::map_delete(maps.net_hop.fd().as_fd(), &joined.net_cookie.to_ne_bytes());
-        ours.then_some(value)
+        maps.parked.leave(joined.net_cookie);
+        ours
     }
 
     fn state(&self, key: &HopKey) -> Option<u32> {
@@ -496,6 +538,30 @@ pub enum ToAppNow {
 pub struct Forwarded {
     key: HopKey,
     net_cookie: u64,
+    /// `None` when the hop may not park (see [`Forwarded::handed_back`]).
+    handed_back: Option<Arc<Park>>,
+}
+
+impl Forwarded {
+    /// What tells the connection that the verdict passed bytes to the
+    /// agent's socket; `None` when the verdict is a newer agent's (whose
+    /// ring gets this socket's records) or the hand-back reader has ended:
+    /// the connection must keep watching its socket for reads.
+    pub fn handed_back(&self) -> Option<Arc<Park>> {
+        self.handed_back.clone()
+    }
+}
+
+/// SM_FWD's entry of `key`.
+fn fwd_entry(maps: &FwdMaps, key: &HopKey) -> Option<Fwd> {
+    let mut value = Fwd::default();
+    // SAFETY: Fwd is #[repr(C)] plain data of the map's value size.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(std::ptr::from_mut(&mut value).cast::<u8>(), std::mem::size_of::<Fwd>())
+    };
+    sys::map_lookup(maps.fwd.fd().as_fd(), sys::key_bytes(key), bytes)
+        .ok()
+        .map(|()| value)
 }
 
 /// An agent -> app direction the agent created itself, decided TCP (see
@@ -835,10 +901,27 @@ fn start_forward(ebpf: &mut Ebpf, pins: &Pins) -> Result<FwdMaps, CaptureError> 
         sys::SockmapHook::SkbVerdict,
     )?;
     tracing::info!(outcome = ?outcome, "kernel path on: sk_skb verdict attached to SM_NET; plain hops forward in the kernel");
+    // Taken after the verdict is loaded: the ring's fd must stay open
+    // while a program that writes to it loads.
+    let ring = ebpf.take_map(names::SM_FWD_EVENTS).ok_or_else(|| {
+        bpf_err(format!("map {}", names::SM_FWD_EVENTS))(
+            "missing from the object; rebuild it with `cargo xtask build-ebpf`".into(),
+        )
+    })?;
+    let ring = bpf!("map SM_FWD_EVENTS", RingBuf::try_from(ring))?;
+    let lost = map_data(ebpf, names::SM_FWD_LOST)?;
+    let lost = bpf!("map SM_FWD_LOST", PerCpuArray::try_from(Map::PerCpuArray(lost)))?;
+    let verdict = sys::prog_info(fd.as_fd())
+        .map_err(|e| bpf_err("sk_skb verdict info")(e.to_string()))?
+        .id;
+    let parked = Parked::start(ring, lost).map_err(|e| bpf_err("the hand-back reader thread")(e.to_string()))?;
     Ok(FwdMaps {
         net,
         fwd: map_data(ebpf, names::SM_FWD)?,
         net_hop: map_data(ebpf, names::SM_NET_HOP)?,
+        parked,
+        verdict,
+        link: net_link_pin(pins),
     })
 }
 
@@ -1134,12 +1217,13 @@ mod tests {
     }
 
     /// The kernel path's verdict program: attached to SM_NET through a
-    /// pinned link (it loads: the verifier accepts it), kept by the next
-    /// agent whose program is the same (links::converge compares content;
-    /// the swap itself is the sk_msg link's test), removed when the kernel
-    /// path is off, and never attached without phase two.
+    /// pinned link (it loads: the verifier accepts it), swapped in place
+    /// by the next agent's, although the code is the same: each writes the
+    /// hand-back ring of its own agent (unpinned), which hands the next
+    /// agent's sockets to it; removed when the kernel path is off, and
+    /// never attached without phase two.
     #[test]
-    fn the_kernel_path_link_is_pinned_kept_on_restart_and_removed_when_off() {
+    fn the_kernel_path_link_is_pinned_swapped_on_restart_and_removed_when_off() {
         let (_scratch, pins) = scratch_pins("smnet");
         let gen = ReadGen::new();
         let mut a = load_gen(&pins, gen);
@@ -1154,10 +1238,12 @@ mod tests {
         let mut b = load_gen(&pins, gen);
         let (_s, ends) = Sockmap::start(&mut b, &pins, Some(gen), true).unwrap();
         assert!(ends.forwarding());
+        let second = sys::link_prog_id(link.as_fd()).unwrap();
+        assert_ne!(second, first, "the first agent's verdict, and ring, kept");
         assert_eq!(
-            sys::link_prog_id(link.as_fd()).unwrap(),
-            first,
-            "the same program is kept"
+            attached_prog(&net_link_pin(&pins)),
+            Some(second),
+            "the same link, its program swapped"
         );
 
         let mut c = load(&pins);

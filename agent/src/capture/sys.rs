@@ -358,6 +358,27 @@ pub fn socket_cookie(fd: std::os::fd::RawFd) -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// poll(2) on one fd for `events` (`libc::POLLIN`, ...), `timeout` at most
+/// (`None`: return at once): the events it has now (POLLERR and POLLHUP
+/// come unasked); 0 when none came in time.
+pub fn poll(
+    fd: BorrowedFd<'_>,
+    events: libc::c_short,
+    timeout: Option<std::time::Duration>,
+) -> io::Result<libc::c_short> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    let ms = timeout.map_or(0, |t| t.as_millis().min(libc::c_int::MAX as u128) as libc::c_int);
+    // SAFETY: one valid pollfd for the duration of the call.
+    if unsafe { libc::poll(&mut pfd, 1, ms) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pfd.revents)
+}
+
 /// The bytes of a `#[repr(C)]` key without padding holes (agent-common's).
 pub fn key_bytes<K: aya::Pod>(key: &K) -> &[u8] {
     // SAFETY: aya::Pod types are plain data with explicit padding fields.

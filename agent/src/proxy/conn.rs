@@ -149,13 +149,13 @@ pub async fn handle(
         // Fail closed: without the original destination the connection
         // cannot be carried, and it must never go anywhere else.
         let o = Outcome::refused("tcp", Reason::NoOriginalDestination, "capture recorded none");
-        return finish(&ctx, dir, client, peer, peer, None, &o, start);
+        return finish(&ctx, dir, Some(client), peer, peer, None, &o, start);
     };
     tune(&client);
     let Route { target, service, via } = match dir {
         Direction::Outbound => match route(&ctx, dst) {
             Ok(r) => r,
-            Err(o) => return finish(&ctx, dir, client, peer, dst, None, &o, start),
+            Err(o) => return finish(&ctx, dir, Some(client), peer, dst, None, &o, start),
         },
         _ => Route {
             target: dst,
@@ -169,7 +169,7 @@ pub async fn handle(
             Reason::SelfLoop,
             format!("{target} is the agent's own listener in this pod"),
         );
-        return finish(&ctx, dir, client, peer, dst, None, &o, start);
+        return finish(&ctx, dir, Some(client), peer, dst, None, &o, start);
     }
     // A steered connection's peer is the waypoint pod (its identity, mTLS
     // to it); the service it is for stays in the service labels.
@@ -188,39 +188,48 @@ pub async fn handle(
     let hostname = svc.as_ref().map(|s| s.hostname()).unwrap_or_default();
     let logged = (svc.is_some() || via.is_some()).then_some((hostname.as_str(), endpoint));
     ctx.metrics.opened(&labels);
-    let outcome = match (dir, &ctx.mesh, via) {
-        (Direction::Outbound, Some(mesh), Some(v)) => tunnel(
-            &ctx,
-            mesh,
-            &mut client,
-            read,
-            peer,
-            v.authority,
-            v.pod,
-            vec![v.identity],
-        )
-        .await
-        .through(&v.waypoint),
-        (Direction::Outbound, None, Some(v)) => Outcome::refused(
-            "tcp",
-            Reason::WaypointUnavailable,
-            format!(
-                "{} is bound to waypoint {}, reached only over HBONE (no --ca-address); not sent direct",
-                v.authority, v.waypoint
-            ),
-        )
-        .through(&v.waypoint),
+    // `client` comes back from every branch but a plain inbound one the
+    // kernel path took (refused connections are reset through it).
+    let (outcome, client) = match (dir, &ctx.mesh, via) {
+        (Direction::Outbound, Some(mesh), Some(v)) => (
+            tunnel(
+                &ctx,
+                mesh,
+                &mut client,
+                read,
+                peer,
+                v.authority,
+                v.pod,
+                vec![v.identity],
+            )
+            .await
+            .through(&v.waypoint),
+            Some(client),
+        ),
+        (Direction::Outbound, None, Some(v)) => (
+            Outcome::refused(
+                "tcp",
+                Reason::WaypointUnavailable,
+                format!(
+                    "{} is bound to waypoint {}, reached only over HBONE (no --ca-address); not sent direct",
+                    v.authority, v.waypoint
+                ),
+            )
+            .through(&v.waypoint),
+            Some(client),
+        ),
         (Direction::Outbound, Some(mesh), None) => match ctx.state.by_ip(target.ip()).filter(|w| w.hbone) {
             Some(w) => {
                 // The endpoint's own identity, or one the service vouches for.
                 let mut expected = vec![(*w.identity).clone()];
                 expected.extend(service.iter().flat_map(|r| r.extra_sans.iter().cloned()));
                 let hbone_dst = SocketAddr::new(target.ip(), HBONE_PORT);
-                tunnel(&ctx, mesh, &mut client, read, peer, target, hbone_dst, expected).await
+                let o = tunnel(&ctx, mesh, &mut client, read, peer, target, hbone_dst, expected).await;
+                (o, Some(client))
             }
-            None => plain(&ctx, &client, read, target, None).await,
+            None => plain(&ctx, client, read, target, None).await,
         },
-        (Direction::Outbound, None, None) => plain(&ctx, &client, read, target, None).await,
+        (Direction::Outbound, None, None) => plain(&ctx, client, read, target, None).await,
         _ => {
             // Plaintext inbound: no identity, so the waypoint binding,
             // PeerAuthentication and authorization decide with principal = none.
@@ -231,10 +240,10 @@ pub async fn handle(
             };
             let snap = ctx.state.snapshot();
             match snap.check_waypoint(dst.ip(), None) {
-                Err(b) => bypassed(&ctx, b),
+                Err(b) => (bypassed(&ctx, b), Some(client)),
                 Ok(()) => match snap.authorize(dst.ip(), &conn) {
-                    Ok(()) => plain(&ctx, &client, read, dst, Some(conn)).await,
-                    Err(denied) => Outcome::refused("tcp", Reason::Denied, denied.0),
+                    Ok(()) => plain(&ctx, client, read, dst, Some(conn)).await,
+                    Err(denied) => (Outcome::refused("tcp", Reason::Denied, denied.0), Some(client)),
                 },
             }
         }
@@ -260,7 +269,7 @@ fn bypassed(ctx: &PodCtx, b: crate::state::Bypass) -> Outcome {
 fn finish(
     ctx: &PodCtx,
     dir: Direction,
-    client: TcpStream,
+    client: Option<TcpStream>,
     src: SocketAddr,
     dst: SocketAddr,
     via: Option<(&str, SocketAddr)>,
@@ -269,7 +278,10 @@ fn finish(
 ) {
     if let Some(reason) = o.refused {
         ctx.refusals.count(dir.as_str(), reason);
-        reset(client);
+        // Refused connections always come back (see `handle`).
+        if let Some(client) = client {
+            reset(client);
+        }
     }
     log_access(ctx, dir, src, dst, via, o, start);
 }
@@ -354,8 +366,16 @@ fn log_access(
 
 /// Plain TCP; an authorized inbound connection (`policed`) is made with the
 /// client's source address and stays registered for policy re-checks.
-/// `read`: how `client` must be read (see [`handle`]).
-async fn plain(ctx: &PodCtx, client: &TcpStream, read: Read, dst: SocketAddr, policed: Option<rbac::Conn>) -> Outcome {
+/// `read`: how `client` must be read (see [`handle`]). Gives `client` back
+/// unless the kernel path took it (inbound, its socket to the peer is the
+/// one it watches).
+async fn plain(
+    ctx: &PodCtx,
+    client: TcpStream,
+    read: Read,
+    dst: SocketAddr,
+    policed: Option<rbac::Conn>,
+) -> (Outcome, Option<TcpStream>) {
     // Inbound (policed) connections reach the app with the client's address.
     let upstream = match &policed {
         Some(c) => connect_to_app(ctx, c.src_ip, dst).await,
@@ -365,22 +385,30 @@ async fn plain(ctx: &PodCtx, client: &TcpStream, read: Read, dst: SocketAddr, po
         Ok((upstream, upstream_read)) => {
             tune(&upstream);
             let inbound = policed.is_some();
-            let _registration = policed.map(|c| ctx.open.register(&ctx.key, dst.ip(), c, &[client, &upstream]));
+            let _registration = policed.map(|c| ctx.open.register(&ctx.key, dst.ip(), c, &[&client, &upstream]));
             let kernel = ctx.orig.sockmap().is_some_and(|e| e.forwarding());
-            let copied = match (kernel, inbound) {
-                (false, _) => splice::forward_reading(client, read, &upstream, upstream_read).await,
+            let (copied, client) = match (kernel, inbound) {
+                (false, _) => (
+                    splice::forward_reading(&client, read, &upstream, upstream_read).await,
+                    Some(client),
+                ),
                 // The in-pod hop is the client's side outbound, the
                 // upstream's inbound.
-                (true, false) => {
-                    super::forward::forward(ctx, Direction::Outbound, client, read, &upstream, upstream_read).await
-                }
-                (true, true) => {
-                    super::forward::forward(ctx, Direction::Inbound, &upstream, upstream_read, client, read).await
-                }
+                (true, false) => (
+                    super::forward::forward(ctx, Direction::Outbound, &client, read, upstream, upstream_read).await,
+                    Some(client),
+                ),
+                (true, true) => (
+                    super::forward::forward(ctx, Direction::Inbound, &upstream, upstream_read, client, read).await,
+                    None,
+                ),
             };
-            Outcome::carried("tcp", None, copied)
+            (Outcome::carried("tcp", None, copied), client)
         }
-        Err(e) => Outcome::refused("tcp", Reason::Unreachable, format!("connect failed: {e}")),
+        Err(e) => (
+            Outcome::refused("tcp", Reason::Unreachable, format!("connect failed: {e}")),
+            Some(client),
+        ),
     }
 }
 

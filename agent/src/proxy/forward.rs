@@ -6,9 +6,15 @@
 //! verdict on `net` moves what arrives there straight into the app's
 //! socket. The agent then only polices, counts and closes; it acts again
 //! when the verdict hands a segment back (the app stopped reading, or left)
-//! and at the end of the stream. (It is still woken at each segment the
-//! verdict moves, and finds nothing to read: ARCHITECTURE.md, "The kernel
-//! path".)
+//! and at the end of the stream.
+//!
+//! While the kernel forwards, nothing watches `net` for reads: the
+//! verdict's data-ready callback would wake a reader after every segment it
+//! moves, for nothing to read. So `net` is registered with the runtime for
+//! writes alone ([`Net`]); reads go through a second registration that a
+//! joined connection gives up while it is parked ([`Kernel::park`]), woken
+//! by the verdict through the hand-back ring when it passes bytes to `net`,
+//! or by `net`'s end, a reset or a shutdown ([`Watch`]).
 //!
 //! Order is kept by three rules:
 //! * `net` joins only once the agent -> app direction is redirected (the
@@ -26,7 +32,7 @@
 use std::{
     io,
     net::SocketAddr,
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -35,11 +41,15 @@ use std::{
 };
 
 use mesh::splice::{self, Copied, Hooks, Read};
-use tokio::net::TcpStream;
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    net::TcpStream,
+    sync::Notify,
+};
 
 use super::{Direction, ForgetOnDrop, PodCtx};
 use crate::capture::{
-    sockmap::{Forwarded, ToAppNow},
+    sockmap::{Forwarded, Park, ToAppNow},
     ProxyMaps,
 };
 
@@ -89,7 +99,7 @@ pub async fn forward(
     dir: Direction,
     hop: &TcpStream,
     hop_read: Read,
-    net: &TcpStream,
+    net: TcpStream,
     net_read: Read,
 ) -> Copied {
     let hop_is_client = matches!(dir, Direction::Outbound);
@@ -103,9 +113,16 @@ pub async fn forward(
     };
     let Some((report, app, agent)) = held else {
         return match hop_is_client {
-            true => splice::forward_reading(hop, hop_read, net, net_read).await,
-            false => splice::forward_reading(net, net_read, hop, hop_read).await,
+            true => splice::forward_reading(hop, hop_read, &net, net_read).await,
+            false => splice::forward_reading(&net, net_read, hop, hop_read).await,
         };
+    };
+    let net = match Net::new(net) {
+        Ok(net) => net,
+        Err(e) => {
+            tracing::warn!(app = %app, error = %e, "cannot watch a connection's socket for the kernel path: the connection is closed");
+            return Copied::failed(format!("error: {e}"));
+        }
     };
     let k = Kernel {
         maps: ctx.orig.clone(),
@@ -114,9 +131,15 @@ pub async fn forward(
         agent,
         report,
         joined: Mutex::new(None),
+        app_done: Notify::new(),
     };
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let r = splice::both(splice::one_way(hop, hop_read, net, &up), k.replies(net, hop, &down)).await;
+    let app_sends = async {
+        let r = splice::one_way(hop, hop_read, &net.writes, &up).await;
+        k.app_done.notify_one();
+        r
+    };
+    let r = splice::both(app_sends, k.replies(&net, hop, &down)).await;
     let mut copied = Copied::new(r, &up, &down);
     if let Some(moved) = k.finish() {
         copied.sent += moved.sent;
@@ -137,6 +160,9 @@ struct Kernel {
     agent: SocketAddr,
     report: Arc<Report>,
     joined: Mutex<Option<Joined>>,
+    /// Notified when the app's direction has ended (the app half-closed or
+    /// left): a parked connection then reads `net` again.
+    app_done: Notify,
 }
 
 /// A hop in the kernel path; its entries go at [`Joined::end`], or when
@@ -165,8 +191,9 @@ impl Drop for Joined {
 /// How the warm-up of a connection's `net` -> app direction ended.
 enum WarmUp {
     /// `net` is in SM_NET: the kernel forwards into the app socket of this
-    /// cookie.
-    Joined(u64),
+    /// cookie; a hand-back wakes the second (`None`: the verdict is a
+    /// newer agent's, see [`Forwarded::handed_back`]).
+    Joined(u64, Option<Arc<Park>>),
     /// The stream ended (and was passed on) before it could join.
     Ended,
     /// It will not join: go on through the agent, read as said.
@@ -175,34 +202,91 @@ enum WarmUp {
 
 impl Kernel {
     /// `net` -> `hop`. Through the agent during the warm-up; once joined,
-    /// the agent waits until the verdict hands something back or the
-    /// stream ends, then until the app has read all that was moved, and
-    /// reads `net` itself from then on (with recvmsg: `net` stays in a
+    /// the agent parks until the verdict hands something back or the
+    /// stream ends, then waits until the app has read all that was moved,
+    /// and reads `net` itself from then on (with recvmsg: `net` stays in a
     /// sockhash, whose queue splice never reads).
-    async fn replies(&self, net: &TcpStream, hop: &TcpStream, count: &AtomicU64) -> io::Result<()> {
+    async fn replies(&self, net: &Net, hop: &TcpStream, count: &AtomicU64) -> io::Result<()> {
         // Warm-up reads are a conversation's: small. What comes after has
         // a buffer of its own.
         let mut buf = vec![0u8; WARM_UP_BUF];
-        let app_cookie = match self.warm_up(net, hop, count, &mut buf).await? {
+        let reads = net.reads()?;
+        let (app_cookie, handed_back) = match self.warm_up(&reads, hop, count, &mut buf).await? {
             WarmUp::Ended => return Ok(()),
-            WarmUp::Agent(read) => return splice::one_way(net, read, hop, count).await,
-            WarmUp::Joined(app_cookie) => app_cookie,
+            WarmUp::Agent(read) => return splice::one_way(&reads, read, hop, count).await,
+            WarmUp::Joined(app_cookie, handed_back) => (app_cookie, handed_back),
+        };
+        let reads = match handed_back {
+            Some(handed_back) => self.park(net, reads, &handed_back).await?,
+            None => reads,
         };
         // A forwarding verdict leaves nothing to read: this waits for bytes
         // it passed, or the end.
-        let n = splice::recv(net, &mut buf).await?;
+        let n = splice::recv(&reads, &mut buf).await?;
         self.app_read_all(app_cookie).await;
         if n == 0 {
             return socket2::SockRef::from(hop).shutdown(std::net::Shutdown::Write);
         }
         splice::send_all(hop, &buf[..n]).await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
-        splice::one_way(net, Read::Recv(Hooks::default()), hop, count).await
+        splice::one_way(&reads, Read::Recv(Hooks::default()), hop, count).await
+    }
+
+    /// A joined connection, its read registration `reads` given up, until
+    /// the agent must read `net` again; then `net` registered for reads
+    /// anew (the same duplicate fd). That is when the verdict passed it
+    /// bytes (`handed_back` says so; the bytes may still be on their way
+    /// into `net`'s queue, so the wake-up decides, not the queue), `net`
+    /// has its end, an error or a shutdown ([`Watch`]), or the app's
+    /// direction ended (the app half-closed, or left: a later connection
+    /// on its ports may take the hop's entries). Without a watch (no fd
+    /// left for its epoll instance), it stays registered for reads: woken
+    /// per segment, as before.
+    async fn park(&self, net: &Net, reads: Reads, handed_back: &Park) -> io::Result<Reads> {
+        let watch = match Watch::new(&net.writes) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::debug!(app = %self.app, error = %e, "cannot park a forwarded hop: the agent keeps watching it for reads");
+                return Ok(reads);
+            }
+        };
+        let fd = reads.into_inner();
+        loop {
+            tokio::select! {
+                () = handed_back.woken() => {
+                    // A wake-up without word (hand-backs were lost, so
+                    // every parked connection was woken) parks again a
+                    // connection whose verdict still forwards.
+                    if handed_back.told() || !self.still_forwarding() {
+                        break;
+                    }
+                }
+                () = self.app_done.notified() => break,
+                ready = watch.0.readable() => {
+                    let mut ready = ready?;
+                    if has_news(&net.writes)? {
+                        break;
+                    }
+                    ready.clear_ready();
+                }
+            }
+        }
+        register(fd, Interest::READABLE)
+    }
+
+    /// Whether the hop's verdict still forwards (see
+    /// [`AgentEnds::still_forwarding`]).
+    fn still_forwarding(&self) -> bool {
+        let joined = self.joined.lock().unwrap_or_else(|e| e.into_inner());
+        match (joined.as_ref().and_then(|j| j.fwd.as_ref()), self.maps.sockmap()) {
+            (Some(fwd), Some(ends)) => ends.still_forwarding(fwd),
+            _ => false,
+        }
     }
 
     /// Copies `net` -> `hop` through the agent until the connection joins
     /// the kernel path, or shows it never will.
-    async fn warm_up(&self, net: &TcpStream, hop: &TcpStream, count: &AtomicU64, buf: &mut [u8]) -> io::Result<WarmUp> {
+    async fn warm_up(&self, net: &Reads, hop: &TcpStream, count: &AtomicU64, buf: &mut [u8]) -> io::Result<WarmUp> {
         for reads in 1..=JOIN_TRIES {
             let n = splice::recv_send(net, hop, buf).await?;
             if n == 0 {
@@ -233,7 +317,7 @@ impl Kernel {
                 continue;
             }
             return Ok(match self.join(net, app_cookie) {
-                Ok(()) => WarmUp::Joined(app_cookie),
+                Ok(handed_back) => WarmUp::Joined(app_cookie, handed_back),
                 Err(e) => {
                     tracing::debug!(app = %self.app, error = %e, "cannot forward the hop in the kernel: it goes on through the agent");
                     // The insert into SM_NET is the join's last step: on
@@ -250,11 +334,12 @@ impl Kernel {
     /// `net` joins SM_NET; the app's sends may switch once the agent has
     /// reported all it forwarded, which it does from now on after each
     /// forward, and once here.
-    fn join(&self, net: &TcpStream, app_cookie: u64) -> Result<(), ForwardError> {
+    fn join(&self, net: &Reads, app_cookie: u64) -> Result<Option<Arc<Park>>, ForwardError> {
         let ends = self.maps.sockmap().ok_or(ForwardError::Off)?;
         let fwd = ends
             .join_forward(self.netns, self.app, self.agent, net, app_cookie)
             .map_err(ForwardError::Join)?;
+        let handed_back = fwd.handed_back();
         *self.joined.lock().unwrap_or_else(|e| e.into_inner()) = Some(Joined {
             maps: self.maps.clone(),
             fwd: Some(fwd),
@@ -272,7 +357,7 @@ impl Kernel {
         if let Err(e) = set_rcvlowat(net, 1) {
             tracing::warn!(app = %self.app, error = %e, "cannot set SO_RCVLOWAT on a forwarded hop: bytes already waiting move with the next segment");
         }
-        Ok(())
+        Ok(handed_back)
     }
 
     /// Until the app has read every byte moved into its socket (or its
@@ -312,8 +397,82 @@ enum ForwardError {
     Join(#[source] io::Error),
 }
 
+/// The agent's other socket of a hop that may take the kernel path,
+/// registered with the runtime for writes alone (see the module's
+/// introduction). `writes` owns the socket; the other registrations are of
+/// duplicates of its fd (a registration is per fd), each for as long as it
+/// is needed.
+struct Net {
+    writes: AsyncFd<OwnedFd>,
+}
+
+/// `net` registered for reads.
+type Reads = AsyncFd<OwnedFd>;
+
+impl Net {
+    fn new(net: TcpStream) -> io::Result<Self> {
+        // Leaves the runtime's registration (read and write) behind.
+        let fd = OwnedFd::from(net.into_std()?);
+        Ok(Self {
+            writes: register(fd, Interest::WRITABLE)?,
+        })
+    }
+
+    /// A registration for reads (of a duplicate fd), given up while the
+    /// connection is parked.
+    fn reads(&self) -> io::Result<Reads> {
+        register(self.writes.get_ref().try_clone()?, Interest::READABLE)
+    }
+}
+
+/// What wakes a parked connection besides a hand-back: an epoll instance
+/// of its own, holding `net` for `EPOLLRDHUP` alone (with `EPOLLERR` and
+/// `EPOLLHUP`, which epoll always reports), registered with the runtime for
+/// reads. The verdict's data-ready wake-ups carry `EPOLLIN` and match
+/// nothing here; a state change carries no key, so epoll asks the socket,
+/// which says `EPOLLRDHUP` once the peer's FIN came, whatever its send
+/// buffer holds (a watch of `EPOLLOUT` would miss a FIN that comes while
+/// the buffer is full).
+struct Watch(AsyncFd<OwnedFd>);
+
+impl Watch {
+    fn new(net: &impl AsRawFd) -> io::Result<Self> {
+        // SAFETY: plain syscall; a new fd on success.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new fd nothing else owns.
+        let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            u64: 0,
+        };
+        // SAFETY: valid fds and one event.
+        if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, net.as_raw_fd(), &mut event) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self(register(ep, Interest::READABLE)?))
+    }
+}
+
+/// `fd` registered with the runtime for `interest` alone.
+fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd owns `fd`, which stays open, the same fd, for as
+    // long as the AsyncFd lives.
+    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
+}
+
+/// Whether a parked connection's `net` has its end, an error or a
+/// shutdown (bytes handed back come through the ring, and bytes readable
+/// now may be a segment the verdict has yet to move).
+fn has_news(net: &impl AsFd) -> io::Result<bool> {
+    let r = crate::capture::poll(net.as_fd(), libc::POLLRDHUP, None)?;
+    Ok(r & (libc::POLLRDHUP | libc::POLLERR | libc::POLLHUP) != 0)
+}
+
 /// SO_RCVLOWAT: setting it runs the socket's data-ready callback.
-fn set_rcvlowat(sock: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
+fn set_rcvlowat(sock: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
     // SAFETY: a valid fd and an int option of its size.
     let r = unsafe {
         libc::setsockopt(

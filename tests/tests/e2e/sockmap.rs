@@ -124,6 +124,24 @@ fn to_app_stat(status: &Value, name: &str) -> u64 {
     status["sockmap_to_app"][name].as_u64().unwrap_or(0)
 }
 
+/// Voluntary context switches of every thread of `agent` so far.
+fn voluntary_switches(agent: &Agent) -> Result<u64> {
+    let pid = agent.pid().context("the agent is not running")?;
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread that ended meanwhile counts no more.
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+            continue;
+        };
+        let n = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .context("no voluntary_ctxt_switches in a thread's status")?;
+        total += n.trim().parse::<u64>()?;
+    }
+    Ok(total)
+}
+
 fn fwd_stat(status: &Value, name: &str) -> u64 {
     status["sockmap_forward"][name].as_u64().unwrap_or(0)
 }
@@ -1061,6 +1079,36 @@ fn sockmap_forward_carries_request_response_in_the_kernel_in_order_and_counts_ev
     }
     no_entries_left(&a1, &a2)?;
 
+    // Once a connection joins, its agents are not woken per exchange: the
+    // verdict's data-ready callback wakes whoever watches the socket for
+    // reads after every segment it moves, and the agent no longer does.
+    // Two connections of 1,000 exchanges: about one voluntary context
+    // switch per exchange on each agent if it did (seen on node1: 1,804),
+    // a few per connection if not (13 and 14).
+    const LONG: u64 = 1000;
+    let before = [voluntary_switches(&a1)?, voluntary_switches(&a2)?];
+    let r = w.client(
+        "client",
+        &[
+            "--count",
+            "2",
+            "--size",
+            &(LONG * 64).to_string(),
+            "--writes",
+            &LONG.to_string(),
+            "--pingpong",
+        ],
+    )?;
+    no_failures(&r)?;
+    for (node, a, before) in [("node1", &a1, before[0]), ("node2", &a2, before[1])] {
+        let woken = voluntary_switches(a)? - before;
+        assert!(
+            woken < 2 * LONG / 4,
+            "{node}: woken {woken} times over {} exchanges forwarded in the kernel",
+            2 * LONG
+        );
+    }
+
     // Bulk echoes beside the exchanges (1 MiB each, written whole before
     // reading): segments arrive while a hop joins, and a segment the agent
     // had read in part would be moved again (seen: one byte too many).
@@ -1104,6 +1152,104 @@ fn sockmap_forward_carries_request_response_in_the_kernel_in_order_and_counts_ev
     );
     no_entries_left(&a1, &a2)
 }
+
+/// The kernel path: a parked connection learns of the peer's FIN while
+/// the app's bytes pile up in its agent's socket to the peer (the agent
+/// does not watch that socket for reads while the kernel forwards). A
+/// server stops reading after a few exchanges; the client sends until its
+/// sends would block, then opens a second connection, on which the server
+/// half-closes the first; the client must see the end of the stream.
+/// Without the parked connection's watch it never comes (seen). A watch
+/// for writes would miss a FIN that finds the buffer full; this test
+/// cannot hold it full until the FIN (acknowledgements in flight free
+/// some first), so it does not tell the two watches apart.
+#[test]
+fn sockmap_forward_passes_the_end_of_the_stream_on_while_the_app_cannot_send() -> Result<()> {
+    const EXCHANGES: &str = "5";
+    let w = Sm {
+        flags: KERNEL_PATH,
+        ..Sm::new("smfin")?
+    };
+    let a1 = w.agent("node1")?;
+    let _a2 = w.agent("node2")?;
+    let _server = Server::script(
+        w.cluster.pod("server"),
+        HALF_CLOSE_SERVER,
+        &[&PORT.to_string(), EXCHANGES],
+    )?;
+    let client = w
+        .python("client", STUCK_CLIENT, &[&w.server_ip(), &PORT.to_string(), EXCHANGES])?
+        .spawn()?;
+    let out = mesh::wait_output(client, WAIT)?;
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("client printed {:?}", String::from_utf8_lossy(&out.stderr)))?;
+    let s1 = a1.status()?;
+    assert!(
+        fwd_stat(&s1, "sent") > 0,
+        "the connection never took the kernel path: {}",
+        s1["sockmap_forward"]
+    );
+    assert!(r["stuck_after"].as_u64().unwrap_or(0) > 0, "{r}");
+    assert_eq!(r["end"], true, "the end of the stream never came: {r}");
+    Ok(())
+}
+
+/// Echoes `argv[2]` 16-byte exchanges on its first connection, then stops
+/// reading it; the next connection makes it half-close the first.
+const HALF_CLOSE_SERVER: &str = r#"
+import json, socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", int(sys.argv[1])))
+s.listen(16)
+print(json.dumps({"listening": True}), flush=True)
+held, _ = s.accept()
+for _ in range(int(sys.argv[2])):
+    got = b""
+    while len(got) < 16:
+        more = held.recv(16 - len(got))
+        if not more:
+            sys.exit(1)
+        got += more
+    held.sendall(got)
+signal, _ = s.accept()
+held.shutdown(socket.SHUT_WR)
+s.accept()
+"#;
+
+/// Exchanges `argv[3]` messages, sends (non-blocking) until a send would
+/// block, connects again (the server's signal), then waits for the end of
+/// the first connection's stream (10 s at most).
+const STUCK_CLIENT: &str = r#"
+import json, select, socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+c = socket.create_connection((host, port), timeout=10)
+for i in range(n):
+    msg = b"%016d" % i
+    c.sendall(msg)
+    got = b""
+    while len(got) < 16:
+        more = c.recv(16 - len(got))
+        if not more:
+            sys.exit("the server ended the exchanges")
+        got += more
+    if got != msg:
+        sys.exit("echo %r for %r" % (got, msg))
+c.setblocking(False)
+sent = 0
+while sent < 1 << 28:
+    try:
+        sent += c.send(b"y" * 65536)
+    except BlockingIOError:
+        break
+else:
+    sys.exit("sends never blocked")
+signal = socket.create_connection((host, port), timeout=10)
+ready, _, _ = select.select([c], [], [], 10)
+end = bool(ready) and c.recv(1) == b""
+print(json.dumps({"stuck_after": sent, "end": end}), flush=True)
+"#;
 
 /// The kernel path keys a hop by its addresses and ports, which a new
 /// connection may take again while the agent of the one before has not
