@@ -10,11 +10,12 @@
 //!
 //! While the kernel forwards, nothing watches `net` for reads: the
 //! verdict's data-ready callback would wake a reader after every segment it
-//! moves, for nothing to read. So `net` is registered with the runtime for
-//! writes alone ([`Net`]); reads go through a second registration that a
-//! joined connection gives up while it is parked ([`Kernel::park`]), woken
-//! by the verdict through the hand-back ring when it passes bytes to `net`,
-//! or by `net`'s end, a reset or a shutdown ([`Watch`]).
+//! moves, for nothing to read. So the app's direction writes to `net`
+//! through a duplicate fd with no read interest ([`Writes`]), and a joined
+//! connection takes `net` out of the runtime while it is parked
+//! ([`Kernel::park`]), woken by the verdict through the hand-back ring
+//! when it passes bytes to `net`, or by `net`'s end, a reset or a shutdown
+//! ([`Watch`]).
 //!
 //! Order is kept by three rules:
 //! * `net` joins only once the agent -> app direction is redirected (the
@@ -32,7 +33,7 @@
 use std::{
     io,
     net::SocketAddr,
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -44,7 +45,7 @@ use mesh::splice::{self, Copied, Hooks, Read};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     net::TcpStream,
-    sync::Notify,
+    sync::{Notify, OnceCell},
 };
 
 use super::{Direction, ForgetOnDrop, PodCtx};
@@ -117,10 +118,10 @@ pub async fn forward(
             false => splice::forward_reading(&net, net_read, hop, hop_read).await,
         };
     };
-    let net = match Net::new(net) {
-        Ok(net) => net,
+    let writes = match Writes::new(&net) {
+        Ok(w) => w,
         Err(e) => {
-            tracing::warn!(app = %app, error = %e, "cannot watch a connection's socket for the kernel path: the connection is closed");
+            tracing::warn!(app = %app, error = %e, "cannot duplicate a connection's socket for the kernel path: the connection is closed");
             return Copied::failed(format!("error: {e}"));
         }
     };
@@ -135,11 +136,11 @@ pub async fn forward(
     };
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let app_sends = async {
-        let r = splice::one_way(hop, hop_read, &net.writes, &up).await;
+        let r = splice::one_way(hop, hop_read, &writes, &up).await;
         k.app_done.notify_one();
         r
     };
-    let r = splice::both(app_sends, k.replies(&net, hop, &down)).await;
+    let r = splice::both(app_sends, k.replies(net, hop, &down)).await;
     let mut copied = Copied::new(r, &up, &down);
     if let Some(moved) = k.finish() {
         copied.sent += moved.sent;
@@ -206,51 +207,52 @@ impl Kernel {
     /// stream ends, then waits until the app has read all that was moved,
     /// and reads `net` itself from then on (with recvmsg: `net` stays in a
     /// sockhash, whose queue splice never reads).
-    async fn replies(&self, net: &Net, hop: &TcpStream, count: &AtomicU64) -> io::Result<()> {
+    async fn replies(&self, net: TcpStream, hop: &TcpStream, count: &AtomicU64) -> io::Result<()> {
         // Warm-up reads are a conversation's: small. What comes after has
         // a buffer of its own.
         let mut buf = vec![0u8; WARM_UP_BUF];
-        let reads = net.reads()?;
-        let (app_cookie, handed_back) = match self.warm_up(&reads, hop, count, &mut buf).await? {
+        let (app_cookie, handed_back) = match self.warm_up(&net, hop, count, &mut buf).await? {
             WarmUp::Ended => return Ok(()),
-            WarmUp::Agent(read) => return splice::one_way(&reads, read, hop, count).await,
+            WarmUp::Agent(read) => return splice::one_way(&net, read, hop, count).await,
             WarmUp::Joined(app_cookie, handed_back) => (app_cookie, handed_back),
         };
-        let reads = match handed_back {
-            Some(handed_back) => self.park(net, reads, &handed_back).await?,
-            None => reads,
+        let net = match handed_back {
+            Some(handed_back) => self.park(net, &handed_back).await?,
+            None => net,
         };
         // A forwarding verdict leaves nothing to read: this waits for bytes
         // it passed, or the end.
-        let n = splice::recv(&reads, &mut buf).await?;
+        let n = splice::recv(&net, &mut buf).await?;
         self.app_read_all(app_cookie).await;
         if n == 0 {
             return socket2::SockRef::from(hop).shutdown(std::net::Shutdown::Write);
         }
         splice::send_all(hop, &buf[..n]).await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
-        splice::one_way(&reads, Read::Recv(Hooks::default()), hop, count).await
+        splice::one_way(&net, Read::Recv(Hooks::default()), hop, count).await
     }
 
-    /// A joined connection, its read registration `reads` given up, until
-    /// the agent must read `net` again; then `net` registered for reads
-    /// anew (the same duplicate fd). That is when the verdict passed it
-    /// bytes (`handed_back` says so; the bytes may still be on their way
-    /// into `net`'s queue, so the wake-up decides, not the queue), `net`
-    /// has its end, an error or a shutdown ([`Watch`]), or the app's
-    /// direction ended (the app half-closed, or left: a later connection
-    /// on its ports may take the hop's entries). Without a watch (no fd
-    /// left for its epoll instance), it stays registered for reads: woken
-    /// per segment, as before.
-    async fn park(&self, net: &Net, reads: Reads, handed_back: &Park) -> io::Result<Reads> {
-        let watch = match Watch::new(&net.writes) {
+    /// A joined connection, `net`'s registration with the runtime given up
+    /// (the app's sends have their own, [`Writes`]), until the agent must
+    /// read `net` again; then `net` registered anew. That is when the
+    /// verdict passed it bytes (`handed_back` says so; the bytes may still
+    /// be on their way into `net`'s queue, so the wake-up decides, not the
+    /// queue), `net` has its end, an error or a shutdown ([`Watch`]), or
+    /// the app's direction ended (the app half-closed, or left: a later
+    /// connection on its ports may take the hop's entries). Without a
+    /// watch (no fd left for its epoll instance), it stays registered for
+    /// reads: woken per segment, as before.
+    async fn park(&self, net: TcpStream, handed_back: &Park) -> io::Result<TcpStream> {
+        let watch = match Watch::new(&net) {
             Ok(w) => w,
             Err(e) => {
                 tracing::debug!(app = %self.app, error = %e, "cannot park a forwarded hop: the agent keeps watching it for reads");
-                return Ok(reads);
+                return Ok(net);
             }
         };
-        let fd = reads.into_inner();
+        // Out of the runtime's epoll: its read interest is what each
+        // segment the verdict moves would wake.
+        let net = net.into_std()?;
         loop {
             tokio::select! {
                 () = handed_back.woken() => {
@@ -264,14 +266,14 @@ impl Kernel {
                 () = self.app_done.notified() => break,
                 ready = watch.0.readable() => {
                     let mut ready = ready?;
-                    if has_news(&net.writes)? {
+                    if has_news(&net)? {
                         break;
                     }
                     ready.clear_ready();
                 }
             }
         }
-        register(fd, Interest::READABLE)
+        TcpStream::from_std(net)
     }
 
     /// Whether the hop's verdict still forwards (see
@@ -286,7 +288,7 @@ impl Kernel {
 
     /// Copies `net` -> `hop` through the agent until the connection joins
     /// the kernel path, or shows it never will.
-    async fn warm_up(&self, net: &Reads, hop: &TcpStream, count: &AtomicU64, buf: &mut [u8]) -> io::Result<WarmUp> {
+    async fn warm_up(&self, net: &TcpStream, hop: &TcpStream, count: &AtomicU64, buf: &mut [u8]) -> io::Result<WarmUp> {
         for reads in 1..=JOIN_TRIES {
             let n = splice::recv_send(net, hop, buf).await?;
             if n == 0 {
@@ -334,7 +336,7 @@ impl Kernel {
     /// `net` joins SM_NET; the app's sends may switch once the agent has
     /// reported all it forwarded, which it does from now on after each
     /// forward, and once here.
-    fn join(&self, net: &Reads, app_cookie: u64) -> Result<Option<Arc<Park>>, ForwardError> {
+    fn join(&self, net: &TcpStream, app_cookie: u64) -> Result<Option<Arc<Park>>, ForwardError> {
         let ends = self.maps.sockmap().ok_or(ForwardError::Off)?;
         let fwd = ends
             .join_forward(self.netns, self.app, self.agent, net, app_cookie)
@@ -397,31 +399,66 @@ enum ForwardError {
     Join(#[source] io::Error),
 }
 
-/// The agent's other socket of a hop that may take the kernel path,
-/// registered with the runtime for writes alone (see the module's
-/// introduction). `writes` owns the socket; the other registrations are of
-/// duplicates of its fd (a registration is per fd), each for as long as it
-/// is needed.
-struct Net {
-    writes: AsyncFd<OwnedFd>,
+/// The app's direction's writes to `net`, through a duplicate of its fd:
+/// `net`'s own registration with the runtime (read interest too) leaves
+/// when the hop parks, while the app's direction goes on; this one never
+/// has read interest. It registers only once a write would block, which
+/// most connections never see, so a connection that never joins pays a
+/// `dup` and a `close`.
+struct Writes {
+    /// Declared before `fd`: deregistered before the fd closes.
+    registered: OnceCell<AsyncFd<Fd>>,
+    fd: OwnedFd,
 }
 
-/// `net` registered for reads.
-type Reads = AsyncFd<OwnedFd>;
+/// The fd of a registration whose fd another field owns.
+struct Fd(RawFd);
 
-impl Net {
-    fn new(net: TcpStream) -> io::Result<Self> {
-        // Leaves the runtime's registration (read and write) behind.
-        let fd = OwnedFd::from(net.into_std()?);
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+impl Writes {
+    fn new(net: &TcpStream) -> io::Result<Self> {
         Ok(Self {
-            writes: register(fd, Interest::WRITABLE)?,
+            registered: OnceCell::new(),
+            fd: net.as_fd().try_clone_to_owned()?,
         })
     }
+}
 
-    /// A registration for reads (of a duplicate fd), given up while the
-    /// connection is parked.
-    fn reads(&self) -> io::Result<Reads> {
-        register(self.writes.get_ref().try_clone()?, Interest::READABLE)
+impl splice::Io for Writes {
+    /// Registers for the interest of the first wait (the copy loops only
+    /// write to this socket).
+    async fn io<R: Send>(&self, interest: Interest, mut op: impl FnMut() -> io::Result<R> + Send) -> io::Result<R> {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            r => return r,
+        }
+        let fd = self.fd.as_raw_fd();
+        let registered = self
+            .registered
+            .get_or_try_init(|| async move {
+                // SAFETY: `fd` is `self.fd`, open and the same for as long
+                // as the registration lives (dropped before it).
+                unsafe { AsyncFd::register_with_interest(Fd(fd), interest) }.map_err(|e| e.into_parts().1)
+            })
+            .await?;
+        registered.async_io(interest, |_| op()).await
+    }
+}
+
+impl AsFd for Writes {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Writes {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
 }
 

@@ -581,7 +581,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     {
         if let Ok(f) = secs.parse::<f64>() {
             if f.is_finite() && f >= 0.0 {
-                return Ok(Duration::from_secs_f64(f));
+                // Beyond what a Duration holds (about 5.8e11 years) is an
+                // error, never a panic.
+                return Duration::try_from_secs_f64(f)
+                    .map_err(|_| format!("{s:?} is too long a duration (like 10s, 500ms, 1.5s or 1h30m)"));
             }
         }
     }

@@ -1156,7 +1156,7 @@ fn sockmap_forward_carries_request_response_in_the_kernel_in_order_and_counts_ev
 /// The kernel path: a parked connection learns of the peer's FIN while
 /// the app's bytes pile up in its agent's socket to the peer (the agent
 /// does not watch that socket for reads while the kernel forwards). A
-/// server stops reading after a few exchanges; the client sends until its
+/// server stops reading after 20 exchanges; the client sends until its
 /// sends would block, then opens a second connection, on which the server
 /// half-closes the first; the client must see the end of the stream.
 /// Without the parked connection's watch it never comes (seen). A watch
@@ -1165,7 +1165,7 @@ fn sockmap_forward_carries_request_response_in_the_kernel_in_order_and_counts_ev
 /// some first), so it does not tell the two watches apart.
 #[test]
 fn sockmap_forward_passes_the_end_of_the_stream_on_while_the_app_cannot_send() -> Result<()> {
-    const EXCHANGES: &str = "5";
+    const EXCHANGES: &str = "20";
     let w = Sm {
         flags: KERNEL_PATH,
         ..Sm::new("smfin")?
@@ -1183,9 +1183,13 @@ fn sockmap_forward_passes_the_end_of_the_stream_on_while_the_app_cannot_send() -
     let out = mesh::wait_output(client, WAIT)?;
     let r: Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("client printed {:?}", String::from_utf8_lossy(&out.stderr)))?;
+    // Joined: the verdict moved echoes into the client. (Its sends may all
+    // have gone through the agent: on a busy machine the agent's report
+    // of what it forwarded can come after the echo, and the next request
+    // sees bytes not yet reported; seen with two busy loops beside it.)
     let s1 = a1.status()?;
     assert!(
-        fwd_stat(&s1, "sent") > 0,
+        fwd_stat(&s1, "received") > 0,
         "the connection never took the kernel path: {}",
         s1["sockmap_forward"]
     );

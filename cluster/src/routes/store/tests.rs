@@ -389,4 +389,7 @@ fn durations_in_both_styles() {
     assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
     assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
     assert!(parse_duration("soon").unwrap_err().contains("soon"));
+    // Found by the fuzzer (routes): a panic in Duration::from_secs_f64.
+    let long = "07777777777777777777777.5s";
+    assert!(parse_duration(long).unwrap_err().contains("too long"));
 }
