@@ -15,14 +15,11 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use tokio::{
-    io::{unix::AsyncFd, Interest},
-    net::TcpStream,
-};
+use tokio::{io::Interest, net::TcpStream};
 
-/// A socket the copy loops read or write: a runtime [`TcpStream`], or an
-/// [`AsyncFd`] registered for one interest alone (the agent's kernel path
-/// watches a socket it must not be woken on for reads).
+/// A socket the copy loops read or write: a runtime [`TcpStream`], or one
+/// the caller registers as it needs (the agent's kernel path writes to a
+/// socket it must not be woken on for reads).
 pub trait Io: AsFd + AsRawFd + Sync {
     /// Runs the non-blocking `op` whenever the socket is ready for
     /// `interest`, until it does not return `WouldBlock`.
@@ -40,16 +37,6 @@ impl Io for TcpStream {
         op: impl FnMut() -> io::Result<R> + Send,
     ) -> impl Future<Output = io::Result<R>> + Send {
         self.async_io(interest, op)
-    }
-}
-
-impl<T: AsRawFd + Send + Sync> Io for AsyncFd<T> {
-    fn io<R: Send>(
-        &self,
-        interest: Interest,
-        mut op: impl FnMut() -> io::Result<R> + Send,
-    ) -> impl Future<Output = io::Result<R>> + Send {
-        self.async_io(interest, move |_| op())
     }
 }
 

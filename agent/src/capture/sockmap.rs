@@ -445,10 +445,7 @@ impl AgentEnds {
         let Some(maps) = &self.fwd else {
             return false;
         };
-        let mut key = [0u8; std::mem::size_of::<HopKey>()];
-        let hop = sys::map_lookup(maps.net_hop.fd().as_fd(), &joined.net_cookie.to_ne_bytes(), &mut key);
-        hop.is_ok()
-            && key == sys::key_bytes(&joined.key)
+        sys::map_get::<_, HopKey>(maps.net_hop.fd().as_fd(), &joined.net_cookie).is_ok_and(|k| k == joined.key)
             && fwd_entry(maps, &joined.key)
                 .is_some_and(|f| f.net_cookie == joined.net_cookie && f.replies == fwd::FORWARD)
     }
@@ -554,14 +551,7 @@ impl Forwarded {
 
 /// SM_FWD's entry of `key`.
 fn fwd_entry(maps: &FwdMaps, key: &HopKey) -> Option<Fwd> {
-    let mut value = Fwd::default();
-    // SAFETY: Fwd is #[repr(C)] plain data of the map's value size.
-    let bytes = unsafe {
-        std::slice::from_raw_parts_mut(std::ptr::from_mut(&mut value).cast::<u8>(), std::mem::size_of::<Fwd>())
-    };
-    sys::map_lookup(maps.fwd.fd().as_fd(), sys::key_bytes(key), bytes)
-        .ok()
-        .map(|()| value)
+    sys::map_get(maps.fwd.fd().as_fd(), key).ok()
 }
 
 /// An agent -> app direction the agent created itself, decided TCP (see
@@ -572,17 +562,7 @@ pub struct CreatedTcp(HopKey);
 impl ToAppMaps {
     /// The SM_TO_APP entry of `key`.
     fn get(&self, key: &HopKey) -> std::io::Result<ToApp> {
-        let mut value = ToApp::default();
-        // SAFETY: ToApp is #[repr(C)] plain data of the map's value size,
-        // every bit pattern valid.
-        let bytes = unsafe {
-            std::slice::from_raw_parts_mut(
-                std::ptr::from_mut(&mut value).cast::<u8>(),
-                std::mem::size_of::<ToApp>(),
-            )
-        };
-        sys::map_lookup(self.to_app.fd().as_fd(), sys::key_bytes(key), bytes)?;
-        Ok(value)
+        sys::map_get(self.to_app.fd().as_fd(), key)
     }
 }
 
@@ -903,12 +883,8 @@ fn start_forward(ebpf: &mut Ebpf, pins: &Pins) -> Result<FwdMaps, CaptureError> 
     tracing::info!(outcome = ?outcome, "kernel path on: sk_skb verdict attached to SM_NET; plain hops forward in the kernel");
     // Taken after the verdict is loaded: the ring's fd must stay open
     // while a program that writes to it loads.
-    let ring = ebpf.take_map(names::SM_FWD_EVENTS).ok_or_else(|| {
-        bpf_err(format!("map {}", names::SM_FWD_EVENTS))(
-            "missing from the object; rebuild it with `cargo xtask build-ebpf`".into(),
-        )
-    })?;
-    let ring = bpf!("map SM_FWD_EVENTS", RingBuf::try_from(ring))?;
+    let ring = map_data(ebpf, names::SM_FWD_EVENTS)?;
+    let ring = bpf!("map SM_FWD_EVENTS", RingBuf::try_from(Map::RingBuf(ring)))?;
     let lost = map_data(ebpf, names::SM_FWD_LOST)?;
     let lost = bpf!("map SM_FWD_LOST", PerCpuArray::try_from(Map::PerCpuArray(lost)))?;
     let verdict = sys::prog_info(fd.as_fd())
@@ -1003,7 +979,12 @@ fn map_data(ebpf: &mut Ebpf, name: &str) -> Result<MapData, CaptureError> {
         bpf_err(format!("map {name}"))("missing from the object; rebuild it with `cargo xtask build-ebpf`".into())
     })?;
     match map {
-        Map::SockHash(d) | Map::PerCpuArray(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) => Ok(d),
+        Map::SockHash(d)
+        | Map::PerCpuArray(d)
+        | Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::Array(d)
+        | Map::RingBuf(d) => Ok(d),
         other => Err(bpf_err(format!("map {name}"))(format!("unexpected type {other:?}"))),
     }
 }

@@ -296,6 +296,16 @@ pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Resu
     sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_ELEM, &mut attr).map(drop)
 }
 
+/// The value of `key`, a `#[repr(C)]` value of the map's value size;
+/// ENOENT when the key is not there.
+pub fn map_get<K: aya::Pod, V: aya::Pod + Default>(map: BorrowedFd<'_>, key: &K) -> io::Result<V> {
+    let mut value = V::default();
+    // SAFETY: aya::Pod values are plain data, every bit pattern valid.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(std::ptr::from_mut(&mut value).cast::<u8>(), size_of::<V>()) };
+    map_lookup(map, key_bytes(key), bytes)?;
+    Ok(value)
+}
+
 /// Deletes `key` (raw bytes) whatever the map's value size; ENOENT is not an error.
 pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
     let mut attr = MapElem {
