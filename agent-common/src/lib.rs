@@ -118,11 +118,17 @@ pub mod maps {
     pub const SM_FWD_EVENTS: &str = "SM_FWD_EVENTS";
     /// Hand-backs the full ring could not take (one per-CPU counter).
     pub const SM_FWD_LOST: &str = "SM_FWD_LOST";
+    /// The kernel path: the generation of the send-count program that
+    /// counts (an array of one u64), as [`SM_READ_GEN`] is the read
+    /// count's: each agent writes its [`super::globals::READ_GEN`] here
+    /// once its program is attached, so no send is counted twice.
+    pub const SM_SENT_GEN: &str = "SM_SENT_GEN";
 }
 
 /// Globals of the kernel object that the agent sets at load.
 pub mod globals {
-    /// The read-count generation of this load (see `maps::SM_READ_GEN`).
+    /// The generation of this load (see `maps::SM_READ_GEN` and
+    /// `maps::SM_SENT_GEN`).
     pub const READ_GEN: &str = "READ_GEN";
 }
 
@@ -146,6 +152,11 @@ pub mod programs {
     /// what arrives on the agent's other socket of a forwarded hop into the
     /// app's socket.
     pub const SK_SKB: &str = "mesh_sk_skb";
+    /// On the `sock_send_length` tracepoint (the kernel path): adds what
+    /// each forwarded hop's agent socket sent to the hop's SM_READ count.
+    pub const FWD_SENT: &str = "mesh_fwd_sent";
+    /// The tracepoint [`FWD_SENT`] runs on (Linux 6.3+).
+    pub const FWD_SENT_TRACEPOINT: &str = "sock_send_length";
 }
 
 /// `PodEntry::flags` bits.
@@ -572,6 +583,7 @@ mod tests {
             maps::SM_FWD,
             maps::SM_NET_HOP,
             maps::SM_FWD_STATS,
+            maps::SM_SENT_GEN,
         ] {
             assert!(name.len() <= 15, "{name}: the kernel keeps 15 characters");
         }

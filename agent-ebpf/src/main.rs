@@ -22,6 +22,11 @@
 //!   socket (SM_TO_APP, under the same rules), and `mesh_app_read` on the
 //!   `sock_recv_length` tracepoint counts what the apps read (SM_APP_READ),
 //!   which bounds what waits unread in their sockets.
+//! * The kernel path (`agent run --sockmap-forward`): `mesh_sk_skb`, the
+//!   verdict on the agent's other socket of a forwarded hop (SM_NET), moves
+//!   replies straight into the app's socket; the app's sends go straight to
+//!   that socket's egress once the agent has forwarded all it was given,
+//!   which `mesh_fwd_sent` on the `sock_send_length` tracepoint counts.
 //!
 //! Every decision is also logged at debug level with aya-log (the reason a
 //! connection was or was not captured). The agent sets `AYA_LOG_LEVEL` at
@@ -179,6 +184,10 @@ static SM_NET_HOP: LruHashMap<u64, HopKey> = LruHashMap::pinned(65536, 0);
 /// The kernel path's counters, see `agent_common::fwd_stats`.
 #[map]
 static SM_FWD_STATS: PerCpuArray<u64> = PerCpuArray::pinned(fwd_stats::COUNT, 0);
+/// The kernel path: the generation of the send-count program that counts
+/// (`mesh_fwd_sent`), as SM_READ_GEN is the read count's.
+#[map]
+static SM_SENT_GEN: Array<u64> = Array::pinned(1, 0);
 /// The kernel path's hand-backs: the cookie of each SM_NET socket whose
 /// verdict passed a segment to it for good, or passed a segment of a
 /// socket whose hop entries are gone or another connection's (once). The
@@ -1098,6 +1107,69 @@ pub fn mesh_app_read(ctx: BtfTracePointContext) -> i32 {
             core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
                 read,
                 copied as u64,
+            )
+        };
+    }
+    0
+}
+
+/// The kernel path's send count, on the `sock_send_length` tracepoint
+/// (every socket send through sendmsg(2), write(2) or, since Linux 6.5,
+/// splice(2), with what it queued, after the socket's lock is released). Adds what a joined
+/// hop's `net` socket sent to the hop's SM_READ count, which the app's
+/// sends compare with what was redirected to the agent before they may go
+/// straight to `net` ([`forward_send`]). The agent reports that count too,
+/// but with a syscall after its send returns: on a busy machine the reply
+/// its send caused could reach the app first, and the app's next send would
+/// still find bytes unreported and go through the agent again, exchange
+/// after exchange. Counted here, inside the send, before the send returns.
+///
+/// Only what `net` queued counts, so the count never runs ahead of the
+/// bytes on `net` (an app send that sees it complete finds them queued).
+/// `net`'s sends are only the app's bytes the agent forwards: the app's
+/// own sends to `net`'s egress run on the app's socket. A socket whose
+/// SM_FWD entry is not its own, or whose app socket closed, counts
+/// nothing: SM_READ is keyed by the hop, which a later connection may
+/// reuse. Only the program of the generation in SM_SENT_GEN counts, so two
+/// attached programs do not count a send twice (the agent writes its
+/// generation before it attaches: `agent::capture::sockmap`).
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn mesh_fwd_sent(ctx: BtfTracePointContext) -> i32 {
+    // SAFETY: a constant of this object, set by the loader.
+    let gen = unsafe { read_volatile(&READ_GEN) };
+    if SM_SENT_GEN.get(0).copied() != Some(gen) {
+        return 0;
+    }
+    let sent: i32 = ctx.arg(1);
+    if sent <= 0 {
+        return 0;
+    }
+    let sk: *mut core::ffi::c_void = ctx.arg(0);
+    // SAFETY: `sk` is the tracepoint's socket (a BTF pointer).
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    // SAFETY: read-only lookup of plain data.
+    let Some(key) = (unsafe { SM_NET_HOP.get(&cookie) }).copied() else {
+        return 0;
+    };
+    if key.netns_cookie == 0 {
+        return 0;
+    }
+    // SAFETY: read-only lookup of plain data.
+    let Some(f) = (unsafe { SM_FWD.get(&key) }) else {
+        return 0;
+    };
+    if f.net_cookie != cookie || f.app_gone != 0 {
+        return 0;
+    }
+    if let Some(read) = SM_READ.get_ptr_mut(&key) {
+        // Atomic, though nothing else adds to it: the agent's reports write
+        // it from the sending task (after its send, never during it), and
+        // a lost addition would only hold the app's sends back.
+        // SAFETY: this hop's entry, an aligned u64 in map memory.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                read,
+                sent as u64,
             )
         };
     }

@@ -217,7 +217,7 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
         tokio::select! {
             _ = tick.tick() => {
                 source.tick(&mut node, &ready);
-                node.inpod.capture().keep_read_count();
+                node.inpod.capture().keep_counts();
                 node.release_freed();
                 let secrets = node.secrets.as_ref();
                 startup.release_when_over(|| secrets.is_none_or(|s| s.store().missing().is_empty()));

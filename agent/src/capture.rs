@@ -708,10 +708,11 @@ impl Capture {
         self.sockmap.as_ref().map(sockmap::Sockmap::stats)
     }
 
-    /// Phase two's read count keeps counting (`sockmap::Sockmap::keep_read_count`).
-    pub fn keep_read_count(&self) {
+    /// Phase two's read count and the kernel path's send count keep
+    /// counting (`sockmap::Sockmap::keep_counts`).
+    pub fn keep_counts(&self) {
         if let Some(s) = &self.sockmap {
-            s.keep_read_count();
+            s.keep_counts();
         }
     }
 
@@ -721,7 +722,7 @@ impl Capture {
 }
 
 /// The maps this release pins, by the names its programs use.
-const MAP_NAMES: [&str; 24] = [
+const MAP_NAMES: [&str; 25] = [
     names::ENROLLED_NETNS,
     names::ORIG_DST,
     names::CONN_ORIG,
@@ -746,6 +747,7 @@ const MAP_NAMES: [&str; 24] = [
     names::SM_FWD,
     names::SM_NET_HOP,
     names::SM_FWD_STATS,
+    names::SM_SENT_GEN,
 ];
 
 /// Converges the cgroup link of `name` on `prog` (attaching it at `cgroup`
