@@ -1167,10 +1167,7 @@ pub fn mesh_fwd_sent(ctx: BtfTracePointContext) -> i32 {
         // a lost addition would only hold the app's sends back.
         // SAFETY: this hop's entry, an aligned u64 in map memory.
         unsafe {
-            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-                read,
-                sent as u64,
-            )
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(read, sent as u64)
         };
     }
     0
