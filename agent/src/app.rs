@@ -624,6 +624,7 @@ impl KubeSource {
         }
         ready.set_degraded(None);
         tracing::info!("Kubernetes state listed");
+        self.kube.cluster.changes().reading();
         self.model()
     }
 
@@ -646,6 +647,9 @@ impl KubeSource {
                 Some(t) => tokio::select! {
                     _ = tokio::time::sleep_until(t + Duration::from_millis(50)) => {
                         self.dirty_since = None;
+                        // The model translated now holds the changes that
+                        // landed meanwhile: no second batch for them.
+                        self.kube.cluster.changes().reading();
                         return Event::Changed;
                     }
                     Some(ev) = cni => return Event::Cni(ev),

@@ -268,8 +268,7 @@ async fn watch_kubernetes(
     let watch = cluster::kube::ClusterWatch::start(client);
     crate::routes::watch_kubernetes(&watch, routes);
     loop {
-        watch.changed().await;
-        tokio::time::sleep(KUBE_DEBOUNCE).await;
+        watch.changes().batch(KUBE_DEBOUNCE).await;
         if !watch.health.synced() {
             continue;
         }

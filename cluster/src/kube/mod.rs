@@ -189,8 +189,48 @@ pub enum Watches {
 pub struct ClusterWatch {
     model: Arc<Mutex<Model>>,
     pub health: Arc<Health>,
-    changed: Arc<Notify>,
+    changed: Changes,
     client: Client,
+}
+
+/// Whether the model changed since a reader last read it. A watch says so
+/// after it has applied a change to the model; readers translate the model
+/// once per batch of changes (a re-list, a rollout or a node starting its
+/// pods is a burst of them).
+#[derive(Clone, Debug, Default)]
+pub struct Changes(Arc<Notify>);
+
+impl Changes {
+    /// A watch applied a change to the model.
+    fn notify(&self) {
+        self.0.notify_one();
+    }
+
+    /// Resolves when something changed since the last call, or since the
+    /// last [`Changes::reading`] (cancel-safe: a change stays pending until
+    /// a call completes).
+    pub async fn changed(&self) {
+        self.0.notified().await;
+    }
+
+    /// The caller reads the model now, which holds every change notified
+    /// so far (a watch notifies after it applies): a notification still
+    /// pending would only start another batch, of nothing. Call it at the
+    /// end of a batch's wait, before reading the model (not after: a
+    /// change applied in between would be dropped).
+    pub fn reading(&self) {
+        use futures::FutureExt;
+        let _ = self.0.notified().now_or_never();
+    }
+
+    /// One batch: the first change since the last one, then `window` for
+    /// the rest of a burst to land. Read the model right after: it holds
+    /// them all, and the next batch starts with the next change.
+    pub async fn batch(&self, window: Duration) {
+        self.changed().await;
+        tokio::time::sleep(window).await;
+        self.reading();
+    }
 }
 
 impl ClusterWatch {
@@ -204,7 +244,7 @@ impl ClusterWatch {
         let w = Self {
             model: Arc::default(),
             health: Arc::default(),
-            changed: Arc::default(),
+            changed: Changes::default(),
             client: client.clone(),
         };
         w.watch_model(
@@ -248,7 +288,12 @@ impl ClusterWatch {
     /// Resolves when something changed since the last call (cancel-safe:
     /// a change stays pending until a call completes).
     pub async fn changed(&self) {
-        self.changed.notified().await;
+        self.changed.changed().await;
+    }
+
+    /// The model's change notifications, to wait for batches of changes.
+    pub fn changes(&self) -> &Changes {
+        &self.changed
     }
 
     /// The model, locked: hold it only to read or translate, never across
@@ -436,7 +481,7 @@ fn on_event<K, R>(
 struct Runner {
     name: &'static str,
     health: Arc<Health>,
-    changed: Arc<Notify>,
+    changed: Changes,
 }
 
 impl Runner {
@@ -465,7 +510,7 @@ impl Runner {
                     }
                     self.health.ok(self.name, done);
                     if on_event(ev, &mut listing, project, &mut listed, &mut sink) {
-                        self.changed.notify_one();
+                        self.changed.notify();
                     }
                 }
                 Err(e) => {
@@ -480,7 +525,7 @@ impl Runner {
                             );
                         }
                         self.health.absent(self.name);
-                        self.changed.notify_one();
+                        self.changed.notify();
                     } else {
                         if logged.as_deref() != Some(&msg) {
                             tracing::warn!(watch = self.name, error = %msg, "watch failing; keeping the last good state and retrying");
@@ -584,6 +629,29 @@ mod tests {
 
     use super::*;
     use crate::kube::records::NamespaceRecord;
+
+    /// A burst of changes is one batch: changes that land while a batch
+    /// waits are in the model read at its end, so they start no second
+    /// batch (which would translate the same model again, and hold up a
+    /// CNI ADD behind it); a change after the batch starts the next.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_changes_is_one_batch() {
+        const WINDOW: Duration = Duration::from_millis(50);
+        let changes = Changes::default();
+        changes.notify();
+        let batch = changes.batch(WINDOW);
+        tokio::pin!(batch);
+        assert!(futures::poll!(batch.as_mut()).is_pending(), "no window");
+        changes.notify();
+        changes.notify();
+        batch.await;
+        let again = tokio::time::timeout(Duration::from_secs(1), changes.batch(WINDOW)).await;
+        assert!(again.is_err(), "a second batch of the same changes");
+        changes.notify();
+        tokio::time::timeout(Duration::from_secs(1), changes.batch(WINDOW))
+            .await
+            .expect("a change after the batch started none");
+    }
 
     fn ns(name: &str) -> Namespace {
         Namespace {

@@ -662,6 +662,8 @@ pub async fn run(client: Client) {
             }
         }
         tokio::time::sleep(DEBOUNCE).await;
+        // What landed meanwhile is in the model read below.
+        watch.changes().reading();
         if !watch.health.synced() {
             continue;
         }
