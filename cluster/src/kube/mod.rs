@@ -225,7 +225,10 @@ impl Changes {
 
     /// One batch: the first change since the last one, then `window` for
     /// the rest of a burst to land. Read the model right after: it holds
-    /// them all, and the next batch starts with the next change.
+    /// them all, and the next batch starts with the next change. Not
+    /// cancel-safe (dropped during the window, the first change is lost):
+    /// a `select!` loop waits with [`Changes::changed`] and its own window,
+    /// and calls [`Changes::reading`] at its end (the agent's does).
     pub async fn batch(&self, window: Duration) {
         self.changed().await;
         tokio::time::sleep(window).await;
@@ -639,12 +642,14 @@ mod tests {
         const WINDOW: Duration = Duration::from_millis(50);
         let changes = Changes::default();
         changes.notify();
+        let start = tokio::time::Instant::now();
         let batch = changes.batch(WINDOW);
         tokio::pin!(batch);
         assert!(futures::poll!(batch.as_mut()).is_pending(), "no window");
         changes.notify();
         changes.notify();
         batch.await;
+        assert_eq!(start.elapsed(), WINDOW, "not one window from the first change");
         let again = tokio::time::timeout(Duration::from_secs(1), changes.batch(WINDOW)).await;
         assert!(again.is_err(), "a second batch of the same changes");
         changes.notify();
