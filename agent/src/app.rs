@@ -41,6 +41,11 @@ use crate::{
 use cluster::waypoint::{BindingStatus, Bindings, Change};
 use mesh::tls::{self, Roots};
 
+/// How long a batch of Kubernetes changes waits after its first for the
+/// rest to land before the model is translated (a re-list, a rollout or a
+/// node starting its pods is a burst of changes).
+const MODEL_BATCH: Duration = Duration::from_millis(50);
+
 /// The kernel programs, embedded by build.rs (empty when not built).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
 
@@ -561,9 +566,9 @@ struct KubeSource {
     /// The model's [`k8s::model::Model::pods_gone`] when the locator was
     /// last pruned.
     pods_gone: u64,
-    /// When a change was first seen that is not translated yet (also a
-    /// pod a CNI ADD enrolled ahead of the model).
-    dirty_since: Option<tokio::time::Instant>,
+    /// The model's changes in batches of [`MODEL_BATCH`] (also a pod a CNI
+    /// ADD enrolled ahead of the model).
+    batches: cluster::kube::Batches,
 }
 
 impl KubeSource {
@@ -598,6 +603,7 @@ impl KubeSource {
             host_netns: k.host_netns.clone(),
             ..Discoverer::new(&k.cgroup_root)
         };
+        let batches = cluster::kube::Batches::new(kube.cluster.changes().clone(), MODEL_BATCH);
         Ok(Box::new(Self {
             kube,
             node: node.to_string(),
@@ -607,7 +613,7 @@ impl KubeSource {
             warned: HashSet::new(),
             unlocated: Vec::new(),
             pods_gone: 0,
-            dirty_since: None,
+            batches,
         }))
     }
 
@@ -628,33 +634,19 @@ impl KubeSource {
         self.model()
     }
 
+    /// The end of a batch of model changes, or a CNI request (at once).
     /// Cancel-safe (the main loop drops it when another branch wins): a
-    /// seen change is kept in `dirty_since` until it is delivered.
+    /// seen change stays in its batch until that is delivered.
     async fn event(&mut self) -> Event {
-        loop {
-            let cni = async {
-                match &mut self.cni {
-                    Some(rx) => rx.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            match self.dirty_since {
-                None => tokio::select! {
-                    _ = self.kube.changed() => self.dirty_since = Some(tokio::time::Instant::now()),
-                    Some(ev) = cni => return Event::Cni(ev),
-                },
-                // A re-list delivers many events at once: let them land.
-                Some(t) => tokio::select! {
-                    _ = tokio::time::sleep_until(t + Duration::from_millis(50)) => {
-                        self.dirty_since = None;
-                        // The model translated now holds the changes that
-                        // landed meanwhile: no second batch for them.
-                        self.kube.cluster.changes().reading();
-                        return Event::Changed;
-                    }
-                    Some(ev) = cni => return Event::Cni(ev),
-                },
+        let cni = async {
+            match &mut self.cni {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
             }
+        };
+        tokio::select! {
+            _ = self.batches.next() => Event::Changed,
+            Some(ev) = cni => Event::Cni(ev),
         }
     }
 
@@ -762,7 +754,7 @@ impl KubeSource {
                             // changes (at most 50 ms on): a burst of ADDs, as
                             // a node starting its pods sends, is modelled once.
                             if model_follows {
-                                self.dirty_since.get_or_insert_with(tokio::time::Instant::now);
+                                self.batches.follow();
                             }
                             tracing::info!(pod = %key, ahead_of_model = true, model_follows, "pod enrolled before start (CNI)");
                             k8s::cni::ok(true, "captured")

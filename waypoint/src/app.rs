@@ -267,8 +267,9 @@ async fn watch_kubernetes(
     let client = cluster::kube::client(kubeconfig).await?;
     let watch = cluster::kube::ClusterWatch::start(client);
     crate::routes::watch_kubernetes(&watch, routes);
+    let mut batches = cluster::kube::Batches::new(watch.changes().clone(), KUBE_DEBOUNCE);
     loop {
-        watch.changes().batch(KUBE_DEBOUNCE).await;
+        batches.next().await;
         if !watch.health.synced() {
             continue;
         }

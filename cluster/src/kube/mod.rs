@@ -222,17 +222,57 @@ impl Changes {
         use futures::FutureExt;
         let _ = self.0.notified().now_or_never();
     }
+}
 
-    /// One batch: the first change since the last one, then `window` for
-    /// the rest of a burst to land. Read the model right after: it holds
-    /// them all, and the next batch starts with the next change. Not
-    /// cancel-safe (dropped during the window, the first change is lost):
-    /// a `select!` loop waits with [`Changes::changed`] and its own window,
-    /// and calls [`Changes::reading`] at its end (the agent's does).
-    pub async fn batch(&self, window: Duration) {
-        self.changed().await;
-        tokio::time::sleep(window).await;
-        self.reading();
+/// The model's changes in batches, for a reader that translates the model
+/// once per batch: the first change opens a window for the rest of a burst
+/// to land, and [`Batches::next`] resolves at its end. Read the model right
+/// after: it holds every change notified so far, and the next batch starts
+/// with the next change.
+#[derive(Debug)]
+pub struct Batches {
+    changes: Changes,
+    window: Duration,
+    /// When the open window opened.
+    since: Option<tokio::time::Instant>,
+}
+
+impl Batches {
+    pub fn new(changes: Changes, window: Duration) -> Self {
+        Self {
+            changes,
+            window,
+            since: None,
+        }
+    }
+
+    /// Opens a window with no change from the watches, if none is open: the
+    /// reader changed something the model must follow (the agent: a pod a
+    /// CNI ADD enrolled ahead of the model).
+    pub fn follow(&mut self) {
+        self.since.get_or_insert_with(tokio::time::Instant::now);
+    }
+
+    /// Resolves at the end of the next batch. Cancel-safe, for `select!`
+    /// loops: a change seen stays in the open window until a call
+    /// completes.
+    pub async fn next(&mut self) {
+        loop {
+            match self.since {
+                None => {
+                    self.changes.changed().await;
+                    self.since = Some(tokio::time::Instant::now());
+                }
+                Some(t) => {
+                    tokio::time::sleep_until(t + self.window).await;
+                    self.since = None;
+                    // Changes that landed meanwhile are in the model read
+                    // now: their notification would start a batch of nothing.
+                    self.changes.reading();
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -636,26 +676,49 @@ mod tests {
     /// A burst of changes is one batch: changes that land while a batch
     /// waits are in the model read at its end, so they start no second
     /// batch (which would translate the same model again, and hold up a
-    /// CNI ADD behind it); a change after the batch starts the next.
+    /// CNI ADD behind it); a change after the batch starts the next; a
+    /// wait dropped mid-window (a `select!` loop's other branch won) keeps
+    /// its window; and a reader's own change opens one.
     #[tokio::test(start_paused = true)]
     async fn a_burst_of_changes_is_one_batch() {
+        use tokio::time::{timeout, Instant};
         const WINDOW: Duration = Duration::from_millis(50);
+        const LONG: Duration = Duration::from_secs(1);
         let changes = Changes::default();
+        let mut batches = Batches::new(changes.clone(), WINDOW);
         changes.notify();
-        let start = tokio::time::Instant::now();
-        let batch = changes.batch(WINDOW);
-        tokio::pin!(batch);
-        assert!(futures::poll!(batch.as_mut()).is_pending(), "no window");
-        changes.notify();
-        changes.notify();
-        batch.await;
+        let start = Instant::now();
+        {
+            let batch = batches.next();
+            tokio::pin!(batch);
+            assert!(futures::poll!(batch.as_mut()).is_pending(), "no window");
+            changes.notify();
+            changes.notify();
+            batch.await;
+        }
         assert_eq!(start.elapsed(), WINDOW, "not one window from the first change");
-        let again = tokio::time::timeout(Duration::from_secs(1), changes.batch(WINDOW)).await;
-        assert!(again.is_err(), "a second batch of the same changes");
+        assert!(
+            timeout(LONG, batches.next()).await.is_err(),
+            "a second batch of the same changes"
+        );
+
         changes.notify();
-        tokio::time::timeout(Duration::from_secs(1), changes.batch(WINDOW))
+        let start = Instant::now();
+        assert!(
+            timeout(WINDOW / 2, batches.next()).await.is_err(),
+            "a batch before its window ended"
+        );
+        timeout(LONG, batches.next())
             .await
             .expect("a change after the batch started none");
+        assert_eq!(start.elapsed(), WINDOW, "the window of a dropped wait was not kept");
+
+        let start = Instant::now();
+        batches.follow();
+        timeout(LONG, batches.next())
+            .await
+            .expect("the reader's own change opened no window");
+        assert_eq!(start.elapsed(), WINDOW);
     }
 
     fn ns(name: &str) -> Namespace {

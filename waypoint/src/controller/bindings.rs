@@ -651,19 +651,19 @@ pub async fn run(client: Client) {
         Kind::Gateway,
     );
     let mut retry: Option<Duration> = None;
+    let mut batches = cluster::kube::Batches::new(watch.changes().clone(), DEBOUNCE);
     loop {
         match retry {
-            None => watch.changed().await,
+            None => batches.next().await,
+            // A failed write is retried after `delay` with or without a
+            // change; a batch open then stays open for the next turn.
             Some(delay) => {
                 tokio::select! {
-                    _ = watch.changed() => {}
+                    _ = batches.next() => {}
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
-        tokio::time::sleep(DEBOUNCE).await;
-        // What landed meanwhile is in the model read below.
-        watch.changes().reading();
         if !watch.health.synced() {
             continue;
         }
