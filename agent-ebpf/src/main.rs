@@ -1085,9 +1085,7 @@ fn app_over_bound(app_cookie: u64, value: u32, size: u32) -> bool {
 /// two threads reading one socket at once both count.
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn mesh_app_read(ctx: BtfTracePointContext) -> i32 {
-    // SAFETY: a constant of this object, set by the loader.
-    let gen = unsafe { read_volatile(&READ_GEN) };
-    if SM_READ_GEN.get(0).copied() != Some(gen) {
+    if !this_generation_counts(&SM_READ_GEN) {
         return 0;
     }
     let copied: i32 = ctx.arg(1);
@@ -1135,9 +1133,7 @@ pub fn mesh_app_read(ctx: BtfTracePointContext) -> i32 {
 /// generation before it attaches: `agent::capture::sockmap`).
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn mesh_fwd_sent(ctx: BtfTracePointContext) -> i32 {
-    // SAFETY: a constant of this object, set by the loader.
-    let gen = unsafe { read_volatile(&READ_GEN) };
-    if SM_SENT_GEN.get(0).copied() != Some(gen) {
+    if !this_generation_counts(&SM_SENT_GEN) {
         return 0;
     }
     let sent: i32 = ctx.arg(1);
@@ -1171,6 +1167,16 @@ pub fn mesh_fwd_sent(ctx: BtfTracePointContext) -> i32 {
         };
     }
     0
+}
+
+/// Whether this object's count (its [`READ_GEN`]) is the one the count's
+/// generation map `gens` (SM_READ_GEN, SM_SENT_GEN) names: of two attached
+/// programs of a count, only that one counts.
+#[inline(always)]
+fn this_generation_counts(gens: &Array<u64>) -> bool {
+    // SAFETY: a constant of this object, set by the loader.
+    let gen = unsafe { read_volatile(&READ_GEN) };
+    gens.get(0).copied() == Some(gen)
 }
 
 /// Whether redirecting `size` more bytes would leave more than

@@ -632,13 +632,18 @@ impl Sockmap {
         let outcome = attach_sk_msg(&link_pin(pins), fd.as_fd(), &app, names::SM_APP)?;
         tracing::info!(outcome = ?outcome, "sk_msg program attached to SM_APP");
         let mut read_count = None;
-        let gen = to_app;
+        // Phase two's generation and the kernel's BTF, which the kernel
+        // path's send count uses too.
+        let mut phase_two = None;
         let to_app = match to_app {
             // Phase two needs more of the kernel (tp_btf, Linux 6.3+):
             // without it phase one stays on.
-            Some(gen) => match start_to_app(ebpf, pins, fd.as_fd(), gen) {
-                Ok((maps, count)) => {
+            Some(gen) => match bpf!("read the kernel's BTF", Btf::from_sys_fs())
+                .and_then(|btf| Ok((start_to_app(ebpf, pins, fd.as_fd(), gen, &btf)?, btf)))
+            {
+                Ok(((maps, count), btf)) => {
                     read_count = count;
+                    phase_two = Some((gen, btf));
                     Some(maps)
                 }
                 // Pins another agent may use are left alone.
@@ -653,8 +658,8 @@ impl Sockmap {
             }
         };
         let mut sent_count = None;
-        let fwd = match (forward, &to_app, gen) {
-            (true, Some(_), Some(gen)) => match start_forward(ebpf, pins, gen) {
+        let fwd = match (forward, phase_two) {
+            (true, Some((gen, btf))) => match start_forward(ebpf, pins, gen, &btf) {
                 Ok((maps, count)) => {
                     sent_count = count;
                     Some(maps)
@@ -664,12 +669,12 @@ impl Sockmap {
                     None
                 }
             },
-            (true, _, _) => {
+            (true, None) => {
                 tracing::warn!("the sockmap kernel path needs phase two, which is off: off");
                 stop_forward(pins);
                 None
             }
-            (false, _, _) => {
+            (false, _) => {
                 stop_forward(pins);
                 None
             }
@@ -798,24 +803,20 @@ fn start_to_app(
     pins: &Pins,
     sk_msg: BorrowedFd<'_>,
     gen: ReadGen,
+    btf: &Btf,
 ) -> Result<(ToAppMaps, Option<Counting>), CaptureError> {
     let tx = map_data(ebpf, names::SM_AGENT_TX)?;
     let outcome = attach_sk_msg(&tx_link_pin(pins), sk_msg, &tx, names::SM_AGENT_TX)?;
     tracing::info!(outcome = ?outcome, "sk_msg program attached to SM_AGENT_TX");
     let to_app = map_data(ebpf, names::SM_TO_APP)?;
     let app_read = map_data(ebpf, names::SM_APP_READ)?;
-    let btf = bpf!("read the kernel's BTF", Btf::from_sys_fs())?;
-    let prog: &mut BtfTracePoint = program(ebpf, progs::APP_READ)?;
-    prog.load(progs::APP_READ_TRACEPOINT, &btf).map_err(|e| {
-        bpf_err(format!(
-            "load {} (tp_btf/{})",
-            progs::APP_READ,
-            progs::APP_READ_TRACEPOINT
-        ))(format!(
-            "{}; phase two needs it (Linux 6.3+) to count what apps read: run without --sockmap-to-app",
-            chain(&e)
-        ))
-    })?;
+    let prog_id = load_tracing(
+        ebpf,
+        btf,
+        progs::APP_READ,
+        progs::APP_READ_TRACEPOINT,
+        "; phase two needs it (Linux 6.3+) to count what apps read: run without --sockmap-to-app",
+    )?;
     // A read count a previous agent attached is kept, program and
     // generation: replacing it would leave the reads in between uncounted
     // (a tracing link cannot swap its program in place), and a forwarding
@@ -826,13 +827,7 @@ fn start_to_app(
         tracing::info!(prog_id = kept, "phase two on: the agent's writes to the apps skip TCP on lo; app reads counted by the program a previous agent attached (kept)");
         return Ok((ToAppMaps { tx, to_app, app_read }, None));
     }
-    let prog_id = {
-        let fd = bpf!("tp_btf fd", prog.fd())?;
-        sys::prog_info(fd.as_fd())
-            .map_err(|e| bpf_err("read the tp_btf program")(e.to_string()))?
-            .id
-    };
-    let outcome = converge_tracing(&app_read_pin(pins), prog)?;
+    let outcome = converge_tracing(&app_read_pin(pins), program(ebpf, progs::APP_READ)?)?;
     // Our program counts from now on (the one it replaced, if something
     // still holds it attached, stops); a kept one was ours already. Two
     // agents starting at once with the same pins may leave the generation
@@ -891,7 +886,12 @@ fn attach_to_map(
 /// SM_NET (`links/sm_net`) run it, and attaches the send count
 /// ([`start_sent_count`]). Sockets join SM_NET only after this, one hop at
 /// a time ([`AgentEnds::join_forward`]).
-fn start_forward(ebpf: &mut Ebpf, pins: &Pins, gen: ReadGen) -> Result<(FwdMaps, Option<Counting>), CaptureError> {
+fn start_forward(
+    ebpf: &mut Ebpf,
+    pins: &Pins,
+    gen: ReadGen,
+    btf: &Btf,
+) -> Result<(FwdMaps, Option<Counting>), CaptureError> {
     let net = map_data(ebpf, names::SM_NET)?;
     let prog: &mut SkSkb = program(ebpf, progs::SK_SKB)?;
     bpf!("load sk_skb verdict", prog.load())?;
@@ -924,7 +924,7 @@ fn start_forward(ebpf: &mut Ebpf, pins: &Pins, gen: ReadGen) -> Result<(FwdMaps,
         verdict,
         link: net_link_pin(pins),
     };
-    let count = start_sent_count(ebpf, pins, gen).unwrap_or_else(|e| {
+    let count = start_sent_count(ebpf, pins, gen, btf).unwrap_or_else(|e| {
         tracing::warn!(reason = %e, "kernel path: the send count is off; the app's sends switch to the kernel once the agent has reported what it forwarded, which a busy machine may delay past the next send");
         None
     });
@@ -945,23 +945,9 @@ fn start_forward(ebpf: &mut Ebpf, pins: &Pins, gen: ReadGen) -> Result<(FwdMaps,
 /// one send would let both count it. Written first, the old program
 /// stops before ours runs at all (a tracepoint call runs the programs
 /// attached when it began). A send in between is counted by neither.
-fn start_sent_count(ebpf: &mut Ebpf, pins: &Pins, gen: ReadGen) -> Result<Option<Counting>, CaptureError> {
-    let btf = bpf!("read the kernel's BTF", Btf::from_sys_fs())?;
+fn start_sent_count(ebpf: &mut Ebpf, pins: &Pins, gen: ReadGen, btf: &Btf) -> Result<Option<Counting>, CaptureError> {
     let gens = map_data(ebpf, names::SM_SENT_GEN)?;
-    let prog: &mut BtfTracePoint = program(ebpf, progs::FWD_SENT)?;
-    prog.load(progs::FWD_SENT_TRACEPOINT, &btf).map_err(|e| {
-        bpf_err(format!(
-            "load {} (tp_btf/{})",
-            progs::FWD_SENT,
-            progs::FWD_SENT_TRACEPOINT
-        ))(chain(&e))
-    })?;
-    let prog_id = {
-        let fd = bpf!("tp_btf fd", prog.fd())?;
-        sys::prog_info(fd.as_fd())
-            .map_err(|e| bpf_err("read the tp_btf program")(e.to_string()))?
-            .id
-    };
+    let prog_id = load_tracing(ebpf, btf, progs::FWD_SENT, progs::FWD_SENT_TRACEPOINT, "")?;
     let count = Counting {
         what: "send count",
         gen,
@@ -970,7 +956,7 @@ fn start_sent_count(ebpf: &mut Ebpf, pins: &Pins, gen: ReadGen) -> Result<Option
         pin: sent_count_pin(pins),
     };
     count.count()?;
-    let outcome = converge_tracing(&sent_count_pin(pins), prog)?;
+    let outcome = converge_tracing(&sent_count_pin(pins), program(ebpf, progs::FWD_SENT)?)?;
     tracing::info!(outcome = ?outcome, "kernel path: what forwarded hops send counted in the kernel");
     // A newer agent's program stays: its next reload tick writes its
     // generation back over ours (`Counting::keep`).
@@ -993,6 +979,18 @@ fn net_link_pin(pins: &Pins) -> PathBuf {
 
 fn sent_count_pin(pins: &Pins) -> PathBuf {
     pins.links().join("sm_fwd_sent")
+}
+
+/// Loads the tp_btf program `name` on `tracepoint` (`needs`: what to tell
+/// the operator when the kernel refuses it); its program id.
+fn load_tracing(ebpf: &mut Ebpf, btf: &Btf, name: &str, tracepoint: &str, needs: &str) -> Result<u32, CaptureError> {
+    let prog: &mut BtfTracePoint = program(ebpf, name)?;
+    prog.load(tracepoint, btf)
+        .map_err(|e| bpf_err(format!("load {name} (tp_btf/{tracepoint})"))(format!("{}{needs}", chain(&e))))?;
+    let fd = bpf!("tp_btf fd", prog.fd())?;
+    Ok(sys::prog_info(fd.as_fd())
+        .map_err(|e| bpf_err("read the tp_btf program")(e.to_string()))?
+        .id)
 }
 
 /// The pinned link at `pin` (the read count's, the send count's) runs

@@ -443,7 +443,7 @@ impl splice::Io for Writes {
             .get_or_try_init(|| async move {
                 // SAFETY: `fd` is `self.fd`, open and the same for as long
                 // as the registration lives (dropped before it).
-                unsafe { AsyncFd::register_with_interest(Fd(fd), interest) }.map_err(|e| e.into_parts().1)
+                unsafe { register(Fd(fd), interest) }
             })
             .await?;
         registered.async_io(interest, |_| op()).await
@@ -489,14 +489,18 @@ impl Watch {
         if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, net.as_raw_fd(), &mut event) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self(register(ep, Interest::READABLE)?))
+        // SAFETY: the AsyncFd owns `ep`, which stays open for as long as it
+        // lives.
+        Ok(Self(unsafe { register(ep, Interest::READABLE) }?))
     }
 }
 
 /// `fd` registered with the runtime for `interest` alone.
-fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: the AsyncFd owns `fd`, which stays open, the same fd, for as
-    // long as the AsyncFd lives.
+///
+/// # Safety
+/// `fd` must stay open, the same fd, for as long as the registration lives.
+unsafe fn register<T: AsRawFd>(fd: T, interest: Interest) -> io::Result<AsyncFd<T>> {
+    // SAFETY: the caller's promise.
     unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
 }
 
