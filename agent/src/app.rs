@@ -494,7 +494,7 @@ impl Watched {
                 // (assembly is O(cluster): done every second while a node's
                 // pods await their CNI ADDs, it held those ADDs up).
                 if k.locate_unlocated() {
-                    node.apply(k.model());
+                    k.apply_model(node, k8s::Trigger::Discovery);
                 } else {
                     node.retry();
                 }
@@ -567,8 +567,9 @@ struct KubeSource {
     /// last pruned.
     pods_gone: u64,
     /// The model's changes in batches of [`MODEL_BATCH`] (also a pod a CNI
-    /// ADD enrolled ahead of the model).
+    /// ADD enrolled ahead of the model, and sandboxes CNI DELs tore down).
     batches: cluster::kube::Batches,
+    metrics: k8s::ModelMetrics,
 }
 
 impl KubeSource {
@@ -604,6 +605,7 @@ impl KubeSource {
             ..Discoverer::new(&k.cgroup_root)
         };
         let batches = cluster::kube::Batches::new(kube.cluster.changes().clone(), MODEL_BATCH);
+        let metrics = k8s::ModelMetrics::register(registry);
         Ok(Box::new(Self {
             kube,
             node: node.to_string(),
@@ -614,6 +616,7 @@ impl KubeSource {
             unlocated: Vec::new(),
             pods_gone: 0,
             batches,
+            metrics,
         }))
     }
 
@@ -631,7 +634,10 @@ impl KubeSource {
         ready.set_degraded(None);
         tracing::info!("Kubernetes state listed");
         self.kube.cluster.changes().reading();
-        self.model()
+        let started = std::time::Instant::now();
+        let model = self.model();
+        self.metrics.observe(k8s::Trigger::Start, started);
+        model
     }
 
     /// The end of a batch of model changes, or a CNI request (at once).
@@ -680,6 +686,13 @@ impl KubeSource {
         );
         self.locator.cni_ips = cni_ips;
         spec
+    }
+
+    /// Assembles the whole model and makes the node match it.
+    fn apply_model(&mut self, node: &mut NodeState, trigger: k8s::Trigger) {
+        let started = std::time::Instant::now();
+        node.apply(self.model());
+        self.metrics.observe(trigger, started);
     }
 
     /// The model (and the locator for pods of this node).
@@ -731,10 +744,14 @@ impl KubeSource {
 
     fn handle(&mut self, ev: Event, node: &mut NodeState) {
         match ev {
-            Event::Changed => node.apply(self.model()),
+            Event::Changed => self.apply_model(node, k8s::Trigger::Changes),
             Event::Cni(CniEvent::TornDown { uid }) => {
+                // The pod leaves the capture with the next batch (at most
+                // 50 ms on; no reply waits on it): a node stopping its
+                // pods sends a burst of DELs, and each assembly is
+                // O(cluster) and holds up the ADDs behind it.
                 self.locator.remove(&uid);
-                node.apply(self.model());
+                self.batches.follow();
             }
             Event::Cni(CniEvent::Enroll {
                 key,
@@ -770,7 +787,7 @@ impl KubeSource {
     /// A CNI ADD the fast path left to the whole model: it enrolls or
     /// says why not.
     fn enroll_with_model(&mut self, key: &str, node: &mut NodeState) -> mesh_cni::proto::Reply {
-        node.apply(self.model());
+        self.apply_model(node, k8s::Trigger::CniAdd);
         match node.inpod.enrolled().any(|k| k == key) {
             true => {
                 tracing::info!(pod = %key, "pod enrolled before start (CNI)");

@@ -22,6 +22,15 @@ use std::{
 
 use k8s_openapi::api::core::v1::Node;
 use kube::{runtime::watcher, Api, Client};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
 
 use crate::discover::{DiscoverError, Discoverer};
 use cluster::kube::{
@@ -29,6 +38,76 @@ use cluster::kube::{
     records::{PodRecord, Uid},
     ClusterWatch,
 };
+
+/// Why the whole model was assembled: each assembly is O(pods of the
+/// cluster) on the control thread, and a CNI ADD that arrives meanwhile
+/// waits for it.
+#[derive(Clone, Copy, Debug)]
+pub enum Trigger {
+    /// The first complete list.
+    Start,
+    /// A batch of API changes (and of CNI ADDs and DELs the model follows).
+    Changes,
+    /// A CNI ADD the fast path left to the whole model.
+    CniAdd,
+    /// The reload tick found a pod the last assembly could not locate.
+    Discovery,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Start => "start",
+            Trigger::Changes => "changes",
+            Trigger::CniAdd => "cni_add",
+            Trigger::Discovery => "discovery",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TriggerLabels {
+    /// [`Trigger::as_str`].
+    trigger: &'static str,
+}
+
+/// `mesh_agent_model_assemblies_total{trigger}` and
+/// `mesh_agent_model_assembly_seconds`: how often, why and for how long
+/// the control thread assembles the whole model.
+#[derive(Clone)]
+pub struct ModelMetrics {
+    assemblies: Family<TriggerLabels, Counter>,
+    seconds: Histogram,
+}
+
+impl ModelMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let assemblies = Family::<TriggerLabels, Counter>::default();
+        // 0.25 ms to ~8 s.
+        let seconds = Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
+        let sub = registry.sub_registry_with_prefix("mesh_agent");
+        sub.register(
+            "model_assemblies",
+            "Assemblies of the whole model from the Kubernetes store (O(pods of the cluster) each), by what triggered them",
+            assemblies.clone(),
+        );
+        sub.register(
+            "model_assembly_seconds",
+            "Time the control thread spent per assembly of the whole model, applying it included (CNI ADDs wait meanwhile)",
+            seconds.clone(),
+        );
+        Self { assemblies, seconds }
+    }
+
+    pub fn observe(&self, trigger: Trigger, since: Instant) {
+        self.assemblies
+            .get_or_create(&TriggerLabels {
+                trigger: trigger.as_str(),
+            })
+            .inc();
+        self.seconds.observe(since.elapsed().as_secs_f64());
+    }
+}
 
 /// The cluster watches plus this node's Node.
 #[derive(Clone)]

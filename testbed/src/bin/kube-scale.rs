@@ -130,6 +130,26 @@ fn counts(cluster: &Cluster) -> Result<(usize, usize)> {
     Ok((n("workloads"), n("services")))
 }
 
+/// The agent's whole-model assemblies by trigger, and the seconds they took
+/// (`seconds_sum`), from its metrics.
+fn assemblies(cluster: &Cluster) -> Result<BTreeMap<String, f64>> {
+    let (metrics, _) = testbed::mesh::node_get(cluster, "node1", "http://127.0.0.1:15020/metrics")?;
+    let mut by = BTreeMap::new();
+    for line in metrics.lines() {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_default();
+        let key = if let Some(t) = series.strip_prefix("mesh_agent_model_assemblies_total{trigger=\"") {
+            t.trim_end_matches("\"}")
+        } else if series == "mesh_agent_model_assembly_seconds_sum" {
+            "seconds_sum"
+        } else {
+            continue;
+        };
+        by.insert(key.to_string(), value.parse().context("metric value")?);
+    }
+    anyhow::ensure!(by.contains_key("seconds_sum"), "no assembly metrics from the agent");
+    Ok(by)
+}
+
 /// The value of `--name N`, or `default`.
 fn arg(args: &[String], name: &str, default: Option<usize>) -> Result<Option<usize>> {
     match args.iter().position(|a| a == name) {
@@ -359,8 +379,13 @@ fn enroll(n: usize, m: usize) -> Result<()> {
     let made = start.elapsed();
     let rss_n = settled_rss_kb(pid)?;
     let cpu_before = cpu_seconds(pid)?;
+    let assembled_before = assemblies(&cluster)?;
     let mut measured = enroll_pods(&cluster, &api, &socket, n..n + m)?;
     let cpu_ms_per_add = (cpu_seconds(pid)? - cpu_before) * 1e3 / m.max(1) as f64;
+    let mut assembled = assemblies(&cluster)?;
+    for (k, v) in &mut assembled {
+        *v -= assembled_before.get(k).copied().unwrap_or(0.0);
+    }
     let enrolled = agent.logs().iter().filter(|l| l["message"] == "pod enrolled").count();
     anyhow::ensure!(enrolled == n + m, "{enrolled} pods enrolled, want {}", n + m);
     println!(
@@ -372,6 +397,7 @@ fn enroll(n: usize, m: usize) -> Result<()> {
             "rss_per_enrolled_pod_kb": (rss_n.saturating_sub(idle)) as f64 / n.max(1) as f64,
             "fill_s": made.as_secs_f64(),
             "agent_cpu_ms_per_add_measured": (cpu_ms_per_add * 100.0).round() / 100.0,
+            "model_assemblies_measured": assembled,
         })
     );
     agent.terminate()?;

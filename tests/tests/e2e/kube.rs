@@ -528,6 +528,14 @@ fn cni(
     ))
 }
 
+/// Node1's agent's whole-model assemblies so far, whatever triggered them.
+fn assemblies(cluster: &Cluster) -> Result<u64> {
+    let (metrics, _) = get(cluster, "node1", "http://127.0.0.1:15020/metrics")?;
+    let series = "mesh_agent_model_assemblies_total{";
+    anyhow::ensure!(metrics.contains(series), "no {series} in:\n{metrics}");
+    Ok(crate::sum_samples(&metrics, series))
+}
+
 /// The installer as the mesh-cni DaemonSet runs it: it writes the plugin's
 /// kubeconfig from its service-account token and names it in the entry.
 fn install_cni(dir: &Path, api: &ApiServer, token: &str) -> Result<PathBuf> {
@@ -667,10 +675,29 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
         assert!(metrics.lines().any(|l| l == count), "no `{count}` in:\n{metrics}");
     }
 
-    // DEL: the sandbox is gone, capture with it.
-    let (code, _, _) = cni("DEL", "fresh", "apps", &ips)?;
-    assert_eq!(code, 0);
+    // DEL: the sandbox is gone, capture with it. A burst of DELs (a node
+    // stopping its pods; the kubelet repeats them too) is one assembly of
+    // the whole model, not one each: each is O(cluster) on the control
+    // thread, and ADDs wait behind it.
+    let before = assemblies(&cluster)?;
+    let dels = std::thread::scope(|s| {
+        let ips = &ips;
+        let burst: Vec<_> = ["fresh", "fresh", "known", "plain", "fresh", "known"]
+            .into_iter()
+            .map(|pod| s.spawn(move || cni("DEL", pod, "apps", ips)))
+            .collect();
+        burst
+            .into_iter()
+            .map(|t| t.join().expect("DEL thread"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    assert!(dels.iter().all(|(code, _, _)| *code == 0), "{dels:?}");
     wait_enrolled(&cluster, &[])?;
+    let assembled = assemblies(&cluster)? - before;
+    assert!(
+        (1..=3).contains(&assembled),
+        "{assembled} assemblies of the model for 6 DELs at once, want one per batch"
+    );
 
     // No agent: the plugin asks the API and applies the agent's rule. A pod
     // that belongs in the mesh cannot start (CNI error 11, with the label
