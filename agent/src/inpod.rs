@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use crate::{
     capture::{Capture, CaptureError, ProxyMaps},
     config::{AgentConfig, LocalConfig, PodSpec},
-    netns::Netns,
+    netns::{NetSysctls, Netns},
     proxy::{policed::OpenConns, ConnLimit, MeshCtx, PodCtx, PodProxy, Tracker},
     state::State,
 };
@@ -233,7 +233,11 @@ impl InPod {
         }
         let netns = Netns::open(netns)?;
         let netns_cookie = netns.cookie()?;
-        let transparent = match netns.run(prepare_transparent_forwarding)? {
+        let (transparent, migration) = netns.run(prepare_pod_netns)?;
+        if let Err(e) = migration {
+            tracing::warn!(pod = %spec.key(), error = %e, "cannot enable tcp_migrate_req; connections queued during an agent handover may be reset");
+        }
+        let transparent = match transparent {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(pod = %spec.key(), error = %e, "cannot set up transparent forwarding; the app will see the agent's address as the client");
@@ -271,19 +275,21 @@ impl InPod {
     }
 }
 
-/// In the pod netns: replies to the agent's transparent forwards inherit
-/// their mark (tcp_fwmark_accept for the app's packets, fwmark_reflect for
-/// the kernel's own RSTs and ICMP, e.g. when the port is closed) and are
-/// routed back locally (rtnl).
-fn prepare_transparent_forwarding() -> std::io::Result<()> {
-    for (path, value) in [
-        ("/proc/sys/net/ipv4/tcp_fwmark_accept", "1"),
-        ("/proc/sys/net/ipv4/fwmark_reflect", "1"),
-        ("/proc/sys/net/ipv6/fwmark_reflect", "1"),
-    ] {
-        std::fs::write(path, value)?;
-    }
-    crate::rtnl::add_forward_routing()
+/// In the pod netns, what its capture needs there, each on its own (either
+/// may fail alone): transparent forwarding (replies to the agent's
+/// transparent forwards inherit their mark, `tcp_fwmark_accept` for the
+/// app's packets, `fwmark_reflect` for the kernel's own RSTs and ICMP,
+/// e.g. when the port is closed, and are routed back locally: rtnl), and
+/// listener migration (`tcp_migrate_req`: without it a closing listener
+/// resets the connections in its accept queue even when a successor
+/// exists). One [`NetSysctls`] for all four (see there for why).
+fn prepare_pod_netns() -> (std::io::Result<()>, std::io::Result<()>) {
+    let sysctls = NetSysctls::open();
+    let transparent = ["ipv4/tcp_fwmark_accept", "ipv4/fwmark_reflect", "ipv6/fwmark_reflect"]
+        .into_iter()
+        .try_for_each(|path| sysctls.write(path, "1"))
+        .and_then(|()| crate::rtnl::add_forward_routing());
+    (transparent, sysctls.write("ipv4/tcp_migrate_req", "1"))
 }
 
 /// Whether two specs capture the same way (labels and the like may change

@@ -269,7 +269,6 @@ impl PodProxy {
     pub fn start(ctx: Arc<PodCtx>, shutdown: &watch::Receiver<bool>, dp: &Handle) -> Result<Self, ProxyError> {
         // Listeners register with the data plane's reactor, not the caller's.
         let _in_dp = dp.enter();
-        enable_listener_migration(&ctx.netns);
         let out4 = listen(&ctx.netns, SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?;
         let out6 = listen(&ctx.netns, SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)))?;
         let inbound = listen(&ctx.netns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_PORT)))?;
@@ -492,15 +491,6 @@ fn listen(netns: &Netns, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
         })?
         .map_err(err)?;
     TcpListener::from_std(std::net::TcpListener::from(sock)).map_err(err)
-}
-
-/// `net.ipv4.tcp_migrate_req` is per netns; without it a closing listener
-/// resets the connections in its accept queue even when a successor exists.
-fn enable_listener_migration(netns: &Netns) {
-    let r = netns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"));
-    if let Err(e) = r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
-        tracing::warn!(netns = %netns.path().display(), error = %e, "cannot enable tcp_migrate_req; connections queued during an agent handover may be reset");
-    }
 }
 
 #[cfg(test)]
