@@ -401,6 +401,18 @@ impl NodeState {
         Some(!known)
     }
 
+    /// A CNI DEL tore pod `uid`'s sandbox down: out of the capture now,
+    /// before the whole model follows.
+    fn tear_down(&mut self, uid: &str) {
+        let uid = cluster::kube::records::Uid::new(uid);
+        let before = self.current.pods.len();
+        self.current.pods.retain(|p| p.uid.as_ref() != Some(&uid));
+        if self.current.pods.len() != before {
+            self.settled = false;
+            self.retry();
+        }
+    }
+
     /// The enrolled pods' identities to the certificate fetcher, their keys
     /// to the config dump.
     fn publish_enrolled(&mut self) {
@@ -745,22 +757,31 @@ impl KubeSource {
     fn handle(&mut self, ev: Event, node: &mut NodeState) {
         match ev {
             Event::Changed => self.apply_model(node, k8s::Trigger::Changes),
-            Event::Cni(CniEvent::TornDown { uid }) => {
-                // The pod leaves the capture with the next batch (at most
-                // 50 ms on; no reply waits on it): a node stopping its
-                // pods sends a burst of DELs, and each assembly is
-                // O(cluster) and holds up the ADDs behind it.
-                self.locator.remove(&uid);
-                self.batches.follow();
-            }
+            Event::Cni(CniEvent::TornDown { key, uid, sandbox }) => match self.locator.remove(&uid, &sandbox) {
+                k8s::TearDown::OldSandbox => {
+                    tracing::info!(pod = %key, sandbox = %sandbox, "CNI DEL of a sandbox the pod no longer runs in: ignored");
+                }
+                k8s::TearDown::Again => {}
+                k8s::TearDown::Removed => {
+                    // Out of the capture at once (O(pods of the node)): a
+                    // new pod may take its IPs at any moment. The model
+                    // follows with the next batch (at most 50 ms on): a
+                    // node stopping its pods sends a burst of DELs, and
+                    // each assembly is O(cluster) and holds up the ADDs
+                    // behind it.
+                    node.tear_down(&uid);
+                    self.batches.follow();
+                }
+            },
             Event::Cni(CniEvent::Enroll {
                 key,
                 uid,
+                sandbox,
                 netns,
                 ips,
                 reply,
             }) => {
-                let r = match self.locator.add(&uid, netns, ips) {
+                let r = match self.locator.add(&uid, &sandbox, netns, ips) {
                     Err(e) => k8s::cni::failure(format!("cannot enroll {key}: {e}")),
                     Ok(()) => match self.pod_spec(&key).and_then(|spec| node.enroll_now(spec, &self.node)) {
                         Some(model_follows) => {

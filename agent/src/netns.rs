@@ -108,16 +108,16 @@ impl Netns {
 #[derive(Debug)]
 enum SysctlRoot {
     /// A procfs instance of our own, mounted nowhere (`fsopen` + `fsmount`,
-    /// Linux 5.2+): its `sys` has a dentry tree of its own, freed when the
-    /// instance is closed.
+    /// Linux 5.2+; its own dentry tree, freed when it is closed, since 5.8,
+    /// when procfs got one superblock per mount).
     Private(std::os::fd::OwnedFd),
     /// The host's `/proc` (where a private instance cannot be made).
     Shared,
 }
 
-/// The `net.*` sysctls of the network namespace current when
-/// [`NetSysctls::open`] ran. Use it inside [`Netns::run`] only: a sysctl
-/// belongs to the namespace current when it is looked up.
+/// The `net.*` sysctls of the network namespace current at each
+/// [`NetSysctls::write`]: a sysctl belongs to the namespace current when it
+/// is looked up. Use it inside [`Netns::run`] only.
 ///
 /// Why not `/proc/sys/net/...`: procfs keeps one `net/ipv4` (and
 /// `net/ipv6`) directory entry per network namespace that ever looked it
@@ -126,7 +126,10 @@ enum SysctlRoot {
 /// one (the CNI plugins' own sysctls do too), so writing a pod's sysctls
 /// through the host's `/proc` cost O(pods of the node) per CNI ADD: about
 /// 0.6 ms of kernel time with 1,200 pods enrolled, most of an ADD. A fresh
-/// private instance has only this namespace's entries.
+/// private instance has only this namespace's entries. And container
+/// runtimes mount a container's `/proc/sys` read-only unless it is
+/// privileged (the OCI default `readonlyPaths`), which a fresh instance is
+/// not under.
 #[derive(Debug)]
 pub struct NetSysctls(SysctlRoot);
 
@@ -139,7 +142,7 @@ impl NetSysctls {
             Err(e) => {
                 static WARNED: std::sync::Once = std::sync::Once::new();
                 WARNED.call_once(|| {
-                    tracing::warn!(error = %e, "cannot make a private procfs instance; pod sysctls are written through /proc, which costs O(pods of the node) per pod enrolled");
+                    tracing::warn!(error = %e, "cannot make a private procfs instance (fsopen/fsmount refused); pod sysctls are written through /proc instead, which fails where /proc/sys is read-only, as container runtimes mount it (pods are then enrolled without transparent forwarding and listener migration, each with a warning), and costs O(pods of the node) per pod");
                 });
                 Self(SysctlRoot::Shared)
             }
@@ -155,13 +158,16 @@ impl NetSysctls {
     pub fn write(&self, path: &str, value: &str) -> std::io::Result<()> {
         use nix::{fcntl::OFlag, sys::stat::Mode};
         let flags = OFlag::O_WRONLY | OFlag::O_CLOEXEC;
-        let full = format!("/proc/sys/net/{path}");
+        let full = match self.0 {
+            SysctlRoot::Private(_) => format!("/proc/sys/net/{path} (private procfs)"),
+            SysctlRoot::Shared => format!("/proc/sys/net/{path}"),
+        };
         let with_path = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{full}: {e}"));
         let fd = match &self.0 {
             SysctlRoot::Private(root) => {
                 nix::fcntl::openat(root, format!("sys/net/{path}").as_str(), flags, Mode::empty())
             }
-            SysctlRoot::Shared => nix::fcntl::open(full.as_str(), flags, Mode::empty()),
+            SysctlRoot::Shared => nix::fcntl::open(format!("/proc/sys/net/{path}").as_str(), flags, Mode::empty()),
         }
         .map_err(|e| with_path(e.into()))?;
         std::io::Write::write_all(&mut File::from(fd), value.as_bytes()).map_err(with_path)
@@ -171,9 +177,11 @@ impl NetSysctls {
 /// A procfs instance mounted nowhere: the fd of its root.
 fn private_proc() -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::{FromRawFd, OwnedFd};
-    const FSOPEN_CLOEXEC: libc::c_uint = 1;
-    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
-    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    // Passed as c_long: the variadic syscall() takes whole registers (the
+    // kernel casts each to its declared type).
+    const FSOPEN_CLOEXEC: libc::c_long = 1;
+    const FSCONFIG_CMD_CREATE: libc::c_long = 6;
+    const FSMOUNT_CLOEXEC: libc::c_long = 1;
     let fd = |rc: libc::c_long| -> std::io::Result<OwnedFd> {
         if rc < 0 {
             return Err(std::io::Error::last_os_error());
@@ -187,18 +195,25 @@ fn private_proc() -> std::io::Result<std::os::fd::OwnedFd> {
     let rc = unsafe {
         libc::syscall(
             libc::SYS_fsconfig,
-            context.as_raw_fd(),
+            context.as_raw_fd() as libc::c_long,
             FSCONFIG_CMD_CREATE,
             std::ptr::null::<libc::c_char>(),
             std::ptr::null::<libc::c_void>(),
-            0,
+            0 as libc::c_long,
         )
     };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: a valid, created fs context fd; no mount attributes.
-    fd(unsafe { libc::syscall(libc::SYS_fsmount, context.as_raw_fd(), FSMOUNT_CLOEXEC, 0) })
+    fd(unsafe {
+        libc::syscall(
+            libc::SYS_fsmount,
+            context.as_raw_fd() as libc::c_long,
+            FSMOUNT_CLOEXEC,
+            0 as libc::c_long,
+        )
+    })
 }
 
 /// Switches the thread back to its home namespace when dropped.

@@ -38,12 +38,16 @@ pub enum CniEvent {
     Enroll {
         key: String,
         uid: String,
+        /// The sandbox's `CNI_CONTAINERID`.
+        sandbox: String,
         netns: PathBuf,
         ips: Vec<std::net::IpAddr>,
         reply: oneshot::Sender<Reply>,
     },
-    /// The sandbox is gone.
-    TornDown { uid: String },
+    /// The sandbox `sandbox` (its `CNI_CONTAINERID`) of pod `uid` is gone.
+    /// The kubelet repeats DELs, also for an old sandbox of a pod that runs
+    /// in a new one by then.
+    TornDown { key: String, uid: String, sandbox: String },
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -168,10 +172,15 @@ async fn handle(req: Request, kube: &Kube, own_uid: Option<&str>, tx: &mpsc::Sen
     let key = format!("{}/{}", req.pod_namespace, req.pod_name);
     match req.command {
         Command::Del => {
+            tracing::info!(pod = %key, sandbox = %req.container_id, "CNI DEL");
             if !req.pod_uid.is_empty() {
-                let _ = tx.send(CniEvent::TornDown { uid: req.pod_uid }).await;
+                let ev = CniEvent::TornDown {
+                    key,
+                    uid: req.pod_uid,
+                    sandbox: req.container_id,
+                };
+                let _ = tx.send(ev).await;
             }
-            tracing::info!(pod = %key, "CNI DEL");
             ok(false, "torn down")
         }
         Command::Check => ok(true, "agent running"),
@@ -208,6 +217,7 @@ async fn add(req: Request, key: String, kube: &Kube, own_uid: Option<&str>, tx: 
     let ev = CniEvent::Enroll {
         key: key.clone(),
         uid,
+        sandbox: req.container_id.clone(),
         netns: PathBuf::from(&req.netns),
         ips: req.ips.clone(),
         reply,

@@ -93,7 +93,7 @@ impl ModelMetrics {
         );
         sub.register(
             "model_assembly_seconds",
-            "Time the control thread spent per assembly of the whole model, applying it included (CNI ADDs wait meanwhile)",
+            "Time the control thread spent per assembly of the whole model, applying it included but at start (CNI ADDs wait meanwhile)",
             seconds.clone(),
         );
         Self { assemblies, seconds }
@@ -204,11 +204,25 @@ pub struct Locator {
     pub cni_ips: HashMap<String, Vec<IpAddr>>,
     /// Pods whose sandbox is gone (CNI DEL): never located again.
     torn_down: HashSet<String>,
+    /// The sandbox (`CNI_CONTAINERID`) each pod located by a CNI ADD runs
+    /// in: a DEL for another one of the pod is an old sandbox's.
+    sandboxes: HashMap<String, String>,
     /// Pod cgroup directories by UID from the last walk of the tree, and
     /// when it was taken: a pod outside the kubelet's usual places waits at
     /// most [`WALK_EVERY`] to be found, and a node whose scheduled pods have
     /// no cgroup yet does not walk its whole kubepods tree per translation.
     cgroups: Option<(Instant, HashMap<String, PathBuf>)>,
+}
+
+/// What a CNI DEL did to the locator.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TearDown {
+    /// The pod is torn down: never located again.
+    Removed,
+    /// It was torn down already (the kubelet repeats DELs).
+    Again,
+    /// The DEL is of a sandbox the pod no longer runs in: nothing changed.
+    OldSandbox,
 }
 
 /// How old the cgroup walk may be before an unlocated pod walks again.
@@ -221,25 +235,38 @@ impl Locator {
             found: HashMap::new(),
             cni_ips: HashMap::new(),
             torn_down: HashSet::new(),
+            sandboxes: HashMap::new(),
             cgroups: None,
         }
     }
 
     /// From CNI ADD: the cgroup must already exist (kubelet creates it
     /// before the sandbox), the netns is the runtime's.
-    pub fn add(&mut self, uid: &str, netns: PathBuf, ips: Vec<IpAddr>) -> Result<(), DiscoverError> {
+    pub fn add(&mut self, uid: &str, sandbox: &str, netns: PathBuf, ips: Vec<IpAddr>) -> Result<(), DiscoverError> {
         let cgroup = self.discoverer.pod_cgroup(uid)?;
         self.torn_down.remove(uid);
+        self.sandboxes.insert(uid.to_string(), sandbox.to_string());
         self.cni_ips.insert(uid.to_string(), ips);
         self.found.insert(uid.to_string(), Location { netns, cgroup });
         Ok(())
     }
 
-    /// From CNI DEL.
-    pub fn remove(&mut self, uid: &str) {
-        self.found.remove(uid);
-        self.cni_ips.remove(uid);
-        self.torn_down.insert(uid.to_string());
+    /// From CNI DEL of `sandbox`: the pod is never located again, unless
+    /// it runs in another sandbox a CNI ADD gave (then this DEL is an old
+    /// sandbox's, repeated by the kubelet, and changes nothing).
+    pub fn remove(&mut self, uid: &str, sandbox: &str) -> TearDown {
+        match self.sandboxes.get(uid) {
+            Some(current) if *current != sandbox && !sandbox.is_empty() => return TearDown::OldSandbox,
+            _ => {}
+        }
+        self.sandboxes.remove(uid);
+        let known = self.found.remove(uid).is_some() | self.cni_ips.remove(uid).is_some();
+        let first = self.torn_down.insert(uid.to_string());
+        if known || first {
+            TearDown::Removed
+        } else {
+            TearDown::Again
+        }
     }
 
     /// `ips`: the pod's, which its netns must hold.
@@ -293,6 +320,7 @@ impl Locator {
         let known = |u: &String| uids.contains(&Uid::new(u));
         self.found.retain(|u, _| known(u));
         self.torn_down.retain(known);
+        self.sandboxes.retain(|u, _| known(u));
         self.cni_ips.retain(|u, _| known(u));
     }
 }
@@ -302,6 +330,43 @@ mod tests {
     use k8s_openapi::api::core::v1::{NodeAddress, NodeStatus};
 
     use super::*;
+
+    /// The kubelet repeats DELs, also for an old sandbox of a pod that runs
+    /// in a new one by then: such a DEL must leave the pod located (else its
+    /// capture would go and never come back).
+    #[test]
+    fn a_del_of_an_old_sandbox_leaves_the_pod_located() {
+        let root = std::env::temp_dir().join(format!("locator-{}", std::process::id()));
+        let (uid, other) = (
+            "0f1e2d3c-0000-4000-8000-000000000001",
+            "0f1e2d3c-0000-4000-8000-000000000002",
+        );
+        for u in [uid, other] {
+            std::fs::create_dir_all(root.join(format!("kubepods/burstable/pod{u}"))).unwrap();
+        }
+        let ips: Vec<IpAddr> = vec!["10.1.0.7".parse().unwrap()];
+        let mut l = Locator::new(Discoverer::new(&root));
+        l.add(uid, "sandbox-2", PathBuf::from("/run/netns/two"), ips.clone())
+            .unwrap();
+        assert_eq!(l.remove(uid, "sandbox-1"), TearDown::OldSandbox);
+        let at = l.locate(uid, &ips).expect("still located after an old sandbox's DEL");
+        assert_eq!(at.netns, Path::new("/run/netns/two"));
+        assert_eq!(l.cni_ips.get(uid), Some(&ips), "its CNI IPs stay too");
+        // Its own sandbox's DEL tears it down, for good; a repeat is a repeat.
+        assert_eq!(l.remove(uid, "sandbox-2"), TearDown::Removed);
+        assert_eq!(l.locate(uid, &ips), None);
+        assert_eq!(l.remove(uid, "sandbox-2"), TearDown::Again);
+        assert_eq!(l.remove(uid, "sandbox-1"), TearDown::Again);
+        // A new sandbox's ADD locates it again.
+        l.add(uid, "sandbox-3", PathBuf::from("/run/netns/three"), ips.clone())
+            .unwrap();
+        assert!(l.locate(uid, &ips).is_some());
+        // A pod no ADD located (found by discovery, or never): any DEL of it
+        // counts, the first one as a change.
+        assert_eq!(l.remove(other, "whatever"), TearDown::Removed);
+        assert_eq!(l.remove(other, "whatever"), TearDown::Again);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn node_addresses_are_internal_and_external_ips_sorted_and_deduplicated() {
