@@ -401,6 +401,16 @@ impl NodeState {
         Some(!known)
     }
 
+    /// Whether pod `uid` is captured in the network namespace at `netns` (a
+    /// CNI DEL's; empty or gone: no); `None`: it is not captured.
+    fn captured_in(&self, uid: &str, netns: &str) -> Option<bool> {
+        let cookie = self.inpod.netns_cookie(&cluster::kube::records::Uid::new(uid))?;
+        let del = (!netns.is_empty())
+            .then(|| Netns::open(std::path::Path::new(netns)).and_then(|n| n.cookie()).ok())
+            .flatten();
+        Some(del == Some(cookie))
+    }
+
     /// A CNI DEL tore pod `uid`'s sandbox down: out of the capture now,
     /// before the whole model follows.
     fn tear_down(&mut self, uid: &str) {
@@ -757,12 +767,34 @@ impl KubeSource {
     fn handle(&mut self, ev: Event, node: &mut NodeState) {
         match ev {
             Event::Changed => self.apply_model(node, k8s::Trigger::Changes),
-            Event::Cni(CniEvent::TornDown { key, uid, sandbox }) => match self.locator.remove(&uid, &sandbox) {
-                k8s::TearDown::OldSandbox => {
-                    tracing::info!(pod = %key, sandbox = %sandbox, "CNI DEL of a sandbox the pod no longer runs in: ignored");
-                }
-                k8s::TearDown::Again => {}
-                k8s::TearDown::Removed => {
+            Event::Cni(CniEvent::TornDown {
+                key,
+                uid,
+                sandbox,
+                netns,
+            }) => {
+                let torn = match self.locator.remove(&uid, &sandbox) {
+                    k8s::TearDown::Removed => true,
+                    k8s::TearDown::OldSandbox => false,
+                    // No ADD of ours recorded its sandbox: the DEL tears
+                    // the pod down only when its netns is the one the pod
+                    // is captured in. Unsure (the netns is gone, or the
+                    // pod is captured elsewhere), it stays captured until
+                    // the model drops it (fail closed): an old sandbox's
+                    // DEL must not leave a running pod uncaptured for good.
+                    k8s::TearDown::Unrecorded => match node.captured_in(&uid, &netns) {
+                        Some(true) => {
+                            self.locator.forget(&uid);
+                            true
+                        }
+                        Some(false) => false,
+                        None => {
+                            tracing::debug!(pod = %key, sandbox = %sandbox, "CNI DEL of a pod not captured: nothing to do");
+                            return;
+                        }
+                    },
+                };
+                if torn {
                     // Out of the capture at once (O(pods of the node)): a
                     // new pod may take its IPs at any moment. The model
                     // follows with the next batch (at most 50 ms on): a
@@ -771,8 +803,10 @@ impl KubeSource {
                     // behind it.
                     node.tear_down(&uid);
                     self.batches.follow();
+                } else {
+                    tracing::info!(pod = %key, sandbox = %sandbox, "CNI DEL of a sandbox the pod no longer runs in: ignored");
                 }
-            },
+            }
             Event::Cni(CniEvent::Enroll {
                 key,
                 uid,

@@ -94,6 +94,14 @@ impl InPod {
         &self.node
     }
 
+    /// The network namespace (its cookie) pod `uid` is captured in.
+    pub fn netns_cookie(&self, uid: &cluster::kube::records::Uid) -> Option<u64> {
+        self.pods
+            .values()
+            .find(|e| e.spec.uid.as_ref() == Some(uid))
+            .map(|e| e.netns_cookie)
+    }
+
     pub fn enrolled(&self) -> impl Iterator<Item = &str> {
         self.pods.keys().map(String::as_str)
     }

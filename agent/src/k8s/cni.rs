@@ -44,10 +44,15 @@ pub enum CniEvent {
         ips: Vec<std::net::IpAddr>,
         reply: oneshot::Sender<Reply>,
     },
-    /// The sandbox `sandbox` (its `CNI_CONTAINERID`) of pod `uid` is gone.
-    /// The kubelet repeats DELs, also for an old sandbox of a pod that runs
-    /// in a new one by then.
-    TornDown { key: String, uid: String, sandbox: String },
+    /// The sandbox `sandbox` (its `CNI_CONTAINERID`, in `netns`, which may
+    /// be empty or gone) of pod `uid` is gone. The kubelet repeats DELs,
+    /// also for an old sandbox of a pod that runs in a new one by then.
+    TornDown {
+        key: String,
+        uid: String,
+        sandbox: String,
+        netns: String,
+    },
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -178,6 +183,7 @@ async fn handle(req: Request, kube: &Kube, own_uid: Option<&str>, tx: &mpsc::Sen
                     key,
                     uid: req.pod_uid,
                     sandbox: req.container_id,
+                    netns: req.netns,
                 };
                 let _ = tx.send(ev).await;
             }

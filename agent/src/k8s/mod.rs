@@ -214,15 +214,21 @@ pub struct Locator {
     cgroups: Option<(Instant, HashMap<String, PathBuf>)>,
 }
 
-/// What a CNI DEL did to the locator.
+/// What a CNI DEL is to the locator.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TearDown {
-    /// The pod is torn down: never located again.
+    /// Of the sandbox a CNI ADD located the pod in: the pod is torn down,
+    /// never located again (until an ADD locates it).
     Removed,
-    /// It was torn down already (the kubelet repeats DELs).
-    Again,
-    /// The DEL is of a sandbox the pod no longer runs in: nothing changed.
+    /// Of another sandbox of the pod (the kubelet repeats DELs, also for an
+    /// old sandbox of a pod that runs in a new one by then): nothing
+    /// changed.
     OldSandbox,
+    /// No ADD of this agent located the pod (it was found by discovery, as
+    /// after a restart of the agent; it was not in the mesh at its ADD; or
+    /// this sandbox is torn down already): nothing changed, the caller
+    /// decides by the DEL's netns ([`Locator::forget`]).
+    Unrecorded,
 }
 
 /// How old the cgroup walk may be before an unlocated pod walks again.
@@ -251,22 +257,27 @@ impl Locator {
         Ok(())
     }
 
-    /// From CNI DEL of `sandbox`: the pod is never located again, unless
-    /// it runs in another sandbox a CNI ADD gave (then this DEL is an old
-    /// sandbox's, repeated by the kubelet, and changes nothing).
+    /// From CNI DEL of `sandbox`: tears the pod down if a CNI ADD located
+    /// it in that sandbox. A DEL without a sandbox ID is never taken for
+    /// the recorded one (the pod stays captured: fail closed).
     pub fn remove(&mut self, uid: &str, sandbox: &str) -> TearDown {
         match self.sandboxes.get(uid) {
-            Some(current) if *current != sandbox && !sandbox.is_empty() => return TearDown::OldSandbox,
-            _ => {}
+            None => TearDown::Unrecorded,
+            Some(current) if *current != sandbox || sandbox.is_empty() => TearDown::OldSandbox,
+            Some(_) => {
+                self.forget(uid);
+                TearDown::Removed
+            }
         }
+    }
+
+    /// The pod's sandbox is gone: never located again (until a CNI ADD
+    /// locates it), so discovery cannot find it in the dying netns.
+    pub fn forget(&mut self, uid: &str) {
         self.sandboxes.remove(uid);
-        let known = self.found.remove(uid).is_some() | self.cni_ips.remove(uid).is_some();
-        let first = self.torn_down.insert(uid.to_string());
-        if known || first {
-            TearDown::Removed
-        } else {
-            TearDown::Again
-        }
+        self.found.remove(uid);
+        self.cni_ips.remove(uid);
+        self.torn_down.insert(uid.to_string());
     }
 
     /// `ips`: the pod's, which its netns must hold.
@@ -349,22 +360,34 @@ mod tests {
         l.add(uid, "sandbox-2", PathBuf::from("/run/netns/two"), ips.clone())
             .unwrap();
         assert_eq!(l.remove(uid, "sandbox-1"), TearDown::OldSandbox);
+        assert_eq!(
+            l.remove(uid, ""),
+            TearDown::OldSandbox,
+            "no sandbox ID: not taken for the recorded one"
+        );
         let at = l.locate(uid, &ips).expect("still located after an old sandbox's DEL");
         assert_eq!(at.netns, Path::new("/run/netns/two"));
         assert_eq!(l.cni_ips.get(uid), Some(&ips), "its CNI IPs stay too");
-        // Its own sandbox's DEL tears it down, for good; a repeat is a repeat.
+        // Its own sandbox's DEL tears it down, for good; a repeat finds
+        // nothing recorded.
         assert_eq!(l.remove(uid, "sandbox-2"), TearDown::Removed);
         assert_eq!(l.locate(uid, &ips), None);
-        assert_eq!(l.remove(uid, "sandbox-2"), TearDown::Again);
-        assert_eq!(l.remove(uid, "sandbox-1"), TearDown::Again);
+        assert_eq!(l.remove(uid, "sandbox-2"), TearDown::Unrecorded);
+        assert_eq!(l.remove(uid, "sandbox-1"), TearDown::Unrecorded);
         // A new sandbox's ADD locates it again.
         l.add(uid, "sandbox-3", PathBuf::from("/run/netns/three"), ips.clone())
             .unwrap();
         assert!(l.locate(uid, &ips).is_some());
-        // A pod no ADD located (found by discovery, or never): any DEL of it
-        // counts, the first one as a change.
-        assert_eq!(l.remove(other, "whatever"), TearDown::Removed);
-        assert_eq!(l.remove(other, "whatever"), TearDown::Again);
+        // A pod no ADD of this agent located (found by discovery after a
+        // restart, or not in the mesh at its ADD): the locator alone cannot
+        // tell which sandbox a DEL is of, so it keeps the pod locatable
+        // (else an old sandbox's DEL would leave a running pod uncaptured
+        // for good); the caller decides, and `forget` tears it down.
+        assert_eq!(l.remove(other, "whatever"), TearDown::Unrecorded);
+        assert!(!l.torn_down.contains(other));
+        l.forget(other);
+        assert!(l.torn_down.contains(other));
+        assert_eq!(l.locate(other, &ips), None);
         std::fs::remove_dir_all(&root).unwrap();
     }
 
