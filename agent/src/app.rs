@@ -815,27 +815,48 @@ impl KubeSource {
                 ips,
                 reply,
             }) => {
-                let r = match self.locator.add(&uid, &sandbox, netns, ips) {
-                    Err(e) => k8s::cni::failure(format!("cannot enroll {key}: {e}")),
-                    Ok(()) => match self.pod_spec(&key).and_then(|spec| node.enroll_now(spec, &self.node)) {
-                        Some(model_follows) => {
-                            // Located now: a reload tick must not take it for
-                            // a pod discovery found and re-assemble the model.
-                            self.unlocated.retain(|(u, _)| *u != uid);
-                            // The model follows with the next batch of
-                            // changes (at most 50 ms on): a burst of ADDs, as
-                            // a node starting its pods sends, is modelled once.
-                            if model_follows {
-                                self.batches.follow();
-                            }
-                            tracing::info!(pod = %key, ahead_of_model = true, model_follows, "pod enrolled before start (CNI)");
-                            k8s::cni::ok(true, "captured")
-                        }
-                        None => self.enroll_with_model(&key, node),
-                    },
-                };
+                let r = self.cni_add(&key, &uid, &sandbox, netns, ips, node);
                 let _ = reply.send(r);
             }
+        }
+    }
+
+    /// A CNI ADD: locates the pod in its sandbox and captures it, ahead of
+    /// the model where it can; the reply says whether it is captured.
+    fn cni_add(
+        &mut self,
+        key: &str,
+        uid: &str,
+        sandbox: &str,
+        netns: std::path::PathBuf,
+        ips: Vec<std::net::IpAddr>,
+        node: &mut NodeState,
+    ) -> mesh_cni::proto::Reply {
+        if self.locator.deleted(uid, sandbox) {
+            // It waited for the pod to reach the API while the runtime gave
+            // up and tore the sandbox down: never locate the pod there.
+            return k8s::cni::failure(format!(
+                "cannot enroll {key}: its sandbox {sandbox} was torn down (CNI DEL) before this ADD reached the agent; the kubelet makes a new one"
+            ));
+        }
+        if let Err(e) = self.locator.add(uid, sandbox, netns, ips) {
+            return k8s::cni::failure(format!("cannot enroll {key}: {e}"));
+        }
+        match self.pod_spec(key).and_then(|spec| node.enroll_now(spec, &self.node)) {
+            Some(model_follows) => {
+                // Located now: a reload tick must not take it for a pod
+                // discovery found and re-assemble the model.
+                self.unlocated.retain(|(u, _)| *u != uid);
+                // The model follows with the next batch of changes (at most
+                // 50 ms on): a burst of ADDs, as a node starting its pods
+                // sends, is modelled once.
+                if model_follows {
+                    self.batches.follow();
+                }
+                tracing::info!(pod = %key, ahead_of_model = true, model_follows, "pod enrolled before start (CNI)");
+                k8s::cni::ok(true, "captured")
+            }
+            None => self.enroll_with_model(key, node),
         }
     }
 

@@ -207,6 +207,10 @@ pub struct Locator {
     /// The sandbox (`CNI_CONTAINERID`) each pod located by a CNI ADD runs
     /// in: a DEL for another one of the pod is an old sandbox's.
     sandboxes: HashMap<String, String>,
+    /// The last sandbox a CNI DEL was of, per pod: an ADD of it that
+    /// arrives after its DEL (it waited for the pod to reach the API while
+    /// the runtime gave up and cleaned up) must not locate the pod there.
+    deleted: HashMap<String, String>,
     /// Pod cgroup directories by UID from the last walk of the tree, and
     /// when it was taken: a pod outside the kubelet's usual places waits at
     /// most [`WALK_EVERY`] to be found, and a node whose scheduled pods have
@@ -242,6 +246,7 @@ impl Locator {
             cni_ips: HashMap::new(),
             torn_down: HashSet::new(),
             sandboxes: HashMap::new(),
+            deleted: HashMap::new(),
             cgroups: None,
         }
     }
@@ -261,6 +266,9 @@ impl Locator {
     /// it in that sandbox. A DEL without a sandbox ID is never taken for
     /// the recorded one (the pod stays captured: fail closed).
     pub fn remove(&mut self, uid: &str, sandbox: &str) -> TearDown {
+        if !sandbox.is_empty() {
+            self.deleted.insert(uid.to_string(), sandbox.to_string());
+        }
         match self.sandboxes.get(uid) {
             None => TearDown::Unrecorded,
             Some(current) if *current != sandbox || sandbox.is_empty() => TearDown::OldSandbox,
@@ -269,6 +277,12 @@ impl Locator {
                 TearDown::Removed
             }
         }
+    }
+
+    /// Whether a CNI DEL of `sandbox` of pod `uid` came already (its ADD is
+    /// late: the sandbox is gone).
+    pub fn deleted(&self, uid: &str, sandbox: &str) -> bool {
+        self.deleted.get(uid).is_some_and(|s| s == sandbox)
     }
 
     /// The pod's sandbox is gone: never located again (until a CNI ADD
@@ -332,6 +346,7 @@ impl Locator {
         self.found.retain(|u, _| known(u));
         self.torn_down.retain(known);
         self.sandboxes.retain(|u, _| known(u));
+        self.deleted.retain(|u, _| known(u));
         self.cni_ips.retain(|u, _| known(u));
     }
 }
@@ -378,6 +393,9 @@ mod tests {
         l.add(uid, "sandbox-3", PathBuf::from("/run/netns/three"), ips.clone())
             .unwrap();
         assert!(l.locate(uid, &ips).is_some());
+        // An ADD of a sandbox whose DEL came first is late: the sandbox is
+        // gone. Another sandbox's is not.
+        assert!(l.deleted(uid, "sandbox-1") && !l.deleted(uid, "sandbox-3"));
         // A pod no ADD of this agent located (found by discovery after a
         // restart, or not in the mesh at its ADD): the locator alone cannot
         // tell which sandbox a DEL is of, so it keeps the pod locatable

@@ -769,6 +769,12 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
         "{} assemblies of the model for 20 DELs at once, want one per batch",
         after - before
     );
+    // An ADD that reaches the agent after its sandbox's DEL (it waited for
+    // the pod to reach the API while the runtime gave up and cleaned up)
+    // must not capture the pod in the gone sandbox.
+    let late = request(mesh_cni::proto::Command::Add, "sandbox-fresh-2")?;
+    assert!(!late.ok && late.message.contains("was torn down"), "{late:?}");
+    assert!(enrolled(&cluster)?.is_empty());
     // No agent: the plugin asks the API and applies the agent's rule. A pod
     // that belongs in the mesh cannot start (CNI error 11, with the label
     // that decided), a plain one can, and DEL never blocks.
