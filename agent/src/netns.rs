@@ -158,18 +158,17 @@ impl NetSysctls {
     pub fn write(&self, path: &str, value: &str) -> std::io::Result<()> {
         use nix::{fcntl::OFlag, sys::stat::Mode};
         let flags = OFlag::O_WRONLY | OFlag::O_CLOEXEC;
-        let full = match self.0 {
-            SysctlRoot::Private(_) => format!("/proc/sys/net/{path} (private procfs)"),
-            SysctlRoot::Shared => format!("/proc/sys/net/{path}"),
+        let mut full = format!("/proc/sys/net/{path}");
+        let opened = match &self.0 {
+            SysctlRoot::Private(root) => {
+                let opened = nix::fcntl::openat(root, format!("sys/net/{path}").as_str(), flags, Mode::empty());
+                full.push_str(" (private procfs)");
+                opened
+            }
+            SysctlRoot::Shared => nix::fcntl::open(full.as_str(), flags, Mode::empty()),
         };
         let with_path = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{full}: {e}"));
-        let fd = match &self.0 {
-            SysctlRoot::Private(root) => {
-                nix::fcntl::openat(root, format!("sys/net/{path}").as_str(), flags, Mode::empty())
-            }
-            SysctlRoot::Shared => nix::fcntl::open(format!("/proc/sys/net/{path}").as_str(), flags, Mode::empty()),
-        }
-        .map_err(|e| with_path(e.into()))?;
+        let fd = opened.map_err(|e| with_path(e.into()))?;
         std::io::Write::write_all(&mut File::from(fd), value.as_bytes()).map_err(with_path)
     }
 }
