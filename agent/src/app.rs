@@ -772,40 +772,12 @@ impl KubeSource {
                 uid,
                 sandbox,
                 netns,
+                done,
             }) => {
-                let torn = match self.locator.remove(&uid, &sandbox) {
-                    k8s::TearDown::Removed => true,
-                    k8s::TearDown::OldSandbox => false,
-                    // No ADD of ours recorded its sandbox: the DEL tears
-                    // the pod down only when its netns is the one the pod
-                    // is captured in. Unsure (the netns is gone, or the
-                    // pod is captured elsewhere), it stays captured until
-                    // the model drops it (fail closed): an old sandbox's
-                    // DEL must not leave a running pod uncaptured for good.
-                    k8s::TearDown::Unrecorded => match node.captured_in(&uid, &netns) {
-                        Some(true) => {
-                            self.locator.forget(&uid);
-                            true
-                        }
-                        Some(false) => false,
-                        None => {
-                            tracing::debug!(pod = %key, sandbox = %sandbox, "CNI DEL of a pod not captured: nothing to do");
-                            return;
-                        }
-                    },
-                };
-                if torn {
-                    // Out of the capture at once (O(pods of the node)): a
-                    // new pod may take its IPs at any moment. The model
-                    // follows with the next batch (at most 50 ms on): a
-                    // node stopping its pods sends a burst of DELs, and
-                    // each assembly is O(cluster) and holds up the ADDs
-                    // behind it.
-                    node.tear_down(&uid);
-                    self.batches.follow();
-                } else {
-                    tracing::info!(pod = %key, sandbox = %sandbox, "CNI DEL of a sandbox the pod no longer runs in: ignored");
-                }
+                // The DEL's reply waits for this: the runtime frees the
+                // pod's IPs once it has it.
+                let outcome = self.cni_del(&key, &uid, &sandbox, &netns, node);
+                let _ = done.send(outcome);
             }
             Event::Cni(CniEvent::Enroll {
                 key,
@@ -819,6 +791,45 @@ impl KubeSource {
                 let _ = reply.send(r);
             }
         }
+    }
+
+    /// A CNI DEL of pod `uid`'s sandbox `sandbox` (in `netns`): out of the
+    /// capture at once if that is the sandbox it is captured in; what was
+    /// done, for the reply.
+    fn cni_del(&mut self, key: &str, uid: &str, sandbox: &str, netns: &str, node: &mut NodeState) -> &'static str {
+        let torn = match self.locator.remove(uid, sandbox) {
+            k8s::TearDown::Removed => true,
+            k8s::TearDown::OldSandbox => false,
+            // No ADD of ours recorded its sandbox: the DEL tears the pod
+            // down only when its netns is the one the pod is captured in.
+            // Unsure (the netns is gone, or the pod is captured elsewhere),
+            // it stays captured until the model drops it (fail closed): an
+            // old sandbox's DEL must not leave a running pod uncaptured for
+            // good.
+            k8s::TearDown::Unrecorded => match node.captured_in(uid, netns) {
+                Some(true) => {
+                    self.locator.forget(uid);
+                    true
+                }
+                Some(false) => false,
+                None => {
+                    tracing::debug!(pod = %key, sandbox = %sandbox, "CNI DEL of a pod not captured: nothing to do");
+                    return "not captured";
+                }
+            },
+        };
+        if !torn {
+            tracing::info!(pod = %key, sandbox = %sandbox, "CNI DEL of a sandbox the pod no longer runs in: ignored");
+            return "another sandbox of the pod: ignored";
+        }
+        // Out of the capture at once (O(pods of the node)): a new pod may
+        // take its IPs as soon as we reply. The model follows with the next
+        // batch (at most 50 ms on): a node stopping its pods sends a burst
+        // of DELs, and each assembly is O(cluster) and holds up the ADDs
+        // behind it.
+        node.tear_down(uid);
+        self.batches.follow();
+        "out of the capture"
     }
 
     /// A CNI ADD: locates the pod in its sandbox and captures it, ahead of

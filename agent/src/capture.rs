@@ -315,13 +315,34 @@ impl Maps {
         )
     }
 
-    /// Stops capturing a pod: outbound first, then inbound.
-    fn unenroll(&mut self, netns_cookie: u64, ips: &[IpAddr]) {
-        let _ = self.enrolled.remove(&netns_cookie);
+    /// Stops capturing pod `pod_id`: outbound first, then inbound. Only
+    /// entries still its own go: a pod of the node that took one of its
+    /// IPs (or its netns) meanwhile overwrote them, and deleting them would
+    /// let that pod's inbound bypass the mesh until it is enrolled again.
+    fn unenroll(&mut self, pod_id: u32, netns_cookie: u64, ips: &[IpAddr]) {
+        match self.enrolled.get(&netns_cookie, 0) {
+            Ok(e) if e.pod_id != pod_id => {
+                tracing::info!(
+                    netns_cookie,
+                    owner = e.pod_id,
+                    "netns captured for another pod now: left to it"
+                );
+            }
+            _ => {
+                let _ = self.enrolled.remove(&netns_cookie);
+            }
+        }
         for ip in ips {
             let key = to_ip6(*ip);
-            let _ = self.pod_ips.remove(&key);
-            let _ = self.inbound.remove(&key);
+            match self.pod_ips.get(&key, 0) {
+                Ok(owner) if owner != pod_id => {
+                    tracing::info!(%ip, owner, "IP captured for another pod now: left to it");
+                }
+                _ => {
+                    let _ = self.pod_ips.remove(&key);
+                    let _ = self.inbound.remove(&key);
+                }
+            }
         }
     }
 
@@ -592,9 +613,10 @@ impl Capture {
         Ok(())
     }
 
-    /// Stops capturing a pod; its traffic goes direct again at once.
-    pub fn unenroll(&mut self, netns_cookie: u64, ips: &[IpAddr]) {
-        self.maps.unenroll(netns_cookie, ips);
+    /// Stops capturing pod `pod_id` (as given to [`Self::enroll`]); its
+    /// traffic goes direct again at once.
+    pub fn unenroll(&mut self, pod_id: u32, netns_cookie: u64, ips: &[IpAddr]) {
+        self.maps.unenroll(pod_id, netns_cookie, ips);
         let _ = std::fs::remove_file(self.pins.sk_lookup_link(netns_cookie));
     }
 
@@ -1019,6 +1041,50 @@ mod tests {
             err.contains("pinned map STATS") && err.contains(&format!("{slots} entries")) && err.contains("new name"),
             "{err}"
         );
+    }
+
+    /// A pod of the node that took a leaving pod's IP (or netns) while it
+    /// was still captured keeps its entries when the leaving one goes:
+    /// else its inbound would bypass the mesh until enrolled again.
+    #[test]
+    fn a_pod_leaving_removes_only_the_entries_still_its_own() {
+        static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
+        let scratch = TestPins::new("owner");
+        let name = scratch.0.file_name().unwrap().to_str().unwrap();
+        let cgroup = probe::cgroup2_mount().expect("cgroup v2");
+        let (mut capture, _orig) = Capture::start(
+            OBJECT,
+            scratch.0.parent().unwrap(),
+            name,
+            &cgroup,
+            false,
+            Default::default(),
+        )
+        .unwrap();
+        let maps = &mut capture.maps;
+        let (ip, other): (IpAddr, IpAddr) = ("10.77.0.9".parse().unwrap(), "fd00:77::9".parse().unwrap());
+        let (key, other_key) = (to_ip6(ip), to_ip6(other));
+        let listener = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (old, new) = (listener(), listener());
+        let inbound_has = |m: &Maps, k: Ip6| m.inbound.keys().any(|x| x.is_ok_and(|x| x == k));
+
+        maps.enroll(7, 1001, &[ip, other], &old, 0).unwrap();
+        // The new pod takes `ip` (not `other`) and, say, the same netns.
+        maps.enroll(8, 1001, &[ip], &new, 0).unwrap();
+        maps.unenroll(7, 1001, &[ip, other]);
+        assert_eq!(maps.pod_ips.get(&key, 0).unwrap(), 8, "the new pod's IP entry went");
+        assert!(inbound_has(maps, key), "the new pod's listener went");
+        assert_eq!(
+            maps.enrolled.get(&1001, 0).unwrap().pod_id,
+            8,
+            "the new pod's netns entry went"
+        );
+        // What was still the old pod's is gone.
+        assert!(maps.pod_ips.get(&other_key, 0).is_err() && !inbound_has(maps, other_key));
+
+        maps.unenroll(8, 1001, &[ip]);
+        assert!(maps.pod_ips.get(&key, 0).is_err() && !inbound_has(maps, key));
+        assert!(maps.enrolled.get(&1001, 0).is_err());
     }
 
     #[test]

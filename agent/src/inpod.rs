@@ -18,6 +18,8 @@ use crate::{
 
 struct Enrolled {
     spec: PodSpec,
+    /// Its id in the capture maps (POD_IPS values, ENROLLED_NETNS).
+    pod_id: u32,
     netns_cookie: u64,
     /// The last [`InPod::apply`] pass that wanted it.
     seen: u64,
@@ -79,7 +81,10 @@ impl InPod {
             max_conns: cfg.max_connections_per_pod,
             pods: BTreeMap::new(),
             pass: 0,
-            next_id: 1,
+            // Random, not 1: an agent handing over shares the pinned maps
+            // with its successor, and a pod's entries are removed only
+            // under its own id (see `Capture::unenroll`).
+            next_id: rand::random(),
             failures: BTreeMap::new(),
         }
     }
@@ -171,7 +176,7 @@ impl InPod {
         let mut sweep = !gone.is_empty() || self.capture.needs_sweep();
         for key in gone {
             let e = self.pods.remove(&key).expect("listed above");
-            self.capture.unenroll(e.netns_cookie, &e.spec.ips);
+            self.capture.unenroll(e.pod_id, e.netns_cookie, &e.spec.ips);
             tracing::info!(pod = %key, "pod unenrolled");
         }
         self.failures.retain(|k, _| still_failing.contains(k));
@@ -272,10 +277,11 @@ impl InPod {
         let proxy =
             PodProxy::start(ctx.clone(), &self.shutdown, &self.dp.runtime).map_err(|e| pod_err(e.to_string()))?;
         let id = self.next_id;
-        self.next_id += 1;
+        self.next_id = self.next_id.wrapping_add(1);
         self.capture.enroll(id, &ctx.netns, netns_cookie, &spec.ips, &proxy)?;
         Ok(Enrolled {
             spec: spec.clone(),
+            pod_id: id,
             netns_cookie,
             seen: self.pass,
             _proxy: proxy,

@@ -31,6 +31,12 @@ use super::{model, Kube};
 const POD_WAIT: Duration = Duration::from_secs(5);
 /// The plugin gives up after its own timeout (10 s by default).
 const REPLY_WAIT: Duration = Duration::from_secs(8);
+/// How long a DEL's reply waits for the pod to be out of the capture: the
+/// runtime frees the pod's IPs once the plugins reply, and a new pod may
+/// take them. A busy agent replies anyway (the DEL must not fail: the
+/// kubelet would retry it for good) and takes the pod out when it gets to
+/// the DEL.
+const DEL_WAIT: Duration = Duration::from_secs(2);
 
 /// What the main loop must do for the plugin.
 pub enum CniEvent {
@@ -52,6 +58,8 @@ pub enum CniEvent {
         uid: String,
         sandbox: String,
         netns: String,
+        /// What the agent did, for the reply, which waits for it.
+        done: oneshot::Sender<&'static str>,
     },
 }
 
@@ -178,16 +186,29 @@ async fn handle(req: Request, kube: &Kube, own_uid: Option<&str>, tx: &mpsc::Sen
     match req.command {
         Command::Del => {
             tracing::info!(pod = %key, sandbox = %req.container_id, "CNI DEL");
-            if !req.pod_uid.is_empty() {
-                let ev = CniEvent::TornDown {
-                    key,
-                    uid: req.pod_uid,
-                    sandbox: req.container_id,
-                    netns: req.netns,
-                };
-                let _ = tx.send(ev).await;
+            if req.pod_uid.is_empty() {
+                return ok(false, "no pod UID: the pod leaves the capture with the model");
             }
-            ok(false, "torn down")
+            let (done, handled) = oneshot::channel();
+            let ev = CniEvent::TornDown {
+                key: key.clone(),
+                uid: req.pod_uid,
+                sandbox: req.container_id,
+                netns: req.netns,
+                done,
+            };
+            let outcome = tokio::time::timeout(DEL_WAIT, async {
+                tx.send(ev).await.ok()?;
+                handled.await.ok()
+            });
+            match outcome.await {
+                Ok(Some(outcome)) => ok(false, outcome),
+                Ok(None) => ok(false, "the agent is shutting down"),
+                Err(_) => {
+                    tracing::warn!(pod = %key, "CNI DEL: the agent is busy; replying before the pod is out of the capture (it follows)");
+                    ok(false, "the agent is busy: the pod leaves the capture shortly")
+                }
+            }
         }
         Command::Check => ok(true, "agent running"),
         Command::Add => add(req, key, kube, own_uid, tx).await,

@@ -573,7 +573,7 @@ fn install_cni(dir: &Path, api: &ApiServer, token: &str) -> Result<PathBuf> {
 #[test]
 fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_agent() -> Result<()> {
     let spec = ClusterSpec::new(vec![
-        NodeSpec::new("node1", &["fresh", "known", "plain"]),
+        NodeSpec::new("node1", &["fresh", "known", "plain", "found"]),
         NodeSpec::new("node2", &["peer"]),
     ]);
     let cluster = Cluster::create("kcni", &spec)?;
@@ -671,9 +671,10 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     let r = mesh::client(known, "once", &cluster.pod("peer").ip4.to_string(), 8080, &[])?;
     assert!(succeeded(&r), "{r}");
     agent.wait_access(WAIT, |l| access_to(l, &dst).len() >= 2)?;
-    let (code, _, _) = cni("DEL", "known", "apps", &[known.ip4.to_string()])?;
-    assert_eq!(code, 0);
-    wait_enrolled(&cluster, &["apps/fresh"])?;
+    // Out of the capture by the DEL's reply: the runtime frees its IPs then.
+    let (code, _, stderr) = cni("DEL", "known", "apps", &[known.ip4.to_string()])?;
+    assert!(code == 0 && stderr.contains("done: out of the capture"), "{stderr}");
+    assert_eq!(enrolled(&cluster)?, ["apps/fresh"]);
 
     // A pod of a plain namespace passes through, not enrolled.
     let plain_ips = vec![cluster.pod("plain").ip4.to_string()];
@@ -698,6 +699,44 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     assert_eq!(line["sandbox"], "sandbox-fresh-before", "{line}");
     assert_eq!(enrolled(&cluster)?, ["apps/fresh"]);
 
+    // A pod no ADD of this agent located (found by discovery: it ran
+    // before the agent saw an ADD of it, as after an agent restart) has no
+    // recorded sandbox, so a DEL tears it down only when it comes from the
+    // netns the pod is captured in: an old sandbox's (another netns, or one
+    // gone by now) leaves it captured, its own takes it out by the reply.
+    let found = cluster.pod("found");
+    api.apply(&pod(&cluster, "found", "apps", &[], true))?;
+    let _found_app = Apps(vec![run_pod_app(&cluster, "found")?]);
+    wait_enrolled(&cluster, &["apps/found", "apps/fresh"])?;
+    let found_ips = [found.ip4.to_string()];
+    let gone = dir.join("netns-gone");
+    for (sandbox, netns) in [("sandbox-found-0", &known.netns_path), ("sandbox-found-1", &gone)] {
+        let (code, _, stderr) = self::cni(&cluster, &conf, "DEL", sandbox, netns, "apps", "found", &found_ips)?;
+        assert!(
+            code == 0 && stderr.contains("done: another sandbox of the pod: ignored"),
+            "{stderr}"
+        );
+        let ignored = |l: &Value| {
+            l["message"] == "CNI DEL of a sandbox the pod no longer runs in: ignored" && l["sandbox"] == sandbox
+        };
+        poll(WAIT, || Ok(agent.logs().into_iter().find(ignored)))
+            .with_context(|| format!("the DEL of {sandbox} in {} was not ignored", netns.display()))?;
+        assert_eq!(enrolled(&cluster)?, ["apps/found", "apps/fresh"]);
+    }
+    // The reply says what the agent did, so it came once the pod was out.
+    let (code, _, stderr) = self::cni(
+        &cluster,
+        &conf,
+        "DEL",
+        "sandbox-found-2",
+        &found.netns_path,
+        "apps",
+        "found",
+        &found_ips,
+    )?;
+    assert!(code == 0 && stderr.contains("done: out of the capture"), "{stderr}");
+    assert_eq!(enrolled(&cluster)?, ["apps/fresh"], "the DEL from its own netns");
+
     // Its sandbox torn down and made again (as the kubelet does after a
     // sandbox died): the pod is captured anew in the new sandbox, not left
     // on the old one's capture, whose netns may be another one by now under
@@ -720,6 +759,7 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     let del = request(mesh_cni::proto::Command::Del, "sandbox-fresh")?;
     let add = request(mesh_cni::proto::Command::Add, "sandbox-fresh-2")?;
     assert!(del.ok && add.ok && add.enrolled, "{del:?} {add:?}");
+    assert_eq!(del.message, "out of the capture");
     let logs = agent.logs();
     let del = logs
         .iter()
@@ -761,7 +801,7 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
             .collect::<Result<Vec<_>>>()
     })?;
     assert!(dels.iter().all(|(code, _, _)| *code == 0), "{dels:?}");
-    wait_enrolled(&cluster, &[])?;
+    assert!(enrolled(&cluster)?.is_empty(), "out of the capture by the replies");
     let after = poll(WAIT, || Ok(Some(assemblies(&cluster)?).filter(|n| *n > before)))
         .context("the model never followed the DELs")?;
     assert!(
