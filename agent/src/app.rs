@@ -655,7 +655,7 @@ impl KubeSource {
         }
         ready.set_degraded(None);
         tracing::info!("Kubernetes state listed");
-        self.kube.cluster.changes().reading();
+        self.batches.reading_now();
         let started = std::time::Instant::now();
         let model = self.model();
         self.metrics.observe(k8s::Trigger::Start, started);
@@ -710,9 +710,13 @@ impl KubeSource {
         spec
     }
 
-    /// Assembles the whole model and makes the node match it.
+    /// Assembles the whole model and makes the node match it. The read
+    /// holds every change so far, so it closes the open batch too (for an
+    /// ADD left to the model or a pod discovery found: the batch would only
+    /// assemble the same model again).
     fn apply_model(&mut self, node: &mut NodeState, trigger: k8s::Trigger) {
         let started = std::time::Instant::now();
+        self.batches.reading_now();
         node.apply(self.model());
         self.metrics.observe(trigger, started);
     }

@@ -253,6 +253,16 @@ impl Batches {
         self.since.get_or_insert_with(tokio::time::Instant::now);
     }
 
+    /// The reader reads the model now, outside a batch (for a reason of its
+    /// own): that read holds every change so far, so the open window, if
+    /// any, and a pending notification would only bring the same model
+    /// again (a whole translation, O(cluster), for nothing). Call it before
+    /// reading the model, as [`Changes::reading`].
+    pub fn reading_now(&mut self) {
+        self.since = None;
+        self.changes.reading();
+    }
+
     /// Resolves at the end of the next batch. Cancel-safe, for `select!`
     /// loops: a change seen stays in the open window until a call
     /// completes.
@@ -678,7 +688,8 @@ mod tests {
     /// batch (which would translate the same model again, and hold up a
     /// CNI ADD behind it); a change after the batch starts the next; a
     /// wait dropped mid-window (a `select!` loop's other branch won) keeps
-    /// its window; and a reader's own change opens one.
+    /// its window; a reader's own change opens one; and a read outside the
+    /// batches closes it.
     #[tokio::test(start_paused = true)]
     async fn a_burst_of_changes_is_one_batch() {
         use tokio::time::{timeout, Instant};
@@ -719,6 +730,26 @@ mod tests {
             .await
             .expect("the reader's own change opened no window");
         assert_eq!(start.elapsed(), WINDOW);
+
+        // A read outside a batch covers the open window and what is
+        // pending; a change after it starts a batch as usual.
+        changes.notify();
+        {
+            let batch = batches.next();
+            tokio::pin!(batch);
+            assert!(futures::poll!(batch.as_mut()).is_pending());
+        }
+        batches.follow();
+        changes.notify();
+        batches.reading_now();
+        assert!(
+            timeout(LONG, batches.next()).await.is_err(),
+            "a batch of changes a read outside the batches held"
+        );
+        changes.notify();
+        timeout(LONG, batches.next())
+            .await
+            .expect("a change after an outside read started no batch");
     }
 
     fn ns(name: &str) -> Namespace {
