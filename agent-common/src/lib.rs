@@ -311,7 +311,8 @@ impl Ip6 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodEntry {
-    /// Stable small id of the pod inside this agent's pin directory (for logs).
+    /// The pod's id, issued by the agent that enrolled it (from a random
+    /// start per agent): logs, and which agent may remove its entries.
     pub pod_id: u32,
     pub flags: u32,
 }

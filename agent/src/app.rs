@@ -833,7 +833,11 @@ impl KubeSource {
         // behind it.
         node.tear_down(uid);
         self.batches.follow();
-        "out of the capture"
+        match node.inpod.netns_cookie(&cluster::kube::records::Uid::new(uid)) {
+            None => "out of the capture",
+            // `InPod::apply` failed (logged); it is retried.
+            Some(_) => "out of the model; the capture follows (see the agent's logs)",
+        }
     }
 
     /// A CNI ADD: locates the pod in its sandbox and captures it, ahead of

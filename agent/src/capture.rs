@@ -319,19 +319,22 @@ impl Maps {
     /// entries still its own go: a pod of the node that took one of its
     /// IPs (or its netns) meanwhile overwrote them, and deleting them would
     /// let that pod's inbound bypass the mesh until it is enrolled again.
-    fn unenroll(&mut self, pod_id: u32, netns_cookie: u64, ips: &[IpAddr]) {
-        match self.enrolled.get(&netns_cookie, 0) {
+    /// `false`: the netns is another pod's now (its sk_lookup link too).
+    fn unenroll(&mut self, pod_id: u32, netns_cookie: u64, ips: &[IpAddr]) -> bool {
+        let netns_ours = match self.enrolled.get(&netns_cookie, 0) {
             Ok(e) if e.pod_id != pod_id => {
                 tracing::info!(
                     netns_cookie,
                     owner = e.pod_id,
                     "netns captured for another pod now: left to it"
                 );
+                false
             }
             _ => {
                 let _ = self.enrolled.remove(&netns_cookie);
+                true
             }
-        }
+        };
         for ip in ips {
             let key = to_ip6(*ip);
             match self.pod_ips.get(&key, 0) {
@@ -344,18 +347,19 @@ impl Maps {
                 }
             }
         }
+        netns_ours
     }
 
     /// Makes the settings maps equal to `s`.
     fn apply_settings(&mut self, s: &CaptureSettings) -> Result<(), CaptureError> {
         let ports: HashSet<u16> = s.exclude_ports.iter().copied().collect();
-        prune(&mut self.excl_ports, |p| ports.contains(p));
+        prune(&mut self.excl_ports, |p, _| ports.contains(p));
         for p in &ports {
             bpf!("EXCL_PORTS insert", self.excl_ports.insert(p, 1, 0))?;
         }
 
         let addrs: HashSet<Ip6> = s.node_addresses.iter().map(|a| to_ip6(*a)).collect();
-        prune(&mut self.node_addrs, |a| addrs.contains(a));
+        prune(&mut self.node_addrs, |a, _| addrs.contains(a));
         for a in &addrs {
             bpf!("NODE_ADDRS insert", self.node_addrs.insert(a, 1, 0))?;
         }
@@ -382,9 +386,12 @@ impl Maps {
     }
 
     /// Drops enrolment of every netns and IP not in the desired sets.
-    fn retain(&mut self, cookies: &HashSet<u64>, ips: &HashSet<Ip6>) {
-        prune(&mut self.enrolled, |c| cookies.contains(c));
-        for ip in prune(&mut self.pod_ips, |i| ips.contains(i)) {
+    /// Removes the entries not in the wanted sets; with `ours`, only those
+    /// of pods it says this agent enrolled.
+    fn retain(&mut self, cookies: &HashSet<u64>, ips: &HashSet<Ip6>, ours: Option<&dyn Fn(u32) -> bool>) {
+        let mine = |id: u32| ours.is_none_or(|f| f(id));
+        prune(&mut self.enrolled, |c, e| cookies.contains(c) || !mine(e.pod_id));
+        for ip in prune(&mut self.pod_ips, |i, id| ips.contains(i) || !mine(*id)) {
             let _ = self.inbound.remove(&ip);
         }
     }
@@ -418,9 +425,14 @@ impl Maps {
     }
 }
 
-/// Removes every key `keep` rejects; returns the removed keys.
-fn prune<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, keep: impl Fn(&K) -> bool) -> Vec<K> {
-    let stale: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| !keep(k)).collect();
+/// Removes every entry `keep` rejects; returns the removed keys.
+fn prune<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, keep: impl Fn(&K, &V) -> bool) -> Vec<K> {
+    let stale: Vec<K> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| !keep(k, v))
+        .map(|(k, _)| k)
+        .collect();
     for k in &stale {
         let _ = map.remove(k);
     }
@@ -616,8 +628,9 @@ impl Capture {
     /// Stops capturing pod `pod_id` (as given to [`Self::enroll`]); its
     /// traffic goes direct again at once.
     pub fn unenroll(&mut self, pod_id: u32, netns_cookie: u64, ips: &[IpAddr]) {
-        self.maps.unenroll(pod_id, netns_cookie, ips);
-        let _ = std::fs::remove_file(self.pins.sk_lookup_link(netns_cookie));
+        if self.maps.unenroll(pod_id, netns_cookie, ips) {
+            let _ = std::fs::remove_file(self.pins.sk_lookup_link(netns_cookie));
+        }
     }
 
     pub fn apply_settings(&mut self, s: &CaptureSettings) -> Result<(), CaptureError> {
@@ -640,12 +653,18 @@ impl Capture {
     /// Removes every enrolment (maps and sk_lookup links) not in the desired
     /// sets. Called at the end of a complete enrolment pass that may have
     /// left some (see [`Self::needs_sweep`]): the first one also activates
-    /// our cgroup programs.
-    pub fn retain(&mut self, cookies: &HashSet<u64>, ips: &[IpAddr]) {
+    /// our cgroup programs, and removes what a previous agent left. Later
+    /// ones remove only entries of pods `ours` says this agent enrolled
+    /// (and links whose netns entry is gone): while a successor starts
+    /// beside us (a rolling update with surge) both sweep the same maps,
+    /// and ours must not take its new pods out of the capture.
+    pub fn retain(&mut self, cookies: &HashSet<u64>, ips: &[IpAddr], ours: impl Fn(u32) -> bool) {
         let ips: HashSet<Ip6> = ips.iter().map(|i| to_ip6(*i)).collect();
-        self.maps.retain(cookies, &ips);
+        let ours: Option<&dyn Fn(u32) -> bool> = self.active.then_some(&ours);
+        self.maps.retain(cookies, &ips, ours);
         for (cookie, path) in sk_lookup_links(&self.pins) {
-            if !cookies.contains(&cookie) {
+            let owned_elsewhere = ours.is_some() && self.maps.enrolled.get(&cookie, 0).is_ok();
+            if !cookies.contains(&cookie) && !owned_elsewhere {
                 let _ = std::fs::remove_file(path);
             }
         }
@@ -1044,8 +1063,11 @@ mod tests {
     }
 
     /// A pod of the node that took a leaving pod's IP (or netns) while it
-    /// was still captured keeps its entries when the leaving one goes:
-    /// else its inbound would bypass the mesh until enrolled again.
+    /// was still captured keeps its entries and its sk_lookup link when the
+    /// leaving one goes: else its inbound would bypass the mesh until
+    /// enrolled again. Likewise a sweep, once this agent's programs are
+    /// active, leaves the entries of pods another agent (a successor
+    /// starting beside it) enrolled.
     #[test]
     fn a_pod_leaving_removes_only_the_entries_still_its_own() {
         static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
@@ -1061,17 +1083,29 @@ mod tests {
             Default::default(),
         )
         .unwrap();
-        let maps = &mut capture.maps;
         let (ip, other): (IpAddr, IpAddr) = ("10.77.0.9".parse().unwrap(), "fd00:77::9".parse().unwrap());
         let (key, other_key) = (to_ip6(ip), to_ip6(other));
         let listener = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let (old, new) = (listener(), listener());
         let inbound_has = |m: &Maps, k: Ip6| m.inbound.keys().any(|x| x.is_ok_and(|x| x == k));
+        // A pinned map stands in for the netns's sk_lookup link.
+        let link = |c: &Capture, cookie: u64| {
+            let pin = c.pins.sk_lookup_link(cookie);
+            let out = std::process::Command::new("bpftool")
+                .args(["map", "create", pin.to_str().unwrap(), "type", "array"])
+                .args(["key", "4", "value", "4", "entries", "1", "name", "stand_in"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            pin
+        };
 
-        maps.enroll(7, 1001, &[ip, other], &old, 0).unwrap();
+        capture.maps.enroll(7, 1001, &[ip, other], &old, 0).unwrap();
         // The new pod takes `ip` (not `other`) and, say, the same netns.
-        maps.enroll(8, 1001, &[ip], &new, 0).unwrap();
-        maps.unenroll(7, 1001, &[ip, other]);
+        capture.maps.enroll(8, 1001, &[ip], &new, 0).unwrap();
+        let pin = link(&capture, 1001);
+        capture.unenroll(7, 1001, &[ip, other]);
+        let maps = &capture.maps;
         assert_eq!(maps.pod_ips.get(&key, 0).unwrap(), 8, "the new pod's IP entry went");
         assert!(inbound_has(maps, key), "the new pod's listener went");
         assert_eq!(
@@ -1079,12 +1113,37 @@ mod tests {
             8,
             "the new pod's netns entry went"
         );
+        assert!(pin.exists(), "the new pod's sk_lookup link went");
         // What was still the old pod's is gone.
         assert!(maps.pod_ips.get(&other_key, 0).is_err() && !inbound_has(maps, other_key));
-
-        maps.unenroll(8, 1001, &[ip]);
+        capture.unenroll(8, 1001, &[ip]);
+        let maps = &capture.maps;
         assert!(maps.pod_ips.get(&key, 0).is_err() && !inbound_has(maps, key));
-        assert!(maps.enrolled.get(&1001, 0).is_err());
+        assert!(maps.enrolled.get(&1001, 0).is_err() && !pin.exists());
+
+        // Sweeps: pod 9 is ours, pod 10 another agent's; neither is wanted.
+        let ours = |id: u32| id == 9;
+        capture.maps.enroll(9, 1009, &[ip], &old, 0).unwrap();
+        capture.maps.enroll(10, 1010, &[other], &new, 0).unwrap();
+        let (ours_pin, theirs_pin) = (link(&capture, 1009), link(&capture, 1010));
+        capture.active = true; // as after the first complete pass
+        capture.retain(&HashSet::new(), &[], ours);
+        let maps = &capture.maps;
+        assert!(maps.pod_ips.get(&key, 0).is_err() && !inbound_has(maps, key) && !ours_pin.exists());
+        assert!(maps.enrolled.get(&1009, 0).is_err());
+        assert_eq!(
+            maps.pod_ips.get(&other_key, 0).unwrap(),
+            10,
+            "another agent's pod was swept"
+        );
+        assert!(inbound_has(maps, other_key) && theirs_pin.exists());
+        assert_eq!(maps.enrolled.get(&1010, 0).unwrap().pod_id, 10);
+        // Before our programs are active (the first pass), a sweep takes
+        // what a previous agent left too. (`activate` is not reached: the
+        // flag is set back before it could attach anything.)
+        capture.active = false;
+        capture.maps.retain(&HashSet::new(), &HashSet::new(), None);
+        assert!(capture.maps.pod_ips.get(&other_key, 0).is_err() && capture.maps.enrolled.get(&1010, 0).is_err());
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub struct InPod {
     pods: BTreeMap<String, Enrolled>,
     /// Counts [`Self::apply`] passes (see [`Enrolled::seen`]).
     pass: u64,
+    /// Pod ids are issued from `first_id` on (see `Capture::retain`).
+    first_id: u32,
     next_id: u32,
     /// Last error per pod that could not be enrolled, to log changes only.
     failures: BTreeMap<String, String>,
@@ -67,6 +69,10 @@ impl InPod {
         shutdown: watch::Receiver<bool>,
         dp: DataPlane,
     ) -> Self {
+        // Random, not 1: an agent handing over shares the pinned maps with
+        // its successor, and entries are removed only under ids of their
+        // own agent (`Capture::unenroll`, `Capture::retain`).
+        let first_id = rand::random();
         Self {
             node: cfg.node.clone(),
             cgroup_parent: cfg.cgroup_parent.clone(),
@@ -81,10 +87,8 @@ impl InPod {
             max_conns: cfg.max_connections_per_pod,
             pods: BTreeMap::new(),
             pass: 0,
-            // Random, not 1: an agent handing over shares the pinned maps
-            // with its successor, and a pod's entries are removed only
-            // under its own id (see `Capture::unenroll`).
-            next_id: rand::random(),
+            first_id,
+            next_id: first_id,
             failures: BTreeMap::new(),
         }
     }
@@ -195,7 +199,9 @@ impl InPod {
         if sweep {
             let cookies: HashSet<u64> = self.pods.values().map(|e| e.netns_cookie).collect();
             let ips: Vec<IpAddr> = self.pods.values().flat_map(|e| e.spec.ips.iter().copied()).collect();
-            self.capture.retain(&cookies, &ips);
+            let (first, issued) = (self.first_id, self.next_id.wrapping_sub(self.first_id));
+            self.capture
+                .retain(&cookies, &ips, |id| id.wrapping_sub(first) < issued);
         }
         Ok(())
     }

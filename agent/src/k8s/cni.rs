@@ -35,8 +35,12 @@ const REPLY_WAIT: Duration = Duration::from_secs(8);
 /// runtime frees the pod's IPs once the plugins reply, and a new pod may
 /// take them. A busy agent replies anyway (the DEL must not fail: the
 /// kubelet would retry it for good) and takes the pod out when it gets to
-/// the DEL.
+/// the DEL. Not a hard bound: the control path's runtime has one thread,
+/// so the timer fires once the control loop yields.
 const DEL_WAIT: Duration = Duration::from_secs(2);
+/// How long a DEL may wait for a place in the control loop's queue after
+/// its reply went (bounds the tasks a stuck control loop leaves behind).
+const DEL_QUEUE_WAIT: Duration = Duration::from_secs(60);
 
 /// What the main loop must do for the plugin.
 pub enum CniEvent {
@@ -197,13 +201,20 @@ async fn handle(req: Request, kube: &Kube, own_uid: Option<&str>, tx: &mpsc::Sen
                 netns: req.netns,
                 done,
             };
-            let outcome = tokio::time::timeout(DEL_WAIT, async {
-                tx.send(ev).await.ok()?;
-                handled.await.ok()
+            // The DEL reaches the control loop even when the reply cannot
+            // wait for it (a full queue, or the agent still waiting for its
+            // first list from the API): lost, it would leave the pod
+            // captured until the model drops it, and a late ADD of its
+            // sandbox unrefused.
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if tokio::time::timeout(DEL_QUEUE_WAIT, tx.send(ev)).await.is_err() {
+                    tracing::warn!("CNI DEL dropped: the agent's control loop took no event for a minute; the pod leaves the capture with the model");
+                }
             });
-            match outcome.await {
-                Ok(Some(outcome)) => ok(false, outcome),
-                Ok(None) => ok(false, "the agent is shutting down"),
+            match tokio::time::timeout(DEL_WAIT, handled).await {
+                Ok(Ok(outcome)) => ok(false, outcome),
+                Ok(Err(_)) => ok(false, "the agent is shutting down"),
                 Err(_) => {
                     tracing::warn!(pod = %key, "CNI DEL: the agent is busy; replying before the pod is out of the capture (it follows)");
                     ok(false, "the agent is busy: the pod leaves the capture shortly")
