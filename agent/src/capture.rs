@@ -73,6 +73,8 @@ pub enum CaptureError {
     Bpf { what: String, message: String },
     #[error("pod {pod}: {message}")]
     Pod { pod: String, message: String },
+    #[error("a newer agent runs the capture on this node: it enrolls pods now, this one only drains")]
+    Superseded,
     #[error(transparent)]
     Netns(#[from] crate::netns::NetnsError),
     #[error("{what} {path}: {source}", path = path.display())]
@@ -460,6 +462,10 @@ pub struct Capture {
     settings: Option<CaptureSettings>,
     /// Sockmap acceleration, when on and supported.
     sockmap: Option<sockmap::Sockmap>,
+    /// The program our sockops link ran when we activated (its id), to see
+    /// a successor take the hooks over ([`Capture::superseded`]).
+    own_sockops: Option<u32>,
+    superseded: bool,
 }
 
 /// What `agent status` prints.
@@ -583,6 +589,8 @@ impl Capture {
             unpin_pending: false,
             settings: None,
             active_error: None,
+            own_sockops: None,
+            superseded: false,
             sockmap,
         };
         Ok((capture, orig))
@@ -661,13 +669,7 @@ impl Capture {
     pub fn retain(&mut self, cookies: &HashSet<u64>, ips: &[IpAddr], ours: impl Fn(u32) -> bool) {
         let ips: HashSet<Ip6> = ips.iter().map(|i| to_ip6(*i)).collect();
         let ours: Option<&dyn Fn(u32) -> bool> = self.active.then_some(&ours);
-        self.maps.retain(cookies, &ips, ours);
-        for (cookie, path) in sk_lookup_links(&self.pins) {
-            let owned_elsewhere = ours.is_some() && self.maps.enrolled.get(&cookie, 0).is_ok();
-            if !cookies.contains(&cookie) && !owned_elsewhere {
-                let _ = std::fs::remove_file(path);
-            }
-        }
+        self.retain_entries(cookies, &ips, ours);
         if self.unpin_pending {
             self.unpin_pending = false;
             self.unpin_unused_maps();
@@ -686,6 +688,19 @@ impl Capture {
         }
     }
 
+    /// The entries and links part of [`Self::retain`]; `ours`: only those
+    /// of pods it says this agent enrolled (and links whose netns entry is
+    /// gone), else every one not wanted.
+    fn retain_entries(&mut self, cookies: &HashSet<u64>, ips: &HashSet<Ip6>, ours: Option<&dyn Fn(u32) -> bool>) {
+        self.maps.retain(cookies, ips, ours);
+        for (cookie, path) in sk_lookup_links(&self.pins) {
+            let owned_elsewhere = ours.is_some() && self.maps.enrolled.get(&cookie, 0).is_ok();
+            if !cookies.contains(&cookie) && !owned_elsewhere {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
     /// Makes every cgroup link run our programs (see [`links::converge`]).
     fn activate(&mut self) -> Result<(), CaptureError> {
         let mut outcomes = BTreeMap::new();
@@ -699,8 +714,30 @@ impl Capture {
             progs::SOCKOPS,
             converge_cgroup(&self.pins, progs::SOCKOPS, prog, &self.cgroup)?,
         );
+        self.own_sockops = self.sockops_link_prog();
         tracing::info!(programs = ?outcomes, "capture programs attached");
         Ok(())
+    }
+
+    /// The program the pinned sockops link runs now.
+    fn sockops_link_prog(&self) -> Option<u32> {
+        let link = sys::obj_get(&self.pins.links().join(format!("cg_{}", progs::SOCKOPS))).ok()?;
+        sys::link_prog_id(link.as_fd()).ok()
+    }
+
+    /// Whether a successor's programs took the cgroup hooks over since we
+    /// activated ours (a rolling update starts the new agent beside this
+    /// one): from then on the shared maps are the successor's, and this
+    /// agent must not change them (its enrolments would overwrite the
+    /// successor's listeners with ours, which close when we exit, and its
+    /// sweeps would take the successor's new pods out). Once seen, for
+    /// good: a successor never hands back.
+    pub fn superseded(&mut self) -> bool {
+        if !self.superseded && self.own_sockops.is_some() {
+            let now = self.sockops_link_prog();
+            self.superseded = now.is_some() && now != self.own_sockops;
+        }
+        self.superseded
     }
 
     /// Removes the pins of maps that are neither this release's nor used by
@@ -1122,12 +1159,13 @@ mod tests {
         assert!(maps.enrolled.get(&1001, 0).is_err() && !pin.exists());
 
         // Sweeps: pod 9 is ours, pod 10 another agent's; neither is wanted.
+        // Once our programs are active, only ours go.
         let ours = |id: u32| id == 9;
+        let (none, no_ips) = (HashSet::new(), HashSet::new());
         capture.maps.enroll(9, 1009, &[ip], &old, 0).unwrap();
         capture.maps.enroll(10, 1010, &[other], &new, 0).unwrap();
         let (ours_pin, theirs_pin) = (link(&capture, 1009), link(&capture, 1010));
-        capture.active = true; // as after the first complete pass
-        capture.retain(&HashSet::new(), &[], ours);
+        capture.retain_entries(&none, &no_ips, Some(&ours));
         let maps = &capture.maps;
         assert!(maps.pod_ips.get(&key, 0).is_err() && !inbound_has(maps, key) && !ours_pin.exists());
         assert!(maps.enrolled.get(&1009, 0).is_err());
@@ -1138,12 +1176,12 @@ mod tests {
         );
         assert!(inbound_has(maps, other_key) && theirs_pin.exists());
         assert_eq!(maps.enrolled.get(&1010, 0).unwrap().pod_id, 10);
-        // Before our programs are active (the first pass), a sweep takes
-        // what a previous agent left too. (`activate` is not reached: the
-        // flag is set back before it could attach anything.)
-        capture.active = false;
-        capture.maps.retain(&HashSet::new(), &HashSet::new(), None);
-        assert!(capture.maps.pod_ips.get(&other_key, 0).is_err() && capture.maps.enrolled.get(&1010, 0).is_err());
+        // Before (the first complete pass), what a previous agent left goes
+        // too.
+        capture.retain_entries(&none, &no_ips, None);
+        let maps = &capture.maps;
+        assert!(maps.pod_ips.get(&other_key, 0).is_err() && !inbound_has(maps, other_key));
+        assert!(maps.enrolled.get(&1010, 0).is_err() && !theirs_pin.exists());
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct InPod {
     pass: u64,
     /// Pod ids are issued from `first_id` on (see `Capture::retain`).
     first_id: u32,
+    /// The last [`Capture::superseded`], to log the change once.
+    capture_superseded: bool,
     next_id: u32,
     /// Last error per pod that could not be enrolled, to log changes only.
     failures: BTreeMap<String, String>,
@@ -88,6 +90,7 @@ impl InPod {
             pods: BTreeMap::new(),
             pass: 0,
             first_id,
+            capture_superseded: false,
             next_id: first_id,
             failures: BTreeMap::new(),
         }
@@ -140,6 +143,9 @@ impl InPod {
     /// previous agent left behind. Pods that cannot be enrolled are retried on
     /// the next call.
     pub fn apply(&mut self, cfg: &LocalConfig) -> Result<(), CaptureError> {
+        if self.superseded() {
+            return Ok(());
+        }
         self.capture.apply_settings(&cfg.capture)?;
         // One pass over the wanted pods, keyed in a reused buffer: this runs
         // on every change of the model, O(pods of the node), and a map of
@@ -199,11 +205,22 @@ impl InPod {
         if sweep {
             let cookies: HashSet<u64> = self.pods.values().map(|e| e.netns_cookie).collect();
             let ips: Vec<IpAddr> = self.pods.values().flat_map(|e| e.spec.ips.iter().copied()).collect();
-            let (first, issued) = (self.first_id, self.next_id.wrapping_sub(self.first_id));
-            self.capture
-                .retain(&cookies, &ips, |id| id.wrapping_sub(first) < issued);
+            let (first, next) = (self.first_id, self.next_id);
+            self.capture.retain(&cookies, &ips, |id| issued(first, next, id));
         }
         Ok(())
+    }
+
+    /// A successor runs the capture now ([`Capture::superseded`]): this
+    /// agent leaves the shared maps alone; its listeners serve what they
+    /// have until it stops. Logged once.
+    fn superseded(&mut self) -> bool {
+        let was = self.capture_superseded;
+        self.capture_superseded = self.capture.superseded();
+        if self.capture_superseded && !was {
+            tracing::info!("a newer agent runs the capture programs: this agent no longer changes the capture maps");
+        }
+        self.capture_superseded
     }
 
     /// The last [`Self::apply`] left nothing to retry: every pod it wanted
@@ -218,6 +235,9 @@ impl InPod {
     /// error nothing is recorded: `apply` records it, retries and sweeps
     /// what a half-done enrolment left.
     pub fn enroll_one(&mut self, spec: &PodSpec) -> Result<bool, CaptureError> {
+        if self.superseded() {
+            return Err(CaptureError::Superseded);
+        }
         let key = spec.key();
         if self.pods.contains_key(&key) {
             return Ok(false);
@@ -316,4 +336,27 @@ fn prepare_pod_netns() -> (std::io::Result<()>, std::io::Result<()>) {
 /// in place; a new service account means a new identity, so re-enroll).
 fn same_capture(a: &PodSpec, b: &PodSpec) -> bool {
     a.netns == b.netns && a.cgroup == b.cgroup && a.ips == b.ips && a.service_account == b.service_account
+}
+
+/// Whether `id` is one of the pod ids issued from `first` up to `next`
+/// (exclusive), wrapping past `u32::MAX`.
+fn issued(first: u32, next: u32, id: u32) -> bool {
+    id.wrapping_sub(first) < next.wrapping_sub(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::issued;
+
+    #[test]
+    fn issued_ids_wrap_past_the_top() {
+        assert!(!issued(7, 7, 7), "none issued yet");
+        assert!(issued(7, 9, 7) && issued(7, 9, 8) && !issued(7, 9, 9) && !issued(7, 9, 6));
+        let first = u32::MAX - 1;
+        let next = first.wrapping_add(4); // MAX-1, MAX, 0, 1
+        for id in [u32::MAX - 1, u32::MAX, 0, 1] {
+            assert!(issued(first, next, id), "{id}");
+        }
+        assert!(!issued(first, next, 2) && !issued(first, next, u32::MAX - 2));
+    }
 }

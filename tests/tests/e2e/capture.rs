@@ -383,6 +383,27 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with(accel: Accel
 
     let mut new = Agent::start(&w.cluster, "node1", &w.config, &w.dir, &w.extra)?;
     new.wait_for("agent ready", WAIT)?;
+    // A pod joins while both run (a rolling update overlaps them): the
+    // successor enrolls it; the old agent, superseded, leaves the shared
+    // maps alone (its listener would take the pod's inbound entry and
+    // close with it, and its sweeps would take the successor's pods out).
+    let _outsider = Server::start(w.cluster.pod("outsider"), &[APP_PORT])?;
+    mesh::write_config(
+        &w.cluster,
+        &w.config,
+        &[ENROLLED, &["outsider"]].concat(),
+        &Settings::default(),
+    )?;
+    let enrolled_outsider = |a: &Agent| {
+        a.logs()
+            .iter()
+            .any(|l| l["message"] == "pod enrolled" && l["pod"].as_str().is_some_and(|p| p.ends_with("outsider")))
+    };
+    mesh::poll(WAIT, || Ok(enrolled_outsider(&new).then_some(())))?;
+    old.wait_for(
+        "a newer agent runs the capture programs: this agent no longer changes the capture maps",
+        WAIT,
+    )?;
     old.signal_term();
     old.wait_for("draining", WAIT)?;
     let moved = forward_moved(&new)?;
@@ -394,6 +415,11 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with(accel: Accel
     let h = mesh::client_report(held)?;
     assert_eq!((h["ok"].as_u64(), &h["error"]), (Some(40), &Value::Null), "{h}");
     assert!(old.wait_exit(WAIT)?.success());
+    assert!(!enrolled_outsider(&old), "the superseded agent enrolled a pod");
+    // Reached through the successor's capture, the old agent gone.
+    let before = new.access_logs().len();
+    assert!(succeeded(&w.once("client", &w.ip4("outsider"), APP_PORT)?));
+    new.wait_access(WAIT, |l| l.len() >= before + 2)?;
     // ... with the kernel path, its exchanges skip the draining agent (the
     // counters are the node's pinned ones).
     if accel == Accel::Forward {

@@ -723,7 +723,17 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
             .with_context(|| format!("the DEL of {sandbox} in {} was not ignored", netns.display()))?;
         assert_eq!(enrolled(&cluster)?, ["apps/found", "apps/fresh"]);
     }
-    // The reply says what the agent did, so it came once the pod was out.
+    // The reply says what the agent did, so it came once the pod was out,
+    // in the kernel too: its IP and netns are out of the capture maps.
+    let in_maps = || -> Result<(bool, usize)> {
+        let s = agent.status()?;
+        let ip = Value::from(found.ip4.to_string());
+        let ips = s["pod_ips"].as_array().context("no pod_ips in agent status")?;
+        let netns = s["enrolled_netns"].as_array().context("no enrolled_netns")?;
+        Ok((ips.contains(&ip), netns.len()))
+    };
+    let (ip_in, netns_before) = in_maps()?;
+    assert!(ip_in, "the ignored DELs took its IP out of the maps");
     let (code, _, stderr) = self::cni(
         &cluster,
         &conf,
@@ -736,6 +746,11 @@ fn cni_plugin_enrolls_new_pods_before_they_start_and_fails_closed_without_the_ag
     )?;
     assert!(code == 0 && stderr.contains("done: out of the capture"), "{stderr}");
     assert_eq!(enrolled(&cluster)?, ["apps/fresh"], "the DEL from its own netns");
+    assert_eq!(
+        in_maps()?,
+        (false, netns_before - 1),
+        "still in the capture maps after the reply"
+    );
 
     // Its sandbox torn down and made again (as the kubelet does after a
     // sandbox died): the pod is captured anew in the new sandbox, not left
