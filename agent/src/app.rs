@@ -218,9 +218,15 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
     let mut tick = tokio::time::interval(cfg.reload_interval);
     // After a stall, one tick late rather than a burst of back-to-back ones.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stepped_down = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                if node.inpod.successor_gone() {
+                    tracing::error!("the agent that took this node's capture over is gone (its programs stay pinned, nobody enrols pods): stepping down so this one is restarted and takes the capture back");
+                    stepped_down = true;
+                    break;
+                }
                 source.tick(&mut node, &ready);
                 node.inpod.capture().keep_counts();
                 node.release_freed();
@@ -244,6 +250,10 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
         tracker,
         timeout: cfg.drain_timeout,
     });
+    anyhow::ensure!(
+        !stepped_down,
+        "stepped down: the agent that superseded this one is gone; restart this one to take the capture back"
+    );
     Ok(())
 }
 

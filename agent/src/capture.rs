@@ -18,6 +18,7 @@
 //! pod, and only then swaps its programs into the pinned links
 //! ([`links::converge`]: atomic, compare-and-swap). Maps no attached program
 //! uses any more are unpinned then (counters are carried over first).
+mod beacon;
 pub mod bpflog;
 pub mod links;
 pub mod probe;
@@ -73,7 +74,7 @@ pub enum CaptureError {
     Bpf { what: String, message: String },
     #[error("pod {pod}: {message}")]
     Pod { pod: String, message: String },
-    #[error("a newer agent runs the capture on this node: it enrolls pods now, this one only drains")]
+    #[error("a newer agent runs the capture on this node and enrols its pods now")]
     Superseded,
     #[error(transparent)]
     Netns(#[from] crate::netns::NetnsError),
@@ -466,6 +467,10 @@ pub struct Capture {
     /// a successor take the hooks over ([`Capture::superseded`]).
     own_sockops: Option<u32>,
     superseded: bool,
+    /// Bound before our programs take the hooks (see [`beacon`]).
+    beacon: Option<beacon::Beacon>,
+    /// A successor's beacon was seen since we were superseded.
+    successor_seen: bool,
 }
 
 /// What `agent status` prints.
@@ -591,6 +596,8 @@ impl Capture {
             active_error: None,
             own_sockops: None,
             superseded: false,
+            beacon: None,
+            successor_seen: false,
             sockmap,
         };
         Ok((capture, orig))
@@ -703,6 +710,17 @@ impl Capture {
 
     /// Makes every cgroup link run our programs (see [`links::converge`]).
     fn activate(&mut self) -> Result<(), CaptureError> {
+        // Before the hooks: an agent we supersede must see us alive as soon
+        // as it sees our programs.
+        if self.beacon.is_none() {
+            let pin_name = self.pins.root.file_name().unwrap_or_default().to_string_lossy();
+            match beacon::Beacon::bind(&pin_name) {
+                Ok(b) => self.beacon = Some(b),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot bind the agent's beacon: an agent this one supersedes cannot tell if it dies")
+                }
+            }
+        }
         let mut outcomes = BTreeMap::new();
         for name in CGROUP_SOCK_ADDR {
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
@@ -714,9 +732,32 @@ impl Capture {
             progs::SOCKOPS,
             converge_cgroup(&self.pins, progs::SOCKOPS, prog, &self.cgroup)?,
         );
-        self.own_sockops = self.sockops_link_prog();
+        if outcomes.values().any(|o| matches!(o, links::Converged::Newer { .. })) {
+            // A successor activated first (our first pass came late).
+            self.superseded = true;
+        } else {
+            self.own_sockops = self.sockops_link_prog();
+        }
         tracing::info!(programs = ?outcomes, "capture programs attached");
         Ok(())
+    }
+
+    /// We were superseded, and the successor is gone: its beacon was seen
+    /// and is no more (its programs stay pinned and nobody enrols pods). A
+    /// successor never seen is never taken for gone: a release without
+    /// beacons (a downgrade) must not make us step down and come back.
+    pub fn successor_gone(&mut self) -> bool {
+        let Some(beacon) = self.beacon.as_ref().filter(|_| self.superseded) else {
+            return false;
+        };
+        match beacon.others() {
+            Ok(true) => {
+                self.successor_seen = true;
+                false
+            }
+            Ok(false) => self.successor_seen,
+            Err(_) => false,
+        }
     }
 
     /// The program the pinned sockops link runs now.

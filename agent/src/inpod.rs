@@ -98,6 +98,9 @@ impl InPod {
 
     /// Why the pod could not be enrolled at the last attempt.
     pub fn failure(&self, key: &str) -> Option<&str> {
+        if self.capture_superseded {
+            return Some("a newer agent runs the capture on this node and enrols its pods now");
+        }
         self.failures.get(key).map(String::as_str)
     }
 
@@ -192,6 +195,10 @@ impl InPod {
         self.failures.retain(|k, _| still_failing.contains(k));
         for spec in new {
             if let Err(err) = self.enroll_one(spec) {
+                if matches!(err, CaptureError::Superseded) {
+                    // Superseded under way: the maps are the successor's.
+                    return Ok(());
+                }
                 sweep = true;
                 let msg = err.to_string();
                 let key = spec.key();
@@ -212,8 +219,8 @@ impl InPod {
     }
 
     /// A successor runs the capture now ([`Capture::superseded`]): this
-    /// agent leaves the shared maps alone; its listeners serve what they
-    /// have until it stops. Logged once.
+    /// agent leaves the shared maps alone; its listeners keep serving until
+    /// it stops. Logged once.
     fn superseded(&mut self) -> bool {
         let was = self.capture_superseded;
         self.capture_superseded = self.capture.superseded();
@@ -221,6 +228,12 @@ impl InPod {
             tracing::info!("a newer agent runs the capture programs: this agent no longer changes the capture maps");
         }
         self.capture_superseded
+    }
+
+    /// A successor superseded us and is gone again (see
+    /// [`Capture::successor_gone`]): this agent must step down.
+    pub fn successor_gone(&mut self) -> bool {
+        self.superseded() && self.capture.successor_gone()
     }
 
     /// The last [`Self::apply`] left nothing to retry: every pod it wanted

@@ -368,13 +368,13 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with(accel: Accel
     let backend = w.ip4("backend");
 
     // A long-lived connection through the old agent, and a stream of new connects.
-    let held = mesh::held_client(client, &backend, APP_PORT, 40)?;
-    let stream = mesh::spawn_client(
+    let mut held = mesh::held_client(client, &backend, APP_PORT, 100)?;
+    let mut stream = mesh::spawn_client(
         client,
         "loop",
         &backend,
         APP_PORT,
-        &["--count", "150", "--interval", "0.02"],
+        &["--count", "400", "--interval", "0.02"],
     )?;
     // The loop is under way (through the old agent) before the handover.
     mesh::poll(WAIT, || {
@@ -404,16 +404,21 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with(accel: Accel
         "a newer agent runs the capture programs: this agent no longer changes the capture maps",
         WAIT,
     )?;
+    // Both clients still run: the handover happens under them.
+    anyhow::ensure!(
+        stream.try_wait()?.is_none() && held.try_wait()?.is_none(),
+        "the clients finished before the handover: raise their counts"
+    );
     old.signal_term();
     old.wait_for("draining", WAIT)?;
     let moved = forward_moved(&new)?;
 
     let r = mesh::client_report(stream)?;
     assert_eq!(r["failed"], 0, "no connect may fail during a handover: {r}");
-    assert_eq!(r["ok"], 150, "{r}");
+    assert_eq!(r["ok"], 400, "{r}");
     // The open connection stays on the old agent, which drains it before exiting.
     let h = mesh::client_report(held)?;
-    assert_eq!((h["ok"].as_u64(), &h["error"]), (Some(40), &Value::Null), "{h}");
+    assert_eq!((h["ok"].as_u64(), &h["error"]), (Some(100), &Value::Null), "{h}");
     assert!(old.wait_exit(WAIT)?.success());
     assert!(!enrolled_outsider(&old), "the superseded agent enrolled a pod");
     // Reached through the successor's capture, the old agent gone.
@@ -440,6 +445,32 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with(accel: Accel
     new.kill9();
     let h = mesh::client_report(held)?;
     assert!(h["error"].is_string() && h["ok"].as_u64().unwrap() < 30, "{h}");
+    Ok(())
+}
+
+/// A successor that dies (or is rolled back) during the overlap leaves its
+/// programs pinned and nobody to enrol pods: the agent it superseded steps
+/// down (exits non-zero, to be restarted), and the next agent takes the
+/// capture back.
+#[test]
+fn a_superseded_agent_steps_down_when_its_successor_dies() -> Result<()> {
+    let w = World::new("stepdown")?;
+    let _backend = Server::start(w.cluster.pod("backend"), &[APP_PORT])?;
+    let mut old = w.agent("node1")?;
+    let mut new = w.agent("node1")?;
+    old.wait_for(
+        "a newer agent runs the capture programs: this agent no longer changes the capture maps",
+        WAIT,
+    )?;
+    new.kill9();
+    old.wait_for(
+        "the agent that took this node's capture over is gone (its programs stay pinned, nobody enrols pods): stepping down so this one is restarted and takes the capture back",
+        WAIT,
+    )?;
+    assert!(!old.wait_exit(WAIT)?.success(), "stepped down with success");
+    let back = w.agent("node1")?;
+    assert!(succeeded(&w.once("client", &w.ip4("backend"), APP_PORT)?));
+    back.wait_access(WAIT, |l| !l.is_empty())?;
     Ok(())
 }
 
