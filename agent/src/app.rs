@@ -55,6 +55,9 @@ struct Drain {
     timeout: Duration,
 }
 
+/// The longest drain of an agent stepping down (see `capture::beacon`).
+const STEP_DOWN_DRAIN: Duration = Duration::from_secs(2);
+
 /// Runs the agent until SIGTERM/SIGINT and a drain.
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     raise_fd_limit();
@@ -115,7 +118,7 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
         Source::File(path) => Watched::File(Box::new(FileSource::open(path)?)),
         Source::Kubernetes(k) => Watched::Kube(KubeSource::start(&cfg.node, k, &mut registry).await?),
     };
-    let (capture, orig) = Capture::start(
+    let (mut capture, orig) = Capture::start(
         &object,
         &cfg.bpffs,
         &cfg.pin_name,
@@ -128,6 +131,10 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
         },
     )?;
     drop(object);
+    if let Source::Kubernetes(k) = &cfg.source {
+        // Agent pods have network namespaces of their own.
+        capture.set_beacon_netns(k.host_netns.clone());
+    }
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let tracker = Arc::new(Tracker::default());
@@ -248,7 +255,12 @@ async fn control(cfg: AgentConfig, dp: Handle, stopped: oneshot::Sender<Drain>) 
     drop(node);
     let _ = stopped.send(Drain {
         tracker,
-        timeout: cfg.drain_timeout,
+        // Stepping down, no agent accepts new connections until this one is
+        // back: a short drain, then the restart.
+        timeout: match stepped_down {
+            true => cfg.drain_timeout.min(STEP_DOWN_DRAIN),
+            false => cfg.drain_timeout,
+        },
     });
     anyhow::ensure!(
         !stepped_down,

@@ -471,6 +471,9 @@ pub struct Capture {
     beacon: Option<beacon::Beacon>,
     /// A successor's beacon was seen since we were superseded.
     successor_seen: bool,
+    /// Where the beacons live (see [`beacon`]); `None`: our own netns.
+    beacon_netns: Option<PathBuf>,
+    beacon_warned: bool,
 }
 
 /// What `agent status` prints.
@@ -598,6 +601,8 @@ impl Capture {
             superseded: false,
             beacon: None,
             successor_seen: false,
+            beacon_netns: None,
+            beacon_warned: false,
             sockmap,
         };
         Ok((capture, orig))
@@ -714,7 +719,7 @@ impl Capture {
         // as it sees our programs.
         if self.beacon.is_none() {
             let pin_name = self.pins.root.file_name().unwrap_or_default().to_string_lossy();
-            match beacon::Beacon::bind(&pin_name) {
+            match beacon::Beacon::bind(&pin_name, self.beacon_netns.clone()) {
                 Ok(b) => self.beacon = Some(b),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot bind the agent's beacon: an agent this one supersedes cannot tell if it dies")
@@ -742,6 +747,13 @@ impl Capture {
         Ok(())
     }
 
+    /// The network namespace every agent of the node shares (the host's,
+    /// when agent pods have their own), for the beacons: set before the
+    /// first [`Self::retain`].
+    pub fn set_beacon_netns(&mut self, netns: PathBuf) {
+        self.beacon_netns = Some(netns);
+    }
+
     /// We were superseded, and the successor is gone: its beacon was seen
     /// and is no more (its programs stay pinned and nobody enrols pods). A
     /// successor never seen is never taken for gone: a release without
@@ -752,11 +764,19 @@ impl Capture {
         };
         match beacon.others() {
             Ok(true) => {
+                if !self.successor_seen {
+                    tracing::info!("the successor's beacon is up: this agent steps down if it goes");
+                }
                 self.successor_seen = true;
                 false
             }
             Ok(false) => self.successor_seen,
-            Err(_) => false,
+            Err(e) => {
+                if !std::mem::replace(&mut self.beacon_warned, true) {
+                    tracing::warn!(error = %e, "cannot look for the successor's beacon: this agent cannot tell if it dies");
+                }
+                false
+            }
         }
     }
 

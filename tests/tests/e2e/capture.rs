@@ -369,12 +369,21 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with(accel: Accel
 
     // A long-lived connection through the old agent, and a stream of new connects.
     let mut held = mesh::held_client(client, &backend, APP_PORT, 100)?;
+    // Until told to stop (bounded by its count): it must outlast the handover.
+    let stop = w.dir.join("stop-stream");
     let mut stream = mesh::spawn_client(
         client,
         "loop",
         &backend,
         APP_PORT,
-        &["--count", "400", "--interval", "0.02"],
+        &[
+            "--count",
+            "3000",
+            "--interval",
+            "0.02",
+            "--stop-file",
+            stop.to_str().unwrap(),
+        ],
     )?;
     // The loop is under way (through the old agent) before the handover.
     mesh::poll(WAIT, || {
@@ -413,9 +422,10 @@ fn graceful_handover_refuses_no_connection_and_keeps_open_ones_with(accel: Accel
     old.wait_for("draining", WAIT)?;
     let moved = forward_moved(&new)?;
 
+    std::fs::write(&stop, "")?;
     let r = mesh::client_report(stream)?;
     assert_eq!(r["failed"], 0, "no connect may fail during a handover: {r}");
-    assert_eq!(r["ok"], 400, "{r}");
+    assert!(r["ok"].as_u64().is_some_and(|n| n >= 4), "{r}");
     // The open connection stays on the old agent, which drains it before exiting.
     let h = mesh::client_report(held)?;
     assert_eq!((h["ok"].as_u64(), &h["error"]), (Some(100), &Value::Null), "{h}");
@@ -458,10 +468,7 @@ fn a_superseded_agent_steps_down_when_its_successor_dies() -> Result<()> {
     let _backend = Server::start(w.cluster.pod("backend"), &[APP_PORT])?;
     let mut old = w.agent("node1")?;
     let mut new = w.agent("node1")?;
-    old.wait_for(
-        "a newer agent runs the capture programs: this agent no longer changes the capture maps",
-        WAIT,
-    )?;
+    old.wait_for("the successor's beacon is up: this agent steps down if it goes", WAIT)?;
     new.kill9();
     old.wait_for(
         "the agent that took this node's capture over is gone (its programs stay pinned, nobody enrols pods): stepping down so this one is restarted and takes the capture back",
