@@ -739,7 +739,7 @@ impl Capture {
         );
         if outcomes.values().any(|o| matches!(o, links::Converged::Newer { .. })) {
             // A successor activated first (our first pass came late).
-            self.superseded = true;
+            self.mark_superseded();
         } else {
             self.own_sockops = self.sockops_link_prog();
         }
@@ -759,7 +759,8 @@ impl Capture {
     /// successor never seen is never taken for gone: a release without
     /// beacons (a downgrade) must not make us step down and come back.
     pub fn successor_gone(&mut self) -> bool {
-        let Some(beacon) = self.beacon.as_ref().filter(|_| self.superseded) else {
+        let superseded = self.superseded();
+        let Some(beacon) = self.beacon.as_ref().filter(|_| superseded) else {
             return false;
         };
         match beacon.others() {
@@ -782,8 +783,20 @@ impl Capture {
 
     /// The program the pinned sockops link runs now.
     fn sockops_link_prog(&self) -> Option<u32> {
-        let link = sys::obj_get(&self.pins.links().join(format!("cg_{}", progs::SOCKOPS))).ok()?;
-        sys::link_prog_id(link.as_fd()).ok()
+        links::prog_of(&self.pins.links().join(format!("cg_{}", progs::SOCKOPS)))
+    }
+
+    /// From now on a successor's maps (see [`Self::superseded`]); logged
+    /// once.
+    fn mark_superseded(&mut self) {
+        if !std::mem::replace(&mut self.superseded, true) {
+            tracing::info!("a newer agent runs the capture programs: this agent no longer changes the capture maps");
+        }
+    }
+
+    /// The last [`Self::superseded`], without looking again.
+    pub fn is_superseded(&self) -> bool {
+        self.superseded
     }
 
     /// Whether a successor's programs took the cgroup hooks over since we
@@ -796,7 +809,9 @@ impl Capture {
     pub fn superseded(&mut self) -> bool {
         if !self.superseded && self.own_sockops.is_some() {
             let now = self.sockops_link_prog();
-            self.superseded = now.is_some() && now != self.own_sockops;
+            if now.is_some() && now != self.own_sockops {
+                self.mark_superseded();
+            }
         }
         self.superseded
     }

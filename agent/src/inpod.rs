@@ -55,8 +55,6 @@ pub struct InPod {
     pass: u64,
     /// Pod ids are issued from `first_id` on (see `Capture::retain`).
     first_id: u32,
-    /// The last [`Capture::superseded`], to log the change once.
-    capture_superseded: bool,
     next_id: u32,
     /// Last error per pod that could not be enrolled, to log changes only.
     failures: BTreeMap<String, String>,
@@ -90,7 +88,6 @@ impl InPod {
             pods: BTreeMap::new(),
             pass: 0,
             first_id,
-            capture_superseded: false,
             next_id: first_id,
             failures: BTreeMap::new(),
         }
@@ -98,7 +95,7 @@ impl InPod {
 
     /// Why the pod could not be enrolled at the last attempt.
     pub fn failure(&self, key: &str) -> Option<&str> {
-        if self.capture_superseded {
+        if self.capture.is_superseded() {
             return Some("a newer agent runs the capture on this node and enrols its pods now");
         }
         self.failures.get(key).map(String::as_str)
@@ -146,7 +143,7 @@ impl InPod {
     /// previous agent left behind. Pods that cannot be enrolled are retried on
     /// the next call.
     pub fn apply(&mut self, cfg: &LocalConfig) -> Result<(), CaptureError> {
-        if self.superseded() {
+        if self.capture.superseded() {
             return Ok(());
         }
         self.capture.apply_settings(&cfg.capture)?;
@@ -218,22 +215,10 @@ impl InPod {
         Ok(())
     }
 
-    /// A successor runs the capture now ([`Capture::superseded`]): this
-    /// agent leaves the shared maps alone; its listeners keep serving until
-    /// it stops. Logged once.
-    fn superseded(&mut self) -> bool {
-        let was = self.capture_superseded;
-        self.capture_superseded = self.capture.superseded();
-        if self.capture_superseded && !was {
-            tracing::info!("a newer agent runs the capture programs: this agent no longer changes the capture maps");
-        }
-        self.capture_superseded
-    }
-
     /// A successor superseded us and is gone again (see
     /// [`Capture::successor_gone`]): this agent must step down.
     pub fn successor_gone(&mut self) -> bool {
-        self.superseded() && self.capture.successor_gone()
+        self.capture.successor_gone()
     }
 
     /// The last [`Self::apply`] left nothing to retry: every pod it wanted
@@ -248,7 +233,7 @@ impl InPod {
     /// error nothing is recorded: `apply` records it, retries and sweeps
     /// what a half-done enrolment left.
     pub fn enroll_one(&mut self, spec: &PodSpec) -> Result<bool, CaptureError> {
-        if self.superseded() {
+        if self.capture.superseded() {
             return Err(CaptureError::Superseded);
         }
         let key = spec.key();

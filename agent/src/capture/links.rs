@@ -200,6 +200,13 @@ pub fn status(path: &Path) -> Option<LinkStatus> {
     })
 }
 
+/// The id of the program the link pinned at `pin` runs now; `None` when
+/// it is not a live link.
+pub fn prog_of(pin: &Path) -> Option<u32> {
+    let link = sys::obj_get(pin).ok()?;
+    sys::link_prog_id(link.as_fd()).ok()
+}
+
 /// The ids of every map used by the programs attached at the links pinned
 /// in `dir`.
 pub fn maps_in_use(dir: &Path) -> std::collections::HashSet<u32> {
@@ -208,8 +215,7 @@ pub fn maps_in_use(dir: &Path) -> std::collections::HashSet<u32> {
     };
     entries
         .filter_map(|e| {
-            let link = sys::obj_get(&e.ok()?.path()).ok()?;
-            let prog = sys::prog_fd_by_id(sys::link_prog_id(link.as_fd()).ok()?).ok()?;
+            let prog = sys::prog_fd_by_id(prog_of(&e.ok()?.path())?).ok()?;
             sys::prog_info(prog.as_fd()).ok()
         })
         .flat_map(|info| info.map_ids)
